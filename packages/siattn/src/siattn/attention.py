@@ -1,0 +1,363 @@
+"""Scale-invariant attention `attention(q, k, v, ...)` and its torch backends.
+
+Per head (REFERENCE section 1): S = q.k / sqrt(D); L = a_t * S + m_t with t = (q_offset + i) - j; keys after
+the query masked when causal; softmax in fp32 (fp64 for fp64 inputs). Without `causal`, t = |i - j|.
+
+Backends:
+- "reference": materialises the (Tq, Tk) logits; the specification every other backend is tested against.
+- "chunked" (alias "torch"): queries in chunks of `chunk` rows against the visible keys, so memory is
+  O(chunk x Tk); a `torch.autograd.Function` saves only q, k, v, the output and the row log-sum-exp, and the
+  backward recomputes each chunk's probabilities (FlashAttention's recomputation, with whole rows per chunk).
+- "flex": `torch.nn.attention.flex_attention` with a `score_mod`; eager on CPU (forward only there), fused
+  when compiled on GPU.
+- "triton": the fused kernel in `shared_kernels.si_attention` (CUDA, or CPU under TRITON_INTERPRET=1).
+- "auto": triton for CUDA tensors (when no `attn_mask` is given), chunked otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from siattn.coefficients import _check_family, coefficients
+
+BACKENDS = ("auto", "reference", "chunked", "torch", "flex", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def validate_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tau: float,
+    causal: bool,
+    q_offset: int,
+    doc_ids: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+) -> None:
+    """Raise a ValueError/TypeError naming the argument for anything `attention` cannot take."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q has {B}, k has {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"head dims differ: q has {D}, k and v have {k.shape[3]}")
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA")
+    _check_family(tau, None, None)
+    if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0 (absolute position of the first query), got {q_offset!r}")
+    if (causal or doc_ids is not None) and q_offset + Tq > Tk:
+        raise ValueError(
+            f"q_offset + Tq = {q_offset} + {Tq} exceeds the number of keys Tk = {Tk}: with causal or doc_ids, "
+            "query i sits at key position q_offset + i, which must be among the keys (pass the whole cache)"
+        )
+    if doc_ids is not None:
+        if doc_ids.shape != (B, Tk) or doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be an integer (B, Tk) = ({B}, {Tk}) tensor, got "
+                             f"{doc_ids.dtype} {tuple(doc_ids.shape)}")
+        if doc_ids.device != q.device:
+            raise ValueError(f"doc_ids must be on {q.device}, got {doc_ids.device}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
+            raise ValueError(f"attn_mask must be a bool (B or 1, 1, Tq, Tk) tensor (True = may attend), got "
+                             f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
+        if attn_mask.shape[0] not in (1, B) or attn_mask.shape[2:] != (Tq, Tk):
+            raise ValueError(f"attn_mask must broadcast to ({B}, 1, {Tq}, {Tk}), got {tuple(attn_mask.shape)}")
+
+
+def _block_logit_terms(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    tau: float,
+    causal: bool,
+    alpha: float | None,
+    beta: float | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a_t, m_t and the causal mask for query positions (C,) against key positions (K,): each (C, K)."""
+    t = q_pos[:, None] - k_pos[None, :]
+    if causal:
+        allowed = t >= 0
+        dist = t.clamp(min=0)
+    else:
+        allowed = torch.ones_like(t, dtype=torch.bool)
+        dist = t.abs()
+    a, m = coefficients(dist, tau, alpha, beta, dtype=dtype)
+    return a, m, allowed
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    tau: float = 10.0,
+    causal: bool = True,
+    q_offset: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+) -> torch.Tensor:
+    """The reference attention probabilities. q (B, Hq, Tq, D), k (B, Hkv, Tk, D) -> (B, Hq, Tq, Tk) in fp32
+    (fp64 for fp64 inputs). Rows with no visible key are all zeros."""
+    validate_inputs(q, k, k, tau, causal, q_offset, doc_ids, attn_mask)
+    _check_family(tau, alpha, beta)
+    cdtype = _compute_dtype(q.dtype)
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
+    scores = (q.to(cdtype) @ k.to(cdtype).transpose(-1, -2)) / math.sqrt(D)  # (B, Hq, Tq, Tk)
+    q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device)
+    k_pos = torch.arange(Tk, device=q.device)
+    a, m, allowed = _block_logit_terms(q_pos, k_pos, tau, causal, alpha, beta, cdtype)
+    logits = a * scores + m
+    allowed = allowed.expand(B, 1, Tq, Tk)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, q_offset:q_offset + Tq, None] == doc_ids[:, None, :])[:, None]
+    if attn_mask is not None:
+        allowed = allowed & attn_mask
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # a row with nothing visible: 0/0 -> 0
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tau: float = 10.0,
+    causal: bool = True,
+    q_offset: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+) -> torch.Tensor:
+    """Materialising reference (the spec). Shapes as `attention`; returns (B, Hq, Tq, D) in q's dtype."""
+    probs = attention_weights(q, k, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids,
+                              attn_mask=attn_mask, alpha=alpha, beta=beta)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return (probs @ v.to(probs.dtype)).to(q.dtype)
+
+
+class _ChunkedSIAttention(torch.autograd.Function):
+    """Chunked forward (whole visible rows per query chunk) with a recomputing backward. GQA without copies:
+    q is viewed as (B, Hkv, G, Tq, D) and each kv head broadcasts over its G query heads."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
+        cdtype = _compute_dtype(q.dtype)
+        B, Hq, Tq, D = q.shape
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        qg = q.view(B, Hkv, G, Tq, D)
+        out = torch.empty(B, Hkv, G, Tq, D, dtype=cdtype, device=q.device)
+        lse = torch.empty(B, Hkv, G, Tq, dtype=cdtype, device=q.device)
+        for s, e, kend, probs_fn in _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
+            scores = qg[:, :, :, s:e].to(cdtype) @ k[:, :, None, :kend].to(cdtype).transpose(-1, -2)
+            logits = probs_fn(scores)  # (B, Hkv, G, C, kend), masked with -inf
+            row_lse = torch.logsumexp(logits, dim=-1)
+            probs = torch.exp(logits - row_lse[..., None]).nan_to_num_(nan=0.0)
+            out[:, :, :, s:e] = probs @ v[:, :, None, :kend].to(cdtype)
+            lse[:, :, :, s:e] = row_lse
+        ctx.save_for_backward(q, k, v, doc_ids, attn_mask, out, lse)
+        ctx.args = (tau, causal, q_offset, alpha, beta, chunk)
+        return out.view(B, Hq, Tq, D).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, doc_ids, attn_mask, out, lse = ctx.saved_tensors
+        tau, causal, q_offset, alpha, beta, chunk = ctx.args
+        cdtype = out.dtype
+        B, Hq, Tq, D = q.shape
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        qg = q.view(B, Hkv, G, Tq, D)
+        dout = grad_out.reshape(B, Hkv, G, Tq, D).to(cdtype)
+        delta = (dout * out).sum(-1)  # (B, Hkv, G, Tq): rowsum(dO * O) = sum_j P_ij dP_ij
+        dq = torch.zeros(B, Hkv, G, Tq, D, dtype=cdtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cdtype, device=q.device)
+        dv = torch.zeros(v.shape, dtype=cdtype, device=q.device)
+        for s, e, kend, probs_fn in _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
+            qc = qg[:, :, :, s:e].to(cdtype)
+            kc = k[:, :, None, :kend].to(cdtype)
+            logits, a_scaled = probs_fn(qc @ kc.transpose(-1, -2), with_scale=True)
+            probs = torch.exp(logits - lse[:, :, :, s:e, None]).nan_to_num_(nan=0.0)  # (B, Hkv, G, C, kend)
+            do = dout[:, :, :, s:e]
+            dv[:, :, :kend] += (probs.transpose(-1, -2) @ do).sum(2)
+            dprobs = do @ v[:, :, None, :kend].to(cdtype).transpose(-1, -2)
+            dscores = probs * (dprobs - delta[:, :, :, s:e, None]) * a_scaled  # dL * a_t / sqrt(D)
+            dq[:, :, :, s:e] = dscores @ kc
+            dk[:, :, :kend] += (dscores.transpose(-1, -2) @ qc).sum(2)
+        dq = dq.view(B, Hq, Tq, D).to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+
+
+def _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
+    """Yield (start, end, visible key count, logits function) per query chunk. The logits function maps raw
+    q.k (B, Hkv, G, C, K) to masked logits a_t * q.k / sqrt(D) + m_t (and optionally a_t / sqrt(D))."""
+    cdtype = _compute_dtype(q.dtype)
+    Tq, D = q.shape[2], q.shape[3]
+    Tk = k.shape[2]
+    inv_sqrt_d = 1.0 / math.sqrt(D)
+    for s in range(0, Tq, chunk):
+        e = min(s + chunk, Tq)
+        kend = min(Tk, q_offset + e) if causal else Tk
+        q_pos = torch.arange(q_offset + s, q_offset + e, device=q.device)
+        k_pos = torch.arange(kend, device=q.device)
+        a, m, allowed = _block_logit_terms(q_pos, k_pos, tau, causal, alpha, beta, cdtype)
+        allowed = allowed[None, None, None]  # (1, 1, 1, C, K)
+        if doc_ids is not None:
+            same = doc_ids[:, q_offset + s:q_offset + e, None] == doc_ids[:, None, :kend]  # (B, C, K)
+            allowed = allowed & same[:, None, None]
+        if attn_mask is not None:
+            allowed = allowed & attn_mask[:, None, :, s:e, :kend]
+        a_scaled = a * inv_sqrt_d
+
+        def logits_fn(raw, with_scale=False, a_scaled=a_scaled, m=m, allowed=allowed):
+            logits = (a_scaled * raw + m).masked_fill(~allowed, float("-inf"))
+            return (logits, a_scaled) if with_scale else logits
+
+        yield s, e, kend, logits_fn
+
+
+def attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tau: float = 10.0,
+    causal: bool = True,
+    q_offset: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Chunked torch path: memory O(chunk x Tk) in forward and backward. Shapes as `attention`."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    _check_family(tau, alpha, beta)
+    return _ChunkedSIAttention.apply(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk)
+
+
+def attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tau: float = 10.0,
+    causal: bool = True,
+    q_offset: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """FlexAttention with the transform as a `score_mod`. On CPU, forward only (torch has no CPU flex backward);
+    eager flex materialises the scores, `compiled=True` wraps it in `torch.compile`. Shapes as `attention`."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _check_family(tau, alpha, beta)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("backend='flex' has no backward on CPU; use backend='chunked' for training on CPU")
+    if q.device.type == "cpu":  # flex refuses CPU tensors that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    if alpha is None:
+        alpha, beta = math.exp(0.5), math.exp(0.5)
+    offset_ab = beta / alpha - math.log(alpha)  # a_t^2 = 2 (log1p(t/tau) + offset_ab)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        t = (q_idx + q_offset - kv_idx).to(torch.float32)
+        dist = t.clamp(min=0) if causal else t.abs()
+        a_sq = 2.0 * (torch.log1p(dist / tau) + offset_ab)
+        logit = torch.sqrt(a_sq) * score + (beta / alpha - a_sq)
+        keep = t >= 0 if causal else t == t
+        if doc_ids is not None:
+            keep = keep & (doc_ids[b, q_idx + q_offset] == doc_ids[b, kv_idx])
+        return torch.where(keep, logit, -float("inf"))
+
+    fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = fn(q, k, v, score_mod=score_mod, enable_gqa=q.shape[1] != k.shape[1], scale=1.0 / math.sqrt(q.shape[-1]))
+    return out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tau: float = 10.0,
+    causal: bool = True,
+    q_offset: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+    attn_mask: torch.Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Scale-invariant attention.
+
+    Args:
+        q: (B, Hq, Tq, D) queries, already position-encoded (e.g. p-RoPE); query i sits at q_offset + i.
+        k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv)); key j at j.
+        tau: scale of the transform (> 0).
+        causal: mask keys after each query (t < 0). Without it, t = |i - j|.
+        q_offset: absolute position of the first query (KV-cache decoding: Tk - Tq).
+        doc_ids: optional (B, Tk) integer ids of packed documents; attention never crosses documents.
+        backend: "auto" | "reference" | "chunked" ("torch") | "flex" | "triton".
+        attn_mask: optional bool (B or 1, 1, Tq, Tk), True = may attend (padding masks); torch backends only.
+        alpha, beta: the general coefficient family (both or neither).
+        chunk: query rows per chunk of the chunked backend.
+    Returns:
+        (B, Hq, Tq, D) in q's dtype. Softmax and a_t, m_t in fp32 (fp64 for fp64 inputs).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    validate_inputs(q, k, v, tau, causal, q_offset, doc_ids, attn_mask)
+    if backend == "auto":
+        from shared_kernels.backend import resolve_backend
+
+        use_triton = attn_mask is None and resolve_backend("auto", q.device) == "triton"
+        backend = "triton" if use_triton else "chunked"
+    kwargs = dict(tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta)
+    if backend == "reference":
+        return attention_ref(q, k, v, attn_mask=attn_mask, **kwargs)
+    if backend in ("chunked", "torch"):
+        return attention_chunked(q, k, v, attn_mask=attn_mask, chunk=chunk, **kwargs)
+    if attn_mask is not None:
+        raise ValueError(f"attn_mask is supported by the torch backends only, not backend={backend!r}")
+    if backend == "flex":
+        return attention_flex(q, k, v, **kwargs)
+    from shared_kernels.backend import resolve_backend
+    from shared_kernels.si_attention import si_attention
+
+    resolve_backend("triton", q.device)  # raises with a clear message off CUDA without the interpreter
+    return si_attention(q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha,
+                        beta=beta)
