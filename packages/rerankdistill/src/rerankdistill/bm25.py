@@ -1,0 +1,88 @@
+"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant).
+
+Only documents with a positive score are returned, as Lucene/pyserini do: a document sharing no term with the
+query is not "retrieved". Ties keep bm25s's order here; the metrics re-sort by trec_eval's rule anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from rerankdistill.trec import Run
+
+
+def _validate(corpus: Mapping[str, str], queries: Mapping[str, str], k: int) -> None:
+    if not isinstance(corpus, Mapping) or not corpus:
+        raise ValueError("corpus must be a non-empty dict {docid: text}")
+    if not isinstance(queries, Mapping):
+        raise TypeError(f"queries must be a dict {{qid: text}}, got {type(queries).__name__}")
+    empty = [q for q, text in queries.items() if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(f"queries must be non-empty strings; empty: {empty[:5]}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+class BM25Index:
+    """A bm25s index over `corpus` that answers batches of queries.
+
+    Args:
+        corpus: {docid: text}.
+        k1, b: BM25 parameters (Lucene defaults in Anserini are k1=0.9, b=0.4; bm25s's are 1.5, 0.75).
+        stopwords: bm25s stopword list name ("en") or None.
+        stemmer: a callable stemming a list of words (e.g. PyStemmer's `Stemmer.Stemmer("english").stemWords`)
+            or None.
+    """
+
+    def __init__(self, corpus: Mapping[str, str], k1: float = 0.9, b: float = 0.4, stopwords: str | None = "en",
+                 stemmer: Callable | None = None, show_progress: bool = False):
+        import bm25s
+
+        if not isinstance(corpus, Mapping) or not corpus:
+            raise ValueError("corpus must be a non-empty dict {docid: text}")
+        self._bm25s = bm25s
+        self.docids = list(corpus)
+        self.stopwords, self.stemmer, self.show_progress = stopwords, stemmer, show_progress
+        tokens = bm25s.tokenize([corpus[d] for d in self.docids], stopwords=stopwords, stemmer=stemmer,
+                                show_progress=show_progress)
+        self.retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
+        self.retriever.index(tokens, show_progress=show_progress)
+        self.vocab = tokens.vocab
+
+    def search(self, queries: Mapping[str, str], k: int = 100) -> Run:
+        """Top-k documents per query: {qid: {docid: score}}, positive scores only."""
+        _validate({"_": "_"}, queries, k)
+        if not queries:
+            return {}
+        qids = list(queries)
+        words = self._bm25s.tokenize([queries[q] for q in qids], stopwords=self.stopwords, stemmer=self.stemmer,
+                                     return_ids=False, show_progress=False)
+        # bm25s refuses unknown words; a word absent from the corpus contributes nothing to BM25 anyway.
+        words = [[w for w in ws if w in self.vocab] for ws in words]
+        run: Run = {q: {} for q in qids}
+        live = [i for i, ws in enumerate(words) if ws]
+        if not live:
+            return run
+        depth = min(k, len(self.docids))
+        idx, scores = self.retriever.retrieve([words[i] for i in live], k=depth, show_progress=self.show_progress,
+                                              n_threads=1)
+        for row, i in enumerate(live):
+            hits = run[qids[i]]
+            for j, s in zip(idx[row].tolist(), np.asarray(scores[row], dtype=np.float64).tolist()):
+                if s > 0:
+                    hits[self.docids[j]] = s
+        return run
+
+
+def bm25_search(corpus: Mapping[str, str], queries: Mapping[str, str], k: int = 100, k1: float = 0.9,
+                b: float = 0.4, stopwords: str | None = "en", stemmer: Callable | None = None) -> Run:
+    """Index `corpus` with BM25 and return each query's top-k: {qid: {docid: score}}.
+
+    Args:
+        corpus: {docid: text}; queries: {qid: non-empty text}; k: depth per query.
+        k1, b, stopwords, stemmer: see `BM25Index`.
+    """
+    _validate(corpus, queries, k)
+    return BM25Index(corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer).search(queries, k=k)

@@ -1,0 +1,76 @@
+"""Metrics equal trec_eval (through pytrec_eval) to the last bit on random runs with ties and unjudged docs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rerankdistill.metrics import average_precision, comparison_table, evaluate, ndcg_at_k, recall_at_k
+
+pytrec_eval = pytest.importorskip("pytrec_eval")
+
+MEASURES = ("ndcg_cut_10", "ndcg_cut_5", "map", "recall_10", "recall_100", "P_10", "map_cut_10")
+
+
+def random_case(seed: int, negative: bool) -> tuple[dict, dict]:
+    rng = random.Random(seed)
+    qrels, run = {}, {}
+    for q in range(rng.randint(1, 12)):
+        qid = f"q{q}"
+        pool = [f"d{rng.randint(0, 60)}" for _ in range(rng.randint(1, 50))]
+        levels = [-1, 0, 1, 2, 3] if negative else [0, 1, 2, 3]
+        if rng.random() < 0.9:
+            qrels[qid] = {d: rng.choice(levels) for d in pool[: rng.randint(1, len(pool))]}
+        if rng.random() < 0.9:
+            # coarse scores make many ties; some retrieved docs are unjudged
+            run[qid] = {d: float(rng.randint(0, 6)) / 2 for d in set(pool + [f"u{rng.randint(0, 9)}"])}
+    return run, qrels
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_measures_equal_pytrec_eval(seed):
+    run, qrels = random_case(seed, negative=seed % 3 == 0)
+    ours = evaluate(run, qrels, MEASURES)
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, set(MEASURES)).evaluate(run)
+    for name in MEASURES:
+        assert set(ours[name].per_query) == set(theirs), name
+        for qid, value in theirs.items():
+            assert ours[name].per_query[qid] == value[name], (name, qid)
+
+
+def test_hand_computed_ndcg_and_tie_order():
+    qrels = {"1": {"a": 2, "b": 1, "c": 0}}
+    # a and b tie: trec_eval orders ties by docid descending, so b (gain 1) comes before a (gain 2).
+    run = {"1": {"a": 1.0, "b": 1.0, "c": 2.0}}
+    import math
+
+    dcg = 0 / 1 + 1 / math.log2(3) + 2 / math.log2(4)
+    idcg = 2 + 1 / math.log2(3)
+    assert ndcg_at_k(run, qrels) == pytest.approx(dcg / idcg, abs=0, rel=1e-15)
+    assert float(average_precision(run, qrels)) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert recall_at_k(run, qrels, k=2).per_query == {"1": 0.5}
+
+
+def test_query_sets_and_complete_flag():
+    qrels = {"1": {"a": 1}, "2": {"b": 1}}
+    run = {"1": {"a": 1.0}, "3": {"z": 1.0}}
+    assert ndcg_at_k(run, qrels).per_query == {"1": 1.0}
+    full = ndcg_at_k(run, qrels, complete=True)
+    assert full.per_query == {"1": 1.0, "2": 0.0} and float(full) == 0.5
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k must be"):
+        ndcg_at_k({}, {}, k=0)
+    with pytest.raises(ValueError, match="unknown measure"):
+        evaluate({}, {}, ("ndcg@10",))
+    with pytest.raises(TypeError, match="run and qrels"):
+        ndcg_at_k([], {})
+
+
+def test_comparison_table_lists_each_run():
+    qrels = {"1": {"a": 1}}
+    table = comparison_table({"BM25": {"1": {"b": 2.0, "a": 1.0}}, "reranked": {"1": {"a": 2.0, "b": 1.0}}}, qrels,
+                             ("ndcg_cut_10",))
+    assert "| BM25 | 1 | 0.6309 |" in table and "| reranked | 1 | 1.0000 |" in table
