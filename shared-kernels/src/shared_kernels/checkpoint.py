@@ -1,0 +1,263 @@
+"""Atomic training checkpoints: safetensors weights plus optimizer, scheduler, RNG and loop state.
+
+Layout under a root directory:
+
+    root/step-00000100/model.safetensors      weights (all, or only the trainable ones, e.g. LoRA adapters)
+    root/step-00000100/trainer_state.pt       {"step", "optimizer", "scheduler", "extra", "world_size"}
+    root/step-00000100/rng_state_<rank>.pt    python / numpy / torch (and CUDA) RNG state of each process
+    root/latest                               name of the newest complete checkpoint
+
+A checkpoint is written into `root/.tmp-step-...` and renamed into place with `os.replace` only once every
+file (of every process) is on disk, then `latest` is replaced atomically: a process killed at any moment
+leaves either the previous checkpoint or the new one, never a half-written one. Every `.pt` file holds only
+tensors and plain Python data, so it is read back with `torch.load(weights_only=True)`.
+
+In multi-process training every rank calls `save`/`load` with its `rank`, `world_size` and a `barrier`
+(for instance `accelerator.wait_for_everyone`); rank 0 writes the shared files, each rank its RNG state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
+
+_PREFIX = "step-"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The RNG state of python's `random`, numpy's global generator, torch CPU (and every CUDA device)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `capture_rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _weights(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """CPU copies of the state dict; tensors sharing storage (tied weights) are cloned so safetensors accepts them."""
+    if trainable_only:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        if not names:
+            raise ValueError("trainable_only=True but the model has no parameter with requires_grad")
+        items = [(n, p) for n, p in model.named_parameters() if n in names]
+    else:
+        items = list(model.state_dict().items())
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in items:
+        t = t.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+class CheckpointManager:
+    """Save, find and restore atomic checkpoints under `root`, keeping the newest `keep` of them.
+
+    Args:
+        root: directory holding the `step-*` checkpoints (created on first save).
+        keep: how many complete checkpoints to keep (older ones are deleted after a save), >= 1.
+        rank, world_size: this process and the number of processes (1 process by default).
+        barrier: called where all processes must meet (required when world_size > 1).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], Any] | None = None,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if world_size > 1 and barrier is None:
+            raise ValueError("barrier is required when world_size > 1 (e.g. accelerator.wait_for_everyone)")
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+        self._barrier = barrier or (lambda: None)
+
+    # ------------------------------------------------------------------------------------------ finding
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+        return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (from the `latest` pointer, else the highest step), or None."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            candidate = self.root / pointer.read_text().strip()
+            if (candidate / "trainer_state.pt").is_file():
+                return candidate
+        done = self.checkpoints()
+        return done[-1] if done else None
+
+    # ------------------------------------------------------------------------------------------- saving
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        extra: Mapping[str, Any] | None = None,
+        trainable_only: bool = False,
+    ) -> Path:
+        """Write checkpoint `step` atomically and return its directory (the same path on every rank).
+
+        Args:
+            step: the number of optimizer steps taken (the loop resumes at this step).
+            model: the (unwrapped) model; its state dict is saved as safetensors.
+            optimizer, scheduler: saved with `state_dict()` when given.
+            extra: plain data (numbers, strings, lists, dicts, tensors) the loop needs to resume.
+            trainable_only: save only parameters with requires_grad (adapters on a frozen base).
+        """
+        from safetensors.torch import save_file
+
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        final = self.root / f"{_PREFIX}{step:08d}"
+        tmp = self.root / f".tmp-{_PREFIX}{step:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        torch.save(capture_rng_state(), tmp / f"rng_state_{self.rank}.pt")
+        if self.rank == 0:
+            save_file(_weights(model, trainable_only), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+            state = {
+                "step": step,
+                "world_size": self.world_size,
+                "trainable_only": trainable_only,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "extra": dict(extra or {}),
+            }
+            torch.save(state, tmp / "trainer_state.pt")
+        self._barrier()
+        if self.rank == 0:
+            _fsync_dir_files(tmp)
+            if final.exists():  # re-saving a step (e.g. after resuming at it): replace the old copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_pointer(self.root / "latest", final.name)
+            for old in self.checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    # ------------------------------------------------------------------------------------------ loading
+    def load(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        path: str | Path | None = None,
+        restore_rng: bool = True,
+    ) -> dict[str, Any] | None:
+        """Restore the newest checkpoint (or `path`) into the given objects.
+
+        Returns:
+            {"step": int, "extra": dict, "path": Path}, or None when there is no checkpoint.
+        Raises:
+            ValueError: when the checkpoint's tensors do not match the model's (names or shapes).
+        """
+        from safetensors.torch import load_file
+
+        ckpt = Path(path) if path is not None else self.latest()
+        if ckpt is None:
+            return None
+        if not (ckpt / "trainer_state.pt").is_file():
+            raise ValueError(f"path {str(ckpt)!r} is not a complete checkpoint (no trainer_state.pt)")
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        tensors = load_file(str(ckpt / "model.safetensors"))
+        _load_weights(model, tensors, state["trainable_only"])
+        if optimizer is not None:
+            if state["optimizer"] is None:
+                raise ValueError(f"checkpoint {str(ckpt)!r} holds no optimizer state")
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            if state["scheduler"] is None:
+                raise ValueError(f"checkpoint {str(ckpt)!r} holds no scheduler state")
+            scheduler.load_state_dict(state["scheduler"])
+        if restore_rng:
+            rng_file = ckpt / f"rng_state_{self.rank}.pt"
+            if not rng_file.is_file():
+                warnings.warn(
+                    f"checkpoint {ckpt.name} was written by {state['world_size']} process(es); no RNG state for "
+                    f"rank {self.rank}, using rank 0's", stacklevel=2,
+                )
+                rng_file = ckpt / "rng_state_0.pt"
+            restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        return {"step": int(state["step"]), "extra": state["extra"], "path": ckpt}
+
+
+def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], trainable_only: bool) -> None:
+    own = dict(model.named_parameters()) if trainable_only else model.state_dict()
+    if trainable_only:
+        expected = {n for n, p in own.items() if p.requires_grad}
+    else:
+        expected = set(own)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, t in tensors.items():
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for f in directory.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _write_pointer(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""Typed run configs: YAML + key=value overrides, type checks with clear errors, --help listing every option,
+atomic run-dir writes, and the JSONL tracker through accelerate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from shared_kernels.runconfig import (
+    ConfigError,
+    JSONLTracker,
+    add_config_arguments,
+    config_from_args,
+    config_to_dict,
+    load_config,
+    make_trackers,
+    option,
+    options_help,
+    write_yaml_atomic,
+)
+
+
+@dataclasses.dataclass
+class Train:
+    lr: float = option(2e-4, "peak learning rate")
+    steps: int = option(10, "optimizer steps")
+    precision: Literal["bf16", "mxfp8"] = option("bf16", "precision recipe")
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class Cfg:
+    model: str = option("tiny", "HF id, local path or 'tiny'")
+    out_dir: Path = option(Path("runs/x"), "run directory")
+    seed: int | None = option(None, "seed (None: random)")
+    lengths: list[int] = option(default_factory=lambda: [128, 512], help="evaluation lengths")
+    use_4bit: bool = option(False, "load in 4-bit")
+    train: Train = option(default_factory=Train, help="training")
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    assert load_config(Cfg) == Cfg()
+    path = tmp_path / "c.yaml"
+    path.write_text("# run: tool --config c.yaml\nmodel: Qwen/Qwen2.5-3B\ntrain:\n  lr: 1e-4\n  steps: 3\n")
+    cfg = load_config(Cfg, path, ["train.steps=5", "lengths=[64, 97]", "use_4bit=true", "model=123", "seed=7",
+                                  "out_dir=/tmp/r"])
+    assert cfg.model == "123"  # str fields keep the override text verbatim
+    assert cfg.train == Train(lr=1e-4, steps=5)  # YAML 1.1 reads 1e-4 as a string: converted to float
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.lengths == [64, 97] and cfg.use_4bit is True and cfg.seed == 7 and cfg.out_dir == Path("/tmp/r")
+    assert load_config(Cfg, overrides=["seed=null"]).seed is None
+    assert load_config(Cfg, base={"train": {"steps": 4}}, overrides=["train.lr=0.5"]).train == Train(0.5, 4)
+    # round trip through the resolved YAML the app writes
+    write_yaml_atomic(tmp_path / "resolved.yaml", cfg)
+    assert load_config(Cfg, tmp_path / "resolved.yaml") == cfg
+    assert config_to_dict(cfg)["out_dir"] == "/tmp/r"
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.lr=abc"], r"'train.lr': expected float, got 'abc'"),
+        (["train.steps=1.5"], r"'train.steps': expected int"),
+        (["train.steps=true"], r"'train.steps': expected int"),
+        (["use_4bit=1"], r"'use_4bit': expected bool"),
+        (["train.precision=fp8"], r"'train.precision': expected one of 'bf16', 'mxfp8'"),
+        (["lengths=[1, x]"], r"'lengths\[1\]': expected int"),
+        (["lengths=5"], r"'lengths': expected list"),
+        (["train.lrr=1"], r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"),
+        (["modle=x"], r"did you mean 'model'"),
+        (["train=3"], r"'train': expected mapping"),
+        (["train.steps=0"], r"invalid config in 'train': steps must be >= 1, got 0"),
+        (["novalue"], r"not of the form key=value"),
+        (["=3"], r"empty key"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Cfg, overrides=overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Cfg, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(Cfg, tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Cfg, tmp_path / "broken.yaml")
+    with pytest.raises(TypeError, match="dataclass"):
+        load_config(dict)
+    with pytest.raises(ValueError, match="default_factory"):
+        option([1])
+
+
+def test_help_lists_every_option(capsys, tmp_path):
+    text = options_help(Cfg)
+    for key in ("model", "out_dir", "seed", "lengths", "use_4bit", "train.lr", "train.steps", "train.precision"):
+        assert f"  {key} " in text
+    assert "peak learning rate" in text and "0.0002" in text
+
+    parser = argparse.ArgumentParser(prog="tool")
+    add_config_arguments(parser, Cfg)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "train.precision" in out and "key=value" in out
+
+    args = parser.parse_args(["--print-config", "train.steps=2"])
+    with pytest.raises(SystemExit):
+        config_from_args(Cfg, args)
+    assert "steps: 2" in capsys.readouterr().out
+    cfg = config_from_args(Cfg, parser.parse_args(["seed=3"]))
+    assert cfg.seed == 3
+
+
+def test_jsonl_tracker_through_accelerate(tmp_path):
+    from accelerate import Accelerator
+
+    with pytest.raises(ValueError, match="unknown tracker"):
+        make_trackers(tmp_path, ["neptune"])
+    trackers = make_trackers(tmp_path, ["none"])
+    acc = Accelerator(cpu=True, log_with=trackers, project_dir=str(tmp_path))
+    acc.init_trackers("t", config={"a": 1})
+    for step in range(4):
+        acc.log({"loss": 1.0 / (step + 1)}, step=step)
+    acc.end_training()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[1]["loss"] == 0.5
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 9, "lo')  # a line cut by a kill
+    JSONLTracker.truncate_after(tmp_path / "metrics.jsonl", 1)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
