@@ -1,0 +1,5 @@
+"""Teacher/student generation backends: OpenAI-compatible HTTP (core), transformers and vLLM (lazy imports)."""
+
+from rerankdistill.backends.openai_http import OpenAIChatBackend
+
+__all__ = ["OpenAIChatBackend"]

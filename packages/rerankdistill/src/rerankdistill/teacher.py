@@ -1,0 +1,261 @@
+"""Teacher generation: explanations + labels for (query, document) pairs, stored append-only and resumable.
+
+Store: one JSON line per (qid, docid, teacher), appended with a single `write` on an O_APPEND descriptor and
+fsync'ed before the next pair is counted as done. After `kill -9` the file holds every finished record and at
+most one torn last line (no trailing newline or bad JSON); reopening truncates that torn tail, so a resumed run
+regenerates exactly the pairs without a complete record: nothing lost, nothing duplicated.
+
+Backends implement `TeacherBackend`: a `name` (recorded as the teacher id) and either `acomplete(messages)`
+(async, e.g. HTTP: run with bounded concurrency) or `complete_batch(list_of_messages)` (local models: run in
+batches). `QrelsTeacher` is an offline stand-in built from judgements for tests and demos; its name and every
+explanation say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from tqdm.auto import tqdm
+
+from rerankdistill.labels import INTERANK_PROMPT, RelevancePrompt, parse_relevance, truncate_at_stop
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (query, document) pair to label."""
+
+    qid: str
+    docid: str
+    query: str
+    document: str
+
+
+@dataclass
+class Completion:
+    """One generated answer and its token accounting (0 when the backend does not report it)."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class TeacherBackend(Protocol):
+    name: str
+
+
+@dataclass
+class TeacherRecord:
+    qid: str
+    docid: str
+    teacher: str
+    text: str
+    label: int | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt: str = ""
+
+
+class TeacherStore:
+    """Append-only JSONL of `TeacherRecord`s keyed by (qid, docid, teacher).
+
+    Opening repairs a torn last line left by a crash; a bad line anywhere else, or a repeated key, raises.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[tuple[str, str, str], TeacherRecord] = {}
+        self.repaired_bytes = 0
+        self._load()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good_end = 0
+        lines = data.split(b"\n")
+        for no, raw in enumerate(lines, start=1):
+            last = no == len(lines)
+            if not raw.strip():
+                if not last:
+                    good_end += len(raw) + 1
+                continue
+            try:
+                if last:  # no newline after it: the write was torn
+                    raise ValueError("torn")
+                row = json.loads(raw)
+                rec = TeacherRecord(**row)
+            except (ValueError, TypeError) as e:
+                if last:
+                    break
+                raise ValueError(f"{self.path}:{no}: corrupt teacher record ({e}); only the last line may be "
+                                 "torn by a crash") from None
+            key = (rec.qid, rec.docid, rec.teacher)
+            if key in self.records:
+                raise ValueError(f"{self.path}:{no}: duplicate record for {key}")
+            self.records[key] = rec
+            good_end += len(raw) + 1
+        if good_end < len(data):
+            self.repaired_bytes = len(data) - good_end
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+
+    def __contains__(self, key: tuple[str, str, str]) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: TeacherRecord) -> None:
+        key = (record.qid, record.docid, record.teacher)
+        if key in self.records:
+            raise ValueError(f"record for {key} already stored")
+        line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode()
+        os.write(self._fd, line)
+        os.fsync(self._fd)
+        self.records[key] = record
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TeacherStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class GenerationStats:
+    done: int = 0
+    skipped_existing: int = 0
+    unparseable: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def _record(pair: Pair, teacher: str, completion: Completion, prompt: RelevancePrompt) -> TeacherRecord:
+    text = truncate_at_stop(completion.text, prompt.stop)
+    return TeacherRecord(pair.qid, pair.docid, teacher, text, parse_relevance(text), completion.prompt_tokens,
+                         completion.completion_tokens, f"{prompt.name}/v{prompt.version}")
+
+
+def generate_teacher_outputs(
+    pairs: Iterable[Pair], backend: TeacherBackend, store: TeacherStore, prompt: RelevancePrompt = INTERANK_PROMPT,
+    concurrency: int = 8, batch_size: int = 8, progress: bool = True,
+) -> GenerationStats:
+    """Label every pair not yet in `store` with `backend`, appending each result as soon as it arrives.
+
+    Args:
+        pairs: the (query, document) pairs; pairs already stored for this teacher are skipped.
+        backend: has `name` and `acomplete(messages) -> Completion` (async),
+            `complete_batch(list of messages) -> list[Completion]`, or `complete_pairs(list of Pair)` (offline).
+        store: where records go (append-only; see the module docstring for crash safety).
+        prompt: the versioned prompt.
+        concurrency: requests in flight for async backends.
+        batch_size: pairs per call for batch backends.
+
+    Returns:
+        counts (done, skipped, unparseable labels) and summed token usage. A failing request raises after the
+        backend's own retries; what finished before stays stored.
+    """
+    if concurrency < 1 or batch_size < 1:
+        raise ValueError(f"concurrency and batch_size must be >= 1, got {concurrency}, {batch_size}")
+    teacher = backend.name
+    todo: list[Pair] = []
+    stats = GenerationStats()
+    seen: set[tuple[str, str]] = set()
+    for p in pairs:
+        if (p.qid, p.docid) in seen:
+            raise ValueError(f"pair ({p.qid!r}, {p.docid!r}) listed twice")
+        seen.add((p.qid, p.docid))
+        if (p.qid, p.docid, teacher) in store:
+            stats.skipped_existing += 1
+        else:
+            todo.append(p)
+    bar = tqdm(total=len(todo), desc=f"teacher {teacher}", disable=not progress, unit="pair")
+
+    def keep(pair: Pair, completion: Completion) -> None:
+        rec = _record(pair, teacher, completion, prompt)
+        store.append(rec)
+        stats.done += 1
+        stats.unparseable += rec.label is None
+        stats.prompt_tokens += completion.prompt_tokens
+        stats.completion_tokens += completion.completion_tokens
+        bar.update(1)
+
+    try:
+        if hasattr(backend, "acomplete"):
+            asyncio.run(_run_async(todo, backend, prompt, concurrency, keep))
+        else:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                if hasattr(backend, "complete_pairs"):  # offline teachers look at ids, not prompts
+                    outs = backend.complete_pairs(chunk)
+                else:
+                    outs = backend.complete_batch([prompt.messages(p.query, p.document) for p in chunk])
+                for p, c in zip(chunk, outs, strict=True):
+                    keep(p, c)
+    finally:
+        bar.close()
+    return stats
+
+
+async def _run_async(todo: Sequence[Pair], backend, prompt: RelevancePrompt, concurrency: int, keep) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(pair: Pair) -> tuple[Pair, Completion]:
+        async with sem:
+            return pair, await backend.acomplete(prompt.messages(pair.query, pair.document))
+
+    tasks = [asyncio.create_task(one(p)) for p in todo]
+    try:
+        for fut in asyncio.as_completed(tasks):
+            pair, completion = await fut
+            keep(pair, completion)  # single-threaded event loop: appends never interleave
+    finally:
+        for t in tasks:
+            t.cancel()
+        if hasattr(backend, "aclose"):
+            await backend.aclose()
+
+
+class QrelsTeacher:
+    """OFFLINE stand-in teacher for tests and demos: the label comes from the judgements, the explanation is a
+    fixed sentence saying so. It is not a language model and teaches no reasoning.
+
+    Args:
+        qrels: {qid: {docid: gain}}; unjudged pairs get label 0.
+        label_of_gain: maps a gain to 0..2; default clips (gain <= 0 -> 0, 1 -> 1, >= 2 -> 2).
+    """
+
+    def __init__(self, qrels: Mapping[str, Mapping[str, int]], name: str = "offline-qrels-oracle",
+                 label_of_gain=None):
+        self.name = name
+        self.qrels = qrels
+        self.label_of_gain = label_of_gain or (lambda g: max(0, min(2, int(g))))
+
+    def label_for(self, qid: str, docid: str) -> int:
+        return self.label_of_gain(self.qrels.get(qid, {}).get(docid, 0))
+
+    def explanation(self, label: int) -> str:
+        what = {0: "not judged relevant", 1: "judged partially relevant", 2: "judged relevant"}[label]
+        return f"[offline teacher from relevance judgements, no model reasoning] The document is {what}."
+
+    def text_for(self, qid: str, docid: str) -> str:
+        label = self.label_for(qid, docid)
+        return INTERANK_PROMPT.completion(self.explanation(label), label)
+
+    def complete_pairs(self, pairs: Sequence[Pair]) -> list[Completion]:
+        return [Completion(self.text_for(p.qid, p.docid)) for p in pairs]

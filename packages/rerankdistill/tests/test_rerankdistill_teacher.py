@@ -1,0 +1,153 @@
+"""Teacher store (append-only, crash-safe), offline teacher, HTTP backend retries/accounting, real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from rerankdistill.backends.openai_http import OpenAIChatBackend, TeacherRequestError
+from rerankdistill.teacher import Pair, QrelsTeacher, TeacherRecord, TeacherStore, generate_teacher_outputs
+
+try:
+    from shared_kernels.testing.openai_server import served_tiny_model  # noqa: F401 - a pytest fixture
+except ImportError:  # older shared-kernels without the loopback server
+
+    @pytest.fixture
+    def served_tiny_model():
+        pytest.skip("shared_kernels.testing.openai_server is not available")
+
+
+PAIRS = [Pair(str(q), f"d{d}", f"query {q}", f"document {d} text") for q in range(3) for d in range(4)]
+QRELS = {"0": {"d0": 2, "d1": 1}, "1": {"d2": 3, "d3": -1}}
+
+
+def test_offline_teacher_store_and_resume(tmp_path):
+    path = tmp_path / "teacher.jsonl"
+    teacher = QrelsTeacher(QRELS)
+    with TeacherStore(path) as store:
+        stats = generate_teacher_outputs(PAIRS[:5], teacher, store, progress=False)
+    assert stats.done == 5 and stats.unparseable == 0
+    with TeacherStore(path) as store:
+        stats = generate_teacher_outputs(PAIRS, teacher, store, progress=False)
+        assert stats.skipped_existing == 5 and stats.done == len(PAIRS) - 5
+        labels = {(r.qid, r.docid): r.label for r in store.records.values()}
+    assert labels[("0", "d0")] == 2 and labels[("0", "d1")] == 1 and labels[("1", "d2")] == 2
+    assert labels[("1", "d3")] == 0 and labels[("2", "d0")] == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(PAIRS) and all(r["teacher"] == "offline-qrels-oracle" for r in rows)
+    assert all("[offline teacher" in r["text"] for r in rows)
+
+
+def test_store_repairs_torn_tail_and_rejects_corruption(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with TeacherStore(path) as store:
+        store.append(TeacherRecord("1", "a", "t", "x Relevance Label: 1", 1))
+        store.append(TeacherRecord("1", "b", "t", "y", None))
+        with pytest.raises(ValueError, match="already stored"):
+            store.append(TeacherRecord("1", "b", "t", "y", None))
+    good = path.read_bytes()
+    path.write_bytes(good + b'{"qid": "1", "docid": "c", "tea')  # a write torn by kill -9
+    with TeacherStore(path) as store:
+        assert len(store) == 2 and store.repaired_bytes > 0
+    assert path.read_bytes() == good
+    path.write_bytes(good.replace(b'"docid": "a"', b'"docid": "a"oops', 1))
+    with pytest.raises(ValueError, match=r"t.jsonl:1: corrupt teacher record"):
+        TeacherStore(path)
+    path.write_bytes(good + good)
+    with pytest.raises(ValueError, match=r"t.jsonl:3: duplicate record"):
+        TeacherStore(path)
+
+
+def test_duplicate_pairs_rejected(tmp_path):
+    with TeacherStore(tmp_path / "t.jsonl") as store, pytest.raises(ValueError, match="listed twice"):
+        generate_teacher_outputs([PAIRS[0], PAIRS[0]], QrelsTeacher(QRELS), store, progress=False)
+
+
+def _chat_reply(text: str, p: int = 7, c: int = 3) -> httpx.Response:
+    return httpx.Response(200, json={"choices": [{"message": {"content": text}}],
+                                     "usage": {"prompt_tokens": p, "completion_tokens": c}})
+
+
+def test_http_backend_retries_accounts_tokens_and_hides_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_TEACHER_KEY", "sk-secret-value")
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        assert request.headers["authorization"] == "Bearer sk-secret-value"
+        body = json.loads(request.content)
+        assert body["temperature"] == 0.0 and body["model"] == "m"
+        if calls["n"] % 3 == 1:  # every pair's first try fails with a retryable status
+            return httpx.Response(503 if calls["n"] % 2 else 429, headers={"retry-after": "0"})
+        return _chat_reply("Looks on topic. Relevance Label: 1 ## trailing")
+
+    backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", api_key_env="TEST_TEACHER_KEY", backoff=0.001,
+                                transport=httpx.MockTransport(handler))
+    assert "sk-secret" not in repr(backend)
+    with TeacherStore(tmp_path / "t.jsonl") as store:
+        stats = generate_teacher_outputs(PAIRS[:4], backend, store, concurrency=1, progress=False)
+        assert {r.label for r in store.records.values()} == {1}
+        assert all(r.text.endswith("Relevance Label: 1") for r in store.records.values())
+    assert stats.prompt_tokens == 28 and stats.completion_tokens == 12 and backend.retries >= 2
+    assert "sk-secret" not in (tmp_path / "t.jsonl").read_text()
+
+
+def test_http_backend_gives_up_on_client_errors(tmp_path):
+    backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001,
+                                transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad model")))
+    with TeacherStore(tmp_path / "t.jsonl") as store, pytest.raises(TeacherRequestError, match="answered 400"):
+        generate_teacher_outputs(PAIRS[:2], backend, store, progress=False)
+    flaky = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001, max_retries=2,
+                              transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    with TeacherStore(tmp_path / "u.jsonl") as store, pytest.raises(TeacherRequestError, match="after 3 tries"):
+        generate_teacher_outputs(PAIRS[:1], flaky, store, progress=False)
+    with pytest.raises(ValueError, match="base_url"):
+        OpenAIChatBackend("localhost:8000", "m")
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    from rerankdistill.backends.openai_http import OpenAIChatBackend
+    
+from rerankdistill.teacher import Pair, TeacherStore, generate_teacher_outputs
+    base_url, model, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    pairs = [Pair(str(i // 4), f"d{i}", f"question number {i // 4}", f"some text about topic {i}") for i in range(n)]
+    backend = OpenAIChatBackend(base_url, model, name="tiny", max_tokens=6)
+    with TeacherStore(path) as store:
+        generate_teacher_outputs(pairs, backend, store, concurrency=2, progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_real_server_generation_survives_sigkill(tmp_path, served_tiny_model):  # noqa: F811
+    path, n = tmp_path / "teacher.jsonl", 16
+    args = [sys.executable, "-c", _CHILD, served_tiny_model.base_url, served_tiny_model.model, str(path), str(n)]
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    before = path.read_bytes()
+    done_before = before.count(b"\n")
+    assert 3 <= done_before < n
+    result = subprocess.run(args, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    after = path.read_bytes()
+    complete_part = before[: before.rfind(b"\n") + 1]
+    assert after.startswith(complete_part)  # nothing rewritten, only appended
+    rows = [json.loads(line) for line in after.decode().splitlines()]
+    keys = [(r["qid"], r["docid"], r["teacher"]) for r in rows]
+    assert len(keys) == len(set(keys)) == n  # nothing lost, nothing duplicated
+    assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in rows)
