@@ -1,0 +1,342 @@
+"""Length-generalisation study: byte-level LMs trained at a short context, evaluated at 1x / 4x / 16x.
+
+Variants (REFERENCE section 1): RoPE, NoPE, ALiBi, p-RoPE, LogN+p-RoPE (the p-RoPE models with LogN scaling
+at evaluation: LogN is the identity up to the training length, so training is the same), SI p-RoPE. The p-RoPE
+base (and SI's tau) are chosen per variant on in-distribution validation loss only (seed 0 of a small grid);
+the other seeds then train the chosen setting. Every run sees the same batches (one data seed); seeds change
+the initialisation only.
+
+Outputs in --out: runs/<run>.json (+ .safetensors weights; finished runs are skipped on restart, so the study
+is resumable run by run), results.json, table.md, loss_by_position.png.
+
+    siattn-lengthgen --out runs/lengthgen            # default config, about 30 min on 2 free cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from siattn.models import GPT, GPTConfig
+
+# name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
+VARIANTS: dict[str, dict] = {
+    "rope": {"position": "rope", "attention": "softmax"},
+    "nope": {"position": "nope", "attention": "softmax"},
+    "alibi": {"position": "alibi", "attention": "softmax"},
+    "p-rope": {"position": "p-rope", "attention": "softmax"},
+    "si-p-rope": {"position": "p-rope", "attention": "si"},
+}
+TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"]
+
+
+@dataclass
+class StudyConfig:
+    """Everything a run depends on (stored with each result)."""
+
+    data: str = ""
+    out: str = "runs/lengthgen"
+    train_length: int = 128
+    eval_multiples: tuple[int, ...] = (1, 4, 16)
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 30
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    seeds: tuple[int, ...] = (0, 1)
+    data_seed: int = 1234
+    p_rope_bases: tuple[float, ...] = (8.0, 32.0)
+    taus: tuple[float, ...] = (1.0, 10.0)
+    eval_tokens: int = 8192
+    needle_trials: int = 16
+    variants: tuple[str, ...] = ("rope", "nope", "alibi", "p-rope", "si-p-rope")
+    workers: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+def load_bytes(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corpus as int64 byte ids, split 90% train / 10% validation (the tail)."""
+    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8).long()
+    split = int(0.9 * len(data))
+    return data[:split], data[split:]
+
+
+def sample_batch(data: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, length + 1) windows at random offsets drawn from `gen`."""
+    starts = torch.randint(0, len(data) - length - 1, (batch,), generator=gen)
+    return torch.stack([data[s:s + length + 1] for s in starts.tolist()])
+
+
+def run_grid(cfg: StudyConfig, variant: str) -> list[dict]:
+    """The (p_rope_base, tau) settings swept for a variant on seed 0."""
+    if variant == "p-rope":
+        return [{"p_rope_base": b} for b in cfg.p_rope_bases]
+    if variant == "si-p-rope":
+        return [{"p_rope_base": b, "tau": t} for b in cfg.p_rope_bases for t in cfg.taus]
+    return [{}]
+
+
+def run_name(variant: str, setting: dict, seed: int) -> str:
+    parts = [variant] + [f"{k}={v:g}" for k, v in sorted(setting.items())] + [f"seed={seed}"]
+    return "_".join(parts)
+
+
+def model_config(cfg: StudyConfig, variant: str, setting: dict) -> GPTConfig:
+    return GPTConfig(vocab_size=256, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
+                     train_length=cfg.train_length, si_backend="chunked", **VARIANTS[variant], **setting)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: torch.Tensor, cfg: StudyConfig) -> dict:
+    """Mean loss (nats/byte) and loss by position over non-overlapping validation windows at each length,
+    plus the needle-copy probe."""
+    model.eval()
+    out = {}
+    for mult in cfg.eval_multiples:
+        length = cfg.train_length * mult
+        n_windows = max(1, min(cfg.eval_tokens // length, (len(val) - 1) // length))
+        windows = torch.stack([val[i * length:i * length + length + 1] for i in range(n_windows)])
+        per_pos = torch.zeros(length)
+        for chunk in windows.split(max(1, 16384 // length)):
+            logits = model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
+            per_pos += loss.view(len(chunk), length).sum(0)
+        per_pos /= n_windows
+        out[str(length)] = {"loss": per_pos.mean().item(), "loss_by_position": per_pos.tolist(),
+                            "needle": needle_accuracy(model, val, length, cfg.needle_trials)}
+    return out
+
+
+def needle_accuracy(model: GPT, val: torch.Tensor, length: int, trials: int, needle_len: int = 12) -> float:
+    """Synthetic retrieval: a random lowercase string placed in the first quarter of a validation window is
+    repeated at its end; the score is top-1 accuracy on the repeat's bytes 2..needle_len (the first byte is
+    unpredictable), which only copying across ~3/4 of the window can give. Chance is about 1/26."""
+    gen = torch.Generator().manual_seed(length)
+    correct = total = 0
+    for _ in range(trials):
+        start = int(torch.randint(0, len(val) - length, (1,), generator=gen))
+        seq = val[start:start + length].clone()
+        needle = torch.randint(ord("a"), ord("z") + 1, (needle_len,), generator=gen)
+        pos = int(torch.randint(1, max(2, length // 4 - needle_len), (1,), generator=gen))
+        seq[pos:pos + needle_len] = needle
+        seq[length - needle_len:] = needle
+        logits = model(seq[None, :-1])[0]
+        pred = logits[length - needle_len:length - 1].argmax(-1)  # predicts bytes at length-needle_len+1 ..
+        correct += int((pred == seq[length - needle_len + 1:]).sum())
+        total += needle_len - 1
+    return correct / total
+
+
+def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
+    """Train one model (resumable: returns the stored result when the run already finished)."""
+    torch.set_num_threads(1)
+    runs = Path(cfg.out) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    name = run_name(variant, setting, seed)
+    result_path = runs / f"{name}.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    train, val = load_bytes(cfg.data)
+    mcfg = model_config(cfg, variant, setting)
+    torch.manual_seed(seed)
+    model = GPT(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(cfg.data_seed)  # same batches for every variant and seed
+    start = time.time()
+    for step in tqdm(range(cfg.steps), desc=name, leave=False, mininterval=10):
+        lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * max(lr_scale, 0.05)
+        batch = sample_batch(train, cfg.batch_size, cfg.train_length, gen)
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    result = {"name": name, "variant": variant, "setting": setting, "seed": seed, "model": asdict(mcfg),
+              "train_seconds": time.time() - start, "final_train_loss": loss.item(),
+              "eval": evaluate(model, val, cfg)}
+    if variant == "p-rope":  # LogN+p-RoPE: the same weights with LogN scaling beyond the training length
+        model.cfg.attention = "logn"
+        result["eval_logn"] = evaluate(model, val, cfg)
+        model.cfg.attention = "softmax"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(runs / f"{name}.safetensors"))
+    atomic_write(result_path, json.dumps(result))
+    return result
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _run_jobs(cfg: StudyConfig, jobs: list[tuple[str, dict, int]]) -> list[dict]:
+    if cfg.workers <= 1:
+        return [train_one(cfg, *job) for job in tqdm(jobs, desc="runs")]
+    with ProcessPoolExecutor(cfg.workers) as pool:
+        futures = [pool.submit(train_one, cfg, *job) for job in jobs]
+        return [f.result() for f in tqdm(futures, desc="runs")]
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    """Sweep on seed 0, select on in-distribution validation loss, train the other seeds, aggregate."""
+    first = [(v, s, cfg.seeds[0]) for v in cfg.variants for s in run_grid(cfg, v)]
+    results = _run_jobs(cfg, first)
+    in_dist = str(cfg.train_length)
+    chosen = {}
+    for v in cfg.variants:
+        candidates = [r for r in results if r["variant"] == v]
+        chosen[v] = min(candidates, key=lambda r: r["eval"][in_dist]["loss"])["setting"]
+    rest = [(v, chosen[v], seed) for v in cfg.variants for seed in cfg.seeds[1:]]
+    results += _run_jobs(cfg, rest)
+    summary = summarise(cfg, results, chosen)
+    out = Path(cfg.out)
+    atomic_write(out / "results.json", json.dumps(summary, indent=1))
+    atomic_write(out / "table.md", format_table(cfg, summary))
+    plot_loss_by_position(cfg, summary, out / "loss_by_position.png")
+    return summary
+
+
+def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
+    rows = {}
+    for name in TABLE_ORDER:
+        base = "p-rope" if name == "logn+p-rope" else name
+        if base not in chosen:
+            continue
+        key = "eval_logn" if name == "logn+p-rope" else "eval"
+        runs = [r for r in results if r["variant"] == base and r["setting"] == chosen[base]]
+        row = {"setting": chosen[base], "seeds": [r["seed"] for r in runs], "by_length": {}}
+        for mult in cfg.eval_multiples:
+            length = str(cfg.train_length * mult)
+            losses = [r[key][length]["loss"] for r in runs]
+            needles = [r[key][length]["needle"] for r in runs]
+            curves = torch.tensor([r[key][length]["loss_by_position"] for r in runs]).mean(0)
+            row["by_length"][length] = {"loss_mean": statistics.fmean(losses), "loss_min": min(losses),
+                                        "loss_max": max(losses), "needle_mean": statistics.fmean(needles),
+                                        "losses": losses, "needles": needles,
+                                        "loss_by_position": curves.tolist()}
+        rows[name] = row
+    sweep = [{"variant": r["variant"], "setting": r["setting"], "seed": r["seed"],
+              "loss_in_dist": r["eval"][str(cfg.train_length)]["loss"]} for r in results]
+    return {"config": asdict(cfg), "chosen": chosen, "rows": rows, "sweep": sweep}
+
+
+def format_table(cfg: StudyConfig, summary: dict) -> str:
+    lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
+    head = "| variant | setting | " + " | ".join(f"loss@{n}" for n in lengths) + " | " + \
+        " | ".join(f"needle@{n}" for n in lengths) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(lengths))]
+    for name, row in summary["rows"].items():
+        setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items()) or "-"
+        cells = []
+        for n in lengths:
+            c = row["by_length"][n]
+            spread = (c["loss_max"] - c["loss_min"]) / 2
+            cells.append(f"{c['loss_mean']:.3f} ± {spread:.3f}")
+        cells += [f"{row['by_length'][n]['needle_mean']:.2f}" for n in lengths]
+        lines.append(f"| {name} | {setting} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Loss in nats/byte, mean ± half-range over seeds {list(cfg.seeds)}; needle = copy accuracy.")
+    lines.append("")
+    lines.append("Selection sweep (seed 0, in-distribution validation loss):")
+    lines.append("")
+    for s in summary["sweep"]:
+        if s["seed"] == cfg.seeds[0] and s["setting"]:
+            setting = ", ".join(f"{k}={v:g}" for k, v in s["setting"].items())
+            lines.append(f"- {s['variant']} ({setting}): {s['loss_in_dist']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size: int = 32) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    length = str(cfg.train_length * max(cfg.eval_multiples))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, row in summary["rows"].items():
+        curve = torch.tensor(row["by_length"][length]["loss_by_position"])
+        n = len(curve) // bin_size * bin_size
+        binned = curve[:n].view(-1, bin_size).mean(1)
+        ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, label=name)
+    ax.axvline(cfg.train_length, color="gray", linestyle=":", label="training length")
+    ax.set_xlabel("position in window")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"Loss by position at evaluation length {length} (mean over seeds, bins of {bin_size})")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> StudyConfig:
+    d = StudyConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="text file (default: <shared data>/tinyshakespeare/input.txt)")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--train-length", type=int, default=d.train_length)
+    p.add_argument("--eval-multiples", type=int, nargs="+", default=list(d.eval_multiples))
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--n-layer", type=int, default=d.n_layer)
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--n-head", type=int, default=d.n_head)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    p.add_argument("--p-rope-bases", type=float, nargs="+", default=list(d.p_rope_bases))
+    p.add_argument("--taus", type=float, nargs="+", default=list(d.taus))
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--needle-trials", type=int, default=d.needle_trials)
+    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
+    p.add_argument("--workers", type=int, default=d.workers, help="parallel runs (one CPU thread each)")
+    a = p.parse_args(argv)
+    data = a.data
+    if data is None:
+        from shared_kernels.testing import shared_data_dir
+
+        root = shared_data_dir()
+        if root is None:
+            p.error("no --data given and the shared data folder was not found")
+        data = str(root / "tinyshakespeare" / "input.txt")
+    if not Path(data).is_file():
+        p.error(f"--data {data} is not a file")
+    return StudyConfig(data=data, out=a.out, train_length=a.train_length, eval_multiples=tuple(a.eval_multiples),
+                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, n_layer=a.n_layer,
+                       d_model=a.d_model, n_head=a.n_head, seeds=tuple(a.seeds),
+                       p_rope_bases=tuple(a.p_rope_bases), taus=tuple(a.taus), eval_tokens=a.eval_tokens,
+                       needle_trials=a.needle_trials, variants=tuple(a.variants), workers=a.workers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    summary = run_study(cfg)
+    print(format_table(cfg, summary))
+    print(f"results in {cfg.out}/results.json, plot in {cfg.out}/loss_by_position.png")
+
+
+if __name__ == "__main__":
+    main()
