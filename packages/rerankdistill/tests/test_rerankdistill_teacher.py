@@ -116,8 +116,7 @@ def test_http_backend_gives_up_on_client_errors(tmp_path):
 _CHILD = textwrap.dedent("""
     import sys
     from rerankdistill.backends.openai_http import OpenAIChatBackend
-    
-from rerankdistill.teacher import Pair, TeacherStore, generate_teacher_outputs
+    from rerankdistill.teacher import Pair, TeacherStore, generate_teacher_outputs
     base_url, model, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     pairs = [Pair(str(i // 4), f"d{i}", f"question number {i // 4}", f"some text about topic {i}") for i in range(n)]
     backend = OpenAIChatBackend(base_url, model, name="tiny", max_tokens=6)
