@@ -1,0 +1,149 @@
+"""The final label from a (reasoning) model's output, or None when there is none to find.
+
+Algorithm (`extract_label`):
+
+1. Answer region. With a `</think>`, the text after the LAST `</think>` (R1 distills often emit only the
+   closing tag, the opening one being in the prompt). With a `<think>` that is never closed the generation
+   was cut off mid-reasoning: there is no answer (None). Without tags, the whole text.
+2. The region is lower-cased, accents are stripped (idiomático -> idiomatico) and markdown emphasis removed.
+3. Explicit answer markers win: the LAST of `answer:` / `final answer is` / `label:` / `classification:` /
+   `resposta:` (pt, gl) / `\\boxed{...}`, read from the words right after it.
+4. Otherwise every label word is collected, with negation ("not idiomatic", "não literal", "non
+   idiomático", "rather than literally") flipping it. One class only -> that class. Both classes -> the
+   last sentence that names exactly one class decides ("Literal or idiomatic? Idiomatic." -> idiomatic);
+   if no sentence does, None.
+5. Otherwise a bare yes/no (en, pt "sim"/"não", gl "si"/"non") opening the region answers a question of the
+   form "is it used idiomatically?": yes -> `yes_means` (idiomatic by default), no -> the other class.
+
+Unparseable outputs are None, never a guess: callers count them (see `metrics.summarise`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_IDIOMATIC = (
+    r"idiomatic(?:al)?(?:ally|ly)?|idiomatic[oa]s?|idiomaticamente"
+    r"|figurative(?:ly)?|figurativ[oa]s?|figurativamente|figurad[oa]s?|figuradamente"
+    r"|metaphorical(?:ly)?|metaforic[oa]s?|metaforicamente|non-?literal(?:ly)?"
+)
+_LITERAL = r"literal(?:ly)?|literais|literalmente|non-?idiomatic(?:ally)?|compositional(?:ly)?"
+# "the idiomatic expression X is used literally" names the expression, not the class: not a mention.
+_TERM = re.compile(rf"\b(?:(?P<idiomatic>{_IDIOMATIC})(?!\s+(?:expressions?|phrases?))|(?P<literal>{_LITERAL}))\b")
+# A negator a few words before a label word flips it: "not idiomatic", "is not being used literally",
+# "não é literal", "non é idiomático" (gl), "rather than literally", "em vez de literal".
+_NEGATOR = re.compile(
+    r"(?:\bnot\b|n't\b|\bnever\b|\bnao\b|\bnon\b|\bnunca\b|\brather than\b|\binstead of\b|\bas opposed to\b"
+    r"|\bem vez de\b|\bao inves de\b|\bno canto de\b|\ben vez de\b)(?:\W+\w+){0,2}\W*$"
+)
+_MARKER = re.compile(
+    r"(?:\bfinal answer\b|\banswer\b|\blabel\b|\bclassification\b|\bprediction\b|\bverdict\b"
+    r"|\bresposta(?: final)?\b|\brespuesta\b|\bclassificacion\b|\bclassificacao\b)"
+    r"\s*(?:is|e|:|=|-|->)\s*(?P<rest>.{0,60})",
+    re.DOTALL,
+)
+_BOXED = re.compile(r"\\boxed\{(?:\\text\{)?(?P<rest>[^{}]{0,40})")
+_YES = re.compile(r"^\W*(?:yes|sim|si)\b")
+_NO = re.compile(r"^\W*(?:no|nao|non)\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?;\n])\s+|\n+")
+
+
+def _normalise(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return re.sub(r"[*_`#]+", "", stripped)
+
+
+def answer_region(text: str) -> str | None:
+    """The part of `text` that should hold the answer: after the last `</think>`; None when a `<think>`
+    block was opened and never closed (truncated reasoning)."""
+    close = text.rfind("</think>")
+    if close >= 0:
+        return text[close + len("</think>") :]
+    if "<think>" in text:
+        return None
+    return text
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of an output: the think block's content and what follows it. Without a closing
+    tag, an opened `<think>` makes everything reasoning; without tags there is no separate reasoning."""
+    close = text.rfind("</think>")
+    if close >= 0:
+        reasoning = text[:close]
+        start = reasoning.find("<think>")
+        return (reasoning[start + len("<think>") :] if start >= 0 else reasoning).strip(), text[close + 8 :].strip()
+    start = text.find("<think>")
+    if start >= 0:
+        return text[start + len("<think>") :].strip(), ""
+    return "", text.strip()
+
+
+def _mentions(text: str) -> list[str]:
+    """Label words in order, each as the class it asserts once negation is applied."""
+    found = []
+    for m in _TERM.finditer(text):
+        cls = "idiomatic" if m.group("idiomatic") else "literal"
+        if _NEGATOR.search(text[max(0, m.start() - 40) : m.start()]):
+            cls = "literal" if cls == "idiomatic" else "idiomatic"
+        found.append(cls)
+    return found
+
+
+def _label_after_marker(rest: str, yes_means: str) -> str | None:
+    head = re.split(r"[.\n;]", rest.strip(), maxsplit=1)[0]
+    mentions = _mentions(head)
+    if mentions and len(set(mentions)) == 1:
+        return mentions[0]
+    if not mentions:
+        return _yes_no(head, yes_means)
+    return None
+
+
+def _yes_no(text: str, yes_means: str) -> str | None:
+    other = "literal" if yes_means == "idiomatic" else "idiomatic"
+    if _YES.match(text):
+        return yes_means
+    if _NO.match(text):
+        return other
+    return None
+
+
+def extract_label(text: str, yes_means: str = "idiomatic") -> str | None:
+    """"idiomatic", "literal" or None from a model's output (see the module docstring for the rules).
+
+    Args:
+        text: the full output, including any prefilled think block.
+        yes_means: the class a bare "yes" answers (the question asked "is it idiomatic?" by default).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if yes_means not in ("idiomatic", "literal"):
+        raise ValueError(f"yes_means must be 'idiomatic' or 'literal', got {yes_means!r}")
+    region = answer_region(text)
+    if region is None:
+        return None
+    region = _normalise(region)
+    if not region.strip():
+        return None
+
+    markers = [(m.start(), m.group("rest")) for m in _MARKER.finditer(region)]
+    markers += [(m.start(), m.group("rest")) for m in _BOXED.finditer(region)]
+    for _, rest in sorted(markers, reverse=True):
+        label = _label_after_marker(rest, yes_means)
+        if label is not None:
+            return label
+
+    mentions = _mentions(region)
+    if len(set(mentions)) == 1:
+        return mentions[0]
+    if mentions:
+        for sentence in reversed(_SENTENCE_END.split(region)):
+            in_sentence = set(_mentions(sentence))
+            if len(in_sentence) == 1:
+                return in_sentence.pop()
+            if in_sentence:
+                return None  # the deciding sentence names both classes: ambiguous
+        return None
+    return _yes_no(region, yes_means)
