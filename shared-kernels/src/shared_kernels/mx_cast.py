@@ -111,7 +111,7 @@ def e8m0_to_fp32(scale: torch.Tensor, reciprocal: bool = False) -> torch.Tensor:
     return torch.where(b == E8M0_NAN, torch.tensor(float("nan")), pow2)
 
 
-def _blocked(x: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
+def block_view(x: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
     """View x with `dim` split into (n_blocks, block_size), zero-padding a partial last block."""
     n = x.shape[dim]
     pad = -n % block_size
@@ -143,7 +143,7 @@ def mx_cast_ref(
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     max_pos, _ = ELEM_DTYPES[elem_dtype]
     n = x.shape[dim]
-    xb = _blocked(x, dim, block_size)  # (..., n_blocks, block_size, ...)
+    xb = block_view(x, dim, block_size)  # (..., n_blocks, block_size, ...)
     mn, mx = torch.aminmax(xb, dim=dim + 1, keepdim=True)  # one pass; NaN propagates
     amax = torch.maximum(-mn, mx)
     amax = torch.where(torch.isnan(mn) | torch.isnan(mx), torch.tensor(float("nan"), dtype=amax.dtype), amax)
@@ -173,7 +173,7 @@ def mx_dequantize_ref(
     dim = dim % data.dim()
     n = data.shape[dim]
     pow2 = e8m0_to_fp32(scale).unsqueeze(dim + 1)  # (..., n_blocks, 1, ...)
-    values = _blocked(data.to(torch.float32), dim, block_size) * pow2
+    values = block_view(data.to(torch.float32), dim, block_size) * pow2
     values = values.flatten(dim, dim + 1)
     if values.shape[dim] != n:
         values = values.narrow(dim, 0, n)

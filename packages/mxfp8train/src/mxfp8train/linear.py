@@ -1,0 +1,156 @@
+"""MXLinear: a linear layer whose three GEMMs run on MX operands (arXiv 2506.08027, section 3).
+
+For X (M, K) (tokens x in_features), W (N, K) and dY (M, N):
+
+    forward        Y  = X  Wᵀ   reduction over K: X blocked along K (dim -1), W along K (dim -1)
+    input grad     dX = dY W    reduction over N: dY along N (dim -1), W along N (dim 0)
+    weight grad    dW = dYᵀ X   reduction over M: dY along M (dim 0),  X along M (dim 0)
+
+so X, W and dY are each cast twice, always from the high-precision tensor (never by transposing an
+already-quantized one: its blocks would run along the wrong axis). Master weights stay in their own dtype;
+any GEMM switched off in the recipe runs in the compute dtype instead (the autocast dtype when autocast is
+on, else the input's), as nn.Linear would. Bias is added in high precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mxfp8train.recipe import PAPER_RECIPE, MXRecipe
+from mxfp8train.stats import MXStats
+from shared_kernels.mx_cast import mx_cast
+from shared_kernels.mx_gemm import mx_gemm
+
+
+def _cast(
+    t: torch.Tensor, elem: torch.dtype, dim: int, role: str, recipe: MXRecipe, stats: MXStats | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    data, scale = mx_cast(t, elem, recipe.block_size, recipe.scale_mode, dim, recipe.cast_backend)
+    if stats is not None:
+        stats.update(role, t, data, scale, recipe.block_size, dim)
+    return data, scale
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _MXLinearFunction(torch.autograd.Function):
+    """Y = X Wᵀ with MX forward, input-gradient and weight-gradient GEMMs (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: MXRecipe, stats: MXStats | None, out_dtype: torch.dtype):
+        # x: (M, K), weight: (N, K) -> (M, N) in out_dtype
+        ctx.save_for_backward(x, weight)
+        ctx.recipe, ctx.stats, ctx.out_dtype = recipe, stats, out_dtype
+        with torch.autocast(x.device.type, enabled=False):
+            if recipe.forward:
+                xd, xs = _cast(x, recipe.input_dtype, -1, "input", recipe, stats)
+                wd, ws = _cast(weight, recipe.weight_dtype, -1, "weight", recipe, stats)
+                return mx_gemm(xd, xs, wd, ws, recipe.block_size, out_dtype, recipe.gemm_backend)
+            return x.to(out_dtype) @ weight.to(out_dtype).t()
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        # dy: (M, N)
+        x, weight = ctx.saved_tensors
+        recipe, stats, cdt = ctx.recipe, ctx.stats, ctx.out_dtype
+        dx = dw = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                if recipe.input_grad:
+                    gd, gs = _cast(dy, recipe.grad_dtype, -1, "grad", recipe, stats)  # (M, N) along N
+                    wd, ws = _cast(weight, recipe.weight_dtype, 0, "weight", recipe, stats)  # (N, K) along N
+                    dx = mx_gemm(gd, gs, wd.t(), ws.t(), recipe.block_size, x.dtype, recipe.gemm_backend)
+                else:
+                    dx = (dy.to(cdt) @ weight.to(cdt)).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                if recipe.weight_grad:
+                    gd, gs = _cast(dy, recipe.grad_dtype, 0, "grad", recipe, stats)  # (M, N) along M
+                    xd, xs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
+                    dw = mx_gemm(gd.t(), gs.t(), xd.t(), xs.t(), recipe.block_size, weight.dtype, recipe.gemm_backend)
+                else:
+                    dw = (dy.to(cdt).t() @ x.to(cdt)).to(weight.dtype)
+        return dx, dw, None, None, None
+
+
+def mx_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    recipe: MXRecipe = PAPER_RECIPE,
+    stats: MXStats | None = None,
+) -> torch.Tensor:
+    """Functional MX linear: x Wᵀ + b with the recipe's MX GEMMs in forward and backward.
+
+    Args:
+        x: (..., in_features) float32 / bfloat16 / float16.
+        weight: (out_features, in_features), the high-precision (master) weight.
+        bias: (out_features,) or None, added in the output dtype.
+        recipe: an `MXRecipe`; a partial last block along any reduction dim is zero-padded.
+        stats: an `MXStats` to accumulate diagnostics into (skipped under torch.compile).
+    Returns:
+        (..., out_features) in the autocast dtype when autocast is on, else x.dtype.
+    """
+    if not isinstance(recipe, MXRecipe):
+        raise TypeError(f"recipe must be an MXRecipe, got {type(recipe).__name__}")
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"x (..., {weight.shape[-1] if weight.dim() == 2 else '?'}) does not match weight {tuple(weight.shape)}: got x {tuple(x.shape)}")
+    if torch.compiler.is_compiling():
+        stats = None
+    out_dtype = _compute_dtype(x)
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _MXLinearFunction.apply(x2d, weight, recipe, stats, out_dtype)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class MXLinear(nn.Linear):
+    """nn.Linear whose GEMMs run in MX (see `mx_linear`). Parameters are plain tensors, so optimizers,
+    state dicts, DDP and FSDP2 see an ordinary linear layer.
+
+    Attributes:
+        recipe: the `MXRecipe`.
+        mx_stats: an `MXStats`, filled when `recipe.track_stats` is on.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        recipe: MXRecipe = PAPER_RECIPE,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if not isinstance(recipe, MXRecipe):
+            raise TypeError(f"recipe must be an MXRecipe, got {type(recipe).__name__}")
+        self.recipe = recipe
+        self.mx_stats = MXStats()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: MXRecipe = PAPER_RECIPE) -> MXLinear:
+        """An MXLinear sharing `linear`'s weight and bias Parameters (no copy; ties are kept)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", recipe=recipe)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.mx_stats if self.recipe.track_stats else None
+        return mx_linear(x, self.weight, self.bias, self.recipe, stats)
+
+    def extra_repr(self) -> str:
+        r = self.recipe
+        gemms = "".join(c for c, on in zip("FIW", (r.forward, r.input_grad, r.weight_grad), strict=True) if on)
+        names = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+        return (
+            f"{super().extra_repr()}, mx={r.scale_mode}/{r.block_size}, x={names[r.input_dtype]}, "
+            f"w={names[r.weight_dtype]}, dy={names[r.grad_dtype]}, gemms={gemms or 'none'}"
+        )
