@@ -60,6 +60,7 @@ class TeacherRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt: str = ""
+    expected: float | None = None  # E[label] under label-token probabilities (reranking judgements)
 
 
 class TeacherStore:

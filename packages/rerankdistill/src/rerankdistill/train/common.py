@@ -1,0 +1,248 @@
+"""Shared pieces of the training recipes: tokenised examples with loss masks, a weighted-NLL loop under
+`accelerate`, LoRA/QLoRA adapters, checkpoints that resume.
+
+Loss: per example, the mean token NLL over its unmasked label positions; the batch loss is the mean over
+examples of `weight_i * nll_i` (weight 1 for SFT; r^3 for reward-weighted fine-tuning). Masks: with
+`completion_only=True` the prompt tokens (chat template, query, document) carry label -100 and only the
+answer (explanation, label line, stop marker, end-of-turn token) is learned; otherwise every real token is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenised training sequence. input_ids/labels: (T,) lists; weight scales its loss."""
+
+    input_ids: list[int]
+    labels: list[int]
+    weight: float = 1.0
+
+
+def encode_example(tokenizer, messages: list[dict[str, str]], completion: str, completion_only: bool = True,
+                   max_length: int | None = None, weight: float = 1.0) -> Example | None:
+    """Tokenise chat `messages` + assistant `completion` (+ end-of-turn token); None when over max_length.
+
+    The prompt is rendered with the tokenizer's chat template and `add_generation_prompt=True`, so the prompt
+    tokens are exactly those the model sees at inference; the completion is tokenised separately and appended.
+    """
+    prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"])
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token_id: the student could not learn to stop")
+    completion_ids = list(completion_ids) + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    if max_length is not None and len(ids) > max_length:
+        return None
+    labels = ([IGNORE] * len(prompt_ids) if completion_only else list(prompt_ids)) + completion_ids
+    return Example(ids, labels, float(weight))
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids/labels/attention_mask (B, T) and weights (B,)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+
+
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per sequence over unmasked labels.
+
+    Args:
+        logits: (B, T, V); labels: (B, T) with -100 where not learned (shifted inside: logits[t] predicts
+            labels[t + 1]).
+    Returns:
+        (B,) float32; 0 for a sequence with no learned token.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE,
+                                            reduction="none")  # (B, T-1)
+    count = (shift_labels != IGNORE).sum(1)
+    return nll.sum(1) / count.clamp(min=1)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean_i(weights_i * nll_i): InteRank's r^3-weighted NLL when weights = r^3."""
+    return (weights.to(logits.device) * per_example_nll(logits, labels)).mean()
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings (InteRank: r=64, alpha=16, dropout 0.1); `quantize="nf4"` makes it QLoRA via nf4lora."""
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    quantize: str | None = None
+
+
+def apply_lora(model, spec: LoraSpec):
+    """Wrap `model` with trainable LoRA adapters (base weights frozen); with spec.quantize == "nf4" the base
+    linears are NF4-quantised first through `nf4lora.prepare_model`."""
+    if spec.quantize not in (None, "nf4"):
+        raise ValueError(f"lora.quantize must be None or 'nf4', got {spec.quantize!r}")
+    if spec.quantize == "nf4":
+        try:
+            from nf4lora import prepare_model
+        except ImportError as e:
+            raise ImportError("QLoRA needs nf4lora.prepare_model (the nf4lora package)") from e
+        return prepare_model(model, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+                             target_modules=list(spec.target_modules))
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in spec.target_modules if t in present]
+    if not targets:
+        raise ValueError(f"lora.target_modules {spec.target_modules} match no module of the model")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation settings shared by SFT and reward-weighted fine-tuning."""
+
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 16
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # optimizer steps between resumable checkpoints (0: only at the end)
+
+
+def _order(n: int, epochs: int, seed: int) -> list[int]:
+    order: list[int] = []
+    for epoch in range(epochs):
+        idx = list(range(n))
+        random.Random(seed * 1000 + epoch).shuffle(idx)
+        order += idx
+    return order
+
+
+def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str | os.PathLike, cfg: LoopConfig,
+               progress: bool = True) -> dict[str, float]:
+    """Minimise the weighted NLL over `examples` with AdamW, under `accelerate` (so `accelerate launch` works).
+
+    Resumes from `output_dir/checkpoint` when present (model + optimizer + scheduler + step), saves one
+    atomically every `cfg.save_every` optimizer steps, and leaves the trained weights there at the end.
+
+    Returns:
+        {"steps", "first_loss", "last_loss"} (losses are per optimizer step, averaged over micro-batches).
+    """
+    from accelerate import Accelerator
+
+    if not examples:
+        raise ValueError("no training examples (all filtered out?)")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
+        raise ValueError(f"batch_size, grad_accum and epochs must be >= 1, got {cfg}")
+    output_dir = Path(output_dir)
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    order = _order(len(examples), cfg.epochs, cfg.seed)
+    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    windows = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]  # one per step
+    if cfg.max_steps is not None:
+        windows = windows[: cfg.max_steps]
+    total_steps = len(windows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / max(1, total_steps)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step = _maybe_resume(output_dir / "checkpoint", accelerator)
+    losses: list[float] = []
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or not accelerator.is_main_process)
+    model.train()
+    for window in windows[step:]:
+        running = 0.0
+        for m, ids in enumerate(window):
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[j] for j in ids], pad_id).items()}
+            # gradient all-reduce only on the window's last micro-batch
+            sync = contextlib.nullcontext() if m == len(window) - 1 else accelerator.no_sync(model)
+            with sync:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                loss = weighted_loss(out.logits, batch["labels"], batch["weights"]) / len(window)
+                accelerator.backward(loss)
+            running += loss.item()
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+        losses.append(running)
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            _save_checkpoint(output_dir / "checkpoint", accelerator, step)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return {"steps": float(step), "first_loss": losses[0] if losses else float("nan"),
+            "last_loss": losses[-1] if losses else float("nan")}
+
+
+def _save_checkpoint(path: Path, accelerator, step: int) -> None:
+    if not accelerator.is_main_process:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _maybe_resume(path: Path, accelerator) -> int:
+    if not (path / "step.json").is_file():
+        return 0
+    accelerator.load_state(str(path))
+    return int(json.loads((path / "step.json").read_text())["step"])
+
+
+def save_model(model, tokenizer, output_dir: str | os.PathLike) -> Path:
+    """Save (adapter or full) weights as safetensors and the tokenizer into output_dir/final, atomically."""
+    final = Path(output_dir) / "final"
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final

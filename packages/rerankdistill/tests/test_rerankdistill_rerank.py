@@ -1,0 +1,110 @@
+"""Pointwise reranking: ordering rules, resumable judgement cache, valid TREC run; transformers judge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rerankdistill.rerank import Judgement, TransformersJudge, rerank
+from rerankdistill.teacher import TeacherStore
+from rerankdistill.trec import read_run, write_run
+
+QUERIES = {"1": "what is bm25", "2": "second query"}
+CORPUS = {f"d{i}": f"document number {i} about ranking" for i in range(8)}
+FIRST = {"1": {f"d{i}": 10.0 - i for i in range(8)}, "2": {"d5": 1.0, "d6": 1.0, "d7": 0.5}}
+
+
+class TableJudge:
+    name = "table"
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def judge(self, pairs):
+        self.calls.append(len(pairs))
+        out = []
+        for _, doc in pairs:
+            docid = "d" + doc.split()[2]
+            label, expected = self.table.get(docid, (None, None))
+            out.append(Judgement(f"explanation Relevance Label: {label}", label, expected))
+        return out
+
+
+def test_order_by_expected_then_first_stage_then_docid(tmp_path):
+    table = {"d0": (0, 0.1), "d1": (2, 1.9), "d2": (2, 1.9), "d3": (1, 1.0), "d4": (None, None),
+             "d5": (1, 1.0), "d6": (1, 1.0), "d7": (2, 2.0)}
+    judge = TableJudge(table)
+    result = rerank(FIRST, QUERIES, CORPUS, judge, k=5, batch_size=2, progress=False)
+    ranking = sorted(result.run["1"], key=lambda d: -result.run["1"][d])
+    # d1 and d2 tie on E[label]: d1 had the higher BM25 score; d4 unparseable scores 0 with d0 (0.1) above it;
+    # d5..d7 were not reranked and keep their first-stage order below
+    assert ranking == ["d1", "d2", "d3", "d0", "d4", "d5", "d6", "d7"]
+    # query 2: d5 and d6 tie on everything but the docid -> trec_eval order (descending): d6 first
+    assert sorted(result.run["2"], key=lambda d: -result.run["2"][d]) == ["d7", "d6", "d5"]
+    assert result.unparseable == 1 and result.labels["1"]["d4"] is None
+    assert judge.calls == [2, 2, 2, 2]  # 5 + 3 pairs in batches of 2
+    write_run(result.run, tmp_path / "run.txt", tag="reranked")
+    assert read_run(tmp_path / "run.txt") == result.run
+    lines = (tmp_path / "run.txt").read_text().splitlines()
+    assert [ln.split()[3] for ln in lines[:8]] == [str(i) for i in range(1, 9)]
+
+
+def test_cache_resumes_and_bad_input(tmp_path):
+    table = {f"d{i}": (i % 3, float(i % 3)) for i in range(8)}
+    with TeacherStore(tmp_path / "j.jsonl") as store:
+        first = rerank({"1": FIRST["1"]}, QUERIES, CORPUS, TableJudge(table), k=4, store=store, progress=False)
+    judge = TableJudge(table)
+    with TeacherStore(tmp_path / "j.jsonl") as store:
+        again = rerank(FIRST, QUERIES, CORPUS, judge, k=4, store=store, progress=False)
+    assert again.cached == 4 and again.judged == 3 and again.run["1"] == first.run["1"]
+    with pytest.raises(ValueError, match="unknown document id 'zz'"):
+        rerank({"1": {"zz": 1.0}}, QUERIES, CORPUS, judge, progress=False)
+    with pytest.raises(ValueError, match="queries without text"):
+        rerank({"9": {"d0": 1.0}}, QUERIES, CORPUS, judge, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_tokenizer):
+    from rerankdistill.backends.hf import TransformersBackend
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=3).eval()
+    return TransformersBackend(model, tiny_tokenizer, name="tiny", max_new_tokens=12, batch_size=4)
+
+
+def test_label_probabilities_match_direct_scoring(tiny_backend):
+    tok, model = tiny_backend.tokenizer, tiny_backend.model
+    prompt = tiny_backend.render([{"role": "user", "content": "q: cats?\nd: a cat"}])
+    explanations = ["It mentions cats. Relevance Label: 2", "no label here", "x"]
+    probs = tiny_backend.label_probabilities([prompt] * 3, explanations)
+    assert probs.shape == (3, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    # reference for the second: context + " Relevance Label:" then each " l" scored token by token
+    ctx = tok(prompt + "no label here Relevance Label:", add_special_tokens=False)["input_ids"]
+    ref = []
+    for label in range(3):
+        cont = tok(f" {label}", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+        ref.append(sum(lp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+    torch.testing.assert_close(probs[1], torch.stack(ref).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_batched_generation_equals_unbatched(tiny_backend):
+    from rerankdistill.backends.hf import TransformersBackend
+
+    prompts = [tiny_backend.render([{"role": "user", "content": "x" * n}]) for n in (1, 9, 30, 4, 17)]
+    batched = tiny_backend.generate_texts(prompts)
+    single = TransformersBackend(tiny_backend.model, tiny_backend.tokenizer, max_new_tokens=12, batch_size=1)
+    assert [c.text for c in batched] == [c.text for c in single.generate_texts(prompts)]
+    assert all(c.prompt_tokens > 0 and 0 < c.completion_tokens <= 12 for c in batched)
+
+
+def test_transformers_judge_reranks_and_writes_run(tiny_backend, tmp_path):
+    judge = TransformersJudge(tiny_backend)
+    result = rerank({"1": dict(list(FIRST["1"].items())[:5])}, QUERIES, CORPUS, judge, k=5, batch_size=3,
+                    progress=False)
+    assert result.judged == 5 and set(result.run["1"]) == {f"d{i}" for i in range(5)}
+    write_run(result.run, tmp_path / "r.txt")
+    assert read_run(tmp_path / "r.txt") == result.run
