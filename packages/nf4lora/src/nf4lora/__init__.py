@@ -1,1 +1,17 @@
-"""QLoRA: 4-bit NormalFloat weights bit-compatible with bitsandbytes, double quantization, LoRA through a frozen 4-bit base, paged optimizers."""
+"""QLoRA: 4-bit NormalFloat weights bit-compatible with bitsandbytes, double quantization, LoRA through a
+frozen 4-bit base, paged optimizers.
+
+The kernels (quantize, dequantize with fused double-quant dequantization, fused dequantize + matmul) live in
+`shared_kernels.nf4` / `shared_kernels.nf4_matmul`; this package adds the weight container, the LoRA modules,
+`prepare_model`, peft/bitsandbytes interop, memory accounting and the CLI.
+"""
+
+from shared_kernels.nf4 import (
+    NF4_CODE,
+    SUPPORTED_BLOCKSIZES,
+    dequantize_nf4,
+    double_quantize_absmax,
+    quantize_nf4,
+)
+
+__all__ = ["NF4_CODE", "SUPPORTED_BLOCKSIZES", "dequantize_nf4", "double_quantize_absmax", "quantize_nf4"]

@@ -1,0 +1,282 @@
+"""NF4 quantize / dequantize / double quantization: the torch reference against bitsandbytes (byte for byte)
+and the Triton kernels (under TRITON_INTERPRET=1 on CPU, or on a GPU) against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared_kernels.nf4 import (
+    DYNAMIC_CODE,
+    FLOAT_DTYPES,
+    NF4_CODE,
+    NF4_MIDPOINTS,
+    SUPPORTED_BLOCKSIZES,
+    dequantize_absmax_ref,
+    dequantize_nf4,
+    double_quantize_absmax,
+    quantize_nf4,
+)
+from shared_kernels.testing import assert_exact, assert_sqnr
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+def _bnb_dequantize(q, state):
+    # bitsandbytes wraps its generic (odd last dim) path in torch.compile; eager gives the same bits, quicker.
+    with torch._dynamo.config.patch(disable=True):
+        return _bnb().dequantize_4bit(q, state)
+
+
+def _sample(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2.5
+    x[:: max(1, n // 7)] *= 8  # some outliers so blocks have very different absmax
+    return x.to(dtype)
+
+
+def test_code_values_are_normal_quantiles():
+    # offset = 1 - (1/30 + 1/32)/2; 8 positive and 7 negative quantiles of an fp32 linspace, taken in fp64,
+    # plus 0; rounded to fp32 and divided by the max in fp32 (bitsandbytes' create_normal_map).
+    offset = 1 - (1 / 30 + 1 / 32) / 2
+    assert offset == pytest.approx(0.9677083, abs=1e-7)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    pos = normal.icdf(torch.linspace(0.9677083, 0.5, 9)[:-1].double())
+    neg = -normal.icdf(torch.linspace(0.9677083, 0.5, 8)[:-1].double())
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    assert_exact(values / values.max(), NF4_CODE, "NF4 code from quantiles")
+
+
+def test_dynamic_map_matches_bitsandbytes():
+    assert_exact(DYNAMIC_CODE, _bnb().create_dynamic_map(signed=True), "dynamic map")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", SUPPORTED_BLOCKSIZES)
+def test_quantize_bytes_equal_bitsandbytes(dtype, blocksize):
+    F = _bnb()
+    for n in (1, 97, 1025, 3 * blocksize + 33):
+        x = _sample(n, dtype, seed=n + blocksize)
+        packed, absmax = quantize_nf4(x, blocksize, backend="torch")
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+        assert_exact(packed, q.reshape(-1), f"packed n={n}")
+        assert_exact(absmax, state.absmax, f"absmax n={n}")
+
+
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
+def test_dequantize_equal_bitsandbytes(out_dtype, blocksize):
+    F = _bnb()
+    for shape in ((97,), (13, 78), (5, 1025)):  # odd and even last dims take different bnb paths
+        x = _sample(math.prod(shape), torch.float32, seed=blocksize).reshape(shape)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+        state.dtype = out_dtype
+        expected = _bnb_dequantize(q, state)
+        got = dequantize_nf4(q.reshape(-1), state.absmax, shape, blocksize, out_dtype, backend="torch")
+        assert_exact(got, expected, f"dequantize {shape}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 4096))
+def test_double_quant_equal_bitsandbytes(dtype, blocksize):
+    F = _bnb()
+    # 64 * 700 + 5 elements -> 701 blocks at 64: three second-level blocks, the last partial.
+    for n in (97, 64 * 700 + 5, 1 << 16):
+        x = _sample(n, dtype, seed=n)
+        packed, absmax = quantize_nf4(x, blocksize, backend="torch")
+        qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        assert_exact(packed, q.reshape(-1), "packed")
+        assert_exact(qabsmax, state.absmax, "qabsmax")
+        assert_exact(absmax2, state.state2.absmax, "absmax2")
+        assert_exact(offset, state.offset, "offset")
+        got = dequantize_nf4(packed, qabsmax, (n,), blocksize, dtype, absmax2=absmax2, offset=offset,
+                             backend="torch")
+        assert_exact(got, _bnb_dequantize(q, state).reshape(n), "dequantize with double quantization")
+
+
+def test_double_quant_8bit_codes_equal_bitsandbytes_on_many_values():
+    # The 8-bit map is applied through bitsandbytes' 65536-point lookup grid, not exact nearest: 1M values
+    # exercise values close to every midpoint.
+    F = _bnb()
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1)).abs() + 0.01
+    q, absmax2, offset = double_quantize_absmax(x)
+    expected_q, state = F.quantize_blockwise(x - x.mean(), blocksize=256)
+    assert_exact(q, expected_q, "8-bit codes")
+    assert_exact(absmax2, state.absmax, "absmax2")
+
+
+def test_tie_on_midpoint_takes_lower_code():
+    # absmax 1.0 makes the scaled value the input itself; each midpoint must map to the code below it.
+    for blocksize, n in ((64, 64), (64, 64 + 16)):  # a full block (reciprocal) and a partial one (division)
+        x = torch.zeros(n)
+        start = n - 16
+        x[start] = 1.0
+        x[start + 1 : start + 16] = NF4_MIDPOINTS
+        if start:
+            x[0] = 1.0
+        packed, _ = quantize_nf4(x, blocksize, backend="torch")
+        codes = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)[start : start + 16]
+        assert codes[0] == 15
+        assert codes[1:].tolist() == list(range(15)), codes.tolist()
+        # just above a midpoint goes up
+        x[start + 1 : start + 16] = torch.nextafter(NF4_MIDPOINTS, torch.tensor(2.0))
+        packed, _ = quantize_nf4(x, blocksize, backend="torch")
+        codes = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)[start + 1 : start + 16]
+        assert codes.tolist() == list(range(1, 16))
+
+
+def test_nibble_order_and_odd_padding():
+    # element 2i -> high nibble; codes 15, 0, 7, 8, 14 then padding with code 7 (the value 0.0)
+    x = torch.tensor([1.0, -1.0, 0.0, NF4_CODE[8].item(), NF4_CODE[14].item()])
+    packed, absmax = quantize_nf4(x, 64, backend="torch")
+    assert packed.tolist() == [0xF0, 0x78, 0xE7]
+    assert absmax.tolist() == [1.0]
+    assert_exact(dequantize_nf4(packed, absmax, (5,), 64, backend="torch"), x, "round trip of code values")
+
+
+def test_double_quant_reconstruction_error_is_small():
+    x = _sample(64 * 1000 + 7, torch.float32)
+    packed, absmax = quantize_nf4(x, 64, backend="torch")
+    qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+    rebuilt = dequantize_absmax_ref(qabsmax, absmax2, offset)
+    # 8-bit dynamic codes: relative error of the centred constants below ~2% of each block's absmax2.
+    assert float((rebuilt - absmax).abs().max()) <= 0.02 * float(absmax2.max())
+    assert_sqnr(absmax, rebuilt, 35.0, "double-quantized absmax")
+    y = dequantize_nf4(packed, qabsmax, x.shape, 64, absmax2=absmax2, offset=offset, backend="torch")
+    y_plain = dequantize_nf4(packed, absmax, x.shape, 64, backend="torch")
+    assert_sqnr(x, y_plain, 18.0, "NF4")
+    assert_sqnr(x, y, 18.0, "NF4 + DQ")
+
+
+def test_all_zero_block():
+    x = torch.randn(64 * 3 + 10)
+    x[64:128] = 0.0  # a full all-zero block
+    x[192:] = 0.0  # an all-zero partial last block
+    packed, absmax = quantize_nf4(x, 64, backend="torch")
+    assert absmax[1].item() == 0.0
+    assert absmax[3].item() == pytest.approx(1e-38)  # bitsandbytes' floor, stored for the partial block
+    y = dequantize_nf4(packed, absmax, x.shape, 64, backend="torch")
+    assert_exact(y[64:128], torch.zeros(64), "all-zero block")
+    assert_exact(y[192:], torch.zeros(10), "all-zero partial block")
+
+
+def test_non_finite_raises_by_default_and_poisons_its_block_otherwise():
+    x = torch.randn(256)
+    x[70] = float("nan")
+    x[200] = float("inf")
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        quantize_nf4(x)
+    packed, absmax = quantize_nf4(x, 64, check_finite=False, backend="torch")
+    assert math.isnan(absmax[1].item()) and math.isinf(absmax[3].item())
+    y = dequantize_nf4(packed, absmax, x.shape, 64, backend="torch")
+    assert not bool(torch.isfinite(y[64:128]).any())
+    assert not bool(torch.isfinite(y[192:]).any())
+    assert bool(torch.isfinite(y[:64]).all()) and bool(torch.isfinite(y[128:192]).all())
+    F = _bnb()
+    q, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    assert_exact(packed, q.reshape(-1), "non-finite input, packed (bitsandbytes CPU)")
+    assert_exact(absmax, state.absmax, "non-finite input, absmax (bitsandbytes CPU)")
+
+
+def test_bad_input_raises_value_error_naming_the_argument():
+    with pytest.raises(ValueError, match="x must be float32"):
+        quantize_nf4(torch.arange(10))
+    with pytest.raises(ValueError, match="x must not be empty"):
+        quantize_nf4(torch.zeros(0))
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        quantize_nf4(torch.randn(10), blocksize=48)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        quantize_nf4(torch.randn(10), blocksize=16)
+    packed, absmax = quantize_nf4(torch.randn(100), 64)
+    with pytest.raises(ValueError, match="packed must hold"):
+        dequantize_nf4(packed, absmax, (101, 2), 64)
+    with pytest.raises(ValueError, match="absmax must hold"):
+        dequantize_nf4(packed, absmax, (100,), 32)
+    with pytest.raises(ValueError, match="packed must be uint8"):
+        dequantize_nf4(packed.float(), absmax, (100,), 64)
+    with pytest.raises(ValueError, match="dtype must be"):
+        dequantize_nf4(packed, absmax, (100,), 64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="absmax2 and offset are required"):
+        dequantize_nf4(packed, absmax.to(torch.uint8), (100,), 64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantize_nf4(torch.randn(10), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------ Triton kernels
+
+
+def _triton_ok() -> None:
+    from shared_kernels.backend import triton_available, triton_interpreting
+
+    if not triton_available():
+        pytest.skip("triton not installed")
+    if not torch.cuda.is_available() and not triton_interpreting():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
+def test_triton_quantize_equals_reference(dtype, blocksize):
+    _triton_ok()
+    for n in (1, 97, 1025, 2 * blocksize + 33):
+        x = _sample(n, dtype, seed=n).to(_device())
+        x[n // 2 :: 11] = 0.0
+        p_tri, a_tri = quantize_nf4(x, blocksize, backend="triton")
+        p_ref, a_ref = quantize_nf4(x, blocksize, backend="torch")
+        assert_exact(p_tri, p_ref, f"packed n={n}")
+        assert_exact(a_tri, a_ref, f"absmax n={n}")
+
+
+def test_triton_quantize_ties_zero_blocks_and_non_finite_equal_reference():
+    _triton_ok()
+    x = torch.zeros(64 * 4 + 16)
+    x[0] = 1.0
+    x[1:16] = NF4_MIDPOINTS  # ties, full block (reciprocal path)
+    x[256] = 1.0
+    x[257:272] = NF4_MIDPOINTS[:15]  # ties, partial block (division path)
+    x[64 * 2 + 3] = float("nan")
+    x[64 * 3 + 3] = float("-inf")
+    x = x.to(_device())  # block 1 stays all zero
+    p_tri, a_tri = quantize_nf4(x, 64, check_finite=False, backend="triton")
+    p_ref, a_ref = quantize_nf4(x, 64, check_finite=False, backend="torch")
+    assert_exact(p_tri, p_ref, "packed")
+    assert_exact(a_tri, a_ref, "absmax")
+
+
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_triton_dequantize_equals_reference(out_dtype, double_quant):
+    _triton_ok()
+    for blocksize, shape in ((64, (97,)), (32, (13, 77)), (256, (9, 1025)), (4096, (3, 4099))):
+        x = _sample(math.prod(shape), torch.float32, seed=blocksize).reshape(shape).to(_device())
+        packed, absmax = quantize_nf4(x, blocksize, backend="torch")
+        kwargs = {}
+        if double_quant:
+            absmax, absmax2, offset = double_quantize_absmax(absmax)
+            kwargs = dict(absmax2=absmax2, offset=offset)
+        got = dequantize_nf4(packed, absmax, shape, blocksize, out_dtype, backend="triton", **kwargs)
+        ref = dequantize_nf4(packed, absmax, shape, blocksize, out_dtype, backend="torch", **kwargs)
+        assert_exact(got, ref, f"dequantize {shape} blocksize {blocksize}")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_matches_cpu_reference_on_large_tensor():
+    x = torch.randn(4096, 4097, device="cuda", dtype=torch.bfloat16)
+    packed, absmax = quantize_nf4(x, 64)
+    p_ref, a_ref = quantize_nf4(x.cpu(), 64, backend="torch")
+    assert_exact(packed.cpu(), p_ref, "packed (GPU kernel vs CPU reference)")
+    assert_exact(absmax.cpu(), a_ref, "absmax (GPU kernel vs CPU reference)")
+    qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+    y = dequantize_nf4(packed, qabsmax, x.shape, 64, torch.bfloat16, absmax2=absmax2, offset=offset)
+    y_ref = dequantize_nf4(packed.cpu(), qabsmax.cpu(), x.shape, 64, torch.bfloat16, absmax2=absmax2.cpu(),
+                           offset=offset.cpu(), backend="torch")
+    assert_exact(y.cpu(), y_ref, "dequantize (GPU kernel vs CPU reference)")
