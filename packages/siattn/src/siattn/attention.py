@@ -287,15 +287,16 @@ def attention_flex(
     if alpha is None:
         alpha, beta = math.exp(0.5), math.exp(0.5)
     offset_ab = beta / alpha - math.log(alpha)  # a_t^2 = 2 (log1p(t/tau) + offset_ab)
+    offset = torch.tensor(q_offset, device=q.device)  # a tensor, so a new q_offset is not a recompile
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        t = (q_idx + q_offset - kv_idx).to(torch.float32)
+        t = (q_idx + offset - kv_idx).to(torch.float32)
         dist = t.clamp(min=0) if causal else t.abs()
         a_sq = 2.0 * (torch.log1p(dist / tau) + offset_ab)
         logit = torch.sqrt(a_sq) * score + (beta / alpha - a_sq)
         keep = t >= 0 if causal else t == t
         if doc_ids is not None:
-            keep = keep & (doc_ids[b, q_idx + q_offset] == doc_ids[b, kv_idx])
+            keep = keep & (doc_ids[b, q_idx + offset] == doc_ids[b, kv_idx])
         return torch.where(keep, logit, -float("inf"))
 
     fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
