@@ -457,4 +457,6 @@ def load_dataset(name: str, path: str | Path, split: str | None = None, **option
     """
     if name not in LOADERS:
         raise ValueError(f"name must be one of {sorted(LOADERS)}, got {name!r}")
+    if options.get("on_error", "raise") not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {options['on_error']!r}")
     return LOADERS[name](path, split, **options)

@@ -147,3 +147,14 @@ def extract_label(text: str, yes_means: str = "idiomatic") -> str | None:
                 return None  # the deciding sentence names both classes: ambiguous
         return None
     return _yes_no(region, yes_means)
+
+
+def output_prefix(prefill: str, reasoning: bool, generated: str) -> str:
+    """What to put before a generated text before parsing it: the prefill when there was one; for a
+    reasoning model whose output does not open its think block (the chat template did), "<think>\\n", so
+    that a generation cut off mid-reasoning reads as unclosed reasoning rather than as an answer."""
+    if prefill:
+        return prefill
+    if reasoning and "<think>" not in generated:
+        return "<think>\n"
+    return ""

@@ -1,0 +1,116 @@
+"""Definitions for the chain-of-thought-with-definition condition: from a user file, or from a first pass in
+which a model defines each expression. Generated definitions are kept (raw output included) in an
+append-only store, so definition quality can be analysed against the predictions made with them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from idiomreason.backends.base import Backend
+from idiomreason.examples import Example
+from idiomreason.parsing import answer_region, output_prefix
+from idiomreason.prompts import PromptTemplate, build_prompt, normalise_expression
+from idiomreason.store import JsonlStore
+
+MAX_DEFINITION_CHARS = 600
+
+
+def load_definitions(path: str | Path) -> dict[str, str]:
+    """expression -> definition from `.json` (an object, or a list of {expression, definition}), `.jsonl`
+    (one {expression, definition} per line), `.csv` or `.tsv` (columns expression, definition).
+    Expressions are normalised (lower case, single spaces)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        pairs = list(data.items()) if isinstance(data, dict) else [(d["expression"], d["definition"]) for d in data]
+    elif suffix in (".jsonl", ".ndjson"):
+        pairs = []
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                obj = json.loads(line)
+                if "expression" not in obj or "definition" not in obj:
+                    raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
+                pairs.append((obj["expression"], obj["definition"]))
+    elif suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if not {"expression", "definition"} <= set(reader.fieldnames or []):
+                raise ValueError(f"{path}: needs columns 'expression' and 'definition', has {reader.fieldnames}")
+            pairs = [(row["expression"], row["definition"]) for row in reader]
+    else:
+        raise ValueError(f"definitions file must be .json, .jsonl, .csv or .tsv, got {path.name!r}")
+    out = {}
+    for expression, definition in pairs:
+        if not str(definition).strip():
+            raise ValueError(f"{path}: empty definition for {expression!r}")
+        out[normalise_expression(str(expression))] = str(definition).strip()
+    return out
+
+
+def definition_from_output(text: str) -> str | None:
+    """The definition in a model's answer: after any think block, first non-empty paragraph, without a
+    leading "Definition:" or quotes, at most MAX_DEFINITION_CHARS. None if there is no answer."""
+    region = answer_region(text)
+    if region is None:
+        return None
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", region) if p.strip()]
+    if not paragraphs:
+        return None
+    first = re.sub(r"^(?:\*\*)?(?:definition|meaning|definição|definicion)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*", "",
+                   paragraphs[0], flags=re.IGNORECASE)
+    first = first.strip().strip('"\u201c\u201d').strip()
+    return first[:MAX_DEFINITION_CHARS] or None
+
+
+def missing_definitions(examples: Sequence[Example], definitions: dict[str, str]) -> list[str]:
+    return sorted({normalise_expression(ex.expression) for ex in examples} - set(definitions))
+
+
+def generate_definitions(
+    examples: Sequence[Example],
+    backend: Backend,
+    store: JsonlStore,
+    *,
+    model: str,
+    template: PromptTemplate,
+    reasoning: bool,
+    max_new_tokens: int,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Ask `backend` to define every expression of `examples` not yet in `store`; return
+    normalised expression -> definition for all of them that produced one (failures are stored with
+    `definition: null` and left out, so the caller can report them)."""
+    template_key = f"{template.name}.v{template.version}"
+    first: dict[str, Example] = {}
+    for ex in examples:
+        first.setdefault(normalise_expression(ex.expression), ex)
+    todo = [e for e in sorted(first) if (model, template_key, e) not in store]
+    prompts = [build_prompt(template, first[e], reasoning=reasoning) for e in todo]
+    bar = tqdm(total=len(first), initial=len(first) - len(todo), desc=f"define {model}", disable=not progress)
+    for index, generation in backend.generate(prompts, max_new_tokens):
+        expression = todo[index]
+        prefix = output_prefix(prompts[index].prefill, reasoning, generation.text)
+        text = prefix + generation.text
+        record: dict[str, Any] = {
+            "model": model, "template": template_key, "expression": expression,
+            "language": first[expression].language, "prefix": prefix, "output": generation.text,
+            "definition": definition_from_output(text), "n_tokens": generation.n_tokens,
+            "finish_reason": generation.finish_reason,
+        }  # fmt: skip
+        store.append([record])
+        bar.update(1)
+    bar.close()
+    out = {}
+    for expression in first:
+        record = store.get((model, template_key, expression))
+        if record is not None and record["definition"]:
+            out[expression] = record["definition"]
+    return out

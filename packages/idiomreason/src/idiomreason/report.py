@@ -1,0 +1,169 @@
+"""Results rows from stored predictions, tables (CSV + markdown) and the macro-F1 vs model size plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from idiomreason.examples import Example
+from idiomreason.metrics import summarise
+from idiomreason.prompts import Condition
+
+logger = logging.getLogger("idiomreason")
+
+ROW_FIELDS = (
+    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "language", "n_examples",
+    "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate", "macro_f1", "macro_f1_lo",
+    "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal", "gold_idiomatic",
+    "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated",
+)  # fmt: skip
+
+
+@dataclass
+class Job:
+    """One (model, dataset, condition) cell of a sweep and the examples it covers."""
+
+    model: Any  # ModelSpec (kept untyped here to avoid an import cycle with sweep.py)
+    dataset: str
+    condition: Condition
+    examples: Sequence[Example]
+
+
+def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """One row for all the job's examples (language "all") and one per language when there are several.
+
+    `n` counts the labelled examples with a prediction; `n_not_predicted` those still missing (an
+    unfinished run, or examples skipped for lack of a definition); `n_unlabelled` examples without gold.
+    """
+    languages = sorted({ex.language for ex in job.examples})
+    groups = [("all", list(job.examples))]
+    if len(languages) > 1:
+        groups += [(lang, [ex for ex in job.examples if ex.language == lang]) for lang in languages]
+    rows = []
+    for language, examples in groups:
+        found = [records.get((job.model.name, job.condition.key, job.dataset, ex.id)) for ex in examples]
+        scored = [r for r, ex in zip(found, examples) if r is not None and ex.label is not None]
+        row: dict[str, Any] = {
+            "dataset": job.dataset, "model": job.model.name, "size_b": job.model.size_b,
+            "reasoning": job.model.reasoning, "condition": job.condition.label, "condition_key": job.condition.key,
+            "language": language, "n_examples": len(examples),
+            "n_unlabelled": sum(1 for ex in examples if ex.label is None),
+            "n_not_predicted": sum(1 for r, ex in zip(found, examples) if r is None and ex.label is not None),
+        }  # fmt: skip
+        if scored:
+            row.update(summarise(
+                [r["gold"] for r in scored], [r["prediction"] for r in scored],
+                reasoning_words=[r["reasoning_words"] for r in scored], n_resamples=n_resamples, seed=seed,
+            ))  # fmt: skip
+            tokens = [r["n_tokens"] for r in scored if r.get("n_tokens") is not None]
+            row["output_tokens_mean"] = sum(tokens) / len(tokens) if tokens else math.nan
+            row["truncated"] = sum(1 for r in scored if r.get("finish_reason") == "length")
+        else:
+            row["n"] = 0
+        rows.append({k: row.get(k, math.nan) for k in ROW_FIELDS})
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one table for the overall rows and, when there are several languages, one per language."""
+    header = ("| dataset | model | size (B) | condition | language | n | unparseable | macro-F1 [95% CI] | "
+              "macro-F1 parsed | accuracy | reasoning words | truncated |")
+    rule = "|---|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|"
+
+    def line(r: dict[str, Any]) -> str:
+        ci = f"{_fmt(r['macro_f1'])} [{_fmt(r['macro_f1_lo'])}, {_fmt(r['macro_f1_hi'])}]" if r["n"] else "n/a"
+        return (f"| {r['dataset']} | {r['model']} | {_fmt(r['size_b'], 1)} | {r['condition']} | {r['language']} | "
+                f"{r['n']} | {_fmt(r['n_unparseable'])} | {ci} | {_fmt(r['macro_f1_parsed'])} | "
+                f"{_fmt(r['accuracy'])} | {_fmt(r['reasoning_words_mean'], 1)} | {_fmt(r['truncated'])} |")
+
+    overall = [r for r in rows if r["language"] == "all"]
+    by_language = [r for r in rows if r["language"] != "all"]
+    parts = ["## Overall", "", header, rule, *map(line, overall)]
+    if by_language:
+        parts += ["", "## By language", "", header, rule, *map(line, by_language)]
+    parts += ["", "macro-F1 counts an unparseable answer as wrong (a miss for its gold class); "
+              "'macro-F1 parsed' scores the parsed answers only. CI: 95% percentile bootstrap.", ""]
+    return "\n".join(parts)
+
+
+def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
+    """results.csv (every field) and results.md, written atomically."""
+    out_dir = Path(out_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    write_atomic(csv_path, buffer.getvalue())
+    write_atomic(md_path, markdown_table(rows))
+    return csv_path, md_path
+
+
+def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Macro-F1 against model size (log scale), one panel per dataset, one line per condition and model
+    kind (reasoning: solid circles; others: dashed squares). Needs matplotlib (the plot extra); returns
+    None (with a warning) without it or when no model has a known size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("no plot: matplotlib is not installed (pip install 'idiomreason[plot]')")
+        return None
+    points = [r for r in rows if r["language"] == "all" and r["n"] and r["size_b"] not in (None, "")
+              and not (isinstance(r["size_b"], float) and math.isnan(r["size_b"]))]
+    unsized = sorted({r["model"] for r in rows if r["language"] == "all"} - {r["model"] for r in points})
+    if unsized:
+        logger.warning("left out of the plot (no size, or no predictions): %s", ", ".join(unsized))
+    if not points:
+        return None
+    datasets = sorted({r["dataset"] for r in points})
+    conditions = sorted({r["condition"] for r in points})
+    colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(conditions)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for condition in conditions:
+            for reasoning, style in ((True, "-o"), (False, "--s")):
+                series = sorted((float(r["size_b"]), r["macro_f1"]) for r in points
+                                if r["dataset"] == dataset and r["condition"] == condition and bool(r["reasoning"]) == reasoning)
+                if series:
+                    kind = "reasoning" if reasoning else "base"
+                    ax.plot(*zip(*series), style, color=colours[condition], label=f"{condition} ({kind})")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (billions)")
+        ax.set_ylabel("macro-F1")
+        ax.set_title(dataset)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
