@@ -1,0 +1,191 @@
+"""Training: loss masks, weighted NLL math, SFT / reward-weighted fine-tuning / GRPO change a tiny model as
+expected, checkpoints resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rerankdistill.labels import INTERANK_PROMPT
+from rerankdistill.teacher import Pair, TeacherRecord
+from rerankdistill.train.common import (
+    IGNORE,
+    LoopConfig,
+    LoraSpec,
+    encode_example,
+    per_example_nll,
+    weighted_loss,
+)
+from rerankdistill.train.grpo import format_reward, grpo, label_reward
+from rerankdistill.train.rwft import (
+    RefinePair,
+    group_weights,
+    label_agreement_reward,
+    reward_weighted_finetune,
+)
+from rerankdistill.train.sft import DistillExample, distill_examples, sft, target_text, tokenize_examples
+
+EXAMPLES = [DistillExample(f"what is topic {i}", f"a document on topic {i % 2}",
+                           f"It covers topic {i % 2}. Relevance Label: {2 * (i % 2)}") for i in range(6)]
+
+
+def mean_nll(model, tokenizer, examples, completion_only=True):
+    enc, _ = tokenize_examples(tokenizer, examples, INTERANK_PROMPT, completion_only, None)
+    model.eval()
+    with torch.no_grad():
+        vals = [per_example_nll(model(input_ids=torch.tensor([e.input_ids])).logits, torch.tensor([e.labels]))
+                for e in enc]
+    return float(torch.cat(vals).mean())
+
+
+def test_completion_only_mask_covers_exactly_the_answer(tiny_tokenizer):
+    messages = INTERANK_PROMPT.messages("q text", "doc text")
+    full = encode_example(tiny_tokenizer, messages, "Because. Relevance Label: 1 ##", completion_only=False)
+    part = encode_example(tiny_tokenizer, messages, "Because. Relevance Label: 1 ##", completion_only=True)
+    assert full.input_ids == part.input_ids and full.labels == full.input_ids
+    prompt_len = len(tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"])
+    assert part.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert part.labels[prompt_len:] == part.input_ids[prompt_len:]
+    learned = tiny_tokenizer.decode(part.labels[prompt_len:])
+    assert learned == "Because. Relevance Label: 1 ##<|im_end|>"
+    assert encode_example(tiny_tokenizer, messages, "x", max_length=5) is None
+
+
+def test_weighted_nll_math():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :4] = IGNORE
+    labels[2, :] = IGNORE  # nothing learned in row 2
+    nll = per_example_nll(logits, labels)
+    for b in range(2):
+        terms = [-logits[b, t - 1].log_softmax(-1)[labels[b, t]] for t in range(1, 7) if labels[b, t] != IGNORE]
+        torch.testing.assert_close(nll[b], torch.stack(terms).mean())
+    assert nll[2] == 0
+    r = torch.tensor([0.9, 1.0, 0.5])
+    torch.testing.assert_close(weighted_loss(logits, labels, r**3), (r**3 * nll).mean())
+
+
+@pytest.mark.parametrize(("rewards", "kwargs", "expected"), [
+    ([0.0, 0.5, 1.0], {}, [0.0, 0.0, 1.0]),
+    ([0.2, 0.95, 1.0, 0.0], {}, [0.0, 0.95**3, 1.0, 0.0]),
+    ([1.0, 0.0, 0.9], {"threshold": 0.85}, [1.0, 0.0, 0.9**3]),
+    ([2.0, 4.0, 3.8], {"threshold": 0.85}, [0.0, 1.0, 0.9**3]),  # min-max within the group, not absolute
+    ([3.0, 3.0], {}, [1.0, 1.0]),  # degenerate positive group
+    ([0.0, 0.0], {}, [0.0, 0.0]),  # degenerate all-wrong group
+    ([0.0, 1.0, 0.9], {"misclassification_rate": 0.25}, [0.0, 0.25, 0.25 * 0.9**3]),
+    ([0.0, 1.0, 0.9], {"power": 1.0, "threshold": 0.0}, [0.0, 1.0, 0.9]),
+])
+def test_group_weights(rewards, kwargs, expected):
+    got = group_weights(rewards, **kwargs)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert math.isclose(g, e, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_rewards():
+    assert label_agreement_reward("x Relevance Label: 2", 2) == 1.0
+    assert label_agreement_reward("x Relevance Label: 1", 2) == 0.5
+    assert label_agreement_reward("no idea", 0) == 0.0
+    assert label_reward(["a Relevance Label: 0", [{"role": "assistant", "content": "Relevance Label: 2"}]],
+                        label=[2, 2]) == [0.0, 1.0]
+    assert format_reward(["Good reason. Relevance Label: 1 ##", "Relevance Label: 1", "x Relevance Label: 1 and",
+                          "ok Relevance Label: 3"]) == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="threshold"):
+        group_weights([1.0], threshold=2)
+
+
+def test_distill_examples_and_targets():
+    assert target_text("Reason. Relevance Label: 2 extra", 2) == "Reason. Relevance Label: 2"
+    assert target_text("It is not relevant at all.", 0) == "It is not relevant at all. Relevance Label: 0"
+    pairs = {("1", "a"): Pair("1", "a", "q", "d")}
+    recs = [TeacherRecord("1", "a", "t", "Fine. Relevance Label: 1", 1), TeacherRecord("1", "b", "t", "x", 2),
+            TeacherRecord("1", "a", "u", "???", None)]
+    ex, counts = distill_examples(recs, pairs)
+    assert counts == {"used": 1, "no_label": 1, "no_pair": 1} and ex[0].target == "Fine. Relevance Label: 1"
+
+
+def test_sft_full_and_lora_lower_the_loss_and_resume(tmp_path, tiny_tokenizer):
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    before = mean_nll(model, tiny_tokenizer, EXAMPLES)
+    cfg = LoopConfig(lr=3e-3, epochs=4, batch_size=2, grad_accum=1, save_every=5)
+    result = sft(model, tiny_tokenizer, EXAMPLES, tmp_path / "full", loop=cfg, progress=False)
+    after = mean_nll(result.model, tiny_tokenizer, EXAMPLES)
+    assert result.stats["steps"] == 12 and after < 0.75 * before
+    assert (result.final_dir / "model.safetensors").exists() and (tmp_path / "full" / "checkpoint").exists()
+
+    lora_model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    frozen = {k: v.clone() for k, v in lora_model.state_dict().items()}
+    res = sft(lora_model, tiny_tokenizer, EXAMPLES, tmp_path / "lora", loop=LoopConfig(**{**cfg.__dict__, "lr": 3e-2}),
+              progress=False,
+              lora=LoraSpec(r=8, alpha=16))
+    assert mean_nll(res.model, tiny_tokenizer, EXAMPLES) < 0.97 * before  # a rank-8 adapter on a 64-wide model moves less
+    base = res.model.get_base_model().state_dict()
+    assert all(torch.equal(base[k.replace(".weight", ".base_layer.weight")] if k.replace(".weight", ".base_layer.weight")
+                           in base else base[k], v) for k, v in frozen.items())
+    assert (res.final_dir / "adapter_model.safetensors").exists()
+
+    # resume: a run stopped at step 5 (checkpoint) continued to 12 equals the uninterrupted run
+    a = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    sft(a, tiny_tokenizer, EXAMPLES, tmp_path / "resume", loop=LoopConfig(**{**cfg.__dict__, "max_steps": 5}),
+        progress=False)
+    (tmp_path / "resume" / "final").rename(tmp_path / "resume" / "final-5")
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoint", tmp_path / "resume" / "checkpoint", dirs_exist_ok=True)
+    b = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    resumed = sft(b, tiny_tokenizer, EXAMPLES, tmp_path / "resume", loop=cfg, progress=False)
+    assert resumed.stats["steps"] == 12
+    for (name, p), q in zip(resumed.model.state_dict().items(), result.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reward_weighted_finetune_trains_on_kept_samples(tmp_path, tiny_tokenizer):
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2)
+    pairs = [RefinePair(e.query, e.document, int(e.target[-1]), e.target) for e in EXAMPLES[:3]]
+    teacher_only = [DistillExample(p.query, p.document, p.teacher_text) for p in pairs]
+    before = mean_nll(model, tiny_tokenizer, teacher_only)
+    # the random tiny model never writes a label: samples score 0, the teacher's answer 1 -> only it is kept
+    result = reward_weighted_finetune(model, tiny_tokenizer, pairs, tmp_path / "rwft", k=3, max_new_tokens=8,
+                                      loop=LoopConfig(lr=3e-3, epochs=5, batch_size=1, grad_accum=1),
+                                      progress=False)
+    assert result.stats["candidates"] == 12 and result.stats["kept"] == 3 and result.stats["mean_weight"] == 1.0
+    assert mean_nll(result.model, tiny_tokenizer, teacher_only) < 0.7 * before
+
+    # a length reward keeps the longest sampled answers with weights r^3 and trains on them only
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2)
+    res = reward_weighted_finetune(model, tiny_tokenizer, pairs, tmp_path / "len", k=4, max_new_tokens=8,
+                                   reward_fn=lambda text, ref: float(len(text)), include_teacher=False,
+                                   loop=LoopConfig(lr=1e-3, epochs=1, batch_size=1, grad_accum=1), progress=False)
+    assert 3 <= res.stats["kept"] < 12 and 0.85**3 <= res.stats["mean_weight"] <= 1.0
+    with pytest.raises(ValueError, match="threshold"):
+        reward_weighted_finetune(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2), tiny_tokenizer, pairs,
+                                 tmp_path / "none", k=2, max_new_tokens=4, include_teacher=False, progress=False)
+
+
+def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_tokenizer):
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    pairs = [RefinePair(e.query, e.document, int(e.target[-1])) for e in EXAMPLES[:2]]
+    kwargs = dict(max_steps=2, num_generations=4, max_completion_length=8, learning_rate=1e-2, progress=False)
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    flat = grpo(model, tiny_tokenizer, pairs, tmp_path / "flat", reward_funcs=[lambda completions, **_: [1.0] *
+                                                                                len(completions)], **kwargs)
+    # equal rewards -> zero group-relative advantages -> zero policy gradient (beta=0): weights unchanged
+    assert flat.stats["steps"] == 2
+    assert all(torch.equal(v, start[k]) for k, v in flat.model.state_dict().items())
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4)
+    length = grpo(model, tiny_tokenizer, pairs, tmp_path / "len",
+                  reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]], **kwargs)
+    changed = sum(not torch.equal(v, start[k]) for k, v in length.model.state_dict().items())
+    assert changed > 0 and (tmp_path / "len" / "final" / "model.safetensors").exists()
