@@ -1,0 +1,337 @@
+"""`rerankdistill generate | sft | refine | rerank | evaluate`: each takes `--config FILE.yaml` and `key=value`
+overrides (see `--help` for the options), and resumes where it runs long (generate and rerank append to
+their stores; sft restarts from its last checkpoint).
+
+Collections (`collection=` + paths): cranfield (`path` = folder), beir (`path`, `split`), bright (`topics`,
+`qrels`, `corpus`), trec (`corpus` JSONL with id/text, `topics`, `qrels`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rerankdistill.config import ConfigError, load_config, option, options_help
+from rerankdistill.trec import atomic_write_text
+
+COLLECTION_HELP = "cranfield | beir | bright | trec"
+
+
+@dataclass
+class CollectionOptions:
+    collection: str = option("", COLLECTION_HELP)
+    path: str = option("", "collection folder (cranfield, beir)")
+    split: str = option("test", "BEIR qrels split")
+    topics: str = option("", "topics file (bright jsonl.gz, trec topics)")
+    qrels: str = option("", "qrels file (bright, trec)")
+    corpus: str = option("", "corpus JSONL (bright: id/content, trec: id/text)")
+
+
+def load_collection(o: CollectionOptions):
+    """(corpus, queries, qrels) for the options' collection."""
+    from rerankdistill.datasets import load_beir, load_bright, load_cranfield, load_jsonl
+    from rerankdistill.trec import read_qrels, read_topics
+
+    if o.collection == "cranfield":
+        return load_cranfield(o.path)
+    if o.collection == "beir":
+        return load_beir(o.path, o.split)
+    if o.collection == "bright":
+        if not o.corpus:
+            raise ConfigError("collection=bright needs corpus= (a JSONL export of BRIGHT's documents)")
+        task = load_bright(o.topics, o.qrels or None, o.corpus)
+        return task.corpus, task.queries, task.qrels
+    if o.collection == "trec":
+        return load_jsonl(o.corpus), read_topics(o.topics), read_qrels(o.qrels)
+    raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
+
+
+def write_pairs(pairs, path: str | Path) -> None:
+    atomic_write_text(path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in pairs))
+
+
+def read_pairs(path: str | Path):
+    from rerankdistill.datasets import read_jsonl
+    from rerankdistill.teacher import Pair
+
+    return [Pair(str(r["qid"]), str(r["docid"]), r["query"], r["document"]) for r in read_jsonl(path)]
+
+
+# --------------------------------------------------------------------------------------------- generate
+
+
+@dataclass
+class GenerateOptions(CollectionOptions):
+    output: str = option("teacher.jsonl", "append-only teacher store (resumed when it exists)")
+    pairs: str = option("", "pairs JSONL (qid, docid, query, document); built from the collection when empty")
+    pairs_out: str = option("pairs.jsonl", "where pairs built from the collection are written")
+    depth: int = option(10, "BM25 candidates per query when building pairs")
+    max_queries: int = option(0, "use only the first N queries (0: all)")
+    backend: str = option("openai", "openai | transformers | vllm | offline-qrels")
+    base_url: str = option("http://127.0.0.1:8000/v1", "OpenAI-compatible server")
+    model: str = option("", "model name (openai) or local path (transformers, vllm)")
+    name: str = option("", "teacher id stored with each record (default: model)")
+    api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key")
+    concurrency: int = option(8, "requests in flight (openai)")
+    batch_size: int = option(8, "prompts per batch (transformers, vllm)")
+    max_tokens: int = option(512, "generation budget per answer")
+    temperature: float = option(0.0, "0 = greedy (InteRank's teacher)")
+    timeout: float = option(120.0, "seconds per request (openai)")
+    max_retries: int = option(5, "retries per request (openai)")
+
+
+def _build_pairs(o: GenerateOptions):
+    from rerankdistill.bm25 import bm25_search
+    from rerankdistill.teacher import Pair
+
+    corpus, queries, qrels = load_collection(o)
+    if o.max_queries:
+        queries = dict(list(queries.items())[: o.max_queries])
+    run = bm25_search(corpus, queries, k=o.depth)
+    pairs = [Pair(q, d, queries[q], corpus[d]) for q in queries for d in run[q]]
+    return pairs, qrels
+
+
+def cmd_generate(o: GenerateOptions) -> dict:
+    from rerankdistill.teacher import QrelsTeacher, TeacherStore, generate_teacher_outputs
+
+    qrels = None
+    if o.pairs:
+        pairs = read_pairs(o.pairs)
+    else:
+        pairs, qrels = _build_pairs(o)
+        write_pairs(pairs, o.pairs_out)
+    if o.backend == "offline-qrels":
+        if qrels is None:
+            qrels = load_collection(o)[2]
+        backend = QrelsTeacher(qrels)
+    elif o.backend == "openai":
+        from rerankdistill.backends.openai_http import OpenAIChatBackend
+
+        backend = OpenAIChatBackend(o.base_url, o.model, name=o.name or None, api_key_env=o.api_key_env,
+                                    temperature=o.temperature, max_tokens=o.max_tokens, timeout=o.timeout,
+                                    max_retries=o.max_retries)
+    elif o.backend == "transformers":
+        from rerankdistill.backends.hf import TransformersBackend, load_causal_lm
+
+        model, tok = load_causal_lm(o.model)
+        backend = TransformersBackend(model, tok, name=o.name or None, max_new_tokens=o.max_tokens,
+                                      temperature=o.temperature, batch_size=o.batch_size)
+    elif o.backend == "vllm":
+        from rerankdistill.backends.vllm import VLLMBackend
+
+        backend = VLLMBackend(o.model, name=o.name or None, max_tokens=o.max_tokens, temperature=o.temperature)
+    else:
+        raise ConfigError(f"backend must be openai, transformers, vllm or offline-qrels, got {o.backend!r}")
+    with TeacherStore(o.output) as store:
+        stats = generate_teacher_outputs(pairs, backend, store, concurrency=o.concurrency, batch_size=o.batch_size)
+    return {"pairs": len(pairs), **{k: v for k, v in stats.__dict__.items() if k != "failures"}}
+
+
+# ------------------------------------------------------------------------------------------ sft / refine
+
+
+@dataclass
+class TrainOptions:
+    model: str = option("", "student: local model directory")
+    pairs: str = option("pairs.jsonl", "pairs JSONL written by `generate`")
+    teacher: str = option("teacher.jsonl", "teacher store written by `generate`")
+    output_dir: str = option("student", "checkpoints and final/ weights")
+    lr: float = option(2e-4, "learning rate")
+    epochs: int = option(1, "epochs")
+    max_steps: int = option(0, "stop after N optimizer steps (0: no limit)")
+    batch_size: int = option(1, "micro-batch size")
+    grad_accum: int = option(16, "micro-batches per optimizer step")
+    save_every: int = option(50, "optimizer steps between resumable checkpoints")
+    completion_only: bool = option(True, "learn only the answer tokens")
+    max_length: int = option(2048, "longer examples are dropped (counted)")
+    lora_r: int = option(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.1, "LoRA dropout")
+    quantize: str = option("", "'nf4' for QLoRA through nf4lora")
+    seed: int = option(0, "seed")
+
+
+@dataclass
+class RefineOptions(TrainOptions):
+    method: str = option("rwft", "rwft (reward-weighted fine-tuning) | grpo")
+    k: int = option(8, "samples per pair (rwft) / group size (grpo)")
+    threshold: float = option(0.85, "rwft: keep normalised rewards >= threshold")
+    power: float = option(3.0, "rwft: loss weight = r^power")
+    weight_by_misclassification: bool = option(False, "rwft: scale weights by the pair's error rate")
+    temperature: float = option(1.0, "sampling temperature")
+    max_new_tokens: int = option(256, "tokens per sampled answer")
+    beta: float = option(0.0, "grpo: KL coefficient")
+
+
+def _student(o: TrainOptions):
+    from rerankdistill.backends.hf import load_causal_lm
+    from rerankdistill.train.common import LoopConfig, LoraSpec
+
+    if not o.model:
+        raise ConfigError("model= (a local model directory) is required")
+    model, tok = load_causal_lm(o.model, dtype="float32" if o.quantize == "" else "auto")
+    loop = LoopConfig(lr=o.lr, epochs=o.epochs, max_steps=o.max_steps or None, batch_size=o.batch_size,
+                      grad_accum=o.grad_accum, save_every=o.save_every, seed=o.seed)
+    lora = LoraSpec(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, quantize=o.quantize or None) \
+        if o.lora_r else None
+    return model, tok, loop, lora
+
+
+def _teacher_records(o: TrainOptions):
+    from rerankdistill.teacher import TeacherStore
+
+    pairs = {(p.qid, p.docid): p for p in read_pairs(o.pairs)}
+    with TeacherStore(o.teacher) as store:
+        return pairs, list(store.records.values())
+
+
+def cmd_sft(o: TrainOptions) -> dict:
+    from rerankdistill.train.sft import distill_examples, sft
+
+    pairs, records = _teacher_records(o)
+    examples, counts = distill_examples(records, pairs)
+    model, tok, loop, lora = _student(o)
+    result = sft(model.train(), tok, examples, o.output_dir, loop=loop, lora=lora,
+                 completion_only=o.completion_only, max_length=o.max_length)
+    return {**counts, **result.stats, "final": str(result.final_dir)}
+
+
+def cmd_refine(o: RefineOptions) -> dict:
+    from rerankdistill.train.rwft import RefinePair
+
+    pairs, records = _teacher_records(o)
+    refine = [RefinePair(pairs[(r.qid, r.docid)].query, pairs[(r.qid, r.docid)].document, r.label, r.text)
+              for r in records if r.label is not None and (r.qid, r.docid) in pairs]
+    model, tok, loop, lora = _student(o)
+    if o.method == "rwft":
+        from rerankdistill.train.rwft import reward_weighted_finetune
+
+        result = reward_weighted_finetune(model, tok, refine, o.output_dir, k=o.k, threshold=o.threshold,
+                                          power=o.power, weight_by_misclassification=o.weight_by_misclassification,
+                                          temperature=o.temperature, max_new_tokens=o.max_new_tokens, loop=loop,
+                                          lora=lora, completion_only=o.completion_only, max_length=o.max_length)
+    elif o.method == "grpo":
+        from rerankdistill.train.grpo import grpo
+
+        result = grpo(model, tok, refine, o.output_dir, max_steps=o.max_steps or 100, num_generations=o.k,
+                      max_completion_length=o.max_new_tokens, learning_rate=o.lr, beta=o.beta,
+                      temperature=o.temperature, lora=lora, seed=o.seed)
+    else:
+        raise ConfigError(f"method must be rwft or grpo, got {o.method!r}")
+    return {"pairs": len(refine), **result.stats, "final": str(result.final_dir)}
+
+
+# ------------------------------------------------------------------------------------- rerank / evaluate
+
+
+@dataclass
+class RerankOptions(CollectionOptions):
+    model: str = option("", "reranker: local model directory")
+    first_stage: str = option("bm25", "'bm25' or a TREC run file")
+    depth: int = option(100, "candidates reranked per query")
+    max_queries: int = option(0, "use only the first N queries (0: all)")
+    batch_size: int = option(8, "pairs per forward/generate batch")
+    max_new_tokens: int = option(256, "explanation budget")
+    label_probabilities: bool = option(True, "score by E[label] (else the parsed label)")
+    judgements: str = option("judgements.jsonl", "resumable store of explanations/labels")
+    output: str = option("reranked.run", "TREC run written")
+    first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
+    tag: str = option("rerankdistill", "run tag")
+
+
+def cmd_rerank(o: RerankOptions) -> dict:
+    from rerankdistill.backends.hf import TransformersBackend, load_causal_lm
+    from rerankdistill.bm25 import bm25_search
+    from rerankdistill.metrics import comparison_table
+    from rerankdistill.rerank import TransformersJudge, rerank
+    from rerankdistill.teacher import TeacherStore
+    from rerankdistill.trec import read_run, write_run
+
+    if not o.model:
+        raise ConfigError("model= (a local model directory) is required")
+    corpus, queries, qrels = load_collection(o)
+    if o.max_queries:
+        queries = dict(list(queries.items())[: o.max_queries])
+    if o.first_stage == "bm25":
+        first = bm25_search(corpus, queries, k=o.depth)
+        write_run(first, o.first_stage_output, tag="bm25")
+    else:
+        first = {q: d for q, d in read_run(o.first_stage).items() if q in queries}
+    model, tok = load_causal_lm(o.model)
+    backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+    judge = TransformersJudge(backend, use_label_probabilities=o.label_probabilities)
+    with TeacherStore(o.judgements) as store:
+        result = rerank(first, queries, corpus, judge, k=o.depth, batch_size=o.batch_size, store=store)
+    write_run(result.run, o.output, tag=o.tag)
+    print(comparison_table({"first stage": first, "reranked": result.run}, qrels), end="")
+    return {"judged": result.judged, "cached": result.cached, "unparseable": result.unparseable,
+            "output": o.output}
+
+
+@dataclass
+class EvaluateOptions(CollectionOptions):
+    runs: list[str] = option((), "run files, NAME=PATH or PATH, comma separated")
+    measures: list[str] = option(("ndcg_cut_10", "map", "recall_100"), "trec_eval measure names")
+    per_query: bool = option(False, "also print per-query values")
+    output: str = option("", "write the markdown table here too")
+
+
+def cmd_evaluate(o: EvaluateOptions) -> dict:
+    from rerankdistill.metrics import comparison_table, evaluate
+    from rerankdistill.trec import read_qrels, read_run
+
+    if not o.runs:
+        raise ConfigError("runs= is required (NAME=PATH,...)")
+    qrels = read_qrels(o.qrels) if o.qrels and o.collection in ("", "trec") else load_collection(o)[2]
+    runs = {}
+    for item in o.runs:
+        name, sep, path = item.partition("=")
+        runs[name if sep else Path(item).name] = read_run(path if sep else item)
+    table = comparison_table(runs, qrels, tuple(o.measures))
+    print(table, end="")
+    if o.per_query:
+        for name, run in runs.items():
+            for m, score in evaluate(run, qrels, tuple(o.measures)).items():
+                for qid, v in score.per_query.items():
+                    print(f"{name}\t{m}\t{qid}\t{v:.4f}")
+    if o.output:
+        atomic_write_text(o.output, table)
+    return {name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()} for name, r in runs.items()}
+
+
+COMMANDS = {
+    "generate": (GenerateOptions, cmd_generate, "teacher explanations + labels for (query, document) pairs"),
+    "sft": (TrainOptions, cmd_sft, "distil teacher outputs into a student"),
+    "refine": (RefineOptions, cmd_refine, "reward-weighted fine-tuning or GRPO of the student"),
+    "rerank": (RerankOptions, cmd_rerank, "rerank first-stage candidates pointwise; write a TREC run"),
+    "evaluate": (EvaluateOptions, cmd_evaluate, "nDCG@10 / MAP / Recall of runs against qrels (trec_eval)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rerankdistill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="options (YAML keys or key=value):\n" + options_help(cls))
+        p.add_argument("--config", type=Path, default=None, help="YAML file of options")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cls, fn, _ = COMMANDS[args.command]
+    try:
+        options = load_config(cls, args.config, args.overrides)
+        summary = fn(options)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"rerankdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""CLI: --help for every command, config file + overrides, and a tiny end-to-end generate -> sft -> refine ->
+rerank -> evaluate on Cranfield with the offline teacher and a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rerankdistill.cli import COMMANDS, GenerateOptions, main
+from rerankdistill.config import ConfigError, load_config
+from rerankdistill.trec import read_run
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "key=value" in out and "--config" in out
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("collection: cranfield\ndepth: 5\nconcurrency: 2\n")
+    o = load_config(GenerateOptions, cfg, ["depth=7", "temperature=0.5", "backend=offline-qrels"])
+    assert (o.collection, o.depth, o.concurrency, o.temperature, o.backend) == ("cranfield", 7, 2, 0.5,
+                                                                                 "offline-qrels")
+    with pytest.raises(ConfigError, match="did you mean 'depth'"):
+        load_config(GenerateOptions, None, ["dpeth=3"])
+    with pytest.raises(ConfigError, match="depth: expected an integer"):
+        load_config(GenerateOptions, None, ["depth=many"])
+    assert main(["generate", "backend=nope", f"output={tmp_path / 'x.jsonl'}", "collection=cranfield",
+                 f"path={tmp_path}"]) == 2
+
+
+def test_end_to_end_on_cranfield(tmp_path, shared_data, tiny_lm_dir, capsys):
+    cran = [f"path={shared_data / 'cranfield'}", "collection=cranfield"]
+    store, pairs = tmp_path / "teacher.jsonl", tmp_path / "pairs.jsonl"
+    gen = ["generate", *cran, "backend=offline-qrels", "max_queries=4", "depth=5", f"output={store}",
+           f"pairs_out={pairs}"]
+    assert main(gen) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["done"] == first["pairs"] == 20
+    assert main(gen) == 0  # resumed: nothing regenerated
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["done"] == 0 and again["skipped_existing"] == 20
+
+    train = [f"model={tiny_lm_dir}", f"pairs={pairs}", f"teacher={store}", "max_steps=2", "grad_accum=2",
+             "lr=1e-3", "max_length=4096"]
+    assert main(["sft", *train, f"output_dir={tmp_path / 'sft'}"]) == 0
+    sft = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sft["used"] == 20 and sft["steps"] == 2
+    student = tmp_path / "sft" / "final"
+    assert (student / "model.safetensors").exists()
+
+    assert main(["refine", *train, "method=rwft", "k=2", "max_new_tokens=4", f"model={student}",
+                 f"output_dir={tmp_path / 'rwft'}"]) == 0
+    rwft = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rwft["pairs"] == 20 and rwft["kept"] >= 20  # the teacher answers always reach the threshold
+
+    run = tmp_path / "reranked.run"
+    assert main(["rerank", *cran, f"model={student}", "max_queries=2", "depth=3", "max_new_tokens=4",
+                 f"judgements={tmp_path / 'j.jsonl'}", f"output={run}",
+                 f"first_stage_output={tmp_path / 'bm25.run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| first stage |" in out and "| reranked |" in out
+    reranked = read_run(run)
+    assert set(reranked) == {"1", "2"} and all(len(v) == 3 for v in reranked.values())
+
+    assert main(["evaluate", *cran, f"runs=bm25={tmp_path / 'bm25.run'},rr={run}", "measures=ndcg_cut_10",
+                 f"output={tmp_path / 'table.md'}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"bm25", "rr"} and 0 <= summary["rr"]["ndcg_cut_10"] <= 1
+    assert "| rr | 2 |" in (tmp_path / "table.md").read_text()
