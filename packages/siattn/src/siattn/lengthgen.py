@@ -150,6 +150,10 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     result_path = runs / f"{name}.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    if not _claim(runs / f"{name}.lock"):  # another live process trains this run: wait for its result
+        while not result_path.exists():
+            time.sleep(10)
+        return json.loads(result_path.read_text())
     train, val = load_bytes(cfg.data)
     mcfg = model_config(cfg, variant, setting)
     torch.manual_seed(seed)
@@ -179,7 +183,21 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
 
     save_file(model.state_dict(), str(runs / f"{name}.safetensors"))
     atomic_write(result_path, json.dumps(result))
+    (runs / f"{name}.lock").unlink(missing_ok=True)
     return result
+
+
+def _claim(lock: Path) -> bool:
+    """Take the run's lock file unless a live process holds it (several processes may share --out)."""
+    try:
+        holder = int(lock.read_text())
+        os.kill(holder, 0)
+        return holder == os.getpid()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        atomic_write(lock, str(os.getpid()))
+        return True
+    except PermissionError:
+        return False
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -206,7 +224,9 @@ def run_study(cfg: StudyConfig) -> dict:
     for v in cfg.variants:
         candidates = [r for r in results if r["variant"] == v]
         chosen[v] = min(candidates, key=lambda r: r["eval"][in_dist]["loss"])["setting"]
-    rest = [(v, chosen[v], seed) for v in cfg.variants for seed in cfg.seeds[1:]]
+    # Swept variants first, so other processes sharing --out can take the unswept ones meanwhile.
+    order = sorted(cfg.variants, key=lambda v: len(run_grid(cfg, v)) == 1)
+    rest = [(v, chosen[v], seed) for v in order for seed in cfg.seeds[1:]]
     results += _run_jobs(cfg, rest)
     summary = summarise(cfg, results, chosen)
     out = Path(cfg.out)
