@@ -161,3 +161,13 @@ def test_write_run_rejects_bad_ids(tmp_path):
     with pytest.raises(ValueError, match="not finite"):
         write_run({"1": {"a": float("inf")}}, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_core_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, rerankdistill; rerankdistill.parse_relevance('x'); "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
+            "assert not heavy, heavy; assert callable(rerankdistill.sft)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -189,3 +189,19 @@ def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_token
                   reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]], **kwargs)
     changed = sum(not torch.equal(v, start[k]) for k, v in length.model.state_dict().items())
     assert changed > 0 and (tmp_path / "len" / "final" / "model.safetensors").exists()
+
+
+def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
+    pytest.importorskip("nf4lora.model", reason="nf4lora.prepare_model not available")
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    before = mean_nll(model, tiny_tokenizer, EXAMPLES)
+    result = sft(model, tiny_tokenizer, EXAMPLES, tmp_path / "qlora", progress=False,
+                 loop=LoopConfig(lr=3e-2, epochs=2, batch_size=3, grad_accum=1),
+                 lora=LoraSpec(r=8, alpha=16, quantize="nf4"))
+    assert getattr(result.model, "nf4lora_settings", None) is not None
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n.lower() for n in trainable)
+    assert mean_nll(result.model, tiny_tokenizer, EXAMPLES) < 0.97 * before
+    assert (result.final_dir / "adapter_model.safetensors").exists()

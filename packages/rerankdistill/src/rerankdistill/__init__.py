@@ -14,6 +14,7 @@ from rerankdistill.datasets import (
     load_cranfield,
     load_jsonl,
 )
+from rerankdistill.labels import INTERANK_PROMPT, RelevancePrompt, parse_relevance
 from rerankdistill.metrics import (
     MetricScore,
     average_precision,
@@ -22,6 +23,17 @@ from rerankdistill.metrics import (
     ndcg_at_k,
     precision_at_k,
     recall_at_k,
+)
+from rerankdistill.pairs import PairSplit, TrainingPair, build_training_pairs, load_pages
+from rerankdistill.rerank import Judgement, RerankResult, TransformersJudge, rerank
+from rerankdistill.teacher import (
+    Completion,
+    GenerationStats,
+    Pair,
+    QrelsTeacher,
+    TeacherRecord,
+    TeacherStore,
+    generate_teacher_outputs,
 )
 from rerankdistill.trec import (
     TrecFormatError,
@@ -33,9 +45,33 @@ from rerankdistill.trec import (
     write_topics,
 )
 
+# Training entry points import torch/transformers: resolved on first access, so `import rerankdistill` stays light.
+_LAZY = {
+    "sft": "rerankdistill.train.sft", "DistillExample": "rerankdistill.train.sft",
+    "distill_examples": "rerankdistill.train.sft", "TrainResult": "rerankdistill.train.sft",
+    "reward_weighted_finetune": "rerankdistill.train.rwft", "RefinePair": "rerankdistill.train.rwft",
+    "group_weights": "rerankdistill.train.rwft", "label_agreement_reward": "rerankdistill.train.rwft",
+    "grpo": "rerankdistill.train.grpo", "label_reward": "rerankdistill.train.grpo",
+    "format_reward": "rerankdistill.train.grpo", "LoopConfig": "rerankdistill.train.common",
+    "LoraSpec": "rerankdistill.train.common", "TransformersBackend": "rerankdistill.backends.hf",
+    "load_causal_lm": "rerankdistill.backends.hf", "OpenAIChatBackend": "rerankdistill.backends.openai_http",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rerankdistill' has no attribute {name!r}")
+
+
 __all__ = [
-    "BM25Index", "BrightTask", "CRANFIELD_GAINS", "MetricScore", "TrecFormatError", "average_precision",
-    "bm25_search", "comparison_table", "evaluate", "load_beir", "load_bright", "load_cranfield", "load_jsonl",
-    "ndcg_at_k", "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "write_qrels",
-    "write_run", "write_topics",
+    "BM25Index", "BrightTask", "CRANFIELD_GAINS", "Completion", "GenerationStats", "INTERANK_PROMPT", "Judgement",
+    "MetricScore", "Pair", "PairSplit", "QrelsTeacher", "RelevancePrompt", "RerankResult", "TeacherRecord",
+    "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search",
+    "build_training_pairs", "comparison_table", "evaluate", "generate_teacher_outputs", "load_beir",
+    "load_bright", "load_cranfield", "load_jsonl", "load_pages", "ndcg_at_k", "parse_relevance",
+    "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "rerank", "write_qrels",
+    "write_run", "write_topics", *_LAZY,
 ]

@@ -108,9 +108,9 @@ def apply_lora(model, spec: LoraSpec):
         raise ValueError(f"lora.quantize must be None or 'nf4', got {spec.quantize!r}")
     if spec.quantize == "nf4":
         try:
-            from nf4lora import prepare_model
+            from nf4lora.model import prepare_model
         except ImportError as e:
-            raise ImportError("QLoRA needs nf4lora.prepare_model (the nf4lora package)") from e
+            raise ImportError("QLoRA needs nf4lora.model.prepare_model (the nf4lora package)") from e
         return prepare_model(model, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
                              target_modules=list(spec.target_modules))
     from peft import LoraConfig, get_peft_model
@@ -241,7 +241,12 @@ def save_model(model, tokenizer, output_dir: str | os.PathLike) -> Path:
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    if getattr(unwrapped, "nf4lora_settings", None) is not None:  # QLoRA: save the adapters in peft's format
+        from nf4lora.model import save_adapter
+
+        save_adapter(unwrapped, tmp)
+    else:
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
