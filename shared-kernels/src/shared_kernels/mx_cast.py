@@ -141,22 +141,34 @@ def mx_cast_ref(
         scale: x.shape with `dim` -> ceil(n / block_size), uint8 biased E8M0 bytes.
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
+    if dim != x.dim() - 1:
+        # CPU broadcasting along a middle dim is slow: cast the contiguous transpose (same bytes, tested)
+        data, scale = mx_cast_ref(x.movedim(dim, -1).contiguous(), elem_dtype, block_size, scale_mode, -1)
+        return data.movedim(-1, dim).contiguous(), scale.movedim(-1, dim).contiguous()
     max_pos, _ = ELEM_DTYPES[elem_dtype]
-    n = x.shape[dim]
-    xb = block_view(x, dim, block_size)  # (..., n_blocks, block_size, ...)
-    mn, mx = torch.aminmax(xb, dim=dim + 1, keepdim=True)  # one pass; NaN propagates
-    amax = torch.maximum(-mn, mx)
-    amax = torch.where(torch.isnan(mn) | torch.isnan(mx), torch.tensor(float("nan"), dtype=amax.dtype), amax)
-    scale = mx_scale_exponent_ref(amax, elem_dtype, scale_mode)  # (..., n_blocks, 1, ...)
-    rcp = e8m0_to_fp32(scale, reciprocal=True)
-    scaled = xb.to(torch.float32) * rcp  # exact: rcp is a power of two
+    n = x.shape[-1]
+    xb = block_view(x, dim, block_size)  # (..., n_blocks, block_size)
+    amax = xb.abs().amax(dim=-1, keepdim=True)  # NaN propagates
+    scale = mx_scale_exponent_ref(amax, elem_dtype, scale_mode)  # (..., n_blocks, 1)
+    scaled = xb.to(torch.float32) * e8m0_to_fp32(scale, reciprocal=True)  # exact: a power of two
     scaled = scaled.clamp_(-max_pos, max_pos)  # FLOOR saturation and +-inf; NaN passes through
     # every element of a NaN block becomes the positive NaN code 0x7F, whatever the sign of its own NaN
-    scaled = torch.where(scale == E8M0_NAN, torch.tensor(float("nan")), scaled)
-    data = scaled.to(elem_dtype).flatten(dim, dim + 1)
-    if data.shape[dim] != n:
-        data = data.narrow(dim, 0, n)
-    return data.contiguous(), scale.squeeze(dim + 1)
+    scaled = scaled.masked_fill_(scale == E8M0_NAN, float("nan"))
+    data = scaled.to(elem_dtype).flatten(-2)
+    if data.shape[-1] != n:
+        data = data[..., :n].contiguous()
+    return data, scale.squeeze(-1)
+
+
+_DECODE_TABLES: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _decode_table(elem_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """fp32 value of each of the 256 codes (a gather is faster than the CPU's fp8 -> fp32 cast)."""
+    table = _DECODE_TABLES.get(elem_dtype)
+    if table is None:
+        table = _DECODE_TABLES[elem_dtype] = torch.arange(256, dtype=torch.uint8).view(elem_dtype).to(torch.float32)
+    return table.to(device)
 
 
 def mx_dequantize_ref(
@@ -171,13 +183,178 @@ def mx_dequantize_ref(
         data.shape in `dtype`.
     """
     dim = dim % data.dim()
-    n = data.shape[dim]
-    pow2 = e8m0_to_fp32(scale).unsqueeze(dim + 1)  # (..., n_blocks, 1, ...)
-    values = block_view(data.to(torch.float32), dim, block_size) * pow2
-    values = values.flatten(dim, dim + 1)
-    if values.shape[dim] != n:
-        values = values.narrow(dim, 0, n)
+    if dim != data.dim() - 1:
+        values = mx_dequantize_ref(data.movedim(dim, -1), scale.movedim(dim, -1), block_size, -1, dtype)
+        return values.movedim(-1, dim)
+    n = data.shape[-1]
+    pow2 = e8m0_to_fp32(scale).unsqueeze(-1)  # (..., n_blocks, 1)
+    if data.device.type == "cpu":
+        codes = data.contiguous().view(torch.uint8).long()
+        values = _decode_table(data.dtype, data.device).take(codes)
+    else:
+        values = data.to(torch.float32)
+    values = (block_view(values, dim, block_size) * pow2).flatten(-2)
+    if values.shape[-1] != n:
+        values = values[..., :n]
     return values.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- Triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still works
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _scale_bytes(amax, has_nan, EMAX: tl.constexpr, RCEIL: tl.constexpr):
+        """Biased E8M0 bytes (int32) from fp32 block amaxes: the integer rule of `mx_scale_exponent_ref`."""
+        bits = amax.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        exp_field = bits >> 23
+        e = exp_field - (127 + EMAX)
+        if RCEIL:
+            e += ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        biased = tl.minimum(tl.maximum(e, -127), 127) + 127
+        biased = tl.where(exp_field == 255, 254, biased)
+        return tl.where(has_nan, 255, biased)
+
+    @triton.jit
+    def _encode(
+        x, scale_byte, MAX_POS: tl.constexpr, MBITS: tl.constexpr, ELEM_BIAS: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+    ):
+        """Element codes (int32, 0..255) of x / 2^E, saturated, rounded to nearest even, in integers.
+
+        Normal range: round the fp32 mantissa to MBITS bits (add 0111..1 plus the lowest kept bit, shift).
+        Subnormal range (|v| < 2^(1 - bias)): adding 2^(MBITS + 23 - sub_exp) makes fp32 addition round to
+        the subnormal step; the code is the difference of the bit patterns.
+        """
+        b2 = 254 - scale_byte  # biased exponent of 2^-E
+        rcp = tl.where(b2 == 0, 0x400000, b2 << 23).to(tl.float32, bitcast=True)
+        v = x * rcp
+        v = tl.minimum(tl.maximum(v, -MAX_POS), MAX_POS)
+        bits = v.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        mag = bits & 0x7FFFFFFF
+        keep = mag >> (23 - MBITS)
+        normal = ((mag + ((1 << (22 - MBITS)) - 1) + (keep & 1)) >> (23 - MBITS)) - ((127 - ELEM_BIAS) << MBITS)
+        # MAGIC = 2^(24 - ELEM_BIAS - MBITS): the fp32 ulp there is the subnormal step
+        sub = (tl.abs(v) + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+        code = tl.where(mag < ((128 - ELEM_BIAS) << 23), sub, normal) | sign
+        return tl.where(scale_byte == 255, 0x7F, code)
+
+    @triton.jit
+    def _mx_cast_kernel(
+        x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, N,
+        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+        MAX_POS: tl.constexpr, MBITS: tl.constexpr, EMAX: tl.constexpr, RCEIL: tl.constexpr,
+        ELEM_BIAS: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+    ):
+        """One (BLOCK_M, BLOCK_N) tile of x (M, N) read once; ROWS writes blocks along N, COLS along M."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_N)
+        nan = (x != x).to(tl.int32)
+        ax = tl.abs(x)
+        if ROWS:
+            amax = tl.max(tl.reshape(ax, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)  # (BLOCK_M, BLOCK_N // BS)
+            has_nan = tl.max(tl.reshape(nan, (BLOCK_M, BLOCK_N // BS, BS)), axis=2) > 0
+            sb = _scale_bytes(amax, has_nan, EMAX, RCEIL)
+            sb_full = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_M, BLOCK_N // BS, BS)), (BLOCK_M, BLOCK_N))
+            codes = _encode(x, sb_full, MAX_POS, MBITS, ELEM_BIAS, MAGIC, MAGIC_BITS)
+            tl.store(row_data_ptr + offs, codes.to(tl.uint8), mask=mask)
+            nb = tl.cdiv(N, BS)
+            offs_b = pid_n * (BLOCK_N // BS) + tl.arange(0, BLOCK_N // BS)
+            smask = (offs_m[:, None] < M) & (offs_b[None, :] < nb)
+            tl.store(row_scale_ptr + offs_m[:, None] * nb + offs_b[None, :], sb.to(tl.uint8), mask=smask)
+        if COLS:
+            amax = tl.max(tl.reshape(ax, (BLOCK_M // BS, BS, BLOCK_N)), axis=1)  # (BLOCK_M // BS, BLOCK_N)
+            has_nan = tl.max(tl.reshape(nan, (BLOCK_M // BS, BS, BLOCK_N)), axis=1) > 0
+            sb = _scale_bytes(amax, has_nan, EMAX, RCEIL)
+            sb_full = tl.reshape(tl.broadcast_to(sb[:, None, :], (BLOCK_M // BS, BS, BLOCK_N)), (BLOCK_M, BLOCK_N))
+            codes = _encode(x, sb_full, MAX_POS, MBITS, ELEM_BIAS, MAGIC, MAGIC_BITS)
+            tl.store(col_data_ptr + offs, codes.to(tl.uint8), mask=mask)
+            offs_b = pid_m * (BLOCK_M // BS) + tl.arange(0, BLOCK_M // BS)
+            smask = (offs_b[:, None] < tl.cdiv(M, BS)) & (offs_n[None, :] < N)
+            tl.store(col_scale_ptr + offs_b[:, None] * N + offs_n[None, :], sb.to(tl.uint8), mask=smask)
+
+
+@torch.library.custom_op("shared_kernels::mx_cast_2d", mutates_args=())
+def _mx_cast_2d_op(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, rows: bool, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton launch as a torch custom op (uint8 codes; empty tensors for a direction not asked), so
+    torch.compile sees one opaque op with a fake implementation."""
+    if triton is None:
+        raise ValueError("backend='triton' requested but triton is not installed")
+    x = x.contiguous()
+    m, n = x.shape
+    max_pos, emax = ELEM_DTYPES[elem_dtype]
+    mbits = 3 if elem_dtype == torch.float8_e4m3fn else 2
+    elem_bias = emax - 1 if elem_dtype == torch.float8_e4m3fn else emax  # E4M3FN reuses the top exponent
+    magic = 2.0 ** (24 - elem_bias - mbits)
+    magic_bits = int(torch.tensor(magic, dtype=torch.float32).view(torch.int32))
+    interp = x.device.type != "cuda"  # the interpreter runs one numpy program per tile: big tiles are faster
+    block_m = max(block_size, 128 if interp else 32) if cols else (64 if interp else 16)
+    block_n = max(block_size, 256 if interp else 128)
+    row_data, row_scale, col_data, col_scale = _mx_cast_2d_fake(x, elem_dtype, block_size, scale_mode, rows, cols)
+    if x.numel():
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        _mx_cast_kernel[grid](
+            x, row_data, row_scale, col_data, col_scale, m, n,
+            BS=block_size, BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, COLS=cols,
+            MAX_POS=max_pos, MBITS=mbits, EMAX=emax, RCEIL=scale_mode == "rceil",
+            ELEM_BIAS=elem_bias, MAGIC=magic, MAGIC_BITS=magic_bits,
+        )
+    return row_data, row_scale, col_data, col_scale
+
+
+@_mx_cast_2d_op.register_fake
+def _mx_cast_2d_fake(x, elem_dtype, block_size, scale_mode, rows, cols):
+    m, n = x.shape
+
+    def alloc(shape, wanted):
+        return torch.empty(shape if wanted else (0,), dtype=torch.uint8, device=x.device)
+
+    return (alloc((m, n), rows), alloc((m, -(-n // block_size)), rows),
+            alloc((m, n), cols), alloc((-(-m // block_size), n), cols))
+
+
+def mx_cast_2d_triton(
+    x: torch.Tensor,
+    elem_dtype: torch.dtype,
+    block_size: int,
+    scale_mode: str,
+    rows: bool = True,
+    cols: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Cast a 2-D x (M, N) to row blocks (along N) and/or column blocks (along M) from one read of x.
+
+    Returns:
+        (row_data (M, N), row_scale (M, ceil(N / bs)), col_data (M, N), col_scale (ceil(M / bs), N)),
+        None for a direction not asked; data in `elem_dtype`, scales uint8.
+    """
+    rd, rs, cd, cs = torch.ops.shared_kernels.mx_cast_2d(x, elem_dtype, block_size, scale_mode, rows, cols)
+    return (rd.view(elem_dtype) if rows else None, rs if rows else None,
+            cd.view(elem_dtype) if cols else None, cs if cols else None)
+
+
+def mx_cast_triton(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton cast for blocks along the last dim (x viewed as (rows, n)) or dim 0 (x as (n, rest))."""
+    shape = x.shape
+    if dim == x.dim() - 1:
+        data, scale, _, _ = mx_cast_2d_triton(x.reshape(-1, shape[-1]), elem_dtype, block_size, scale_mode, True, False)
+        return data.view(shape), scale.view(*shape[:-1], scale.shape[-1])
+    _, _, data, scale = mx_cast_2d_triton(x.reshape(shape[0], -1), elem_dtype, block_size, scale_mode, False, True)
+    return data.view(shape), scale.view(scale.shape[0], *shape[1:])
 
 
 def mx_cast(
@@ -195,8 +372,6 @@ def mx_cast(
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     if resolve_backend(backend, x.device) == "triton" and x.dim() >= 1 and dim in (0, x.dim() - 1):
-        from shared_kernels.mx_cast_triton import mx_cast_triton
-
         return mx_cast_triton(x, elem_dtype, block_size, scale_mode, dim)
     return mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim)
 

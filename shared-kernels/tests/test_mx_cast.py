@@ -1,0 +1,118 @@
+"""MX cast: the Triton kernel equals the torch reference byte for byte (interpreter on CPU, or a GPU), in
+both directions from one read, on random and adversarial inputs; dispatch and compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared_kernels.backend import triton_available, triton_interpreting
+from shared_kernels.mx_cast import mx_cast, mx_cast_2d_triton, mx_cast_ref, mx_dequantize
+from shared_kernels.testing import assert_exact
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+needs_triton = pytest.mark.skipif(
+    not triton_available() or not (torch.cuda.is_available() or triton_interpreting()),
+    reason="needs triton with a GPU or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def adversarial(m: int, n: int, seed: int) -> torch.Tensor:
+    """Rows at magnitudes 2^+-30, with zeros, +-inf, NaN, a tiny (E = -127) block, fp32 max, amaxes at the
+    1.75 mantissa boundary, and RNE ties of both element types."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g) * torch.exp2(torch.randint(-30, 30, (m, 1), generator=g).float())
+    x[torch.rand(m, n, generator=g) < 0.03] = 0.0
+    x[1, 3] = float("inf")
+    x[2, 70 % n] = -float("inf")
+    x[4, 5] = float("nan")
+    x[5] = 0.0
+    x[6] *= 2.0**-125
+    x[7, :] = 2.0**-140  # subnormal amax
+    x[8, 0] = torch.finfo(torch.float32).max
+    boundary = (torch.tensor(1.75).view(torch.int32) + torch.arange(-2, 3)).view(torch.float32)
+    x[9, : 5] = boundary * 2.0**8
+    x[10, :8] = torch.tensor([448.0, 1.0625, 1.1875, 2**-10, 3 * 2**-10, 432.0, -400.0, 1.375])
+    x[11, :4] = torch.tensor([57344.0, 1.125, 1.375, 2**-17])
+    return x
+
+
+@needs_triton
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_both_directions_equal_reference(elem, mode, dtype):
+    x = adversarial(97, 1025, seed=0)
+    if dtype != torch.float32:
+        x = x.clamp(-6e4, 6e4) if dtype == torch.float16 else x
+    x = x.to(dtype).to(DEVICE)
+    rd, rs, cd, cs = mx_cast_2d_triton(x, elem, 32, mode, rows=True, cols=True)
+    ref_rd, ref_rs = mx_cast_ref(x.cpu(), elem, 32, mode, dim=-1)
+    ref_cd, ref_cs = mx_cast_ref(x.cpu(), elem, 32, mode, dim=0)
+    assert_exact(rd.cpu(), ref_rd, "row data")
+    assert_exact(rs.cpu(), ref_rs, "row scale")
+    assert_exact(cd.cpu(), ref_cd, "column data")
+    assert_exact(cs.cpu(), ref_cs, "column scale")
+
+
+@needs_triton
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_triton_other_block_sizes_and_single_direction(block_size):
+    x = adversarial(130, 200, seed=1).to(DEVICE)
+    for dim in (-1, 0):
+        data, scale = mx_cast(x, E4M3, block_size, "rceil", dim, backend="triton")
+        ref_data, ref_scale = mx_cast_ref(x.cpu(), E4M3, block_size, "rceil", dim)
+        assert_exact(data.cpu(), ref_data, f"data dim {dim}")
+        assert_exact(scale.cpu(), ref_scale, f"scale dim {dim}")
+
+
+@needs_triton
+def test_triton_dispatch_keeps_leading_dims():
+    x = adversarial(3 * 5, 96, seed=2).view(3, 5, 96).to(DEVICE)
+    for dim in (-1, 0):
+        if dim == 0:
+            x = adversarial(64, 15, seed=3).view(64, 3, 5).to(DEVICE)
+        data, scale = mx_cast(x, E5M2, 32, "floor", dim, backend="triton")
+        ref_data, ref_scale = mx_cast_ref(x.cpu(), E5M2, 32, "floor", dim)
+        assert_exact(data.cpu(), ref_data, f"data dim {dim}")
+        assert_exact(scale.cpu(), ref_scale, f"scale dim {dim}")
+
+
+@needs_triton
+def test_triton_op_traces_under_compile():
+    x = adversarial(64, 96, seed=4).to(DEVICE)
+
+    def both(t):
+        return mx_cast_2d_triton(t, E4M3, 32, "rceil", rows=True, cols=True)
+
+    compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x), both(x), strict=True):
+        assert_exact(got, want, "compiled")
+
+
+def test_reference_dequantize_rejects_mismatched_scales():
+    data, scale = mx_cast_ref(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="scale must have shape"):
+        mx_dequantize(data, scale[:, :1])
+    with pytest.raises(TypeError, match="scale must be uint8"):
+        mx_dequantize(data, scale.float())
+    with pytest.raises(TypeError, match="data must be"):
+        mx_dequantize(data.float(), scale)
+    with pytest.raises(ValueError, match="backend"):
+        mx_cast(torch.randn(4, 64), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_on_gpu_large_shapes_equal_reference():
+    x = adversarial(4099, 2080, seed=5).cuda()
+    for elem in (E4M3, E5M2):
+        for mode in ("rceil", "floor"):
+            rd, rs, cd, cs = mx_cast_2d_triton(x, elem, 32, mode, rows=True, cols=True)
+            ref_rd, ref_rs = mx_cast_ref(x, elem, 32, mode, dim=-1)
+            ref_cd, ref_cs = mx_cast_ref(x, elem, 32, mode, dim=0)
+            assert_exact(rd, ref_rd, "row data")
+            assert_exact(rs, ref_rs, "row scale")
+            assert_exact(cd, ref_cd, "column data")
+            assert_exact(cs, ref_cs, "column scale")
