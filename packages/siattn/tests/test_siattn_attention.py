@@ -240,3 +240,20 @@ def test_bad_options_raise():
         attention(q, k, v, backend="chunked", chunk=0)
     with pytest.raises(ValueError, match="beta"):
         attention(q, k, v, alpha=2.0, beta=0.1)
+
+
+def test_triton_backend_through_attention_matches_reference():
+    pytest.importorskip("triton")
+    from shared_kernels.backend import triton_interpreting
+
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = [x.to(device) for x in _qkv(B=1, Hq=2, Hkv=1, Tq=13, Tk=29, D=24)]
+    doc_ids = torch.tensor([[0] * 20 + [1] * 9], device=device)
+    out = attention(q, k, v, q_offset=16, doc_ids=doc_ids, backend="triton")
+    ref = attention(q, k, v, q_offset=16, doc_ids=doc_ids, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        attention(q, k, v, backend="triton", attn_mask=torch.ones(1, 1, 13, 29, dtype=torch.bool, device=device),
+                  q_offset=16)
