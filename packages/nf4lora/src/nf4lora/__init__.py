@@ -6,6 +6,18 @@ The kernels (quantize, dequantize with fused double-quant dequantization, fused 
 `prepare_model`, peft/bitsandbytes interop, memory accounting and the CLI.
 """
 
+from nf4lora.lora import Linear4bit, LoRALinear4bit, nf4_linear
+from nf4lora.model import (
+    LoRASettings,
+    load_adapter,
+    lora_modules,
+    lora_state_dict,
+    merge_and_unload,
+    prepare_model,
+    quantize_model,
+    save_adapter,
+)
+from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import (
     NF4_CODE,
     SUPPORTED_BLOCKSIZES,
@@ -14,4 +26,22 @@ from shared_kernels.nf4 import (
     quantize_nf4,
 )
 
-__all__ = ["NF4_CODE", "SUPPORTED_BLOCKSIZES", "dequantize_nf4", "double_quantize_absmax", "quantize_nf4"]
+__all__ = [
+    "NF4_CODE",
+    "SUPPORTED_BLOCKSIZES",
+    "Linear4bit",
+    "LoRALinear4bit",
+    "LoRASettings",
+    "NF4Weight",
+    "dequantize_nf4",
+    "double_quantize_absmax",
+    "load_adapter",
+    "lora_modules",
+    "lora_state_dict",
+    "merge_and_unload",
+    "nf4_linear",
+    "prepare_model",
+    "quantize_model",
+    "quantize_nf4",
+    "save_adapter",
+]

@@ -1,0 +1,265 @@
+"""QLoRA on a whole model: quantize the linear layers, attach adapters, save and load them in peft's format.
+
+`quantize_model` swaps every `nn.Linear` except the LM head for a frozen `Linear4bit`; `prepare_model` does that
+and attaches `LoRALinear4bit` adapters to the targeted layers, upcasts norms to fp32, freezes everything but
+the adapters and enables gradient checkpointing (the QLoRA recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nf4lora.lora import Linear4bit, LoRALinear4bit
+from nf4lora.weight import NF4Weight
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRASettings:
+    """What `prepare_model` did; saved as peft's LoraConfig."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str] = field(default_factory=list)  # leaf names, e.g. ["q_proj", "v_proj"]
+    use_rslora: bool = False
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bool:
+    if target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] = (),
+                   backend: str = "auto") -> nn.Module:
+    """Replace every nn.Linear except the output embedding (LM head) and names in `skip` by a frozen
+    `Linear4bit`, in place. Returns the model."""
+    head = _output_embedding(model)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head and name not in skip:
+            _set_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype,
+                                                            backend=backend))
+    return model
+
+
+def prepare_model(
+    model: nn.Module,
+    r: int = 64,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+    double_quant: bool = True,
+    *,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype | None = None,
+    use_rslora: bool = False,
+    gradient_checkpointing: bool = True,
+    norms_in_fp32: bool = True,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """QLoRA-prepare a (transformers) model in place and return it.
+
+    Every nn.Linear except the LM head is quantized to NF4 (bitsandbytes-identical bytes); those selected by
+    `target_modules` get a LoRA adapter; everything else is frozen.
+
+    Args:
+        model: a torch module, typically a transformers `PreTrainedModel`.
+        r, alpha, dropout: LoRA rank, alpha (scaling alpha / r) and adapter-input dropout.
+        target_modules: "all-linear" (QLoRA's choice), a list of module-name suffixes (peft semantics, e.g.
+            ["q_proj", "v_proj"]) or a regex matched against the full module name.
+        double_quant: double-quantize the NF4 constants (0.127 instead of 0.5 extra bits per parameter).
+        blocksize: NF4 block size. compute_dtype: matmul dtype (default: each layer's original dtype).
+        use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+        gradient_checkpointing: enable the model's (non-reentrant) activation checkpointing when it has one.
+        norms_in_fp32: upcast normalisation layers (class names containing "Norm") to fp32.
+        seed: seed for the adapter initialisation (A kaiming-uniform) when given.
+        backend: kernel backend of the base matmuls ("auto", "torch", "triton").
+    """
+    if getattr(model, "nf4lora_settings", None) is not None:
+        raise ValueError("model was already prepared by nf4lora.prepare_model")
+    if not (target_modules == "all-linear" or isinstance(target_modules, str | list | tuple)):
+        raise ValueError(f"target_modules must be 'all-linear', a list of names or a regex, got {target_modules!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = _output_embedding(model)
+    targeted: list[str] = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is head:
+            continue
+        weight = NF4Weight.from_float(module.weight, blocksize, double_quant, backend=backend)
+        if _matches(name, target_modules):
+            new: nn.Module = LoRALinear4bit(weight, module.bias, r=r, alpha=alpha, dropout=dropout,
+                                            use_rslora=use_rslora, compute_dtype=compute_dtype or module.weight.dtype,
+                                            backend=backend)
+            targeted.append(name)
+        else:
+            new = Linear4bit(weight, module.bias, compute_dtype=compute_dtype or module.weight.dtype, backend=backend)
+        _set_module(model, name, new)
+    if not targeted:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear (the LM head is never targeted)")
+    if norms_in_fp32:
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                module.float()
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in targeted})
+    model.nf4lora_settings = LoRASettings(r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant)
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear4bit]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under peft's saved names: `base_model.model.<module>.lora_{A,B}.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None,
+                 task_type: str = "CAUSAL_LM") -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in peft's format (loadable with
+    `peft.PeftModel.from_pretrained` on the bf16 or bitsandbytes-4bit base), atomically. Returns out_dir."""
+    from safetensors.torch import save_file
+
+    from nf4lora.interop import peft_config_dict
+
+    settings: LoRASettings | None = getattr(model, "nf4lora_settings", None)
+    if settings is None:
+        raise ValueError("model has no adapters: call nf4lora.prepare_model first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = peft_config_dict(settings, base_model_name_or_path, task_type)
+    tensors = {k: v.cpu() for k, v in lora_state_dict(model).items()}
+    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """Read and check a peft LoRA adapter_config.json: plain LoRA only (no DoRA, no per-module ranks,
+    no trained bias or modules_to_save), else a ValueError naming the field."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"adapter_dir has no {ADAPTER_CONFIG}: {adapter_dir}")
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
+                   "alpha_pattern": {}, "fan_in_fan_out": False}
+    for key, plain in unsupported.items():
+        if cfg.get(key) not in (plain, None) and not (plain == {} and not cfg.get(key)):
+            raise ValueError(f"adapter config field {key}={cfg.get(key)!r} is not supported (only {plain!r})")
+    return cfg
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, *, double_quant: bool = True, blocksize: int = 64,
+                 compute_dtype: torch.dtype | None = None, backend: str = "auto", **prepare_kwargs) -> nn.Module:
+    """Load a peft LoRA adapter (ours or peft's) into `model`, preparing it first (with the adapter's r, alpha,
+    dropout and target modules) if it is not prepared yet. Every adapter tensor must find its module."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(adapter_dir)
+    if getattr(model, "nf4lora_settings", None) is None:
+        targets = cfg.get("target_modules")  # a list of names, "all-linear" or a regex, as in peft
+        prepare_model(model, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0)),
+                      target_modules=targets if targets else "all-linear", double_quant=double_quant,
+                      blocksize=blocksize, compute_dtype=compute_dtype, use_rslora=bool(cfg.get("use_rslora")),
+                      backend=backend, **prepare_kwargs)
+    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    modules = lora_modules(model)
+    seen: set[str] = set()
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+        if m is None or m.group(1) not in modules:
+            raise ValueError(f"adapter tensor {key!r} matches no LoRA module of the model")
+        target: nn.Linear = getattr(modules[m.group(1)], m.group(2))
+        if tuple(value.shape) != tuple(target.weight.shape):
+            raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, the module expects "
+                             f"{tuple(target.weight.shape)} (different r?)")
+        with torch.no_grad():
+            target.weight.copy_(value)
+        seen.add(f"{m.group(1)}.{m.group(2)}")
+    missing = sorted(f"{n}.{ab}" for n in modules for ab in ("lora_A", "lora_B") if f"{n}.{ab}" not in seen)
+    if missing:
+        raise ValueError(f"adapter_dir lacks weights for {len(missing)} LoRA modules, e.g. {missing[:3]}")
+    return model
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every Linear4bit / LoRALinear4bit by a dense nn.Linear (dequantized base + scaling * B @ A),
+    in place, e.g. to export a merged model. dtype: of the dense weights (default: each base's dtype)."""
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, Linear4bit):
+            continue
+        w = m.weight.dequantize(torch.float32)
+        if isinstance(m, LoRALinear4bit):
+            w = w + m.delta_weight().float()
+        out_dtype = dtype or m.weight.dtype
+        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=out_dtype)
+        dense.weight.copy_(w)
+        if m.bias is not None:
+            dense.bias.copy_(m.bias)
+        _set_module(model, name, dense)
+    if hasattr(model, "nf4lora_settings"):
+        model.nf4lora_settings = None
+    return model
+
+
+def settings_dict(model: nn.Module) -> dict[str, Any]:
+    settings = getattr(model, "nf4lora_settings", None)
+    return {} if settings is None else asdict(settings)

@@ -1,0 +1,134 @@
+"""Matmul with a frozen NF4 weight, the base path of a QLoRA linear layer.
+
+The weight W is (N, K) (out_features, in_features), stored as NF4 codes of its row-major flattening (the
+bitsandbytes layout, see `shared_kernels.nf4`), optionally with double-quantized constants.
+
+- forward:   y = x @ W^T      x (M, K) -> (M, N)
+- backward:  dx = dy @ W      dy (M, N) -> (M, K)   (the base weight itself never gets a gradient)
+
+The torch path dequantizes W to the compute dtype and calls a dense matmul (CPU). The Triton kernel
+dequantizes a (BLOCK_K, BLOCK_N) tile of W in registers (code lookup * absmax, with the double-quantized
+absmax rebuilt on the fly), casts it to the input dtype and feeds `tl.dot` with fp32 accumulation: W is
+never materialised in memory. One kernel serves both directions by addressing W through strides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared_kernels.backend import resolve_backend, triton_available
+from shared_kernels.nf4 import DQ_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE, dequantize_nf4
+
+
+def matmul_nf4_ref(x: torch.Tensor, w_dense: torch.Tensor, transpose_w: bool = True) -> torch.Tensor:
+    """The specification: x @ W^T (transpose_w) or x @ W, with W already dequantized to x.dtype."""
+    return x @ (w_dense.t() if transpose_w else w_dense)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _matmul_nf4_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N_OUT, K_IN,
+                           stride_xm, stride_xk, stride_om, stride_on, stride_wk, stride_wn,
+                           qabsmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                           BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out (M, N_OUT) = x (M, K_IN) @ B (K_IN, N_OUT) with B[k, n] = W_flat[k * stride_wk + n * stride_wn].
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_IN, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x_tile = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                             mask=(rm[:, None] < M) & (rk[None, :] < K_IN), other=0.0)  # (BLOCK_M, BLOCK_K)
+            w_mask = (rk[:, None] < K_IN) & (rn[None, :] < N_OUT)
+            e = rk[:, None].to(tl.int64) * stride_wk + rn[None, :].to(tl.int64) * stride_wn  # (BLOCK_K, BLOCK_N)
+            byte = tl.load(packed_ptr + (e >> 1), mask=w_mask, other=0).to(tl.int32)
+            nibble = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
+            blk = e // BLOCKSIZE
+            if DOUBLE_QUANT:
+                q2 = tl.load(qabsmax_ptr + blk, mask=w_mask, other=0).to(tl.int32)
+                scale = tl.load(code2_ptr + q2) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=w_mask, other=0.0)
+                scale = scale + tl.load(offset_ptr)
+            else:
+                scale = tl.load(absmax_ptr + blk, mask=w_mask, other=0.0)
+            w_tile = tl.where(w_mask, tl.load(code_ptr + nibble) * scale, 0.0)  # fp32 (BLOCK_K, BLOCK_N)
+            acc = tl.dot(x_tile, w_tile.to(x_tile.dtype), acc)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N_OUT))
+
+
+def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
+                       blocksize: int, transpose_w: bool, dq: tuple | None) -> torch.Tensor:
+    n_rows, n_cols = shape  # W (N, K)
+    M = x2d.shape[0]
+    if transpose_w:  # y = x @ W^T: inner index k walks a row of W
+        k_in, n_out, stride_wk, stride_wn = n_cols, n_rows, 1, n_cols
+    else:  # dx = dy @ W: inner index n walks a column of W
+        k_in, n_out, stride_wk, stride_wn = n_rows, n_cols, n_cols, 1
+    out = torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device)
+    block_m = 16 if M <= 16 else 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(n_out, 64))
+    code = NF4_CODE.to(x2d.device)
+    if dq is None:
+        dq_args = (packed, absmax, code, absmax)
+        double_quant, blocksize2 = False, DQ_BLOCKSIZE
+    else:
+        absmax2, code2, offset, blocksize2 = dq
+        dq_args = (absmax, absmax2.float().contiguous(), code2.float().contiguous(), offset.float().reshape(1))
+        double_quant = True
+    _matmul_nf4_kernel[grid](x2d, packed, absmax, code, out, M, n_out, k_in,
+                             x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1), stride_wk, stride_wn,
+                             *dq_args, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, DOUBLE_QUANT=double_quant,
+                             BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+    return out
+
+
+def matmul_nf4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, int],
+    blocksize: int = 64,
+    *,
+    transpose_w: bool = True,
+    absmax2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    blocksize2: int = DQ_BLOCKSIZE,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x @ W^T (transpose_w=True, the forward) or x @ W (False, the input gradient) with NF4 weight W.
+
+    Args:
+        x: (..., K) for the forward or (..., N) for the backward, float32/bfloat16/float16; the result has
+            x's dtype (W is dequantized to it; fp32 accumulation in the kernel).
+        packed, absmax, blocksize, absmax2, offset, code2, blocksize2: the NF4 weight, as for `dequantize_nf4`.
+        shape: (N, K) = (out_features, in_features) of W.
+        backend: "auto" (Triton on CUDA), "torch" (dequantize then matmul) or "triton".
+    Returns:
+        (..., N) for the forward, (..., K) for the backward.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (out_features, in_features), got {tuple(shape)}")
+    inner = shape[1] if transpose_w else shape[0]
+    if x.shape[-1] != inner:
+        raise ValueError(f"x must have last dim {inner} for W of shape {tuple(shape)} "
+                         f"(transpose_w={transpose_w}), got {tuple(x.shape)}")
+    if resolve_backend(backend, x.device) == "torch" or x.numel() == 0:
+        w = dequantize_nf4(packed, absmax, shape, blocksize, x.dtype, absmax2=absmax2, offset=offset,
+                           code2=code2, blocksize2=blocksize2, backend="torch")
+        return matmul_nf4_ref(x, w, transpose_w)
+    double_quant = absmax.dtype == torch.uint8
+    if double_quant and (absmax2 is None or offset is None):
+        raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
+    code2 = DYNAMIC_CODE.to(x.device) if (double_quant and code2 is None) else code2
+    dq = (absmax2, code2, offset, blocksize2) if double_quant else None
+    x2d = x.reshape(-1, inner)
+    out = _matmul_nf4_triton(x2d, packed.reshape(-1), absmax.contiguous(), (int(shape[0]), int(shape[1])),
+                             blocksize, transpose_w, dq)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
