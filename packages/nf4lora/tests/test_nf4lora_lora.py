@@ -99,3 +99,25 @@ def test_bad_lora_arguments():
         LoRALinear4bit(w, r=2, dropout=1.0)
     with pytest.raises(ValueError, match="weight must be 2-D"):
         Linear4bit(NF4Weight.from_float(torch.randn(64), 64))
+
+
+def test_triton_backend_matches_torch_backend_forward_and_backward():
+    from shared_kernels.backend import triton_available, triton_interpreting
+
+    if not triton_available() or not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    _, layer = _layer(out_f=97, in_f=72, r=4)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    x = torch.randn(2, 3, 72, requires_grad=True)
+    grad_out = torch.randn(2, 3, 97)
+    (layer(x) * grad_out).sum().backward()
+    grads = (x.grad.clone(), layer.lora_A.weight.grad.clone())
+    x.grad = None
+    layer.lora_A.weight.grad = None
+    layer.backend = "triton"
+    y = layer(x)
+    (y * grad_out).sum().backward()
+    layer.backend = "torch"
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, grads[1], rtol=1e-5, atol=1e-5)
