@@ -1,0 +1,120 @@
+"""siattn benchmarks: scale-invariant attention backends against torch SDPA (no transform) and FlexAttention.
+
+CPU: forward+backward time and peak allocated memory of the chunked torch path vs SDPA causal; forward of
+eager FlexAttention (materialises the scores; no CPU backward) vs the chunked path; torch.compile of the
+chunked path. CUDA: the fused Triton kernel vs SDPA (flash) and compiled FlexAttention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import BenchContext, benchmark
+
+B, H, D = 1, 8, 64
+
+
+def _qkv(T: int, device: str, dtype: torch.dtype = torch.float32, grad: bool = False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _fwd_bwd(fn, q, k, v):
+    def run():
+        out = fn(q, k, v)
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+    return run
+
+
+def peak_cpu_mib(fn) -> float:
+    """Peak bytes held by CPU tensors allocated during fn(), from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    held = peak = 0
+    for e in events:
+        held += e.cpu_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _si_chunked(q, k, v):
+    from siattn import attention
+
+    return attention(q, k, v, tau=10.0, backend="chunked", chunk=256)
+
+
+@benchmark("siattn-chunked-cpu", package="siattn", device="cpu")
+def siattn_chunked_cpu(ctx: BenchContext) -> None:
+    """SI attention chunked torch path vs SDPA causal, fwd+bwd, fp32, B=1 H=8 D=64: time and peak memory."""
+    sizes = [512, 1024] if ctx.quick else [512, 1024, 2048, 4096]
+    for T in sizes:
+        q, k, v = _qkv(T, "cpu", grad=True)
+        ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(_si_chunked, q, k, v), _fwd_bwd(_sdpa, q, k, v),
+                    ours_name="siattn-chunked", anchor_name="sdpa", reps=3 if T >= 2048 else None)
+        ctx.record(f"fwd+bwd peak MiB T={T}", peak_cpu_mib(_fwd_bwd(_si_chunked, q, k, v)),
+                   peak_cpu_mib(_fwd_bwd(_sdpa, q, k, v)), "MiB", ours_name="siattn-chunked", anchor_name="sdpa")
+
+
+@benchmark("siattn-flex-cpu", package="siattn", device="cpu")
+def siattn_flex_cpu(ctx: BenchContext) -> None:
+    """Forward only (CPU flex has no backward): SI chunked vs SI via eager FlexAttention score_mod."""
+    from siattn import attention
+
+    sizes = [512, 1024] if ctx.quick else [512, 1024, 2048, 4096]
+    for T in sizes:
+        q, k, v = _qkv(T, "cpu")
+        with torch.no_grad():
+            ctx.compare(f"fwd T={T}", lambda q=q, k=k, v=v: _si_chunked(q, k, v),
+                        lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),
+                        ours_name="siattn-chunked", anchor_name="flex-eager", reps=3 if T >= 2048 else None)
+            ctx.record(f"fwd peak MiB T={T}", peak_cpu_mib(lambda q=q, k=k, v=v: _si_chunked(q, k, v)),
+                       peak_cpu_mib(lambda q=q, k=k, v=v: attention(q, k, v, backend="flex")), "MiB",
+                       ours_name="siattn-chunked", anchor_name="flex-eager")
+
+
+@benchmark("siattn-compiled-cpu", package="siattn", device="cpu")
+def siattn_compiled_cpu(ctx: BenchContext) -> None:
+    """torch.compile of the SI chunked path (fwd+bwd) vs eager, T=1024 (2048 in full runs)."""
+    compiled = torch.compile(_si_chunked)
+    for T in [1024] if ctx.quick else [1024, 2048]:
+        q, k, v = _qkv(T, "cpu", grad=True)
+        ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(compiled, q, k, v), _fwd_bwd(_si_chunked, q, k, v),
+                    ours_name="compiled", anchor_name="eager", reps=3)
+
+
+@benchmark("siattn-triton-cuda", package="siattn", device="cuda")
+def siattn_triton_cuda(ctx: BenchContext) -> None:
+    """Fused Triton SI kernel vs SDPA causal (flash) and compiled FlexAttention SI, bf16, B=1 H=8 D=64/128."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from siattn import attention
+
+    flex_compiled = torch.compile(flex_attention)
+    sizes = [1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    for T in sizes:
+        q, k, v = _qkv(T, "cuda", torch.bfloat16)
+        with torch.no_grad():
+            si = lambda q=q, k=k, v=v: attention(q, k, v, backend="triton")  # noqa: E731
+            ctx.compare(f"fwd T={T}", si, lambda q=q, k=k, v=v: _sdpa(q, k, v), ours_name="siattn-triton",
+                        anchor_name="sdpa-flash")
+
+            def score_mod(score, b, h, i, j):
+                dist = (i - j).clamp(min=0).to(torch.float32)
+                a_sq = 1.0 + 2.0 * torch.log1p(dist / 10.0)
+                return torch.where(i >= j, torch.sqrt(a_sq) * score + 1.0 - a_sq, -float("inf"))
+
+            ctx.compare(f"fwd T={T} vs flex", si,
+                        lambda q=q, k=k, v=v: flex_compiled(q, k, v, score_mod=score_mod),
+                        ours_name="siattn-triton", anchor_name="flex-compiled")
+        qg, kg, vg = [x.detach().requires_grad_() for x in (q, k, v)]
+        ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(lambda a, b, c: attention(a, b, c, backend="triton"), qg, kg, vg),
+                    _fwd_bwd(_sdpa, qg, kg, vg), ours_name="siattn-triton", anchor_name="sdpa-flash")
