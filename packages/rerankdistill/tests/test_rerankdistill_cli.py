@@ -74,3 +74,25 @@ def test_end_to_end_on_cranfield(tmp_path, shared_data, tiny_lm_dir, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) == {"bm25", "rr"} and 0 <= summary["rr"]["ndcg_cut_10"] <= 1
     assert "| rr | 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_evaluate_bright_without_corpus_drops_excluded(tmp_path, shared_data, capsys):
+    import gzip
+
+    d = shared_data / "bright"
+    gold = ["insects_attracted_to_light/Phototaxis_0.txt", "insects_attracted_to_light/Phototaxis_3.txt"]
+    run = tmp_path / "run.txt"
+    run.write_text(f"0 Q0 junk 1 9.0 t\n0 Q0 {gold[0]} 2 8.0 t\n0 Q0 {gold[1]} 3 7.0 t\n")
+    measures = "measures=ndcg_cut_10,recall_10"
+    assert main(["evaluate", "collection=bright", f"topics={d / 'topics.bright-biology-original.jsonl.gz'}",
+                 f"qrels={d / 'qrels.bright-biology.txt'}", f"runs=r={run}", measures]) == 0
+    real = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["r"]
+    assert real["recall_10"] == 0.4 and 0 < real["ndcg_cut_10"] < 1  # query 0 has 5 relevant documents
+    scores = {}
+    for excluded in (["N/A"], ["junk"]):
+        topics = tmp_path / f"topics-{excluded[0].replace('/', '')}.jsonl.gz"
+        with gzip.open(topics, "wt") as f:
+            f.write(json.dumps({"id": "0", "query": "insects and light", "gold_ids": gold, "excluded_ids": excluded}))
+        assert main(["evaluate", "collection=bright", f"topics={topics}", f"runs=r={run}", measures]) == 0
+        scores[excluded[0]] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["r"]
+    assert scores["junk"]["ndcg_cut_10"] == 1.0 > scores["N/A"]["ndcg_cut_10"]  # BRIGHT drops excluded ids

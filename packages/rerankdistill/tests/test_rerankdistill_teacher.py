@@ -66,9 +66,14 @@ def test_store_repairs_torn_tail_and_rejects_corruption(tmp_path):
         TeacherStore(path)
 
 
-def test_duplicate_pairs_rejected(tmp_path):
-    with TeacherStore(tmp_path / "t.jsonl") as store, pytest.raises(ValueError, match="listed twice"):
-        generate_teacher_outputs([PAIRS[0], PAIRS[0]], QrelsTeacher(QRELS), store, progress=False)
+def test_duplicate_pairs_and_empty_queries_rejected_before_any_call(tmp_path):
+    with TeacherStore(tmp_path / "t.jsonl") as store:
+        with pytest.raises(ValueError, match="listed twice"):
+            generate_teacher_outputs([PAIRS[0], PAIRS[0]], QrelsTeacher(QRELS), store, progress=False)
+        with pytest.raises(ValueError, match="empty query"):
+            generate_teacher_outputs([PAIRS[0], Pair("9", "d", " ", "doc")], QrelsTeacher(QRELS), store,
+                                     progress=False)
+        assert len(store) == 0
 
 
 def _chat_reply(text: str, p: int = 7, c: int = 3) -> httpx.Response:

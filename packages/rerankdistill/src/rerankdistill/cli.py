@@ -49,6 +49,15 @@ def load_collection(o: CollectionOptions):
     raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
 
 
+def excluded_ids(o: CollectionOptions) -> dict[str, set[str]]:
+    """BRIGHT's per-query excluded document ids (removed from runs before scoring); empty otherwise."""
+    if o.collection != "bright":
+        return {}
+    from rerankdistill.datasets import load_bright
+
+    return load_bright(o.topics, o.qrels or None).excluded
+
+
 def write_pairs(pairs, path: str | Path) -> None:
     atomic_write_text(path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in pairs))
 
@@ -246,10 +255,11 @@ class RerankOptions(CollectionOptions):
 def cmd_rerank(o: RerankOptions) -> dict:
     from rerankdistill.backends.hf import TransformersBackend, load_causal_lm
     from rerankdistill.bm25 import bm25_search
+    from rerankdistill.datasets import drop_excluded
     from rerankdistill.metrics import comparison_table
     from rerankdistill.rerank import TransformersJudge, rerank
     from rerankdistill.teacher import TeacherStore
-    from rerankdistill.trec import read_run, write_run
+    from rerankdistill.trec import read_run, sorted_ranking, write_run
 
     if not o.model:
         raise ConfigError("model= (a local model directory) is required")
@@ -257,7 +267,8 @@ def cmd_rerank(o: RerankOptions) -> dict:
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
     if o.first_stage == "bm25":
-        first = bm25_search(corpus, queries, k=o.depth)
+        first = drop_excluded(bm25_search(corpus, queries, k=o.depth + 50), excluded_ids(o))
+        first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
         write_run(first, o.first_stage_output, tag="bm25")
     else:
         first = {q: d for q, d in read_run(o.first_stage).items() if q in queries}
@@ -281,16 +292,25 @@ class EvaluateOptions(CollectionOptions):
 
 
 def cmd_evaluate(o: EvaluateOptions) -> dict:
+    from rerankdistill.datasets import drop_excluded
     from rerankdistill.metrics import comparison_table, evaluate
     from rerankdistill.trec import read_qrels, read_run
 
     if not o.runs:
         raise ConfigError("runs= is required (NAME=PATH,...)")
-    qrels = read_qrels(o.qrels) if o.qrels and o.collection in ("", "trec") else load_collection(o)[2]
+    if o.collection == "bright":  # judgements only: no corpus needed to score runs
+        from rerankdistill.datasets import load_bright
+
+        qrels = load_bright(o.topics, o.qrels or None).qrels
+    elif o.qrels and o.collection in ("", "trec"):
+        qrels = read_qrels(o.qrels)
+    else:
+        qrels = load_collection(o)[2]
     runs = {}
+    excluded = excluded_ids(o)
     for item in o.runs:
         name, sep, path = item.partition("=")
-        runs[name if sep else Path(item).name] = read_run(path if sep else item)
+        runs[name if sep else Path(item).name] = drop_excluded(read_run(path if sep else item), excluded)
     table = comparison_table(runs, qrels, tuple(o.measures))
     print(table, end="")
     if o.per_query:

@@ -180,6 +180,10 @@ def generate_teacher_outputs(
     for p in pairs:
         if (p.qid, p.docid) in seen:
             raise ValueError(f"pair ({p.qid!r}, {p.docid!r}) listed twice")
+        if not isinstance(p.query, str) or not p.query.strip():
+            raise ValueError(f"pair ({p.qid!r}, {p.docid!r}) has an empty query")
+        if not isinstance(p.document, str):
+            raise TypeError(f"pair ({p.qid!r}, {p.docid!r}) document must be a string")
         seen.add((p.qid, p.docid))
         if (p.qid, p.docid, teacher) in store:
             stats.skipped_existing += 1
