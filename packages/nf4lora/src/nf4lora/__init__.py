@@ -7,6 +7,7 @@ The kernels (quantize, dequantize with fused double-quant dequantization, fused 
 """
 
 from nf4lora.lora import Linear4bit, LoRALinear4bit, nf4_linear
+from nf4lora.memory import MemoryEstimate, MemoryReport, count_parameters, estimate_memory, memory_report
 from nf4lora.model import (
     LoRASettings,
     load_adapter,
@@ -17,6 +18,7 @@ from nf4lora.model import (
     quantize_model,
     save_adapter,
 )
+from nf4lora.optim import paged_adamw
 from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import (
     NF4_CODE,
@@ -32,6 +34,12 @@ __all__ = [
     "Linear4bit",
     "LoRALinear4bit",
     "LoRASettings",
+    "MemoryEstimate",
+    "MemoryReport",
+    "count_parameters",
+    "estimate_memory",
+    "memory_report",
+    "paged_adamw",
     "NF4Weight",
     "dequantize_nf4",
     "double_quantize_absmax",

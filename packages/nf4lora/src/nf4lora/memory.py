@@ -1,0 +1,162 @@
+"""Memory accounting: what a prepared model holds (`memory_report`) and what QLoRA fine-tuning of a model of a
+given size needs (`estimate_memory`, which rebuilds the paper's 65B-in-48GB budget from its parts)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from nf4lora.lora import LoRALinear4bit
+from nf4lora.weight import NF4Weight
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class MemoryReport:
+    """Bytes by role. `base_codes`: packed NF4 codes; `base_constants`: absmax (+ second-level constants,
+    offsets, code tables); `other_weights`: every other parameter and buffer (embeddings, LM head, norms,
+    biases); `adapters`: LoRA parameters; `gradients`: existing .grad tensors; `optimizer_state`: tensors in the
+    optimizer's state."""
+
+    base_codes: int = 0
+    base_constants: int = 0
+    other_weights: int = 0
+    adapters: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def format(self) -> str:
+        rows = [*asdict(self).items(), ("total", self.total)]
+        return "\n".join(f"{k:<16} {v / 2**20:>12.3f} MiB" for k, v in rows)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model as it was before quantization: NF4 weights count their elements, LoRA adapters
+    are not counted."""
+    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
+                for p in (m.lora_A.weight, m.lora_B.weight)}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in adapters)
+    return dense + sum(m.numel for m in model.modules() if isinstance(m, NF4Weight))
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Count the bytes of `model` (and `optimizer`) by role; every tensor is counted once."""
+    report = MemoryReport()
+    seen: set[int] = set()
+
+    def once(t: torch.Tensor) -> bool:
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    for module in model.modules():
+        if isinstance(module, NF4Weight):
+            for name, buf in module.named_buffers(recurse=False):
+                if once(buf):
+                    if name == "packed":
+                        report.base_codes += _nbytes(buf)
+                    else:
+                        report.base_constants += _nbytes(buf)
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
+                   for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        if once(p):
+            if id(p) in adapter_ids:
+                report.adapters += _nbytes(p)
+            else:
+                report.other_weights += _nbytes(p)
+        if p.grad is not None and once(p.grad):
+            report.gradients += _nbytes(p.grad)
+    for buf in model.buffers():
+        if once(buf):
+            report.other_weights += _nbytes(buf)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and once(v):
+                    report.optimizer_state += _nbytes(v)
+    return report
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes by part of a QLoRA fine-tuning run (see `estimate_memory`)."""
+
+    base_weights: int
+    unquantized_weights: int
+    adapters: int
+    adapter_gradients: int
+    optimizer_state: int
+    activations: int
+    full_finetune_16bit: int  # weights + gradients in 16 bits + Adam's two fp32 moments: 12 bytes/param
+
+    @property
+    def total(self) -> int:
+        return (self.base_weights + self.unquantized_weights + self.adapters + self.adapter_gradients
+                + self.optimizer_state + self.activations)
+
+
+def estimate_memory(
+    n_params: int,
+    *,
+    n_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    vocab_size: int,
+    kv_size: int | None = None,
+    r: int = 64,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    adapter_bytes: int = 2,
+    optimizer_bytes_per_param: int = 8,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = True,
+) -> MemoryEstimate:
+    """QLoRA memory of a Llama-style decoder with `n_params` parameters, from its parts.
+
+    - base: every linear layer in NF4 (4 + 8/64 + 32/(64*256) bits with double quantization, 4 + 32/64 bits
+      without); the input embedding and the LM head (2 * vocab * hidden params) stay in 16 bits;
+    - adapters: LoRA rank r on q, k, v, o, gate, up, down of every layer, `adapter_bytes` each, the same again
+      for their gradients, and `optimizer_bytes_per_param` for Adam's moments (8: 32-bit paged AdamW);
+    - activations: with gradient checkpointing, each layer's 16-bit input plus one layer recomputed at a
+      time (~ (10 * hidden + 3 * intermediate) values per token); without, every layer's.
+    `full_finetune_16bit` is 12 bytes per parameter (16-bit weights and gradients, two fp32 Adam moments).
+    """
+    if n_params <= 0 or min(n_layers, hidden_size, intermediate_size, vocab_size, r) <= 0:
+        raise ValueError("n_params, n_layers, hidden_size, intermediate_size, vocab_size and r must be positive")
+    kv = hidden_size if kv_size is None else kv_size
+    unquantized = 2 * vocab_size * hidden_size
+    quantized = n_params - unquantized
+    if quantized <= 0:
+        raise ValueError(f"n_params={n_params} is smaller than the embeddings (2 * vocab * hidden = {unquantized})")
+    bits = 4 + 8 / blocksize + 32 / (blocksize * 256) if double_quant else 4 + 32 / blocksize
+    per_layer_lora = r * ((hidden_size + hidden_size) * 2 + (hidden_size + kv) * 2
+                          + (hidden_size + intermediate_size) * 3)
+    n_lora = n_layers * per_layer_lora
+    tokens = batch_size * seq_len
+    one_layer = tokens * (10 * hidden_size + 3 * intermediate_size) * 2
+    if gradient_checkpointing:
+        activations = n_layers * tokens * hidden_size * 2 + one_layer
+    else:
+        activations = n_layers * one_layer
+    return MemoryEstimate(
+        base_weights=int(quantized * bits / 8),
+        unquantized_weights=unquantized * 2,
+        adapters=n_lora * adapter_bytes,
+        adapter_gradients=n_lora * adapter_bytes,
+        optimizer_state=n_lora * optimizer_bytes_per_param,
+        activations=activations,
+        full_finetune_16bit=12 * n_params,
+    )

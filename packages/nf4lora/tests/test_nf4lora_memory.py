@@ -1,0 +1,90 @@
+"""Memory accounting, the paper's 65B-in-48GB budget from its parts, and the paged optimizer fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from nf4lora.memory import count_parameters, estimate_memory, memory_report
+from nf4lora.model import prepare_model
+from nf4lora.optim import paged_adamw
+
+GB = 10**9
+
+
+def test_estimate_reproduces_65b_in_48gb_budget():
+    # LLaMA-65B: 80 layers, hidden 8192, MLP 22016, vocab 32000.
+    h, inter, layers, vocab = 8192, 22016, 80, 32000
+    n_params = layers * (4 * h * h + 3 * h * inter + 2 * h) + 2 * vocab * h + h
+    assert 65.2e9 < n_params < 65.3e9
+    est = estimate_memory(n_params, n_layers=layers, hidden_size=h, intermediate_size=inter, vocab_size=vocab,
+                          r=64)
+    assert 33.0 * GB < est.base_weights < 34.0 * GB  # 4.127 bits per quantized parameter
+    assert est.unquantized_weights == 2 * vocab * h * 2  # embeddings + LM head in 16 bits
+    n_lora = layers * 64 * (4 * 2 * h + 3 * (h + inter))
+    assert est.adapters == 2 * n_lora and est.optimizer_state == 8 * n_lora
+    assert 40 * GB < est.total < 48 * GB  # "65B finetuning in < 48 GB"
+    assert est.full_finetune_16bit > 780 * GB  # "full 16-bit: > 780 GB"
+    no_dq = estimate_memory(n_params, n_layers=layers, hidden_size=h, intermediate_size=inter,
+                            vocab_size=vocab, double_quant=False)
+    # double quantization saves 0.373 bits per parameter: ~3 GB at 65B
+    assert 2.9 * GB < no_dq.base_weights - est.base_weights < 3.1 * GB
+    with pytest.raises(ValueError, match="smaller than the embeddings"):
+        estimate_memory(1000, n_layers=1, hidden_size=64, intermediate_size=128, vocab_size=512)
+
+
+def test_memory_report_on_prepared_model(tiny_tokenizer):
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer)
+    n_dense = sum(p.numel() for p in model.parameters())
+    quantizable = sum(m.weight.numel() for n, m in model.named_modules()
+                      if type(m) is torch.nn.Linear and n != "lm_head")
+    prepare_model(model, r=4, dropout=0.0)
+    assert count_parameters(model) == n_dense
+    lora = [p for p in model.parameters() if p.requires_grad]
+    report = memory_report(model)
+    assert report.base_codes == quantizable // 2
+    assert report.adapters == sum(p.numel() * 4 for p in lora)
+    assert report.gradients == 0 and report.optimizer_state == 0
+    opt = torch.optim.AdamW(lora, lr=1e-3)
+    ids = torch.randint(0, 100, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    report = memory_report(model, opt)
+    assert report.gradients == report.adapters
+    assert report.optimizer_state >= 2 * report.adapters  # exp_avg + exp_avg_sq (+ step counters)
+    assert "total" in report.format()
+
+
+def test_paged_adamw_falls_back_on_cpu_with_one_warning():
+    import nf4lora.optim as optim
+
+    optim._warned = False
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.warns(RuntimeWarning, match="paged AdamW needs CUDA"):
+        opt = paged_adamw([p], lr=1e-3)
+    assert type(opt) is torch.optim.AdamW
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paged_adamw([p], lr=1e-3, optim_bits=8)  # no second warning
+    with pytest.raises(ValueError, match="optim_bits must be 32 or 8"):
+        paged_adamw([p], optim_bits=16)
+    with pytest.raises(ValueError, match="params is empty"):
+        paged_adamw([])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", (32, 8))
+def test_paged_adamw_on_cuda_is_bitsandbytes(bits):
+    from bitsandbytes.optim import PagedAdamW, PagedAdamW8bit
+
+    p = torch.nn.Parameter(torch.randn(4096, device="cuda"))
+    opt = paged_adamw([p], lr=1e-3, optim_bits=bits)
+    assert isinstance(opt, PagedAdamW if bits == 32 else PagedAdamW8bit)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(before, p.detach())
