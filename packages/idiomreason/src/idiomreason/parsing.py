@@ -40,7 +40,7 @@ _NEGATOR = re.compile(
 _MARKER = re.compile(
     r"(?:\bfinal answer\b|\banswer\b|\blabel\b|\bclassification\b|\bprediction\b|\bverdict\b"
     r"|\bresposta(?: final)?\b|\brespuesta\b|\bclassificacion\b|\bclassificacao\b)"
-    r"\s*(?:is|e|:|=|-|->)\s*(?P<rest>.{0,60})",
+    r"\s*(?:is|e|:|=|-|->)\s*(?=(?P<rest>.{0,60}))",  # a lookahead: markers inside `rest` are found too
     re.DOTALL,
 )
 _BOXED = re.compile(r"\\boxed\{(?:\\text\{)?(?P<rest>[^{}]{0,40})")

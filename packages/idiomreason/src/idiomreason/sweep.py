@@ -27,9 +27,15 @@ from idiomreason.definitions import generate_definitions, load_definitions, miss
 from idiomreason.evaluate import pending, predict
 from idiomreason.examples import Example
 from idiomreason.loaders import LOADERS, load_dataset
-from idiomreason.prompts import Condition, TemplateLibrary, normalise_expression, order_shot_pool
+from idiomreason.prompts import (
+    Condition,
+    PromptTemplate,
+    TemplateLibrary,
+    normalise_expression,
+    order_shot_pool,
+)
 from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_atomic, write_tables
-from idiomreason.store import PREDICTION_KEY, definition_store, prediction_store, read_records
+from idiomreason.store import PREDICTION_KEY, JsonlStore, definition_store, prediction_store, read_records
 
 logger = logging.getLogger("idiomreason")
 
@@ -303,7 +309,11 @@ def _generate(
                     backend.close()
 
 
-def _definitions_for(todo, model, config, user_definitions, generated, get_backend, defs, define):
+def _definitions_for(
+    todo: list[Example], model: ModelSpec, config: SweepConfig, user_definitions: dict[str, str] | None,
+    generated: dict[str, dict[str, str]], get_backend: Callable[[], Backend], defs: JsonlStore,
+    define: PromptTemplate,
+) -> tuple[dict[str, str], list[Example]]:
     """Definitions for the pending examples of a cot_definition job, and the examples that have one."""
     if user_definitions is not None:
         definitions = user_definitions
