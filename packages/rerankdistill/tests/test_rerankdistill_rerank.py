@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rerankdistill.labels import INTERANK_PROMPT
 from rerankdistill.rerank import Judgement, TransformersJudge, rerank
 from rerankdistill.teacher import TeacherStore
 from rerankdistill.trec import read_run, write_run
@@ -108,3 +109,18 @@ def test_transformers_judge_reranks_and_writes_run(tiny_backend, tmp_path):
     assert result.judged == 5 and set(result.run["1"]) == {f"d{i}" for i in range(5)}
     write_run(result.run, tmp_path / "r.txt")
     assert read_run(tmp_path / "r.txt") == result.run
+
+
+def test_transformers_backend_as_teacher(tiny_backend, tmp_path):
+    from rerankdistill.teacher import Pair, TeacherStore, generate_teacher_outputs
+
+    pairs = [Pair("1", f"d{i}", QUERIES["1"], CORPUS[f"d{i}"]) for i in range(5)]
+    with TeacherStore(tmp_path / "t.jsonl") as store:
+        stats = generate_teacher_outputs(pairs, tiny_backend, store, batch_size=2, progress=False)
+        records = list(store.records.values())
+    assert stats.done == 5 and stats.unparseable == sum(r.label is None for r in records)
+    assert all(r.teacher == "tiny" and r.prompt == "interank-pointwise/v1" for r in records)
+    assert stats.completion_tokens == sum(r.completion_tokens for r in records) > 0
+    # greedy generation is deterministic: the stored texts equal a direct call
+    direct = tiny_backend.complete_batch([INTERANK_PROMPT.messages(p.query, p.document) for p in pairs])
+    assert [r.text for r in records] == [c.text for c in direct]
