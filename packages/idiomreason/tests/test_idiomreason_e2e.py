@@ -111,6 +111,9 @@ def test_transformers_backend_end_to_end(tiny_dir, data_dir, tmp_path):
     assert row["n"] == len(DEV_ROWS) and row["n_unparseable"] == sum(r["prediction"] is None for r in direct)
     assert row["macro_f1"] == pytest.approx(macro_f1([r["gold"] for r in direct], [r["prediction"] for r in direct]))
     assert overall[("direct", "en")]["n"] + overall[("direct", "pt")]["n"] == len(DEV_ROWS)
+    cm = {(g, p): row[f"cm_{g}_{p}"] for g in ("idiomatic", "literal") for p in ("idiomatic", "literal", "none")}
+    assert cm == {(g, p or "none"): sum(r["gold"] == g and r["prediction"] == p for r in direct)
+                  for g in ("idiomatic", "literal") for p in ("idiomatic", "literal", None)}
     with open(result.csv_path, newline="") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert "| semeval2022-2a:dev | tiny-0.5B | 0.5 | direct | all | 12 |" in result.markdown_path.read_text()

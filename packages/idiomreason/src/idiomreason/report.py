@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from idiomreason.examples import Example
-from idiomreason.metrics import summarise
+from idiomreason.examples import LABELS, Example
+from idiomreason.metrics import confusion_matrix, summarise
 from idiomreason.prompts import Condition
 
 logger = logging.getLogger("idiomreason")
@@ -23,6 +23,9 @@ ROW_FIELDS = (
     "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate", "macro_f1", "macro_f1_lo",
     "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal", "gold_idiomatic",
     "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated",
+    # confusion matrix: cm_<gold>_<predicted>, "none" = unparseable
+    "cm_idiomatic_idiomatic", "cm_idiomatic_literal", "cm_idiomatic_none",
+    "cm_literal_idiomatic", "cm_literal_literal", "cm_literal_none",
 )  # fmt: skip
 
 
@@ -65,6 +68,10 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
             tokens = [r["n_tokens"] for r in scored if r.get("n_tokens") is not None]
             row["output_tokens_mean"] = sum(tokens) / len(tokens) if tokens else math.nan
             row["truncated"] = sum(1 for r in scored if r.get("finish_reason") == "length")
+            counts = confusion_matrix([r["gold"] for r in scored], [r["prediction"] for r in scored])  # (2, 3)
+            for i, gold in enumerate(LABELS):
+                for j, predicted in enumerate((*LABELS, "none")):
+                    row[f"cm_{gold}_{predicted}"] = int(counts[i, j])
         else:
             row["n"] = 0
         rows.append({k: row.get(k, math.nan) for k in ROW_FIELDS})
