@@ -60,6 +60,11 @@ def test_end_to_end_on_cranfield(tmp_path, shared_data, tiny_lm_dir, capsys):
     rwft = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rwft["pairs"] == 20 and rwft["kept"] >= 20  # the teacher answers always reach the threshold
 
+    assert main(["refine", *train, "method=grpo", "k=2", "max_steps=1", "max_new_tokens=4", f"model={student}",
+                 f"output_dir={tmp_path / 'grpo'}"]) == 0
+    grpo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert grpo["steps"] == 1 and (tmp_path / "grpo" / "final" / "model.safetensors").exists()
+
     run = tmp_path / "reranked.run"
     assert main(["rerank", *cran, f"model={student}", "max_queries=2", "depth=3", "max_new_tokens=4",
                  f"judgements={tmp_path / 'j.jsonl'}", f"output={run}",

@@ -74,3 +74,20 @@ def test_comparison_table_lists_each_run():
     table = comparison_table({"BM25": {"1": {"b": 2.0, "a": 1.0}}, "reranked": {"1": {"a": 2.0, "b": 1.0}}}, qrels,
                              ("ndcg_cut_10",))
     assert "| BM25 | 1 | 0.6309 |" in table and "| reranked | 1 | 1.0000 |" in table
+
+
+def test_edge_cases_equal_pytrec_eval():
+    qrels = {"a": {"é1": 2, "d2": 0, "d3": 1}, "b": {"x": 1}, "c": {"n": 0}, "d": {"z": 3}}
+    run = {
+        "a": {"é1": -5.0, "d2": -1.0, "zz": -1.0, "d3": -1e9},  # negative scores, unjudged tie, unicode id
+        "b": {},  # an empty ranking
+        "c": {"n": 1.0, "m": 1.0},  # no relevant document judged at all
+        "d": {"z": 1e300, "y": 1e300},
+    }
+    measures = ("ndcg_cut_10", "ndcg_cut_1", "map", "recall_1000", "P_5")
+    ours = evaluate(run, qrels, measures)
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, set(measures)).evaluate(run)
+    for name in measures:
+        for qid, value in theirs.items():
+            assert ours[name].per_query[qid] == value[name], (name, qid)
+        assert set(ours[name].per_query) == set(theirs)
