@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_config_arguments(parser, StudyConfig if study else PretrainConfig)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = config_from_args(StudyConfig if study else PretrainConfig, args)
     except ConfigError as err:

@@ -24,25 +24,47 @@ from tqdm.auto import tqdm
 from lm_pretrain.config import PretrainConfig
 from lm_pretrain.data import batch_offsets, eval_offsets, load_corpus, split_corpus, windows
 from shared_kernels.checkpoint import CheckpointManager
-from shared_kernels.runconfig import JSONLTracker, config_to_dict, make_trackers, write_json_atomic, write_yaml_atomic
+from shared_kernels.runconfig import (
+    JSONLTracker,
+    config_to_dict,
+    make_trackers,
+    write_json_atomic,
+    write_yaml_atomic,
+)
 
 log = logging.getLogger("lm_pretrain")
 
-# Precision name -> mxfp8train recipe preset (None: no MX conversion).
-MX_PRESETS = {"mxfp8-rceil": "rceil", "mxfp8-floor": "floor", "mxfp8-e5m2-grad": "e5m2_grad"}
+# Precision name -> mxfp8train recipe preset name.
+MX_PRESETS = {"mxfp8-rceil": "mxfp8-rceil", "mxfp8-floor": "mxfp8-floor", "mxfp8-e5m2-grad": "mxfp8-rceil-e5m2-grads"}
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Swap the block linears for mxfp8train's MXLinear under an MXFP8 preset (embeddings, norms, LM head stay)."""
+    """Swap the block linears for mxfp8train's MXLinear under an MXFP8 preset, with clip / flush statistics on.
+
+    The embedding, norms and the LM head (`head` in siattn's GPT) stay in high precision, as in the paper.
+    """
     if precision not in MX_PRESETS:
         return model
     import mxfp8train
 
-    if not hasattr(mxfp8train, "convert"):
-        raise RuntimeError(
-            f"train.precision={precision!r} needs mxfp8train.convert, which this mxfp8train does not provide"
-        )
-    return mxfp8train.convert(model, mxfp8train.recipe_preset(MX_PRESETS[precision]))
+    preset = mxfp8train.recipe_from_name(MX_PRESETS[precision])
+    recipe = preset.replace(skip_modules=(*preset.skip_modules, "head"), track_stats=True)
+    return mxfp8train.convert(model, recipe)
+
+
+def mx_clip_stats(model: torch.nn.Module) -> dict[str, float]:
+    """Pooled clip and flush-to-zero fractions per tensor role since the last call (empty without MX layers)."""
+    import mxfp8train
+
+    if not mxfp8train.mx_layers(model):
+        return {}
+    pooled = mxfp8train.collect_stats(model)["__all__"]
+    mxfp8train.reset_stats(model)
+    out = {}
+    for role, s in pooled.items():
+        out[f"mx/{role}/clip_fraction"] = s["clip_fraction"]
+        out[f"mx/{role}/flush_fraction"] = s["flush_fraction"]
+    return out
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -68,6 +90,7 @@ class PretrainRecipe:
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         from accelerate import Accelerator
+
         from siattn.models import GPT, GPTConfig
 
         cfg, tc = self.cfg, self.cfg.train
@@ -135,7 +158,7 @@ class PretrainRecipe:
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
         """Train from `start_step` to `train.steps`; returns the logged history ({"step", "train/loss", ...})."""
-        cfg, tc, acc = self.cfg, self.cfg.train, self.acc
+        tc, acc = self.cfg.train, self.acc
         rank = acc.process_index
         autocast = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                     else contextlib.nullcontext())
@@ -166,6 +189,7 @@ class PretrainRecipe:
                        "elapsed_s": time.perf_counter() - t0}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
+                row.update(mx_clip_stats(acc.unwrap_model(self.model)))
                 self.history.append(row)
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -217,6 +241,7 @@ class PretrainRecipe:
                 "val_loss": {str(k): v for k, v in losses.items()},
                 "loss_by_position": {"length": longest, "bucket_end": ends, "loss": [b.mean().item() for b in buckets]},
                 "final_train_loss": self.history[-1]["train/loss"] if self.history else None,
+                "mx_stats": {k: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("mx/")},
                 "steps": cfg.train.steps,
             }
             write_json_atomic(self.run_dir / "results.json", results)
@@ -258,6 +283,9 @@ class PretrainRecipe:
             "| eval length | val loss (nats/byte) |", "|---|---|",
         ]
         lines += [f"| {k} | {v:.4f} |" for k, v in results["val_loss"].items()]
+        if results["mx_stats"]:
+            lines += ["", "MX diagnostics over the last logging interval (rank 0):", ""]
+            lines += [f"- {k}: {v:.3g}" for k, v in results["mx_stats"].items()]
         lines += ["", "![curves](curves.png)", ""]
         (self.run_dir / "report.md").write_text("\n".join(lines))
 

@@ -73,8 +73,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant and eval length: mean and spread (max - min) of the validation loss over seeds."""
     summary: dict[str, Any] = {}
     for row in rows:
-        entry = summary.setdefault(row["variant"], {"seeds": [], "val_loss": {}})
+        entry = summary.setdefault(row["variant"], {"seeds": [], "val_loss": {}, "clip": []})
         entry["seeds"].append(row["seed"])
+        clips = [v for k, v in row.get("mx_stats", {}).items() if k.endswith("clip_fraction")]
+        entry["clip"].append(max(clips) if clips else None)
         for length, loss in row["val_loss"].items():
             entry["val_loss"].setdefault(length, []).append(loss)
     for entry in summary.values():
@@ -87,17 +89,21 @@ def report_markdown(study: StudyConfig, summary: dict[str, Any]) -> str:
     names = list(summary)
     lengths = list(summary[names[0]]["mean"])
     baseline = summary[names[0]]["mean"]
-    head = "| variant | " + " | ".join(f"val loss @{n}" for n in lengths) + " | ratio to first @" + lengths[0] + " |"
+    head = ("| variant | " + " | ".join(f"val loss @{n}" for n in lengths) + f" | ratio to first @{lengths[0]} | "
+            "max MX clip fraction |")
     lines = [
         "# lm-pretrain study", "",
         f"Validation loss in nats/byte (mean over seeds {study.seeds}; ± max-min spread), trained at context "
         f"{study.base.train.seq_len} for {study.base.train.steps} steps on {study.base.data.corpus!r}.", "",
-        head, "|" + "---|" * (len(lengths) + 2),
+        head, "|" + "---|" * (len(lengths) + 3),
     ]
     for name in names:
         e = summary[name]
         cells = [f"{e['mean'][n]:.4f} ± {e['spread'][n]:.4f}" for n in lengths]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {e['mean'][lengths[0]] / baseline[lengths[0]]:.4f} |")
+        clips = [c for c in e["clip"] if c is not None]
+        clip = f"{max(clips):.2e}" if clips else "-"
+        ratio = e["mean"][lengths[0]] / baseline[lengths[0]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.4f} | {clip} |")
     lines += ["", "![length generalisation](length_generalisation.png)", ""]
     return "\n".join(lines)
 

@@ -1,0 +1,36 @@
+"""`idiom-sweep --config FILE [key=value ...]`: an idiomreason sweep over models x conditions x datasets.
+
+Resumable: predictions are cached per (model, condition, dataset, example); a re-run skips finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from idiom_sweep.config import IdiomSweepConfig
+from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="idiom-sweep",
+        description="Idiomaticity detection with reasoning LLMs: one command runs (or resumes) a sweep over "
+        "models x prompt conditions x datasets, optionally loading models in 4 bits through nf4lora, and "
+        "writes the macro-F1 table (markdown + CSV) and the macro-F1-vs-size plot.",
+    )
+    add_config_arguments(parser, IdiomSweepConfig)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_from_args(IdiomSweepConfig, args)
+    except ConfigError as err:
+        parser.error(str(err))
+    from idiom_sweep.recipe import run
+
+    run(cfg, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

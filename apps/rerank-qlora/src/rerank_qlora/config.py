@@ -1,0 +1,164 @@
+"""The rerank-qlora run config. The defaults ARE the embedded offline demo (`uv run rerank-qlora`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from shared_kernels.runconfig import option
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = option("tiny", "'tiny' (built in: tokenizer + small Llama trained here), a local path or HF id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("float32", "compute dtype of a loaded model")
+    trust_remote_code: bool = option(False, "allow model code from the model's repository")
+    tiny_vocab_size: int = option(1024, "tiny: BPE vocabulary trained on the task's text")
+    tiny_hidden_size: int = option(128, "tiny: width")
+    tiny_layers: int = option(2, "tiny: decoder layers")
+    tiny_heads: int = option(4, "tiny: attention heads (2 KV heads)")
+    tiny_pretrain_steps: int = option(150, "tiny: language-model steps on the task's documents before quantization")
+    tiny_pretrain_seq_len: int = option(256, "tiny: context of those steps (tokens)")
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("model.name_or_path must not be empty")
+        if self.tiny_pretrain_steps < 0:
+            raise ValueError(f"model.tiny_pretrain_steps must be >= 0, got {self.tiny_pretrain_steps}")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["stdlib", "beir", "bright", "cranfield"] = option(
+        "stdlib", "stdlib (built from the Python standard library), beir (folder), bright (topics + corpus), cranfield")
+    path: Path | None = option(None, "data folder (beir: corpus.jsonl/queries.jsonl/qrels; cranfield: SMART files)")
+    corpus_path: Path | None = option(None, "bright: the corpus JSONL (BRIGHT's corpus is not in its topics file)")
+    domain: str = option("biology", "bright: the domain")
+    eval_fraction: float = option(0.25, "beir/bright/cranfield: share of queries held out for evaluation")
+    max_train_queries: int = option(160, "cap on training queries")
+    max_eval_queries: int = option(16, "cap on evaluation queries")
+    seed: int = option(0, "seed of the query split")
+
+    def __post_init__(self) -> None:
+        if self.name in ("beir", "cranfield", "bright") and self.path is None:
+            raise ValueError(f"task.path is required for task.name={self.name!r}")
+        if self.name == "bright" and self.corpus_path is None:
+            raise ValueError("task.corpus_path is required for task.name='bright' (its topics hold no documents)")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"task.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["offline-qrels", "openai"] = option(
+        "offline-qrels", "offline-qrels: a labelled stand-in built from the judgements (no reasoning); "
+        "openai: any OpenAI-compatible server")
+    base_url: str = option("http://localhost:8000/v1", "openai: server URL")
+    model: str = option("meta-llama/Llama-3.3-70B-Instruct", "openai: model name")
+    api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the key")
+    concurrency: int = option(8, "openai: requests in flight")
+    pairs_per_query: int = option(4, "training pairs per query: gold documents + BM25 hard negatives")
+
+
+@dataclass
+class QuantConfig:
+    method: Literal["nf4", "none"] = option("nf4", "nf4: NF4 base weights through nf4lora (QLoRA); none: bf16/fp32 LoRA")
+    double_quant: bool = option(True, "double-quantize the NF4 block constants")
+    gradient_checkpointing: bool = option(False, "activation checkpointing (QLoRA turns it on for large models)")
+
+
+@dataclass
+class AttentionConfig:
+    kind: Literal["si-p-rope", "native"] = option("si-p-rope", "scale-invariant p-RoPE (siattn) or the model's own")
+    tau: float = option(10.0, "siattn tau")
+    p_rope_fraction: float = option(0.5, "share of rotary pairs kept rotating")
+    p_rope_base: float = option(32.0, "p-RoPE base; keep 2*pi*base below the training context (REFERENCE s.6)")
+    context_factor: int = option(4, "evaluation context = training context x this (the long-context claim)")
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"attention.tau must be > 0, got {self.tau}")
+        if self.context_factor < 1:
+            raise ValueError(f"attention.context_factor must be >= 1, got {self.context_factor}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(16, "LoRA rank (InteRank/QLoRA: 64)")
+    alpha: int = option(16, "LoRA alpha (scaling alpha / r)")
+    dropout: float = option(0.0, "LoRA dropout")
+    target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="linear layers that get adapters")
+    mxfp8: bool = option(False, "run the LoRA GEMMs through MXFP8 (mxfp8train, RCEIL, all three GEMMs)")
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError(f"lora.r and lora.alpha must be >= 1, got {self.r}, {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(60, "optimizer steps of distillation")
+    batch_size: int = option(8, "global batch (examples per step, all processes)")
+    micro_batch_size: int = option(4, "examples per forward pass on one process")
+    lr: float = option(1e-3, "peak learning rate (InteRank 3B: 2e-4)")
+    warmup_steps: int = option(10, "linear warmup, then constant")
+    max_grad_norm: float = option(0.3, "gradient clipping (QLoRA: 0.3)")
+    max_length: int = option(512, "training context in tokens; longer examples are dropped (and counted)")
+    completion_only: bool = option(True, "learn only the answer tokens")
+    seed: int = option(0, "seed of adapter init and example order")
+    log_every: int = option(5, "steps between metric logs")
+    checkpoint_every: int = option(20, "steps between atomic adapter checkpoints")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
+                             f"({self.micro_batch_size})")
+
+
+@dataclass
+class RefineConfig:
+    method: Literal["reward-weighted", "none"] = option(
+        "reward-weighted", "InteRank's reward-weighted fine-tuning (rerankdistill) or none")
+    samples: int = option(4, "explanations sampled per pair (InteRank: 8)")
+    pairs: int = option(16, "training pairs refined")
+    threshold: float = option(0.85, "keep samples whose min-max normalised reward is at least this")
+    steps: int = option(10, "optimizer steps of refinement")
+    temperature: float = option(1.0, "sampling temperature")
+
+
+@dataclass
+class RerankConfig:
+    candidates: int = option(20, "BM25 depth per query (the first stage)")
+    k: int = option(10, "top-k of the first stage reranked pointwise")
+    batch_size: int = option(8, "pairs per generate call")
+    max_new_tokens: int = option(24, "explanation budget per pair (the label is read from label-token probabilities)")
+    use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
+
+
+@dataclass
+class RerankQLoRAConfig:
+    run_dir: Path = option(Path("runs/rerank-qlora"), "run directory: config, logs, metrics, report, adapter")
+    resume: bool = option(True, "resume from the run directory's checkpoints and teacher store")
+    trackers: list[str] = option(default_factory=lambda: ["auto"],
+                                 help="accelerate trackers: auto (TensorBoard if installed), tensorboard, wandb, none")
+    model: ModelConfig = option(default_factory=ModelConfig, help="")
+    task: TaskConfig = option(default_factory=TaskConfig, help="")
+    teacher: TeacherConfig = option(default_factory=TeacherConfig, help="")
+    quant: QuantConfig = option(default_factory=QuantConfig, help="")
+    attention: AttentionConfig = option(default_factory=AttentionConfig, help="")
+    lora: LoraConfig = option(default_factory=LoraConfig, help="")
+    train: TrainConfig = option(default_factory=TrainConfig, help="")
+    refine: RefineConfig = option(default_factory=RefineConfig, help="")
+    rerank: RerankConfig = option(default_factory=RerankConfig, help="")
+
+    def __post_init__(self) -> None:
+        if self.rerank.k > self.rerank.candidates:
+            raise ValueError(f"rerank.k ({self.rerank.k}) must be <= rerank.candidates ({self.rerank.candidates})")

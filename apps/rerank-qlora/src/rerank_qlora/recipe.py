@@ -1,0 +1,432 @@
+"""The rerank-qlora recipe: setup() -> train() -> evaluate() -> cleanup().
+
+Stages: task + BM25 first stage -> base model (built-in tiny one trained here, or a checkpoint) -> scale-
+invariant p-RoPE attention (siattn) -> NF4 + double quantization with LoRA adapters (nf4lora) -> teacher
+labels and explanations (rerankdistill; resumable store) -> LoRA distillation -> refinement -> pointwise
+reranking of the BM25 candidates on held-out queries, at contexts longer than training -> nDCG@10 report
+against BM25 -> adapter in peft format.
+
+Distillation runs unchanged under `accelerate launch`: the global batch of step s is a function of (seed, s);
+each process takes its contiguous share and accumulates over micro batches, DDP averages the gradients.
+Adapter checkpoints (`shared_kernels.checkpoint`, trainable weights + optimizer + scheduler + RNG) are atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rerank_qlora import stages
+from rerank_qlora.config import RerankQLoRAConfig
+from shared_kernels.checkpoint import CheckpointManager
+from shared_kernels.runconfig import (
+    JSONLTracker,
+    config_to_dict,
+    make_trackers,
+    write_json_atomic,
+    write_yaml_atomic,
+)
+
+log = logging.getLogger("rerank_qlora")
+N_STAGES = 9
+
+
+class RerankQLoRARecipe:
+    """One run of the pipeline, configured by a `RerankQLoRAConfig`."""
+
+    def __init__(self, cfg: RerankQLoRAConfig, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.run_dir)
+        self.history: list[dict[str, Any]] = []
+        self.notes: dict[str, Any] = {}
+        self.t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        from rerankdistill import bm25_search
+
+        cfg = self.cfg
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                               log_with=make_trackers(self.run_dir, cfg.trackers, "rerank-qlora"),
+                               project_dir=str(self.run_dir))
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_yaml_atomic(self.run_dir / "config.yaml", cfg)
+            _log_to_file(self.run_dir / "run.log")
+            if not cfg.resume:
+                for name in ("metrics.jsonl", "teacher.jsonl"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+        self._stage(1, "retrieval task and BM25 first stage")
+        self.task = stages.load_task(cfg.task)
+        self.first_stage = bm25_search(self.task.corpus, self.task.queries, k=cfg.rerank.candidates)
+        self.notes["task"] = {
+            "name": self.task.name, "documents": len(self.task.corpus), "train_queries": len(self.task.train_qids),
+            "eval_queries": len(self.task.eval_qids), **self.task.info,
+        }
+        self._print(f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training "
+                    f"and {len(self.task.eval_qids)} evaluation queries, BM25 top-{cfg.rerank.candidates}")
+
+        self._stage(2, "base model")
+        if cfg.model.name_or_path == "tiny":
+            base_dir = self.run_dir / "base-model"
+            if not (base_dir / "model.safetensors").is_file():
+                if self.acc.is_main_process:
+                    stages.build_tiny_base(self.task, cfg, base_dir.with_name("base-model.tmp"), self.progress)
+                    shutil.rmtree(base_dir, ignore_errors=True)
+                    os.replace(base_dir.with_name("base-model.tmp"), base_dir)
+                self.acc.wait_for_everyone()
+            model, self.tokenizer = stages.load_base(base_dir, cfg)
+            self._print(f"built-in tiny Llama (trained here, saved to {base_dir})")
+        else:
+            model, self.tokenizer = stages.load_base(cfg.model.name_or_path, cfg)
+            self._print(f"loaded {cfg.model.name_or_path}")
+
+        self._stage(3, "attention")
+        self.notes["attention"] = stages.apply_attention(model, cfg)
+        self._print(self.notes["attention"])
+
+        self._stage(4, "quantization and adapters")
+        torch.manual_seed(cfg.train.seed)
+        model, self.notes["adapters"] = stages.apply_qlora(model, cfg)
+        self.notes["parameters"] = stages.trainable_summary(model)
+        self._print(f"{self.notes['adapters']}; {self.notes['parameters']}")
+        self.model = model.to(self.acc.device)
+        self.acc.init_trackers("rerank-qlora", config=_flat(config_to_dict(cfg)))
+
+    # ------------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        """Teacher labels -> LoRA distillation (-> refinement)."""
+        from rerankdistill.teacher import TeacherStore, generate_teacher_outputs
+        from rerankdistill.train.sft import distill_examples, tokenize_examples
+
+        cfg = self.cfg
+        self._stage(5, "teacher labels")
+        pairs = stages.training_pairs(self.task, self.first_stage, cfg.teacher.pairs_per_query)
+        teacher = stages.make_teacher(cfg, self.task)
+        if cfg.teacher.kind == "offline-qrels":
+            self._print("OFFLINE TEACHER: labels come from the gold judgements and every explanation is a fixed "
+                        "sentence saying so; no model reasoning is distilled in this run")
+        store_path = self.run_dir / "teacher.jsonl"
+        if self.acc.is_main_process:
+            with TeacherStore(store_path) as store:
+                stats = generate_teacher_outputs(pairs, teacher, store, concurrency=cfg.teacher.concurrency,
+                                                 progress=self.progress)
+            self._print(f"teacher {teacher.name}: {stats.done} new, {stats.skipped_existing} stored earlier, "
+                        f"{stats.unparseable} without a label")
+        self.acc.wait_for_everyone()
+        with TeacherStore(store_path) as store:
+            records = [r for r in store.records.values() if r.teacher == teacher.name]
+        by_key = {(p.qid, p.docid): p for p in pairs}
+        examples, counts = distill_examples(records, by_key)
+        encoded, too_long = tokenize_examples(self.tokenizer, examples, _prompt(), cfg.train.completion_only,
+                                              cfg.train.max_length)
+        self.notes["teacher"] = {"name": teacher.name, "pairs": len(pairs), **counts, "too_long": too_long}
+        self._print(f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens "
+                    "dropped from training)")
+
+        self._stage(6, "LoRA distillation")
+        self.history += self._train_loop(encoded, cfg.train.steps, cfg.train.lr, "distill")
+
+        self._stage(7, "refinement")
+        if cfg.refine.method == "none":
+            self._print("skipped (refine.method=none)")
+        else:
+            self.history += self._refine(pairs, records)
+
+    def _train_loop(self, encoded: list, steps: int, lr: float, phase: str) -> list[dict[str, Any]]:
+        """Weighted NLL (rerankdistill) over `encoded`, DDP-sharded, checkpointed, resumable."""
+        from rerankdistill.train.common import collate, weighted_loss
+
+        tc, acc = self.cfg.train, self.acc
+        if not encoded:
+            raise ValueError(f"{phase}: no training examples (all longer than train.max_length?)")
+        world, rank = acc.num_processes, acc.process_index
+        if tc.batch_size % (tc.micro_batch_size * world):
+            raise ValueError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
+                             f"processes ({tc.micro_batch_size} x {world})")
+        per_rank, accum = tc.batch_size // world, tc.batch_size // world // tc.micro_batch_size
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+        ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=rank, world_size=world,
+                                 barrier=acc.wait_for_everyone)
+        start, history = 0, []
+        state = ckpt.load(self.model, optimizer, scheduler) if self.cfg.resume else None
+        if state is not None:
+            start, history = state["step"], list(state["extra"]["history"])
+            self._print(f"resumed {phase} from {state['path']} at step {start}")
+            if phase == "distill" and acc.is_main_process:
+                JSONLTracker.truncate_after(self.run_dir / "metrics.jsonl", start)
+        model, optimizer = acc.prepare(self.model, optimizer)
+        order: list[int] = []
+        epoch = 0
+        while len(order) < steps * tc.batch_size:
+            idx = list(range(len(encoded)))
+            random.Random(tc.seed * 1000 + epoch).shuffle(idx)
+            order += idx
+            epoch += 1
+        pad = self.tokenizer.pad_token_id
+        model.train()
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase,
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        for step in bar:
+            batch_ids = order[step * tc.batch_size:(step + 1) * tc.batch_size]
+            mine = batch_ids[rank * per_rank:(rank + 1) * per_rank]
+            total = torch.zeros((), device=acc.device)
+            for i in range(accum):
+                micro = mine[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size]
+                batch = {k: v.to(acc.device) for k, v in collate([encoded[j] for j in micro], pad).items()}
+                sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(model)
+                with sync:
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    loss = weighted_loss(out.logits, batch["labels"], batch["weights"]) / accum
+                    acc.backward(loss)
+                total += loss.detach()
+            if tc.max_grad_norm:
+                acc.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            value = acc.reduce(total, reduction="mean").item()
+            if done % tc.log_every == 0 or done == steps:
+                row = {"step": done, "phase": phase, f"{phase}/loss": value, "lr": scheduler.get_last_lr()[0]}
+                history.append(row)
+                acc.log({f"{phase}/loss": value, "lr": row["lr"]}, step=done if phase == "distill" else None)
+                bar.set_postfix(loss=f"{value:.4f}")
+                log.info("%s step %d loss %.4f", phase, done, value)
+            if done % self.cfg.train.checkpoint_every == 0 or done == steps:
+                ckpt.save(done, acc.unwrap_model(model), optimizer.optimizer, scheduler,
+                          extra={"history": history}, trainable_only=True)
+        bar.close()
+        self.model = acc.unwrap_model(model)
+        return history
+
+    def _refine(self, pairs: list, records: list) -> list[dict[str, Any]]:
+        """InteRank's reward-weighted fine-tuning, composed from rerankdistill: sample `refine.samples`
+        explanations per pair from the distilled student, reward label agreement with the teacher, min-max
+        normalise within the group, keep those >= threshold, train with r^3-weighted NLL."""
+        from rerankdistill.train.rwft import (
+            RefinePair,
+            group_weights,
+            label_agreement_reward,
+            sample_candidates,
+        )
+        from rerankdistill.train.sft import DistillExample, tokenize_examples
+
+        cfg, rc = self.cfg, self.cfg.refine
+        labels = {(r.qid, r.docid): (r.label, r.text) for r in records if r.label is not None}
+        fits = [p for p in pairs if (p.qid, p.docid) in labels and len(p.document) < 2 * cfg.train.max_length]
+        chosen = random.Random(cfg.train.seed).sample(fits, min(rc.pairs, len(fits)))
+        refine_pairs = [RefinePair(p.query, p.document, labels[(p.qid, p.docid)][0], labels[(p.qid, p.docid)][1])
+                        for p in chosen]
+        samples_path = self.run_dir / "refine_samples.json"
+        if self.acc.is_main_process and not (cfg.resume and samples_path.is_file()):
+            self._print(f"sampling {rc.samples} explanations for each of {len(refine_pairs)} pairs")
+            groups = sample_candidates(self.model, self.tokenizer, refine_pairs, rc.samples, rc.temperature,
+                                       cfg.rerank.max_new_tokens, cfg.rerank.batch_size, seed=cfg.train.seed)
+            write_json_atomic(samples_path, groups)
+        self.acc.wait_for_everyone()
+        groups = json.loads(samples_path.read_text())
+        examples, weights = [], []
+        for pair, group in zip(refine_pairs, groups, strict=True):
+            texts = [*group, pair.teacher_text]
+            rewards = [label_agreement_reward(t, pair.reference) for t in texts]
+            for text, w in zip(texts, group_weights(rewards, rc.threshold), strict=True):
+                if w > 0:
+                    examples.append(DistillExample(pair.query, pair.document, text))
+                    weights.append(w)
+        encoded, _ = tokenize_examples(self.tokenizer, examples, _prompt(), cfg.train.completion_only,
+                                       cfg.train.max_length, weights)
+        agree = sum(label_agreement_reward(t, p.reference) == 1.0 for p, g in zip(refine_pairs, groups) for t in g)
+        self.notes["refine"] = {"pairs": len(refine_pairs), "samples": sum(len(g) for g in groups),
+                                "samples_agreeing_with_teacher": agree, "kept": len(encoded)}
+        self._print(f"{agree} of {self.notes['refine']['samples']} samples agree with the teacher's label; "
+                    f"{len(encoded)} weighted examples kept (threshold {rc.threshold})")
+        return self._train_loop(encoded, rc.steps, cfg.train.lr, "refine")
+
+    # ---------------------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Pointwise rerank of the held-out queries' BM25 top-k; nDCG@10 against BM25; report and adapter."""
+        results: dict[str, Any] = {}
+        if self.acc.is_main_process:
+            results = self._evaluate_main()
+        self.acc.wait_for_everyone()
+        return results
+
+    def _evaluate_main(self) -> dict[str, Any]:
+        from rerankdistill import comparison_table, evaluate, write_run
+        from rerankdistill.backends.hf import TransformersBackend
+        from rerankdistill.rerank import TransformersJudge, rerank
+
+        cfg, task = self.cfg, self.task
+        self._stage(8, "pointwise reranking of held-out queries")
+        eval_qrels = {q: task.qrels[q] for q in task.eval_qids}
+        bm25 = {q: self.first_stage[q] for q in task.eval_qids if q in self.first_stage}
+        prompt = _prompt()
+        lengths = []
+        for qid, docs in bm25.items():
+            for docid in sorted(docs, key=lambda d: -docs[d])[: cfg.rerank.k]:
+                text = self.tokenizer.apply_chat_template(prompt.messages(task.queries[qid], task.corpus[docid]),
+                                                          add_generation_prompt=True, tokenize=False)
+                lengths.append(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        longer = sum(n > cfg.train.max_length for n in lengths)
+        self.notes["eval_lengths"] = {"pairs": len(lengths), "longer_than_training_context": longer,
+                                      "max_prompt_tokens": max(lengths, default=0),
+                                      "training_context": cfg.train.max_length}
+        self._print(f"{len(lengths)} pairs; {longer} prompts longer than the training context of "
+                    f"{cfg.train.max_length} tokens (longest {max(lengths, default=0)})")
+        self.model.eval()
+        backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
+                                      max_new_tokens=cfg.rerank.max_new_tokens)
+        judge = TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities)
+        reranked = rerank(bm25, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=cfg.rerank.batch_size,
+                          progress=self.progress)
+        write_run(bm25, self.run_dir / "bm25.run", tag="bm25")
+        write_run(reranked.run, self.run_dir / "reranked.run", tag="rerank-qlora")
+        measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
+        scores = {name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
+                  for name, run in (("BM25", bm25), ("BM25 + rerank-qlora", reranked.run))}
+        table = comparison_table({"BM25": bm25, "BM25 + rerank-qlora": reranked.run}, eval_qrels, measures)
+        results = {"scores": scores, "unparseable": reranked.unparseable, "judged": reranked.judged,
+                   "elapsed_s": time.perf_counter() - self.t0, **self.notes}
+        self.acc.log({"eval/ndcg@10/bm25": scores["BM25"]["ndcg_cut_10"],
+                      "eval/ndcg@10/reranked": scores["BM25 + rerank-qlora"]["ndcg_cut_10"]})
+
+        self._stage(9, "adapter and report")
+        adapter_dir = self._save_adapter()
+        results["adapter_dir"] = str(adapter_dir)
+        write_json_atomic(self.run_dir / "results.json", results)
+        self._plot()
+        self._report(results, table)
+        self._print(f"nDCG@10 on {len(eval_qrels)} held-out queries: BM25 {scores['BM25']['ndcg_cut_10']:.4f}, "
+                    f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}")
+        return results
+
+    def _save_adapter(self) -> Path:
+        """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically."""
+        final = self.run_dir / "adapter"
+        tmp = self.run_dir / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.quant.method == "nf4":
+            from nf4lora.model import save_adapter
+
+            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path)
+        else:
+            self.model.save_pretrained(str(tmp), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def cleanup(self) -> None:
+        self.acc.end_training()
+
+    # ------------------------------------------------------------------------------------------ output
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        offset = 0
+        for phase in ("distill", "refine"):
+            rows = [r for r in self.history if r["phase"] == phase]
+            if rows:
+                ax.plot([offset + r["step"] for r in rows], [r[f"{phase}/loss"] for r in rows], marker=".",
+                        label=phase)
+                offset += rows[-1]["step"]
+        ax.set(xlabel="optimizer step", ylabel="weighted NLL", title="training curve")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "training_curve.png", dpi=110)
+        plt.close(fig)
+
+    def _report(self, results: dict[str, Any], table: str) -> None:
+        cfg, n = self.cfg, self.notes
+        offline = cfg.teacher.kind == "offline-qrels"
+        lines = [
+            "# rerank-qlora report", "",
+            f"Task: {n['task']['name']} ({n['task']['documents']} documents; {n['task']['train_queries']} training "
+            f"queries, {n['task']['eval_queries']} held-out evaluation queries).",
+            f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
+            f"Teacher: {n['teacher']['name']}"
+            + (" (OFFLINE stand-in built from the gold judgements: fixed explanations, no reasoning)" if offline else "")
+            + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} dropped as longer than "
+              f"the training context ({cfg.train.max_length} tokens).",
+            f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
+            f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
+            f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
+            f"Unparseable judgements: {results['unparseable']} of {results['judged']}.", "",
+            table, "![training curve](training_curve.png)", "",
+            f"Adapter (peft format): `{results['adapter_dir']}`. Runs: `bm25.run`, `reranked.run` (TREC format). "
+            f"Wall time {results['elapsed_s']:.0f} s.", "",
+        ]
+        (self.run_dir / "report.md").write_text("\n".join(lines))
+
+    def _stage(self, i: int, name: str) -> None:
+        self._print(f"stage {i}/{N_STAGES}: {name}  [{time.perf_counter() - self.t0:.0f} s]")
+
+    def _print(self, text: str) -> None:
+        if self.acc.is_main_process:
+            tqdm.write(f"[rerank-qlora] {text}")
+            log.info(text)
+
+
+def _prompt():
+    from rerankdistill.labels import INTERANK_PROMPT
+
+    return INTERANK_PROMPT
+
+
+def run(cfg: RerankQLoRAConfig, progress: bool = True) -> dict[str, Any]:
+    """setup -> train -> evaluate -> cleanup; returns the evaluation results (main process)."""
+    recipe = RerankQLoRARecipe(cfg, progress=progress)
+    recipe.setup()
+    try:
+        recipe.train()
+        results = recipe.evaluate()
+    finally:
+        recipe.cleanup()
+    return results
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)
+    return out
+
+
+def _log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("rerank_qlora")
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+            h.close()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+

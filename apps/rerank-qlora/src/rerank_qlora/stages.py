@@ -1,0 +1,178 @@
+"""The pipeline's building blocks, each a thin call into a package: task loading, the built-in tiny base
+model, quantization (nf4lora), attention (siattn), MXFP8 LoRA GEMMs (mxfp8train), teacher labels and
+distillation examples (rerankdistill)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rerank_qlora.config import RerankQLoRAConfig, TaskConfig
+from rerank_qlora.stdlib_task import RetrievalTask, build_stdlib_task
+
+
+class StageUnavailable(RuntimeError):
+    """A stage needs a package API that this installation does not provide (the message says which)."""
+
+
+# ------------------------------------------------------------------------------------------------- task
+def load_task(cfg: TaskConfig) -> RetrievalTask:
+    """The retrieval task: the built-in stdlib task, or a BEIR / BRIGHT / Cranfield collection split by query."""
+    if cfg.name == "stdlib":
+        return build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=cfg.max_eval_queries)
+    import rerankdistill as rd
+
+    if cfg.name == "beir":
+        corpus, queries, qrels = rd.load_beir(cfg.path)
+    elif cfg.name == "cranfield":
+        corpus, queries, qrels = rd.load_cranfield(cfg.path)
+    else:
+        loaded = rd.load_bright(Path(cfg.path) / f"topics.bright-{cfg.domain}-original.jsonl.gz",
+                                Path(cfg.path) / f"qrels.bright-{cfg.domain}.txt", corpus=cfg.corpus_path)
+        corpus, queries, qrels = loaded.corpus, loaded.queries, loaded.qrels
+    qids = sorted(q for q in queries if q in qrels)
+    random.Random(cfg.seed).shuffle(qids)
+    n_eval = max(1, int(len(qids) * cfg.eval_fraction))
+    eval_qids, train_qids = qids[:n_eval][: cfg.max_eval_queries], qids[n_eval:][: cfg.max_train_queries]
+    return RetrievalTask(cfg.name, dict(corpus), dict(queries), {q: dict(qrels[q]) for q in qids}, train_qids,
+                         eval_qids, info={"source": str(cfg.path)})
+
+
+# ------------------------------------------------------------------------------------------ base model
+def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, progress: bool) -> tuple[Any, Any]:
+    """Train a BPE tokenizer on the task's text and a small Llama on its documents (language modelling),
+    save both to `out_dir` (safetensors) and return them. Deterministic for a given seed and task."""
+    from rerankdistill.labels import INTERANK_PROMPT
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm, train_tokenizer
+
+    m = cfg.model
+    texts = list(task.corpus.values()) + list(task.queries.values())
+    texts += [INTERANK_PROMPT.system, INTERANK_PROMPT.user, INTERANK_PROMPT.completion("The document is relevant.", 2)]
+    tokenizer = train_tokenizer(texts, vocab_size=m.tiny_vocab_size)
+    long_context = cfg.train.max_length * cfg.attention.context_factor * 2
+    model = tiny_causal_lm(
+        tokenizer=tokenizer, seed=cfg.train.seed, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_layers,
+        num_heads=m.tiny_heads, num_kv_heads=max(1, m.tiny_heads // 2), max_position_embeddings=long_context,
+    )
+    # Language-model the training documents (the evaluation modules' documents are not seen here).
+    train_docs = {d for q in task.train_qids for d in task.qrels[q]}
+    stream: list[int] = []
+    for docid in sorted(train_docs):
+        stream += tokenizer(task.corpus[docid])["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor(stream)
+    T = m.tiny_pretrain_seq_len
+    if m.tiny_pretrain_steps and len(ids) > T + 1:
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        model.train()
+        bar = tqdm(range(m.tiny_pretrain_steps), desc="base LM pretraining", disable=not progress)
+        for step in bar:
+            starts = torch.randint(0, len(ids) - T - 1, (8,), generator=gen)
+            batch = torch.stack([ids[s:s + T] for s in starts])
+            for g in opt.param_groups:
+                g["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return model, tokenizer
+
+
+def load_base(path: str | Path, cfg: RerankQLoRAConfig) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a local directory or a Hugging Face id (no remote code by default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    dtype = "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------- model transforms
+def apply_attention(model: Any, cfg: RerankQLoRAConfig) -> str:
+    """Switch the model to scale-invariant p-RoPE attention (siattn.hf.apply); returns a description."""
+    a = cfg.attention
+    if a.kind == "native":
+        return "the model's own attention"
+    from siattn import hf as siattn_hf
+
+    siattn_hf.apply(model, tau=a.tau, rope="p-rope", fraction=a.p_rope_fraction, base=a.p_rope_base)
+    return f"scale-invariant p-RoPE (tau {a.tau}, p-RoPE fraction {a.p_rope_fraction}, base {a.p_rope_base:g})"
+
+
+def apply_qlora(model: Any, cfg: RerankQLoRAConfig) -> tuple[Any, str]:
+    """NF4 (+ double quantization) base and LoRA adapters through nf4lora.prepare_model, or plain peft LoRA."""
+    lo = cfg.lora
+    if cfg.quant.method == "nf4":
+        from nf4lora.model import prepare_model
+
+        model = prepare_model(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
+                              target_modules=list(lo.target_modules), double_quant=cfg.quant.double_quant,
+                              gradient_checkpointing=cfg.quant.gradient_checkpointing, seed=cfg.train.seed)
+        what = f"NF4{' + double quantization' if cfg.quant.double_quant else ''} base, LoRA r={lo.r} alpha={lo.alpha}"
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in lo.target_modules if t in present]
+        if not targets:
+            raise ValueError(f"lora.target_modules {lo.target_modules} match no module of the model")
+        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        what = f"unquantized base, LoRA r={lo.r} alpha={lo.alpha}"
+    if lo.mxfp8:
+        import mxfp8train
+
+        recipe = mxfp8train.PAPER_RECIPE.replace(skip_modules=(), track_stats=True)
+        mxfp8train.convert(model, recipe, filter_fn=lambda name, _: "lora_" in name)
+        n = len(mxfp8train.mx_layers(model))
+        if n == 0:
+            raise StageUnavailable("lora.mxfp8=true found no LoRA nn.Linear to convert in this model")
+        what += f", {n} LoRA GEMM layers in MXFP8 (RCEIL, E4M3)"
+    return model, what
+
+
+def trainable_summary(model: Any) -> str:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return f"{n_train:,} trainable of {n_all:,} parameters"
+
+
+# -------------------------------------------------------------------------------------- teacher + data
+def training_pairs(task: RetrievalTask, first_stage: dict[str, dict[str, float]], per_query: int) -> list:
+    """Gold documents plus BM25 hard negatives for each training query (at most `per_query` pairs)."""
+    from rerankdistill.teacher import Pair
+
+    pairs = []
+    for qid in task.train_qids:
+        gold = sorted(task.qrels[qid], key=lambda d: -task.qrels[qid][d])
+        ranked = sorted(first_stage.get(qid, {}), key=lambda d: -first_stage[qid][d])
+        chosen = (gold + [d for d in ranked if d not in task.qrels[qid]])[:per_query]
+        pairs += [Pair(qid, d, task.queries[qid], task.corpus[d]) for d in chosen]
+    return pairs
+
+
+def make_teacher(cfg: RerankQLoRAConfig, task: RetrievalTask):
+    """The teacher backend: rerankdistill's OFFLINE qrels stand-in (labelled as such) or an HTTP server."""
+    t = cfg.teacher
+    if t.kind == "offline-qrels":
+        from rerankdistill.teacher import QrelsTeacher
+
+        return QrelsTeacher(task.qrels)
+    from rerankdistill.backends.openai_http import OpenAIChatBackend
+
+    return OpenAIChatBackend(t.base_url, t.model, api_key_env=t.api_key_env)

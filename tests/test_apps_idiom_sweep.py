@@ -1,0 +1,77 @@
+"""idiom-sweep: shipped configs validate (also as idiomreason sweeps); a tiny sweep with the model loaded in
+4 bits through nf4lora runs end to end, writes the table and plot, and a re-run reuses every prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from idiom_sweep.cli import main
+from idiom_sweep.config import IdiomSweepConfig
+from idiom_sweep.recipe import sweep_config
+
+from shared_kernels.runconfig import ConfigError, load_config
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "idiom-sweep"
+
+
+@pytest.mark.parametrize("path", sorted((APP / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "idiom-sweep --config" in first
+    cfg = load_config(IdiomSweepConfig, path)
+    sweep = sweep_config(cfg)  # idiomreason's own validation
+    assert len(sweep.models) == len(cfg.models) and sweep.conditions == cfg.conditions
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ConfigError, match="models must list"):
+        load_config(IdiomSweepConfig)
+    with pytest.raises(ConfigError, match=r"'load_in_4bit': expected one of"):
+        load_config(IdiomSweepConfig, overrides=["load_in_4bit=fp4", "models=[{name: a}]",
+                                                 "datasets=[{name: generic, path: x}]"])
+    with pytest.raises(ConfigError, match=r"'datasets\[0\].name'"):
+        load_config(IdiomSweepConfig, overrides=["models=[{name: a}]", "datasets=[{name: dice, path: x}]"])
+
+
+def test_tiny_sweep_in_4bit_end_to_end(tmp_path, tiny_lm_dir, capsys):
+    data = tmp_path / "idioms.csv"
+    rows = [("He kicked the bucket last year.", "kick the bucket", "idiomatic"),
+            ("She kicked the bucket across the yard.", "kick the bucket", "literal"),
+            ("They spilled the beans at dinner.", "spill the beans", "idiomatic"),
+            ("The cook spilled the beans on the floor.", "spill the beans", "literal"),
+            ("It is raining cats and dogs.", "rain cats and dogs", "idiomatic")]
+    data.write_text("id,target,expression,label,language\n"
+                    + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(rows)))
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"out_dir: {tmp_path / 'run'}\nload_in_4bit: nf4lora\nconditions: [direct]\nmax_new_tokens: 4\n"
+        f"n_resamples: 20\nmodels:\n  - {{name: tiny-0.01B, path: {tiny_lm_dir}, reasoning: true,"
+        f" options: {{batch_size: 5, dtype: float32}}}}\n"
+        f"datasets:\n  - {{name: generic, path: {data}}}\n")
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit: nf4lora" in out and "table:" in out
+    run = tmp_path / "run"
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(rows)
+    assert {p["model"] for p in preds} == {"tiny-0.01B"}
+    for name in ("idiom-sweep.yaml", "config.yaml"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("*.md")) and list(run.glob("*.csv"))
+
+    # The 4-bit path really quantized the linears (every one but the LM head) with nf4lora.
+    from idiom_sweep.recipe import nf4lora_backend
+
+    from idiomreason import ModelSpec
+    from nf4lora.lora import Linear4bit
+
+    backend = nf4lora_backend(ModelSpec(name="t", path=str(tiny_lm_dir), options={"dtype": "float32"}))
+    kinds = {type(m).__name__ for m in backend.model.modules()}
+    assert Linear4bit.__name__ in kinds
+
+    # A re-run finds every prediction cached: nothing is generated again.
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    again = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(again) == len(preds)
