@@ -155,3 +155,20 @@ def test_real_server_generation_survives_sigkill(tmp_path, served_tiny_model):  
     keys = [(r["qid"], r["docid"], r["teacher"]) for r in rows]
     assert len(keys) == len(set(keys)) == n  # nothing lost, nothing duplicated
     assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_http_teacher_equals_local_greedy_generation(tmp_path, served_tiny_model):  # noqa: F811
+    from rerankdistill.backends.hf import TransformersBackend, load_causal_lm
+    from rerankdistill.labels import INTERANK_PROMPT
+
+    pairs = PAIRS[:3]
+    http = OpenAIChatBackend(served_tiny_model.base_url, served_tiny_model.model, name="tiny-http", max_tokens=6)
+    with TeacherStore(tmp_path / "t.jsonl") as store:
+        stats = generate_teacher_outputs(pairs, http, store, concurrency=3, progress=False)
+        texts = [store.records[(p.qid, p.docid, "tiny-http")].text for p in pairs]
+    model, tok = load_causal_lm(served_tiny_model.model_dir, dtype="float32", device="cpu")
+    local = TransformersBackend(model, tok, max_new_tokens=6, batch_size=1)
+    expected = local.complete_batch([INTERANK_PROMPT.messages(p.query, p.document) for p in pairs])
+    assert texts == [c.text for c in expected]
+    assert stats.completion_tokens == sum(c.completion_tokens for c in expected)
