@@ -39,6 +39,10 @@ CASES = [
     ("I cannot decide.", None),
     ("The relevance of this document is unclear", None),  # "relevance" alone is not a verdict
     ("Label 2 maybe", None),
+    ("Relevance Label: <0|1|2> ##", None),  # the template echoed back is not a label
+    ("Format: `Relevance Label: <0|1|2> ##`. My answer: Relevance Label: 1 ##", 1),
+    ("Relevance Label: 12", None),
+    ("Relevance Label: 2/2", 2),
 ]
 
 

@@ -105,6 +105,26 @@ def test_http_backend_retries_accounts_tokens_and_hides_key(tmp_path, monkeypatc
     assert "sk-secret" not in (tmp_path / "t.jsonl").read_text()
 
 
+def test_http_backend_retries_timeouts(tmp_path):
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise httpx.ReadTimeout("slow", request=request)
+        return _chat_reply("ok Relevance Label: 0")
+
+    backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001, transport=httpx.MockTransport(handler))
+    with TeacherStore(tmp_path / "t.jsonl") as store:
+        generate_teacher_outputs(PAIRS[:1], backend, store, progress=False)
+        assert [r.label for r in store.records.values()] == [0]
+    assert backend.retries == 2 and calls["n"] == 3
+    dead = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001, max_retries=1,
+                             transport=httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("x"))))
+    with TeacherStore(tmp_path / "u.jsonl") as store, pytest.raises(TeacherRequestError, match="ConnectError after 2"):
+        generate_teacher_outputs(PAIRS[:1], dead, store, progress=False)
+
+
 def test_http_backend_gives_up_on_client_errors(tmp_path):
     backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001,
                                 transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad model")))
