@@ -1,0 +1,216 @@
+"""nf4lora benchmarks against bitsandbytes (+ peft): NF4 quantize/dequantize throughput, training memory, and on a
+GPU the dequantize bandwidth and the QLoRA training step."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import torch
+
+from bench.harness import BenchContext, benchmark
+
+
+def _llama_100m(dtype: torch.dtype, device: str = "cpu"):
+    """A ~100M-parameter Llama (hidden 768, 12 layers, MLP 2048, vocab 8192), randomly initialised."""
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    return tiny_causal_lm(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2048,
+                          vocab_size=8192, dtype=dtype).to(device)
+
+
+@benchmark("nf4-quantize-cpu", package="nf4lora", device="cpu")
+def nf4_quantize_cpu(ctx: BenchContext) -> None:
+    """NF4 quantize (blocksize 64, no double quantization), torch path vs bitsandbytes CPU; GB/s of input read."""
+    import bitsandbytes.functional as F
+
+    from shared_kernels.nf4 import quantize_nf4
+
+    sizes = [1 << 20] if ctx.quick else [1 << 20, 1 << 24]
+    for n in sizes:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n).to(dtype)
+            packed, _ = quantize_nf4(x, 64, check_finite=False, backend="torch")
+            q, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+            assert torch.equal(packed, q.reshape(-1))
+            ctx.compare(f"numel={n} {str(dtype).removeprefix('torch.')}",
+                        lambda x=x: quantize_nf4(x, 64, check_finite=False, backend="torch"),
+                        lambda x=x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"),
+                        ours_name="nf4lora", anchor_name="bitsandbytes", work=x.numel() * x.element_size() / 1e9,
+                        unit="GB/s", reps=3 if ctx.quick else 7)
+
+
+@benchmark("nf4-dequantize-cpu", package="nf4lora", device="cpu")
+def nf4_dequantize_cpu(ctx: BenchContext) -> None:
+    """NF4 dequantize of a (rows, 4096) weight, torch path vs bitsandbytes CPU; GB/s of output written."""
+    import bitsandbytes.functional as F
+
+    from shared_kernels.nf4 import dequantize_nf4, double_quantize_absmax, quantize_nf4
+
+    rows = [256] if ctx.quick else [256, 4096]
+    for r in rows:
+        shape = (r, 4096)
+        x = torch.randn(shape)
+        for dq in (False, True):
+            q, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
+            packed, absmax = quantize_nf4(x, 64, backend="torch")
+            kw = {}
+            if dq:
+                absmax, absmax2, offset = double_quantize_absmax(absmax)
+                kw = dict(absmax2=absmax2, offset=offset)
+            for dtype in (torch.float32, torch.bfloat16):
+                state.dtype = dtype
+                got = dequantize_nf4(packed, absmax, shape, 64, dtype, backend="torch", **kw)
+                assert torch.equal(got, F.dequantize_4bit(q, state))
+                ctx.compare(f"{r}x4096 -> {str(dtype).removeprefix('torch.')}{' +DQ' if dq else ''}",
+                            lambda a=absmax, d=dtype, kw=kw: dequantize_nf4(packed, a, shape, 64, d,
+                                                                            backend="torch", **kw),
+                            lambda s=state: F.dequantize_4bit(q, s),
+                            ours_name="nf4lora", anchor_name="bitsandbytes",
+                            work=x.numel() * dtype.itemsize / 1e9, unit="GB/s", reps=3 if ctx.quick else 7)
+
+
+class _PeakRSS:
+    """Samples the process RSS every 2 ms in a thread; `.peak` after the block (bytes)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self._proc.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _train_steps(model, steps: int, seq: int) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 8192, (1, seq), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+
+@benchmark("nf4lora-train-memory-cpu", package="nf4lora", device="cpu")
+def nf4lora_train_memory_cpu(ctx: BenchContext) -> None:
+    """~100M-param Llama: weight bytes and peak RSS of LoRA training (r=64, all linear layers, 2 steps,
+    seq 128): prepare_model (NF4 + DQ, fp32 adapters) vs bf16 base + peft LoRA."""
+    import peft
+
+    from nf4lora.memory import memory_report
+    from nf4lora.model import prepare_model
+
+    seq = 64 if ctx.quick else 128
+    # ours
+    gc.collect()
+    model = _llama_100m(torch.bfloat16)
+    prepare_model(model, r=64, alpha=16, dropout=0.05, gradient_checkpointing=True, compute_dtype=torch.bfloat16)
+    rep = memory_report(model)
+    ours_weights = rep.base_codes + rep.base_constants + rep.other_weights
+    ours_linear = rep.base_codes + rep.base_constants
+    with _PeakRSS() as ours_rss:
+        _train_steps(model, 2, seq)
+    ours_peak_extra = ours_rss.peak - ours_rss.start
+    ours_total = ours_rss.peak
+    del model
+    gc.collect()
+    # anchor: bf16 base + peft LoRA
+    model = _llama_100m(torch.bfloat16)
+    linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()
+                       if type(m) is torch.nn.Linear and n != "lm_head")
+    bf16_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
+                                                        target_modules="all-linear"))
+    with _PeakRSS() as anchor_rss:
+        _train_steps(model, 2, seq)
+    anchor_peak_extra = anchor_rss.peak - anchor_rss.start
+    ctx.record("frozen weights, linear layers (MiB)", ours_linear / 2**20, linear_bytes / 2**20, "MiB",
+               ours_name="NF4+DQ", anchor_name="bf16", note="target <= 0.3")
+    ctx.record("frozen weights, all incl. 16-bit embeddings + head (MiB)", ours_weights / 2**20,
+               bf16_weights / 2**20, "MiB", ours_name="NF4+DQ", anchor_name="bf16")
+    ctx.record(f"training-step RSS growth, seq {seq} (MiB)", ours_peak_extra / 2**20, anchor_peak_extra / 2**20,
+               "MiB", ours_name="nf4lora", anchor_name="peft bf16",
+               note="activations + grads + Adam state; adapters fp32 (ours) vs bf16 (peft)")
+    ctx.record("process peak RSS (MiB)", ours_total / 2**20, anchor_rss.peak / 2**20, "MiB",
+               ours_name="nf4lora", anchor_name="peft bf16", note="same process, ours measured first")
+
+
+@benchmark("nf4-dequantize-cuda", package="nf4lora", device="cuda")
+def nf4_dequantize_cuda(ctx: BenchContext) -> None:
+    """NF4 dequantize to bf16 (with fused DQ), Triton vs bitsandbytes CUDA; GB/s of bytes moved (codes +
+    constants read, bf16 written). Compare with the card's memory bandwidth (target >= 80%)."""
+    import bitsandbytes.functional as F
+
+    from shared_kernels.nf4 import dequantize_nf4, double_quantize_absmax, quantize_nf4
+
+    for rows in ([4096] if ctx.quick else [4096, 16384]):
+        shape = (rows, 8192)
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        q, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, absmax = quantize_nf4(x, 64)
+        qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+        moved = packed.numel() + qabsmax.numel() + x.numel() * 2
+        ctx.compare(f"{rows}x8192 -> bf16 +DQ",
+                    lambda: dequantize_nf4(packed, qabsmax, shape, 64, torch.bfloat16, absmax2=absmax2,
+                                           offset=offset),
+                    lambda: F.dequantize_4bit(q, state), ours_name="nf4lora triton", anchor_name="bitsandbytes",
+                    work=moved / 1e9, unit="GB/s")
+
+
+@benchmark("nf4lora-step-cuda", package="nf4lora", device="cuda")
+def nf4lora_step_cuda(ctx: BenchContext) -> None:
+    """QLoRA training step (fwd+bwd+AdamW) of a ~100M Llama, bf16 compute, r=64 all-linear, batch 4 x 512:
+    prepare_model vs transformers + bitsandbytes 4-bit + peft; also the peak CUDA memory."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nf4lora.model import prepare_model
+
+    ids = torch.randint(0, 8192, (4, 512), device="cuda")
+    ours = prepare_model(_llama_100m(torch.bfloat16, "cuda"), r=64, alpha=16, dropout=0.05,
+                         compute_dtype=torch.bfloat16)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _llama_100m(torch.bfloat16).save_pretrained(tmp)
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        anchor = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, device_map="cuda")
+    anchor = peft.prepare_model_for_kbit_training(anchor)
+    anchor = peft.get_peft_model(anchor, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
+                                                          target_modules="all-linear"))
+    opts = {}
+    for name, m in (("ours", ours), ("anchor", anchor)):
+        opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(name, m):
+        m(input_ids=ids, labels=ids).loss.backward()
+        opts[name].step()
+        opts[name].zero_grad()
+
+    ctx.compare("step 4x512", lambda: step("ours", ours), lambda: step("anchor", anchor),
+                ours_name="nf4lora", anchor_name="bnb+peft", reps=5 if ctx.quick else 20)
+    peaks = []
+    for name, m in (("ours", ours), ("anchor", anchor)):
+        torch.cuda.reset_peak_memory_stats()
+        step(name, m)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+    ctx.record("peak CUDA memory (MiB)", peaks[0], peaks[1], "MiB", ours_name="nf4lora", anchor_name="bnb+peft")
