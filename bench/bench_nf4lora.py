@@ -64,9 +64,9 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
                 got = dequantize_nf4(packed, absmax, shape, 64, dtype, backend="torch", **kw)
                 assert torch.equal(got, F.dequantize_4bit(q, state))
                 ctx.compare(f"{r}x4096 -> {str(dtype).removeprefix('torch.')}{' +DQ' if dq else ''}",
-                            lambda a=absmax, d=dtype, kw=kw: dequantize_nf4(packed, a, shape, 64, d,
-                                                                            backend="torch", **kw),
-                            lambda s=state: F.dequantize_4bit(q, s),
+                            lambda p=packed, a=absmax, d=dtype, kw=kw, sh=shape: dequantize_nf4(
+                                p, a, sh, 64, d, backend="torch", **kw),
+                            lambda q=q, s=state: F.dequantize_4bit(q, s),
                             ours_name="nf4lora", anchor_name="bitsandbytes",
                             work=x.numel() * dtype.itemsize / 1e9, unit="GB/s", reps=3 if ctx.quick else 7)
 
@@ -168,9 +168,9 @@ def nf4_dequantize_cuda(ctx: BenchContext) -> None:
         qabsmax, absmax2, offset = double_quantize_absmax(absmax)
         moved = packed.numel() + qabsmax.numel() + x.numel() * 2
         ctx.compare(f"{rows}x8192 -> bf16 +DQ",
-                    lambda: dequantize_nf4(packed, qabsmax, shape, 64, torch.bfloat16, absmax2=absmax2,
-                                           offset=offset),
-                    lambda: F.dequantize_4bit(q, state), ours_name="nf4lora triton", anchor_name="bitsandbytes",
+                    lambda p=packed, a=qabsmax, sh=shape, a2=absmax2, o=offset: dequantize_nf4(
+                        p, a, sh, 64, torch.bfloat16, absmax2=a2, offset=o),
+                    lambda q=q, s=state: F.dequantize_4bit(q, s), ours_name="nf4lora triton", anchor_name="bitsandbytes",
                     work=moved / 1e9, unit="GB/s")
 
 
