@@ -31,6 +31,11 @@ E is clamped to [-127, 127]. Conventions for the cases where implementations dis
 A blocked dimension whose size is not a multiple of `block_size` is allowed: the last, partial block is
 scaled as if zero-padded to a full block (zeros never change an amax). `data` keeps the input's shape;
 `scale` has ceil(n / block_size) blocks along `dim`. Hardware GEMMs need full blocks: `mx_gemm` pads.
+
+Layout of this file: the torch reference (`mx_cast_ref`, `mx_dequantize_ref`), the Triton kernel (one read
+of a 2-D tile gives row blocks and/or column blocks; element codes are produced with integer RNE so the
+bytes never depend on a backend's float8 conversion), its launcher as a `torch.library` custom op, and the
+public `mx_cast` / `mx_dequantize`.
 """
 
 from __future__ import annotations
@@ -52,7 +57,6 @@ E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 E8M0_INF = 0xFE  # the byte a block containing +-inf gets (2^127)
 _MANTISSA_1P75 = 0x600000  # fp32 mantissa field of 1.75
-_NAN_CODE = 0x7F  # positive NaN in both E4M3FN and E5M2
 
 
 def check_mx_args(x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int) -> int:
