@@ -40,6 +40,18 @@ def test_prepare_model_structure(tiny_tokenizer):
         prepare_model(model)
 
 
+def test_bf16_model_trains_with_fp32_norms(tiny_tokenizer):
+    model = prepare_model(_tiny(tiny_tokenizer, dtype=torch.bfloat16), r=4, dropout=0.0)
+    assert model.model.norm.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 100, (2, 8))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)  # fp32 adapters
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
 def test_target_modules_subset_quantizes_the_rest(tiny_tokenizer):
     model = _tiny(tiny_tokenizer)
     prepare_model(model, r=2, target_modules=["q_proj", "v_proj"])

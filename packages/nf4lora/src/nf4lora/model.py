@@ -52,6 +52,13 @@ def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bo
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
+    # An fp32 norm computes in fp32 but hands the next layer (e.g. a bf16 LM head) its input dtype back.
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(args[0].dtype)
+    return output
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -132,6 +139,7 @@ def prepare_model(
         for module in model.modules():
             if "Norm" in type(module).__name__:
                 module.float()
+                module.register_forward_hook(_output_in_input_dtype)
     if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
