@@ -101,3 +101,25 @@ def test_evaluate_bright_without_corpus_drops_excluded(tmp_path, shared_data, ca
         assert main(["evaluate", "collection=bright", f"topics={topics}", f"runs=r={run}", measures]) == 0
         scores[excluded[0]] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["r"]
     assert scores["junk"]["ndcg_cut_10"] == 1.0 > scores["N/A"]["ndcg_cut_10"]  # BRIGHT drops excluded ids
+
+
+@pytest.mark.slow
+def test_sft_runs_under_accelerate_launch(tmp_path, shared_data, tiny_lm_dir):
+    import os
+    import subprocess
+    import sys
+
+    store, pairs = tmp_path / "teacher.jsonl", tmp_path / "pairs.jsonl"
+    assert main(["generate", "collection=cranfield", f"path={shared_data / 'cranfield'}", "backend=offline-qrels",
+                 "max_queries=2", "depth=3", f"output={store}", f"pairs_out={pairs}"]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "rerankdistill.cli", "sft", f"model={tiny_lm_dir}", f"pairs={pairs}", f"teacher={store}",
+              f"output_dir={tmp_path / 'out'}", "grad_accum=1", "batch_size=2", "save_every=1", "max_length=4096"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, "max_steps=2"], capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["used"] == 6
+    assert (tmp_path / "out" / "checkpoint" / "step.json").exists()  # saved at step 1 (resume: see test_train)
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
