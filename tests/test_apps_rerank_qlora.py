@@ -87,3 +87,31 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert main([f"run_dir={run_dir}", "--no-progress", *TINY]) == 0
     out = capsys.readouterr().out
     assert "0 new" in out and "resumed distill" in out and "resumed refine" in out
+
+
+def test_two_ddp_processes_match_one_process(tmp_path):
+    """Distillation under `accelerate launch` (2 gloo processes, 1 micro batch each) takes the same steps as
+    one process accumulating 2 micro batches: same losses, logged through the JSONL tracker."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    args = ["--no-progress", *TINY, "refine.method=none", "train.steps=3"]
+    single = subprocess.Popen([sys.executable, "-m", "rerank_qlora.cli", f"run_dir={tmp_path / 'one'}", *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ddp = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                            "-m", "rerank_qlora.cli", f"run_dir={tmp_path / 'two'}", *args],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = [p.communicate(timeout=900)[0] for p in (single, ddp)]
+    for p, out in zip((single, ddp), outs):
+        assert p.returncode == 0, out[-3000:]
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["distill/loss"] for r in rows if "distill/loss" in r]
+
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=2e-4, abs=2e-4)

@@ -137,6 +137,6 @@ def test_jsonl_tracker_through_accelerate(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[1]["loss"] == 0.5
     with (tmp_path / "metrics.jsonl").open("a") as fh:
-        fh.write('{"step": 9, "lo')  # a line cut by a kill
+        fh.write('{"step": null, "final": 1}\n{"step": 9, "lo')  # a row without a step; a line cut by a kill
     JSONLTracker.truncate_after(tmp_path / "metrics.jsonl", 1)
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, None]

@@ -399,7 +399,8 @@ class JSONLTracker:
         keep = []
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", -1) <= step:
+                logged = json.loads(line).get("step")
+                if not isinstance(logged, int) or logged <= step:  # rows logged without a step are kept
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue

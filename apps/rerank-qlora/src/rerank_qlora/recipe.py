@@ -208,7 +208,8 @@ class RerankQLoRARecipe:
             if done % tc.log_every == 0 or done == steps:
                 row = {"step": done, "phase": phase, f"{phase}/loss": value, "lr": scheduler.get_last_lr()[0]}
                 history.append(row)
-                acc.log({f"{phase}/loss": value, "lr": row["lr"]}, step=done if phase == "distill" else None)
+                offset = 0 if phase == "distill" else self.cfg.train.steps  # one step axis for both phases
+                acc.log({f"{phase}/loss": value, "lr": row["lr"]}, step=offset + done)
                 bar.set_postfix(loss=f"{value:.4f}")
                 log.info("%s step %d loss %.4f", phase, done, value)
             if done % self.cfg.train.checkpoint_every == 0 or done == steps:
