@@ -7,8 +7,12 @@ chunked path. CUDA: the fused Triton kernel vs SDPA (flash) and compiled FlexAtt
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.harness import BenchContext, benchmark
 
@@ -28,18 +32,46 @@ def _fwd_bwd(fn, q, k, v):
     return run
 
 
-def peak_cpu_mib(fn) -> float:
-    """Peak bytes held by CPU tensors allocated during fn(), from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of storages created by ops while the mode is active, releasing them when the last
+    tensor using a storage is garbage collected: the peak is the largest live total (CPU has no allocator
+    statistics like torch.cuda.max_memory_allocated)."""
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage pointer -> [live tensors, bytes]
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.refs:
+                    self.refs[key] = [0, storage.nbytes()]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self.refs[key][0] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self.refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[key]
+
+
+def peak_cpu_mib(fn) -> float:
+    """Peak MiB of CPU tensor storage allocated and alive during fn() (inputs excluded)."""
+    gc.collect()
+    with _LiveTensorBytes() as mode:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-    held = peak = 0
-    for e in events:
-        held += e.cpu_memory_usage
-        peak = max(peak, held)
-    return peak / 2**20
+    return mode.peak / 2**20
 
 
 def _sdpa(q, k, v):

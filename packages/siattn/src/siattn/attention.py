@@ -177,7 +177,7 @@ class _ChunkedSIAttention(torch.autograd.Function):
             scores = qg[:, :, :, s:e].to(cdtype) @ k[:, :, None, :kend].to(cdtype).transpose(-1, -2)
             logits = probs_fn(scores)  # (B, Hkv, G, C, kend), masked with -inf
             row_lse = torch.logsumexp(logits, dim=-1)
-            probs = torch.exp(logits - row_lse[..., None]).nan_to_num_(nan=0.0)
+            probs = logits.sub_(row_lse[..., None]).exp_().nan_to_num_(nan=0.0)
             out[:, :, :, s:e] = probs @ v[:, :, None, :kend].to(cdtype)
             lse[:, :, :, s:e] = row_lse
         ctx.save_for_backward(q, k, v, doc_ids, attn_mask, out, lse)
@@ -202,11 +202,11 @@ class _ChunkedSIAttention(torch.autograd.Function):
             qc = qg[:, :, :, s:e].to(cdtype)
             kc = k[:, :, None, :kend].to(cdtype)
             logits, a_scaled = probs_fn(qc @ kc.transpose(-1, -2), with_scale=True)
-            probs = torch.exp(logits - lse[:, :, :, s:e, None]).nan_to_num_(nan=0.0)  # (B, Hkv, G, C, kend)
+            probs = logits.sub_(lse[:, :, :, s:e, None]).exp_().nan_to_num_(nan=0.0)  # (B, Hkv, G, C, kend)
             do = dout[:, :, :, s:e]
             dv[:, :, :kend] += (probs.transpose(-1, -2) @ do).sum(2)
             dprobs = do @ v[:, :, None, :kend].to(cdtype).transpose(-1, -2)
-            dscores = probs * (dprobs - delta[:, :, :, s:e, None]) * a_scaled  # dL * a_t / sqrt(D)
+            dscores = dprobs.sub_(delta[:, :, :, s:e, None]).mul_(probs).mul_(a_scaled)  # dL * a_t / sqrt(D)
             dq[:, :, :, s:e] = dscores @ kc
             dk[:, :, :kend] += (dscores.transpose(-1, -2) @ qc).sum(2)
         dq = dq.view(B, Hq, Tq, D).to(q.dtype)
@@ -234,8 +234,10 @@ def _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk)
             allowed = allowed & attn_mask[:, None, :, s:e, :kend]
         a_scaled = a * inv_sqrt_d
 
-        def logits_fn(raw, with_scale=False, a_scaled=a_scaled, m=m, allowed=allowed):
-            logits = (a_scaled * raw + m).masked_fill(~allowed, float("-inf"))
+        hidden = ~allowed
+
+        def logits_fn(raw, with_scale=False, a_scaled=a_scaled, m=m, hidden=hidden):
+            logits = raw.mul_(a_scaled).add_(m).masked_fill_(hidden, float("-inf"))  # in place: one (C, K) buffer
             return (logits, a_scaled) if with_scale else logits
 
         yield s, e, kend, logits_fn
