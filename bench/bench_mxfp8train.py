@@ -65,9 +65,9 @@ def mxfp8_linear_step_cpu(ctx: BenchContext) -> None:
         x = torch.randn(m, k, requires_grad=True)
         bf16 = nn.Linear(k, n).to(torch.bfloat16)
         xb = x.detach().to(torch.bfloat16).requires_grad_()
-        ctx.compare(f"M={m} K={k} N={n} vs fp32", lambda: _step(mx, x), lambda: _step(base, x),
+        ctx.compare(f"M={m} K={k} N={n} vs fp32", lambda mx=mx, x=x: _step(mx, x), lambda base=base, x=x: _step(base, x),
                     ours_name="MXLinear", anchor_name="nn.Linear fp32")
-        ctx.compare(f"M={m} K={k} N={n} vs bf16", lambda: _step(mx, x), lambda xb=xb, bf16=bf16: _step(bf16, xb),
+        ctx.compare(f"M={m} K={k} N={n} vs bf16", lambda mx=mx, x=x: _step(mx, x), lambda xb=xb, bf16=bf16: _step(bf16, xb),
                     ours_name="MXLinear", anchor_name="nn.Linear bf16")
 
 
