@@ -156,8 +156,10 @@ def mx_cast_ref(
     scale = mx_scale_exponent_ref(amax, elem_dtype, scale_mode)  # (..., n_blocks, 1)
     scaled = xb.to(torch.float32) * e8m0_to_fp32(scale, reciprocal=True)  # exact: a power of two
     scaled = scaled.clamp_(-max_pos, max_pos)  # FLOOR saturation and +-inf; NaN passes through
-    # every element of a NaN block becomes the positive NaN code 0x7F, whatever the sign of its own NaN
-    scaled = scaled.masked_fill_(scale == E8M0_NAN, float("nan"))
+    # every element of a NaN block becomes the positive NaN code 0x7F, whatever the sign of its own NaN;
+    # eager skips this pass when no block has a NaN (compiled code fuses it for free)
+    if torch.compiler.is_compiling() or bool(torch.isnan(amax).any()):
+        scaled = scaled.masked_fill_(scale == E8M0_NAN, float("nan"))
     data = scaled.to(elem_dtype).flatten(-2)
     if data.shape[-1] != n:
         data = data[..., :n].contiguous()
