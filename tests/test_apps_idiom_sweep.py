@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+
 from idiom_sweep.cli import main
 from idiom_sweep.config import IdiomSweepConfig
 from idiom_sweep.recipe import sweep_config
-
 from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "idiom-sweep"
@@ -63,7 +63,6 @@ def test_tiny_sweep_in_4bit_end_to_end(tmp_path, tiny_lm_dir, capsys):
 
     # The 4-bit path really quantized the linears (every one but the LM head) with nf4lora.
     from idiom_sweep.recipe import nf4lora_backend
-
     from idiomreason import ModelSpec
     from nf4lora.lora import Linear4bit
 

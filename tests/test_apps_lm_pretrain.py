@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from lm_pretrain.cli import main
 from lm_pretrain.config import PretrainConfig, StudyConfig
-
 from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "lm-pretrain"

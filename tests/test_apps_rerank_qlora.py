@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+
 from rerank_qlora.cli import main
 from rerank_qlora.config import RerankQLoRAConfig
 from rerank_qlora.stdlib_task import build_stdlib_task
-
 from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "rerank-qlora"

@@ -8,7 +8,6 @@ import torch
 
 from shared_kernels.testing.openai_server import (
     openai_compatible_server,
-    served_tiny_model,  # noqa: F401  (fixture)
     serving_available,
 )
 
@@ -27,13 +26,13 @@ def _greedy(model_dir, input_ids: list[int], max_new_tokens: int) -> str:
     return tok.decode(out[0, len(input_ids):], skip_special_tokens=True)
 
 
-def test_models_endpoint_lists_the_pinned_model(served_tiny_model):  # noqa: F811
+def test_models_endpoint_lists_the_pinned_model(served_tiny_model):
     r = httpx.get(f"{served_tiny_model.base_url}/models", timeout=30)
     assert r.status_code == 200
     assert [m["id"] for m in r.json()["data"]] == [served_tiny_model.model]
 
 
-def test_chat_completion_is_greedy_generate_on_the_chat_template(served_tiny_model):  # noqa: F811
+def test_chat_completion_is_greedy_generate_on_the_chat_template(served_tiny_model):
     from transformers import AutoTokenizer
 
     messages = [{"role": "user", "content": "Is 'spill the beans' idiomatic here?"}]
@@ -47,7 +46,7 @@ def test_chat_completion_is_greedy_generate_on_the_chat_template(served_tiny_mod
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
-def test_completion_uses_the_prompt_verbatim(served_tiny_model):  # noqa: F811
+def test_completion_uses_the_prompt_verbatim(served_tiny_model):
     from transformers import AutoTokenizer
 
     prompt = "<|im_start|>user\nliteral or idiomatic?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>"
@@ -58,7 +57,7 @@ def test_completion_uses_the_prompt_verbatim(served_tiny_model):  # noqa: F811
     assert r.json()["choices"][0]["text"] == _greedy(served_tiny_model.model_dir, ids, 7)
 
 
-def test_other_model_names_are_refused(served_tiny_model):  # noqa: F811
+def test_other_model_names_are_refused(served_tiny_model):
     body = {"model": "someone/else", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     r = httpx.post(f"{served_tiny_model.base_url}/chat/completions", json=body, timeout=30)
     assert r.status_code == 400

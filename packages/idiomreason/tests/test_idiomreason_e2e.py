@@ -18,9 +18,7 @@ from idiomreason import DatasetSpec, ModelSpec, SweepConfig, extract_label, load
 from idiomreason.cli import main as cli_main
 from idiomreason.prompts import TemplateLibrary, build_prompt
 from shared_kernels.testing.openai_server import (
-    openai_compatible_server,
     save_tiny_chat_model,
-    serving_available,
 )
 
 DEV_ROWS = [
@@ -70,12 +68,10 @@ def data_dir(tmp_path_factory) -> Path:
     return _write_semeval(tmp_path_factory.mktemp("idiomreason_semeval"))
 
 
-@pytest.fixture(scope="module")
-def served(tiny_dir):
-    if not serving_available():
-        pytest.skip("needs transformers[serving] for a real OpenAI-compatible server")
-    with openai_compatible_server(tiny_dir) as base_url:
-        yield base_url
+@pytest.fixture
+def served(served_tiny_model):
+    """The workspace's session-wide `transformers serve` of the tiny chat model (skips without the extra)."""
+    return served_tiny_model
 
 
 def _lines(path: Path) -> list[dict]:
@@ -119,7 +115,7 @@ def test_transformers_backend_end_to_end(tiny_dir, data_dir, tmp_path):
     assert "| semeval2022-2a:dev | tiny-0.5B | 0.5 | direct | all | 12 |" in result.markdown_path.read_text()
 
 
-def test_batched_local_and_http_generation_agree(tiny_dir, data_dir, served):
+def test_batched_local_and_http_generation_agree(data_dir, served):
     """Greedy outputs are the same one prompt at a time, in left-padded batches, and through the server."""
     from idiomreason.backends.hf import TransformersBackend
     from idiomreason.backends.http import OpenAIHTTPBackend
@@ -127,10 +123,11 @@ def test_batched_local_and_http_generation_agree(tiny_dir, data_dir, served):
     examples = load_dataset("semeval2022-2a", data_dir, "dev")[:7]
     template = TemplateLibrary().get("direct")
     prompts = [build_prompt(template, ex, reasoning=True) for ex in examples]  # prefilled think block
+    tiny_dir = served.model_dir
     one = TransformersBackend(str(tiny_dir), dtype="float32", device="cpu", batch_size=1)
     local = dict(one.generate(prompts, 9))
     batched = dict(TransformersBackend(one.model, one.tokenizer, batch_size=4).generate(prompts, 9))
-    http = OpenAIHTTPBackend(served, str(tiny_dir), api="completions", tokenizer=str(tiny_dir), concurrency=2)
+    http = OpenAIHTTPBackend(served.base_url, served.model, api="completions", tokenizer=str(tiny_dir), concurrency=2)
     remote = dict(http.generate(prompts, 9))
     http.close()
     assert sorted(local) == sorted(batched) == sorted(remote) == list(range(7))
@@ -139,10 +136,10 @@ def test_batched_local_and_http_generation_agree(tiny_dir, data_dir, served):
     assert len({local[i].text for i in range(7)}) > 1  # the prompts really differ
 
 
-def test_http_backend_end_to_end_through_the_cli(tiny_dir, data_dir, served, tmp_path, capsys):
+def test_http_backend_end_to_end_through_the_cli(data_dir, served, tmp_path, capsys):
     out = tmp_path / "http-run"
     argv = ["eval", "--dataset", "semeval2022-2a", "--path", str(data_dir), "--split", "dev",
-            "--model", str(tiny_dir), "--model-name", "tiny-http", "--backend", "http", "--base-url", served,
+            "--model", served.model, "--model-name", "tiny-http", "--backend", "http", "--base-url", served.base_url,
             "--api", "chat", "--concurrency", "3", "--condition", "cot", "--condition", "cot:1shot",
             "--shots-split", "train_one_shot", "--max-new-tokens", "8", "--out", str(out), "--n-resamples", "20",
             "--no-progress"]  # fmt: skip
@@ -156,11 +153,11 @@ def test_http_backend_end_to_end_through_the_cli(tiny_dir, data_dir, served, tmp
     assert len(_lines(out / "predictions.jsonl")) == 2 * len(DEV_ROWS)
 
 
-def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tiny_dir, tmp_path, served):
+def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, served):
     data = _write_semeval(tmp_path / "data")
     out = tmp_path / "killed"
-    argv = ["eval", "--dataset", "semeval2022-2a", "--path", str(data), "--split", "dev", "--model", str(tiny_dir),
-            "--model-name", "tiny", "--backend", "http", "--base-url", served, "--api", "chat",
+    argv = ["eval", "--dataset", "semeval2022-2a", "--path", str(data), "--split", "dev", "--model", served.model,
+            "--model-name", "tiny", "--backend", "http", "--base-url", served.base_url, "--api", "chat",
             "--concurrency", "1", "--condition", "cot", "--max-new-tokens", "40",
             "--out", str(out), "--no-progress", "--n-resamples", "10"]  # fmt: skip
     predictions = out / "predictions.jsonl"

@@ -16,15 +16,6 @@ import pytest
 from rerankdistill.backends.openai_http import OpenAIChatBackend, TeacherRequestError
 from rerankdistill.teacher import Pair, QrelsTeacher, TeacherRecord, TeacherStore, generate_teacher_outputs
 
-try:
-    from shared_kernels.testing.openai_server import served_tiny_model  # noqa: F401 - a pytest fixture
-except ImportError:  # older shared-kernels without the loopback server
-
-    @pytest.fixture
-    def served_tiny_model():
-        pytest.skip("shared_kernels.testing.openai_server is not available")
-
-
 PAIRS = [Pair(str(q), f"d{d}", f"query {q}", f"document {d} text") for q in range(3) for d in range(4)]
 QRELS = {"0": {"d0": 2, "d1": 1}, "1": {"d2": 3, "d3": -1}}
 
@@ -151,7 +142,7 @@ _CHILD = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_real_server_generation_survives_sigkill(tmp_path, served_tiny_model):  # noqa: F811
+def test_real_server_generation_survives_sigkill(tmp_path, served_tiny_model):
     path, n = tmp_path / "teacher.jsonl", 16
     args = [sys.executable, "-c", _CHILD, served_tiny_model.base_url, served_tiny_model.model, str(path), str(n)]
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -178,7 +169,7 @@ def test_real_server_generation_survives_sigkill(tmp_path, served_tiny_model):  
 
 
 @pytest.mark.slow
-def test_http_teacher_equals_local_greedy_generation(tmp_path, served_tiny_model):  # noqa: F811
+def test_http_teacher_equals_local_greedy_generation(tmp_path, served_tiny_model):
     from rerankdistill.backends.hf import TransformersBackend, load_causal_lm
     from rerankdistill.labels import INTERANK_PROMPT
 

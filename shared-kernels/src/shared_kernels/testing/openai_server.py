@@ -37,8 +37,9 @@ CPU, mostly importing torch and transformers):
         with openai_compatible_server(model_dir) as base_url:
             yield base_url, str(model_dir)
 
-or use `served_tiny_model` below by importing it into a test module (`from ... import served_tiny_model`):
-it yields a `ServedModel(base_url, model, model_dir)` and skips when the serving extra is not installed.
+or use the session-scoped `served_tiny_model` below (registered by `shared_kernels.testing.pytest_plugin`, so
+tests only name it as an argument): it yields a `ServedModel(base_url, model, model_dir)` and skips when the
+serving extra is not installed.
 """
 
 from __future__ import annotations
@@ -214,11 +215,13 @@ def openai_compatible_server(
             log_file.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
-    """A tiny Llama (ChatML tokenizer) behind a real `transformers serve` on loopback, one per test module.
+    """A tiny Llama (ChatML tokenizer; `save_tiny_chat_model` with its defaults) behind a real `transformers
+    serve` on loopback, started once per test session (a start costs 10-100 s of CPU).
 
-    Import it into a test module to use it: `from shared_kernels.testing.openai_server import served_tiny_model`.
+    The workspace's pytest plugin registers it, so tests just name it as an argument; do not import it into a
+    test module (that would make a second, module-level fixture and a second server).
     """
     if not serving_available():
         pytest.skip("transformers serve needs the serving extra: pip install 'transformers[serving]'")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared_kernels.testing.data import shared_data_dir
+from shared_kernels.testing.openai_server import served_tiny_model  # noqa: F401 - session fixture, registered here
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
