@@ -37,3 +37,19 @@ def test_cuda_generation(tiny_lm_dir, quantization):
     assert sorted(out) == list(range(7))
     assert all(1 <= g.n_tokens <= 6 and g.finish_reason in ("stop", "length") for g in out.values())
     backend.close()
+
+
+def test_vllm_offline_generation(tiny_lm_dir):
+    """The vLLM backend (GPU machines with vLLM installed; it is not a dependency): every prompt answered once,
+    token accounting and finish reasons sane, greedy decoding deterministic across calls."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm on a CUDA machine)")
+    from idiomreason.backends.vllm_offline import VLLMBackend
+
+    backend = VLLMBackend(str(tiny_lm_dir), dtype="bfloat16", chunk_size=3, gpu_memory_utilization=0.3,
+                          max_model_len=512, enforce_eager=True)
+    first = dict(backend.generate(_prompts(7), max_new_tokens=6))
+    again = dict(backend.generate(_prompts(7), max_new_tokens=6))
+    backend.close()
+    assert sorted(first) == list(range(7))
+    assert all(1 <= g.n_tokens <= 6 and g.finish_reason in ("stop", "length") for g in first.values())
+    assert [first[i].text for i in range(7)] == [again[i].text for i in range(7)]
