@@ -6,6 +6,7 @@ transformers/vLLM backends import it lazily.
 """
 
 from rerankdistill.bm25 import BM25Index, bm25_search
+from rerankdistill.bm25_lucene import LuceneBM25Index
 from rerankdistill.datasets import (
     CRANFIELD_GAINS,
     BrightTask,
@@ -68,7 +69,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BM25Index", "BrightTask", "CRANFIELD_GAINS", "Completion", "GenerationStats", "INTERANK_PROMPT", "Judgement",
-    "MetricScore", "Pair", "PairSplit", "QrelsTeacher", "RelevancePrompt", "RerankResult", "TeacherRecord",
+    "LuceneBM25Index", "MetricScore", "Pair", "PairSplit", "QrelsTeacher", "RelevancePrompt", "RerankResult",
+    "TeacherRecord",
     "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search",
     "build_training_pairs", "comparison_table", "evaluate", "generate_teacher_outputs", "load_beir",
     "load_bright", "load_cranfield", "load_jsonl", "load_pages", "ndcg_at_k", "parse_relevance",

@@ -1,4 +1,5 @@
-"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant).
+"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant), or with Lucene itself
+through pyserini (`bm25_search(..., backend="pyserini")`, see `bm25_lucene`).
 
 Only documents with a positive score are returned, as Lucene/pyserini do: a document sharing no term with the
 query is not "retrieved". Ties keep bm25s's order here; the metrics re-sort by trec_eval's rule anyway.
@@ -76,13 +77,34 @@ class BM25Index:
         return run
 
 
+BACKENDS = ("bm25s", "pyserini")
+
+
 def bm25_search(corpus: Mapping[str, str], queries: Mapping[str, str], k: int = 100, k1: float = 0.9,
-                b: float = 0.4, stopwords: str | None = "en", stemmer: Callable | None = None) -> Run:
+                b: float = 0.4, stopwords: str | None = "en", stemmer: Callable | str | None = None,
+                backend: str = "bm25s", index_dir: str | None = None) -> Run:
     """Index `corpus` with BM25 and return each query's top-k: {qid: {docid: score}}.
 
     Args:
         corpus: {docid: text}; queries: {qid: non-empty text}; k: depth per query.
-        k1, b, stopwords, stemmer: see `BM25Index`.
+        k1, b, stopwords: see `BM25Index`.
+        stemmer: bm25s: a callable or None (see `BM25Index`); pyserini: None, "porter" or "krovetz".
+        backend: "bm25s" (in memory, no Java) or "pyserini" (Lucene BM25: needs pyserini and Java 21+, see
+            `bm25_lucene.LuceneBM25Index`).
+        index_dir: pyserini only: keep the Lucene index in this (absent or empty) directory instead of a
+            temporary one.
     """
     _validate(corpus, queries, k)
+    if backend == "pyserini":
+        from rerankdistill.bm25_lucene import LuceneBM25Index
+
+        with LuceneBM25Index(corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer, index_dir=index_dir) as index:
+            return index.search(queries, k=k)
+    if backend != "bm25s":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(stemmer, str):
+        raise ValueError(f"stemmer={stemmer!r}: named Lucene stemmers need backend='pyserini'; bm25s takes a "
+                         "callable (e.g. PyStemmer's `Stemmer.Stemmer('english').stemWords`) or None")
+    if index_dir is not None:
+        raise ValueError("index_dir is for backend='pyserini' (bm25s indexes in memory)")
     return BM25Index(corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer).search(queries, k=k)
