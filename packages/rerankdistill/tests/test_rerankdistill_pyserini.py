@@ -3,6 +3,7 @@ document, and Cranfield against bm25s. The pyserini tests skip when pyserini or 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -117,3 +118,17 @@ def test_cranfield_pyserini_close_to_bm25s(lucene, shared_data):
     top10 = [len(set(sorted(lucene_run[q], key=lucene_run[q].get)[-10:])
                  & set(sorted(bm25s_run[q], key=bm25s_run[q].get)[-10:])) / 10 for q in queries]
     assert sum(top10) / len(top10) > 0.8
+
+
+def test_cli_generate_with_pyserini_first_stage(lucene, tmp_path, shared_data, capsys):
+    from rerankdistill.cli import main
+    from rerankdistill.datasets import read_jsonl
+
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["generate", "collection=cranfield", f"path={shared_data / 'cranfield'}", "backend=offline-qrels",
+                 "bm25_backend=pyserini", "max_queries=3", "depth=4", f"output={tmp_path / 't.jsonl'}",
+                 f"pairs_out={pairs}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"] == 12
+    corpus, queries, _ = load_cranfield(shared_data / "cranfield")
+    expected = bm25_search(corpus, {q: queries[q] for q in ("1", "2", "3")}, k=4, backend="pyserini")
+    assert [(r["qid"], r["docid"]) for r in read_jsonl(pairs)] == [(q, d) for q in expected for d in expected[q]]

@@ -78,6 +78,7 @@ class GenerateOptions(CollectionOptions):
     pairs: str = option("", "pairs JSONL (qid, docid, query, document); built from the collection when empty")
     pairs_out: str = option("pairs.jsonl", "where pairs built from the collection are written")
     depth: int = option(10, "BM25 candidates per query when building pairs")
+    bm25_backend: str = option("bm25s", "bm25s | pyserini (Lucene BM25; needs pyserini and Java 21+)")
     max_queries: int = option(0, "use only the first N queries (0: all)")
     backend: str = option("openai", "openai | transformers | vllm | offline-qrels")
     base_url: str = option("http://127.0.0.1:8000/v1", "OpenAI-compatible server")
@@ -99,7 +100,7 @@ def _build_pairs(o: GenerateOptions):
     corpus, queries, qrels = load_collection(o)
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
-    run = bm25_search(corpus, queries, k=o.depth)
+    run = bm25_search(corpus, queries, k=o.depth, backend=o.bm25_backend)
     pairs = [Pair(q, d, queries[q], corpus[d]) for q in queries for d in run[q]]
     return pairs, qrels
 
@@ -241,6 +242,7 @@ def cmd_refine(o: RefineOptions) -> dict:
 class RerankOptions(CollectionOptions):
     model: str = option("", "reranker: local model directory")
     first_stage: str = option("bm25", "'bm25' or a TREC run file")
+    bm25_backend: str = option("bm25s", "first_stage=bm25 with bm25s | pyserini (Lucene; needs Java 21+)")
     depth: int = option(100, "candidates reranked per query")
     max_queries: int = option(0, "use only the first N queries (0: all)")
     batch_size: int = option(8, "pairs per forward/generate batch")
@@ -267,7 +269,8 @@ def cmd_rerank(o: RerankOptions) -> dict:
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
     if o.first_stage == "bm25":
-        first = drop_excluded(bm25_search(corpus, queries, k=o.depth + 50), excluded_ids(o))
+        first = drop_excluded(bm25_search(corpus, queries, k=o.depth + 50, backend=o.bm25_backend),
+                              excluded_ids(o))
         first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
         write_run(first, o.first_stage_output, tag="bm25")
     else:
