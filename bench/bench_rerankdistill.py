@@ -1,5 +1,5 @@
-"""rerankdistill benchmarks: BM25 (bm25s) against rank_bm25 on Cranfield; pointwise reranking throughput of the
-transformers backend with and without batching."""
+"""rerankdistill benchmarks: BM25 (bm25s) against rank_bm25 and against Lucene (pyserini) on Cranfield; pointwise
+reranking throughput of the transformers backend with and without batching."""
 
 from __future__ import annotations
 
@@ -46,6 +46,28 @@ def bm25_cranfield(ctx: BenchContext) -> None:
     ctx.compare("retrieve 225 queries top-100", lambda: ours_index.search(queries, k=100), rank_search,
                 ours_name="bm25s", anchor_name="rank_bm25", work=len(qtexts), unit="queries",
                 reps=3 if ctx.quick else 5)
+
+
+@benchmark("bm25-pyserini-cranfield", package="rerankdistill", device="cpu")
+def bm25_pyserini_cranfield(ctx: BenchContext) -> None:
+    """BM25 on Cranfield (1,400 docs, 225 queries, top-100, k1=0.9 b=0.4, English stopwords, no stemming): bm25s
+    (ours, BM25Index) vs Lucene through pyserini (LuceneBM25Index, 1 thread, index in a temporary directory; JVM
+    start excluded by the warm-up). Needs pyserini and Java 21+."""
+    from rerankdistill.bm25 import BM25Index
+    from rerankdistill.bm25_lucene import LuceneBM25Index
+
+    corpus, queries, _ = _cranfield()
+
+    def lucene_index():
+        LuceneBM25Index(corpus).close()
+
+    ctx.compare("index 1,400 docs", lambda: BM25Index(corpus), lucene_index, ours_name="bm25s",
+                anchor_name="pyserini", work=len(corpus), unit="docs", reps=3 if ctx.quick else 5)
+    ours_index = BM25Index(corpus)
+    with LuceneBM25Index(corpus) as anchor_index:
+        ctx.compare("retrieve 225 queries top-100", lambda: ours_index.search(queries, k=100),
+                    lambda: anchor_index.search(queries, k=100), ours_name="bm25s", anchor_name="pyserini",
+                    work=len(queries), unit="queries", reps=3 if ctx.quick else 5)
 
 
 def _rerank_case(ctx: BenchContext, device: str, hidden: int, layers: int, n_pairs: int, new_tokens: int) -> None:
