@@ -117,7 +117,7 @@ def test_cranfield_pyserini_close_to_bm25s(lucene, shared_data):
         assert abs(float(ours[m]) - float(ref[m])) < 0.01, (m, float(ours[m]), float(ref[m]))
     top10 = [len(set(sorted(lucene_run[q], key=lucene_run[q].get)[-10:])
                  & set(sorted(bm25s_run[q], key=bm25s_run[q].get)[-10:])) / 10 for q in queries]
-    assert sum(top10) / len(top10) > 0.8
+    assert sum(top10) / len(top10) > 0.95  # measured 0.981 (lowest query 0.8)
 
 
 def test_cli_generate_with_pyserini_first_stage(lucene, tmp_path, shared_data, capsys):
