@@ -143,20 +143,72 @@ def test_incremental_decoding_equals_the_full_pass(backend):
 def test_chunked_matches_reference_forward_and_backward(causal, q_offset, Tq):
     q, k, v = _qkv(Tq=Tq, Tk=97, D=72, requires_grad=True)
     doc_ids = torch.tensor([[0] * 50 + [1] * 47, [3] * 97])
-    kw = dict(causal=causal, q_offset=q_offset, doc_ids=doc_ids)
+    _assert_chunked_matches_reference(q, k, v, 32, dict(causal=causal, q_offset=q_offset, doc_ids=doc_ids))
+
+
+def _assert_chunked_matches_reference(q, k, v, chunk, kw):
+    """Forward and all gradients of the chunked fp32 path within the error-ratio bound of the fp32 reference
+    against fp64 (atol: fp32 matmuls of other shapes round differently; 1e-5 is ~10 fp32 ulps here)."""
     ref64 = attention_ref(*[x.double() for x in (q, k, v)], **kw)
     ref = attention(q, k, v, backend="reference", **kw)
-    out = attention(q, k, v, backend="chunked", chunk=32, **kw)
+    out = attention(q, k, v, backend="chunked", chunk=chunk, **kw)
     assert out.dtype == torch.float32 and out.shape == q.shape
-    # atol: fp32 matmuls of other shapes round differently; 1e-5 is ~10 fp32 ulps of these outputs.
-    assert_error_ratio(out, ref, ref64, atol=1e-5, what="forward")
+    assert_error_ratio(out, ref, ref64, atol=1e-5, what=f"chunk {chunk} forward")
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     grads_ref = torch.autograd.grad(ref, (q, k, v), g)
     q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
     grads64 = torch.autograd.grad(attention_ref(q64, k64, v64, **kw), (q64, k64, v64), g.double())
     for name, a, b, c in zip("qkv", grads, grads_ref, grads64):
-        assert_error_ratio(a, b, c, atol=1e-5, what=f"d{name}")
+        assert_error_ratio(a, b, c, atol=1e-5, what=f"chunk {chunk} d{name}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk,q_offset,chunk", [(97, 97, 0, 32), (57, 97, 40, 16), (1, 33, 32, 128), (5, 40, 0, 3)])
+def test_toeplitz_terms_equal_the_per_block_coefficients(causal, Tq, Tk, q_offset, chunk):
+    # The fast path reads each chunk's a_t / sqrt(D) and m_t as a column slice of two Toeplitz matrices built
+    # once per call; every chunk's slice must equal the spec's per-block terms (masked: a = 0, m = -inf).
+    from siattn.attention import _block_logit_terms, _chunk_plan, _toeplitz_terms
+
+    plan, (rows, cols, shift) = _chunk_plan(Tq, Tk, q_offset, causal, chunk)
+    a_all, m_all = _toeplitz_terms(3.0, causal, 1.5, 1.0, rows, cols, shift, 0.125, torch.float64, torch.device("cpu"))
+    for s, e, kend, c0 in plan:
+        a, m, allowed = _block_logit_terms(torch.arange(q_offset + s, q_offset + e), torch.arange(kend), 3.0,
+                                           causal, 1.5, 1.0, torch.float64)
+        got_a, got_m = a_all[:e - s, c0:c0 + kend], m_all[:e - s, c0:c0 + kend]
+        assert_exact(got_a[allowed], (a * 0.125)[allowed], "a_t")
+        assert_exact(got_m[allowed], m[allowed], "m_t")
+        assert (got_a[~allowed] == 0).all() and (got_m[~allowed] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("chunk", [2, 7, 40, 500])
+def test_chunked_any_chunk_size_matches_reference(chunk):
+    # Odd shapes for the fast path: T=97 (partial last chunk), D=72, GQA 6/2, documents and a q_offset.
+    q, k, v = _qkv(B=2, Hq=6, Hkv=2, Tq=45, Tk=97, D=72, requires_grad=True)
+    doc_ids = torch.tensor([[0] * 60 + [1] * 37, [2] * 97])
+    _assert_chunked_matches_reference(q, k, v, chunk, dict(q_offset=52, doc_ids=doc_ids, alpha=1.5, beta=1.0))
+
+
+def test_chunked_fully_masked_rows_give_zeros_and_finite_gradients():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, Tq=9, Tk=9, D=8, requires_grad=True)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    mask[0, 0, 4] = False  # query 4 sees nothing
+    out = attention(q, k, v, attn_mask=mask, backend="chunked", chunk=4)
+    ref = attention(q, k, v, attn_mask=mask, backend="reference")
+    assert (out[0, :, 4] == 0).all()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_saves_no_score_sized_tensor_for_backward():
+    # Memory linear in T: the backward recomputes the probabilities, so only q, k, v (and masks) are saved.
+    q, k, v = _qkv(B=1, Hq=2, Hkv=2, Tq=64, Tk=64, D=8, requires_grad=True)
+    out = attention(q, k, v, backend="auto")  # CPU: auto is the chunked path
+    assert type(out.grad_fn).__name__ == "_ChunkedSIAttentionBackward"
+    assert max(t.numel() for t in out.grad_fn.saved_tensors if t is not None) == q.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -5,9 +5,14 @@ the query masked when causal; softmax in fp32 (fp64 for fp64 inputs). Without `c
 
 Backends:
 - "reference": materialises the (Tq, Tk) logits; the specification every other backend is tested against.
-- "chunked" (alias "torch"): queries in chunks of `chunk` rows against the visible keys, so memory is
-  O(chunk x Tk); a `torch.autograd.Function` saves only q, k, v, the output and the row log-sum-exp, and the
-  backward recomputes each chunk's probabilities (FlashAttention's recomputation, with whole rows per chunk).
+- "chunked" (alias "torch"), the CPU fast path: queries in chunks of `chunk` rows against the visible keys,
+  so memory is O(chunk x Tk); a `torch.autograd.Function` saves only q, k, v and the backward recomputes each
+  chunk's probabilities (FlashAttention's recomputation, with whole rows per chunk). a_t and m_t are computed
+  once per call on the vector of distances and read as column slices of two Toeplitz matrices, with the
+  causal mask folded in (a = 0, m = -inf), so a chunk costs two matmuls, one `addcmul` and one softmax
+  forward, and five matmuls, `addcmul`, softmax, softmax-backward and one multiply backward. Eager on
+  purpose: torch.compile of this path costs about a minute per new shape on CPU and was not faster
+  (packages/siattn/README.md, Benchmarks).
 - "flex": `torch.nn.attention.flex_attention` with a `score_mod`; eager on CPU (forward only there), fused
   when compiled on GPU.
 - "triton": the fused kernel in `shared_kernels.si_attention` (CUDA, or CPU under TRITON_INTERPRET=1).
@@ -20,7 +25,7 @@ import math
 
 import torch
 
-from siattn.coefficients import _check_family, coefficients
+from siattn.coefficients import _check_family, _coefficients, coefficients
 
 BACKENDS = ("auto", "reference", "chunked", "torch", "flex", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -160,87 +165,137 @@ def attention_ref(
     return (probs @ v.to(probs.dtype)).to(q.dtype)
 
 
+def _toeplitz_terms(
+    tau: float,
+    causal: bool,
+    alpha: float | None,
+    beta: float | None,
+    rows: int,
+    cols: int,
+    shift: int,
+    scale: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """a_t * scale and m_t as (rows, cols) matrices with t = i + shift - x at row i, column x.
+
+    The transform depends on t alone, so each query chunk's (C, K) terms are a column slice of these two
+    Toeplitz matrices: a_t, m_t are computed once per call on the vector of distances, then laid out with
+    `as_strided` (no per-chunk log1p/sqrt). Causal: a_t = 0 and m_t = -inf for t < 0, so a_t * S + m_t is
+    the masked logit (S is finite) and no separate mask pass is needed."""
+    t = torch.arange(shift + rows - 1, shift - cols, -1, device=device)  # t[y] = shift + rows - 1 - y
+    a, m = _coefficients((t.clamp(min=0) if causal else t.abs()).to(dtype), tau, alpha, beta)
+    a = a * scale
+    if causal:
+        a = a.masked_fill(t < 0, 0.0)
+        m = m.masked_fill(t < 0, float("-inf"))
+    # Row r of the view is rows - 1 - i: entry (r, x) = vec[r + x] has t = i + shift - x; flip the rows back
+    # into row-major storage (flip alone keeps the view's column-major strides: 15x slower addcmul reads).
+    return tuple(torch.empty(rows, cols, dtype=dtype, device=device).copy_(x.as_strided((rows, cols), (1, 1)).flip(0))
+                 for x in (a, m))
+
+
+def _chunk_plan(Tq: int, Tk: int, q_offset: int, causal: bool, chunk: int):
+    """(start, end, visible keys, first Toeplitz column) per query chunk, and the Toeplitz (rows, cols, shift).
+
+    Column x of the Toeplitz matrices is key x - shift + q_offset + s for the chunk starting at s, with shift =
+    q_offset + s_last so every chunk's columns start at s_last - s >= 0."""
+    s_last = (Tq - 1) // chunk * chunk
+    plan = []
+    for s in range(0, Tq, chunk):
+        e = min(s + chunk, Tq)
+        kend = min(Tk, q_offset + e) if causal else Tk
+        plan.append((s, e, kend, s_last - s))
+    return plan, (min(chunk, Tq), Tk + s_last, q_offset + s_last)
+
+
 class _ChunkedSIAttention(torch.autograd.Function):
-    """Chunked forward (whole visible rows per query chunk) with a recomputing backward. GQA without copies:
-    q is viewed as (B, Hkv, G, Tq, D) and each kv head broadcasts over its G query heads."""
+    """Chunked forward (whole visible rows per query chunk) with a recomputing backward that saves only q, k,
+    v: per chunk, one matmul for q.k, one fused `addcmul` for a_t * S + m_t (causal mask included), one
+    softmax, one matmul with v. The backward recomputes the same probabilities bit for bit and uses the fused
+    softmax backward P * (dP - rowsum(P dP)). GQA without copies of k, v: the G query heads of a kv head are
+    stacked as G * C rows of one matmul, so the (N, G*C, K) blocks are (B*Hkv) batched matmuls."""
 
     @staticmethod
     def forward(ctx, q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
-        cdtype = _compute_dtype(q.dtype)
         B, Hq, Tq, D = q.shape
         Hkv = k.shape[1]
-        G = Hq // Hkv
-        qg = q.view(B, Hkv, G, Tq, D)
-        out = torch.empty(B, Hkv, G, Tq, D, dtype=cdtype, device=q.device)
-        lse = torch.empty(B, Hkv, G, Tq, dtype=cdtype, device=q.device)
-        for s, e, kend, probs_fn in _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
-            scores = qg[:, :, :, s:e].to(cdtype) @ k[:, :, None, :kend].to(cdtype).transpose(-1, -2)
-            logits = probs_fn(scores)  # (B, Hkv, G, C, kend), masked with -inf
-            row_lse = torch.logsumexp(logits, dim=-1)
-            probs = logits.sub_(row_lse[..., None]).exp_().nan_to_num_(nan=0.0)
-            out[:, :, :, s:e] = probs @ v[:, :, None, :kend].to(cdtype)
-            lse[:, :, :, s:e] = row_lse
-        ctx.save_for_backward(q, k, v, doc_ids, attn_mask, out, lse)
+        out = torch.empty(B, Hkv, Hq // Hkv, Tq, D, dtype=_compute_dtype(q.dtype), device=q.device)
+        for s, e, _, _, vc, _, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha,
+                                                       beta, chunk):
+            out[:, :, :, s:e] = (probs @ vc).view(B, Hkv, Hq // Hkv, e - s, D)
+        ctx.save_for_backward(q, k, v, doc_ids, attn_mask)
         ctx.args = (tau, causal, q_offset, alpha, beta, chunk)
         return out.view(B, Hq, Tq, D).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, doc_ids, attn_mask, out, lse = ctx.saved_tensors
-        tau, causal, q_offset, alpha, beta, chunk = ctx.args
-        cdtype = out.dtype
+        q, k, v, doc_ids, attn_mask = ctx.saved_tensors
+        cdtype = _compute_dtype(q.dtype)
         B, Hq, Tq, D = q.shape
-        Hkv = k.shape[1]
-        G = Hq // Hkv
-        qg = q.view(B, Hkv, G, Tq, D)
-        dout = grad_out.reshape(B, Hkv, G, Tq, D).to(cdtype)
-        delta = (dout * out).sum(-1)  # (B, Hkv, G, Tq): rowsum(dO * O) = sum_j P_ij dP_ij
-        dq = torch.zeros(B, Hkv, G, Tq, D, dtype=cdtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=cdtype, device=q.device)
-        dv = torch.zeros(v.shape, dtype=cdtype, device=q.device)
-        for s, e, kend, probs_fn in _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
-            qc = qg[:, :, :, s:e].to(cdtype)
-            kc = k[:, :, None, :kend].to(cdtype)
-            logits, a_scaled = probs_fn(qc @ kc.transpose(-1, -2), with_scale=True)
-            probs = logits.sub_(lse[:, :, :, s:e, None]).exp_().nan_to_num_(nan=0.0)  # (B, Hkv, G, C, kend)
-            do = dout[:, :, :, s:e]
-            dv[:, :, :kend] += (probs.transpose(-1, -2) @ do).sum(2)
-            dprobs = do @ v[:, :, None, :kend].to(cdtype).transpose(-1, -2)
-            dscores = dprobs.sub_(delta[:, :, :, s:e, None]).mul_(probs).mul_(a_scaled)  # dL * a_t / sqrt(D)
-            dq[:, :, :, s:e] = dscores @ kc
-            dk[:, :, :kend] += (dscores.transpose(-1, -2) @ qc).sum(2)
-        dq = dq.view(B, Hq, Tq, D).to(q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        Hkv, Tk = k.shape[1], k.shape[2]
+        G, N = Hq // Hkv, B * Hkv
+        dout = grad_out.to(cdtype).reshape(B, Hkv, G, Tq, D)
+        dq = torch.empty(B, Hkv, G, Tq, D, dtype=cdtype, device=q.device)
+        dk = torch.zeros(N, Tk, D, dtype=cdtype, device=q.device)
+        dv = torch.zeros(N, Tk, D, dtype=cdtype, device=q.device)
+        for s, e, qc, kc, vc, a, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, *ctx.args):
+            C, kend = e - s, kc.shape[1]
+            do = dout[:, :, :, s:e].reshape(N, G * C, D)
+            dv[:, :kend].baddbmm_(probs.transpose(1, 2), do)  # sums the G query heads of each kv head
+            dprobs = do @ vc.transpose(1, 2)  # (N, G*C, K)
+            dscores = torch._softmax_backward_data(dprobs, probs, -1, cdtype)  # P * (dP - rowsum(P dP))
+            dscores = dscores.view(B, Hkv, G, C, kend).mul_(a).view(N, G * C, kend)  # dL * a_t / sqrt(D)
+            dq[:, :, :, s:e] = (dscores @ kc).view(B, Hkv, G, C, D)
+            dk[:, :kend].baddbmm_(dscores.transpose(1, 2), qc)
+        return (dq.view(B, Hq, Tq, D).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+                None, None, None, None, None, None, None, None)
 
 
-def _chunks(q, k, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
-    """Yield (start, end, visible key count, logits function) per query chunk. The logits function maps raw
-    q.k (B, Hkv, G, C, K) to masked logits a_t * q.k / sqrt(D) + m_t (and optionally a_t / sqrt(D))."""
+def _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
+    """Per query chunk [s, e) with K visible keys: (s, e, qc (N, G*C, D), kc and vc (N, K, D), a_t / sqrt(D)
+    (C, K), probabilities (N, G*C, K)) in the compute dtype, N = B * Hkv, G = Hq / Hkv."""
     cdtype = _compute_dtype(q.dtype)
-    Tq, D = q.shape[2], q.shape[3]
-    Tk = k.shape[2]
-    inv_sqrt_d = 1.0 / math.sqrt(D)
-    for s in range(0, Tq, chunk):
-        e = min(s + chunk, Tq)
-        kend = min(Tk, q_offset + e) if causal else Tk
-        q_pos = torch.arange(q_offset + s, q_offset + e, device=q.device)
-        k_pos = torch.arange(kend, device=q.device)
-        a, m, allowed = _block_logit_terms(q_pos, k_pos, tau, causal, alpha, beta, cdtype)
-        allowed = allowed[None, None, None]  # (1, 1, 1, C, K)
-        if doc_ids is not None:
-            same = doc_ids[:, q_offset + s:q_offset + e, None] == doc_ids[:, None, :kend]  # (B, C, K)
-            allowed = allowed & same[:, None, None]
-        if attn_mask is not None:
-            allowed = allowed & attn_mask[:, None, :, s:e, :kend]
-        a_scaled = a * inv_sqrt_d
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G, N = Hq // Hkv, B * Hkv
+    plan, (rows, cols, shift) = _chunk_plan(Tq, Tk, q_offset, causal, chunk)
+    a_all, m_all = _toeplitz_terms(tau, causal, alpha, beta, rows, cols, shift, 1.0 / math.sqrt(D), cdtype, q.device)
+    qg = q.to(cdtype).view(B, Hkv, G, Tq, D)
+    k3, v3 = k.to(cdtype).reshape(N, Tk, D), v.to(cdtype).reshape(N, Tk, D)
+    for s, e, kend, c0 in plan:
+        C = e - s
+        qc = qg[:, :, :, s:e].reshape(N, G * C, D)
+        a = a_all[:C, c0:c0 + kend]
+        probs = _chunk_probs(qc, k3[:, :kend], a, m_all[:C, c0:c0 + kend],
+                             _chunk_hidden(doc_ids, attn_mask, q_offset, s, e, kend), (B, Hkv, G, C, kend),
+                             attn_mask is not None)
+        yield s, e, qc, k3[:, :kend], v3[:, :kend], a, probs
 
-        hidden = ~allowed
 
-        def logits_fn(raw, with_scale=False, a_scaled=a_scaled, m=m, hidden=hidden):
-            logits = raw.mul_(a_scaled).add_(m).masked_fill_(hidden, float("-inf"))  # in place: one (C, K) buffer
-            return (logits, a_scaled) if with_scale else logits
+def _chunk_hidden(doc_ids, attn_mask, q_offset, s, e, kend):
+    """Keys a chunk's queries may not see beyond the causal ones: (B, 1, 1, C, K) bool, or None."""
+    hidden = None
+    if doc_ids is not None:
+        same = doc_ids[:, q_offset + s:q_offset + e, None] == doc_ids[:, None, :kend]  # (B, C, K)
+        hidden = ~same[:, None, None]
+    if attn_mask is not None:
+        masked = ~attn_mask[:, None, :, s:e, :kend]
+        hidden = masked if hidden is None else hidden | masked
+    return hidden
 
-        yield s, e, kend, logits_fn
+
+def _chunk_probs(qc, kc, a, m, hidden, shape5, empty_rows):
+    """Softmax over the visible keys of a_t * (q.k) / sqrt(D) + m_t: qc (N, G*C, D), kc (N, K, D), a and m
+    (C, K) -> (N, G*C, K). Rows with no visible key (possible only with attn_mask: `empty_rows`) are zeros."""
+    logits = (qc @ kc.transpose(1, 2)).view(shape5)  # (B, Hkv, G, C, K)
+    torch.addcmul(m, logits, a, out=logits)  # in place: one (G*C, K) buffer per kv head
+    if hidden is not None:
+        logits.masked_fill_(hidden, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if empty_rows:
+        probs.nan_to_num_(nan=0.0)
+    return probs.view(qc.shape[0], qc.shape[1], -1)
 
 
 def attention_chunked(
@@ -255,7 +310,7 @@ def attention_chunked(
     attn_mask: torch.Tensor | None = None,
     alpha: float | None = None,
     beta: float | None = None,
-    chunk: int = 256,
+    chunk: int = 128,
 ) -> torch.Tensor:
     """Chunked torch path: memory O(chunk x Tk) in forward and backward. Shapes as `attention`."""
     if not isinstance(chunk, int) or chunk < 1:
@@ -323,7 +378,7 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     alpha: float | None = None,
     beta: float | None = None,
-    chunk: int = 256,
+    chunk: int = 128,
 ) -> torch.Tensor:
     """Scale-invariant attention.
 
@@ -337,7 +392,8 @@ def attention(
         backend: "auto" | "reference" | "chunked" ("torch") | "flex" | "triton".
         attn_mask: optional bool (B or 1, 1, Tq, Tk), True = may attend (padding masks); torch backends only.
         alpha, beta: the general coefficient family (both or neither).
-        chunk: query rows per chunk of the chunked backend.
+        chunk: query rows per chunk of the chunked backend (128: fastest of 64/128/256 at T=1024..4096 on
+            CPU; the score buffers are Hq x chunk x Tk).
     Returns:
         (B, Hq, Tq, D) in q's dtype. Softmax and a_t, m_t in fp32 (fp64 for fp64 inputs).
     """

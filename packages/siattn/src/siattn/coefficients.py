@@ -59,6 +59,14 @@ def coefficients(
     t = torch.as_tensor(t).to(dtype)
     if bool((t < 0).any()):
         raise ValueError("t must be >= 0 (distances from a query back to the keys it sees)")
+    return _coefficients(t, tau, alpha, beta)
+
+
+def _coefficients(
+    t: torch.Tensor, tau: float, alpha: float | None, beta: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`coefficients` without the checks, for callers whose t >= 0 by construction (no host sync, so
+    torch.compile traces it without a graph break)."""
     log_growth = torch.log1p(t / tau)
     if alpha is None:
         a_sq = 1.0 + 2.0 * log_growth
