@@ -66,6 +66,29 @@ def test_low_precision_inputs_forward(dtype):
     assert_error_ratio(out, same, ref64, atol=1e-3, what=f"{dtype} out")
 
 
+@needs_kernel
+def test_custom_ops_pass_opcheck_and_compile_without_graph_break():
+    # Registered as torch.library custom ops (forward, backward, fake implementations), so torch.compile
+    # traces si_attention as one opaque op: fullgraph=True fails on any graph break.
+    q, k, v = _qkv(1, 2, 1, 13, 29, 16, seed=4)
+    doc = torch.tensor([[0] * 20 + [1] * 9], device=DEVICE, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.shared_kernels.si_attention_fwd.default,
+                          (q, k, v, doc, 3.0, True, 16, 1.5, 1.0))
+    plain = [x.detach() for x in (q, k, v)]  # the backward op has no autograd formula of its own
+    out, lse = torch.ops.shared_kernels.si_attention_fwd(*plain, doc, 3.0, True, 16, 1.5, 1.0)
+    torch.library.opcheck(torch.ops.shared_kernels.si_attention_bwd.default,
+                          (*plain, doc, out, lse, torch.randn_like(out), 3.0, True, 16, 1.5, 1.0))
+
+    def loss(q, k, v):
+        return si_attention(q, k, v, tau=3.0, q_offset=16, doc_ids=doc, alpha=1.5, beta=1.0).pow(2).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_dtype_raises():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     with pytest.raises((TypeError, ValueError)):

@@ -11,6 +11,10 @@ log-sum-exp. The backward recomputes P from it: dV = P^T dO, dP = dO V^T, dL = P
 dS = dL a_t / sqrt(D), dQ = dS K, dK = dS^T Q. dK/dV are accumulated per key block over the G query heads of
 each KV head (no atomics); dQ per query block.
 
+The launches are `torch.library` custom ops (`shared_kernels::si_attention_fwd` / `_bwd`, with fake
+implementations and the backward registered as the forward's autograd formula), so torch.compile traces
+`si_attention` as one op without a graph break.
+
 Precision: scores and softmax in fp32 always; fp32 inputs use IEEE fp32 dots (no TF32); bf16/fp16 inputs feed
 the tensor cores in their dtype on GPU. Under TRITON_INTERPRET=1 every dot runs in fp32 (the interpreter's
 bf16 arithmetic is wrong).
@@ -313,19 +317,49 @@ def _si_attention_bwd(q, k, v, doc, out, lse, dout, tau, causal, q_offset, alpha
     return dq, dk, dv
 
 
-class _SIAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, doc, tau, causal, q_offset, alpha, beta):
-        out, lse = _si_attention_fwd(q, k, v, doc, tau, causal, q_offset, alpha, beta)
-        ctx.save_for_backward(q, k, v, doc, out, lse)
-        ctx.args = (tau, causal, q_offset, alpha, beta)
-        return out
+@torch.library.custom_op("shared_kernels::si_attention_fwd", mutates_args=())
+def _si_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, tau: float, causal: bool, q_offset: int,
+    alpha: float | None, beta: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launch as a torch custom op: (out (B, Hq, Tq, D), row log-sum-exp (B, Hq, Tq) fp32), so
+    torch.compile sees one opaque op (no graph break) and traces it through the fake implementation."""
+    return _si_attention_fwd(q, k, v, doc, tau, causal, q_offset, alpha, beta)
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, doc, out, lse = ctx.saved_tensors
-        dq, dk, dv = _si_attention_bwd(q, k, v, doc, out, lse, dout.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+
+@_si_attention_fwd_op.register_fake
+def _si_attention_fwd_fake(q, k, v, doc, tau, causal, q_offset, alpha, beta):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("shared_kernels::si_attention_bwd", mutates_args=())
+def _si_attention_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dout: torch.Tensor, tau: float, causal: bool, q_offset: int, alpha: float | None, beta: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward launches (dK/dV, then dQ) as a custom op: (dq, dk, dv) shaped like q, k, v."""
+    return _si_attention_bwd(q, k, v, doc, out, lse, dout.contiguous(), tau, causal, q_offset, alpha, beta)
+
+
+@_si_attention_bwd_op.register_fake
+def _si_attention_bwd_fake(q, k, v, doc, out, lse, dout, tau, causal, q_offset, alpha, beta):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _si_attention_setup_context(ctx, inputs, output):
+    q, k, v, doc, tau, causal, q_offset, alpha, beta = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, doc, out, lse)
+    ctx.args = (tau, causal, q_offset, alpha, beta)
+
+
+def _si_attention_backward(ctx, dout, dlse):  # lse is an auxiliary output: its gradient is never used
+    q, k, v, doc, out, lse = ctx.saved_tensors
+    dq, dk, dv = _si_attention_bwd_op(q, k, v, doc, out, lse, dout, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_si_attention_fwd_op.register_autograd(_si_attention_backward, setup_context=_si_attention_setup_context)
 
 
 def si_attention(
@@ -360,5 +394,7 @@ def si_attention(
         raise ValueError(f"head dim must be <= 256 for the Triton kernel, got {q.shape[-1]}")
     doc = (doc_ids.to(torch.int32).contiguous() if doc_ids is not None
            else torch.empty(0, dtype=torch.int32, device=q.device))
-    return _SIAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), doc, float(tau), bool(causal),
-                                      int(q_offset), alpha, beta)
+    alpha, beta = (None, None) if alpha is None else (float(alpha), float(beta))
+    out, _ = _si_attention_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), doc, float(tau), bool(causal),
+                                  int(q_offset), alpha, beta)
+    return out
