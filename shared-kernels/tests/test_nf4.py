@@ -207,6 +207,110 @@ def test_bad_input_raises_value_error_naming_the_argument():
         quantize_nf4(torch.randn(10), backend="cuda")
 
 
+# ------------------------------------------------------------------------------------ native CPU kernels
+
+
+def _native_ok() -> None:
+    from shared_kernels import nf4_cpu
+
+    if not nf4_cpu.available():
+        pytest.skip("native NF4 CPU kernels unavailable (no C compiler, or SHARED_KERNELS_NF4_CPU=0)")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", SUPPORTED_BLOCKSIZES)
+def test_native_cpu_quantize_and_dequantize_equal_bitsandbytes(dtype, blocksize):
+    # backend="auto" on CPU is the native path; sizes cover odd counts, a partial last block and (1 << 19,
+    # above the per-thread minimum) the multi-threaded split.
+    _native_ok()
+    F = _bnb()
+    for n in (1, 97, 3 * blocksize + 33, 1 << 19):
+        x = _sample(n, dtype, seed=n + blocksize)
+        packed, absmax = quantize_nf4(x, blocksize)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+        assert_exact(packed, q.reshape(-1), f"packed n={n}")
+        assert_exact(absmax, state.absmax, f"absmax n={n}")
+        for out_dtype in FLOAT_DTYPES:
+            state.dtype = out_dtype
+            got = dequantize_nf4(packed, absmax, (n,), blocksize, out_dtype)
+            assert_exact(got, _bnb_dequantize(q, state).reshape(n), f"dequantize n={n} -> {out_dtype}")
+
+
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+def test_native_cpu_double_quant_dequantize_equals_bitsandbytes(out_dtype):
+    _native_ok()
+    F = _bnb()
+    for blocksize, n in ((64, 64 * 700 + 5), (32, 1 << 19), (4096, 4096 * 3 + 2)):
+        x = _sample(n, torch.float32, seed=n)
+        packed, absmax = quantize_nf4(x, blocksize)
+        qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        state.dtype = out_dtype
+        got = dequantize_nf4(packed, qabsmax, (n,), blocksize, out_dtype, absmax2=absmax2, offset=offset)
+        assert_exact(got, _bnb_dequantize(q, state).reshape(n), f"dequantize +DQ n={n}")
+
+
+def test_native_cpu_ties_zero_blocks_and_non_finite_equal_reference():
+    _native_ok()
+    x = torch.zeros(64 * 5 + 16)
+    x[0] = 1.0
+    x[1:16] = NF4_MIDPOINTS  # ties, full block
+    x[20:35] = torch.nextafter(NF4_MIDPOINTS, torch.tensor(2.0))  # just above
+    x[64 * 2 + 3] = float("nan")
+    x[64 * 3 + 3] = float("-inf")
+    x[64 * 4 : 64 * 5] = -0.0  # block 1 stays +0.0, block 4 is -0.0
+    x[320] = 1.0
+    x[321:336] = NF4_MIDPOINTS  # ties, partial block
+    for dtype in FLOAT_DTYPES:
+        xd = x.to(dtype)
+        p_nat, a_nat = quantize_nf4(xd, 64, check_finite=False)
+        p_ref, a_ref = quantize_nf4(xd, 64, check_finite=False, backend="torch")
+        assert_exact(p_nat, p_ref, f"packed {dtype}")
+        assert_exact(a_nat, a_ref, f"absmax {dtype}")
+        for out_dtype in FLOAT_DTYPES:
+            y_nat = dequantize_nf4(p_ref, a_ref, x.shape, 64, out_dtype)
+            y_ref = dequantize_nf4(p_ref, a_ref, x.shape, 64, out_dtype, backend="torch")
+            finite = torch.isfinite(y_ref)
+            assert_exact(y_nat[finite], y_ref[finite], f"finite values -> {out_dtype}")
+            # NaN payloads differ between torch's own vectorised and scalar casts; NaN-ness and inf must not.
+            assert torch.equal(torch.isnan(y_nat), torch.isnan(y_ref))
+            assert torch.equal(y_nat[torch.isinf(y_ref)], y_ref[torch.isinf(y_ref)])
+
+
+def test_native_cpu_16bit_rounding_of_extreme_scales_equals_reference():
+    # absmax from 1e-12 to 1e6: fp16 subnormals, underflow to 0, overflow to inf, bf16 ties.
+    _native_ok()
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (32 * 400,), dtype=torch.uint8, generator=g)
+    absmax = torch.logspace(-12, 6, 400) * (1 + torch.rand(400, generator=g))
+    absmax[::7] = 65504.0  # fp16 max: codes * max stay representable or round up to inf
+    for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        y_nat = dequantize_nf4(packed, absmax, (64 * 400,), 64, out_dtype)
+        y_ref = dequantize_nf4(packed, absmax, (64 * 400,), 64, out_dtype, backend="torch")
+        assert_exact(y_nat, y_ref, f"extreme scales -> {out_dtype}")
+
+
+def test_native_cpu_falls_back_to_reference_when_it_cannot_compile(tmp_path, monkeypatch):
+    from shared_kernels import nf4_cpu
+
+    monkeypatch.setattr(nf4_cpu, "_lib", None)
+    monkeypatch.setattr(nf4_cpu, "_failed", False)
+    monkeypatch.setenv("SHARED_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-nf4")
+    x = _sample(1000, torch.float32)
+    with pytest.warns(RuntimeWarning, match="NF4 CPU kernels unavailable"):
+        packed, absmax = quantize_nf4(x, 64)
+    assert not nf4_cpu.available()
+    p_ref, a_ref = quantize_nf4(x, 64, backend="torch")
+    assert_exact(packed, p_ref, "packed (fallback)")
+    assert_exact(absmax, a_ref, "absmax (fallback)")
+    assert_exact(dequantize_nf4(packed, absmax, x.shape, 64), dequantize_nf4(packed, absmax, x.shape, 64,
+                                                                             backend="torch"), "dequantize")
+    monkeypatch.setenv("SHARED_KERNELS_NF4_CPU", "0")
+    monkeypatch.setattr(nf4_cpu, "_failed", False)
+    assert not nf4_cpu.available()  # disabled: no compile attempt, no warning
+
+
 # ------------------------------------------------------------------------------------------ Triton kernels
 
 

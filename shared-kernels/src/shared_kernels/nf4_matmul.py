@@ -6,7 +6,8 @@ bitsandbytes layout, see `shared_kernels.nf4`), optionally with double-quantized
 - forward:   y = x @ W^T      x (M, K) -> (M, N)
 - backward:  dx = dy @ W      dy (M, N) -> (M, K)   (the base weight itself never gets a gradient)
 
-The torch path dequantizes W to the compute dtype and calls a dense matmul (CPU). The Triton kernel
+The torch path dequantizes W to the compute dtype (with "auto" on CPU: the native kernels of
+`shared_kernels.nf4_cpu`) and calls a dense matmul. The Triton kernel
 dequantizes a (BLOCK_K, BLOCK_N) tile of W in registers (code lookup * absmax, with the double-quantized
 absmax rebuilt on the fly), casts it to the input dtype and feeds `tl.dot` with fp32 accumulation: W is
 never materialised in memory. One kernel serves both directions by addressing W through strides.
@@ -120,8 +121,9 @@ def matmul_nf4(
         raise ValueError(f"x must have last dim {inner} for W of shape {tuple(shape)} "
                          f"(transpose_w={transpose_w}), got {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "torch" or x.numel() == 0:
+        # "auto" on CPU dequantizes with the native kernels (same bits as the reference, faster).
         w = dequantize_nf4(packed, absmax, shape, blocksize, x.dtype, absmax2=absmax2, offset=offset,
-                           code2=code2, blocksize2=blocksize2, backend="torch")
+                           code2=code2, blocksize2=blocksize2, backend="torch" if backend == "torch" else "auto")
         return matmul_nf4_ref(x, w, transpose_w)
     double_quant = absmax.dtype == torch.uint8
     if double_quant and (absmax2 is None or offset is None):
