@@ -220,13 +220,12 @@ class _ChunkedSIAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
         B, Hq, Tq, D = q.shape
         Hkv = k.shape[1]
-        out = torch.empty(B, Hkv, Hq // Hkv, Tq, D, dtype=_compute_dtype(q.dtype), device=q.device)
-        for s, e, _, _, vc, _, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha,
-                                                       beta, chunk):
-            out[:, :, :, s:e] = (probs @ vc).view(B, Hkv, Hq // Hkv, e - s, D)
+        outs = [(probs @ vc).view(B, Hkv, Hq // Hkv, e - s, D)  # one cat at the end: fewer (parallel) ops
+                for s, e, _, _, vc, _, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset,
+                                                              alpha, beta, chunk)]
         ctx.save_for_backward(q, k, v, doc_ids, attn_mask)
         ctx.args = (tau, causal, q_offset, alpha, beta, chunk)
-        return out.view(B, Hq, Tq, D).to(q.dtype)
+        return torch.cat(outs, dim=3).view(B, Hq, Tq, D).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -236,7 +235,7 @@ class _ChunkedSIAttention(torch.autograd.Function):
         Hkv, Tk = k.shape[1], k.shape[2]
         G, N = Hq // Hkv, B * Hkv
         dout = grad_out.to(cdtype).reshape(B, Hkv, G, Tq, D)
-        dq = torch.empty(B, Hkv, G, Tq, D, dtype=cdtype, device=q.device)
+        dqs = []
         dk = torch.zeros(N, Tk, D, dtype=cdtype, device=q.device)
         dv = torch.zeros(N, Tk, D, dtype=cdtype, device=q.device)
         for s, e, qc, kc, vc, a, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, *ctx.args):
@@ -246,9 +245,10 @@ class _ChunkedSIAttention(torch.autograd.Function):
             dprobs = do @ vc.transpose(1, 2)  # (N, G*C, K)
             dscores = torch._softmax_backward_data(dprobs, probs, -1, cdtype)  # P * (dP - rowsum(P dP))
             dscores = dscores.view(B, Hkv, G, C, kend).mul_(a).view(N, G * C, kend)  # dL * a_t / sqrt(D)
-            dq[:, :, :, s:e] = (dscores @ kc).view(B, Hkv, G, C, D)
+            dqs.append((dscores @ kc).view(B, Hkv, G, C, D))
             dk[:, :kend].baddbmm_(dscores.transpose(1, 2), qc)
-        return (dq.view(B, Hq, Tq, D).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+        dq = torch.cat(dqs, dim=3).view(B, Hq, Tq, D)
+        return (dq.to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
                 None, None, None, None, None, None, None, None)
 
 
