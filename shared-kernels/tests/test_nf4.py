@@ -384,3 +384,25 @@ def test_gpu_auto_backend_matches_cpu_reference_on_large_tensor():
     y_ref = dequantize_nf4(packed.cpu(), qabsmax.cpu(), x.shape, 64, torch.bfloat16, absmax2=absmax2.cpu(),
                            offset=offset.cpu(), backend="torch")
     assert_exact(y.cpu(), y_ref, "dequantize (GPU kernel vs CPU reference)")
+
+
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_triton_dequantize_is_a_custom_op_that_compiles_without_graph_breaks(double_quant):
+    _triton_ok()
+    shape = (13, 77)
+    x = _sample(math.prod(shape), torch.float32, seed=5).reshape(shape).to(_device())
+    packed, absmax = quantize_nf4(x, 64, backend="torch")
+    kwargs = {}
+    if double_quant:
+        absmax, absmax2, offset = double_quantize_absmax(absmax)
+        kwargs = dict(absmax2=absmax2, offset=offset)
+
+    def dequant(p, a, kw):
+        return dequantize_nf4(p, a, shape, 64, torch.bfloat16, backend="triton", **kw) * 2
+
+    compiled = torch.compile(dequant, backend="aot_eager", fullgraph=True)  # fullgraph: a break is an error
+    ref = dequantize_nf4(packed, absmax, shape, 64, torch.bfloat16, backend="torch", **kwargs) * 2
+    assert_exact(compiled(packed, absmax, kwargs), ref, "compiled Triton dequantize")
+    torch.library.opcheck(torch.ops.shared_kernels.nf4_dequantize.default,
+                          (packed, absmax, x.numel(), 64, torch.float32,
+                           kwargs.get("absmax2"), DYNAMIC_CODE if double_quant else None, kwargs.get("offset"), 256))

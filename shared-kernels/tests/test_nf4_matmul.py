@@ -65,3 +65,24 @@ def test_gpu_matmul_bf16_matches_reference(dtype):
     got_t = matmul_nf4(g, packed, absmax, (n, k), 64, transpose_w=False, **kw)
     assert_error_ratio(got_t, g @ dense.to(dtype), g.double() @ dense.double(), max_ratio=2.0, atol=1e-3,
                        what="fused NF4 matmul backward (GPU)")
+
+
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_triton_matmul_is_a_custom_op_that_compiles_without_graph_breaks(double_quant):
+    if not triton_available() or not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    n, k = 97, 72
+    packed, absmax, kw, dense = _weight(n, k, double_quant)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(2)).to(_device())
+
+    def fwd_bwd(x, g):
+        y = matmul_nf4(x, packed, absmax, (n, k), 64, backend="triton", **kw)
+        return y, matmul_nf4(g * y, packed, absmax, (n, k), 64, transpose_w=False, backend="triton", **kw)
+
+    compiled = torch.compile(fwd_bwd, backend="aot_eager", fullgraph=True)  # fullgraph: a break is an error
+    g = torch.randn(5, n, generator=torch.Generator().manual_seed(3)).to(_device())
+    for got, want in zip(compiled(x, g), fwd_bwd(x, g), strict=True):
+        assert torch.equal(got, want)  # the same kernel with the same inputs, traced or not
+    y = compiled(x, g)[0]
+    assert_error_ratio(y, x @ dense.t(), x.double() @ dense.double().t(), max_ratio=2.0, atol=1e-5,
+                       what="compiled fused NF4 matmul")

@@ -341,6 +341,24 @@ def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: in
     return out
 
 
+# The Triton launches as torch custom ops with fake implementations: torch.compile sees one opaque op (no graph
+# break, no tracing into the launcher) and importing needs neither Triton nor a GPU.
+
+
+@torch.library.custom_op("shared_kernels::nf4_dequantize", mutates_args=())
+def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int, dtype: torch.dtype,
+                       absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
+                       blocksize2: int) -> torch.Tensor:
+    """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
+    dq = None if absmax2 is None else (absmax2.float().contiguous(), code2, offset, blocksize2)
+    return _dequantize_nf4_triton(packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq)
+
+
+@_nf4_dequantize_op.register_fake
+def _(packed, absmax, numel, blocksize, dtype, absmax2, code2, offset, blocksize2):
+    return packed.new_empty(numel, dtype=dtype)
+
+
 # ----------------------------------------------------------------------------------------------- public API
 
 
@@ -433,9 +451,9 @@ def dequantize_nf4(
     elif absmax.dtype != torch.float32:
         raise ValueError(f"absmax must be float32 (or uint8 when double-quantized), got {absmax.dtype}")
     if resolve_backend(backend, packed.device) == "triton":
-        dq = (absmax2.float().contiguous(), code2, offset, blocksize2) if double_quant else None
-        out = _dequantize_nf4_triton(packed.reshape(-1).contiguous(), absmax.contiguous(), numel, blocksize,
-                                     dtype, dq)
+        dq = (absmax2, code2, offset) if double_quant else (None, None, None)
+        out = torch.ops.shared_kernels.nf4_dequantize(packed.reshape(-1), absmax, numel, blocksize, dtype, *dq,
+                                                      blocksize2)
         return out.reshape(shape)
     if backend == "auto" and packed.device.type == "cpu" and nf4_cpu.available():
         dq = (absmax2, offset, code2, blocksize2) if double_quant else None

@@ -89,6 +89,21 @@ def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
     return out
 
 
+@torch.library.custom_op("shared_kernels::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n_rows: int, n_cols: int,
+                   blocksize: int, transpose_w: bool, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
+                   offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
+    """The Triton launch as a torch custom op (fake implementation below), so torch.compile does not break the
+    graph around it: x2d (M, K) -> (M, N) forward, (M, N) -> (M, K) with transpose_w=False."""
+    dq = None if absmax2 is None else (absmax2, code2, offset, blocksize2)
+    return _matmul_nf4_triton(x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq)
+
+
+@_nf4_matmul_op.register_fake
+def _(x2d, packed, absmax, n_rows, n_cols, blocksize, transpose_w, absmax2, code2, offset, blocksize2):
+    return x2d.new_empty((x2d.shape[0], n_rows if transpose_w else n_cols))
+
+
 def matmul_nf4(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -129,8 +144,8 @@ def matmul_nf4(
     if double_quant and (absmax2 is None or offset is None):
         raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
     code2 = DYNAMIC_CODE.to(x.device) if (double_quant and code2 is None) else code2
-    dq = (absmax2, code2, offset, blocksize2) if double_quant else None
+    dq = (absmax2, code2, offset) if double_quant else (None, None, None)
     x2d = x.reshape(-1, inner)
-    out = _matmul_nf4_triton(x2d, packed.reshape(-1), absmax.contiguous(), (int(shape[0]), int(shape[1])),
-                             blocksize, transpose_w, dq)
+    out = torch.ops.shared_kernels.nf4_matmul(x2d, packed.reshape(-1), absmax, int(shape[0]), int(shape[1]),
+                                              blocksize, transpose_w, *dq, blocksize2)
     return out.reshape(*x.shape[:-1], out.shape[-1])
