@@ -22,53 +22,103 @@ def _llama_100m(dtype: torch.dtype, device: str = "cpu"):
 
 @benchmark("nf4-quantize-cpu", package="nf4lora", device="cpu")
 def nf4_quantize_cpu(ctx: BenchContext) -> None:
-    """NF4 quantize (blocksize 64, no double quantization), torch path vs bitsandbytes CPU; GB/s of input read."""
+    """NF4 quantize (blocksize 64, no double quantization) of a (rows, 4096) weight, our CPU path
+    (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`) vs bitsandbytes CPU; GB/s of input read.
+    The bytes are checked equal first."""
     import bitsandbytes.functional as F
 
+    from shared_kernels import nf4_cpu
     from shared_kernels.nf4 import quantize_nf4
 
-    sizes = [1 << 20] if ctx.quick else [1 << 20, 1 << 24]
-    for n in sizes:
+    t0 = time.perf_counter()
+    native = nf4_cpu.available()
+    print(f"  native NF4 CPU kernels: {native} (load/compile {time.perf_counter() - t0:.2f} s)", flush=True)
+    for rows in ([1024] if ctx.quick else [1024, 4096, 11008]):
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(n).to(dtype)
-            packed, _ = quantize_nf4(x, 64, check_finite=False, backend="torch")
+            x = torch.randn(rows, 4096).to(dtype)
+            packed, _ = quantize_nf4(x, 64, check_finite=False)
             q, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
             assert torch.equal(packed, q.reshape(-1))
-            ctx.compare(f"numel={n} {str(dtype).removeprefix('torch.')}",
-                        lambda x=x: quantize_nf4(x, 64, check_finite=False, backend="torch"),
+            ctx.compare(f"{rows}x4096 {str(dtype).removeprefix('torch.')}",
+                        lambda x=x: quantize_nf4(x, 64, check_finite=False),
                         lambda x=x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"),
-                        ours_name="nf4lora", anchor_name="bitsandbytes", work=x.numel() * x.element_size() / 1e9,
-                        unit="GB/s", reps=3 if ctx.quick else 7)
+                        ours_name="nf4lora" if native else "nf4lora (torch ref)", anchor_name="bitsandbytes",
+                        work=x.numel() * x.element_size() / 1e9, unit="GB/s",
+                        reps=3 if ctx.quick or rows > 4096 else 5)
 
 
 @benchmark("nf4-dequantize-cpu", package="nf4lora", device="cpu")
 def nf4_dequantize_cpu(ctx: BenchContext) -> None:
-    """NF4 dequantize of a (rows, 4096) weight, torch path vs bitsandbytes CPU; GB/s of output written."""
+    """NF4 dequantize of a (rows, 4096) weight (blocksize 64, +DQ: double-quantized constants), our CPU path
+    (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`; the torch reference where they are
+    unavailable) vs bitsandbytes CPU (native C++); GB/s of output written. The values are checked equal first."""
     import bitsandbytes.functional as F
 
+    from shared_kernels import nf4_cpu
     from shared_kernels.nf4 import dequantize_nf4, double_quantize_absmax, quantize_nf4
 
-    rows = [256] if ctx.quick else [256, 4096]
+    native = nf4_cpu.available()
+    rows = [256, 4096] if ctx.quick else [256, 4096, 11008]
     for r in rows:
         shape = (r, 4096)
         x = torch.randn(shape)
         for dq in (False, True):
             q, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq)
-            packed, absmax = quantize_nf4(x, 64, backend="torch")
+            packed, absmax = quantize_nf4(x, 64)
             kw = {}
             if dq:
                 absmax, absmax2, offset = double_quantize_absmax(absmax)
                 kw = dict(absmax2=absmax2, offset=offset)
             for dtype in (torch.float32, torch.bfloat16):
                 state.dtype = dtype
-                got = dequantize_nf4(packed, absmax, shape, 64, dtype, backend="torch", **kw)
+                got = dequantize_nf4(packed, absmax, shape, 64, dtype, **kw)
                 assert torch.equal(got, F.dequantize_4bit(q, state))
+                del got
                 ctx.compare(f"{r}x4096 -> {str(dtype).removeprefix('torch.')}{' +DQ' if dq else ''}",
-                            lambda p=packed, a=absmax, d=dtype, kw=kw, sh=shape: dequantize_nf4(
-                                p, a, sh, 64, d, backend="torch", **kw),
+                            lambda p=packed, a=absmax, d=dtype, kw=kw, sh=shape: dequantize_nf4(p, a, sh, 64, d, **kw),
                             lambda q=q, s=state: F.dequantize_4bit(q, s),
-                            ours_name="nf4lora", anchor_name="bitsandbytes",
+                            ours_name="nf4lora" if native else "nf4lora (torch ref)", anchor_name="bitsandbytes",
                             work=x.numel() * dtype.itemsize / 1e9, unit="GB/s", reps=3 if ctx.quick else 7)
+
+
+@benchmark("nf4lora-linear-step-cpu", package="nf4lora", device="cpu")
+def nf4lora_linear_step_cpu(ctx: BenchContext) -> None:
+    """One LoRA linear layer on a 4-bit base (NF4 + DQ, r=64, fp32 compute and adapters), forward + backward
+    of a (tokens, in) input: `LoRALinear4bit` vs bitsandbytes `Linear4bit` + peft LoRA over the same bytes.
+    (fp32: this CPU has no bf16 matmul units, a bf16 step of 4096x4096 takes ~40 s in both.)"""
+    from collections import OrderedDict
+
+    import bitsandbytes as bnb
+    import peft
+
+    from nf4lora.interop import to_bnb_params4bit
+    from nf4lora.lora import LoRALinear4bit
+    from nf4lora.weight import NF4Weight
+
+    cases = [(4096, 4096, 64)] if ctx.quick else [(4096, 4096, 64), (11008, 4096, 64), (4096, 4096, 512)]
+    for out_f, in_f, tokens in cases:
+        g = torch.Generator().manual_seed(0)
+        w = NF4Weight.from_float(torch.randn(out_f, in_f, generator=g) * 0.02, 64, double_quant=True)
+        ours = LoRALinear4bit(w, r=64, alpha=16, dropout=0.0, compute_dtype=torch.float32)
+        torch.nn.init.normal_(ours.lora_B.weight, std=0.01)
+        proj = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                                 device="cpu")
+        proj.weight = to_bnb_params4bit(w)
+        anchor = peft.get_peft_model(torch.nn.Sequential(OrderedDict(proj=proj)),
+                                     peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"]))
+        with torch.no_grad():
+            anchor.base_model.model.proj.lora_A["default"].weight.copy_(ours.lora_A.weight)
+            anchor.base_model.model.proj.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        x = torch.randn(tokens, in_f, generator=g)
+
+        def step(m, x=x):
+            xi = x.detach().requires_grad_()
+            m(xi).square().mean().backward()
+            return xi.grad
+
+        torch.testing.assert_close(step(ours), step(anchor), rtol=1e-4, atol=1e-7)
+        ctx.compare(f"{out_f}x{in_f}, {tokens} tokens, fwd+bwd", lambda m=ours: step(m), lambda m=anchor: step(m),
+                    ours_name="nf4lora", anchor_name="bnb Linear4bit+peft", reps=3 if ctx.quick else 7)
 
 
 class _PeakRSS:
