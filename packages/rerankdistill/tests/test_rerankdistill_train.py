@@ -205,3 +205,85 @@ def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
     assert trainable and all("lora" in n.lower() for n in trainable)
     assert mean_nll(result.model, tiny_tokenizer, EXAMPLES) < 0.97 * before
     assert (result.final_dir / "adapter_model.safetensors").exists()
+
+
+def test_step_windows_are_shared_between_processes():
+    from rerankdistill.train.common import shard_window, step_windows
+
+    cfg = LoopConfig(epochs=2, batch_size=2, grad_accum=4, seed=3)
+    windows = step_windows(10, cfg)
+    flat = [i for w in windows for m in w for i in m]
+    assert sorted(flat) == sorted(list(range(10)) * 2) and len(windows) == 3  # 10 micro-batches, 4 per step
+    for w in windows[:2]:
+        shares = [shard_window(w, r, 2) for r in range(2)]
+        assert shares[0] + shares[1] == w and len(shares[0]) == len(shares[1]) == 2
+    with pytest.raises(ValueError, match="cannot be shared"):
+        shard_window(windows[0][:3], 0, 2)
+
+
+_DDP_SCRIPT = """
+import json, sys, torch
+from rerankdistill.train.common import LoopConfig, train_loop
+from rerankdistill.train.sft import tokenize_examples
+from rerankdistill.labels import INTERANK_PROMPT
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_rerankdistill_train import EXAMPLES
+
+torch.set_num_threads(1)
+out, model_dir = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(model_dir)  # one saved model: every process trains the same weights
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+enc, _ = tokenize_examples(tok, EXAMPLES, INTERANK_PROMPT, True, None)
+stats = train_loop(model, enc, tok.pad_token_id, out, LoopConfig(lr=3e-3, epochs=2, batch_size=1, grad_accum=4,
+                   warmup_ratio=0.5), progress=False)
+if int(__import__("os").environ.get("RANK", "0")) == 0:
+    __import__("os").makedirs(out, exist_ok=True)
+    unwrapped = getattr(model, "module", model)
+    torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}, out + "/weights.pt")
+    print(json.dumps(stats))
+"""
+
+
+@pytest.mark.slow
+def test_train_loop_two_ddp_processes_match_one(tmp_path, tiny_lm_dir):
+    """`accelerate launch` with 2 gloo processes shares each step's micro-batches: same steps, losses and
+    weights as one process accumulating them all (and the scheduler steps once per step)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run_loop.py"
+    script.write_text(_DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    one = subprocess.Popen([sys.executable, str(script), str(tmp_path / "one"), str(tiny_lm_dir)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    two = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                            str(tmp_path / "two"), str(tiny_lm_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    outs = [p.communicate(timeout=600)[0] for p in (one, two)]
+    for p, out in zip((one, two), outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    stats = [json.loads(next(x for x in reversed(o.splitlines()) if x.startswith("{"))) for o in outs]
+    assert stats[0]["steps"] == stats[1]["steps"] == 3  # 12 micro-batches, 4 per step, on 1 or 2 processes
+    assert stats[1]["first_loss"] == pytest.approx(stats[0]["first_loss"], rel=1e-5)
+    assert stats[1]["last_loss"] == pytest.approx(stats[0]["last_loss"], rel=1e-4)
+    a, b = (torch.load(tmp_path / n / "weights.pt") for n in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fit_documents_cuts_long_documents_instead_of_dropping(tiny_tokenizer):
+    long = DistillExample("what is topic 1", "a document on topic 1 " * 200, "It fits. Relevance Label: 2")
+    short_len = len(tokenize_examples(tiny_tokenizer, EXAMPLES[:1], INTERANK_PROMPT, True, None)[0][0].input_ids)
+    limit = short_len + 40
+    dropped, n = tokenize_examples(tiny_tokenizer, [long, EXAMPLES[0]], INTERANK_PROMPT, True, limit)
+    assert n == 1 and len(dropped) == 1
+    fitted, n = tokenize_examples(tiny_tokenizer, [long, EXAMPLES[0]], INTERANK_PROMPT, True, limit,
+                                  fit_documents=True)
+    assert n == 1 and len(fitted) == 2 and limit - 10 < len(fitted[0].input_ids) <= limit
+    answer = [t for t in fitted[0].labels if t != IGNORE]
+    assert tiny_tokenizer.decode(answer).startswith("It fits. Relevance Label: 2 ##")  # the answer is kept whole
+    assert tokenize_examples(tiny_tokenizer, [long], INTERANK_PROMPT, True, 10, fit_documents=True)[0] == []

@@ -149,9 +149,35 @@ def _order(n: int, epochs: int, seed: int) -> list[int]:
     return order
 
 
+def step_windows(n_examples: int, cfg: LoopConfig) -> list[list[list[int]]]:
+    """The global schedule: one window of micro-batches (lists of example indices) per optimizer step.
+
+    A window holds `cfg.grad_accum` micro-batches of `cfg.batch_size` examples, however many processes share
+    it, so the global batch and the step count do not depend on the number of processes.
+    """
+    order = _order(n_examples, cfg.epochs, cfg.seed)
+    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    windows = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    return windows if cfg.max_steps is None else windows[: cfg.max_steps]
+
+
+def shard_window(window: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This process's contiguous share of a step's micro-batches (`len(window)` must divide by world_size)."""
+    if len(window) % world_size:
+        raise ValueError(f"a step of {len(window)} micro-batches cannot be shared by {world_size} processes")
+    share = len(window) // world_size
+    return window[rank * share:(rank + 1) * share]
+
+
 def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str | os.PathLike, cfg: LoopConfig,
                progress: bool = True) -> dict[str, float]:
     """Minimise the weighted NLL over `examples` with AdamW, under `accelerate` (so `accelerate launch` works).
+
+    Data parallel: each optimizer step's window of `grad_accum` micro-batches (`step_windows`) is split
+    between the processes (`shard_window`; `grad_accum` must be a multiple of the process count), each scales
+    its micro-batch losses so that DDP's gradient mean equals one process accumulating the whole window: the
+    same global batch, steps and losses on 1 or N processes. A final partial window is cut to a multiple of
+    the process count (at most N - 1 micro-batches dropped, none on one process).
 
     Resumes from `output_dir/checkpoint` when present (model + optimizer + scheduler + step), saves one
     atomically every `cfg.save_every` optimizer steps, and leaves the trained weights there at the end.
@@ -167,12 +193,14 @@ def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str 
         raise ValueError(f"batch_size, grad_accum and epochs must be >= 1, got {cfg}")
     output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    order = _order(len(examples), cfg.epochs, cfg.seed)
-    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    windows = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]  # one per step
-    if cfg.max_steps is not None:
-        windows = windows[: cfg.max_steps]
+    # the scheduler steps once per optimizer step, whatever the process count (accelerate's default would
+    # step it num_processes times)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.grad_accum % world:
+        raise ValueError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({world})")
+    windows = [w[: len(w) - len(w) % world] for w in step_windows(len(examples), cfg)]
+    windows = [w for w in windows if w]
     total_steps = len(windows)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -187,16 +215,18 @@ def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str 
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or not accelerator.is_main_process)
     model.train()
     for window in windows[step:]:
-        running = 0.0
-        for m, ids in enumerate(window):
+        mine = shard_window(window, rank, world)
+        running = torch.zeros((), device=accelerator.device)
+        for m, ids in enumerate(mine):
             batch = {k: v.to(accelerator.device) for k, v in collate([examples[j] for j in ids], pad_id).items()}
-            # gradient all-reduce only on the window's last micro-batch
-            sync = contextlib.nullcontext() if m == len(window) - 1 else accelerator.no_sync(model)
+            # gradient all-reduce only on this process's last micro-batch of the step
+            sync = contextlib.nullcontext() if m == len(mine) - 1 else accelerator.no_sync(model)
             with sync:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 loss = weighted_loss(out.logits, batch["labels"], batch["weights"]) / len(window)
-                accelerator.backward(loss)
-            running += loss.item()
+                accelerator.backward(loss * world)  # DDP averages over processes: x world gives the window sum
+            running += loss.detach()
+        running = accelerator.reduce(running, reduction="sum").item()  # the whole window's mean loss
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

@@ -72,19 +72,46 @@ class TrainResult:
 
 def tokenize_examples(tokenizer, examples: Sequence[DistillExample], prompt: RelevancePrompt,
                       completion_only: bool, max_length: int | None,
-                      weights: Sequence[float] | None = None) -> tuple[list[Example], int]:
-    """Encode (prompt messages, target + stop) pairs; returns the examples and how many were too long."""
+                      weights: Sequence[float] | None = None, fit_documents: bool = False
+                      ) -> tuple[list[Example], int]:
+    """Encode (prompt messages, target + stop) pairs; returns the examples and how many were too long.
+
+    Args:
+        fit_documents: an example over `max_length` keeps its document cut (at a token boundary) to fit,
+            instead of being dropped; it is still counted as too long. One whose prompt and answer alone
+            exceed `max_length` is dropped.
+    """
     encoded: list[Example] = []
     too_long = 0
     for i, ex in enumerate(examples):
+        weight = 1.0 if weights is None else weights[i]
         e = encode_example(tokenizer, prompt.messages(ex.query, ex.document), ex.target + prompt.stop,
-                           completion_only=completion_only, max_length=max_length,
-                           weight=1.0 if weights is None else weights[i])
+                           completion_only=completion_only, max_length=max_length, weight=weight)
         if e is None:
             too_long += 1
-        else:
+            if fit_documents and max_length is not None:
+                e = _fit_document(tokenizer, ex, prompt, completion_only, max_length, weight)
+        if e is not None:
             encoded.append(e)
     return encoded, too_long
+
+
+def _fit_document(tokenizer, ex: DistillExample, prompt: RelevancePrompt, completion_only: bool,
+                  max_length: int, weight: float) -> Example | None:
+    """`ex` with its document cut to the longest token prefix whose example fits `max_length` (None if none)."""
+    def encode(document: str) -> Example | None:
+        return encode_example(tokenizer, prompt.messages(ex.query, document), ex.target + prompt.stop,
+                              completion_only=completion_only, max_length=None, weight=weight)
+
+    doc_ids = tokenizer(ex.document[: prompt.max_doc_chars], add_special_tokens=False)["input_ids"]
+    empty = encode("")
+    keep = max_length - len(empty.input_ids)  # document tokens that fit, up to re-tokenisation at the seams
+    while keep > 0:
+        e = encode(tokenizer.decode(doc_ids[:keep]))
+        if len(e.input_ids) <= max_length:
+            return e
+        keep -= len(e.input_ids) - max_length
+    return None
 
 
 def sft(model, tokenizer, examples: Sequence[DistillExample], output_dir: str | os.PathLike,
