@@ -1,14 +1,18 @@
 """siattn benchmarks: scale-invariant attention backends against torch SDPA (no transform) and FlexAttention.
 
-CPU: forward+backward time and peak allocated memory of the chunked torch path vs SDPA causal; forward of
-eager FlexAttention (materialises the scores; no CPU backward) vs the chunked path; torch.compile of the
-chunked path. CUDA: the fused Triton kernel vs SDPA (flash) and compiled FlexAttention.
+CPU: forward+backward time and peak allocated memory of the chunked torch path vs SDPA causal, with torch's
+default threads and with one thread (on a shared machine every multi-threaded op waits for descheduled
+threads, which the one-thread rows factor out); forward of eager and compiled FlexAttention (torch has no CPU
+flex backward) vs the chunked path; torch.compile of the chunked path with its first-call compile time. CUDA:
+the fused Triton kernel vs SDPA (flash) and compiled FlexAttention.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -74,51 +78,87 @@ def peak_cpu_mib(fn) -> float:
     return mode.peak / 2**20
 
 
+@contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _si_flex(q, k, v, compiled=False):
+    from siattn import attention_flex as flex
+
+    return flex(q, k, v, tau=10.0, compiled=compiled)
 
 
 def _si_chunked(q, k, v):
     from siattn import attention
 
-    return attention(q, k, v, tau=10.0, backend="chunked", chunk=256)
+    return attention(q, k, v, tau=10.0, backend="chunked")
 
 
 @benchmark("siattn-chunked-cpu", package="siattn", device="cpu")
 def siattn_chunked_cpu(ctx: BenchContext) -> None:
-    """SI attention chunked torch path vs SDPA causal, fwd+bwd, fp32, B=1 H=8 D=64: time and peak memory."""
+    """SI attention chunked torch path vs SDPA causal, fwd+bwd, fp32, B=1 H=8 D=64: time (torch's threads and
+    one thread) and peak memory."""
     sizes = [512, 1024] if ctx.quick else [512, 1024, 2048, 4096]
     for T in sizes:
         q, k, v = _qkv(T, "cpu", grad=True)
+        reps = 3 if T >= 2048 else None
         ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(_si_chunked, q, k, v), _fwd_bwd(_sdpa, q, k, v),
-                    ours_name="siattn-chunked", anchor_name="sdpa", reps=3 if T >= 2048 else None)
+                    ours_name="siattn-chunked", anchor_name="sdpa", reps=reps)
+        with _threads(1):
+            ctx.compare(f"fwd+bwd T={T} 1 thread", _fwd_bwd(_si_chunked, q, k, v), _fwd_bwd(_sdpa, q, k, v),
+                        ours_name="siattn-chunked", anchor_name="sdpa", reps=reps)
         ctx.record(f"fwd+bwd peak MiB T={T}", peak_cpu_mib(_fwd_bwd(_si_chunked, q, k, v)),
                    peak_cpu_mib(_fwd_bwd(_sdpa, q, k, v)), "MiB", ours_name="siattn-chunked", anchor_name="sdpa")
 
 
 @benchmark("siattn-flex-cpu", package="siattn", device="cpu")
 def siattn_flex_cpu(ctx: BenchContext) -> None:
-    """Forward only (CPU flex has no backward): SI chunked vs SI via eager FlexAttention score_mod."""
+    """Forward only (CPU flex has no backward, eager or compiled): SI chunked vs SI via FlexAttention's score_mod,
+    eager (materialises the scores) and compiled (inductor's CPU flex template; first call compiles). No peak
+    memory rows: the live-bytes dispatch mode cannot enter flex's higher-order op (dynamo refuses it)."""
     from siattn import attention
 
     sizes = [512, 1024] if ctx.quick else [512, 1024, 2048, 4096]
     for T in sizes:
         q, k, v = _qkv(T, "cpu")
+        chunked = lambda q=q, k=k, v=v: _si_chunked(q, k, v)  # noqa: E731
         with torch.no_grad():
-            ctx.compare(f"fwd T={T}", lambda q=q, k=k, v=v: _si_chunked(q, k, v),
-                        lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),
+            ctx.compare(f"fwd T={T}", chunked, lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),
                         ours_name="siattn-chunked", anchor_name="flex-eager", reps=3 if T >= 2048 else None)
-            ctx.record(f"fwd peak MiB T={T}", peak_cpu_mib(lambda q=q, k=k, v=v: _si_chunked(q, k, v)),
-                       peak_cpu_mib(lambda q=q, k=k, v=v: attention(q, k, v, backend="flex")), "MiB",
-                       ours_name="siattn-chunked", anchor_name="flex-eager")
+            flex_compiled = lambda q=q, k=k, v=v: _si_flex(q, k, v, compiled=True)  # noqa: E731
+            t0 = time.perf_counter()
+            flex_compiled()
+            ctx.record(f"first call s T={T}", 0.0, time.perf_counter() - t0, "s", ours_name="siattn-chunked",
+                       anchor_name="flex-compiled", note="compile time of flex-compiled (ours: no compile)")
+            ctx.compare(f"fwd T={T} vs compiled", chunked, flex_compiled, ours_name="siattn-chunked",
+                        anchor_name="flex-compiled", reps=3 if T >= 2048 else None)
 
 
 @benchmark("siattn-compiled-cpu", package="siattn", device="cpu")
 def siattn_compiled_cpu(ctx: BenchContext) -> None:
-    """torch.compile of the SI chunked path (fwd+bwd) vs eager, T=1024 (2048 in full runs)."""
-    compiled = torch.compile(_si_chunked)
+    """torch.compile of the SI chunked path (fwd+bwd) vs eager, T=1024 (and 2048 in full runs), with the
+    first call's compile time."""
     for T in [1024] if ctx.quick else [1024, 2048]:
+        torch._dynamo.reset()  # a fresh cache per size: the first call below compiles
+        compiled = torch.compile(_si_chunked)
         q, k, v = _qkv(T, "cpu", grad=True)
+        t0 = time.perf_counter()
+        _fwd_bwd(compiled, q, k, v)()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _fwd_bwd(_si_chunked, q, k, v)()
+        ctx.record(f"first call s T={T}", first, time.perf_counter() - t0, "s", ours_name="compiled",
+                   anchor_name="eager")
         ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(compiled, q, k, v), _fwd_bwd(_si_chunked, q, k, v),
                     ours_name="compiled", anchor_name="eager", reps=3)
 
