@@ -11,8 +11,9 @@ Backends:
   once per call on the vector of distances and read as column slices of two Toeplitz matrices, with the
   causal mask folded in (a = 0, m = -inf), so a chunk costs two matmuls, one `addcmul` and one softmax
   forward, and five matmuls, `addcmul`, softmax, softmax-backward and one multiply backward. Eager on
-  purpose: torch.compile of this path costs about a minute per new shape on CPU and was not faster
-  (packages/siattn/README.md, Benchmarks).
+  purpose: torch.compile of this path unrolls the chunk loop, so each new sequence length recompiles (4-6
+  minutes on a shared 2-core CPU) for a 1.6-2.2x gain (packages/siattn/README.md, Benchmarks); it traces
+  without graph breaks, so a fixed-length training loop can still compile it.
 - "flex": `torch.nn.attention.flex_attention` with a `score_mod`; eager on CPU (forward only there), fused
   when compiled on GPU.
 - "triton": the fused kernel in `shared_kernels.si_attention` (CUDA, or CPU under TRITON_INTERPRET=1).
