@@ -189,6 +189,15 @@ def test_chunked_any_chunk_size_matches_reference(chunk):
     _assert_chunked_matches_reference(q, k, v, chunk, dict(q_offset=52, doc_ids=doc_ids, alpha=1.5, beta=1.0))
 
 
+def test_chunked_no_queries_or_no_keys():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, Tq=0, Tk=5, D=8, requires_grad=True)
+    out = attention(q, k, v, backend="chunked")
+    assert out.shape == (1, 2, 0, 8)
+    out.sum().backward()
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, Tq=3, Tk=0, D=8)
+    assert_exact(attention(q, k, v, causal=False, backend="chunked"), torch.zeros(1, 2, 3, 8), "no keys")
+
+
 def test_chunked_fully_masked_rows_give_zeros_and_finite_gradients():
     q, k, v = _qkv(B=1, Hq=2, Hkv=1, Tq=9, Tk=9, D=8, requires_grad=True)
     mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)

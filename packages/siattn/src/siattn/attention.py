@@ -317,6 +317,9 @@ def attention_chunked(
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     _check_family(tau, alpha, beta)
+    if q.shape[2] == 0:  # no queries: nothing to chunk (the reference returns the empty, differentiable result)
+        return attention_ref(q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids,
+                             attn_mask=attn_mask, alpha=alpha, beta=beta)
     return _ChunkedSIAttention.apply(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk)
 
 
