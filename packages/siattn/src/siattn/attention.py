@@ -244,7 +244,8 @@ class _ChunkedSIAttention(torch.autograd.Function):
             do = dout[:, :, :, s:e].reshape(N, G * C, D)
             dv[:, :kend].baddbmm_(probs.transpose(1, 2), do)  # sums the G query heads of each kv head
             dprobs = do @ vc.transpose(1, 2)  # (N, G*C, K)
-            dscores = torch._softmax_backward_data(dprobs, probs, -1, cdtype)  # P * (dP - rowsum(P dP))
+            # P * (dP - rowsum(P dP)), in place over dP like the forward softmax
+            dscores = torch.ops.aten._softmax_backward_data.out(dprobs, probs, -1, cdtype, grad_input=dprobs)
             dscores = dscores.view(B, Hkv, G, C, kend).mul_(a).view(N, G * C, kend)  # dL * a_t / sqrt(D)
             dqs.append((dscores @ kc).view(B, Hkv, G, C, D))
             dk[:, :kend].baddbmm_(dscores.transpose(1, 2), qc)
@@ -293,7 +294,8 @@ def _chunk_probs(qc, kc, a, m, hidden, shape5, empty_rows):
     torch.addcmul(m, logits, a, out=logits)  # in place: one (G*C, K) buffer per kv head
     if hidden is not None:
         logits.masked_fill_(hidden, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    # In place (the CPU kernel finishes each row's max and sum before writing it): one buffer per chunk.
+    probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
     if empty_rows:
         probs.nan_to_num_(nan=0.0)
     return probs.view(qc.shape[0], qc.shape[1], -1)
