@@ -12,7 +12,8 @@ bitsandbytes' native kernel). Here, per block of `blocksize` elements:
 - quantize takes the block's max |x| (NaN propagates), scales by the fp32 reciprocal and counts the fp32
   midpoints strictly below each value (ties to the lower code, NaN -> 15). The partial last block (divided,
   not multiplied) is left to the reference by the caller.
-Work is split over `torch.get_num_threads()` pthreads by blocks. A fresh output tensor is advised to use
+Work is shared by `torch.get_num_threads()` pthreads claiming chunks of blocks from an atomic counter (a
+static split made a descheduled thread hold up half the call on the loaded test machine). A fresh output tensor is advised to use
 transparent huge pages (`madvise`): with 4 KiB pages, faulting in the output costs more than computing it.
 
 The library is compiled on first use with the system C compiler (`$CC`, default `cc`; about 0.5-1 s once)
@@ -50,9 +51,19 @@ typedef struct {
     int64_t blocksize2; void* out; int out_kind;
     /* quantize */
     const void* x; int in_kind; const float* midpoints; float* absmax_out; uint8_t* packed_out;
-    /* this thread's blocks */
-    int64_t b0, b1;
+    /* blocks [0, n_blocks), claimed `chunk` at a time from the shared counter `next` */
+    int64_t n_blocks, chunk;
+    int64_t* next;
 } nf4_job;
+
+/* Claim the next chunk of blocks: [*b0, *b1). Dynamic claiming, not a static split, so a thread that the OS
+   deschedules (a loaded machine) holds up one chunk, not half the work. */
+static inline int claim(const nf4_job* a, int64_t* b0, int64_t* b1) {
+    *b0 = __atomic_fetch_add(a->next, a->chunk, __ATOMIC_RELAXED);
+    if (*b0 >= a->n_blocks) return 0;
+    *b1 = *b0 + a->chunk < a->n_blocks ? *b0 + a->chunk : a->n_blocks;
+    return 1;
+}
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -120,7 +131,8 @@ static void lookup_16bit_avx2(const uint8_t* p, int64_t nbytes, const uint16_t* 
 static void* dequantize_blocks(void* arg) {
     const nf4_job* a = (const nf4_job*)arg;
     const int avx2 = __builtin_cpu_supports("avx2");
-    for (int64_t b = a->b0; b < a->b1; ++b) {
+    int64_t b0, b1;
+    while (claim(a, &b0, &b1)) for (int64_t b = b0; b < b1; ++b) {
         float scale;
         if (a->qabsmax) {
             scale = a->code2[a->qabsmax[b]] * a->absmax2[b / a->blocksize2];  /* rounded, then + offset */
@@ -156,7 +168,8 @@ static void* quantize_blocks(void* arg) {
     const int64_t bs = a->blocksize;
     float m[15], buf[4096];
     for (int k = 0; k < 15; ++k) m[k] = a->midpoints[k];
-    for (int64_t b = a->b0; b < a->b1; ++b) {
+    int64_t b0, b1;
+    while (claim(a, &b0, &b1)) for (int64_t b = b0; b < b1; ++b) {
         const int64_t e0 = b * bs;
         if (a->in_kind == 0) {
             memcpy(buf, (const float*)a->x + e0, bs * sizeof(float));
@@ -188,24 +201,19 @@ static void* quantize_blocks(void* arg) {
     return 0;
 }
 
-/* Run fn over blocks [0, n_blocks) on n_threads threads (this one included). */
+/* Run fn over blocks [0, n_blocks) on n_threads threads (this one included), ~16K elements per claim. */
 static void run_parallel(void* (*fn)(void*), nf4_job job, int64_t n_blocks, int n_threads) {
+    int64_t next = 0;
+    job.n_blocks = n_blocks;
+    job.chunk = (16384 + job.blocksize - 1) / job.blocksize;
+    job.next = &next;
     if (n_threads > 64) n_threads = 64;
-    if (n_threads < 1) n_threads = 1;
-    nf4_job jobs[64];
     pthread_t threads[64];
     int started[64] = {0};
-    for (int i = 0; i < n_threads; ++i) {
-        jobs[i] = job;
-        jobs[i].b0 = n_blocks * i / n_threads;
-        jobs[i].b1 = n_blocks * (i + 1) / n_threads;
-    }
-    for (int i = 1; i < n_threads; ++i) started[i] = pthread_create(&threads[i], 0, fn, &jobs[i]) == 0;
-    fn(&jobs[0]);
-    for (int i = 1; i < n_threads; ++i) {
+    for (int i = 1; i < n_threads; ++i) started[i] = pthread_create(&threads[i], 0, fn, &job) == 0;
+    fn(&job);  /* if a thread failed to start, the others claim its share */
+    for (int i = 1; i < n_threads; ++i)
         if (started[i]) pthread_join(threads[i], 0);
-        else fn(&jobs[i]);
-    }
 }
 
 void nf4_dequantize(const uint8_t* packed, const float* code, int64_t numel, int64_t blocksize,
