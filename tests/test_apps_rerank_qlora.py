@@ -1,13 +1,20 @@
 """rerank-qlora: shipped configs validate; the stdlib task is deterministic with gold relevance; a tiny run
 of the whole pipeline (tiny base, SI p-RoPE, NF4 QLoRA, distillation, refinement, rerank, report) writes a
-peft adapter that peft loads, a valid TREC run and a report, and a re-run resumes from its checkpoints."""
+peft adapter that peft loads, a valid TREC run and a report, and a re-run resumes from its checkpoints; 2 DDP
+processes (gloo) take the same steps as one; a run SIGKILLed mid-distillation resumes to the same losses."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rerank_qlora.cli import main
 from rerank_qlora.config import RerankQLoRAConfig
@@ -30,6 +37,31 @@ def test_shipped_configs_validate(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "rerank-qlora --config" in first
     load_config(RerankQLoRAConfig, path)
+
+
+@pytest.mark.parametrize("path", sorted((APP / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_resolve(path, monkeypatch):
+    """The FSDP2 config for GPU users goes through accelerate's own launch-time resolution (the environment
+    `accelerate launch` would hand the processes) into a valid FSDP plugin; it cannot run without GPUs."""
+    import transformers
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch --config_file") and "rerank_qlora.cli" in first
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "rerank_qlora.cli"])
+    args, *_ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    layer_classes = {name for module in (transformers.models.llama.modeling_llama,
+                                         transformers.models.qwen2.modeling_qwen2) for name in dir(module)}
+    assert set(plugin.transformer_cls_names_to_wrap) <= layer_classes
 
 
 def test_default_config_and_errors(capsys):
@@ -89,29 +121,71 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert "0 new" in out and "resumed distill" in out and "resumed refine" in out
 
 
-def test_two_ddp_processes_match_one_process(tmp_path):
-    """Distillation under `accelerate launch` (2 gloo processes, 1 micro batch each) takes the same steps as
-    one process accumulating 2 micro batches: same losses, logged through the JSONL tracker."""
-    import os
-    import subprocess
-    import sys
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = ["--no-progress", *TINY, "refine.method=none", "train.steps=3"]
-    single = subprocess.Popen([sys.executable, "-m", "rerank_qlora.cli", f"run_dir={tmp_path / 'one'}", *args],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ddp = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                            "-m", "rerank_qlora.cli", f"run_dir={tmp_path / 'two'}", *args],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    outs = [p.communicate(timeout=900)[0] for p in (single, ddp)]
-    for p, out in zip((single, ddp), outs):
-        assert p.returncode == 0, out[-3000:]
 
-    def losses(name):
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["distill/loss"] for r in rows if "distill/loss" in r]
+def _distill_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["distill/loss"] for r in rows if "distill/loss" in r]
 
-    one, two = losses("one"), losses("two")
-    assert len(one) == len(two) == 3
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def distill_runs(tmp_path_factory):
+    """Three runs of the same distillation at once: uninterrupted (1 process), DDP (2 gloo processes, 1 micro
+    batch each, against 1 process accumulating 2), and one SIGKILLed once a checkpoint exists, then re-run."""
+    root = tmp_path_factory.mktemp("rq")
+    args = ["--no-progress", *TINY, "refine.method=none", f"train.steps={STEPS}", "train.checkpoint_every=2",
+            "task.max_eval_queries=1", "rerank.k=1"]
+    single = [sys.executable, "-m", "rerank_qlora.cli", *args]
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rerank_qlora.cli", *args]
+    procs = {name: subprocess.Popen([*cmd, f"run_dir={root / name}"], env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+             for name, cmd in (("single", single), ("ddp", ddp))}
+    killed = subprocess.Popen([*single, f"run_dir={root / 'killed'}"], env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    latest = root / "killed" / "checkpoints" / "distill" / "latest"
+    deadline = time.monotonic() + 600
+    while not latest.is_file() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)  # mid-distillation: a checkpoint exists, the run has not finished
+    killed.wait()
+    killed_at = latest.read_text().strip() if latest.is_file() else None
+    outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}: {outs[name][-3000:]}"
+    resumed = subprocess.run([*single, f"run_dir={root / 'killed'}"], env=_env(), capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return root, killed_at, resumed.stdout
+
+
+def test_two_ddp_processes_match_one_process(distill_runs):
+    """Distillation under `accelerate launch` (2 gloo processes) takes the same steps as one process with the
+    same global batch: same losses, logged through the JSONL tracker."""
+    root, _, _ = distill_runs
+    one, two = _distill_losses(root / "single"), _distill_losses(root / "ddp")
+    assert len(one) == len(two) == STEPS
     assert two == pytest.approx(one, rel=2e-4, abs=2e-4)
+
+
+def test_killed_run_resumes_to_the_same_loss(distill_runs):
+    """SIGKILL during distillation, then the same command: it resumes from the last complete checkpoint
+    (weights, optimizer, scheduler, RNG) and ends at the uninterrupted run's losses and adapter weights."""
+    from safetensors.torch import load_file
+
+    root, killed_at, out = distill_runs
+    assert killed_at is not None and killed_at != f"step-{STEPS:08d}", f"not killed mid-way ({killed_at})"
+    assert "resumed distill from" in out
+    assert _distill_losses(root / "killed") == pytest.approx(_distill_losses(root / "single"), rel=1e-6, abs=1e-7)
+    final = f"checkpoints/distill/step-{STEPS:08d}/model.safetensors"
+    a, b = load_file(root / "single" / final), load_file(root / "killed" / final)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)

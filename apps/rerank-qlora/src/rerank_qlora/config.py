@@ -18,8 +18,8 @@ class ModelConfig:
     tiny_hidden_size: int = option(128, "tiny: width")
     tiny_layers: int = option(2, "tiny: decoder layers")
     tiny_heads: int = option(4, "tiny: attention heads (2 KV heads)")
-    tiny_pretrain_steps: int = option(150, "tiny: language-model steps on the task's documents before quantization")
-    tiny_pretrain_seq_len: int = option(256, "tiny: context of those steps (tokens)")
+    tiny_pretrain_steps: int = option(60, "tiny: language-model steps on the task's documents before quantization")
+    tiny_pretrain_seq_len: int = option(128, "tiny: context of those steps (tokens)")
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -105,10 +105,11 @@ class TrainConfig:
     steps: int = option(60, "optimizer steps of distillation")
     batch_size: int = option(8, "global batch (examples per step, all processes)")
     micro_batch_size: int = option(4, "examples per forward pass on one process")
-    lr: float = option(1e-3, "peak learning rate (InteRank 3B: 2e-4)")
-    warmup_steps: int = option(10, "linear warmup, then constant")
+    lr: float = option(5e-3, "peak learning rate (InteRank 3B: 2e-4)")
+    warmup_steps: int = option(5, "linear warmup, then constant")
     max_grad_norm: float = option(0.3, "gradient clipping (QLoRA: 0.3)")
-    max_length: int = option(512, "training context in tokens; longer examples are dropped (and counted)")
+    max_length: int = option(384, "training context in tokens (evaluation prompts may be longer)")
+    fit_documents: bool = option(True, "cut the document of an example longer than max_length to fit (false: drop it)")
     completion_only: bool = option(True, "learn only the answer tokens")
     seed: int = option(0, "seed of adapter init and example order")
     log_every: int = option(5, "steps between metric logs")
@@ -128,9 +129,9 @@ class RefineConfig:
     method: Literal["reward-weighted", "none"] = option(
         "reward-weighted", "InteRank's reward-weighted fine-tuning (rerankdistill) or none")
     samples: int = option(4, "explanations sampled per pair (InteRank: 8)")
-    pairs: int = option(16, "training pairs refined")
+    pairs: int = option(8, "training pairs refined")
     threshold: float = option(0.85, "keep samples whose min-max normalised reward is at least this")
-    steps: int = option(10, "optimizer steps of refinement")
+    steps: int = option(5, "optimizer steps of refinement")
     temperature: float = option(1.0, "sampling temperature")
 
 
@@ -139,7 +140,9 @@ class RerankConfig:
     candidates: int = option(20, "BM25 depth per query (the first stage)")
     k: int = option(10, "top-k of the first stage reranked pointwise")
     batch_size: int = option(8, "pairs per generate call")
-    max_new_tokens: int = option(24, "explanation budget per pair (the label is read from label-token probabilities)")
+    max_new_tokens: int = option(
+        32, "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 tokens "
+        "of the tiny tokenizer), else E[label] is read after a cut-off explanation")
     use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
 
 

@@ -51,6 +51,7 @@ class RerankQLoRARecipe:
         self.history: list[dict[str, Any]] = []
         self.notes: dict[str, Any] = {}
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()  # user + sys of this process, all threads
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -135,10 +136,12 @@ class RerankQLoRARecipe:
         by_key = {(p.qid, p.docid): p for p in pairs}
         examples, counts = distill_examples(records, by_key)
         encoded, too_long = tokenize_examples(self.tokenizer, examples, _prompt(), cfg.train.completion_only,
-                                              cfg.train.max_length)
-        self.notes["teacher"] = {"name": teacher.name, "pairs": len(pairs), **counts, "too_long": too_long}
-        self._print(f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens "
-                    "dropped from training)")
+                                              cfg.train.max_length, fit_documents=cfg.train.fit_documents)
+        fate = "documents cut to fit" if cfg.train.fit_documents else "dropped"
+        self.notes["teacher"] = {"name": teacher.name, "pairs": len(pairs), **counts, "too_long": too_long,
+                                 "too_long_fate": fate}
+        self._print(f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens: "
+                    f"{fate})")
 
         self._stage(6, "LoRA distillation")
         self.history += self._train_loop(encoded, cfg.train.steps, cfg.train.lr, "distill")
@@ -297,9 +300,11 @@ class RerankQLoRARecipe:
         self.model.eval()
         backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
                                       max_new_tokens=cfg.rerank.max_new_tokens)
-        judge = TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities)
-        reranked = rerank(bm25, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=cfg.rerank.batch_size,
-                          progress=self.progress)
+        judge = LengthSortedJudge(TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities),
+                                  cfg.rerank.batch_size, progress=self.progress)
+        # every pair in one judge call, so the judge can batch them by length (less padding)
+        reranked = rerank(bm25, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=max(1, len(lengths)),
+                          progress=False)
         write_run(bm25, self.run_dir / "bm25.run", tag="bm25")
         write_run(reranked.run, self.run_dir / "reranked.run", tag="rerank-qlora")
         measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
@@ -371,8 +376,8 @@ class RerankQLoRARecipe:
             f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
             f"Teacher: {n['teacher']['name']}"
             + (" (OFFLINE stand-in built from the gold judgements: fixed explanations, no reasoning)" if offline else "")
-            + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} dropped as longer than "
-              f"the training context ({cfg.train.max_length} tokens).",
+            + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} longer than the training "
+              f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
             f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
             f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
             f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
@@ -384,12 +389,33 @@ class RerankQLoRARecipe:
         (self.run_dir / "report.md").write_text("\n".join(lines))
 
     def _stage(self, i: int, name: str) -> None:
-        self._print(f"stage {i}/{N_STAGES}: {name}  [{time.perf_counter() - self.t0:.0f} s]")
+        self._print(f"stage {i}/{N_STAGES}: {name}  [{time.perf_counter() - self.t0:.0f} s wall, "
+                    f"{time.process_time() - self.cpu0:.0f} s CPU]")
 
     def _print(self, text: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(f"[rerank-qlora] {text}")
             log.info(text)
+
+
+class LengthSortedJudge:
+    """Wraps a pointwise judge: judges pairs in batches of similar length (padding to the longest prompt of a
+    batch is what makes long-context batches expensive) and returns the judgements in the input order."""
+
+    def __init__(self, judge: Any, batch_size: int, progress: bool = True):
+        self.judge_, self.batch_size, self.progress = judge, batch_size, progress
+        self.name = judge.name
+
+    def judge(self, pairs: list[tuple[str, str]]) -> list[Any]:
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        out: list[Any] = [None] * len(pairs)
+        with tqdm(total=len(pairs), desc=f"rerank {self.name}", unit="pair", disable=not self.progress) as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                for i, j in zip(chunk, self.judge_.judge([pairs[i] for i in chunk]), strict=True):
+                    out[i] = j
+                bar.update(len(chunk))
+        return out
 
 
 def _prompt():
