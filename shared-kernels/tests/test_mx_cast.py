@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from shared_kernels.backend import triton_available, triton_interpreting
-from shared_kernels.mx_cast import mx_cast, mx_cast_2d_triton, mx_cast_ref, mx_dequantize
+from shared_kernels.mx_cast import (
+    _e4m3_codes_times_2pow_minus8,
+    mx_cast,
+    mx_cast_2d_triton,
+    mx_cast_ref,
+    mx_dequantize,
+    mx_dequantize_ref,
+    mx_quantize_dequantize,
+)
 from shared_kernels.testing import assert_exact
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -117,3 +125,28 @@ def test_triton_on_gpu_large_shapes_equal_reference():
             assert_exact(rs, ref_rs, "row scale")
             assert_exact(cd, ref_cd, "column data")
             assert_exact(cs, ref_cs, "column scale")
+
+
+def test_e4m3_decode_through_fp16_bits_is_exact_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(E4M3)
+    finite = ~torch.isnan(codes.to(torch.float32))
+    assert_exact(_e4m3_codes_times_2pow_minus8(codes)[finite], codes.to(torch.float32)[finite] * 2.0**-8, "decode")
+
+
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_dequantize_equals_cast_then_dequantize(elem, mode, dtype):
+    """The fused round trip is bit for bit the reference cast then dequantize: on adversarial input (its inf
+    and fp32-max blocks take the general decode) and on the same input without them (the fp16-bit decode)."""
+    x = adversarial(97, 1025, seed=4)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    finite_scales = torch.where(x.abs() > 2.0**100, 1.0, x)  # NaN stays (comparison is False)
+    for inp in (x, finite_scales):
+        inp = inp.to(dtype)
+        for dim in (0, -1):
+            ref = mx_dequantize_ref(*mx_cast_ref(inp, elem, 32, mode, dim), 32, dim)
+            assert_exact(mx_quantize_dequantize(inp, elem, 32, mode, dim), ref, f"dim {dim}")
+    y = torch.randn(3, 70, 5, generator=torch.Generator().manual_seed(5)) * 1e-3  # middle dim, block 16
+    assert_exact(mx_quantize_dequantize(y, elem, 16, mode, 1), mx_dequantize_ref(*mx_cast_ref(y, elem, 16, mode, 1), 16, 1))

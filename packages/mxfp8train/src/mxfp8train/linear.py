@@ -19,8 +19,9 @@ from torch import nn
 
 from mxfp8train.recipe import PAPER_RECIPE, MXRecipe
 from mxfp8train.stats import MXStats
-from shared_kernels.mx_cast import mx_cast
-from shared_kernels.mx_gemm import mx_gemm
+from shared_kernels.backend import resolve_backend
+from shared_kernels.mx_cast import mx_cast, mx_quantize_dequantize
+from shared_kernels.mx_gemm import hardware_mx_available, mx_gemm
 
 
 def _cast(
@@ -30,6 +31,20 @@ def _cast(
     if stats is not None:
         stats.update(role, t, data, scale, recipe.block_size, dim)
     return data, scale
+
+
+def _qdq_path(t: torch.Tensor, recipe: MXRecipe, stats: MXStats | None) -> bool:
+    """True when a GEMM can take the fp32 MX round trip of its operands (`mx_quantize_dequantize`, the same
+    values `mx_gemm`'s emulation dequantizes, faster on CPU): emulated GEMM, no stats to collect (they need
+    the codes and scales), and the torch cast (the Triton cast is the faster path where it runs)."""
+    emulated = recipe.gemm_backend == "emulated" or (
+        recipe.gemm_backend == "auto" and not (hardware_mx_available(t.device) and recipe.block_size == 32)
+    )
+    return emulated and stats is None and resolve_backend(recipe.cast_backend, t.device) == "torch"
+
+
+def _qdq(t: torch.Tensor, elem: torch.dtype, dim: int, recipe: MXRecipe) -> torch.Tensor:
+    return mx_quantize_dequantize(t, elem, recipe.block_size, recipe.scale_mode, dim)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,6 +63,9 @@ class _MXLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.recipe, ctx.stats, ctx.out_dtype = recipe, stats, out_dtype
         with torch.autocast(x.device.type, enabled=False):
+            if recipe.forward and _qdq_path(x, recipe, stats):
+                y = _qdq(x, recipe.input_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, -1, recipe).t()
+                return y.to(out_dtype)
             if recipe.forward:
                 xd, xs = _cast(x, recipe.input_dtype, -1, "input", recipe, stats)
                 wd, ws = _cast(weight, recipe.weight_dtype, -1, "weight", recipe, stats)
@@ -60,16 +78,21 @@ class _MXLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         recipe, stats, cdt = ctx.recipe, ctx.stats, ctx.out_dtype
         dx = dw = None
+        qdq = _qdq_path(dy, recipe, stats)
         with torch.autocast(x.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                if recipe.input_grad:
+                if recipe.input_grad and qdq:
+                    dx = (_qdq(dy, recipe.grad_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, 0, recipe)).to(x.dtype)
+                elif recipe.input_grad:
                     gd, gs = _cast(dy, recipe.grad_dtype, -1, "grad", recipe, stats)  # (M, N) along N
                     wd, ws = _cast(weight, recipe.weight_dtype, 0, "weight", recipe, stats)  # (N, K) along N
                     dx = mx_gemm(gd, gs, wd.t(), ws.t(), recipe.block_size, x.dtype, recipe.gemm_backend)
                 else:
                     dx = (dy.to(cdt) @ weight.to(cdt)).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                if recipe.weight_grad:
+                if recipe.weight_grad and qdq:
+                    dw = (_qdq(dy, recipe.grad_dtype, 0, recipe).t() @ _qdq(x, recipe.input_dtype, 0, recipe)).to(weight.dtype)
+                elif recipe.weight_grad:
                     gd, gs = _cast(dy, recipe.grad_dtype, 0, "grad", recipe, stats)  # (M, N) along M
                     xd, xs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
                     dw = mx_gemm(gd.t(), gs.t(), xd.t(), xs.t(), recipe.block_size, weight.dtype, recipe.gemm_backend)
