@@ -16,6 +16,10 @@ Outputs under --out (each written atomically; a killed run resumes from the last
     results.json             all variants + the config; parity_loss.png: loss curves
 
     mxfp8-parity --out runs/parity            # default CPU config (4 layers, width 192, T=128, 400 steps)
+
+Variants run in `--jobs` processes (default 2, one per core of a 2-core CPU) of `--threads` torch threads
+each (default 1): the GEMMs here are small, and two single-threaded variants side by side finish sooner
+than one two-threaded variant after another (and do not oversubscribe a shared machine).
 """
 
 from __future__ import annotations
@@ -61,14 +65,17 @@ class ParityConfig:
     eval_batches: int = 8
     stats_every: int = 20
     ckpt_every: int = 50
-    threads: int = 0  # 0: leave torch's default
+    threads: int = 1  # torch threads per variant process; 0: leave torch's default
+    jobs: int = 2  # variants trained side by side in separate processes
     progress: bool = True
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
-        for name in ("steps", "batch_size", "context", "eval_every", "eval_batches", "stats_every", "ckpt_every"):
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        for name in ("steps", "batch_size", "context", "eval_every", "eval_batches", "stats_every", "ckpt_every", "jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -194,15 +201,17 @@ def train_variant(cfg: ParityConfig, variant: str, train: torch.Tensor, val: tor
     ckpt = CheckpointManager(out / "ckpt" / variant, keep=1)
     state = ckpt.load(model, opt)
     start = state["step"] if state else 0
-    log = state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0}
+    log = state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
     starts = batch_starts(len(train), cfg)
     is_mx = variant != "bf16"
     t0 = time.perf_counter() - log["seconds"]
+    c0 = time.process_time() - log.get("cpu_seconds", 0.0)  # this process's user + sys time, all threads
     steps = range(start, cfg.steps)
     if cfg.progress:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc=variant, initial=start, total=cfg.steps)
+        position = cfg.variants.index(variant) if cfg.jobs > 1 else None  # one line per parallel variant
+        steps = tqdm(steps, desc=variant, initial=start, total=cfg.steps, position=position)
     for step in steps:
         track = is_mx and (step % cfg.stats_every == 0 or step == cfg.steps - 1)
         if is_mx:
@@ -226,9 +235,9 @@ def train_variant(cfg: ParityConfig, variant: str, train: torch.Tensor, val: tor
         if cfg.progress:
             steps.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
-            log["seconds"] = time.perf_counter() - t0
+            log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             ckpt.save(step + 1, model, opt, extra=log)
-    log["seconds"] = time.perf_counter() - t0
+    log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     result = {"variant": variant, "final_val_loss": log["val"][-1][1], **log, "diagnostics": pool_stats(log["stats"])}
     write_json_atomic(result_path, result)
     shutil.rmtree(out / "ckpt" / variant, ignore_errors=True)
@@ -250,8 +259,8 @@ def report_table(results: dict[str, dict]) -> str:
     base = results.get("bf16", {}).get("final_val_loss")
     lines = [
         "| variant | final val loss (nats/byte) | ratio to bf16 | clipped elements x / w / dy | clipped blocks x / w / dy "
-        "| flushed to zero x / w / dy | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| flushed to zero x / w / dy | minutes | CPU minutes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         d = r.get("diagnostics", {})
@@ -262,7 +271,8 @@ def report_table(results: dict[str, dict]) -> str:
         ratio = f"{r['final_val_loss'] / base:.4f}" if base else "-"
         lines.append(
             f"| {name} | {r['final_val_loss']:.4f} | {ratio} | {triple('clip_fraction', '{:.2e}')} | "
-            f"{triple('clipped_block_fraction', '{:.3f}')} | {triple('flush_fraction', '{:.1e}')} | {r['seconds'] / 60:.1f} |"
+            f"{triple('clipped_block_fraction', '{:.3f}')} | {triple('flush_fraction', '{:.1e}')} | {r['seconds'] / 60:.1f} | "
+            f"{r.get('cpu_seconds', float('nan')) / 60:.1f} |"
         )
     return "\n".join(lines)
 
@@ -298,17 +308,32 @@ def run_parity(cfg: ParityConfig) -> dict:
     path = Path(cfg.data) if cfg.data else default_data_path()
     if path is None or not path.is_file():
         raise ValueError(f"data file not found: {cfg.data or 'tinyshakespeare/input.txt in the shared data dir'}; pass --data")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    _set_threads(cfg.threads)
     train, val = load_splits(path)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    pending = [v for v in cfg.variants if not (out / "variants" / f"{v}.json").is_file()]
+    if cfg.jobs > 1 and len(pending) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # the cheap bf16 baseline last, so it fills the gap beside the last MX variant
+        pending.sort(key=lambda v: v == "bf16")
+        with ProcessPoolExecutor(min(cfg.jobs, len(pending)), multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads, initargs=(cfg.threads,)) as pool:
+            for future in [pool.submit(train_variant, cfg, v, train, val) for v in pending]:
+                future.result()  # results are read back from variants/<name>.json below
     results = {v: train_variant(cfg, v, train, val) for v in cfg.variants}
     summary = {"config": {**dataclasses.asdict(cfg), "data": str(path)}, "results": results,
                "table": report_table(results)}
     write_json_atomic(out / "results.json", summary)
     plot_curves(results, out / "parity_loss.png")
     return summary
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,8 +351,12 @@ def main(argv: list[str] | None = None) -> None:
     args["progress"] = not args.pop("no_progress")
     args = {k: v for k, v in args.items()}
     cfg = ParityConfig(**{k.replace("-", "_"): v for k, v in args.items()})
+    t0 = time.perf_counter()
     summary = run_parity(cfg)
     print(summary["table"])
+    cpu = sum(r.get("cpu_seconds", float("nan")) for r in summary["results"].values())
+    print(f"this command: {(time.perf_counter() - t0) / 60:.1f} min wall; variants' CPU time {cpu / 60:.1f} min "
+          f"(jobs={cfg.jobs}, threads={cfg.threads})")
     print(f"results: {Path(cfg.out) / 'results.json'}  plot: {Path(cfg.out) / 'parity_loss.png'}")
 
 
