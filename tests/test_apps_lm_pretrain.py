@@ -127,3 +127,27 @@ def test_killed_run_resumes_and_ends_at_the_same_loss(runs):
     assert _losses(killed) == _losses(single)  # bitwise: same thread count, same batches, restored RNG
     assert json.loads((killed / "results.json").read_text())["val_loss"] == \
         json.loads((single / "results.json").read_text())["val_loss"]
+
+
+def test_accelerate_fsdp2_config_parses_into_an_fsdp2_plugin(monkeypatch):
+    """configs/accelerate/fsdp2.yaml (for GPU machines; not run here) goes through accelerate's own launch
+    path: the parsed command, the environment `accelerate launch` would export, and the plugin built from it."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    import siattn.models
+
+    path = APP / "configs" / "accelerate" / "fsdp2.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "lm_pretrain.cli"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert defaults.distributed_type == DistributedType.FSDP and args.use_fsdp and int(args.fsdp_version) == 2
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap == ["Block"]
+    assert isinstance(getattr(siattn.models, "Block", None), type)  # the class the policy wraps exists
+    assert path.read_text().startswith("# accelerate launch --config_file apps/lm-pretrain/configs/accelerate/fsdp2.yaml")
