@@ -89,7 +89,7 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
         seen: dict[str, object] = {}
 
         def record(module, args):  # what the MX GEMMs get inside forward: the unsharded weight
-            seen.update(type=type(module.weight).__name__, shape=tuple(module.weight.shape))
+            seen.update(dtensor=isinstance(module.weight, DTensor), shape=tuple(module.weight.shape))
 
         handle = fc.register_forward_pre_hook(record)
         fsdp_losses, fsdp_grads = train(model, rank, WORLD)

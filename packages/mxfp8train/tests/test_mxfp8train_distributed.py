@@ -60,8 +60,8 @@ def test_ddp_two_processes_match_one_process(two_process_run, one_process):
 
 def test_fsdp2_two_processes_match_one_process(two_process_run, one_process):
     run = two_process_run["fsdp2"]
-    # MXLinear parameters are dim-0 shards between steps and whole plain tensors inside forward
+    # MXLinear parameters are dim-0 DTensor shards between steps, whole plain Parameters inside forward
     assert run["is_mxlinear"] and run["sharded"]
     assert run["local_shape"] == (128, 64)  # fc.weight (256, 64) over 2 ranks
-    assert run["in_forward"] == {"type": "Tensor", "shape": (256, 64)}
+    assert run["in_forward"] == {"dtensor": False, "shape": (256, 64)}
     assert_matches_one_process(run, one_process)
