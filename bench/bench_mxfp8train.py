@@ -24,7 +24,7 @@ def _torchao_to_mx():
 def mxfp8_cast_cpu(ctx: BenchContext) -> None:
     """E4M3 RCEIL cast, blocks of 32 along the last dim: our torch path (eager, and torch.compile) vs
     torchao 0.18 `to_mx` (eager); throughput in GB/s of fp32 input read."""
-    from shared_kernels.mx_cast import mx_cast_ref
+    from shared_kernels.mx_cast import mx_cast_ref, mx_dequantize_ref, mx_quantize_dequantize
 
     ao = _torchao_to_mx()
     shapes = [(1024, 1024)] if ctx.quick else [(1024, 1024), (4096, 4096)]
@@ -44,6 +44,10 @@ def mxfp8_cast_cpu(ctx: BenchContext) -> None:
         ctx.compare(f"{shape[0]}x{shape[1]} dim 0", lambda x=x: mx_cast_ref(x, dim=0),
                     lambda xt=xt: ao(xt.t().contiguous()), ours_name="mx_cast_ref dim=0",
                     anchor_name="torchao to_mx of the transpose", work=nbytes / 1e9, unit="GB")
+        # what an emulated GEMM needs: the fp32 round trip (MXLinear's path without stats since 2026-11-28)
+        ctx.compare(f"{shape[0]}x{shape[1]} round trip", lambda x=x: mx_quantize_dequantize(x),
+                    lambda x=x: mx_dequantize_ref(*mx_cast_ref(x)), ours_name="mx_quantize_dequantize",
+                    anchor_name="mx_cast_ref + mx_dequantize_ref", work=nbytes / 1e9, unit="GB")
 
 
 def _step(layer: nn.Module, x: torch.Tensor) -> None:
