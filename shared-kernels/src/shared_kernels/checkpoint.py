@@ -14,6 +14,9 @@ tensors and plain Python data, so it is read back with `torch.load(weights_only=
 
 In multi-process training every rank calls `save`/`load` with its `rank`, `world_size` and a `barrier`
 (for instance `accelerator.wait_for_everyone`); rank 0 writes the shared files, each rank its RNG state.
+A model sharded with FSDP2 (`fully_shard`, see `shared_kernels.distributed`) is saved as whole tensors,
+gathered by every rank and written by rank 0, in the same format as an unsharded one; on `load` every rank
+reads the checkpoint and keeps its shard, so checkpoints move between sharded and unsharded runs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from shared_kernels.distributed import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+)
 
 __all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
 
@@ -57,27 +68,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _weights(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """CPU copies of the state dict; tensors sharing storage (tied weights) are cloned so safetensors accepts them."""
-    if trainable_only:
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        if not names:
-            raise ValueError("trainable_only=True but the model has no parameter with requires_grad")
-        items = [(n, p) for n, p in model.named_parameters() if n in names]
-    else:
-        items = list(model.state_dict().items())
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, t in items:
-        t = t.detach().cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add(key)
-        out[name] = t
-    return out
 
 
 class CheckpointManager:
@@ -142,7 +132,7 @@ class CheckpointManager:
 
         Args:
             step: the number of optimizer steps taken (the loop resumes at this step).
-            model: the (unwrapped) model; its state dict is saved as safetensors.
+            model: the (unwrapped) model; its state dict is saved as safetensors (whole tensors when sharded).
             optimizer, scheduler: saved with `state_dict()` when given.
             extra: plain data (numbers, strings, lists, dicts, tensors) the loop needs to resume.
             trainable_only: save only parameters with requires_grad (adapters on a frozen base).
@@ -159,13 +149,16 @@ class CheckpointManager:
             tmp.mkdir()
         self._barrier()
         torch.save(capture_rng_state(), tmp / f"rng_state_{self.rank}.pt")
+        if self.rank == 0 or is_sharded(model):  # gathering shards is a collective: every rank takes part
+            weights = full_state_dict(model, trainable_only)
+            optimizer_state = full_optimizer_state_dict(optimizer) if optimizer is not None else None
         if self.rank == 0:
-            save_file(_weights(model, trainable_only), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
             state = {
                 "step": step,
                 "world_size": self.world_size,
                 "trainable_only": trainable_only,
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "extra": dict(extra or {}),
             }
@@ -207,11 +200,11 @@ class CheckpointManager:
             raise ValueError(f"path {str(ckpt)!r} is not a complete checkpoint (no trainer_state.pt)")
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         tensors = load_file(str(ckpt / "model.safetensors"))
-        _load_weights(model, tensors, state["trainable_only"])
+        load_full_state_dict(model, tensors, state["trainable_only"])
         if optimizer is not None:
             if state["optimizer"] is None:
                 raise ValueError(f"checkpoint {str(ckpt)!r} holds no optimizer state")
-            optimizer.load_state_dict(state["optimizer"])
+            load_full_optimizer_state_dict(optimizer, state["optimizer"])
         if scheduler is not None:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {str(ckpt)!r} holds no scheduler state")
@@ -226,26 +219,6 @@ class CheckpointManager:
                 rng_file = ckpt / "rng_state_0.pt"
             restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
         return {"step": int(state["step"]), "extra": state["extra"], "path": ckpt}
-
-
-def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], trainable_only: bool) -> None:
-    own = dict(model.named_parameters()) if trainable_only else model.state_dict()
-    if trainable_only:
-        expected = {n for n, p in own.items() if p.requires_grad}
-    else:
-        expected = set(own)
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, t in tensors.items():
-        if tuple(own[name].shape) != tuple(t.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            own[name].copy_(t)
 
 
 def _fsync_dir_files(directory: Path) -> None:

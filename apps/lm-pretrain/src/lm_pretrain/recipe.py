@@ -5,6 +5,10 @@ Runs unchanged in one process or under `accelerate launch` (DDP): the global bat
 batches, DDP averages the gradients, so P processes take the same optimizer steps as one process with the
 same global batch. Checkpoints (`shared_kernels.checkpoint`) are atomic and hold the optimizer, scheduler and
 RNG states, so a killed run resumes at the last checkpoint and ends where an uninterrupted run ends.
+
+Under accelerate's FSDP2 (`configs/accelerate/fsdp2.yaml`) the parameters are DTensor shards: checkpoints and
+model.safetensors are gathered into whole tensors by every rank (`shared_kernels.distributed`) and written by
+the main process, in the same format as above, and every rank runs the evaluation's forward passes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 from lm_pretrain.config import PretrainConfig
 from lm_pretrain.data import batch_offsets, eval_offsets, load_corpus, split_corpus, windows
 from shared_kernels.checkpoint import CheckpointManager
+from shared_kernels.distributed import full_state_dict, is_sharded
 from shared_kernels.runconfig import (
     JSONLTracker,
     config_to_dict,
@@ -98,6 +103,7 @@ class PretrainRecipe:
             cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=make_trackers(self.run_dir, cfg.trackers, "lm-pretrain"),
             project_dir=str(self.run_dir),
         )
+        _require_fsdp2(self.acc)
         world = self.acc.num_processes
         if tc.batch_size % (tc.micro_batch_size * world):
             raise ValueError(
@@ -135,8 +141,9 @@ class PretrainRecipe:
             self.run_dir / "checkpoints", keep=tc.keep_checkpoints, rank=self.acc.process_index,
             world_size=world, barrier=self.acc.wait_for_everyone,
         )
-        if cfg.resume:
-            state = self.ckpt.load(model, self.optimizer, self.scheduler)
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        if cfg.resume:  # after prepare, so that a sharded (FSDP2) model and its optimizer take their shards
+            state = self.ckpt.load(self.acc.unwrap_model(self.model), self.optimizer.optimizer, self.scheduler)
             if state is not None:
                 self.start_step = state["step"]
                 self.history = list(state["extra"].get("history", []))
@@ -145,7 +152,6 @@ class PretrainRecipe:
                     JSONLTracker.truncate_after(self.run_dir / "metrics.jsonl", self.start_step)
         elif self.acc.is_main_process:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.acc.init_trackers("lm-pretrain", config=_flat(config_to_dict(cfg)))
         n_params = sum(p.numel() for p in model.parameters())
         self._print(
@@ -187,8 +193,8 @@ class PretrainRecipe:
             if done % tc.log_every == 0 or done == tc.steps:
                 row = {"step": done, "train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                        "elapsed_s": time.perf_counter() - t0}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
+                if grad_norm is not None:  # under FSDP2 a DTensor (possibly a partial norm): take the whole value
+                    row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 row.update(mx_clip_stats(acc.unwrap_model(self.model)))
                 self.history.append(row)
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
@@ -198,10 +204,12 @@ class PretrainRecipe:
                 self.ckpt.save(done, acc.unwrap_model(self.model), self.optimizer.optimizer, self.scheduler,
                                extra={"history": self.history})
         bar.close()
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process or is_sharded(model):  # FSDP2: every rank gathers, the main process gets the weights
+            state = full_state_dict(model)
         if acc.is_main_process:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(self.model).state_dict().items()}
             save_file(state, str(self.run_dir / "model.safetensors.tmp"))
             (self.run_dir / "model.safetensors.tmp").replace(self.run_dir / "model.safetensors")
         acc.wait_for_everyone()
@@ -212,16 +220,19 @@ class PretrainRecipe:
     def evaluate(self) -> dict[str, Any]:
         """Validation loss (nats/byte) at seq_len x each multiplier, and loss by position at the longest.
 
-        Runs on the main process (the others wait); writes results.json, loss_by_position.png, report.md.
+        Runs on the main process (the others wait), or on every rank when the model is sharded (FSDP2: each
+        forward needs all ranks); the main process writes results.json, loss_by_position.png, report.md.
         """
         cfg, acc = self.cfg, self.acc
         results: dict[str, Any] = {}
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model).eval()
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process or is_sharded(model):
+            model.eval()
             autocast = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                         else contextlib.nullcontext())
             losses, curves = {}, {}
-            for mult in tqdm(cfg.eval.length_multipliers, desc="evaluate", disable=not self.progress):
+            for mult in tqdm(cfg.eval.length_multipliers, desc="evaluate",
+                             disable=not (self.progress and acc.is_main_process)):
                 length = cfg.train.seq_len * mult
                 per_pos = torch.zeros(length, dtype=torch.float64)
                 offsets = eval_offsets(len(self.val_tokens), length, cfg.eval.windows)
@@ -234,6 +245,8 @@ class PretrainRecipe:
                 per_pos /= len(offsets)
                 losses[length] = per_pos.mean().item()
                 curves[length] = per_pos
+            model.train()
+        if acc.is_main_process:
             longest = max(curves)
             buckets = torch.tensor_split(curves[longest], cfg.eval.position_buckets)
             ends = torch.cumsum(torch.tensor([len(b) for b in buckets]), 0).tolist()
@@ -248,7 +261,6 @@ class PretrainRecipe:
             acc.log({f"val/loss@{k}": v for k, v in losses.items()}, step=cfg.train.steps)
             self._plot(results)
             self._report(results)
-            model.train()
         acc.wait_for_everyone()
         return results
 
@@ -305,6 +317,14 @@ def run(cfg: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         recipe.cleanup()
     return results
+
+
+def _require_fsdp2(acc: Any) -> None:
+    """FSDP (version 1) wraps parameters in flat buffers that the recipe cannot gather; FSDP2 shards DTensors."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise ValueError("FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,11 +9,16 @@ against BM25 -> adapter in peft format.
 Distillation runs unchanged under `accelerate launch`: the global batch of step s is a function of (seed, s);
 each process takes its contiguous share and accumulates over micro batches, DDP averages the gradients.
 Adapter checkpoints (`shared_kernels.checkpoint`, trainable weights + optimizer + scheduler + RNG) are atomic.
+Refinement sampling and evaluation run on the main process, except under accelerate's FSDP2
+(`configs/accelerate/fsdp2-gpu.yaml`, quant.method=none): there the parameters are DTensor shards, so every rank
+runs each forward and generate() in step, and the adapter and checkpoints are gathered into whole tensors by
+every rank (`shared_kernels.distributed`) and written by the main process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,6 +34,7 @@ from tqdm.auto import tqdm
 from rerank_qlora import stages
 from rerank_qlora.config import RerankQLoRAConfig
 from shared_kernels.checkpoint import CheckpointManager
+from shared_kernels.distributed import full_state_dict, is_sharded
 from shared_kernels.runconfig import (
     JSONLTracker,
     config_to_dict,
@@ -63,6 +69,7 @@ class RerankQLoRARecipe:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
                                log_with=make_trackers(self.run_dir, cfg.trackers, "rerank-qlora"),
                                project_dir=str(self.run_dir))
+        _require_fsdp2(self.acc, cfg)
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
@@ -164,19 +171,25 @@ class RerankQLoRARecipe:
             raise ValueError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
                              f"processes ({tc.micro_batch_size} x {world})")
         per_rank, accum = tc.batch_size // world, tc.batch_size // world // tc.micro_batch_size
+        if is_sharded(self.model):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
+            _reshard(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
         ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=rank, world_size=world,
                                  barrier=acc.wait_for_everyone)
+        model, optimizer = acc.prepare(self.model, optimizer)
+        # FSDP2 replaces the parameters by DTensor shards in prepare: clip those, load into those
+        params = [p for p in model.parameters() if p.requires_grad]
+        if is_sharded(acc.unwrap_model(model)):
+            _generate_on_every_rank(acc.unwrap_model(model))
         start, history = 0, []
-        state = ckpt.load(self.model, optimizer, scheduler) if self.cfg.resume else None
+        state = ckpt.load(acc.unwrap_model(model), optimizer.optimizer, scheduler) if self.cfg.resume else None
         if state is not None:
             start, history = state["step"], list(state["extra"]["history"])
             self._print(f"resumed {phase} from {state['path']} at step {start}")
             if phase == "distill" and acc.is_main_process:
                 JSONLTracker.truncate_after(self.run_dir / "metrics.jsonl", start)
-        model, optimizer = acc.prepare(self.model, optimizer)
         order: list[int] = []
         epoch = 0
         while len(order) < steps * tc.batch_size:
@@ -241,11 +254,14 @@ class RerankQLoRARecipe:
         refine_pairs = [RefinePair(p.query, p.document, labels[(p.qid, p.docid)][0], labels[(p.qid, p.docid)][1])
                         for p in chosen]
         samples_path = self.run_dir / "refine_samples.json"
-        if self.acc.is_main_process and not (cfg.resume and samples_path.is_file()):
+        # a sharded model (FSDP2) needs every rank in each forward: all sample (the same seed), the main one writes
+        sampling = self.acc.is_main_process or is_sharded(self.model)
+        if sampling and not (cfg.resume and samples_path.is_file()):
             self._print(f"sampling {rc.samples} explanations for each of {len(refine_pairs)} pairs")
             groups = sample_candidates(self.model, self.tokenizer, refine_pairs, rc.samples, rc.temperature,
                                        cfg.rerank.max_new_tokens, cfg.rerank.batch_size, seed=cfg.train.seed)
-            write_json_atomic(samples_path, groups)
+            if self.acc.is_main_process:
+                write_json_atomic(samples_path, groups)
         self.acc.wait_for_everyone()
         groups = json.loads(samples_path.read_text())
         examples, weights = [], []
@@ -268,14 +284,18 @@ class RerankQLoRARecipe:
     # ---------------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Pointwise rerank of the held-out queries' BM25 top-k; nDCG@10 against BM25; report and adapter."""
+        """Pointwise rerank of the held-out queries' BM25 top-k; nDCG@10 against BM25; report and adapter.
+
+        Runs on the main process (the others wait), or on every rank when the model is sharded (FSDP2: each
+        forward needs all ranks); the main process writes the runs, results.json, the report and the adapter.
+        """
         results: dict[str, Any] = {}
-        if self.acc.is_main_process:
-            results = self._evaluate_main()
+        if self.acc.is_main_process or is_sharded(self.model):
+            results = self._rerank_and_report()
         self.acc.wait_for_everyone()
         return results
 
-    def _evaluate_main(self) -> dict[str, Any]:
+    def _rerank_and_report(self) -> dict[str, Any]:
         from rerankdistill import comparison_table, evaluate, write_run
         from rerankdistill.backends.hf import TransformersBackend
         from rerankdistill.rerank import TransformersJudge, rerank
@@ -301,10 +321,13 @@ class RerankQLoRARecipe:
         backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
                                       max_new_tokens=cfg.rerank.max_new_tokens)
         judge = LengthSortedJudge(TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities),
-                                  cfg.rerank.batch_size, progress=self.progress)
+                                  cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process)
         # every pair in one judge call, so the judge can batch them by length (less padding)
         reranked = rerank(bm25, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=max(1, len(lengths)),
                           progress=False)
+        if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
+            self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
+            return {}
         write_run(bm25, self.run_dir / "bm25.run", tag="bm25")
         write_run(reranked.run, self.run_dir / "reranked.run", tag="rerank-qlora")
         measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
@@ -327,14 +350,23 @@ class RerankQLoRARecipe:
         return results
 
     def _save_adapter(self) -> Path:
-        """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically."""
+        """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically.
+
+        A sharded model's (FSDP2) adapter is gathered first: every rank calls this, the main process writes.
+        """
         final = self.run_dir / "adapter"
         tmp = self.run_dir / "adapter.tmp"
+        sharded = is_sharded(self.model)
+        whole = full_state_dict(self.model, trainable_only=True) if sharded else None  # collective when sharded
+        if not self.acc.is_main_process:
+            return final
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.quant.method == "nf4":
+        if self.cfg.quant.method == "nf4":  # never sharded: _require_fsdp2 refuses nf4 under FSDP
             from nf4lora.model import save_adapter
 
             save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path)
+        elif sharded:
+            self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
         else:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tmp))
@@ -416,6 +448,46 @@ class LengthSortedJudge:
                     out[i] = j
                 bar.update(len(chunk))
         return out
+
+
+def _require_fsdp2(acc: Any, cfg: RerankQLoRAConfig) -> None:
+    """Under accelerate FSDP: only version 2 (DTensor shards the recipe can gather), and only quant.method=none."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return
+    if not acc.is_fsdp2:
+        raise ValueError("FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 "
+                         "(configs/accelerate/fsdp2-gpu.yaml)")
+    if cfg.quant.method == "nf4":
+        raise ValueError("quant.method=nf4 is not supported under FSDP: nf4lora keeps the packed 4-bit weights in "
+                         "buffers, which fully_shard does not shard, and its adapter saving is not FSDP-aware; "
+                         "use quant.method=none (bf16 base + LoRA)")
+
+
+def _generate_on_every_rank(model: Any) -> None:
+    """Make `model.generate` usable on an FSDP2-sharded model, where every rank runs it in step.
+
+    FSDP2 gathers parameters around `forward` only: generate() is registered as a forward method too, and called
+    with synced_gpus=True so that transformers keeps every rank decoding (padding) until all are done; otherwise
+    a rank that finished early would stop joining the all-gathers of the others. Idempotent.
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if getattr(model, "_generate_on_every_rank", False):
+        return
+    model.generate = functools.partial(model.generate, synced_gpus=True)
+    register_fsdp_forward_method(model, "generate")
+    model._generate_on_every_rank = True
+
+
+def _reshard(model: Any) -> None:
+    """Register every FSDP2 module's sharded parameters again (forward-only passes can leave some unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _prompt():
