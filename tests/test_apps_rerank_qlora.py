@@ -25,7 +25,7 @@ APP = Path(__file__).resolve().parents[1] / "apps" / "rerank-qlora"
 TINY = [
     "model.tiny_hidden_size=32", "model.tiny_layers=1", "model.tiny_heads=2",
     "model.tiny_pretrain_steps=3", "model.tiny_pretrain_seq_len=64", "task.max_train_queries=6",
-    "task.max_eval_queries=3", "teacher.pairs_per_query=2", "lora.r=4", "train.steps=4", "train.batch_size=2",
+    "task.max_eval_queries=3", "task.max_validation_queries=3", "teacher.pairs_per_query=2", "lora.r=4", "train.steps=4", "train.batch_size=2",
     "train.micro_batch_size=1", "train.checkpoint_every=2", "train.log_every=1", "refine.pairs=2",
     "refine.samples=2", "refine.steps=2", "rerank.candidates=5", "rerank.k=3", "rerank.max_new_tokens=4",
     "train.max_length=1024", "trackers=[none]",
@@ -71,23 +71,46 @@ def test_default_config_and_errors(capsys):
         load_config(RerankQLoRAConfig, overrides=["task.name=beir"])
     with pytest.raises(ConfigError, match=r"rerank.k \(30\) must be <= rerank.candidates"):
         load_config(RerankQLoRAConfig, overrides=["rerank.k=30"])
+    with pytest.raises(ConfigError, match=r"rerank.fusion_weight must be in \[0, 1\]"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.fusion_weight=1.5"])
+    with pytest.raises(ConfigError, match="task.validation_fraction"):
+        load_config(RerankQLoRAConfig, overrides=["task.validation_fraction=0.8"])
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for key in ("lora.mxfp8", "attention.tau", "quant.double_quant", "refine.method", "teacher.kind"):
+    for key in ("lora.mxfp8", "attention.tau", "quant.double_quant", "refine.method", "teacher.kind",
+                "rerank.fusion_weight", "teacher.offline_explanation"):
         assert key in out
 
 
 def test_stdlib_task_is_deterministic_and_split_by_module():
     a, b = build_stdlib_task(), build_stdlib_task()
     assert a.corpus == b.corpus and a.queries == b.queries and a.eval_qids == b.eval_qids
+    assert a.validation_qids == b.validation_qids
     train_mods = {q[2:].rsplit(".", 1)[0] for q in a.train_qids}
     eval_mods = {q[2:].rsplit(".", 1)[0] for q in a.eval_qids}
-    assert not train_mods & eval_mods and len(a.eval_qids) >= 16
+    val_mods = {q[2:].rsplit(".", 1)[0] for q in a.validation_qids}
+    assert not train_mods & eval_mods and not val_mods & (train_mods | eval_mods)
+    assert len(a.eval_qids) >= 16 and len(a.validation_qids) >= 16
     q = a.eval_qids[0]
     assert max(a.qrels[q].values()) == 2 and q[2:] in a.corpus
     name = q[2:].rsplit(".", 1)[1]
     assert f" {name}(" not in " " + a.queries[q]  # the function's own name is masked in its query
+
+
+def test_training_pairs_strategies():
+    from rerank_qlora.stages import training_pairs
+    from rerank_qlora.stdlib_task import RetrievalTask
+
+    corpus = {d: d for d in ("gold", "mod", "n1", "n2", "n3", "n4")}
+    task = RetrievalTask("t", corpus, {"q": "query"}, {"q": {"gold": 2, "mod": 1}}, ["q"], [])
+    first = {"q": {"n1": 9.0, "mod": 8.0, "n2": 7.0, "n3": 6.0, "gold": 5.0, "n4": 4.0}}
+    docs = lambda pairs: [p.docid for p in pairs]  # noqa: E731
+    assert docs(training_pairs(task, first, 3)) == ["gold", "mod", "n1"]  # judged first, then hard negatives
+    assert docs(training_pairs(task, first, 3, "bm25")) == ["n1", "mod", "n2", "gold"]  # BM25 order + best gold
+    assert docs(training_pairs(task, first, 5, "bm25")) == ["n1", "mod", "n2", "n3", "gold"]
+    with pytest.raises(ValueError, match="strategy"):
+        training_pairs(task, first, 3, "random")
 
 
 def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
@@ -98,10 +121,17 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
         assert f"stage {stage}/9" in out
     assert "OFFLINE TEACHER" in out and "scale-invariant p-RoPE" in out and "NF4 + double quantization" in out
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["scores"]) == {"BM25", "BM25 + rerank-qlora"}
+    assert set(results["scores"]) == {"BM25", "BM25 + rerank-qlora", "BM25 + rerank-qlora, fused"}
     assert 0 <= results["scores"]["BM25"]["ndcg_cut_10"] <= 1
+    fusion = results["fusion"]
+    assert fusion["chosen"] == "chosen on 3 validation queries" and 0 <= fusion["weight"] <= 1
+    by_weight = fusion["validation"]["by_weight"]
+    assert len(by_weight) == 11 and by_weight[str(fusion["weight"])] == max(by_weight.values())
+    assert by_weight["0.0"] == pytest.approx(fusion["validation"]["bm25"])
+    assert by_weight["1.0"] == pytest.approx(fusion["validation"]["reranked"])
     report = (run_dir / "report.md").read_text()
-    assert "OFFLINE stand-in" in report and "ndcg_cut_10" in report
+    assert "OFFLINE stand-in" in report and "ndcg_cut_10" in report and "3 validation queries" in report
+    assert (run_dir / "fused.run").is_file()
     assert (run_dir / "training_curve.png").stat().st_size > 0
     lines = (run_dir / "reranked.run").read_text().splitlines()
     assert lines and all(len(x.split()) == 6 for x in lines)
@@ -116,9 +146,14 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
 
     # Re-running the same command resumes: teacher labels and both training phases come from the run dir.
-    assert main([f"run_dir={run_dir}", "--no-progress", *TINY]) == 0
+    # A given fusion weight of 0 is BM25's order exactly.
+    assert main([f"run_dir={run_dir}", "--no-progress", *TINY, "rerank.fusion_weight=0"]) == 0
     out = capsys.readouterr().out
     assert "0 new" in out and "resumed distill" in out and "resumed refine" in out
+    again = json.loads((run_dir / "results.json").read_text())
+    assert again["fusion"]["chosen"] == "given" and again["scores"]["BM25 + rerank-qlora"] == results["scores"][
+        "BM25 + rerank-qlora"]
+    assert again["scores"]["BM25 + rerank-qlora, fused"] == again["scores"]["BM25"]
 
 
 def _env() -> dict[str, str]:

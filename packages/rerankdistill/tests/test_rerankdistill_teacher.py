@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from rerankdistill.backends.openai_http import OpenAIChatBackend, TeacherRequestError
+from rerankdistill.labels import parse_relevance
 from rerankdistill.teacher import Pair, QrelsTeacher, TeacherRecord, TeacherStore, generate_teacher_outputs
 
 PAIRS = [Pair(str(q), f"d{d}", f"query {q}", f"document {d} text") for q in range(3) for d in range(4)]
@@ -35,6 +36,16 @@ def test_offline_teacher_store_and_resume(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == len(PAIRS) and all(r["teacher"] == "offline-qrels-oracle" for r in rows)
     assert all("[offline teacher" in r["text"] for r in rows)
+
+
+def test_offline_teacher_explanation_modes():
+    per_label, fixed = QrelsTeacher(QRELS), QrelsTeacher(QRELS, explanation="fixed")
+    assert len({per_label.explanation(g) for g in (0, 1, 2)}) == 3  # the label shows in the sentence
+    assert len({fixed.explanation(g) for g in (0, 1, 2)}) == 1  # only the label line decides
+    assert fixed.name != per_label.name  # stored outputs of the two never mix
+    assert parse_relevance(fixed.text_for("0", "d0")) == 2 and parse_relevance(fixed.text_for("1", "d3")) == 0
+    with pytest.raises(ValueError, match="explanation"):
+        QrelsTeacher(QRELS, explanation="short")
 
 
 def test_store_repairs_torn_tail_and_rejects_corruption(tmp_path):

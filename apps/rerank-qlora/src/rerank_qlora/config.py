@@ -36,8 +36,11 @@ class TaskConfig:
     corpus_path: Path | None = option(None, "bright: the corpus JSONL (BRIGHT's corpus is not in its topics file)")
     domain: str = option("biology", "bright: the domain")
     eval_fraction: float = option(0.25, "beir/bright/cranfield: share of queries held out for evaluation")
+    validation_fraction: float = option(
+        0.1, "beir/bright/cranfield: share of queries held out for validation (the fusion weight is chosen there)")
     max_train_queries: int = option(160, "cap on training queries")
-    max_eval_queries: int = option(16, "cap on evaluation queries")
+    max_eval_queries: int = option(100, "cap on evaluation queries")
+    max_validation_queries: int = option(100, "cap on validation queries (0: none, and no fusion weight search)")
     seed: int = option(0, "seed of the query split")
 
     def __post_init__(self) -> None:
@@ -47,6 +50,11 @@ class TaskConfig:
             raise ValueError("task.corpus_path is required for task.name='bright' (its topics hold no documents)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"task.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0 <= self.validation_fraction < 1 - self.eval_fraction:
+            raise ValueError(f"task.validation_fraction must be in [0, 1 - task.eval_fraction), got "
+                             f"{self.validation_fraction}")
+        if self.max_validation_queries < 0:
+            raise ValueError(f"task.max_validation_queries must be >= 0, got {self.max_validation_queries}")
 
 
 @dataclass
@@ -58,7 +66,13 @@ class TeacherConfig:
     model: str = option("meta-llama/Llama-3.3-70B-Instruct", "openai: model name")
     api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the key")
     concurrency: int = option(8, "openai: requests in flight")
-    pairs_per_query: int = option(4, "training pairs per query: gold documents + BM25 hard negatives")
+    pairs_per_query: int = option(4, "training pairs per query (see teacher.pairs_from)")
+    pairs_from: Literal["gold-first", "bm25"] = option(
+        "gold-first", "gold-first: the judged documents, then BM25 hard negatives; bm25: BM25's top pairs_per_query "
+        "as ranked (the evaluation's distribution) plus the best judged document when BM25 missed it")
+    offline_explanation: Literal["fixed", "per-label"] = option(
+        "fixed", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
+        "where E[label] is read) or 'per-label' (the sentence names the label)")
 
 
 @dataclass
@@ -144,6 +158,13 @@ class RerankConfig:
         32, "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 tokens "
         "of the tiny tokenizer), else E[label] is read after a cut-off explanation")
     use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
+    fusion_weight: float | None = option(
+        None, "weight w of the reranker in w * E[label]/2 + (1 - w) * min-max BM25 (rerankdistill.fusion); "
+        "unset: chosen on the validation queries from 0, 0.1, ..., 1")
+
+    def __post_init__(self) -> None:
+        if self.fusion_weight is not None and not 0 <= self.fusion_weight <= 1:
+            raise ValueError(f"rerank.fusion_weight must be in [0, 1] or unset, got {self.fusion_weight}")
 
 
 @dataclass

@@ -85,10 +85,12 @@ class RerankQLoRARecipe:
         self.first_stage = bm25_search(self.task.corpus, self.task.queries, k=cfg.rerank.candidates)
         self.notes["task"] = {
             "name": self.task.name, "documents": len(self.task.corpus), "train_queries": len(self.task.train_qids),
-            "eval_queries": len(self.task.eval_qids), **self.task.info,
+            "eval_queries": len(self.task.eval_qids), "validation_queries": len(self.task.validation_qids),
+            **self.task.info,
         }
-        self._print(f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training "
-                    f"and {len(self.task.eval_qids)} evaluation queries, BM25 top-{cfg.rerank.candidates}")
+        self._print(f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training, "
+                    f"{len(self.task.validation_qids)} validation and {len(self.task.eval_qids)} evaluation queries, "
+                    f"BM25 top-{cfg.rerank.candidates}")
 
         self._stage(2, "base model")
         if cfg.model.name_or_path == "tiny":
@@ -125,7 +127,8 @@ class RerankQLoRARecipe:
 
         cfg = self.cfg
         self._stage(5, "teacher labels")
-        pairs = stages.training_pairs(self.task, self.first_stage, cfg.teacher.pairs_per_query)
+        pairs = stages.training_pairs(self.task, self.first_stage, cfg.teacher.pairs_per_query,
+                                      cfg.teacher.pairs_from)
         teacher = stages.make_teacher(cfg, self.task)
         if cfg.teacher.kind == "offline-qrels":
             self._print("OFFLINE TEACHER: labels come from the gold judgements and every explanation is a fixed "
@@ -296,14 +299,16 @@ class RerankQLoRARecipe:
         return results
 
     def _rerank_and_report(self) -> dict[str, Any]:
-        from rerankdistill import comparison_table, evaluate, write_run
+        from rerankdistill import comparison_table, evaluate, fuse, select_fusion_weight, write_run
         from rerankdistill.backends.hf import TransformersBackend
         from rerankdistill.rerank import TransformersJudge, rerank
 
         cfg, task = self.cfg, self.task
-        self._stage(8, "pointwise reranking of held-out queries")
+        self._stage(8, "pointwise reranking of validation and held-out queries")
         eval_qrels = {q: task.qrels[q] for q in task.eval_qids}
+        val_qrels = {q: task.qrels[q] for q in task.validation_qids}
         bm25 = {q: self.first_stage[q] for q in task.eval_qids if q in self.first_stage}
+        bm25_val = {q: self.first_stage[q] for q in task.validation_qids if q in self.first_stage}
         prompt = _prompt()
         lengths = []
         for qid, docs in bm25.items():
@@ -315,29 +320,41 @@ class RerankQLoRARecipe:
         self.notes["eval_lengths"] = {"pairs": len(lengths), "longer_than_training_context": longer,
                                       "max_prompt_tokens": max(lengths, default=0),
                                       "training_context": cfg.train.max_length}
-        self._print(f"{len(lengths)} pairs; {longer} prompts longer than the training context of "
-                    f"{cfg.train.max_length} tokens (longest {max(lengths, default=0)})")
+        self._print(f"{len(lengths)} evaluation pairs; {longer} prompts longer than the training context of "
+                    f"{cfg.train.max_length} tokens (longest {max(lengths, default=0)}); "
+                    f"{len(bm25_val) * cfg.rerank.k} validation pairs")
         self.model.eval()
         backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
                                       max_new_tokens=cfg.rerank.max_new_tokens)
         judge = LengthSortedJudge(TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities),
                                   cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process)
         # every pair in one judge call, so the judge can batch them by length (less padding)
-        reranked = rerank(bm25, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=max(1, len(lengths)),
+        both = {**bm25_val, **bm25}
+        n_pairs = sum(min(cfg.rerank.k, len(d)) for d in both.values())
+        reranked = rerank(both, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=max(1, n_pairs),
                           progress=False)
         if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
             self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
             return {}
+        student = {q: reranked.run[q] for q in bm25}
+        fusion = self._fusion(bm25_val, val_qrels, reranked, fuse, select_fusion_weight)
+        runs = {"BM25": bm25, "BM25 + rerank-qlora": student}
+        if fusion["weight"] is not None:
+            runs[fusion["name"]] = fuse(bm25, reranked.scores, fusion["weight"], cfg.rerank.k)
+            write_run(runs[fusion["name"]], self.run_dir / "fused.run", tag="rerank-qlora-fused")
         write_run(bm25, self.run_dir / "bm25.run", tag="bm25")
-        write_run(reranked.run, self.run_dir / "reranked.run", tag="rerank-qlora")
+        write_run(student, self.run_dir / "reranked.run", tag="rerank-qlora")
         measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
         scores = {name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
-                  for name, run in (("BM25", bm25), ("BM25 + rerank-qlora", reranked.run))}
-        table = comparison_table({"BM25": bm25, "BM25 + rerank-qlora": reranked.run}, eval_qrels, measures)
-        results = {"scores": scores, "unparseable": reranked.unparseable, "judged": reranked.judged,
+                  for name, run in runs.items()}
+        table = comparison_table(runs, eval_qrels, measures)
+        n_eval = len(bm25)
+        unparseable = sum(reranked.labels[q][d] is None for q in bm25 for d in reranked.labels[q])
+        results = {"scores": scores, "fusion": fusion, "unparseable": unparseable, "judged": len(lengths),
                    "elapsed_s": time.perf_counter() - self.t0, **self.notes}
-        self.acc.log({"eval/ndcg@10/bm25": scores["BM25"]["ndcg_cut_10"],
-                      "eval/ndcg@10/reranked": scores["BM25 + rerank-qlora"]["ndcg_cut_10"]})
+        self.acc.log({f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"]
+                      for key, name in (("bm25", "BM25"), ("reranked", "BM25 + rerank-qlora"),
+                                        ("fused", fusion["name"])) if name in scores})
 
         self._stage(9, "adapter and report")
         adapter_dir = self._save_adapter()
@@ -345,9 +362,32 @@ class RerankQLoRARecipe:
         write_json_atomic(self.run_dir / "results.json", results)
         self._plot()
         self._report(results, table)
-        self._print(f"nDCG@10 on {len(eval_qrels)} held-out queries: BM25 {scores['BM25']['ndcg_cut_10']:.4f}, "
-                    f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}")
+        line = (f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25']['ndcg_cut_10']:.4f}, "
+                f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}")
+        if fusion["name"] in scores:
+            line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {scores[fusion['name']]['ndcg_cut_10']:.4f}"
+        self._print(line)
         return results
+
+    def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any, fuse, select) -> dict[str, Any]:
+        """The fusion weight: given (rerank.fusion_weight), or chosen on the validation queries (never the
+        evaluation ones); none when neither is available."""
+        from rerankdistill import ndcg_at_k
+
+        cfg = self.cfg
+        out: dict[str, Any] = {"weight": cfg.rerank.fusion_weight, "chosen": "given", "validation": {}}
+        if bm25_val:
+            val_student = {q: reranked.run[q] for q in bm25_val}
+            out["validation"] = {"queries": len(bm25_val), "bm25": float(ndcg_at_k(bm25_val, val_qrels, 10)),
+                                 "reranked": float(ndcg_at_k(val_student, val_qrels, 10))}
+        if out["weight"] is None and bm25_val:
+            weight, by_weight = select(bm25_val, reranked.scores, val_qrels, cfg.rerank.k)
+            out.update(weight=weight, chosen=f"chosen on {len(bm25_val)} validation queries",
+                       validation={**out["validation"], "by_weight": by_weight})
+        elif out["weight"] is None:
+            out["chosen"] = "none: no validation queries and rerank.fusion_weight unset"
+        out["name"] = "BM25 + rerank-qlora, fused" if out["weight"] is not None else ""
+        return out
 
     def _save_adapter(self) -> Path:
         """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically.
@@ -404,7 +444,8 @@ class RerankQLoRARecipe:
         lines = [
             "# rerank-qlora report", "",
             f"Task: {n['task']['name']} ({n['task']['documents']} documents; {n['task']['train_queries']} training "
-            f"queries, {n['task']['eval_queries']} held-out evaluation queries).",
+            f"queries, {n['task']['validation_queries']} validation queries, {n['task']['eval_queries']} held-out "
+            "evaluation queries).",
             f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
             f"Teacher: {n['teacher']['name']}"
             + (" (OFFLINE stand-in built from the gold judgements: fixed explanations, no reasoning)" if offline else "")
@@ -414,8 +455,25 @@ class RerankQLoRARecipe:
             f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
             f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
             f"Unparseable judgements: {results['unparseable']} of {results['judged']}.", "",
-            table, "![training curve](training_curve.png)", "",
-            f"Adapter (peft format): `{results['adapter_dir']}`. Runs: `bm25.run`, `reranked.run` (TREC format). "
+            table, "",
+        ]
+        f = results["fusion"]
+        if f["weight"] is not None:
+            lines += [f"Fused: w * E[label]/2 + (1 - w) * min-max BM25 over each query's top-{cfg.rerank.k} "
+                      f"(rerankdistill.fusion), w = {f['weight']:g} ({f['chosen']}). w = 0 is BM25's order, w = 1 "
+                      "the student's.", ""]
+        else:
+            lines += [f"No fused run: {f['chosen']}.", ""]
+        if f["validation"]:
+            v = f["validation"]
+            lines += [f"Validation ({v['queries']} queries, modules disjoint from training and evaluation): nDCG@10 "
+                      f"BM25 {v['bm25']:.4f}, reranked {v['reranked']:.4f}"
+                      + ("; fused by w: " + ", ".join(f"{w:g}: {s:.4f}" for w, s in v["by_weight"].items())
+                         if "by_weight" in v else "") + ".", ""]
+        lines += [
+            "![training curve](training_curve.png)", "",
+            f"Adapter (peft format): `{results['adapter_dir']}`. Runs: `bm25.run`, `reranked.run`"
+            + (", `fused.run`" if f["weight"] is not None else "") + f" (TREC format). "
             f"Wall time {results['elapsed_s']:.0f} s.", "",
         ]
         (self.run_dir / "report.md").write_text("\n".join(lines))

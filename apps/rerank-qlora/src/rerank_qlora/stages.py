@@ -23,7 +23,8 @@ class StageUnavailable(RuntimeError):
 def load_task(cfg: TaskConfig) -> RetrievalTask:
     """The retrieval task: the built-in stdlib task, or a BEIR / BRIGHT / Cranfield collection split by query."""
     if cfg.name == "stdlib":
-        return build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=cfg.max_eval_queries)
+        return build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=cfg.max_eval_queries,
+                                 max_validation_queries=cfg.max_validation_queries)
     import rerankdistill as rd
 
     if cfg.name == "beir":
@@ -37,9 +38,12 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
     qids = sorted(q for q in queries if q in qrels)
     random.Random(cfg.seed).shuffle(qids)
     n_eval = max(1, int(len(qids) * cfg.eval_fraction))
-    eval_qids, train_qids = qids[:n_eval][: cfg.max_eval_queries], qids[n_eval:][: cfg.max_train_queries]
+    n_val = int(len(qids) * cfg.validation_fraction)
+    eval_qids = qids[:n_eval][: cfg.max_eval_queries]
+    validation_qids = qids[n_eval:n_eval + n_val][: cfg.max_validation_queries]
+    train_qids = qids[n_eval + n_val:][: cfg.max_train_queries]
     return RetrievalTask(cfg.name, dict(corpus), dict(queries), {q: dict(qrels[q]) for q in qids}, train_qids,
-                         eval_qids, info={"source": str(cfg.path)})
+                         eval_qids, info={"source": str(cfg.path)}, validation_qids=validation_qids)
 
 
 # ------------------------------------------------------------------------------------------ base model
@@ -51,10 +55,11 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
     from shared_kernels.testing.tiny_lm import tiny_causal_lm, train_tokenizer
 
     m = cfg.model
-    texts = list(task.corpus.values()) + list(task.queries.values())
+    # the corpus is known at indexing time, the held-out queries are not
+    texts = list(task.corpus.values()) + [task.queries[q] for q in task.train_qids]
     # The prompt and the offline teacher's answers are in every training and evaluation sequence: weighted
     # like that, BPE merges them into few tokens (~250 tokens of template otherwise, at vocabulary 1,024).
-    teacher = QrelsTeacher({})
+    teacher = QrelsTeacher({}, explanation=cfg.teacher.offline_explanation)
     template = [INTERANK_PROMPT.system, INTERANK_PROMPT.user.format(query="", document=""),
                 *(INTERANK_PROMPT.completion(teacher.explanation(label), label) for label in (0, 1, 2))]
     texts += template * 200
@@ -163,15 +168,30 @@ def trainable_summary(model: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------- teacher + data
-def training_pairs(task: RetrievalTask, first_stage: dict[str, dict[str, float]], per_query: int) -> list:
-    """Gold documents plus BM25 hard negatives for each training query (at most `per_query` pairs)."""
-    from rerankdistill.teacher import Pair
+def training_pairs(task: RetrievalTask, first_stage: dict[str, dict[str, float]], per_query: int,
+                   strategy: str = "gold-first") -> list:
+    """Training pairs of each training query (at most `per_query`, or `per_query` + 1, see below).
 
+    Args:
+        strategy: "gold-first": the judged documents (best first), then BM25's unjudged ones as hard negatives;
+            "bm25": BM25's top `per_query` as ranked, whatever their judgements (the distribution the reranker
+            sees at evaluation), plus the best judged document when BM25 missed it.
+    """
+    from rerankdistill.teacher import Pair
+    from rerankdistill.trec import sorted_ranking
+
+    if strategy not in ("gold-first", "bm25"):
+        raise ValueError(f"strategy must be 'gold-first' or 'bm25', got {strategy!r}")
     pairs = []
     for qid in task.train_qids:
         gold = sorted(task.qrels[qid], key=lambda d: -task.qrels[qid][d])
-        ranked = sorted(first_stage.get(qid, {}), key=lambda d: -first_stage[qid][d])
-        chosen = (gold + [d for d in ranked if d not in task.qrels[qid]])[:per_query]
+        ranked = [d for d, _ in sorted_ranking(first_stage.get(qid, {}))]
+        if strategy == "gold-first":
+            chosen = (gold + [d for d in ranked if d not in task.qrels[qid]])[:per_query]
+        else:
+            chosen = ranked[:per_query]
+            if gold and gold[0] not in chosen:
+                chosen.append(gold[0])
         pairs += [Pair(qid, d, task.queries[qid], task.corpus[d]) for d in chosen]
     return pairs
 
@@ -182,7 +202,7 @@ def make_teacher(cfg: RerankQLoRAConfig, task: RetrievalTask):
     if t.kind == "offline-qrels":
         from rerankdistill.teacher import QrelsTeacher
 
-        return QrelsTeacher(task.qrels)
+        return QrelsTeacher(task.qrels, explanation=t.offline_explanation)
     from rerankdistill.backends.openai_http import OpenAIChatBackend
 
     return OpenAIChatBackend(t.base_url, t.model, api_key_env=t.api_key_env)

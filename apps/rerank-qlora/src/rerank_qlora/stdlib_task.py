@@ -3,7 +3,8 @@
 Queries are the first paragraph of public functions' docstrings (the function's own name masked); documents
 are the functions' sources with the docstring removed, plus one document per module holding its docstring.
 Gold relevance: the function's source is relevant (2), its module's documentation partially relevant (1).
-Modules are split, not queries, so no module contributes to both training and evaluation.
+Modules are split, not queries, so no module contributes to two of training, validation (choices made after
+training, e.g. the fusion weight) and evaluation.
 
 Everything is deterministic for a given Python version (the sources are read with `inspect` and re-printed
 with `ast.unparse`); the task records the version it was built from.
@@ -39,6 +40,7 @@ class RetrievalTask:
     train_qids: list[str]
     eval_qids: list[str]
     info: dict[str, str] = field(default_factory=dict)
+    validation_qids: list[str] = field(default_factory=list)
 
 
 def _function_source(fn) -> str | None:
@@ -65,26 +67,32 @@ def _query_text(doc: str, name: str) -> str | None:
     return first if len(first.split()) >= 5 else None
 
 
-def build_stdlib_task(eval_every: int = 4, max_train_queries: int = 160, max_eval_queries: int = 40) -> RetrievalTask:
-    """Build the task. Every `eval_every`-th module (in `MODULES` order) goes to evaluation.
+def build_stdlib_task(eval_every: int = 4, validation_every: int = 8, max_train_queries: int = 160,
+                      max_eval_queries: int = 40, max_validation_queries: int = 40) -> RetrievalTask:
+    """Build the task. Module i (in `MODULES` order) goes to evaluation when i % eval_every == eval_every - 1,
+    else to validation when i % validation_every == 1, else to training.
 
     Args:
-        eval_every: module split period (>= 2).
-        max_train_queries, max_eval_queries: caps, taken in module order.
+        eval_every: evaluation split period (>= 2).
+        validation_every: validation split period (>= 2; a period that only hits evaluation modules leaves
+            validation empty).
+        max_train_queries, max_eval_queries, max_validation_queries: caps, taken in module order.
     """
-    if eval_every < 2:
-        raise ValueError(f"eval_every must be >= 2, got {eval_every}")
+    if eval_every < 2 or validation_every < 2:
+        raise ValueError(f"eval_every and validation_every must be >= 2, got {eval_every}, {validation_every}")
     corpus: dict[str, str] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
-    train_qids: list[str] = []
-    eval_qids: list[str] = []
+    splits: dict[str, list[str]] = {"train": [], "validation": [], "eval": []}
     for i, module_name in enumerate(MODULES):
         try:
             module = importlib.import_module(module_name)
         except ImportError:  # a platform without it: the task is still deterministic for that platform
             continue
-        split = eval_qids if i % eval_every == eval_every - 1 else train_qids
+        if i % eval_every == eval_every - 1:
+            split = splits["eval"]
+        else:
+            split = splits["validation"] if i % validation_every == 1 else splits["train"]
         module_doc = inspect.getdoc(module)
         module_id = f"{module_name}:module"
         if module_doc:
@@ -101,10 +109,12 @@ def build_stdlib_task(eval_every: int = 4, max_train_queries: int = 160, max_eva
             queries[qid] = query
             qrels[qid] = {docid: 2, **({module_id: 1} if module_doc else {})}
             split.append(qid)
-    train_qids, eval_qids = train_qids[:max_train_queries], eval_qids[:max_eval_queries]
-    keep = set(train_qids) | set(eval_qids)
+    train_qids = splits["train"][:max_train_queries]
+    validation_qids = splits["validation"][:max_validation_queries]
+    eval_qids = splits["eval"][:max_eval_queries]
+    keep = set(train_qids) | set(validation_qids) | set(eval_qids)
     queries = {q: t for q, t in queries.items() if q in keep}
     qrels = {q: r for q, r in qrels.items() if q in keep}
     version = ".".join(map(str, sys.version_info[:3]))
     return RetrievalTask("python-stdlib-docstrings", corpus, queries, qrels, train_qids, eval_qids,
-                         info={"python": version, "modules": str(len(MODULES))})
+                         info={"python": version, "modules": str(len(MODULES))}, validation_qids=validation_qids)

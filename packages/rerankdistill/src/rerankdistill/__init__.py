@@ -15,6 +15,7 @@ from rerankdistill.datasets import (
     load_cranfield,
     load_jsonl,
 )
+from rerankdistill.fusion import fuse, select_fusion_weight
 from rerankdistill.labels import INTERANK_PROMPT, RelevancePrompt, parse_relevance
 from rerankdistill.metrics import (
     MetricScore,
@@ -72,8 +73,8 @@ __all__ = [
     "LuceneBM25Index", "MetricScore", "Pair", "PairSplit", "QrelsTeacher", "RelevancePrompt", "RerankResult",
     "TeacherRecord",
     "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search",
-    "build_training_pairs", "comparison_table", "evaluate", "generate_teacher_outputs", "load_beir",
+    "build_training_pairs", "comparison_table", "evaluate", "fuse", "generate_teacher_outputs", "load_beir",
     "load_bright", "load_cranfield", "load_jsonl", "load_pages", "ndcg_at_k", "parse_relevance",
-    "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "rerank", "write_qrels",
+    "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "rerank", "select_fusion_weight", "write_qrels",
     "write_run", "write_topics", *_LAZY,
 ]

@@ -70,6 +70,7 @@ class RerankResult:
     cached: int = 0
     unparseable: int = 0
     labels: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # the primary key: E[label] or the label
 
 
 def rerank(first_stage: Run, queries: Mapping[str, str], corpus: Mapping[str, str], judge: PointwiseJudge,
@@ -127,6 +128,7 @@ def rerank(first_stage: Run, queries: Mapping[str, str], corpus: Mapping[str, st
             primary = j.expected if j.expected is not None else float(j.label or 0)
             keyed.append((primary, first, docid))
             result.labels.setdefault(qid, {})[docid] = j.label
+            result.scores.setdefault(qid, {})[docid] = primary
         keyed.sort(key=lambda t: (-t[0], -t[1], _desc(t[2])))
         order = [d for _, _, d in keyed] + [d for d, _ in tail]
         n = len(order)

@@ -243,11 +243,18 @@ class QrelsTeacher:
     Args:
         qrels: {qid: {docid: gain}}; unjudged pairs get label 0.
         label_of_gain: maps a gain to 0..2; default clips (gain <= 0 -> 0, 1 -> 1, >= 2 -> 2).
+        explanation: "per-label" (the sentence names the label: a student decides at its explanation's first
+            differing word, and the label line only repeats it) or "fixed" (one sentence for every label: the
+            decision is made at the label token, where E[label] is read). The name records the choice, so stored
+            outputs of the two are never mixed.
     """
 
-    def __init__(self, qrels: Mapping[str, Mapping[str, int]], name: str = "offline-qrels-oracle",
-                 label_of_gain=None):
-        self.name = name
+    def __init__(self, qrels: Mapping[str, Mapping[str, int]], name: str | None = None,
+                 label_of_gain=None, explanation: str = "per-label"):
+        if explanation not in ("per-label", "fixed"):
+            raise ValueError(f"explanation must be 'per-label' or 'fixed', got {explanation!r}")
+        self.explanation_mode = explanation
+        self.name = name or ("offline-qrels-oracle" if explanation == "per-label" else "offline-qrels-oracle-fixed")
         self.qrels = qrels
         self.label_of_gain = label_of_gain or (lambda g: max(0, min(2, int(g))))
 
@@ -255,6 +262,8 @@ class QrelsTeacher:
         return self.label_of_gain(self.qrels.get(qid, {}).get(docid, 0))
 
     def explanation(self, label: int) -> str:
+        if self.explanation_mode == "fixed":
+            return "[offline teacher from relevance judgements, no model reasoning] The label follows."
         what = {0: "not judged relevant", 1: "judged partially relevant", 2: "judged relevant"}[label]
         return f"[offline teacher from relevance judgements, no model reasoning] The document is {what}."
 
