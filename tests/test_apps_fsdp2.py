@@ -2,7 +2,8 @@
 `fully_shard` (fsdp2_apps_worker.py replaces accelerate.Accelerator by a stub that shards like accelerate's
 FSDP2 plugin; accelerate itself enables FSDP only on GPUs): checkpoints and final weights are gathered whole,
 evaluation and generation run on every rank, a run resumes into a freshly sharded model, and lm-pretrain under
-FSDP2 takes the same steps as one process. Not covered: accelerate's own FSDP2 preparation, GPUs, NCCL."""
+FSDP2 takes the same steps as one process. accelerate's own FSDP2 preparation: test_apps_accelerate_fsdp2.py.
+Not covered: GPUs, NCCL."""
 
 from __future__ import annotations
 

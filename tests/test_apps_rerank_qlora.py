@@ -42,7 +42,8 @@ def test_shipped_configs_validate(path):
 @pytest.mark.parametrize("path", sorted((APP / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_resolve(path, monkeypatch):
     """The FSDP2 config for GPU users goes through accelerate's own launch-time resolution (the environment
-    `accelerate launch` would hand the processes) into a valid FSDP plugin; it cannot run without GPUs."""
+    `accelerate launch` would hand the processes) into a valid FSDP plugin (test_apps_accelerate_fsdp2.py
+    runs it on CPU processes)."""
     import transformers
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import FullyShardedDataParallelPlugin

@@ -154,9 +154,12 @@ class PretrainRecipe:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         self.acc.init_trackers("lm-pretrain", config=_flat(config_to_dict(cfg)))
         n_params = sum(p.numel() for p in model.parameters())
+        sharded = is_sharded(self.acc.unwrap_model(self.model))
+        self.distributed = {"type": str(self.acc.distributed_type.value), "processes": world, "sharded": sharded}
         self._print(
             f"model: {m.n_layer} layers, width {m.d_model}, {m.position} + {m.attention} attention, "
-            f"{n_params / 1e6:.2f}M params, precision {tc.precision}; {world} process(es), "
+            f"{n_params / 1e6:.2f}M params, precision {tc.precision}; {world} process(es)"
+            f"{' (FSDP2: parameters sharded)' if sharded else ''}, "
             f"{self.accum} micro batch(es) of {tc.micro_batch_size} per step; corpus {cfg.data.corpus!r} "
             f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val bytes"
         )
@@ -256,6 +259,7 @@ class PretrainRecipe:
                 "final_train_loss": self.history[-1]["train/loss"] if self.history else None,
                 "mx_stats": {k: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("mx/")},
                 "steps": cfg.train.steps,
+                "distributed": self.distributed,
             }
             write_json_atomic(self.run_dir / "results.json", results)
             acc.log({f"val/loss@{k}": v for k, v in losses.items()}, step=cfg.train.steps)

@@ -184,8 +184,14 @@ class RerankQLoRARecipe:
         model, optimizer = acc.prepare(self.model, optimizer)
         # FSDP2 replaces the parameters by DTensor shards in prepare: clip those, load into those
         params = [p for p in model.parameters() if p.requires_grad]
-        if is_sharded(acc.unwrap_model(model)):
+        sharded = is_sharded(acc.unwrap_model(model))
+        if sharded:
             _generate_on_every_rank(acc.unwrap_model(model))
+        if "distributed" not in self.notes:
+            self.notes["distributed"] = {"type": str(acc.distributed_type.value), "processes": world,
+                                         "sharded": sharded}
+            self._print(f"{world} process(es), {acc.distributed_type.value}"
+                        + (" (FSDP2: parameters sharded)" if sharded else ""))
         start, history = 0, []
         state = ckpt.load(acc.unwrap_model(model), optimizer.optimizer, scheduler) if self.cfg.resume else None
         if state is not None:
