@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,6 @@ def test_lm_pretrain_fsdp2_config_under_accelerate_launch(tmp_path):
     ckpts = tmp_path / "fsdp2" / "checkpoints"
     steps = sorted(p.name for p in ckpts.glob("step-*"))
     assert len(steps) >= 2
-    import shutil
-
     shutil.rmtree(ckpts / steps[-1])
     (ckpts / "latest").write_text(steps[-2] + "\n")
     again = _finish(_start([*LAUNCH, "--config_file", str(config), *TARGET, "lm_pretrain.cli", *args,

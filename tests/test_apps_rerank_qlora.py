@@ -99,6 +99,19 @@ def test_stdlib_task_is_deterministic_and_split_by_module():
     assert f" {name}(" not in " " + a.queries[q]  # the function's own name is masked in its query
 
 
+def test_collection_split_has_disjoint_validation(shared_data):
+    from rerank_qlora.config import TaskConfig
+    from rerank_qlora.stages import load_task
+
+    task = load_task(TaskConfig(name="cranfield", path=shared_data / "cranfield", eval_fraction=0.25,
+                                validation_fraction=0.1, max_train_queries=1000, max_eval_queries=1000,
+                                max_validation_queries=1000))
+    train, val, ev = set(task.train_qids), set(task.validation_qids), set(task.eval_qids)
+    n = len(train | val | ev)
+    assert not train & val and not train & ev and not val & ev
+    assert len(ev) == int(n * 0.25) and len(val) == int(n * 0.1) and len(train) == n - len(ev) - len(val)
+
+
 def test_training_pairs_strategies():
     from rerank_qlora.stages import training_pairs
     from rerank_qlora.stdlib_task import RetrievalTask

@@ -305,7 +305,7 @@ class RerankQLoRARecipe:
         return results
 
     def _rerank_and_report(self) -> dict[str, Any]:
-        from rerankdistill import comparison_table, evaluate, fuse, select_fusion_weight, write_run
+        from rerankdistill import comparison_table, evaluate, fuse, write_run
         from rerankdistill.backends.hf import TransformersBackend
         from rerankdistill.rerank import TransformersJudge, rerank
 
@@ -343,7 +343,7 @@ class RerankQLoRARecipe:
             self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
             return {}
         student = {q: reranked.run[q] for q in bm25}
-        fusion = self._fusion(bm25_val, val_qrels, reranked, fuse, select_fusion_weight)
+        fusion = self._fusion(bm25_val, val_qrels, reranked)
         runs = {"BM25": bm25, "BM25 + rerank-qlora": student}
         if fusion["weight"] is not None:
             runs[fusion["name"]] = fuse(bm25, reranked.scores, fusion["weight"], cfg.rerank.k)
@@ -375,10 +375,10 @@ class RerankQLoRARecipe:
         self._print(line)
         return results
 
-    def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any, fuse, select) -> dict[str, Any]:
+    def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any) -> dict[str, Any]:
         """The fusion weight: given (rerank.fusion_weight), or chosen on the validation queries (never the
         evaluation ones); none when neither is available."""
-        from rerankdistill import ndcg_at_k
+        from rerankdistill import ndcg_at_k, select_fusion_weight
 
         cfg = self.cfg
         out: dict[str, Any] = {"weight": cfg.rerank.fusion_weight, "chosen": "given", "validation": {}}
@@ -387,7 +387,7 @@ class RerankQLoRARecipe:
             out["validation"] = {"queries": len(bm25_val), "bm25": float(ndcg_at_k(bm25_val, val_qrels, 10)),
                                  "reranked": float(ndcg_at_k(val_student, val_qrels, 10))}
         if out["weight"] is None and bm25_val:
-            weight, by_weight = select(bm25_val, reranked.scores, val_qrels, cfg.rerank.k)
+            weight, by_weight = select_fusion_weight(bm25_val, reranked.scores, val_qrels, cfg.rerank.k)
             out.update(weight=weight, chosen=f"chosen on {len(bm25_val)} validation queries",
                        validation={**out["validation"], "by_weight": by_weight})
         elif out["weight"] is None:

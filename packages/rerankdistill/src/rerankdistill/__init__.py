@@ -75,6 +75,6 @@ __all__ = [
     "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search",
     "build_training_pairs", "comparison_table", "evaluate", "fuse", "generate_teacher_outputs", "load_beir",
     "load_bright", "load_cranfield", "load_jsonl", "load_pages", "ndcg_at_k", "parse_relevance",
-    "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "rerank", "select_fusion_weight", "write_qrels",
-    "write_run", "write_topics", *_LAZY,
+    "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "rerank", "select_fusion_weight",
+    "write_qrels", "write_run", "write_topics", *_LAZY,
 ]
