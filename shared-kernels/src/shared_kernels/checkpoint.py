@@ -9,7 +9,9 @@ Layout under a root directory:
 
 A checkpoint is written into `root/.tmp-step-...` and renamed into place with `os.replace` only once every
 file (of every process) is on disk, then `latest` is replaced atomically: a process killed at any moment
-leaves either the previous checkpoint or the new one, never a half-written one. Every `.pt` file holds only
+leaves either the previous checkpoint or the new one, never a half-written one. A checkpoint damaged later
+(a truncated copy, a full disk, a bad sync) is skipped on `load` with a warning naming its path, and the
+previous good one is restored instead. Weights holding NaN/inf are never written (`shared_kernels.finite`). Every `.pt` file holds only
 tensors and plain Python data, so it is read back with `torch.load(weights_only=True)`.
 
 In multi-process training every rank calls `save`/`load` with its `rank`, `world_size` and a `barrier`
@@ -40,6 +42,7 @@ from shared_kernels.distributed import (
     load_full_optimizer_state_dict,
     load_full_state_dict,
 )
+from shared_kernels.finite import check_finite_tensors
 
 __all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
 
@@ -153,6 +156,7 @@ class CheckpointManager:
             weights = full_state_dict(model, trainable_only)
             optimizer_state = full_optimizer_state_dict(optimizer) if optimizer is not None else None
         if self.rank == 0:
+            check_finite_tensors(weights, f"checkpoint {final}")
             save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
             state = {
                 "step": step,
@@ -184,22 +188,39 @@ class CheckpointManager:
         path: str | Path | None = None,
         restore_rng: bool = True,
     ) -> dict[str, Any] | None:
-        """Restore the newest checkpoint (or `path`) into the given objects.
+        """Restore the newest readable checkpoint (or `path`) into the given objects.
+
+        A newest checkpoint that cannot be read (truncated or corrupt files) is skipped with a warning naming
+        its path, and the previous one is tried; an explicit `path` that cannot be read raises.
 
         Returns:
             {"step": int, "extra": dict, "path": Path}, or None when there is no checkpoint.
         Raises:
-            ValueError: when the checkpoint's tensors do not match the model's (names or shapes).
+            ValueError: when the checkpoint's tensors do not match the model's (names or shapes), when `path`
+                cannot be read, or when no checkpoint under the root can be read.
         """
-        from safetensors.torch import load_file
-
-        ckpt = Path(path) if path is not None else self.latest()
-        if ckpt is None:
-            return None
-        if not (ckpt / "trainer_state.pt").is_file():
-            raise ValueError(f"path {str(ckpt)!r} is not a complete checkpoint (no trainer_state.pt)")
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        tensors = load_file(str(ckpt / "model.safetensors"))
+        if path is not None:
+            ckpt = Path(path)
+            if not (ckpt / "trainer_state.pt").is_file():
+                raise ValueError(f"path {str(ckpt)!r} is not a complete checkpoint (no trainer_state.pt)")
+            state, tensors, rng = self._read(ckpt, restore_rng)
+        else:
+            candidates = self.checkpoints()[::-1]
+            newest = self.latest()
+            if newest is not None and newest in candidates:
+                candidates.remove(newest)
+                candidates.insert(0, newest)
+            if not candidates:
+                return None
+            for ckpt in candidates:
+                try:
+                    state, tensors, rng = self._read(ckpt, restore_rng)
+                    break
+                except ValueError as err:
+                    warnings.warn(f"skipping unreadable checkpoint: {err}; trying the previous one", stacklevel=2)
+            else:
+                raise ValueError(f"no readable checkpoint under {str(self.root)!r} "
+                                 f"(tried {', '.join(c.name for c in candidates)})")
         load_full_state_dict(model, tensors, state["trainable_only"])
         if optimizer is not None:
             if state["optimizer"] is None:
@@ -209,16 +230,34 @@ class CheckpointManager:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {str(ckpt)!r} holds no scheduler state")
             scheduler.load_state_dict(state["scheduler"])
+        if rng is not None:
+            restore_rng_state(rng)
+        return {"step": int(state["step"]), "extra": state["extra"], "path": ckpt}
+
+    def _read(self, ckpt: Path, restore_rng: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+        """Every file of checkpoint `ckpt` read into memory (nothing applied yet); ValueError naming the file."""
+        from safetensors.torch import load_file
+
+        def read(name: str, fn: Callable[[Path], Any]) -> Any:
+            try:
+                return fn(ckpt / name)
+            except Exception as err:  # safetensors, pickle, zip and OS errors of a truncated/corrupt file
+                raise ValueError(f"{ckpt / name} cannot be read ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]})") from err
+
+        state = read("trainer_state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        tensors = read("model.safetensors", lambda f: load_file(str(f)))
+        rng = None
         if restore_rng:
-            rng_file = ckpt / f"rng_state_{self.rank}.pt"
-            if not rng_file.is_file():
+            rng_name = f"rng_state_{self.rank}.pt"
+            if not (ckpt / rng_name).is_file():
                 warnings.warn(
                     f"checkpoint {ckpt.name} was written by {state['world_size']} process(es); no RNG state for "
-                    f"rank {self.rank}, using rank 0's", stacklevel=2,
+                    f"rank {self.rank}, using rank 0's", stacklevel=3,
                 )
-                rng_file = ckpt / "rng_state_0.pt"
-            restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-        return {"step": int(state["step"]), "extra": state["extra"], "path": ckpt}
+                rng_name = "rng_state_0.pt"
+            rng = read(rng_name, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        return state, tensors, rng
 
 
 def _fsync_dir_files(directory: Path) -> None:

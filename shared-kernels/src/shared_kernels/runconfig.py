@@ -27,6 +27,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from shared_kernels.errors import UserError
+from shared_kernels.textfiles import read_text
+
 T = TypeVar("T")
 
 __all__ = [
@@ -45,7 +48,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the config dataclass (names the key and what is allowed)."""
 
 
@@ -258,11 +261,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with path.open() as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        try:
+            loaded = yaml.safe_load(read_text(path))  # binary, Latin-1 or UTF-16: one line naming the file
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, Mapping):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,8 +33,19 @@ class ModelConfig:
         for name in ("n_layer", "d_model", "n_head", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.tau <= 0:
-            raise ValueError(f"model.tau must be > 0, got {self.tau}")
+        for name in ("tau", "rope_base", "p_rope_base"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"model.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.p_rope_fraction <= 1:
+            raise ValueError(f"model.p_rope_fraction must be in [0, 1], got {self.p_rope_fraction}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide model.d_model ({self.d_model})")
+        if self.position in ("rope", "p-rope") and (self.d_model // self.n_head) % 2:
+            raise ValueError(f"model.position={self.position} needs an even head dim (rotary pairs), got "
+                             f"model.d_model / model.n_head = {self.d_model // self.n_head}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must be >= 1 and divide model.n_head "
+                             f"({self.n_head})")
 
 
 @dataclass
@@ -49,6 +61,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_bytes < 1:
+            raise ValueError(f"data.max_bytes must be >= 1, got {self.max_bytes}")
 
 
 @dataclass
@@ -70,7 +84,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "checkpoints kept")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "log_every"):
+        for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:
@@ -78,8 +92,14 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
                 f"({self.micro_batch_size})"
             )
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 @dataclass

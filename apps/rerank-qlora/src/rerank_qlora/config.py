@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,14 @@ class ModelConfig:
             raise ValueError("model.name_or_path must not be empty")
         if self.tiny_pretrain_steps < 0:
             raise ValueError(f"model.tiny_pretrain_steps must be >= 0, got {self.tiny_pretrain_steps}")
+        for name in ("tiny_vocab_size", "tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_pretrain_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        heads, kv_heads = self.tiny_heads, max(1, self.tiny_heads // 2)
+        if self.tiny_hidden_size % heads or (self.tiny_hidden_size // heads) % 2 or heads % kv_heads:
+            raise ValueError(f"model.tiny_heads ({heads}) must divide model.tiny_hidden_size "
+                             f"({self.tiny_hidden_size}) into an even head dim (RoPE pairs), and be 1 or even "
+                             f"(its {kv_heads} KV heads must divide it)")
 
 
 @dataclass
@@ -53,6 +62,9 @@ class TaskConfig:
         if not 0 <= self.validation_fraction < 1 - self.eval_fraction:
             raise ValueError(f"task.validation_fraction must be in [0, 1 - task.eval_fraction), got "
                              f"{self.validation_fraction}")
+        if self.max_train_queries < 1 or self.max_eval_queries < 1:
+            raise ValueError(f"task.max_train_queries and task.max_eval_queries must be >= 1, got "
+                             f"{self.max_train_queries}, {self.max_eval_queries}")
         if self.max_validation_queries < 0:
             raise ValueError(f"task.max_validation_queries must be >= 0, got {self.max_validation_queries}")
 
@@ -74,6 +86,11 @@ class TeacherConfig:
         "fixed", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
         "where E[label] is read) or 'per-label' (the sentence names the label)")
 
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.pairs_per_query < 1:
+            raise ValueError(f"teacher.concurrency and teacher.pairs_per_query must be >= 1, got "
+                             f"{self.concurrency}, {self.pairs_per_query}")
+
 
 @dataclass
 class QuantConfig:
@@ -91,8 +108,11 @@ class AttentionConfig:
     context_factor: int = option(4, "evaluation context = training context x this (the long-context claim)")
 
     def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ValueError(f"attention.tau must be > 0, got {self.tau}")
+        for name in ("tau", "p_rope_base"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"attention.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.p_rope_fraction <= 1:
+            raise ValueError(f"attention.p_rope_fraction must be in [0, 1], got {self.p_rope_fraction}")
         if self.context_factor < 1:
             raise ValueError(f"attention.context_factor must be >= 1, got {self.context_factor}")
 
@@ -130,12 +150,18 @@ class TrainConfig:
     checkpoint_every: int = option(20, "steps between atomic adapter checkpoints")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every"):
+        for name in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
                              f"({self.micro_batch_size})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"train.max_grad_norm must be a finite number >= 0 (0: off), got {self.max_grad_norm}")
 
 
 @dataclass
@@ -147,6 +173,17 @@ class RefineConfig:
     threshold: float = option(0.85, "keep samples whose min-max normalised reward is at least this")
     steps: int = option(5, "optimizer steps of refinement")
     temperature: float = option(1.0, "sampling temperature")
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"refine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise ValueError(f"refine.steps must be >= 0, got {self.steps}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"refine.threshold must be in [0, 1], got {self.threshold}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"refine.temperature must be a finite number > 0, got {self.temperature}")
 
 
 @dataclass
@@ -163,6 +200,9 @@ class RerankConfig:
         "unset: chosen on the validation queries from 0, 0.1, ..., 1")
 
     def __post_init__(self) -> None:
+        for name in ("candidates", "k", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rerank.{name} must be >= 1, got {getattr(self, name)}")
         if self.fusion_weight is not None and not 0 <= self.fusion_weight <= 1:
             raise ValueError(f"rerank.fusion_weight must be in [0, 1] or unset, got {self.fusion_weight}")
 

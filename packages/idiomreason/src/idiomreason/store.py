@@ -5,18 +5,19 @@ after a crash the file holds whole records plus at most one partial last line. O
 that partial line (truncating the file back to the last newline) before anything is appended, so a
 resumed run neither loses a finished record nor glues a new one onto a fragment. Records are keyed; a key
 already present is never written again, so re-runs add nothing twice. An exclusive `flock` on the file
-keeps two runs from appending to it at once (the lock dies with the process, so `kill -9` leaves none).
+(`shared_kernels.appendfile`, shared with rerankdistill's teacher store) keeps two runs from appending to it
+at once (the lock dies with the process, so `kill -9` leaves none).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from shared_kernels.appendfile import AppendOnlyFile
 
 logger = logging.getLogger("idiomreason")
 
@@ -34,17 +35,15 @@ class JsonlStore:
     def __init__(self, path: str | Path, key_fields: tuple[str, ...]):
         self.path = Path(path)
         self.key_fields = key_fields
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise RuntimeError(f"{self.path} is locked by another running process; wait for it or stop it") from None
+        self._file = AppendOnlyFile(self.path)  # raises FileLockedError (a RuntimeError) when another run holds it
         self.records: dict[Key, dict[str, Any]] = {}
         self.duplicates = 0
         self.dropped_partial_line = False
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self._file.close()
+            raise
 
     def key(self, record: dict[str, Any]) -> Key:
         try:
@@ -53,15 +52,12 @@ class JsonlStore:
             raise ValueError(f"record lacks key field {e.args[0]!r} (key fields: {self.key_fields})") from None
 
     def _load(self) -> None:
-        data = b""
-        with open(self.path, "rb") as f:
-            data = f.read()
+        data = self._file.read_bytes()
         complete = data.rfind(b"\n") + 1  # bytes up to and including the last newline
         if complete < len(data):
             logger.warning("%s: dropping a partial last line of %d bytes (an interrupted write)",
                            self.path, len(data) - complete)
-            os.ftruncate(self._fd, complete)
-            os.fsync(self._fd)
+            self._file.truncate_to(complete)
             self.dropped_partial_line = True
         for line_no, line in enumerate(data[:complete].splitlines(), start=1):
             if not line.strip():
@@ -99,11 +95,7 @@ class JsonlStore:
             lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
         if not lines:
             return 0
-        payload = "".join(lines).encode("utf-8")
-        written = 0
-        while written < len(payload):  # os.write may write less than asked
-            written += os.write(self._fd, payload[written:])
-        os.fsync(self._fd)
+        self._file.append("".join(lines).encode("utf-8"))
         self.records.update(fresh)
         return len(lines)
 
@@ -111,10 +103,7 @@ class JsonlStore:
         return [r for r in self.records.values() if predicate(r)]
 
     def close(self) -> None:
-        if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def __enter__(self) -> JsonlStore:
         return self

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rerankdistill.config import ConfigError, load_config, option, options_help
 from rerankdistill.trec import atomic_write_text
+from shared_kernels.errors import USER_ERRORS, user_error_message
 
 COLLECTION_HELP = "cranfield | beir | bright | trec"
 
@@ -349,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = load_config(cls, args.config, args.overrides)
         summary = fn(options)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"rerankdistill {args.command}: error: {e}", file=sys.stderr)
+    except (*USER_ERRORS, ValueError) as e:  # library input checks raise ValueError naming the argument
+        print(f"rerankdistill {args.command}: error: {user_error_message(e)}", file=sys.stderr)
         return 2
     print(json.dumps(summary, default=str))
     return 0

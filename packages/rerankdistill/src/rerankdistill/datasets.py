@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rerankdistill.trec import Qrels, Queries, TrecFormatError, open_text, read_qrels
+from rerankdistill.trec import Qrels, Queries, TrecFormatError, read_qrels
+from shared_kernels.textfiles import numbered_lines
 
 Corpus = dict[str, str]
 
@@ -32,23 +33,22 @@ def _read_smart(path: Path, fields: str) -> list[tuple[str, dict[str, str]]]:
     records: list[tuple[str, dict[str, str]]] = []
     current: dict[str, list[str]] | None = None
     key: str | None = None
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for no, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if line.startswith(".I "):
-                if current is not None:
-                    records[-1] = (records[-1][0], {k: "\n".join(v).strip() for k, v in current.items()})
-                records.append((line[3:].strip(), {}))
-                current, key = {}, None
-            elif len(line) == 2 and line[0] == "." and line[1] in fields:
-                if current is None:
-                    raise TrecFormatError(path, no, "field marker before the first `.I` record", line)
-                key = line[1]
-                current.setdefault(key, [])
-            elif current is not None and key is not None:
-                current[key].append(line.strip())
-            elif line.strip():
-                raise TrecFormatError(path, no, "text outside any field", line)
+    for no, raw in numbered_lines(path):
+        line = raw.rstrip("\r\n")
+        if line.startswith(".I "):
+            if current is not None:
+                records[-1] = (records[-1][0], {k: "\n".join(v).strip() for k, v in current.items()})
+            records.append((line[3:].strip(), {}))
+            current, key = {}, None
+        elif len(line) == 2 and line[0] == "." and line[1] in fields:
+            if current is None:
+                raise TrecFormatError(path, no, "field marker before the first `.I` record", line)
+            key = line[1]
+            current.setdefault(key, [])
+        elif current is not None and key is not None:
+            current[key].append(line.strip())
+        elif line.strip():
+            raise TrecFormatError(path, no, "text outside any field", line)
     if current is not None:
         records[-1] = (records[-1][0], {k: "\n".join(v).strip() for k, v in current.items()})
     return records
@@ -80,9 +80,7 @@ def load_cranfield(directory: str | os.PathLike) -> tuple[Corpus, Queries, Qrels
         queries[str(position)] = text
     qrels: Qrels = {}
     path = directory / "cranqrel"
-    with open_text(path) as f:
-        lines = f.readlines()
-    for no, line in enumerate(lines, start=1):
+    for no, line in numbered_lines(path):
         parts = line.split()
         if not parts:
             continue
@@ -108,17 +106,16 @@ def load_cranfield(directory: str | os.PathLike) -> tuple[Corpus, Queries, Qrels
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file (optionally .gz); a bad line raises with the file and line number."""
     rows = []
-    with open_text(path) as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrecFormatError(path, no, f"invalid JSON ({e.msg})", line) from None
-            if not isinstance(row, dict):
-                raise TrecFormatError(path, no, "each line must be a JSON object", line)
-            rows.append(row)
+    for no, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrecFormatError(path, no, f"invalid JSON ({e.msg})", line) from None
+        if not isinstance(row, dict):
+            raise TrecFormatError(path, no, "each line must be a JSON object", line)
+        rows.append(row)
     return rows
 
 
@@ -148,23 +145,22 @@ def load_jsonl(path: str | os.PathLike, id_field: str = "id", text_field: str = 
 def read_beir_qrels(path: str | os.PathLike) -> Qrels:
     """Read a BEIR qrels TSV (`query-id<TAB>corpus-id<TAB>score`, with a header line)."""
     qrels: Qrels = {}
-    with open_text(path) as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("\t")
-            if no == 1 and parts[0] == "query-id":
-                continue
-            if len(parts) != 3:
-                raise TrecFormatError(path, no, f"expected 3 tab-separated fields, got {len(parts)}", line)
-            try:
-                gain = int(parts[2])
-            except ValueError:
-                raise TrecFormatError(path, no, f"score {parts[2]!r} is not an integer", line) from None
-            judged = qrels.setdefault(parts[0], {})
-            if parts[1] in judged:
-                raise TrecFormatError(path, no, f"duplicate judgement for {parts[0]!r}/{parts[1]!r}", line)
-            judged[parts[1]] = gain
+    for no, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if no == 1 and parts[0] == "query-id":
+            continue
+        if len(parts) != 3:
+            raise TrecFormatError(path, no, f"expected 3 tab-separated fields, got {len(parts)}", line)
+        try:
+            gain = int(parts[2])
+        except ValueError:
+            raise TrecFormatError(path, no, f"score {parts[2]!r} is not an integer", line) from None
+        judged = qrels.setdefault(parts[0], {})
+        if parts[1] in judged:
+            raise TrecFormatError(path, no, f"duplicate judgement for {parts[0]!r}/{parts[1]!r}", line)
+        judged[parts[1]] = gain
     return qrels
 
 

@@ -119,7 +119,11 @@ _METRICS: dict[str, Callable[..., MetricScore]] = {
 
 def evaluate(run: Run, qrels: Qrels, measures: tuple[str, ...] = ("ndcg_cut_10", "map", "recall_100"),
              complete: bool = False) -> dict[str, MetricScore]:
-    """Several trec_eval measures by name: `ndcg_cut_K`, `map`, `map_cut_K`, `recall_K`, `P_K`."""
+    """Several trec_eval measures by name: `ndcg_cut_K`, `map`, `map_cut_K`, `recall_K`, `P_K`.
+
+    Raises a ValueError when no query would be scored (empty qrels, or no query of the run judged): a mean over
+    zero queries is not a score.
+    """
     out: dict[str, MetricScore] = {}
     for name in measures:
         if name == "map":
@@ -129,6 +133,11 @@ def evaluate(run: Run, qrels: Qrels, measures: tuple[str, ...] = ("ndcg_cut_10",
         if base not in _METRICS or not cut.isdigit():
             raise ValueError(f"unknown measure {name!r}; allowed: map, ndcg_cut_K, map_cut_K, recall_K, P_K")
         out[name] = _METRICS[base](run, qrels, int(cut), complete=complete)
+    if not qrels:
+        raise ValueError("the qrels hold no judged query: nothing to evaluate against")
+    if not complete and not any(q in qrels for q in run):
+        raise ValueError(f"none of the run's {len(run)} queries is judged in the qrels ({len(qrels)} judged "
+                         "queries): wrong qrels for this run, or mismatched query ids")
     return out
 
 

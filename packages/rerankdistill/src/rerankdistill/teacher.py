@@ -1,7 +1,7 @@
 """Teacher generation: explanations + labels for (query, document) pairs, stored append-only and resumable.
 
-Store: one JSON line per (qid, docid, teacher), appended with a single `write` on an O_APPEND descriptor and
-fsync'ed before the next pair is counted as done. After `kill -9` the file holds every finished record and at
+Store: one JSON line per (qid, docid, teacher), appended on an O_APPEND descriptor and fsync'ed before the
+next pair is counted as done; one process at a time holds the file (`shared_kernels.appendfile`). After `kill -9` the file holds every finished record and at
 most one torn last line (no trailing newline or bad JSON); reopening truncates that torn tail, so a resumed run
 regenerates exactly the pairs without a complete record: nothing lost, nothing duplicated.
 
@@ -24,6 +24,8 @@ from typing import Protocol, runtime_checkable
 from tqdm.auto import tqdm
 
 from rerankdistill.labels import INTERANK_PROMPT, RelevancePrompt, parse_relevance, truncate_at_stop
+from shared_kernels.appendfile import AppendOnlyFile
+from shared_kernels.errors import FileFormatError
 
 
 @dataclass(frozen=True)
@@ -64,23 +66,26 @@ class TeacherRecord:
 
 
 class TeacherStore:
-    """Append-only JSONL of `TeacherRecord`s keyed by (qid, docid, teacher).
+    """Append-only JSONL of `TeacherRecord`s keyed by (qid, docid, teacher), held by one process at a time.
 
-    Opening repairs a torn last line left by a crash; a bad line anywhere else, or a repeated key, raises.
+    Opening takes an exclusive lock on the file (a second run on the same file stops at once with
+    `FileLockedError`, a `UserError`), then repairs a torn last line left by a crash; a bad line anywhere else,
+    or a repeated key, raises.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[tuple[str, str, str], TeacherRecord] = {}
         self.repaired_bytes = 0
-        self._load()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._file = AppendOnlyFile(self.path)  # locked before reading: nobody appends while we load
+        try:
+            self._load()
+        except BaseException:
+            self._file.close()
+            raise
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
+        data = self._file.read_bytes()
         good_end = 0
         lines = data.split(b"\n")
         for no, raw in enumerate(lines, start=1):
@@ -97,17 +102,16 @@ class TeacherStore:
             except (ValueError, TypeError) as e:
                 if last:
                     break
-                raise ValueError(f"{self.path}:{no}: corrupt teacher record ({e}); only the last line may be "
-                                 "torn by a crash") from None
+                raise FileFormatError(self.path, f"corrupt teacher record ({e}); only the last line may be "
+                                                 "torn by a crash", no) from None
             key = (rec.qid, rec.docid, rec.teacher)
             if key in self.records:
-                raise ValueError(f"{self.path}:{no}: duplicate record for {key}")
+                raise FileFormatError(self.path, f"duplicate record for {key}", no)
             self.records[key] = rec
             good_end += len(raw) + 1
         if good_end < len(data):
             self.repaired_bytes = len(data) - good_end
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+            self._file.truncate_to(good_end)
 
     def __contains__(self, key: tuple[str, str, str]) -> bool:
         return key in self.records
@@ -119,15 +123,11 @@ class TeacherStore:
         key = (record.qid, record.docid, record.teacher)
         if key in self.records:
             raise ValueError(f"record for {key} already stored")
-        line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode()
-        os.write(self._fd, line)
-        os.fsync(self._fd)
+        self._file.append((json.dumps(asdict(record), ensure_ascii=False) + "\n").encode())
         self.records[key] = record
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def __enter__(self) -> TeacherStore:
         return self

@@ -14,39 +14,26 @@ silently.
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+
+from shared_kernels.errors import FileFormatError
+from shared_kernels.textfiles import numbered_lines, read_text
 
 Qrels = dict[str, dict[str, int]]
 Run = dict[str, dict[str, float]]
 Queries = dict[str, str]
 
 
-class TrecFormatError(ValueError):
-    """A malformed line in a TREC/BEIR file; the message names the file and the line."""
+class TrecFormatError(FileFormatError):
+    """A malformed line in a TREC/BEIR file; the message names the file and the line (a `UserError`)."""
 
-    def __init__(self, path: str | os.PathLike, line_no: int, message: str, line: str | None = None):
+    def __init__(self, path: str | os.PathLike, line_no: int | None, message: str, line: str | None = None):
         shown = f": {line.rstrip()[:120]!r}" if line is not None else ""
-        super().__init__(f"{os.fspath(path)}:{line_no}: {message}{shown}")
-        self.path = os.fspath(path)
-        self.line_no = line_no
-
-
-def open_text(path: str | os.PathLike, mode: str = "rt"):
-    """Open a text file, transparently gunzipping `*.gz`."""
-    if os.fspath(path).endswith(".gz"):
-        return gzip.open(path, mode, encoding="utf-8")
-    return open(path, mode, encoding="utf-8", newline=None)
-
-
-def _numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    with open_text(path) as f:
-        yield from enumerate(f, start=1)
+        super().__init__(path, f"{message}{shown}", line_no)
 
 
 def read_qrels(path: str | os.PathLike) -> Qrels:
@@ -55,7 +42,7 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
     A (qid, docid) pair judged twice raises: trec_eval would silently keep one, and which one is an accident.
     """
     qrels: Qrels = {}
-    for no, line in _numbered_lines(path):
+    for no, line in numbered_lines(path):
         if not line.strip():
             continue
         parts = line.split()
@@ -70,13 +57,15 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
         if docid in judged:
             raise TrecFormatError(path, no, f"duplicate judgement for query {qid!r} doc {docid!r}", line)
         judged[docid] = gain
+    if not qrels:
+        raise TrecFormatError(path, None, "holds no judgements (an empty qrels file)")
     return qrels
 
 
 def read_run(path: str | os.PathLike) -> Run:
     """Read a TREC run (`qid Q0 docid rank score tag`); the rank column is checked to be an int, then ignored."""
     run: Run = {}
-    for no, line in _numbered_lines(path):
+    for no, line in numbered_lines(path):
         if not line.strip():
             continue
         parts = line.split()
@@ -171,35 +160,60 @@ def _check_id(value: str, what: str) -> None:
         raise ValueError(f"{what} must be non-empty without whitespace for TREC files, got {value!r}")
 
 
-_TOP = re.compile(r"<top>(.*?)</top>", re.S | re.I)
+_TOP_TAG = re.compile(r"<(/?)top>", re.I)
 _NUM = re.compile(r"<num>\s*(?:Number:)?\s*(\S+)", re.I)
 _TITLE = re.compile(r"<title>\s*(?:Topic:)?\s*(.*?)\s*(?=<desc>|<narr>|</top>|$)", re.S | re.I)
 
 
+def _sgml_blocks(path: str | os.PathLike, text: str) -> list[tuple[int, str]]:
+    """(line of `<top>`, body) of each `<top>...</top>` block; an unclosed or stray tag raises with its line."""
+    blocks, opened = [], None
+    for tag in _TOP_TAG.finditer(text):
+        line_no = text.count("\n", 0, tag.start()) + 1
+        if not tag.group(1):
+            if opened is not None:
+                raise TrecFormatError(path, opened[0], "<top> not closed by </top> before the next <top>")
+            opened = (line_no, tag.end())
+        elif opened is None:
+            raise TrecFormatError(path, line_no, "</top> without an opening <top>")
+        else:
+            blocks.append((opened[0], text[opened[1]:tag.start()]))
+            opened = None
+    if opened is not None:
+        raise TrecFormatError(path, opened[0], "<top> not closed by </top>: the file is truncated")
+    return blocks
+
+
 def read_topics(path: str | os.PathLike) -> Queries:
-    """Read topics: SGML `<top>` blocks (title field) or `qid<TAB>text` lines. Empty queries raise."""
-    with open_text(path) as f:
-        text = f.read()
+    """Read topics: SGML `<top>` blocks (title field) or `qid<TAB>text` lines.
+
+    An empty query, a repeated query id, an unclosed `<top>` (a truncated file) or a file without any topic
+    raises `TrecFormatError` naming the file and the line.
+    """
+    text = read_text(path)
     queries: Queries = {}
     if "<top>" in text.lower():
-        for block in _TOP.findall(text):
+        for line_no, block in _sgml_blocks(path, text):
             num, title = _NUM.search(block), _TITLE.search(block)
             if num is None or title is None or not title.group(1).strip():
-                raise TrecFormatError(path, text[: text.find(block)].count("\n") + 1,
-                                      "topic without <num> or a non-empty <title>")
+                raise TrecFormatError(path, line_no, "topic without <num> or a non-empty <title>")
+            if num.group(1) in queries:
+                raise TrecFormatError(path, line_no, f"duplicate topic number {num.group(1)!r}")
             queries[num.group(1)] = " ".join(title.group(1).split())
-        return queries
-    for no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        qid, sep, query = line.partition("\t")
-        if not sep or not qid.strip():
-            raise TrecFormatError(path, no, "expected `qid<TAB>query`", line)
-        if not query.strip():
-            raise TrecFormatError(path, no, f"empty query for {qid!r}", line)
-        if qid in queries:
-            raise TrecFormatError(path, no, f"duplicate query id {qid!r}", line)
-        queries[qid.strip()] = query.strip()
+    else:
+        for no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            qid, sep, query = line.partition("\t")
+            if not sep or not qid.strip():
+                raise TrecFormatError(path, no, "expected `qid<TAB>query`", line)
+            if not query.strip():
+                raise TrecFormatError(path, no, f"empty query for {qid!r}", line)
+            if qid.strip() in queries:
+                raise TrecFormatError(path, no, f"duplicate query id {qid!r}", line)
+            queries[qid.strip()] = query.strip()
+    if not queries:
+        raise TrecFormatError(path, None, "holds no topics")
     return queries
 
 

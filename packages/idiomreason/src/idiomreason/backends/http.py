@@ -6,7 +6,8 @@ jittered, capped at `max_backoff`, or the server's `Retry-After`). Other 4xx fai
 server's message.
 
 The API key is read from the environment variable named by `api_key_env` and only ever put in the
-Authorization header: it is not stored in repr, logs or exception messages (any echo of it is redacted).
+Authorization header: it is not stored in repr, logs or exception messages (any echo of it, or of any
+bearer token, is redacted by `shared_kernels.redaction`).
 
 Two wire APIs:
 - `api="chat"`: `/chat/completions` with the messages; the server applies the model's chat template. A
@@ -34,6 +35,7 @@ import httpx
 from idiomreason.backends.base import Generation, check_generate_args
 from idiomreason.backends.chat_render import ChatRenderer, PlainRenderer
 from idiomreason.prompts import Prompt
+from shared_kernels.redaction import redact
 
 logger = logging.getLogger("idiomreason")
 
@@ -118,7 +120,7 @@ class OpenAIHTTPBackend:
                 f"concurrency={self.concurrency}, api_key_env={self.api_key_env!r} ({key}))")
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        return redact(text, [self._secret])
 
     # ----- one request -----
 

@@ -3,7 +3,8 @@
 Retries: transport errors, timeouts, HTTP 408/409/429 and 5xx are retried with exponential backoff and
 jitter (honouring `Retry-After`), up to `max_retries`; other 4xx answers raise at once (they will not get
 better). The API key is read from an environment variable, sent only in the Authorization header, and never
-printed (`repr` hides it).
+printed: `repr` hides it and every error message passes through `shared_kernels.redaction.redact` (a server
+that echoes the request headers in its error body leaks nothing).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import random
 import httpx
 
 from rerankdistill.teacher import Completion
+from shared_kernels.errors import UserError
+from shared_kernels.redaction import env_secrets, redact
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-class TeacherRequestError(RuntimeError):
-    """A request that failed for good (non-retryable status, or retries exhausted)."""
+class TeacherRequestError(UserError, RuntimeError):
+    """A request that failed for good (non-retryable status, or retries exhausted); the message is redacted."""
 
 
 class OpenAIChatBackend:
@@ -64,6 +67,9 @@ class OpenAIChatBackend:
         key = os.environ.get(self._api_key_env)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def _redact(self, text: str) -> str:
+        return redact(text, env_secrets(self._api_key_env))
+
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout, transport=self._transport,
@@ -87,13 +93,15 @@ class OpenAIChatBackend:
                 response = await client.post(f"{self.base_url}/chat/completions", json=body)
             except (httpx.TransportError, httpx.TimeoutException) as e:
                 if attempt == self.max_retries:
-                    raise TeacherRequestError(f"{self.base_url}: {type(e).__name__} after {attempt + 1} tries") from e
+                    raise TeacherRequestError(self._redact(f"{self.base_url}: {type(e).__name__} after "
+                                                           f"{attempt + 1} tries: {e}")) from None
             else:
                 if response.status_code == 200:
                     return self._parse(response)
                 if response.status_code not in RETRYABLE_STATUS or attempt == self.max_retries:
-                    raise TeacherRequestError(f"{self.base_url}/chat/completions answered {response.status_code}"
-                                              f" after {attempt + 1} tries: {response.text[:300]}")
+                    raise TeacherRequestError(self._redact(
+                        f"{self.base_url}/chat/completions answered {response.status_code} after {attempt + 1} "
+                        f"tries: {response.text[:300]}"))
                 retry_after = response.headers.get("retry-after", "")
                 if retry_after.replace(".", "", 1).isdigit():
                     delay = max(delay, float(retry_after))
@@ -106,7 +114,7 @@ class OpenAIChatBackend:
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise TeacherRequestError(f"malformed chat completion: {str(data)[:300]}") from None
+            raise TeacherRequestError(self._redact(f"malformed chat completion: {str(data)[:300]}")) from None
         usage = data.get("usage") or {}
         c = Completion(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         self.requests += 1

@@ -1,0 +1,49 @@
+"""User errors: a mistake in the user's input (an option, a file, a line) as opposed to a bug.
+
+Every CLI catches `UserError` in its `main` (through `exit_on_user_error`) and prints ONE line,
+`prog: error: message`, on stderr with exit code 2; anything else is a bug and keeps its traceback.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["USER_ERRORS", "FileFormatError", "UserError", "exit_on_user_error", "user_error_message"]
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake in the user's input; its message names the option, file (and line) and what is allowed."""
+
+
+class FileFormatError(UserError, ValueError):
+    """A file that cannot be read as the format it should be; the message starts with `path[:line]:`."""
+
+    def __init__(self, path: str | os.PathLike, message: str, line_no: int | None = None):
+        where = os.fspath(path) + (f":{line_no}" if line_no is not None else "")
+        super().__init__(f"{where}: {message}")
+        self.path = os.fspath(path)
+        self.line_no = line_no
+
+
+# What a CLI reports as one line: our own user errors and the OS's "that file is not there / not readable".
+USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def user_error_message(err: BaseException) -> str:
+    """The error as one line (newlines of wrapped messages folded)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def exit_on_user_error(prog: str, fn: Callable[[], T]) -> T | int:
+    """Run `fn()`; on a `UserError` (or a missing/unreadable file) print one line on stderr and return 2."""
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {user_error_message(err)}", file=sys.stderr)
+        return 2
