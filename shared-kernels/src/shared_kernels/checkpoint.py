@@ -42,11 +42,16 @@ from shared_kernels.distributed import (
     load_full_optimizer_state_dict,
     load_full_state_dict,
 )
+from shared_kernels.errors import UserError
 from shared_kernels.finite import check_finite_tensors
 
-__all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
+__all__ = ["CheckpointManager", "StaleCheckpointError", "capture_rng_state", "restore_rng_state"]
 
 _PREFIX = "step-"
+
+
+class StaleCheckpointError(UserError, ValueError):
+    """The run directory's checkpoint is past the configured number of steps (a resume that cannot be right)."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -187,11 +192,14 @@ class CheckpointManager:
         scheduler: Any | None = None,
         path: str | Path | None = None,
         restore_rng: bool = True,
+        max_step: int | None = None,
     ) -> dict[str, Any] | None:
         """Restore the newest readable checkpoint (or `path`) into the given objects.
 
         A newest checkpoint that cannot be read (truncated or corrupt files) is skipped with a warning naming
-        its path, and the previous one is tried; an explicit `path` that cannot be read raises.
+        its path, and the previous one is tried; an explicit `path` that cannot be read raises. With
+        `max_step` (the run's configured steps), a checkpoint past it raises `StaleCheckpointError` before
+        anything is loaded: resuming a 24-step run with 10 steps would report 10 steps for a 24-step model.
 
         Returns:
             {"step": int, "extra": dict, "path": Path}, or None when there is no checkpoint.
@@ -221,6 +229,10 @@ class CheckpointManager:
             else:
                 raise ValueError(f"no readable checkpoint under {str(self.root)!r} "
                                  f"(tried {', '.join(c.name for c in candidates)})")
+        if max_step is not None and int(state["step"]) > max_step:
+            raise StaleCheckpointError(
+                f"checkpoint {ckpt} is at step {state['step']}, past the {max_step} steps configured now: raise the "
+                "step count to continue it, or start over with resume=false or another run directory")
         load_full_state_dict(model, tensors, state["trainable_only"])
         if optimizer is not None:
             if state["optimizer"] is None:

@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from lm_pretrain.config import PretrainConfig, StudyConfig
-from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args
+from shared_kernels.errors import exit_on_user_error
+from shared_kernels.runconfig import add_config_arguments, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, StudyConfig if study else PretrainConfig)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = config_from_args(StudyConfig if study else PretrainConfig, args)
-    except ConfigError as err:
-        parser.error(str(err))
+    # a user error (config value, file, non-finite loss, stale checkpoint): one line on stderr, exit code 2
+    return exit_on_user_error(parser.prog, lambda: _run(args, study))
+
+
+def _run(args, study: bool) -> int:
+    cfg = config_from_args(StudyConfig if study else PretrainConfig, args)
     if study:
         from lm_pretrain.study import run_study
 

@@ -26,9 +26,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lm_pretrain.config import PretrainConfig
-from lm_pretrain.data import batch_offsets, eval_offsets, load_corpus, split_corpus, windows
+from lm_pretrain.data import (
+    batch_offsets,
+    check_corpus_fits,
+    eval_offsets,
+    load_corpus,
+    split_corpus,
+    windows,
+)
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
+from shared_kernels.finite import check_finite_loss, check_finite_tensors
 from shared_kernels.runconfig import (
     JSONLTracker,
     config_to_dict,
@@ -112,14 +120,16 @@ class PretrainRecipe:
             )
         self.per_rank = tc.batch_size // world
         self.accum = self.per_rank // tc.micro_batch_size
+        self.train_tokens, self.val_tokens = split_corpus(load_corpus(cfg.data.corpus, cfg.data.max_bytes),
+                                                          cfg.data.val_fraction)
+        check_corpus_fits(len(self.train_tokens), len(self.val_tokens), tc.seq_len,
+                          tc.seq_len * max(cfg.eval.length_multipliers))
+
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
             _log_to_file(self.run_dir / "train.log")
         self.acc.wait_for_everyone()
-
-        self.train_tokens, self.val_tokens = split_corpus(load_corpus(cfg.data.corpus, cfg.data.max_bytes),
-                                                          cfg.data.val_fraction)
         m = cfg.model
         gpt_cfg = GPTConfig(
             vocab_size=256, n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head, n_kv_head=m.n_kv_head,
@@ -143,7 +153,8 @@ class PretrainRecipe:
         )
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         if cfg.resume:  # after prepare, so that a sharded (FSDP2) model and its optimizer take their shards
-            state = self.ckpt.load(self.acc.unwrap_model(self.model), self.optimizer.optimizer, self.scheduler)
+            state = self.ckpt.load(self.acc.unwrap_model(self.model), self.optimizer.optimizer, self.scheduler,
+                                   max_step=tc.steps)
             if state is not None:
                 self.start_step = state["step"]
                 self.history = list(state["extra"].get("history", []))
@@ -187,12 +198,13 @@ class PretrainRecipe:
                     loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten()) / self.accum
                     acc.backward(loss)
                 total += loss.detach()
+            done = step + 1
+            loss_value = acc.reduce(total, reduction="mean").item()
+            check_finite_loss(loss_value, done)  # every process sees the reduced loss: all stop here together
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            loss_value = acc.reduce(total, reduction="mean").item()
             if done % tc.log_every == 0 or done == tc.steps:
                 row = {"step": done, "train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                        "elapsed_s": time.perf_counter() - t0}
@@ -213,6 +225,7 @@ class PretrainRecipe:
         if acc.is_main_process:
             from safetensors.torch import save_file
 
+            check_finite_tensors(state, str(self.run_dir / "model.safetensors"))
             save_file(state, str(self.run_dir / "model.safetensors.tmp"))
             (self.run_dir / "model.safetensors.tmp").replace(self.run_dir / "model.safetensors")
         acc.wait_for_everyone()

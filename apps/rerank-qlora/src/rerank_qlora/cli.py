@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from rerank_qlora.config import RerankQLoRAConfig
-from rerank_qlora.stages import StageUnavailable
-from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args
+from shared_kernels.errors import exit_on_user_error
+from shared_kernels.runconfig import add_config_arguments, config_from_args
 
 DESCRIPTION = """\
 Long-context QLoRA fine-tuning of a reasoning reranker: base model -> NF4 + double quantization (nf4lora) ->
@@ -26,17 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, RerankQLoRAConfig)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config_from_args(RerankQLoRAConfig, args)
-    except ConfigError as err:
-        parser.error(str(err))
+    # a user error (config value, file, teacher server, non-finite loss): one line on stderr, exit code 2
+    return exit_on_user_error("rerank-qlora", lambda: _run(args))
+
+
+def _run(args) -> int:
+    cfg = config_from_args(RerankQLoRAConfig, args)
     from rerank_qlora.recipe import run
 
-    try:
-        results = run(cfg, progress=not args.no_progress)
-    except StageUnavailable as err:
-        print(f"rerank-qlora: error: {err}", file=sys.stderr)
-        return 2
+    results = run(cfg, progress=not args.no_progress)
     if results:
         print(f"[rerank-qlora] report:  {cfg.run_dir / 'report.md'}")
         print(f"[rerank-qlora] adapter: {results['adapter_dir']}")

@@ -35,6 +35,7 @@ from rerank_qlora import stages
 from rerank_qlora.config import RerankQLoRAConfig
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
+from shared_kernels.finite import check_finite_loss, check_finite_tensors
 from shared_kernels.runconfig import (
     JSONLTracker,
     config_to_dict,
@@ -193,7 +194,8 @@ class RerankQLoRARecipe:
             self._print(f"{world} process(es), {acc.distributed_type.value}"
                         + (" (FSDP2: parameters sharded)" if sharded else ""))
         start, history = 0, []
-        state = ckpt.load(acc.unwrap_model(model), optimizer.optimizer, scheduler) if self.cfg.resume else None
+        state = (ckpt.load(acc.unwrap_model(model), optimizer.optimizer, scheduler, max_step=steps)
+                 if self.cfg.resume else None)
         if state is not None:
             start, history = state["step"], list(state["extra"]["history"])
             self._print(f"resumed {phase} from {state['path']} at step {start}")
@@ -223,13 +225,14 @@ class RerankQLoRARecipe:
                     loss = weighted_loss(out.logits, batch["labels"], batch["weights"]) / accum
                     acc.backward(loss)
                 total += loss.detach()
+            done = step + 1
+            value = acc.reduce(total, reduction="mean").item()
+            check_finite_loss(value, done, phase)  # every process sees the reduced loss: all stop here together
             if tc.max_grad_norm:
                 acc.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            value = acc.reduce(total, reduction="mean").item()
             if done % tc.log_every == 0 or done == steps:
                 row = {"step": done, "phase": phase, f"{phase}/loss": value, "lr": scheduler.get_last_lr()[0]}
                 history.append(row)
@@ -406,6 +409,8 @@ class RerankQLoRARecipe:
         whole = full_state_dict(self.model, trainable_only=True) if sharded else None  # collective when sharded
         if not self.acc.is_main_process:
             return final
+        check_finite_tensors(whole if sharded else {n: p for n, p in self.model.named_parameters() if p.requires_grad},
+                             str(final))
         shutil.rmtree(tmp, ignore_errors=True)
         if self.cfg.quant.method == "nf4":  # never sharded: _require_fsdp2 refuses nf4 under FSDP
             from nf4lora.model import save_adapter

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from rerank_qlora.config import RerankQLoRAConfig, TaskConfig
 from rerank_qlora.stdlib_task import RetrievalTask, build_stdlib_task
+from shared_kernels.errors import UserError
 
 
-class StageUnavailable(RuntimeError):
+class StageUnavailable(UserError, RuntimeError):
     """A stage needs a package API that this installation does not provide (the message says which)."""
 
 
