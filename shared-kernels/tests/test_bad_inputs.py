@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import math
 import subprocess
 import sys
@@ -98,6 +99,16 @@ def test_redact_keeps_ordinary_text_and_reads_the_environment(monkeypatch):
     monkeypatch.setenv("MY_KEY", KEY)
     monkeypatch.setenv("EMPTY_KEY", "")
     assert env_secrets("MY_KEY", "EMPTY_KEY", "UNSET_KEY_XYZ") == [KEY]
+
+
+def test_http_library_logs_are_redacted(caplog):
+    from shared_kernels.redaction import redact_http_logs
+
+    redact_http_logs([KEY])
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("httpcore.http11").debug("headers %r", [(b"www-authenticate", f"Bearer {KEY}".encode())])
+        logging.getLogger("httpx").info("auth: Bearer sk-not-the-env-key")
+    assert KEY not in caplog.text and "sk-not-the-env-key" not in caplog.text and caplog.text.count("***") == 2
 
 
 def test_torch_free_modules_do_not_import_torch():

@@ -35,7 +35,7 @@ import httpx
 from idiomreason.backends.base import Generation, check_generate_args
 from idiomreason.backends.chat_render import ChatRenderer, PlainRenderer
 from idiomreason.prompts import Prompt
-from shared_kernels.redaction import redact
+from shared_kernels.redaction import redact, redact_http_logs
 
 logger = logging.getLogger("idiomreason")
 
@@ -107,6 +107,7 @@ class OpenAIHTTPBackend:
         self.renderer = (ChatRenderer(tokenizer) if tokenizer is not None else PlainRenderer()) if api == "completions" else None
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         self._secret = key
+        redact_http_logs([key])
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=min(30.0, timeout)),

@@ -17,7 +17,7 @@ import httpx
 
 from rerankdistill.teacher import Completion
 from shared_kernels.errors import UserError
-from shared_kernels.redaction import env_secrets, redact
+from shared_kernels.redaction import env_secrets, redact, redact_http_logs
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -72,6 +72,7 @@ class OpenAIChatBackend:
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
+            redact_http_logs(env_secrets(self._api_key_env))
             self._client = httpx.AsyncClient(timeout=self.timeout, transport=self._transport,
                                              headers=self._headers())
         return self._client
