@@ -199,6 +199,18 @@ CLI_CASES = [
     (["generate", "collection=nope", "output={out}"], r"collection must be one of"),
     (["generate", "depth=many"], r"depth: expected an integer"),
     (["generate", "dpeth=3"], r"did you mean 'depth'"),
+    (["generate", "concurrency=0"], r"concurrency must be a finite number >= 1, got 0"),
+    (["generate", "timeout=0"], r"timeout must be a finite number > 0"),
+    (["generate", "temperature=.nan"], r"temperature must be a finite number >= 0, got nan"),
+    (["sft", "lr=inf"], r"lr must be a finite number > 0, got inf"),
+    (["sft", "lr=-1e-4"], r"lr must be a finite number > 0"),
+    (["sft", "grad_accum=0"], r"grad_accum must be a finite number >= 1"),
+    (["sft", "lora_dropout=1.5"], r"lora_dropout must be in \[0, 1\)"),
+    (["refine", "temperature=0"], r"temperature must be a finite number > 0"),
+    (["refine", "threshold=2"], r"threshold must be in \[0, 1\]"),
+    (["refine", "k=0"], r"k must be a finite number >= 1"),
+    (["rerank", "depth=0"], r"depth must be a finite number >= 1"),
+    (["rerank", "max_new_tokens=-5"], r"max_new_tokens must be a finite number >= 1"),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,16 @@ class CollectionOptions:
     topics: str = option("", "topics file (bright jsonl.gz, trec topics)")
     qrels: str = option("", "qrels file (bright, trec)")
     corpus: str = option("", "corpus JSONL (bright: id/content, trec: id/text)")
+
+
+def _check(o: object, *names: str, minimum: float = 1, positive: bool = False) -> None:
+    """Options that cannot work raise ConfigError before any work: each must be finite and >= minimum (> 0
+    when `positive`)."""
+    for name in names:
+        value = getattr(o, name)
+        if not math.isfinite(value) or (value <= 0 if positive else value < minimum):
+            bound = "> 0" if positive else f">= {minimum}"
+            raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def load_collection(o: CollectionOptions):
@@ -92,6 +103,11 @@ class GenerateOptions(CollectionOptions):
     temperature: float = option(0.0, "0 = greedy (InteRank's teacher)")
     timeout: float = option(120.0, "seconds per request (openai)")
     max_retries: int = option(5, "retries per request (openai)")
+
+    def __post_init__(self) -> None:
+        _check(self, "depth", "concurrency", "batch_size", "max_tokens")
+        _check(self, "max_queries", "temperature", "max_retries", minimum=0)
+        _check(self, "timeout", positive=True)
 
 
 def _build_pairs(o: GenerateOptions):
@@ -165,6 +181,13 @@ class TrainOptions:
     quantize: str = option("", "'nf4' for QLoRA through nf4lora")
     seed: int = option(0, "seed")
 
+    def __post_init__(self) -> None:
+        _check(self, "lr", positive=True)
+        _check(self, "epochs", "batch_size", "grad_accum", "save_every", "max_length", "lora_alpha")
+        _check(self, "max_steps", "lora_r", minimum=0)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
 
 @dataclass
 class RefineOptions(TrainOptions):
@@ -176,6 +199,14 @@ class RefineOptions(TrainOptions):
     temperature: float = option(1.0, "sampling temperature")
     max_new_tokens: int = option(256, "tokens per sampled answer")
     beta: float = option(0.0, "grpo: KL coefficient")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "k", "max_new_tokens")
+        _check(self, "temperature", positive=True)
+        _check(self, "power", "beta", minimum=0)
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold!r}")
 
 
 def _student(o: TrainOptions):
@@ -253,6 +284,10 @@ class RerankOptions(CollectionOptions):
     output: str = option("reranked.run", "TREC run written")
     first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
     tag: str = option("rerankdistill", "run tag")
+
+    def __post_init__(self) -> None:
+        _check(self, "depth", "batch_size", "max_new_tokens")
+        _check(self, "max_queries", minimum=0)
 
 
 def cmd_rerank(o: RerankOptions) -> dict:
