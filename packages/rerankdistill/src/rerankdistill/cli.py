@@ -78,7 +78,14 @@ def read_pairs(path: str | Path):
     from rerankdistill.datasets import read_jsonl
     from rerankdistill.teacher import Pair
 
-    return [Pair(str(r["qid"]), str(r["docid"]), r["query"], r["document"]) for r in read_jsonl(path)]
+    pairs = []
+    for no, r in enumerate(read_jsonl(path), start=1):
+        missing = [k for k in ("qid", "docid", "query", "document") if k not in r]
+        if missing or not isinstance(r["query"], str) or not isinstance(r["document"], str):
+            raise ConfigError(f"{path}: record {no} needs string fields qid, docid, query, document"
+                              + (f" (missing {', '.join(missing)})" if missing else ""))
+        pairs.append(Pair(str(r["qid"]), str(r["docid"]), r["query"], r["document"]))
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------- generate
