@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rerankdistill.config import ConfigError, load_config, option, options_help
 from rerankdistill.trec import atomic_write_text
+from shared_kernels.runconfig import ConfigError, load_config, option, options_help
 
 COLLECTION_HELP = "cranfield | beir | bright | trec"
 
@@ -288,8 +288,9 @@ def cmd_rerank(o: RerankOptions) -> dict:
 
 @dataclass
 class EvaluateOptions(CollectionOptions):
-    runs: list[str] = option((), "run files, NAME=PATH or PATH, comma separated")
-    measures: list[str] = option(("ndcg_cut_10", "map", "recall_100"), "trec_eval measure names")
+    runs: list[str] = option(default_factory=list, help="run files, NAME=PATH or PATH, comma separated")
+    measures: list[str] = option(default_factory=lambda: ["ndcg_cut_10", "map", "recall_100"],
+                                 help="trec_eval measure names")
     per_query: bool = option(False, "also print per-query values")
     output: str = option("", "write the markdown table here too")
     baseline: str = option("", "run the others are compared with by paired tests (default: the first)")
