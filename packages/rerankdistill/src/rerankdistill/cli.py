@@ -336,7 +336,7 @@ def cmd_rerank(o: RerankOptions) -> dict:
 
 
 @dataclass
-class EvaluateOptions(CollectionOptions):
+class EvaluateOptions(CollectionOptions, SplitOptions):
     runs: list[str] = option(default_factory=list, help="run files, NAME=PATH or PATH, comma separated")
     measures: list[str] = option(default_factory=lambda: ["ndcg_cut_10", "map", "recall_100"],
                                  help="trec_eval measure names")
@@ -363,6 +363,9 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
         qrels = read_qrels(o.qrels)
     else:
         qrels = load_collection(o)[2]
+    _, selected = split_queries(o, "test", training=False)
+    if selected is not None:
+        qrels = {q: j for q, j in qrels.items() if q in selected}
     runs = {}
     excluded = excluded_ids(o)
     for item in o.runs:
@@ -389,8 +392,8 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
 
 
 def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
-    """Each run against the baseline, per measure, paired over every judged query (trec_eval -c: a query a
-    run misses scores 0, so both sides hold the same queries)."""
+    """Each run against the baseline, per measure, paired over the judged queries that any run ranks (a
+    query a run misses scores 0 there, as trec_eval -c scores it, so both sides hold the same queries)."""
     from rerankdistill.metrics import evaluate
     from rerankdistill.significance import compare_runs
 
@@ -399,7 +402,8 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
     baseline = o.baseline or next(iter(runs))
     if baseline not in runs:
         raise ConfigError(f"baseline={baseline!r} is not one of the runs: {', '.join(runs)}")
-    scores = {name: evaluate(r, qrels, tuple(o.measures), complete=True) for name, r in runs.items()}
+    ranked = {q: j for q, j in qrels.items() if any(q in r for r in runs.values())}
+    scores = {name: evaluate(r, ranked, tuple(o.measures), complete=True) for name, r in runs.items()}
     return [{"run": name, "baseline": baseline, "measure": m,
              **compare_runs(scores[name][m].per_query, scores[baseline][m].per_query,
                             n_resamples=o.n_resamples, seed=o.seed)}
@@ -407,7 +411,8 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
 
 
 def significance_table(rows: list[dict], baseline: str) -> str:
-    lines = [f"paired tests against {baseline} (all judged queries; 95% bootstrap CI of the mean difference)",
+    lines = [f"paired tests against {baseline} (judged queries ranked by any run; 95% bootstrap CI of the mean "
+             "difference)",
              "| run | measure | queries | diff | 95% CI | t-test p | randomization p |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['measure']} | {r['queries']} | {r['mean_diff']:+.4f} | "
               f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_t']:.4f} | {r['p_randomization']:.4f} |"
