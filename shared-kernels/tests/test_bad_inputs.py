@@ -132,7 +132,7 @@ def test_append_only_file_is_exclusive(tmp_path):
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_loss_stops(value):
-    with pytest.raises(NonFiniteError, match=rf"distill: loss is {value} at step 7"):
+    with pytest.raises(NonFiniteError, match=rf"distill: the loss is {value} at step 7; stopped before"):
         check_finite_loss(value, 7, "distill")
     check_finite_loss(2.5, 7, "distill")
 

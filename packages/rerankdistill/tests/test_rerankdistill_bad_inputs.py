@@ -198,7 +198,7 @@ CLI_CASES = [
       "backend=offline-qrels", "output={out}", "pairs_out={out}.pairs"], r"topics:5: <top> not closed"),
     (["generate", "collection=nope", "output={out}"], r"collection must be one of"),
     (["generate", "pairs={corpus_jsonl}", "output={out}"], r"corpus.jsonl: record 1 needs string fields .*missing qid"),
-    (["generate", "depth=many"], r"depth: expected an integer"),
+    (["generate", "depth=many"], r"'depth': expected int, got 'many'"),
     (["generate", "dpeth=3"], r"did you mean 'depth'"),
     (["generate", "concurrency=0"], r"concurrency must be a finite number >= 1, got 0"),
     (["generate", "timeout=0"], r"timeout must be a finite number > 0"),

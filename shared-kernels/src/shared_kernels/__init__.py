@@ -2,7 +2,8 @@
 plus a Triton kernel, selected by `backend="auto" | "torch" | "triton"`.
 
 Nothing heavy is imported here: `import shared_kernels` works without Triton or a GPU, and without torch, so
-the torch-free modules (`errors`, `redaction`, `appendfile`, `textfiles`) serve packages that never load torch.
+the torch-free modules (`runconfig`, `app`, `errors`, `redaction`, `appendfile`, `textfiles`) serve packages
+and commands that never load torch.
 """
 
 from __future__ import annotations

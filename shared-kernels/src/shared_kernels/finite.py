@@ -10,31 +10,39 @@ so a resumed run starts from the last good one. Torch is not imported here (tens
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from shared_kernels.errors import UserError
 
-__all__ = ["NonFiniteError", "check_finite_loss", "check_finite_tensors"]
+__all__ = ["NonFiniteError", "NonFiniteLossError", "check_finite_loss", "check_finite_tensors"]
 
 
 class NonFiniteError(UserError, FloatingPointError):
     """A NaN/inf loss or weight: the run's settings (learning rate, precision, data) cannot train this model."""
 
 
-def check_finite_loss(loss: float, step: int, phase: str = "train") -> None:
-    """Raise `NonFiniteError` when `loss` (a float: `.item()` of the step's reduced loss) is NaN or inf.
+class NonFiniteLossError(NonFiniteError):
+    """The training loss became NaN or infinite; the weights were not updated from it."""
+
+
+def check_finite_loss(loss: float, step: int, phase: str = "train", resume_from: str | os.PathLike | None = None
+                      ) -> None:
+    """Raise `NonFiniteLossError` when `loss` (a float: `.item()` of the step's reduced loss) is NaN or inf.
 
     Args:
-        loss: the step's loss.
+        loss: the loss of optimizer step `step`.
         step: the 1-based optimizer step it belongs to (named in the message).
         phase: what is being trained (named in the message).
+        resume_from: the last checkpoint (named in the message as the place to resume from), if any.
     """
-    if not math.isfinite(loss):
-        raise NonFiniteError(
-            f"{phase}: loss is {loss} at step {step}; stopped before updating the weights (nothing non-finite "
-            "is saved; the last checkpoint is still good). Lower the learning rate or check the data/precision"
-        )
+    if math.isfinite(loss):
+        return
+    where = (f"resume from {os.fspath(resume_from)!r} with a lower learning rate or other data" if resume_from
+             else "no checkpoint was written yet")
+    raise NonFiniteLossError(f"{phase}: the loss is {loss} at step {step}; stopped before the optimizer step, so "
+                             f"no weight was updated from it ({where})")
 
 
 def check_finite_tensors(tensors: Mapping[str, Any], what: str) -> None:

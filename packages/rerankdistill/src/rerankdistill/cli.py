@@ -1,6 +1,10 @@
-"""`rerankdistill generate | sft | refine | rerank | evaluate`: each takes `--config FILE.yaml` and `key=value`
-overrides (see `--help` for the options), and resumes where it runs long (generate and rerank append to
-their stores; sft restarts from its last checkpoint).
+"""`rerankdistill split | generate | sft | refine | rerank | evaluate`: each takes `--config FILE.yaml` and
+`key=value` overrides (see `--help` for the options), and resumes where it runs long (generate and rerank
+append to their stores; sft and refine restart from their last checkpoint).
+
+Query splits: `split` writes train / validation / test qid lists; `generate`, `sft`, `refine` and `rerank`
+take `splits=FILE queries=train|validation|test` and the training ones refuse test queries unless
+`allow_test_leak=true`.
 
 Collections (`collection=` + paths): cranfield (`path` = folder), beir (`path`, `split`), bright (`topics`,
 `qrels`, `corpus`), trec (`corpus` JSONL with id/text, `topics`, `qrels`).
@@ -15,9 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rerankdistill.config import ConfigError, load_config, option, options_help
 from rerankdistill.trec import atomic_write_text
 from shared_kernels.errors import USER_ERRORS, user_error_message
+from shared_kernels.runconfig import ConfigError, load_config, option, options_help
 
 COLLECTION_HELP = "cranfield | beir | bright | trec"
 
@@ -61,6 +65,35 @@ def load_collection(o: CollectionOptions):
     raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
 
 
+@dataclass
+class SplitOptions:
+    splits: str = option("", "split file from `rerankdistill split` (train / validation / test qids)")
+    queries: str = option("", "train | validation | test: the split used (default: train for training commands, "
+                              "test for rerank)")
+    allow_test_leak: bool = option(False, "let a training command use test queries (refused otherwise)")
+
+
+def split_queries(o: SplitOptions, default: str, training: bool) -> tuple[dict | None, set[str] | None]:
+    """(the split file's lists or None, the selected qids or None); refuses queries=test for training."""
+    from rerankdistill.splits import check_no_test_leak, read_splits, select_split
+
+    splits = read_splits(o.splits) if o.splits else None
+    selected = select_split(splits, o.queries, default)
+    if training and selected is not None:
+        check_no_test_leak(selected, splits, o.allow_test_leak, f"queries={o.queries or default}")
+    return splits, selected
+
+
+def queries_and_qrels(o: CollectionOptions):
+    """(queries, qrels) of the collection, without reading BRIGHT's corpus."""
+    if o.collection == "bright":
+        from rerankdistill.datasets import load_bright
+
+        task = load_bright(o.topics, o.qrels or None)
+        return task.queries, task.qrels
+    return load_collection(o)[1:]
+
+
 def excluded_ids(o: CollectionOptions) -> dict[str, set[str]]:
     """BRIGHT's per-query excluded document ids (removed from runs before scoring); empty otherwise."""
     if o.collection != "bright":
@@ -92,7 +125,7 @@ def read_pairs(path: str | Path):
 
 
 @dataclass
-class GenerateOptions(CollectionOptions):
+class GenerateOptions(CollectionOptions, SplitOptions):
     output: str = option("teacher.jsonl", "append-only teacher store (resumed when it exists)")
     pairs: str = option("", "pairs JSONL (qid, docid, query, document); built from the collection when empty")
     pairs_out: str = option("pairs.jsonl", "where pairs built from the collection are written")
@@ -122,6 +155,9 @@ def _build_pairs(o: GenerateOptions):
     from rerankdistill.teacher import Pair
 
     corpus, queries, qrels = load_collection(o)
+    _, selected = split_queries(o, "train", training=True)
+    if selected is not None:
+        queries = {q: t for q, t in queries.items() if q in selected}
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
     run = bm25_search(corpus, queries, k=o.depth, backend=o.bm25_backend)
@@ -134,7 +170,7 @@ def cmd_generate(o: GenerateOptions) -> dict:
 
     qrels = None
     if o.pairs:
-        pairs = read_pairs(o.pairs)
+        pairs = split_pairs(o, read_pairs(o.pairs))
     else:
         pairs, qrels = _build_pairs(o)
         write_pairs(pairs, o.pairs_out)
@@ -169,7 +205,7 @@ def cmd_generate(o: GenerateOptions) -> dict:
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(SplitOptions):
     model: str = option("", "student: local model directory")
     pairs: str = option("pairs.jsonl", "pairs JSONL written by `generate`")
     teacher: str = option("teacher.jsonl", "teacher store written by `generate`")
@@ -230,10 +266,19 @@ def _student(o: TrainOptions):
     return model, tok, loop, lora
 
 
+def split_pairs(o: SplitOptions, pairs: list) -> list:
+    """The pairs of the selected split (train by default); a pairs file holding test qids is refused."""
+    from rerankdistill.splits import check_no_test_leak
+
+    splits, selected = split_queries(o, "train", training=True)
+    check_no_test_leak((p.qid for p in pairs), splits, o.allow_test_leak, f"pairs file {o.pairs!r}")
+    return pairs if selected is None else [p for p in pairs if p.qid in selected]
+
+
 def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
-    pairs = {(p.qid, p.docid): p for p in read_pairs(o.pairs)}
+    pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs))}
     with TeacherStore(o.teacher) as store:
         return pairs, list(store.records.values())
 
@@ -278,7 +323,7 @@ def cmd_refine(o: RefineOptions) -> dict:
 
 
 @dataclass
-class RerankOptions(CollectionOptions):
+class RerankOptions(CollectionOptions, SplitOptions):
     model: str = option("", "reranker: local model directory")
     first_stage: str = option("bm25", "'bm25' or a TREC run file")
     bm25_backend: str = option("bm25s", "first_stage=bm25 with bm25s | pyserini (Lucene; needs Java 21+)")
@@ -309,6 +354,10 @@ def cmd_rerank(o: RerankOptions) -> dict:
     if not o.model:
         raise ConfigError("model= (a local model directory) is required")
     corpus, queries, qrels = load_collection(o)
+    _, selected = split_queries(o, "test", training=False)
+    if selected is not None:
+        queries = {q: t for q, t in queries.items() if q in selected}
+        qrels = {q: j for q, j in qrels.items() if q in selected}
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
     if o.first_stage == "bm25":
@@ -330,11 +379,16 @@ def cmd_rerank(o: RerankOptions) -> dict:
 
 
 @dataclass
-class EvaluateOptions(CollectionOptions):
-    runs: list[str] = option((), "run files, NAME=PATH or PATH, comma separated")
-    measures: list[str] = option(("ndcg_cut_10", "map", "recall_100"), "trec_eval measure names")
+class EvaluateOptions(CollectionOptions, SplitOptions):
+    runs: list[str] = option(default_factory=list, help="run files, NAME=PATH or PATH, comma separated")
+    measures: list[str] = option(default_factory=lambda: ["ndcg_cut_10", "map", "recall_100"],
+                                 help="trec_eval measure names")
     per_query: bool = option(False, "also print per-query values")
     output: str = option("", "write the markdown table here too")
+    baseline: str = option("", "run the others are compared with by paired tests (default: the first)")
+    significance: bool = option(True, "paired t-test, randomization test and bootstrap CI against baseline")
+    n_resamples: int = option(10000, "randomization / bootstrap resamples")
+    seed: int = option(0, "seed of the randomization / bootstrap resamples")
 
 
 def cmd_evaluate(o: EvaluateOptions) -> dict:
@@ -352,6 +406,9 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
         qrels = read_qrels(o.qrels)
     else:
         qrels = load_collection(o)[2]
+    _, selected = split_queries(o, "test", training=False)
+    if selected is not None:
+        qrels = {q: j for q, j in qrels.items() if q in selected}
     runs = {}
     excluded = excluded_ids(o)
     for item in o.runs:
@@ -364,12 +421,83 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
             for m, score in evaluate(run, qrels, tuple(o.measures)).items():
                 for qid, v in score.per_query.items():
                     print(f"{name}\t{m}\t{qid}\t{v:.4f}")
+    summary: dict = {name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()}
+                     for name, r in runs.items()}
+    if o.significance and len(runs) > 1:
+        rows = significance_rows(runs, qrels, o)
+        text = significance_table(rows, o.baseline or next(iter(runs)))
+        print(text, end="")
+        table += "\n" + text
+        summary["significance"] = rows
     if o.output:
         atomic_write_text(o.output, table)
-    return {name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()} for name, r in runs.items()}
+    return summary
+
+
+def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
+    """Each run against the baseline, per measure, paired over the judged queries that any run ranks (a
+    query a run misses scores 0 there, as trec_eval -c scores it, so both sides hold the same queries)."""
+    from rerankdistill.metrics import evaluate
+    from rerankdistill.significance import compare_runs
+
+    if "significance" in runs:
+        raise ConfigError("a run may not be named 'significance' (the summary's key for the paired tests)")
+    baseline = o.baseline or next(iter(runs))
+    if baseline not in runs:
+        raise ConfigError(f"baseline={baseline!r} is not one of the runs: {', '.join(runs)}")
+    ranked = {q: j for q, j in qrels.items() if any(q in r for r in runs.values())}
+    scores = {name: evaluate(r, ranked, tuple(o.measures), complete=True) for name, r in runs.items()}
+    return [{"run": name, "baseline": baseline, "measure": m,
+             **compare_runs(scores[name][m].per_query, scores[baseline][m].per_query,
+                            n_resamples=o.n_resamples, seed=o.seed)}
+            for name in runs if name != baseline for m in o.measures]
+
+
+def significance_table(rows: list[dict], baseline: str) -> str:
+    lines = [f"paired tests against {baseline} (judged queries ranked by any run; 95% bootstrap CI of the mean "
+             "difference)",
+             "| run | measure | queries | diff | 95% CI | t-test p | randomization p |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['measure']} | {r['queries']} | {r['mean_diff']:+.4f} | "
+              f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_t']:.4f} | {r['p_randomization']:.4f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SplitCommandOptions(CollectionOptions):
+    out: str = option("splits.json", "split file written (JSON: train / validation / test qid lists)")
+    validation: float = option(0.1, "share of the queries for validation (of the non-test ones with test_qids)")
+    test: float = option(0.2, "share of the queries for test (unused with test_qids)")
+    seed: int = option(0, "seed of the shuffle")
+    test_qids: str = option("", "a given test set: a file of qids, one per line")
+    overwrite: bool = option(False, "replace an existing, different split file")
+
+
+def cmd_split(o: SplitCommandOptions) -> dict:
+    from rerankdistill.splits import make_splits
+
+    queries, qrels = queries_and_qrels(o)
+    judged = [q for q in queries if qrels.get(q)]  # a query without judgements cannot be evaluated
+    given = None
+    if o.test_qids:
+        path = Path(o.test_qids)
+        if not path.is_file():
+            raise ConfigError(f"test_qids file {o.test_qids!r} does not exist")
+        given = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    splits = make_splits(judged, o.validation, o.test, o.seed, given)
+    text = json.dumps({**splits, "collection": o.collection, "seed": o.seed, "validation_share": o.validation,
+                       "test_share": None if given else o.test, "test_qids": o.test_qids or None}, indent=1) + "\n"
+    out = Path(o.out)
+    if out.exists() and out.read_text(encoding="utf-8") != text and not o.overwrite:
+        raise ConfigError(f"out={o.out!r} exists with other splits: runs made with it would change meaning; "
+                          "choose another file or set overwrite=true")
+    atomic_write_text(out, text)
+    return {name: len(qids) for name, qids in splits.items()} | {"unjudged_skipped": len(queries) - len(judged),
+                                                                "out": o.out}
 
 
 COMMANDS = {
+    "split": (SplitCommandOptions, cmd_split, "seeded (or given) train / validation / test query lists"),
     "generate": (GenerateOptions, cmd_generate, "teacher explanations + labels for (query, document) pairs"),
     "sft": (TrainOptions, cmd_sft, "distil teacher outputs into a student"),
     "refine": (RefineOptions, cmd_refine, "reward-weighted fine-tuning or GRPO of the student"),
