@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,44 @@ def test_tiny_sweep_in_4bit_end_to_end(tmp_path, tiny_lm_dir, capsys):
     assert main(["--config", str(config), "--no-progress"]) == 0
     again = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(again) == len(preds)
+
+
+def _cli_case_config(tmp_path, data_text: str | bytes, **changes) -> list[str]:
+    data = tmp_path / "d.csv"
+    (data.write_bytes if isinstance(data_text, bytes) else data.write_text)(data_text)
+    model = {"name": "m-1B", "backend": "http", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    config = {"out_dir": str(tmp_path / "run"), "models": [model], "datasets": [{"name": "generic", "path": str(data)}],
+              "conditions": ["direct"]}
+    for key, value in changes.items():
+        if key == "options":
+            model["options"].update(value)
+        else:
+            config[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(config))
+    return ["--config", str(path), "--no-progress"]
+
+
+GOOD = "id,target,expression,label,language\n1,He kicked the bucket.,kick the bucket,idiomatic,en\n"
+SWEEP_CLI_CASES = [
+    ("trust-remote-code-string", dict(options={"trust_remote_code": "false"}), GOOD,
+     r"options.trust_remote_code must be bool, got 'false'"),
+    ("max-new-tokens-negative", dict(max_new_tokens=-5), GOOD, r"max_new_tokens must be >= 1, got -5"),
+    ("header-only-csv", {}, GOOD.splitlines()[0] + "\n", r"d.csv has a header line but no rows"),
+    ("nul-byte-csv", {}, GOOD.replace("bucket.", "buck\x00et."), r"d.csv:2: a NUL byte"),
+    ("utf16-csv", {}, GOOD.encode("utf-16"), r"d.csv: UTF-16 text"),
+    ("latin1-csv", {}, GOOD.replace("bucket.", "bucké.").encode("latin-1"), r"d.csv:2: not UTF-8"),
+    ("missing-dataset", {"datasets": [{"name": "generic", "path": "/nonexistent/d.csv"}]}, GOOD,
+     r"/nonexistent/d.csv' is not a file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SWEEP_CLI_CASES, ids=[c[0] for c in SWEEP_CLI_CASES])
+def test_cli_bad_inputs_exit_2_with_one_message(tmp_path, capsys, case):
+    _, changes, data_text, pattern = case
+    with pytest.raises(SystemExit) as exc_info:
+        raise SystemExit(main(_cli_case_config(tmp_path, data_text, **changes)))
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(pattern, err), err
+    assert "error: " in err.strip().splitlines()[-1]

@@ -27,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         parser.error(str(err))
     from idiom_sweep.recipe import run
+    from idiomreason.cli import USER_ERRORS, one_line
 
-    run(cfg, progress=not args.no_progress)
+    try:
+        run(cfg, progress=not args.no_progress)
+    except USER_ERRORS as e:
+        print(f"idiom-sweep: error: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -52,3 +52,6 @@ class IdiomSweepConfig:
             raise ValueError("models must list at least one model (give --config FILE)")
         if not self.datasets:
             raise ValueError("datasets must list at least one dataset (give --config FILE)")
+        from idiom_sweep.recipe import sweep_config
+
+        sweep_config(self)  # idiomreason's own checks (values that cannot work, booleans that must be booleans)

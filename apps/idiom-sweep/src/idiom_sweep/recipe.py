@@ -29,6 +29,7 @@ def nf4lora_backend(spec: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from idiomreason.backends.base import check_bool
     from idiomreason.backends.hf import TransformersBackend
     from nf4lora.model import quantize_model
 
@@ -38,7 +39,7 @@ def nf4lora_backend(spec: Any) -> Any:
     dtype = opts.get("dtype", "auto")
     on_gpu = torch.cuda.is_available()
     torch_dtype = (torch.bfloat16 if on_gpu else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    trust = bool(opts.get("trust_remote_code", False))
+    trust = check_bool(opts.get("trust_remote_code", False), f"model {spec.name!r}: options.trust_remote_code")
     tokenizer = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=torch_dtype, trust_remote_code=trust)
     model = quantize_model(model, double_quant=True).eval()

@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from idiomreason.backends import BACKENDS
+from idiomreason.backends.http import HTTPBackendError
 from idiomreason.loaders import LOADERS
 from idiomreason.report import markdown_table
-from idiomreason.sweep import DatasetSpec, ModelSpec, SweepConfig, run_sweep
+from idiomreason.store import StoreLockedError
+from idiomreason.sweep import DatasetSpec, ModelSpec, SweepConfig, SweepResult, run_sweep
+from idiomreason.textfile import load_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,9 +82,9 @@ def _json_arg(text: str, name: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{name} must be a JSON object: {e}") from None
+        raise ValueError(f"{name} must be a JSON object: {e}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"{name} must be a JSON object, got {text!r}")
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
     return value
 
 
@@ -107,9 +108,32 @@ def eval_config(args: argparse.Namespace) -> SweepConfig:
     )  # fmt: skip
 
 
+# What a user can get wrong (a file, an option, a server, a run already in progress): one line on stderr and
+# exit code 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+               StoreLockedError, HTTPBackendError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = _run(args)
+    except USER_ERRORS as e:
+        print(f"idiomreason {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown_table(result.rows))
+    print(f"\nwrote {result.csv_path}, {result.markdown_path}" + (f", {result.plot_path}" if result.plot_path else ""))
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (a multi-line message is joined with ' | ')."""
+    text = str(error) or type(error).__name__
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _run(args: argparse.Namespace) -> SweepResult:
     if args.command == "eval":
         config = eval_config(args)
         result = run_sweep(config)
@@ -119,13 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         saved = Path(args.out_dir) / "config.yaml"
         if not saved.is_file():
-            raise SystemExit(f"{saved} not found: report needs the folder of a run")
-        config = SweepConfig.from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")))
+            raise FileNotFoundError(f"{saved} not found: report needs the folder of a run")
+        config = SweepConfig.from_dict(load_yaml(saved))
         config.out_dir = args.out_dir
         result = run_sweep(config, generate=False)
-    sys.stdout.write(markdown_table(result.rows))
-    print(f"\nwrote {result.csv_path}, {result.markdown_path}" + (f", {result.plot_path}" if result.plot_path else ""))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

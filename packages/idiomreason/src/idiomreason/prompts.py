@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from idiomreason.examples import LABELS, Example
+from idiomreason.textfile import load_yaml
 
 LANGUAGE_NAMES = {"en": "English", "pt": "Portuguese", "gl": "Galician", "es": "Spanish"}
 BUILTIN_TEMPLATES = ("direct", "cot", "cot_definition", "define")
@@ -41,7 +42,7 @@ class PromptTemplate:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PromptTemplate:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text(encoding="utf-8")), where=str(path))
+        return cls.from_dict(load_yaml(path), where=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "template") -> PromptTemplate:
@@ -51,9 +52,22 @@ class PromptTemplate:
         missing = {"name", "version", "user"} - set(data)
         if unknown or missing:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        if not isinstance(data["version"], int) or data["version"] < 1:
+        if not isinstance(data["version"], int) or isinstance(data["version"], bool) or data["version"] < 1:
             raise ValueError(f"{where}: version must be a positive integer, got {data['version']!r}")
-        return cls(**{k: (v if v is not None else "") for k, v in data.items()})
+        if not isinstance(data.get("needs_definition", False), bool):
+            raise ValueError(f"{where}: needs_definition must be true or false, got {data['needs_definition']!r}")
+        for key in ("name", "system", "user", "reasoning_prefill", "shot_answer"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValueError(f"{where}: {key} must be a string, got {type(data[key]).__name__}")
+        template = cls(**{k: (v if v is not None else "") for k, v in data.items()})
+        try:  # a placeholder the prompt builder does not fill fails here, not at the first prompt
+            template.user.format(expression="", context="", definition="", language_name="")
+            template.shot_answer.format(label="", rationale="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{where}: bad placeholder in the template text ({type(e).__name__}: {e}); "
+                             "known: {expression} {context} {definition} {language_name}, {label} {rationale} "
+                             "in shot_answer") from None
+        return template
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ def build_prompt(
         if shot.label is None:
             raise ValueError(f"few-shot example {shot.id!r} has no label")
         messages.append({"role": "user", "content": _user_text(template, shot, definition_of(shot))})
-        messages.append({"role": "assistant", "content": template.shot_answer.format(label=shot.label)})
+        messages.append({"role": "assistant", "content": template.shot_answer.format(label=shot.label, rationale="")})
     messages.append({"role": "user", "content": _user_text(template, example, definition_of(example))})
     return Prompt(messages=messages, prefill=template.reasoning_prefill if reasoning else "")
 

@@ -23,6 +23,10 @@ logger = logging.getLogger("idiomreason")
 Key = tuple[str, ...]
 
 
+class StoreLockedError(RuntimeError):
+    """Another running process holds the store's lock."""
+
+
 class JsonlStore:
     """An exclusive, append-only, keyed JSON-lines file. Use as a context manager (or call `close`).
 
@@ -40,7 +44,7 @@ class JsonlStore:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
-            raise RuntimeError(f"{self.path} is locked by another running process; wait for it or stop it") from None
+            raise StoreLockedError(f"{self.path} is locked by another running process; wait for it or stop it") from None
         self.records: dict[Key, dict[str, Any]] = {}
         self.duplicates = 0
         self.dropped_partial_line = False

@@ -13,6 +13,7 @@ A re-run skips every finished prediction (and builds no backend for a model with
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 from collections.abc import Callable
@@ -36,8 +37,12 @@ from idiomreason.prompts import (
 )
 from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_atomic, write_tables
 from idiomreason.store import PREDICTION_KEY, JsonlStore, definition_store, prediction_store, read_records
+from idiomreason.textfile import load_yaml
 
 logger = logging.getLogger("idiomreason")
+
+# Backend options that must be real booleans: a quoted "false" is truthy in Python and would turn them on.
+BOOLEAN_OPTIONS = ("trust_remote_code",)
 
 
 def size_from_name(name: str) -> float | None:
@@ -68,8 +73,20 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_type(self.name, str, "models[].name")
+        where = f"model {self.name!r}"
         if self.backend not in BACKENDS:
-            raise ValueError(f"model {self.name!r}: backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_type(self.path, (str, type(None)), f"{where}: path")
+        _check_type(self.reasoning, bool, f"{where}: reasoning")
+        _check_type(self.options, dict, f"{where}: options")
+        if self.size_b is not None:
+            _check_type(self.size_b, (int, float), f"{where}: size_b")
+            if not (math.isfinite(self.size_b) and self.size_b > 0):
+                raise ValueError(f"{where}: size_b must be a positive number of billions, got {self.size_b!r}")
+        for key in BOOLEAN_OPTIONS:
+            if key in self.options:
+                _check_type(self.options[key], bool, f"{where}: options.{key}")
         if self.size_b is None:
             self.size_b = size_from_name(self.name) or size_from_name(self.path or "")
 
@@ -101,6 +118,11 @@ class DatasetSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_type(self.path, str, f"dataset {self.name!r}: path")
+        _check_type(self.options, dict, f"dataset {self.name!r}: options")
+        for key in ("split", "key", "shots_split"):
+            _check_type(getattr(self, key), (str, type(None)), f"dataset {self.name!r}: {key}")
+        _check_type(self.limit, (int, type(None)), f"dataset {self.name!r}: limit")
         if self.name not in LOADERS:
             raise ValueError(f"dataset name must be one of {sorted(LOADERS)}, got {self.name!r}")
         if self.limit is not None and self.limit < 1:
@@ -158,6 +180,12 @@ class SweepConfig:
             raise ValueError(f"definitions_model {self.definitions_model!r} is not one of the models")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        _check_type(self.conditions, list, "conditions")
+        for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples", "seed"):
+            _check_type(getattr(self, name), int, name)
+        _check_type(self.progress, bool, "progress")
+        for name in ("definitions", "definitions_model", "templates_dir"):
+            _check_type(getattr(self, name), (str, type(None)), name)
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,16 +198,33 @@ class SweepConfig:
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> SweepConfig:
         """Load a YAML file; `overrides` are `key=value` strings for top-level keys (value parsed as YAML,
         e.g. `max_new_tokens=256`, `conditions=[direct,cot]`, `out_dir=/tmp/run`)."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = load_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a sweep config must be a mapping, got {type(data).__name__}")
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override must look like key=value, got {item!r}")
-            data[key.strip()] = yaml.safe_load(value)
+            try:
+                data[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"override {item!r}: the value is not valid YAML") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_type(value: Any, types: type | tuple[type, ...], name: str) -> None:
+    """A config value of the wrong type is a ValueError naming it (bool is not an int here)."""
+    allowed = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from idiomreason.backends.base import Generation, check_generate_args
+from idiomreason.backends.base import Generation, check_bool, check_generate_args
 from idiomreason.backends.chat_render import ChatRenderer
 from idiomreason.prompts import Prompt
 
@@ -54,6 +54,7 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
+        check_bool(trust_remote_code, "trust_remote_code")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if quantization not in (None, "4bit", "8bit"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from idiomreason.backends.base import Generation, check_generate_args
+from idiomreason.backends.base import Generation, check_bool, check_generate_args
 from idiomreason.backends.chat_render import ChatRenderer
 from idiomreason.prompts import Prompt
 
@@ -34,6 +34,7 @@ class VLLMBackend:
         trust_remote_code: bool = False,
         **llm_kwargs: Any,
     ):
+        check_bool(trust_remote_code, "trust_remote_code")
         try:
             import vllm
         except ImportError as e:
