@@ -76,6 +76,7 @@ class Prompt:
 
     messages: list[dict[str, str]]
     prefill: str = ""
+    seed_offset: int = 0  # sample index when a prompt is sampled n times (added to per-request seeds)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idiomreason.evaluate import relabel
 from idiomreason.examples import LABELS, Example
 from idiomreason.metrics import confusion_matrix, summarise
 from idiomreason.prompts import Condition
@@ -22,7 +23,8 @@ ROW_FIELDS = (
     "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "language", "n_examples",
     "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate", "macro_f1", "macro_f1_lo",
     "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal", "gold_idiomatic",
-    "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated",
+    "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated", "n_relabelled",
+    "decoding", "scoring",
     # confusion matrix: cm_<gold>_<predicted>, "none" = unparseable
     "cm_idiomatic_idiomatic", "cm_idiomatic_literal", "cm_idiomatic_none",
     "cm_literal_idiomatic", "cm_literal_literal", "cm_literal_none",
@@ -37,6 +39,7 @@ class Job:
     dataset: str
     condition: Condition
     examples: Sequence[Example]
+    generation: str = ""  # the generation-settings hash its records must carry (evaluate.PREDICTION_KEY)
 
 
 def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
@@ -51,24 +54,28 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
         groups += [(lang, [ex for ex in job.examples if ex.language == lang]) for lang in languages]
     rows = []
     for language, examples in groups:
-        found = [records.get((job.model.name, job.condition.key, job.dataset, ex.id)) for ex in examples]
+        found = [records.get((job.model.name, job.condition.key, job.dataset, ex.id, job.generation)) for ex in examples]
         scored = [r for r, ex in zip(found, examples) if r is not None and ex.label is not None]
+        labels = [relabel(r) for r in scored]  # the current parser on the stored raw outputs
         row: dict[str, Any] = {
             "dataset": job.dataset, "model": job.model.name, "size_b": job.model.size_b,
             "reasoning": job.model.reasoning, "condition": job.condition.label, "condition_key": job.condition.key,
             "language": language, "n_examples": len(examples),
             "n_unlabelled": sum(1 for ex in examples if ex.label is None),
             "n_not_predicted": sum(1 for r, ex in zip(found, examples) if r is None and ex.label is not None),
+            "n_relabelled": sum(1 for r, label in zip(scored, labels) if label != r["prediction"]),
+            "decoding": getattr(job.model, "decoding_config", None) and job.model.decoding_config.source,
+            "scoring": getattr(job.model, "scoring", "generate"),
         }  # fmt: skip
         if scored:
             row.update(summarise(
-                [r["gold"] for r in scored], [r["prediction"] for r in scored],
+                [r["gold"] for r in scored], labels,
                 reasoning_words=[r["reasoning_words"] for r in scored], n_resamples=n_resamples, seed=seed,
             ))  # fmt: skip
             tokens = [r["n_tokens"] for r in scored if r.get("n_tokens") is not None]
             row["output_tokens_mean"] = sum(tokens) / len(tokens) if tokens else math.nan
             row["truncated"] = sum(1 for r in scored if r.get("finish_reason") == "length")
-            counts = confusion_matrix([r["gold"] for r in scored], [r["prediction"] for r in scored])  # (2, 3)
+            counts = confusion_matrix([r["gold"] for r in scored], labels)  # (2, 3)
             for i, gold in enumerate(LABELS):
                 for j, predicted in enumerate((*LABELS, "none")):
                     row[f"cm_{gold}_{predicted}"] = int(counts[i, j])
@@ -111,6 +118,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     parts = ["## Overall", "", header, rule, *map(line, overall)]
     if by_language:
         parts += ["", "## By language", "", header, rule, *map(line, by_language)]
+    relabelled = sum(int(r["n_relabelled"]) for r in overall if r["n"])
+    parts += ["", f"Labels re-parsed from the stored raw outputs with the current parser: {relabelled} differ from "
+              "the labels parsed at generation time."]
     parts += ["", "macro-F1 counts an unparseable answer as wrong (a miss for its gold class); "
               "'macro-F1 parsed' scores the parsed answers only. CI: 95% percentile bootstrap.", ""]
     return "\n".join(parts)

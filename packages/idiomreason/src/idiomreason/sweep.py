@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 
 from idiomreason.backends import BACKENDS, Backend, make_backend
+from idiomreason.decoding import SAMPLING_OPTION_KEYS, resolve_decoding
 from idiomreason.definitions import generate_definitions, load_definitions, missing_definitions
-from idiomreason.evaluate import pending, predict
+from idiomreason.evaluate import SCORING_MODES, generation_fingerprint, generation_settings, predict
 from idiomreason.examples import Example
 from idiomreason.loaders import LOADERS, load_dataset
 from idiomreason.prompts import (
@@ -43,6 +44,9 @@ logger = logging.getLogger("idiomreason")
 
 # Backend options that must be real booleans: a quoted "false" is truthy in Python and would turn them on.
 BOOLEAN_OPTIONS = ("trust_remote_code",)
+# Backend options that do not change what a model outputs (left out of the cache key).
+OPERATIONAL_OPTIONS = ("base_url", "api_key_env", "concurrency", "timeout", "max_retries", "backoff", "max_backoff",
+                       "chunk_size", "device", "device_map")
 
 
 def size_from_name(name: str) -> float | None:
@@ -61,8 +65,12 @@ class ModelSpec:
         backend: "transformers", "vllm" or "http".
         size_b: parameters in billions for the plot (default: parsed from the name).
         reasoning: R1-style model (direct condition prefills an empty think block).
-        options: backend keyword arguments (e.g. dtype, quantization, batch_size; base_url, api,
-            api_key_env, concurrency, tokenizer for http).
+        options: backend keyword arguments (e.g. dtype, quantization, batch_size, revision; base_url, api,
+            api_key_env, concurrency, tokenizer for http). Sampling goes in `decoding`, not here.
+        decoding: temperature / top_p / n_samples (majority vote) / seed; unset keys come from the model
+            card where `decoding.MODEL_CARD_DECODING` knows it (R1 distills: 0.6 / 0.95), else greedy.
+        scoring: "generate" (default) or "loglik": no generation, the label whose answer is more likely
+            after the prompt (base models; transformers backend; direct-style conditions).
     """
 
     name: str
@@ -71,6 +79,8 @@ class ModelSpec:
     size_b: float | None = None
     reasoning: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    decoding: dict[str, Any] | None = None
+    scoring: str = "generate"
 
     def __post_init__(self) -> None:
         _check_type(self.name, str, "models[].name")
@@ -87,8 +97,30 @@ class ModelSpec:
         for key in BOOLEAN_OPTIONS:
             if key in self.options:
                 _check_type(self.options[key], bool, f"{where}: options.{key}")
+        sampling = sorted(set(self.options) & set(SAMPLING_OPTION_KEYS))
+        if sampling:
+            raise ValueError(f"{where}: options {sampling} belong in decoding (e.g. decoding: {{temperature: 0.6}})")
+        _check_type(self.decoding, (dict, type(None)), f"{where}: decoding")
+        try:
+            self.decoding_config = resolve_decoding(self.ref, self.decoding)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"{where}: scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
+        if self.scoring == "loglik" and self.backend != "transformers":
+            raise ValueError(f"{where}: scoring 'loglik' needs the transformers backend, got {self.backend!r}")
         if self.size_b is None:
             self.size_b = size_from_name(self.name) or size_from_name(self.path or "")
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for the backend: `options` plus the resolved sampling settings."""
+        return {**self.options, **self.decoding_config.backend_options()}
+
+    def generation(self) -> dict[str, Any]:
+        """What about this model can change its outputs (for the cache key): where it comes from and how it
+        is run, without options that only affect speed or transport."""
+        kept = {k: v for k, v in self.options.items() if k not in OPERATIONAL_OPTIONS}
+        return {"path": self.ref, "backend": self.backend, "reasoning": self.reasoning, "options": kept}
 
     @property
     def ref(self) -> str:
@@ -269,11 +301,27 @@ def _load(spec: DatasetSpec, config: SweepConfig, needs_shots: bool) -> _LoadedD
     return _LoadedDataset(spec, chosen, pool)
 
 
+def _generation_key(model: ModelSpec, config: SweepConfig) -> str:
+    settings = generation_settings(model.generation(), config.max_new_tokens, model.decoding_config, model.scoring)
+    return generation_fingerprint(settings)
+
+
+def latest_records(path: Path) -> dict[tuple[str, ...], dict[str, Any]]:
+    """(model, condition, dataset, example_id, generation) -> the last record written for it (a prompt
+    change, e.g. new definitions, appends a newer record under the same settings)."""
+    if not path.exists():
+        return {}
+    out: dict[tuple[str, ...], dict[str, Any]] = {}
+    for key, record in read_records(path, PREDICTION_KEY).items():
+        out[key[:5]] = record
+    return out
+
+
 BackendFactory = Callable[[ModelSpec], Backend]
 
 
 def default_backend_factory(spec: ModelSpec) -> Backend:
-    return make_backend(spec.backend, spec.ref, **spec.options)
+    return make_backend(spec.backend, spec.ref, **spec.backend_options())
 
 
 def run_sweep(
@@ -294,12 +342,16 @@ def run_sweep(
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [_load(spec, config, needs_shots) for spec in config.datasets]
-    jobs = [Job(m, d.spec.key, c, d.examples) for m in config.models for d in datasets for c in conditions]
+    jobs = [Job(m, d.spec.key, c, d.examples, _generation_key(m, config)) for m in config.models for d in datasets
+            for c in conditions]  # fmt: skip
     if generate:
         write_atomic(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
         _generate(config, factory, library, conditions, datasets, out)
-    records = read_records(out / "predictions.jsonl", PREDICTION_KEY) if (out / "predictions.jsonl").exists() else {}
+    records = latest_records(out / "predictions.jsonl")
     rows = [row for job in jobs for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)]
+    relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
+    logger.info("re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
+                relabelled)
     csv_path, md_path = write_tables(rows, out)
     plot_path = plot_f1_vs_size(rows, out / "macro_f1_vs_size.png")
     return SweepResult(rows, out, csv_path, md_path, plot_path)
@@ -335,19 +387,17 @@ def _generate(
                         )  # fmt: skip
                 for loaded in datasets:
                     for condition in conditions:
-                        todo = pending(loaded.examples, preds, model.name, condition, loaded.spec.key)
-                        if not todo:
-                            continue
-                        definitions = None
+                        todo, definitions = list(loaded.examples), None
                         if condition.template.needs_definition:
                             definitions, todo = _definitions_for(
                                 todo, model, config, user_definitions, generated, get_backend, defs, define
                             )
                         predict(
                             todo, _LazyBackend(get_backend), preds, model=model.name, condition=condition,
-                            dataset=loaded.spec.key, reasoning=model.reasoning, shot_pool=loaded.shot_pool,
-                            definitions=definitions, max_new_tokens=config.max_new_tokens,
-                            chunk_size=config.chunk_size, progress=config.progress,
+                            dataset=loaded.spec.key, generation=model.generation(), reasoning=model.reasoning,
+                            shot_pool=loaded.shot_pool, definitions=definitions, max_new_tokens=config.max_new_tokens,
+                            decoding=model.decoding_config, scoring=model.scoring, chunk_size=config.chunk_size,
+                            progress=config.progress,
                         )  # fmt: skip
             finally:
                 if backend is not None:
@@ -392,6 +442,14 @@ class _LazyBackend:
         if not prompts:
             return iter(())
         return self._get().generate(prompts, max_new_tokens)
+
+    def loglikelihood(self, prompts, continuations):
+        if not prompts:
+            return []
+        backend = self._get()
+        if not hasattr(backend, "loglikelihood"):
+            raise ValueError(f"scoring 'loglik' needs a backend with loglikelihood, got {type(backend).__name__}")
+        return backend.loglikelihood(prompts, continuations)
 
     def close(self) -> None:  # the sweep closes the real backend
         pass

@@ -52,10 +52,11 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> Iterator[tuple[int, Generation]]:
         check_generate_args(prompts, max_new_tokens)
-        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, **self.sampling)
         for start in range(0, len(prompts), self.chunk_size):
             chunk = prompts[start : start + self.chunk_size]
             inputs = [{"prompt_token_ids": self.renderer.token_ids(self.renderer.render(p))} for p in chunk]
+            params = [self._vllm.SamplingParams(max_tokens=max_new_tokens, **{
+                **self.sampling, "seed": self.sampling["seed"] + p.seed_offset}) for p in chunk]  # fmt: skip
             for offset, output in enumerate(self.llm.generate(inputs, params, use_tqdm=False)):
                 completion = output.outputs[0]
                 yield start + offset, Generation(
