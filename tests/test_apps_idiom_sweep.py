@@ -116,3 +116,49 @@ def test_cli_bad_inputs_exit_2_with_one_message(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(pattern, err), err
     assert "error: " in err.strip().splitlines()[-1]
+
+
+def test_no_arguments_runs_the_offline_default(tmp_path, monkeypatch, capsys):
+    """`idiom-sweep` alone: tiny models built here, SemEval-2022 2A dev (the real file when the shared data is
+    here), all three conditions, the table and the plot; a re-run generates nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "idiom-sweep" / "offline-default"
+    table = (run / "results.md").read_text()
+    assert "tiny-64x2-reasoning" in table and "tiny-128x4-base" in table
+    assert (run / "macro_f1_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    base = [p for p in preds if p["model"] == "tiny-128x4-base"]
+    assert len(base) >= 2 * 64 and all(p["finish_reason"] == "loglik" and p["prediction"] for p in base)
+    reasoning = [p for p in preds if p["model"] == "tiny-64x2-reasoning"]
+    assert {p["condition"] for p in reasoning} >= {"direct.v1.0shot", "cot.v1.0shot"}
+    assert all(p["generation_settings"]["max_new_tokens"] == 12 for p in preds)
+    from shared_kernels.testing import shared_data_dir
+
+    real = shared_data_dir() is not None and (shared_data_dir() / "semeval2022_task2a" / "dev.csv").is_file()
+    assert ("the real SemEval-2022 Task 2A dev set" if real else "the bundled fixture") in out
+    assert main(["--no-progress"]) == 0
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == len(preds)
+
+
+def test_offline_default_falls_back_to_the_bundled_fixture(monkeypatch):
+    import shared_kernels.testing
+    from idiom_sweep.offline import semeval_dev_folder
+    from idiomreason import load_dataset
+
+    monkeypatch.setattr(shared_kernels.testing, "shared_data_dir", lambda: None)
+    folder, source = semeval_dev_folder()
+    assert "bundled fixture" in source
+    examples = load_dataset("semeval2022-2a", folder, "dev")
+    assert len(examples) == 24 and {e.language for e in examples} == {"en", "pt"}
+    assert examples.label_counts()["idiomatic"] == 12
+
+
+def test_help_example_is_accepted(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "max_new_tokens=2048" in capsys.readouterr().out
+    cfg = load_config(IdiomSweepConfig, overrides=["max_new_tokens=2048", "models=[{name: a}]",
+                                                   "datasets=[{name: generic, path: x}]"])
+    assert cfg.max_new_tokens == 2048

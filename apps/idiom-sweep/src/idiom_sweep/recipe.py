@@ -43,7 +43,7 @@ def nf4lora_backend(spec: Any) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=torch_dtype, trust_remote_code=trust)
     model = quantize_model(model, double_quant=True).eval()
-    kept = {k: v for k, v in opts.items() if k not in _LOAD_KEYS}
+    kept = {k: v for k, v in spec.backend_options().items() if k not in _LOAD_KEYS}
     return TransformersBackend(model.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
 
 
@@ -68,6 +68,11 @@ class IdiomSweepRecipe:
         self.cfg, self.progress = cfg, progress
 
     def setup(self) -> None:
+        from idiom_sweep.offline import resolve_builtins
+
+        self.cfg, notes = resolve_builtins(self.cfg)
+        for note in notes:
+            print(f"[idiom-sweep] {note}", flush=True)
         self.sweep = sweep_config(self.cfg, self.progress)
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         write_yaml_atomic(self.cfg.out_dir / "idiom-sweep.yaml", self.cfg)
