@@ -26,7 +26,7 @@ from idiomreason.backends.base import Backend
 from idiomreason.decoding import Decoding, fingerprint, majority_vote, prompt_fingerprint
 from idiomreason.examples import LABELS, Example
 from idiomreason.parsing import extract_label, output_prefix, split_reasoning
-from idiomreason.prompts import Condition, Prompt, build_prompt, shots_for
+from idiomreason.prompts import Condition, Prompt, build_prompt
 from idiomreason.store import JsonlStore
 
 SCORING_MODES = ("generate", "loglik")
@@ -53,7 +53,7 @@ def job_prompts(
     examples: Sequence[Example], condition: Condition, shot_pool: Sequence[Example],
     definitions: dict[str, str] | None, reasoning: bool,
 ) -> list[Prompt]:
-    return [build_prompt(condition.template, ex, shots_for(ex, shot_pool, condition.shots), definitions, reasoning)
+    return [build_prompt(condition.template, ex, condition.shots_for(ex, shot_pool), definitions, reasoning)
             for ex in examples]  # fmt: skip
 
 

@@ -81,16 +81,38 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Condition:
+    """A template plus its shots: `shots` examples of other expressions, or (`one_shot`) SemEval-2022 Task
+    2's one-shot setting, the training examples of the query's own expression."""
+
     template: PromptTemplate
     shots: int = 0
+    one_shot: bool = False
 
     @property
     def key(self) -> str:
-        return f"{self.template.name}.v{self.template.version}.{self.shots}shot"
+        return f"{self.template.name}.v{self.template.version}.{'oneshot' if self.one_shot else f'{self.shots}shot'}"
 
     @property
     def label(self) -> str:
+        if self.one_shot:
+            return f"{self.template.name}:oneshot"
         return self.template.name if self.shots == 0 else f"{self.template.name}:{self.shots}shot"
+
+    @property
+    def setting(self) -> str:
+        """SemEval's name for it: "one_shot" with examples of the query's expression, else "zero_shot"."""
+        return "one_shot" if self.one_shot else "zero_shot"
+
+    @property
+    def needs_shots(self) -> bool:
+        return self.one_shot or self.shots > 0
+
+    def shots_for(self, example: Example, ordered_pool: Sequence[Example]) -> list[Example]:
+        if self.one_shot:
+            from idiomreason.semeval import one_shot_examples
+
+            return one_shot_examples(example, ordered_pool)
+        return shots_for(example, ordered_pool, self.shots)
 
 
 @dataclass
@@ -114,11 +136,12 @@ class TemplateLibrary:
         return self._cache[name]
 
     def condition(self, spec: str) -> Condition:
-        """Parse `"cot"` or `"cot:3shot"`."""
-        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::(\d+)shot)?", spec.strip())
+        """Parse `"cot"`, `"cot:3shot"` (3 shots of other expressions) or `"cot:oneshot"` (SemEval's one-shot
+        setting: the training examples of the query's own expression)."""
+        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::(?:(\d+)shot|(oneshot)))?", spec.strip())
         if m is None:
-            raise ValueError(f"condition must look like 'cot' or 'cot:3shot', got {spec!r}")
-        return Condition(self.get(m.group(1)), int(m.group(2) or 0))
+            raise ValueError(f"condition must look like 'cot', 'cot:3shot' or 'cot:oneshot', got {spec!r}")
+        return Condition(self.get(m.group(1)), int(m.group(2) or 0), one_shot=m.group(3) is not None)
 
 
 def get_template(name: str) -> PromptTemplate:

@@ -20,7 +20,7 @@ from idiomreason.prompts import Condition
 logger = logging.getLogger("idiomreason")
 
 ROW_FIELDS = (
-    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "language", "n_examples",
+    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "setting", "language", "n_examples",
     "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate", "macro_f1", "macro_f1_lo",
     "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal", "gold_idiomatic",
     "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated", "n_relabelled",
@@ -60,6 +60,7 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
         row: dict[str, Any] = {
             "dataset": job.dataset, "model": job.model.name, "size_b": job.model.size_b,
             "reasoning": job.model.reasoning, "condition": job.condition.label, "condition_key": job.condition.key,
+            "setting": job.condition.setting,
             "language": language, "n_examples": len(examples),
             "n_unlabelled": sum(1 for ex in examples if ex.label is None),
             "n_not_predicted": sum(1 for r, ex in zip(found, examples) if r is None and ex.label is not None),
@@ -101,6 +102,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "" if value is None else str(value)
 
 
+def _size(value: Any) -> str:
+    """Billions of parameters with 3 significant digits (tiny test models are 0.0001B, not 0.0)."""
+    return f"{value:.3g}" if isinstance(value, int | float) and not math.isnan(value) else ""
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: one table for the overall rows and, when there are several languages, one per language."""
     header = ("| dataset | model | size (B) | condition | language | n | unparseable | macro-F1 [95% CI] | "
@@ -109,7 +115,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
     def line(r: dict[str, Any]) -> str:
         ci = f"{_fmt(r['macro_f1'])} [{_fmt(r['macro_f1_lo'])}, {_fmt(r['macro_f1_hi'])}]" if r["n"] else "n/a"
-        return (f"| {r['dataset']} | {r['model']} | {_fmt(r['size_b'], 1)} | {r['condition']} | {r['language']} | "
+        return (f"| {r['dataset']} | {r['model']} | {_size(r['size_b'])} | {r['condition']} | {r['language']} | "
                 f"{r['n']} | {_fmt(r['n_unparseable'])} | {ci} | {_fmt(r['macro_f1_parsed'])} | "
                 f"{_fmt(r['accuracy'])} | {_fmt(r['reasoning_words_mean'], 1)} | {_fmt(r['truncated'])} |")
 

@@ -26,7 +26,7 @@ import yaml
 from idiomreason.backends import BACKENDS, Backend, make_backend
 from idiomreason.decoding import SAMPLING_OPTION_KEYS, resolve_decoding
 from idiomreason.definitions import generate_definitions, load_definitions, missing_definitions
-from idiomreason.evaluate import SCORING_MODES, generation_fingerprint, generation_settings, predict
+from idiomreason.evaluate import SCORING_MODES, generation_fingerprint, generation_settings, predict, relabel
 from idiomreason.examples import Example
 from idiomreason.loaders import LOADERS, load_dataset
 from idiomreason.prompts import (
@@ -37,6 +37,7 @@ from idiomreason.prompts import (
     order_shot_pool,
 )
 from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_atomic, write_tables
+from idiomreason.semeval import submission_text
 from idiomreason.store import PREDICTION_KEY, JsonlStore, definition_store, prediction_store, read_records
 from idiomreason.textfile import load_yaml
 
@@ -295,7 +296,8 @@ def _load(spec: DatasetSpec, config: SweepConfig, needs_shots: bool) -> _LoadedD
     pool: list[Example] = []
     if needs_shots:
         if spec.shots_split is None:
-            raise ValueError(f"dataset {spec.key!r}: a k-shot condition needs shots_split (the split to draw shots from)")
+            raise ValueError(f"dataset {spec.key!r}: a k-shot or oneshot condition needs shots_split (the split to draw "
+                             "shots from, e.g. train_one_shot for SemEval's one-shot setting)")
         source = load_dataset(spec.name, spec.path, spec.shots_split, on_error=config.on_error, **spec.options)
         pool = order_shot_pool([ex for ex in source if ex.label is not None], seed=config.seed)
     return _LoadedDataset(spec, chosen, pool)
@@ -315,6 +317,29 @@ def latest_records(path: Path) -> dict[tuple[str, ...], dict[str, Any]]:
     for key, record in read_records(path, PREDICTION_KEY).items():
         out[key[:5]] = record
     return out
+
+
+def _write_semeval_submissions(config: SweepConfig, datasets: list[_LoadedDataset], jobs: list[Job],
+                               records: dict, out: Path) -> None:
+    """semeval/<dataset>__<model>__<template>.csv in the official format, for every SemEval dataset, model and
+    template that has predictions: zero_shot rows from the template's 0-shot condition, one_shot rows from
+    its `:oneshot` condition (empty labels for a setting not run)."""
+    semeval = {d.spec.key: d for d in datasets if d.spec.name == "semeval2022-2a"}
+    groups: dict[tuple[str, str, str], dict[str, Job]] = {}
+    for job in jobs:
+        if job.dataset in semeval and (job.condition.shots == 0 or job.condition.one_shot):
+            groups.setdefault((job.dataset, job.model.name, job.condition.template.name), {})[job.condition.setting] = job
+    for (dataset, model, template), by_setting in groups.items():
+        predictions: dict[str, dict[str, str | None]] = {}
+        for setting, job in by_setting.items():
+            found = {ex.id: records.get((model, job.condition.key, dataset, ex.id, job.generation)) for ex in job.examples}
+            if any(r is None for r in found.values()):
+                continue  # unfinished: a partial setting would be rejected by the scorer
+            predictions[setting] = {key: relabel(r) for key, r in found.items()}
+        if predictions:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}__{model}__{template}") + ".csv"
+            (out / "semeval").mkdir(exist_ok=True)
+            write_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
 
 
 BackendFactory = Callable[[ModelSpec], Backend]
@@ -338,7 +363,7 @@ def run_sweep(
     factory = backend_factory or default_backend_factory
     library = TemplateLibrary(config.templates_dir)
     conditions = [library.condition(c) for c in config.conditions]
-    needs_shots = any(c.shots > 0 for c in conditions)
+    needs_shots = any(c.needs_shots for c in conditions)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [_load(spec, config, needs_shots) for spec in config.datasets]
@@ -349,6 +374,7 @@ def run_sweep(
         _generate(config, factory, library, conditions, datasets, out)
     records = latest_records(out / "predictions.jsonl")
     rows = [row for job in jobs for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)]
+    _write_semeval_submissions(config, datasets, jobs, records, out)
     relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
     logger.info("re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
                 relabelled)
