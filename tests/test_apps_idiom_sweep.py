@@ -132,7 +132,7 @@ def test_no_arguments_runs_the_offline_default(tmp_path, monkeypatch, capsys):
     base = [p for p in preds if p["model"] == "tiny-128x4-base"]
     assert len(base) >= 2 * 64 and all(p["finish_reason"] == "loglik" and p["prediction"] for p in base)
     reasoning = [p for p in preds if p["model"] == "tiny-64x2-reasoning"]
-    assert {p["condition"] for p in reasoning} >= {"direct.v1.0shot", "cot.v1.0shot"}
+    assert {p["condition"] for p in reasoning} >= {"direct.v1.0shot", "cot.v2.0shot"}
     assert all(p["generation_settings"]["max_new_tokens"] == 12 for p in preds)
     from shared_kernels.testing import shared_data_dir
 

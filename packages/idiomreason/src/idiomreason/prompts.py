@@ -27,7 +27,8 @@ from idiomreason.textfile import load_yaml
 
 LANGUAGE_NAMES = {"en": "English", "pt": "Portuguese", "gl": "Galician", "es": "Spanish"}
 BUILTIN_TEMPLATES = ("direct", "cot", "cot_definition", "define")
-_TEMPLATE_KEYS = {"name", "version", "needs_definition", "system", "user", "reasoning_prefill", "shot_answer"}
+_TEMPLATE_KEYS = {"name", "version", "needs_definition", "system", "user", "reasoning_prefill", "shot_answer",
+                  "shot_rationale_idiomatic", "shot_rationale_literal"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class PromptTemplate:
     reasoning_prefill: str = ""
     shot_answer: str = "Answer: {label}"
     needs_definition: bool = False
+    # The reasoning a chain-of-thought shot shows before its answer (`{rationale}` in shot_answer), per gold
+    # label, formatted with {expression} and {definition}; a shot example's own `source["rationale"]` wins.
+    shot_rationale_idiomatic: str = ""
+    shot_rationale_literal: str = ""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PromptTemplate:
@@ -56,13 +61,16 @@ class PromptTemplate:
             raise ValueError(f"{where}: version must be a positive integer, got {data['version']!r}")
         if not isinstance(data.get("needs_definition", False), bool):
             raise ValueError(f"{where}: needs_definition must be true or false, got {data['needs_definition']!r}")
-        for key in ("name", "system", "user", "reasoning_prefill", "shot_answer"):
+        for key in ("name", "system", "user", "reasoning_prefill", "shot_answer", "shot_rationale_idiomatic",
+                    "shot_rationale_literal"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{where}: {key} must be a string, got {type(data[key]).__name__}")
         template = cls(**{k: (v if v is not None else "") for k, v in data.items()})
         try:  # a placeholder the prompt builder does not fill fails here, not at the first prompt
             template.user.format(expression="", context="", definition="", language_name="")
             template.shot_answer.format(label="", rationale="")
+            for text in (template.shot_rationale_idiomatic, template.shot_rationale_literal):
+                text.format(expression="", definition="")
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"{where}: bad placeholder in the template text ({type(e).__name__}: {e}); "
                              "known: {expression} {context} {definition} {language_name}, {label} {rationale} "
@@ -195,9 +203,20 @@ def build_prompt(
         if shot.label is None:
             raise ValueError(f"few-shot example {shot.id!r} has no label")
         messages.append({"role": "user", "content": _user_text(template, shot, definition_of(shot))})
-        messages.append({"role": "assistant", "content": template.shot_answer.format(label=shot.label, rationale="")})
+        answer = template.shot_answer.format(label=shot.label, rationale=shot_rationale(template, shot, definition_of(shot)))
+        messages.append({"role": "assistant", "content": answer.strip()})
     messages.append({"role": "user", "content": _user_text(template, example, definition_of(example))})
     return Prompt(messages=messages, prefill=template.reasoning_prefill if reasoning else "")
+
+
+def shot_rationale(template: PromptTemplate, shot: Example, definition: str | None) -> str:
+    """The reasoning shown in a few-shot answer: the example's own (`source["rationale"]`, e.g. from a file of
+    annotated shots) or the template's text for its label."""
+    own = shot.source.get("rationale") if isinstance(shot.source, dict) else None
+    if isinstance(own, str) and own.strip():
+        return own.strip()
+    text = template.shot_rationale_idiomatic if shot.label == "idiomatic" else template.shot_rationale_literal
+    return text.format(expression=shot.expression, definition=definition or "").strip()
 
 
 def normalise_expression(expression: str) -> str:
