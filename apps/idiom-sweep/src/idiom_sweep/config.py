@@ -47,6 +47,9 @@ class IdiomSweepConfig:
     max_new_tokens: int = option(4096, "answer budget (reasoning models need thousands)")
     definitions: str | None = option(None, "user file of definitions (null: generated in a first pass)")
     definitions_model: str | None = option(None, "model (by name) that defines expressions for every model")
+    definitions_of: str | None = option(
+        None, "with definitions = a run's definitions.jsonl: the model whose stored definitions every model gets")
+    glosses: str | None = option(None, "reference glosses file: score the generated definitions against it")
     definition_max_new_tokens: int = option(512, "budget of a generated definition")
     chunk_size: int = option(64, "prompts handed to a backend at a time")
     on_error: Literal["raise", "skip"] = option("raise", "malformed rows: stop, or skip and count")

@@ -24,10 +24,11 @@ from idiomreason.textfile import read_text
 MAX_DEFINITION_CHARS = 600
 
 
-def load_definitions(path: str | Path) -> dict[str, str]:
+def load_definitions(path: str | Path, model: str | None = None) -> dict[str, str]:
     """expression -> definition from `.json` (an object, or a list of {expression, definition}), `.jsonl`
     (one {expression, definition} per line), `.csv` or `.tsv` (columns expression, definition).
-    Expressions are normalised (lower case, single spaces)."""
+    Expressions are normalised (lower case, single spaces). `model` reads a run's stored definitions
+    (`definitions.jsonl`): only that model's records, those without a definition left out."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl", ".ndjson", ".csv", ".tsv"):
@@ -57,6 +58,8 @@ def load_definitions(path: str | Path) -> dict[str, str]:
                     raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
                 if not isinstance(obj, dict) or "expression" not in obj or "definition" not in obj:
                     raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
+                if model is not None and (obj.get("model") != model or not obj["definition"]):
+                    continue
                 pairs.append((obj["expression"], obj["definition"]))
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
@@ -66,8 +69,10 @@ def load_definitions(path: str | Path) -> dict[str, str]:
             if row["expression"] is None or row["definition"] is None:
                 raise ValueError(f"{path}:{reader.line_num}: expected columns {reader.fieldnames}")
             pairs.append((row["expression"], row["definition"]))
+    if model is not None and suffix not in (".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: a model's stored definitions are read from a run's definitions.jsonl")
     if not pairs:
-        raise ValueError(f"{path}: no definitions")
+        raise ValueError(f"{path}: no definitions" + (f" by model {model!r}" if model is not None else ""))
     out = {}
     for expression, definition in pairs:
         if not str(definition).strip():

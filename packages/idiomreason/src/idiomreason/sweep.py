@@ -173,7 +173,12 @@ class SweepConfig:
         conditions: "direct", "cot", "cot_definition", optionally ":<k>shot", or user template names.
         out_dir: where predictions, definitions and reports go.
         max_new_tokens: generation budget per answer (reasoning models need thousands).
-        definitions: a user file of definitions; None = generated in a first pass.
+        definitions: a user file of definitions, or another run's definitions.jsonl with `definitions_of`;
+            None = generated in a first pass.
+        definitions_of: with `definitions` = a run's definitions.jsonl, the model whose stored definitions
+            every model gets (the paper's "larger model's definitions in a smaller model's prompt").
+        glosses: a file of reference glosses (expression, definition): the definitions generated in this run
+            are scored against them (`definition_analysis`: definition_quality.md and a plot against size).
         definitions_model: the model (by name, one of `models`) that defines expressions for every model;
             None = each model defines them itself.
         definition_max_new_tokens: generation budget for a definition.
@@ -191,6 +196,8 @@ class SweepConfig:
     out_dir: str = "idiomreason-runs"
     max_new_tokens: int = 4096
     definitions: str | None = None
+    definitions_of: str | None = None
+    glosses: str | None = None
     definitions_model: str | None = None
     definition_max_new_tokens: int = 512
     chunk_size: int = 64
@@ -211,13 +218,15 @@ class SweepConfig:
                 raise ValueError(f"{what}s must be unique, got {keys}")
         if self.definitions_model is not None and self.definitions_model not in {m.name for m in self.models}:
             raise ValueError(f"definitions_model {self.definitions_model!r} is not one of the models")
+        if self.definitions_of is not None and self.definitions is None:
+            raise ValueError("definitions_of needs definitions (the run's definitions.jsonl to read them from)")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         _check_type(self.conditions, list, "conditions")
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples", "seed"):
             _check_type(getattr(self, name), int, name)
         _check_type(self.progress, bool, "progress")
-        for name in ("definitions", "definitions_model", "templates_dir"):
+        for name in ("definitions", "definitions_of", "glosses", "definitions_model", "templates_dir"):
             _check_type(getattr(self, name), (str, type(None)), name)
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples"):
             if getattr(self, name) < 1:
@@ -342,6 +351,23 @@ def _write_semeval_submissions(config: SweepConfig, datasets: list[_LoadedDatase
             write_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
 
 
+def _definition_report(config: SweepConfig, out: Path) -> None:
+    from idiomreason.definition_analysis import (
+        definition_rows,
+        score_definitions,
+        stored_definitions,
+        write_definition_report,
+    )
+
+    items = score_definitions(stored_definitions(out / "definitions.jsonl"), load_definitions(config.glosses))
+    if not items:
+        logger.warning("no generated definition has a gloss in %s: no definition analysis", config.glosses)
+        return
+    rows = definition_rows(items, {m.name: m.size_b for m in config.models}, config.n_resamples, config.seed)
+    md, png = write_definition_report(rows, out)
+    logger.info("definition analysis: %s%s", md, f", {png}" if png else "")
+
+
 BackendFactory = Callable[[ModelSpec], Backend]
 
 
@@ -375,6 +401,8 @@ def run_sweep(
     records = latest_records(out / "predictions.jsonl")
     rows = [row for job in jobs for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)]
     _write_semeval_submissions(config, datasets, jobs, records, out)
+    if config.glosses is not None and (out / "definitions.jsonl").exists():
+        _definition_report(config, out)
     relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
     logger.info("re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
                 relabelled)
@@ -387,7 +415,7 @@ def _generate(
     config: SweepConfig, factory: BackendFactory, library: TemplateLibrary, conditions: list[Condition],
     datasets: list[_LoadedDataset], out: Path,
 ) -> None:
-    user_definitions = load_definitions(config.definitions) if config.definitions else None
+    user_definitions = load_definitions(config.definitions, config.definitions_of) if config.definitions else None
     define = library.get("define")
     models = sorted(config.models, key=lambda m: m.name != config.definitions_model)  # the definer first
     generated: dict[str, dict[str, str]] = {}  # definer model name -> expression -> definition
@@ -438,7 +466,8 @@ def _definitions_for(
     """Definitions for the pending examples of a cot_definition job, and the examples that have one."""
     if user_definitions is not None:
         definitions = user_definitions
-        source = f"definitions file {config.definitions}"
+        source = f"definitions file {config.definitions}" + (
+            f" (by {config.definitions_of})" if config.definitions_of else "")
     elif config.definitions_model is not None:
         definitions = generated.get(config.definitions_model, {})
         source = f"definitions generated by {config.definitions_model}"
