@@ -136,7 +136,7 @@ def definition_rows(items: Sequence[dict[str, Any]], sizes: dict[str, float | No
 def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path | None]:
     """definition_quality.md and definition_quality_vs_size.png (token F1 and judge acceptance against
     model size, log scale; needs matplotlib, else no plot)."""
-    from idiomreason.report import write_atomic
+    from idiomreason.report import size_ticks, write_atomic
 
     out_dir = Path(out_dir)
     lines = ["| model | size (B) | definitions scored | no definition | token F1 [95% CI] | judged | judge accepts |",
@@ -170,7 +170,7 @@ def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path)
         ax.plot([r["size_b"] for r in judged], [r["judge_accepts"] for r in judged], "--s", label="LLM judge accepts")
     for r in sized:
         ax.annotate(r["model"], (r["size_b"], r["token_f1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
+    size_ticks(ax, xs)
     ax.set_ylim(0, 1)
     ax.set_xlabel("parameters (billions)")
     ax.set_ylabel("definition quality (0-1)")

@@ -146,6 +146,17 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[P
     return csv_path, md_path
 
 
+def size_ticks(ax: Any, sizes: Sequence[float]) -> None:
+    """Log-scale x axis ticked at the models' sizes (plain numbers, no overlapping minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ticks = sorted(set(sizes))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:.3g}" for t in ticks])
+
+
 def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     """Macro-F1 against model size (log scale), one panel per dataset, one line per condition and model
     kind (reasoning: solid circles; others: dashed squares). Needs matplotlib (the plot extra); returns
@@ -177,7 +188,7 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
                 if series:
                     kind = "reasoning" if reasoning else "base"
                     ax.plot(*zip(*series), style, color=colours[condition], label=f"{condition} ({kind})")
-        ax.set_xscale("log")
+        size_ticks(ax, [float(r["size_b"]) for r in points if r["dataset"] == dataset])
         ax.set_xlabel("parameters (billions)")
         ax.set_ylabel("macro-F1")
         ax.set_title(dataset)
