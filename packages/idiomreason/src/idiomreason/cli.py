@@ -56,11 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--concurrency", type=int, default=None, help="http: requests in flight")
     model.add_argument("--request-timeout", type=float, default=None, help="http: seconds per request")
     model.add_argument("--tokenizer", default=None, help="http completions: tokenizer whose chat template renders prompts")
-    model.add_argument("--backend-options", default="{}", help="JSON of extra backend arguments")
+    model.add_argument("--backend-options", default="{}", help="JSON of extra backend arguments "
+                       "(e.g. '{\"prefill_via\": \"thinking_switch\"}')")
+    model.add_argument("--decoding", default=None, help="JSON of temperature / top_p / n_samples / seed "
+                       "(default: the model card's where known, e.g. R1 distills 0.6 / 0.95, else greedy)")
+    model.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
+                       help="loglik: no generation, the more likely answer (base models, transformers backend)")
     run = ev.add_argument_group("run")
     run.add_argument("--condition", action="append", default=None,
                      help="direct | cot | cot_definition, optionally ':<k>shot' (repeatable; default all three)")
     run.add_argument("--definitions", default=None, help="file of expression definitions (default: the model defines them)")
+    run.add_argument("--definitions-of", default=None, help="with --definitions = a run's definitions.jsonl: "
+                     "use that model's stored definitions")
+    run.add_argument("--glosses", default=None, help="reference glosses: score the generated definitions")
     run.add_argument("--templates-dir", default=None, help="folder of user prompt templates")
     run.add_argument("--max-new-tokens", type=int, default=4096)
     run.add_argument("--chunk-size", type=int, default=64)
@@ -96,13 +104,16 @@ def eval_config(args: argparse.Namespace) -> SweepConfig:
         "concurrency": args.concurrency, "timeout": args.request_timeout, "tokenizer": args.tokenizer,
     }  # fmt: skip
     options.update({k: v for k, v in named.items() if v is not None})
+    decoding = _json_arg(args.decoding, "--decoding") if args.decoding is not None else None
     model = ModelSpec(name=args.model_name or args.model, path=args.model, backend=args.backend,
-                      size_b=args.size_b, reasoning=args.reasoning, options=options)
+                      size_b=args.size_b, reasoning=args.reasoning, options=options, decoding=decoding,
+                      scoring=args.scoring)
     dataset = DatasetSpec(name=args.dataset, path=args.path, split=args.split, limit=args.limit,
                           shots_split=args.shots_split, options=_json_arg(args.loader_options, "--loader-options"))
     return SweepConfig(
         models=[model], datasets=[dataset], conditions=args.condition or ["direct", "cot", "cot_definition"],
         out_dir=args.out, max_new_tokens=args.max_new_tokens, definitions=args.definitions,
+        definitions_of=args.definitions_of, glosses=args.glosses,
         chunk_size=args.chunk_size, on_error=args.on_error, templates_dir=args.templates_dir, seed=args.seed,
         n_resamples=args.n_resamples, progress=not args.no_progress,
     )  # fmt: skip
