@@ -124,3 +124,27 @@ def test_larger_model_definitions_in_a_smaller_model_prompt_and_sweep_glosses(ru
     table = (result_dir / "definition_quality.md").read_text()
     assert "| small-1B | 1 | 2 | 0 |" in table  # "To die." scored against both glosses
     assert (result_dir / "definition_quality_vs_size.png").is_file()
+    # the same run with a judge: one of the models judges each definition against its gloss
+    judged_dir = tmp_path / "judged"
+    judge_log = []
+    run_sweep(SweepConfig.from_dict({**base, "out_dir": str(judged_dir), "glosses": str(tmp_path / "glosses.csv"),
+                                     "definition_judge": "small-1B"}),
+              backend_factory=lambda spec: _JudgeAndAnswer(judge_log))
+    assert len(judge_log) == 2  # one judgement per definition with a gloss
+    table = (judged_dir / "definition_quality.md").read_text()
+    assert "| small-1B | 1 | 2 | 0 | 0.500 [" in table and "| 2 | 0.500 |" in table
+    with pytest.raises(ValueError, match="definition_judge 'nobody' needs glosses"):
+        SweepConfig.from_dict({**base, "definition_judge": "nobody"})
+
+
+class _JudgeAndAnswer(Recorder):
+    """Defines everything as "To die.", answers idiomatic, judges yes only for 'kick the bucket'."""
+
+    def generate(self, prompts, max_new_tokens):
+        for i, p in enumerate(prompts):
+            text = p.messages[-1]["content"]
+            if text.startswith("Reference definition"):
+                self.log.append(text)
+                yield i, Generation("yes" if "kick the bucket" in text else "no", 1, "stop")
+            else:
+                yield from ((i, g) for _, g in Recorder([]).generate([p], max_new_tokens))

@@ -50,6 +50,7 @@ class IdiomSweepConfig:
     definitions_of: str | None = option(
         None, "with definitions = a run's definitions.jsonl: the model whose stored definitions every model gets")
     glosses: str | None = option(None, "reference glosses file: score the generated definitions against it")
+    definition_judge: str | None = option(None, "with glosses: a model (by name) that judges each definition")
     definition_max_new_tokens: int = option(512, "budget of a generated definition")
     chunk_size: int = option(64, "prompts handed to a backend at a time")
     on_error: Literal["raise", "skip"] = option("raise", "malformed rows: stop, or skip and count")

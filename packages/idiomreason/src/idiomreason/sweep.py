@@ -179,6 +179,8 @@ class SweepConfig:
             every model gets (the paper's "larger model's definitions in a smaller model's prompt").
         glosses: a file of reference glosses (expression, definition): the definitions generated in this run
             are scored against them (`definition_analysis`: definition_quality.md and a plot against size).
+        definition_judge: with `glosses`, a model (by name, one of `models`) that also judges each
+            definition against its gloss (yes/no, stored in judgements.jsonl).
         definitions_model: the model (by name, one of `models`) that defines expressions for every model;
             None = each model defines them itself.
         definition_max_new_tokens: generation budget for a definition.
@@ -198,6 +200,7 @@ class SweepConfig:
     definitions: str | None = None
     definitions_of: str | None = None
     glosses: str | None = None
+    definition_judge: str | None = None
     definitions_model: str | None = None
     definition_max_new_tokens: int = 512
     chunk_size: int = 64
@@ -218,6 +221,9 @@ class SweepConfig:
                 raise ValueError(f"{what}s must be unique, got {keys}")
         if self.definitions_model is not None and self.definitions_model not in {m.name for m in self.models}:
             raise ValueError(f"definitions_model {self.definitions_model!r} is not one of the models")
+        if self.definition_judge is not None and (self.glosses is None
+                                                  or self.definition_judge not in {m.name for m in self.models}):
+            raise ValueError(f"definition_judge {self.definition_judge!r} needs glosses and must be one of the models")
         if self.definitions_of is not None and self.definitions is None:
             raise ValueError("definitions_of needs definitions (the run's definitions.jsonl to read them from)")
         if self.on_error not in ("raise", "skip"):
@@ -226,7 +232,8 @@ class SweepConfig:
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples", "seed"):
             _check_type(getattr(self, name), int, name)
         _check_type(self.progress, bool, "progress")
-        for name in ("definitions", "definitions_of", "glosses", "definitions_model", "templates_dir"):
+        for name in ("definitions", "definitions_of", "glosses", "definition_judge", "definitions_model",
+                     "templates_dir"):
             _check_type(getattr(self, name), (str, type(None)), name)
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples"):
             if getattr(self, name) < 1:
@@ -351,9 +358,13 @@ def _write_semeval_submissions(config: SweepConfig, datasets: list[_LoadedDatase
             write_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
 
 
-def _definition_report(config: SweepConfig, out: Path) -> None:
+def _definition_report(config: SweepConfig, out: Path, factory: BackendFactory | None) -> None:
+    """Score the run's generated definitions against the glosses (and have `definition_judge` judge them:
+    with `factory`, new judgements are generated; without, as in `report`, only stored ones are used)."""
     from idiomreason.definition_analysis import (
         definition_rows,
+        judge_definitions,
+        judgement_store,
         score_definitions,
         stored_definitions,
         write_definition_report,
@@ -363,6 +374,22 @@ def _definition_report(config: SweepConfig, out: Path) -> None:
     if not items:
         logger.warning("no generated definition has a gloss in %s: no definition analysis", config.glosses)
         return
+    if config.definition_judge is not None:
+        judge = next(m for m in config.models if m.name == config.definition_judge)
+        built: list[Backend] = []
+
+        def get_backend() -> Backend:
+            if not built:
+                built.append(factory(judge) if factory is not None else _NoGeneration())
+            return built[0]
+
+        try:
+            with judgement_store(out / "judgements.jsonl") as store:
+                items = judge_definitions(items, _LazyBackend(get_backend), store, judge=judge.name,
+                                          max_new_tokens=config.definition_max_new_tokens)
+        finally:
+            if built:
+                built[0].close()
     rows = definition_rows(items, {m.name: m.size_b for m in config.models}, config.n_resamples, config.seed)
     md, png = write_definition_report(rows, out)
     logger.info("definition analysis: %s%s", md, f", {png}" if png else "")
@@ -402,7 +429,7 @@ def run_sweep(
     rows = [row for job in jobs for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)]
     _write_semeval_submissions(config, datasets, jobs, records, out)
     if config.glosses is not None and (out / "definitions.jsonl").exists():
-        _definition_report(config, out)
+        _definition_report(config, out, factory if generate else None)
     relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
     logger.info("re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
                 relabelled)
@@ -485,6 +512,16 @@ def _definitions_for(
         logger.warning("%d expressions have no definition in the %s: their examples are skipped", len(missing), source)
         todo = [ex for ex in todo if normalise_expression(ex.expression) in definitions]
     return definitions, todo
+
+
+class _NoGeneration:
+    """`report` generates nothing: items still to judge stay unjudged."""
+
+    def generate(self, prompts, max_new_tokens):
+        return iter(())
+
+    def close(self) -> None:
+        pass
 
 
 class _LazyBackend:
