@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,90 @@ def test_tiny_sweep_in_4bit_end_to_end(tmp_path, tiny_lm_dir, capsys):
     assert main(["--config", str(config), "--no-progress"]) == 0
     again = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(again) == len(preds)
+
+
+def _cli_case_config(tmp_path, data_text: str | bytes, **changes) -> list[str]:
+    data = tmp_path / "d.csv"
+    (data.write_bytes if isinstance(data_text, bytes) else data.write_text)(data_text)
+    model = {"name": "m-1B", "backend": "http", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    config = {"out_dir": str(tmp_path / "run"), "models": [model], "datasets": [{"name": "generic", "path": str(data)}],
+              "conditions": ["direct"]}
+    for key, value in changes.items():
+        if key == "options":
+            model["options"].update(value)
+        else:
+            config[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(config))
+    return ["--config", str(path), "--no-progress"]
+
+
+GOOD = "id,target,expression,label,language\n1,He kicked the bucket.,kick the bucket,idiomatic,en\n"
+SWEEP_CLI_CASES = [
+    ("trust-remote-code-string", dict(options={"trust_remote_code": "false"}), GOOD,
+     r"options.trust_remote_code must be bool, got 'false'"),
+    ("max-new-tokens-negative", dict(max_new_tokens=-5), GOOD, r"max_new_tokens must be >= 1, got -5"),
+    ("header-only-csv", {}, GOOD.splitlines()[0] + "\n", r"d.csv has a header line but no rows"),
+    ("nul-byte-csv", {}, GOOD.replace("bucket.", "buck\x00et."), r"d.csv:2: a NUL byte"),
+    ("utf16-csv", {}, GOOD.encode("utf-16"), r"d.csv: UTF-16 text"),
+    ("latin1-csv", {}, GOOD.replace("bucket.", "bucké.").encode("latin-1"), r"d.csv:2: not UTF-8"),
+    ("missing-dataset", {"datasets": [{"name": "generic", "path": "/nonexistent/d.csv"}]}, GOOD,
+     r"/nonexistent/d.csv' is not a file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SWEEP_CLI_CASES, ids=[c[0] for c in SWEEP_CLI_CASES])
+def test_cli_bad_inputs_exit_2_with_one_message(tmp_path, capsys, case):
+    _, changes, data_text, pattern = case
+    with pytest.raises(SystemExit) as exc_info:
+        raise SystemExit(main(_cli_case_config(tmp_path, data_text, **changes)))
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(pattern, err), err
+    assert "error: " in err.strip().splitlines()[-1]
+
+
+def test_no_arguments_runs_the_offline_default(tmp_path, monkeypatch, capsys):
+    """`idiom-sweep` alone: tiny models built here, SemEval-2022 2A dev (the real file when the shared data is
+    here), all three conditions, the table and the plot; a re-run generates nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "idiom-sweep" / "offline-default"
+    table = (run / "results.md").read_text()
+    assert "tiny-64x2-reasoning" in table and "tiny-128x4-base" in table
+    assert (run / "macro_f1_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    base = [p for p in preds if p["model"] == "tiny-128x4-base"]
+    assert len(base) >= 2 * 64 and all(p["finish_reason"] == "loglik" and p["prediction"] for p in base)
+    reasoning = [p for p in preds if p["model"] == "tiny-64x2-reasoning"]
+    assert {p["condition"] for p in reasoning} >= {"direct.v1.0shot", "cot.v2.0shot"}
+    assert all(p["generation_settings"]["max_new_tokens"] == 12 for p in preds)
+    from shared_kernels.testing import shared_data_dir
+
+    real = shared_data_dir() is not None and (shared_data_dir() / "semeval2022_task2a" / "dev.csv").is_file()
+    assert ("the real SemEval-2022 Task 2A dev set" if real else "the bundled fixture") in out
+    assert main(["--no-progress"]) == 0
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == len(preds)
+
+
+def test_offline_default_falls_back_to_the_bundled_fixture(monkeypatch):
+    import shared_kernels.testing
+    from idiom_sweep.offline import semeval_dev_folder
+    from idiomreason import load_dataset
+
+    monkeypatch.setattr(shared_kernels.testing, "shared_data_dir", lambda: None)
+    folder, source = semeval_dev_folder()
+    assert "bundled fixture" in source
+    examples = load_dataset("semeval2022-2a", folder, "dev")
+    assert len(examples) == 24 and {e.language for e in examples} == {"en", "pt"}
+    assert examples.label_counts()["idiomatic"] == 12
+
+
+def test_help_example_is_accepted(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "max_new_tokens=2048" in capsys.readouterr().out
+    cfg = load_config(IdiomSweepConfig, overrides=["max_new_tokens=2048", "models=[{name: a}]",
+                                                   "datasets=[{name: generic, path: x}]"])
+    assert cfg.max_new_tokens == 2048

@@ -93,7 +93,7 @@ def test_transformers_backend_end_to_end(tiny_dir, data_dir, tmp_path):
     records = _lines(tmp_path / "run" / "predictions.jsonl")
     assert len(records) == 2 * len(DEV_ROWS)
     assert {(r["condition"], r["example_id"]) for r in records} == {
-        (c, str(100 + i)) for c in ("direct.v1.0shot", "cot.v1.0shot") for i in range(len(DEV_ROWS))}
+        (c, str(100 + i)) for c in ("direct.v1.0shot", "cot.v2.0shot") for i in range(len(DEV_ROWS))}
     for r in records:
         assert r["prediction"] == extract_label(r["prefix"] + r["output"])
         assert r["prefix"] == ("<think>\n\n</think>\n\n" if r["condition"].startswith("direct") else "<think>\n")
@@ -181,7 +181,7 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, serve
     done = before.count(b"\n")
     assert 3 <= done < len(DEV_ROWS)
     with open(predictions, "ab") as f:  # and a write torn by the kill
-        f.write(b'{"condition": "cot.v1.0shot", "dataset": "semeval2022-2a:dev", "example_id": "1')
+        f.write(b'{"condition": "cot.v2.0shot", "dataset": "semeval2022-2a:dev", "example_id": "1')
     assert cli_main(argv) == 0
     after = predictions.read_bytes()
     assert after.startswith(before[: before.rfind(b"\n") + 1])  # finished work kept, byte for byte

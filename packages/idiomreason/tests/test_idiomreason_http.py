@@ -151,7 +151,7 @@ def test_api_key_comes_from_the_environment_and_is_never_shown(server, monkeypat
 def test_prefill_and_reasoning_fields_in_chat_mode(server):
     server.script = [(200, _chat("Answer: literal", reasoning="thinking..."), 0, {}),
                      (200, _chat("", reasoning="cut off", finish="length"), 0, {})]
-    backend = _backend(server, concurrency=1)
+    backend = _backend(server, concurrency=1, prefill_via="continue_final_message")
     out = dict(backend.generate(_prompts(2, prefill="<think>\n\n</think>\n\n"), 5))
     assert out[0].text == "<think>thinking...</think>Answer: literal" and out[0].n_tokens == 5
     assert out[1].text == "<think>cut off" and out[1].finish_reason == "length"
@@ -185,3 +185,25 @@ def test_bad_arguments(server):
         make_backend("http", "m")
     with pytest.raises(ValueError, match="backend kind"):
         make_backend("onnx", "m")
+
+
+def test_chat_prefills_go_where_the_template_can_take_them(server, tiny_tokenizer):
+    prefill = "<think>\n\n</think>\n\n"
+    with pytest.raises(ValueError, match="pass tokenizer="):  # auto without a tokenizer: refuse, never guess
+        list(_backend(server).generate(_prompts(1, prefill=prefill), 5))
+    assert server.requests == []
+    # auto with the model's tokenizer: /completions, rendered here by its template (+ the prefill)
+    ((_, gen),) = list(_backend(server, tokenizer=tiny_tokenizer).generate(_prompts(1, prefill=prefill), 5))
+    _, body = server.requests[-1]
+    assert body["prompt"] == "<|im_start|>user\nq0<|im_end|>\n<|im_start|>assistant\n" + prefill
+    assert "messages" not in body and gen.text.startswith("echo <|im_start|>user")
+    # prompts without a prefill still go to /chat/completions
+    list(_backend(server, tokenizer=tiny_tokenizer).generate(_prompts(1), 5))
+    assert server.requests[-1][1]["messages"] == [{"role": "user", "content": "q0"}]
+    # the template's own switch (Qwen3): no assistant message, enable_thinking off
+    list(_backend(server, prefill_via="thinking_switch").generate(_prompts(1, prefill=prefill), 5))
+    _, body = server.requests[-1]
+    assert body["messages"] == [{"role": "user", "content": "q0"}]
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="prefill_via must be one of"):
+        _backend(server, prefill_via="prefill")

@@ -49,6 +49,16 @@ CASES = [
     ("The idiomatic expression 'kick the bucket' is used literally here.", L),
     ("Answer: non-idiomatic", L),
     ("The usage is non-literal.", I),
+    # issue 19: digits in SemEval's convention, yes/no-answered label questions, a "but" that decides
+    ("Answer: 1", L),
+    ("Answer: 0", I),
+    ("<think>SemEval labels: 0 idiomatic, 1 literal.</think>\n\nAnswer: 0", I),
+    ("Idiomatic usage? No.", L),
+    ("Idiomatic usage? Yes.", I),
+    ("Literal meaning? No, it is about revealing a secret.", I),
+    ("Both the literal and the idiomatic readings are possible, but the context points to the idiomatic one.", I),
+    ("It could be idiomatic or literal; however, here it is literal.", L),
+    ("It could be idiomatic or literal, but I cannot tell.", None),
     # Portuguese and Galician
     ("Resposta: idiomático", I),
     ("A resposta é: literal", L),

@@ -34,7 +34,7 @@ def test_builtin_templates_are_versioned_data():
 
 def test_conditions_and_keys(tmp_path):
     lib = TemplateLibrary()
-    assert lib.condition("cot").key == "cot.v1.0shot"
+    assert lib.condition("cot").key == "cot.v2.0shot"
     assert lib.condition("direct:3shot").key == "direct.v1.3shot" and lib.condition("direct:3shot").label == "direct:3shot"
     with pytest.raises(ValueError, match="condition must look like"):
         lib.condition("cot:three")
@@ -76,7 +76,10 @@ def test_definitions_and_shots():
     shots = shots_for(query, pool, 2)
     p = build_prompt(t, query, shots=shots, definitions=defs)
     assert [m["role"] for m in p.messages] == ["user", "assistant", "user", "assistant", "user"]
-    assert p.messages[1]["content"] == f"Answer: {shots[0].label}"
+    # chain-of-thought shots show a rationale (about the shot's own expression) before the answer
+    assert p.messages[1]["content"].endswith(f"\n\nAnswer: {shots[0].label}")
+    assert f'"{shots[0].expression}"' in p.messages[1]["content"]
+    assert ("idiomatically" if shots[0].label == "idiomatic" else "literally") in p.messages[1]["content"]
     assert "reveal a secret" in p.messages[-1]["content"] and f"def {shots[0].id}" in p.messages[0]["content"]
 
 
@@ -132,3 +135,13 @@ def test_load_definitions_formats(tmp_path):
     (tmp_path / "e.csv").write_text("mwe,meaning\na,b\n")
     with pytest.raises(ValueError, match="needs columns"):
         load_definitions(tmp_path / "e.csv")
+
+
+def test_a_shot_with_its_own_rationale_shows_it():
+    t = get_template("cot")
+    shot = Example(id="s", language="en", expression="e f", target="t", label="literal",
+                   source={"rationale": "Annotated: a real bucket."})
+    p = build_prompt(t, _ex(1), shots=[shot])
+    assert p.messages[1]["content"] == "Annotated: a real bucket.\n\nAnswer: literal"
+    direct = build_prompt(get_template("direct"), _ex(1), shots=[shot])
+    assert direct.messages[1]["content"] == "Answer: literal"  # the direct condition shows no reasoning

@@ -10,7 +10,8 @@ from idiomreason.store import PREDICTION_KEY, JsonlStore, prediction_store, read
 
 
 def _rec(i, **kw):
-    return {"model": "m", "condition": "cot.v1.0shot", "dataset": "d", "example_id": str(i), "prediction": None, **kw}
+    return {"model": "m", "condition": "cot.v1.0shot", "dataset": "d", "example_id": str(i), "generation": "g",
+            "prompt": "p", "prediction": None, **kw}
 
 
 def test_append_skips_known_keys_and_survives_reopen(tmp_path):
@@ -18,7 +19,7 @@ def test_append_skips_known_keys_and_survives_reopen(tmp_path):
     with prediction_store(path) as store:
         assert store.append([_rec(1), _rec(2), _rec(1, prediction="literal")]) == 2
         assert store.append([_rec(2), _rec(3)]) == 1
-        assert ("m", "cot.v1.0shot", "d", "1") in store
+        assert ("m", "cot.v1.0shot", "d", "1", "g", "p") in store
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["prediction"] is None
     with prediction_store(path) as store:
@@ -44,8 +45,8 @@ def test_duplicates_in_the_file_keep_the_first(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(_rec(1, prediction="idiomatic")) + "\n" + json.dumps(_rec(1, prediction="literal")) + "\n")
     with prediction_store(path) as store:
-        assert store.duplicates == 1 and store.get(("m", "cot.v1.0shot", "d", "1"))["prediction"] == "idiomatic"
-    assert read_records(path)[("m", "cot.v1.0shot", "d", "1")]["prediction"] == "idiomatic"
+        assert store.duplicates == 1 and store.get(("m", "cot.v1.0shot", "d", "1", "g", "p"))["prediction"] == "idiomatic"
+    assert read_records(path)[("m", "cot.v1.0shot", "d", "1", "g", "p")]["prediction"] == "idiomatic"
 
 
 def test_corruption_in_the_middle_is_an_error(tmp_path):

@@ -343,11 +343,12 @@ def options_help(cls: type) -> str:
 # ----------------------------------------------------------------------------------------------- the CLI
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add `--config PATH`, `--print-config` and positional `key=value` overrides; list options in --help."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, example: str = "train.lr=1e-4") -> None:
+    """Add `--config PATH`, `--print-config` and positional `key=value` overrides; list options in --help.
+    `example` is the override shown in the help (use one that `cls` accepts)."""
     parser.add_argument("--config", type=Path, default=None, help="YAML config file (its values over the defaults)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"overrides, e.g. {example}")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (parser.epilog or "") + "\noptions (set in the YAML file or as key=value):\n" + options_help(cls)
 

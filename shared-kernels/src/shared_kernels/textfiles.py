@@ -33,7 +33,7 @@ def _check_line(path: str | os.PathLike, line: str, line_no: int) -> str:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The whole file as text (`*.gz` gunzipped), strict UTF-8 without NUL bytes.
+    """The whole file as text (`*.gz` gunzipped), strict UTF-8 without NUL bytes (a UTF-8 BOM dropped).
 
     Raises:
         FileNotFoundError when missing; FileFormatError (a ValueError) naming the file (and line) otherwise.
@@ -46,7 +46,7 @@ def read_text(path: str | os.PathLike) -> str:
         except _GZIP_ERRORS as err:
             raise FileFormatError(path, f"truncated or corrupt gzip file ({type(err).__name__}: {err})") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (spreadsheet exports) is dropped
     except UnicodeDecodeError as err:
         raise FileFormatError(path, _why(data, err), data[: err.start].count(b"\n") + 1) from None
     if "\x00" in text:
@@ -68,6 +68,8 @@ def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 except UnicodeDecodeError as err:
                     raise FileFormatError(path, f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
                                                 f"{err.start + 1}); save it as UTF-8", line_no) from None
+                if line_no == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # a UTF-8 byte-order mark
                 if line.endswith("\r\n"):
                     line = line[:-2] + "\n"
                 yield line_no, _check_line(path, line, line_no)

@@ -17,6 +17,11 @@ class ModelEntry:
     size_b: float | None = option(None, "parameters in billions for the plot (default: parsed from the name)")
     reasoning: bool = option(False, "R1-style model: the direct condition prefills an empty think block")
     options: dict[str, Any] = option(default_factory=dict, help="backend keyword arguments (batch_size, base_url, ...)")
+    decoding: dict[str, Any] | None = option(
+        None, "temperature / top_p / n_samples (majority vote) / seed; unset keys: model card (R1 distills 0.6 / "
+        "0.95) or greedy")
+    scoring: Literal["generate", "loglik"] = option(
+        "generate", "generate an answer, or loglik: the more likely answer after the prompt (base models)")
 
 
 @dataclass
@@ -42,6 +47,11 @@ class IdiomSweepConfig:
     max_new_tokens: int = option(4096, "answer budget (reasoning models need thousands)")
     definitions: str | None = option(None, "user file of definitions (null: generated in a first pass)")
     definitions_model: str | None = option(None, "model (by name) that defines expressions for every model")
+    definitions_of: str | None = option(
+        None, "with definitions = a run's definitions.jsonl: the model whose stored definitions every model gets")
+    glosses: str | None = option(None, "reference glosses file: score the generated definitions against it")
+    definition_judge: str | None = option(None, "with glosses: a model (by name) that judges each definition")
+    definition_max_new_tokens: int = option(512, "budget of a generated definition")
     chunk_size: int = option(64, "prompts handed to a backend at a time")
     on_error: Literal["raise", "skip"] = option("raise", "malformed rows: stop, or skip and count")
     seed: int = option(0, "sampling seed")
@@ -52,3 +62,6 @@ class IdiomSweepConfig:
             raise ValueError("models must list at least one model (give --config FILE)")
         if not self.datasets:
             raise ValueError("datasets must list at least one dataset (give --config FILE)")
+        from idiom_sweep.recipe import sweep_config
+
+        sweep_config(self)  # idiomreason's own checks (values that cannot work, booleans that must be booleans)

@@ -29,6 +29,7 @@ def nf4lora_backend(spec: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from idiomreason.backends.base import check_bool
     from idiomreason.backends.hf import TransformersBackend
     from nf4lora.model import quantize_model
 
@@ -38,11 +39,11 @@ def nf4lora_backend(spec: Any) -> Any:
     dtype = opts.get("dtype", "auto")
     on_gpu = torch.cuda.is_available()
     torch_dtype = (torch.bfloat16 if on_gpu else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    trust = bool(opts.get("trust_remote_code", False))
+    trust = check_bool(opts.get("trust_remote_code", False), f"model {spec.name!r}: options.trust_remote_code")
     tokenizer = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=torch_dtype, trust_remote_code=trust)
     model = quantize_model(model, double_quant=True).eval()
-    kept = {k: v for k, v in opts.items() if k not in _LOAD_KEYS}
+    kept = {k: v for k, v in spec.backend_options().items() if k not in _LOAD_KEYS}
     return TransformersBackend(model.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
 
 
@@ -67,6 +68,11 @@ class IdiomSweepRecipe:
         self.cfg, self.progress = cfg, progress
 
     def setup(self) -> None:
+        from idiom_sweep.offline import resolve_builtins
+
+        self.cfg, notes = resolve_builtins(self.cfg)
+        for note in notes:
+            print(f"[idiom-sweep] {note}", flush=True)
         self.sweep = sweep_config(self.cfg, self.progress)
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         write_yaml_atomic(self.cfg.out_dir / "idiom-sweep.yaml", self.cfg)

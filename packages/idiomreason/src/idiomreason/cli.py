@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from idiomreason.backends import BACKENDS
+from idiomreason.backends.http import HTTPBackendError
 from idiomreason.loaders import LOADERS
 from idiomreason.report import markdown_table
-from idiomreason.sweep import DatasetSpec, ModelSpec, SweepConfig, run_sweep
+from idiomreason.store import StoreLockedError
+from idiomreason.sweep import DatasetSpec, ModelSpec, SweepConfig, SweepResult, run_sweep
+from idiomreason.textfile import load_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,11 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--concurrency", type=int, default=None, help="http: requests in flight")
     model.add_argument("--request-timeout", type=float, default=None, help="http: seconds per request")
     model.add_argument("--tokenizer", default=None, help="http completions: tokenizer whose chat template renders prompts")
-    model.add_argument("--backend-options", default="{}", help="JSON of extra backend arguments")
+    model.add_argument("--backend-options", default="{}", help="JSON of extra backend arguments "
+                       "(e.g. '{\"prefill_via\": \"thinking_switch\"}')")
+    model.add_argument("--decoding", default=None, help="JSON of temperature / top_p / n_samples / seed "
+                       "(default: the model card's where known, e.g. R1 distills 0.6 / 0.95, else greedy)")
+    model.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
+                       help="loglik: no generation, the more likely answer (base models, transformers backend)")
     run = ev.add_argument_group("run")
     run.add_argument("--condition", action="append", default=None,
                      help="direct | cot | cot_definition, optionally ':<k>shot' (repeatable; default all three)")
     run.add_argument("--definitions", default=None, help="file of expression definitions (default: the model defines them)")
+    run.add_argument("--definitions-of", default=None, help="with --definitions = a run's definitions.jsonl: "
+                     "use that model's stored definitions")
+    run.add_argument("--glosses", default=None, help="reference glosses: score the generated definitions")
     run.add_argument("--templates-dir", default=None, help="folder of user prompt templates")
     run.add_argument("--max-new-tokens", type=int, default=4096)
     run.add_argument("--chunk-size", type=int, default=64)
@@ -81,9 +90,9 @@ def _json_arg(text: str, name: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{name} must be a JSON object: {e}") from None
+        raise ValueError(f"{name} must be a JSON object: {e}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"{name} must be a JSON object, got {text!r}")
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
     return value
 
 
@@ -95,21 +104,47 @@ def eval_config(args: argparse.Namespace) -> SweepConfig:
         "concurrency": args.concurrency, "timeout": args.request_timeout, "tokenizer": args.tokenizer,
     }  # fmt: skip
     options.update({k: v for k, v in named.items() if v is not None})
+    decoding = _json_arg(args.decoding, "--decoding") if args.decoding is not None else None
     model = ModelSpec(name=args.model_name or args.model, path=args.model, backend=args.backend,
-                      size_b=args.size_b, reasoning=args.reasoning, options=options)
+                      size_b=args.size_b, reasoning=args.reasoning, options=options, decoding=decoding,
+                      scoring=args.scoring)
     dataset = DatasetSpec(name=args.dataset, path=args.path, split=args.split, limit=args.limit,
                           shots_split=args.shots_split, options=_json_arg(args.loader_options, "--loader-options"))
     return SweepConfig(
         models=[model], datasets=[dataset], conditions=args.condition or ["direct", "cot", "cot_definition"],
         out_dir=args.out, max_new_tokens=args.max_new_tokens, definitions=args.definitions,
+        definitions_of=args.definitions_of, glosses=args.glosses,
         chunk_size=args.chunk_size, on_error=args.on_error, templates_dir=args.templates_dir, seed=args.seed,
         n_resamples=args.n_resamples, progress=not args.no_progress,
     )  # fmt: skip
 
 
+# What a user can get wrong (a file, an option, a server, a run already in progress): one line on stderr and
+# exit code 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+               StoreLockedError, HTTPBackendError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = _run(args)
+    except USER_ERRORS as e:
+        print(f"idiomreason {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown_table(result.rows))
+    print(f"\nwrote {result.csv_path}, {result.markdown_path}" + (f", {result.plot_path}" if result.plot_path else ""))
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (a multi-line message is joined with ' | ')."""
+    text = str(error) or type(error).__name__
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _run(args: argparse.Namespace) -> SweepResult:
     if args.command == "eval":
         config = eval_config(args)
         result = run_sweep(config)
@@ -119,13 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         saved = Path(args.out_dir) / "config.yaml"
         if not saved.is_file():
-            raise SystemExit(f"{saved} not found: report needs the folder of a run")
-        config = SweepConfig.from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")))
+            raise FileNotFoundError(f"{saved} not found: report needs the folder of a run")
+        config = SweepConfig.from_dict(load_yaml(saved))
         config.out_dir = args.out_dir
         result = run_sweep(config, generate=False)
-    sys.stdout.write(markdown_table(result.rows))
-    print(f"\nwrote {result.csv_path}, {result.markdown_path}" + (f", {result.plot_path}" if result.plot_path else ""))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

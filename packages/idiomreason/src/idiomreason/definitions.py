@@ -5,6 +5,7 @@ append-only store, so definition quality can be analysed against the predictions
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -18,35 +19,60 @@ from idiomreason.examples import Example
 from idiomreason.parsing import answer_region, output_prefix
 from idiomreason.prompts import PromptTemplate, build_prompt, normalise_expression
 from idiomreason.store import JsonlStore
+from idiomreason.textfile import read_text
 
 MAX_DEFINITION_CHARS = 600
 
 
-def load_definitions(path: str | Path) -> dict[str, str]:
+def load_definitions(path: str | Path, model: str | None = None) -> dict[str, str]:
     """expression -> definition from `.json` (an object, or a list of {expression, definition}), `.jsonl`
     (one {expression, definition} per line), `.csv` or `.tsv` (columns expression, definition).
-    Expressions are normalised (lower case, single spaces)."""
+    Expressions are normalised (lower case, single spaces). `model` reads a run's stored definitions
+    (`definitions.jsonl`): only that model's records, those without a definition left out."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        pairs = list(data.items()) if isinstance(data, dict) else [(d["expression"], d["definition"]) for d in data]
-    elif suffix in (".jsonl", ".ndjson"):
-        pairs = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                obj = json.loads(line)
-                if "expression" not in obj or "definition" not in obj:
-                    raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
-                pairs.append((obj["expression"], obj["definition"]))
-    elif suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if not {"expression", "definition"} <= set(reader.fieldnames or []):
-                raise ValueError(f"{path}: needs columns 'expression' and 'definition', has {reader.fieldnames}")
-            pairs = [(row["expression"], row["definition"]) for row in reader]
-    else:
+    if suffix not in (".json", ".jsonl", ".ndjson", ".csv", ".tsv"):
         raise ValueError(f"definitions file must be .json, .jsonl, .csv or .tsv, got {path.name!r}")
+    text = read_text(path)
+    pairs: list[tuple[Any, Any]] = []
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            pairs = list(data.items())
+        elif isinstance(data, list):
+            for i, d in enumerate(data):
+                if not isinstance(d, dict) or "expression" not in d or "definition" not in d:
+                    raise ValueError(f"{path}: item {i} needs 'expression' and 'definition' fields")
+                pairs.append((d["expression"], d["definition"]))
+        else:
+            raise ValueError(f"{path}: expected an object or a list, got {type(data).__name__}")
+    elif suffix in (".jsonl", ".ndjson"):
+        for line_no, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or "expression" not in obj or "definition" not in obj:
+                    raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
+                if model is not None and (obj.get("model") != model or not obj["definition"]):
+                    continue
+                pairs.append((obj["expression"], obj["definition"]))
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        if not {"expression", "definition"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: needs columns 'expression' and 'definition', has {reader.fieldnames}")
+        for row in reader:
+            if row["expression"] is None or row["definition"] is None:
+                raise ValueError(f"{path}:{reader.line_num}: expected columns {reader.fieldnames}")
+            pairs.append((row["expression"], row["definition"]))
+    if model is not None and suffix not in (".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: a model's stored definitions are read from a run's definitions.jsonl")
+    if not pairs:
+        raise ValueError(f"{path}: no definitions" + (f" by model {model!r}" if model is not None else ""))
     out = {}
     for expression, definition in pairs:
         if not str(definition).strip():

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from idiomreason.examples import Example, Examples, OnError, RowSink
+from idiomreason.textfile import read_text
 
 SEMEVAL_LABELS = {"0": "idiomatic", "1": "literal"}
 MAGPIE_LABELS = {"i": "idiomatic", "l": "literal", "figurative": "idiomatic", "literal": "literal"}
@@ -48,38 +50,45 @@ class _Excluded(Exception):
 
 
 def _csv_records(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict[str, str] | None, str]]:
-    """Yield (start line, row dict or None, reason) for each non-blank record after the header."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path} is empty: expected a header line")
-        header = [h.strip() for h in header]
-        end = reader.line_num
-        for row in reader:
-            start, end = end + 1, reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                yield start, None, f"expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
-                continue
-            yield start, dict(zip(header, row)), ""
+    """Yield (start line, row dict or None, reason) for each non-blank record after the header. A file
+    without a header, or with a header and no rows, is an error (not an empty dataset)."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path} is empty: expected a header line")
+    header = [h.strip() for h in header]
+    end = reader.line_num
+    n_records = 0
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        n_records += 1
+        if len(row) != len(header):
+            yield start, None, f"expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
+            continue
+        yield start, dict(zip(header, row)), ""
+    if n_records == 0:
+        raise ValueError(f"{path} has a header line but no rows")
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
-                continue
-            if not isinstance(obj, dict):
-                yield line_no, None, f"expected a JSON object, got {type(obj).__name__}"
-                continue
-            yield line_no, obj, ""
+    n_records = 0
+    for line_no, line in enumerate(io.StringIO(read_text(path)), start=1):
+        if not line.strip():
+            continue
+        n_records += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield line_no, None, f"expected a JSON object, got {type(obj).__name__}"
+            continue
+        yield line_no, obj, ""
+    if n_records == 0:
+        raise ValueError(f"{path} has no records")
 
 
 def _required(row: dict[str, Any], column: str) -> str:
@@ -143,8 +152,9 @@ def _read_semeval_gold(gold_path: Path, sink: RowSink) -> dict[str, tuple[str, i
 
 
 def _read_semeval_file(file: Path, sink: RowSink, include_unlabelled: bool) -> None:
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), [])
+    header = next(csv.reader(io.StringIO(read_text(file), newline="")), [])
+    if not header:
+        raise ValueError(f"{file} is empty: expected a header line")
     gold = None
     if "Label" not in header:
         gold_path = file.with_name(f"{file.stem}_gold.csv")
@@ -277,31 +287,30 @@ def load_vnc_tokens(
     if split is not None:
         raise ValueError(f"VNC-Tokens has no splits: split must be None, got {split!r}")
     sink = RowSink(on_error)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("||", 3)
-            try:
-                if len(parts) != 4:
-                    raise _BadRow(f"expected 'label||verb||noun||sentence', got {len(parts)} '||'-separated fields")
-                raw_label, verb, noun, sentence = (p.strip() for p in parts)
-                if raw_label not in VNC_LABELS:
-                    raise _BadRow(f"unknown label {raw_label!r} (expected I, L or Q)")
-                if not verb or not noun or not sentence:
-                    raise _BadRow("empty verb, noun or sentence")
-            except _BadRow as e:
-                sink.problem(path, line_no, str(e))
-                continue
-            if raw_label == "Q" and not include_unknown:
-                sink.exclude("VNC label Q (unknown)")
-                continue
-            example = Example(
-                id=f"{path.stem}:{line_no}", language="en", expression=f"{verb} {noun}",
-                target=html.unescape(sentence), label=VNC_LABELS[raw_label], dataset="vnc-tokens",
-                source={"label": raw_label, "verb": verb, "noun": noun, "sentence": sentence},
-            )  # fmt: skip
-            sink.add(example, path, line_no)
+    for line_no, line in enumerate(io.StringIO(read_text(path)), start=1):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("||", 3)
+        try:
+            if len(parts) != 4:
+                raise _BadRow(f"expected 'label||verb||noun||sentence', got {len(parts)} '||'-separated fields")
+            raw_label, verb, noun, sentence = (p.strip() for p in parts)
+            if raw_label not in VNC_LABELS:
+                raise _BadRow(f"unknown label {raw_label!r} (expected I, L or Q)")
+            if not verb or not noun or not sentence:
+                raise _BadRow("empty verb, noun or sentence")
+        except _BadRow as e:
+            sink.problem(path, line_no, str(e))
+            continue
+        if raw_label == "Q" and not include_unknown:
+            sink.exclude("VNC label Q (unknown)")
+            continue
+        example = Example(
+            id=f"{path.stem}:{line_no}", language="en", expression=f"{verb} {noun}",
+            target=html.unescape(sentence), label=VNC_LABELS[raw_label], dataset="vnc-tokens",
+            source={"label": raw_label, "verb": verb, "noun": noun, "sentence": sentence},
+        )  # fmt: skip
+        sink.add(example, path, line_no)
     return sink.finish()
 
 
@@ -459,4 +468,8 @@ def load_dataset(name: str, path: str | Path, split: str | None = None, **option
         raise ValueError(f"name must be one of {sorted(LOADERS)}, got {name!r}")
     if options.get("on_error", "raise") not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {options['on_error']!r}")
-    return LOADERS[name](path, split, **options)
+    examples = LOADERS[name](path, split, **options)
+    if not examples:
+        raise ValueError(f"{path}: no examples to evaluate" + (f" in split {split!r}" if split else "")
+                         + f" ({examples.summary()})")
+    return examples

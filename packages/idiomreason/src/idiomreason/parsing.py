@@ -7,11 +7,14 @@ Algorithm (`extract_label`):
    was cut off mid-reasoning: there is no answer (None). Without tags, the whole text.
 2. The region is lower-cased, accents are stripped (idiomático -> idiomatico) and markdown emphasis removed.
 3. Explicit answer markers win: the LAST of `answer:` / `final answer is` / `label:` / `classification:` /
-   `resposta:` (pt, gl) / `\\boxed{...}`, read from the words right after it.
+   `resposta:` (pt, gl) / `\\boxed{...}`, read from the words right after it. A bare digit there is read
+   in SemEval-2022 Task 2's convention (`digit_labels`: 0 = idiomatic, 1 = literal): "Answer: 1" -> literal.
+3b. A label question answered yes/no ("Idiomatic usage? No.") answers for that label: no -> the other class.
 4. Otherwise every label word is collected, with negation ("not idiomatic", "não literal", "non
    idiomático", "rather than literally") flipping it. One class only -> that class. Both classes -> the
    last sentence that names exactly one class decides ("Literal or idiomatic? Idiomatic." -> idiomatic);
-   if no sentence does, None.
+   a sentence naming both is decided by what follows its last "but" / "however" ("Both readings are
+   possible, but the context points to the idiomatic one." -> idiomatic); otherwise None.
 5. Otherwise a bare yes/no (en, pt "sim"/"não", gl "si"/"non") opening the region answers a question of the
    form "is it used idiomatically?": yes -> `yes_means` (idiomatic by default), no -> the other class.
 
@@ -46,6 +49,14 @@ _MARKER = re.compile(
 _BOXED = re.compile(r"\\boxed\{(?:\\text\{)?(?P<rest>[^{}]{0,40})")
 _YES = re.compile(r"^\W*(?:yes|sim|si)\b")
 _NO = re.compile(r"^\W*(?:no|nao|non)\b")
+# "idiomatic usage? no." / "is it literal? yes": a label word in a question, answered right after it.
+_QUESTION = re.compile(
+    rf"\b(?:(?P<idiomatic>{_IDIOMATIC})|(?P<literal>{_LITERAL}))\b[^?.!\n]{{0,30}}\?\s*"
+    r"(?:(?P<yes>yes|sim|si)|(?P<no>no|nao|non))\b"
+)
+_CONTRAST = re.compile(r"\b(?:but|however|yet|though|although|mas|porem|pero|aunque)\b")
+_DIGIT = re.compile(r"^\W*([01])\b")
+SEMEVAL_DIGITS = {"0": "idiomatic", "1": "literal"}
 _SENTENCE_END = re.compile(r"(?<=[.!?;\n])\s+|\n+")
 
 
@@ -91,14 +102,36 @@ def _mentions(text: str) -> list[str]:
     return found
 
 
-def _label_after_marker(rest: str, yes_means: str) -> str | None:
+def _label_after_marker(rest: str, yes_means: str, digit_labels: dict[str, str]) -> str | None:
     head = re.split(r"[.\n;]", rest.strip(), maxsplit=1)[0]
     mentions = _mentions(head)
     if mentions and len(set(mentions)) == 1:
         return mentions[0]
     if not mentions:
+        digit = _DIGIT.match(head)
+        if digit is not None:
+            return digit_labels.get(digit.group(1))
         return _yes_no(head, yes_means)
     return None
+
+
+def _answered_question(region: str) -> str | None:
+    """The class a yes/no-answered label question asserts (the last such question), or None."""
+    found = list(_QUESTION.finditer(region))
+    if not found:
+        return None
+    m = found[-1]
+    named = "idiomatic" if m.group("idiomatic") else "literal"
+    return named if m.group("yes") else ("literal" if named == "idiomatic" else "idiomatic")
+
+
+def _contrast_decides(sentence: str) -> str | None:
+    """In a sentence naming both classes, the single class named after its last contrast word, if any."""
+    parts = _CONTRAST.split(sentence)
+    if len(parts) < 2:
+        return None
+    after = set(_mentions(parts[-1]))
+    return after.pop() if len(after) == 1 else None
 
 
 def _yes_no(text: str, yes_means: str) -> str | None:
@@ -110,12 +143,15 @@ def _yes_no(text: str, yes_means: str) -> str | None:
     return None
 
 
-def extract_label(text: str, yes_means: str = "idiomatic") -> str | None:
+def extract_label(
+    text: str, yes_means: str = "idiomatic", digit_labels: dict[str, str] = SEMEVAL_DIGITS
+) -> str | None:
     """"idiomatic", "literal" or None from a model's output (see the module docstring for the rules).
 
     Args:
         text: the full output, including any prefilled think block.
         yes_means: the class a bare "yes" answers (the question asked "is it idiomatic?" by default).
+        digit_labels: the class of a bare "0" / "1" after an answer marker (SemEval's 0 = idiomatic).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -131,9 +167,12 @@ def extract_label(text: str, yes_means: str = "idiomatic") -> str | None:
     markers = [(m.start(), m.group("rest")) for m in _MARKER.finditer(region)]
     markers += [(m.start(), m.group("rest")) for m in _BOXED.finditer(region)]
     for _, rest in sorted(markers, reverse=True):
-        label = _label_after_marker(rest, yes_means)
+        label = _label_after_marker(rest, yes_means, digit_labels)
         if label is not None:
             return label
+    answered = _answered_question(region)
+    if answered is not None:
+        return answered
 
     mentions = _mentions(region)
     if len(set(mentions)) == 1:
@@ -144,7 +183,7 @@ def extract_label(text: str, yes_means: str = "idiomatic") -> str | None:
             if len(in_sentence) == 1:
                 return in_sentence.pop()
             if in_sentence:
-                return None  # the deciding sentence names both classes: ambiguous
+                return _contrast_decides(sentence)  # names both: a "but ..." clause may decide, else None
         return None
     return _yes_no(region, yes_means)
 

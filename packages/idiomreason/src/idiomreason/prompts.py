@@ -23,10 +23,12 @@ from pathlib import Path
 import yaml
 
 from idiomreason.examples import LABELS, Example
+from idiomreason.textfile import load_yaml
 
 LANGUAGE_NAMES = {"en": "English", "pt": "Portuguese", "gl": "Galician", "es": "Spanish"}
 BUILTIN_TEMPLATES = ("direct", "cot", "cot_definition", "define")
-_TEMPLATE_KEYS = {"name", "version", "needs_definition", "system", "user", "reasoning_prefill", "shot_answer"}
+_TEMPLATE_KEYS = {"name", "version", "needs_definition", "system", "user", "reasoning_prefill", "shot_answer",
+                  "shot_rationale_idiomatic", "shot_rationale_literal"}
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,14 @@ class PromptTemplate:
     reasoning_prefill: str = ""
     shot_answer: str = "Answer: {label}"
     needs_definition: bool = False
+    # The reasoning a chain-of-thought shot shows before its answer (`{rationale}` in shot_answer), per gold
+    # label, formatted with {expression} and {definition}; a shot example's own `source["rationale"]` wins.
+    shot_rationale_idiomatic: str = ""
+    shot_rationale_literal: str = ""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PromptTemplate:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text(encoding="utf-8")), where=str(path))
+        return cls.from_dict(load_yaml(path), where=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "template") -> PromptTemplate:
@@ -51,9 +57,25 @@ class PromptTemplate:
         missing = {"name", "version", "user"} - set(data)
         if unknown or missing:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        if not isinstance(data["version"], int) or data["version"] < 1:
+        if not isinstance(data["version"], int) or isinstance(data["version"], bool) or data["version"] < 1:
             raise ValueError(f"{where}: version must be a positive integer, got {data['version']!r}")
-        return cls(**{k: (v if v is not None else "") for k, v in data.items()})
+        if not isinstance(data.get("needs_definition", False), bool):
+            raise ValueError(f"{where}: needs_definition must be true or false, got {data['needs_definition']!r}")
+        for key in ("name", "system", "user", "reasoning_prefill", "shot_answer", "shot_rationale_idiomatic",
+                    "shot_rationale_literal"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValueError(f"{where}: {key} must be a string, got {type(data[key]).__name__}")
+        template = cls(**{k: (v if v is not None else "") for k, v in data.items()})
+        try:  # a placeholder the prompt builder does not fill fails here, not at the first prompt
+            template.user.format(expression="", context="", definition="", language_name="")
+            template.shot_answer.format(label="", rationale="")
+            for text in (template.shot_rationale_idiomatic, template.shot_rationale_literal):
+                text.format(expression="", definition="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{where}: bad placeholder in the template text ({type(e).__name__}: {e}); "
+                             "known: {expression} {context} {definition} {language_name}, {label} {rationale} "
+                             "in shot_answer") from None
+        return template
 
 
 @dataclass(frozen=True)
@@ -62,20 +84,43 @@ class Prompt:
 
     messages: list[dict[str, str]]
     prefill: str = ""
+    seed_offset: int = 0  # sample index when a prompt is sampled n times (added to per-request seeds)
 
 
 @dataclass(frozen=True)
 class Condition:
+    """A template plus its shots: `shots` examples of other expressions, or (`one_shot`) SemEval-2022 Task
+    2's one-shot setting, the training examples of the query's own expression."""
+
     template: PromptTemplate
     shots: int = 0
+    one_shot: bool = False
 
     @property
     def key(self) -> str:
-        return f"{self.template.name}.v{self.template.version}.{self.shots}shot"
+        return f"{self.template.name}.v{self.template.version}.{'oneshot' if self.one_shot else f'{self.shots}shot'}"
 
     @property
     def label(self) -> str:
+        if self.one_shot:
+            return f"{self.template.name}:oneshot"
         return self.template.name if self.shots == 0 else f"{self.template.name}:{self.shots}shot"
+
+    @property
+    def setting(self) -> str:
+        """SemEval's name for it: "one_shot" with examples of the query's expression, else "zero_shot"."""
+        return "one_shot" if self.one_shot else "zero_shot"
+
+    @property
+    def needs_shots(self) -> bool:
+        return self.one_shot or self.shots > 0
+
+    def shots_for(self, example: Example, ordered_pool: Sequence[Example]) -> list[Example]:
+        if self.one_shot:
+            from idiomreason.semeval import one_shot_examples
+
+            return one_shot_examples(example, ordered_pool)
+        return shots_for(example, ordered_pool, self.shots)
 
 
 @dataclass
@@ -99,11 +144,12 @@ class TemplateLibrary:
         return self._cache[name]
 
     def condition(self, spec: str) -> Condition:
-        """Parse `"cot"` or `"cot:3shot"`."""
-        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::(\d+)shot)?", spec.strip())
+        """Parse `"cot"`, `"cot:3shot"` (3 shots of other expressions) or `"cot:oneshot"` (SemEval's one-shot
+        setting: the training examples of the query's own expression)."""
+        m = re.fullmatch(r"([A-Za-z0-9_\-]+)(?::(?:(\d+)shot|(oneshot)))?", spec.strip())
         if m is None:
-            raise ValueError(f"condition must look like 'cot' or 'cot:3shot', got {spec!r}")
-        return Condition(self.get(m.group(1)), int(m.group(2) or 0))
+            raise ValueError(f"condition must look like 'cot', 'cot:3shot' or 'cot:oneshot', got {spec!r}")
+        return Condition(self.get(m.group(1)), int(m.group(2) or 0), one_shot=m.group(3) is not None)
 
 
 def get_template(name: str) -> PromptTemplate:
@@ -157,9 +203,20 @@ def build_prompt(
         if shot.label is None:
             raise ValueError(f"few-shot example {shot.id!r} has no label")
         messages.append({"role": "user", "content": _user_text(template, shot, definition_of(shot))})
-        messages.append({"role": "assistant", "content": template.shot_answer.format(label=shot.label)})
+        answer = template.shot_answer.format(label=shot.label, rationale=shot_rationale(template, shot, definition_of(shot)))
+        messages.append({"role": "assistant", "content": answer.strip()})
     messages.append({"role": "user", "content": _user_text(template, example, definition_of(example))})
     return Prompt(messages=messages, prefill=template.reasoning_prefill if reasoning else "")
+
+
+def shot_rationale(template: PromptTemplate, shot: Example, definition: str | None) -> str:
+    """The reasoning shown in a few-shot answer: the example's own (`source["rationale"]`, e.g. from a file of
+    annotated shots) or the template's text for its label."""
+    own = shot.source.get("rationale") if isinstance(shot.source, dict) else None
+    if isinstance(own, str) and own.strip():
+        return own.strip()
+    text = template.shot_rationale_idiomatic if shot.label == "idiomatic" else template.shot_rationale_literal
+    return text.format(expression=shot.expression, definition=definition or "").strip()
 
 
 def normalise_expression(expression: str) -> str:

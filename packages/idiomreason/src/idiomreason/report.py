@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idiomreason.evaluate import relabel
 from idiomreason.examples import LABELS, Example
 from idiomreason.metrics import confusion_matrix, summarise
 from idiomreason.prompts import Condition
@@ -19,10 +20,11 @@ from idiomreason.prompts import Condition
 logger = logging.getLogger("idiomreason")
 
 ROW_FIELDS = (
-    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "language", "n_examples",
+    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "setting", "language", "n_examples",
     "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate", "macro_f1", "macro_f1_lo",
     "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal", "gold_idiomatic",
-    "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated",
+    "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated", "n_relabelled",
+    "decoding", "scoring",
     # confusion matrix: cm_<gold>_<predicted>, "none" = unparseable
     "cm_idiomatic_idiomatic", "cm_idiomatic_literal", "cm_idiomatic_none",
     "cm_literal_idiomatic", "cm_literal_literal", "cm_literal_none",
@@ -37,6 +39,7 @@ class Job:
     dataset: str
     condition: Condition
     examples: Sequence[Example]
+    generation: str = ""  # the generation-settings hash its records must carry (evaluate.PREDICTION_KEY)
 
 
 def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
@@ -51,24 +54,29 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
         groups += [(lang, [ex for ex in job.examples if ex.language == lang]) for lang in languages]
     rows = []
     for language, examples in groups:
-        found = [records.get((job.model.name, job.condition.key, job.dataset, ex.id)) for ex in examples]
+        found = [records.get((job.model.name, job.condition.key, job.dataset, ex.id, job.generation)) for ex in examples]
         scored = [r for r, ex in zip(found, examples) if r is not None and ex.label is not None]
+        labels = [relabel(r) for r in scored]  # the current parser on the stored raw outputs
         row: dict[str, Any] = {
             "dataset": job.dataset, "model": job.model.name, "size_b": job.model.size_b,
             "reasoning": job.model.reasoning, "condition": job.condition.label, "condition_key": job.condition.key,
+            "setting": job.condition.setting,
             "language": language, "n_examples": len(examples),
             "n_unlabelled": sum(1 for ex in examples if ex.label is None),
             "n_not_predicted": sum(1 for r, ex in zip(found, examples) if r is None and ex.label is not None),
+            "n_relabelled": sum(1 for r, label in zip(scored, labels) if label != r["prediction"]),
+            "decoding": getattr(job.model, "decoding_config", None) and job.model.decoding_config.source,
+            "scoring": getattr(job.model, "scoring", "generate"),
         }  # fmt: skip
         if scored:
             row.update(summarise(
-                [r["gold"] for r in scored], [r["prediction"] for r in scored],
+                [r["gold"] for r in scored], labels,
                 reasoning_words=[r["reasoning_words"] for r in scored], n_resamples=n_resamples, seed=seed,
             ))  # fmt: skip
             tokens = [r["n_tokens"] for r in scored if r.get("n_tokens") is not None]
             row["output_tokens_mean"] = sum(tokens) / len(tokens) if tokens else math.nan
             row["truncated"] = sum(1 for r in scored if r.get("finish_reason") == "length")
-            counts = confusion_matrix([r["gold"] for r in scored], [r["prediction"] for r in scored])  # (2, 3)
+            counts = confusion_matrix([r["gold"] for r in scored], labels)  # (2, 3)
             for i, gold in enumerate(LABELS):
                 for j, predicted in enumerate((*LABELS, "none")):
                     row[f"cm_{gold}_{predicted}"] = int(counts[i, j])
@@ -94,6 +102,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "" if value is None else str(value)
 
 
+def _size(value: Any) -> str:
+    """Billions of parameters with 3 significant digits (tiny test models are 0.0001B, not 0.0)."""
+    return f"{value:.3g}" if isinstance(value, int | float) and not math.isnan(value) else ""
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: one table for the overall rows and, when there are several languages, one per language."""
     header = ("| dataset | model | size (B) | condition | language | n | unparseable | macro-F1 [95% CI] | "
@@ -102,7 +115,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
     def line(r: dict[str, Any]) -> str:
         ci = f"{_fmt(r['macro_f1'])} [{_fmt(r['macro_f1_lo'])}, {_fmt(r['macro_f1_hi'])}]" if r["n"] else "n/a"
-        return (f"| {r['dataset']} | {r['model']} | {_fmt(r['size_b'], 1)} | {r['condition']} | {r['language']} | "
+        return (f"| {r['dataset']} | {r['model']} | {_size(r['size_b'])} | {r['condition']} | {r['language']} | "
                 f"{r['n']} | {_fmt(r['n_unparseable'])} | {ci} | {_fmt(r['macro_f1_parsed'])} | "
                 f"{_fmt(r['accuracy'])} | {_fmt(r['reasoning_words_mean'], 1)} | {_fmt(r['truncated'])} |")
 
@@ -111,6 +124,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     parts = ["## Overall", "", header, rule, *map(line, overall)]
     if by_language:
         parts += ["", "## By language", "", header, rule, *map(line, by_language)]
+    relabelled = sum(int(r["n_relabelled"]) for r in overall if r["n"])
+    parts += ["", f"Labels re-parsed from the stored raw outputs with the current parser: {relabelled} differ from "
+              "the labels parsed at generation time."]
     parts += ["", "macro-F1 counts an unparseable answer as wrong (a miss for its gold class); "
               "'macro-F1 parsed' scores the parsed answers only. CI: 95% percentile bootstrap.", ""]
     return "\n".join(parts)
@@ -128,6 +144,17 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[P
     write_atomic(csv_path, buffer.getvalue())
     write_atomic(md_path, markdown_table(rows))
     return csv_path, md_path
+
+
+def size_ticks(ax: Any, sizes: Sequence[float]) -> None:
+    """Log-scale x axis ticked at the models' sizes (plain numbers, no overlapping minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ticks = sorted(set(sizes))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:.3g}" for t in ticks])
 
 
 def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
@@ -161,7 +188,7 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
                 if series:
                     kind = "reasoning" if reasoning else "base"
                     ax.plot(*zip(*series), style, color=colours[condition], label=f"{condition} ({kind})")
-        ax.set_xscale("log")
+        size_ticks(ax, [float(r["size_b"]) for r in points if r["dataset"] == dataset])
         ax.set_xlabel("parameters (billions)")
         ax.set_ylabel("macro-F1")
         ax.set_title(dataset)

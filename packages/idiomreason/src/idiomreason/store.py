@@ -17,11 +17,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from shared_kernels.appendfile import AppendOnlyFile
+from shared_kernels.appendfile import AppendOnlyFile, FileLockedError
 
 logger = logging.getLogger("idiomreason")
 
 Key = tuple[str, ...]
+
+
+StoreLockedError = FileLockedError  # another running process holds the store (a UserError)
 
 
 class JsonlStore:
@@ -67,7 +70,7 @@ class JsonlStore:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{self.path}:{line_no}: not a JSON record ({e.msg}); the file was edited or "
                                  "corrupted other than by an interrupted write") from None
-            key = self.key(record)
+            key = tuple(str(record.get(f, "")) for f in self.key_fields)  # older records lack newer key fields
             if key in self.records:
                 self.duplicates += 1
                 continue
@@ -112,12 +115,13 @@ class JsonlStore:
         self.close()
 
 
-PREDICTION_KEY = ("model", "condition", "dataset", "example_id")
+PREDICTION_KEY = ("model", "condition", "dataset", "example_id", "generation", "prompt")
 DEFINITION_KEY = ("model", "template", "expression")
 
 
 def prediction_store(path: str | Path) -> JsonlStore:
-    """The prediction cache: one record per (model, condition, dataset, example_id)."""
+    """The prediction cache: one record per (model, condition, dataset, example_id, generation settings
+    hash, prompt hash); see `evaluate`."""
     return JsonlStore(path, PREDICTION_KEY)
 
 
@@ -139,5 +143,5 @@ def read_records(path: str | Path, key_fields: tuple[str, ...] = PREDICTION_KEY)
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{line_no}: not a JSON record ({e.msg})") from None
-        out.setdefault(tuple(str(record[f]) for f in key_fields), record)
+        out.setdefault(tuple(str(record.get(f, "")) for f in key_fields), record)
     return out

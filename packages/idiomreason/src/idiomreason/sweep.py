@@ -13,6 +13,7 @@ A re-run skips every finished prediction (and builds no backend for a model with
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from typing import Any
 import yaml
 
 from idiomreason.backends import BACKENDS, Backend, make_backend
+from idiomreason.decoding import SAMPLING_OPTION_KEYS, resolve_decoding
 from idiomreason.definitions import generate_definitions, load_definitions, missing_definitions
-from idiomreason.evaluate import pending, predict
+from idiomreason.evaluate import SCORING_MODES, generation_fingerprint, generation_settings, predict, relabel
 from idiomreason.examples import Example
 from idiomreason.loaders import LOADERS, load_dataset
 from idiomreason.prompts import (
@@ -35,9 +37,17 @@ from idiomreason.prompts import (
     order_shot_pool,
 )
 from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_atomic, write_tables
+from idiomreason.semeval import submission_text
 from idiomreason.store import PREDICTION_KEY, JsonlStore, definition_store, prediction_store, read_records
+from idiomreason.textfile import load_yaml
 
 logger = logging.getLogger("idiomreason")
+
+# Backend options that must be real booleans: a quoted "false" is truthy in Python and would turn them on.
+BOOLEAN_OPTIONS = ("trust_remote_code",)
+# Backend options that do not change what a model outputs (left out of the cache key).
+OPERATIONAL_OPTIONS = ("base_url", "api_key_env", "concurrency", "timeout", "max_retries", "backoff", "max_backoff",
+                       "chunk_size", "device", "device_map")
 
 
 def size_from_name(name: str) -> float | None:
@@ -56,8 +66,12 @@ class ModelSpec:
         backend: "transformers", "vllm" or "http".
         size_b: parameters in billions for the plot (default: parsed from the name).
         reasoning: R1-style model (direct condition prefills an empty think block).
-        options: backend keyword arguments (e.g. dtype, quantization, batch_size; base_url, api,
-            api_key_env, concurrency, tokenizer for http).
+        options: backend keyword arguments (e.g. dtype, quantization, batch_size, revision; base_url, api,
+            api_key_env, concurrency, tokenizer for http). Sampling goes in `decoding`, not here.
+        decoding: temperature / top_p / n_samples (majority vote) / seed; unset keys come from the model
+            card where `decoding.MODEL_CARD_DECODING` knows it (R1 distills: 0.6 / 0.95), else greedy.
+        scoring: "generate" (default) or "loglik": no generation, the label whose answer is more likely
+            after the prompt (base models; transformers backend; direct-style conditions).
     """
 
     name: str
@@ -66,12 +80,48 @@ class ModelSpec:
     size_b: float | None = None
     reasoning: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    decoding: dict[str, Any] | None = None
+    scoring: str = "generate"
 
     def __post_init__(self) -> None:
+        _check_type(self.name, str, "models[].name")
+        where = f"model {self.name!r}"
         if self.backend not in BACKENDS:
-            raise ValueError(f"model {self.name!r}: backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_type(self.path, (str, type(None)), f"{where}: path")
+        _check_type(self.reasoning, bool, f"{where}: reasoning")
+        _check_type(self.options, dict, f"{where}: options")
+        if self.size_b is not None:
+            _check_type(self.size_b, (int, float), f"{where}: size_b")
+            if not (math.isfinite(self.size_b) and self.size_b > 0):
+                raise ValueError(f"{where}: size_b must be a positive number of billions, got {self.size_b!r}")
+        for key in BOOLEAN_OPTIONS:
+            if key in self.options:
+                _check_type(self.options[key], bool, f"{where}: options.{key}")
+        sampling = sorted(set(self.options) & set(SAMPLING_OPTION_KEYS))
+        if sampling:
+            raise ValueError(f"{where}: options {sampling} belong in decoding (e.g. decoding: {{temperature: 0.6}})")
+        _check_type(self.decoding, (dict, type(None)), f"{where}: decoding")
+        try:
+            self.decoding_config = resolve_decoding(self.ref, self.decoding)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"{where}: scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
+        if self.scoring == "loglik" and self.backend != "transformers":
+            raise ValueError(f"{where}: scoring 'loglik' needs the transformers backend, got {self.backend!r}")
         if self.size_b is None:
             self.size_b = size_from_name(self.name) or size_from_name(self.path or "")
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for the backend: `options` plus the resolved sampling settings."""
+        return {**self.options, **self.decoding_config.backend_options()}
+
+    def generation(self) -> dict[str, Any]:
+        """What about this model can change its outputs (for the cache key): where it comes from and how it
+        is run, without options that only affect speed or transport."""
+        kept = {k: v for k, v in self.options.items() if k not in OPERATIONAL_OPTIONS}
+        return {"path": self.ref, "backend": self.backend, "reasoning": self.reasoning, "options": kept}
 
     @property
     def ref(self) -> str:
@@ -101,6 +151,11 @@ class DatasetSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_type(self.path, str, f"dataset {self.name!r}: path")
+        _check_type(self.options, dict, f"dataset {self.name!r}: options")
+        for key in ("split", "key", "shots_split"):
+            _check_type(getattr(self, key), (str, type(None)), f"dataset {self.name!r}: {key}")
+        _check_type(self.limit, (int, type(None)), f"dataset {self.name!r}: limit")
         if self.name not in LOADERS:
             raise ValueError(f"dataset name must be one of {sorted(LOADERS)}, got {self.name!r}")
         if self.limit is not None and self.limit < 1:
@@ -118,7 +173,14 @@ class SweepConfig:
         conditions: "direct", "cot", "cot_definition", optionally ":<k>shot", or user template names.
         out_dir: where predictions, definitions and reports go.
         max_new_tokens: generation budget per answer (reasoning models need thousands).
-        definitions: a user file of definitions; None = generated in a first pass.
+        definitions: a user file of definitions, or another run's definitions.jsonl with `definitions_of`;
+            None = generated in a first pass.
+        definitions_of: with `definitions` = a run's definitions.jsonl, the model whose stored definitions
+            every model gets (the paper's "larger model's definitions in a smaller model's prompt").
+        glosses: a file of reference glosses (expression, definition): the definitions generated in this run
+            are scored against them (`definition_analysis`: definition_quality.md and a plot against size).
+        definition_judge: with `glosses`, a model (by name, one of `models`) that also judges each
+            definition against its gloss (yes/no, stored in judgements.jsonl).
         definitions_model: the model (by name, one of `models`) that defines expressions for every model;
             None = each model defines them itself.
         definition_max_new_tokens: generation budget for a definition.
@@ -136,6 +198,9 @@ class SweepConfig:
     out_dir: str = "idiomreason-runs"
     max_new_tokens: int = 4096
     definitions: str | None = None
+    definitions_of: str | None = None
+    glosses: str | None = None
+    definition_judge: str | None = None
     definitions_model: str | None = None
     definition_max_new_tokens: int = 512
     chunk_size: int = 64
@@ -156,8 +221,20 @@ class SweepConfig:
                 raise ValueError(f"{what}s must be unique, got {keys}")
         if self.definitions_model is not None and self.definitions_model not in {m.name for m in self.models}:
             raise ValueError(f"definitions_model {self.definitions_model!r} is not one of the models")
+        if self.definition_judge is not None and (self.glosses is None
+                                                  or self.definition_judge not in {m.name for m in self.models}):
+            raise ValueError(f"definition_judge {self.definition_judge!r} needs glosses and must be one of the models")
+        if self.definitions_of is not None and self.definitions is None:
+            raise ValueError("definitions_of needs definitions (the run's definitions.jsonl to read them from)")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        _check_type(self.conditions, list, "conditions")
+        for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples", "seed"):
+            _check_type(getattr(self, name), int, name)
+        _check_type(self.progress, bool, "progress")
+        for name in ("definitions", "definitions_of", "glosses", "definition_judge", "definitions_model",
+                     "templates_dir"):
+            _check_type(getattr(self, name), (str, type(None)), name)
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,16 +247,33 @@ class SweepConfig:
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> SweepConfig:
         """Load a YAML file; `overrides` are `key=value` strings for top-level keys (value parsed as YAML,
         e.g. `max_new_tokens=256`, `conditions=[direct,cot]`, `out_dir=/tmp/run`)."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = load_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a sweep config must be a mapping, got {type(data).__name__}")
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override must look like key=value, got {item!r}")
-            data[key.strip()] = yaml.safe_load(value)
+            try:
+                data[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"override {item!r}: the value is not valid YAML") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_type(value: Any, types: type | tuple[type, ...], name: str) -> None:
+    """A config value of the wrong type is a ValueError naming it (bool is not an int here)."""
+    allowed = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -218,17 +312,94 @@ def _load(spec: DatasetSpec, config: SweepConfig, needs_shots: bool) -> _LoadedD
     pool: list[Example] = []
     if needs_shots:
         if spec.shots_split is None:
-            raise ValueError(f"dataset {spec.key!r}: a k-shot condition needs shots_split (the split to draw shots from)")
+            raise ValueError(f"dataset {spec.key!r}: a k-shot or oneshot condition needs shots_split (the split to draw "
+                             "shots from, e.g. train_one_shot for SemEval's one-shot setting)")
         source = load_dataset(spec.name, spec.path, spec.shots_split, on_error=config.on_error, **spec.options)
         pool = order_shot_pool([ex for ex in source if ex.label is not None], seed=config.seed)
     return _LoadedDataset(spec, chosen, pool)
+
+
+def _generation_key(model: ModelSpec, config: SweepConfig) -> str:
+    settings = generation_settings(model.generation(), config.max_new_tokens, model.decoding_config, model.scoring)
+    return generation_fingerprint(settings)
+
+
+def latest_records(path: Path) -> dict[tuple[str, ...], dict[str, Any]]:
+    """(model, condition, dataset, example_id, generation) -> the last record written for it (a prompt
+    change, e.g. new definitions, appends a newer record under the same settings)."""
+    if not path.exists():
+        return {}
+    out: dict[tuple[str, ...], dict[str, Any]] = {}
+    for key, record in read_records(path, PREDICTION_KEY).items():
+        out[key[:5]] = record
+    return out
+
+
+def _write_semeval_submissions(config: SweepConfig, datasets: list[_LoadedDataset], jobs: list[Job],
+                               records: dict, out: Path) -> None:
+    """semeval/<dataset>__<model>__<template>.csv in the official format, for every SemEval dataset, model and
+    template that has predictions: zero_shot rows from the template's 0-shot condition, one_shot rows from
+    its `:oneshot` condition (empty labels for a setting not run)."""
+    semeval = {d.spec.key: d for d in datasets if d.spec.name == "semeval2022-2a"}
+    groups: dict[tuple[str, str, str], dict[str, Job]] = {}
+    for job in jobs:
+        if job.dataset in semeval and (job.condition.shots == 0 or job.condition.one_shot):
+            groups.setdefault((job.dataset, job.model.name, job.condition.template.name), {})[job.condition.setting] = job
+    for (dataset, model, template), by_setting in groups.items():
+        predictions: dict[str, dict[str, str | None]] = {}
+        for setting, job in by_setting.items():
+            found = {ex.id: records.get((model, job.condition.key, dataset, ex.id, job.generation)) for ex in job.examples}
+            if any(r is None for r in found.values()):
+                continue  # unfinished: a partial setting would be rejected by the scorer
+            predictions[setting] = {key: relabel(r) for key, r in found.items()}
+        if predictions:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}__{model}__{template}") + ".csv"
+            (out / "semeval").mkdir(exist_ok=True)
+            write_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
+
+
+def _definition_report(config: SweepConfig, out: Path, factory: BackendFactory | None) -> None:
+    """Score the run's generated definitions against the glosses (and have `definition_judge` judge them:
+    with `factory`, new judgements are generated; without, as in `report`, only stored ones are used)."""
+    from idiomreason.definition_analysis import (
+        definition_rows,
+        judge_definitions,
+        judgement_store,
+        score_definitions,
+        stored_definitions,
+        write_definition_report,
+    )
+
+    items = score_definitions(stored_definitions(out / "definitions.jsonl"), load_definitions(config.glosses))
+    if not items:
+        logger.warning("no generated definition has a gloss in %s: no definition analysis", config.glosses)
+        return
+    if config.definition_judge is not None:
+        judge = next(m for m in config.models if m.name == config.definition_judge)
+        built: list[Backend] = []
+
+        def get_backend() -> Backend:
+            if not built:
+                built.append(factory(judge) if factory is not None else _NoGeneration())
+            return built[0]
+
+        try:
+            with judgement_store(out / "judgements.jsonl") as store:
+                items = judge_definitions(items, _LazyBackend(get_backend), store, judge=judge.name,
+                                          max_new_tokens=config.definition_max_new_tokens)
+        finally:
+            if built:
+                built[0].close()
+    rows = definition_rows(items, {m.name: m.size_b for m in config.models}, config.n_resamples, config.seed)
+    md, png = write_definition_report(rows, out)
+    logger.info("definition analysis: %s%s", md, f", {png}" if png else "")
 
 
 BackendFactory = Callable[[ModelSpec], Backend]
 
 
 def default_backend_factory(spec: ModelSpec) -> Backend:
-    return make_backend(spec.backend, spec.ref, **spec.options)
+    return make_backend(spec.backend, spec.ref, **spec.backend_options())
 
 
 def run_sweep(
@@ -245,16 +416,23 @@ def run_sweep(
     factory = backend_factory or default_backend_factory
     library = TemplateLibrary(config.templates_dir)
     conditions = [library.condition(c) for c in config.conditions]
-    needs_shots = any(c.shots > 0 for c in conditions)
+    needs_shots = any(c.needs_shots for c in conditions)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [_load(spec, config, needs_shots) for spec in config.datasets]
-    jobs = [Job(m, d.spec.key, c, d.examples) for m in config.models for d in datasets for c in conditions]
+    jobs = [Job(m, d.spec.key, c, d.examples, _generation_key(m, config)) for m in config.models for d in datasets
+            for c in conditions]  # fmt: skip
     if generate:
         write_atomic(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
         _generate(config, factory, library, conditions, datasets, out)
-    records = read_records(out / "predictions.jsonl", PREDICTION_KEY) if (out / "predictions.jsonl").exists() else {}
+    records = latest_records(out / "predictions.jsonl")
     rows = [row for job in jobs for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)]
+    _write_semeval_submissions(config, datasets, jobs, records, out)
+    if config.glosses is not None and (out / "definitions.jsonl").exists():
+        _definition_report(config, out, factory if generate else None)
+    relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
+    logger.info("re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
+                relabelled)
     csv_path, md_path = write_tables(rows, out)
     plot_path = plot_f1_vs_size(rows, out / "macro_f1_vs_size.png")
     return SweepResult(rows, out, csv_path, md_path, plot_path)
@@ -264,7 +442,7 @@ def _generate(
     config: SweepConfig, factory: BackendFactory, library: TemplateLibrary, conditions: list[Condition],
     datasets: list[_LoadedDataset], out: Path,
 ) -> None:
-    user_definitions = load_definitions(config.definitions) if config.definitions else None
+    user_definitions = load_definitions(config.definitions, config.definitions_of) if config.definitions else None
     define = library.get("define")
     models = sorted(config.models, key=lambda m: m.name != config.definitions_model)  # the definer first
     generated: dict[str, dict[str, str]] = {}  # definer model name -> expression -> definition
@@ -290,19 +468,17 @@ def _generate(
                         )  # fmt: skip
                 for loaded in datasets:
                     for condition in conditions:
-                        todo = pending(loaded.examples, preds, model.name, condition, loaded.spec.key)
-                        if not todo:
-                            continue
-                        definitions = None
+                        todo, definitions = list(loaded.examples), None
                         if condition.template.needs_definition:
                             definitions, todo = _definitions_for(
                                 todo, model, config, user_definitions, generated, get_backend, defs, define
                             )
                         predict(
                             todo, _LazyBackend(get_backend), preds, model=model.name, condition=condition,
-                            dataset=loaded.spec.key, reasoning=model.reasoning, shot_pool=loaded.shot_pool,
-                            definitions=definitions, max_new_tokens=config.max_new_tokens,
-                            chunk_size=config.chunk_size, progress=config.progress,
+                            dataset=loaded.spec.key, generation=model.generation(), reasoning=model.reasoning,
+                            shot_pool=loaded.shot_pool, definitions=definitions, max_new_tokens=config.max_new_tokens,
+                            decoding=model.decoding_config, scoring=model.scoring, chunk_size=config.chunk_size,
+                            progress=config.progress,
                         )  # fmt: skip
             finally:
                 if backend is not None:
@@ -317,7 +493,8 @@ def _definitions_for(
     """Definitions for the pending examples of a cot_definition job, and the examples that have one."""
     if user_definitions is not None:
         definitions = user_definitions
-        source = f"definitions file {config.definitions}"
+        source = f"definitions file {config.definitions}" + (
+            f" (by {config.definitions_of})" if config.definitions_of else "")
     elif config.definitions_model is not None:
         definitions = generated.get(config.definitions_model, {})
         source = f"definitions generated by {config.definitions_model}"
@@ -337,6 +514,16 @@ def _definitions_for(
     return definitions, todo
 
 
+class _NoGeneration:
+    """`report` generates nothing: items still to judge stay unjudged."""
+
+    def generate(self, prompts, max_new_tokens):
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
 class _LazyBackend:
     """Builds the real backend on the first generate call, so a job with nothing to do loads no model."""
 
@@ -347,6 +534,14 @@ class _LazyBackend:
         if not prompts:
             return iter(())
         return self._get().generate(prompts, max_new_tokens)
+
+    def loglikelihood(self, prompts, continuations):
+        if not prompts:
+            return []
+        backend = self._get()
+        if not hasattr(backend, "loglikelihood"):
+            raise ValueError(f"scoring 'loglik' needs a backend with loglikelihood, got {type(backend).__name__}")
+        return backend.loglikelihood(prompts, continuations)
 
     def close(self) -> None:  # the sweep closes the real backend
         pass

@@ -37,3 +37,11 @@ def check_generate_args(prompts: Sequence[Prompt], max_new_tokens: int) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, Prompt):
             raise TypeError(f"prompts[{i}] must be a Prompt, got {type(prompt).__name__}")
+
+
+def check_bool(value: object, name: str) -> bool:
+    """`value` if it is a real bool; a string such as "false" (truthy in Python) is an error, so that a
+    quoted YAML value can never switch on e.g. `trust_remote_code`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false (a boolean), got {value!r} ({type(value).__name__})")
+    return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from idiomreason.backends.base import check_bool
 from idiomreason.prompts import Prompt, join_prefill, render_plain
 
 
@@ -15,6 +16,7 @@ class ChatRenderer:
     """Renders `Prompt`s with a tokenizer (an instance, or a path / hub id loaded with AutoTokenizer)."""
 
     def __init__(self, tokenizer: Any, trust_remote_code: bool = False):
+        check_bool(trust_remote_code, "trust_remote_code")
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 

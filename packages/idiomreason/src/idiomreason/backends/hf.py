@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from idiomreason.backends.base import Generation, check_generate_args
+from idiomreason.backends.base import Generation, check_bool, check_generate_args
 from idiomreason.backends.chat_render import ChatRenderer
 from idiomreason.prompts import Prompt
 
@@ -54,6 +54,7 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
+        check_bool(trust_remote_code, "trust_remote_code")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if quantization not in (None, "4bit", "8bit"):
@@ -107,7 +108,6 @@ class TransformersBackend:
         device = next(self.model.parameters()).device
         sampling: dict[str, Any] = {"do_sample": self.temperature > 0}
         if self.temperature > 0:
-            torch.manual_seed(self.seed)
             sampling["temperature"] = self.temperature
             if self.top_p is not None:
                 sampling["top_p"] = self.top_p
@@ -130,12 +130,43 @@ class TransformersBackend:
         return results
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> Iterator[tuple[int, Generation]]:
+        import torch
+
         check_generate_args(prompts, max_new_tokens)
+        if self.temperature > 0:
+            # One seeded random stream for the whole call: repeated prompts (n samples) draw different tokens
+            # wherever they land in the batches, and the same call reproduces the same samples.
+            torch.manual_seed(self.seed)
         ids = [self.renderer.token_ids(self.renderer.render(p)) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: OOM shows up at once
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             yield from zip(chunk, self._generate_batch([ids[i] for i in chunk], max_new_tokens))
+
+    def loglikelihood(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[list[float]]:
+        """Sum of token log-probabilities of each continuation after each rendered prompt (lm-evaluation-
+        harness convention: context and continuation tokenised separately and concatenated).
+
+        Returns: (len(prompts), len(continuations)) nested lists of floats.
+        """
+        import torch
+
+        device = next(self.model.parameters()).device
+        out = []
+        for prompt in prompts:
+            context = self.renderer.token_ids(self.renderer.render(prompt))
+            row = []
+            for text in continuations:
+                cont = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if not cont:
+                    raise ValueError(f"continuation {text!r} has no tokens")
+                ids = torch.tensor([context + cont], device=device)  # (1, T)
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids).logits[0, len(context) - 1 : -1].float()  # (C, V)
+                logprobs = torch.log_softmax(logits, dim=-1)
+                row.append(float(logprobs.gather(1, torch.tensor(cont, device=device)[:, None]).sum()))
+            out.append(row)
+        return out
 
     def close(self) -> None:
         import gc

@@ -11,10 +11,19 @@ bearer token, is redacted by `shared_kernels.redaction`).
 
 Two wire APIs:
 - `api="chat"`: `/chat/completions` with the messages; the server applies the model's chat template. A
-  prefill (the direct condition's empty think block) is sent as a final assistant message with vLLM's
-  `continue_final_message: true, add_generation_prompt: false`; servers that reject unknown fields
-  (transformers serve) need `api="completions"` for prefills. A `reasoning_content` / `reasoning` field
-  (vLLM's reasoning parser) is put back into `<think>...</think>` before the content.
+  `reasoning_content` / `reasoning` field (vLLM's reasoning parser) is put back into `<think>...</think>`
+  before the content. A prompt with a prefill (the direct condition's empty think block for R1-style
+  models) goes as `prefill_via` says:
+  - "completions" (what "auto" does when `tokenizer` is given): `/completions` with the prompt rendered here
+    by the model's own chat template plus the prefill. Right for every template, R1 distills included.
+  - "continue_final_message": a final assistant message with vLLM's `continue_final_message: true,
+    add_generation_prompt: false`. Only for templates that keep an assistant turn verbatim (Qwen2.5,
+    Llama 3): the R1-distill template keeps only what follows `</think>` in assistant turns, so the
+    prefill vanishes and vLLM answers 400 ("final message does not appear in the chat"); servers that
+    reject unknown fields (transformers serve) answer 422.
+  - "thinking_switch": the template's own switch, `chat_template_kwargs: {"enable_thinking": false}`, for
+    templates that have one (Qwen3); the prefill is not sent.
+  "auto" without a tokenizer refuses prompts with a prefill rather than guess.
 - `api="completions"`: `/completions` with the prompt rendered here, by the chat template of `tokenizer`
   (a path or hub id; needs the hf extra) or as plain text without one.
 """
@@ -40,6 +49,7 @@ from shared_kernels.redaction import redact, redact_http_logs
 logger = logging.getLogger("idiomreason")
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+PREFILL_MODES = ("auto", "completions", "continue_final_message", "thinking_switch")
 
 
 class HTTPBackendError(RuntimeError):
@@ -59,7 +69,9 @@ class OpenAIHTTPBackend:
         max_retries: retries per request after the first try.
         backoff / max_backoff: first and largest wait between retries, in seconds.
         temperature / top_p / seed: sampling (temperature 0 = greedy).
-        tokenizer: for api="completions", a tokenizer (or its path) whose chat template renders prompts.
+        tokenizer: a tokenizer (or its path) whose chat template renders prompts here: every prompt for
+            api="completions", prompts with a prefill for api="chat" (see `prefill_via`).
+        prefill_via: "auto", "completions", "continue_final_message" or "thinking_switch" (module docstring).
         extra_body: more JSON fields for every request (e.g. {"top_k": 20}).
     """
 
@@ -79,10 +91,15 @@ class OpenAIHTTPBackend:
         top_p: float | None = None,
         seed: int | None = None,
         tokenizer: Any = None,
+        prefill_via: str = "auto",
         extra_body: dict[str, Any] | None = None,
     ):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
+        if prefill_via not in PREFILL_MODES:
+            raise ValueError(f"prefill_via must be one of {PREFILL_MODES}, got {prefill_via!r}")
+        if prefill_via == "completions" and tokenizer is None and api == "chat":
+            raise ValueError("prefill_via='completions' renders prompts here: pass tokenizer (the model's path or id)")
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if timeout <= 0:
@@ -104,7 +121,9 @@ class OpenAIHTTPBackend:
         if seed is not None:
             self.sampling["seed"] = seed
         self.extra_body = dict(extra_body or {})
-        self.renderer = (ChatRenderer(tokenizer) if tokenizer is not None else PlainRenderer()) if api == "completions" else None
+        self.renderer = ChatRenderer(tokenizer) if tokenizer is not None else (
+            PlainRenderer() if api == "completions" else None)
+        self.prefill_via = ("completions" if tokenizer is not None else "refuse") if prefill_via == "auto" else prefill_via
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         self._secret = key
         redact_http_logs([key])
@@ -127,13 +146,26 @@ class OpenAIHTTPBackend:
 
     def _body(self, prompt: Prompt, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, **self.sampling, **self.extra_body}
-        if self.api == "completions":
+        if "seed" in self.sampling:
+            body["seed"] = self.sampling["seed"] + prompt.seed_offset  # n samples of one prompt differ
+        if self.api == "completions" or (prompt.prefill and self.prefill_via == "completions"):
             body["prompt"] = self.renderer.render(prompt)
             return "/completions", body
         messages = list(prompt.messages)
         if prompt.prefill:
-            messages.append({"role": "assistant", "content": prompt.prefill})
-            body.update(continue_final_message=True, add_generation_prompt=False)
+            if self.prefill_via == "refuse":
+                raise ValueError(
+                    "a prompt with a prefill (the direct condition of a reasoning model) cannot go through "
+                    "api='chat' as is: pass tokenizer=<the model's path or id> to send it to /completions "
+                    "rendered by the model's chat template (right for R1 distills), or set prefill_via to "
+                    "'continue_final_message' (templates that keep assistant turns: Qwen2.5, Llama 3) or "
+                    "'thinking_switch' (templates with enable_thinking: Qwen3)")
+            if self.prefill_via == "thinking_switch":
+                kwargs = {**body.get("chat_template_kwargs", {}), "enable_thinking": False}
+                body["chat_template_kwargs"] = kwargs
+            else:
+                messages.append({"role": "assistant", "content": prompt.prefill})
+                body.update(continue_final_message=True, add_generation_prompt=False)
         body["messages"] = messages
         return "/chat/completions", body
 
@@ -169,7 +201,7 @@ class OpenAIHTTPBackend:
         data = self._post(path, body)
         try:
             choice = data["choices"][0]
-            if self.api == "completions":
+            if path == "/completions":
                 text = choice["text"]
             else:
                 message = choice["message"]
@@ -189,6 +221,9 @@ class OpenAIHTTPBackend:
         """Yield (index, Generation) as requests finish; at most `concurrency` in flight. A failed request
         cancels the pending ones and raises once the running ones have finished."""
         check_generate_args(prompts, max_new_tokens)
+        first_prefilled = next((p for p in prompts if p.prefill), None)
+        if first_prefilled is not None and self.api == "chat" and self.prefill_via == "refuse":
+            self._body(first_prefilled, max_new_tokens)  # raises the explanation before any request is sent
         todo = iter(enumerate(prompts))
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             running: dict[Future, int] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from idiomreason.backends.base import Generation, check_generate_args
+from idiomreason.backends.base import Generation, check_bool, check_generate_args
 from idiomreason.backends.chat_render import ChatRenderer
 from idiomreason.prompts import Prompt
 
@@ -34,6 +34,7 @@ class VLLMBackend:
         trust_remote_code: bool = False,
         **llm_kwargs: Any,
     ):
+        check_bool(trust_remote_code, "trust_remote_code")
         try:
             import vllm
         except ImportError as e:
@@ -51,10 +52,11 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> Iterator[tuple[int, Generation]]:
         check_generate_args(prompts, max_new_tokens)
-        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, **self.sampling)
         for start in range(0, len(prompts), self.chunk_size):
             chunk = prompts[start : start + self.chunk_size]
             inputs = [{"prompt_token_ids": self.renderer.token_ids(self.renderer.render(p))} for p in chunk]
+            params = [self._vllm.SamplingParams(max_tokens=max_new_tokens, **{
+                **self.sampling, "seed": self.sampling["seed"] + p.seed_offset}) for p in chunk]  # fmt: skip
             for offset, output in enumerate(self.llm.generate(inputs, params, use_tqdm=False)):
                 completion = output.outputs[0]
                 yield start + offset, Generation(
