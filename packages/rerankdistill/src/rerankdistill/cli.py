@@ -21,7 +21,7 @@ from pathlib import Path
 from rerankdistill.trec import atomic_write_text
 from shared_kernels.runconfig import ConfigError, load_config, option, options_help
 
-COLLECTION_HELP = "cranfield | beir | bright | trec"
+COLLECTION_HELP = "cranfield | beir | bright | trec | datasets"
 
 
 @dataclass
@@ -29,27 +29,35 @@ class CollectionOptions:
     collection: str = option("", COLLECTION_HELP)
     path: str = option("", "collection folder (cranfield, beir)")
     split: str = option("test", "BEIR qrels split")
-    topics: str = option("", "topics file (bright jsonl.gz, trec topics)")
-    qrels: str = option("", "qrels file (bright, trec)")
-    corpus: str = option("", "corpus JSONL (bright: id/content, trec: id/text)")
+    topics: str = option("", "topics (bright jsonl.gz, trec topics, datasets: queries source)")
+    qrels: str = option("", "qrels (bright, trec: TREC file; datasets: source with query-id/corpus-id/score)")
+    corpus: str = option("", "corpus: JSONL(.gz), Parquet, a `datasets` folder or (online) a hub id[:config] "
+                             "(bright: id/content; trec: id/text; datasets: _id or id, text or content, title)")
+    corpus_split: str = option("", "split of a multi-split corpus source (BRIGHT's documents: the domain)")
 
 
 def load_collection(o: CollectionOptions):
     """(corpus, queries, qrels) for the options' collection."""
-    from rerankdistill.datasets import load_beir, load_bright, load_cranfield, load_jsonl
+    from rerankdistill.datasets import load_beir, load_bright, load_cranfield
+    from rerankdistill.loaders import load_qrels_records, load_texts
     from rerankdistill.trec import read_qrels, read_topics
 
     if o.collection == "cranfield":
         return load_cranfield(o.path)
     if o.collection == "beir":
         return load_beir(o.path, o.split)
+    for name in ("corpus", "topics", "qrels") if o.collection == "datasets" else ("corpus",):
+        if o.collection in ("bright", "trec", "datasets") and not getattr(o, name):
+            raise ConfigError(f"collection={o.collection} needs {name}=")
+    corpus_split = o.corpus_split or None
     if o.collection == "bright":
-        if not o.corpus:
-            raise ConfigError("collection=bright needs corpus= (a JSONL export of BRIGHT's documents)")
-        task = load_bright(o.topics, o.qrels or None, o.corpus)
-        return task.corpus, task.queries, task.qrels
+        task = load_bright(o.topics, o.qrels or None)
+        return load_texts(o.corpus, "id", "content", None, split=corpus_split), task.queries, task.qrels
     if o.collection == "trec":
-        return load_jsonl(o.corpus), read_topics(o.topics), read_qrels(o.qrels)
+        return load_texts(o.corpus, "id", "text", None, split=corpus_split), read_topics(o.topics), read_qrels(o.qrels)
+    if o.collection == "datasets":
+        return (load_texts(o.corpus, split=corpus_split), load_texts(o.topics, title_field=None),
+                load_qrels_records(o.qrels))
     raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
 
 
@@ -287,6 +295,8 @@ def cmd_refine(o: RefineOptions) -> dict:
 class RerankOptions(CollectionOptions, SplitOptions):
     model: str = option("", "reranker: local model directory")
     first_stage: str = option("bm25", "'bm25' or a TREC run file")
+    first_stage_queries: str = option("original", "bm25 over the original queries or (bright) 'reasoning': "
+                                                  "BRIGHT's GPT-4 reasoning texts; the reranker sees the original")
     bm25_backend: str = option("bm25s", "first_stage=bm25 with bm25s | pyserini (Lucene; needs Java 21+)")
     depth: int = option(100, "candidates reranked per query")
     max_queries: int = option(0, "use only the first N queries (0: all)")
@@ -297,6 +307,23 @@ class RerankOptions(CollectionOptions, SplitOptions):
     output: str = option("reranked.run", "TREC run written")
     first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
     tag: str = option("rerankdistill", "run tag")
+
+
+def first_stage_texts(o: RerankOptions, queries: dict[str, str]) -> dict[str, str]:
+    """The texts BM25 searches with: the queries, or BRIGHT's reasoning texts for them."""
+    if o.first_stage_queries == "original":
+        return queries
+    if o.first_stage_queries != "reasoning":
+        raise ConfigError(f"first_stage_queries must be original or reasoning, got {o.first_stage_queries!r}")
+    if o.collection != "bright":
+        raise ConfigError("first_stage_queries=reasoning needs collection=bright (its topics hold the reasoning)")
+    from rerankdistill.datasets import load_bright
+
+    reasoning = load_bright(o.topics, o.qrels or None).reasoning
+    missing = [q for q in queries if not reasoning.get(q)]
+    if missing:
+        raise ConfigError(f"topics {o.topics!r}: {len(missing)} queries have no reasoning text, e.g. {missing[:5]}")
+    return {q: reasoning[q] for q in queries}
 
 
 def cmd_rerank(o: RerankOptions) -> dict:
@@ -317,13 +344,15 @@ def cmd_rerank(o: RerankOptions) -> dict:
         qrels = {q: j for q, j in qrels.items() if q in selected}
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
+    excluded = excluded_ids(o)  # BRIGHT: never ranked, so never scored
     if o.first_stage == "bm25":
-        first = drop_excluded(bm25_search(corpus, queries, k=o.depth + 50, backend=o.bm25_backend),
-                              excluded_ids(o))
+        search = first_stage_texts(o, queries)
+        first = drop_excluded(bm25_search(corpus, search, k=o.depth + 50, backend=o.bm25_backend), excluded)
         first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
-        write_run(first, o.first_stage_output, tag="bm25")
+        write_run(first, o.first_stage_output, tag="bm25" if search is queries else "bm25-reasoning")
     else:
-        first = {q: d for q, d in read_run(o.first_stage).items() if q in queries}
+        first = drop_excluded({q: d for q, d in read_run(o.first_stage).items() if q in queries}, excluded)
+        first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
     model, tok = load_causal_lm(o.model)
     backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
     judge = TransformersJudge(backend, use_label_probabilities=o.label_probabilities)
@@ -331,8 +360,8 @@ def cmd_rerank(o: RerankOptions) -> dict:
         result = rerank(first, queries, corpus, judge, k=o.depth, batch_size=o.batch_size, store=store)
     write_run(result.run, o.output, tag=o.tag)
     print(comparison_table({"first stage": first, "reranked": result.run}, qrels), end="")
-    return {"judged": result.judged, "cached": result.cached, "unparseable": result.unparseable,
-            "output": o.output}
+    return {"queries": len(first), "judged": result.judged, "cached": result.cached,
+            "unparseable": result.unparseable, "first_stage_queries": o.first_stage_queries, "output": o.output}
 
 
 @dataclass
