@@ -219,6 +219,13 @@ class RefineOptions(TrainOptions):
     temperature: float = option(1.0, "sampling temperature")
     max_new_tokens: int = option(256, "tokens per sampled answer")
     beta: float = option(0.0, "grpo: KL coefficient")
+    reward: str = option("label", "rwft reward: label (agreement with the teacher's label) | rubric (a judge model "
+                                  "scores each sample on a rubric, as InteRank's release)")
+    reward_backend: str = option("openai", "rubric judge: openai (reward_base_url, reward_model) | offline "
+                                           "(a mechanical stand-in for tests)")
+    reward_base_url: str = option("http://127.0.0.1:8000/v1", "rubric judge: OpenAI-compatible server")
+    reward_model: str = option("", "rubric judge: model name")
+    reward_api_key_env: str = option("OPENAI_API_KEY", "rubric judge: environment variable holding the API key")
 
 
 def _student(o: TrainOptions):
@@ -263,6 +270,26 @@ def cmd_sft(o: TrainOptions) -> dict:
     return {**counts, **result.stats, "final": str(result.final_dir)}
 
 
+def rubric_reward_model(o: RefineOptions):
+    """The rubric reward model of `reward=rubric` (None for `reward=label`)."""
+    from rerankdistill.reward_model import OfflineRubricJudge, RubricRewardModel
+
+    if o.reward == "label":
+        return None
+    if o.reward != "rubric":
+        raise ConfigError(f"reward must be label or rubric, got {o.reward!r}")
+    if o.reward_backend == "offline":
+        return RubricRewardModel(OfflineRubricJudge())
+    if o.reward_backend != "openai":
+        raise ConfigError(f"reward_backend must be openai or offline, got {o.reward_backend!r}")
+    if not o.reward_model:
+        raise ConfigError("reward=rubric with reward_backend=openai needs reward_model=")
+    from rerankdistill.backends.openai_http import OpenAIChatBackend
+
+    return RubricRewardModel(OpenAIChatBackend(o.reward_base_url, o.reward_model, api_key_env=o.reward_api_key_env,
+                                               temperature=0.0, max_tokens=16))
+
+
 def cmd_refine(o: RefineOptions) -> dict:
     from rerankdistill.train.rwft import RefinePair
 
@@ -273,10 +300,14 @@ def cmd_refine(o: RefineOptions) -> dict:
     if o.method == "rwft":
         from rerankdistill.train.rwft import reward_weighted_finetune
 
+        judge = rubric_reward_model(o)
         result = reward_weighted_finetune(model, tok, refine, o.output_dir, k=o.k, threshold=o.threshold,
                                           power=o.power, weight_by_misclassification=o.weight_by_misclassification,
                                           temperature=o.temperature, max_new_tokens=o.max_new_tokens, loop=loop,
-                                          lora=lora, completion_only=o.completion_only, max_length=o.max_length)
+                                          lora=lora, completion_only=o.completion_only, max_length=o.max_length,
+                                          reward_model=judge)
+        if judge is not None:
+            result.stats["judge_unparseable"] = float(judge.unparseable)
     elif o.method == "grpo":
         from rerankdistill.train.grpo import grpo
 
