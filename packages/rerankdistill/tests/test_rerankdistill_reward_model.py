@@ -55,10 +55,9 @@ def test_async_backends_and_unparseable_replies_are_counted():
 
 
 def test_refine_with_the_rubric_reward_model(tmp_path, tiny_tokenizer):
-    from shared_kernels.testing.tiny_lm import tiny_causal_lm
-
     from rerankdistill.train.common import LoopConfig
     from rerankdistill.train.rwft import RefinePair, reward_weighted_finetune
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
 
     pairs = [RefinePair(Q, DOC, 2, "Lamps pull moths off their navigation angle. Relevance Label: 2 ##")]
     judge = RubricRewardModel(OfflineRubricJudge())

@@ -190,6 +190,23 @@ def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_token
     changed = sum(not torch.equal(v, start[k]) for k, v in length.model.state_dict().items())
     assert changed > 0 and (tmp_path / "len" / "final" / "model.safetensors").exists()
 
+    # killed after its step-2 checkpoint (the step-3 one removed), the same call resumes to the same weights
+    import shutil
+
+    full = grpo(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4), tiny_tokenizer, pairs, tmp_path / "full",
+                reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+                save_every=2, **{**kwargs, "max_steps": 3})
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000003")
+    (tmp_path / "resumed" / "checkpoints" / "latest").unlink()
+    resumed = grpo(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=9), tiny_tokenizer, pairs, tmp_path / "resumed",
+                   reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+                   save_every=2, **{**kwargs, "max_steps": 3})
+    assert resumed.stats["steps"] == 3 and resumed.stats["last_loss"] == full.stats["last_loss"]
+    assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    with pytest.raises(ValueError, match="beta must be 0"):
+        grpo(model, tiny_tokenizer, pairs, tmp_path / "kl", beta=0.1)
+
 
 def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
     pytest.importorskip("nf4lora.model", reason="nf4lora.prepare_model not available")

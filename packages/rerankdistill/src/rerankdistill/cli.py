@@ -313,7 +313,7 @@ def cmd_refine(o: RefineOptions) -> dict:
 
         result = grpo(model, tok, refine, o.output_dir, max_steps=o.max_steps or 100, num_generations=o.k,
                       max_completion_length=o.max_new_tokens, learning_rate=o.lr, beta=o.beta,
-                      temperature=o.temperature, lora=lora, seed=o.seed)
+                      temperature=o.temperature, lora=lora, seed=o.seed, save_every=o.save_every)
     else:
         raise ConfigError(f"method must be rwft or grpo, got {o.method!r}")
     return {"pairs": len(refine), **result.stats, "final": str(result.final_dir)}
