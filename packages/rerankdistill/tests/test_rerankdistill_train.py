@@ -305,3 +305,22 @@ def test_fit_documents_cuts_long_documents_instead_of_dropping(tiny_tokenizer):
     answer = [t for t in fitted[0].labels if t != IGNORE]
     assert tiny_tokenizer.decode(answer).startswith("It fits. Relevance Label: 2 ##")  # the answer is kept whole
     assert tokenize_examples(tiny_tokenizer, [long], INTERANK_PROMPT, True, 10, fit_documents=True)[0] == []
+
+
+def test_release_target_format_and_full_sequence_loss(tiny_tokenizer):
+    """InteRank's release: the target is the explanation, then a final `Relevance Label: n` line, no stop
+    marker; with completion_only=False every token (prompt included) is learned."""
+    from rerankdistill.labels import INTERANK_RELEASE_PROMPT, parse_relevance, truncate_at_stop
+
+    release = INTERANK_RELEASE_PROMPT
+    assert target_text("It fits.  Relevance Label: 2 ##", 2, release) == "It fits.\nRelevance Label: 2"
+    assert target_text("Clearly relevant, I think", 2, release) == "Clearly relevant, I think\nRelevance Label: 2"
+    assert target_text("It fits. Relevance Label: 2 ##", 2) == "It fits. Relevance Label: 2"  # the default format
+    assert parse_relevance("It fits.\nRelevance Label: 1") == 1 and truncate_at_stop("a ## b", "") == "a ## b"
+    ex = DistillExample("what is topic 1", "a document on topic 1", "It fits.\nRelevance Label: 2")
+    full, _ = tokenize_examples(tiny_tokenizer, [ex], release, completion_only=False, max_length=None)
+    answer_only, _ = tokenize_examples(tiny_tokenizer, [ex], release, completion_only=True, max_length=None)
+    assert full[0].labels == full[0].input_ids == answer_only[0].input_ids
+    learned = [t for t in answer_only[0].labels if t != IGNORE]
+    assert tiny_tokenizer.decode(learned[:-1]) == "It fits.\nRelevance Label: 2"  # then the end-of-turn token
+    assert learned[-1] == tiny_tokenizer.eos_token_id

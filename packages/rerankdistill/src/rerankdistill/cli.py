@@ -200,7 +200,10 @@ class TrainOptions(SplitOptions):
     batch_size: int = option(1, "micro-batch size")
     grad_accum: int = option(16, "micro-batches per optimizer step")
     save_every: int = option(50, "optimizer steps between resumable checkpoints")
-    completion_only: bool = option(True, "learn only the answer tokens")
+    completion_only: bool = option(True, "learn only the answer tokens (false: the full sequence, as InteRank's "
+                                         "release)")
+    target_format: str = option("interank", "interank: `<explanation> Relevance Label: n ##` | release: the "
+                                            "explanation, then a final line `Relevance Label: n` (InteRank's release)")
     max_length: int = option(2048, "longer examples are dropped (counted)")
     lora_r: int = option(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = option(16, "LoRA alpha")
@@ -251,6 +254,15 @@ def split_pairs(o: SplitOptions, pairs: list) -> list:
     return pairs if selected is None else [p for p in pairs if p.qid in selected]
 
 
+def prompt_format(name: str):
+    """The versioned prompt of `target_format` / `prompt_format`."""
+    from rerankdistill.labels import PROMPTS
+
+    if name not in PROMPTS:
+        raise ConfigError(f"prompt format must be one of {', '.join(PROMPTS)}, got {name!r}")
+    return PROMPTS[name]
+
+
 def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
@@ -262,11 +274,12 @@ def _teacher_records(o: TrainOptions):
 def cmd_sft(o: TrainOptions) -> dict:
     from rerankdistill.train.sft import distill_examples, sft
 
+    prompt = prompt_format(o.target_format)
     pairs, records = _teacher_records(o)
-    examples, counts = distill_examples(records, pairs)
+    examples, counts = distill_examples(records, pairs, prompt)
     model, tok, loop, lora = _student(o)
     result = sft(model.train(), tok, examples, o.output_dir, loop=loop, lora=lora,
-                 completion_only=o.completion_only, max_length=o.max_length)
+                 completion_only=o.completion_only, max_length=o.max_length, prompt=prompt)
     return {**counts, **result.stats, "final": str(result.final_dir)}
 
 
@@ -305,7 +318,7 @@ def cmd_refine(o: RefineOptions) -> dict:
                                           power=o.power, weight_by_misclassification=o.weight_by_misclassification,
                                           temperature=o.temperature, max_new_tokens=o.max_new_tokens, loop=loop,
                                           lora=lora, completion_only=o.completion_only, max_length=o.max_length,
-                                          reward_model=judge)
+                                          reward_model=judge, prompt=prompt_format(o.target_format))
         if judge is not None:
             result.stats["judge_unparseable"] = float(judge.unparseable)
     elif o.method == "grpo":
@@ -313,7 +326,8 @@ def cmd_refine(o: RefineOptions) -> dict:
 
         result = grpo(model, tok, refine, o.output_dir, max_steps=o.max_steps or 100, num_generations=o.k,
                       max_completion_length=o.max_new_tokens, learning_rate=o.lr, beta=o.beta,
-                      temperature=o.temperature, lora=lora, seed=o.seed, save_every=o.save_every)
+                      temperature=o.temperature, lora=lora, seed=o.seed, save_every=o.save_every,
+                      prompt=prompt_format(o.target_format))
     else:
         raise ConfigError(f"method must be rwft or grpo, got {o.method!r}")
     return {"pairs": len(refine), **result.stats, "final": str(result.final_dir)}
@@ -333,7 +347,9 @@ class RerankOptions(CollectionOptions, SplitOptions):
     max_queries: int = option(0, "use only the first N queries (0: all)")
     batch_size: int = option(8, "pairs per forward/generate batch")
     max_new_tokens: int = option(256, "explanation budget")
-    label_probabilities: bool = option(True, "score by E[label] (else the parsed label)")
+    label_probabilities: bool = option(True, "score by E[label] (else the parsed label, as InteRank's release)")
+    prompt_format: str = option("interank", "the student's answer format: interank | release (see sft's "
+                                            "target_format)")
     judgements: str = option("judgements.jsonl", "resumable store of explanations/labels")
     output: str = option("reranked.run", "TREC run written")
     first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
@@ -385,8 +401,10 @@ def cmd_rerank(o: RerankOptions) -> dict:
         first = drop_excluded({q: d for q, d in read_run(o.first_stage).items() if q in queries}, excluded)
         first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
     model, tok = load_causal_lm(o.model)
-    backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
-    judge = TransformersJudge(backend, use_label_probabilities=o.label_probabilities)
+    prompt = prompt_format(o.prompt_format)
+    backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
+                                  stop=prompt.stop)
+    judge = TransformersJudge(backend, prompt=prompt, use_label_probabilities=o.label_probabilities)
     with TeacherStore(o.judgements) as store:
         result = rerank(first, queries, corpus, judge, k=o.depth, batch_size=o.batch_size, store=store)
     write_run(result.run, o.output, tag=o.tag)

@@ -66,6 +66,51 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
     return [(r - mean) / (std + 1e-4) for r in rewards]
 
 
+def grpo_window(n_pairs: int, steps: int, prompts_per_step: int, seed: int) -> Callable[[int], list[tuple[int, int]]]:
+    """step -> that step's micro-batches, one per prompt: (step, pair index), pairs in seeded epoch order."""
+    order: list[int] = []
+    while len(order) < steps * prompts_per_step:
+        idx = list(range(n_pairs))
+        random.Random(seed * 1000 + len(order) // n_pairs).shuffle(idx)
+        order += idx
+    return lambda step: [(step, i) for i in order[step * prompts_per_step:(step + 1) * prompts_per_step]]
+
+
+def grpo_loss(tokenizer, pairs: Sequence[RefinePair], num_generations: int, max_completion_length: int,
+              temperature: float, reward_funcs: Sequence[Callable], reward_weights: Sequence[float], seed: int,
+              unwrap: Callable, device, last_reward: dict[str, float], prompt: RelevancePrompt = INTERANK_PROMPT
+              ) -> Callable:
+    """The loss of one GRPO micro-batch (one prompt's group), for `shared_kernels.training.run_loop`.
+
+    Args:
+        unwrap: prepared model -> the model to sample from (`accelerator.unwrap_model`).
+        last_reward: receives {"reward": the group's mean reward} (for the logged rows).
+    """
+    def loss_fn(m, micro: tuple[int, int]):
+        step, i = micro
+        pair = pairs[i]
+        texts = sample_candidates(unwrap(m), tokenizer, [pair], num_generations, temperature,
+                                  max_completion_length, batch_size=1, prompt=prompt,
+                                  seed=seed * 1_000_003 + step * 1009 + i)[0]
+        rewards = [0.0] * len(texts)
+        for fn, w in zip(reward_funcs, reward_weights, strict=True):
+            rewards = [r + w * float(x) for r, x in zip(rewards, fn(texts, label=[pair.reference] * len(texts)),
+                                                        strict=True)]
+        last_reward["reward"] = sum(rewards) / len(rewards)
+        examples = [encode_example(tokenizer, prompt.messages(pair.query, pair.document), t + prompt.stop,
+                                   weight=a) for t, a in zip(texts, group_advantages(rewards), strict=True)]
+        batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return weighted_loss(out.logits, batch["labels"], batch["weights"])
+
+    return loss_fn
+
+
+def default_rewards() -> tuple[list[Callable], list[float]]:
+    """[label_reward, format_reward] with weights [1.0, 0.5]."""
+    return [label_reward, format_reward], [1.0, 0.5]
+
+
 def grpo(model, tokenizer, pairs: Sequence[RefinePair], output_dir: str | os.PathLike, max_steps: int = 100,
          num_generations: int = 8, max_completion_length: int = 256, learning_rate: float = 1e-6,
          beta: float = 0.0, temperature: float = 1.0, batch_size: int | None = None,
@@ -101,43 +146,19 @@ def grpo(model, tokenizer, pairs: Sequence[RefinePair], output_dir: str | os.Pat
     batch_size = batch_size or num_generations
     if batch_size % num_generations:
         raise ValueError(f"batch_size ({batch_size}) must be a multiple of num_generations ({num_generations})")
-    funcs = list(reward_funcs) if reward_funcs is not None else [label_reward, format_reward]
-    weights = list(reward_weights) if reward_weights is not None else [1.0, 0.5] if reward_funcs is None \
-        else [1.0] * len(funcs)
+    funcs, weights = default_rewards()
+    if reward_funcs is not None:
+        funcs, weights = list(reward_funcs), list(reward_weights or [1.0] * len(reward_funcs))
     if len(weights) != len(funcs):
         raise ValueError(f"{len(weights)} reward_weights for {len(funcs)} reward_funcs")
     if lora is not None:
         model = apply_lora(model, lora)
-    per_step = batch_size // num_generations
-    order: list[int] = []
-    while len(order) < max_steps * per_step:
-        idx = list(range(len(pairs)))
-        random.Random(seed * 1000 + len(order) // len(pairs)).shuffle(idx)
-        order += idx
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
     last_reward: dict[str, float] = {}
-
-    def window(step: int) -> list[tuple[int, int]]:  # one micro-batch per prompt: its group of answers
-        return [(step, i) for i in order[step * per_step:(step + 1) * per_step]]
-
-    def loss_fn(m, micro: tuple[int, int]) -> torch.Tensor:
-        step, i = micro
-        pair = pairs[i]
-        texts = sample_candidates(acc.unwrap_model(m), tokenizer, [pair], num_generations, temperature,
-                                  max_completion_length, batch_size=1, prompt=prompt,
-                                  seed=seed * 1_000_003 + step * 1009 + i)[0]
-        rewards = [0.0] * len(texts)
-        for fn, w in zip(funcs, weights, strict=True):
-            rewards = [r + w * float(x) for r, x in zip(rewards, fn(texts, label=[pair.reference] * len(texts)),
-                                                        strict=True)]
-        last_reward["reward"] = sum(rewards) / len(rewards)
-        examples = [encode_example(tokenizer, prompt.messages(pair.query, pair.document), t + prompt.stop,
-                                   weight=a) for t, a in zip(texts, group_advantages(rewards), strict=True)]
-        batch = {k: v.to(acc.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return weighted_loss(out.logits, batch["labels"], batch["weights"])
-
+    window = grpo_window(len(pairs), max_steps, batch_size // num_generations, seed)
+    loss_fn = grpo_loss(tokenizer, pairs, num_generations, max_completion_length, temperature, funcs, weights,
+                        seed, acc.unwrap_model, acc.device, last_reward, prompt)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
