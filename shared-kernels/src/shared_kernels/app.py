@@ -16,7 +16,7 @@ from typing import Any
 
 from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args, make_trackers
 
-__all__ = ["cli_main", "flat_config", "log_to_file", "make_accelerator", "require_fsdp2"]
+__all__ = ["cli_main", "flat_config", "log_to_file", "make_accelerator", "require_fsdp2", "run_recipe"]
 
 
 def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,6 +68,16 @@ def require_fsdp2(acc: Any, config_hint: str) -> bool:
     if not acc.is_fsdp2:
         raise ValueError(f"FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 ({config_hint})")
     return True
+
+
+def run_recipe(recipe: Any) -> Any:
+    """setup() -> train() -> evaluate() -> cleanup() (cleanup also after an error); evaluate's result."""
+    recipe.setup()
+    try:
+        recipe.train()
+        return recipe.evaluate()
+    finally:
+        recipe.cleanup()
 
 
 def cli_main(

@@ -5,31 +5,24 @@ Resumable: predictions are cached per (model, condition, dataset, example); a re
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from idiom_sweep.config import IdiomSweepConfig
-from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args
+from shared_kernels.app import cli_main
+
+DESCRIPTION = ("Idiomaticity detection with reasoning LLMs: one command runs (or resumes) a sweep over models x "
+               "prompt conditions x datasets, optionally loading models in 4 bits through nf4lora, and writes the "
+               "macro-F1 table (markdown + CSV) and the macro-F1-vs-size plot.")
+
+
+def _run(cfg: IdiomSweepConfig, progress: bool) -> None:
+    from idiom_sweep.recipe import run
+
+    run(cfg, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="idiom-sweep",
-        description="Idiomaticity detection with reasoning LLMs: one command runs (or resumes) a sweep over "
-        "models x prompt conditions x datasets, optionally loading models in 4 bits through nf4lora, and "
-        "writes the macro-F1 table (markdown + CSV) and the macro-F1-vs-size plot.",
-    )
-    add_config_arguments(parser, IdiomSweepConfig)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config_from_args(IdiomSweepConfig, args)
-    except ConfigError as err:
-        parser.error(str(err))
-    from idiom_sweep.recipe import run
-
-    run(cfg, progress=not args.no_progress)
-    return 0
+    return cli_main("idiom-sweep", DESCRIPTION, IdiomSweepConfig, _run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lm_pretrain.config import PretrainConfig
 from lm_pretrain.data import batch_offsets, eval_offsets, load_corpus, split_corpus, windows
-from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2
+from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
 from shared_kernels.runconfig import config_to_dict, write_json_atomic, write_yaml_atomic
@@ -277,11 +277,4 @@ class PretrainRecipe:
 
 def run(cfg: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     """setup -> train -> evaluate -> cleanup; returns the evaluation results (main process)."""
-    recipe = PretrainRecipe(cfg, progress=progress)
-    recipe.setup()
-    try:
-        recipe.train()
-        results = recipe.evaluate()
-    finally:
-        recipe.cleanup()
-    return results
+    return run_recipe(PretrainRecipe(cfg, progress=progress))
