@@ -238,3 +238,30 @@ def test_killed_run_resumes_to_the_same_loss(distill_runs):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_grpo_refinement_resumes_to_the_same_result(tmp_path, capsys):
+    """refine.method=grpo runs on the shared loop: checkpoints under checkpoints/refine; a run whose last
+    refinement checkpoint is gone resumes from the one before and ends with the same losses and scores, and
+    keeps the metrics rows of both phases (the tiny model earns no reward in 4 tokens: zero advantages; the
+    non-trivial GRPO resume is rerankdistill's test_grpo_moves_the_model_only_with_informative_rewards)."""
+    import shutil
+
+    args = ["--no-progress", *TINY, "refine.method=grpo", "refine.steps=3"]
+    assert main([f"run_dir={tmp_path / 'a'}", *args]) == 0
+    assert "GRPO on 2 pairs, 2 samples per prompt, 2 prompt(s) per step" in capsys.readouterr().out
+    refine = tmp_path / "a" / "checkpoints" / "refine"
+    assert sorted(p.name for p in refine.glob("step-*")) == ["step-00000002", "step-00000003"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "refine" / "step-00000003")
+    (tmp_path / "b" / "checkpoints" / "refine" / "latest").unlink()
+    assert main([f"run_dir={tmp_path / 'b'}", *args]) == 0
+    assert "resumed refine from" in capsys.readouterr().out
+
+    def refine_rows(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["refine/loss"], r["refine/reward"]) for r in rows if "refine/loss" in r]
+
+    assert len(refine_rows(tmp_path / "a")) == 3 and refine_rows(tmp_path / "b") == refine_rows(tmp_path / "a")
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["scores"] for d in ("a", "b"))
+    assert a == b

@@ -124,3 +124,37 @@ def test_transformers_backend_as_teacher(tiny_backend, tmp_path):
     # greedy generation is deterministic: the stored texts equal a direct call
     direct = tiny_backend.complete_batch([INTERANK_PROMPT.messages(p.query, p.document) for p in pairs])
     assert [r.text for r in records] == [c.text for c in direct]
+
+
+def test_parsed_label_scoring_against_expected_label_scoring():
+    """label_probabilities=false (the release's parsed-label scoring) ranks by the written label; true ranks
+    by E[label] under the label-token probabilities, here made to disagree with the written labels."""
+    from rerankdistill.teacher import Completion
+
+    written = {"d0": 2, "d1": 0, "d2": 1}
+    probs = {"d0": [0.6, 0.3, 0.1], "d1": [0.0, 0.2, 0.8], "d2": [0.3, 0.4, 0.3]}  # E = 0.5, 1.8, 1.0
+
+    class Backend:
+        name = "fake"
+
+        def render(self, messages):
+            return messages[-1]["content"]
+
+        def generate_texts(self, prompts):
+            return [Completion(f"why. Relevance Label: {written[self._doc(p)]}") for p in prompts]
+
+        def label_probabilities(self, prompts, texts):
+            return torch.tensor([probs[self._doc(p)] for p in prompts])
+
+        @staticmethod
+        def _doc(prompt):
+            return "d" + prompt.split("Document: document number ")[1].split()[0]
+
+    first = {"1": {"d0": 3.0, "d1": 2.0, "d2": 1.0}}
+    order = {}
+    for use in (False, True):
+        judge = TransformersJudge(Backend(), use_label_probabilities=use)
+        result = rerank(first, QUERIES, CORPUS, judge, k=3, progress=False)
+        order[use] = sorted(result.run["1"], key=lambda d: -result.run["1"][d])
+        assert result.labels["1"] == written
+    assert order[False] == ["d0", "d2", "d1"] and order[True] == ["d1", "d2", "d0"]

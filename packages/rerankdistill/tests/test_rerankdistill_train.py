@@ -190,6 +190,23 @@ def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_token
     changed = sum(not torch.equal(v, start[k]) for k, v in length.model.state_dict().items())
     assert changed > 0 and (tmp_path / "len" / "final" / "model.safetensors").exists()
 
+    # killed after its step-2 checkpoint (the step-3 one removed), the same call resumes to the same weights
+    import shutil
+
+    full = grpo(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4), tiny_tokenizer, pairs, tmp_path / "full",
+                reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+                save_every=2, **{**kwargs, "max_steps": 3})
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000003")
+    (tmp_path / "resumed" / "checkpoints" / "latest").unlink()
+    resumed = grpo(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=9), tiny_tokenizer, pairs, tmp_path / "resumed",
+                   reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+                   save_every=2, **{**kwargs, "max_steps": 3})
+    assert resumed.stats["steps"] == 3 and resumed.stats["last_loss"] == full.stats["last_loss"]
+    assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    with pytest.raises(ValueError, match="beta must be 0"):
+        grpo(model, tiny_tokenizer, pairs, tmp_path / "kl", beta=0.1)
+
 
 def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
     pytest.importorskip("nf4lora.model", reason="nf4lora.prepare_model not available")
@@ -288,3 +305,22 @@ def test_fit_documents_cuts_long_documents_instead_of_dropping(tiny_tokenizer):
     answer = [t for t in fitted[0].labels if t != IGNORE]
     assert tiny_tokenizer.decode(answer).startswith("It fits. Relevance Label: 2 ##")  # the answer is kept whole
     assert tokenize_examples(tiny_tokenizer, [long], INTERANK_PROMPT, True, 10, fit_documents=True)[0] == []
+
+
+def test_release_target_format_and_full_sequence_loss(tiny_tokenizer):
+    """InteRank's release: the target is the explanation, then a final `Relevance Label: n` line, no stop
+    marker; with completion_only=False every token (prompt included) is learned."""
+    from rerankdistill.labels import INTERANK_RELEASE_PROMPT, parse_relevance, truncate_at_stop
+
+    release = INTERANK_RELEASE_PROMPT
+    assert target_text("It fits.  Relevance Label: 2 ##", 2, release) == "It fits.\nRelevance Label: 2"
+    assert target_text("Clearly relevant, I think", 2, release) == "Clearly relevant, I think\nRelevance Label: 2"
+    assert target_text("It fits. Relevance Label: 2 ##", 2) == "It fits. Relevance Label: 2"  # the default format
+    assert parse_relevance("It fits.\nRelevance Label: 1") == 1 and truncate_at_stop("a ## b", "") == "a ## b"
+    ex = DistillExample("what is topic 1", "a document on topic 1", "It fits.\nRelevance Label: 2")
+    full, _ = tokenize_examples(tiny_tokenizer, [ex], release, completion_only=False, max_length=None)
+    answer_only, _ = tokenize_examples(tiny_tokenizer, [ex], release, completion_only=True, max_length=None)
+    assert full[0].labels == full[0].input_ids == answer_only[0].input_ids
+    learned = [t for t in answer_only[0].labels if t != IGNORE]
+    assert tiny_tokenizer.decode(learned[:-1]) == "It fits.\nRelevance Label: 2"  # then the end-of-turn token
+    assert learned[-1] == tiny_tokenizer.eos_token_id

@@ -17,7 +17,7 @@ from typing import Any
 from shared_kernels.errors import UserError, exit_on_user_error, user_error_message
 from shared_kernels.runconfig import add_config_arguments, config_from_args, make_trackers
 
-__all__ = ["cli_main", "flat_config", "log_to_file", "make_accelerator", "require_fsdp2"]
+__all__ = ["cli_main", "flat_config", "log_to_file", "make_accelerator", "require_fsdp2", "run_recipe"]
 
 
 def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,6 +71,16 @@ def require_fsdp2(acc: Any, config_hint: str) -> bool:
     return True
 
 
+def run_recipe(recipe: Any) -> Any:
+    """setup() -> train() -> evaluate() -> cleanup() (cleanup also after an error); evaluate's result."""
+    recipe.setup()
+    try:
+        recipe.train()
+        return recipe.evaluate()
+    finally:
+        recipe.cleanup()
+
+
 def cli_main(
     prog: str,
     description: str,
@@ -78,9 +88,14 @@ def cli_main(
     run: Callable[[Any, bool], None],
     argv: Sequence[str] | None = None,
     user_errors: tuple[type[BaseException], ...] = (),
+    example: str = "train.lr=1e-4",
+    default_config: Callable[[], Mapping[str, Any]] | None = None,
 ) -> int:
     """An app's `main`: parse `--config FILE`, `--print-config`, `--no-progress` and `key=value` overrides,
     build the config, call `run(cfg, progress)` (which prints the app's closing lines).
+
+    `example` is the override shown in --help (one the config accepts); `default_config()`, when given, is
+    the base mapping used without --config (an app's offline default, kept as data).
 
     A user error -- a bad config value or file (`ConfigError`), any `shared_kernels.errors.UserError` found
     while running (unreadable input, a non-finite loss, a stale checkpoint, a teacher server's refusal), or an
@@ -91,13 +106,14 @@ def cli_main(
         the exit code: 0, or 2 after a user error.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_config_arguments(parser, config_cls)
+    add_config_arguments(parser, config_cls, example=example)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     def go() -> int:
+        base = default_config() if default_config is not None and args.config is None else None
         try:
-            run(config_from_args(config_cls, args), not args.no_progress)
+            run(config_from_args(config_cls, args, base=base), not args.no_progress)
         except user_errors as err:
             raise _AppUserError(user_error_message(err)) from err
         return 0

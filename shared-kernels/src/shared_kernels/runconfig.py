@@ -402,8 +402,9 @@ class JSONLTracker:
     """
 
     @staticmethod
-    def truncate_after(path: str | Path, step: int) -> None:
-        """Keep only lines whose "step" is <= `step` (used when a run resumes from a checkpoint)."""
+    def truncate_after(path: str | Path, step: int, upto: int | None = None) -> None:
+        """Drop lines whose "step" is > `step` (and <= `upto` when given: a later phase's rows, logged on the
+        same step axis, are kept), used when a run resumes from a checkpoint."""
         path = Path(path)
         if not path.exists():
             return
@@ -411,7 +412,8 @@ class JSONLTracker:
         for line in path.read_text().splitlines():
             try:
                 logged = json.loads(line).get("step")
-                if not isinstance(logged, int) or logged <= step:  # rows logged without a step are kept
+                # rows logged without a step are kept
+                if not isinstance(logged, int) or logged <= step or (upto is not None and logged > upto):
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue

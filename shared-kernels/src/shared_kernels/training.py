@@ -149,7 +149,8 @@ def run_loop(
             if logger is not None and acc.is_main_process:
                 logger.info("resumed %s from %s at step %d", s.phase, loaded["path"], state.step)
             if metrics_file is not None and acc.is_main_process:
-                JSONLTracker.truncate_after(metrics_file, s.log_step_offset + state.step)
+                # this phase's rows after the resumed step go (they are logged again); other phases' stay
+                JSONLTracker.truncate_after(metrics_file, s.log_step_offset + state.step, s.log_step_offset + s.steps)
     bar = None
     if s.progress and acc.is_main_process and state.step < s.steps and importlib.util.find_spec("tqdm"):
         from tqdm.auto import tqdm  # not a dependency of shared-kernels: a bar only where it is installed

@@ -98,10 +98,6 @@ class IdiomSweepRecipe:
 
 
 def run(cfg: IdiomSweepConfig, progress: bool = True):
-    recipe = IdiomSweepRecipe(cfg, progress)
-    recipe.setup()
-    try:
-        recipe.train()
-        return recipe.evaluate()
-    finally:
-        recipe.cleanup()
+    from shared_kernels.app import run_recipe
+
+    return run_recipe(IdiomSweepRecipe(cfg, progress))

@@ -32,7 +32,7 @@ from lm_pretrain.data import (
     split_corpus,
     windows,
 )
-from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2
+from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
 from shared_kernels.finite import check_finite_tensors
@@ -288,11 +288,4 @@ class PretrainRecipe:
 
 def run(cfg: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     """setup -> train -> evaluate -> cleanup; returns the evaluation results (main process)."""
-    recipe = PretrainRecipe(cfg, progress=progress)
-    recipe.setup()
-    try:
-        recipe.train()
-        results = recipe.evaluate()
-    finally:
-        recipe.cleanup()
-    return results
+    return run_recipe(PretrainRecipe(cfg, progress=progress))

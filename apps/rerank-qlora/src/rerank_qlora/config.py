@@ -166,9 +166,9 @@ class TrainConfig:
 
 @dataclass
 class RefineConfig:
-    method: Literal["reward-weighted", "none"] = option(
-        "reward-weighted", "InteRank's reward-weighted fine-tuning (rerankdistill) or none")
-    samples: int = option(4, "explanations sampled per pair (InteRank: 8)")
+    method: Literal["reward-weighted", "grpo", "none"] = option(
+        "reward-weighted", "InteRank's reward-weighted fine-tuning, GRPO (both rerankdistill, resumable) or none")
+    samples: int = option(4, "explanations sampled per pair (InteRank: 8); grpo: the group size")
     pairs: int = option(8, "training pairs refined")
     threshold: float = option(0.85, "keep samples whose min-max normalised reward is at least this")
     steps: int = option(5, "optimizer steps of refinement")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rerank_qlora import stages
 from rerank_qlora.config import RerankQLoRAConfig
-from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2
+from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
 from shared_kernels.finite import check_finite_tensors
@@ -154,6 +154,8 @@ class RerankQLoRARecipe:
         self._stage(7, "refinement")
         if cfg.refine.method == "none":
             self._print("skipped (refine.method=none)")
+        elif cfg.refine.method == "grpo":
+            self.history += self._grpo(pairs, records)
         else:
             self.history += self._refine(pairs, records)
 
@@ -169,13 +171,6 @@ class RerankQLoRARecipe:
         if tc.batch_size % (tc.micro_batch_size * world):
             raise ValueError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
                              f"processes ({tc.micro_batch_size} x {world})")
-        if is_sharded(self.model):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
-            _reshard(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
-        ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=acc.process_index,
-                                 world_size=world, barrier=acc.wait_for_everyone)
         order: list[int] = []
         epoch = 0
         while len(order) < steps * tc.batch_size:
@@ -194,12 +189,27 @@ class RerankQLoRARecipe:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             return weighted_loss(out.logits, batch["labels"], batch["weights"])
 
+        return self._run_phase(steps, lr, phase, window, loss_fn)
+
+    def _run_phase(self, steps: int, lr: float, phase: str, window: Any, loss_fn: Any,
+                   extra_metrics: Any = None) -> list[dict[str, Any]]:
+        """One training phase on the shared loop (shared_kernels.training): AdamW over the adapters, DDP or
+        FSDP2, checkpoints under checkpoints/<phase>, resumable."""
+        tc, acc = self.cfg.train, self.acc
+        world = acc.num_processes
+        if is_sharded(self.model):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
+            _reshard(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+        ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=acc.process_index,
+                                 world_size=world, barrier=acc.wait_for_everyone)
         settings = LoopSettings(steps=steps, phase=phase, log_every=tc.log_every,
                                 checkpoint_every=tc.checkpoint_every, max_grad_norm=tc.max_grad_norm,
                                 trainable_only=True, resume=self.cfg.resume, progress=self.progress,
                                 log_step_offset=0 if phase == "distill" else tc.steps)  # one step axis
         state = run_loop(acc, self.model, optimizer, scheduler, window, loss_fn, settings, ckpt,
-                         metrics_file=self.run_dir / "metrics.jsonl", logger=log)
+                         metrics_file=self.run_dir / "metrics.jsonl", extra_metrics=extra_metrics, logger=log)
         if state.resumed_from is not None:
             self._print(f"resumed {phase} from {state.resumed_from} at step {state.start_step}")
         self.model = acc.unwrap_model(state.model)
@@ -258,6 +268,37 @@ class RerankQLoRARecipe:
         self._print(f"{agree} of {self.notes['refine']['samples']} samples agree with the teacher's label; "
                     f"{len(encoded)} weighted examples kept (threshold {rc.threshold})")
         return self._train_loop(encoded, rc.steps, cfg.train.lr, "refine")
+
+    def _grpo(self, pairs: list, records: list) -> list[dict[str, Any]]:
+        """GRPO (rerankdistill.train.grpo) on `refine.pairs` teacher-labelled pairs: `refine.samples` answers per
+        prompt, label-agreement + format rewards, group-relative advantages; on the shared loop, so it
+        checkpoints under checkpoints/refine and resumes like distillation (sampling seeded by step and pair)."""
+        from rerankdistill.train.grpo import default_rewards, grpo_loss, grpo_window
+        from rerankdistill.train.rwft import RefinePair
+
+        cfg, rc = self.cfg, self.cfg.refine
+        if is_sharded(self.model):
+            raise ValueError("refine.method=grpo samples on each rank's own prompts: not supported with FSDP2 "
+                             "sharding (use DDP, or refine.method=reward-weighted)")
+        labels = {(r.qid, r.docid): r.label for r in records if r.label is not None}
+        fits = [p for p in pairs if (p.qid, p.docid) in labels and len(p.document) < 2 * cfg.train.max_length]
+        chosen = random.Random(cfg.train.seed).sample(fits, min(rc.pairs, len(fits)))
+        refine_pairs = [RefinePair(p.query, p.document, labels[(p.qid, p.docid)]) for p in chosen]
+        if not refine_pairs:
+            raise ValueError("refine: no teacher-labelled pair to refine on")
+        prompts_per_step = cfg.train.batch_size // cfg.train.micro_batch_size  # one prompt's group per micro batch
+        funcs, weights = default_rewards()
+        last_reward: dict[str, float] = {}
+        window = grpo_window(len(refine_pairs), rc.steps, prompts_per_step, cfg.train.seed)
+        loss_fn = grpo_loss(self.tokenizer, refine_pairs, rc.samples, cfg.rerank.max_new_tokens, rc.temperature,
+                            funcs, weights, cfg.train.seed, self.acc.unwrap_model, self.acc.device, last_reward,
+                            _prompt())
+        self.notes["refine"] = {"method": "grpo", "pairs": len(refine_pairs), "samples_per_prompt": rc.samples,
+                                "prompts_per_step": prompts_per_step}
+        self._print(f"GRPO on {len(refine_pairs)} pairs, {rc.samples} samples per prompt, {prompts_per_step} "
+                    "prompt(s) per step")
+        return self._run_phase(rc.steps, cfg.train.lr, "refine", window, loss_fn,
+                               extra_metrics=lambda _: {"refine/reward": last_reward.get("reward", float("nan"))})
 
     # ---------------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -518,11 +559,4 @@ def _prompt():
 
 def run(cfg: RerankQLoRAConfig, progress: bool = True) -> dict[str, Any]:
     """setup -> train -> evaluate -> cleanup; returns the evaluation results (main process)."""
-    recipe = RerankQLoRARecipe(cfg, progress=progress)
-    recipe.setup()
-    try:
-        recipe.train()
-        results = recipe.evaluate()
-    finally:
-        recipe.cleanup()
-    return results
+    return run_recipe(RerankQLoRARecipe(cfg, progress=progress))

@@ -23,7 +23,7 @@ from rerankdistill.trec import atomic_write_text
 from shared_kernels.errors import USER_ERRORS, user_error_message
 from shared_kernels.runconfig import ConfigError, load_config, option, options_help
 
-COLLECTION_HELP = "cranfield | beir | bright | trec"
+COLLECTION_HELP = "cranfield | beir | bright | trec | datasets"
 
 
 @dataclass
@@ -31,9 +31,11 @@ class CollectionOptions:
     collection: str = option("", COLLECTION_HELP)
     path: str = option("", "collection folder (cranfield, beir)")
     split: str = option("test", "BEIR qrels split")
-    topics: str = option("", "topics file (bright jsonl.gz, trec topics)")
-    qrels: str = option("", "qrels file (bright, trec)")
-    corpus: str = option("", "corpus JSONL (bright: id/content, trec: id/text)")
+    topics: str = option("", "topics (bright jsonl.gz, trec topics, datasets: queries source)")
+    qrels: str = option("", "qrels (bright, trec: TREC file; datasets: source with query-id/corpus-id/score)")
+    corpus: str = option("", "corpus: JSONL(.gz), Parquet, a `datasets` folder or (online) a hub id[:config] "
+                             "(bright: id/content; trec: id/text; datasets: _id or id, text or content, title)")
+    corpus_split: str = option("", "split of a multi-split corpus source (BRIGHT's documents: the domain)")
 
 
 def _check(o: object, *names: str, minimum: float = 1, positive: bool = False) -> None:
@@ -48,20 +50,26 @@ def _check(o: object, *names: str, minimum: float = 1, positive: bool = False) -
 
 def load_collection(o: CollectionOptions):
     """(corpus, queries, qrels) for the options' collection."""
-    from rerankdistill.datasets import load_beir, load_bright, load_cranfield, load_jsonl
+    from rerankdistill.datasets import load_beir, load_bright, load_cranfield
+    from rerankdistill.loaders import load_qrels_records, load_texts
     from rerankdistill.trec import read_qrels, read_topics
 
     if o.collection == "cranfield":
         return load_cranfield(o.path)
     if o.collection == "beir":
         return load_beir(o.path, o.split)
+    for name in ("corpus", "topics", "qrels") if o.collection == "datasets" else ("corpus",):
+        if o.collection in ("bright", "trec", "datasets") and not getattr(o, name):
+            raise ConfigError(f"collection={o.collection} needs {name}=")
+    corpus_split = o.corpus_split or None
     if o.collection == "bright":
-        if not o.corpus:
-            raise ConfigError("collection=bright needs corpus= (a JSONL export of BRIGHT's documents)")
-        task = load_bright(o.topics, o.qrels or None, o.corpus)
-        return task.corpus, task.queries, task.qrels
+        task = load_bright(o.topics, o.qrels or None)
+        return load_texts(o.corpus, "id", "content", None, split=corpus_split), task.queries, task.qrels
     if o.collection == "trec":
-        return load_jsonl(o.corpus), read_topics(o.topics), read_qrels(o.qrels)
+        return load_texts(o.corpus, "id", "text", None, split=corpus_split), read_topics(o.topics), read_qrels(o.qrels)
+    if o.collection == "datasets":
+        return (load_texts(o.corpus, split=corpus_split), load_texts(o.topics, title_field=None),
+                load_qrels_records(o.qrels))
     raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
 
 
@@ -216,7 +224,10 @@ class TrainOptions(SplitOptions):
     batch_size: int = option(1, "micro-batch size")
     grad_accum: int = option(16, "micro-batches per optimizer step")
     save_every: int = option(50, "optimizer steps between resumable checkpoints")
-    completion_only: bool = option(True, "learn only the answer tokens")
+    completion_only: bool = option(True, "learn only the answer tokens (false: the full sequence, as InteRank's "
+                                         "release)")
+    target_format: str = option("interank", "interank: `<explanation> Relevance Label: n ##` | release: the "
+                                            "explanation, then a final line `Relevance Label: n` (InteRank's release)")
     max_length: int = option(2048, "longer examples are dropped (counted)")
     lora_r: int = option(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = option(16, "LoRA alpha")
@@ -242,6 +253,13 @@ class RefineOptions(TrainOptions):
     temperature: float = option(1.0, "sampling temperature")
     max_new_tokens: int = option(256, "tokens per sampled answer")
     beta: float = option(0.0, "grpo: KL coefficient")
+    reward: str = option("label", "rwft reward: label (agreement with the teacher's label) | rubric (a judge model "
+                                  "scores each sample on a rubric, as InteRank's release)")
+    reward_backend: str = option("openai", "rubric judge: openai (reward_base_url, reward_model) | offline "
+                                           "(a mechanical stand-in for tests)")
+    reward_base_url: str = option("http://127.0.0.1:8000/v1", "rubric judge: OpenAI-compatible server")
+    reward_model: str = option("", "rubric judge: model name")
+    reward_api_key_env: str = option("OPENAI_API_KEY", "rubric judge: environment variable holding the API key")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -275,6 +293,15 @@ def split_pairs(o: SplitOptions, pairs: list) -> list:
     return pairs if selected is None else [p for p in pairs if p.qid in selected]
 
 
+def prompt_format(name: str):
+    """The versioned prompt of `target_format` / `prompt_format`."""
+    from rerankdistill.labels import PROMPTS
+
+    if name not in PROMPTS:
+        raise ConfigError(f"prompt format must be one of {', '.join(PROMPTS)}, got {name!r}")
+    return PROMPTS[name]
+
+
 def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
@@ -286,12 +313,33 @@ def _teacher_records(o: TrainOptions):
 def cmd_sft(o: TrainOptions) -> dict:
     from rerankdistill.train.sft import distill_examples, sft
 
+    prompt = prompt_format(o.target_format)
     pairs, records = _teacher_records(o)
-    examples, counts = distill_examples(records, pairs)
+    examples, counts = distill_examples(records, pairs, prompt)
     model, tok, loop, lora = _student(o)
     result = sft(model.train(), tok, examples, o.output_dir, loop=loop, lora=lora,
-                 completion_only=o.completion_only, max_length=o.max_length)
+                 completion_only=o.completion_only, max_length=o.max_length, prompt=prompt)
     return {**counts, **result.stats, "final": str(result.final_dir)}
+
+
+def rubric_reward_model(o: RefineOptions):
+    """The rubric reward model of `reward=rubric` (None for `reward=label`)."""
+    from rerankdistill.reward_model import OfflineRubricJudge, RubricRewardModel
+
+    if o.reward == "label":
+        return None
+    if o.reward != "rubric":
+        raise ConfigError(f"reward must be label or rubric, got {o.reward!r}")
+    if o.reward_backend == "offline":
+        return RubricRewardModel(OfflineRubricJudge())
+    if o.reward_backend != "openai":
+        raise ConfigError(f"reward_backend must be openai or offline, got {o.reward_backend!r}")
+    if not o.reward_model:
+        raise ConfigError("reward=rubric with reward_backend=openai needs reward_model=")
+    from rerankdistill.backends.openai_http import OpenAIChatBackend
+
+    return RubricRewardModel(OpenAIChatBackend(o.reward_base_url, o.reward_model, api_key_env=o.reward_api_key_env,
+                                               temperature=0.0, max_tokens=16))
 
 
 def cmd_refine(o: RefineOptions) -> dict:
@@ -304,16 +352,21 @@ def cmd_refine(o: RefineOptions) -> dict:
     if o.method == "rwft":
         from rerankdistill.train.rwft import reward_weighted_finetune
 
+        judge = rubric_reward_model(o)
         result = reward_weighted_finetune(model, tok, refine, o.output_dir, k=o.k, threshold=o.threshold,
                                           power=o.power, weight_by_misclassification=o.weight_by_misclassification,
                                           temperature=o.temperature, max_new_tokens=o.max_new_tokens, loop=loop,
-                                          lora=lora, completion_only=o.completion_only, max_length=o.max_length)
+                                          lora=lora, completion_only=o.completion_only, max_length=o.max_length,
+                                          reward_model=judge, prompt=prompt_format(o.target_format))
+        if judge is not None:
+            result.stats["judge_unparseable"] = float(judge.unparseable)
     elif o.method == "grpo":
         from rerankdistill.train.grpo import grpo
 
         result = grpo(model, tok, refine, o.output_dir, max_steps=o.max_steps or 100, num_generations=o.k,
                       max_completion_length=o.max_new_tokens, learning_rate=o.lr, beta=o.beta,
-                      temperature=o.temperature, lora=lora, seed=o.seed)
+                      temperature=o.temperature, lora=lora, seed=o.seed, save_every=o.save_every,
+                      prompt=prompt_format(o.target_format))
     else:
         raise ConfigError(f"method must be rwft or grpo, got {o.method!r}")
     return {"pairs": len(refine), **result.stats, "final": str(result.final_dir)}
@@ -326,12 +379,16 @@ def cmd_refine(o: RefineOptions) -> dict:
 class RerankOptions(CollectionOptions, SplitOptions):
     model: str = option("", "reranker: local model directory")
     first_stage: str = option("bm25", "'bm25' or a TREC run file")
+    first_stage_queries: str = option("original", "bm25 over the original queries or (bright) 'reasoning': "
+                                                  "BRIGHT's GPT-4 reasoning texts; the reranker sees the original")
     bm25_backend: str = option("bm25s", "first_stage=bm25 with bm25s | pyserini (Lucene; needs Java 21+)")
     depth: int = option(100, "candidates reranked per query")
     max_queries: int = option(0, "use only the first N queries (0: all)")
     batch_size: int = option(8, "pairs per forward/generate batch")
     max_new_tokens: int = option(256, "explanation budget")
-    label_probabilities: bool = option(True, "score by E[label] (else the parsed label)")
+    label_probabilities: bool = option(True, "score by E[label] (else the parsed label, as InteRank's release)")
+    prompt_format: str = option("interank", "the student's answer format: interank | release (see sft's "
+                                            "target_format)")
     judgements: str = option("judgements.jsonl", "resumable store of explanations/labels")
     output: str = option("reranked.run", "TREC run written")
     first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
@@ -340,6 +397,23 @@ class RerankOptions(CollectionOptions, SplitOptions):
     def __post_init__(self) -> None:
         _check(self, "depth", "batch_size", "max_new_tokens")
         _check(self, "max_queries", minimum=0)
+
+
+def first_stage_texts(o: RerankOptions, queries: dict[str, str]) -> dict[str, str]:
+    """The texts BM25 searches with: the queries, or BRIGHT's reasoning texts for them."""
+    if o.first_stage_queries == "original":
+        return queries
+    if o.first_stage_queries != "reasoning":
+        raise ConfigError(f"first_stage_queries must be original or reasoning, got {o.first_stage_queries!r}")
+    if o.collection != "bright":
+        raise ConfigError("first_stage_queries=reasoning needs collection=bright (its topics hold the reasoning)")
+    from rerankdistill.datasets import load_bright
+
+    reasoning = load_bright(o.topics, o.qrels or None).reasoning
+    missing = [q for q in queries if not reasoning.get(q)]
+    if missing:
+        raise ConfigError(f"topics {o.topics!r}: {len(missing)} queries have no reasoning text, e.g. {missing[:5]}")
+    return {q: reasoning[q] for q in queries}
 
 
 def cmd_rerank(o: RerankOptions) -> dict:
@@ -360,22 +434,26 @@ def cmd_rerank(o: RerankOptions) -> dict:
         qrels = {q: j for q, j in qrels.items() if q in selected}
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
+    excluded = excluded_ids(o)  # BRIGHT: never ranked, so never scored
     if o.first_stage == "bm25":
-        first = drop_excluded(bm25_search(corpus, queries, k=o.depth + 50, backend=o.bm25_backend),
-                              excluded_ids(o))
+        search = first_stage_texts(o, queries)
+        first = drop_excluded(bm25_search(corpus, search, k=o.depth + 50, backend=o.bm25_backend), excluded)
         first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
-        write_run(first, o.first_stage_output, tag="bm25")
+        write_run(first, o.first_stage_output, tag="bm25" if search is queries else "bm25-reasoning")
     else:
-        first = {q: d for q, d in read_run(o.first_stage).items() if q in queries}
+        first = drop_excluded({q: d for q, d in read_run(o.first_stage).items() if q in queries}, excluded)
+        first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
     model, tok = load_causal_lm(o.model)
-    backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
-    judge = TransformersJudge(backend, use_label_probabilities=o.label_probabilities)
+    prompt = prompt_format(o.prompt_format)
+    backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
+                                  stop=prompt.stop)
+    judge = TransformersJudge(backend, prompt=prompt, use_label_probabilities=o.label_probabilities)
     with TeacherStore(o.judgements) as store:
         result = rerank(first, queries, corpus, judge, k=o.depth, batch_size=o.batch_size, store=store)
     write_run(result.run, o.output, tag=o.tag)
     print(comparison_table({"first stage": first, "reranked": result.run}, qrels), end="")
-    return {"judged": result.judged, "cached": result.cached, "unparseable": result.unparseable,
-            "output": o.output}
+    return {"queries": len(first), "judged": result.judged, "cached": result.cached,
+            "unparseable": result.unparseable, "first_stage_queries": o.first_stage_queries, "output": o.output}
 
 
 @dataclass

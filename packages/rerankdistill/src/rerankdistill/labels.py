@@ -30,6 +30,7 @@ class RelevancePrompt:
     max_doc_chars: int = MAX_DOC_CHARS
     label_prefix: str = LABEL_PREFIX
     stop: str = STOP
+    label_separator: str = " "  # between the explanation and the label line ("\n": the label on its own line)
 
     def messages(self, query: str, document: str) -> list[dict[str, str]]:
         if not isinstance(query, str) or not query.strip():
@@ -43,7 +44,7 @@ class RelevancePrompt:
     def completion(self, explanation: str, label: int) -> str:
         """The target text for a label: explanation, then the label line and the stop marker."""
         explanation = " ".join(explanation.split())
-        return f"{explanation} {self.label_prefix} {label}{self.stop}".lstrip()
+        return f"{explanation}{self.label_separator}{self.label_prefix} {label}{self.stop}".lstrip()
 
 
 INTERANK_PROMPT = RelevancePrompt(
@@ -56,6 +57,22 @@ INTERANK_PROMPT = RelevancePrompt(
         "1 (partially relevant) or 2 (relevant). End your answer with `Relevance Label: <0|1|2> ##`."
     ),
 )
+
+# InteRank's released training target: the explanation, then a final line `Relevance Label: n`, no stop
+# marker (generation ends at the end-of-turn token).
+INTERANK_RELEASE_PROMPT = RelevancePrompt(
+    name="interank-release",
+    version="1",
+    system=INTERANK_PROMPT.system,
+    user=(
+        "Query: {query}\n\nDocument: {document}\n\n"
+        "Explain briefly how the document relates to the query, then rate its relevance: 0 (irrelevant), "
+        "1 (partially relevant) or 2 (relevant). End your answer with a final line `Relevance Label: <0|1|2>`."
+    ),
+    stop="",
+    label_separator="\n",
+)
+PROMPTS = {"interank": INTERANK_PROMPT, "release": INTERANK_RELEASE_PROMPT}
 
 _LABEL = re.compile(r"relevance[\s_-]*label\s*[:=]?\s*[\*\"'`\[\(]*\s*(-?\d+)", re.I)
 _LABEL_WORD = re.compile(r"relevance[\s_-]*label\s*[:=]\s*[\*\"'`]*\s*([a-z][a-z ]*)", re.I)
@@ -113,6 +130,8 @@ def parse_relevance(text: str, max_label: int = 2) -> int | None:
 
 
 def truncate_at_stop(text: str, stop: str = STOP) -> str:
-    """Cut generated text at the first stop marker (kept out), as servers do with `stop`."""
+    """Cut generated text at the first stop marker (kept out), as servers do with `stop`; "" cuts nothing."""
+    if not stop:
+        return text
     cut = text.find(stop)
     return text if cut < 0 else text[:cut]

@@ -82,7 +82,7 @@ class TransformersBackend:
                 **enc, max_new_tokens=self.max_new_tokens, do_sample=sample,
                 temperature=self.temperature if sample else None, top_p=None, top_k=None,
                 num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, stop_strings=[self.stop], tokenizer=tok,
+                eos_token_id=tok.eos_token_id, stop_strings=[self.stop] if self.stop else None, tokenizer=tok,
             )
             new = gen[:, enc["input_ids"].shape[1]:]
             prompt_lens = enc["attention_mask"].sum(1).repeat_interleave(num_return_sequences)

@@ -92,14 +92,16 @@ def reward_weighted_finetune(
     weight_by_misclassification: bool = False, include_teacher: bool = True, temperature: float = 1.0,
     max_new_tokens: int = 256, loop: LoopConfig | None = None, lora: LoraSpec | None = None,
     completion_only: bool = True, max_length: int | None = 2048, prompt: RelevancePrompt = INTERANK_PROMPT,
-    progress: bool = True,
+    progress: bool = True, reward_model=None,
 ) -> TrainResult:
     """One round of InteRank's reward-weighted fine-tuning of `model` (see the module docstring).
 
     Args:
         pairs: `RefinePair`s with reference labels (and the teacher's answer when `include_teacher`).
         k: samples per pair (InteRank: 8) at `temperature` (1.0).
-        reward_fn: reward(text, reference_label) -> float; a reward model can be wrapped in one.
+        reward_fn: reward(text, reference_label) -> float (default: label agreement).
+        reward_model: a `reward_model.RubricRewardModel` (judge backend + rubric) used instead of reward_fn:
+            it sees the query and document too, as InteRank's released refinement does.
         threshold, power, weight_by_misclassification: see `group_weights`.
         loop, lora, completion_only, max_length: as in `sft`.
 
@@ -116,7 +118,8 @@ def reward_weighted_finetune(
     candidates = 0
     for pair, group in zip(pairs, samples, strict=True):
         texts = list(group) + ([pair.teacher_text] if include_teacher and pair.teacher_text else [])
-        rewards = [reward_fn(t, pair.reference) for t in texts]
+        rewards = (reward_model.score([(pair.query, pair.document, t, pair.reference) for t in texts])
+                   if reward_model is not None else [reward_fn(t, pair.reference) for t in texts])
         miss = None
         if weight_by_misclassification:
             miss = sum(parse_relevance(t) != pair.reference for t in group) / len(group)

@@ -39,10 +39,11 @@ def target_text(record_text: str, label: int, prompt: RelevancePrompt = INTERANK
     """The teacher's answer normalised to end with `Relevance Label: n` (the label line is rewritten when the
     label was found by a keyword fallback)."""
     m = list(re.finditer(re.escape(prompt.label_prefix.rstrip(":")) + r"\s*:\s*\**\s*(\d+)", record_text, re.I))
-    if m and int(m[-1].group(1)) == label:
+    if m and int(m[-1].group(1)) == label and prompt.label_separator == " ":
         return record_text[: m[-1].end()].rstrip()
     head = record_text[: m[-1].start()] if m else record_text
-    return prompt.completion(head, label)[: -len(prompt.stop)]
+    target = prompt.completion(head, label)  # rewritten in the prompt's format (release: label on its own line)
+    return target[: len(target) - len(prompt.stop)]
 
 
 def distill_examples(records: Iterable[TeacherRecord], pairs: Mapping[tuple[str, str], Pair],
