@@ -166,11 +166,8 @@ def siattn_compiled_cpu(ctx: BenchContext) -> None:
 @benchmark("siattn-triton-cuda", package="siattn", device="cuda")
 def siattn_triton_cuda(ctx: BenchContext) -> None:
     """Fused Triton SI kernel vs SDPA causal (flash) and compiled FlexAttention SI, bf16, B=1 H=8 D=64/128."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     from siattn import attention
 
-    flex_compiled = torch.compile(flex_attention)
     sizes = [1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192, 16384]
     for T in sizes:
         q, k, v = _qkv(T, "cuda", torch.bfloat16)
@@ -179,13 +176,8 @@ def siattn_triton_cuda(ctx: BenchContext) -> None:
             ctx.compare(f"fwd T={T}", si, lambda q=q, k=k, v=v: _sdpa(q, k, v), ours_name="siattn-triton",
                         anchor_name="sdpa-flash")
 
-            def score_mod(score, b, h, i, j):
-                dist = (i - j).clamp(min=0).to(torch.float32)
-                a_sq = 1.0 + 2.0 * torch.log1p(dist / 10.0)
-                return torch.where(i >= j, torch.sqrt(a_sq) * score + 1.0 - a_sq, -float("inf"))
-
             ctx.compare(f"fwd T={T} vs flex", si,
-                        lambda q=q, k=k, v=v: flex_compiled(q, k, v, score_mod=score_mod),
+                        lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),  # compiled, block mask
                         ours_name="siattn-triton", anchor_name="flex-compiled")
         qg, kg, vg = [x.detach().requires_grad_() for x in (q, k, v)]
         ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(lambda a, b, c: attention(a, b, c, backend="triton"), qg, kg, vg),

@@ -24,8 +24,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
 from transformers.masking_utils import sdpa_mask
 
+from shared_kernels.si_attention import check_si_family
 from siattn.attention import attention
-from siattn.coefficients import _check_family
 from siattn.positional import nope_frequencies, p_rope_frequencies, rope_frequencies
 
 ATTN_IMPLEMENTATION = "siattn"
@@ -95,7 +95,7 @@ def apply(
     Returns:
         the same model; `model.config.siattn` records the settings so `from_pretrained` can restore them.
     """
-    _check_family(tau, None, None)
+    check_si_family(tau, None, None)
     if rope not in ROPES:
         raise ValueError(f"rope must be one of {ROPES}, got {rope!r}")
     rotaries = _rotary_modules(model)
