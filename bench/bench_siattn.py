@@ -123,8 +123,9 @@ def siattn_chunked_cpu(ctx: BenchContext) -> None:
 
 @benchmark("siattn-flex-cpu", package="siattn", device="cpu")
 def siattn_flex_cpu(ctx: BenchContext) -> None:
-    """Forward only (CPU flex has no backward, eager or compiled): SI chunked vs SI via FlexAttention's score_mod,
-    eager (materialises the scores) and compiled (inductor's CPU flex template; first call compiles). No peak
+    """Forward only (CPU flex has no backward, eager or compiled): SI chunked vs SI via FlexAttention (score_mod +
+    causal block mask), eager (materialises the scores) and compiled (inductor's CPU flex template; first call
+    compiles), and compiled SI flex vs SDPA causal. No peak
     memory rows: the live-bytes dispatch mode cannot enter flex's higher-order op (dynamo refuses it)."""
     from siattn import attention
 
@@ -142,6 +143,8 @@ def siattn_flex_cpu(ctx: BenchContext) -> None:
                        anchor_name="flex-compiled", note="compile time of flex-compiled (ours: no compile)")
             ctx.compare(f"fwd T={T} vs compiled", chunked, flex_compiled, ours_name="siattn-chunked",
                         anchor_name="flex-compiled", reps=3 if T >= 2048 else None)
+            ctx.compare(f"fwd T={T} flex vs sdpa", flex_compiled, lambda q=q, k=k, v=v: _sdpa(q, k, v),
+                        ours_name="siattn-flex-compiled", anchor_name="sdpa", reps=3 if T >= 2048 else None)
 
 
 @benchmark("siattn-compiled-cpu", package="siattn", device="cpu")
