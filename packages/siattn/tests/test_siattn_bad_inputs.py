@@ -9,12 +9,12 @@ from siattn import (
     apply_rotary,
     attention,
     coefficients,
+    lengthgen,
     logn_scale,
     p_rope_frequencies,
     positions_in_documents,
     rope_frequencies,
 )
-from siattn import lengthgen
 from siattn.attention import si_block_mask
 
 
