@@ -36,8 +36,8 @@ class CopyTask:
 
     vocab: int = 96
     n_filler: int = 32
-    min_len: int = 8
-    max_len: int = 24
+    min_len: int = 16
+    max_len: int = 48
     needle_len: int = 12
 
     def __post_init__(self) -> None:
