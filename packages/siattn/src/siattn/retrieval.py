@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from siattn.models import GPT, GPTConfig
 from siattn.positional import rope_frequencies
@@ -95,9 +96,20 @@ def _ntk_base(base: float, head_dim: int, factor: float) -> float:
     return base * factor ** (head_dim / (head_dim - 2))
 
 
+def _yarn_frequencies(inv_freq: torch.Tensor, train_length: int, factor: float, alpha: float = 1.0,
+                      beta: float = 32.0) -> torch.Tensor:
+    """YaRN (Peng et al. 2023) "NTK-by-parts": dimensions whose wavelength fits fewer than `alpha` times in
+    the training length are interpolated by `factor`, those fitting more than `beta` times are kept, a linear
+    ramp in between."""
+    ratio = train_length * inv_freq / (2 * math.pi)  # training length / wavelength
+    keep = ((ratio - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq
+
+
 VARIANTS: dict[str, dict] = {
     "rope": {"position": "rope", "attention": "softmax"},
     "rope+ntk": {"position": "rope", "attention": "softmax"},  # rope weights, NTK theta at evaluation
+    "rope+yarn": {"position": "rope", "attention": "softmax"},  # rope weights, YaRN at evaluation
     "p-rope": {"position": "p-rope", "attention": "softmax"},
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
@@ -122,13 +134,16 @@ class RetrievalConfig:
     trials: int = 64
 
 
+def _model(cfg: RetrievalConfig, task: CopyTask, variant: str) -> GPT:
+    return GPT(GPTConfig(vocab_size=task.vocab, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
+                         train_length=cfg.train_length, si_backend="chunked", p_rope_base=cfg.p_rope_base,
+                         tau=cfg.tau, **VARIANTS[variant]))
+
+
 def train_model(cfg: RetrievalConfig, task: CopyTask, variant: str, seed: int) -> tuple[GPT, list[float]]:
     """Train one model on copy windows; returns it and the copy accuracy on each 50-step training batch."""
     torch.manual_seed(seed)
-    overrides = {k: v for k, v in VARIANTS[variant].items()}
-    model = GPT(GPTConfig(vocab_size=task.vocab, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                          train_length=cfg.train_length, si_backend="chunked", p_rope_base=cfg.p_rope_base,
-                          tau=cfg.tau, **overrides))
+    model = _model(cfg, task, variant)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(10_000 + seed)
     accs = []
@@ -155,16 +170,29 @@ def evaluate(model: GPT, cfg: RetrievalConfig, task: CopyTask, variant: str) -> 
     model.eval()
     out = {}
     head_dim = cfg.d_model // cfg.n_head
+    q_gains = [block.attn.q_norm.weight.clone() for block in model.blocks]
     for mult in cfg.eval_multiples:
         length = cfg.train_length * mult
         if variant == "rope+ntk":
             inv = rope_frequencies(head_dim, _ntk_base(model.cfg.rope_base, head_dim, float(mult)))
             for block in model.blocks:
                 block.attn.inv_freq = inv
+        if variant == "rope+yarn":  # frequencies by parts, and logits x (0.1 ln s + 1)^2 via the q norm's gain
+            inv = _yarn_frequencies(rope_frequencies(head_dim, model.cfg.rope_base), cfg.train_length, float(mult))
+            gain = (0.1 * math.log(mult) + 1.0) ** 2
+            for block, w in zip(model.blocks, q_gains):
+                block.attn.inv_freq = inv
+                block.attn.q_norm.weight.copy_(w * gain)
         tokens = needle_probe(task, length, cfg.trials, seed=0)
         logits = torch.cat([model(chunk) for chunk in tokens.split(max(1, 8192 // length))])
         out[str(length)] = probe_accuracy(task, logits, tokens)
     return out
+
+
+def _load(cfg: RetrievalConfig, task: CopyTask, variant: str, path: Path) -> GPT:
+    model = _model(cfg, task, variant)
+    model.load_state_dict(load_file(str(path)))
+    return model
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -189,7 +217,14 @@ def run(cfg: RetrievalConfig) -> dict:
                 results.append(json.loads(path.read_text()))
                 continue
             start = time.process_time()
-            model, accs = train_model(cfg, task, "rope" if variant == "rope+ntk" else variant, seed)
+            trained = "rope" if variant.startswith("rope+") else variant  # +ntk / +yarn: rope's weights
+            weights = out / "runs" / f"{trained}_seed={seed}.safetensors"
+            if trained != variant and weights.exists():
+                model, accs = _load(cfg, task, trained, weights), json.loads(
+                    (out / "runs" / f"{trained}_seed={seed}.json").read_text())["train_copy_acc"]
+            else:
+                model, accs = train_model(cfg, task, trained, seed)
+                save_file(model.state_dict(), str(weights))
             result = {"variant": variant, "seed": seed, "train_copy_acc": accs,
                       "cpu_seconds": time.process_time() - start, "needle": evaluate(model, cfg, task, variant)}
             atomic_write(path, json.dumps(result))
