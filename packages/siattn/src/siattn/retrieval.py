@@ -111,6 +111,7 @@ VARIANTS: dict[str, dict] = {
     "rope+ntk": {"position": "rope", "attention": "softmax"},  # rope weights, NTK theta at evaluation
     "rope+yarn": {"position": "rope", "attention": "softmax"},  # rope weights, YaRN at evaluation
     "p-rope": {"position": "p-rope", "attention": "softmax"},
+    "logn-learned+p-rope": {"position": "p-rope", "attention": "logn-learned"},
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
 
