@@ -115,3 +115,18 @@ def test_lengthgen_cli_out_is_a_file(corpus, tmp_path, capsys):
         lengthgen.main(["--data", str(corpus), "--out", str(out)])
     assert exc.value.code == 2 and "--out" in capsys.readouterr().err
     assert out.read_text() == "mine"
+
+
+RETRIEVAL_CASES = [["--steps", "0"], ["--lr", "nan"], ["--p-rope-base", "1"], ["--variants", "alibi"],
+                   ["--trials", "-3"], ["--eval-multiples", "0"]]
+
+
+@pytest.mark.parametrize("args", RETRIEVAL_CASES, ids=[" ".join(c) for c in RETRIEVAL_CASES])
+def test_retrieval_cli_user_errors_exit_2_with_one_line(args, tmp_path, capsys):
+    from siattn import retrieval
+
+    with pytest.raises(SystemExit) as exc:
+        retrieval.main(["--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and args[0] in err, err
+    assert not (tmp_path / "out").exists()

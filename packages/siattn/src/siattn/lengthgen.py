@@ -14,7 +14,6 @@ is resumable run by run), results.json, table.md, loss_by_position.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from siattn.cli import OneLineParser, positive
 from siattn.models import GPT, GPTConfig
 
 # name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
@@ -312,42 +312,17 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
     os.replace(tmp, path)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 MIN_TRAIN_LENGTH = 16  # the needle probe places a 12-byte needle in the first quarter and at the end
-
-
-def _positive(kind: type, minimum: float = 1):
-    """An argparse type: a finite `kind` >= minimum (> 0 for floats)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        ok = math.isfinite(value) and (value > 0 if kind is float else value >= minimum)
-        if not ok:
-            want = "a finite number > 0" if kind is float else f"an integer >= {minimum}"
-            raise argparse.ArgumentTypeError(f"{text!r} must be {want}")
-        return value
-
-    parse.__name__ = f"{kind.__name__} >= {minimum}" if kind is int else "positive float"
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> StudyConfig:
     """The study's options, validated before any work starts (a user error exits 2 with one line)."""
     d = StudyConfig()
-    p = _Parser(prog="siattn-lengthgen", description=__doc__.split("\n\n")[0])
-    pos_int, pos_float = _positive(int), _positive(float)
+    p = OneLineParser(prog="siattn-lengthgen", description=__doc__.split("\n\n")[0])
+    pos_int, pos_float = positive(int), positive(float)
     p.add_argument("--data", default=None, help="text file (default: <shared data>/tinyshakespeare/input.txt)")
     p.add_argument("--out", default=d.out)
-    p.add_argument("--train-length", type=_positive(int, MIN_TRAIN_LENGTH), default=d.train_length)
+    p.add_argument("--train-length", type=positive(int, MIN_TRAIN_LENGTH), default=d.train_length)
     p.add_argument("--eval-multiples", type=pos_int, nargs="+", default=list(d.eval_multiples))
     p.add_argument("--steps", type=pos_int, default=d.steps)
     p.add_argument("--batch-size", type=pos_int, default=d.batch_size)
@@ -356,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--n-layer", type=pos_int, default=d.n_layer)
     p.add_argument("--d-model", type=pos_int, default=d.d_model)
     p.add_argument("--n-head", type=pos_int, default=d.n_head)
-    p.add_argument("--seeds", type=_positive(int, 0), nargs="+", default=list(d.seeds))
+    p.add_argument("--seeds", type=positive(int, 0), nargs="+", default=list(d.seeds))
     p.add_argument("--p-rope-bases", type=pos_float, nargs="+", default=list(d.p_rope_bases))
     p.add_argument("--taus", type=pos_float, nargs="+", default=list(d.taus))
     p.add_argument("--eval-tokens", type=pos_int, default=d.eval_tokens)

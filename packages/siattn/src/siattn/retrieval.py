@@ -13,7 +13,6 @@ window's last tokens; top-1 accuracy on needle symbols 2..needle_len. Chance is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from siattn.cli import OneLineParser, positive
 from siattn.models import GPT, GPTConfig
 from siattn.positional import rope_frequencies
 
@@ -284,17 +284,21 @@ def plot(cfg: RetrievalConfig, results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     d = RetrievalConfig()
-    p = argparse.ArgumentParser(prog="python -m siattn.retrieval", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m siattn.retrieval", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=d.out)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    p.add_argument("--steps", type=positive(int), default=d.steps)
+    p.add_argument("--seeds", type=positive(int, 0), nargs="+", default=list(d.seeds))
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
-    p.add_argument("--eval-multiples", type=int, nargs="+", default=list(d.eval_multiples))
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--p-rope-base", type=float, default=d.p_rope_base)
-    p.add_argument("--tau", type=float, default=d.tau)
-    p.add_argument("--trials", type=int, default=d.trials)
+    p.add_argument("--eval-multiples", type=positive(int), nargs="+", default=list(d.eval_multiples))
+    p.add_argument("--lr", type=positive(float), default=d.lr)
+    p.add_argument("--p-rope-base", type=positive(float), default=d.p_rope_base)
+    p.add_argument("--tau", type=positive(float), default=d.tau)
+    p.add_argument("--trials", type=positive(int), default=d.trials)
     a = p.parse_args(argv)
+    if a.p_rope_base <= 1:
+        p.error(f"--p-rope-base must be > 1, got {a.p_rope_base}")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"--out {a.out} exists and is not a folder")
     cfg = RetrievalConfig(out=a.out, steps=a.steps, seeds=tuple(a.seeds), variants=tuple(a.variants),
                           eval_multiples=tuple(a.eval_multiples), lr=a.lr, p_rope_base=a.p_rope_base, tau=a.tau,
                           trials=a.trials)
