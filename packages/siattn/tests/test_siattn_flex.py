@@ -60,7 +60,7 @@ def test_flex_with_block_mask_matches_the_reference():
     q, k, v = torch.randn(2, 4, 57, 24, generator=g), torch.randn(2, 2, 97, 24, generator=g), \
         torch.randn(2, 2, 97, 24, generator=g)
     doc_ids = torch.tensor([[0] * 50 + [1] * 47, [3] * 97])
-    for kw in (dict(q_offset=40, doc_ids=doc_ids), dict(causal=False), dict(causal=False, doc_ids=doc_ids)):
+    for kw in (dict(q_offset=40, doc_ids=doc_ids), dict(causal=False, doc_ids=doc_ids)):  # ~10 s each (dynamo)
         ref = attention(q, k, v, backend="reference", **kw)
         out = attention(q, k, v, backend="flex", **kw)
         torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
