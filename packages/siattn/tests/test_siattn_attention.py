@@ -168,13 +168,15 @@ def _assert_chunked_matches_reference(q, k, v, chunk, kw):
 def test_toeplitz_terms_equal_the_per_block_coefficients(causal, Tq, Tk, q_offset, chunk):
     # The fast path reads each chunk's a_t / sqrt(D) and m_t as a column slice of two Toeplitz matrices built
     # once per call; every chunk's slice must equal the spec's per-block terms (masked: a = 0, m = -inf).
-    from siattn.attention import _block_logit_terms, _chunk_plan, _toeplitz_terms
+    from shared_kernels.si_attention import _chunk_plan, _toeplitz_terms
+    from siattn import coefficients
 
     plan, (rows, cols, shift) = _chunk_plan(Tq, Tk, q_offset, causal, chunk)
     a_all, m_all = _toeplitz_terms(3.0, causal, 1.5, 1.0, rows, cols, shift, 0.125, torch.float64, torch.device("cpu"))
     for s, e, kend, c0 in plan:
-        a, m, allowed = _block_logit_terms(torch.arange(q_offset + s, q_offset + e), torch.arange(kend), 3.0,
-                                           causal, 1.5, 1.0, torch.float64)
+        t = torch.arange(q_offset + s, q_offset + e)[:, None] - torch.arange(kend)[None, :]
+        allowed = t >= 0 if causal else torch.ones_like(t, dtype=torch.bool)
+        a, m = coefficients(t.clamp(min=0) if causal else t.abs(), 3.0, 1.5, 1.0, dtype=torch.float64)
         got_a, got_m = a_all[:e - s, c0:c0 + kend], m_all[:e - s, c0:c0 + kend]
         assert_exact(got_a[allowed], (a * 0.125)[allowed], "a_t")
         assert_exact(got_m[allowed], m[allowed], "m_t")
@@ -215,9 +217,10 @@ def test_chunked_fully_masked_rows_give_zeros_and_finite_gradients():
 def test_chunked_saves_no_score_sized_tensor_for_backward():
     # Memory linear in T: the backward recomputes the probabilities, so only q, k, v (and masks) are saved.
     q, k, v = _qkv(B=1, Hq=2, Hkv=2, Tq=64, Tk=64, D=8, requires_grad=True)
-    out = attention(q, k, v, backend="auto")  # CPU: auto is the chunked path
-    assert type(out.grad_fn).__name__ == "_ChunkedSIAttentionBackward"
-    assert max(t.numel() for t in out.grad_fn.saved_tensors if t is not None) == q.numel()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        attention(q, k, v, backend="auto")  # CPU: auto is the chunked path
+    assert saved and max(saved) == q.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -240,16 +243,6 @@ def test_fp64_gradcheck_of_reference_and_chunked():
         assert torch.autograd.gradcheck(fn, (q, k, v))
     fn = lambda q, k, v: attention(q, k, v, causal=False, alpha=1.5, beta=1.0, backend="chunked", chunk=3)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
-
-
-def test_flex_matches_reference_forward():
-    # One configuration only: eager flex still traces the score_mod with dynamo (~1 min on a busy CPU).
-    q, k, v = _qkv(Tq=57, Tk=97, D=72)
-    doc_ids = torch.tensor([[0] * 50 + [1] * 47, [3] * 97])
-    for kw in (dict(q_offset=40, doc_ids=doc_ids),):
-        ref = attention(q, k, v, backend="reference", **kw)
-        out = attention(q, k, v, backend="flex", **kw)
-        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
 
 def test_flex_refuses_cpu_training():

@@ -6,6 +6,7 @@ import torch
 from siattn.models import GPT, GPTConfig
 
 VARIANTS = [("rope", "softmax"), ("p-rope", "si"), ("nope", "si"), ("alibi", "softmax"), ("p-rope", "logn"),
+            ("p-rope", "logn-learned"),
             ("nope", "softmax")]
 
 

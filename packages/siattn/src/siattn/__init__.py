@@ -9,6 +9,9 @@ from siattn.attention import (
     attention_flex,
     attention_ref,
     attention_weights,
+    si_block_mask,
+    si_mask_mod,
+    si_score_mod,
 )
 from siattn.coefficients import coefficients
 from siattn.positional import (
@@ -38,4 +41,7 @@ __all__ = [
     "p_rope_frequencies",
     "positions_in_documents",
     "rope_frequencies",
+    "si_block_mask",
+    "si_mask_mod",
+    "si_score_mod",
 ]

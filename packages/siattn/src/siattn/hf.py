@@ -13,6 +13,12 @@ builder under the same name), selected with `set_attn_implementation`; the model
 layout but its inverse frequencies are replaced (p-RoPE / RoPE / NoPE) and its attention scaling set to 1.
 The query of a cached step sits at q_offset = (keys in cache) - (new queries), which is exact for the
 default DynamicCache; static / sliding caches are not supported. Padding masks are honoured (torch backends).
+
+Packed sequences (training with packing): pass `position_ids` restarting at 0 for each document (as
+DataCollatorWithFlattening does), or `doc_ids=` (B, T) document ids to the model's forward; attention never
+crosses a document, so each document's logits equal the document run alone, KV-cache decoding included:
+
+    out = model(input_ids, position_ids=positions_within_documents, labels=labels)
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
 from transformers.masking_utils import sdpa_mask
 
+from shared_kernels.si_attention import check_si_family
 from siattn.attention import attention
-from siattn.coefficients import _check_family
 from siattn.positional import nope_frequencies, p_rope_frequencies, rope_frequencies
 
 ATTN_IMPLEMENTATION = "siattn"
@@ -55,15 +61,53 @@ def siattn_attention_forward(
     if attention_mask is not None:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         mask = mask[:, :, :, : key.shape[2]]
+    q_offset = key.shape[2] - query.shape[2]
+    doc_ids, mask = _document_masks(query.shape[0], query.shape[2], key.shape[2], kwargs.get("position_ids"),
+                                    kwargs.get("doc_ids"), mask, query.device)
     out = attention(
         query, key, value,
         tau=settings.get("tau", 10.0),
         causal=True,
-        q_offset=key.shape[2] - query.shape[2],
+        q_offset=q_offset,
+        doc_ids=doc_ids,
         attn_mask=mask,
         backend=settings.get("backend", "auto"),
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _document_masks(
+    B: int,
+    Tq: int,
+    Tk: int,
+    position_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(doc_ids (B, Tk) or None, attn_mask (B, 1, Tq, Tk) or None) that keep packed documents apart.
+
+    Explicit `doc_ids` (B, Tk) cover the cached and the new tokens. Otherwise documents come from
+    `position_ids` (B or 1, Tq), the query positions inside their document: query i (absolute index
+    q_offset + i) starts its document at start_i = q_offset + i - position_ids[i], and sees keys start_i ..
+    q_offset + i. Unpacked inputs (positions counting from 0 or continuing the cache) have start_i <= 0 and
+    change nothing. In a full pass (Tq == Tk) start is a document id for keys too, which keeps the Triton path;
+    a cached step needs only the queries' starts, so decoding a packed row needs no memory of the prefix."""
+    if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != (B, Tk):
+            raise ValueError(f"doc_ids must be a (batch, keys) = ({B}, {Tk}) integer tensor covering the cached "
+                             f"and new tokens, got {getattr(doc_ids, 'shape', type(doc_ids).__name__)}")
+        return doc_ids.to(device), mask
+    if position_ids is None:
+        return None, mask
+    q_offset = Tk - Tq
+    start = torch.arange(q_offset, Tk, device=device) - position_ids.to(device).expand(B, Tq)  # (B, Tq)
+    if not bool((start > 0).any()):
+        return None, mask
+    if Tq == Tk:
+        return start, mask
+    visible = torch.arange(Tk, device=device)[None, None, None, :] >= start[:, None, :, None]  # (B, 1, Tq, Tk)
+    return None, visible if mask is None else mask & visible
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, siattn_attention_forward)
@@ -95,7 +139,7 @@ def apply(
     Returns:
         the same model; `model.config.siattn` records the settings so `from_pretrained` can restore them.
     """
-    _check_family(tau, None, None)
+    check_si_family(tau, None, None)
     if rope not in ROPES:
         raise ValueError(f"rope must be one of {ROPES}, got {rope!r}")
     rotaries = _rotary_modules(model)

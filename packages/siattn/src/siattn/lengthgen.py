@@ -14,7 +14,6 @@ is resumable run by run), results.json, table.md, loss_by_position.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from siattn.cli import OneLineParser, positive
 from siattn.models import GPT, GPTConfig
 
 # name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
@@ -312,28 +312,42 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
     os.replace(tmp, path)
 
 
+MIN_TRAIN_LENGTH = 16  # the needle probe places a 12-byte needle in the first quarter and at the end
+
+
 def parse_args(argv: list[str] | None = None) -> StudyConfig:
+    """The study's options, validated before any work starts (a user error exits 2 with one line)."""
     d = StudyConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="siattn-lengthgen", description=__doc__.split("\n\n")[0])
+    pos_int, pos_float = positive(int), positive(float)
     p.add_argument("--data", default=None, help="text file (default: <shared data>/tinyshakespeare/input.txt)")
     p.add_argument("--out", default=d.out)
-    p.add_argument("--train-length", type=int, default=d.train_length)
-    p.add_argument("--eval-multiples", type=int, nargs="+", default=list(d.eval_multiples))
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--n-layer", type=int, default=d.n_layer)
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--n-head", type=int, default=d.n_head)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
-    p.add_argument("--p-rope-bases", type=float, nargs="+", default=list(d.p_rope_bases))
-    p.add_argument("--taus", type=float, nargs="+", default=list(d.taus))
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--needle-trials", type=int, default=d.needle_trials)
+    p.add_argument("--train-length", type=positive(int, MIN_TRAIN_LENGTH), default=d.train_length)
+    p.add_argument("--eval-multiples", type=pos_int, nargs="+", default=list(d.eval_multiples))
+    p.add_argument("--steps", type=pos_int, default=d.steps)
+    p.add_argument("--batch-size", type=pos_int, default=d.batch_size)
+    p.add_argument("--lr", type=pos_float, default=d.lr)
+    p.add_argument("--warmup", type=pos_int, default=d.warmup)
+    p.add_argument("--n-layer", type=pos_int, default=d.n_layer)
+    p.add_argument("--d-model", type=pos_int, default=d.d_model)
+    p.add_argument("--n-head", type=pos_int, default=d.n_head)
+    p.add_argument("--seeds", type=positive(int, 0), nargs="+", default=list(d.seeds))
+    p.add_argument("--p-rope-bases", type=pos_float, nargs="+", default=list(d.p_rope_bases))
+    p.add_argument("--taus", type=pos_float, nargs="+", default=list(d.taus))
+    p.add_argument("--eval-tokens", type=pos_int, default=d.eval_tokens)
+    p.add_argument("--needle-trials", type=pos_int, default=d.needle_trials)
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
-    p.add_argument("--workers", type=int, default=d.workers, help="parallel runs (one CPU thread each)")
+    p.add_argument("--workers", type=pos_int, default=d.workers, help="parallel runs (one CPU thread each)")
     a = p.parse_args(argv)
+    if a.d_model % a.n_head or (a.d_model // a.n_head) % 2:
+        p.error(f"--d-model {a.d_model} must be a multiple of --n-head {a.n_head} with an even head width "
+                "(rotary pairs)")
+    if any(b <= 1 for b in a.p_rope_bases):
+        p.error(f"--p-rope-bases must be > 1, got {a.p_rope_bases}")
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds must be distinct, got {a.seeds}")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"--out {a.out} exists and is not a folder")
     data = a.data
     if data is None:
         from shared_kernels.testing import shared_data_dir
@@ -344,6 +358,11 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
         data = str(root / "tinyshakespeare" / "input.txt")
     if not Path(data).is_file():
         p.error(f"--data {data} is not a file")
+    size = Path(data).stat().st_size
+    longest = a.train_length * max(a.eval_multiples)
+    if size - int(0.9 * size) < longest + 2 or int(0.9 * size) < a.train_length + 2:
+        p.error(f"--data {data} has {size} bytes: its 10% validation tail must hold one window of "
+                f"{longest} + 1 bytes (--train-length x the largest --eval-multiples)")
     return StudyConfig(data=data, out=a.out, train_length=a.train_length, eval_multiples=tuple(a.eval_multiples),
                        steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, n_layer=a.n_layer,
                        d_model=a.d_model, n_head=a.n_head, seeds=tuple(a.seeds),

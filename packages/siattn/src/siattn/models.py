@@ -34,7 +34,7 @@ from siattn.positional import (
 )
 
 POSITIONS = ("rope", "p-rope", "nope", "alibi")
-ATTENTIONS = ("softmax", "si", "logn")
+ATTENTIONS = ("softmax", "si", "logn", "logn-learned")
 
 
 @dataclass
@@ -45,7 +45,8 @@ class GPTConfig:
     n_kv_head: key/value heads (GQA); None = n_head.
     mlp_ratio: hidden width of the MLP over d_model.
     position: "rope" | "p-rope" | "nope" | "alibi".
-    attention: "softmax" | "si" | "logn".
+    attention: "softmax" | "si" | "logn" (fixed LogN scale at evaluation) | "logn-learned" (Scalable-Softmax:
+        logits x s_h log(n) at every position, s_h a learned per-head scale initialised to 1 / log(train_length)).
     rope_base: RoPE theta. p_rope_fraction, p_rope_base: p-RoPE's kept share of pairs and base.
     tau: scale-invariant attention's tau. train_length: LogN's reference length (the training context).
     qk_norm: RMSNorm on q and k per head. si_backend: backend passed to `siattn.attention`.
@@ -119,6 +120,8 @@ class Attention(nn.Module):
         else:
             inv_freq = nope_frequencies(self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if cfg.attention == "logn-learned":
+            self.logn_s = nn.Parameter(torch.full((self.n_head,), 1.0 / math.log(cfg.train_length)))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -142,6 +145,8 @@ class Attention(nn.Module):
             return si_attention(q, k, v, tau=cfg.tau, causal=True, q_offset=offset, backend=cfg.si_backend)
         if cfg.attention == "logn":
             q = q * logn_scale(q_pos, cfg.train_length).to(q.dtype)[:, None]
+        if cfg.attention == "logn-learned":  # n = q_pos + 1 visible keys; log(1) = 0 only where n = 1
+            q = q * (self.logn_s[:, None, None] * torch.log(q_pos.float() + 1.0).clamp(min=1e-6)[:, None]).to(q.dtype)
         gqa = self.n_head != self.n_kv
         if cfg.position == "alibi":
             bias = alibi_bias(self.n_head, q_pos, torch.arange(Tk, device=q.device)).to(q.dtype)
