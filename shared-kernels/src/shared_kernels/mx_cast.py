@@ -446,6 +446,33 @@ def mx_cast(
     return mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim)
 
 
+def mx_cast_rows_cols(
+    x: torch.Tensor,
+    elem_dtype: torch.dtype = torch.float8_e4m3fn,
+    block_size: int = 32,
+    scale_mode: str = "rceil",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both MX casts of a 2-D x (M, N): blocks along N (rows) and along M (columns), for a tensor that feeds
+    two GEMMs with different reduction dims (MXLinear's X, W and dY).
+
+    On the Triton backend one read of each tile gives both casts; on the torch backend it is the two
+    reference casts. Either way the result is bit for bit `mx_cast_ref(x, ..., dim=-1)` and
+    `mx_cast_ref(x, ..., dim=0)` (tested).
+
+    Returns:
+        (row_data (M, N), row_scale (M, ceil(N / bs)), col_data (M, N), col_scale (ceil(M / bs), N)).
+    """
+    check_mx_args(x, elem_dtype, block_size, scale_mode, -1)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
+    if resolve_backend(backend, x.device) == "triton":
+        return mx_cast_2d_triton(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
+    row_data, row_scale = mx_cast_ref(x, elem_dtype, block_size, scale_mode, -1)
+    col_data, col_scale = mx_cast_ref(x, elem_dtype, block_size, scale_mode, 0)
+    return row_data, row_scale, col_data, col_scale
+
+
 def mx_dequantize(
     data: torch.Tensor, scale: torch.Tensor, block_size: int = 32, dim: int = -1, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
