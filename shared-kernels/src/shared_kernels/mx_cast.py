@@ -174,6 +174,62 @@ def mx_cast_ref(
     return data, scale.squeeze(-1)
 
 
+_FAST_CHUNK_BLOCKS = 8192  # blocks per chunk of the CPU fast path: 1 MiB of fp32, stays in L2 between passes
+_RCEIL_ROUND_UP = 0x7FFFFF - _MANTISSA_1P75  # added to the amax bits: carries into the exponent iff m > 1.75
+
+
+def _mx_cast_fast(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mx_cast_ref` along the last dim, bit for bit (tested), in fewer passes over memory: blocks are cast in
+    chunks that stay in cache, the block amax is reduced on the fp32 bits, and the scale byte is two integer
+    ops (RCEIL: add 0x1FFFFF to the amax bits, so the exponent carries exactly when the mantissa exceeds
+    1.75; then shift). Chunks holding inf or NaN take the reference. Needs x contiguous with the last dim a
+    multiple of `block_size`."""
+    max_pos, emax = ELEM_DTYPES[elem_dtype]
+    blocks = x.view(-1, block_size)
+    n_blocks = blocks.shape[0]
+    data = torch.empty(blocks.shape, dtype=elem_dtype, device=x.device)
+    scale = torch.empty(n_blocks, 1, dtype=torch.uint8, device=x.device)
+    chunk = min(_FAST_CHUNK_BLOCKS, n_blocks)
+    buf = torch.empty(chunk, block_size, dtype=torch.float32, device=x.device)
+    as_fp32 = torch.empty_like(buf) if x.dtype != torch.float32 else None
+    for start in range(0, n_blocks, chunk):
+        xb = blocks[start : start + chunk]
+        b = buf[: xb.shape[0]]
+        if as_fp32 is not None:
+            xb = as_fp32[: xb.shape[0]].copy_(xb)  # exact
+        bits = torch.abs(xb, out=b).view(torch.int32).amax(dim=-1, keepdim=True)
+        if int(bits.max()) >= 0x7F800000:  # inf or NaN in this chunk: the reference's conventions
+            d, sc = mx_cast_ref(xb, elem_dtype, block_size, scale_mode, -1)
+            data[start : start + chunk].copy_(d)
+            scale[start : start + chunk].copy_(sc)
+            continue
+        if scale_mode == "rceil":
+            bits += _RCEIL_ROUND_UP
+        biased = (bits >> 23).sub_(emax).clamp_(0, 2 * E8M0_BIAS)  # E + 127 = fp32 exponent field - emax
+        torch.mul(xb, ((2 * E8M0_BIAS - biased) << 23).view(torch.float32), out=b)  # x * 2^-E, exact
+        if scale_mode == "floor":
+            b.clamp_(-max_pos, max_pos)
+        data[start : start + chunk].copy_(b)
+        scale[start : start + chunk].copy_(biased)
+    return data.view(x.shape), scale.view(*x.shape[:-1], -1)
+
+
+def mx_cast_torch(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend of `mx_cast`: bit for bit `mx_cast_ref`, ~2-3x faster in eager on CPU
+    (`_mx_cast_fast`); partial blocks and code under torch.compile take `mx_cast_ref` itself."""
+    dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
+    if torch.compiler.is_compiling() or x.shape[dim] % block_size or x.numel() == 0:
+        return mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim)
+    if dim != x.dim() - 1:
+        data, scale = _mx_cast_fast(x.movedim(dim, -1).contiguous(), elem_dtype, block_size, scale_mode)
+        return data.movedim(-1, dim).contiguous(), scale.movedim(-1, dim).contiguous()
+    return _mx_cast_fast(x.contiguous(), elem_dtype, block_size, scale_mode)
+
+
 _DECODE_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
@@ -437,13 +493,13 @@ def mx_cast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MX cast of `x` along `dim`; returns (data, scale) exactly as `mx_cast_ref` does.
 
-    backend: "auto" (Triton for CUDA tensors), "torch" (the reference) or "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1; 2-D inputs and dim 0 / -1 only, any other case falls back to the reference).
+    backend: "auto" (Triton for CUDA tensors), "torch" (`mx_cast_torch`, bit for bit the reference) or
+    "triton" (CUDA, or CPU under TRITON_INTERPRET=1; 2-D inputs and dim 0 / -1 only, any other case falls back to the reference).
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     if resolve_backend(backend, x.device) == "triton" and x.dim() >= 1 and dim in (0, x.dim() - 1):
         return mx_cast_triton(x, elem_dtype, block_size, scale_mode, dim)
-    return mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim)
+    return mx_cast_torch(x, elem_dtype, block_size, scale_mode, dim)
 
 
 def mx_cast_rows_cols(
@@ -468,8 +524,8 @@ def mx_cast_rows_cols(
         raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "triton":
         return mx_cast_2d_triton(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
-    row_data, row_scale = mx_cast_ref(x, elem_dtype, block_size, scale_mode, -1)
-    col_data, col_scale = mx_cast_ref(x, elem_dtype, block_size, scale_mode, 0)
+    row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, -1)
+    col_data, col_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale
 
 
