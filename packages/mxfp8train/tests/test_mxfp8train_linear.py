@@ -317,3 +317,32 @@ def test_triton_cast_backend_equals_torch_backend():
         outs.append((y.detach().cpu(), xs.grad.cpu(), ws.grad.cpu()))
     for a, b, name in zip(*outs, ("y", "dx", "dw"), strict=True):
         assert_exact(a, b, name)
+
+
+def test_floor_vs_rceil_clip_statistics_pinned_on_constructed_tensor():
+    """Regression pin: eight blocks with chosen amax mantissas. FLOOR saturates exactly the elements above
+    1.75 x 2^floor(log2 amax) (38 elements in 4 blocks, negatives included), RCEIL none; RCEIL's scale byte
+    is FLOOR's + 1 exactly in those 4 blocks."""
+    ulp = 2.0**-23
+    blocks = torch.zeros(8, 32)
+    blocks[0, :] = 0.5
+    blocks[0, 0] = 1.0                                                 # mantissa 1: no clip
+    blocks[1, :2] = torch.tensor([1.75, 1.0]) * 4                      # exactly 1.75: 448, no clip
+    blocks[2, :2] = torch.tensor([1.75 + ulp, 1.5]) * 4                # one ulp above: 1 clip
+    blocks[3, :6] = torch.tensor([1.9, 1.8, 1.76, 1.7, 1.0, -1.75]) * 32  # 3 clips
+    blocks[4, :] = 1.99 * 2.0**-3                                      # every element clips: 32
+    # block 5 all zero
+    blocks[6, :2] = torch.tensor([1.5, -1.5]) * 2.0**10                # no clip
+    blocks[7, :3] = torch.tensor([-1.8, 1.8, 0.3]) * 2.0**-20          # 2 clips, one negative
+    x = blocks.reshape(2, 128)
+    pinned = {"floor": (38, 4), "rceil": (0, 0)}
+    scales = {}
+    for mode, (clipped, clipped_blocks) in pinned.items():
+        stats = MXStats()
+        mx = to_mx(x, scale_mode=mode)
+        stats.update("input", x, mx.data, mx.scale, 32, -1)
+        s = stats.summary()["input"]
+        assert (s["clipped"], s["clipped_blocks"], s["blocks"], s["elements"]) == (clipped, clipped_blocks, 8, 256)
+        assert s["clip_fraction"] == clipped / 256 and s["clipped_block_fraction"] == clipped_blocks / 8
+        scales[mode] = mx.scale.flatten().long()
+    assert (scales["rceil"] - scales["floor"]).tolist() == [0, 0, 1, 1, 1, 0, 0, 1]
