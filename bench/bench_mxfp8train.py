@@ -1,5 +1,12 @@
-"""mxfp8train benchmarks: MX cast throughput against torchao's to_mx (CPU; the Triton kernel on GPU), and
-the step cost of MXLinear (emulated MX GEMMs) against plain linears."""
+"""mxfp8train benchmarks, like for like: MX casts against torchao's (eager vs eager, compiled vs compiled,
+row casts vs row casts, column casts vs column casts; the Triton kernels on GPU against torchao's Triton
+kernels), every cast against a plain memory copy of the same tensor (the bandwidth limit), and the step cost
+of MXLinear against torchao's MXFP8Linear (both emulated on CPU).
+
+Throughput rows are GB/s of bytes moved (higher is better): a cast reads the fp32 input (4 B per element)
+and writes the codes (1 B) and the scales (1 B per 32); a memory copy (`x.clone()`) reads and writes 4 B per
+element. "vs memory copy" rows put a cast's GB/s next to the copy's GB/s for the same input: their ratio is
+the fraction of the copy bandwidth the cast reaches."""
 
 from __future__ import annotations
 
@@ -10,44 +17,74 @@ from torch import nn
 
 from bench.harness import BenchContext, benchmark
 
+E4M3 = torch.float8_e4m3fn
 
-def _torchao_to_mx():
+
+def _torchao():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torchao.prototype.mx_formats.config import ScaleCalculationMode
         from torchao.prototype.mx_formats.mx_tensor import to_mx
 
-    return lambda x: to_mx(x, torch.float8_e4m3fn, 32, ScaleCalculationMode.RCEIL)
+    return to_mx, ScaleCalculationMode.RCEIL
+
+
+def _cast_bytes(x: torch.Tensor, directions: int = 1) -> float:
+    """Bytes a cast of fp32 x moves, in GB: one read of x, codes and scales written per direction."""
+    return (x.numel() * 4 + directions * (x.numel() + x.numel() // 32)) / 1e9
+
+
+def _copy_row(ctx: BenchContext, case: str, cast_fn, x: torch.Tensor, ours_name: str, directions: int = 1) -> None:
+    """The cast's GB/s next to `x.clone()`'s GB/s (its own 8 B per element), timed interleaved."""
+    reps = 3 if ctx.quick else 11
+    t_cast, t_copy = ctx.time_interleaved([cast_fn, lambda: x.clone()], reps=reps, warmup=1 if ctx.quick else 2)
+    ctx.record(f"{case} vs memory copy", _cast_bytes(x, directions) / t_cast, x.numel() * 8 / 1e9 / t_copy, "GB/s",
+               ours_name=ours_name, anchor_name="x.clone()", lower_is_better=False)
 
 
 @benchmark("mxfp8-cast-cpu", package="mxfp8train", device="cpu")
 def mxfp8_cast_cpu(ctx: BenchContext) -> None:
-    """E4M3 RCEIL cast, blocks of 32 along the last dim: our torch path (eager, and torch.compile) vs
-    torchao 0.18 `to_mx` (eager); throughput in GB/s of fp32 input read."""
-    from shared_kernels.mx_cast import mx_cast_ref, mx_dequantize_ref, mx_quantize_dequantize
+    """E4M3 RCEIL casts of fp32 on CPU, blocks of 32. Rows (blocks along the last dim): `mx_cast` (the torch
+    backend) vs torchao 0.18 `to_mx`, both eager; compiled `mx_cast_ref` vs compiled `to_mx` (inductor).
+    Columns (blocks along dim 0): `mx_cast(x, dim=0)` vs torchao's own column cast on CPU,
+    `to_mx(x.t().contiguous())` (what torchao's `triton_to_mxfp8_dim1_reference` does). Every case also
+    against `x.clone()`. Byte equality with torchao is checked first."""
+    from shared_kernels.mx_cast import mx_cast, mx_cast_ref, mx_dequantize_ref, mx_quantize_dequantize
 
-    ao = _torchao_to_mx()
-    shapes = [(1024, 1024)] if ctx.quick else [(1024, 1024), (4096, 4096)]
-    compiled = torch.compile(mx_cast_ref, dynamic=False)
+    to_mx, rceil = _torchao()
+
+    def ao(t):
+        return to_mx(t, E4M3, 32, rceil)
+
+    ours_compiled = torch.compile(mx_cast_ref, dynamic=False)
+    ao_compiled = torch.compile(ao, dynamic=False)
+    shapes = [(256, 256), (1024, 1024)] if ctx.quick else [(256, 256), (1024, 1024), (4096, 4096)]
     for shape in shapes:
-        x = torch.randn(shape)
-        data, scale = mx_cast_ref(x)
-        ao_scale, ao_data = ao(x)
-        assert torch.equal(data.view(torch.uint8), ao_data.view(torch.uint8))  # same bytes on this input
-        nbytes = x.numel() * 4
-        ctx.compare(f"{shape[0]}x{shape[1]} eager", lambda x=x: mx_cast_ref(x), lambda x=x: ao(x),
-                    ours_name="mx_cast_ref", anchor_name="torchao to_mx", work=nbytes / 1e9, unit="GB")
-        compiled(x)  # compile outside the timing
-        ctx.compare(f"{shape[0]}x{shape[1]} compiled", lambda x=x: compiled(x), lambda x=x: ao(x),
-                    ours_name="compiled mx_cast_ref", anchor_name="torchao to_mx", work=nbytes / 1e9, unit="GB")
-        xt = x.t().contiguous()
-        ctx.compare(f"{shape[0]}x{shape[1]} dim 0", lambda x=x: mx_cast_ref(x, dim=0),
-                    lambda xt=xt: ao(xt.t().contiguous()), ours_name="mx_cast_ref dim=0",
-                    anchor_name="torchao to_mx of the transpose", work=nbytes / 1e9, unit="GB")
-        # what an emulated GEMM needs: the fp32 round trip (MXLinear's path without stats since 2026-11-28)
-        ctx.compare(f"{shape[0]}x{shape[1]} round trip", lambda x=x: mx_quantize_dequantize(x),
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        name = f"{shape[0]}x{shape[1]}"
+        # same bytes as torchao except in its log2-rounding boundary blocks (README): count them
+        differ = (mx_cast(x)[0].view(torch.uint8) != ao(x)[1].view(torch.uint8)).sum().item()
+        differ += (mx_cast(x, dim=0)[0].view(torch.uint8) != ao(x.t().contiguous())[1].t().view(torch.uint8)).sum().item()
+        assert differ <= x.numel() // 10_000, f"{differ} codes differ from torchao"
+        gb = _cast_bytes(x)
+        ctx.compare(f"{name} rows eager", lambda x=x: mx_cast(x), lambda x=x: ao(x), ours_name="mx_cast (torch)",
+                    anchor_name="torchao to_mx eager", work=gb, unit="GB/s",
+                    note=f"{differ} of {2 * x.numel()} codes (rows + columns) differ from torchao's")
+        ours_compiled(x), ao_compiled(x)  # compile outside the timing
+        ctx.compare(f"{name} rows compiled", lambda x=x: ours_compiled(x), lambda x=x: ao_compiled(x),
+                    ours_name="compiled mx_cast_ref", anchor_name="compiled torchao to_mx", work=gb, unit="GB/s")
+        ctx.compare(f"{name} columns eager", lambda x=x: mx_cast(x, dim=0), lambda x=x: ao(x.t().contiguous()),
+                    ours_name="mx_cast dim=0", anchor_name="torchao to_mx(x.t().contiguous())", work=gb,
+                    unit="GB/s")
+        for case, fn, fn_name in [("rows eager", lambda x=x: mx_cast(x), "mx_cast (torch)"),
+                                  ("rows compiled", lambda x=x: ours_compiled(x), "compiled mx_cast_ref"),
+                                  ("columns eager", lambda x=x: mx_cast(x, dim=0), "mx_cast dim=0")]:
+            _copy_row(ctx, f"{name} {case}", fn, x, fn_name)
+        # what an emulated GEMM needs: the fp32 round trip (MXLinear's path without stats)
+        ctx.compare(f"{name} round trip", lambda x=x: mx_quantize_dequantize(x),
                     lambda x=x: mx_dequantize_ref(*mx_cast_ref(x)), ours_name="mx_quantize_dequantize",
-                    anchor_name="mx_cast_ref + mx_dequantize_ref", work=nbytes / 1e9, unit="GB")
+                    anchor_name="mx_cast_ref + mx_dequantize_ref", work=x.numel() * 8 / 1e9, unit="GB/s",
+                    note="bytes: fp32 in + fp32 out")
 
 
 def _step(layer: nn.Module, x: torch.Tensor) -> None:
@@ -57,8 +94,12 @@ def _step(layer: nn.Module, x: torch.Tensor) -> None:
 
 @benchmark("mxfp8-linear-step-cpu", package="mxfp8train", device="cpu")
 def mxfp8_linear_step_cpu(ctx: BenchContext) -> None:
-    """Forward + backward of one linear layer (tokens x in -> out): MXLinear (paper recipe, three emulated
-    MX GEMMs) vs nn.Linear in fp32 and in bf16 (this CPU has no bf16 units: bf16 is the slow anchor)."""
+    """Forward + backward of one linear layer (tokens x in -> out), fp32 master weights and input: MXLinear
+    (paper recipe: three emulated MX GEMMs, RCEIL, all E4M3) vs torchao 0.18 `MXFP8Linear` with
+    `KernelPreference.EMULATED` (the same recipe, emulated), and vs an fp32 nn.Linear (the cost of emulation)."""
+    from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
+    from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+
     from mxfp8train import MXLinear
 
     shapes = [(1024, 192, 768)] if ctx.quick else [(1024, 192, 768), (4096, 1024, 1024)]
@@ -66,33 +107,40 @@ def mxfp8_linear_step_cpu(ctx: BenchContext) -> None:
         torch.manual_seed(0)
         base = nn.Linear(k, n)
         mx = MXLinear.from_linear(base)
+        ao = MXFP8Linear(k, n, kernel_preference=KernelPreference.EMULATED)
+        ao.load_state_dict(base.state_dict())
         x = torch.randn(m, k, requires_grad=True)
-        bf16 = nn.Linear(k, n).to(torch.bfloat16)
-        xb = x.detach().to(torch.bfloat16).requires_grad_()
+        ctx.compare(f"M={m} K={k} N={n} vs torchao", lambda mx=mx, x=x: _step(mx, x), lambda ao=ao, x=x: _step(ao, x),
+                    ours_name="MXLinear", anchor_name="torchao MXFP8Linear (emulated)")
         ctx.compare(f"M={m} K={k} N={n} vs fp32", lambda mx=mx, x=x: _step(mx, x), lambda base=base, x=x: _step(base, x),
                     ours_name="MXLinear", anchor_name="nn.Linear fp32")
-        ctx.compare(f"M={m} K={k} N={n} vs bf16", lambda mx=mx, x=x: _step(mx, x), lambda xb=xb, bf16=bf16: _step(bf16, xb),
-                    ours_name="MXLinear", anchor_name="nn.Linear bf16")
 
 
 @benchmark("mxfp8-cast-cuda", package="mxfp8train", device="cuda")
 def mxfp8_cast_cuda(ctx: BenchContext) -> None:
-    """Triton MX cast on GPU (E4M3 RCEIL, fp32 in): row blocks, column blocks, and both from one read, vs
-    torchao to_mx (eager); GB/s of bytes moved (fp32 read + codes + scales written)."""
+    """Triton MX casts on GPU (E4M3 RCEIL, fp32 in) against torchao's Triton kernels: rows vs
+    `triton_to_mxfp8_dim0`, columns vs `triton_to_mxfp8_dim1`, rows + columns from one read vs the two
+    torchao kernels; every case also against `x.clone()`."""
     from shared_kernels.mx_cast import mx_cast_2d_triton
 
-    ao = _torchao_to_mx()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.prototype.mx_formats.kernels import triton_to_mxfp8_dim0, triton_to_mxfp8_dim1
+
     shapes = [(4096, 4096)] if ctx.quick else [(4096, 4096), (16384, 8192)]
     for m, n in shapes:
         x = torch.randn(m, n, device="cuda")
-        one_way = x.numel() * (4 + 1) + x.numel() // 32
-        both_ways = x.numel() * (4 + 2) + 2 * (x.numel() // 32)
-        ctx.compare(f"{m}x{n} rows", lambda x=x: mx_cast_2d_triton(x, torch.float8_e4m3fn, 32, "rceil", True, False),
-                    lambda x=x: ao(x), ours_name="triton", anchor_name="torchao to_mx", work=one_way / 1e9, unit="GB")
-        ctx.compare(f"{m}x{n} cols", lambda x=x: mx_cast_2d_triton(x, torch.float8_e4m3fn, 32, "rceil", False, True),
-                    lambda x=x: ao(x), ours_name="triton", anchor_name="torchao to_mx (rows)", work=one_way / 1e9,
-                    unit="GB")
-        ctx.compare(f"{m}x{n} rows+cols one read",
-                    lambda x=x: mx_cast_2d_triton(x, torch.float8_e4m3fn, 32, "rceil", True, True),
-                    lambda x=x: (ao(x), ao(x.t().contiguous())), ours_name="triton",
-                    anchor_name="torchao to_mx x2 + transpose", work=both_ways / 1e9, unit="GB")
+        name = f"{m}x{n}"
+        cases = [
+            ("rows", lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", True, False),
+             lambda x=x: triton_to_mxfp8_dim0(x, 32, "rceil"), "torchao triton_to_mxfp8_dim0", 1),
+            ("columns", lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", False, True),
+             lambda x=x: triton_to_mxfp8_dim1(x, 32, "rceil"), "torchao triton_to_mxfp8_dim1", 1),
+            ("rows+columns one read", lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", True, True),
+             lambda x=x: (triton_to_mxfp8_dim0(x, 32, "rceil"), triton_to_mxfp8_dim1(x, 32, "rceil")),
+             "torchao dim0 + dim1 kernels", 2),
+        ]
+        for case, ours, anchor, anchor_name, directions in cases:
+            ctx.compare(f"{name} {case}", ours, anchor, ours_name="triton", anchor_name=anchor_name,
+                        work=_cast_bytes(x, directions), unit="GB/s")
+            _copy_row(ctx, f"{name} {case}", ours, x, "triton", directions)

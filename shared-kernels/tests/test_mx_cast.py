@@ -12,6 +12,8 @@ from shared_kernels.mx_cast import (
     mx_cast,
     mx_cast_2d_triton,
     mx_cast_ref,
+    mx_cast_rows_cols,
+    mx_cast_torch,
     mx_dequantize,
     mx_dequantize_ref,
     mx_quantize_dequantize,
@@ -150,3 +152,48 @@ def test_quantize_dequantize_equals_cast_then_dequantize(elem, mode, dtype):
             assert_exact(mx_quantize_dequantize(inp, elem, 32, mode, dim), ref, f"dim {dim}")
     y = torch.randn(3, 70, 5, generator=torch.Generator().manual_seed(5)) * 1e-3  # middle dim, block 16
     assert_exact(mx_quantize_dequantize(y, elem, 16, mode, 1), mx_dequantize_ref(*mx_cast_ref(y, elem, 16, mode, 1), 16, 1))
+
+
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_rows_cols_cast_equals_the_two_separate_casts(elem, mode, backend):
+    """The row + column cast MXLinear uses (one read on Triton) is bit for bit the two reference casts, on
+    odd shapes with partial blocks both ways and adversarial values."""
+    for m, n, seed in [(97, 1025, 5), (33, 70, 6), (1, 40, 7)]:
+        x = adversarial(max(m, 12), n, seed)[:m]
+        dev = DEVICE if backend == "triton" else "cpu"
+        got = mx_cast_rows_cols(x.to(dev), elem, 32, mode, backend=backend)
+        want = (*mx_cast_ref(x, elem, 32, mode, dim=-1), *mx_cast_ref(x, elem, 32, mode, dim=0))
+        for g, w, name in zip(got, want, ("row data", "row scale", "column data", "column scale"), strict=True):
+            assert_exact(g.cpu().view(torch.uint8), w.view(torch.uint8), f"{name} {m}x{n}")
+
+
+def test_rows_cols_cast_rejects_non_2d():
+    with pytest.raises(ValueError, match="2-D"):
+        mx_cast_rows_cols(torch.randn(2, 3, 32))
+
+
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_torch_cast_equals_reference(elem, mode, dtype, monkeypatch):
+    """mx_cast_torch (chunked, integer scale) gives the reference's bytes: adversarial rows (inf / NaN chunks
+    take the reference, the others the fast path), many chunks, dims 0 / -1 / middle, partial blocks."""
+    import shared_kernels.mx_cast as mx_cast_mod
+
+    monkeypatch.setattr(mx_cast_mod, "_FAST_CHUNK_BLOCKS", 7)  # many chunks, some with inf / NaN, some without
+    x = adversarial(96, 160, seed=8)
+    x[40:] = torch.randn(56, 160) * torch.exp2(torch.randint(-20, 20, (56, 1)).float())  # special-free chunks
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    x = x.to(dtype)
+    for t, dim in [(x, -1), (x, 0), (x.view(96, 5, 32), 1), (x[:, :150], -1), (x[:, :150].t(), -1)]:
+        got = mx_cast_torch(t, elem, 32, mode, dim)
+        want = mx_cast_ref(t, elem, 32, mode, dim)
+        assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), f"data dim {dim} {tuple(t.shape)}")
+        assert_exact(got[1], want[1], f"scale dim {dim} {tuple(t.shape)}")
+    big = torch.randn(300, 1024) * 5  # 9600 blocks: more than one default chunk
+    monkeypatch.undo()
+    for got, want in zip(mx_cast_torch(big, elem, 32, mode, -1), mx_cast_ref(big, elem, 32, mode), strict=True):
+        assert_exact(got.view(torch.uint8), want.view(torch.uint8), "default chunks")

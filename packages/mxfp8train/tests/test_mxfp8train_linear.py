@@ -11,6 +11,7 @@ import mxfp8train
 from mxfp8train import E5M2_GRADS_RECIPE, OCP_FLOOR_RECIPE, PAPER_RECIPE, MXLinear, MXRecipe, convert, to_mx
 from mxfp8train.gpt import GPT, GPTConfig
 from mxfp8train.stats import MXStats
+from shared_kernels.backend import triton_available, triton_interpreting
 from shared_kernels.testing import assert_exact
 
 
@@ -114,7 +115,14 @@ def test_stats_count_flush_to_zero():
     layer = MXLinear(32, 8, bias=False, recipe=PAPER_RECIPE.replace(track_stats=True))
     layer(x)
     s = layer.mx_stats.summary()["input"]
-    assert s["flushed"] == 32 and s["flush_fraction"] == pytest.approx(1 / 32)
+    # the weight needs a gradient, so forward casts X along rows (flushes column 2) and along columns
+    # (column 2 is its own block there: nothing flushed) at once
+    assert s["casts"] == 2 and s["flushed"] == 32 and s["flush_fraction"] == pytest.approx(1 / 64)
+    with torch.no_grad():  # no backward coming: only the row cast
+        layer.mx_stats.reset()
+        layer(x)
+    s = layer.mx_stats.summary()["input"]
+    assert s["casts"] == 1 and s["flushed"] == 32 and s["flush_fraction"] == pytest.approx(1 / 32)
 
 
 def test_convert_skips_head_embeddings_norms_and_subclasses():
@@ -258,3 +266,83 @@ def test_fused_round_trip_path_equals_cast_and_gemm_path(recipe):
     cast = (y.detach(), xs.grad, ws.grad)
     for a, b, name in zip(fused, cast, ("y", "dx", "dw"), strict=True):
         assert_exact(a, b, name)
+
+
+@pytest.mark.parametrize("recipe", [PAPER_RECIPE, OCP_FLOOR_RECIPE], ids=["rceil", "floor"])
+def test_cast_path_casts_each_tensor_both_ways_once(recipe, monkeypatch):
+    """On the cast path (here: stats on) X, W and dY are cast rows + columns together (the one-read cast on
+    Triton); the layer's outputs equal the explicit reference, and each role is cast exactly twice."""
+    import mxfp8train.linear as linear_mod
+
+    calls = []
+    real = linear_mod.mx_cast_rows_cols
+    monkeypatch.setattr(linear_mod, "mx_cast_rows_cols", lambda t, *a: calls.append(t.shape) or real(t, *a))
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(97, 72, generator=g), torch.randn(80, 72, generator=g) * 0.05
+    dy = torch.randn(97, 80, generator=g)
+    xs, ws = x.clone().requires_grad_(), nn.Parameter(w.clone())
+    stats = MXStats()
+    y = mxfp8train.mx_linear(xs, ws, None, recipe, stats=stats)
+    y.backward(dy)
+    assert sorted(calls) == sorted([(97, 72), (80, 72), (97, 80)])
+    summary = stats.summary()
+    assert [summary[r]["casts"] for r in ("input", "weight", "grad")] == [2, 2, 2]
+    y_ref, dx_ref, dw_ref = reference_grads(x, w, dy, recipe)
+    for got, want, name in [(y, y_ref, "y"), (xs.grad, dx_ref, "dx"), (ws.grad, dw_ref, "dw")]:
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0, msg=name)
+    # without input gradients only X needs both casts
+    calls.clear()
+    ws2 = nn.Parameter(w.clone())
+    mxfp8train.mx_linear(x, ws2, None, recipe, stats=MXStats()).backward(dy)
+    assert calls == [(97, 72)]
+    torch.testing.assert_close(ws2.grad, dw_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(
+    not (triton_available() and (torch.cuda.is_available() or triton_interpreting())),
+    reason="needs triton with a GPU or TRITON_INTERPRET=1",
+)
+def test_triton_cast_backend_equals_torch_backend():
+    """MXLinear on the Triton cast (one-read row + column casts) gives the torch cast's bits."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(97, 72, generator=g), torch.randn(80, 72, generator=g) * 0.05
+    dy = torch.randn(97, 80, generator=g)
+    outs = []
+    for backend in ("torch", "triton"):
+        recipe = PAPER_RECIPE.replace(cast_backend=backend, gemm_backend="emulated")
+        xs, ws = x.to(dev).requires_grad_(), nn.Parameter(w.to(dev))
+        y = mxfp8train.mx_linear(xs, ws, None, recipe, stats=MXStats())  # stats: the cast path on CPU too
+        y.backward(dy.to(dev))
+        outs.append((y.detach().cpu(), xs.grad.cpu(), ws.grad.cpu()))
+    for a, b, name in zip(*outs, ("y", "dx", "dw"), strict=True):
+        assert_exact(a, b, name)
+
+
+def test_floor_vs_rceil_clip_statistics_pinned_on_constructed_tensor():
+    """Regression pin: eight blocks with chosen amax mantissas. FLOOR saturates exactly the elements above
+    1.75 x 2^floor(log2 amax) (38 elements in 4 blocks, negatives included), RCEIL none; RCEIL's scale byte
+    is FLOOR's + 1 exactly in those 4 blocks."""
+    ulp = 2.0**-23
+    blocks = torch.zeros(8, 32)
+    blocks[0, :] = 0.5
+    blocks[0, 0] = 1.0                                                 # mantissa 1: no clip
+    blocks[1, :2] = torch.tensor([1.75, 1.0]) * 4                      # exactly 1.75: 448, no clip
+    blocks[2, :2] = torch.tensor([1.75 + ulp, 1.5]) * 4                # one ulp above: 1 clip
+    blocks[3, :6] = torch.tensor([1.9, 1.8, 1.76, 1.7, 1.0, -1.75]) * 32  # 3 clips
+    blocks[4, :] = 1.99 * 2.0**-3                                      # every element clips: 32
+    # block 5 all zero
+    blocks[6, :2] = torch.tensor([1.5, -1.5]) * 2.0**10                # no clip
+    blocks[7, :3] = torch.tensor([-1.8, 1.8, 0.3]) * 2.0**-20          # 2 clips, one negative
+    x = blocks.reshape(2, 128)
+    pinned = {"floor": (38, 4), "rceil": (0, 0)}
+    scales = {}
+    for mode, (clipped, clipped_blocks) in pinned.items():
+        stats = MXStats()
+        mx = to_mx(x, scale_mode=mode)
+        stats.update("input", x, mx.data, mx.scale, 32, -1)
+        s = stats.summary()["input"]
+        assert (s["clipped"], s["clipped_blocks"], s["blocks"], s["elements"]) == (clipped, clipped_blocks, 8, 256)
+        assert s["clip_fraction"] == clipped / 256 and s["clipped_block_fraction"] == clipped_blocks / 8
+        scales[mode] = mx.scale.flatten().long()
+    assert (scales["rceil"] - scales["floor"]).tolist() == [0, 0, 1, 1, 1, 0, 0, 1]

@@ -20,30 +20,51 @@ def text_file(tmp_path):
     return path
 
 
-def test_parity_command_writes_results_plot_and_table(text_file, tmp_path, capsys):
+def test_parity_command_writes_results_plots_and_table(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     parity.main(["--data", str(text_file), "--out", str(out), "--variants", "bf16,mxfp8-rceil,mxfp8-floor",
-                 "--steps", "4", "--batch-size", "2", "--context", "16", "--n-layers", "1", "--width", "32",
-                 "--n-heads", "2", "--eval-every", "2", "--eval-batches", "1", "--stats-every", "1", "--warmup", "1",
-                 "--no-progress"])
+                 "--seeds", "3,5", "--steps", "4", "--batch-size", "2", "--context", "16", "--n-layers", "1",
+                 "--width", "32", "--n-heads", "2", "--eval-every", "2", "--eval-batches", "1", "--stats-every", "1",
+                 "--warmup", "1", "--jobs", "1", "--no-progress"])
     printed = capsys.readouterr().out
-    assert "| mxfp8-floor |" in printed and "ratio to bf16" in printed
+    assert "| mxfp8-floor | 2 |" in printed and "minus bf16, paired" in printed
     summary = json.loads((out / "results.json").read_text())
-    assert (out / "parity_loss.png").stat().st_size > 1000
-    res = summary["results"]
-    assert set(res) == {"bf16", "mxfp8-rceil", "mxfp8-floor"}
-    assert [s for s, _ in res["bf16"]["val"]] == [2, 4] and len(res["bf16"]["train"]) == 4
-    assert res["mxfp8-rceil"]["diagnostics"]["input"]["clipped"] == 0
-    assert res["mxfp8-floor"]["diagnostics"]["input"]["clip_fraction"] > 0  # FLOOR saturates
-    # first step: same init and batch, so the three losses agree to quantization noise
-    first = [r["train"][0][1] for r in res.values()]
+    assert (out / "parity_loss.png").stat().st_size > 1000 and (out / "parity_stats.png").stat().st_size > 1000
+    # the runner records its seeds and variants, and every run says which it is
+    assert summary["seeds"] == [3, 5] and summary["variants"] == ["bf16", "mxfp8-rceil", "mxfp8-floor"]
+    runs = summary["runs"]
+    assert {(r["variant"], r["seed"]) for by_seed in runs.values() for r in by_seed.values()} == {
+        (v, s) for v in ("bf16", "mxfp8-rceil", "mxfp8-floor") for s in (3, 5)}
+    assert [s for s, _ in runs["bf16"]["3"]["val"]] == [2, 4] and len(runs["bf16"]["3"]["train"]) == 4
+    assert runs["mxfp8-rceil"]["5"]["diagnostics"]["input"]["clipped"] == 0
+    assert runs["mxfp8-floor"]["5"]["diagnostics"]["input"]["clip_fraction"] > 0  # FLOOR saturates
+    layer_stats = runs["mxfp8-floor"]["3"]["stats"][0]["layers"]
+    # per-layer clip / flush statistics at every sampled step
+    assert set(layer_stats) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"}
+    assert layer_stats["blocks.0.mlp.fc"]["input"]["clip_fraction"] > 0
+    # paired: per seed, variant minus bf16 on the same seed
+    floor = summary["summary"]["mxfp8-floor"]
+    want = [runs["mxfp8-floor"][s]["final_val_loss"] - runs["bf16"][s]["final_val_loss"] for s in ("3", "5")]
+    assert floor["paired_vs_bf16"]["diffs"] == pytest.approx(want) and floor["seeds"] == [3, 5]
+    # same seed: same init and batch for every variant, so first-step losses agree to quantization noise;
+    # different seeds differ
+    first = [runs[v]["3"]["train"][0][1] for v in runs]
     assert max(first) - min(first) < 0.05
-    assert not list((out / "ckpt").glob("*/step-*"))  # checkpoints removed once a variant finishes
+    assert runs["bf16"]["3"]["train"][0][1] != runs["bf16"]["5"]["train"][0][1]
+    assert not list((out / "ckpt").glob("*/step-*"))  # checkpoints removed once a run finishes
+
+
+def test_paired_tests_known_values():
+    # every difference positive: the sign-flip p is 2 / 2^n, the t-test small
+    tests = parity.paired_tests([0.01, 0.012, 0.011, 0.009, 0.010])
+    assert tests["sign_flip_p"] == pytest.approx(2 / 32) and tests["t_test_p"] < 1e-4
+    tests = parity.paired_tests([0.01, -0.01, 0.02, -0.02])
+    assert tests["sign_flip_p"] == 1.0 and tests["t_test_p"] == pytest.approx(1.0)
 
 
 def test_parity_resumes_after_interruption(text_file, tmp_path, monkeypatch):
     cfg = parity.ParityConfig(out=str(tmp_path / "full"), data=str(text_file), variants=("mxfp8-rceil",), **TINY)
-    full = parity.run_parity(cfg)["results"]["mxfp8-rceil"]
+    full = parity.run_parity(cfg)["runs"]["mxfp8-rceil"]["0"]
 
     cut = parity.ParityConfig(**{**cfg.__dict__, "out": str(tmp_path / "cut")})
     real_evaluate = parity.evaluate
@@ -54,15 +75,16 @@ def test_parity_resumes_after_interruption(text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(parity, "evaluate", interrupt)
     with pytest.raises(KeyboardInterrupt):
         parity.run_parity(cut)
-    assert (tmp_path / "cut" / "ckpt" / "mxfp8-rceil" / "step-00000002").is_dir()
+    assert (tmp_path / "cut" / "ckpt" / "mxfp8-rceil-seed0" / "step-00000002").is_dir()
     monkeypatch.setattr(parity, "evaluate", real_evaluate)
-    resumed = parity.run_parity(cut)["results"]["mxfp8-rceil"]
+    resumed = parity.run_parity(cut)["runs"]["mxfp8-rceil"]["0"]
     assert resumed["train"] == full["train"] and resumed["val"] == full["val"]
 
 
 def test_same_data_order_for_every_variant_and_bad_config():
     cfg = parity.ParityConfig(**TINY)
-    assert torch.equal(parity.batch_starts(5000, cfg), parity.batch_starts(5000, cfg))
+    assert torch.equal(parity.batch_starts(5000, cfg, 0), parity.batch_starts(5000, cfg, 0))
+    assert not torch.equal(parity.batch_starts(5000, cfg, 0), parity.batch_starts(5000, cfg, 1))
     with pytest.raises(ValueError, match="variants"):
         parity.ParityConfig(variants=("fp4",))
     with pytest.raises(ValueError, match="steps"):

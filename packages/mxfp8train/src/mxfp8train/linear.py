@@ -20,7 +20,7 @@ from torch import nn
 from mxfp8train.recipe import PAPER_RECIPE, MXRecipe
 from mxfp8train.stats import MXStats
 from shared_kernels.backend import resolve_backend
-from shared_kernels.mx_cast import mx_cast, mx_quantize_dequantize
+from shared_kernels.mx_cast import mx_cast, mx_cast_rows_cols, mx_quantize_dequantize
 from shared_kernels.mx_gemm import hardware_mx_available, mx_gemm
 
 
@@ -54,51 +54,92 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _cast_both(
+    t: torch.Tensor, elem: torch.dtype, role: str, recipe: MXRecipe, stats: MXStats | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row (dim -1) and column (dim 0) casts of a 2-D tensor that feeds two MX GEMMs, from one read on the
+    Triton backend (`mx_cast_rows_cols`); bit for bit the two separate casts."""
+    rd, rs, cd, cs = mx_cast_rows_cols(t, elem, recipe.block_size, recipe.scale_mode, recipe.cast_backend)
+    if stats is not None:
+        stats.update(role, t, rd, rs, recipe.block_size, -1)
+        stats.update(role, t, cd, cs, recipe.block_size, 0)
+    return rd, rs, cd, cs
+
+
 class _MXLinearFunction(torch.autograd.Function):
-    """Y = X Wᵀ with MX forward, input-gradient and weight-gradient GEMMs (see the module docstring)."""
+    """Y = X Wᵀ with MX forward, input-gradient and weight-gradient GEMMs (see the module docstring).
+
+    On the cast path (codes and scales: hardware GEMMs, the Triton cast, or stats), a tensor needed along
+    both of its dims is cast both ways at once: X and W in forward (their column casts are saved for the
+    backward GEMMs instead of being recast there), dY in backward when both gradients are MX GEMMs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: MXRecipe, stats: MXStats | None, out_dtype: torch.dtype):
-        # x: (M, K), weight: (N, K) -> (M, N) in out_dtype
-        ctx.save_for_backward(x, weight)
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, recipe: MXRecipe, stats: MXStats | None,
+        out_dtype: torch.dtype, grad_enabled: bool,
+    ):
+        # x: (M, K), weight: (N, K) -> (M, N) in out_dtype; grad_enabled: grad mode at the call (under
+        # no_grad needs_input_grad still follows requires_grad, and no backward will come)
         ctx.recipe, ctx.stats, ctx.out_dtype = recipe, stats, out_dtype
+        ctx.x_dtype, ctx.device_type = x.dtype, x.device.type
         with torch.autocast(x.device.type, enabled=False):
             if recipe.forward and _qdq_path(x, recipe, stats):
+                ctx.save_for_backward(x, weight, None, None, None, None)
                 y = _qdq(x, recipe.input_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, -1, recipe).t()
                 return y.to(out_dtype)
-            if recipe.forward:
+            if not recipe.forward:
+                ctx.save_for_backward(x, weight, None, None, None, None)
+                return x.to(out_dtype) @ weight.to(out_dtype).t()
+            x_col = w_col = (None, None)
+            if grad_enabled and recipe.weight_grad and ctx.needs_input_grad[1]:  # dW = dYᵀ X needs X blocked along M
+                xd, xs, *x_col = _cast_both(x, recipe.input_dtype, "input", recipe, stats)
+            else:
                 xd, xs = _cast(x, recipe.input_dtype, -1, "input", recipe, stats)
+            if grad_enabled and recipe.input_grad and ctx.needs_input_grad[0]:  # dX = dY W needs W blocked along N
+                wd, ws, *w_col = _cast_both(weight, recipe.weight_dtype, "weight", recipe, stats)
+            else:
                 wd, ws = _cast(weight, recipe.weight_dtype, -1, "weight", recipe, stats)
-                return mx_gemm(xd, xs, wd, ws, recipe.block_size, out_dtype, recipe.gemm_backend)
-            return x.to(out_dtype) @ weight.to(out_dtype).t()
+            # with its column cast saved, X itself is not needed in backward
+            ctx.save_for_backward(x if x_col[0] is None else None, weight, *x_col, *w_col)
+            return mx_gemm(xd, xs, wd, ws, recipe.block_size, out_dtype, recipe.gemm_backend)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         # dy: (M, N)
-        x, weight = ctx.saved_tensors
+        x, weight, xcd, xcs, wcd, wcs = ctx.saved_tensors
         recipe, stats, cdt = ctx.recipe, ctx.stats, ctx.out_dtype
         dx = dw = None
         qdq = _qdq_path(dy, recipe, stats)
-        with torch.autocast(x.device.type, enabled=False):
+        want_dx = ctx.needs_input_grad[0] and recipe.input_grad
+        want_dw = ctx.needs_input_grad[1] and recipe.weight_grad
+        with torch.autocast(ctx.device_type, enabled=False):
+            if want_dx and want_dw and not qdq:
+                gd_row, gs_row, gd_col, gs_col = _cast_both(dy, recipe.grad_dtype, "grad", recipe, stats)
+            else:
+                gd_row = gs_row = gd_col = gs_col = None
             if ctx.needs_input_grad[0]:
-                if recipe.input_grad and qdq:
-                    dx = (_qdq(dy, recipe.grad_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, 0, recipe)).to(x.dtype)
-                elif recipe.input_grad:
-                    gd, gs = _cast(dy, recipe.grad_dtype, -1, "grad", recipe, stats)  # (M, N) along N
-                    wd, ws = _cast(weight, recipe.weight_dtype, 0, "weight", recipe, stats)  # (N, K) along N
-                    dx = mx_gemm(gd, gs, wd.t(), ws.t(), recipe.block_size, x.dtype, recipe.gemm_backend)
+                if want_dx and qdq:
+                    dx = (_qdq(dy, recipe.grad_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, 0, recipe)).to(ctx.x_dtype)
+                elif want_dx:
+                    if gd_row is None:
+                        gd_row, gs_row = _cast(dy, recipe.grad_dtype, -1, "grad", recipe, stats)  # (M, N) along N
+                    if wcd is None:
+                        wcd, wcs = _cast(weight, recipe.weight_dtype, 0, "weight", recipe, stats)  # (N, K) along N
+                    dx = mx_gemm(gd_row, gs_row, wcd.t(), wcs.t(), recipe.block_size, ctx.x_dtype, recipe.gemm_backend)
                 else:
-                    dx = (dy.to(cdt) @ weight.to(cdt)).to(x.dtype)
+                    dx = (dy.to(cdt) @ weight.to(cdt)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                if recipe.weight_grad and qdq:
+                if want_dw and qdq:
                     dw = (_qdq(dy, recipe.grad_dtype, 0, recipe).t() @ _qdq(x, recipe.input_dtype, 0, recipe)).to(weight.dtype)
-                elif recipe.weight_grad:
-                    gd, gs = _cast(dy, recipe.grad_dtype, 0, "grad", recipe, stats)  # (M, N) along M
-                    xd, xs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
-                    dw = mx_gemm(gd.t(), gs.t(), xd.t(), xs.t(), recipe.block_size, weight.dtype, recipe.gemm_backend)
+                elif want_dw:
+                    if gd_col is None:
+                        gd_col, gs_col = _cast(dy, recipe.grad_dtype, 0, "grad", recipe, stats)  # (M, N) along M
+                    if xcd is None:
+                        xcd, xcs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
+                    dw = mx_gemm(gd_col.t(), gs_col.t(), xcd.t(), xcs.t(), recipe.block_size, weight.dtype, recipe.gemm_backend)
                 else:
                     dw = (dy.to(cdt).t() @ x.to(cdt)).to(weight.dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def mx_linear(
@@ -127,7 +168,7 @@ def mx_linear(
         stats = None
     out_dtype = _compute_dtype(x)
     x2d = x.reshape(-1, x.shape[-1])
-    y = _MXLinearFunction.apply(x2d, weight, recipe, stats, out_dtype)
+    y = _MXLinearFunction.apply(x2d, weight, recipe, stats, out_dtype, torch.is_grad_enabled())
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
 

@@ -1,5 +1,6 @@
-"""The BF16-vs-MXFP8 parity experiment: one small byte-level GPT trained several times with the same
-initialization, seed and data order, changing only the number format of the block linears' GEMM operands.
+"""The BF16-vs-MXFP8 parity experiment: one small byte-level GPT trained from each seed once per variant
+(a paired design: for seed s every variant starts from the same initialization, torch seed s, and sees the
+same data order, seed s + 1), changing only the number format of the block linears' GEMM operands.
 
 Variants:
     bf16                     GEMM operands X, W, dY rounded to bf16, fp32 accumulation (the baseline)
@@ -11,11 +12,15 @@ variant: on CPUs without bf16 hardware, autocast bf16 runs ~10x slower than fp32
 GEMM operands is what a bf16 tensor-core GEMM does to them.
 
 Outputs under --out (each written atomically; a killed run resumes from the last checkpoint):
-    variants/<name>.json     loss curves, final validation loss, diagnostics, seconds
-    ckpt/<name>/             training checkpoints (deleted once the variant finishes)
-    results.json             all variants + the config; parity_loss.png: loss curves
+    runs/<variant>-seed<s>.json  loss curves, final validation loss, diagnostics (pooled and per layer,
+                                 every --stats-every steps), seconds
+    ckpt/<variant>-seed<s>/      training checkpoints (deleted once the run finishes)
+    results.json                 config, variants, seeds, every run, the per-variant summary (mean, std,
+                                 paired differences to bf16 with sign-flip and t-test p) and the table
+    parity_loss.png              loss curves; parity_stats.png: clip / flush-to-zero per layer over training
 
-    mxfp8-parity --out runs/parity            # default CPU config (4 layers, width 192, T=128, 400 steps)
+    mxfp8-parity --out runs/parity                      # default CPU config (4 layers, width 192, T=128)
+    mxfp8-parity --out runs/study --seeds 0,1,2         # three paired seeds per variant
 
 Variants run in `--jobs` processes (default 2, one per core of a 2-core CPU) of `--threads` torch threads
 each (default 1): the GEMMs here are small, and two single-threaded variants side by side finish sooner
@@ -34,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -60,7 +66,8 @@ class ParityConfig:
     warmup: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # seed s: init from s, data order from s + 1, the same for every variant
+    block_size: int = 32  # MX block size of the MX variants (32 is OCP; smaller blocks are an ablation)
     eval_every: int = 100
     eval_batches: int = 8
     stats_every: int = 20
@@ -75,9 +82,23 @@ class ParityConfig:
             raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
-        for name in ("steps", "batch_size", "context", "eval_every", "eval_batches", "stats_every", "ckpt_every", "jobs"):
+        for name in ("steps", "batch_size", "context", "n_layers", "width", "n_heads", "eval_every", "eval_batches",
+                     "stats_every", "ckpt_every", "jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.n_heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of n_heads ({self.n_heads})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be distinct non-negative ints, got {self.seeds}")
+        for name in ("lr", "grad_clip"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.block_size < 2 or self.block_size > 1024 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two in [2, 1024], got {self.block_size}")
 
 
 # ------------------------------------------------------------------------------------- bf16 baseline
@@ -137,9 +158,9 @@ def load_splits(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return data[:cut], data[cut:]
 
 
-def batch_starts(n_tokens: int, cfg: ParityConfig) -> torch.Tensor:
-    """(steps, batch_size) window starts: the data order, identical for every variant."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+def batch_starts(n_tokens: int, cfg: ParityConfig, seed: int) -> torch.Tensor:
+    """(steps, batch_size) window starts: the data order of `seed`, identical for every variant."""
+    g = torch.Generator().manual_seed(seed + 1)
     return torch.randint(0, n_tokens - cfg.context - 1, (cfg.steps, cfg.batch_size), generator=g)
 
 
@@ -164,12 +185,17 @@ def evaluate(model: GPT, val: torch.Tensor, cfg: ParityConfig) -> float:
 # -------------------------------------------------------------------------------------------- training
 
 
-def build_model(cfg: ParityConfig, variant: str) -> GPT:
-    torch.manual_seed(cfg.seed)
+def build_model(cfg: ParityConfig, variant: str, seed: int) -> GPT:
+    """The GPT initialized from `seed` (the same weights for every variant), its block linears converted."""
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(context=cfg.context, n_layers=cfg.n_layers, width=cfg.width, n_heads=cfg.n_heads))
     if variant == "bf16":
         return bf16_convert(model)
-    return convert(model, RECIPES[variant])
+    return convert(model, RECIPES[variant].replace(block_size=cfg.block_size))
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-seed{seed}"
 
 
 def lr_at(step: int, cfg: ParityConfig) -> float:
@@ -188,21 +214,22 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def train_variant(cfg: ParityConfig, variant: str, train: torch.Tensor, val: torch.Tensor) -> dict:
-    """Train one variant (resuming from its checkpoint if any); returns and saves its result."""
+def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tensor, val: torch.Tensor) -> dict:
+    """Train one variant from one seed (resuming from its checkpoint if any); returns and saves its result."""
     from shared_kernels.checkpoint import CheckpointManager
 
     out = Path(cfg.out)
-    result_path = out / "variants" / f"{variant}.json"
+    name = run_name(variant, seed)
+    result_path = out / "runs" / f"{name}.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    model = build_model(cfg, variant)
+    model = build_model(cfg, variant, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    ckpt = CheckpointManager(out / "ckpt" / variant, keep=1)
+    ckpt = CheckpointManager(out / "ckpt" / name, keep=1)
     state = ckpt.load(model, opt)
     start = state["step"] if state else 0
     log = state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
-    starts = batch_starts(len(train), cfg)
+    starts = batch_starts(len(train), cfg, seed)
     is_mx = variant != "bf16"
     t0 = time.perf_counter() - log["seconds"]
     c0 = time.process_time() - log.get("cpu_seconds", 0.0)  # this process's user + sys time, all threads
@@ -211,7 +238,7 @@ def train_variant(cfg: ParityConfig, variant: str, train: torch.Tensor, val: tor
         from tqdm import tqdm
 
         position = cfg.variants.index(variant) if cfg.jobs > 1 else None  # one line per parallel variant
-        steps = tqdm(steps, desc=variant, initial=start, total=cfg.steps, position=position)
+        steps = tqdm(steps, desc=name, initial=start, total=cfg.steps, position=position)
     for step in steps:
         track = is_mx and (step % cfg.stats_every == 0 or step == cfg.steps - 1)
         if is_mx:
@@ -226,8 +253,11 @@ def train_variant(cfg: ParityConfig, variant: str, train: torch.Tensor, val: tor
         opt.step()
         log["train"].append([step + 1, loss.item()])
         if track:
-            pooled = collect_stats(model)["__all__"]
-            log["stats"].append({"step": step + 1, **pooled})
+            per_layer = collect_stats(model)
+            pooled = per_layer.pop("__all__")
+            layers = {layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
+                      for layer, roles in per_layer.items()}
+            log["stats"].append({"step": step + 1, **pooled, "layers": layers})
             reset_stats(model)
             set_track_stats(model, False)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -238,64 +268,103 @@ def train_variant(cfg: ParityConfig, variant: str, train: torch.Tensor, val: tor
             log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             ckpt.save(step + 1, model, opt, extra=log)
     log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    result = {"variant": variant, "final_val_loss": log["val"][-1][1], **log, "diagnostics": pool_stats(log["stats"])}
+    result = {"variant": variant, "seed": seed, "final_val_loss": log["val"][-1][1], **log,
+              "diagnostics": pool_stats(log["stats"])}
     write_json_atomic(result_path, result)
-    shutil.rmtree(out / "ckpt" / variant, ignore_errors=True)
+    shutil.rmtree(out / "ckpt" / name, ignore_errors=True)
     return result
+
+
+_LAYER_FIELDS = ("clip_fraction", "clipped_block_fraction", "flush_fraction")
 
 
 def pool_stats(samples: list[dict]) -> dict[str, dict[str, float]]:
     """Diagnostics pooled over every sampled step, per tensor role."""
     from mxfp8train.stats import merge_summaries
 
-    return merge_summaries([{k: v for k, v in s.items() if k != "step"} for s in samples]) if samples else {}
+    return merge_summaries([{k: v for k, v in s.items() if k not in ("step", "layers")} for s in samples]) if samples else {}
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def report_table(results: dict[str, dict]) -> str:
-    """Markdown table: final val loss, ratio to bf16, clip / flush fractions per role."""
-    base = results.get("bf16", {}).get("final_val_loss")
+def paired_tests(diffs: list[float]) -> dict[str, float]:
+    """Two-sided tests that paired differences (variant - bf16, one per seed) have mean 0: the exact
+    sign-flip permutation test (its smallest p with n seeds is 2 / 2^n) and the paired t-test."""
+    import itertools
+
+    from scipy import stats
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    flips = [abs(sum(d * s for d, s in zip(diffs, signs, strict=True)) / n)
+             for signs in itertools.product((1, -1), repeat=n)]
+    p_flip = sum(f >= abs(mean) - 1e-15 for f in flips) / len(flips)
+    p_t = float(stats.ttest_1samp(diffs, 0.0).pvalue) if n > 1 and len(set(diffs)) > 1 else float("nan")
+    return {"sign_flip_p": p_flip, "t_test_p": p_t}
+
+
+def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per variant: final validation losses per seed, mean, std, half-range, and (variants other than bf16)
+    the paired differences to bf16 on the same seeds with their tests; diagnostics pooled over seeds."""
+    from mxfp8train.stats import merge_summaries
+
+    out: dict[str, dict] = {}
+    base = runs.get("bf16", {})
+    for variant, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        losses = [by_seed[s]["final_val_loss"] for s in seeds]
+        n = len(losses)
+        mean = sum(losses) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (n - 1)) if n > 1 else float("nan")
+        entry = {"seeds": seeds, "final_val_loss": losses, "mean": mean, "std": std,
+                 "half_range": (max(losses) - min(losses)) / 2,
+                 "cpu_seconds": sum(by_seed[s].get("cpu_seconds", float("nan")) for s in seeds),
+                 "diagnostics": merge_summaries([by_seed[s]["diagnostics"] for s in seeds if by_seed[s]["diagnostics"]])}
+        shared = [s for s in seeds if s in base]
+        if variant != "bf16" and shared:
+            diffs = [by_seed[s]["final_val_loss"] - base[s]["final_val_loss"] for s in shared]
+            d_mean = sum(diffs) / len(diffs)
+            d_std = math.sqrt(sum((d - d_mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else float("nan")
+            entry["paired_vs_bf16"] = {"seeds": shared, "diffs": diffs, "mean": d_mean, "std": d_std,
+                                       **paired_tests(diffs)}
+        out[variant] = entry
+    return out
+
+
+def report_table(summary: dict[str, dict]) -> str:
+    """Markdown table: val loss mean +- std over seeds, paired difference to bf16 with its tests, clip and
+    flush fractions per role pooled over seeds and sampled steps."""
     lines = [
-        "| variant | final val loss (nats/byte) | ratio to bf16 | clipped elements x / w / dy | clipped blocks x / w / dy "
-        "| flushed to zero x / w / dy | minutes | CPU minutes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | final val loss mean +- std (nats/byte) | minus bf16, paired: mean +- std [per seed] "
+        "| sign-flip p / t-test p | clipped elements x / w / dy | clipped blocks x / w / dy "
+        "| flushed to zero x / w / dy | CPU minutes (all seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
-        d = r.get("diagnostics", {})
+    for name, r in summary.items():
+        d = r["diagnostics"]
 
         def triple(key: str, fmt: str, d=d) -> str:
             return " / ".join(fmt.format(d[role][key]) if role in d else "-" for role in ("input", "weight", "grad"))
 
-        ratio = f"{r['final_val_loss'] / base:.4f}" if base else "-"
+        paired = r.get("paired_vs_bf16")
+        if paired:
+            per_seed = ", ".join(f"{v:+.4f}" for v in paired["diffs"])
+            diff = f"{paired['mean']:+.4f} +- {paired['std']:.4f} [{per_seed}]"
+            tests = f"{paired['sign_flip_p']:.3f} / {paired['t_test_p']:.3f}"
+        else:
+            diff = tests = "-"
         lines.append(
-            f"| {name} | {r['final_val_loss']:.4f} | {ratio} | {triple('clip_fraction', '{:.2e}')} | "
-            f"{triple('clipped_block_fraction', '{:.3f}')} | {triple('flush_fraction', '{:.1e}')} | {r['seconds'] / 60:.1f} | "
-            f"{r.get('cpu_seconds', float('nan')) / 60:.1f} |"
+            f"| {name} | {len(r['seeds'])} | {r['mean']:.4f} +- {r['std']:.4f} | {diff} | {tests} | "
+            f"{triple('clip_fraction', '{:.2e}')} | {triple('clipped_block_fraction', '{:.3f}')} | "
+            f"{triple('flush_fraction', '{:.1e}')} | {r['cpu_seconds'] / 60:.1f} |"
         )
     return "\n".join(lines)
 
 
-def plot_curves(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        steps, losses = zip(*r["train"], strict=True)
-        window = 20
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(losses))]
-        ax_train.plot(steps, smooth, label=name)
-        vs, vl = zip(*r["val"], strict=True)
-        ax_val.plot(vs, vl, marker="o", label=name)
-    ax_train.set(xlabel="step", ylabel="train loss (20-step mean)", title="training")
-    ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation")
-    ax_train.legend()
-    ax_val.legend()
-    fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110)
@@ -303,32 +372,115 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_parity(cfg: ParityConfig) -> dict:
-    """Train every variant in turn and write results.json and parity_loss.png under cfg.out."""
+def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Training (20-step mean) and validation loss of every run; one colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, by_seed) in enumerate(runs.items()):
+        for j, seed in enumerate(sorted(by_seed)):
+            r = by_seed[seed]
+            steps, losses = zip(*r["train"], strict=True)
+            window = 20
+            smooth = [sum(losses[max(0, k - window + 1) : k + 1]) / min(k + 1, window) for k in range(len(losses))]
+            label = name if j == 0 else None
+            ax_train.plot(steps, smooth, color=f"C{i}", alpha=0.8, label=label)
+            vs, vl = zip(*r["val"], strict=True)
+            ax_val.plot(vs, vl, color=f"C{i}", marker="o", alpha=0.8, label=label)
+    ax_train.set(xlabel="step", ylabel="train loss (20-step mean)", title="training (every seed)")
+    ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation (every seed)")
+    ax_train.legend()
+    ax_val.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Per layer, over training: clipped-element fraction (top row) and flush-to-zero fraction (bottom row)
+    for each tensor role, every MX variant's first seed (one colour per variant, one line per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = ("input", "weight", "grad")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharex=True)
+    for i, (name, by_seed) in enumerate(runs.items()):
+        if name == "bf16" or not by_seed:
+            continue
+        samples = by_seed[min(by_seed)]["stats"]
+        layers = sorted(samples[0]["layers"]) if samples else []
+        for layer_idx, layer in enumerate(layers):
+            steps = [s["step"] for s in samples]
+            for col, role in enumerate(roles):
+                for row, key in enumerate(("clip_fraction", "flush_fraction")):
+                    values = [s["layers"][layer].get(role, {}).get(key, float("nan")) for s in samples]
+                    axes[row, col].plot(steps, values, color=f"C{i}", alpha=0.35 + 0.65 * (layer_idx + 1) / len(layers),
+                                        lw=1, label=name if layer_idx == 0 else None)
+    for col, role in enumerate(roles):
+        axes[0, col].set(title=f"{role}: clipped elements", yscale="symlog", ylabel="fraction")
+        axes[0, col].yaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation())
+        axes[1, col].set(title=f"{role}: non-zero values flushed to 0", yscale="symlog", xlabel="step", ylabel="fraction")
+    for ax in axes.flat:
+        ax.set_yscale("symlog", linthresh=1e-6)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("MX diagnostics per layer over training (first seed; darker = deeper layer)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def check_data(cfg: ParityConfig) -> Path:
+    """The data file to train on, checked before any work: a ValueError naming it if unusable."""
     path = Path(cfg.data) if cfg.data else default_data_path()
-    if path is None or not path.is_file():
-        raise ValueError(f"data file not found: {cfg.data or 'tinyshakespeare/input.txt in the shared data dir'}; pass --data")
+    if path is None:
+        raise ValueError("data file not found: tinyshakespeare/input.txt is not in the shared data dir; pass --data")
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    try:
+        size = path.stat().st_size
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"data file {path} cannot be read: {e.strerror}") from None
+    if size < 10_000:
+        raise ValueError(f"data file {path} has only {size} bytes; need at least 10000")
+    return path
+
+
+def run_parity(cfg: ParityConfig) -> dict:
+    """Train every (variant, seed) and write results.json, parity_loss.png and parity_stats.png under cfg.out."""
+    path = check_data(cfg)
     _set_threads(cfg.threads)
     train, val = load_splits(path)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    pending = [v for v in cfg.variants if not (out / "variants" / f"{v}.json").is_file()]
+    jobs = [(v, s) for s in cfg.seeds for v in cfg.variants]
+    pending = [(v, s) for v, s in jobs if not (out / "runs" / f"{run_name(v, s)}.json").is_file()]
     if cfg.jobs > 1 and len(pending) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # the cheap bf16 baseline last, so it fills the gap beside the last MX variant
-        pending.sort(key=lambda v: v == "bf16")
+        # the cheap bf16 baselines last, so they fill the gaps beside the last MX runs
+        pending.sort(key=lambda job: job[0] == "bf16")
         with ProcessPoolExecutor(min(cfg.jobs, len(pending)), multiprocessing.get_context("spawn"),
                                  initializer=_set_threads, initargs=(cfg.threads,)) as pool:
-            for future in [pool.submit(train_variant, cfg, v, train, val) for v in pending]:
-                future.result()  # results are read back from variants/<name>.json below
-    results = {v: train_variant(cfg, v, train, val) for v in cfg.variants}
-    summary = {"config": {**dataclasses.asdict(cfg), "data": str(path)}, "results": results,
-               "table": report_table(results)}
-    write_json_atomic(out / "results.json", summary)
-    plot_curves(results, out / "parity_loss.png")
-    return summary
+            for future in [pool.submit(train_variant, cfg, v, s, train, val) for v, s in pending]:
+                future.result()  # results are read back from runs/<name>.json below
+    runs: dict[str, dict[int, dict]] = {v: {} for v in cfg.variants}
+    for v, s in jobs:
+        runs[v][s] = train_variant(cfg, v, s, train, val)
+    summary = summarize(runs)
+    results = {"config": {**dataclasses.asdict(cfg), "data": str(path)}, "variants": list(cfg.variants),
+               "seeds": list(cfg.seeds), "summary": summary,
+               "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
+               "table": report_table(summary)}
+    write_json_atomic(out / "results.json", results)
+    plot_curves(runs, out / "parity_loss.png")
+    plot_layer_stats(runs, out / "parity_stats.png")
+    return results
 
 
 def _set_threads(threads: int) -> None:
@@ -336,28 +488,48 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mxfp8-parity", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="mxfp8-parity", description=__doc__.split("\n\n")[0])
     defaults = ParityConfig()
     for f in dataclasses.fields(ParityConfig):
-        if f.name in ("variants", "progress", "data"):
+        if f.name in ("variants", "progress", "data", "seeds"):
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
     parser.add_argument("--data", default=None, help="text file (default: shared tinyshakespeare/input.txt)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--seeds", type=_int_list, default=defaults.seeds,
+                        help="comma-separated seeds; every variant trains from each (paired design)")
     parser.add_argument("--no-progress", action="store_true")
     args = vars(parser.parse_args(argv))
     args["variants"] = tuple(v for v in args.pop("variants").split(",") if v)
     args["progress"] = not args.pop("no_progress")
-    args = {k: v for k, v in args.items()}
-    cfg = ParityConfig(**{k.replace("-", "_"): v for k, v in args.items()})
+    try:
+        cfg = ParityConfig(**args)
+        check_data(cfg)
+    except ValueError as e:
+        parser.error(str(e))
     t0 = time.perf_counter()
-    summary = run_parity(cfg)
-    print(summary["table"])
-    cpu = sum(r.get("cpu_seconds", float("nan")) for r in summary["results"].values())
-    print(f"this command: {(time.perf_counter() - t0) / 60:.1f} min wall; variants' CPU time {cpu / 60:.1f} min "
+    results = run_parity(cfg)
+    print(results["table"])
+    cpu = sum(r["cpu_seconds"] for r in results["summary"].values())
+    print(f"this command: {(time.perf_counter() - t0) / 60:.1f} min wall; runs' CPU time {cpu / 60:.1f} min "
           f"(jobs={cfg.jobs}, threads={cfg.threads})")
-    print(f"results: {Path(cfg.out) / 'results.json'}  plot: {Path(cfg.out) / 'parity_loss.png'}")
+    print(f"results: {Path(cfg.out) / 'results.json'}  plots: {Path(cfg.out) / 'parity_loss.png'}, "
+          f"{Path(cfg.out) / 'parity_stats.png'}")
 
 
 if __name__ == "__main__":
