@@ -99,9 +99,9 @@ SWEEP_CLI_CASES = [
      r"options.trust_remote_code must be bool, got 'false'"),
     ("max-new-tokens-negative", dict(max_new_tokens=-5), GOOD, r"max_new_tokens must be >= 1, got -5"),
     ("header-only-csv", {}, GOOD.splitlines()[0] + "\n", r"d.csv has a header line but no rows"),
-    ("nul-byte-csv", {}, GOOD.replace("bucket.", "buck\x00et."), r"d.csv:2: a NUL byte"),
-    ("utf16-csv", {}, GOOD.encode("utf-16"), r"d.csv: UTF-16 text"),
-    ("latin1-csv", {}, GOOD.replace("bucket.", "bucké.").encode("latin-1"), r"d.csv:2: not UTF-8"),
+    ("nul-byte-csv", {}, GOOD.replace("bucket.", "buck\x00et."), r"d.csv:2: holds a NUL byte"),
+    ("utf16-csv", {}, GOOD.encode("utf-16"), r"d.csv:1: is UTF-16 text"),
+    ("latin1-csv", {}, GOOD.replace("bucket.", "bucké.").encode("latin-1"), r"d.csv:2: is not UTF-8 text"),
     ("missing-dataset", {"datasets": [{"name": "generic", "path": "/nonexistent/d.csv"}]}, GOOD,
      r"/nonexistent/d.csv' is not a file"),
 ]  # fmt: skip
