@@ -39,8 +39,9 @@ class TaskConfig:
     validation_fraction: float = option(
         0.1, "beir/bright/cranfield: share of queries held out for validation (the fusion weight is chosen there)")
     max_train_queries: int = option(160, "cap on training queries")
-    max_eval_queries: int = option(100, "cap on evaluation queries")
-    max_validation_queries: int = option(100, "cap on validation queries (0: none, and no fusion weight search)")
+    max_eval_queries: int = option(500, "cap on evaluation queries")
+    max_validation_queries: int = option(
+        200, "cap on validation queries (0: none: no fusion weight search, BM25 k1/b at their defaults)")
     seed: int = option(0, "seed of the query split")
 
     def __post_init__(self) -> None:
@@ -152,7 +153,14 @@ class RefineConfig:
 @dataclass
 class RerankConfig:
     candidates: int = option(20, "BM25 depth per query (the first stage)")
-    k: int = option(10, "top-k of the first stage reranked pointwise")
+    k: int = option(20, "top-k of the first stage reranked pointwise")
+    first_stage: Literal["code", "plain"] = option(
+        "code", "the BM25 whose candidates are reranked: code (identifier-aware: snake_case, CamelCase and dotted "
+        "names split, whole token kept) or plain (bm25s's tokenizer); both are reported")
+    bm25_k1: float | None = option(None, "identifier-aware BM25's k1; unset: chosen on the validation queries")
+    bm25_b: float | None = option(None, "identifier-aware BM25's b; unset: chosen on the validation queries")
+    bm25_stopwords: Literal["en", "none"] = option("en", "identifier-aware BM25: drop English stopwords")
+    bm25_stemmer: Literal["s", "none"] = option("s", "identifier-aware BM25: Harman's S stemmer (plurals) or none")
     batch_size: int = option(8, "pairs per generate call")
     max_new_tokens: int = option(
         32, "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 tokens "
@@ -163,6 +171,10 @@ class RerankConfig:
         "unset: chosen on the validation queries from 0, 0.1, ..., 1")
 
     def __post_init__(self) -> None:
+        for name in ("bm25_k1", "bm25_b"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"rerank.{name} must be >= 0 or unset, got {value}")
         if self.fusion_weight is not None and not 0 <= self.fusion_weight <= 1:
             raise ValueError(f"rerank.fusion_weight must be in [0, 1] or unset, got {self.fusion_weight}")
 

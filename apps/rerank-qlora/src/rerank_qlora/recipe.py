@@ -63,8 +63,6 @@ class RerankQLoRARecipe:
     def setup(self) -> None:
         from accelerate import Accelerator
 
-        from rerankdistill import bm25_search
-
         cfg = self.cfg
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
                                log_with=make_trackers(self.run_dir, cfg.trackers, "rerank-qlora"),
@@ -82,7 +80,12 @@ class RerankQLoRARecipe:
 
         self._stage(1, "retrieval task and BM25 first stage")
         self.task = stages.load_task(cfg.task)
-        self.first_stage = bm25_search(self.task.corpus, self.task.queries, k=cfg.rerank.candidates)
+        self.first_stages = stages.first_stages(self.task, cfg.rerank)
+        self.first_stage = self.first_stages[cfg.rerank.first_stage]
+        fs = self.first_stages
+        self.notes["first_stage"] = {"reranked": cfg.rerank.first_stage, "k1": fs["k1"], "b": fs["b"],
+                                     "chosen": fs["chosen"], "stopwords": cfg.rerank.bm25_stopwords,
+                                     "stemmer": cfg.rerank.bm25_stemmer}
         self.notes["task"] = {
             "name": self.task.name, "documents": len(self.task.corpus), "train_queries": len(self.task.train_qids),
             "eval_queries": len(self.task.eval_qids), "validation_queries": len(self.task.validation_qids),
@@ -91,6 +94,8 @@ class RerankQLoRARecipe:
         self._print(f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training, "
                     f"{len(self.task.validation_qids)} validation and {len(self.task.eval_qids)} evaluation queries, "
                     f"BM25 top-{cfg.rerank.candidates}")
+        self._print(f"first stage: {'identifier-aware' if cfg.rerank.first_stage == 'code' else 'plain'} BM25 "
+                    f"(identifier-aware k1={fs['k1']:g} b={fs['b']:g}, {fs['chosen']}; plain BM25 reported beside)")
 
         self._stage(2, "base model")
         if cfg.model.name_or_path == "tiny":
@@ -305,7 +310,7 @@ class RerankQLoRARecipe:
         return results
 
     def _rerank_and_report(self) -> dict[str, Any]:
-        from rerankdistill import comparison_table, evaluate, fuse, write_run
+        from rerankdistill import comparison_table, evaluate, fuse, write_qrels, write_run
         from rerankdistill.backends.hf import TransformersBackend
         from rerankdistill.rerank import TransformersJudge, rerank
 
@@ -344,11 +349,15 @@ class RerankQLoRARecipe:
             return {}
         student = {q: reranked.run[q] for q in bm25}
         fusion = self._fusion(bm25_val, val_qrels, reranked)
-        runs = {"BM25": bm25, "BM25 + rerank-qlora": student}
+        plain = {q: self.first_stages["plain"][q] for q in task.eval_qids if q in self.first_stages["plain"]}
+        code = {q: self.first_stages["code"][q] for q in task.eval_qids if q in self.first_stages["code"]}
+        runs = {"BM25 (plain)": plain, "BM25 (identifier-aware)": code, "BM25 + rerank-qlora": student}
         if fusion["weight"] is not None:
             runs[fusion["name"]] = fuse(bm25, reranked.scores, fusion["weight"], cfg.rerank.k)
             write_run(runs[fusion["name"]], self.run_dir / "fused.run", tag="rerank-qlora-fused")
-        write_run(bm25, self.run_dir / "bm25.run", tag="bm25")
+        write_qrels(eval_qrels, self.run_dir / "eval.qrels")
+        write_run(plain, self.run_dir / "bm25.run", tag="bm25")
+        write_run(code, self.run_dir / "bm25-code.run", tag="bm25-code")
         write_run(student, self.run_dir / "reranked.run", tag="rerank-qlora")
         measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
         scores = {name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
@@ -359,7 +368,8 @@ class RerankQLoRARecipe:
         results = {"scores": scores, "fusion": fusion, "unparseable": unparseable, "judged": len(lengths),
                    "elapsed_s": time.perf_counter() - self.t0, **self.notes}
         self.acc.log({f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"]
-                      for key, name in (("bm25", "BM25"), ("reranked", "BM25 + rerank-qlora"),
+                      for key, name in (("bm25", "BM25 (plain)"), ("bm25-code", "BM25 (identifier-aware)"),
+                                        ("reranked", "BM25 + rerank-qlora"),
                                         ("fused", fusion["name"])) if name in scores})
 
         self._stage(9, "adapter and report")
@@ -368,7 +378,8 @@ class RerankQLoRARecipe:
         write_json_atomic(self.run_dir / "results.json", results)
         self._plot()
         self._report(results, table)
-        line = (f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25']['ndcg_cut_10']:.4f}, "
+        line = (f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25 (plain)']['ndcg_cut_10']:.4f}, "
+                f"identifier-aware BM25 {scores['BM25 (identifier-aware)']['ndcg_cut_10']:.4f}, "
                 f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}")
         if fusion["name"] in scores:
             line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {scores[fusion['name']]['ndcg_cut_10']:.4f}"
@@ -457,6 +468,9 @@ class RerankQLoRARecipe:
             + (" (OFFLINE stand-in built from the gold judgements: fixed explanations, no reasoning)" if offline else "")
             + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} longer than the training "
               f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
+            f"First stage: {n['first_stage']['reranked']} BM25 (identifier-aware: k1 {n['first_stage']['k1']:g}, b "
+            f"{n['first_stage']['b']:g}, {n['first_stage']['chosen']}; stopwords {n['first_stage']['stopwords']}, "
+            f"stemmer {n['first_stage']['stemmer']}).",
             f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
             f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
             f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
@@ -478,8 +492,10 @@ class RerankQLoRARecipe:
                          if "by_weight" in v else "") + ".", ""]
         lines += [
             "![training curve](training_curve.png)", "",
-            f"Adapter (peft format): `{results['adapter_dir']}`. Runs: `bm25.run`, `reranked.run`"
-            + (", `fused.run`" if f["weight"] is not None else "") + f" (TREC format). "
+            f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` (plain), "
+            "`bm25-code.run` (identifier-aware), `reranked.run`"
+            + (", `fused.run`" if f["weight"] is not None else "") + " (TREC format: `trec_eval -m ndcg_cut.10 "
+            f"eval.qrels reranked.run` re-scores them). "
             f"Wall time {results['elapsed_s']:.0f} s.", "",
         ]
         (self.run_dir / "report.md").write_text("\n".join(lines))

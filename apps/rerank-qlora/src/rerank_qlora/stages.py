@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rerank_qlora.config import RerankQLoRAConfig, TaskConfig
+from rerank_qlora.config import RerankConfig, RerankQLoRAConfig, TaskConfig
 from rerank_qlora.stdlib_task import RetrievalTask, build_stdlib_task
 
 
@@ -44,6 +44,33 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
     train_qids = qids[n_eval + n_val:][: cfg.max_train_queries]
     return RetrievalTask(cfg.name, dict(corpus), dict(queries), {q: dict(qrels[q]) for q in qids}, train_qids,
                          eval_qids, info={"source": str(cfg.path)}, validation_qids=validation_qids)
+
+
+def first_stages(task: RetrievalTask, cfg: RerankConfig) -> dict[str, Any]:
+    """Both first stages over every query of the task, `cfg.candidates` deep: plain BM25 (bm25s's tokenizer,
+    Anserini's k1 0.9 / b 0.4) and identifier-aware BM25 (rerankdistill.code_tokens; k1/b given, or chosen on
+    the validation queries' nDCG@10, else 0.9 / 0.4).
+
+    Returns:
+        {"plain": run, "code": run, "k1": k1, "b": b, "chosen": how k1/b were set}.
+    """
+    from rerankdistill import BM25Index, IdentifierTokenizer, bm25_search, select_bm25_params
+
+    plain = bm25_search(task.corpus, task.queries, k=cfg.candidates)
+    tokenizer = IdentifierTokenizer(stopwords=None if cfg.bm25_stopwords == "none" else cfg.bm25_stopwords,
+                                    stemmer=None if cfg.bm25_stemmer == "none" else cfg.bm25_stemmer)
+    tokens = {d: tokenizer(t) for d, t in task.corpus.items()}
+    k1, b, chosen = cfg.bm25_k1, cfg.bm25_b, "given"
+    if (k1 is None or b is None) and task.validation_qids:
+        grid = {"k1s": (k1,) if k1 is not None else None, "bs": (b,) if b is not None else None}
+        k1, b, _ = select_bm25_params(task.corpus, {q: task.queries[q] for q in task.validation_qids}, task.qrels,
+                                      tokenizer, **{key: v for key, v in grid.items() if v is not None})
+        chosen = f"chosen on {len(task.validation_qids)} validation queries"
+    elif k1 is None or b is None:
+        k1, b, chosen = k1 if k1 is not None else 0.9, b if b is not None else 0.4, "defaults (no validation queries)"
+    code = BM25Index(task.corpus, k1=k1, b=b, stopwords=None, tokenizer=tokenizer, tokens=tokens).search(
+        task.queries, k=cfg.candidates)
+    return {"plain": plain, "code": code, "k1": k1, "b": b, "chosen": chosen}
 
 
 # ------------------------------------------------------------------------------------------ base model
