@@ -77,7 +77,7 @@ def test_end_to_end_on_cranfield(tmp_path, shared_data, tiny_lm_dir, capsys):
     assert main(["evaluate", *cran, f"runs=bm25={tmp_path / 'bm25.run'},rr={run}", "measures=ndcg_cut_10",
                  f"output={tmp_path / 'table.md'}"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary) == {"bm25", "rr"} and 0 <= summary["rr"]["ndcg_cut_10"] <= 1
+    assert set(summary) == {"bm25", "rr", "significance"} and 0 <= summary["rr"]["ndcg_cut_10"] <= 1
     assert "| rr | 2 |" in (tmp_path / "table.md").read_text()
 
 
@@ -123,3 +123,28 @@ def test_sft_runs_under_accelerate_launch(tmp_path, shared_data, tiny_lm_dir):
     assert summary["steps"] == 2 and summary["used"] == 6
     assert (tmp_path / "out" / "checkpoint" / "step.json").exists()  # saved at step 1 (resume: see test_train)
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_evaluate_compares_two_runs_with_paired_tests(tmp_path, capsys):
+    """Paired tests over every judged query: a query missing from a run scores 0 on both sides' pairing."""
+    from rerankdistill.significance import compare_runs
+    from rerankdistill.trec import write_qrels, write_run
+
+    qrels = {str(q): {f"d{q}": 1, "x": 0} for q in range(6)}
+    good = {str(q): {f"d{q}": 2.0, "x": 1.0} for q in range(6)}
+    bad = {str(q): {"x": 2.0, f"d{q}": 1.0} for q in range(5)}  # query 5 missing: scored 0 in the tests
+    write_qrels(qrels, tmp_path / "qrels.txt")
+    write_run(good, tmp_path / "good.run")
+    write_run(bad, tmp_path / "bad.run")
+    args = ["evaluate", f"qrels={tmp_path / 'qrels.txt'}", f"runs=bad={tmp_path / 'bad.run'},good={tmp_path / 'good.run'}",
+            "measures=recip_rank,judged_2", "n_resamples=200", f"output={tmp_path / 't.md'}"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rr = next(r for r in summary["significance"] if r["measure"] == "recip_rank")
+    assert rr["run"] == "good" and rr["baseline"] == "bad" and rr["queries"] == 6
+    assert rr == {"run": "good", "baseline": "bad", "measure": "recip_rank",
+                  **compare_runs([1.0] * 6, [0.5] * 5 + [0.0], n_resamples=200)}
+    assert rr["p_randomization"] == pytest.approx(2 / 64)  # exact: 2^6 <= 200
+    assert "randomization p" in (tmp_path / "t.md").read_text()
+    assert main([*args, "baseline=nope"]) == 2
+    assert "baseline='nope' is not one of the runs" in capsys.readouterr().err

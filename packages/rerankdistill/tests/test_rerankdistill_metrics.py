@@ -91,3 +91,37 @@ def test_edge_cases_equal_pytrec_eval():
         for qid, value in theirs.items():
             assert ours[name].per_query[qid] == value[name], (name, qid)
         assert set(ours[name].per_query) == set(theirs)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mrr_and_judged_equal_pytrec_eval(seed):
+    """recip_rank is trec_eval's; MRR@k is trec_eval's recip_rank on the run cut at rank k (in trec_eval's
+    order); Judged@k is trec_eval's P_k with every judged document (any level) made relevant."""
+    from rerankdistill.trec import sorted_ranking
+
+    run, qrels = random_case(100 + seed, negative=seed % 2 == 0)
+    ours = evaluate(run, qrels, ("recip_rank", "recip_rank_3", "recip_rank_10", "judged_5", "judged_10"))
+    full = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)
+    all_judged = {q: dict.fromkeys(docs, 1) for q, docs in qrels.items()}
+    judged = pytrec_eval.RelevanceEvaluator(all_judged, {"P_5", "P_10"}).evaluate(run)
+    assert set(ours["recip_rank"].per_query) == set(full) == set(ours["judged_5"].per_query)
+    for qid in full:
+        assert ours["recip_rank"].per_query[qid] == full[qid]["recip_rank"]
+        assert ours["judged_5"].per_query[qid] == judged[qid]["P_5"]
+        assert ours["judged_10"].per_query[qid] == judged[qid]["P_10"]
+    for k in (3, 10):
+        cut = {q: dict(sorted_ranking(docs)[:k]) for q, docs in run.items()}
+        theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        for qid in theirs:
+            assert ours[f"recip_rank_{k}"].per_query[qid] == theirs[qid]["recip_rank"], (k, qid)
+
+
+def test_mrr_and_judged_by_hand():
+    from rerankdistill.metrics import judged_at_k, reciprocal_rank
+
+    qrels = {"1": {"a": 0, "b": 2, "c": -1}}
+    run = {"1": {"x": 5.0, "a": 4.0, "c": 3.0, "b": 2.0}}  # first relevant (b) at rank 4
+    assert reciprocal_rank(run, qrels).per_query == {"1": 0.25}
+    assert reciprocal_rank(run, qrels, k=3).per_query == {"1": 0.0}
+    assert judged_at_k(run, qrels, k=2).per_query == {"1": 0.5}  # a judged 0 still counts as judged
+    assert judged_at_k(run, qrels, k=10).per_query == {"1": 0.3}  # short ranking still divides by k

@@ -23,12 +23,15 @@ from rerankdistill.metrics import (
     average_precision,
     comparison_table,
     evaluate,
+    judged_at_k,
     ndcg_at_k,
     precision_at_k,
     recall_at_k,
+    reciprocal_rank,
 )
 from rerankdistill.pairs import PairSplit, TrainingPair, build_training_pairs, load_pages
 from rerankdistill.rerank import Judgement, RerankResult, TransformersJudge, rerank
+from rerankdistill.significance import bootstrap_ci, compare_runs, paired_randomization_test, paired_t_test
 from rerankdistill.teacher import (
     Completion,
     GenerationStats,
@@ -73,7 +76,8 @@ __all__ = [
     "BM25Index", "BrightTask", "IdentifierTokenizer", "identifier_tokens", "select_bm25_params", "CRANFIELD_GAINS", "Completion", "GenerationStats", "INTERANK_PROMPT", "Judgement",
     "LuceneBM25Index", "MetricScore", "Pair", "PairSplit", "QrelsTeacher", "RelevancePrompt", "RerankResult",
     "TeacherRecord",
-    "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search",
+    "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search", "bootstrap_ci", "compare_runs", "judged_at_k",
+    "paired_randomization_test", "paired_t_test", "reciprocal_rank",
     "build_training_pairs", "comparison_table", "evaluate", "fuse", "generate_teacher_outputs", "load_beir",
     "load_bright", "load_cranfield", "load_jsonl", "load_pages", "ndcg_at_k", "parse_relevance",
     "precision_at_k", "read_qrels", "read_run", "read_topics", "recall_at_k", "rerank", "select_fusion_weight",

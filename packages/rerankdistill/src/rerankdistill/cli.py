@@ -292,6 +292,10 @@ class EvaluateOptions(CollectionOptions):
     measures: list[str] = option(("ndcg_cut_10", "map", "recall_100"), "trec_eval measure names")
     per_query: bool = option(False, "also print per-query values")
     output: str = option("", "write the markdown table here too")
+    baseline: str = option("", "run the others are compared with by paired tests (default: the first)")
+    significance: bool = option(True, "paired t-test, randomization test and bootstrap CI against baseline")
+    n_resamples: int = option(10000, "randomization / bootstrap resamples")
+    seed: int = option(0, "seed of the randomization / bootstrap resamples")
 
 
 def cmd_evaluate(o: EvaluateOptions) -> dict:
@@ -321,9 +325,44 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
             for m, score in evaluate(run, qrels, tuple(o.measures)).items():
                 for qid, v in score.per_query.items():
                     print(f"{name}\t{m}\t{qid}\t{v:.4f}")
+    summary: dict = {name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()}
+                     for name, r in runs.items()}
+    if o.significance and len(runs) > 1:
+        rows = significance_rows(runs, qrels, o)
+        text = significance_table(rows, o.baseline or next(iter(runs)))
+        print(text, end="")
+        table += "\n" + text
+        summary["significance"] = rows
     if o.output:
         atomic_write_text(o.output, table)
-    return {name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()} for name, r in runs.items()}
+    return summary
+
+
+def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
+    """Each run against the baseline, per measure, paired over every judged query (trec_eval -c: a query a
+    run misses scores 0, so both sides hold the same queries)."""
+    from rerankdistill.metrics import evaluate
+    from rerankdistill.significance import compare_runs
+
+    if "significance" in runs:
+        raise ConfigError("a run may not be named 'significance' (the summary's key for the paired tests)")
+    baseline = o.baseline or next(iter(runs))
+    if baseline not in runs:
+        raise ConfigError(f"baseline={baseline!r} is not one of the runs: {', '.join(runs)}")
+    scores = {name: evaluate(r, qrels, tuple(o.measures), complete=True) for name, r in runs.items()}
+    return [{"run": name, "baseline": baseline, "measure": m,
+             **compare_runs(scores[name][m].per_query, scores[baseline][m].per_query,
+                            n_resamples=o.n_resamples, seed=o.seed)}
+            for name in runs if name != baseline for m in o.measures]
+
+
+def significance_table(rows: list[dict], baseline: str) -> str:
+    lines = [f"paired tests against {baseline} (all judged queries; 95% bootstrap CI of the mean difference)",
+             "| run | measure | queries | diff | 95% CI | t-test p | randomization p |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['measure']} | {r['queries']} | {r['mean_diff']:+.4f} | "
+              f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_t']:.4f} | {r['p_randomization']:.4f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 COMMANDS = {

@@ -112,22 +112,55 @@ def precision_at_k(run: Run, qrels: Qrels, k: int = 10, complete: bool = False) 
     return _per_query(run, qrels, complete, lambda gains, judged: sum(1 for g in gains[:k] if g >= 1) / k)
 
 
+def reciprocal_rank(run: Run, qrels: Qrels, k: int | None = None, complete: bool = False) -> MetricScore:
+    """trec_eval's recip_rank (MRR over queries): 1 / rank of the first document with gain >= 1, 0 if none.
+
+    With `k` (MRR@k, trec_eval's recip_rank on the run cut at rank k) a first relevant document below rank k
+    scores 0.
+    """
+    _check(run, qrels, k)
+
+    def one(gains: list[int], judged: dict[str, int]) -> float:
+        return next((1.0 / (i + 1) for i, g in enumerate(gains[:k]) if g >= 1), 0.0)
+
+    return _per_query(run, qrels, complete, one)
+
+
+def judged_at_k(run: Run, qrels: Qrels, k: int = 10, complete: bool = False) -> MetricScore:
+    """Judged@k (ir_measures; Sakai 2007's condensed-list check): the share of the top k that has a
+    judgement at any level (0 and negative included), divided by k like P_k.
+
+    Reports how far a run's scores rest on unjudged documents (counted as non-relevant by every measure).
+    """
+    _check(run, qrels, k)
+    scores: dict[str, float] = {}
+    for qid in sorted(qrels):
+        if qid not in run and not complete:
+            continue
+        top = sorted_ranking(run.get(qid, {}))[:k]
+        scores[qid] = sum(1 for docid, _ in top if docid in qrels[qid]) / k
+    return MetricScore(scores)
+
+
 _METRICS: dict[str, Callable[..., MetricScore]] = {
     "ndcg_cut": ndcg_at_k, "map_cut": average_precision, "recall": recall_at_k, "P": precision_at_k,
+    "recip_rank": reciprocal_rank, "judged": judged_at_k,
 }
 
 
 def evaluate(run: Run, qrels: Qrels, measures: tuple[str, ...] = ("ndcg_cut_10", "map", "recall_100"),
              complete: bool = False) -> dict[str, MetricScore]:
-    """Several trec_eval measures by name: `ndcg_cut_K`, `map`, `map_cut_K`, `recall_K`, `P_K`."""
+    """Several trec_eval measures by name: `ndcg_cut_K`, `map`, `map_cut_K`, `recall_K`, `P_K`, `recip_rank`,
+    `recip_rank_K` (MRR@K) and `judged_K` (Judged@K)."""
     out: dict[str, MetricScore] = {}
     for name in measures:
-        if name == "map":
-            out[name] = average_precision(run, qrels, complete=complete)
+        if name in ("map", "recip_rank"):
+            out[name] = (average_precision if name == "map" else reciprocal_rank)(run, qrels, complete=complete)
             continue
         base, _, cut = name.rpartition("_")
         if base not in _METRICS or not cut.isdigit():
-            raise ValueError(f"unknown measure {name!r}; allowed: map, ndcg_cut_K, map_cut_K, recall_K, P_K")
+            raise ValueError(f"unknown measure {name!r}; allowed: map, recip_rank, ndcg_cut_K, map_cut_K, recall_K, "
+                             "P_K, recip_rank_K (MRR@K), judged_K")
         out[name] = _METRICS[base](run, qrels, int(cut), complete=complete)
     return out
 
