@@ -124,3 +124,27 @@ def test_transformers_backend_as_teacher(tiny_backend, tmp_path):
     # greedy generation is deterministic: the stored texts equal a direct call
     direct = tiny_backend.complete_batch([INTERANK_PROMPT.messages(p.query, p.document) for p in pairs])
     assert [r.text for r in records] == [c.text for c in direct]
+
+
+def test_teacher_forced_judge_is_one_forward_of_label_probabilities(tiny_backend):
+    from rerankdistill.evidence import evidence
+    from rerankdistill.rerank import TeacherForcedJudge
+
+    pairs = [(QUERIES["1"], CORPUS[f"d{i}"]) for i in range(5)]
+    judge = TeacherForcedJudge(tiny_backend, evidence)
+    out = judge.judge(pairs)
+    prompts = [tiny_backend.render(INTERANK_PROMPT.messages(q, d)) for q, d in pairs]
+    probs = tiny_backend.label_probabilities(prompts, [evidence(q, d) for q, d in pairs])
+    expected = (probs * torch.tensor([0.0, 1.0, 2.0])).sum(-1)
+    torch.testing.assert_close(torch.tensor([j.expected for j in out]), expected)
+    assert [j.label for j in out] == probs.argmax(-1).tolist()
+    assert all(j.text.startswith("Matches: ") and j.text.endswith(f"Relevance Label: {j.label} ##") for j in out)
+    assert judge.name == "tiny-forced"
+    calls = []
+    tiny_backend_generate = tiny_backend.generate_texts
+    try:  # nothing is generated
+        tiny_backend.generate_texts = lambda *a, **k: calls.append(a) or tiny_backend_generate(*a, **k)
+        judge.judge(pairs[:1])
+    finally:
+        tiny_backend.generate_texts = tiny_backend_generate
+    assert calls == []

@@ -71,9 +71,10 @@ class TeacherConfig:
     pairs_from: Literal["gold-first", "bm25"] = option(
         "gold-first", "gold-first: the judged documents, then BM25 hard negatives; bm25: BM25's top pairs_per_query "
         "as ranked (the evaluation's distribution) plus the best judged document when BM25 missed it")
-    offline_explanation: Literal["fixed", "per-label"] = option(
+    offline_explanation: Literal["fixed", "per-label", "evidence"] = option(
         "fixed", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
-        "where E[label] is read) or 'per-label' (the sentence names the label)")
+        "where E[label] is read), 'per-label' (the sentence names the label) or 'evidence' (which query words "
+        "the document contains, what it defines and calls: rerankdistill.evidence, computed from the pair)")
 
 
 @dataclass
@@ -166,6 +167,9 @@ class RerankConfig:
         32, "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 tokens "
         "of the tiny tokenizer), else E[label] is read after a cut-off explanation")
     use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
+    judge: Literal["generate", "forced"] = option(
+        "generate", "generate: the student writes its explanation, E[label] is read after it (InteRank); forced: "
+        "the offline teacher's label-free explanation is given and E[label] read in one forward pass per pair")
     fusion_weight: float | None = option(
         None, "weight w of the reranker in w * E[label]/2 + (1 - w) * min-max BM25 (rerankdistill.fusion); "
         "unset: chosen on the validation queries from 0, 0.1, ..., 1")
@@ -196,5 +200,11 @@ class RerankQLoRAConfig:
     rerank: RerankConfig = option(default_factory=RerankConfig, help="")
 
     def __post_init__(self) -> None:
+        if self.rerank.judge == "forced" and self.teacher.kind != "offline-qrels":
+            raise ValueError("rerank.judge=forced gives the student the offline teacher's explanation: it needs "
+                             "teacher.kind=offline-qrels")
+        if self.rerank.judge == "forced" and self.teacher.offline_explanation == "per-label":
+            raise ValueError("rerank.judge=forced needs a label-free explanation: teacher.offline_explanation=fixed "
+                             "or evidence (per-label names the label)")
         if self.rerank.k > self.rerank.candidates:
             raise ValueError(f"rerank.k ({self.rerank.k}) must be <= rerank.candidates ({self.rerank.candidates})")

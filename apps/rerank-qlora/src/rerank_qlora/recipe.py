@@ -312,7 +312,7 @@ class RerankQLoRARecipe:
     def _rerank_and_report(self) -> dict[str, Any]:
         from rerankdistill import comparison_table, evaluate, fuse, write_qrels, write_run
         from rerankdistill.backends.hf import TransformersBackend
-        from rerankdistill.rerank import TransformersJudge, rerank
+        from rerankdistill.rerank import TeacherForcedJudge, TransformersJudge, rerank
 
         cfg, task = self.cfg, self.task
         self._stage(8, "pointwise reranking of validation and held-out queries")
@@ -337,7 +337,12 @@ class RerankQLoRARecipe:
         self.model.eval()
         backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
                                       max_new_tokens=cfg.rerank.max_new_tokens)
-        judge = LengthSortedJudge(TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities),
+        if cfg.rerank.judge == "forced":
+            teacher = stages.make_teacher(cfg, task)
+            inner = TeacherForcedJudge(backend, lambda q, d: teacher.explanation(0, q, d))
+        else:
+            inner = TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities)
+        judge = LengthSortedJudge(inner,
                                   cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process)
         # every pair in one judge call, so the judge can batch them by length (less padding)
         both = {**bm25_val, **bm25}
@@ -359,10 +364,13 @@ class RerankQLoRARecipe:
         write_run(plain, self.run_dir / "bm25.run", tag="bm25")
         write_run(code, self.run_dir / "bm25-code.run", tag="bm25-code")
         write_run(student, self.run_dir / "reranked.run", tag="rerank-qlora")
-        measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
+        measures = ("ndcg_cut_10", "recip_rank_10", "judged_10", "map", f"recall_{cfg.rerank.candidates}")
         scores = {name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
                   for name, run in runs.items()}
         table = comparison_table(runs, eval_qrels, measures)
+        significance = _significance(runs, eval_qrels, seed=cfg.train.seed)
+        self.notes["significance"] = significance["rows"]
+        table += "\n\n" + significance["table"]
         n_eval = len(bm25)
         unparseable = sum(reranked.labels[q][d] is None for q in bm25 for d in reranked.labels[q])
         results = {"scores": scores, "fusion": fusion, "unparseable": unparseable, "judged": len(lengths),
@@ -384,6 +392,10 @@ class RerankQLoRARecipe:
         if fusion["name"] in scores:
             line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {scores[fusion['name']]['ndcg_cut_10']:.4f}"
         self._print(line)
+        for r in results["significance"]:
+            if r["baseline"] == "BM25 (identifier-aware)" and r["measure"] == "ndcg_cut_10":
+                self._print(f"{r['run']} - identifier-aware BM25, nDCG@10: {r['mean_diff']:+.4f} (95% CI "
+                            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]), randomization p = {r['p_randomization']:.4f}")
         return results
 
     def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any) -> dict[str, Any]:
@@ -508,6 +520,25 @@ class RerankQLoRARecipe:
         if self.acc.is_main_process:
             tqdm.write(f"[rerank-qlora] {text}")
             log.info(text)
+
+
+def _significance(runs: dict[str, Any], qrels: dict, seed: int) -> dict[str, Any]:
+    """The reranked and fused runs against both BM25 baselines: paired randomization test, t-test and 95%
+    bootstrap CI of the mean nDCG@10 / MRR@10 difference over the evaluation queries (rerankdistill)."""
+    from rerankdistill.cli import significance_table
+    from rerankdistill.metrics import evaluate
+    from rerankdistill.significance import compare_runs
+
+    measures = ("ndcg_cut_10", "recip_rank_10")
+    per = {name: evaluate(run, qrels, measures, complete=True) for name, run in runs.items()}
+    rows, tables = [], []
+    for baseline in ("BM25 (identifier-aware)", "BM25 (plain)"):
+        these = [{"run": name, "baseline": baseline, "measure": m,
+                  **compare_runs(per[name][m].per_query, per[baseline][m].per_query, seed=seed)}
+                 for name in runs if not name.startswith("BM25 (") for m in measures]
+        rows += these
+        tables.append(significance_table(these, baseline))
+    return {"rows": rows, "table": "\n".join(tables)}
 
 
 class LengthSortedJudge:
