@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rerank_qlora import stages
+from rerank_qlora import artefacts, stages
 from rerank_qlora.config import RerankQLoRAConfig
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
@@ -72,10 +72,8 @@ class RerankQLoRARecipe:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
             _log_to_file(self.run_dir / "run.log")
-            if not cfg.resume:
-                for name in ("metrics.jsonl", "teacher.jsonl"):
-                    (self.run_dir / name).unlink(missing_ok=True)
-                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            for message in artefacts.reconcile(self.run_dir, cfg, resume=cfg.resume):
+                self._print(message)
         self.acc.wait_for_everyone()
 
         self._stage(1, "retrieval task and BM25 first stage")
@@ -136,8 +134,10 @@ class RerankQLoRARecipe:
                                       cfg.teacher.pairs_from)
         teacher = stages.make_teacher(cfg, self.task)
         if cfg.teacher.kind == "offline-qrels":
-            self._print("OFFLINE TEACHER: labels come from the gold judgements and every explanation is a fixed "
-                        "sentence saying so; no model reasoning is distilled in this run")
+            what = ("a label-free evidence note (query words found, names defined and called)"
+                    if cfg.teacher.offline_explanation == "evidence" else "a fixed sentence saying so")
+            self._print(f"OFFLINE TEACHER: labels come from the gold judgements and every explanation is {what}; "
+                        "no model reasoning is distilled in this run")
         store_path = self.run_dir / "teacher.jsonl"
         if self.acc.is_main_process:
             with TeacherStore(store_path) as store:
@@ -313,6 +313,7 @@ class RerankQLoRARecipe:
         from rerankdistill import comparison_table, evaluate, fuse, write_qrels, write_run
         from rerankdistill.backends.hf import TransformersBackend
         from rerankdistill.rerank import TeacherForcedJudge, TransformersJudge, rerank
+        from rerankdistill.teacher import TeacherStore
 
         cfg, task = self.cfg, self.task
         self._stage(8, "pointwise reranking of validation and held-out queries")
@@ -347,8 +348,13 @@ class RerankQLoRARecipe:
         # every pair in one judge call, so the judge can batch them by length (less padding)
         both = {**bm25_val, **bm25}
         n_pairs = sum(min(cfg.rerank.k, len(d)) for d in both.values())
-        reranked = rerank(both, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=max(1, n_pairs),
-                          progress=False)
+        # judgements are appended to rerank.jsonl chunk by chunk: a killed run resumes where it stopped
+        # (artefacts.py discards the store when the student or the judge's settings change)
+        # (sharded, every rank runs the same forwards: no store, since only the main process could read it)
+        keep = self.acc.is_main_process and not is_sharded(self.model)
+        with TeacherStore(self.run_dir / "rerank.jsonl") if keep else contextlib.nullcontext() as store:
+            reranked = rerank(both, task.queries, task.corpus, judge, k=cfg.rerank.k, store=store,
+                              batch_size=max(1, min(n_pairs, 64 * cfg.rerank.batch_size)), progress=False)
         if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
             self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
             return {}
