@@ -9,6 +9,7 @@ teacher's name, so changed pairs only add records).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -36,19 +37,20 @@ IGNORED = ("teacher.concurrency", "teacher.api_key_env", "train.log_every", "tra
 FILE = "fingerprints.json"
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.key": scalar}; lists and dicts below a leaf become JSON text."""
     out: dict[str, Any] = {}
-    for k, v in d.items():
+    for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[prefix + k] = v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)
     return out
 
 
 def settings(cfg: Any) -> dict[str, dict[str, Any]]:
     """{artefact: {setting: value}}, each artefact's own settings plus those of the artefacts it is built on."""
-    flat = _flat(config_to_dict(cfg))
+    flat = flatten(config_to_dict(cfg))
     own = {name: {k: v for k, v in flat.items() if k.startswith(prefixes) and k not in IGNORED}
            for name, (_, prefixes, _) in ARTEFACTS.items()}
     own["base model"]["python"] = ".".join(map(str, sys.version_info[:3]))
@@ -80,8 +82,6 @@ def reconcile(run_dir: Path, cfg: Any, resume: bool = True) -> list[str]:
     naming the settings that changed (old -> new)."""
     run_dir = Path(run_dir)
     path = run_dir / FILE
-    import json
-
     recorded = json.loads(path.read_text()) if path.is_file() else {}
     current = settings(cfg)
     messages, removed = [], set()

@@ -120,7 +120,7 @@ class RerankQLoRARecipe:
         self.notes["parameters"] = stages.trainable_summary(model)
         self._print(f"{self.notes['adapters']}; {self.notes['parameters']}")
         self.model = model.to(self.acc.device)
-        self.acc.init_trackers("rerank-qlora", config=_flat(config_to_dict(cfg)))
+        self.acc.init_trackers("rerank-qlora", config=artefacts.flatten(config_to_dict(cfg)))
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -623,16 +623,6 @@ def run(cfg: RerankQLoRAConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         recipe.cleanup()
     return results
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)
-    return out
 
 
 def _log_to_file(path: Path) -> None:
