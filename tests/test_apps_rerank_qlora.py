@@ -136,6 +136,9 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert (run_dir / "training_curve.png").stat().st_size > 0
     lines = (run_dir / "reranked.run").read_text().splitlines()
     assert lines and all(len(x.split()) == 6 for x in lines)
+    # every judgement is in the rerank store once; the artefacts' settings are recorded
+    stored = (run_dir / "rerank.jsonl").read_text().splitlines()
+    assert len(stored) == results["judged"] + 3 * 3 and (run_dir / "fingerprints.json").is_file()
     # trec_eval (pytrec_eval) re-scores the five TREC files to the report's numbers
     import pytrec_eval
 
@@ -164,7 +167,8 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     # A given fusion weight of 0 is BM25's order exactly.
     assert main([f"run_dir={run_dir}", "--no-progress", *TINY, "rerank.fusion_weight=0"]) == 0
     out = capsys.readouterr().out
-    assert "0 new" in out and "resumed distill" in out and "resumed refine" in out
+    assert "0 new" in out and "resumed distill" in out and "resumed refine" in out and "rebuilding" not in out
+    assert (run_dir / "rerank.jsonl").read_text().splitlines() == stored  # judgements reused, none added
     again = json.loads((run_dir / "results.json").read_text())
     assert again["fusion"]["chosen"] == "given" and again["scores"]["BM25 + rerank-qlora"] == results["scores"][
         "BM25 + rerank-qlora"]

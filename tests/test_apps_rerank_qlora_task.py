@@ -97,6 +97,7 @@ def test_task_dedup_split_and_reads(fake_stdlib):
     assert task.train_qids == sorted(task.train_qids, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
     assert set(task.train_qids) == {"q:alpha.quote_plus", "q:alpha.HTTPServer", "q:alpha.HTTPServer.serve_forever"}
     assert task.eval_qids == ["q:beta.inner.held"] and task.validation_qids == []
+    assert set(task.train_docids) == {"alpha.quote_plus", "alpha.HTTPServer", "alpha.HTTPServer.serve_forever"}
     assert task.qrels["q:beta.inner.held"] == {"beta.inner.held": 2}
     capped = build_stdlib_task(root=fake_stdlib, split=SPLIT, max_train_queries=1)
     assert len(capped.train_qids) == 1 and capped.train_qids[0] in task.train_qids

@@ -82,8 +82,10 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
     from shared_kernels.testing.tiny_lm import tiny_causal_lm, train_tokenizer
 
     m = cfg.model
-    # the corpus is known at indexing time, the held-out queries are not
-    texts = list(task.corpus.values()) + [task.queries[q] for q in task.train_qids]
+    # Only training text: the training modules' documents (the judged documents of the training queries when
+    # the task does not say which documents are training ones) and the training queries.
+    train_docs = sorted(task.train_docids or {d for q in task.train_qids for d in task.qrels[q]})
+    texts = [task.corpus[d] for d in train_docs] + [task.queries[q] for q in task.train_qids]
     # The prompt and the offline teacher's answers are in every training and evaluation sequence: weighted
     # like that, BPE merges them into few tokens (~250 tokens of template otherwise, at vocabulary 1,024).
     teacher = QrelsTeacher({}, explanation=cfg.teacher.offline_explanation)
@@ -96,13 +98,12 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
         tokenizer=tokenizer, seed=cfg.train.seed, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_layers,
         num_heads=m.tiny_heads, num_kv_heads=max(1, m.tiny_heads // 2), max_position_embeddings=long_context,
     )
-    # Language-model the training documents (the evaluation modules' documents are not seen here).
-    train_docs = {d for q in task.train_qids for d in task.qrels[q]}
+    # Language-model the training documents (the held-out modules' documents are not seen here).
     # Each document is followed by one of the template texts (prompt or a teacher answer, no document-label
     # pairing): their merged tokens get trained embeddings, which the frozen embedding/LM head of a LoRA
     # student needs (without it distillation plateaued at ~2.7 nats/token).
     stream: list[int] = []
-    for i, docid in enumerate(sorted(train_docs)):
+    for i, docid in enumerate(train_docs):
         stream += tokenizer(task.corpus[docid])["input_ids"] + [tokenizer.eos_token_id]
         stream += tokenizer(template[i % len(template)])["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor(stream)

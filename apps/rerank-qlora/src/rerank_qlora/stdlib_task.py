@@ -53,6 +53,7 @@ class RetrievalTask:
     eval_qids: list[str]
     info: dict[str, str] = field(default_factory=dict)
     validation_qids: list[str] = field(default_factory=list)
+    train_docids: list[str] = field(default_factory=list)  # documents from training modules (base LM text)
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,11 @@ def build_stdlib_task(max_train_queries: int = 4000, max_validation_queries: int
     corpus: dict[str, str] = {}
     queries: dict[str, str] = {}
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    train_docids: list[str] = []
     for where, u in kept:
         corpus[u.docid] = u.code
+        if where == "train":
+            train_docids.append(u.docid)
         if text_count[u.query.lower()] == 1:
             queries[f"q:{u.docid}"] = u.query
             by_split[where].append(f"q:{u.docid}")
@@ -235,4 +239,4 @@ def build_stdlib_task(max_train_queries: int = 4000, max_validation_queries: int
     info = {"python": version, "modules": str(modules),
             "mined": {s: len(by_split[s]) for s in SPLITS}.__repr__()}
     return RetrievalTask("python-stdlib-ast", corpus, queries, qrels, train, evaluation, info=info,
-                         validation_qids=validation)
+                         validation_qids=validation, train_docids=train_docids)
