@@ -75,6 +75,12 @@ def test_default_config_and_errors(capsys):
         load_config(RerankQLoRAConfig, overrides=["rerank.fusion_weight=1.5"])
     with pytest.raises(ConfigError, match="task.validation_fraction"):
         load_config(RerankQLoRAConfig, overrides=["task.validation_fraction=0.8"])
+    with pytest.raises(ConfigError, match="needs a label-free explanation"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.offline_explanation=per-label"])
+    with pytest.raises(ConfigError, match="needs teacher.kind=offline-qrels"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.kind=openai"])
+    with pytest.raises(ConfigError, match="rerank.bm25_b must be >= 0"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.bm25_b=-1"])
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out

@@ -73,7 +73,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
         (["use_4bit=1"], r"'use_4bit': expected bool"),
         (["train.precision=fp8"], r"'train.precision': expected one of 'bf16', 'mxfp8'"),
         (["lengths=[1, x]"], r"'lengths\[1\]': expected int"),
-        (["lengths=5"], r"'lengths': expected list"),
+        (["lengths=x"], r"'lengths\[0\]': expected int"),  # a bare value is a one-item list
         (["train.lrr=1"], r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"),
         (["modle=x"], r"did you mean 'model'"),
         (["train=3"], r"'train': expected mapping"),
@@ -140,3 +140,28 @@ def test_jsonl_tracker_through_accelerate(tmp_path):
         fh.write('{"step": null, "final": 1}\n{"step": 9, "lo')  # a row without a step; a line cut by a kill
     JSONLTracker.truncate_after(tmp_path / "metrics.jsonl", 1)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, None]
+
+
+def test_runconfig_and_app_import_without_torch():
+    """The data and evaluation commands (rerankdistill's CLI) load configs without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, shared_kernels, shared_kernels.runconfig, shared_kernels.app; "
+            "heavy = sorted(m for m in ('torch', 'accelerate', 'transformers') if m in sys.modules); "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_list_overrides_take_comma_separated_items():
+    @dataclasses.dataclass
+    class Lists:
+        names: list[str] = option(default_factory=list)
+        sizes: list[int] = option(default_factory=list)
+
+    cfg = load_config(Lists, overrides=["names=a=x.run,b=y.run", "sizes=1,2,3"])
+    assert cfg.names == ["a=x.run", "b=y.run"] and cfg.sizes == [1, 2, 3]
+    assert load_config(Lists, overrides=["sizes=[4, 5]", "names=one"]).sizes == [4, 5]
+    with pytest.raises(ConfigError, match=r"sizes\[1\]"):
+        load_config(Lists, overrides=["sizes=1,x"])

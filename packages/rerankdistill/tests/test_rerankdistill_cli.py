@@ -8,8 +8,8 @@ import json
 import pytest
 
 from rerankdistill.cli import COMMANDS, GenerateOptions, main
-from rerankdistill.config import ConfigError, load_config
 from rerankdistill.trec import read_run
+from shared_kernels.runconfig import ConfigError, load_config
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -29,7 +29,7 @@ def test_config_file_and_overrides(tmp_path):
                                                                                  "offline-qrels")
     with pytest.raises(ConfigError, match="did you mean 'depth'"):
         load_config(GenerateOptions, None, ["dpeth=3"])
-    with pytest.raises(ConfigError, match="depth: expected an integer"):
+    with pytest.raises(ConfigError, match="'depth': expected int"):
         load_config(GenerateOptions, None, ["depth=many"])
     assert main(["generate", "backend=nope", f"output={tmp_path / 'x.jsonl'}", "collection=cranfield",
                  f"path={tmp_path}"]) == 2
@@ -121,7 +121,7 @@ def test_sft_runs_under_accelerate_launch(tmp_path, shared_data, tiny_lm_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["used"] == 6
-    assert (tmp_path / "out" / "checkpoint" / "step.json").exists()  # saved at step 1 (resume: see test_train)
+    assert (tmp_path / "out" / "checkpoints" / "step-00000001").is_dir()  # saved at step 1 (resume: test_train)
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 

@@ -117,7 +117,9 @@ def test_sft_full_and_lora_lower_the_loss_and_resume(tmp_path, tiny_tokenizer):
     result = sft(model, tiny_tokenizer, EXAMPLES, tmp_path / "full", loop=cfg, progress=False)
     after = mean_nll(result.model, tiny_tokenizer, EXAMPLES)
     assert result.stats["steps"] == 12 and after < 0.75 * before
-    assert (result.final_dir / "model.safetensors").exists() and (tmp_path / "full" / "checkpoint").exists()
+    assert (result.final_dir / "model.safetensors").exists()
+    assert [p.name for p in sorted((tmp_path / "full" / "checkpoints").glob("step-*"))] == ["step-00000010",
+                                                                                            "step-00000012"]
 
     lora_model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
     frozen = {k: v.clone() for k, v in lora_model.state_dict().items()}
@@ -130,15 +132,13 @@ def test_sft_full_and_lora_lower_the_loss_and_resume(tmp_path, tiny_tokenizer):
                            in base else base[k], v) for k, v in frozen.items())
     assert (res.final_dir / "adapter_model.safetensors").exists()
 
-    # resume: a run stopped at step 5 (checkpoint) continued to 12 equals the uninterrupted run
-    a = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
-    sft(a, tiny_tokenizer, EXAMPLES, tmp_path / "resume", loop=LoopConfig(**{**cfg.__dict__, "max_steps": 5}),
-        progress=False)
-    (tmp_path / "resume" / "final").rename(tmp_path / "resume" / "final-5")
+    # resume: a run stopped after its step-10 checkpoint, continued to 12, equals the uninterrupted run
     import shutil
 
-    shutil.copytree(tmp_path / "full" / "checkpoint", tmp_path / "resume" / "checkpoint", dirs_exist_ok=True)
-    b = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resume" / "checkpoints")
+    shutil.rmtree(tmp_path / "resume" / "checkpoints" / "step-00000012")
+    (tmp_path / "resume" / "checkpoints" / "latest").unlink()  # the newest complete one is then step 10
+    b = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=7)  # other weights: all of them come from the checkpoint
     resumed = sft(b, tiny_tokenizer, EXAMPLES, tmp_path / "resume", loop=cfg, progress=False)
     assert resumed.stats["steps"] == 12
     for (name, p), q in zip(resumed.model.state_dict().items(), result.model.state_dict().values()):
@@ -208,7 +208,8 @@ def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
 
 
 def test_step_windows_are_shared_between_processes():
-    from rerankdistill.train.common import shard_window, step_windows
+    from rerankdistill.train.common import step_windows
+    from shared_kernels.training import shard_window
 
     cfg = LoopConfig(epochs=2, batch_size=2, grad_accum=4, seed=3)
     windows = step_windows(10, cfg)

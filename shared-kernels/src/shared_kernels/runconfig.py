@@ -201,17 +201,25 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
 # ------------------------------------------------------------------------------------------ load and dump
 
 
+def _is_plain(tp: Any) -> bool:
+    plain = {str, Path}
+    return tp in plain or (typing.get_origin(tp) in (Union, types.UnionType)
+                           and set(typing.get_args(tp)) - {type(None)} <= plain)
+
+
 def _override_value(cls: type, dotted: str, raw: str) -> Any:
-    """Parse an override's text: kept verbatim for str/Path fields, YAML for everything else."""
+    """Parse an override's text: kept verbatim for str/Path fields, YAML for everything else; a list field
+    also takes comma-separated items (`runs=a=x.run,b=y.run`; its items parsed by the same rule)."""
     tp: Any = cls
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(tp):
             return yaml.safe_load(raw)
         tp = _field_types(tp).get(part, Any)
-    plain = {str, Path}
-    if tp in plain or (typing.get_origin(tp) in (Union, types.UnionType)
-                       and set(typing.get_args(tp)) - {type(None)} <= plain):
+    if _is_plain(tp):
         return None if raw in ("null", "None", "~") and type(None) in typing.get_args(tp) else raw
+    if typing.get_origin(tp) in (list, Sequence) and not raw.lstrip().startswith("["):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [x if _is_plain(item) else yaml.safe_load(x) for x in raw.split(",") if x]
     return yaml.safe_load(raw)
 
 

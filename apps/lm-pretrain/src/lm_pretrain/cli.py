@@ -5,46 +5,36 @@ Both run unchanged under `accelerate launch` (e.g. `accelerate launch --cpu --nu
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from lm_pretrain.config import PretrainConfig, StudyConfig
-from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args
+from shared_kernels.app import cli_main
+
+RUN_DESCRIPTION = ("Pretrain a small byte-level LM (siattn's GPT) with a choice of attention and precision, then "
+                   "evaluate it at longer contexts. `lm-pretrain study --help` for studies.")
+STUDY_DESCRIPTION = "Run a study: every variant (overrides of `base`) for every seed, then a table and a plot."
+
+
+def _run(cfg: PretrainConfig, progress: bool) -> None:
+    from lm_pretrain.recipe import run
+
+    results = run(cfg, progress=progress)
+    if results:
+        print(f"[lm-pretrain] val loss: {results['val_loss']}")
+        print(f"[lm-pretrain] report: {cfg.run_dir / 'report.md'}")
+
+
+def _study(cfg: StudyConfig, progress: bool) -> None:
+    from lm_pretrain.study import run_study
+
+    run_study(cfg, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    study = bool(argv) and argv[0] == "study"
-    if study:
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(
-        prog="lm-pretrain study" if study else "lm-pretrain",
-        description=(
-            "Run a study: every variant (overrides of `base`) for every seed, then a table and a plot."
-            if study else
-            "Pretrain a small byte-level LM (siattn's GPT) with a choice of attention and precision, then "
-            "evaluate it at longer contexts. `lm-pretrain study --help` for studies."
-        ),
-    )
-    add_config_arguments(parser, StudyConfig if study else PretrainConfig)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = config_from_args(StudyConfig if study else PretrainConfig, args)
-    except ConfigError as err:
-        parser.error(str(err))
-    if study:
-        from lm_pretrain.study import run_study
-
-        run_study(cfg, progress=not args.no_progress)
-        return 0
-    from lm_pretrain.recipe import run
-
-    results = run(cfg, progress=not args.no_progress)
-    if results:
-        print(f"[lm-pretrain] val loss: {results['val_loss']}")
-        print(f"[lm-pretrain] report: {cfg.run_dir / 'report.md'}")
-    return 0
+    if argv and argv[0] == "study":
+        return cli_main("lm-pretrain study", STUDY_DESCRIPTION, StudyConfig, _study, argv[1:])
+    return cli_main("lm-pretrain", RUN_DESCRIPTION, PretrainConfig, _run, argv)
 
 
 if __name__ == "__main__":

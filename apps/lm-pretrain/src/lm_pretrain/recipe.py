@@ -14,10 +14,8 @@ the main process, in the same format as above, and every rank runs the evaluatio
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,11 @@ from tqdm.auto import tqdm
 
 from lm_pretrain.config import PretrainConfig
 from lm_pretrain.data import batch_offsets, eval_offsets, load_corpus, split_corpus, windows
+from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
-from shared_kernels.runconfig import (
-    JSONLTracker,
-    config_to_dict,
-    make_trackers,
-    write_json_atomic,
-    write_yaml_atomic,
-)
+from shared_kernels.runconfig import config_to_dict, write_json_atomic, write_yaml_atomic
+from shared_kernels.training import LoopSettings, run_loop
 
 log = logging.getLogger("lm_pretrain")
 
@@ -94,16 +88,11 @@ class PretrainRecipe:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from accelerate import Accelerator
-
         from siattn.models import GPT, GPTConfig
 
         cfg, tc = self.cfg, self.cfg.train
-        self.acc = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=make_trackers(self.run_dir, cfg.trackers, "lm-pretrain"),
-            project_dir=str(self.run_dir),
-        )
-        _require_fsdp2(self.acc)
+        self.acc = make_accelerator(self.run_dir, cfg.trackers, "lm-pretrain")
+        require_fsdp2(self.acc, "configs/accelerate/fsdp2.yaml")
         world = self.acc.num_processes
         if tc.batch_size % (tc.micro_batch_size * world):
             raise ValueError(
@@ -115,7 +104,7 @@ class PretrainRecipe:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
-            _log_to_file(self.run_dir / "train.log")
+            log_to_file(self.run_dir / "train.log", "lm_pretrain")
         self.acc.wait_for_everyone()
 
         self.train_tokens, self.val_tokens = split_corpus(load_corpus(cfg.data.corpus, cfg.data.max_bytes),
@@ -128,92 +117,67 @@ class PretrainRecipe:
             qk_norm=m.qk_norm,
         )
         torch.manual_seed(tc.seed)
-        model = apply_precision(GPT(gpt_cfg), tc.precision)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.model = apply_precision(GPT(gpt_cfg), tc.precision)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tc.lr, betas=(0.9, 0.95),
         )
-        # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
+        # Stepped by the loop once per optimizer step (accelerate's wrapper would step it once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
         self.ckpt = CheckpointManager(
             self.run_dir / "checkpoints", keep=tc.keep_checkpoints, rank=self.acc.process_index,
             world_size=world, barrier=self.acc.wait_for_everyone,
         )
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
-        if cfg.resume:  # after prepare, so that a sharded (FSDP2) model and its optimizer take their shards
-            state = self.ckpt.load(self.acc.unwrap_model(self.model), self.optimizer.optimizer, self.scheduler)
-            if state is not None:
-                self.start_step = state["step"]
-                self.history = list(state["extra"].get("history", []))
-                self._print(f"resumed from {state['path']} at step {self.start_step}")
-                if self.acc.is_main_process:
-                    JSONLTracker.truncate_after(self.run_dir / "metrics.jsonl", self.start_step)
-        elif self.acc.is_main_process:
+        if not cfg.resume and self.acc.is_main_process:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.acc.init_trackers("lm-pretrain", config=_flat(config_to_dict(cfg)))
-        n_params = sum(p.numel() for p in model.parameters())
-        sharded = is_sharded(self.acc.unwrap_model(self.model))
-        self.distributed = {"type": str(self.acc.distributed_type.value), "processes": world, "sharded": sharded}
+        self.acc.init_trackers("lm-pretrain", config=flat_config(config_to_dict(cfg)))
+        n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
             f"model: {m.n_layer} layers, width {m.d_model}, {m.position} + {m.attention} attention, "
             f"{n_params / 1e6:.2f}M params, precision {tc.precision}; {world} process(es)"
-            f"{' (FSDP2: parameters sharded)' if sharded else ''}, "
+            f"{' (FSDP2: parameters sharded)' if self.acc.distributed_type.value == 'FSDP' else ''}, "
             f"{self.accum} micro batch(es) of {tc.micro_batch_size} per step; corpus {cfg.data.corpus!r} "
             f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val bytes"
         )
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
-        """Train from `start_step` to `train.steps`; returns the logged history ({"step", "train/loss", ...})."""
+        """Train to `train.steps` (resuming from the latest checkpoint when `resume`) with the shared loop;
+        returns the logged history ({"step", "train/loss", "lr", "grad_norm", mx statistics, ...})."""
         tc, acc = self.cfg.train, self.acc
-        rank = acc.process_index
         autocast = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                     else contextlib.nullcontext())
-        bar = tqdm(range(self.start_step, tc.steps), desc="train", initial=self.start_step, total=tc.steps,
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
-        self.model.train()
-        t0 = time.perf_counter()
-        for step in bar:
+
+        def window(step: int) -> list[torch.Tensor]:  # the global batch of `step`, in micro batches
             offsets = batch_offsets(step, tc.seed, len(self.train_tokens), tc.seq_len, tc.batch_size)
-            mine = offsets[rank * self.per_rank:(rank + 1) * self.per_rank]
-            total = torch.zeros((), device=acc.device)
-            for i, micro in enumerate(mine.split(tc.micro_batch_size)):
-                x, y = windows(self.train_tokens, micro, tc.seq_len)
-                x, y = x.to(acc.device), y.to(acc.device)
-                sync = contextlib.nullcontext() if i == self.accum - 1 else acc.no_sync(self.model)
-                with sync, autocast:
-                    loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten()) / self.accum
-                    acc.backward(loss)
-                total += loss.detach()
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            loss_value = acc.reduce(total, reduction="mean").item()
-            if done % tc.log_every == 0 or done == tc.steps:
-                row = {"step": done, "train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                       "elapsed_s": time.perf_counter() - t0}
-                if grad_norm is not None:  # under FSDP2 a DTensor (possibly a partial norm): take the whole value
-                    row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                row.update(mx_clip_stats(acc.unwrap_model(self.model)))
-                self.history.append(row)
-                acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                log.info("step %d loss %.4f", done, loss_value)
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-                self.ckpt.save(done, acc.unwrap_model(self.model), self.optimizer.optimizer, self.scheduler,
-                               extra={"history": self.history})
-        bar.close()
+            return list(offsets.split(tc.micro_batch_size))
+
+        def loss_fn(model: torch.nn.Module, micro: torch.Tensor) -> torch.Tensor:
+            x, y = windows(self.train_tokens, micro, tc.seq_len)
+            with autocast:
+                return F.cross_entropy(model(x.to(acc.device)).flatten(0, 1), y.to(acc.device).flatten())
+
+        settings = LoopSettings(steps=tc.steps, phase="train", log_every=tc.log_every,
+                                checkpoint_every=tc.checkpoint_every, max_grad_norm=tc.grad_clip,
+                                resume=self.cfg.resume, progress=self.progress)
+        state = run_loop(acc, self.model, self.optimizer, self.scheduler, window, loss_fn, settings, self.ckpt,
+                         metrics_file=self.run_dir / "metrics.jsonl", extra_metrics=mx_clip_stats, logger=log)
+        self.model, self.optimizer = state.model, state.optimizer
+        self.start_step, self.history = state.start_step, state.history
+        if state.resumed_from is not None:
+            self._print(f"resumed from {state.resumed_from} at step {self.start_step}")
         model = acc.unwrap_model(self.model)
-        if acc.is_main_process or is_sharded(model):  # FSDP2: every rank gathers, the main process gets the weights
-            state = full_state_dict(model)
+        sharded = is_sharded(model)
+        self.distributed = {"type": str(acc.distributed_type.value), "processes": acc.num_processes,
+                            "sharded": sharded}
+        if acc.is_main_process or sharded:  # FSDP2: every rank gathers, the main process gets the weights
+            weights = full_state_dict(model)
         if acc.is_main_process:
             from safetensors.torch import save_file
 
-            save_file(state, str(self.run_dir / "model.safetensors.tmp"))
+            save_file(weights, str(self.run_dir / "model.safetensors.tmp"))
             (self.run_dir / "model.safetensors.tmp").replace(self.run_dir / "model.safetensors")
         acc.wait_for_everyone()
         return self.history
@@ -321,33 +285,3 @@ def run(cfg: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         recipe.cleanup()
     return results
-
-
-def _require_fsdp2(acc: Any) -> None:
-    """FSDP (version 1) wraps parameters in flat buffers that the recipe cannot gather; FSDP2 shards DTensors."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
-        raise ValueError("FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)
-    return out
-
-
-def _log_to_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("lm_pretrain")
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler):
-            root.removeHandler(h)
-            h.close()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shared_kernels.app import flat_config
 from shared_kernels.runconfig import config_to_dict, write_json_atomic
 
 # artefact -> (paths under the run directory, config key prefixes it depends on, artefacts it is built on)
@@ -37,20 +38,9 @@ IGNORED = ("teacher.concurrency", "teacher.api_key_env", "train.log_every", "tra
 FILE = "fingerprints.json"
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as {"section.key": scalar}; lists and dicts below a leaf become JSON text."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)
-    return out
-
-
 def settings(cfg: Any) -> dict[str, dict[str, Any]]:
     """{artefact: {setting: value}}, each artefact's own settings plus those of the artefacts it is built on."""
-    flat = flatten(config_to_dict(cfg))
+    flat = flat_config(config_to_dict(cfg))
     own = {name: {k: v for k, v in flat.items() if k.startswith(prefixes) and k not in IGNORED}
            for name, (_, prefixes, _) in ARTEFACTS.items()}
     own["base model"]["python"] = ".".join(map(str, sys.version_info[:3]))

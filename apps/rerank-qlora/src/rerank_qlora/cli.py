@@ -5,12 +5,11 @@ Runs unchanged under `accelerate launch` (e.g. `accelerate launch --multi_gpu --
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from rerank_qlora.config import RerankQLoRAConfig
 from rerank_qlora.stages import StageUnavailable
-from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args
+from shared_kernels.app import cli_main
 
 DESCRIPTION = """\
 Long-context QLoRA fine-tuning of a reasoning reranker: base model -> NF4 + double quantization (nf4lora) ->
@@ -21,26 +20,17 @@ With no arguments: the embedded default, fully offline on CPU (a retrieval task 
 library, a built-in tiny model trained here, and an OFFLINE teacher built from the gold judgements)."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rerank-qlora", description=DESCRIPTION)
-    add_config_arguments(parser, RerankQLoRAConfig)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config_from_args(RerankQLoRAConfig, args)
-    except ConfigError as err:
-        parser.error(str(err))
+def _run(cfg: RerankQLoRAConfig, progress: bool) -> None:
     from rerank_qlora.recipe import run
 
-    try:
-        results = run(cfg, progress=not args.no_progress)
-    except StageUnavailable as err:
-        print(f"rerank-qlora: error: {err}", file=sys.stderr)
-        return 2
+    results = run(cfg, progress=progress)
     if results:
         print(f"[rerank-qlora] report:  {cfg.run_dir / 'report.md'}")
         print(f"[rerank-qlora] adapter: {results['adapter_dir']}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main("rerank-qlora", DESCRIPTION, RerankQLoRAConfig, _run, argv, user_errors=(StageUnavailable,))
 
 
 if __name__ == "__main__":

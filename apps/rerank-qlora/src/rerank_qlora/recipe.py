@@ -33,15 +33,11 @@ from tqdm.auto import tqdm
 
 from rerank_qlora import artefacts, stages
 from rerank_qlora.config import RerankQLoRAConfig
+from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
-from shared_kernels.runconfig import (
-    JSONLTracker,
-    config_to_dict,
-    make_trackers,
-    write_json_atomic,
-    write_yaml_atomic,
-)
+from shared_kernels.runconfig import config_to_dict, write_json_atomic, write_yaml_atomic
+from shared_kernels.training import LoopSettings, run_loop
 
 log = logging.getLogger("rerank_qlora")
 N_STAGES = 9
@@ -61,17 +57,16 @@ class RerankQLoRARecipe:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from accelerate import Accelerator
-
         cfg = self.cfg
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
-                               log_with=make_trackers(self.run_dir, cfg.trackers, "rerank-qlora"),
-                               project_dir=str(self.run_dir))
-        _require_fsdp2(self.acc, cfg)
+        self.acc = make_accelerator(self.run_dir, cfg.trackers, "rerank-qlora")
+        if require_fsdp2(self.acc, "configs/accelerate/fsdp2-gpu.yaml") and cfg.quant.method == "nf4":
+            raise ValueError("quant.method=nf4 is not supported under FSDP: nf4lora keeps the packed 4-bit weights "
+                             "in buffers, which fully_shard does not shard, and its adapter saving is not "
+                             "FSDP-aware; use quant.method=none (bf16 base + LoRA)")
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
-            _log_to_file(self.run_dir / "run.log")
+            log_to_file(self.run_dir / "run.log", "rerank_qlora")
             for message in artefacts.reconcile(self.run_dir, cfg, resume=cfg.resume):
                 self._print(message)
         self.acc.wait_for_everyone()
@@ -120,7 +115,7 @@ class RerankQLoRARecipe:
         self.notes["parameters"] = stages.trainable_summary(model)
         self._print(f"{self.notes['adapters']}; {self.notes['parameters']}")
         self.model = model.to(self.acc.device)
-        self.acc.init_trackers("rerank-qlora", config=artefacts.flatten(config_to_dict(cfg)))
+        self.acc.init_trackers("rerank-qlora", config=flat_config(config_to_dict(cfg)))
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -168,42 +163,24 @@ class RerankQLoRARecipe:
             self.history += self._refine(pairs, records)
 
     def _train_loop(self, encoded: list, steps: int, lr: float, phase: str) -> list[dict[str, Any]]:
-        """Weighted NLL (rerankdistill) over `encoded`, DDP-sharded, checkpointed, resumable."""
+        """Weighted NLL (rerankdistill) over `encoded` with the shared loop (shared_kernels.training): DDP or
+        FSDP2, accumulated over micro batches, checkpointed per phase, resumable."""
         from rerankdistill.train.common import collate, weighted_loss
 
         tc, acc = self.cfg.train, self.acc
         if not encoded:
             raise ValueError(f"{phase}: no training examples (all longer than train.max_length?)")
-        world, rank = acc.num_processes, acc.process_index
+        world = acc.num_processes
         if tc.batch_size % (tc.micro_batch_size * world):
             raise ValueError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
                              f"processes ({tc.micro_batch_size} x {world})")
-        per_rank, accum = tc.batch_size // world, tc.batch_size // world // tc.micro_batch_size
         if is_sharded(self.model):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
             _reshard(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
-        ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=rank, world_size=world,
-                                 barrier=acc.wait_for_everyone)
-        model, optimizer = acc.prepare(self.model, optimizer)
-        # FSDP2 replaces the parameters by DTensor shards in prepare: clip those, load into those
-        params = [p for p in model.parameters() if p.requires_grad]
-        sharded = is_sharded(acc.unwrap_model(model))
-        if sharded:
-            _generate_on_every_rank(acc.unwrap_model(model))
-        if "distributed" not in self.notes:
-            self.notes["distributed"] = {"type": str(acc.distributed_type.value), "processes": world,
-                                         "sharded": sharded}
-            self._print(f"{world} process(es), {acc.distributed_type.value}"
-                        + (" (FSDP2: parameters sharded)" if sharded else ""))
-        start, history = 0, []
-        state = ckpt.load(acc.unwrap_model(model), optimizer.optimizer, scheduler) if self.cfg.resume else None
-        if state is not None:
-            start, history = state["step"], list(state["extra"]["history"])
-            self._print(f"resumed {phase} from {state['path']} at step {start}")
-            if phase == "distill" and acc.is_main_process:
-                JSONLTracker.truncate_after(self.run_dir / "metrics.jsonl", start)
+        ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=acc.process_index,
+                                 world_size=world, barrier=acc.wait_for_everyone)
         order: list[int] = []
         epoch = 0
         while len(order) < steps * tc.batch_size:
@@ -212,42 +189,34 @@ class RerankQLoRARecipe:
             order += idx
             epoch += 1
         pad = self.tokenizer.pad_token_id
-        model.train()
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase,
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
-        for step in bar:
-            batch_ids = order[step * tc.batch_size:(step + 1) * tc.batch_size]
-            mine = batch_ids[rank * per_rank:(rank + 1) * per_rank]
-            total = torch.zeros((), device=acc.device)
-            for i in range(accum):
-                micro = mine[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size]
-                batch = {k: v.to(acc.device) for k, v in collate([encoded[j] for j in micro], pad).items()}
-                sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(model)
-                with sync:
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    loss = weighted_loss(out.logits, batch["labels"], batch["weights"]) / accum
-                    acc.backward(loss)
-                total += loss.detach()
-            if tc.max_grad_norm:
-                acc.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            value = acc.reduce(total, reduction="mean").item()
-            if done % tc.log_every == 0 or done == steps:
-                row = {"step": done, "phase": phase, f"{phase}/loss": value, "lr": scheduler.get_last_lr()[0]}
-                history.append(row)
-                offset = 0 if phase == "distill" else self.cfg.train.steps  # one step axis for both phases
-                acc.log({f"{phase}/loss": value, "lr": row["lr"]}, step=offset + done)
-                bar.set_postfix(loss=f"{value:.4f}")
-                log.info("%s step %d loss %.4f", phase, done, value)
-            if done % self.cfg.train.checkpoint_every == 0 or done == steps:
-                ckpt.save(done, acc.unwrap_model(model), optimizer.optimizer, scheduler,
-                          extra={"history": history}, trainable_only=True)
-        bar.close()
-        self.model = acc.unwrap_model(model)
-        return history
+
+        def window(step: int) -> list[list[int]]:  # the global batch of `step`, in micro batches
+            ids = order[step * tc.batch_size:(step + 1) * tc.batch_size]
+            return [ids[i:i + tc.micro_batch_size] for i in range(0, len(ids), tc.micro_batch_size)]
+
+        def loss_fn(model: Any, micro: list[int]) -> torch.Tensor:
+            batch = {k: v.to(acc.device) for k, v in collate([encoded[j] for j in micro], pad).items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return weighted_loss(out.logits, batch["labels"], batch["weights"])
+
+        settings = LoopSettings(steps=steps, phase=phase, log_every=tc.log_every,
+                                checkpoint_every=tc.checkpoint_every, max_grad_norm=tc.max_grad_norm,
+                                trainable_only=True, resume=self.cfg.resume, progress=self.progress,
+                                log_step_offset=0 if phase == "distill" else tc.steps)  # one step axis
+        state = run_loop(acc, self.model, optimizer, scheduler, window, loss_fn, settings, ckpt,
+                         metrics_file=self.run_dir / "metrics.jsonl", logger=log)
+        if state.resumed_from is not None:
+            self._print(f"resumed {phase} from {state.resumed_from} at step {state.start_step}")
+        self.model = acc.unwrap_model(state.model)
+        sharded = is_sharded(self.model)
+        if sharded:
+            _generate_on_every_rank(self.model)
+        if "distributed" not in self.notes:
+            self.notes["distributed"] = {"type": str(acc.distributed_type.value), "processes": world,
+                                         "sharded": sharded}
+            self._print(f"{world} process(es), {acc.distributed_type.value}"
+                        + (" (FSDP2: parameters sharded)" if sharded else ""))
+        return state.history
 
     def _refine(self, pairs: list, records: list) -> list[dict[str, Any]]:
         """InteRank's reward-weighted fine-tuning, composed from rerankdistill: sample `refine.samples`
@@ -567,21 +536,6 @@ class LengthSortedJudge:
         return out
 
 
-def _require_fsdp2(acc: Any, cfg: RerankQLoRAConfig) -> None:
-    """Under accelerate FSDP: only version 2 (DTensor shards the recipe can gather), and only quant.method=none."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.FSDP:
-        return
-    if not acc.is_fsdp2:
-        raise ValueError("FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 "
-                         "(configs/accelerate/fsdp2-gpu.yaml)")
-    if cfg.quant.method == "nf4":
-        raise ValueError("quant.method=nf4 is not supported under FSDP: nf4lora keeps the packed 4-bit weights in "
-                         "buffers, which fully_shard does not shard, and its adapter saving is not FSDP-aware; "
-                         "use quant.method=none (bf16 base + LoRA)")
-
-
 def _generate_on_every_rank(model: Any) -> None:
     """Make `model.generate` usable on an FSDP2-sharded model, where every rank runs it in step.
 
@@ -623,16 +577,3 @@ def run(cfg: RerankQLoRAConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         recipe.cleanup()
     return results
-
-
-def _log_to_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("rerank_qlora")
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler):
-            root.removeHandler(h)
-            h.close()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-

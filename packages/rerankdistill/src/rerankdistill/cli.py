@@ -1,6 +1,10 @@
-"""`rerankdistill generate | sft | refine | rerank | evaluate`: each takes `--config FILE.yaml` and `key=value`
-overrides (see `--help` for the options), and resumes where it runs long (generate and rerank append to
-their stores; sft restarts from its last checkpoint).
+"""`rerankdistill split | generate | sft | refine | rerank | evaluate`: each takes `--config FILE.yaml` and
+`key=value` overrides (see `--help` for the options), and resumes where it runs long (generate and rerank
+append to their stores; sft and refine restart from their last checkpoint).
+
+Query splits: `split` writes train / validation / test qid lists; `generate`, `sft`, `refine` and `rerank`
+take `splits=FILE queries=train|validation|test` and the training ones refuse test queries unless
+`allow_test_leak=true`.
 
 Collections (`collection=` + paths): cranfield (`path` = folder), beir (`path`, `split`), bright (`topics`,
 `qrels`, `corpus`), trec (`corpus` JSONL with id/text, `topics`, `qrels`).
@@ -14,10 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rerankdistill.config import ConfigError, load_config, option, options_help
 from rerankdistill.trec import atomic_write_text
+from shared_kernels.runconfig import ConfigError, load_config, option, options_help
 
-COLLECTION_HELP = "cranfield | beir | bright | trec"
+COLLECTION_HELP = "cranfield | beir | bright | trec | datasets"
 
 
 @dataclass
@@ -25,28 +29,65 @@ class CollectionOptions:
     collection: str = option("", COLLECTION_HELP)
     path: str = option("", "collection folder (cranfield, beir)")
     split: str = option("test", "BEIR qrels split")
-    topics: str = option("", "topics file (bright jsonl.gz, trec topics)")
-    qrels: str = option("", "qrels file (bright, trec)")
-    corpus: str = option("", "corpus JSONL (bright: id/content, trec: id/text)")
+    topics: str = option("", "topics (bright jsonl.gz, trec topics, datasets: queries source)")
+    qrels: str = option("", "qrels (bright, trec: TREC file; datasets: source with query-id/corpus-id/score)")
+    corpus: str = option("", "corpus: JSONL(.gz), Parquet, a `datasets` folder or (online) a hub id[:config] "
+                             "(bright: id/content; trec: id/text; datasets: _id or id, text or content, title)")
+    corpus_split: str = option("", "split of a multi-split corpus source (BRIGHT's documents: the domain)")
 
 
 def load_collection(o: CollectionOptions):
     """(corpus, queries, qrels) for the options' collection."""
-    from rerankdistill.datasets import load_beir, load_bright, load_cranfield, load_jsonl
+    from rerankdistill.datasets import load_beir, load_bright, load_cranfield
+    from rerankdistill.loaders import load_qrels_records, load_texts
     from rerankdistill.trec import read_qrels, read_topics
 
     if o.collection == "cranfield":
         return load_cranfield(o.path)
     if o.collection == "beir":
         return load_beir(o.path, o.split)
+    for name in ("corpus", "topics", "qrels") if o.collection == "datasets" else ("corpus",):
+        if o.collection in ("bright", "trec", "datasets") and not getattr(o, name):
+            raise ConfigError(f"collection={o.collection} needs {name}=")
+    corpus_split = o.corpus_split or None
     if o.collection == "bright":
-        if not o.corpus:
-            raise ConfigError("collection=bright needs corpus= (a JSONL export of BRIGHT's documents)")
-        task = load_bright(o.topics, o.qrels or None, o.corpus)
-        return task.corpus, task.queries, task.qrels
+        task = load_bright(o.topics, o.qrels or None)
+        return load_texts(o.corpus, "id", "content", None, split=corpus_split), task.queries, task.qrels
     if o.collection == "trec":
-        return load_jsonl(o.corpus), read_topics(o.topics), read_qrels(o.qrels)
+        return load_texts(o.corpus, "id", "text", None, split=corpus_split), read_topics(o.topics), read_qrels(o.qrels)
+    if o.collection == "datasets":
+        return (load_texts(o.corpus, split=corpus_split), load_texts(o.topics, title_field=None),
+                load_qrels_records(o.qrels))
     raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
+
+
+@dataclass
+class SplitOptions:
+    splits: str = option("", "split file from `rerankdistill split` (train / validation / test qids)")
+    queries: str = option("", "train | validation | test: the split used (default: train for training commands, "
+                              "test for rerank)")
+    allow_test_leak: bool = option(False, "let a training command use test queries (refused otherwise)")
+
+
+def split_queries(o: SplitOptions, default: str, training: bool) -> tuple[dict | None, set[str] | None]:
+    """(the split file's lists or None, the selected qids or None); refuses queries=test for training."""
+    from rerankdistill.splits import check_no_test_leak, read_splits, select_split
+
+    splits = read_splits(o.splits) if o.splits else None
+    selected = select_split(splits, o.queries, default)
+    if training and selected is not None:
+        check_no_test_leak(selected, splits, o.allow_test_leak, f"queries={o.queries or default}")
+    return splits, selected
+
+
+def queries_and_qrels(o: CollectionOptions):
+    """(queries, qrels) of the collection, without reading BRIGHT's corpus."""
+    if o.collection == "bright":
+        from rerankdistill.datasets import load_bright
+
+        task = load_bright(o.topics, o.qrels or None)
+        return task.queries, task.qrels
+    return load_collection(o)[1:]
 
 
 def excluded_ids(o: CollectionOptions) -> dict[str, set[str]]:
@@ -73,7 +114,7 @@ def read_pairs(path: str | Path):
 
 
 @dataclass
-class GenerateOptions(CollectionOptions):
+class GenerateOptions(CollectionOptions, SplitOptions):
     output: str = option("teacher.jsonl", "append-only teacher store (resumed when it exists)")
     pairs: str = option("", "pairs JSONL (qid, docid, query, document); built from the collection when empty")
     pairs_out: str = option("pairs.jsonl", "where pairs built from the collection are written")
@@ -98,6 +139,9 @@ def _build_pairs(o: GenerateOptions):
     from rerankdistill.teacher import Pair
 
     corpus, queries, qrels = load_collection(o)
+    _, selected = split_queries(o, "train", training=True)
+    if selected is not None:
+        queries = {q: t for q, t in queries.items() if q in selected}
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
     run = bm25_search(corpus, queries, k=o.depth, backend=o.bm25_backend)
@@ -110,7 +154,7 @@ def cmd_generate(o: GenerateOptions) -> dict:
 
     qrels = None
     if o.pairs:
-        pairs = read_pairs(o.pairs)
+        pairs = split_pairs(o, read_pairs(o.pairs))
     else:
         pairs, qrels = _build_pairs(o)
         write_pairs(pairs, o.pairs_out)
@@ -145,7 +189,7 @@ def cmd_generate(o: GenerateOptions) -> dict:
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(SplitOptions):
     model: str = option("", "student: local model directory")
     pairs: str = option("pairs.jsonl", "pairs JSONL written by `generate`")
     teacher: str = option("teacher.jsonl", "teacher store written by `generate`")
@@ -191,10 +235,19 @@ def _student(o: TrainOptions):
     return model, tok, loop, lora
 
 
+def split_pairs(o: SplitOptions, pairs: list) -> list:
+    """The pairs of the selected split (train by default); a pairs file holding test qids is refused."""
+    from rerankdistill.splits import check_no_test_leak
+
+    splits, selected = split_queries(o, "train", training=True)
+    check_no_test_leak((p.qid for p in pairs), splits, o.allow_test_leak, f"pairs file {o.pairs!r}")
+    return pairs if selected is None else [p for p in pairs if p.qid in selected]
+
+
 def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
-    pairs = {(p.qid, p.docid): p for p in read_pairs(o.pairs)}
+    pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs))}
     with TeacherStore(o.teacher) as store:
         return pairs, list(store.records.values())
 
@@ -239,9 +292,11 @@ def cmd_refine(o: RefineOptions) -> dict:
 
 
 @dataclass
-class RerankOptions(CollectionOptions):
+class RerankOptions(CollectionOptions, SplitOptions):
     model: str = option("", "reranker: local model directory")
     first_stage: str = option("bm25", "'bm25' or a TREC run file")
+    first_stage_queries: str = option("original", "bm25 over the original queries or (bright) 'reasoning': "
+                                                  "BRIGHT's GPT-4 reasoning texts; the reranker sees the original")
     bm25_backend: str = option("bm25s", "first_stage=bm25 with bm25s | pyserini (Lucene; needs Java 21+)")
     depth: int = option(100, "candidates reranked per query")
     max_queries: int = option(0, "use only the first N queries (0: all)")
@@ -252,6 +307,23 @@ class RerankOptions(CollectionOptions):
     output: str = option("reranked.run", "TREC run written")
     first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
     tag: str = option("rerankdistill", "run tag")
+
+
+def first_stage_texts(o: RerankOptions, queries: dict[str, str]) -> dict[str, str]:
+    """The texts BM25 searches with: the queries, or BRIGHT's reasoning texts for them."""
+    if o.first_stage_queries == "original":
+        return queries
+    if o.first_stage_queries != "reasoning":
+        raise ConfigError(f"first_stage_queries must be original or reasoning, got {o.first_stage_queries!r}")
+    if o.collection != "bright":
+        raise ConfigError("first_stage_queries=reasoning needs collection=bright (its topics hold the reasoning)")
+    from rerankdistill.datasets import load_bright
+
+    reasoning = load_bright(o.topics, o.qrels or None).reasoning
+    missing = [q for q in queries if not reasoning.get(q)]
+    if missing:
+        raise ConfigError(f"topics {o.topics!r}: {len(missing)} queries have no reasoning text, e.g. {missing[:5]}")
+    return {q: reasoning[q] for q in queries}
 
 
 def cmd_rerank(o: RerankOptions) -> dict:
@@ -266,15 +338,21 @@ def cmd_rerank(o: RerankOptions) -> dict:
     if not o.model:
         raise ConfigError("model= (a local model directory) is required")
     corpus, queries, qrels = load_collection(o)
+    _, selected = split_queries(o, "test", training=False)
+    if selected is not None:
+        queries = {q: t for q, t in queries.items() if q in selected}
+        qrels = {q: j for q, j in qrels.items() if q in selected}
     if o.max_queries:
         queries = dict(list(queries.items())[: o.max_queries])
+    excluded = excluded_ids(o)  # BRIGHT: never ranked, so never scored
     if o.first_stage == "bm25":
-        first = drop_excluded(bm25_search(corpus, queries, k=o.depth + 50, backend=o.bm25_backend),
-                              excluded_ids(o))
+        search = first_stage_texts(o, queries)
+        first = drop_excluded(bm25_search(corpus, search, k=o.depth + 50, backend=o.bm25_backend), excluded)
         first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
-        write_run(first, o.first_stage_output, tag="bm25")
+        write_run(first, o.first_stage_output, tag="bm25" if search is queries else "bm25-reasoning")
     else:
-        first = {q: d for q, d in read_run(o.first_stage).items() if q in queries}
+        first = drop_excluded({q: d for q, d in read_run(o.first_stage).items() if q in queries}, excluded)
+        first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
     model, tok = load_causal_lm(o.model)
     backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
     judge = TransformersJudge(backend, use_label_probabilities=o.label_probabilities)
@@ -282,14 +360,15 @@ def cmd_rerank(o: RerankOptions) -> dict:
         result = rerank(first, queries, corpus, judge, k=o.depth, batch_size=o.batch_size, store=store)
     write_run(result.run, o.output, tag=o.tag)
     print(comparison_table({"first stage": first, "reranked": result.run}, qrels), end="")
-    return {"judged": result.judged, "cached": result.cached, "unparseable": result.unparseable,
-            "output": o.output}
+    return {"queries": len(first), "judged": result.judged, "cached": result.cached,
+            "unparseable": result.unparseable, "first_stage_queries": o.first_stage_queries, "output": o.output}
 
 
 @dataclass
-class EvaluateOptions(CollectionOptions):
-    runs: list[str] = option((), "run files, NAME=PATH or PATH, comma separated")
-    measures: list[str] = option(("ndcg_cut_10", "map", "recall_100"), "trec_eval measure names")
+class EvaluateOptions(CollectionOptions, SplitOptions):
+    runs: list[str] = option(default_factory=list, help="run files, NAME=PATH or PATH, comma separated")
+    measures: list[str] = option(default_factory=lambda: ["ndcg_cut_10", "map", "recall_100"],
+                                 help="trec_eval measure names")
     per_query: bool = option(False, "also print per-query values")
     output: str = option("", "write the markdown table here too")
     baseline: str = option("", "run the others are compared with by paired tests (default: the first)")
@@ -313,6 +392,9 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
         qrels = read_qrels(o.qrels)
     else:
         qrels = load_collection(o)[2]
+    _, selected = split_queries(o, "test", training=False)
+    if selected is not None:
+        qrels = {q: j for q, j in qrels.items() if q in selected}
     runs = {}
     excluded = excluded_ids(o)
     for item in o.runs:
@@ -339,8 +421,8 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
 
 
 def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
-    """Each run against the baseline, per measure, paired over every judged query (trec_eval -c: a query a
-    run misses scores 0, so both sides hold the same queries)."""
+    """Each run against the baseline, per measure, paired over the judged queries that any run ranks (a
+    query a run misses scores 0 there, as trec_eval -c scores it, so both sides hold the same queries)."""
     from rerankdistill.metrics import evaluate
     from rerankdistill.significance import compare_runs
 
@@ -349,7 +431,8 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
     baseline = o.baseline or next(iter(runs))
     if baseline not in runs:
         raise ConfigError(f"baseline={baseline!r} is not one of the runs: {', '.join(runs)}")
-    scores = {name: evaluate(r, qrels, tuple(o.measures), complete=True) for name, r in runs.items()}
+    ranked = {q: j for q, j in qrels.items() if any(q in r for r in runs.values())}
+    scores = {name: evaluate(r, ranked, tuple(o.measures), complete=True) for name, r in runs.items()}
     return [{"run": name, "baseline": baseline, "measure": m,
              **compare_runs(scores[name][m].per_query, scores[baseline][m].per_query,
                             n_resamples=o.n_resamples, seed=o.seed)}
@@ -357,7 +440,8 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
 
 
 def significance_table(rows: list[dict], baseline: str) -> str:
-    lines = [f"paired tests against {baseline} (all judged queries; 95% bootstrap CI of the mean difference)",
+    lines = [f"paired tests against {baseline} (judged queries ranked by any run; 95% bootstrap CI of the mean "
+             "difference)",
              "| run | measure | queries | diff | 95% CI | t-test p | randomization p |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['measure']} | {r['queries']} | {r['mean_diff']:+.4f} | "
               f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_t']:.4f} | {r['p_randomization']:.4f} |"
@@ -365,7 +449,41 @@ def significance_table(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class SplitCommandOptions(CollectionOptions):
+    out: str = option("splits.json", "split file written (JSON: train / validation / test qid lists)")
+    validation: float = option(0.1, "share of the queries for validation (of the non-test ones with test_qids)")
+    test: float = option(0.2, "share of the queries for test (unused with test_qids)")
+    seed: int = option(0, "seed of the shuffle")
+    test_qids: str = option("", "a given test set: a file of qids, one per line")
+    overwrite: bool = option(False, "replace an existing, different split file")
+
+
+def cmd_split(o: SplitCommandOptions) -> dict:
+    from rerankdistill.splits import make_splits
+
+    queries, qrels = queries_and_qrels(o)
+    judged = [q for q in queries if qrels.get(q)]  # a query without judgements cannot be evaluated
+    given = None
+    if o.test_qids:
+        path = Path(o.test_qids)
+        if not path.is_file():
+            raise ConfigError(f"test_qids file {o.test_qids!r} does not exist")
+        given = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    splits = make_splits(judged, o.validation, o.test, o.seed, given)
+    text = json.dumps({**splits, "collection": o.collection, "seed": o.seed, "validation_share": o.validation,
+                       "test_share": None if given else o.test, "test_qids": o.test_qids or None}, indent=1) + "\n"
+    out = Path(o.out)
+    if out.exists() and out.read_text(encoding="utf-8") != text and not o.overwrite:
+        raise ConfigError(f"out={o.out!r} exists with other splits: runs made with it would change meaning; "
+                          "choose another file or set overwrite=true")
+    atomic_write_text(out, text)
+    return {name: len(qids) for name, qids in splits.items()} | {"unjudged_skipped": len(queries) - len(judged),
+                                                                "out": o.out}
+
+
 COMMANDS = {
+    "split": (SplitCommandOptions, cmd_split, "seeded (or given) train / validation / test query lists"),
     "generate": (GenerateOptions, cmd_generate, "teacher explanations + labels for (query, document) pairs"),
     "sft": (TrainOptions, cmd_sft, "distil teacher outputs into a student"),
     "refine": (RefineOptions, cmd_refine, "reward-weighted fine-tuning or GRPO of the student"),

@@ -1,5 +1,6 @@
 """Shared pieces of the training recipes: tokenised examples with loss masks, a weighted-NLL loop under
-`accelerate`, LoRA/QLoRA adapters, checkpoints that resume.
+`accelerate` (the workspace's one loop, `shared_kernels.training`), LoRA/QLoRA adapters, checkpoints that
+resume.
 
 Loss: per example, the mean token NLL over its unmasked label positions; the batch loss is the mean over
 examples of `weight_i * nll_i` (weight 1 for SFT; r^3 for reward-weighted fine-tuning). Masks: with
@@ -9,8 +10,6 @@ answer (explanation, label line, stop marker, end-of-turn token) is learned; oth
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import random
 import shutil
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 IGNORE = -100
 
@@ -161,42 +159,35 @@ def step_windows(n_examples: int, cfg: LoopConfig) -> list[list[list[int]]]:
     return windows if cfg.max_steps is None else windows[: cfg.max_steps]
 
 
-def shard_window(window: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """This process's contiguous share of a step's micro-batches (`len(window)` must divide by world_size)."""
-    if len(window) % world_size:
-        raise ValueError(f"a step of {len(window)} micro-batches cannot be shared by {world_size} processes")
-    share = len(window) // world_size
-    return window[rank * share:(rank + 1) * share]
-
-
 def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str | os.PathLike, cfg: LoopConfig,
                progress: bool = True) -> dict[str, float]:
-    """Minimise the weighted NLL over `examples` with AdamW, under `accelerate` (so `accelerate launch` works).
+    """Minimise the weighted NLL over `examples` with AdamW, with the workspace's one training loop
+    (`shared_kernels.training.run_loop`) under `accelerate` (so `accelerate launch` works, DDP or FSDP2).
 
     Data parallel: each optimizer step's window of `grad_accum` micro-batches (`step_windows`) is split
-    between the processes (`shard_window`; `grad_accum` must be a multiple of the process count), each scales
-    its micro-batch losses so that DDP's gradient mean equals one process accumulating the whole window: the
-    same global batch, steps and losses on 1 or N processes. A final partial window is cut to a multiple of
-    the process count (at most N - 1 micro-batches dropped, none on one process).
+    between the processes (`grad_accum` must be a multiple of the process count): the same global batch,
+    steps and losses on 1 or N processes. A final partial window is cut to a multiple of the process count
+    (at most N - 1 micro-batches dropped, none on one process).
 
-    Resumes from `output_dir/checkpoint` when present (model + optimizer + scheduler + step), saves one
-    atomically every `cfg.save_every` optimizer steps, and leaves the trained weights there at the end.
+    Checkpoints (`shared_kernels.checkpoint`: trainable weights, optimizer, scheduler, RNG) go to
+    `output_dir/checkpoints` every `cfg.save_every` optimizer steps and at the end; a run resumes from the
+    newest one. A non-finite loss stops training before the optimizer step (`NonFiniteLossError`).
 
     Returns:
         {"steps", "first_loss", "last_loss"} (losses are per optimizer step, averaged over micro-batches).
     """
     from accelerate import Accelerator
 
+    from shared_kernels.checkpoint import CheckpointManager
+    from shared_kernels.training import LoopSettings, run_loop
+
     if not examples:
         raise ValueError("no training examples (all filtered out?)")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
         raise ValueError(f"batch_size, grad_accum and epochs must be >= 1, got {cfg}")
-    output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
-    # the scheduler steps once per optimizer step, whatever the process count (accelerate's default would
-    # step it num_processes times)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
     if cfg.grad_accum % world:
         raise ValueError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({world})")
     windows = [w[: len(w) - len(w) % world] for w in step_windows(len(examples), cfg)]
@@ -209,60 +200,21 @@ def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str 
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / max(1, total_steps)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    step = _maybe_resume(output_dir / "checkpoint", accelerator)
-    losses: list[float] = []
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or not accelerator.is_main_process)
-    model.train()
-    for window in windows[step:]:
-        mine = shard_window(window, rank, world)
-        running = torch.zeros((), device=accelerator.device)
-        for m, ids in enumerate(mine):
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[j] for j in ids], pad_id).items()}
-            # gradient all-reduce only on this process's last micro-batch of the step
-            sync = contextlib.nullcontext() if m == len(mine) - 1 else accelerator.no_sync(model)
-            with sync:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = weighted_loss(out.logits, batch["labels"], batch["weights"]) / len(window)
-                accelerator.backward(loss * world)  # DDP averages over processes: x world gives the window sum
-            running += loss.detach()
-        running = accelerator.reduce(running, reduction="sum").item()  # the whole window's mean loss
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        step += 1
-        losses.append(running)
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            _save_checkpoint(output_dir / "checkpoint", accelerator, step)
-    bar.close()
+
+    def loss_fn(m, micro: list[int]) -> torch.Tensor:
+        batch = {k: v.to(accelerator.device) for k, v in collate([examples[j] for j in micro], pad_id).items()}
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return weighted_loss(out.logits, batch["labels"], batch["weights"])
+
+    checkpoints = CheckpointManager(Path(output_dir) / "checkpoints", keep=2, rank=accelerator.process_index,
+                                    world_size=world, barrier=accelerator.wait_for_everyone)
+    settings = LoopSettings(steps=total_steps, phase="train", checkpoint_every=cfg.save_every,
+                            max_grad_norm=cfg.max_grad_norm, trainable_only=True, progress=progress)
+    state = run_loop(accelerator, model, optimizer, scheduler, windows.__getitem__, loss_fn, settings, checkpoints)
     accelerator.wait_for_everyone()
-    return {"steps": float(step), "first_loss": losses[0] if losses else float("nan"),
+    losses = [row["train/loss"] for row in state.history]
+    return {"steps": float(state.step), "first_loss": losses[0] if losses else float("nan"),
             "last_loss": losses[-1] if losses else float("nan")}
-
-
-def _save_checkpoint(path: Path, accelerator, step: int) -> None:
-    if not accelerator.is_main_process:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _maybe_resume(path: Path, accelerator) -> int:
-    if not (path / "step.json").is_file():
-        return 0
-    accelerator.load_state(str(path))
-    return int(json.loads((path / "step.json").read_text())["step"])
 
 
 def save_model(model, tokenizer, output_dir: str | os.PathLike) -> Path:

@@ -1,0 +1,103 @@
+"""Plumbing every app needs, once: the CLI `main` (config file + overrides, exit code 2 on bad input), the
+Accelerator with the run directory's trackers, the FSDP2 guard, tracker-safe config values, logging to a file.
+
+Importing this module needs neither torch nor accelerate (they are imported by the functions that use them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared_kernels.runconfig import ConfigError, add_config_arguments, config_from_args, make_trackers
+
+__all__ = ["cli_main", "flat_config", "log_to_file", "make_accelerator", "require_fsdp2"]
+
+
+def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as one level of dotted keys with scalar values (what trackers accept): lists and
+    other values become their JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)
+    return out
+
+
+def log_to_file(path: str | Path, logger_name: str) -> logging.Logger:
+    """Send logger `logger_name`'s INFO lines to `path` (appended), replacing an earlier file handler of it."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger(logger_name)
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler):
+            logger.removeHandler(h)
+            h.close()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def make_accelerator(run_dir: str | Path, trackers: Sequence[str], project: str) -> Any:
+    """`accelerate.Accelerator` on the GPU when there is one (else CPU), no mixed precision (the recipes cast
+    themselves), logging to the run directory's trackers (`runconfig.make_trackers`)."""
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                       log_with=make_trackers(run_dir, trackers, project), project_dir=str(run_dir))
+
+
+def require_fsdp2(acc: Any, config_hint: str) -> bool:
+    """Refuse FSDP version 1 (flat parameter buffers the recipes cannot gather); True under FSDP2.
+
+    Args:
+        config_hint: the app's FSDP2 accelerate config, named in the error.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return False
+    if not acc.is_fsdp2:
+        raise ValueError(f"FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 ({config_hint})")
+    return True
+
+
+def cli_main(
+    prog: str,
+    description: str,
+    config_cls: type,
+    run: Callable[[Any, bool], None],
+    argv: Sequence[str] | None = None,
+    user_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """An app's `main`: parse `--config FILE`, `--print-config`, `--no-progress` and `key=value` overrides,
+    build the config, call `run(cfg, progress)` (which prints the app's closing lines).
+
+    A bad config exits with argparse's usage error (code 2); an exception of `user_errors` (bad input found
+    while running, e.g. a missing model) prints `prog: error: ...` and returns 2.
+
+    Returns:
+        the exit code: 0, or 2 after a user error.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser, config_cls)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = config_from_args(config_cls, args)
+    except ConfigError as err:
+        parser.error(str(err))
+    try:
+        run(cfg, not args.no_progress)
+    except user_errors as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

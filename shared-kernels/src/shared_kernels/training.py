@@ -1,0 +1,220 @@
+"""The workspace's one training loop: micro-batch accumulation, data parallelism (DDP or FSDP2 through
+accelerate), atomic `CheckpointManager` checkpoints and resume, tracker rows, and a stop at the first
+non-finite loss.
+
+Every trainer (rerankdistill's SFT and reward-weighted fine-tuning, lm-pretrain, rerank-qlora's distillation
+and refinement) supplies only what is its own:
+
+  * `window(step)`: the *global* batch of optimizer step `step`, as a list of micro-batches (any objects),
+    a function of the step alone (and the trainer's seed), so the schedule does not depend on the process
+    count and a resumed run sees the batches an uninterrupted run sees;
+  * `loss_fn(model, micro) -> scalar tensor`: the mean loss of one micro-batch;
+  * the model, optimizer and LR scheduler (stepped here once per optimizer step, never by accelerate).
+
+Data parallel: each of P processes takes its contiguous 1/P of the step's micro-batches (`shard_window`: P
+must divide their number) and accumulates `loss / n_mine` over them, with the gradient all-reduce only on its
+last micro-batch; DDP and FSDP2 average the gradients over the processes, so P processes take the same
+optimizer steps as one process accumulating the whole window. The logged loss is the window's mean.
+
+Non-finite loss: checked on the reduced (all processes) value *before* the optimizer step, so the weights
+are never updated from it and no checkpoint of non-finite weights is written; `NonFiniteLossError` names the
+phase, step and the checkpoint to resume from. Every process raises it at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared_kernels.checkpoint import CheckpointManager
+
+__all__ = ["LoopSettings", "LoopState", "NonFiniteLossError", "check_finite_loss", "run_loop", "shard_window"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the weights were not updated from it."""
+
+
+def check_finite_loss(value: float, step: int, phase: str = "train", resume_from: Path | str | None = None) -> None:
+    """Raise `NonFiniteLossError` when `value` (the loss of optimizer step `step`, 1-based) is NaN or inf."""
+    if math.isfinite(value):
+        return
+    where = (f"resume from {str(resume_from)!r} with a lower learning rate or other data" if resume_from
+             else "no checkpoint was written yet")
+    raise NonFiniteLossError(f"{phase}: the loss is {value} at step {step}; stopped before the optimizer step, "
+                             f"so no weight was updated from it ({where})")
+
+
+def shard_window(window: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """This process's contiguous share of a step's micro-batches (`len(window)` must divide by world_size)."""
+    if not window or len(window) % world_size:
+        raise ValueError(f"a step of {len(window)} micro-batches cannot be shared by {world_size} processes")
+    share = len(window) // world_size
+    return list(window[rank * share:(rank + 1) * share])
+
+
+@dataclass
+class LoopSettings:
+    """What the loop does besides optimising.
+
+    Args:
+        steps: optimizer steps in all (a resumed run continues to this number).
+        phase: name in logs, progress bars, tracker keys (`{phase}/loss`) and errors.
+        log_every: optimizer steps between logged rows (the last step is always logged).
+        checkpoint_every: optimizer steps between checkpoints (0: only the last step's).
+        max_grad_norm: clip the gradient norm to this (0: no clipping).
+        trainable_only: checkpoint only parameters with requires_grad (adapters on a frozen base).
+        resume: continue from the newest checkpoint of the `CheckpointManager` when there is one.
+        log_step_offset: added to the step on the tracker axis (phases of one run share it).
+        progress: a tqdm bar on the main process.
+    """
+
+    steps: int
+    phase: str = "train"
+    log_every: int = 1
+    checkpoint_every: int = 0
+    max_grad_norm: float = 0.0
+    trainable_only: bool = False
+    resume: bool = True
+    log_step_offset: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name != "log_every" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name != 'log_every' else 1}, got {value!r}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
+
+
+@dataclass
+class LoopState:
+    """The result: the prepared model, where the run started and ended, and every logged row."""
+
+    model: Any
+    optimizer: Any
+    start_step: int
+    step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: Path | None = None
+
+
+def run_loop(
+    acc: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    window: Callable[[int], Sequence[Any]],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    settings: LoopSettings,
+    checkpoints: CheckpointManager | None = None,
+    *,
+    metrics_file: str | Path | None = None,
+    extra_metrics: Callable[[Any], dict[str, float]] | None = None,
+    logger: logging.Logger | None = None,
+) -> LoopState:
+    """Prepare `model` and `optimizer` with `acc`, resume, and train to `settings.steps`.
+
+    Args:
+        acc: an `accelerate.Accelerator` (or an object with its `prepare`, `backward`, `no_sync`, `reduce`,
+            `clip_grad_norm_`, `unwrap_model`, `log`, `process_index`, `num_processes`, `is_main_process`,
+            `device`).
+        model, optimizer, scheduler: not yet prepared; the scheduler steps once per optimizer step.
+        window: step -> the global list of micro-batches of that step (see the module docstring).
+        loss_fn: (prepared model, micro-batch) -> the micro-batch's mean loss (a scalar tensor).
+        checkpoints: where checkpoints are written and resumed from (None: neither).
+        metrics_file: the JSONL tracker's file: rows after the resumed step are dropped from it on resume.
+        extra_metrics: (unwrapped model) -> more values for each logged row (e.g. quantisation statistics).
+        logger: gets one line per logged row.
+    Returns:
+        `LoopState` with the prepared model and optimizer and the history (rows {"step", "phase",
+        "<phase>/loss", "lr", "elapsed_s", ["grad_norm"], ...}); the history of a resumed run starts with the
+        rows of the run it resumed.
+    Raises:
+        NonFiniteLossError: at the first NaN/inf loss (the weights are left as before that step).
+    """
+    from shared_kernels.runconfig import JSONLTracker
+
+    s = settings
+    rank, world = acc.process_index, acc.num_processes
+    model, optimizer = acc.prepare(model, optimizer)
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2's sharded ones
+    if not params:
+        raise ValueError(f"{s.phase}: the model has no trainable parameters")
+    state = LoopState(model, optimizer, 0, 0)
+    if checkpoints is not None and s.resume:
+        loaded = checkpoints.load(acc.unwrap_model(model), inner_optimizer, scheduler)
+        if loaded is not None:
+            state.start_step = state.step = loaded["step"]
+            state.history = list(loaded["extra"].get("history", []))
+            state.resumed_from = loaded["path"]
+            if logger is not None and acc.is_main_process:
+                logger.info("resumed %s from %s at step %d", s.phase, loaded["path"], state.step)
+            if metrics_file is not None and acc.is_main_process:
+                JSONLTracker.truncate_after(metrics_file, s.log_step_offset + state.step)
+    bar = None
+    if s.progress and acc.is_main_process and state.step < s.steps and importlib.util.find_spec("tqdm"):
+        from tqdm.auto import tqdm  # not a dependency of shared-kernels: a bar only where it is installed
+
+        bar = tqdm(total=s.steps, initial=state.step, desc=s.phase, dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(state.step, s.steps):
+        mine = shard_window(window(step), rank, world)
+        total = torch.zeros((), device=acc.device)
+        for i, micro in enumerate(mine):
+            # the gradient all-reduce runs once, on this process's last micro-batch of the step
+            sync = contextlib.nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
+            with sync:
+                loss = loss_fn(model, micro) / len(mine)
+                acc.backward(loss)
+            total += loss.detach()
+        value = acc.reduce(total, reduction="mean").item()  # the window's mean loss, the same on every rank
+        done = step + 1
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.close()
+            check_finite_loss(value, done, s.phase, checkpoints.latest() if checkpoints is not None else None)
+        grad_norm = None
+        if s.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(params, s.max_grad_norm)
+            # under FSDP2 a DTensor: take the whole value
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = done
+        if done % s.log_every == 0 or done == s.steps:
+            row: dict[str, Any] = {"step": done, "phase": s.phase, f"{s.phase}/loss": value,
+                                   "lr": scheduler.get_last_lr()[0], "elapsed_s": time.perf_counter() - t0}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            if extra_metrics is not None:
+                row.update(extra_metrics(acc.unwrap_model(model)))
+            state.history.append(row)
+            acc.log({k: v for k, v in row.items() if k not in ("step", "phase")}, step=s.log_step_offset + done)
+            if logger is not None and acc.is_main_process:
+                logger.info("%s step %d loss %.4f", s.phase, done, value)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.4f}")
+        if bar is not None:
+            bar.update(1)
+        if checkpoints is not None and ((s.checkpoint_every and done % s.checkpoint_every == 0) or done == s.steps):
+            checkpoints.save(done, acc.unwrap_model(model), inner_optimizer, scheduler,
+                             extra={"history": state.history}, trainable_only=s.trainable_only)
+    if bar is not None:
+        bar.close()
+    state.model, state.optimizer = model, optimizer
+    return state
