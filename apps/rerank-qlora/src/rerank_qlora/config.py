@@ -72,7 +72,7 @@ class TeacherConfig:
         "gold-first", "gold-first: the judged documents, then BM25 hard negatives; bm25: BM25's top pairs_per_query "
         "as ranked (the evaluation's distribution) plus the best judged document when BM25 missed it")
     offline_explanation: Literal["fixed", "per-label", "evidence"] = option(
-        "fixed", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
+        "evidence", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
         "where E[label] is read), 'per-label' (the sentence names the label) or 'evidence' (which query words "
         "the document contains, what it defines and calls: rerankdistill.evidence, computed from the pair)")
 
@@ -168,7 +168,7 @@ class RerankConfig:
         "of the tiny tokenizer), else E[label] is read after a cut-off explanation")
     use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
     judge: Literal["generate", "forced"] = option(
-        "generate", "generate: the student writes its explanation, E[label] is read after it (InteRank); forced: "
+        "forced", "generate: the student writes its explanation, E[label] is read after it (InteRank); forced: "
         "the offline teacher's label-free explanation is given and E[label] read in one forward pass per pair")
     fusion_weight: float | None = option(
         None, "weight w of the reranker in w * E[label]/2 + (1 - w) * min-max BM25 (rerankdistill.fusion); "

@@ -452,7 +452,8 @@ class RerankQLoRARecipe:
             "evaluation queries).",
             f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
             f"Teacher: {n['teacher']['name']}"
-            + (" (OFFLINE stand-in built from the gold judgements: fixed explanations, no reasoning)" if offline else "")
+            + (f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} explanations, "
+               "no model reasoning)" if offline else "")
             + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} longer than the training "
               f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
             f"First stage: {n['first_stage']['reranked']} BM25 (identifier-aware: k1 {n['first_stage']['k1']:g}, b "
