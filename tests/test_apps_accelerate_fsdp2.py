@@ -90,7 +90,8 @@ def test_lm_pretrain_fsdp2_config_under_accelerate_launch(tmp_path):
 def test_rerank_qlora_fsdp2_config_under_accelerate_launch(tmp_path):
     config = ROOT / "apps" / "rerank-qlora" / "configs" / "accelerate" / "fsdp2-gpu.yaml"
     args = ["--no-progress", *_tiny("test_apps_rerank_qlora"), "quant.method=none", "task.max_eval_queries=2",
-            "task.max_validation_queries=1", "rerank.k=2"]
+            "task.max_validation_queries=1", "rerank.k=2", "rerank.judge=generate",
+            "teacher.offline_explanation=fixed"]  # generate() under FSDP2 too
     out, _ = _launch_and_single(config, "rerank_qlora.cli", args, tmp_path)
     assert "2 process(es), FSDP (FSDP2: parameters sharded)" in out
     sharded = json.loads((tmp_path / "fsdp2" / "results.json").read_text())

@@ -18,7 +18,6 @@ import torch
 
 from rerank_qlora.cli import main
 from rerank_qlora.config import RerankQLoRAConfig
-from rerank_qlora.stdlib_task import build_stdlib_task
 from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "rerank-qlora"
@@ -76,27 +75,18 @@ def test_default_config_and_errors(capsys):
         load_config(RerankQLoRAConfig, overrides=["rerank.fusion_weight=1.5"])
     with pytest.raises(ConfigError, match="task.validation_fraction"):
         load_config(RerankQLoRAConfig, overrides=["task.validation_fraction=0.8"])
+    with pytest.raises(ConfigError, match="needs a label-free explanation"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.offline_explanation=per-label"])
+    with pytest.raises(ConfigError, match="needs teacher.kind=offline-qrels"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.kind=openai"])
+    with pytest.raises(ConfigError, match="rerank.bm25_b must be >= 0"):
+        load_config(RerankQLoRAConfig, overrides=["rerank.bm25_b=-1"])
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
     for key in ("lora.mxfp8", "attention.tau", "quant.double_quant", "refine.method", "teacher.kind",
                 "rerank.fusion_weight", "teacher.offline_explanation"):
         assert key in out
-
-
-def test_stdlib_task_is_deterministic_and_split_by_module():
-    a, b = build_stdlib_task(), build_stdlib_task()
-    assert a.corpus == b.corpus and a.queries == b.queries and a.eval_qids == b.eval_qids
-    assert a.validation_qids == b.validation_qids
-    train_mods = {q[2:].rsplit(".", 1)[0] for q in a.train_qids}
-    eval_mods = {q[2:].rsplit(".", 1)[0] for q in a.eval_qids}
-    val_mods = {q[2:].rsplit(".", 1)[0] for q in a.validation_qids}
-    assert not train_mods & eval_mods and not val_mods & (train_mods | eval_mods)
-    assert len(a.eval_qids) >= 16 and len(a.validation_qids) >= 16
-    q = a.eval_qids[0]
-    assert max(a.qrels[q].values()) == 2 and q[2:] in a.corpus
-    name = q[2:].rsplit(".", 1)[1]
-    assert f" {name}(" not in " " + a.queries[q]  # the function's own name is masked in its query
 
 
 def test_collection_split_has_disjoint_validation(shared_data):
@@ -135,8 +125,11 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
         assert f"stage {stage}/9" in out
     assert "OFFLINE TEACHER" in out and "scale-invariant p-RoPE" in out and "NF4 + double quantization" in out
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["scores"]) == {"BM25", "BM25 + rerank-qlora", "BM25 + rerank-qlora, fused"}
-    assert 0 <= results["scores"]["BM25"]["ndcg_cut_10"] <= 1
+    assert set(results["scores"]) == {"BM25 (plain)", "BM25 (identifier-aware)", "BM25 + rerank-qlora",
+                                      "BM25 + rerank-qlora, fused"}
+    assert 0 <= results["scores"]["BM25 (plain)"]["ndcg_cut_10"] <= 1
+    assert results["first_stage"]["chosen"] == "chosen on 3 validation queries"
+    assert "identifier-aware k1=" in out
     fusion = results["fusion"]
     assert fusion["chosen"] == "chosen on 3 validation queries" and 0 <= fusion["weight"] <= 1
     by_weight = fusion["validation"]["by_weight"]
@@ -149,6 +142,23 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert (run_dir / "training_curve.png").stat().st_size > 0
     lines = (run_dir / "reranked.run").read_text().splitlines()
     assert lines and all(len(x.split()) == 6 for x in lines)
+    # every judgement is in the rerank store once; the artefacts' settings are recorded
+    stored = (run_dir / "rerank.jsonl").read_text().splitlines()
+    assert len(stored) == results["judged"] + 3 * 3 and (run_dir / "fingerprints.json").is_file()
+    # trec_eval (pytrec_eval) re-scores the five TREC files to the report's numbers
+    import pytrec_eval
+
+    from rerankdistill import read_qrels, read_run
+
+    qrels = read_qrels(run_dir / "eval.qrels")
+    assert len(qrels) == 3
+    for file, name in (("bm25.run", "BM25 (plain)"), ("bm25-code.run", "BM25 (identifier-aware)"),
+                       ("reranked.run", "BM25 + rerank-qlora"), ("fused.run", "BM25 + rerank-qlora, fused")):
+        per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "map"}).evaluate(
+            read_run(run_dir / file))
+        for measure in ("ndcg_cut_10", "map"):  # trec_eval averages over the judged queries
+            mean = sum(v[measure] for v in per_query.values()) / len(qrels)
+            assert mean == pytest.approx(results["scores"][name][measure], abs=1e-6), (file, measure)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -163,11 +173,12 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     # A given fusion weight of 0 is BM25's order exactly.
     assert main([f"run_dir={run_dir}", "--no-progress", *TINY, "rerank.fusion_weight=0"]) == 0
     out = capsys.readouterr().out
-    assert "0 new" in out and "resumed distill" in out and "resumed refine" in out
+    assert "0 new" in out and "resumed distill" in out and "resumed refine" in out and "rebuilding" not in out
+    assert (run_dir / "rerank.jsonl").read_text().splitlines() == stored  # judgements reused, none added
     again = json.loads((run_dir / "results.json").read_text())
     assert again["fusion"]["chosen"] == "given" and again["scores"]["BM25 + rerank-qlora"] == results["scores"][
         "BM25 + rerank-qlora"]
-    assert again["scores"]["BM25 + rerank-qlora, fused"] == again["scores"]["BM25"]
+    assert again["scores"]["BM25 + rerank-qlora, fused"] == again["scores"]["BM25 (identifier-aware)"]
 
 
 def _env() -> dict[str, str]:

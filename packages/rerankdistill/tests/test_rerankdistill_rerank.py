@@ -158,3 +158,82 @@ def test_parsed_label_scoring_against_expected_label_scoring():
         order[use] = sorted(result.run["1"], key=lambda d: -result.run["1"][d])
         assert result.labels["1"] == written
     assert order[False] == ["d0", "d2", "d1"] and order[True] == ["d1", "d2", "d0"]
+
+
+def test_teacher_forced_judge_is_one_forward_of_label_probabilities(tiny_backend):
+    from rerankdistill.evidence import evidence
+    from rerankdistill.rerank import TeacherForcedJudge
+
+    pairs = [(QUERIES["1"], CORPUS[f"d{i}"]) for i in range(5)]
+    judge = TeacherForcedJudge(tiny_backend, evidence)
+    out = judge.judge(pairs)
+    prompts = [tiny_backend.render(INTERANK_PROMPT.messages(q, d)) for q, d in pairs]
+    probs = tiny_backend.label_probabilities(prompts, [evidence(q, d) for q, d in pairs])
+    expected = (probs * torch.tensor([0.0, 1.0, 2.0])).sum(-1)
+    torch.testing.assert_close(torch.tensor([j.expected for j in out]), expected)
+    assert [j.label for j in out] == probs.argmax(-1).tolist()
+    assert all(j.text.startswith("Matches: ") and j.text.endswith(f"Relevance Label: {j.label} ##") for j in out)
+    assert judge.name == "tiny-forced"
+    calls = []
+    tiny_backend_generate = tiny_backend.generate_texts
+    try:  # nothing is generated
+        tiny_backend.generate_texts = lambda *a, **k: calls.append(a) or tiny_backend_generate(*a, **k)
+        judge.judge(pairs[:1])
+    finally:
+        tiny_backend.generate_texts = tiny_backend_generate
+    assert calls == []
+
+
+KILLED_RERANK = """
+import os, signal, sys
+from rerankdistill.rerank import Judgement, rerank
+from rerankdistill.teacher import TeacherStore
+
+class Judge:
+    name = "j"
+    calls = 0
+    def judge(self, pairs):
+        Judge.calls += 1
+        if Judge.calls == 3:  # two chunks stored, then killed inside the third
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [Judgement("t", len(d) % 3, float(len(d) % 3)) for q, d in pairs]
+
+queries = {str(q): f"query {q}" for q in range(4)}
+corpus = {f"d{i}": "x" * i for i in range(6)}
+first = {q: {f"d{i}": float(6 - i) for i in range(6)} for q in queries}
+with TeacherStore(sys.argv[1]) as store:
+    rerank(first, queries, corpus, Judge(), k=5, batch_size=4, store=store, progress=False)
+"""
+
+
+def test_rerank_store_survives_kill_9(tmp_path):
+    """A rerank SIGKILLed mid-way resumes from its store: nothing judged twice, nothing lost, the same run."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "rerank.jsonl"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RERANK, str(path)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with TeacherStore(path) as store:
+        assert len(store.records) == 8  # two chunks of 4
+
+    class Counting:
+        name = "j"
+        pairs = []
+
+        def judge(self, pairs):
+            Counting.pairs += pairs
+            return [Judgement("t", len(d) % 3, float(len(d) % 3)) for q, d in pairs]
+
+    queries = {str(q): f"query {q}" for q in range(4)}
+    corpus = {f"d{i}": "x" * i for i in range(6)}
+    first = {q: {f"d{i}": float(6 - i) for i in range(6)} for q in queries}
+    with TeacherStore(path) as store:
+        resumed = rerank(first, queries, corpus, Counting(), k=5, batch_size=4, store=store, progress=False)
+        assert len(store.records) == 20
+    assert resumed.cached == 8 and resumed.judged == 12 and len(Counting.pairs) == 12
+    fresh = rerank(first, queries, corpus, Counting(), k=5, batch_size=4, progress=False)
+    assert resumed.run == fresh.run and resumed.scores == fresh.scores
+    lines = path.read_text().splitlines()
+    assert len(lines) == 20  # each judgement stored once

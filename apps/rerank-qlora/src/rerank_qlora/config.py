@@ -48,8 +48,9 @@ class TaskConfig:
     validation_fraction: float = option(
         0.1, "beir/bright/cranfield: share of queries held out for validation (the fusion weight is chosen there)")
     max_train_queries: int = option(160, "cap on training queries")
-    max_eval_queries: int = option(100, "cap on evaluation queries")
-    max_validation_queries: int = option(100, "cap on validation queries (0: none, and no fusion weight search)")
+    max_eval_queries: int = option(500, "cap on evaluation queries")
+    max_validation_queries: int = option(
+        200, "cap on validation queries (0: none: no fusion weight search, BM25 k1/b at their defaults)")
     seed: int = option(0, "seed of the query split")
 
     def __post_init__(self) -> None:
@@ -82,9 +83,10 @@ class TeacherConfig:
     pairs_from: Literal["gold-first", "bm25"] = option(
         "gold-first", "gold-first: the judged documents, then BM25 hard negatives; bm25: BM25's top pairs_per_query "
         "as ranked (the evaluation's distribution) plus the best judged document when BM25 missed it")
-    offline_explanation: Literal["fixed", "per-label"] = option(
-        "fixed", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
-        "where E[label] is read) or 'per-label' (the sentence names the label)")
+    offline_explanation: Literal["fixed", "per-label", "evidence"] = option(
+        "evidence", "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
+        "where E[label] is read), 'per-label' (the sentence names the label) or 'evidence' (which query words "
+        "the document contains, what it defines and calls: rerankdistill.evidence, computed from the pair)")
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.pairs_per_query < 1:
@@ -189,12 +191,22 @@ class RefineConfig:
 @dataclass
 class RerankConfig:
     candidates: int = option(20, "BM25 depth per query (the first stage)")
-    k: int = option(10, "top-k of the first stage reranked pointwise")
+    k: int = option(20, "top-k of the first stage reranked pointwise")
+    first_stage: Literal["code", "plain"] = option(
+        "code", "the BM25 whose candidates are reranked: code (identifier-aware: snake_case, CamelCase and dotted "
+        "names split, whole token kept) or plain (bm25s's tokenizer); both are reported")
+    bm25_k1: float | None = option(None, "identifier-aware BM25's k1; unset: chosen on the validation queries")
+    bm25_b: float | None = option(None, "identifier-aware BM25's b; unset: chosen on the validation queries")
+    bm25_stopwords: Literal["en", "none"] = option("en", "identifier-aware BM25: drop English stopwords")
+    bm25_stemmer: Literal["s", "none"] = option("s", "identifier-aware BM25: Harman's S stemmer (plurals) or none")
     batch_size: int = option(8, "pairs per generate call")
     max_new_tokens: int = option(
         32, "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 tokens "
         "of the tiny tokenizer), else E[label] is read after a cut-off explanation")
     use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
+    judge: Literal["generate", "forced"] = option(
+        "forced", "generate: the student writes its explanation, E[label] is read after it (InteRank); forced: "
+        "the offline teacher's label-free explanation is given and E[label] read in one forward pass per pair")
     fusion_weight: float | None = option(
         None, "weight w of the reranker in w * E[label]/2 + (1 - w) * min-max BM25 (rerankdistill.fusion); "
         "unset: chosen on the validation queries from 0, 0.1, ..., 1")
@@ -203,6 +215,10 @@ class RerankConfig:
         for name in ("candidates", "k", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rerank.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("bm25_k1", "bm25_b"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"rerank.{name} must be >= 0 or unset, got {value}")
         if self.fusion_weight is not None and not 0 <= self.fusion_weight <= 1:
             raise ValueError(f"rerank.fusion_weight must be in [0, 1] or unset, got {self.fusion_weight}")
 
@@ -224,5 +240,11 @@ class RerankQLoRAConfig:
     rerank: RerankConfig = option(default_factory=RerankConfig, help="")
 
     def __post_init__(self) -> None:
+        if self.rerank.judge == "forced" and self.teacher.kind != "offline-qrels":
+            raise ValueError("rerank.judge=forced gives the student the offline teacher's explanation: it needs "
+                             "teacher.kind=offline-qrels")
+        if self.rerank.judge == "forced" and self.teacher.offline_explanation == "per-label":
+            raise ValueError("rerank.judge=forced needs a label-free explanation: teacher.offline_explanation=fixed "
+                             "or evidence (per-label names the label)")
         if self.rerank.k > self.rerank.candidates:
             raise ValueError(f"rerank.k ({self.rerank.k}) must be <= rerank.candidates ({self.rerank.candidates})")

@@ -17,6 +17,7 @@ every rank (`shared_kernels.distributed`) and written by the main process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rerank_qlora import stages
+from rerank_qlora import artefacts, stages
 from rerank_qlora.config import RerankQLoRAConfig
 from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
 from shared_kernels.checkpoint import CheckpointManager
@@ -57,8 +58,6 @@ class RerankQLoRARecipe:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from rerankdistill import bm25_search
-
         cfg = self.cfg
         self.acc = make_accelerator(self.run_dir, cfg.trackers, "rerank-qlora")
         if require_fsdp2(self.acc, "configs/accelerate/fsdp2-gpu.yaml") and cfg.quant.method == "nf4":
@@ -69,15 +68,18 @@ class RerankQLoRARecipe:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
             log_to_file(self.run_dir / "run.log", "rerank_qlora")
-            if not cfg.resume:
-                for name in ("metrics.jsonl", "teacher.jsonl"):
-                    (self.run_dir / name).unlink(missing_ok=True)
-                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            for message in artefacts.reconcile(self.run_dir, cfg, resume=cfg.resume):
+                self._print(message)
         self.acc.wait_for_everyone()
 
         self._stage(1, "retrieval task and BM25 first stage")
         self.task = stages.load_task(cfg.task)
-        self.first_stage = bm25_search(self.task.corpus, self.task.queries, k=cfg.rerank.candidates)
+        self.first_stages = stages.first_stages(self.task, cfg.rerank)
+        self.first_stage = self.first_stages[cfg.rerank.first_stage]
+        fs = self.first_stages
+        self.notes["first_stage"] = {"reranked": cfg.rerank.first_stage, "k1": fs["k1"], "b": fs["b"],
+                                     "chosen": fs["chosen"], "stopwords": cfg.rerank.bm25_stopwords,
+                                     "stemmer": cfg.rerank.bm25_stemmer}
         self.notes["task"] = {
             "name": self.task.name, "documents": len(self.task.corpus), "train_queries": len(self.task.train_qids),
             "eval_queries": len(self.task.eval_qids), "validation_queries": len(self.task.validation_qids),
@@ -86,6 +88,8 @@ class RerankQLoRARecipe:
         self._print(f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training, "
                     f"{len(self.task.validation_qids)} validation and {len(self.task.eval_qids)} evaluation queries, "
                     f"BM25 top-{cfg.rerank.candidates}")
+        self._print(f"first stage: {'identifier-aware' if cfg.rerank.first_stage == 'code' else 'plain'} BM25 "
+                    f"(identifier-aware k1={fs['k1']:g} b={fs['b']:g}, {fs['chosen']}; plain BM25 reported beside)")
 
         self._stage(2, "base model")
         if cfg.model.name_or_path == "tiny":
@@ -126,8 +130,10 @@ class RerankQLoRARecipe:
                                       cfg.teacher.pairs_from)
         teacher = stages.make_teacher(cfg, self.task)
         if cfg.teacher.kind == "offline-qrels":
-            self._print("OFFLINE TEACHER: labels come from the gold judgements and every explanation is a fixed "
-                        "sentence saying so; no model reasoning is distilled in this run")
+            what = ("a label-free evidence note (query words found, names defined and called)"
+                    if cfg.teacher.offline_explanation == "evidence" else "a fixed sentence saying so")
+            self._print(f"OFFLINE TEACHER: labels come from the gold judgements and every explanation is {what}; "
+                        "no model reasoning is distilled in this run")
         store_path = self.run_dir / "teacher.jsonl"
         if self.acc.is_main_process:
             with TeacherStore(store_path) as store:
@@ -315,9 +321,10 @@ class RerankQLoRARecipe:
         return results
 
     def _rerank_and_report(self) -> dict[str, Any]:
-        from rerankdistill import comparison_table, evaluate, fuse, write_run
+        from rerankdistill import comparison_table, evaluate, fuse, write_qrels, write_run
         from rerankdistill.backends.hf import TransformersBackend
-        from rerankdistill.rerank import TransformersJudge, rerank
+        from rerankdistill.rerank import TeacherForcedJudge, TransformersJudge, rerank
+        from rerankdistill.teacher import TeacherStore
 
         cfg, task = self.cfg, self.task
         self._stage(8, "pointwise reranking of validation and held-out queries")
@@ -342,34 +349,52 @@ class RerankQLoRARecipe:
         self.model.eval()
         backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
                                       max_new_tokens=cfg.rerank.max_new_tokens)
-        judge = LengthSortedJudge(TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities),
+        if cfg.rerank.judge == "forced":
+            teacher = stages.make_teacher(cfg, task)
+            inner = TeacherForcedJudge(backend, lambda q, d: teacher.explanation(0, q, d))
+        else:
+            inner = TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities)
+        judge = LengthSortedJudge(inner,
                                   cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process)
         # every pair in one judge call, so the judge can batch them by length (less padding)
         both = {**bm25_val, **bm25}
         n_pairs = sum(min(cfg.rerank.k, len(d)) for d in both.values())
-        reranked = rerank(both, task.queries, task.corpus, judge, k=cfg.rerank.k, batch_size=max(1, n_pairs),
-                          progress=False)
+        # judgements are appended to rerank.jsonl chunk by chunk: a killed run resumes where it stopped
+        # (artefacts.py discards the store when the student or the judge's settings change)
+        # (sharded, every rank runs the same forwards: no store, since only the main process could read it)
+        keep = self.acc.is_main_process and not is_sharded(self.model)
+        with TeacherStore(self.run_dir / "rerank.jsonl") if keep else contextlib.nullcontext() as store:
+            reranked = rerank(both, task.queries, task.corpus, judge, k=cfg.rerank.k, store=store,
+                              batch_size=max(1, min(n_pairs, 64 * cfg.rerank.batch_size)), progress=False)
         if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
             self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
             return {}
         student = {q: reranked.run[q] for q in bm25}
         fusion = self._fusion(bm25_val, val_qrels, reranked)
-        runs = {"BM25": bm25, "BM25 + rerank-qlora": student}
+        plain = {q: self.first_stages["plain"][q] for q in task.eval_qids if q in self.first_stages["plain"]}
+        code = {q: self.first_stages["code"][q] for q in task.eval_qids if q in self.first_stages["code"]}
+        runs = {"BM25 (plain)": plain, "BM25 (identifier-aware)": code, "BM25 + rerank-qlora": student}
         if fusion["weight"] is not None:
             runs[fusion["name"]] = fuse(bm25, reranked.scores, fusion["weight"], cfg.rerank.k)
             write_run(runs[fusion["name"]], self.run_dir / "fused.run", tag="rerank-qlora-fused")
-        write_run(bm25, self.run_dir / "bm25.run", tag="bm25")
+        write_qrels(eval_qrels, self.run_dir / "eval.qrels")
+        write_run(plain, self.run_dir / "bm25.run", tag="bm25")
+        write_run(code, self.run_dir / "bm25-code.run", tag="bm25-code")
         write_run(student, self.run_dir / "reranked.run", tag="rerank-qlora")
-        measures = ("ndcg_cut_10", "map", f"recall_{cfg.rerank.candidates}")
+        measures = ("ndcg_cut_10", "recip_rank_10", "judged_10", "map", f"recall_{cfg.rerank.candidates}")
         scores = {name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
                   for name, run in runs.items()}
         table = comparison_table(runs, eval_qrels, measures)
+        significance = _significance(runs, eval_qrels, seed=cfg.train.seed)
+        self.notes["significance"] = significance["rows"]
+        table += "\n\n" + significance["table"]
         n_eval = len(bm25)
         unparseable = sum(reranked.labels[q][d] is None for q in bm25 for d in reranked.labels[q])
         results = {"scores": scores, "fusion": fusion, "unparseable": unparseable, "judged": len(lengths),
                    "elapsed_s": time.perf_counter() - self.t0, **self.notes}
         self.acc.log({f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"]
-                      for key, name in (("bm25", "BM25"), ("reranked", "BM25 + rerank-qlora"),
+                      for key, name in (("bm25", "BM25 (plain)"), ("bm25-code", "BM25 (identifier-aware)"),
+                                        ("reranked", "BM25 + rerank-qlora"),
                                         ("fused", fusion["name"])) if name in scores})
 
         self._stage(9, "adapter and report")
@@ -378,11 +403,16 @@ class RerankQLoRARecipe:
         write_json_atomic(self.run_dir / "results.json", results)
         self._plot()
         self._report(results, table)
-        line = (f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25']['ndcg_cut_10']:.4f}, "
+        line = (f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25 (plain)']['ndcg_cut_10']:.4f}, "
+                f"identifier-aware BM25 {scores['BM25 (identifier-aware)']['ndcg_cut_10']:.4f}, "
                 f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}")
         if fusion["name"] in scores:
             line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {scores[fusion['name']]['ndcg_cut_10']:.4f}"
         self._print(line)
+        for r in results["significance"]:
+            if r["baseline"] == "BM25 (identifier-aware)" and r["measure"] == "ndcg_cut_10":
+                self._print(f"{r['run']} - identifier-aware BM25, nDCG@10: {r['mean_diff']:+.4f} (95% CI "
+                            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]), randomization p = {r['p_randomization']:.4f}")
         return results
 
     def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any) -> dict[str, Any]:
@@ -466,9 +496,13 @@ class RerankQLoRARecipe:
             "evaluation queries).",
             f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
             f"Teacher: {n['teacher']['name']}"
-            + (" (OFFLINE stand-in built from the gold judgements: fixed explanations, no reasoning)" if offline else "")
+            + (f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} explanations, "
+               "no model reasoning)" if offline else "")
             + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} longer than the training "
               f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
+            f"First stage: {n['first_stage']['reranked']} BM25 (identifier-aware: k1 {n['first_stage']['k1']:g}, b "
+            f"{n['first_stage']['b']:g}, {n['first_stage']['chosen']}; stopwords {n['first_stage']['stopwords']}, "
+            f"stemmer {n['first_stage']['stemmer']}).",
             f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
             f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
             f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
@@ -490,8 +524,10 @@ class RerankQLoRARecipe:
                          if "by_weight" in v else "") + ".", ""]
         lines += [
             "![training curve](training_curve.png)", "",
-            f"Adapter (peft format): `{results['adapter_dir']}`. Runs: `bm25.run`, `reranked.run`"
-            + (", `fused.run`" if f["weight"] is not None else "") + f" (TREC format). "
+            f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` (plain), "
+            "`bm25-code.run` (identifier-aware), `reranked.run`"
+            + (", `fused.run`" if f["weight"] is not None else "") + " (TREC format: `trec_eval -m ndcg_cut.10 "
+            f"eval.qrels reranked.run` re-scores them). "
             f"Wall time {results['elapsed_s']:.0f} s.", "",
         ]
         (self.run_dir / "report.md").write_text("\n".join(lines))
@@ -504,6 +540,25 @@ class RerankQLoRARecipe:
         if self.acc.is_main_process:
             tqdm.write(f"[rerank-qlora] {text}")
             log.info(text)
+
+
+def _significance(runs: dict[str, Any], qrels: dict, seed: int) -> dict[str, Any]:
+    """The reranked and fused runs against both BM25 baselines: paired randomization test, t-test and 95%
+    bootstrap CI of the mean nDCG@10 / MRR@10 difference over the evaluation queries (rerankdistill)."""
+    from rerankdistill.cli import significance_table
+    from rerankdistill.metrics import evaluate
+    from rerankdistill.significance import compare_runs
+
+    measures = ("ndcg_cut_10", "recip_rank_10")
+    per = {name: evaluate(run, qrels, measures, complete=True) for name, run in runs.items()}
+    rows, tables = [], []
+    for baseline in ("BM25 (identifier-aware)", "BM25 (plain)"):
+        these = [{"run": name, "baseline": baseline, "measure": m,
+                  **compare_runs(per[name][m].per_query, per[baseline][m].per_query, seed=seed)}
+                 for name in runs if not name.startswith("BM25 (") for m in measures]
+        rows += these
+        tables.append(significance_table(these, baseline))
+    return {"rows": rows, "table": "\n".join(tables)}
 
 
 class LengthSortedJudge:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rerank_qlora.config import RerankQLoRAConfig, TaskConfig
+from rerank_qlora.config import RerankConfig, RerankQLoRAConfig, TaskConfig
 from rerank_qlora.stdlib_task import RetrievalTask, build_stdlib_task
 from shared_kernels.errors import UserError
 
@@ -47,6 +47,33 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
                          eval_qids, info={"source": str(cfg.path)}, validation_qids=validation_qids)
 
 
+def first_stages(task: RetrievalTask, cfg: RerankConfig) -> dict[str, Any]:
+    """Both first stages over every query of the task, `cfg.candidates` deep: plain BM25 (bm25s's tokenizer,
+    Anserini's k1 0.9 / b 0.4) and identifier-aware BM25 (rerankdistill.code_tokens; k1/b given, or chosen on
+    the validation queries' nDCG@10, else 0.9 / 0.4).
+
+    Returns:
+        {"plain": run, "code": run, "k1": k1, "b": b, "chosen": how k1/b were set}.
+    """
+    from rerankdistill import BM25Index, IdentifierTokenizer, bm25_search, select_bm25_params
+
+    plain = bm25_search(task.corpus, task.queries, k=cfg.candidates)
+    tokenizer = IdentifierTokenizer(stopwords=None if cfg.bm25_stopwords == "none" else cfg.bm25_stopwords,
+                                    stemmer=None if cfg.bm25_stemmer == "none" else cfg.bm25_stemmer)
+    tokens = {d: tokenizer(t) for d, t in task.corpus.items()}
+    k1, b, chosen = cfg.bm25_k1, cfg.bm25_b, "given"
+    if (k1 is None or b is None) and task.validation_qids:
+        grid = {"k1s": (k1,) if k1 is not None else None, "bs": (b,) if b is not None else None}
+        k1, b, _ = select_bm25_params(task.corpus, {q: task.queries[q] for q in task.validation_qids}, task.qrels,
+                                      tokenizer, **{key: v for key, v in grid.items() if v is not None})
+        chosen = f"chosen on {len(task.validation_qids)} validation queries"
+    elif k1 is None or b is None:
+        k1, b, chosen = k1 if k1 is not None else 0.9, b if b is not None else 0.4, "defaults (no validation queries)"
+    code = BM25Index(task.corpus, k1=k1, b=b, stopwords=None, tokenizer=tokenizer, tokens=tokens).search(
+        task.queries, k=cfg.candidates)
+    return {"plain": plain, "code": code, "k1": k1, "b": b, "chosen": chosen}
+
+
 # ------------------------------------------------------------------------------------------ base model
 def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, progress: bool) -> tuple[Any, Any]:
     """Train a BPE tokenizer on the task's text and a small Llama on its documents (language modelling),
@@ -56,8 +83,10 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
     from shared_kernels.testing.tiny_lm import tiny_causal_lm, train_tokenizer
 
     m = cfg.model
-    # the corpus is known at indexing time, the held-out queries are not
-    texts = list(task.corpus.values()) + [task.queries[q] for q in task.train_qids]
+    # Only training text: the training modules' documents (the judged documents of the training queries when
+    # the task does not say which documents are training ones) and the training queries.
+    train_docs = sorted(task.train_docids or {d for q in task.train_qids for d in task.qrels[q]})
+    texts = [task.corpus[d] for d in train_docs] + [task.queries[q] for q in task.train_qids]
     # The prompt and the offline teacher's answers are in every training and evaluation sequence: weighted
     # like that, BPE merges them into few tokens (~250 tokens of template otherwise, at vocabulary 1,024).
     teacher = QrelsTeacher({}, explanation=cfg.teacher.offline_explanation)
@@ -70,13 +99,12 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
         tokenizer=tokenizer, seed=cfg.train.seed, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_layers,
         num_heads=m.tiny_heads, num_kv_heads=max(1, m.tiny_heads // 2), max_position_embeddings=long_context,
     )
-    # Language-model the training documents (the evaluation modules' documents are not seen here).
-    train_docs = {d for q in task.train_qids for d in task.qrels[q]}
+    # Language-model the training documents (the held-out modules' documents are not seen here).
     # Each document is followed by one of the template texts (prompt or a teacher answer, no document-label
     # pairing): their merged tokens get trained embeddings, which the frozen embedding/LM head of a LoRA
     # student needs (without it distillation plateaued at ~2.7 nats/token).
     stream: list[int] = []
-    for i, docid in enumerate(sorted(train_docs)):
+    for i, docid in enumerate(train_docs):
         stream += tokenizer(task.corpus[docid])["input_ids"] + [tokenizer.eos_token_id]
         stream += tokenizer(template[i % len(template)])["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor(stream)

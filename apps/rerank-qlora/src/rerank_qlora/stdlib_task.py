@@ -1,32 +1,44 @@
-"""The embedded default retrieval task, built from the Python standard library (present on every machine).
+"""The embedded default retrieval task, mined with `ast` from the files of the installed Python standard library.
 
-Queries are the first paragraph of public functions' docstrings (the function's own name masked); documents
-are the functions' sources with the docstring removed, plus one document per module holding its docstring.
-Gold relevance: the function's source is relevant (2), its module's documentation partially relevant (1).
-Modules are split, not queries, so no module contributes to two of training, validation (choices made after
-training, e.g. the fusion weight) and evaluation.
+Each public function, class and method (of a top-level class) with a docstring gives a query -- the
+docstring's first paragraph, its own name masked -- and a document -- its code without the docstring,
+re-printed by `ast.unparse` (a class shows its methods' signatures, their bodies elided; a method is shown
+inside its class header). Gold relevance: the unit's own code (2); nothing else is judged.
 
-Everything is deterministic for a given Python version (the sources are read with `inspect` and re-printed
-with `ast.unparse`); the task records the version it was built from.
+Built from FILES, never from imported objects: `inspect.getfile`/`getsource` change once torch is imported
+(it patches them), and a module that fails to import on one machine would drop out. The same stdlib
+directory gives the same task whatever is imported.
+
+Split by top-level module (`email.utils` goes with `email`): a stable hash of the top-level name puts it in
+training, validation (choices made after training: the fusion weight, BM25's k1/b) or evaluation. Training
+queries, pairs and the base LM's text come only from training modules' files; a held-out module's file is
+read only to build its own documents and queries (`splits` lets a caller read only some splits).
+
+Deduplicated: a document whose code is identical to an earlier one (module order; its own name aside) is
+dropped with its query;
+a query text shared by several units is dropped from all (its gold would be ambiguous).
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
-import inspect
+import hashlib
 import re
 import sys
-import textwrap
+import sysconfig
+import tokenize
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-MODULES = (
-    "argparse", "ast", "base64", "bisect", "calendar", "colorsys", "configparser", "copy", "csv", "dataclasses",
-    "difflib", "email.utils", "enum", "fnmatch", "fractions", "functools", "getopt", "gettext", "glob", "gzip",
-    "heapq", "html", "inspect", "ipaddress", "json", "logging", "mimetypes", "ntpath", "pathlib", "platform",
-    "posixpath", "pprint", "quopri", "random", "shlex", "shutil", "statistics", "string", "tarfile",
-    "tempfile", "textwrap", "tokenize", "traceback", "typing", "urllib.parse", "uuid", "warnings", "zipfile",
-)
+# Directories of the stdlib that are not library code (tests, demos, bundled wheels, build data) or are
+# dozens of near-identical files (the codecs in `encodings`).
+EXCLUDED_DIRS = frozenset({
+    "test", "tests", "idle_test", "idlelib", "turtledemo", "site-packages", "lib-dynload", "__pycache__",
+    "ensurepip", "pydoc_data", "encodings", "lib2to3", "__phello__",
+})
+SPLITS = ("train", "validation", "eval")
+MIN_QUERY_WORDS = 5
 
 
 @dataclass
@@ -41,80 +53,190 @@ class RetrievalTask:
     eval_qids: list[str]
     info: dict[str, str] = field(default_factory=dict)
     validation_qids: list[str] = field(default_factory=list)
+    train_docids: list[str] = field(default_factory=list)  # documents from training modules (base LM text)
 
 
-def _function_source(fn) -> str | None:
-    try:
-        src = textwrap.dedent(inspect.getsource(fn))
-        tree = ast.parse(src)
-    except (OSError, TypeError, SyntaxError):
-        return None
-    node = tree.body[0]
-    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-        return None
+@dataclass(frozen=True)
+class Unit:
+    """One mined (query, document) pair: `docid` is the dotted name (module.Class.method)."""
+
+    docid: str
+    module: str
+    kind: str  # "function", "class" or "method"
+    query: str
+    code: str
+
+
+def stdlib_root() -> Path:
+    """The directory of the running interpreter's standard library (from sysconfig: nothing is imported)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_modules(root: Path) -> list[tuple[str, Path]]:
+    """(dotted module name, file) of every library source file under `root`, sorted by name."""
+    out = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if any(part in EXCLUDED_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if not parts or any(not p.isidentifier() for p in parts):
+            continue
+        out.append((".".join(parts), path))
+    return sorted(out)
+
+
+def split_of(module: str, validation_share: float = 0.15, eval_share: float = 0.25) -> str:
+    """The split of a module, decided by a stable hash of its top-level name (so packages stay whole)."""
+    top = module.split(".")[0]
+    u = int(hashlib.sha256(top.encode()).hexdigest()[:12], 16) / 16**12
+    return "validation" if u < validation_share else "eval" if u < validation_share + eval_share else "train"
+
+
+def read_source(path: Path) -> str:
+    """A source file's text, decoded as Python does (PEP 263 coding line, else UTF-8)."""
+    with tokenize.open(path) as f:
+        return f.read()
+
+
+def _strip_docstring(node: ast.AST) -> str | None:
     body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
         node.body = body[1:] or [ast.Pass()]
-    node.decorator_list = []
-    return ast.unparse(node)
+        return body[0].value.value
+    return None
 
 
-def _query_text(doc: str, name: str) -> str | None:
-    first = inspect.cleandoc(doc).split("\n\n")[0]
-    first = " ".join(first.split())
-    first = re.sub(rf"\b{re.escape(name)}\b", "this function", first)
-    return first if len(first.split()) >= 5 else None
+def _summary(doc: str, name: str, what: str) -> str | None:
+    import inspect
+
+    first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    if ">>>" in first:  # a doctest, not a summary
+        return None
+    first = re.sub(rf"(?<![\w.]){re.escape(name)}(?!\w)", what, first)
+    return first if len(first.split()) >= MIN_QUERY_WORDS else None
 
 
-def build_stdlib_task(eval_every: int = 4, validation_every: int = 8, max_train_queries: int = 160,
-                      max_eval_queries: int = 40, max_validation_queries: int = 40) -> RetrievalTask:
-    """Build the task. Module i (in `MODULES` order) goes to evaluation when i % eval_every == eval_every - 1,
-    else to validation when i % validation_every == 1, else to training.
+def _cut(code: str, max_chars: int) -> str:
+    if len(code) <= max_chars:
+        return code
+    return code[: code.rfind("\n", 0, max_chars) + 1 or max_chars].rstrip() + "\n    ..."
+
+
+def mine_units(module: str, source: str, max_doc_chars: int = 2000) -> list[Unit]:
+    """The public functions, classes and top-level classes' methods of one module's source that have a
+    docstring whose first paragraph has at least `MIN_QUERY_WORDS` words. Unparseable source gives []."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    units = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
+            doc = _strip_docstring(node)
+            query = _summary(doc, node.name, "this function") if doc else None
+            if query:
+                units.append(Unit(f"{module}.{node.name}", module, "function", query,
+                                  _cut(ast.unparse(node), max_doc_chars)))
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            doc = _strip_docstring(node)
+            methods = [m for m in node.body if isinstance(m, ast.FunctionDef | ast.AsyncFunctionDef)]
+            for m in methods:
+                if m.name.startswith("_"):
+                    continue
+                mdoc = _strip_docstring(m)
+                query = _summary(mdoc, m.name, "this method") if mdoc else None
+                if query:
+                    header = ast.unparse(ast.ClassDef(name=node.name, bases=node.bases, keywords=node.keywords,
+                                                      body=[m], decorator_list=[]))
+                    units.append(Unit(f"{module}.{node.name}.{m.name}", module, "method", query,
+                                      _cut(header, max_doc_chars)))
+            query = _summary(doc, node.name, "this class") if doc else None
+            if query:
+                for m in methods:  # the class's document: its body with the methods' bodies elided
+                    _strip_docstring(m)
+                    m.body = [ast.Expr(ast.Constant(...))]
+                units.append(Unit(f"{module}.{node.name}", module, "class", query,
+                                  _cut(ast.unparse(node), max_doc_chars)))
+    return units
+
+
+def _sample(qids: list[str], n: int) -> list[str]:
+    """A deterministic sample of n query ids (by a hash, not module order), in that hash order."""
+    return sorted(qids, key=lambda q: hashlib.sha256(q.encode()).hexdigest())[:n]
+
+
+def build_stdlib_task(max_train_queries: int = 4000, max_validation_queries: int = 200,
+                      max_eval_queries: int = 500, root: Path | None = None,
+                      splits: Iterable[str] = SPLITS, split: Callable[[str], str] = split_of,
+                      read: Callable[[Path], str] = read_source, max_doc_chars: int = 2000) -> RetrievalTask:
+    """Build the task (see the module doc).
 
     Args:
-        eval_every: evaluation split period (>= 2).
-        validation_every: validation split period (>= 2; a period that only hits evaluation modules leaves
-            validation empty).
-        max_train_queries, max_eval_queries, max_validation_queries: caps, taken in module order.
+        max_train_queries, max_validation_queries, max_eval_queries: caps; each split keeps a sample chosen
+            by a hash of the query id. The corpus keeps every mined document of the splits read (the
+            held-out queries left out by a cap keep their documents: distractors).
+        root: the stdlib directory (default: this interpreter's, `stdlib_root()`).
+        splits: the splits whose modules' files are read (default all three).
+        split: top-level module name -> "train" / "validation" / "eval" (default `split_of`).
+        read: path -> source text (default `read_source`).
+        max_doc_chars: documents are cut at a line boundary to this many characters.
     """
-    if eval_every < 2 or validation_every < 2:
-        raise ValueError(f"eval_every and validation_every must be >= 2, got {eval_every}, {validation_every}")
+    splits = tuple(splits)
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"splits must be among {SPLITS}, got {sorted(unknown)}")
+    for name, n in (("max_train_queries", max_train_queries), ("max_validation_queries", max_validation_queries),
+                    ("max_eval_queries", max_eval_queries)):
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+    root = Path(root) if root is not None else stdlib_root()
+    if not root.is_dir():
+        raise ValueError(f"root: {root} is not a directory")
+    units: list[tuple[str, Unit]] = []
+    modules = 0
+    for module, path in stdlib_modules(root):
+        top = module.split(".")[0]
+        where = split(top)
+        if where not in SPLITS:
+            raise ValueError(f"split({top!r}) returned {where!r}, not one of {SPLITS}")
+        if where not in splits:
+            continue
+        modules += 1
+        units += [(where, u) for u in mine_units(module, read(path), max_doc_chars)]
+    seen: set[str] = set()
+    kept: list[tuple[str, Unit]] = []
+    for where, u in units:  # the first of identical documents (up to the unit's own name) is kept
+        name = u.docid.rsplit(".", 1)[1]
+        body = re.sub(rf"\b{re.escape(name)}\b", "_", u.code)
+        if body not in seen and u.docid not in seen:
+            seen.update((body, u.docid))
+            kept.append((where, u))
+    text_count: dict[str, int] = {}
+    for _, u in kept:
+        text_count[u.query.lower()] = text_count.get(u.query.lower(), 0) + 1
     corpus: dict[str, str] = {}
     queries: dict[str, str] = {}
-    qrels: dict[str, dict[str, int]] = {}
-    splits: dict[str, list[str]] = {"train": [], "validation": [], "eval": []}
-    for i, module_name in enumerate(MODULES):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a platform without it: the task is still deterministic for that platform
-            continue
-        if i % eval_every == eval_every - 1:
-            split = splits["eval"]
-        else:
-            split = splits["validation"] if i % validation_every == 1 else splits["train"]
-        module_doc = inspect.getdoc(module)
-        module_id = f"{module_name}:module"
-        if module_doc:
-            corpus[module_id] = f"Module {module_name}.\n\n{module_doc}"
-        for name, fn in sorted(vars(module).items()):
-            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
-                continue
-            source, doc = _function_source(fn), inspect.getdoc(fn)
-            query = _query_text(doc, name) if doc else None
-            if source is None or query is None:
-                continue
-            docid, qid = f"{module_name}.{name}", f"q:{module_name}.{name}"
-            corpus[docid] = source
-            queries[qid] = query
-            qrels[qid] = {docid: 2, **({module_id: 1} if module_doc else {})}
-            split.append(qid)
-    train_qids = splits["train"][:max_train_queries]
-    validation_qids = splits["validation"][:max_validation_queries]
-    eval_qids = splits["eval"][:max_eval_queries]
-    keep = set(train_qids) | set(validation_qids) | set(eval_qids)
+    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    train_docids: list[str] = []
+    for where, u in kept:
+        corpus[u.docid] = u.code
+        if where == "train":
+            train_docids.append(u.docid)
+        if text_count[u.query.lower()] == 1:
+            queries[f"q:{u.docid}"] = u.query
+            by_split[where].append(f"q:{u.docid}")
+    train = _sample(by_split["train"], max_train_queries)
+    validation = _sample(by_split["validation"], max_validation_queries)
+    evaluation = _sample(by_split["eval"], max_eval_queries)
+    keep = set(train) | set(validation) | set(evaluation)
     queries = {q: t for q, t in queries.items() if q in keep}
-    qrels = {q: r for q, r in qrels.items() if q in keep}
+    qrels = {q: {q[2:]: 2} for q in queries}
     version = ".".join(map(str, sys.version_info[:3]))
-    return RetrievalTask("python-stdlib-docstrings", corpus, queries, qrels, train_qids, eval_qids,
-                         info={"python": version, "modules": str(len(MODULES))}, validation_qids=validation_qids)
+    info = {"python": version, "modules": str(modules),
+            "mined": {s: len(by_split[s]) for s in SPLITS}.__repr__()}
+    return RetrievalTask("python-stdlib-ast", corpus, queries, qrels, train, evaluation, info=info,
+                         validation_qids=validation, train_docids=train_docids)

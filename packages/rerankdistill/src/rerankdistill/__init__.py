@@ -5,8 +5,9 @@ The core (data, BM25, metrics, label parsing, teacher store, HTTP teacher) needs
 transformers/vLLM backends import it lazily.
 """
 
-from rerankdistill.bm25 import BM25Index, bm25_search
+from rerankdistill.bm25 import BM25Index, bm25_search, select_bm25_params
 from rerankdistill.bm25_lucene import LuceneBM25Index
+from rerankdistill.code_tokens import IdentifierTokenizer, identifier_tokens
 from rerankdistill.datasets import (
     CRANFIELD_GAINS,
     BrightTask,
@@ -72,7 +73,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BM25Index", "BrightTask", "CRANFIELD_GAINS", "Completion", "GenerationStats", "INTERANK_PROMPT", "Judgement",
+    "BM25Index", "BrightTask", "IdentifierTokenizer", "identifier_tokens", "select_bm25_params", "CRANFIELD_GAINS", "Completion", "GenerationStats", "INTERANK_PROMPT", "Judgement",
     "LuceneBM25Index", "MetricScore", "Pair", "PairSplit", "QrelsTeacher", "RelevancePrompt", "RerankResult",
     "TeacherRecord",
     "TeacherStore", "TrainingPair", "TransformersJudge", "TrecFormatError", "average_precision", "bm25_search", "bootstrap_ci", "compare_runs", "judged_at_k",

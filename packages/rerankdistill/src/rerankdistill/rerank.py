@@ -63,6 +63,32 @@ class TransformersJudge:
         return [Judgement(t, parse_relevance(t), e) for t, e in zip(texts, expected)]
 
 
+class TeacherForcedJudge:
+    """E[label] in ONE forward pass per pair: the explanation is given (teacher-forced), not generated, and the
+    label-token probabilities are read after it -- 1 forward instead of ~32 decoding steps, so a fixed compute
+    budget goes to training instead. Use it with a student distilled on the same kind of explanation (e.g.
+    `QrelsTeacher(explanation="evidence")` and `explain=rerankdistill.evidence.evidence`).
+
+    Args:
+        backend: a `rerankdistill.backends.hf.TransformersBackend`.
+        explain: (query, document) -> explanation text (must not depend on a label).
+        prompt: the versioned prompt.
+    """
+
+    def __init__(self, backend, explain, prompt: RelevancePrompt = INTERANK_PROMPT):
+        self.backend, self.explain, self.prompt = backend, explain, prompt
+        self.name = f"{backend.name}-forced"
+
+    def judge(self, pairs: list[tuple[str, str]]) -> list[Judgement]:
+        prompts = [self.backend.render(self.prompt.messages(q, d)) for q, d in pairs]
+        texts = [self.explain(q, d) for q, d in pairs]
+        probs = self.backend.label_probabilities(prompts, texts)  # (N, 3)
+        expected = (probs * probs.new_tensor([0.0, 1.0, 2.0])).sum(-1).tolist()
+        labels = probs.argmax(-1).tolist()
+        return [Judgement(self.prompt.completion(t, int(lab)), int(lab), e)
+                for t, lab, e in zip(texts, labels, expected)]
+
+
 @dataclass
 class RerankResult:
     run: Run

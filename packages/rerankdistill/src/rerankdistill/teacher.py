@@ -236,6 +236,9 @@ async def _run_async(todo: Sequence[Pair], backend, prompt: RelevancePrompt, con
             await backend.aclose()
 
 
+EXPLANATIONS = ("per-label", "fixed", "evidence")
+
+
 class QrelsTeacher:
     """OFFLINE stand-in teacher for tests and demos: the label comes from the judgements, the explanation is a
     fixed sentence saying so. It is not a language model and teaches no reasoning.
@@ -245,31 +248,38 @@ class QrelsTeacher:
         label_of_gain: maps a gain to 0..2; default clips (gain <= 0 -> 0, 1 -> 1, >= 2 -> 2).
         explanation: "per-label" (the sentence names the label: a student decides at its explanation's first
             differing word, and the label line only repeats it) or "fixed" (one sentence for every label: the
-            decision is made at the label token, where E[label] is read). The name records the choice, so stored
-            outputs of the two are never mixed.
+            decision is made at the label token, where E[label] is read) or "evidence" (`rerankdistill.evidence`:
+            which query words the document contains, what it defines and calls -- computed from the pair, not
+            the label, so a student can be given the same text at inference). The name records the choice, so
+            stored outputs of the modes are never mixed.
     """
 
     def __init__(self, qrels: Mapping[str, Mapping[str, int]], name: str | None = None,
                  label_of_gain=None, explanation: str = "per-label"):
-        if explanation not in ("per-label", "fixed"):
-            raise ValueError(f"explanation must be 'per-label' or 'fixed', got {explanation!r}")
+        if explanation not in EXPLANATIONS:
+            raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
         self.explanation_mode = explanation
-        self.name = name or ("offline-qrels-oracle" if explanation == "per-label" else "offline-qrels-oracle-fixed")
+        self.name = name or ("offline-qrels-oracle" if explanation == "per-label"
+                             else f"offline-qrels-oracle-{explanation}")
         self.qrels = qrels
         self.label_of_gain = label_of_gain or (lambda g: max(0, min(2, int(g))))
 
     def label_for(self, qid: str, docid: str) -> int:
         return self.label_of_gain(self.qrels.get(qid, {}).get(docid, 0))
 
-    def explanation(self, label: int) -> str:
+    def explanation(self, label: int, query: str = "", document: str = "") -> str:
+        if self.explanation_mode == "evidence":
+            from rerankdistill.evidence import evidence
+
+            return evidence(query, document)
         if self.explanation_mode == "fixed":
             return "[offline teacher from relevance judgements, no model reasoning] The label follows."
         what = {0: "not judged relevant", 1: "judged partially relevant", 2: "judged relevant"}[label]
         return f"[offline teacher from relevance judgements, no model reasoning] The document is {what}."
 
-    def text_for(self, qid: str, docid: str) -> str:
+    def text_for(self, qid: str, docid: str, query: str = "", document: str = "") -> str:
         label = self.label_for(qid, docid)
-        return INTERANK_PROMPT.completion(self.explanation(label), label)
+        return INTERANK_PROMPT.completion(self.explanation(label, query, document), label)
 
     def complete_pairs(self, pairs: Sequence[Pair]) -> list[Completion]:
-        return [Completion(self.text_for(p.qid, p.docid)) for p in pairs]
+        return [Completion(self.text_for(p.qid, p.docid, p.query, p.document)) for p in pairs]
