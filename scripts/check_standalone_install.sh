@@ -22,3 +22,18 @@ for dist in ("mxfp8train", "shared-kernels"):
 assert "site-packages" in mxfp8train.__file__ and "site-packages" in shared_kernels.__file__, (mxfp8train.__file__, shared_kernels.__file__)
 print("standalone install OK:", mxfp8train.__file__)
 PY
+
+# A torch-free package stays torch-free: idiomreason's core (with shared-kernels' torch-free modules: errors,
+# text files, redaction, the locked append-only store) installs without torch and parses an answer.
+uv venv -q --python 3.11 "$tmp/venv-notorch"
+cd "$OLDPWD"
+VIRTUAL_ENV="$tmp/venv-notorch" uv pip install -q --no-sources ./shared-kernels ./packages/idiomreason
+cd "$tmp"
+"$tmp/venv-notorch/bin/python" - <<'PY'
+import importlib.util, sys
+import idiomreason.cli, idiomreason.store, shared_kernels.runconfig
+from idiomreason.parsing import extract_label
+assert importlib.util.find_spec("torch") is None, "torch was installed with idiomreason's core"
+assert "torch" not in sys.modules
+print("torch-free install OK:", idiomreason.__file__, extract_label("Answer: literal"))
+PY
