@@ -528,14 +528,26 @@ dequantize_nf4_ref = dequantize_4bit_ref
 def double_quantize_absmax(
     absmax: torch.Tensor, blocksize2: int = DQ_BLOCKSIZE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantization (bitsandbytes `compress_statistics=True`) of fp32 NF4 constants (n_blocks,) ->
+    """Double quantization (bitsandbytes `compress_statistics=True`) of fp32 4-bit constants (n_blocks,) ->
     (qabsmax uint8 (n_blocks,), absmax2 fp32 (ceil(n_blocks / blocksize2),), offset fp32 0-dim).
 
     Runs in torch on every device: the constants are 1/blocksize of the weight.
+
+    Contract: every constant must be finite and >= 0 (a block's max |x|), else a ValueError names the first bad
+    block. An 8-bit code cannot hold NaN or inf, and the offset is the mean of all constants, so bitsandbytes
+    turns every constant of the tensor to NaN from one NaN block; a tensor quantized with
+    `check_finite=False` that has poisoned blocks can be kept with `double_quant=False` only.
     """
-    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
-        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} "
-                         f"{tuple(absmax.shape)}")
-    if not isinstance(blocksize2, int) or blocksize2 <= 0:
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1 \
+            or absmax.numel() == 0:
+        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} {tuple(getattr(absmax, 'shape', ()))}")
+    if isinstance(blocksize2, bool) or not isinstance(blocksize2, int) or blocksize2 <= 0:
         raise ValueError(f"blocksize2 must be a positive int, got {blocksize2!r}")
+    bad = ~(torch.isfinite(absmax) & (absmax >= 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"absmax must be finite and >= 0 for double quantization, got {absmax[i].item()} at "
+                         f"block {i} ({int(bad.sum())} bad); NaN/inf come from non-finite weights (quantize "
+                         "with check_finite=True to find them, or keep such a tensor without double quantization)")
     return quantize_absmax_ref(absmax, blocksize2)

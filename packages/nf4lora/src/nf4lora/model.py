@@ -207,7 +207,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"adapter_dir has no {ADAPTER_CONFIG}: {adapter_dir}")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
     unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
