@@ -75,9 +75,9 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None, backend: str = "auto", quant_type: str = "nf4",
-                    **kwargs) -> Linear4bit:
+                    quant_storage: torch.dtype = torch.uint8, **kwargs) -> Linear4bit:
         weight = NF4Weight.from_float(linear.weight, blocksize, double_quant, backend=backend,
-                                      quant_type=quant_type)
+                                      quant_type=quant_type, quant_storage=quant_storage)
         return cls(weight, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype, backend=backend,
                    **kwargs)
 

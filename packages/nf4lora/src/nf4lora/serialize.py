@@ -12,6 +12,7 @@ from torch import nn
 
 from nf4lora.lora import Linear4bit
 from nf4lora.model import _atomic_write, _set_module, quantize_model
+from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import QUANT_TYPES
 
 WEIGHTS = "model.safetensors"
@@ -89,7 +90,7 @@ def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
     rest = {k: v for k, v in tensors.items() if k in model.state_dict() and not k.endswith(
         (".packed", ".absmax", ".absmax2", ".offset", ".code2"))}
     missing = [k for k, m in model.named_parameters() if k not in rest and not isinstance(
-        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit)]
+        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit | NF4Weight)]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(rest, strict=False)
