@@ -79,3 +79,24 @@ def test_adapter_dtype_and_global_rng_untouched():
         assert model(x).logits.dtype == torch.float32
     assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)
     assert nf4lora.prepare_model is prepare_model
+
+
+def test_gpt2_conv1d_layers_are_quantized_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=64, n_layer=1, n_head=2)).eval()
+    dense_attn = model.transformer.h[0].attn.c_attn
+    w, b = dense_attn.weight.detach().clone(), dense_attn.bias.detach().clone()  # (in 64, out 192)
+    ids = torch.randint(0, 40, (1, 9), generator=torch.Generator().manual_seed(1))
+    prepare_model(model, r=4, dropout=0.0, gradient_checkpointing=False, target_modules=["c_attn", "c_fc"])
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(attn, LoRALinear4bit) and attn.weight.shape == (192, 64)
+    assert isinstance(model.transformer.h[0].mlp.c_proj, Linear4bit)
+    x = torch.randn(3, 64)
+    expected = x @ nf4lora.NF4Weight.from_float(w.t()).dequantize().t() + b
+    assert torch.equal(attn(x), expected)  # LoRA B is zero at init
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

@@ -12,6 +12,15 @@ from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import CODES, QUANT_TYPES
 
 
+def conv1d_type() -> type | None:
+    """transformers' `Conv1D` (GPT-2's linear layer, weight stored (in, out)), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
 def to_bnb_quant_state(weight: NF4Weight) -> Any:
     """A bitsandbytes `QuantState` sharing this weight's constants (nf4/fp4, nested when double-quantized)."""
     from bitsandbytes.functional import QuantState

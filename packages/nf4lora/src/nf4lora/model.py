@@ -66,6 +66,19 @@ def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
     return output
 
 
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (out, in), bias) of an exact nn.Linear or a transformers Conv1D (GPT-2: weight (in, out), so
+    transposed here, as transformers' bitsandbytes integration does); None for any other module."""
+    from nf4lora.interop import conv1d_type
+
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    conv1d = conv1d_type()
+    if conv1d is not None and type(module) is conv1d:
+        return module.weight.t(), module.bias
+    return None
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -91,10 +104,13 @@ def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool 
     `Linear4bit`, in place. Returns the model."""
     head = _output_embedding(model)
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module is not head and name not in skip:
-            _set_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype,
-                                                            backend=backend, quant_type=quant_type,
-                                                            quant_storage=quant_storage))
+        found = _linear_weight(module)
+        if found is None or module is head or name in skip:
+            continue
+        weight = NF4Weight.from_float(found[0], blocksize, double_quant, backend=backend, quant_type=quant_type,
+                                      quant_storage=quant_storage)
+        _set_module(model, name, Linear4bit(weight, found[1], compute_dtype=compute_dtype or found[0].dtype,
+                                            backend=backend))
     ddp_ignore_frozen_4bit(model)
     return model
 
@@ -197,17 +213,19 @@ def _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, c
     for name, module in list(model.named_modules()):
         kept = module is head or (skip and _matches(name, skip)) or any(
             name == s or name.startswith(s + ".") for s in saved)
-        if type(module) is not nn.Linear or kept:
+        found = _linear_weight(module)
+        if found is None or kept:
             continue
-        weight = NF4Weight.from_float(module.weight, blocksize, double_quant, backend=backend, quant_type=quant_type,
+        dense, bias = found
+        weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
                                       quant_storage=quant_storage)
         if _matches(name, target_modules):
-            new: nn.Module = LoRALinear4bit(weight, module.bias, r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, compute_dtype=compute_dtype or module.weight.dtype,
+            new: nn.Module = LoRALinear4bit(weight, bias, r=r, alpha=alpha, dropout=dropout,
+                                            use_rslora=use_rslora, compute_dtype=compute_dtype or dense.dtype,
                                             adapter_dtype=adapter_dtype, backend=backend)
             targeted.append(name)
         else:
-            new = Linear4bit(weight, module.bias, compute_dtype=compute_dtype or module.weight.dtype, backend=backend)
+            new = Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
         _set_module(model, name, new)
     return targeted, saved
 

@@ -120,6 +120,14 @@ class NF4Weight(nn.Module):
         qabsmax, absmax2, offset = double_quantize_absmax(absmax)
         return cls(packed, qabsmax, w.shape, w.dtype, blocksize, absmax2=absmax2, offset=offset, **kw)
 
+    def requantized(self, weight: torch.Tensor, backend: str = "auto") -> NF4Weight:
+        """A new container quantizing `weight` (this one's shape) with this one's dtype, quant type, block size,
+        double quantization and storage (what peft's merge does with a bitsandbytes weight)."""
+        if tuple(weight.shape) != tuple(self.shape):
+            raise ValueError(f"weight must have shape {tuple(self.shape)}, got {tuple(weight.shape)}")
+        return NF4Weight.from_float(weight.to(self.dtype), self.blocksize, self.double_quant, backend=backend,
+                                    quant_type=self.quant_type, quant_storage=self.quant_storage)
+
     def packed_bytes(self) -> torch.Tensor:
         """The uint8 ((numel + 1) // 2,) codes, a view of `packed` (gathered first if FSDP2 has it sharded)."""
         packed = self.packed
