@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,24 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def swap_linear_layers(model: nn.Module, build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
+                       keep: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """The one module-swap loop: every exact nn.Linear (and transformers Conv1D) of `model` but its output
+    embedding and the names `keep` accepts is replaced, in place, by `build(name, weight (out, in), bias)`
+    (None leaves it). Returns the replaced names."""
+    head = _output_embedding(model)
+    swapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        found = _linear_weight(module)
+        if found is None or module is head or keep(name):
+            continue
+        new = build(name, *found)
+        if new is not None:
+            _set_module(model, name, new)
+            swapped.append(name)
+    return swapped
+
+
 def ddp_ignore_frozen_4bit(model: nn.Module) -> list[str]:
     """Add every parameter and buffer of the model's 4-bit weights to `_ddp_params_and_buffers_to_ignore` (the
     attribute DistributedDataParallel reads at construction), so DDP neither broadcasts these frozen tensors at
@@ -102,15 +121,13 @@ def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool 
                    quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Replace every nn.Linear except the output embedding (LM head) and names in `skip` by a frozen
     `Linear4bit`, in place. Returns the model."""
-    head = _output_embedding(model)
-    for name, module in list(model.named_modules()):
-        found = _linear_weight(module)
-        if found is None or module is head or name in skip:
-            continue
-        weight = NF4Weight.from_float(found[0], blocksize, double_quant, backend=backend, quant_type=quant_type,
+
+    def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
+        weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
                                       quant_storage=quant_storage)
-        _set_module(model, name, Linear4bit(weight, found[1], compute_dtype=compute_dtype or found[0].dtype,
-                                            backend=backend))
+        return Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
+
+    swap_linear_layers(model, build, keep=lambda name: name in skip)
     ddp_ignore_frozen_4bit(model)
     return model
 
@@ -207,26 +224,22 @@ def _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, c
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    head = _output_embedding(model)
     skip = DEFAULT_SKIP if skip is None else skip
     targeted: list[str] = []
-    for name, module in list(model.named_modules()):
-        kept = module is head or (skip and _matches(name, skip)) or any(
-            name == s or name.startswith(s + ".") for s in saved)
-        found = _linear_weight(module)
-        if found is None or kept:
-            continue
-        dense, bias = found
+
+    def keep(name: str) -> bool:
+        return bool(skip and _matches(name, skip)) or any(name == s or name.startswith(s + ".") for s in saved)
+
+    def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
                                       quant_storage=quant_storage)
-        if _matches(name, target_modules):
-            new: nn.Module = LoRALinear4bit(weight, bias, r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, compute_dtype=compute_dtype or dense.dtype,
-                                            adapter_dtype=adapter_dtype, backend=backend)
-            targeted.append(name)
-        else:
-            new = Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
-        _set_module(model, name, new)
+        if not _matches(name, target_modules):
+            return Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
+        targeted.append(name)
+        return LoRALinear4bit(weight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                              compute_dtype=compute_dtype or dense.dtype, adapter_dtype=adapter_dtype, backend=backend)
+
+    swap_linear_layers(model, build, keep)
     return targeted, saved
 
 
