@@ -61,9 +61,10 @@ class RerankQLoRARecipe:
         cfg = self.cfg
         self.acc = make_accelerator(self.run_dir, cfg.trackers, "rerank-qlora")
         if require_fsdp2(self.acc, "configs/accelerate/fsdp2-gpu.yaml") and cfg.quant.method == "nf4":
-            raise ValueError("quant.method=nf4 is not supported under FSDP: nf4lora keeps the packed 4-bit weights "
-                             "in buffers, which fully_shard does not shard, and its adapter saving is not "
-                             "FSDP-aware; use quant.method=none (bf16 base + LoRA)")
+            # The packed 4-bit codes are frozen parameters that fully_shard shards (nf4lora.weight); every rank
+            # quantizes the same checkpoint to the same bytes, and accelerate's rank-0 broadcast loading expects
+            # every state-dict entry to be a sharded parameter while the 4-bit constants are buffers.
+            self.acc.state.fsdp_plugin.cpu_ram_efficient_loading = False
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml_atomic(self.run_dir / "config.yaml", cfg)
@@ -449,10 +450,10 @@ class RerankQLoRARecipe:
         check_finite_tensors(whole if sharded else {n: p for n, p in self.model.named_parameters() if p.requires_grad},
                              str(final))
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.quant.method == "nf4":  # never sharded: _require_fsdp2 refuses nf4 under FSDP
+        if self.cfg.quant.method == "nf4":
             from nf4lora.model import save_adapter
 
-            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path)
+            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path, state_dict=whole)
         elif sharded:
             self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
         else:

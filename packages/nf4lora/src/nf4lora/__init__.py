@@ -10,6 +10,7 @@ from nf4lora.lora import Linear4bit, LoRALinear4bit, nf4_linear
 from nf4lora.memory import MemoryEstimate, MemoryReport, count_parameters, estimate_memory, memory_report
 from nf4lora.model import (
     LoRASettings,
+    ddp_ignore_frozen_4bit,
     load_adapter,
     lora_modules,
     lora_state_dict,
@@ -21,15 +22,21 @@ from nf4lora.model import (
 from nf4lora.optim import paged_adamw
 from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import (
+    FP4_CODE,
     NF4_CODE,
+    QUANT_TYPES,
     SUPPORTED_BLOCKSIZES,
+    dequantize_4bit,
     dequantize_nf4,
     double_quantize_absmax,
+    quantize_4bit,
     quantize_nf4,
 )
 
 __all__ = [
+    "FP4_CODE",
     "NF4_CODE",
+    "QUANT_TYPES",
     "SUPPORTED_BLOCKSIZES",
     "Linear4bit",
     "LoRALinear4bit",
@@ -37,10 +44,12 @@ __all__ = [
     "MemoryEstimate",
     "MemoryReport",
     "count_parameters",
+    "ddp_ignore_frozen_4bit",
     "estimate_memory",
     "memory_report",
     "paged_adamw",
     "NF4Weight",
+    "dequantize_4bit",
     "dequantize_nf4",
     "double_quantize_absmax",
     "load_adapter",
@@ -50,6 +59,7 @@ __all__ = [
     "nf4_linear",
     "prepare_model",
     "quantize_model",
+    "quantize_4bit",
     "quantize_nf4",
     "save_adapter",
 ]

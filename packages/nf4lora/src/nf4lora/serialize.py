@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from nf4lora.lora import Linear4bit
-from nf4lora.model import _atomic_write, _set_module, quantize_model
+from nf4lora.model import _atomic_write, quantize_model, swap_linear_layers
+from nf4lora.weight import NF4Weight
+from shared_kernels.nf4 import QUANT_TYPES
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -45,7 +47,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first.weight.double_quant,
+        "bnb_4bit_quant_type": first.weight.quant_type, "bnb_4bit_use_double_quant": first.weight.double_quant,
         "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"],
     }
@@ -59,7 +61,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
 
 
 def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
-    """Load a checkpoint written by `save_quantized` (or by transformers + bitsandbytes with nf4) as a model
+    """Load a checkpoint written by `save_quantized` (or by transformers + bitsandbytes, nf4 or fp4) as a model
     whose linear layers are `Linear4bit`, the 4-bit bytes taken as they are (no re-quantization)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -72,22 +74,26 @@ def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
     if not qconfig:
         raise ValueError(f"path has no quantization_config in config.json: {path}")
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    if qconfig.get("bnb_4bit_quant_type") != "nf4":
-        raise ValueError(f"quantization_config.bnb_4bit_quant_type must be 'nf4', got {qconfig.get('bnb_4bit_quant_type')!r}")
+    if qconfig.get("bnb_4bit_quant_type") not in QUANT_TYPES:
+        raise ValueError(f"quantization_config.bnb_4bit_quant_type must be one of {QUANT_TYPES}, "
+                         f"got {qconfig.get('bnb_4bit_quant_type')!r}")
     del config.quantization_config
     compute_dtype = getattr(torch, str(qconfig.get("bnb_4bit_compute_dtype", "float32")))
     model = AutoModelForCausalLM.from_config(config)
     tensors = load_file(str(path / WEIGHTS))
     head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module is not head and f"{name}.weight.absmax" in tensors:
-            weight = from_bnb_serialized(tensors, f"{name}.weight")
-            _set_module(model, name, Linear4bit(weight, tensors.get(f"{name}.bias"), compute_dtype=compute_dtype,
-                                                backend=backend))
+
+    def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit | None:
+        if f"{name}.weight.absmax" not in tensors:  # left dense in the checkpoint
+            return None
+        weight = from_bnb_serialized(tensors, f"{name}.weight")
+        return Linear4bit(weight, tensors.get(f"{name}.bias"), compute_dtype=compute_dtype, backend=backend)
+
+    swap_linear_layers(model, build)
     rest = {k: v for k, v in tensors.items() if k in model.state_dict() and not k.endswith(
         (".packed", ".absmax", ".absmax2", ".offset", ".code2"))}
     missing = [k for k, m in model.named_parameters() if k not in rest and not isinstance(
-        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit)]
+        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit | NF4Weight)]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(rest, strict=False)
