@@ -75,3 +75,21 @@ def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
     assert torch.equal(yarn[ratio > 32], inv[ratio > 32])
     torch.testing.assert_close(yarn[ratio < 1], inv[ratio < 1] / 16)
     assert _ntk_base(1e4, 16, 1.0) == 1e4 and _ntk_base(1e4, 16, 4.0) > 4e4
+
+
+def test_study_end_to_end_resumes_and_reuses_rope_weights(tmp_path, capsys):
+    from siattn.retrieval import RetrievalConfig, run
+
+    cfg = RetrievalConfig(out=str(tmp_path / "out"), steps=2, batch_size=2, warmup=1, eval_multiples=(1, 2),
+                          seeds=(0,), variants=("rope", "rope+ntk", "rope+yarn", "si-p-rope"), trials=4)
+    summary = run(cfg)
+    runs = {r["variant"]: r for r in summary["runs"]}
+    assert set(runs) == set(cfg.variants) and set(runs["si-p-rope"]["needle"]) == {"128", "256"}
+    # rope+ntk / rope+yarn evaluate the RoPE weights: identical at the training length, where both are RoPE
+    assert runs["rope+ntk"]["needle"]["128"] == runs["rope"]["needle"]["128"]
+    assert runs["rope+ntk"]["train_copy_acc"] == runs["rope"]["train_copy_acc"]
+    for name in ("results.json", "table.md", "needle.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")}
+    run(cfg)  # resumes: nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")} == mtimes

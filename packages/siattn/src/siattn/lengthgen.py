@@ -141,6 +141,13 @@ def needle_accuracy(model: GPT, val: torch.Tensor, length: int, trials: int, nee
     return correct / total
 
 
+def set_warmup_cosine_lr(opt: torch.optim.Optimizer, lr: float, step: int, warmup: int, steps: int) -> None:
+    """Linear warmup over `warmup` steps, cosine decay over `steps`, floored at 5% of `lr`."""
+    scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for group in opt.param_groups:
+        group["lr"] = lr * max(scale, 0.05)
+
+
 def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     """Train one model (resumable: returns the stored result when the run already finished)."""
     torch.set_num_threads(1)
@@ -162,9 +169,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     gen = torch.Generator().manual_seed(cfg.data_seed)  # same batches for every variant and seed
     start = time.time()
     for step in tqdm(range(cfg.steps), desc=name, leave=False, mininterval=10):
-        lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * max(lr_scale, 0.05)
+        set_warmup_cosine_lr(opt, cfg.lr, step, cfg.warmup, cfg.steps)
         batch = sample_batch(train, cfg.batch_size, cfg.train_length, gen)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from siattn.cli import OneLineParser, positive
+from siattn.lengthgen import set_warmup_cosine_lr
 from siattn.models import GPT, GPTConfig
 from siattn.positional import rope_frequencies
 
@@ -149,9 +150,7 @@ def train_model(cfg: RetrievalConfig, task: CopyTask, variant: str, seed: int) -
     gen = torch.Generator().manual_seed(10_000 + seed)
     accs = []
     for step in range(cfg.steps):
-        scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * max(scale, 0.05)
+        set_warmup_cosine_lr(opt, cfg.lr, step, cfg.warmup, cfg.steps)
         tokens, mask = copy_batch(task, cfg.batch_size, cfg.train_length, gen)
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits[mask], tokens[:, 1:][mask])
