@@ -7,12 +7,17 @@ Torch-free.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["USER_ERRORS", "FileFormatError", "UserError", "exit_on_user_error", "user_error_message"]
+__all__ = [
+    "USER_ERRORS", "FileFormatError", "OneLineParser", "UserError", "exit_on_user_error", "positive",
+    "user_error_message",
+]
 
 T = TypeVar("T")
 
@@ -47,3 +52,29 @@ def exit_on_user_error(prog: str, fn: Callable[[], T]) -> T | int:
     except USER_ERRORS as err:
         print(f"{prog}: error: {user_error_message(err)}", file=sys.stderr)
         return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block) with exit code 2: the parser of every
+    CLI that is not a config-file app (those use `shared_kernels.app.cli_main`)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(kind: type, minimum: float = 1) -> Callable[[str], object]:
+    """An argparse type: a finite `kind` >= minimum (> 0 for floats)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        ok = math.isfinite(value) and (value > 0 if kind is float else value >= minimum)
+        if not ok:
+            want = "a finite number > 0" if kind is float else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {want}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {minimum}" if kind is int else "positive float"
+    return parse

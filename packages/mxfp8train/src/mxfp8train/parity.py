@@ -39,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from torch import nn
@@ -47,6 +46,7 @@ from torch import nn
 from mxfp8train.convert import collect_stats, convert, reset_stats, set_track_stats
 from mxfp8train.gpt import GPT, GPTConfig
 from mxfp8train.recipe import RECIPES
+from shared_kernels.errors import OneLineParser
 
 VARIANTS = ("bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads")
 
@@ -488,13 +488,6 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr and exit code 2 (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -503,7 +496,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _OneLineParser(prog="mxfp8-parity", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="mxfp8-parity", description=__doc__.split("\n\n")[0])
     defaults = ParityConfig()
     for f in dataclasses.fields(ParityConfig):
         if f.name in ("variants", "progress", "data", "seeds"):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from siattn.cli import OneLineParser, positive
+from shared_kernels.errors import OneLineParser, positive
 from siattn.models import GPT, GPTConfig
 
 # name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.

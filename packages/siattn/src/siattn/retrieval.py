@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from siattn.cli import OneLineParser, positive
+from shared_kernels.errors import OneLineParser, positive
 from siattn.lengthgen import set_warmup_cosine_lr
 from siattn.models import GPT, GPTConfig
 from siattn.positional import rope_frequencies
