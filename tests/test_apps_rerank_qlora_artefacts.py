@@ -34,11 +34,11 @@ def _with(cfg, section, **changes):
 ALL = set(ARTEFACTS)
 CASES = [  # (section, change, artefacts rebuilt, setting named)
     ("model", {"tiny_hidden_size": 64}, ALL - {"teacher store"}, "model.tiny_hidden_size 128 -> 64"),
-    ("teacher", {"offline_explanation": "evidence"}, ALL, "teacher.offline_explanation 'fixed' -> 'evidence'"),
+    ("teacher", {"offline_explanation": "fixed"}, ALL, "teacher.offline_explanation 'evidence' -> 'fixed'"),
     ("train", {"steps": 61}, {"distillation checkpoints", "refinement samples and checkpoints", "rerank judgements"},
      "train.steps 60 -> 61"),
     ("refine", {"samples": 2}, {"refinement samples and checkpoints", "rerank judgements"}, "refine.samples 4 -> 2"),
-    ("rerank", {"judge": "forced"}, {"rerank judgements"}, "rerank.judge 'generate' -> 'forced'"),
+    ("rerank", {"judge": "generate"}, {"rerank judgements"}, "rerank.judge 'forced' -> 'generate'"),
 ]
 
 

@@ -83,7 +83,7 @@ def test_openai_teacher_never_leaks_the_api_key(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     with auth_echo_server() as base_url:
         rc = main([f"run_dir={run_dir}", "--no-progress", *TINY, "train.steps=1", "teacher.kind=openai",
-                   f"teacher.base_url={base_url}", "teacher.api_key_env=RQ_TEST_KEY", "teacher.concurrency=1"])
+                   "rerank.judge=generate", f"teacher.base_url={base_url}", "teacher.api_key_env=RQ_TEST_KEY", "teacher.concurrency=1"])
     out = capsys.readouterr()
     assert rc == 2, out.err[-2000:]
     last = out.err.strip().splitlines()[-1]
