@@ -84,6 +84,8 @@ def _cli_case_config(tmp_path, data_text: str | bytes, **changes) -> list[str]:
     config = {"out_dir": str(tmp_path / "run"), "models": [model], "datasets": [{"name": "generic", "path": str(data)}],
               "conditions": ["direct"]}
     for key, value in changes.items():
+        if key == "datasets":
+            value = [{**d, "path": str(data) if d.get("path") == "D" else d["path"]} for d in value]
         if key == "options":
             model["options"].update(value)
         else:
@@ -104,6 +106,21 @@ SWEEP_CLI_CASES = [
     ("latin1-csv", {}, GOOD.replace("bucket.", "bucké.").encode("latin-1"), r"d.csv:2: is not UTF-8 text"),
     ("missing-dataset", {"datasets": [{"name": "generic", "path": "/nonexistent/d.csv"}]}, GOOD,
      r"/nonexistent/d.csv' is not a file"),
+    ("trust-remote-code-int", dict(options={"trust_remote_code": 1}), GOOD, r"trust_remote_code must be bool"),
+    ("max-new-tokens-string", dict(max_new_tokens="5"), GOOD, r"max_new_tokens"),
+    ("max-new-tokens-zero", dict(max_new_tokens=0), GOOD, r"max_new_tokens must be >= 1"),
+    ("no-models", dict(models=[]), GOOD, r"models"),
+    ("no-datasets", dict(datasets=[]), GOOD, r"datasets"),
+    ("unknown-condition", dict(conditions=["telepathy"]), GOOD, r"telepathy"),
+    ("unknown-backend", dict(models=[{"name": "m-1B", "backend": "carrier-pigeon"}]), GOOD, r"backend"),
+    ("unknown-loader", dict(datasets=[{"name": "nope", "path": "x"}]), GOOD, r"datasets\[0\].name"),
+    ("unknown-key", dict(temperature_of_sun=5), GOOD, r"temperature_of_sun"),
+    ("bad-load-in-4bit", dict(load_in_4bit="yes"), GOOD, r"load_in_4bit"),
+    ("bad-on-error", dict(on_error="ignore"), GOOD, r"on_error"),
+    ("negative-limit", {"datasets": [{"name": "generic", "path": "D", "limit": -3}]}, GOOD, r"limit"),
+    ("negative-size", dict(models=[{"name": "m", "backend": "http", "size_b": -1,
+                                    "options": {"base_url": "http://127.0.0.1:9/v1"}}]), GOOD, r"size_b"),
+    ("missing-definitions-file", dict(definitions="/nonexistent/defs.csv"), GOOD, r"/nonexistent/defs.csv"),
 ]  # fmt: skip
 
 

@@ -258,3 +258,33 @@ def test_qrels_teacher_and_store_still_work(tmp_path):
         stats = generate_teacher_outputs([Pair("1", "d1", "q", "doc")], QrelsTeacher({"1": {"d1": 2}}), store,
                                          progress=False)
     assert stats.done == 1
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (lambda t: ["generate", "collection=cranfield", f"path={t}", f"pairs_out={t / 'cran.qry'}"],
+     r"pairs_out=.* would overwrite the input path="),
+    (lambda t: ["generate", f"pairs={t / 'pairs.jsonl'}", f"output={t / 'pairs.jsonl'}", "backend=offline-qrels"],
+     r"output=.* would overwrite the input pairs="),
+    (lambda t: ["refine", f"model={t / 'student' / 'final'}", f"pairs={t / 'pairs.jsonl'}",
+                f"teacher={t / 'teacher.jsonl'}", f"output_dir={t / 'student'}"],
+     r"output_dir=.* would overwrite the input model="),
+    (lambda t: ["evaluate", f"qrels={t / 'q.txt'}", f"runs=a={t / 'a.run'}", f"output={t / 'a.run'}"],
+     r"output=.* would overwrite the input runs\[0\]="),
+], ids=["pairs-out-is-collection-file", "store-is-pairs", "refine-into-student", "table-over-run"])
+def test_outputs_never_overwrite_inputs(tmp_path, capsys, argv, pattern):
+    """Every output option is checked against every input option before any work: the input is untouched."""
+    for name in ("cran.qry", "pairs.jsonl", "teacher.jsonl", "q.txt", "a.run"):
+        (tmp_path / name).write_text("keep me\n", encoding="utf-8")
+    (tmp_path / "student" / "final").mkdir(parents=True)
+    (tmp_path / "student" / "final" / "model.safetensors").write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(argv(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_refine_default_output_is_not_the_students_folder():
+    from rerankdistill.cli import RefineOptions, TrainOptions
+
+    assert RefineOptions().output_dir != TrainOptions().output_dir

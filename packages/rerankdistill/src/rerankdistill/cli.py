@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rerankdistill.trec import atomic_write_text
-from shared_kernels.errors import USER_ERRORS, user_error_message
+from shared_kernels.errors import USER_ERRORS, refuse_overwriting_inputs, user_error_message
 from shared_kernels.runconfig import ConfigError, load_config, option, options_help
 
 COLLECTION_HELP = "cranfield | beir | bright | trec | datasets"
@@ -245,6 +245,7 @@ class TrainOptions(SplitOptions):
 
 @dataclass
 class RefineOptions(TrainOptions):
+    output_dir: str = option("refined", "checkpoints and final/ weights (never the student's own folder)")
     method: str = option("rwft", "rwft (reward-weighted fine-tuning) | grpo")
     k: int = option(8, "samples per pair (rwft) / group size (grpo)")
     threshold: float = option(0.85, "rwft: keep normalised rewards >= threshold")
@@ -584,6 +585,20 @@ COMMANDS = {
 }
 
 
+# Options a command writes and options it reads: no output may be (or, for a folder, hold) an input file.
+OUTPUT_OPTIONS = ("pairs_out", "output", "first_stage_output", "judgements", "out", "output_dir")
+INPUT_OPTIONS = ("path", "topics", "qrels", "corpus", "pairs", "teacher", "splits", "model", "first_stage")
+
+
+def _check_outputs(options: object) -> None:
+    fields = vars(options)
+    inputs = {name: fields[name] for name in INPUT_OPTIONS if isinstance(fields.get(name), str)}
+    for i, run in enumerate(fields.get("runs") or []):
+        inputs[f"runs[{i}]"] = str(run).split("=", 1)[-1]
+    refuse_overwriting_inputs({name: fields[name] for name in OUTPUT_OPTIONS if isinstance(fields.get(name), str)},
+                              inputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rerankdistill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -597,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     cls, fn, _ = COMMANDS[args.command]
     try:
         options = load_config(cls, args.config, args.overrides)
+        _check_outputs(options)
         summary = fn(options)
     except (*USER_ERRORS, ValueError) as e:  # library input checks raise ValueError naming the argument
         print(f"rerankdistill {args.command}: error: {user_error_message(e)}", file=sys.stderr)
