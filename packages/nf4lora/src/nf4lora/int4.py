@@ -32,7 +32,8 @@ def quantize_int4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, t
     absmax = blocks.abs().amax(dim=1)
     scale = (absmax / INT4_LEVELS).clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
     q = torch.round(blocks / scale).clamp(-INT4_LEVELS, INT4_LEVELS).to(torch.int64)
-    return pack_nibbles(q.reshape(-1)[:n] + 8), absmax
+    codes = q.reshape(-1)[: n + n % 2] + 8  # an odd count keeps one padding value: 0.0, code 8
+    return pack_nibbles(codes), absmax
 
 
 def dequantize_int4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int = 64,

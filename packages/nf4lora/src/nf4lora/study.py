@@ -90,6 +90,8 @@ class StudyConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ValueError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads})")
+        if (self.hidden // self.heads) % 2:
+            raise ValueError(f"--hidden / --heads (the head dim, {self.hidden // self.heads}) must be even (RoPE)")
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"--lrs must be positive learning rates, got {self.lrs}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
