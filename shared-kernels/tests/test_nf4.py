@@ -14,9 +14,11 @@ from shared_kernels.nf4 import (
     NF4_CODE,
     NF4_MIDPOINTS,
     SUPPORTED_BLOCKSIZES,
+    dequantize_4bit,
     dequantize_absmax_ref,
     dequantize_nf4,
     double_quantize_absmax,
+    quantize_4bit,
     quantize_nf4,
 )
 from shared_kernels.testing import assert_exact, assert_sqnr
@@ -406,3 +408,103 @@ def test_triton_dequantize_is_a_custom_op_that_compiles_without_graph_breaks(dou
     torch.library.opcheck(torch.ops.shared_kernels.nf4_dequantize.default,
                           (packed, absmax, x.numel(), 64, torch.float32,
                            kwargs.get("absmax2"), DYNAMIC_CODE if double_quant else None, kwargs.get("offset"), 256))
+
+
+# ----------------------------------------------------------------------------------------------------- FP4
+
+
+def _bnb_equal(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    # bitsandbytes' native CPU kernel decodes FP4 code 8 as -0.0 in its scalar tail and +0.0 elsewhere (its table
+    # holds +0.0, as ours): bits are compared after -0.0 -> +0.0 on its side only.
+    assert_exact(got, expected.reshape(got.shape) + 0.0, what)
+
+
+def test_fp4_code_and_tables_match_bitsandbytes():
+    from shared_kernels.nf4 import FP4_CODE, QUANTIZE_TABLES
+
+    code = _bnb().get_4bit_type("fp4", device="cpu")
+    assert_exact(FP4_CODE, code, "FP4 code")
+    midpoints, order, pad = QUANTIZE_TABLES["fp4"]
+    assert order.tolist() == [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]
+    assert pad == 0 and QUANTIZE_TABLES["nf4"][2] == 7  # the index of 0.0 pads an odd count
+    assert_exact(midpoints, (code.sort().values[:-1] + code.sort().values[1:]) / 2, "FP4 midpoints")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", ("torch", "auto"))
+def test_fp4_quantize_and_dequantize_equal_bitsandbytes(dtype, backend):
+    # Odd shapes, partial last blocks, odd element counts, a 1-D input taking bitsandbytes' native kernel and
+    # a 4096 block taking its torch fallback; zeros in every block.
+    F = _bnb()
+    for blocksize, shape in ((64, (1,)), (64, (97,)), (32, (13, 78)), (256, (5, 1025)), (128, (7, 2 * 128 + 34)),
+                             (64, (1 << 15,)), (4096, (3, 4099))):
+        x = _sample(math.prod(shape), dtype, seed=blocksize).reshape(shape)
+        x.view(-1)[::13] = 0.0
+        packed, absmax = quantize_4bit(x, blocksize, "fp4", backend=backend)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="fp4", compress_statistics=False)
+        assert_exact(packed, q.reshape(-1), f"packed {shape}")
+        assert_exact(absmax, state.absmax, f"absmax {shape}")
+        for out_dtype in FLOAT_DTYPES:
+            state.dtype = out_dtype
+            got = dequantize_4bit(packed, absmax, shape, blocksize, out_dtype, "fp4", backend=backend)
+            _bnb_equal(got, _bnb_dequantize(q, state), f"dequantize {shape} -> {out_dtype}")
+
+
+@pytest.mark.parametrize("backend", ("torch", "auto"))
+def test_fp4_ties_zeros_padding_and_nan_equal_bitsandbytes(backend):
+    # Every midpoint of the sorted FP4 code (ties go to the lower value; 0.0 lies on the midpoint between
+    # FP4's two zeros), just above each, +-0.0, a NaN, in a full block (reciprocal) and a partial one (division)
+    # and an odd count (padding).
+    from shared_kernels.nf4 import QUANTIZE_TABLES
+
+    F = _bnb()
+    midpoints = QUANTIZE_TABLES["fp4"][0]
+    above = torch.nextafter(midpoints, torch.tensor(2.0))
+    block = torch.cat([torch.tensor([1.0, -0.0, 0.0, 1e-30, -1e-30]), midpoints, above])  # 35 values
+    x = torch.cat([block, torch.zeros(64 - 35), block, torch.tensor([float("nan")]), block])  # 64 + 71 = 135
+    packed, absmax = quantize_4bit(x, 64, "fp4", check_finite=False, backend=backend)
+    q, state = F.quantize_4bit(x, blocksize=64, quant_type="fp4", compress_statistics=False)
+    assert_exact(packed, q.reshape(-1), "packed")
+    assert_exact(absmax, state.absmax, "absmax")
+    codes = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)
+    assert codes[1].item() == 0 and codes[2].item() == 0 and codes[3].item() == 8  # -0, +0 -> 0; tiny > 0 -> 8
+    assert codes[-1].item() == 0  # padding of the odd count: the code of 0.0
+
+
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+def test_fp4_double_quant_equals_bitsandbytes(out_dtype):
+    F = _bnb()
+    for blocksize, n in ((64, 64 * 700 + 5), (4096, 4096 * 3 + 2)):
+        x = _sample(n, torch.float32, seed=n)
+        packed, absmax = quantize_4bit(x, blocksize, "fp4")
+        qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="fp4", compress_statistics=True)
+        assert_exact(packed, q.reshape(-1), "packed")
+        assert_exact(qabsmax, state.absmax, "qabsmax")
+        state.dtype = out_dtype
+        for backend in ("torch", "auto"):
+            got = dequantize_4bit(packed, qabsmax, (n,), blocksize, out_dtype, "fp4", absmax2=absmax2,
+                                  offset=offset, backend=backend)
+            _bnb_equal(got, _bnb_dequantize(q, state), f"dequantize +DQ n={n} {backend}")
+
+
+def test_fp4_matmul_and_triton_dequantize_equal_reference():
+    from shared_kernels.nf4_matmul import matmul_nf4
+
+    w = _sample(33 * 70, torch.float32, seed=9).reshape(33, 70)
+    packed, absmax = quantize_4bit(w, 64, "fp4")
+    dense = dequantize_4bit(packed, absmax, w.shape, 64, torch.float32, "fp4", backend="torch")
+    x = torch.randn(5, 70)
+    assert_exact(matmul_nf4(x, packed, absmax, (33, 70), 64, quant_type="fp4"), x @ dense.t(), "fp4 matmul")
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        quantize_4bit(w, 64, "int4")
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        dequantize_4bit(packed, absmax, w.shape, 64, torch.float32, "nf5")
+    _triton_ok()
+    wd = w.to(_device())
+    p, a = quantize_4bit(wd, 64, "fp4", backend="triton")  # FP4 quantize: the reference on every device
+    assert_exact(p.cpu(), packed, "fp4 packed on the Triton path")
+    got = dequantize_4bit(p, a, w.shape, 64, torch.bfloat16, "fp4", backend="triton")
+    assert_exact(got.cpu(), dense.to(torch.bfloat16), "fp4 Triton dequantize")
+    y = matmul_nf4(x.to(_device()), p, a, (33, 70), 64, quant_type="fp4", backend="triton")
+    torch.testing.assert_close(y.cpu(), x @ dense.t(), rtol=1e-5, atol=1e-5)

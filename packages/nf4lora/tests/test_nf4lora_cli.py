@@ -11,7 +11,7 @@ from nf4lora.model import quantize_model
 from nf4lora.serialize import load_quantized
 
 
-def test_quantize_and_report_cli_round_trip(tiny_lm_dir, tmp_path, capsys):
+def test_quantize_and_report_cli_round_trip(tiny_lm_dir, tmp_path, capsys, bnb_fp32_cpu):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
@@ -29,8 +29,26 @@ def test_quantize_and_report_cli_round_trip(tiny_lm_dir, tmp_path, capsys):
     with torch.no_grad():
         expected = reference(ids).logits
         assert torch.equal(ours(ids).logits, expected)
-        bnb_model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")  # transformers + bitsandbytes
+        bnb_model = bnb_fp32_cpu(AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))  # transformers + bitsandbytes
         assert type(bnb_model.model.layers[0].mlp.down_proj).__module__.startswith("bitsandbytes")
+        torch.testing.assert_close(bnb_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp4_checkpoint_round_trip_through_transformers_and_bitsandbytes(tiny_lm_dir, tmp_path, bnb_fp32_cpu):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fp4"
+    assert main(["quantize", str(tiny_lm_dir), str(out), "--quant-type", "fp4"]) == 0
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), quant_type="fp4")
+    ours = load_quantized(out)
+    assert {m.weight.quant_type for m in ours.modules() if isinstance(m, Linear4bit)} == {"fp4"}
+    with torch.no_grad():
+        expected = reference(ids).logits
+        assert torch.equal(ours(ids).logits, expected)
+        bnb_model = bnb_fp32_cpu(AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+        assert bnb_model.model.layers[0].mlp.down_proj.weight.quant_state.quant_type == "fp4"
         torch.testing.assert_close(bnb_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 

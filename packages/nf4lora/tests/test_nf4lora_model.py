@@ -62,7 +62,9 @@ def test_target_modules_subset_quantizes_the_rest(tiny_tokenizer):
         prepare_model(_tiny(tiny_tokenizer), target_modules=["nope"])
 
 
-def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(tiny_tokenizer, tmp_path, quant_type,
+                                                                              bnb_fp32_cpu):
     pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -71,7 +73,7 @@ def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(t
 
     base_dir = tmp_path / "base"
     model = tiny_causal_lm(save_dir=base_dir, tokenizer=tiny_tokenizer)
-    prepare_model(model, r=4, alpha=8, dropout=0.0)
+    prepare_model(model, r=4, alpha=8, dropout=0.0, quant_type=quant_type)
     _randomize_adapters(model)
     model.eval()
     save_adapter(model, tmp_path / "adapter", str(base_dir))
@@ -81,9 +83,10 @@ def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(t
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids).logits
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32)
-    bnb_model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qconfig, device_map="cpu")
+    bnb_model = bnb_fp32_cpu(AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qconfig,
+                                                                   device_map="cpu"))
     peft_model = peft.PeftModel.from_pretrained(bnb_model, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = peft_model(ids).logits

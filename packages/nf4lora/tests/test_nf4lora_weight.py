@@ -41,20 +41,24 @@ def test_bad_container_arguments():
         NF4Weight(torch.zeros(5, dtype=torch.uint8), torch.ones(1, dtype=torch.uint8), (10,), torch.float32)
 
 
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
 @pytest.mark.parametrize("double_quant", (False, True))
-def test_bitsandbytes_params4bit_round_trip_shares_bytes(double_quant):
+def test_bitsandbytes_params4bit_round_trip_shares_bytes(double_quant, quant_type):
     bnb = pytest.importorskip("bitsandbytes")
     from nf4lora.interop import from_bnb, to_bnb_params4bit
 
     x = torch.randn(48, 97)
-    ours = NF4Weight.from_float(x, 64, double_quant)
+    ours = NF4Weight.from_float(x, 64, double_quant, quant_type=quant_type)
     param = to_bnb_params4bit(ours)
+    assert param.quant_type == quant_type and param.quant_state.quant_type == quant_type
     assert param.data_ptr() == ours.packed.data_ptr()  # no copy, no re-quantization
     expected = bnb.functional.dequantize_4bit(param.data, param.quant_state)
     assert_exact(ours.dequantize(), expected, "bitsandbytes dequantize of our bytes")
     # bitsandbytes-quantized -> ours
-    q, state = bnb.functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    q, state = bnb.functional.quantize_4bit(x, blocksize=64, quant_type=quant_type,
+                                            compress_statistics=double_quant)
     back = from_bnb(q, state)
+    assert back.quant_type == quant_type
     assert_exact(back.packed, ours.packed, "packed")
     assert_exact(back.absmax, ours.absmax, "absmax")
     assert_exact(back.dequantize(), bnb.functional.dequantize_4bit(q, state), "dequantize")
@@ -62,14 +66,16 @@ def test_bitsandbytes_params4bit_round_trip_shares_bytes(double_quant):
         from_bnb(q)
 
 
-def test_bitsandbytes_serialized_form_round_trip():
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_bitsandbytes_serialized_form_round_trip(quant_type):
     pytest.importorskip("bitsandbytes")
     from nf4lora.interop import bnb_serialized, from_bnb_serialized
 
-    w = NF4Weight.from_float(torch.randn(33, 64), 64, True)
+    w = NF4Weight.from_float(torch.randn(33, 64), 64, True, quant_type=quant_type)
     tensors = bnb_serialized(w, "layer.weight")
     assert {"layer.weight", "layer.weight.absmax", "layer.weight.nested_absmax",
-            "layer.weight.quant_state.bitsandbytes__nf4"} <= set(tensors)
+            f"layer.weight.quant_state.bitsandbytes__{quant_type}"} <= set(tensors)
     back = from_bnb_serialized(tensors, "layer.weight")
+    assert back.quant_type == quant_type
     assert_exact(back.dequantize(), w.dequantize(), "dequantize after serialization")
     assert back.shape == w.shape and back.dtype == w.dtype

@@ -1,4 +1,10 @@
-"""Blockwise NF4 quantization (QLoRA, arXiv 2305.14314), bit-compatible with bitsandbytes 0.50 on CPU.
+"""Blockwise 4-bit quantization, NF4 and FP4 (QLoRA, arXiv 2305.14314), bit-compatible with bitsandbytes 0.50
+on CPU.
+
+The two quant types differ only in their 16-entry code (`CODES`): NF4's is sorted (normal quantiles), FP4's
+is bitsandbytes' sign-magnitude 2-bit-exponent / 1-bit-mantissa table in its own index order (two zeros,
+indices 0 and 8). Quantizing searches the sorted code's midpoints and maps the position through the
+argsort `order` of the code (identity for NF4), exactly as bitsandbytes does.
 
 Quantize (bitsandbytes' CPU semantics, which users' checkpoints depend on):
 - blocks are contiguous runs of the flattened tensor (`blocksize` elements, the last one may be partial);
@@ -6,27 +12,31 @@ Quantize (bitsandbytes' CPU semantics, which users' checkpoints depend on):
 - full blocks are scaled by multiplying with the fp32 reciprocal `1 / max(absmax, 1e-38)`, the partial last
   block by dividing by `max(absmax, 1e-38)` (bitsandbytes does exactly this; the two can differ by one ulp,
   which decides the code on a midpoint); the partial last block also STORES `max(absmax, 1e-38)`;
-- the code is the nearest NF4 value by the fp32 midpoints; a value exactly on a midpoint takes the LOWER code;
-- two codes per byte, element 2i in the HIGH nibble; an odd count is padded with code 7 (the value 0).
+- the code is the nearest code value by the fp32 midpoints of the sorted code; a value exactly on a midpoint
+  takes the LOWER one (FP4: 0.0 itself lands below the midpoint between its two zeros, so it gets index 0 and
+  tiny positive values index 8);
+- two codes per byte, element 2i in the HIGH nibble; an odd count is padded with the code of 0.0 (NF4 7,
+  FP4 0).
 
 Edge cases (also in nf4lora's README):
-- an all-zero block stores absmax 0 (1e-38 when it is the partial last block) and codes 7: it dequantizes to
-  exact +0.0;
+- an all-zero block stores absmax 0 (1e-38 when it is the partial last block) and the code of 0.0: it
+  dequantizes to exact +0.0;
 - non-finite input: `quantize_nf4(..., check_finite=True)` (the default) raises a ValueError. With
   `check_finite=False` the bitsandbytes-CPU result is reproduced: a NaN makes its block's absmax NaN, an inf
-  makes it inf; NaN scaled values get code 15; every element of such a block dequantizes to NaN or +-inf.
+  makes it inf; NaN scaled values get the code of the last sorted value (NF4 15, FP4 3, both 1.0); every element of such a block dequantizes to NaN or +-inf.
 
 Double quantization (bitsandbytes `compress_statistics=True`): `offset = mean(absmax)` (torch's fp32 mean),
 `absmax - offset` is quantized blockwise (256 per block) with bitsandbytes' signed 8-bit dynamic map through
 its CPU lookup table (the nearest code up to a 65536-point grid, see `quantize_absmax_ref`). Reconstruction `absmax = code2[q] * absmax2[j // 256] + offset`
 is fused into the NF4 dequantize kernel.
 
-Dequantize: `NF4_CODE[nibble] * absmax[block]` in fp32, rounded once (to nearest even) to the output dtype.
+Dequantize: `CODES[quant_type][nibble] * absmax[block]` in fp32, rounded once (to nearest even) to the output dtype.
 
 Backends: "torch" is the reference below (the specification); "auto" runs Triton on CUDA tensors and, on CPU,
 the native kernels of `shared_kernels.nf4_cpu` (compiled on first use, bit-equal to the reference, several
 times faster than it and than bitsandbytes' native CPU kernel), falling back to the reference where they are
-unavailable; "triton" forces the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+unavailable; "triton" forces the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1). The Triton quantize kernel is
+NF4 only: FP4 quantizes with the torch reference on every device (a one-time cost per weight).
 """
 
 from __future__ import annotations
@@ -50,6 +60,33 @@ NF4_CODE = torch.tensor(
 )  # fmt: skip
 # (15,) fp32 midpoints between neighbouring codes: the decision boundaries.
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+# index 0b0000..0b1111, float32 (bitsandbytes `get_4bit_type("fp4")`): sign bit, 2 exponent bits, 1 mantissa
+# bit, divided by the largest magnitude (6), with bitsandbytes' subnormal 0b0001 = 1/192. Index 8 (sign bit,
+# zero magnitude) is +0.0 as in bitsandbytes' table, its torch path and the vectorised body of its native CPU
+# kernel; that kernel's scalar tail (and its CUDA kernel) decode it as -0.0. The values compare equal.
+FP4_CODE = torch.tensor(
+    [
+        0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
+        0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+        0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+        -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+QUANT_TYPES = ("nf4", "fp4")
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+def _quantize_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(midpoints (15,) fp32 of the sorted code, order (16,) uint8: sorted position -> code index, the code
+    index of 0.0 used as padding), as bitsandbytes' `_get_4bit_quantize_bounds` builds them."""
+    order = torch.argsort(code, stable=True)  # FP4's two zeros keep their index order: 0 before 8
+    midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+    pad = int(order[torch.bucketize(torch.zeros(()), midpoints)])
+    return midpoints, order.to(torch.uint8), pad
+
+
+QUANTIZE_TABLES = {name: _quantize_tables(code) for name, code in CODES.items()}
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DQ_BLOCKSIZE = 256
@@ -78,6 +115,11 @@ DYNAMIC_CODE = dynamic_map_signed()
 
 
 # ----------------------------------------------------------------------------------------------- validation
+
+
+def check_quant_type(quant_type: str, name: str = "quant_type") -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{name} must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
@@ -132,11 +174,12 @@ def _scaled_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     return scaled, absmax
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) integer codes in [0, 16) -> ((n + 1) // 2,) uint8, element 2i in the high nibble."""
+def pack_nibbles(codes: torch.Tensor, pad: int = 7) -> torch.Tensor:
+    """(n,) integer codes in [0, 16) -> ((n + 1) // 2,) uint8, element 2i in the high nibble; an odd count is
+    padded with `pad` (the code of 0.0: 7 for NF4, 0 for FP4)."""
     q = codes.to(torch.uint8)
     if q.numel() % 2:
-        q = torch.cat([q, q.new_full((1,), 7)])  # pad with the code of 0.0
+        q = torch.cat([q, q.new_full((1,), pad)])
     return (q[0::2] << 4) | q[1::2]
 
 
@@ -146,27 +189,32 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel].long()
 
 
-def quantize_nf4_ref(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch NF4 quantize (the specification). x: any shape, float -> (packed uint8 ((n+1)//2,),
+def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64,
+                      quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch 4-bit quantize (the specification). x: any shape, float -> (packed uint8 ((n+1)//2,),
     absmax fp32 (ceil(n / blocksize),))."""
+    midpoints, order, pad = QUANTIZE_TABLES[quant_type]
     scaled, absmax = _scaled_blocks(x.reshape(-1).float(), blocksize)
     # Ties to the lower code: bucketize(right=False) puts a value equal to a midpoint below it. NaN -> 15.
-    codes = torch.bucketize(scaled.clamp(-1, 1), NF4_MIDPOINTS.to(x.device), out_int32=True)
-    return pack_nibbles(codes), absmax
+    position = torch.bucketize(scaled.clamp(-1, 1), midpoints.to(x.device))
+    return pack_nibbles(order.to(x.device)[position], pad), absmax
 
 
-# (256, 2) fp32: the two code values of every byte (high nibble first), so dequantizing is one gather.
-_BYTE_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).contiguous()
+# (256, 2) fp32 per quant type: the two code values of every byte (high nibble first), so dequantizing is one
+# gather.
+_BYTE_PAIRS = {name: torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+               for name, code in CODES.items()}
 
 
-def dequantize_nf4_ref(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int = 64,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Pure-torch NF4 dequantize: `NF4_CODE[q] * absmax[block]` in fp32, cast once to `dtype`.
+def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int = 64,
+                        dtype: torch.dtype = torch.float32, quant_type: str = "nf4") -> torch.Tensor:
+    """Pure-torch 4-bit dequantize: `CODES[quant_type][q] * absmax[block]` in fp32, cast once to `dtype`.
 
     Looks the two values of each byte up in a 256-entry pair table (3x faster than unpacking nibbles)."""
     numel = math.prod(shape)
     n_blocks = absmax.numel()
-    values = _BYTE_PAIRS.to(packed.device).index_select(0, packed.reshape(-1).int()).view(-1)  # (2 * bytes,)
+    pairs = _BYTE_PAIRS[quant_type].to(packed.device)
+    values = pairs.index_select(0, packed.reshape(-1).int()).view(-1)  # (2 * bytes,)
     if values.numel() != n_blocks * blocksize:  # partial last block or odd count: pad to whole blocks
         values = torch.nn.functional.pad(values[:numel], (0, n_blocks * blocksize - numel))
     out = values.view(n_blocks, blocksize) * absmax.float().unsqueeze(1)
@@ -320,12 +368,12 @@ def _quantize_nf4_triton(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
 
 
 def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int,
-                           dtype: torch.dtype, dq: tuple | None) -> torch.Tensor:
+                           dtype: torch.dtype, dq: tuple | None, quant_type: str) -> torch.Tensor:
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     out_arg = out.view(torch.int16) if dtype == torch.bfloat16 else out
     bf16_bits = dtype == torch.bfloat16
     n_bytes = packed.numel()
-    code = NF4_CODE.to(packed.device)
+    code = CODES[quant_type].to(packed.device)
     bytes_per_prog = 1024
     grid = (triton.cdiv(n_bytes, bytes_per_prog),)
     if dq is None:
@@ -348,28 +396,29 @@ def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: in
 @torch.library.custom_op("shared_kernels::nf4_dequantize", mutates_args=())
 def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int, dtype: torch.dtype,
                        absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-                       blocksize2: int) -> torch.Tensor:
+                       blocksize2: int, quant_type: str = "nf4") -> torch.Tensor:
     """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
     dq = None if absmax2 is None else (absmax2.float().contiguous(), code2, offset, blocksize2)
-    return _dequantize_nf4_triton(packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq)
+    return _dequantize_nf4_triton(packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq, quant_type)
 
 
 @_nf4_dequantize_op.register_fake
-def _(packed, absmax, numel, blocksize, dtype, absmax2, code2, offset, blocksize2):
+def _(packed, absmax, numel, blocksize, dtype, absmax2, code2, offset, blocksize2, quant_type="nf4"):
     return packed.new_empty(numel, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def quantize_nf4(x: torch.Tensor, blocksize: int = 64, *, check_finite: bool = True,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise NF4 quantize, byte-for-byte equal to bitsandbytes' `quantize_4bit(x, blocksize,
-    quant_type="nf4", compress_statistics=False)` on CPU (its packed data flattened).
+def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", *, check_finite: bool = True,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantize, byte-for-byte equal to bitsandbytes' `quantize_4bit(x, blocksize,
+    quant_type=quant_type, compress_statistics=False)` on CPU (its packed data flattened).
 
     Args:
         x: float32/bfloat16/float16 tensor of any shape and element count n >= 1.
         blocksize: elements per absmax block, one of 32, 64, ..., 4096.
+        quant_type: "nf4" or "fp4".
         check_finite: raise a ValueError on NaN/inf input (one extra pass); with False a non-finite value
             poisons its block instead (see the module docstring).
         backend: "auto" (Triton on CUDA, the native kernels on CPU), "torch" (the reference) or "triton".
@@ -379,13 +428,14 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, *, check_finite: bool = T
     """
     _check_float_input(x, "x")
     check_blocksize(blocksize)
+    check_quant_type(quant_type)
     resolved = resolve_backend(backend, x.device)
-    if resolved == "triton":
+    if resolved == "triton" and quant_type == "nf4":
         packed, absmax = _quantize_nf4_triton(x.contiguous(), blocksize)
     elif backend == "auto" and x.device.type == "cpu" and nf4_cpu.available():
-        packed, absmax = _quantize_nf4_cpu(x, blocksize)
+        packed, absmax = _quantize_4bit_cpu(x, blocksize, quant_type)
     else:
-        packed, absmax = quantize_nf4_ref(x, blocksize)
+        packed, absmax = quantize_4bit_ref(x, blocksize, quant_type)
     # A block's absmax is finite exactly when all its values are: checking the constants is the same test as
     # checking x, at 1/blocksize of the cost.
     if check_finite and not bool(torch.isfinite(absmax).all()):
@@ -394,26 +444,28 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, *, check_finite: bool = T
     return packed, absmax
 
 
-def _quantize_nf4_cpu(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_4bit_cpu(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole blocks in the native kernel, the partial last block (divided, not multiplied) in the reference."""
     flat = x.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
     if full == 0:
-        return quantize_nf4_ref(flat, blocksize)
-    packed, absmax = nf4_cpu.quantize_nf4_full_blocks_cpu(flat[:full], blocksize, NF4_MIDPOINTS)
+        return quantize_4bit_ref(flat, blocksize, quant_type)
+    midpoints, order, _ = QUANTIZE_TABLES[quant_type]
+    packed, absmax = nf4_cpu.quantize_nf4_full_blocks_cpu(flat[:full], blocksize, midpoints, order)
     if full == n:
         return packed, absmax
-    tail_packed, tail_absmax = quantize_nf4_ref(flat[full:], blocksize)
+    tail_packed, tail_absmax = quantize_4bit_ref(flat[full:], blocksize, quant_type)
     return torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
 
 
-def dequantize_nf4(
+def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     shape: tuple[int, ...] | torch.Size,
     blocksize: int = 64,
     dtype: torch.dtype = torch.float32,
+    quant_type: str = "nf4",
     *,
     absmax2: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
@@ -421,7 +473,7 @@ def dequantize_nf4(
     blocksize2: int = DQ_BLOCKSIZE,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """NF4 dequantize, equal to bitsandbytes' `dequantize_4bit` for the same bytes and constants.
+    """4-bit dequantize, equal to bitsandbytes' `dequantize_4bit` for the same bytes, constants and quant type.
 
     Args:
         packed: uint8 ((numel + 1) // 2,) (any shape with that many elements, e.g. bitsandbytes' (k, 1)).
@@ -429,6 +481,7 @@ def dequantize_nf4(
         shape: the output shape.
         blocksize: NF4 block size used at quantization.
         dtype: output dtype (float32, bfloat16, float16).
+        quant_type: "nf4" or "fp4", as at quantization.
         absmax2, offset, code2, blocksize2: the double-quantization state (required when `absmax` is uint8):
             fp32 (ceil(n_blocks / blocksize2),) scales, the fp32 0-dim mean, the (256,) code (default: the
             signed dynamic map) and the second-level block size.
@@ -439,6 +492,7 @@ def dequantize_nf4(
     shape = tuple(int(s) for s in shape)
     double_quant = absmax.dtype == torch.uint8
     numel = _check_packed(packed, absmax, shape, blocksize, dtype)
+    check_quant_type(quant_type)
     if double_quant:
         if absmax2 is None or offset is None:
             raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
@@ -453,14 +507,22 @@ def dequantize_nf4(
     if resolve_backend(backend, packed.device) == "triton":
         dq = (absmax2, code2, offset) if double_quant else (None, None, None)
         out = torch.ops.shared_kernels.nf4_dequantize(packed.reshape(-1), absmax, numel, blocksize, dtype, *dq,
-                                                      blocksize2)
+                                                      blocksize2, quant_type)
         return out.reshape(shape)
     if backend == "auto" and packed.device.type == "cpu" and nf4_cpu.available():
         dq = (absmax2, offset, code2, blocksize2) if double_quant else None
-        return nf4_cpu.dequantize_nf4_cpu(packed, absmax, numel, blocksize, dtype, NF4_CODE, dq).view(shape)
+        code = CODES[quant_type]
+        return nf4_cpu.dequantize_nf4_cpu(packed, absmax, numel, blocksize, dtype, code, dq).view(shape)
     if double_quant:
         absmax = dequantize_absmax_ref(absmax, absmax2, offset, code2, blocksize2)
-    return dequantize_nf4_ref(packed, absmax, shape, blocksize, dtype)
+    return dequantize_4bit_ref(packed, absmax, shape, blocksize, dtype, quant_type)
+
+
+# The historical NF4 names: the same functions (quant_type defaults to "nf4").
+quantize_nf4 = quantize_4bit
+dequantize_nf4 = dequantize_4bit
+quantize_nf4_ref = quantize_4bit_ref
+dequantize_nf4_ref = dequantize_4bit_ref
 
 
 def double_quantize_absmax(

@@ -1,5 +1,5 @@
-"""Native CPU kernels for NF4 quantize/dequantize: the fast path `shared_kernels.nf4` takes for CPU tensors
-with `backend="auto"`. Bit for bit equal to the torch reference (`quantize_nf4_ref`, `dequantize_nf4_ref`)
+"""Native CPU kernels for 4-bit (NF4, FP4) quantize/dequantize: the fast path `shared_kernels.nf4` takes for CPU tensors
+with `backend="auto"`. Bit for bit equal to the torch reference (`quantize_4bit_ref`, `dequantize_4bit_ref`)
 and so to bitsandbytes' CPU backend; the reference stays the specification (`backend="torch"`).
 
 Why C: the reference is memory-bound torch code that makes several passes (index, gather, scale, cast), and
@@ -10,7 +10,8 @@ bitsandbytes' native kernel). Here, per block of `blocksize` elements:
   the output dtype, then each byte is two table lookups (AVX2: `vpermps` on the 16-entry table, 8 bytes per
   step). Multiplying the code by the scale and rounding happen exactly as in the reference, per element;
 - quantize takes the block's max |x| (NaN propagates), scales by the fp32 reciprocal and counts the fp32
-  midpoints strictly below each value (ties to the lower code, NaN -> 15). The partial last block (divided,
+  midpoints of the sorted code strictly below each value (ties to the lower code, NaN -> 15), then maps that
+  position through the code's sort order (identity for NF4, see `shared_kernels.nf4`). The partial last block (divided,
   not multiplied) is left to the reference by the caller.
 Work is shared by `torch.get_num_threads()` pthreads claiming chunks of blocks from an atomic counter (a
 static split made a descheduled thread hold up half the call on the loaded test machine). A fresh output tensor is advised to use
@@ -50,7 +51,8 @@ typedef struct {
     const float* absmax; const uint8_t* qabsmax; const float* absmax2; const float* code2; float offset;
     int64_t blocksize2; void* out; int out_kind;
     /* quantize */
-    const void* x; int in_kind; const float* midpoints; float* absmax_out; uint8_t* packed_out;
+    const void* x; int in_kind; const float* midpoints; const uint8_t* order; float* absmax_out;
+    uint8_t* packed_out;
     /* blocks [0, n_blocks), claimed `chunk` at a time from the shared counter `next` */
     int64_t n_blocks, chunk;
     int64_t* next;
@@ -167,7 +169,9 @@ static void* quantize_blocks(void* arg) {
     const nf4_job* a = (const nf4_job*)arg;
     const int64_t bs = a->blocksize;
     float m[15], buf[4096];
+    uint8_t order[16];
     for (int k = 0; k < 15; ++k) m[k] = a->midpoints[k];
+    for (int k = 0; k < 16; ++k) order[k] = a->order[k];
     int64_t b0, b1;
     while (claim(a, &b0, &b1)) for (int64_t b = b0; b < b1; ++b) {
         const int64_t e0 = b * bs;
@@ -195,7 +199,7 @@ static void* quantize_blocks(void* arg) {
             for (int k = 0; k < 15; ++k) { q0 += s0 > m[k]; q1 += s1 > m[k]; }
             if (s0 != s0) q0 = 15;
             if (s1 != s1) q1 = 15;
-            p[j] = (uint8_t)((q0 << 4) | q1);
+            p[j] = (uint8_t)((order[q0] << 4) | order[q1]);
         }
     }
     return 0;
@@ -227,11 +231,11 @@ void nf4_dequantize(const uint8_t* packed, const float* code, int64_t numel, int
     run_parallel(dequantize_blocks, job, (numel + blocksize - 1) / blocksize, n_threads);
 }
 
-void nf4_quantize_full_blocks(const void* x, int in_kind, const float* midpoints, int64_t blocksize,
-                              int64_t n_blocks, uint8_t* packed, float* absmax, int n_threads) {
+void nf4_quantize_full_blocks(const void* x, int in_kind, const float* midpoints, const uint8_t* order,
+                              int64_t blocksize, int64_t n_blocks, uint8_t* packed, float* absmax, int n_threads) {
     nf4_job job;
     memset(&job, 0, sizeof job);
-    job.x = x; job.in_kind = in_kind; job.midpoints = midpoints; job.blocksize = blocksize;
+    job.x = x; job.in_kind = in_kind; job.midpoints = midpoints; job.order = order; job.blocksize = blocksize;
     job.packed_out = packed; job.absmax_out = absmax;
     run_parallel(quantize_blocks, job, n_blocks, n_threads);
 }
@@ -287,7 +291,7 @@ def _load() -> ctypes.CDLL:
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nf4_dequantize.argtypes = [P, P, I64, I64, P, P, P, P, ctypes.c_float, I64, P, I32, I32]
     lib.nf4_dequantize.restype = None
-    lib.nf4_quantize_full_blocks.argtypes = [P, I32, P, I64, I64, P, P, I32]
+    lib.nf4_quantize_full_blocks.argtypes = [P, I32, P, P, I64, I64, P, P, I32]
     lib.nf4_quantize_full_blocks.restype = None
     lib.nf4_advise_hugepages.argtypes = [P, I64]
     lib.nf4_advise_hugepages.restype = None
@@ -353,10 +357,11 @@ def dequantize_nf4_cpu(packed: torch.Tensor, absmax: torch.Tensor, numel: int, b
     return out
 
 
-def quantize_nf4_full_blocks_cpu(x: torch.Tensor, blocksize: int,
-                                 midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4_full_blocks_cpu(x: torch.Tensor, blocksize: int, midpoints: torch.Tensor,
+                                 order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole blocks of flat CPU `x` (numel a multiple of `blocksize`): (packed uint8 (numel // 2,),
-    absmax fp32 (numel // blocksize,)), as `quantize_nf4_ref`."""
+    absmax fp32 (numel // blocksize,)), as `quantize_4bit_ref` with the sorted code's (15,) `midpoints` and
+    its (16,) uint8 sort `order`."""
     lib = library()
     assert lib is not None, "call available() first"
     if x.dtype == torch.float16:
@@ -367,6 +372,8 @@ def quantize_nf4_full_blocks_cpu(x: torch.Tensor, blocksize: int,
     packed = _empty(numel // 2, torch.uint8, lib)
     absmax = torch.empty(n_blocks, dtype=torch.float32)
     mids = midpoints.float().contiguous()
-    lib.nf4_quantize_full_blocks(x.data_ptr(), 0 if x.dtype == torch.float32 else 1, mids.data_ptr(), blocksize,
-                                 n_blocks, packed.data_ptr(), absmax.data_ptr(), _threads(numel))
+    order = order.to(torch.uint8).contiguous()
+    lib.nf4_quantize_full_blocks(x.data_ptr(), 0 if x.dtype == torch.float32 else 1, mids.data_ptr(),
+                                 order.data_ptr(), blocksize, n_blocks, packed.data_ptr(), absmax.data_ptr(),
+                                 _threads(numel))
     return packed, absmax

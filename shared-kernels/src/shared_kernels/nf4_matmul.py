@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from shared_kernels.backend import resolve_backend, triton_available
-from shared_kernels.nf4 import DQ_BLOCKSIZE, DYNAMIC_CODE, NF4_CODE, dequantize_nf4
+from shared_kernels.nf4 import CODES, DQ_BLOCKSIZE, DYNAMIC_CODE, check_quant_type, dequantize_4bit
 
 
 def matmul_nf4_ref(x: torch.Tensor, w_dense: torch.Tensor, transpose_w: bool = True) -> torch.Tensor:
@@ -64,7 +64,7 @@ if triton_available():
 
 
 def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
-                       blocksize: int, transpose_w: bool, dq: tuple | None) -> torch.Tensor:
+                       blocksize: int, transpose_w: bool, dq: tuple | None, quant_type: str) -> torch.Tensor:
     n_rows, n_cols = shape  # W (N, K)
     M = x2d.shape[0]
     if transpose_w:  # y = x @ W^T: inner index k walks a row of W
@@ -74,7 +74,7 @@ def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
     out = torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device)
     block_m = 16 if M <= 16 else 64
     grid = (triton.cdiv(M, block_m), triton.cdiv(n_out, 64))
-    code = NF4_CODE.to(x2d.device)
+    code = CODES[quant_type].to(x2d.device)
     if dq is None:
         dq_args = (packed, absmax, code, absmax)
         double_quant, blocksize2 = False, DQ_BLOCKSIZE
@@ -92,15 +92,17 @@ def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
 @torch.library.custom_op("shared_kernels::nf4_matmul", mutates_args=())
 def _nf4_matmul_op(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n_rows: int, n_cols: int,
                    blocksize: int, transpose_w: bool, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-                   offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
+                   offset: torch.Tensor | None, blocksize2: int, quant_type: str = "nf4") -> torch.Tensor:
     """The Triton launch as a torch custom op (fake implementation below), so torch.compile does not break the
     graph around it: x2d (M, K) -> (M, N) forward, (M, N) -> (M, K) with transpose_w=False."""
     dq = None if absmax2 is None else (absmax2, code2, offset, blocksize2)
-    return _matmul_nf4_triton(x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq)
+    return _matmul_nf4_triton(x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq,
+                              quant_type)
 
 
 @_nf4_matmul_op.register_fake
-def _(x2d, packed, absmax, n_rows, n_cols, blocksize, transpose_w, absmax2, code2, offset, blocksize2):
+def _(x2d, packed, absmax, n_rows, n_cols, blocksize, transpose_w, absmax2, code2, offset, blocksize2,
+      quant_type="nf4"):
     return x2d.new_empty((x2d.shape[0], n_rows if transpose_w else n_cols))
 
 
@@ -116,6 +118,7 @@ def matmul_nf4(
     offset: torch.Tensor | None = None,
     code2: torch.Tensor | None = None,
     blocksize2: int = DQ_BLOCKSIZE,
+    quant_type: str = "nf4",
     backend: str = "auto",
 ) -> torch.Tensor:
     """x @ W^T (transpose_w=True, the forward) or x @ W (False, the input gradient) with NF4 weight W.
@@ -123,7 +126,8 @@ def matmul_nf4(
     Args:
         x: (..., K) for the forward or (..., N) for the backward, float32/bfloat16/float16; the result has
             x's dtype (W is dequantized to it; fp32 accumulation in the kernel).
-        packed, absmax, blocksize, absmax2, offset, code2, blocksize2: the NF4 weight, as for `dequantize_nf4`.
+        packed, absmax, blocksize, absmax2, offset, code2, blocksize2, quant_type: the 4-bit weight, as for
+            `dequantize_4bit`.
         shape: (N, K) = (out_features, in_features) of W.
         backend: "auto" (Triton on CUDA), "torch" (dequantize then matmul) or "triton".
     Returns:
@@ -137,9 +141,10 @@ def matmul_nf4(
                          f"(transpose_w={transpose_w}), got {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "torch" or x.numel() == 0:
         # "auto" on CPU dequantizes with the native kernels (same bits as the reference, faster).
-        w = dequantize_nf4(packed, absmax, shape, blocksize, x.dtype, absmax2=absmax2, offset=offset,
-                           code2=code2, blocksize2=blocksize2, backend="torch" if backend == "torch" else "auto")
+        w = dequantize_4bit(packed, absmax, shape, blocksize, x.dtype, quant_type, absmax2=absmax2, offset=offset,
+                            code2=code2, blocksize2=blocksize2, backend="torch" if backend == "torch" else "auto")
         return matmul_nf4_ref(x, w, transpose_w)
+    check_quant_type(quant_type)
     double_quant = absmax.dtype == torch.uint8
     if double_quant and (absmax2 is None or offset is None):
         raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
@@ -147,5 +152,5 @@ def matmul_nf4(
     dq = (absmax2, code2, offset) if double_quant else (None, None, None)
     x2d = x.reshape(-1, inner)
     out = torch.ops.shared_kernels.nf4_matmul(x2d, packed.reshape(-1), absmax, int(shape[0]), int(shape[1]),
-                                              blocksize, transpose_w, *dq, blocksize2)
+                                              blocksize, transpose_w, *dq, blocksize2, quant_type)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -21,15 +21,21 @@ from nf4lora.model import (
 from nf4lora.optim import paged_adamw
 from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import (
+    FP4_CODE,
     NF4_CODE,
+    QUANT_TYPES,
     SUPPORTED_BLOCKSIZES,
+    dequantize_4bit,
     dequantize_nf4,
     double_quantize_absmax,
+    quantize_4bit,
     quantize_nf4,
 )
 
 __all__ = [
+    "FP4_CODE",
     "NF4_CODE",
+    "QUANT_TYPES",
     "SUPPORTED_BLOCKSIZES",
     "Linear4bit",
     "LoRALinear4bit",
@@ -41,6 +47,7 @@ __all__ = [
     "memory_report",
     "paged_adamw",
     "NF4Weight",
+    "dequantize_4bit",
     "dequantize_nf4",
     "double_quantize_absmax",
     "load_adapter",
@@ -50,6 +57,7 @@ __all__ = [
     "nf4_linear",
     "prepare_model",
     "quantize_model",
+    "quantize_4bit",
     "quantize_nf4",
     "save_adapter",
 ]

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("out_path", type=Path)
     q.add_argument("--blocksize", type=int, default=64)
     q.add_argument("--no-double-quant", action="store_true")
+    q.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     r = sub.add_parser("report", help="bytes by role of a (quantized) model and the QLoRA training estimate")
     r.add_argument("model_path", type=Path)
     r.add_argument("--r", type=int, default=64)
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from nf4lora.serialize import save_quantized
 
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype="auto")
-        quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+        quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                       quant_type=args.quant_type)
         save_quantized(model, args.out_path, source_dir=args.model_path)
         print(f"wrote {args.out_path}")
         print(memory_report(model).format())

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from nf4lora.weight import NF4Weight
-from shared_kernels.nf4 import NF4_CODE
+from shared_kernels.nf4 import CODES, QUANT_TYPES
 
 
 def to_bnb_quant_state(weight: NF4Weight) -> Any:
-    """A bitsandbytes `QuantState` sharing this weight's constants (nf4, nested when double-quantized)."""
+    """A bitsandbytes `QuantState` sharing this weight's constants (nf4/fp4, nested when double-quantized)."""
     from bitsandbytes.functional import QuantState
 
     state2 = None
@@ -22,8 +22,9 @@ def to_bnb_quant_state(weight: NF4Weight) -> Any:
         state2 = QuantState(absmax=weight.absmax2, code=weight.code2, blocksize=weight.blocksize2,
                             dtype=torch.float32)
         offset = weight.offset
-    return QuantState(absmax=weight.absmax, shape=weight.shape, code=NF4_CODE.to(weight.packed.device),
-                      blocksize=weight.blocksize, quant_type="nf4", dtype=weight.dtype, offset=offset, state2=state2)
+    return QuantState(absmax=weight.absmax, shape=weight.shape, code=CODES[weight.quant_type].to(weight.packed.device),
+                      blocksize=weight.blocksize, quant_type=weight.quant_type, dtype=weight.dtype, offset=offset,
+                      state2=state2)
 
 
 def to_bnb_params4bit(weight: NF4Weight) -> Any:
@@ -31,18 +32,19 @@ def to_bnb_params4bit(weight: NF4Weight) -> Any:
     from bitsandbytes.nn import Params4bit
 
     return Params4bit(weight.packed.reshape(-1, 1), requires_grad=False, quant_state=to_bnb_quant_state(weight),
-                      blocksize=weight.blocksize, compress_statistics=weight.double_quant, quant_type="nf4",
+                      blocksize=weight.blocksize, compress_statistics=weight.double_quant,
+                      quant_type=weight.quant_type,
                       bnb_quantized=True)
 
 
 def from_bnb(data: torch.Tensor, quant_state: Any | None = None) -> NF4Weight:
     """An `NF4Weight` over bitsandbytes' bytes: `data` is a Params4bit (its quant_state is used) or the packed
-    uint8 tensor with `quant_state` given. Only nf4 with uint8 storage is accepted."""
+    uint8 tensor with `quant_state` given (nf4 or fp4)."""
     state = quant_state if quant_state is not None else getattr(data, "quant_state", None)
     if state is None:
         raise ValueError("quant_state is required (data has none): is the Params4bit quantized?")
-    if state.quant_type != "nf4":
-        raise ValueError(f"quant_state.quant_type must be 'nf4', got {state.quant_type!r}")
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
     packed = data.detach() if isinstance(data, torch.Tensor) else data
     if packed.dtype != torch.uint8:
         raise ValueError(f"data must be stored as uint8 (bitsandbytes quant_storage=torch.uint8), got {packed.dtype}")
@@ -50,13 +52,14 @@ def from_bnb(data: torch.Tensor, quant_state: Any | None = None) -> NF4Weight:
     if state.nested:
         return NF4Weight(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize,
                          absmax2=state.state2.absmax, offset=torch.as_tensor(state.offset, dtype=torch.float32),
-                         code2=state.state2.code, blocksize2=state.state2.blocksize)
-    return NF4Weight(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize)
+                         code2=state.state2.code, blocksize2=state.state2.blocksize, quant_type=state.quant_type)
+    return NF4Weight(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize,
+                     quant_type=state.quant_type)
 
 
 def bnb_serialized(weight: NF4Weight, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes writes for a Linear4bit weight under `prefix` (e.g. "model.q_proj.weight"):
-    the packed data, `.absmax`, `.quant_map`, nested entries and the packed `.quant_state.bitsandbytes__nf4`."""
+    the packed data, `.absmax`, `.quant_map`, nested entries and the packed `.quant_state.bitsandbytes__<type>`."""
     state = to_bnb_quant_state(weight)
     out = {prefix: weight.packed.reshape(-1, 1)}
     for key, value in state.as_dict(packed=True).items():

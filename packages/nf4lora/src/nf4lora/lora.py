@@ -2,6 +2,9 @@
 
     y = x @ dequant(W)^T + bias + (alpha / r) * B(A(dropout(x)))
 
+Outputs are in the input's dtype (bitsandbytes' and peft's convention): the base matmul runs in the compute
+dtype, the adapter in the adapter dtype, and the sum is cast back to x.dtype.
+
 The base path is an autograd.Function that keeps only a reference to the 4-bit weight for backward (never a
 dequantized copy, never the input) and returns no gradient for it: dx = dy @ dequant(W) is recomputed from the
 codes. A is kaiming-uniform(a=sqrt(5)), B is zero, so at initialisation the layer equals the base.
@@ -48,7 +51,8 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
 
 
 class Linear4bit(nn.Module):
-    """A frozen NF4 linear layer: `weight` is an `NF4Weight`, `bias` a frozen parameter or None.
+    """A frozen 4-bit linear layer: `weight` is an `NF4Weight` (NF4 or FP4), `bias` a frozen parameter or None.
+    The output has the input's dtype; the matmul runs in `compute_dtype`.
 
     Args:
         weight: the (out_features, in_features) NF4 weight.
@@ -70,16 +74,19 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, backend: str = "auto", **kwargs) -> Linear4bit:
-        weight = NF4Weight.from_float(linear.weight, blocksize, double_quant, backend=backend)
+                    compute_dtype: torch.dtype | None = None, backend: str = "auto", quant_type: str = "nf4",
+                    **kwargs) -> Linear4bit:
+        weight = NF4Weight.from_float(linear.weight, blocksize, double_quant, backend=backend,
+                                      quant_type=quant_type)
         return cls(weight, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype, backend=backend,
                    **kwargs)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen path in the compute dtype (the caller casts back to x.dtype)."""
         return nf4_linear(x.to(self.compute_dtype), self.weight, self.bias, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_forward(x)
+        return self.base_forward(x).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -138,12 +145,13 @@ class LoRALinear4bit(Linear4bit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_weight is not None:
-            return F.linear(x.to(self.compute_dtype), self.merged_weight,
-                            None if self.bias is None else self.bias.to(self.compute_dtype))
+            y = F.linear(x.to(self.compute_dtype), self.merged_weight,
+                         None if self.bias is None else self.bias.to(self.compute_dtype))
+            return y.to(x.dtype)
         y = self.base_forward(x)
         a = self.lora_A.weight
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return y + (self.scaling * lora).to(y.dtype)
+        return (y + (self.scaling * lora).to(y.dtype)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"

@@ -37,6 +37,7 @@ class LoRASettings:
     use_rslora: bool = False
     blocksize: int = 64
     double_quant: bool = True
+    quant_type: str = "nf4"
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:
@@ -66,14 +67,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] = (),
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", quant_type: str = "nf4") -> nn.Module:
     """Replace every nn.Linear except the output embedding (LM head) and names in `skip` by a frozen
     `Linear4bit`, in place. Returns the model."""
     head = _output_embedding(model)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module is not head and name not in skip:
             _set_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype,
-                                                            backend=backend))
+                                                            backend=backend, quant_type=quant_type))
     return model
 
 
@@ -92,6 +93,7 @@ def prepare_model(
     norms_in_fp32: bool = True,
     seed: int | None = None,
     backend: str = "auto",
+    quant_type: str = "nf4",
 ) -> nn.Module:
     """QLoRA-prepare a (transformers) model in place and return it.
 
@@ -110,6 +112,7 @@ def prepare_model(
         norms_in_fp32: upcast normalisation layers (class names containing "Norm") to fp32.
         seed: seed for the adapter initialisation (A kaiming-uniform) when given.
         backend: kernel backend of the base matmuls ("auto", "torch", "triton").
+        quant_type: "nf4" (QLoRA's choice) or "fp4" (bitsandbytes' 4-bit float).
     """
     if getattr(model, "nf4lora_settings", None) is not None:
         raise ValueError("model was already prepared by nf4lora.prepare_model")
@@ -124,7 +127,7 @@ def prepare_model(
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module is head:
             continue
-        weight = NF4Weight.from_float(module.weight, blocksize, double_quant, backend=backend)
+        weight = NF4Weight.from_float(module.weight, blocksize, double_quant, backend=backend, quant_type=quant_type)
         if _matches(name, target_modules):
             new: nn.Module = LoRALinear4bit(weight, module.bias, r=r, alpha=alpha, dropout=dropout,
                                             use_rslora=use_rslora, compute_dtype=compute_dtype or module.weight.dtype,
@@ -147,7 +150,8 @@ def prepare_model(
         if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n in targeted})
-    model.nf4lora_settings = LoRASettings(r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant)
+    model.nf4lora_settings = LoRASettings(r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant,
+                                          quant_type)
     return model
 
 

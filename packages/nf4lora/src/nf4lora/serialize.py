@@ -12,6 +12,7 @@ from torch import nn
 
 from nf4lora.lora import Linear4bit
 from nf4lora.model import _atomic_write, _set_module, quantize_model
+from shared_kernels.nf4 import QUANT_TYPES
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -45,7 +46,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first.weight.double_quant,
+        "bnb_4bit_quant_type": first.weight.quant_type, "bnb_4bit_use_double_quant": first.weight.double_quant,
         "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"],
     }
@@ -59,7 +60,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
 
 
 def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
-    """Load a checkpoint written by `save_quantized` (or by transformers + bitsandbytes with nf4) as a model
+    """Load a checkpoint written by `save_quantized` (or by transformers + bitsandbytes, nf4 or fp4) as a model
     whose linear layers are `Linear4bit`, the 4-bit bytes taken as they are (no re-quantization)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -72,8 +73,9 @@ def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
     if not qconfig:
         raise ValueError(f"path has no quantization_config in config.json: {path}")
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    if qconfig.get("bnb_4bit_quant_type") != "nf4":
-        raise ValueError(f"quantization_config.bnb_4bit_quant_type must be 'nf4', got {qconfig.get('bnb_4bit_quant_type')!r}")
+    if qconfig.get("bnb_4bit_quant_type") not in QUANT_TYPES:
+        raise ValueError(f"quantization_config.bnb_4bit_quant_type must be one of {QUANT_TYPES}, "
+                         f"got {qconfig.get('bnb_4bit_quant_type')!r}")
     del config.quantization_config
     compute_dtype = getattr(torch, str(qconfig.get("bnb_4bit_compute_dtype", "float32")))
     model = AutoModelForCausalLM.from_config(config)

@@ -1,4 +1,4 @@
-"""The 4-bit weight container: NF4 codes + (optionally double-quantized) constants + shape and dtype.
+"""The 4-bit weight container: NF4 or FP4 codes + (optionally double-quantized) constants + shape and dtype.
 
 Stored exactly as bitsandbytes stores a `Params4bit` with its `QuantState`, so the same bytes serve either
 library (conversion in `nf4lora.interop`, no re-quantization).
@@ -15,15 +15,16 @@ from shared_kernels.nf4 import (
     DQ_BLOCKSIZE,
     DYNAMIC_CODE,
     check_blocksize,
-    dequantize_nf4,
+    check_quant_type,
+    dequantize_4bit,
     double_quantize_absmax,
-    quantize_nf4,
+    quantize_4bit,
 )
 from shared_kernels.nf4_matmul import matmul_nf4
 
 
 class NF4Weight(nn.Module):
-    """A frozen NF4 tensor as module buffers (so `.to()`, `state_dict()` and `memory_report` see it).
+    """A frozen 4-bit (NF4 or FP4) tensor as module buffers (so `.to()`, `state_dict()` and `memory_report` see it).
 
     Buffers:
         packed: uint8 ((numel + 1) // 2,) codes, element 2i in the high nibble.
@@ -33,15 +34,18 @@ class NF4Weight(nn.Module):
         code2: float32 (256,) the second-level code (double quantization only; bitsandbytes keeps one per
             weight, so conversions keep it too).
     Attributes:
-        shape: the original shape; dtype: the original dtype (the default dequantize dtype); blocksize.
+        shape: the original shape; dtype: the original dtype (the default dequantize dtype); blocksize;
+        quant_type: "nf4" or "fp4".
     """
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size,
                  dtype: torch.dtype, blocksize: int = 64, *, absmax2: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None, code2: torch.Tensor | None = None,
-                 blocksize2: int = DQ_BLOCKSIZE) -> None:
+                 blocksize2: int = DQ_BLOCKSIZE, quant_type: str = "nf4") -> None:
         super().__init__()
         check_blocksize(blocksize)
+        check_quant_type(quant_type)
+        self.quant_type = quant_type
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.blocksize = blocksize
@@ -67,14 +71,16 @@ class NF4Weight(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                   backend: str = "auto") -> NF4Weight:
-        """Quantize a float tensor (bitsandbytes `quantize_4bit(..., "nf4", compress_statistics=double_quant)`)."""
+                   backend: str = "auto", quant_type: str = "nf4") -> NF4Weight:
+        """Quantize a float tensor (bitsandbytes `quantize_4bit(..., quant_type,
+        compress_statistics=double_quant)`)."""
         w = weight.detach()
-        packed, absmax = quantize_nf4(w, blocksize, backend=backend)
+        packed, absmax = quantize_4bit(w, blocksize, quant_type, backend=backend)
         if not double_quant:
-            return cls(packed, absmax, w.shape, w.dtype, blocksize)
+            return cls(packed, absmax, w.shape, w.dtype, blocksize, quant_type=quant_type)
         qabsmax, absmax2, offset = double_quantize_absmax(absmax)
-        return cls(packed, qabsmax, w.shape, w.dtype, blocksize, absmax2=absmax2, offset=offset)
+        return cls(packed, qabsmax, w.shape, w.dtype, blocksize, absmax2=absmax2, offset=offset,
+                   quant_type=quant_type)
 
     def _dq_kwargs(self) -> dict:
         if not self.double_quant:
@@ -83,13 +89,14 @@ class NF4Weight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
         """The dense weight (self.shape) in `dtype` (default: the original dtype)."""
-        return dequantize_nf4(self.packed, self.absmax, self.shape, self.blocksize, dtype or self.dtype,
-                              backend=backend, **self._dq_kwargs())
+        return dequantize_4bit(self.packed, self.absmax, self.shape, self.blocksize, dtype or self.dtype,
+                               self.quant_type, backend=backend, **self._dq_kwargs())
 
     def matmul(self, x: torch.Tensor, transpose_w: bool = True, backend: str = "auto") -> torch.Tensor:
         """x @ W^T (transpose_w) or x @ W for a 2-D weight, in x's dtype, without storing W."""
         return matmul_nf4(x, self.packed, self.absmax, (self.shape[0], self.shape[1]), self.blocksize,
-                          transpose_w=transpose_w, backend=backend, **self._dq_kwargs())
+                          transpose_w=transpose_w, quant_type=self.quant_type, backend=backend,
+                          **self._dq_kwargs())
 
     @property
     def numel(self) -> int:
@@ -113,5 +120,5 @@ class NF4Weight(nn.Module):
         return bits / self.numel
 
     def extra_repr(self) -> str:
-        return (f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
-                f"double_quant={self.double_quant}")
+        return (f"shape={tuple(self.shape)}, dtype={self.dtype}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}")
