@@ -8,8 +8,8 @@ and reused by later runs. Then:
    model computes with) to NF4, NF4+DQ, FP4 and symmetric absmax Int4 at blocksizes 64 and 128; held-out loss
    of the pretraining corpus (`eval_loss`) and of the finetuning corpus's test split, against the fp32 base.
 2. Finetuning on a domain shift (Cranfield aerodynamics abstracts): `full-fp32` (every parameter),
-   `lora-fp32` (peft LoRA on the fp32 base), `qlora-nf4` / `qlora-nf4-dq` (`nf4lora.prepare_model`, the real
-   4-bit storage) and `qlora-fp4`; the same steps, r, alpha, schedule and learning-rate grid for every
+   `lora-fp32` (peft LoRA on the fp32 base), `qlora-nf4` / `qlora-nf4-dq` / `qlora-fp4` (`nf4lora.prepare_model`,
+   the real 4-bit storage, blocksize 64); the same steps, r, alpha, schedule and learning-rate grid for every
    variant. The learning rate is chosen per variant on the validation split with the first seed; the other
    seeds run at that rate; `eval_loss` is on the test split (documents disjoint from train and validation).
 
@@ -72,8 +72,8 @@ class StudyConfig:
     batch_size: int = 8
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 150
-    lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3)
+    finetune_steps: int = 100
+    lrs: tuple[float, ...] = (1e-3, 4e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
     r: int = 8
     alpha: float = 16.0
@@ -267,40 +267,19 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- storage types
 
 
-def fp4_backend() -> str:
-    """Where FP4 comes from: nf4lora's own `quantize_4bit` when present, else bitsandbytes on CPU (labelled)."""
-    import nf4lora
-
-    return "nf4lora" if hasattr(nf4lora, "quantize_4bit") else "bitsandbytes-cpu (fallback)"
-
-
 def roundtrip(w: torch.Tensor, storage: str, blocksize: int) -> tuple[torch.Tensor, int]:
     """Quantize `w` to a 4-bit storage type and back: (fp32 values the 4-bit model computes with, stored
     bytes of codes + constants)."""
-    if storage in ("nf4", "nf4-dq"):
+    if storage in ("nf4", "nf4-dq", "fp4"):
         from nf4lora.weight import NF4Weight
 
-        q = NF4Weight.from_float(w, blocksize, storage == "nf4-dq")
+        q = NF4Weight.from_float(w, blocksize, storage == "nf4-dq", quant_type="fp4" if storage == "fp4" else "nf4")
         return q.dequantize(torch.float32), q.nbytes
     if storage == "int4":
         from nf4lora.int4 import dequantize_int4, quantize_int4
 
         packed, absmax = quantize_int4(w, blocksize)
         return dequantize_int4(packed, absmax, tuple(w.shape), blocksize), packed.numel() + absmax.numel() * 4
-    if storage == "fp4":
-        import nf4lora
-
-        x = w.detach().float().contiguous()
-        if hasattr(nf4lora, "quantize_4bit"):
-            packed, state = nf4lora.quantize_4bit(x, blocksize=blocksize, quant_type="fp4")
-            out = nf4lora.dequantize_4bit(packed, state)
-        else:
-            import bitsandbytes.functional as bnbf
-
-            packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type="fp4")
-            out = bnbf.dequantize_4bit(packed, state)
-        absmax = state.absmax if hasattr(state, "absmax") else state
-        return out.float().view(w.shape), packed.numel() + absmax.numel() * absmax.element_size()
     raise ValueError(f"storage must be one of {ZERO_SHOT_STORAGE}, got {storage!r}")
 
 
@@ -352,7 +331,6 @@ def zero_shot(cfg: StudyConfig, base_dir: Path) -> list[dict[str, Any]]:
             "eval_loss": eval_loss(model, held, cfg), "eval_loss_finetune_test": eval_loss(model, test, cfg),
             "weight_bytes": nbytes, "train_state_bytes": None, "peak_rss_growth_bytes": None,
             "linear_bits_per_param": 32.0 if blocksize is None else bits_per_param(storage, blocksize),
-            **({"fp4_backend": fp4_backend()} if storage == "fp4" else {}),
         })
     return records
 
@@ -388,21 +366,19 @@ def build_variant(variant: str, base_dir: Path, cfg: StudyConfig, seed: int) -> 
     model = _load_base(base_dir)
     if variant == "full-fp32":
         return model, _dense_bytes(model)
-    if variant in ("qlora-nf4", "qlora-nf4-dq"):
+    if variant in ("qlora-nf4", "qlora-nf4-dq", "qlora-fp4"):
         prepare_model(model, r=cfg.r, alpha=cfg.alpha, dropout=0.0, double_quant=variant == "qlora-nf4-dq",
-                      blocksize=64, gradient_checkpointing=False)
+                      blocksize=64, gradient_checkpointing=False, quant_type=variant.split("-")[1])
         init_adapters(model, seed)
         return model, memory_report(model).total
-    if variant not in ("lora-fp32", "qlora-fp4"):
+    if variant != "lora-fp32":
         raise ValueError(f"variant must be one of {FINETUNE_VARIANTS}, got {variant!r}")
     from peft import LoraConfig, get_peft_model
 
-    nbytes = fake_quantize(model, "fp4", 64) if variant == "qlora-fp4" else _dense_bytes(model)
-    before = _dense_bytes(model)
     model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
                                              target_modules="all-linear"))
     init_adapters(model, seed)
-    return model, nbytes + _dense_bytes(model) - before
+    return model, _dense_bytes(model)
 
 
 class _PeakRSS:
@@ -467,7 +443,6 @@ def finetune_run(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed
         "weight_bytes": weight_bytes, "train_state_bytes": state_bytes,
         "peak_rss_growth_bytes": rss.peak - rss.start,
         "cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
-        **({"fp4_backend": fp4_backend()} if variant == "qlora-fp4" else {}),
     }
 
 
@@ -560,7 +535,6 @@ def markdown(results: dict[str, Any]) -> str:
                      + ("within seed noise (p >= 0.05)." if pt["within_seed_noise"] else "a difference (p < 0.05)."))
     else:
         lines.append(f"Paired test {pt['a']} vs {pt['b']}: {pt['note']}.")
-    lines.append(f"FP4 from: {fp4_backend()}.")
     return "\n".join(lines) + "\n"
 
 
@@ -650,7 +624,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     machine.update(loadavg_end=os.getloadavg(), main_process_cpu_seconds=time.process_time() - c0,
                    runs_cpu_seconds=sum(r["cpu_seconds"] for r in sweep + rest), wall_seconds=time.perf_counter() - t0)
     results = {"command": command, "config": config, "machine": machine, "base": base,
-               "fp4_backend": fp4_backend(), "records": records,
+               "records": records,
                "lr_sweep": [{k: r[k] for k in ("variant", "lr", "seed", "val_loss", "eval_loss")} for r in sweep],
                "chosen_lr": best, "summary": summarise(records), "paired_test": paired_test(records)}
     write_json_atomic(out / "results.json", results)
