@@ -24,7 +24,7 @@ Memory per variant: `weight_bytes` (every stored weight: 4-bit codes and constan
 sampled every 5 ms during training minus the RSS before it: noisy, includes activations and allocator slack).
 
 Outputs under --out, each written atomically; an interrupted study resumes (finished runs are kept in
-`runs/*.json`): `results.json` (config, machine, `records`: one per variant and seed, the lr sweep, summary,
+`base/`, `zero_shot.json`, `runs/*.json`): `results.json` (config, machine, `records`: one per variant and seed, the lr sweep, summary,
 paired test), `results.md` (tables) and `study.png`.
 
     nf4lora-study --out runs/nf4study          # the default study (~10 min on 2 idle cores)
@@ -612,7 +612,9 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     print(f"base: {base_dir}", flush=True)
     base = pretrain_base(cfg, base_dir)
     print(f"  held-out loss {base['held_out_loss']:.4f} ({base['parameters']} parameters)", flush=True)
-    zero = zero_shot(cfg, base_dir)
+    zero_path = out / "zero_shot.json"  # kept, so a resumed study does not recompute it
+    zero = json.loads(zero_path.read_text()) if zero_path.is_file() else zero_shot(cfg, base_dir)
+    write_json_atomic(zero_path, zero)
     for r in zero:
         print(f"  zero-shot {r['variant']:<12} {r['eval_loss']:.4f}", flush=True)
     sweep = _run_all(cfg, base_dir, [(v, lr, cfg.seeds[0]) for v in FINETUNE_VARIANTS for lr in cfg.lrs])
