@@ -465,7 +465,8 @@ def _job(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed: int) -
 
 
 def _run_all(cfg: StudyConfig, base_dir: Path, jobs: list[tuple[str, float, int]]) -> list[dict[str, Any]]:
-    if cfg.jobs == 1 or len(jobs) == 1:
+    todo = [j for j in jobs if not _run_file(Path(cfg.out), *j).is_file()]
+    if cfg.jobs == 1 or len(todo) <= 1:  # no worker processes just to read finished runs
         return [_job(cfg, base_dir, *j) for j in jobs]
     with ProcessPoolExecutor(min(cfg.jobs, len(jobs)), mp_context=get_context("spawn")) as pool:
         return list(pool.map(_job, *zip(*[(cfg, base_dir, *j) for j in jobs], strict=True)))
@@ -577,11 +578,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def _machine() -> dict[str, Any]:
-    import transformers
+    from importlib.metadata import version
 
     return {"python": platform.python_version(), "platform": platform.platform(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
             "torch_threads_per_run": None, "loadavg_start": os.getloadavg()}
 
 
