@@ -5,7 +5,7 @@ real `Accelerator` honour the launcher's FSDP settings on CPU, and from there on
 preparation (wrap policy from the config, `fully_shard`, optimizer parameter swap, rank-0 weight broadcast).
 Each app: the launched run is sharded, takes the same steps as one process with the same global batch,
 and a re-run of the same command resumes from its checkpoints into the freshly sharded model. rerank-qlora
-refuses quant.method=nf4 under FSDP with a clear error. Not covered: GPUs, NCCL, bf16 kernels.
+also runs quant.method=nf4 (FSDP-QLoRA: the packed 4-bit weights sharded) and matches one process. Not covered: GPUs, NCCL, bf16 kernels.
 """
 
 from __future__ import annotations
@@ -115,9 +115,21 @@ def test_rerank_qlora_fsdp2_config_under_accelerate_launch(tmp_path):
     assert resumed["scores"] == sharded["scores"]  # the resumed adapter reranks exactly as the trained one
 
 
-def test_rerank_qlora_refuses_nf4_under_fsdp(tmp_path):
+@pytest.mark.slow
+def test_rerank_qlora_nf4_under_fsdp2_matches_one_process(tmp_path):
+    # FSDP-QLoRA: nf4lora's packed 4-bit weights are frozen parameters that fully_shard shards
     config = ROOT / "apps" / "rerank-qlora" / "configs" / "accelerate" / "fsdp2-gpu.yaml"
-    proc = _start([*LAUNCH, "--config_file", str(config), *TARGET, "rerank_qlora.cli", "--no-progress",
-                   *_tiny("test_apps_rerank_qlora"), "quant.method=nf4", f"run_dir={tmp_path / 'nf4'}"])
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode != 0 and "quant.method=nf4 is not supported under FSDP" in out
+    args = ["--no-progress", *_tiny("test_apps_rerank_qlora"), "quant.method=nf4", "task.max_eval_queries=2",
+            "task.max_validation_queries=1", "rerank.k=2"]
+    out, _ = _launch_and_single(config, "rerank_qlora.cli", args, tmp_path)
+    assert "2 process(es), FSDP (FSDP2: parameters sharded)" in out and "NF4 + double quantization" in out
+    losses = _metric(tmp_path / "fsdp2", "distill/loss")
+    assert len(losses) == 4 and losses == pytest.approx(_metric(tmp_path / "single", "distill/loss"), rel=2e-4)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "fsdp2" / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == reference.keys() and adapter  # whole LoRA tensors, gathered from the shards
+    for k in adapter:
+        assert adapter[k].shape == reference[k].shape
+        assert (adapter[k] - reference[k]).abs().max() <= 1e-3 * reference[k].abs().max() + 1e-6, k

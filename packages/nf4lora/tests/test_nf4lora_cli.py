@@ -20,7 +20,7 @@ def test_quantize_and_report_cli_round_trip(tiny_lm_dir, tmp_path, capsys, bnb_f
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "NF4 checkpoint" in printed and "base_codes" in printed and "QLoRA estimate" in printed
+    assert "4-bit checkpoint" in printed and "base_codes" in printed and "QLoRA estimate" in printed
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     reference = quantize_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))
@@ -52,6 +52,6 @@ def test_fp4_checkpoint_round_trip_through_transformers_and_bitsandbytes(tiny_lm
         torch.testing.assert_close(bnb_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cli_rejects_a_path_without_config(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["report", str(tmp_path)])
+def test_cli_rejects_a_path_without_config(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"nf4lora report: error: MODEL_PATH has no config.json: {tmp_path}"

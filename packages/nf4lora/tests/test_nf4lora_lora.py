@@ -79,16 +79,31 @@ def test_input_and_lora_gradients_equal_dense_fp64_reference():
         assert float((got.double() - ref).abs().max()) < 1e-4 * float(ref.abs().max()) + 1e-6, what
 
 
-def test_merge_and_unmerge():
+def test_merge_requantizes_like_peft_and_unmerge():
     _, layer = _layer(r=4)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
     x = torch.randn(5, 72)
     y = layer(x)
+    original = layer.weight
+    merged_dense = original.dequantize(torch.float32) + layer.delta_weight().float()
     layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    assert layer.merged and layer.weight is not original
+    # peft's bitsandbytes merge: the sum re-quantized with the same settings, then the base alone
+    expected = NF4Weight.from_float(merged_dense, 64, double_quant=True)
+    assert torch.equal(layer.weight.packed_bytes(), expected.packed_bytes())
+    assert layer.weight.double_quant and layer.weight.quant_type == original.quant_type
+    assert torch.equal(layer(x), F.linear(x, expected.dequantize(), layer.bias))
+    rel = float((layer(x) - y).norm() / y.norm())
+    assert 0 < rel < 0.1  # lossy: 4-bit rounding of the merged weight
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    back = NF4Weight.from_float(layer.weight.dequantize(torch.float32) - layer.delta_weight().float(), 64)
     layer.unmerge()
-    assert torch.equal(layer(x), y)  # the 4-bit base was never modified
+    assert not layer.merged
+    assert torch.equal(layer.weight.packed_bytes(), back.packed_bytes())  # peft's unmerge: re-quantized again
+    torch.testing.assert_close(layer(x), y, rtol=0.3, atol=0.3)  # back near the start, not exactly
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
 
 
 def test_bad_lora_arguments():

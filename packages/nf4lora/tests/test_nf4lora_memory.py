@@ -59,17 +59,28 @@ def test_memory_report_on_prepared_model(tiny_tokenizer):
     assert "total" in report.format()
 
 
-def test_paged_adamw_falls_back_on_cpu_with_one_warning():
-    import nf4lora.optim as optim
-
-    optim._warned = False
-    p = torch.nn.Parameter(torch.randn(3))
-    with pytest.warns(RuntimeWarning, match="paged AdamW needs CUDA"):
-        opt = paged_adamw([p], lr=1e-3)
-    assert type(opt) is torch.optim.AdamW
+@pytest.mark.parametrize("bits", (8, 32))
+def test_cpu_optimizer_is_bitsandbytes_and_8bit_state_stays_8bit(bits):
+    bnb = pytest.importorskip("bitsandbytes")
+    p = torch.nn.Parameter(torch.randn(4096 + 7))  # above bitsandbytes' min_8bit_size
+    small = torch.nn.Parameter(torch.randn(33))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        paged_adamw([p], lr=1e-3, optim_bits=8)  # no second warning
+        warnings.simplefilter("error")  # no paging warning, no fallback
+        opt = paged_adamw([p, small], lr=1e-2, optim_bits=bits)
+    assert type(opt) is (bnb.optim.AdamW8bit if bits == 8 else bnb.optim.AdamW)
+    reference = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-2, weight_decay=0.0)
+    for step in range(3):
+        g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        p.grad, small.grad = g, torch.ones(33)
+        reference.param_groups[0]["params"][0].grad = g.clone()
+        opt.step()
+        reference.step()
+    state = opt.state[p]
+    assert state["state1"].dtype == state["state2"].dtype == (torch.uint8 if bits == 8 else torch.float32)
+    assert opt.state[small]["state1"].dtype == torch.float32  # bitsandbytes keeps small tensors 32-bit
+    moved = reference.param_groups[0]["params"][0].detach()
+    # 8-bit moments: the update follows fp32 AdamW closely (3 steps of lr 1e-2)
+    assert float((p.detach() - moved).abs().max()) < (2e-3 if bits == 8 else 1e-5)
     with pytest.raises(ValueError, match="optim_bits must be 32 or 8"):
         paged_adamw([p], optim_bits=16)
     with pytest.raises(ValueError, match="params is empty"):

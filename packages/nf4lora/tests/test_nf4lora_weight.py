@@ -79,3 +79,33 @@ def test_bitsandbytes_serialized_form_round_trip(quant_type):
     assert back.quant_type == quant_type
     assert_exact(back.dequantize(), w.dequantize(), "dequantize after serialization")
     assert back.shape == w.shape and back.dtype == w.dtype
+
+
+@pytest.mark.parametrize("storage", (torch.bfloat16, torch.float32))
+def test_float_quant_storage_round_trips_through_bitsandbytes_and_survives_dtype_casts(storage):
+    bnb = pytest.importorskip("bitsandbytes")
+    from nf4lora.interop import from_bnb, to_bnb_params4bit
+
+    x = torch.randn(40, 64)  # 1280 bytes: whole bf16 and fp32 elements, as bitsandbytes needs
+    ours = NF4Weight.from_float(x, 64, True, quant_storage=storage)
+    plain = NF4Weight.from_float(x, 64, True)
+    assert ours.packed.dtype == storage and not ours.packed.requires_grad
+    assert_exact(ours.packed_bytes(), plain.packed_bytes(), "same bytes in another storage dtype")
+    param = to_bnb_params4bit(ours)
+    assert param.dtype == storage and param.quant_storage == storage
+    assert_exact(bnb.functional.dequantize_4bit(param.data, param.quant_state), plain.dequantize(), "bnb reads it")
+    q, state = bnb.functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True,
+                                            quant_storage=storage)
+    back = from_bnb(q, state)
+    assert back.quant_storage == storage
+    assert_exact(back.packed_bytes(), plain.packed_bytes(), "bnb's float-stored bytes")
+    # model.to(dtype) / .half() move the weight but never convert its bytes or constants
+    module = torch.nn.ModuleDict({"w": ours}).to(torch.float16)
+    assert module["w"].packed.dtype == storage and module["w"].absmax.dtype == torch.uint8
+    assert module["w"].absmax2.dtype == torch.float32
+    assert_exact(module["w"].dequantize(), plain.dequantize(), "after .to(float16)")
+    y = torch.randn(3, 3)  # 5 bytes: zero-padded to whole storage elements
+    odd = NF4Weight.from_float(y, 64, False, quant_storage=storage)
+    itemsize = odd.packed.element_size()
+    assert odd.packed.numel() * itemsize == -(-5 // itemsize) * itemsize and odd.n_bytes == 5
+    assert_exact(odd.dequantize(), NF4Weight.from_float(y, 64, False).dequantize(), "padded storage")

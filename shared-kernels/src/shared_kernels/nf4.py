@@ -42,6 +42,7 @@ NF4 only: FP4 quantizes with the torch reference on every device (a one-time cos
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -90,6 +91,16 @@ QUANTIZE_TABLES = {name: _quantize_tables(code) for name, code in CODES.items()}
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DQ_BLOCKSIZE = 256
+
+
+class DoubleQuantState(NamedTuple):
+    """The second level of double quantization, as every kernel takes it (the first level, the uint8 codes of
+    the constants, travels as `absmax`): absmax = code2[q] * absmax2[j // blocksize2] + offset, in fp32."""
+
+    absmax2: torch.Tensor  # fp32 (ceil(n_blocks / blocksize2),)
+    offset: torch.Tensor  # fp32 0-dim: the mean of the constants
+    code2: torch.Tensor  # fp32 (256,): the signed dynamic map
+    blocksize2: int
 _TINY = 1e-38  # bitsandbytes' floor on the divisor
 
 
@@ -368,7 +379,7 @@ def _quantize_nf4_triton(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
 
 
 def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int,
-                           dtype: torch.dtype, dq: tuple | None, quant_type: str) -> torch.Tensor:
+                           dtype: torch.dtype, dq: DoubleQuantState | None, quant_type: str) -> torch.Tensor:
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     out_arg = out.view(torch.int16) if dtype == torch.bfloat16 else out
     bf16_bits = dtype == torch.bfloat16
@@ -381,10 +392,9 @@ def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: in
                                      BLOCKSIZE=blocksize, BLOCKSIZE2=DQ_BLOCKSIZE, DOUBLE_QUANT=False,
                                      BF16_BITS=bf16_bits, BYTES=bytes_per_prog)
     else:
-        absmax2, code2, offset, blocksize2 = dq
-        _dequantize_nf4_kernel[grid](packed, absmax2, code, out_arg, n_bytes, numel, absmax, absmax2,
-                                     code2.float().contiguous(), offset.float().reshape(1),
-                                     BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, DOUBLE_QUANT=True,
+        _dequantize_nf4_kernel[grid](packed, dq.absmax2, code, out_arg, n_bytes, numel, absmax, dq.absmax2,
+                                     dq.code2.float().contiguous(), dq.offset.float().reshape(1),
+                                     BLOCKSIZE=blocksize, BLOCKSIZE2=dq.blocksize2, DOUBLE_QUANT=True,
                                      BF16_BITS=bf16_bits, BYTES=bytes_per_prog)
     return out
 
@@ -398,7 +408,7 @@ def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, numel: int, b
                        absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
                        blocksize2: int, quant_type: str = "nf4") -> torch.Tensor:
     """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
-    dq = None if absmax2 is None else (absmax2.float().contiguous(), code2, offset, blocksize2)
+    dq = None if absmax2 is None else DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
     return _dequantize_nf4_triton(packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq, quant_type)
 
 
@@ -510,7 +520,7 @@ def dequantize_4bit(
                                                       blocksize2, quant_type)
         return out.reshape(shape)
     if backend == "auto" and packed.device.type == "cpu" and nf4_cpu.available():
-        dq = (absmax2, offset, code2, blocksize2) if double_quant else None
+        dq = DoubleQuantState(absmax2, offset, code2, blocksize2) if double_quant else None
         code = CODES[quant_type]
         return nf4_cpu.dequantize_nf4_cpu(packed, absmax, numel, blocksize, dtype, code, dq).view(shape)
     if double_quant:
@@ -528,14 +538,26 @@ dequantize_nf4_ref = dequantize_4bit_ref
 def double_quantize_absmax(
     absmax: torch.Tensor, blocksize2: int = DQ_BLOCKSIZE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantization (bitsandbytes `compress_statistics=True`) of fp32 NF4 constants (n_blocks,) ->
+    """Double quantization (bitsandbytes `compress_statistics=True`) of fp32 4-bit constants (n_blocks,) ->
     (qabsmax uint8 (n_blocks,), absmax2 fp32 (ceil(n_blocks / blocksize2),), offset fp32 0-dim).
 
     Runs in torch on every device: the constants are 1/blocksize of the weight.
+
+    Contract: every constant must be finite and >= 0 (a block's max |x|), else a ValueError names the first bad
+    block. An 8-bit code cannot hold NaN or inf, and the offset is the mean of all constants, so bitsandbytes
+    turns every constant of the tensor to NaN from one NaN block; a tensor quantized with
+    `check_finite=False` that has poisoned blocks can be kept with `double_quant=False` only.
     """
-    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
-        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} "
-                         f"{tuple(absmax.shape)}")
-    if not isinstance(blocksize2, int) or blocksize2 <= 0:
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1 \
+            or absmax.numel() == 0:
+        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} {tuple(getattr(absmax, 'shape', ()))}")
+    if isinstance(blocksize2, bool) or not isinstance(blocksize2, int) or blocksize2 <= 0:
         raise ValueError(f"blocksize2 must be a positive int, got {blocksize2!r}")
+    bad = ~(torch.isfinite(absmax) & (absmax >= 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"absmax must be finite and >= 0 for double quantization, got {absmax[i].item()} at "
+                         f"block {i} ({int(bad.sum())} bad); NaN/inf come from non-finite weights (quantize "
+                         "with check_finite=True to find them, or keep such a tensor without double quantization)")
     return quantize_absmax_ref(absmax, blocksize2)

@@ -35,8 +35,12 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shared_kernels.nf4 import DoubleQuantState
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -333,9 +337,9 @@ def _empty(numel: int, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
 
 def dequantize_nf4_cpu(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int,
                        dtype: torch.dtype, code: torch.Tensor,
-                       dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-    """(numel,) `dtype` on CPU; arguments already validated by `dequantize_nf4`. `dq` = (absmax2 fp32,
-    offset fp32 0-dim, code2 fp32 (256,), blocksize2) when `absmax` holds uint8 double-quantized codes."""
+                       dq: DoubleQuantState | None = None) -> torch.Tensor:
+    """(numel,) `dtype` on CPU; arguments already validated by `dequantize_4bit`. `dq` is given when `absmax`
+    holds uint8 double-quantized codes."""
     lib = library()
     assert lib is not None, "call available() first"
     packed = packed.reshape(-1).contiguous()
@@ -345,9 +349,8 @@ def dequantize_nf4_cpu(packed: torch.Tensor, absmax: torch.Tensor, numel: int, b
     if dq is None:
         absmax_f, qabsmax, absmax2, code2, offset, blocksize2 = absmax.float(), None, None, None, 0.0, 1
     else:
-        a2, off, c2, blocksize2 = dq
-        absmax_f, qabsmax = None, absmax
-        absmax2, code2, offset = a2.float().contiguous(), c2.float().contiguous(), float(off.float())
+        absmax_f, qabsmax, blocksize2 = None, absmax, dq.blocksize2
+        absmax2, code2, offset = dq.absmax2.float().contiguous(), dq.code2.float().contiguous(), float(dq.offset)
 
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()

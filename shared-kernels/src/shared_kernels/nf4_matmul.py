@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 
 from shared_kernels.backend import resolve_backend, triton_available
-from shared_kernels.nf4 import CODES, DQ_BLOCKSIZE, DYNAMIC_CODE, check_quant_type, dequantize_4bit
+from shared_kernels.nf4 import (
+    CODES,
+    DQ_BLOCKSIZE,
+    DYNAMIC_CODE,
+    DoubleQuantState,
+    check_quant_type,
+    dequantize_4bit,
+)
 
 
 def matmul_nf4_ref(x: torch.Tensor, w_dense: torch.Tensor, transpose_w: bool = True) -> torch.Tensor:
@@ -64,7 +71,8 @@ if triton_available():
 
 
 def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
-                       blocksize: int, transpose_w: bool, dq: tuple | None, quant_type: str) -> torch.Tensor:
+                       blocksize: int, transpose_w: bool, dq: DoubleQuantState | None,
+                       quant_type: str) -> torch.Tensor:
     n_rows, n_cols = shape  # W (N, K)
     M = x2d.shape[0]
     if transpose_w:  # y = x @ W^T: inner index k walks a row of W
@@ -79,8 +87,9 @@ def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
         dq_args = (packed, absmax, code, absmax)
         double_quant, blocksize2 = False, DQ_BLOCKSIZE
     else:
-        absmax2, code2, offset, blocksize2 = dq
-        dq_args = (absmax, absmax2.float().contiguous(), code2.float().contiguous(), offset.float().reshape(1))
+        blocksize2 = dq.blocksize2
+        dq_args = (absmax, dq.absmax2.float().contiguous(), dq.code2.float().contiguous(),
+                   dq.offset.float().reshape(1))
         double_quant = True
     _matmul_nf4_kernel[grid](x2d, packed, absmax, code, out, M, n_out, k_in,
                              x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1), stride_wk, stride_wn,
@@ -95,7 +104,7 @@ def _nf4_matmul_op(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
                    offset: torch.Tensor | None, blocksize2: int, quant_type: str = "nf4") -> torch.Tensor:
     """The Triton launch as a torch custom op (fake implementation below), so torch.compile does not break the
     graph around it: x2d (M, K) -> (M, N) forward, (M, N) -> (M, K) with transpose_w=False."""
-    dq = None if absmax2 is None else (absmax2, code2, offset, blocksize2)
+    dq = None if absmax2 is None else DoubleQuantState(absmax2, offset, code2, blocksize2)
     return _matmul_nf4_triton(x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq,
                               quant_type)
 

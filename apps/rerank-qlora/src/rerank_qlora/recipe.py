@@ -407,10 +407,10 @@ class RerankQLoRARecipe:
         if not self.acc.is_main_process:
             return final
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.quant.method == "nf4":  # never sharded: _require_fsdp2 refuses nf4 under FSDP
+        if self.cfg.quant.method == "nf4":
             from nf4lora.model import save_adapter
 
-            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path)
+            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path, state_dict=whole)
         elif sharded:
             self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
         else:
@@ -515,7 +515,8 @@ class LengthSortedJudge:
 
 
 def _require_fsdp2(acc: Any, cfg: RerankQLoRAConfig) -> None:
-    """Under accelerate FSDP: only version 2 (DTensor shards the recipe can gather), and only quant.method=none."""
+    """Under accelerate FSDP: only version 2 (DTensor shards the recipe can gather). quant.method=nf4 works: the
+    packed 4-bit weights are frozen parameters that fully_shard shards (nf4lora.weight)."""
     from accelerate.utils import DistributedType
 
     if acc.distributed_type != DistributedType.FSDP:
@@ -524,9 +525,9 @@ def _require_fsdp2(acc: Any, cfg: RerankQLoRAConfig) -> None:
         raise ValueError("FSDP version 1 is not supported: set fsdp_config.fsdp_version: 2 "
                          "(configs/accelerate/fsdp2-gpu.yaml)")
     if cfg.quant.method == "nf4":
-        raise ValueError("quant.method=nf4 is not supported under FSDP: nf4lora keeps the packed 4-bit weights in "
-                         "buffers, which fully_shard does not shard, and its adapter saving is not FSDP-aware; "
-                         "use quant.method=none (bf16 base + LoRA)")
+        # every rank quantizes the same checkpoint to the same bytes; accelerate's rank-0 broadcast loading
+        # expects every state-dict entry to be a sharded parameter, and the 4-bit constants are buffers
+        acc.state.fsdp_plugin.cpu_ram_efficient_loading = False
 
 
 def _generate_on_every_rank(model: Any) -> None:

@@ -10,6 +10,7 @@ from nf4lora.lora import Linear4bit, LoRALinear4bit, nf4_linear
 from nf4lora.memory import MemoryEstimate, MemoryReport, count_parameters, estimate_memory, memory_report
 from nf4lora.model import (
     LoRASettings,
+    ddp_ignore_frozen_4bit,
     load_adapter,
     lora_modules,
     lora_state_dict,
@@ -43,6 +44,7 @@ __all__ = [
     "MemoryEstimate",
     "MemoryReport",
     "count_parameters",
+    "ddp_ignore_frozen_4bit",
     "estimate_memory",
     "memory_report",
     "paged_adamw",

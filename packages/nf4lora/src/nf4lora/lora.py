@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nf4lora.weight import NF4Weight
@@ -75,9 +74,9 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None, backend: str = "auto", quant_type: str = "nf4",
-                    **kwargs) -> Linear4bit:
+                    quant_storage: torch.dtype = torch.uint8, **kwargs) -> Linear4bit:
         weight = NF4Weight.from_float(linear.weight, blocksize, double_quant, backend=backend,
-                                      quant_type=quant_type)
+                                      quant_type=quant_type, quant_storage=quant_storage)
         return cls(weight, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype, backend=backend,
                    **kwargs)
 
@@ -118,7 +117,7 @@ class LoRALinear4bit(Linear4bit):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
-        self.merged_weight: torch.Tensor | None = None
+        self.merged = False
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -128,26 +127,28 @@ class LoRALinear4bit(Linear4bit):
         """scaling * B @ A: (out, in) in the adapter dtype."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
-    @property
-    def merged(self) -> bool:
-        return self.merged_weight is not None
-
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into a dense copy of the base (`merged_weight`, compute dtype) used by forward.
-        The 4-bit base is untouched (merging into 4 bits would re-quantize and lose the adapter's detail),
-        so `unmerge()` is exact."""
-        w = self.weight.dequantize(torch.float32) + self.delta_weight().float()
-        self.merged_weight = w.to(self.compute_dtype)
+        """Fold the adapter into the 4-bit base as peft does for bitsandbytes layers:
+        W <- quantize(dequantize(W) + scaling * B @ A) with the same quant type, block size, double quantization
+        and storage; forward then skips the adapter. Lossy (the sum is rounded to 4 bits again, so small adapter
+        updates may vanish); `nf4lora.merge_and_unload` is the exact dense export."""
+        if self.merged:
+            raise ValueError("the adapter is already merged")
+        self.weight = self.weight.requantized(self.weight.dequantize(torch.float32) + self.delta_weight().float())
+        self.merged = True
 
+    @torch.no_grad()
     def unmerge(self) -> None:
-        self.merged_weight = None
+        """Undo `merge` as peft does: W <- quantize(dequantize(W) - scaling * B @ A) (lossy again)."""
+        if not self.merged:
+            raise ValueError("the adapter is not merged")
+        self.weight = self.weight.requantized(self.weight.dequantize(torch.float32) - self.delta_weight().float())
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged_weight is not None:
-            y = F.linear(x.to(self.compute_dtype), self.merged_weight,
-                         None if self.bias is None else self.bias.to(self.compute_dtype))
-            return y.to(x.dtype)
+        if self.merged:
+            return self.base_forward(x).to(x.dtype)
         y = self.base_forward(x)
         a = self.lora_A.weight
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))

@@ -44,6 +44,7 @@ def count_parameters(model: nn.Module) -> int:
     are not counted."""
     adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
                 for p in (m.lora_A.weight, m.lora_B.weight)}
+    adapters |= {id(p) for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters()}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in adapters)
     return dense + sum(m.numel for m in model.modules() if isinstance(m, NF4Weight))
 
@@ -62,7 +63,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 
     for module in model.modules():
         if isinstance(module, NF4Weight):
-            for name, buf in module.named_buffers(recurse=False):
+            for name, buf in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
                 if once(buf):
                     if name == "packed":
                         report.base_codes += _nbytes(buf)

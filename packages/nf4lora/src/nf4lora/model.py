@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ class LoRASettings:
     blocksize: int = 64
     double_quant: bool = True
     quant_type: str = "nf4"
+    modules_to_save: list[str] = field(default_factory=list)  # full names of the dense trained modules
+
+
+# Task heads that transformers' *For{SequenceClassification,TokenClassification,QuestionAnswering} models create
+# untrained: they are trained in full (modules_to_save), never quantized.
+DEFAULT_SKIP = ("score", "classifier", "qa_outputs", "lm_head")
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:
@@ -60,21 +67,68 @@ def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
     return output
 
 
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (out, in), bias) of an exact nn.Linear or a transformers Conv1D (GPT-2: weight (in, out), so
+    transposed here, as transformers' bitsandbytes integration does); None for any other module."""
+    from nf4lora.interop import conv1d_type
+
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    conv1d = conv1d_type()
+    if conv1d is not None and type(module) is conv1d:
+        return module.weight.t(), module.bias
+    return None
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def swap_linear_layers(model: nn.Module, build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
+                       keep: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """The one module-swap loop: every exact nn.Linear (and transformers Conv1D) of `model` but its output
+    embedding and the names `keep` accepts is replaced, in place, by `build(name, weight (out, in), bias)`
+    (None leaves it). Returns the replaced names."""
+    head = _output_embedding(model)
+    swapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        found = _linear_weight(module)
+        if found is None or module is head or keep(name):
+            continue
+        new = build(name, *found)
+        if new is not None:
+            _set_module(model, name, new)
+            swapped.append(name)
+    return swapped
+
+
+def ddp_ignore_frozen_4bit(model: nn.Module) -> list[str]:
+    """Add every parameter and buffer of the model's 4-bit weights to `_ddp_params_and_buffers_to_ignore` (the
+    attribute DistributedDataParallel reads at construction), so DDP neither broadcasts these frozen tensors at
+    construction nor re-sends the buffers at every forward (`broadcast_buffers=True`, its default). Each rank
+    quantizes the same checkpoint to the same bytes, so nothing needs sending. Returns the ignored names."""
+    names = [f"{prefix}.{name}" for prefix, m in model.named_modules() if isinstance(m, NF4Weight)
+             for name, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
+    known = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = known + [n for n in names if n not in known]
+    return names
+
+
 def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] = (),
-                   backend: str = "auto", quant_type: str = "nf4") -> nn.Module:
+                   backend: str = "auto", quant_type: str = "nf4",
+                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Replace every nn.Linear except the output embedding (LM head) and names in `skip` by a frozen
     `Linear4bit`, in place. Returns the model."""
-    head = _output_embedding(model)
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module is not head and name not in skip:
-            _set_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype,
-                                                            backend=backend, quant_type=quant_type))
+
+    def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
+        weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
+                                      quant_storage=quant_storage)
+        return Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
+
+    swap_linear_layers(model, build, keep=lambda name: name in skip)
+    ddp_ignore_frozen_4bit(model)
     return model
 
 
@@ -94,6 +148,10 @@ def prepare_model(
     seed: int | None = None,
     backend: str = "auto",
     quant_type: str = "nf4",
+    quant_storage: torch.dtype = torch.uint8,
+    skip: str | list[str] | tuple[str, ...] | None = None,
+    modules_to_save: list[str] | tuple[str, ...] | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """QLoRA-prepare a (transformers) model in place and return it.
 
@@ -110,32 +168,30 @@ def prepare_model(
         use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
         gradient_checkpointing: enable the model's (non-reentrant) activation checkpointing when it has one.
         norms_in_fp32: upcast normalisation layers (class names containing "Norm") to fp32.
-        seed: seed for the adapter initialisation (A kaiming-uniform) when given.
+        seed: seed for the adapter initialisation (A kaiming-uniform) when given; the global RNG state is
+            left as it was either way.
         backend: kernel backend of the base matmuls ("auto", "torch", "triton").
         quant_type: "nf4" (QLoRA's choice) or "fp4" (bitsandbytes' 4-bit float).
+        quant_storage: dtype the packed bytes are viewed as in their frozen Parameter (uint8 by default; FSDP2
+            shards either; bitsandbytes' FSDP-QLoRA uses the model's float dtype).
+        skip: linear layers kept dense and frozen (names or suffixes, or a regex, as `target_modules`); default
+            `DEFAULT_SKIP`, the task heads transformers creates fresh (`score`, `classifier`, `qa_outputs`, ...).
+            The output embedding (LM head) is always kept dense.
+        modules_to_save: modules trained in full and saved with the adapter (peft's `modules_to_save`: names or
+            suffixes, e.g. ["score"] for a classification head); they stay dense, their parameters trainable.
+        adapter_dtype: dtype of the LoRA A and B matrices (fp32 by default, as peft and QLoRA; bf16 halves
+            their memory, which `estimate_memory` assumes).
     """
     if getattr(model, "nf4lora_settings", None) is not None:
         raise ValueError("model was already prepared by nf4lora.prepare_model")
     if not (target_modules == "all-linear" or isinstance(target_modules, str | list | tuple)):
         raise ValueError(f"target_modules must be 'all-linear', a list of names or a regex, got {target_modules!r}")
-    if seed is not None:
-        torch.manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head = _output_embedding(model)
-    targeted: list[str] = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is head:
-            continue
-        weight = NF4Weight.from_float(module.weight, blocksize, double_quant, backend=backend, quant_type=quant_type)
-        if _matches(name, target_modules):
-            new: nn.Module = LoRALinear4bit(weight, module.bias, r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, compute_dtype=compute_dtype or module.weight.dtype,
-                                            backend=backend)
-            targeted.append(name)
-        else:
-            new = Linear4bit(weight, module.bias, compute_dtype=compute_dtype or module.weight.dtype, backend=backend)
-        _set_module(model, name, new)
+    with torch.random.fork_rng(devices=[]):  # the adapter init never moves the caller's RNG
+        if seed is not None:
+            torch.manual_seed(seed)
+        targeted, saved = _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, compute_dtype,
+                                  use_rslora, backend, quant_type, quant_storage, skip, modules_to_save or (),
+                                  adapter_dtype)
     if not targeted:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear (the LM head is never targeted)")
     if norms_in_fp32:
@@ -150,9 +206,41 @@ def prepare_model(
         if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n in targeted})
+    ddp_ignore_frozen_4bit(model)
     model.nf4lora_settings = LoRASettings(r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant,
-                                          quant_type)
+                                          quant_type, saved)
     return model
+
+
+def _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, compute_dtype, use_rslora, backend,
+            quant_type, quant_storage, skip, modules_to_save, adapter_dtype) -> tuple[list[str], list[str]]:
+    """Freeze everything, swap the linear layers, unfreeze `modules_to_save`: (targeted names, saved names)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    saved = [name for name, _ in model.named_modules() if name and modules_to_save
+             and _matches(name, list(modules_to_save))]
+    if modules_to_save and not saved:  # peft lists both task-head names ("classifier", "score"): any may match
+        raise ValueError(f"modules_to_save {list(modules_to_save)} match no module of the model")
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    skip = DEFAULT_SKIP if skip is None else skip
+    targeted: list[str] = []
+
+    def keep(name: str) -> bool:
+        return bool(skip and _matches(name, skip)) or any(name == s or name.startswith(s + ".") for s in saved)
+
+    def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
+                                      quant_storage=quant_storage)
+        if not _matches(name, target_modules):
+            return Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
+        targeted.append(name)
+        return LoRALinear4bit(weight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                              compute_dtype=compute_dtype or dense.dtype, adapter_dtype=adapter_dtype, backend=backend)
+
+    swap_linear_layers(model, build, keep)
+    return targeted, saved
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear4bit]:
@@ -160,11 +248,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear4bit]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights under peft's saved names: `base_model.model.<module>.lora_{A,B}.weight`."""
-    out: dict[str, torch.Tensor] = {}
-    for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    """Adapter weights under peft's saved names: `base_model.model.<module>.lora_{A,B}.weight`, and the
+    parameters of `modules_to_save` as `base_model.model.<module>.<param>` (peft's format for them)."""
+    return {f"{PEFT_PREFIX}{name}": t.detach().contiguous() for name, t in _adapter_tensors(model).items()}
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The saved tensors by model parameter name: LoRA A and B, and every parameter of `modules_to_save`."""
+    out = {f"{name}.{ab}.weight": getattr(m, ab).weight for name, m in lora_modules(model).items()
+           for ab in ("lora_A", "lora_B")}
+    settings: LoRASettings | None = getattr(model, "nf4lora_settings", None)
+    for module_name in settings.modules_to_save if settings else ():
+        for pname, p in model.get_submodule(module_name).named_parameters():
+            out[f"{module_name}.{pname}"] = p
     return out
 
 
@@ -180,9 +276,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None,
-                 task_type: str = "CAUSAL_LM") -> Path:
+                 task_type: str = "CAUSAL_LM", state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` in peft's format (loadable with
-    `peft.PeftModel.from_pretrained` on the bf16 or bitsandbytes-4bit base), atomically. Returns out_dir."""
+    `peft.PeftModel.from_pretrained` on the bf16 or bitsandbytes-4bit base), atomically. Returns out_dir.
+
+    state_dict: the model's whole tensors by parameter name when its own are shards (FSDP2: e.g.
+    `shared_kernels.distributed.full_state_dict(model, trainable_only=True)`); the adapters are taken from it.
+    """
     from safetensors.torch import save_file
 
     from nf4lora.interop import peft_config_dict
@@ -195,22 +295,31 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = peft_config_dict(settings, base_model_name_or_path, task_type)
-    tensors = {k: v.cpu() for k, v in lora_state_dict(model).items()}
+    if state_dict is None:
+        tensors = {k: v.cpu() for k, v in lora_state_dict(model).items()}
+    else:
+        tensors = {f"{PEFT_PREFIX}{name}": state_dict[name].detach().cpu().contiguous()
+                   for name in _adapter_tensors(model)}
     _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return out
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """Read and check a peft LoRA adapter_config.json: plain LoRA only (no DoRA, no per-module ranks,
-    no trained bias or modules_to_save), else a ValueError naming the field."""
+    """Read and check a peft LoRA adapter_config.json: plain LoRA (no DoRA, no per-module ranks, no trained
+    bias; `modules_to_save` is supported), else a ValueError naming the field."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"adapter_dir has no {ADAPTER_CONFIG}: {adapter_dir}")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
-    unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
+    unsupported = {"use_dora": False, "bias": "none", "rank_pattern": {},
                    "alpha_pattern": {}, "fan_in_fan_out": False}
     for key, plain in unsupported.items():
         if cfg.get(key) not in (plain, None) and not (plain == {} and not cfg.get(key)):
@@ -230,24 +339,23 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, double_quant: boo
         prepare_model(model, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0)),
                       target_modules=targets if targets else "all-linear", double_quant=double_quant,
                       blocksize=blocksize, compute_dtype=compute_dtype, use_rslora=bool(cfg.get("use_rslora")),
-                      backend=backend, **prepare_kwargs)
+                      backend=backend, modules_to_save=cfg.get("modules_to_save") or None, **prepare_kwargs)
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    modules = lora_modules(model)
+    targets = _adapter_tensors(model)
     seen: set[str] = set()
     for key, value in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
-        if m is None or m.group(1) not in modules:
-            raise ValueError(f"adapter tensor {key!r} matches no LoRA module of the model")
-        target: nn.Linear = getattr(modules[m.group(1)], m.group(2))
-        if tuple(value.shape) != tuple(target.weight.shape):
+        name = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", key.removeprefix(PEFT_PREFIX))
+        if name not in targets:
+            raise ValueError(f"adapter tensor {key!r} matches no LoRA module or module to save of the model")
+        if tuple(value.shape) != tuple(targets[name].shape):
             raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, the module expects "
-                             f"{tuple(target.weight.shape)} (different r?)")
+                             f"{tuple(targets[name].shape)} (different r?)")
         with torch.no_grad():
-            target.weight.copy_(value)
-        seen.add(f"{m.group(1)}.{m.group(2)}")
-    missing = sorted(f"{n}.{ab}" for n in modules for ab in ("lora_A", "lora_B") if f"{n}.{ab}" not in seen)
+            targets[name].copy_(value)
+        seen.add(name)
+    missing = sorted(set(targets) - seen)
     if missing:
-        raise ValueError(f"adapter_dir lacks weights for {len(missing)} LoRA modules, e.g. {missing[:3]}")
+        raise ValueError(f"adapter_dir lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
     return model
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from nf4lora.lora import Linear4bit
-from nf4lora.model import _atomic_write, _set_module, quantize_model
+from nf4lora.model import _atomic_write, quantize_model, swap_linear_layers
+from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import QUANT_TYPES
 
 WEIGHTS = "model.safetensors"
@@ -81,15 +82,18 @@ def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
     model = AutoModelForCausalLM.from_config(config)
     tensors = load_file(str(path / WEIGHTS))
     head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module is not head and f"{name}.weight.absmax" in tensors:
-            weight = from_bnb_serialized(tensors, f"{name}.weight")
-            _set_module(model, name, Linear4bit(weight, tensors.get(f"{name}.bias"), compute_dtype=compute_dtype,
-                                                backend=backend))
+
+    def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit | None:
+        if f"{name}.weight.absmax" not in tensors:  # left dense in the checkpoint
+            return None
+        weight = from_bnb_serialized(tensors, f"{name}.weight")
+        return Linear4bit(weight, tensors.get(f"{name}.bias"), compute_dtype=compute_dtype, backend=backend)
+
+    swap_linear_layers(model, build)
     rest = {k: v for k, v in tensors.items() if k in model.state_dict() and not k.endswith(
         (".packed", ".absmax", ".absmax2", ".offset", ".code2"))}
     missing = [k for k, m in model.named_parameters() if k not in rest and not isinstance(
-        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit)]
+        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit | NF4Weight)]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(rest, strict=False)
