@@ -23,11 +23,12 @@ Memory per variant: `weight_bytes` (every stored weight: 4-bit codes and constan
 `train_state_bytes` (weights + gradients + AdamW state after a step) and `peak_rss_growth_bytes` (process RSS
 sampled every 5 ms during training minus the RSS before it: noisy, includes activations and allocator slack).
 
-Outputs under --out, each written atomically; an interrupted study resumes (finished runs are kept in
-`base/`, `zero_shot.json`, `runs/*.json`): `results.json` (config, machine, `records`: one per variant and seed, the lr sweep, summary,
-paired test), `results.md` (tables) and `study.png`.
+Outputs under --out, each written atomically; an interrupted study resumes (finished work is kept in
+`base/`, `zero_shot.json` and `runs/*.json`): `results.json` (config, machine, `records`: one per variant and
+seed, the lr sweep, summary, paired test), `results.md` (tables) and `study.png`. The machine figures in
+results.json (wall time, load) are those of the last invocation, which may only have collected finished runs.
 
-    nf4lora-study --out runs/nf4study          # the default study (~10 min on 2 idle cores)
+    nf4lora-study --out runs/nf4study          # the default study (~9 min on 2 idle cores, estimated)
     nf4lora-study --out /tmp/nfq --quick       # smoke run, < 3 min
 """
 
