@@ -76,6 +76,25 @@ def test_store_repairs_torn_tail_and_rejects_corruption(tmp_path):
         TeacherStore(path)
 
 
+def test_readers_never_take_the_writers_lock(tmp_path):
+    """Every process of a distributed run reads the finished store at once: `TeacherStore.read` takes no lock,
+    skips (does not repair) a torn tail, and equals what the writer sees; a second writer is still refused."""
+    from shared_kernels.appendfile import FileLockedError
+
+    path = tmp_path / "t.jsonl"
+    with TeacherStore(path) as store:
+        store.append(TeacherRecord("1", "a", "t", "x Relevance Label: 1", 1))
+        store.append(TeacherRecord("2", "b", "t", "y", None))
+        with pytest.raises(FileLockedError):
+            TeacherStore(path)
+        assert TeacherStore.read(path) == store.records  # while the writer holds the lock
+    torn = path.read_bytes() + b'{"qid": "3"'
+    path.write_bytes(torn)
+    readers = [TeacherStore.read(path) for _ in range(2)]
+    assert readers[0] == readers[1] and sorted(readers[0]) == [("1", "a", "t"), ("2", "b", "t")]
+    assert path.read_bytes() == torn  # a reader never repairs
+
+
 def test_duplicate_pairs_and_empty_queries_rejected_before_any_call(tmp_path):
     with TeacherStore(tmp_path / "t.jsonl") as store:
         with pytest.raises(ValueError, match="listed twice"):

@@ -142,9 +142,8 @@ class RerankQLoRARecipe:
                                                  progress=self.progress)
             self._print(f"teacher {teacher.name}: {stats.done} new, {stats.skipped_existing} stored earlier, "
                         f"{stats.unparseable} without a label")
-        self.acc.wait_for_everyone()
-        with TeacherStore(store_path) as store:
-            records = [r for r in store.records.values() if r.teacher == teacher.name]
+        self.acc.wait_for_everyone()  # every process reads the finished store (no lock: it is not written now)
+        records = [r for r in TeacherStore.read(store_path).values() if r.teacher == teacher.name]
         by_key = {(p.qid, p.docid): p for p in pairs}
         examples, counts = distill_examples(records, by_key)
         encoded, too_long = tokenize_examples(self.tokenizer, examples, _prompt(), cfg.train.completion_only,

@@ -307,8 +307,8 @@ def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
     pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs))}
-    with TeacherStore(o.teacher) as store:
-        return pairs, list(store.records.values())
+    # read without the writer's lock: every process of `accelerate launch` reads the finished store
+    return pairs, list(TeacherStore.read(o.teacher).values())
 
 
 def cmd_sft(o: TrainOptions) -> dict:

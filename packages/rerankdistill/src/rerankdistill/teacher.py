@@ -65,6 +65,35 @@ class TeacherRecord:
     expected: float | None = None  # E[label] under label-token probabilities (reranking judgements)
 
 
+def _parse_records(path: Path, data: bytes) -> tuple[dict[tuple[str, str, str], TeacherRecord], int]:
+    """(records by key, bytes up to the end of the last whole line) of a store's bytes; a bad line other than
+    a torn last one, or a repeated key, raises `FileFormatError` naming the line."""
+    records: dict[tuple[str, str, str], TeacherRecord] = {}
+    good_end = 0
+    lines = data.split(b"\n")
+    for no, raw in enumerate(lines, start=1):
+        last = no == len(lines)
+        if not raw.strip():
+            if not last:
+                good_end += len(raw) + 1
+            continue
+        try:
+            if last:  # no newline after it: the write was torn
+                raise ValueError("torn")
+            rec = TeacherRecord(**json.loads(raw))
+        except (ValueError, TypeError) as e:
+            if last:
+                break
+            raise FileFormatError(path, f"corrupt teacher record ({e}); only the last line may be "
+                                        "torn by a crash", no) from None
+        key = (rec.qid, rec.docid, rec.teacher)
+        if key in records:
+            raise FileFormatError(path, f"duplicate record for {key}", no)
+        records[key] = rec
+        good_end += len(raw) + 1
+    return records, good_end
+
+
 class TeacherStore:
     """Append-only JSONL of `TeacherRecord`s keyed by (qid, docid, teacher), held by one process at a time.
 
@@ -86,32 +115,17 @@ class TeacherStore:
 
     def _load(self) -> None:
         data = self._file.read_bytes()
-        good_end = 0
-        lines = data.split(b"\n")
-        for no, raw in enumerate(lines, start=1):
-            last = no == len(lines)
-            if not raw.strip():
-                if not last:
-                    good_end += len(raw) + 1
-                continue
-            try:
-                if last:  # no newline after it: the write was torn
-                    raise ValueError("torn")
-                row = json.loads(raw)
-                rec = TeacherRecord(**row)
-            except (ValueError, TypeError) as e:
-                if last:
-                    break
-                raise FileFormatError(self.path, f"corrupt teacher record ({e}); only the last line may be "
-                                                 "torn by a crash", no) from None
-            key = (rec.qid, rec.docid, rec.teacher)
-            if key in self.records:
-                raise FileFormatError(self.path, f"duplicate record for {key}", no)
-            self.records[key] = rec
-            good_end += len(raw) + 1
+        self.records, good_end = _parse_records(self.path, data)
         if good_end < len(data):
             self.repaired_bytes = len(data) - good_end
             self._file.truncate_to(good_end)
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict[tuple[str, str, str], TeacherRecord]:
+        """The records of a finished store, read WITHOUT taking its lock (a torn last line is skipped, not
+        repaired): for readers such as every process of a distributed run after the writer has closed it."""
+        path = Path(path)
+        return _parse_records(path, path.read_bytes())[0]
 
     def __contains__(self, key: tuple[str, str, str]) -> bool:
         return key in self.records
