@@ -44,9 +44,18 @@ class TaskConfig:
     path: Path | None = option(None, "data folder (beir: corpus.jsonl/queries.jsonl/qrels; cranfield: SMART files)")
     corpus_path: Path | None = option(None, "bright: the corpus JSONL (BRIGHT's corpus is not in its topics file)")
     domain: str = option("biology", "bright: the domain")
-    eval_fraction: float = option(0.25, "beir/bright/cranfield: share of queries held out for evaluation")
+    train_source: str = option(
+        "stdlib", "bright: where training and validation queries come from (stdlib, beir or cranfield; BRIGHT "
+        "is evaluated zero-shot on every query of the domain, as in the paper)")
+    train_path: Path | None = option(None, "bright: the training source's data folder (beir, cranfield)")
+    first_stage_queries: Literal["original", "reasoning"] = option(
+        "original", "bright: BM25 searches with the original queries or BRIGHT's GPT-4 reasoning texts (the "
+        "reranker still sees the original query)")
+    eval_fraction: float = option(
+        0.25, "beir/cranfield (and bright's training source): share of queries held out for evaluation")
     validation_fraction: float = option(
-        0.1, "beir/bright/cranfield: share of queries held out for validation (the fusion weight is chosen there)")
+        0.1, "beir/cranfield (and bright's training source): share of queries held out for validation (the fusion "
+        "weight is chosen there)")
     max_train_queries: int = option(160, "cap on training queries")
     max_eval_queries: int = option(500, "cap on evaluation queries")
     max_validation_queries: int = option(
@@ -58,6 +67,20 @@ class TaskConfig:
             raise ValueError(f"task.path is required for task.name={self.name!r}")
         if self.name == "bright" and self.corpus_path is None:
             raise ValueError("task.corpus_path is required for task.name='bright' (its topics hold no documents)")
+        if self.name == "bright" and self.train_source == "bright":
+            raise ValueError("task.train_source='bright' would train and tune on BRIGHT queries: BRIGHT is evaluated "
+                             "zero-shot on every query of the domain; train on stdlib, beir or cranfield")
+        if self.name == "bright" and self.train_source not in ("stdlib", "beir", "cranfield"):
+            raise ValueError(f"task.train_source must be stdlib, beir or cranfield, got {self.train_source!r}")
+        if self.name == "bright" and self.train_source != "stdlib" and self.train_path is None:
+            raise ValueError(f"task.train_path is required for task.train_source={self.train_source!r}")
+        if self.name == "bright" and self.train_path is not None and self.path is not None \
+                and Path(self.train_path).resolve() == Path(self.path).resolve():
+            raise ValueError(f"task.train_path {str(self.train_path)!r} is the BRIGHT folder: training on the "
+                             "evaluation domain's queries is not zero-shot")
+        if self.name != "bright" and self.first_stage_queries == "reasoning":
+            raise ValueError("task.first_stage_queries='reasoning' needs task.name='bright' (its topics hold the "
+                             "reasoning texts)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"task.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0 <= self.validation_fraction < 1 - self.eval_fraction:

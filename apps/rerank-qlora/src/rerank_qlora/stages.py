@@ -5,6 +5,7 @@ distillation examples (rerankdistill)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from rerank_qlora.config import RerankConfig, RerankQLoRAConfig, TaskConfig
 from rerank_qlora.stdlib_task import RetrievalTask, build_stdlib_task
 from shared_kernels.errors import UserError
+from shared_kernels.runconfig import ConfigError
 
 
 class StageUnavailable(UserError, RuntimeError):
@@ -22,20 +24,16 @@ class StageUnavailable(UserError, RuntimeError):
 
 # ------------------------------------------------------------------------------------------------- task
 def load_task(cfg: TaskConfig) -> RetrievalTask:
-    """The retrieval task: the built-in stdlib task, or a BEIR / BRIGHT / Cranfield collection split by query."""
+    """The retrieval task: the built-in stdlib task, a BEIR / Cranfield collection split by query, or a BRIGHT
+    domain evaluated zero-shot (`bright_zero_shot`)."""
     if cfg.name == "stdlib":
         return build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=cfg.max_eval_queries,
                                  max_validation_queries=cfg.max_validation_queries)
+    if cfg.name == "bright":
+        return bright_zero_shot(cfg)
     import rerankdistill as rd
 
-    if cfg.name == "beir":
-        corpus, queries, qrels = rd.load_beir(cfg.path)
-    elif cfg.name == "cranfield":
-        corpus, queries, qrels = rd.load_cranfield(cfg.path)
-    else:
-        loaded = rd.load_bright(Path(cfg.path) / f"topics.bright-{cfg.domain}-original.jsonl.gz",
-                                Path(cfg.path) / f"qrels.bright-{cfg.domain}.txt", corpus=cfg.corpus_path)
-        corpus, queries, qrels = loaded.corpus, loaded.queries, loaded.qrels
+    corpus, queries, qrels = rd.load_beir(cfg.path) if cfg.name == "beir" else rd.load_cranfield(cfg.path)
     qids = sorted(q for q in queries if q in qrels)
     random.Random(cfg.seed).shuffle(qids)
     n_eval = max(1, int(len(qids) * cfg.eval_fraction))
@@ -47,6 +45,72 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
                          eval_qids, info={"source": str(cfg.path)}, validation_qids=validation_qids)
 
 
+def bright_zero_shot(cfg: TaskConfig) -> RetrievalTask:
+    """BRIGHT as in the paper: every judged query of the domain is evaluated, zero-shot. Training and validation
+    queries (the fusion weight and BM25 k1/b are chosen on the latter) come from `cfg.train_source`, whose own
+    evaluation queries are dropped; the domain's documents (`cfg.corpus_path`) are kept apart, so a BRIGHT query's
+    candidates are BRIGHT documents without its excluded ids, and no training query searches them.
+
+    Raises:
+        ConfigError: the training source shares query or document ids with the domain, or
+            `cfg.max_eval_queries` would leave some of the domain's queries out.
+    """
+    import rerankdistill as rd
+
+    domain = rd.load_bright(Path(cfg.path) / f"topics.bright-{cfg.domain}-original.jsonl.gz",
+                            Path(cfg.path) / f"qrels.bright-{cfg.domain}.txt", corpus=cfg.corpus_path)
+    corpus = domain.corpus or {}
+    eval_qids = sorted(q for q in domain.queries if q in domain.qrels)
+    if len(eval_qids) > cfg.max_eval_queries:
+        raise ConfigError(f"task.max_eval_queries={cfg.max_eval_queries} would leave out some of BRIGHT "
+                          f"{cfg.domain}'s {len(eval_qids)} queries: BRIGHT is evaluated on every query")
+    if cfg.train_source == "stdlib":
+        source = build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=1,
+                                   max_validation_queries=cfg.max_validation_queries, splits=("train", "validation"))
+    else:
+        source = load_task(replace(cfg, name=cfg.train_source, path=cfg.train_path, train_path=None,
+                                   first_stage_queries="original"))
+    source_qids = set(source.queries)
+    shared_queries = sorted(source_qids & set(domain.queries))
+    if shared_queries:
+        raise ConfigError(f"task.train_source={cfg.train_source!r} shares query ids with BRIGHT {cfg.domain} "
+                          f"(e.g. {shared_queries[:3]}): training or tuning on the evaluation domain's queries "
+                          "is not zero-shot")
+    shared_docs = sorted(set(source.corpus) & set(corpus))
+    if shared_docs:
+        raise ConfigError(f"task.train_source={cfg.train_source!r} and task.corpus_path {str(cfg.corpus_path)!r} "
+                          f"share document ids (e.g. {shared_docs[:3]})")
+    search = {}
+    if cfg.first_stage_queries == "reasoning":
+        missing = [q for q in eval_qids if not domain.reasoning.get(q)]
+        if missing:
+            raise ConfigError(f"task.first_stage_queries='reasoning': {len(missing)} BRIGHT {cfg.domain} queries "
+                              f"have no reasoning text, e.g. {missing[:3]}")
+        search = {q: domain.reasoning[q] for q in eval_qids}
+    kept = source.train_qids + source.validation_qids
+    return RetrievalTask(
+        "bright", {**source.corpus, **corpus}, {**{q: source.queries[q] for q in kept}, **domain.queries},
+        {**{q: source.qrels[q] for q in kept}, **{q: dict(domain.qrels[q]) for q in eval_qids}},
+        list(source.train_qids), eval_qids, validation_qids=list(source.validation_qids),
+        train_docids=list(source.train_docids), eval_docids=sorted(corpus),
+        excluded={q: set(domain.excluded.get(q, ())) for q in eval_qids}, search_queries=search,
+        info={"source": str(cfg.path), "domain": cfg.domain, "train_source": source.info.get("source", source.name),
+              "first_stage_queries": cfg.first_stage_queries})
+
+
+def _search_groups(task: RetrievalTask) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """(documents, query texts) each first stage searches: the whole corpus for every query, or, with
+    `task.eval_docids`, the non-evaluation queries over the other documents (first: validation is chosen there)
+    and the evaluation queries over those documents."""
+    texts = {q: task.search_queries.get(q, t) for q, t in task.queries.items()}
+    if not task.eval_docids:
+        return [(task.corpus, texts)]
+    held, evaluated = set(task.eval_docids), set(task.eval_qids)
+    return [({d: t for d, t in task.corpus.items() if d not in held},
+             {q: t for q, t in texts.items() if q not in evaluated}),
+            ({d: task.corpus[d] for d in task.eval_docids}, {q: texts[q] for q in task.eval_qids})]
+
+
 def first_stages(task: RetrievalTask, cfg: RerankConfig) -> dict[str, Any]:
     """Both first stages over every query of the task, `cfg.candidates` deep: plain BM25 (bm25s's tokenizer,
     Anserini's k1 0.9 / b 0.4) and identifier-aware BM25 (rerankdistill.code_tokens; k1/b given, or chosen on
@@ -56,22 +120,28 @@ def first_stages(task: RetrievalTask, cfg: RerankConfig) -> dict[str, Any]:
         {"plain": run, "code": run, "k1": k1, "b": b, "chosen": how k1/b were set}.
     """
     from rerankdistill import BM25Index, IdentifierTokenizer, bm25_search, select_bm25_params
+    from rerankdistill.datasets import drop_excluded
 
-    plain = bm25_search(task.corpus, task.queries, k=cfg.candidates)
+    groups = _search_groups(task)
+    plain = {q: r for docs, texts in groups for q, r in bm25_search(docs, texts, k=cfg.candidates).items()}
     tokenizer = IdentifierTokenizer(stopwords=None if cfg.bm25_stopwords == "none" else cfg.bm25_stopwords,
                                     stemmer=None if cfg.bm25_stemmer == "none" else cfg.bm25_stemmer)
     tokens = {d: tokenizer(t) for d, t in task.corpus.items()}
     k1, b, chosen = cfg.bm25_k1, cfg.bm25_b, "given"
     if (k1 is None or b is None) and task.validation_qids:
         grid = {"k1s": (k1,) if k1 is not None else None, "bs": (b,) if b is not None else None}
-        k1, b, _ = select_bm25_params(task.corpus, {q: task.queries[q] for q in task.validation_qids}, task.qrels,
+        docs, texts = groups[0]
+        k1, b, _ = select_bm25_params(docs, {q: texts[q] for q in task.validation_qids}, task.qrels,
                                       tokenizer, **{key: v for key, v in grid.items() if v is not None})
         chosen = f"chosen on {len(task.validation_qids)} validation queries"
     elif k1 is None or b is None:
         k1, b, chosen = k1 if k1 is not None else 0.9, b if b is not None else 0.4, "defaults (no validation queries)"
-    code = BM25Index(task.corpus, k1=k1, b=b, stopwords=None, tokenizer=tokenizer, tokens=tokens).search(
-        task.queries, k=cfg.candidates)
-    return {"plain": plain, "code": code, "k1": k1, "b": b, "chosen": chosen}
+    code = {}
+    for docs, texts in groups:
+        index = BM25Index(docs, k1=k1, b=b, stopwords=None, tokenizer=tokenizer, tokens={d: tokens[d] for d in docs})
+        code.update(index.search(texts, k=cfg.candidates))
+    return {"plain": drop_excluded(plain, task.excluded), "code": drop_excluded(code, task.excluded),
+            "k1": k1, "b": b, "chosen": chosen}
 
 
 # ------------------------------------------------------------------------------------------ base model

@@ -54,6 +54,11 @@ class RetrievalTask:
     info: dict[str, str] = field(default_factory=dict)
     validation_qids: list[str] = field(default_factory=list)
     train_docids: list[str] = field(default_factory=list)  # documents from training modules (base LM text)
+    # Evaluation documents kept apart (BRIGHT zero-shot): evaluation queries search only these, the others the
+    # rest of the corpus; none: every query searches the whole corpus.
+    eval_docids: list[str] = field(default_factory=list)
+    excluded: dict[str, set[str]] = field(default_factory=dict)  # per query, ids never to be candidates
+    search_queries: dict[str, str] = field(default_factory=dict)  # texts BM25 searches with, where not the query
 
 
 @dataclass(frozen=True)
