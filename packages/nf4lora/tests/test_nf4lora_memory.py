@@ -99,3 +99,30 @@ def test_paged_adamw_on_cuda_is_bitsandbytes(bits):
     before = p.detach().clone()
     opt.step()
     assert not torch.equal(before, p.detach())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=4),
+    dict(r=3, adapter_dtype=torch.bfloat16, double_quant=False, blocksize=128, target_modules=["q_proj"]),
+    dict(r=2, skip=["down_proj"], modules_to_save=["lm_head"], norms_in_fp32=False),
+])
+def test_estimate_model_memory_equals_prepared_model_bytes(tiny_tokenizer, kwargs):
+    """The estimate from a meta-device copy equals the bytes `memory_report` counts on the prepared model."""
+    from transformers import AutoModelForCausalLM
+
+    from nf4lora.memory import estimate_model_memory
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config).to(torch.bfloat16)  # as tiny_causal_lm builds it
+    assert meta.lm_head.weight.is_meta
+    est = estimate_model_memory(meta, **kwargs)
+    prepare_model(model, dropout=0.0, **kwargs)
+    real = memory_report(model)
+    for part in ("base_codes", "base_constants", "other_weights", "adapters"):
+        assert getattr(est, part) == getattr(real, part), part
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert est.gradients == sum(p.numel() * p.element_size() for p in trainable)
+    assert est.optimizer_state == 8 * sum(p.numel() for p in trainable)
+    assert est.adapters == real.adapters > 0

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nf4lora.lora import LoRALinear4bit
-from nf4lora.weight import NF4Weight
+from nf4lora.weight import DQ_BLOCKSIZE, DYNAMIC_CODE, NF4Weight
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -87,6 +87,80 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             for v in state.values():
                 if isinstance(v, torch.Tensor) and once(v):
                     report.optimizer_state += _nbytes(v)
+    return report
+
+
+def estimate_model_memory(
+    model: nn.Module,
+    *,
+    r: int = 64,
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    skip: str | list[str] | tuple[str, ...] | None = None,
+    modules_to_save: list[str] | tuple[str, ...] | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    norms_in_fp32: bool = True,
+    optimizer_bytes_per_param: int = 8,
+) -> MemoryReport:
+    """What `prepare_model(model, ...)` with these arguments would hold, from the model's real shapes and
+    dtypes, without quantizing or allocating anything: `model` may live on the meta device
+    (`with torch.device("meta"): AutoModelForCausalLM.from_config(config)`).
+
+    `base_codes`, `base_constants`, `other_weights` and `adapters` are the bytes `memory_report` counts on the
+    prepared model (equal, tested): packed 4-bit codes (padded to whole `quant_storage` elements), per-block
+    constants (fp32, or uint8 + fp32 second-level constants, offset and the 256-entry code table with double
+    quantization; the 256-entry table is one tensor shared by every weight, counted once), every dense parameter and buffer in its dtype (fp32 for norms with `norms_in_fp32`; the
+    LM head, the skip list and `modules_to_save` stay dense), LoRA A and B in `adapter_dtype`. `gradients`:
+    one per trainable element (adapters and `modules_to_save`) in its dtype; `optimizer_state`:
+    `optimizer_bytes_per_param` per trainable element (8: two fp32 Adam moments, as 32-bit paged AdamW)."""
+    from nf4lora.model import _linear_weight, _matches, _output_embedding, is_norm, kept_dense
+
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    saved, keep = kept_dense(model, skip, modules_to_save)
+    head = _output_embedding(model)
+    report = MemoryReport()
+    quantized: set[int] = set()
+    code_table = 0
+    trainable = 0  # gradient bytes
+    n_trainable = 0
+    for name, module in model.named_modules():
+        found = _linear_weight(module)
+        if found is None or module is head or keep(name):
+            continue
+        weight, bias = found
+        quantized.add(id(module.weight))
+        numel = weight.numel()
+        n_blocks = -(-numel // blocksize)
+        unit = torch.empty((), dtype=quant_storage).element_size()
+        report.base_codes += -(-((numel + 1) // 2) // unit) * unit
+        if double_quant:
+            report.base_constants += n_blocks + 4 * -(-n_blocks // DQ_BLOCKSIZE) + 4
+            code_table = DYNAMIC_CODE.numel() * 4  # one table, shared by every weight (counted once)
+        else:
+            report.base_constants += 4 * n_blocks
+        if _matches(name, target_modules):
+            n_lora = r * (weight.shape[0] + weight.shape[1])
+            size = n_lora * torch.empty((), dtype=adapter_dtype).element_size()
+            report.adapters += size
+            trainable += size
+            n_trainable += n_lora
+    report.base_constants += code_table
+    norm_tensors = {id(t) for m in model.modules() if norms_in_fp32 and is_norm(m)
+                    for t in (*m.parameters(), *m.buffers())}
+    saved_params = {id(p) for s in saved for p in model.get_submodule(s).parameters()}
+    for t in (*model.parameters(), *model.buffers()):  # each shared (tied) tensor once
+        if id(t) in quantized:
+            continue
+        size = t.element_size() if not (id(t) in norm_tensors and t.is_floating_point()) else 4
+        report.other_weights += t.numel() * size
+        if id(t) in saved_params:
+            trainable += t.numel() * size
+            n_trainable += t.numel()
+    report.gradients = trainable
+    report.optimizer_state = n_trainable * optimizer_bytes_per_param
     return report
 
 
