@@ -126,3 +126,14 @@ def test_estimate_model_memory_equals_prepared_model_bytes(tiny_tokenizer, kwarg
     assert est.gradients == sum(p.numel() * p.element_size() for p in trainable)
     assert est.optimizer_state == 8 * sum(p.numel() for p in trainable)
     assert est.adapters == real.adapters > 0
+
+
+def test_llama_table_matches_the_paper_claims():
+    """65B fits a 48 GB card (with bf16 or fp32 adapters), 33B a 24 GB one, 65B not a 24 GB one."""
+    from nf4lora.memory import LLAMA_SHAPES, llama_params, llama_table
+
+    assert llama_params(*LLAMA_SHAPES["7B"]) == 6_738_415_616  # LLaMA-7B's published count
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in llama_table().splitlines()[2:]}
+    assert list(rows) == ["7B", "13B", "33B", "65B"]
+    assert rows["65B"][8:12] == ["44.87", "48.07", "no / no", "yes / yes"]
+    assert rows["33B"][10] == "yes / yes" and rows["7B"][10] == "yes / yes"
