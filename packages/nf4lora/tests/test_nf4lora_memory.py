@@ -137,3 +137,15 @@ def test_llama_table_matches_the_paper_claims():
     assert list(rows) == ["7B", "13B", "33B", "65B"]
     assert rows["65B"][8:12] == ["44.87", "48.07", "no / no", "yes / yes"]
     assert rows["33B"][10] == "yes / yes" and rows["7B"][10] == "yes / yes"
+
+
+def test_estimate_model_memory_bad_input_names_the_argument():
+    from nf4lora.memory import estimate_model_memory
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        estimate_model_memory(model, r=0)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        estimate_model_memory(model, modules_to_save=["score"])
+    est = estimate_model_memory(model, r=2, double_quant=False)  # 4096 weights: 2048 code bytes, 64 fp32 absmax
+    assert (est.base_codes, est.base_constants, est.other_weights, est.adapters) == (2048, 256, 256, 2 * 128 * 4)
