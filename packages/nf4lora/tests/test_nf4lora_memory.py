@@ -99,3 +99,53 @@ def test_paged_adamw_on_cuda_is_bitsandbytes(bits):
     before = p.detach().clone()
     opt.step()
     assert not torch.equal(before, p.detach())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=4),
+    dict(r=3, adapter_dtype=torch.bfloat16, double_quant=False, blocksize=128, target_modules=["q_proj"]),
+    dict(r=2, skip=["down_proj"], modules_to_save=["lm_head"], norms_in_fp32=False),
+])
+def test_estimate_model_memory_equals_prepared_model_bytes(tiny_tokenizer, kwargs):
+    """The estimate from a meta-device copy equals the bytes `memory_report` counts on the prepared model."""
+    from transformers import AutoModelForCausalLM
+
+    from nf4lora.memory import estimate_model_memory
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config).to(torch.bfloat16)  # as tiny_causal_lm builds it
+    assert meta.lm_head.weight.is_meta
+    est = estimate_model_memory(meta, **kwargs)
+    prepare_model(model, dropout=0.0, **kwargs)
+    real = memory_report(model)
+    for part in ("base_codes", "base_constants", "other_weights", "adapters"):
+        assert getattr(est, part) == getattr(real, part), part
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert est.gradients == sum(p.numel() * p.element_size() for p in trainable)
+    assert est.optimizer_state == 8 * sum(p.numel() for p in trainable)
+    assert est.adapters == real.adapters > 0
+
+
+def test_llama_table_matches_the_paper_claims():
+    """65B fits a 48 GB card (with bf16 or fp32 adapters), 33B a 24 GB one, 65B not a 24 GB one."""
+    from nf4lora.memory import LLAMA_SHAPES, llama_params, llama_table
+
+    assert llama_params(*LLAMA_SHAPES["7B"]) == 6_738_415_616  # LLaMA-7B's published count
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in llama_table().splitlines()[2:]}
+    assert list(rows) == ["7B", "13B", "33B", "65B"]
+    assert rows["65B"][8:12] == ["44.87", "48.07", "no / no", "yes / yes"]
+    assert rows["33B"][10] == "yes / yes" and rows["7B"][10] == "yes / yes"
+
+
+def test_estimate_model_memory_bad_input_names_the_argument():
+    from nf4lora.memory import estimate_model_memory
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        estimate_model_memory(model, r=0)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        estimate_model_memory(model, modules_to_save=["score"])
+    est = estimate_model_memory(model, r=2, double_quant=False)  # 4096 weights: 2048 code bytes, 64 fp32 absmax
+    assert (est.base_codes, est.base_constants, est.other_weights, est.adapters) == (2048, 256, 256, 2 * 128 * 4)

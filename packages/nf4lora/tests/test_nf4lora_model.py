@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from nf4lora.lora import Linear4bit, LoRALinear4bit
 from nf4lora.model import load_adapter, lora_modules, merge_and_unload, prepare_model, save_adapter
@@ -166,3 +167,45 @@ def test_tiny_llama_training_lowers_loss(tiny_tokenizer):
     finally:
         torch.set_num_threads(threads)
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # 6.22, 6.00, 5.82 ... 5.19, 5.17, 5.14 (0.86x)
+
+
+def test_norms_in_fp32_by_type_not_by_class_name():
+    """A non-norm named "...Norm..." stays bf16; norms whose names lack "Norm" (a LayerNorm subclass, a
+    registered class, transformers' LlamaRMSNorm) are upcast; their outputs keep the input dtype."""
+    from nf4lora.model import is_norm, norm_types, register_norm_type
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    class NormalizedScale(nn.Module):  # not a norm: a learned scale
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    class Ln(nn.LayerNorm):
+        pass
+
+    class RootMeanSquare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    register_norm_type(RootMeanSquare)
+    model = nn.Sequential(nn.Linear(32, 32), NormalizedScale(), Ln(32), RootMeanSquare(), nn.Linear(32, 32))
+    model.to(torch.bfloat16)
+    assert not is_norm(model[1]) and is_norm(model[2]) and RootMeanSquare in norm_types()
+    prepare_model(model, r=2, dropout=0.0, gradient_checkpointing=False)
+    assert model[1].scale.dtype == torch.bfloat16
+    assert model[2].weight.dtype == model[2].bias.dtype == model[3].weight.dtype == torch.float32
+    assert model(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="register_norm_type"):
+        register_norm_type(len)
+
+    llama = tiny_causal_lm(dtype=torch.bfloat16)
+    prepare_model(llama, r=2, dropout=0.0)
+    assert llama.model.norm.weight.dtype == torch.float32
+    assert llama.model.embed_tokens.weight.dtype == torch.bfloat16

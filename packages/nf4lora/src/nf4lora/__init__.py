@@ -7,7 +7,14 @@ The kernels (quantize, dequantize with fused double-quant dequantization, fused 
 """
 
 from nf4lora.lora import Linear4bit, LoRALinear4bit, nf4_linear
-from nf4lora.memory import MemoryEstimate, MemoryReport, count_parameters, estimate_memory, memory_report
+from nf4lora.memory import (
+    MemoryEstimate,
+    MemoryReport,
+    count_parameters,
+    estimate_memory,
+    estimate_model_memory,
+    memory_report,
+)
 from nf4lora.model import (
     LoRASettings,
     ddp_ignore_frozen_4bit,
@@ -15,8 +22,10 @@ from nf4lora.model import (
     lora_modules,
     lora_state_dict,
     merge_and_unload,
+    norm_types,
     prepare_model,
     quantize_model,
+    register_norm_type,
     save_adapter,
 )
 from nf4lora.optim import paged_adamw
@@ -46,6 +55,9 @@ __all__ = [
     "count_parameters",
     "ddp_ignore_frozen_4bit",
     "estimate_memory",
+    "estimate_model_memory",
+    "norm_types",
+    "register_norm_type",
     "memory_report",
     "paged_adamw",
     "NF4Weight",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nf4lora.lora import LoRALinear4bit
-from nf4lora.weight import NF4Weight
+from nf4lora.weight import DQ_BLOCKSIZE, DYNAMIC_CODE, NF4Weight
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -90,6 +90,80 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return report
 
 
+def estimate_model_memory(
+    model: nn.Module,
+    *,
+    r: int = 64,
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    skip: str | list[str] | tuple[str, ...] | None = None,
+    modules_to_save: list[str] | tuple[str, ...] | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    norms_in_fp32: bool = True,
+    optimizer_bytes_per_param: int = 8,
+) -> MemoryReport:
+    """What `prepare_model(model, ...)` with these arguments would hold, from the model's real shapes and
+    dtypes, without quantizing or allocating anything: `model` may live on the meta device
+    (`with torch.device("meta"): AutoModelForCausalLM.from_config(config)`).
+
+    `base_codes`, `base_constants`, `other_weights` and `adapters` are the bytes `memory_report` counts on the
+    prepared model (equal, tested): packed 4-bit codes (padded to whole `quant_storage` elements), per-block
+    constants (fp32, or uint8 + fp32 second-level constants, offset and the 256-entry code table with double
+    quantization; the 256-entry table is one tensor shared by every weight, counted once), every dense parameter and buffer in its dtype (fp32 for norms with `norms_in_fp32`; the
+    LM head, the skip list and `modules_to_save` stay dense), LoRA A and B in `adapter_dtype`. `gradients`:
+    one per trainable element (adapters and `modules_to_save`) in its dtype; `optimizer_state`:
+    `optimizer_bytes_per_param` per trainable element (8: two fp32 Adam moments, as 32-bit paged AdamW)."""
+    from nf4lora.model import _linear_weight, _matches, _output_embedding, is_norm, kept_dense
+
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    saved, keep = kept_dense(model, skip, modules_to_save)
+    head = _output_embedding(model)
+    report = MemoryReport()
+    quantized: set[int] = set()
+    code_table = 0
+    trainable = 0  # gradient bytes
+    n_trainable = 0
+    for name, module in model.named_modules():
+        found = _linear_weight(module)
+        if found is None or module is head or keep(name):
+            continue
+        weight, bias = found
+        quantized.add(id(module.weight))
+        numel = weight.numel()
+        n_blocks = -(-numel // blocksize)
+        unit = torch.empty((), dtype=quant_storage).element_size()
+        report.base_codes += -(-((numel + 1) // 2) // unit) * unit
+        if double_quant:
+            report.base_constants += n_blocks + 4 * -(-n_blocks // DQ_BLOCKSIZE) + 4
+            code_table = DYNAMIC_CODE.numel() * 4  # one table, shared by every weight (counted once)
+        else:
+            report.base_constants += 4 * n_blocks
+        if _matches(name, target_modules):
+            n_lora = r * (weight.shape[0] + weight.shape[1])
+            size = n_lora * torch.empty((), dtype=adapter_dtype).element_size()
+            report.adapters += size
+            trainable += size
+            n_trainable += n_lora
+    report.base_constants += code_table
+    norm_tensors = {id(t) for m in model.modules() if norms_in_fp32 and is_norm(m)
+                    for t in (*m.parameters(), *m.buffers())}
+    saved_params = {id(p) for s in saved for p in model.get_submodule(s).parameters()}
+    for t in (*model.parameters(), *model.buffers()):  # each shared (tied) tensor once
+        if id(t) in quantized:
+            continue
+        size = t.element_size() if not (id(t) in norm_tensors and t.is_floating_point()) else 4
+        report.other_weights += t.numel() * size
+        if id(t) in saved_params:
+            trainable += t.numel() * size
+            n_trainable += t.numel()
+    report.gradients = trainable
+    report.optimizer_state = n_trainable * optimizer_bytes_per_param
+    return report
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes by part of a QLoRA fine-tuning run (see `estimate_memory`)."""
@@ -161,3 +235,42 @@ def estimate_memory(
         activations=activations,
         full_finetune_16bit=12 * n_params,
     )
+
+
+# LLaMA-1 (Touvron et al. 2023, table 2): layers, hidden size, MLP size; vocabulary 32000, untied head.
+LLAMA_SHAPES = {"7B": (32, 4096, 11008), "13B": (40, 5120, 13824), "33B": (60, 6656, 17920),
+                "65B": (80, 8192, 22016)}
+LLAMA_VOCAB = 32000
+# QLoRA paper (arXiv 2305.14314), via REFERENCE.md section 2: "model sizes in 4-bit".
+PAPER_4BIT_GB = {"7B": 5, "13B": 10, "33B": 21, "65B": 41}
+
+
+def llama_params(n_layers: int, hidden: int, intermediate: int, vocab: int = LLAMA_VOCAB) -> int:
+    """Parameters of a LLaMA decoder: per layer 4 attention + 3 MLP matrices and 2 norms; embeddings, an
+    untied LM head and the final norm."""
+    return n_layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + 2 * vocab * hidden + hidden
+
+
+def llama_table(r: int = 64, batch_size: int = 1, seq_len: int = 512, gpus_gb: tuple[int, ...] = (24, 48)) -> str:
+    """The QLoRA memory budget of LLaMA 7B-65B (`estimate_memory`, all-linear LoRA at rank r, NF4 + DQ at
+    blocksize 64, 16-bit embeddings and head, 32-bit AdamW state, checkpointed activations of batch x seq_len),
+    with bf16 and with fp32 adapters, against cards of `gpus_gb` "GB" (a 24 GB RTX 3090/4090 or 48 GB A6000
+    holds that many GiB); a markdown table, sizes in GB (10^9 bytes). Not counted: the CUDA context, allocator
+    fragmentation, one layer's transient dequantized weight, the logits."""
+    gb = 1e9
+    cols = ["model", "params (B)", "NF4+DQ linears", "16-bit emb+head", "adapters bf16", "adapter grads bf16",
+            "AdamW 32-bit", f"activations ({batch_size}x{seq_len})", "total, bf16 adapters",
+            "total, fp32 adapters", *(f"fits {g} GiB (bf16 / fp32)" for g in gpus_gb), "paper: 4-bit model"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, (layers, hidden, inter) in LLAMA_SHAPES.items():
+        n = llama_params(layers, hidden, inter)
+        kw = dict(n_layers=layers, hidden_size=hidden, intermediate_size=inter, vocab_size=LLAMA_VOCAB, r=r,
+                  batch_size=batch_size, seq_len=seq_len)
+        bf16, fp32 = estimate_memory(n, adapter_bytes=2, **kw), estimate_memory(n, adapter_bytes=4, **kw)
+        fits = [f"{'yes' if bf16.total <= g * 2**30 else 'no'} / {'yes' if fp32.total <= g * 2**30 else 'no'}"
+                for g in gpus_gb]
+        parts = (bf16.base_weights, bf16.unquantized_weights, bf16.adapters, bf16.adapter_gradients,
+                 bf16.optimizer_state, bf16.activations, bf16.total, fp32.total)
+        lines.append(f"| {name} | {n / 1e9:.2f} | " + " | ".join(f"{p / gb:.2f}" for p in parts)
+                     + f" | {' | '.join(fits)} | {PAPER_4BIT_GB[name]} |")
+    return "\n".join(lines)

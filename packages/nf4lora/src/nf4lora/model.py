@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,45 @@ def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bo
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+# Normalisation layers `norms_in_fp32` upcasts, by type (a class name says nothing: "NormalizedMLP" is no
+# norm, a custom "RootMeanSquare" may be one). torch's own norm layers, the RMSNorm classes of the transformers
+# architectures listed below (resolved from their already-imported modeling modules, so nothing extra is
+# imported), and whatever `register_norm_type` adds.
+_NORM_TYPES: list[type[nn.Module]] = [nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
+_TRANSFORMERS_NORMS = {
+    "llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "mixtral": "MixtralRMSNorm", "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm", "qwen3_moe": "Qwen3MoeRMSNorm", "gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm",
+    "gemma3": "Gemma3RMSNorm", "phi3": "Phi3RMSNorm", "olmo2": "Olmo2RMSNorm", "granite": "GraniteRMSNorm",
+    "t5": "T5LayerNorm", "cohere": "CohereLayerNorm", "deepseek_v3": "DeepseekV3RMSNorm",
+    "smollm3": "SmolLM3RMSNorm",
+}
+
+
+def register_norm_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Treat `cls` (and its subclasses) as a normalisation layer in `prepare_model(norms_in_fp32=True)` and
+    `estimate_model_memory`; usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"register_norm_type needs an nn.Module subclass, got {cls!r}")
+    if cls not in _NORM_TYPES:
+        _NORM_TYPES.append(cls)
+    return cls
+
+
+def norm_types() -> tuple[type[nn.Module], ...]:
+    """The normalisation layer types known now (torch's, registered ones, transformers' imported ones)."""
+    found = list(_NORM_TYPES)
+    for arch, name in _TRANSFORMERS_NORMS.items():
+        module = sys.modules.get(f"transformers.models.{arch}.modeling_{arch}")
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, norm_types())
 
 
 def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -167,7 +207,9 @@ def prepare_model(
         blocksize: NF4 block size. compute_dtype: matmul dtype (default: each layer's original dtype).
         use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
         gradient_checkpointing: enable the model's (non-reentrant) activation checkpointing when it has one.
-        norms_in_fp32: upcast normalisation layers (class names containing "Norm") to fp32.
+        norms_in_fp32: upcast normalisation layers to fp32, found by type (`norm_types()`: torch's
+            LayerNorm / RMSNorm / GroupNorm / BatchNorm, common transformers RMSNorm classes, and classes added
+            with `register_norm_type`), not by class name.
         seed: seed for the adapter initialisation (A kaiming-uniform) when given; the global RNG state is
             left as it was either way.
         backend: kernel backend of the base matmuls ("auto", "torch", "triton").
@@ -195,8 +237,9 @@ def prepare_model(
     if not targeted:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear (the LM head is never targeted)")
     if norms_in_fp32:
+        norms = norm_types()
         for module in model.modules():
-            if "Norm" in type(module).__name__:
+            if isinstance(module, norms):
                 module.float()
                 module.register_forward_hook(_output_in_input_dtype)
     if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -212,23 +255,32 @@ def prepare_model(
     return model
 
 
+def kept_dense(model: nn.Module, skip: str | list[str] | tuple[str, ...] | None,
+               modules_to_save: list[str] | tuple[str, ...] | None) -> tuple[list[str], Callable[[str], bool]]:
+    """`prepare_model`'s choice of what stays dense: (the `modules_to_save` module names, a predicate that is
+    true for linear layers kept dense (the skip list, and anything inside a saved module))."""
+    saved = [name for name, _ in model.named_modules() if name and modules_to_save
+             and _matches(name, list(modules_to_save))]
+    if modules_to_save and not saved:  # peft lists both task-head names ("classifier", "score"): any may match
+        raise ValueError(f"modules_to_save {list(modules_to_save)} match no module of the model")
+    skip = DEFAULT_SKIP if skip is None else skip
+
+    def keep(name: str) -> bool:
+        return bool(skip and _matches(name, skip)) or any(name == s or name.startswith(s + ".") for s in saved)
+
+    return saved, keep
+
+
 def _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, compute_dtype, use_rslora, backend,
             quant_type, quant_storage, skip, modules_to_save, adapter_dtype) -> tuple[list[str], list[str]]:
     """Freeze everything, swap the linear layers, unfreeze `modules_to_save`: (targeted names, saved names)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    saved = [name for name, _ in model.named_modules() if name and modules_to_save
-             and _matches(name, list(modules_to_save))]
-    if modules_to_save and not saved:  # peft lists both task-head names ("classifier", "score"): any may match
-        raise ValueError(f"modules_to_save {list(modules_to_save)} match no module of the model")
+    saved, keep = kept_dense(model, skip, modules_to_save)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    skip = DEFAULT_SKIP if skip is None else skip
     targeted: list[str] = []
-
-    def keep(name: str) -> bool:
-        return bool(skip and _matches(name, skip)) or any(name == s or name.startswith(s + ".") for s in saved)
 
     def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
