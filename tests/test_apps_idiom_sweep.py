@@ -36,15 +36,23 @@ def test_bad_configs_are_named():
         load_config(IdiomSweepConfig, overrides=["models=[{name: a}]", "datasets=[{name: dice, path: x}]"])
 
 
-def test_tiny_sweep_in_4bit_end_to_end(tmp_path, tiny_lm_dir, capsys):
-    data = tmp_path / "idioms.csv"
-    rows = [("He kicked the bucket last year.", "kick the bucket", "idiomatic"),
-            ("She kicked the bucket across the yard.", "kick the bucket", "literal"),
-            ("They spilled the beans at dinner.", "spill the beans", "idiomatic"),
-            ("The cook spilled the beans on the floor.", "spill the beans", "literal"),
-            ("It is raining cats and dogs.", "rain cats and dogs", "idiomatic")]
-    data.write_text("id,target,expression,label,language\n"
-                    + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(rows)))
+ROWS = [("He kicked the bucket last year.", "kick the bucket", "idiomatic"),
+        ("She kicked the bucket across the yard.", "kick the bucket", "literal"),
+        ("They spilled the beans at dinner.", "spill the beans", "idiomatic"),
+        ("The cook spilled the beans on the floor.", "spill the beans", "literal"),
+        ("It is raining cats and dogs.", "rain cats and dogs", "idiomatic")]  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "idioms.csv"
+    path.write_text("id,target,expression,label,language\n"
+                    + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(ROWS)))
+    return path
+
+
+def test_tiny_sweep_in_4bit_end_to_end(tmp_path, data, tiny_lm_dir, capsys):
+    rows = ROWS
     config = tmp_path / "sweep.yaml"
     config.write_text(
         f"out_dir: {tmp_path / 'run'}\nload_in_4bit: nf4lora\nconditions: [direct]\nmax_new_tokens: 4\n"
@@ -75,6 +83,58 @@ def test_tiny_sweep_in_4bit_end_to_end(tmp_path, tiny_lm_dir, capsys):
     assert main(["--config", str(config), "--no-progress"]) == 0
     again = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(again) == len(preds)
+
+
+class _CountingBackend:
+    """Answers every prompt 'idiomatic' and counts the prompts it was asked to generate."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def generate(self, prompts, max_new_tokens):
+        from idiomreason.backends.base import Generation
+
+        for i, _ in enumerate(prompts):
+            self.calls.append(i)
+            yield i, Generation("Answer: idiomatic", n_tokens=3, finish_reason="stop")
+
+    def close(self):
+        pass
+
+
+def test_load_in_4bit_is_in_the_cache_key(tmp_path, data, monkeypatch):
+    """load_in_4bit changes a model's outputs, so it travels in the model's options (which idiomreason hashes
+    into the prediction key): a changed mode is a miss, an unchanged re-run all hits; http models ignore it."""
+    import idiomreason.sweep
+    from idiom_sweep.recipe import build_backend
+    from idiomreason import run_sweep
+
+    def run(mode):
+        cfg = load_config(IdiomSweepConfig, overrides=[
+            f"out_dir={tmp_path / 'run'}", "conditions=[direct]", "max_new_tokens=4", "n_resamples=10",
+            f"load_in_4bit={mode}", f"datasets=[{{name: generic, path: '{data}'}}]",
+            "models=[{name: m-1B, path: m}, {name: h-1B, backend: http, options: {base_url: 'http://x/v1'}}]"])
+        calls = {"m-1B": [], "h-1B": []}
+        run_sweep(sweep_config(cfg, progress=False),
+                  backend_factory=lambda spec: _CountingBackend(calls[spec.name]))
+        return len(calls["m-1B"]), len(calls["h-1B"])
+
+    assert run("none") == (len(ROWS), len(ROWS))
+    assert run("none") == (0, 0)
+    for mode in ("nf4lora", "bitsandbytes"):
+        assert run(mode) == (len(ROWS), 0), mode  # the transformers model is regenerated, the http one is not
+        assert run(mode) == (0, 0), mode
+    assert run("none") == (0, 0)  # the full-precision predictions are still there
+
+    # The backend builder takes the option out again: backends never see it; bitsandbytes = quantization 4bit.
+    built = []
+    monkeypatch.setattr(idiomreason.sweep, "default_backend_factory", built.append)
+    cfg = load_config(IdiomSweepConfig, overrides=[
+        "load_in_4bit=bitsandbytes", "models=[{name: m-1B, path: m}]", "datasets=[{name: generic, path: x}]"])
+    (spec,) = sweep_config(cfg).models
+    assert spec.options == {"load_in_4bit": "bitsandbytes"}
+    build_backend(spec)
+    assert built[0].options == {"quantization": "4bit"}
 
 
 def _cli_case_config(tmp_path, data_text: str | bytes, **changes) -> list[str]:

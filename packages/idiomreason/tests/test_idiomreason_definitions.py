@@ -4,6 +4,7 @@ judge through a backend, the larger model's stored definitions in a smaller mode
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -148,3 +149,65 @@ class _JudgeAndAnswer(Recorder):
                 yield i, Generation("yes" if "kick the bucket" in text else "no", 1, "stop")
             else:
                 yield from ((i, g) for _, g in Recorder([]).generate([p], max_new_tokens))
+
+
+def test_definitions_cli_scores_stored_definitions(run_dir, tmp_path, capsys):
+    """`idiomreason definitions`: the analysis from a stored definitions.jsonl and a glosses file alone."""
+    from idiomreason.cli import main
+
+    glosses = str(tmp_path / "glosses.csv")
+    assert main(["definitions", str(run_dir / "definitions.jsonl"), glosses, "--n-resamples", "50"]) == 0
+    out = capsys.readouterr().out
+    md = (run_dir / "definition_quality.md").read_text()
+    assert "| big-7B | 7 | 3 | 0 |" in md and "| small-1B | 1 | 3 | 1 |" in md and md in out
+    # the same numbers as the library's scoring of the same files
+    items = score_definitions(stored_definitions(run_dir / "definitions.jsonl"), load_definitions(glosses))
+    big = definition_rows(items, {"big-7B": 7.0, "small-1B": 1.0}, n_resamples=50)[1]
+    assert f"| big-7B | 7 | 3 | 0 | {big['token_f1']:.3f} [{big['token_f1_lo']:.3f}, {big['token_f1_hi']:.3f}]" in md
+    assert (run_dir / "definition_quality_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+    elsewhere = tmp_path / "report"
+    assert main(["definitions", str(run_dir / "definitions.jsonl"), glosses, "--out", str(elsewhere), "--no-plot"]) == 0
+    assert (elsewhere / "definition_quality.md").read_text() == md and not list(elsewhere.glob("*.png"))
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing-definitions", r"definitions file '.*nope.jsonl' not found"),
+    ("missing-glosses", r"glosses file '.*nope.csv' not found"),
+    ("folder-as-definitions", r"definitions file '.*run' is a folder"),
+    ("definitions-not-json", r"definitions.jsonl:2: not a JSON record"),
+    ("definitions-not-objects", r"definitions.jsonl:1: not a JSON record \(a list"),
+    ("definitions-without-model", r"is not a stored definition \(needs text fields 'model'"),
+    ("glosses-bad-suffix", r"definitions file must be .json, .jsonl, .csv or .tsv, got 'glosses.txt'"),
+    ("no-gloss-matches", r"no definition in .* has a gloss in .*: nothing to score"),
+    ("out-is-a-file", r"--out '.*glosses.csv' is a file"),
+    ("zero-resamples", r"--n-resamples must be >= 1"),
+])  # fmt: skip
+def test_definitions_cli_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys, case, pattern):
+    from idiomreason.cli import main
+
+    defs, glosses = run_dir / "definitions.jsonl", tmp_path / "glosses.csv"
+    extra = []
+    if case == "missing-definitions":
+        defs = tmp_path / "nope.jsonl"
+    elif case == "missing-glosses":
+        glosses = tmp_path / "nope.csv"
+    elif case == "folder-as-definitions":
+        defs = run_dir
+    elif case == "definitions-not-json":
+        defs.write_text(defs.read_text().splitlines()[0] + "\n{not json\n")
+    elif case == "definitions-not-objects":
+        defs.write_text('["big-7B", "kick the bucket"]\n')
+    elif case == "definitions-without-model":
+        defs.write_text('{"expression": "kick the bucket", "definition": "to die"}\n')
+    elif case == "glosses-bad-suffix":
+        glosses = glosses.with_name("glosses.txt")
+        glosses.write_text(GLOSSES)
+    elif case == "no-gloss-matches":
+        glosses.write_text("expression,definition\nbreak the ice,to ease tension\n")
+    elif case == "out-is-a-file":
+        extra = ["--out", str(glosses)]
+    elif case == "zero-resamples":
+        extra = ["--n-resamples", "0"]
+    assert main(["definitions", str(defs), str(glosses), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("idiomreason definitions: error: ") and re.search(pattern, err[0]), err

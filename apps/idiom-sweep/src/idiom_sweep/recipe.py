@@ -11,6 +11,9 @@ from shared_kernels.runconfig import config_to_dict, write_yaml_atomic
 
 # ModelEntry.options keys consumed here rather than passed to idiomreason's TransformersBackend.
 _LOAD_KEYS = ("dtype", "quantization", "trust_remote_code", "device_map")
+# `load_in_4bit` travels to idiomreason as this option of each transformers model: model options are part of
+# idiomreason's prediction cache key, so a changed 4-bit mode is a cache miss. The backend factory takes it out.
+LOAD_IN_4BIT_OPTION = "load_in_4bit"
 
 
 def sweep_config(cfg: IdiomSweepConfig, progress: bool = True):
@@ -18,7 +21,11 @@ def sweep_config(cfg: IdiomSweepConfig, progress: bool = True):
     from idiomreason import SweepConfig
 
     data = config_to_dict(cfg)
-    data.pop("load_in_4bit")
+    mode = data.pop("load_in_4bit")
+    if mode != "none":  # "none" adds nothing: full-precision keys stay those of a plain idiomreason sweep
+        for model in data["models"]:
+            if model["backend"] == "transformers":
+                model["options"] = {**model["options"], LOAD_IN_4BIT_OPTION: mode}
     data["progress"] = progress
     return SweepConfig.from_dict(data)
 
@@ -47,18 +54,19 @@ def nf4lora_backend(spec: Any) -> Any:
     return TransformersBackend(model.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
 
 
-def backend_factory(cfg: IdiomSweepConfig):
-    """The per-model backend builder idiomreason calls: 4-bit loading as `cfg.load_in_4bit` says."""
+def build_backend(spec: Any) -> Any:
+    """The per-model backend builder idiomreason calls: 4-bit loading as the model's `load_in_4bit` option
+    (put there by `sweep_config`) says; the option itself is not passed on to the backend."""
     from idiomreason.sweep import default_backend_factory
 
-    def build(spec: Any) -> Any:
-        if spec.backend != "transformers" or cfg.load_in_4bit == "none":
-            return default_backend_factory(spec)
-        if cfg.load_in_4bit == "nf4lora":
-            return nf4lora_backend(spec)
-        return default_backend_factory(dataclasses.replace(spec, options={**spec.options, "quantization": "4bit"}))
-
-    return build
+    options = dict(spec.options)
+    mode = options.pop(LOAD_IN_4BIT_OPTION, "none")
+    spec = dataclasses.replace(spec, options=options)
+    if mode == "none":
+        return default_backend_factory(spec)
+    if mode == "nf4lora":
+        return nf4lora_backend(spec)
+    return default_backend_factory(dataclasses.replace(spec, options={**options, "quantization": "4bit"}))
 
 
 class IdiomSweepRecipe:
@@ -86,7 +94,7 @@ class IdiomSweepRecipe:
     def evaluate(self):
         from idiomreason import run_sweep
 
-        result = run_sweep(self.sweep, backend_factory=backend_factory(self.cfg))
+        result = run_sweep(self.sweep, backend_factory=build_backend)
         print(result.markdown_path.read_text(), flush=True)
         print(f"[idiom-sweep] table: {result.markdown_path} and {result.csv_path}", flush=True)
         if result.plot_path is not None:

@@ -1,4 +1,4 @@
-"""`idiomreason eval | sweep | report`: a thin command line over `SweepConfig` / `run_sweep`.
+"""`idiomreason eval | sweep | report | definitions`: a thin command line over `SweepConfig` / `run_sweep`.
 
     idiomreason eval --dataset semeval2022-2a --path data/semeval2022_task2a --split dev \\
         --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --reasoning --condition direct --condition cot \\
@@ -6,6 +6,7 @@
     idiomreason eval ... --backend http --base-url http://127.0.0.1:8000/v1 --api-key-env OPENAI_API_KEY
     idiomreason sweep sweep.yaml out_dir=runs/full max_new_tokens=8192
     idiomreason report runs/full          # rebuild tables and plot from the stored predictions
+    idiomreason definitions runs/full/definitions.jsonl glosses.csv   # score stored definitions
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="rebuild tables and plot of an output folder from its predictions")
     rp.add_argument("out_dir")
+
+    df = sub.add_parser("definitions", help="score stored definitions against reference glosses (token F1 per "
+                        "model with a bootstrap CI): definition_quality.md and the plot, no model needed")
+    df.add_argument("definitions", help="a run's definitions.jsonl")
+    df.add_argument("glosses", help="reference glosses: .json / .jsonl / .csv / .tsv, expression -> definition")
+    df.add_argument("--out", default=None, help="folder for the table and plot (default: the definitions' folder)")
+    df.add_argument("--no-plot", action="store_true", help="write the table only")
+    df.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
+    df.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -129,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "definitions":
+            return _definitions(args)
         result = _run(args)
     except USER_ERRORS as e:
         print(f"idiomreason {args.command}: error: {one_line(e)}", file=sys.stderr)
@@ -142,6 +154,27 @@ def one_line(error: BaseException) -> str:
     """The message of `error` on one line (a multi-line message is joined with ' | ')."""
     text = str(error) or type(error).__name__
     return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _definitions(args: argparse.Namespace) -> int:
+    """`idiomreason definitions`: the definition analysis from stored definitions; prints the table."""
+    from idiomreason.definition_analysis import analyse_stored_definitions
+
+    for name in ("definitions", "glosses"):
+        path = Path(getattr(args, name))
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} file {str(path)!r} " + ("is a folder" if path.is_dir() else "not found"))
+    if args.n_resamples < 1:
+        raise ValueError(f"--n-resamples must be >= 1, got {args.n_resamples}")
+    out = Path(args.out) if args.out is not None else Path(args.definitions).parent
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _, md, png = analyse_stored_definitions(args.definitions, args.glosses, out, n_resamples=args.n_resamples,
+                                            seed=args.seed, plot=not args.no_plot)
+    sys.stdout.write(md.read_text())
+    print(f"\nwrote {md}" + (f", {png}" if png else ""))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> SweepResult:

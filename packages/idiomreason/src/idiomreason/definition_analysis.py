@@ -60,7 +60,12 @@ def token_f1(candidate: str, reference: str) -> float:
 
 def stored_definitions(path: str | Path) -> list[dict[str, Any]]:
     """The records of a run's definitions.jsonl (model, template, expression, definition or None, ...)."""
-    return list(read_records(path, ("model", "template", "expression")).values())
+    records = list(read_records(path, ("model", "template", "expression")).values())
+    for record in records:
+        if not all(isinstance(record.get(field), str) for field in ("model", "expression")):
+            raise ValueError(f"{path}: {str(record)[:80]} is not a stored definition (needs text fields 'model' "
+                             "and 'expression'; a run's definitions.jsonl has them)")
+    return records
 
 
 def score_definitions(records: Sequence[dict[str, Any]], glosses: dict[str, str]) -> list[dict[str, Any]]:
@@ -133,9 +138,30 @@ def definition_rows(items: Sequence[dict[str, Any]], sizes: dict[str, float | No
     return rows
 
 
-def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path | None]:
+def analyse_stored_definitions(
+    definitions: str | Path, glosses: str | Path, out_dir: str | Path, sizes: dict[str, float | None] | None = None,
+    n_resamples: int = 1000, seed: int = 0, plot: bool = True,
+) -> tuple[list[dict[str, Any]], Path, Path | None]:
+    """The definition analysis of stored definitions alone (no models, no judge): a run's `definitions.jsonl`
+    scored against a reference-glosses file (any `load_definitions` format); rows, the markdown and the plot.
+    `sizes`: model -> billions of parameters (default: parsed from each model's name)."""
+    from idiomreason.definitions import load_definitions
+    from idiomreason.sweep import size_from_name
+
+    items = score_definitions(stored_definitions(definitions), load_definitions(glosses))
+    if not items:
+        raise ValueError(f"no definition in {definitions} has a gloss in {glosses}: nothing to score")
+    if sizes is None:
+        sizes = {it["model"]: size_from_name(it["model"]) for it in items}
+    rows = definition_rows(items, sizes, n_resamples, seed)
+    md, png = write_definition_report(rows, out_dir, plot=plot)
+    return rows, md, png
+
+
+def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
+                            plot: bool = True) -> tuple[Path, Path | None]:
     """definition_quality.md and definition_quality_vs_size.png (token F1 and judge acceptance against
-    model size, log scale; needs matplotlib, else no plot)."""
+    model size, log scale; needs matplotlib, else no plot; `plot=False`: none)."""
     from idiomreason.report import size_ticks, write_atomic
 
     out_dir = Path(out_dir)
@@ -150,6 +176,8 @@ def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path)
               "missing definition scores 0). Judge: share of definitions an LLM judge accepted as meaning the gloss.", ""]
     md = out_dir / "definition_quality.md"
     write_atomic(md, "\n".join(lines))
+    if not plot:
+        return md, None
     try:
         import matplotlib
 

@@ -143,5 +143,7 @@ def read_records(path: str | Path, key_fields: tuple[str, ...] = PREDICTION_KEY)
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{line_no}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: not a JSON record (a {type(record).__name__}, not an object)")
         out.setdefault(tuple(str(record.get(f, "")) for f in key_fields), record)
     return out
