@@ -34,12 +34,23 @@ def _cast_bytes(x: torch.Tensor, directions: int = 1) -> float:
     return (x.numel() * 4 + directions * (x.numel() + x.numel() // 32)) / 1e9
 
 
-def _copy_row(ctx: BenchContext, case: str, cast_fn, x: torch.Tensor, ours_name: str, directions: int = 1) -> None:
+def _copy_row(
+    ctx: BenchContext, case: str, cast_fn, x: torch.Tensor, ours_name: str, directions: int = 1
+) -> None:
     """The cast's GB/s next to `x.clone()`'s GB/s (its own 8 B per element), timed interleaved."""
     reps = 3 if ctx.quick else 11
-    t_cast, t_copy = ctx.time_interleaved([cast_fn, lambda: x.clone()], reps=reps, warmup=1 if ctx.quick else 2)
-    ctx.record(f"{case} vs memory copy", _cast_bytes(x, directions) / t_cast, x.numel() * 8 / 1e9 / t_copy, "GB/s",
-               ours_name=ours_name, anchor_name="x.clone()", lower_is_better=False)
+    t_cast, t_copy = ctx.time_interleaved(
+        [cast_fn, lambda: x.clone()], reps=reps, warmup=1 if ctx.quick else 2
+    )
+    ctx.record(
+        f"{case} vs memory copy",
+        _cast_bytes(x, directions) / t_cast,
+        x.numel() * 8 / 1e9 / t_copy,
+        "GB/s",
+        ours_name=ours_name,
+        anchor_name="x.clone()",
+        lower_is_better=False,
+    )
 
 
 @benchmark("mxfp8-cast-cpu", package="mxfp8train", device="cpu")
@@ -64,27 +75,59 @@ def mxfp8_cast_cpu(ctx: BenchContext) -> None:
         name = f"{shape[0]}x{shape[1]}"
         # same bytes as torchao except in its log2-rounding boundary blocks (README): count them
         differ = (mx_cast(x)[0].view(torch.uint8) != ao(x)[1].view(torch.uint8)).sum().item()
-        differ += (mx_cast(x, dim=0)[0].view(torch.uint8) != ao(x.t().contiguous())[1].t().view(torch.uint8)).sum().item()
+        differ += (
+            (mx_cast(x, dim=0)[0].view(torch.uint8) != ao(x.t().contiguous())[1].t().view(torch.uint8))
+            .sum()
+            .item()
+        )
         assert differ <= x.numel() // 10_000, f"{differ} codes differ from torchao"
         gb = _cast_bytes(x)
-        ctx.compare(f"{name} rows eager", lambda x=x: mx_cast(x), lambda x=x: ao(x), ours_name="mx_cast (torch)",
-                    anchor_name="torchao to_mx eager", work=gb, unit="GB/s",
-                    note=f"{differ} of {2 * x.numel()} codes (rows + columns) differ from torchao's")
+        ctx.compare(
+            f"{name} rows eager",
+            lambda x=x: mx_cast(x),
+            lambda x=x: ao(x),
+            ours_name="mx_cast (torch)",
+            anchor_name="torchao to_mx eager",
+            work=gb,
+            unit="GB/s",
+            note=f"{differ} of {2 * x.numel()} codes (rows + columns) differ from torchao's",
+        )
         ours_compiled(x), ao_compiled(x)  # compile outside the timing
-        ctx.compare(f"{name} rows compiled", lambda x=x: ours_compiled(x), lambda x=x: ao_compiled(x),
-                    ours_name="compiled mx_cast_ref", anchor_name="compiled torchao to_mx", work=gb, unit="GB/s")
-        ctx.compare(f"{name} columns eager", lambda x=x: mx_cast(x, dim=0), lambda x=x: ao(x.t().contiguous()),
-                    ours_name="mx_cast dim=0", anchor_name="torchao to_mx(x.t().contiguous())", work=gb,
-                    unit="GB/s")
-        for case, fn, fn_name in [("rows eager", lambda x=x: mx_cast(x), "mx_cast (torch)"),
-                                  ("rows compiled", lambda x=x: ours_compiled(x), "compiled mx_cast_ref"),
-                                  ("columns eager", lambda x=x: mx_cast(x, dim=0), "mx_cast dim=0")]:
+        ctx.compare(
+            f"{name} rows compiled",
+            lambda x=x: ours_compiled(x),
+            lambda x=x: ao_compiled(x),
+            ours_name="compiled mx_cast_ref",
+            anchor_name="compiled torchao to_mx",
+            work=gb,
+            unit="GB/s",
+        )
+        ctx.compare(
+            f"{name} columns eager",
+            lambda x=x: mx_cast(x, dim=0),
+            lambda x=x: ao(x.t().contiguous()),
+            ours_name="mx_cast dim=0",
+            anchor_name="torchao to_mx(x.t().contiguous())",
+            work=gb,
+            unit="GB/s",
+        )
+        for case, fn, fn_name in [
+            ("rows eager", lambda x=x: mx_cast(x), "mx_cast (torch)"),
+            ("rows compiled", lambda x=x: ours_compiled(x), "compiled mx_cast_ref"),
+            ("columns eager", lambda x=x: mx_cast(x, dim=0), "mx_cast dim=0"),
+        ]:
             _copy_row(ctx, f"{name} {case}", fn, x, fn_name)
         # what an emulated GEMM needs: the fp32 round trip (MXLinear's path without stats)
-        ctx.compare(f"{name} round trip", lambda x=x: mx_quantize_dequantize(x),
-                    lambda x=x: mx_dequantize_ref(*mx_cast_ref(x)), ours_name="mx_quantize_dequantize",
-                    anchor_name="mx_cast_ref + mx_dequantize_ref", work=x.numel() * 8 / 1e9, unit="GB/s",
-                    note="bytes: fp32 in + fp32 out")
+        ctx.compare(
+            f"{name} round trip",
+            lambda x=x: mx_quantize_dequantize(x),
+            lambda x=x: mx_dequantize_ref(*mx_cast_ref(x)),
+            ours_name="mx_quantize_dequantize",
+            anchor_name="mx_cast_ref + mx_dequantize_ref",
+            work=x.numel() * 8 / 1e9,
+            unit="GB/s",
+            note="bytes: fp32 in + fp32 out",
+        )
 
 
 def _step(layer: nn.Module, x: torch.Tensor) -> None:
@@ -110,10 +153,20 @@ def mxfp8_linear_step_cpu(ctx: BenchContext) -> None:
         ao = MXFP8Linear(k, n, kernel_preference=KernelPreference.EMULATED)
         ao.load_state_dict(base.state_dict())
         x = torch.randn(m, k, requires_grad=True)
-        ctx.compare(f"M={m} K={k} N={n} vs torchao", lambda mx=mx, x=x: _step(mx, x), lambda ao=ao, x=x: _step(ao, x),
-                    ours_name="MXLinear", anchor_name="torchao MXFP8Linear (emulated)")
-        ctx.compare(f"M={m} K={k} N={n} vs fp32", lambda mx=mx, x=x: _step(mx, x), lambda base=base, x=x: _step(base, x),
-                    ours_name="MXLinear", anchor_name="nn.Linear fp32")
+        ctx.compare(
+            f"M={m} K={k} N={n} vs torchao",
+            lambda mx=mx, x=x: _step(mx, x),
+            lambda ao=ao, x=x: _step(ao, x),
+            ours_name="MXLinear",
+            anchor_name="torchao MXFP8Linear (emulated)",
+        )
+        ctx.compare(
+            f"M={m} K={k} N={n} vs fp32",
+            lambda mx=mx, x=x: _step(mx, x),
+            lambda base=base, x=x: _step(base, x),
+            ours_name="MXLinear",
+            anchor_name="nn.Linear fp32",
+        )
 
 
 @benchmark("mxfp8-cast-cuda", package="mxfp8train", device="cuda")
@@ -132,15 +185,36 @@ def mxfp8_cast_cuda(ctx: BenchContext) -> None:
         x = torch.randn(m, n, device="cuda")
         name = f"{m}x{n}"
         cases = [
-            ("rows", lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", True, False),
-             lambda x=x: triton_to_mxfp8_dim0(x, 32, "rceil"), "torchao triton_to_mxfp8_dim0", 1),
-            ("columns", lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", False, True),
-             lambda x=x: triton_to_mxfp8_dim1(x, 32, "rceil"), "torchao triton_to_mxfp8_dim1", 1),
-            ("rows+columns one read", lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", True, True),
-             lambda x=x: (triton_to_mxfp8_dim0(x, 32, "rceil"), triton_to_mxfp8_dim1(x, 32, "rceil")),
-             "torchao dim0 + dim1 kernels", 2),
+            (
+                "rows",
+                lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", True, False),
+                lambda x=x: triton_to_mxfp8_dim0(x, 32, "rceil"),
+                "torchao triton_to_mxfp8_dim0",
+                1,
+            ),
+            (
+                "columns",
+                lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", False, True),
+                lambda x=x: triton_to_mxfp8_dim1(x, 32, "rceil"),
+                "torchao triton_to_mxfp8_dim1",
+                1,
+            ),
+            (
+                "rows+columns one read",
+                lambda x=x: mx_cast_2d_triton(x, E4M3, 32, "rceil", True, True),
+                lambda x=x: (triton_to_mxfp8_dim0(x, 32, "rceil"), triton_to_mxfp8_dim1(x, 32, "rceil")),
+                "torchao dim0 + dim1 kernels",
+                2,
+            ),
         ]
         for case, ours, anchor, anchor_name, directions in cases:
-            ctx.compare(f"{name} {case}", ours, anchor, ours_name="triton", anchor_name=anchor_name,
-                        work=_cast_bytes(x, directions), unit="GB/s")
+            ctx.compare(
+                f"{name} {case}",
+                ours,
+                anchor,
+                ours_name="triton",
+                anchor_name=anchor_name,
+                work=_cast_bytes(x, directions),
+                unit="GB/s",
+            )
             _copy_row(ctx, f"{name} {case}", ours, x, "triton", directions)

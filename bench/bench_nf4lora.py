@@ -16,8 +16,15 @@ def _llama_100m(dtype: torch.dtype, device: str = "cpu"):
     """A ~100M-parameter Llama (hidden 768, 12 layers, MLP 2048, vocab 8192), randomly initialised."""
     from shared_kernels.testing.tiny_lm import tiny_causal_lm
 
-    return tiny_causal_lm(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2048,
-                          vocab_size=8192, dtype=dtype).to(device)
+    return tiny_causal_lm(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        intermediate_size=2048,
+        vocab_size=8192,
+        dtype=dtype,
+    ).to(device)
 
 
 @benchmark("nf4-quantize-cpu", package="nf4lora", device="cpu")
@@ -33,18 +40,22 @@ def nf4_quantize_cpu(ctx: BenchContext) -> None:
     t0 = time.perf_counter()
     native = nf4_cpu.available()
     print(f"  native NF4 CPU kernels: {native} (load/compile {time.perf_counter() - t0:.2f} s)", flush=True)
-    for rows in ([1024] if ctx.quick else [1024, 4096, 11008]):
+    for rows in [1024] if ctx.quick else [1024, 4096, 11008]:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 4096).to(dtype)
             packed, _ = quantize_nf4(x, 64, check_finite=False)
             q, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
             assert torch.equal(packed, q.reshape(-1))
-            ctx.compare(f"{rows}x4096 {str(dtype).removeprefix('torch.')}",
-                        lambda x=x: quantize_nf4(x, 64, check_finite=False),
-                        lambda x=x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"),
-                        ours_name="nf4lora" if native else "nf4lora (torch ref)", anchor_name="bitsandbytes",
-                        work=x.numel() * x.element_size() / 1e9, unit="GB/s",
-                        reps=3 if ctx.quick or rows > 4096 else 5)
+            ctx.compare(
+                f"{rows}x4096 {str(dtype).removeprefix('torch.')}",
+                lambda x=x: quantize_nf4(x, 64, check_finite=False),
+                lambda x=x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"),
+                ours_name="nf4lora" if native else "nf4lora (torch ref)",
+                anchor_name="bitsandbytes",
+                work=x.numel() * x.element_size() / 1e9,
+                unit="GB/s",
+                reps=3 if ctx.quick or rows > 4096 else 5,
+            )
 
 
 @benchmark("nf4-dequantize-cpu", package="nf4lora", device="cpu")
@@ -74,11 +85,18 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
                 got = dequantize_nf4(packed, absmax, shape, 64, dtype, **kw)
                 assert torch.equal(got, F.dequantize_4bit(q, state))
                 del got
-                ctx.compare(f"{r}x4096 -> {str(dtype).removeprefix('torch.')}{' +DQ' if dq else ''}",
-                            lambda p=packed, a=absmax, d=dtype, kw=kw, sh=shape: dequantize_nf4(p, a, sh, 64, d, **kw),
-                            lambda q=q, s=state: F.dequantize_4bit(q, s),
-                            ours_name="nf4lora" if native else "nf4lora (torch ref)", anchor_name="bitsandbytes",
-                            work=x.numel() * dtype.itemsize / 1e9, unit="GB/s", reps=3 if ctx.quick else 7)
+                ctx.compare(
+                    f"{r}x4096 -> {str(dtype).removeprefix('torch.')}{' +DQ' if dq else ''}",
+                    lambda p=packed, a=absmax, d=dtype, kw=kw, sh=shape: dequantize_nf4(
+                        p, a, sh, 64, d, **kw
+                    ),
+                    lambda q=q, s=state: F.dequantize_4bit(q, s),
+                    ours_name="nf4lora" if native else "nf4lora (torch ref)",
+                    anchor_name="bitsandbytes",
+                    work=x.numel() * dtype.itemsize / 1e9,
+                    unit="GB/s",
+                    reps=3 if ctx.quick else 7,
+                )
 
 
 @benchmark("nf4lora-linear-step-cpu", package="nf4lora", device="cpu")
@@ -101,11 +119,14 @@ def nf4lora_linear_step_cpu(ctx: BenchContext) -> None:
         w = NF4Weight.from_float(torch.randn(out_f, in_f, generator=g) * 0.02, 64, double_quant=True)
         ours = LoRALinear4bit(w, r=64, alpha=16, dropout=0.0, compute_dtype=torch.float32)
         torch.nn.init.normal_(ours.lora_B.weight, std=0.01)
-        proj = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                                 device="cpu")
+        proj = bnb.nn.Linear4bit(
+            in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4", device="cpu"
+        )
         proj.weight = to_bnb_params4bit(w)
-        anchor = peft.get_peft_model(torch.nn.Sequential(OrderedDict(proj=proj)),
-                                     peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"]))
+        anchor = peft.get_peft_model(
+            torch.nn.Sequential(OrderedDict(proj=proj)),
+            peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"]),
+        )
         with torch.no_grad():
             anchor.base_model.model.proj.lora_A["default"].weight.copy_(ours.lora_A.weight)
             anchor.base_model.model.proj.lora_B["default"].weight.copy_(ours.lora_B.weight)
@@ -117,8 +138,14 @@ def nf4lora_linear_step_cpu(ctx: BenchContext) -> None:
             return xi.grad
 
         torch.testing.assert_close(step(ours), step(anchor), rtol=1e-4, atol=1e-7)
-        ctx.compare(f"{out_f}x{in_f}, {tokens} tokens, fwd+bwd", lambda m=ours: step(m), lambda m=anchor: step(m),
-                    ours_name="nf4lora", anchor_name="bnb Linear4bit+peft", reps=3 if ctx.quick else 7)
+        ctx.compare(
+            f"{out_f}x{in_f}, {tokens} tokens, fwd+bwd",
+            lambda m=ours: step(m),
+            lambda m=anchor: step(m),
+            ours_name="nf4lora",
+            anchor_name="bnb Linear4bit+peft",
+            reps=3 if ctx.quick else 7,
+        )
 
 
 class _PeakRSS:
@@ -169,7 +196,9 @@ def nf4lora_train_memory_cpu(ctx: BenchContext) -> None:
     # ours
     gc.collect()
     model = _llama_100m(torch.bfloat16)
-    prepare_model(model, r=64, alpha=16, dropout=0.05, gradient_checkpointing=True, compute_dtype=torch.bfloat16)
+    prepare_model(
+        model, r=64, alpha=16, dropout=0.05, gradient_checkpointing=True, compute_dtype=torch.bfloat16
+    )
     rep = memory_report(model)
     ours_weights = rep.base_codes + rep.base_constants + rep.other_weights
     ours_linear = rep.base_codes + rep.base_constants
@@ -181,25 +210,55 @@ def nf4lora_train_memory_cpu(ctx: BenchContext) -> None:
     gc.collect()
     # anchor: bf16 base + peft LoRA
     model = _llama_100m(torch.bfloat16)
-    linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()
-                       if type(m) is torch.nn.Linear and n != "lm_head")
+    linear_bytes = sum(
+        m.weight.numel() * 2
+        for n, m in model.named_modules()
+        if type(m) is torch.nn.Linear and n != "lm_head"
+    )
     bf16_weights = sum(p.numel() * p.element_size() for p in model.parameters())
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
-                                                        target_modules="all-linear"))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    )
     with _PeakRSS() as anchor_rss:
         _train_steps(model, 2, seq)
     anchor_peak_extra = anchor_rss.peak - anchor_rss.start
-    ctx.record("frozen weights, linear layers (MiB)", ours_linear / 2**20, linear_bytes / 2**20, "MiB",
-               ours_name="NF4+DQ", anchor_name="bf16", note="target <= 0.3")
-    ctx.record("frozen weights, all incl. 16-bit embeddings + head (MiB)", ours_weights / 2**20,
-               bf16_weights / 2**20, "MiB", ours_name="NF4+DQ", anchor_name="bf16")
-    ctx.record(f"training-step RSS growth, seq {seq} (MiB)", ours_peak_extra / 2**20, anchor_peak_extra / 2**20,
-               "MiB", ours_name="nf4lora", anchor_name="peft bf16",
-               note="activations + grads + Adam state; adapters fp32 (ours) vs bf16 (peft)")
-    ctx.record("process peak RSS (MiB)", ours_total / 2**20, anchor_rss.peak / 2**20, "MiB",
-               ours_name="nf4lora", anchor_name="peft bf16", note="same process, ours measured first")
+    ctx.record(
+        "frozen weights, linear layers (MiB)",
+        ours_linear / 2**20,
+        linear_bytes / 2**20,
+        "MiB",
+        ours_name="NF4+DQ",
+        anchor_name="bf16",
+        note="target <= 0.3",
+    )
+    ctx.record(
+        "frozen weights, all incl. 16-bit embeddings + head (MiB)",
+        ours_weights / 2**20,
+        bf16_weights / 2**20,
+        "MiB",
+        ours_name="NF4+DQ",
+        anchor_name="bf16",
+    )
+    ctx.record(
+        f"training-step RSS growth, seq {seq} (MiB)",
+        ours_peak_extra / 2**20,
+        anchor_peak_extra / 2**20,
+        "MiB",
+        ours_name="nf4lora",
+        anchor_name="peft bf16",
+        note="activations + grads + Adam state; adapters fp32 (ours) vs bf16 (peft)",
+    )
+    ctx.record(
+        "process peak RSS (MiB)",
+        ours_total / 2**20,
+        anchor_rss.peak / 2**20,
+        "MiB",
+        ours_name="nf4lora",
+        anchor_name="peft bf16",
+        note="same process, ours measured first",
+    )
 
 
 @benchmark("nf4-dequantize-cuda", package="nf4lora", device="cuda")
@@ -210,18 +269,24 @@ def nf4_dequantize_cuda(ctx: BenchContext) -> None:
 
     from shared_kernels.nf4 import dequantize_nf4, double_quantize_absmax, quantize_nf4
 
-    for rows in ([4096] if ctx.quick else [4096, 16384]):
+    for rows in [4096] if ctx.quick else [4096, 16384]:
         shape = (rows, 8192)
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         q, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
         packed, absmax = quantize_nf4(x, 64)
         qabsmax, absmax2, offset = double_quantize_absmax(absmax)
         moved = packed.numel() + qabsmax.numel() + x.numel() * 2
-        ctx.compare(f"{rows}x8192 -> bf16 +DQ",
-                    lambda p=packed, a=qabsmax, sh=shape, a2=absmax2, o=offset: dequantize_nf4(
-                        p, a, sh, 64, torch.bfloat16, absmax2=a2, offset=o),
-                    lambda q=q, s=state: F.dequantize_4bit(q, s), ours_name="nf4lora triton", anchor_name="bitsandbytes",
-                    work=moved / 1e9, unit="GB/s")
+        ctx.compare(
+            f"{rows}x8192 -> bf16 +DQ",
+            lambda p=packed, a=qabsmax, sh=shape, a2=absmax2, o=offset: dequantize_nf4(
+                p, a, sh, 64, torch.bfloat16, absmax2=a2, offset=o
+            ),
+            lambda q=q, s=state: F.dequantize_4bit(q, s),
+            ours_name="nf4lora triton",
+            anchor_name="bitsandbytes",
+            work=moved / 1e9,
+            unit="GB/s",
+        )
 
 
 @benchmark("nf4lora-step-cuda", package="nf4lora", device="cuda")
@@ -234,18 +299,24 @@ def nf4lora_step_cuda(ctx: BenchContext) -> None:
     from nf4lora.model import prepare_model
 
     ids = torch.randint(0, 8192, (4, 512), device="cuda")
-    ours = prepare_model(_llama_100m(torch.bfloat16, "cuda"), r=64, alpha=16, dropout=0.05,
-                         compute_dtype=torch.bfloat16)
+    ours = prepare_model(
+        _llama_100m(torch.bfloat16, "cuda"), r=64, alpha=16, dropout=0.05, compute_dtype=torch.bfloat16
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         _llama_100m(torch.bfloat16).save_pretrained(tmp)
-        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        qcfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         anchor = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, device_map="cuda")
     anchor = peft.prepare_model_for_kbit_training(anchor)
-    anchor = peft.get_peft_model(anchor, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
-                                                          target_modules="all-linear"))
+    anchor = peft.get_peft_model(
+        anchor, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    )
     opts = {}
     for name, m in (("ours", ours), ("anchor", anchor)):
         opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
@@ -255,12 +326,20 @@ def nf4lora_step_cuda(ctx: BenchContext) -> None:
         opts[name].step()
         opts[name].zero_grad()
 
-    ctx.compare("step 4x512", lambda: step("ours", ours), lambda: step("anchor", anchor),
-                ours_name="nf4lora", anchor_name="bnb+peft", reps=5 if ctx.quick else 20)
+    ctx.compare(
+        "step 4x512",
+        lambda: step("ours", ours),
+        lambda: step("anchor", anchor),
+        ours_name="nf4lora",
+        anchor_name="bnb+peft",
+        reps=5 if ctx.quick else 20,
+    )
     peaks = []
     for name, m in (("ours", ours), ("anchor", anchor)):
         torch.cuda.reset_peak_memory_stats()
         step(name, m)
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() / 2**20)
-    ctx.record("peak CUDA memory (MiB)", peaks[0], peaks[1], "MiB", ours_name="nf4lora", anchor_name="bnb+peft")
+    ctx.record(
+        "peak CUDA memory (MiB)", peaks[0], peaks[1], "MiB", ours_name="nf4lora", anchor_name="bnb+peft"
+    )

@@ -35,17 +35,31 @@ def bm25_cranfield(ctx: BenchContext) -> None:
         tokens = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
         return BM25Okapi(tokens)
 
-    ctx.compare("index 1,400 docs", lambda: BM25Index(corpus), rank_index, ours_name="bm25s", anchor_name="rank_bm25",
-                work=len(texts), unit="docs")
+    ctx.compare(
+        "index 1,400 docs",
+        lambda: BM25Index(corpus),
+        rank_index,
+        ours_name="bm25s",
+        anchor_name="rank_bm25",
+        work=len(texts),
+        unit="docs",
+    )
     ours_index, anchor_index = BM25Index(corpus), rank_index()
 
     def rank_search():
         qtok = bm25s.tokenize(qtexts, stopwords="en", return_ids=False, show_progress=False)
         return [np.argsort(-anchor_index.get_scores(q))[:100] for q in qtok]
 
-    ctx.compare("retrieve 225 queries top-100", lambda: ours_index.search(queries, k=100), rank_search,
-                ours_name="bm25s", anchor_name="rank_bm25", work=len(qtexts), unit="queries",
-                reps=3 if ctx.quick else 5)
+    ctx.compare(
+        "retrieve 225 queries top-100",
+        lambda: ours_index.search(queries, k=100),
+        rank_search,
+        ours_name="bm25s",
+        anchor_name="rank_bm25",
+        work=len(qtexts),
+        unit="queries",
+        reps=3 if ctx.quick else 5,
+    )
 
 
 @benchmark("bm25-pyserini-cranfield", package="rerankdistill", device="cpu")
@@ -61,16 +75,33 @@ def bm25_pyserini_cranfield(ctx: BenchContext) -> None:
     def lucene_index():
         LuceneBM25Index(corpus).close()
 
-    ctx.compare("index 1,400 docs", lambda: BM25Index(corpus), lucene_index, ours_name="bm25s",
-                anchor_name="pyserini", work=len(corpus), unit="docs", reps=3 if ctx.quick else 5)
+    ctx.compare(
+        "index 1,400 docs",
+        lambda: BM25Index(corpus),
+        lucene_index,
+        ours_name="bm25s",
+        anchor_name="pyserini",
+        work=len(corpus),
+        unit="docs",
+        reps=3 if ctx.quick else 5,
+    )
     ours_index = BM25Index(corpus)
     with LuceneBM25Index(corpus) as anchor_index:
-        ctx.compare("retrieve 225 queries top-100", lambda: ours_index.search(queries, k=100),
-                    lambda: anchor_index.search(queries, k=100), ours_name="bm25s", anchor_name="pyserini",
-                    work=len(queries), unit="queries", reps=3 if ctx.quick else 5)
+        ctx.compare(
+            "retrieve 225 queries top-100",
+            lambda: ours_index.search(queries, k=100),
+            lambda: anchor_index.search(queries, k=100),
+            ours_name="bm25s",
+            anchor_name="pyserini",
+            work=len(queries),
+            unit="queries",
+            reps=3 if ctx.quick else 5,
+        )
 
 
-def _rerank_case(ctx: BenchContext, device: str, hidden: int, layers: int, n_pairs: int, new_tokens: int) -> None:
+def _rerank_case(
+    ctx: BenchContext, device: str, hidden: int, layers: int, n_pairs: int, new_tokens: int
+) -> None:
     import torch
 
     from rerankdistill.backends.hf import TransformersBackend
@@ -85,13 +116,22 @@ def _rerank_case(ctx: BenchContext, device: str, hidden: int, layers: int, n_pai
     qids, docs = list(queries)[:n_pairs], list(corpus.values())[:n_pairs]
     pairs = [(queries[q], d[:1000]) for q, d in zip(qids, docs)]
     for batch in (8, 16) if not ctx.quick else (8,):
-        batched = TransformersJudge(TransformersBackend(model, tok, max_new_tokens=new_tokens, batch_size=batch))
+        batched = TransformersJudge(
+            TransformersBackend(model, tok, max_new_tokens=new_tokens, batch_size=batch)
+        )
         single = TransformersJudge(TransformersBackend(model, tok, max_new_tokens=new_tokens, batch_size=1))
         with torch.no_grad():
-            ctx.compare(f"{n_pairs} pairs, {new_tokens} new tokens, batch {batch} vs 1",
-                        lambda j=batched: j.judge(pairs), lambda j=single: j.judge(pairs),
-                        ours_name=f"batch={batch}", anchor_name="batch=1", work=n_pairs, unit="pairs",
-                        reps=2 if ctx.quick else 3, warmup=1)
+            ctx.compare(
+                f"{n_pairs} pairs, {new_tokens} new tokens, batch {batch} vs 1",
+                lambda j=batched: j.judge(pairs),
+                lambda j=single: j.judge(pairs),
+                ours_name=f"batch={batch}",
+                anchor_name="batch=1",
+                work=n_pairs,
+                unit="pairs",
+                reps=2 if ctx.quick else 3,
+                warmup=1,
+            )
 
 
 @benchmark("rerank-batching-cpu", package="rerankdistill", device="cpu")

@@ -33,6 +33,7 @@ def _fwd_bwd(fn, q, k, v):
         out = fn(q, k, v)
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
+
     return run
 
 
@@ -112,13 +113,31 @@ def siattn_chunked_cpu(ctx: BenchContext) -> None:
     for T in sizes:
         q, k, v = _qkv(T, "cpu", grad=True)
         reps = 3 if T >= 2048 else None
-        ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(_si_chunked, q, k, v), _fwd_bwd(_sdpa, q, k, v),
-                    ours_name="siattn-chunked", anchor_name="sdpa", reps=reps)
+        ctx.compare(
+            f"fwd+bwd T={T}",
+            _fwd_bwd(_si_chunked, q, k, v),
+            _fwd_bwd(_sdpa, q, k, v),
+            ours_name="siattn-chunked",
+            anchor_name="sdpa",
+            reps=reps,
+        )
         with _threads(1):
-            ctx.compare(f"fwd+bwd T={T} 1 thread", _fwd_bwd(_si_chunked, q, k, v), _fwd_bwd(_sdpa, q, k, v),
-                        ours_name="siattn-chunked", anchor_name="sdpa", reps=reps)
-        ctx.record(f"fwd+bwd peak MiB T={T}", peak_cpu_mib(_fwd_bwd(_si_chunked, q, k, v)),
-                   peak_cpu_mib(_fwd_bwd(_sdpa, q, k, v)), "MiB", ours_name="siattn-chunked", anchor_name="sdpa")
+            ctx.compare(
+                f"fwd+bwd T={T} 1 thread",
+                _fwd_bwd(_si_chunked, q, k, v),
+                _fwd_bwd(_sdpa, q, k, v),
+                ours_name="siattn-chunked",
+                anchor_name="sdpa",
+                reps=reps,
+            )
+        ctx.record(
+            f"fwd+bwd peak MiB T={T}",
+            peak_cpu_mib(_fwd_bwd(_si_chunked, q, k, v)),
+            peak_cpu_mib(_fwd_bwd(_sdpa, q, k, v)),
+            "MiB",
+            ours_name="siattn-chunked",
+            anchor_name="sdpa",
+        )
 
 
 @benchmark("siattn-flex-cpu", package="siattn", device="cpu")
@@ -134,17 +153,42 @@ def siattn_flex_cpu(ctx: BenchContext) -> None:
         q, k, v = _qkv(T, "cpu")
         chunked = lambda q=q, k=k, v=v: _si_chunked(q, k, v)  # noqa: E731
         with torch.no_grad():
-            ctx.compare(f"fwd T={T}", chunked, lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),
-                        ours_name="siattn-chunked", anchor_name="flex-eager", reps=3 if T >= 2048 else None)
+            ctx.compare(
+                f"fwd T={T}",
+                chunked,
+                lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),
+                ours_name="siattn-chunked",
+                anchor_name="flex-eager",
+                reps=3 if T >= 2048 else None,
+            )
             flex_compiled = lambda q=q, k=k, v=v: _si_flex(q, k, v, compiled=True)  # noqa: E731
             t0 = time.perf_counter()
             flex_compiled()
-            ctx.record(f"first call s T={T}", 0.0, time.perf_counter() - t0, "s", ours_name="siattn-chunked",
-                       anchor_name="flex-compiled", note="compile time of flex-compiled (ours: no compile)")
-            ctx.compare(f"fwd T={T} vs compiled", chunked, flex_compiled, ours_name="siattn-chunked",
-                        anchor_name="flex-compiled", reps=3 if T >= 2048 else None)
-            ctx.compare(f"fwd T={T} flex vs sdpa", flex_compiled, lambda q=q, k=k, v=v: _sdpa(q, k, v),
-                        ours_name="siattn-flex-compiled", anchor_name="sdpa", reps=3 if T >= 2048 else None)
+            ctx.record(
+                f"first call s T={T}",
+                0.0,
+                time.perf_counter() - t0,
+                "s",
+                ours_name="siattn-chunked",
+                anchor_name="flex-compiled",
+                note="compile time of flex-compiled (ours: no compile)",
+            )
+            ctx.compare(
+                f"fwd T={T} vs compiled",
+                chunked,
+                flex_compiled,
+                ours_name="siattn-chunked",
+                anchor_name="flex-compiled",
+                reps=3 if T >= 2048 else None,
+            )
+            ctx.compare(
+                f"fwd T={T} flex vs sdpa",
+                flex_compiled,
+                lambda q=q, k=k, v=v: _sdpa(q, k, v),
+                ours_name="siattn-flex-compiled",
+                anchor_name="sdpa",
+                reps=3 if T >= 2048 else None,
+            )
 
 
 @benchmark("siattn-compiled-cpu", package="siattn", device="cpu")
@@ -161,10 +205,22 @@ def siattn_compiled_cpu(ctx: BenchContext) -> None:
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         _fwd_bwd(_si_chunked, q, k, v)()
-        ctx.record(f"first call s T={T}", first, time.perf_counter() - t0, "s", ours_name="compiled",
-                   anchor_name="eager")
-        ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(compiled, q, k, v), _fwd_bwd(_si_chunked, q, k, v),
-                    ours_name="compiled", anchor_name="eager", reps=3)
+        ctx.record(
+            f"first call s T={T}",
+            first,
+            time.perf_counter() - t0,
+            "s",
+            ours_name="compiled",
+            anchor_name="eager",
+        )
+        ctx.compare(
+            f"fwd+bwd T={T}",
+            _fwd_bwd(compiled, q, k, v),
+            _fwd_bwd(_si_chunked, q, k, v),
+            ours_name="compiled",
+            anchor_name="eager",
+            reps=3,
+        )
 
 
 @benchmark("siattn-triton-cuda", package="siattn", device="cuda")
@@ -177,12 +233,26 @@ def siattn_triton_cuda(ctx: BenchContext) -> None:
         q, k, v = _qkv(T, "cuda", torch.bfloat16)
         with torch.no_grad():
             si = lambda q=q, k=k, v=v: attention(q, k, v, backend="triton")  # noqa: E731
-            ctx.compare(f"fwd T={T}", si, lambda q=q, k=k, v=v: _sdpa(q, k, v), ours_name="siattn-triton",
-                        anchor_name="sdpa-flash")
+            ctx.compare(
+                f"fwd T={T}",
+                si,
+                lambda q=q, k=k, v=v: _sdpa(q, k, v),
+                ours_name="siattn-triton",
+                anchor_name="sdpa-flash",
+            )
 
-            ctx.compare(f"fwd T={T} vs flex", si,
-                        lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),  # compiled, block mask
-                        ours_name="siattn-triton", anchor_name="flex-compiled")
+            ctx.compare(
+                f"fwd T={T} vs flex",
+                si,
+                lambda q=q, k=k, v=v: attention(q, k, v, backend="flex"),  # compiled, block mask
+                ours_name="siattn-triton",
+                anchor_name="flex-compiled",
+            )
         qg, kg, vg = [x.detach().requires_grad_() for x in (q, k, v)]
-        ctx.compare(f"fwd+bwd T={T}", _fwd_bwd(lambda a, b, c: attention(a, b, c, backend="triton"), qg, kg, vg),
-                    _fwd_bwd(_sdpa, qg, kg, vg), ours_name="siattn-triton", anchor_name="sdpa-flash")
+        ctx.compare(
+            f"fwd+bwd T={T}",
+            _fwd_bwd(lambda a, b, c: attention(a, b, c, backend="triton"), qg, kg, vg),
+            _fwd_bwd(_sdpa, qg, kg, vg),
+            ours_name="siattn-triton",
+            anchor_name="sdpa-flash",
+        )

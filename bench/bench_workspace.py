@@ -26,6 +26,9 @@ def attention_naive_vs_sdpa(ctx: BenchContext) -> None:
             ctx.compare(
                 f"T={t}",
                 lambda q=q, k=k, v=v: naive_causal_attention(q, k, v),
-                lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                ours_name="naive", anchor_name="sdpa",
+                lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True
+                ),
+                ours_name="naive",
+                anchor_name="sdpa",
             )

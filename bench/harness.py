@@ -70,9 +70,7 @@ class BenchContext:
 
             torch.cuda.synchronize()
 
-    def time_interleaved(
-        self, fns: list[Callable[[], Any]], reps: int, warmup: int
-    ) -> list[float]:
+    def time_interleaved(self, fns: list[Callable[[], Any]], reps: int, warmup: int) -> list[float]:
         """Median seconds per call of each fn, alternating them rep by rep so drift hits all equally."""
         for _ in range(warmup):
             for fn in fns:
@@ -106,14 +104,19 @@ class BenchContext:
         """Time `ours` and `anchor` interleaved; with `work` (e.g. bytes or pairs per call) report throughput
         in `unit` per second (higher is better) instead of milliseconds."""
         reps = reps if reps is not None else (3 if self.quick else 11)
-        t_ours, t_anchor = self.time_interleaved([ours, anchor], reps=reps, warmup=1 if self.quick else warmup)
+        t_ours, t_anchor = self.time_interleaved(
+            [ours, anchor], reps=reps, warmup=1 if self.quick else warmup
+        )
         if work is None:
             row = Row(case, t_ours * 1e3, t_anchor * 1e3, "ms", ours_name, anchor_name, True, note)
         else:
             row = Row(case, work / t_ours, work / t_anchor, unit, ours_name, anchor_name, False, note)
         self.rows.append(row)
-        print(f"  {case}: {ours_name} {row.ours:.4g} {row.unit} | {anchor_name} {row.anchor:.4g} {row.unit}"
-              f" | ratio {row.ratio:.3f}", flush=True)
+        print(
+            f"  {case}: {ours_name} {row.ours:.4g} {row.unit} | {anchor_name} {row.anchor:.4g} {row.unit}"
+            f" | ratio {row.ratio:.3f}",
+            flush=True,
+        )
         return row
 
     def record(
@@ -130,8 +133,10 @@ class BenchContext:
     ) -> Row:
         row = Row(case, ours, anchor, unit, ours_name, anchor_name, lower_is_better, note)
         self.rows.append(row)
-        print(f"  {case}: {ours_name} {ours:.4g} {unit} | {anchor_name} {anchor:.4g} {unit} | ratio {row.ratio:.3f}",
-              flush=True)
+        print(
+            f"  {case}: {ours_name} {ours:.4g} {unit} | {anchor_name} {anchor:.4g} {unit} | ratio {row.ratio:.3f}",
+            flush=True,
+        )
         return row
 
 
@@ -169,12 +174,20 @@ def render_table(bench: Benchmark, rows: list[Row], info: dict[str, str], comman
     lines = [f"### {bench.name} ({bench.package}, {bench.device})", ""]
     if bench.description:
         lines += [bench.description, ""]
-    lines += [f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d')}  ",
-              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
-    lines += ["| case | ours | anchor | ours | anchor | unit | ratio (ours/anchor) | better | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"Command: `{command}`  ",
+        f"Date: {time.strftime('%Y-%m-%d')}  ",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+    ]
+    lines += [
+        "| case | ours | anchor | ours | anchor | unit | ratio (ours/anchor) | better | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         better = "lower" if r.lower_is_better else "higher"
-        lines.append(f"| {r.case} | {r.ours_name} | {r.anchor_name} | {r.ours:.4g} | {r.anchor:.4g} | {r.unit} |"
-                     f" {r.ratio:.3f} | {better} | {r.note} |")
+        lines.append(
+            f"| {r.case} | {r.ours_name} | {r.anchor_name} | {r.ours:.4g} | {r.anchor:.4g} | {r.unit} |"
+            f" {r.ratio:.3f} | {better} | {r.note} |"
+        )
     return "\n".join(lines) + "\n"

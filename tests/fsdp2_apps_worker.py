@@ -135,7 +135,11 @@ def lm_pretrain_checks(root: Path, overrides: list[str]) -> dict[str, object]:
     c: dict[str, object] = {}
 
     def run(run_dir: Path, resume: bool):
-        return run_recipe(PretrainRecipe, PretrainConfig, [*overrides, f"run_dir={run_dir}", f"resume={str(resume).lower()}"])
+        return run_recipe(
+            PretrainRecipe,
+            PretrainConfig,
+            [*overrides, f"run_dir={run_dir}", f"resume={str(resume).lower()}"],
+        )
 
     recipe, results = run(root / "fsdp2", resume=False)
     model = recipe.acc.unwrap_model(recipe.model)
@@ -143,7 +147,9 @@ def lm_pretrain_checks(root: Path, overrides: list[str]) -> dict[str, object]:
     whole = full_state_dict(model)
     if dist.get_rank() == 0:
         saved = load_file(str(root / "fsdp2" / "model.safetensors"))
-        c["final_weights_gathered"] = saved.keys() == whole.keys() and all(torch.equal(saved[k], whole[k]) for k in whole)
+        c["final_weights_gathered"] = saved.keys() == whole.keys() and all(
+            torch.equal(saved[k], whole[k]) for k in whole
+        )
         c["val_loss"] = results["val_loss"]
     else:
         c["other_rank_results"] = results
@@ -176,8 +182,11 @@ def rerank_checks(root: Path, overrides: list[str]) -> dict[str, object]:
     c: dict[str, object] = {}
 
     def run(resume: bool):
-        return run_recipe(RerankQLoRARecipe, RerankQLoRAConfig, [*overrides, f"run_dir={root / 'fsdp2'}",
-                                                                  f"resume={str(resume).lower()}"])
+        return run_recipe(
+            RerankQLoRARecipe,
+            RerankQLoRAConfig,
+            [*overrides, f"run_dir={root / 'fsdp2'}", f"resume={str(resume).lower()}"],
+        )
 
     recipe, results = run(resume=False)
     c["sharded"] = is_sharded(recipe.model)
@@ -186,7 +195,8 @@ def rerank_checks(root: Path, overrides: list[str]) -> dict[str, object]:
         adapter = load_file(str(root / "fsdp2" / "adapter" / "adapter_model.safetensors"))
         lora = {k.replace(".default", ""): v for k, v in whole.items() if "lora_" in k}
         c["adapter_is_gathered_lora"] = adapter.keys() == lora.keys() and all(
-            torch.equal(adapter[k], lora[k]) for k in lora)
+            torch.equal(adapter[k], lora[k]) for k in lora
+        )
         c["results"] = {"scores": results["scores"], "judged": results["judged"]}
         c["refine_samples"] = json.loads((root / "fsdp2" / "refine_samples.json").read_text())
     else:

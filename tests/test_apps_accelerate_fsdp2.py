@@ -26,7 +26,9 @@ TARGET = ["-m", "shared_kernels.testing.accelerate_fsdp2_cpu"]
 
 
 def _tiny(test_module: str) -> list[str]:
-    spec = importlib.util.spec_from_file_location(f"_afsdp2_{test_module}", Path(__file__).with_name(f"{test_module}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"_afsdp2_{test_module}", Path(__file__).with_name(f"{test_module}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return list(module.TINY)
@@ -39,7 +41,9 @@ def _env() -> dict[str, str]:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
 
 
 def _finish(proc: subprocess.Popen, what: str) -> str:
@@ -54,7 +58,9 @@ def _metric(run_dir: Path, key: str) -> list[float]:
 
 
 def _launch_and_single(config: Path, module: str, args: list[str], root: Path) -> tuple[str, str]:
-    fsdp = _start([*LAUNCH, "--config_file", str(config), *TARGET, module, *args, f"run_dir={root / 'fsdp2'}"])
+    fsdp = _start(
+        [*LAUNCH, "--config_file", str(config), *TARGET, module, *args, f"run_dir={root / 'fsdp2'}"]
+    )
     single = _start([sys.executable, "-m", module, *args, f"run_dir={root / 'single'}"])
     return _finish(fsdp, "accelerate launch (FSDP2)"), _finish(single, "one process")
 
@@ -78,8 +84,20 @@ def test_lm_pretrain_fsdp2_config_under_accelerate_launch(tmp_path):
     assert len(steps) >= 2
     shutil.rmtree(ckpts / steps[-1])
     (ckpts / "latest").write_text(steps[-2] + "\n")
-    again = _finish(_start([*LAUNCH, "--config_file", str(config), *TARGET, "lm_pretrain.cli", *args,
-                            f"run_dir={tmp_path / 'fsdp2'}"]), "resumed launch")
+    again = _finish(
+        _start(
+            [
+                *LAUNCH,
+                "--config_file",
+                str(config),
+                *TARGET,
+                "lm_pretrain.cli",
+                *args,
+                f"run_dir={tmp_path / 'fsdp2'}",
+            ]
+        ),
+        "resumed launch",
+    )
     assert f"resumed from {ckpts / steps[-2]} at step 3" in again
     assert _metric(tmp_path / "fsdp2", "train/loss") == pytest.approx(losses, rel=1e-6)
     resumed = json.loads((tmp_path / "fsdp2" / "results.json").read_text())
@@ -89,9 +107,16 @@ def test_lm_pretrain_fsdp2_config_under_accelerate_launch(tmp_path):
 @pytest.mark.slow
 def test_rerank_qlora_fsdp2_config_under_accelerate_launch(tmp_path):
     config = ROOT / "apps" / "rerank-qlora" / "configs" / "accelerate" / "fsdp2-gpu.yaml"
-    args = ["--no-progress", *_tiny("test_apps_rerank_qlora"), "quant.method=none", "task.max_eval_queries=2",
-            "task.max_validation_queries=1", "rerank.k=2", "rerank.judge=generate",
-            "teacher.offline_explanation=fixed"]  # generate() under FSDP2 too
+    args = [
+        "--no-progress",
+        *_tiny("test_apps_rerank_qlora"),
+        "quant.method=none",
+        "task.max_eval_queries=2",
+        "task.max_validation_queries=1",
+        "rerank.k=2",
+        "rerank.judge=generate",
+        "teacher.offline_explanation=fixed",
+    ]  # generate() under FSDP2 too
     out, _ = _launch_and_single(config, "rerank_qlora.cli", args, tmp_path)
     assert "2 process(es), FSDP (FSDP2: parameters sharded)" in out
     sharded = json.loads((tmp_path / "fsdp2" / "results.json").read_text())
@@ -99,9 +124,12 @@ def test_rerank_qlora_fsdp2_config_under_accelerate_launch(tmp_path):
     assert sharded["distributed"] == {"type": "FSDP", "processes": 2, "sharded": True}
     assert set(sharded["scores"]) == set(single["scores"]) and sharded["judged"] == single["judged"]
     losses = _metric(tmp_path / "fsdp2", "distill/loss")
-    assert len(losses) == 4 and losses == pytest.approx(_metric(tmp_path / "single", "distill/loss"), rel=2e-4)
-    assert _metric(tmp_path / "fsdp2", "refine/loss") == pytest.approx(_metric(tmp_path / "single", "refine/loss"),
-                                                                       rel=2e-4)
+    assert len(losses) == 4 and losses == pytest.approx(
+        _metric(tmp_path / "single", "distill/loss"), rel=2e-4
+    )
+    assert _metric(tmp_path / "fsdp2", "refine/loss") == pytest.approx(
+        _metric(tmp_path / "single", "refine/loss"), rel=2e-4
+    )
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "fsdp2" / "adapter" / "adapter_model.safetensors"))
@@ -109,8 +137,20 @@ def test_rerank_qlora_fsdp2_config_under_accelerate_launch(tmp_path):
     assert adapter.keys() == reference.keys()  # whole LoRA tensors, gathered from the shards
     assert all(adapter[k].shape == reference[k].shape for k in adapter)
 
-    again = _finish(_start([*LAUNCH, "--config_file", str(config), *TARGET, "rerank_qlora.cli", *args,
-                            f"run_dir={tmp_path / 'fsdp2'}"]), "resumed launch")
+    again = _finish(
+        _start(
+            [
+                *LAUNCH,
+                "--config_file",
+                str(config),
+                *TARGET,
+                "rerank_qlora.cli",
+                *args,
+                f"run_dir={tmp_path / 'fsdp2'}",
+            ]
+        ),
+        "resumed launch",
+    )
     assert "resumed distill" in again and "resumed refine" in again
     resumed = json.loads((tmp_path / "fsdp2" / "results.json").read_text())
     assert resumed["scores"] == sharded["scores"]  # the resumed adapter reranks exactly as the trained one
@@ -120,12 +160,20 @@ def test_rerank_qlora_fsdp2_config_under_accelerate_launch(tmp_path):
 def test_rerank_qlora_nf4_under_fsdp2_matches_one_process(tmp_path):
     # FSDP-QLoRA: nf4lora's packed 4-bit weights are frozen parameters that fully_shard shards
     config = ROOT / "apps" / "rerank-qlora" / "configs" / "accelerate" / "fsdp2-gpu.yaml"
-    args = ["--no-progress", *_tiny("test_apps_rerank_qlora"), "quant.method=nf4", "task.max_eval_queries=2",
-            "task.max_validation_queries=1", "rerank.k=2"]
+    args = [
+        "--no-progress",
+        *_tiny("test_apps_rerank_qlora"),
+        "quant.method=nf4",
+        "task.max_eval_queries=2",
+        "task.max_validation_queries=1",
+        "rerank.k=2",
+    ]
     out, _ = _launch_and_single(config, "rerank_qlora.cli", args, tmp_path)
     assert "2 process(es), FSDP (FSDP2: parameters sharded)" in out and "NF4 + double quantization" in out
     losses = _metric(tmp_path / "fsdp2", "distill/loss")
-    assert len(losses) == 4 and losses == pytest.approx(_metric(tmp_path / "single", "distill/loss"), rel=2e-4)
+    assert len(losses) == 4 and losses == pytest.approx(
+        _metric(tmp_path / "single", "distill/loss"), rel=2e-4
+    )
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "fsdp2" / "adapter" / "adapter_model.safetensors"))

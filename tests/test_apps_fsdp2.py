@@ -23,16 +23,24 @@ WORKER = Path(__file__).with_name("fsdp2_apps_worker.py")
 
 def _tiny(test_module: str) -> list[str]:
     """The TINY overrides of a sibling app test module (one tiny configuration per app)."""
-    spec = importlib.util.spec_from_file_location(f"_fsdp2_{test_module}", Path(__file__).with_name(f"{test_module}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"_fsdp2_{test_module}", Path(__file__).with_name(f"{test_module}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return list(module.TINY)
 
 
 LM_TINY = [*_tiny("test_apps_lm_pretrain"), "train.steps=8", "train.checkpoint_every=4"]
-RERANK_TINY = [*_tiny("test_apps_rerank_qlora"), "quant.method=none", "task.max_eval_queries=2",
-               "task.max_validation_queries=1", "rerank.k=2",
-               "rerank.judge=generate", "teacher.offline_explanation=fixed"]  # generate() under FSDP2 too
+RERANK_TINY = [
+    *_tiny("test_apps_rerank_qlora"),
+    "quant.method=none",
+    "task.max_eval_queries=2",
+    "task.max_validation_queries=1",
+    "rerank.k=2",
+    "rerank.judge=generate",
+    "teacher.offline_explanation=fixed",
+]  # generate() under FSDP2 too
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -45,9 +53,13 @@ def lm_pretrain(tmp_path_factory):
     """The FSDP2 run (2 ranks) and a one-process run of the same tiny config, at once."""
     root = tmp_path_factory.mktemp("lm-fsdp2")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    single = subprocess.Popen([sys.executable, "-m", "lm_pretrain.cli", "--no-progress", *LM_TINY,
-                               f"run_dir={root / 'single'}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    single = subprocess.Popen(
+        [sys.executable, "-m", "lm_pretrain.cli", "--no-progress", *LM_TINY, f"run_dir={root / 'single'}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     checks = run_worker(WORKER, "lm-pretrain", root, *LM_TINY)
     out = single.communicate(timeout=600)[0]
     assert single.returncode == 0, out[-3000:]
@@ -79,9 +91,15 @@ def test_rerank_qlora_under_fsdp2(tmp_path):
     assert zero["sharded"] and one["sharded"]
     assert zero["adapter_is_gathered_lora"]  # adapter_model.safetensors: the whole LoRA tensors
     assert one["other_rank_results"] == {}
-    assert set(zero["results"]["scores"]) == {"BM25 (plain)", "BM25 (identifier-aware)", "BM25 + rerank-qlora",
-                                              "BM25 + rerank-qlora, fused"}
+    assert set(zero["results"]["scores"]) == {
+        "BM25 (plain)",
+        "BM25 (identifier-aware)",
+        "BM25 + rerank-qlora",
+        "BM25 + rerank-qlora, fused",
+    }
     assert zero["results"]["judged"] > 0
     assert len(zero["refine_samples"]) == 2 and all(len(g) == 2 for g in zero["refine_samples"])
     assert "resumed distill" in zero["log"] and "resumed refine" in zero["log"]
-    assert zero["resumed_results"] == zero["results"]  # the resumed adapter reranks exactly as the trained one
+    assert (
+        zero["resumed_results"] == zero["results"]
+    )  # the resumed adapter reranks exactly as the trained one

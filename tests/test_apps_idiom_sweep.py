@@ -30,8 +30,10 @@ def test_bad_configs_are_named():
     with pytest.raises(ConfigError, match="models must list"):
         load_config(IdiomSweepConfig)
     with pytest.raises(ConfigError, match=r"'load_in_4bit': expected one of"):
-        load_config(IdiomSweepConfig, overrides=["load_in_4bit=fp4", "models=[{name: a}]",
-                                                 "datasets=[{name: generic, path: x}]"])
+        load_config(
+            IdiomSweepConfig,
+            overrides=["load_in_4bit=fp4", "models=[{name: a}]", "datasets=[{name: generic, path: x}]"],
+        )
     with pytest.raises(ConfigError, match=r"'datasets\[0\].name'"):
         load_config(IdiomSweepConfig, overrides=["models=[{name: a}]", "datasets=[{name: dice, path: x}]"])
 
@@ -46,8 +48,10 @@ ROWS = [("He kicked the bucket last year.", "kick the bucket", "idiomatic"),
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "idioms.csv"
-    path.write_text("id,target,expression,label,language\n"
-                    + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(ROWS)))
+    path.write_text(
+        "id,target,expression,label,language\n"
+        + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(ROWS))
+    )
     return path
 
 
@@ -58,7 +62,8 @@ def test_tiny_sweep_in_4bit_end_to_end(tmp_path, data, tiny_lm_dir, capsys):
         f"out_dir: {tmp_path / 'run'}\nload_in_4bit: nf4lora\nconditions: [direct]\nmax_new_tokens: 4\n"
         f"n_resamples: 20\nmodels:\n  - {{name: tiny-0.01B, path: {tiny_lm_dir}, reasoning: true,"
         f" options: {{batch_size: 5, dtype: float32}}}}\n"
-        f"datasets:\n  - {{name: generic, path: {data}}}\n")
+        f"datasets:\n  - {{name: generic, path: {data}}}\n"
+    )
     assert main(["--config", str(config), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "4-bit: nf4lora" in out and "table:" in out
@@ -110,13 +115,22 @@ def test_load_in_4bit_is_in_the_cache_key(tmp_path, data, monkeypatch):
     from idiomreason import run_sweep
 
     def run(mode):
-        cfg = load_config(IdiomSweepConfig, overrides=[
-            f"out_dir={tmp_path / 'run'}", "conditions=[direct]", "max_new_tokens=4", "n_resamples=10",
-            f"load_in_4bit={mode}", f"datasets=[{{name: generic, path: '{data}'}}]",
-            "models=[{name: m-1B, path: m}, {name: h-1B, backend: http, options: {base_url: 'http://x/v1'}}]"])
+        cfg = load_config(
+            IdiomSweepConfig,
+            overrides=[
+                f"out_dir={tmp_path / 'run'}",
+                "conditions=[direct]",
+                "max_new_tokens=4",
+                "n_resamples=10",
+                f"load_in_4bit={mode}",
+                f"datasets=[{{name: generic, path: '{data}'}}]",
+                "models=[{name: m-1B, path: m}, {name: h-1B, backend: http, options: {base_url: 'http://x/v1'}}]",
+            ],
+        )
         calls = {"m-1B": [], "h-1B": []}
-        run_sweep(sweep_config(cfg, progress=False),
-                  backend_factory=lambda spec: _CountingBackend(calls[spec.name]))
+        run_sweep(
+            sweep_config(cfg, progress=False), backend_factory=lambda spec: _CountingBackend(calls[spec.name])
+        )
         return len(calls["m-1B"]), len(calls["h-1B"])
 
     assert run("none") == (len(ROWS), len(ROWS))
@@ -129,8 +143,14 @@ def test_load_in_4bit_is_in_the_cache_key(tmp_path, data, monkeypatch):
     # The backend builder takes the option out again: backends never see it; bitsandbytes = quantization 4bit.
     built = []
     monkeypatch.setattr(idiomreason.sweep, "default_backend_factory", built.append)
-    cfg = load_config(IdiomSweepConfig, overrides=[
-        "load_in_4bit=bitsandbytes", "models=[{name: m-1B, path: m}]", "datasets=[{name: generic, path: x}]"])
+    cfg = load_config(
+        IdiomSweepConfig,
+        overrides=[
+            "load_in_4bit=bitsandbytes",
+            "models=[{name: m-1B, path: m}]",
+            "datasets=[{name: generic, path: x}]",
+        ],
+    )
     (spec,) = sweep_config(cfg).models
     assert spec.options == {"load_in_4bit": "bitsandbytes"}
     build_backend(spec)
@@ -141,8 +161,12 @@ def _cli_case_config(tmp_path, data_text: str | bytes, **changes) -> list[str]:
     data = tmp_path / "d.csv"
     (data.write_bytes if isinstance(data_text, bytes) else data.write_text)(data_text)
     model = {"name": "m-1B", "backend": "http", "options": {"base_url": "http://127.0.0.1:9/v1"}}
-    config = {"out_dir": str(tmp_path / "run"), "models": [model], "datasets": [{"name": "generic", "path": str(data)}],
-              "conditions": ["direct"]}
+    config = {
+        "out_dir": str(tmp_path / "run"),
+        "models": [model],
+        "datasets": [{"name": "generic", "path": str(data)}],
+        "conditions": ["direct"],
+    }
     for key, value in changes.items():
         if key == "datasets":
             value = [{**d, "path": str(data) if d.get("path") == "D" else d["path"]} for d in value]
@@ -236,6 +260,8 @@ def test_help_example_is_accepted(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "max_new_tokens=2048" in capsys.readouterr().out
-    cfg = load_config(IdiomSweepConfig, overrides=["max_new_tokens=2048", "models=[{name: a}]",
-                                                   "datasets=[{name: generic, path: x}]"])
+    cfg = load_config(
+        IdiomSweepConfig,
+        overrides=["max_new_tokens=2048", "models=[{name: a}]", "datasets=[{name: generic, path: x}]"],
+    )
     assert cfg.max_new_tokens == 2048

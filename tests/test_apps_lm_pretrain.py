@@ -20,9 +20,18 @@ from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "lm-pretrain"
 TINY = [
-    "model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=4",
-    "train.micro_batch_size=2", "train.log_every=1", "train.warmup_steps=2", "eval.length_multipliers=[1,4]",
-    "eval.windows=2", "data.max_bytes=200000", "trackers=[none]",
+    "model.n_layer=1",
+    "model.d_model=32",
+    "model.n_head=2",
+    "train.seq_len=32",
+    "train.batch_size=4",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "eval.length_multipliers=[1,4]",
+    "eval.windows=2",
+    "data.max_bytes=200000",
+    "trackers=[none]",
 ]
 
 
@@ -67,17 +76,47 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmp")
     steps = ["train.steps=40", "train.checkpoint_every=4"]
     single = [sys.executable, "-m", "lm_pretrain.cli", "--no-progress", *TINY, *steps]
-    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_pretrain.cli",
-           "--no-progress", *TINY, *steps]
+    ddp = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lm_pretrain.cli",
+        "--no-progress",
+        *TINY,
+        *steps,
+    ]
     procs = {
-        "single": subprocess.Popen([*single, f"run_dir={root / 'single'}"], env=_env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True),
-        "ddp": subprocess.Popen([*ddp, f"run_dir={root / 'ddp'}"], env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True),
+        "single": subprocess.Popen(
+            [*single, f"run_dir={root / 'single'}"],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+        "ddp": subprocess.Popen(
+            [*ddp, f"run_dir={root / 'ddp'}"],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
     }
-    killed = subprocess.Popen([*single, f"run_dir={root / 'killed'}"], env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [*single, f"run_dir={root / 'killed'}"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = root / "killed" / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -88,8 +127,9 @@ def runs(tmp_path_factory):
     out = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, out[name][-3000:]
-    resumed = subprocess.run([*single, f"run_dir={root / 'killed'}"], env=_env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        [*single, f"run_dir={root / 'killed'}"], env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     return {"root": root, "finished_before_kill": finished_before_kill, "resumed_out": resumed.stdout, **out}
 
@@ -103,7 +143,10 @@ def test_single_process_run_trains_and_reports(runs):
     assert len(results["loss_by_position"]["loss"]) == 16
     for name in ("config.yaml", "train.log", "curves.png", "report.md", "model.safetensors"):
         assert (run_dir / name).is_file(), name
-    assert [p.name for p in sorted((run_dir / "checkpoints").glob("step-*"))] == ["step-00000036", "step-00000040"]
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("step-*"))] == [
+        "step-00000036",
+        "step-00000040",
+    ]
     assert "report:" in runs["single"]
 
 
@@ -124,8 +167,10 @@ def test_killed_run_resumes_and_ends_at_the_same_loss(runs):
     assert 4 <= step < 40 and step % 4 == 0
     killed, single = runs["root"] / "killed", runs["root"] / "single"
     assert _losses(killed) == _losses(single)  # bitwise: same thread count, same batches, restored RNG
-    assert json.loads((killed / "results.json").read_text())["val_loss"] == \
-        json.loads((single / "results.json").read_text())["val_loss"]
+    assert (
+        json.loads((killed / "results.json").read_text())["val_loss"]
+        == json.loads((single / "results.json").read_text())["val_loss"]
+    )
 
 
 def test_accelerate_fsdp2_config_parses_into_an_fsdp2_plugin(monkeypatch):
@@ -149,4 +194,6 @@ def test_accelerate_fsdp2_config_parses_into_an_fsdp2_plugin(monkeypatch):
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     assert plugin.transformer_cls_names_to_wrap == ["Block"]
     assert isinstance(getattr(siattn.models, "Block", None), type)  # the class the policy wraps exists
-    assert path.read_text().startswith("# accelerate launch --config_file apps/lm-pretrain/configs/accelerate/fsdp2.yaml")
+    assert path.read_text().startswith(
+        "# accelerate launch --config_file apps/lm-pretrain/configs/accelerate/fsdp2.yaml"
+    )

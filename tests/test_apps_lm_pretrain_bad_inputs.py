@@ -15,9 +15,19 @@ from safetensors.torch import load_file
 
 from lm_pretrain.cli import main
 
-TINY = ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "train.seq_len=16", "train.batch_size=2",
-        "train.micro_batch_size=2", "train.warmup_steps=0", "eval.length_multipliers=[1]", "eval.windows=1",
-        "data.max_bytes=20000", "trackers=[none]"]
+TINY = [
+    "model.n_layer=1",
+    "model.d_model=16",
+    "model.n_head=2",
+    "train.seq_len=16",
+    "train.batch_size=2",
+    "train.micro_batch_size=2",
+    "train.warmup_steps=0",
+    "eval.length_multipliers=[1]",
+    "eval.windows=1",
+    "data.max_bytes=20000",
+    "trackers=[none]",
+]
 
 CASES = [
     (["train.lr=inf"], r"train.lr must be a finite number > 0, got inf"),
@@ -52,8 +62,12 @@ CASES = [
 
 @pytest.mark.parametrize("args, match", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_config_is_one_line_exit_2_before_any_work(tmp_path, capsys, args, match):
-    files = {"missing": tmp_path / "missing.yaml", "latin1": tmp_path / "latin1.yaml",
-             "utf16": tmp_path / "utf16.yaml", "binary": tmp_path / "binary.yaml"}
+    files = {
+        "missing": tmp_path / "missing.yaml",
+        "latin1": tmp_path / "latin1.yaml",
+        "utf16": tmp_path / "utf16.yaml",
+        "binary": tmp_path / "binary.yaml",
+    }
     files["latin1"].write_bytes("# lm-pretrain\ndata:\n  corpus: caf\xe9\n".encode("latin-1"))
     files["utf16"].write_bytes("train:\n  steps: 3\n".encode("utf-16"))
     files["binary"].write_bytes(b"\x00\x01train: 3\n")
@@ -63,21 +77,33 @@ def test_bad_config_is_one_line_exit_2_before_any_work(tmp_path, capsys, args, m
     err = capsys.readouterr().err
     assert err.startswith("lm-pretrain: error: ") and err.count("\n") == 1, err
     assert re.search(match, err), err
-    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()  # before any work
+    assert (
+        not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    )  # before any work
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", "lm_pretrain.cli", "--no-progress", *TINY, *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lm_pretrain.cli", "--no-progress", *TINY, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_non_finite_loss_stops_and_saves_no_nan(tmp_path):
     run_dir = tmp_path / "run"
     # finite but absurd: Adam's first update moves every weight by ~1e30, the next loss is NaN/inf
-    done = _run("train.lr=1e30", "train.steps=6", "train.checkpoint_every=1", "train.grad_clip=0",
-                f"run_dir={run_dir}")
+    done = _run(
+        "train.lr=1e30",
+        "train.steps=6",
+        "train.checkpoint_every=1",
+        "train.grad_clip=0",
+        f"run_dir={run_dir}",
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("lm-pretrain: error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -95,6 +121,9 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     again = _run("train.steps=2", f"run_dir={run_dir}")
     assert again.returncode == 2, again.stderr[-3000:]
     last = again.stderr.strip().splitlines()[-1]
-    assert "step-00000004 is at step 4, past the 2 steps configured now" in last and "Traceback" not in again.stderr
+    assert (
+        "step-00000004 is at step 4, past the 2 steps configured now" in last
+        and "Traceback" not in again.stderr
+    )
     assert (run_dir / "model.safetensors").read_bytes() == before  # the finished model is untouched
     assert Path(run_dir / "checkpoints" / "step-00000004").is_dir()

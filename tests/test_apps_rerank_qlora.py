@@ -22,12 +22,29 @@ from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "rerank-qlora"
 TINY = [
-    "model.tiny_hidden_size=32", "model.tiny_layers=1", "model.tiny_heads=2",
-    "model.tiny_pretrain_steps=3", "model.tiny_pretrain_seq_len=64", "task.max_train_queries=6",
-    "task.max_eval_queries=3", "task.max_validation_queries=3", "teacher.pairs_per_query=2", "lora.r=4", "train.steps=4", "train.batch_size=2",
-    "train.micro_batch_size=1", "train.checkpoint_every=2", "train.log_every=1", "refine.pairs=2",
-    "refine.samples=2", "refine.steps=2", "rerank.candidates=5", "rerank.k=3", "rerank.max_new_tokens=4",
-    "train.max_length=1024", "trackers=[none]",
+    "model.tiny_hidden_size=32",
+    "model.tiny_layers=1",
+    "model.tiny_heads=2",
+    "model.tiny_pretrain_steps=3",
+    "model.tiny_pretrain_seq_len=64",
+    "task.max_train_queries=6",
+    "task.max_eval_queries=3",
+    "task.max_validation_queries=3",
+    "teacher.pairs_per_query=2",
+    "lora.r=4",
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.micro_batch_size=1",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "refine.pairs=2",
+    "refine.samples=2",
+    "refine.steps=2",
+    "rerank.candidates=5",
+    "rerank.k=3",
+    "rerank.max_new_tokens=4",
+    "train.max_length=1024",
+    "trackers=[none]",
 ]
 
 
@@ -38,7 +55,9 @@ def test_shipped_configs_validate(path):
     load_config(RerankQLoRAConfig, path)
 
 
-@pytest.mark.parametrize("path", sorted((APP / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((APP / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_accelerate_configs_resolve(path, monkeypatch):
     """The FSDP2 config for GPU users goes through accelerate's own launch-time resolution (the environment
     `accelerate launch` would hand the processes) into a valid FSDP plugin (test_apps_accelerate_fsdp2.py
@@ -59,14 +78,19 @@ def test_accelerate_configs_resolve(path, monkeypatch):
             monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    layer_classes = {name for module in (transformers.models.llama.modeling_llama,
-                                         transformers.models.qwen2.modeling_qwen2) for name in dir(module)}
+    layer_classes = {
+        name
+        for module in (transformers.models.llama.modeling_llama, transformers.models.qwen2.modeling_qwen2)
+        for name in dir(module)
+    }
     assert set(plugin.transformer_cls_names_to_wrap) <= layer_classes
 
 
 def test_default_config_and_errors(capsys):
     cfg = load_config(RerankQLoRAConfig)
-    assert cfg.model.name_or_path == "tiny" and cfg.teacher.kind == "offline-qrels" and cfg.quant.method == "nf4"
+    assert (
+        cfg.model.name_or_path == "tiny" and cfg.teacher.kind == "offline-qrels" and cfg.quant.method == "nf4"
+    )
     with pytest.raises(ConfigError, match="task.path is required"):
         load_config(RerankQLoRAConfig, overrides=["task.name=beir"])
     with pytest.raises(ConfigError, match=r"rerank.k \(30\) must be <= rerank.candidates"):
@@ -76,7 +100,9 @@ def test_default_config_and_errors(capsys):
     with pytest.raises(ConfigError, match="task.validation_fraction"):
         load_config(RerankQLoRAConfig, overrides=["task.validation_fraction=0.8"])
     with pytest.raises(ConfigError, match="needs a label-free explanation"):
-        load_config(RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.offline_explanation=per-label"])
+        load_config(
+            RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.offline_explanation=per-label"]
+        )
     with pytest.raises(ConfigError, match="needs teacher.kind=offline-qrels"):
         load_config(RerankQLoRAConfig, overrides=["rerank.judge=forced", "teacher.kind=openai"])
     with pytest.raises(ConfigError, match="rerank.bm25_b must be >= 0"):
@@ -84,8 +110,15 @@ def test_default_config_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for key in ("lora.mxfp8", "attention.tau", "quant.double_quant", "refine.method", "teacher.kind",
-                "rerank.fusion_weight", "teacher.offline_explanation"):
+    for key in (
+        "lora.mxfp8",
+        "attention.tau",
+        "quant.double_quant",
+        "refine.method",
+        "teacher.kind",
+        "rerank.fusion_weight",
+        "teacher.offline_explanation",
+    ):
         assert key in out
 
 
@@ -93,9 +126,17 @@ def test_collection_split_has_disjoint_validation(shared_data):
     from rerank_qlora.config import TaskConfig
     from rerank_qlora.stages import load_task
 
-    task = load_task(TaskConfig(name="cranfield", path=shared_data / "cranfield", eval_fraction=0.25,
-                                validation_fraction=0.1, max_train_queries=1000, max_eval_queries=1000,
-                                max_validation_queries=1000))
+    task = load_task(
+        TaskConfig(
+            name="cranfield",
+            path=shared_data / "cranfield",
+            eval_fraction=0.25,
+            validation_fraction=0.1,
+            max_train_queries=1000,
+            max_eval_queries=1000,
+            max_validation_queries=1000,
+        )
+    )
     train, val, ev = set(task.train_qids), set(task.validation_qids), set(task.eval_qids)
     n = len(train | val | ev)
     assert not train & val and not train & ev and not val & ev
@@ -111,7 +152,12 @@ def test_training_pairs_strategies():
     first = {"q": {"n1": 9.0, "mod": 8.0, "n2": 7.0, "n3": 6.0, "gold": 5.0, "n4": 4.0}}
     docs = lambda pairs: [p.docid for p in pairs]  # noqa: E731
     assert docs(training_pairs(task, first, 3)) == ["gold", "mod", "n1"]  # judged first, then hard negatives
-    assert docs(training_pairs(task, first, 3, "bm25")) == ["n1", "mod", "n2", "gold"]  # BM25 order + best gold
+    assert docs(training_pairs(task, first, 3, "bm25")) == [
+        "n1",
+        "mod",
+        "n2",
+        "gold",
+    ]  # BM25 order + best gold
     assert docs(training_pairs(task, first, 5, "bm25")) == ["n1", "mod", "n2", "n3", "gold"]
     with pytest.raises(ValueError, match="strategy"):
         training_pairs(task, first, 3, "random")
@@ -125,8 +171,12 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
         assert f"stage {stage}/9" in out
     assert "OFFLINE TEACHER" in out and "scale-invariant p-RoPE" in out and "NF4 + double quantization" in out
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["scores"]) == {"BM25 (plain)", "BM25 (identifier-aware)", "BM25 + rerank-qlora",
-                                      "BM25 + rerank-qlora, fused"}
+    assert set(results["scores"]) == {
+        "BM25 (plain)",
+        "BM25 (identifier-aware)",
+        "BM25 + rerank-qlora",
+        "BM25 + rerank-qlora, fused",
+    }
     assert 0 <= results["scores"]["BM25 (plain)"]["ndcg_cut_10"] <= 1
     assert results["first_stage"]["chosen"] == "chosen on 3 validation queries"
     assert "identifier-aware k1=" in out
@@ -152,10 +202,15 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
 
     qrels = read_qrels(run_dir / "eval.qrels")
     assert len(qrels) == 3
-    for file, name in (("bm25.run", "BM25 (plain)"), ("bm25-code.run", "BM25 (identifier-aware)"),
-                       ("reranked.run", "BM25 + rerank-qlora"), ("fused.run", "BM25 + rerank-qlora, fused")):
+    for file, name in (
+        ("bm25.run", "BM25 (plain)"),
+        ("bm25-code.run", "BM25 (identifier-aware)"),
+        ("reranked.run", "BM25 + rerank-qlora"),
+        ("fused.run", "BM25 + rerank-qlora, fused"),
+    ):
         per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "map"}).evaluate(
-            read_run(run_dir / file))
+            read_run(run_dir / file)
+        )
         for measure in ("ndcg_cut_10", "map"):  # trec_eval averages over the judged queries
             mean = sum(v[measure] for v in per_query.values()) / len(qrels)
             assert mean == pytest.approx(results["scores"][name][measure], abs=1e-6), (file, measure)
@@ -176,8 +231,10 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert "0 new" in out and "resumed distill" in out and "resumed refine" in out and "rebuilding" not in out
     assert (run_dir / "rerank.jsonl").read_text().splitlines() == stored  # judgements reused, none added
     again = json.loads((run_dir / "results.json").read_text())
-    assert again["fusion"]["chosen"] == "given" and again["scores"]["BM25 + rerank-qlora"] == results["scores"][
-        "BM25 + rerank-qlora"]
+    assert (
+        again["fusion"]["chosen"] == "given"
+        and again["scores"]["BM25 + rerank-qlora"] == results["scores"]["BM25 + rerank-qlora"]
+    )
     assert again["scores"]["BM25 + rerank-qlora, fused"] == again["scores"]["BM25 (identifier-aware)"]
 
 
@@ -200,16 +257,49 @@ def distill_runs(tmp_path_factory):
     """Three runs of the same distillation at once: uninterrupted (1 process), DDP (2 gloo processes, 1 micro
     batch each, against 1 process accumulating 2), and one SIGKILLed once a checkpoint exists, then re-run."""
     root = tmp_path_factory.mktemp("rq")
-    args = ["--no-progress", *TINY, "refine.method=none", f"train.steps={STEPS}", "train.checkpoint_every=2",
-            "task.max_eval_queries=1", "rerank.k=1"]
+    args = [
+        "--no-progress",
+        *TINY,
+        "refine.method=none",
+        f"train.steps={STEPS}",
+        "train.checkpoint_every=2",
+        "task.max_eval_queries=1",
+        "rerank.k=1",
+    ]
     single = [sys.executable, "-m", "rerank_qlora.cli", *args]
-    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rerank_qlora.cli", *args]
-    procs = {name: subprocess.Popen([*cmd, f"run_dir={root / name}"], env=_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-             for name, cmd in (("single", single), ("ddp", ddp))}
-    killed = subprocess.Popen([*single, f"run_dir={root / 'killed'}"], env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    ddp = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "rerank_qlora.cli",
+        *args,
+    ]
+    procs = {
+        name: subprocess.Popen(
+            [*cmd, f"run_dir={root / name}"],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, cmd in (("single", single), ("ddp", ddp))
+    }
+    killed = subprocess.Popen(
+        [*single, f"run_dir={root / 'killed'}"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = root / "killed" / "checkpoints" / "distill" / "latest"
     deadline = time.monotonic() + 600
     while not latest.is_file() and killed.poll() is None and time.monotonic() < deadline:
@@ -220,8 +310,9 @@ def distill_runs(tmp_path_factory):
     outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, f"{name}: {outs[name][-3000:]}"
-    resumed = subprocess.run([*single, f"run_dir={root / 'killed'}"], env=_env(), capture_output=True, text=True,
-                             timeout=900)
+    resumed = subprocess.run(
+        [*single, f"run_dir={root / 'killed'}"], env=_env(), capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return root, killed_at, resumed.stdout
 
@@ -243,7 +334,9 @@ def test_killed_run_resumes_to_the_same_loss(distill_runs):
     root, killed_at, out = distill_runs
     assert killed_at is not None and killed_at != f"step-{STEPS:08d}", f"not killed mid-way ({killed_at})"
     assert "resumed distill from" in out
-    assert _distill_losses(root / "killed") == pytest.approx(_distill_losses(root / "single"), rel=1e-6, abs=1e-7)
+    assert _distill_losses(root / "killed") == pytest.approx(
+        _distill_losses(root / "single"), rel=1e-6, abs=1e-7
+    )
     final = f"checkpoints/distill/step-{STEPS:08d}/model.safetensors"
     a, b = load_file(root / "single" / final), load_file(root / "killed" / final)
     assert a.keys() == b.keys()
@@ -273,6 +366,8 @@ def test_grpo_refinement_resumes_to_the_same_result(tmp_path, capsys):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r["refine/loss"], r["refine/reward"]) for r in rows if "refine/loss" in r]
 
-    assert len(refine_rows(tmp_path / "a")) == 3 and refine_rows(tmp_path / "b") == refine_rows(tmp_path / "a")
+    assert len(refine_rows(tmp_path / "a")) == 3 and refine_rows(tmp_path / "b") == refine_rows(
+        tmp_path / "a"
+    )
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["scores"] for d in ("a", "b"))
     assert a == b

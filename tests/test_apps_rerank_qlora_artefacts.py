@@ -35,9 +35,18 @@ ALL = set(ARTEFACTS)
 CASES = [  # (section, change, artefacts rebuilt, setting named)
     ("model", {"tiny_hidden_size": 64}, ALL - {"teacher store"}, "model.tiny_hidden_size 128 -> 64"),
     ("teacher", {"offline_explanation": "fixed"}, ALL, "teacher.offline_explanation 'evidence' -> 'fixed'"),
-    ("train", {"steps": 61}, {"distillation checkpoints", "refinement samples and checkpoints", "rerank judgements"},
-     "train.steps 60 -> 61"),
-    ("refine", {"samples": 2}, {"refinement samples and checkpoints", "rerank judgements"}, "refine.samples 4 -> 2"),
+    (
+        "train",
+        {"steps": 61},
+        {"distillation checkpoints", "refinement samples and checkpoints", "rerank judgements"},
+        "train.steps 60 -> 61",
+    ),
+    (
+        "refine",
+        {"samples": 2},
+        {"refinement samples and checkpoints", "rerank judgements"},
+        "refine.samples 4 -> 2",
+    ),
     ("rerank", {"judge": "generate"}, {"rerank judgements"}, "rerank.judge 'forced' -> 'generate'"),
 ]
 
@@ -62,7 +71,9 @@ def test_unrelated_settings_and_resume_false(tmp_path):
     reconcile(tmp_path, cfg)
     _fill(tmp_path)
     assert reconcile(tmp_path, _with(cfg, "train", log_every=1, checkpoint_every=7)) == []
-    assert reconcile(tmp_path, _with(cfg, "rerank", k=5, fusion_weight=0.3)) == []  # judgements do not depend on them
+    assert (
+        reconcile(tmp_path, _with(cfg, "rerank", k=5, fusion_weight=0.3)) == []
+    )  # judgements do not depend on them
     assert _present(tmp_path) == ALL
     messages = reconcile(tmp_path, cfg, resume=False)
     assert _present(tmp_path) == set() and "resume=false" in messages[0] and len(messages) == len(ALL)

@@ -13,11 +13,25 @@ from rerank_qlora.cli import main
 from shared_kernels.testing.auth_echo_server import auth_echo_server
 
 TINY = [
-    "model.tiny_hidden_size=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_pretrain_steps=2",
-    "model.tiny_pretrain_seq_len=64", "task.max_train_queries=4", "task.max_eval_queries=2",
-    "task.max_validation_queries=0", "teacher.pairs_per_query=2", "lora.r=4", "train.batch_size=2",
-    "train.micro_batch_size=1", "train.log_every=1", "refine.method=none", "rerank.candidates=5", "rerank.k=3",
-    "rerank.max_new_tokens=4", "train.max_length=1024", "trackers=[none]",
+    "model.tiny_hidden_size=32",
+    "model.tiny_layers=1",
+    "model.tiny_heads=2",
+    "model.tiny_pretrain_steps=2",
+    "model.tiny_pretrain_seq_len=64",
+    "task.max_train_queries=4",
+    "task.max_eval_queries=2",
+    "task.max_validation_queries=0",
+    "teacher.pairs_per_query=2",
+    "lora.r=4",
+    "train.batch_size=2",
+    "train.micro_batch_size=1",
+    "train.log_every=1",
+    "refine.method=none",
+    "rerank.candidates=5",
+    "rerank.k=3",
+    "rerank.max_new_tokens=4",
+    "train.max_length=1024",
+    "trackers=[none]",
 ]
 
 CASES = [
@@ -52,8 +66,12 @@ CASES = [
 
 @pytest.mark.parametrize("args, match", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_config_is_one_line_exit_2_before_any_work(tmp_path, capsys, args, match):
-    files = {"missing": tmp_path / "missing.yaml", "latin1": tmp_path / "latin1.yaml",
-             "utf16": tmp_path / "utf16.yaml", "binary": tmp_path / "binary.yaml"}
+    files = {
+        "missing": tmp_path / "missing.yaml",
+        "latin1": tmp_path / "latin1.yaml",
+        "utf16": tmp_path / "utf16.yaml",
+        "binary": tmp_path / "binary.yaml",
+    }
     files["latin1"].write_bytes("model:\n  name_or_path: caf\xe9\n".encode("latin-1"))
     files["utf16"].write_bytes("train:\n  steps: 3\n".encode("utf-16"))
     files["binary"].write_bytes(b"\x00\x01steps: 3\n")
@@ -68,8 +86,20 @@ def test_bad_config_is_one_line_exit_2_before_any_work(tmp_path, capsys, args, m
 def test_non_finite_loss_stops_and_saves_no_nan(tmp_path, capsys):
     run_dir = tmp_path / "run"
     # finite but absurd: the first update moves the adapters by ~1e30 and the next loss is NaN/inf
-    assert main([f"run_dir={run_dir}", "--no-progress", *TINY, "train.steps=4", "train.checkpoint_every=1",
-                 "train.max_grad_norm=0", "train.lr=1e30"]) == 2
+    assert (
+        main(
+            [
+                f"run_dir={run_dir}",
+                "--no-progress",
+                *TINY,
+                "train.steps=4",
+                "train.checkpoint_every=1",
+                "train.max_grad_norm=0",
+                "train.lr=1e30",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("rerank-qlora: error: ") and ("loss is" in err[-1] or "NaN/inf" in err[-1]), err
     assert not (run_dir / "adapter").exists()
@@ -82,8 +112,19 @@ def test_openai_teacher_never_leaks_the_api_key(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RQ_TEST_KEY", key)
     run_dir = tmp_path / "run"
     with auth_echo_server() as base_url:
-        rc = main([f"run_dir={run_dir}", "--no-progress", *TINY, "train.steps=1", "teacher.kind=openai",
-                   "rerank.judge=generate", f"teacher.base_url={base_url}", "teacher.api_key_env=RQ_TEST_KEY", "teacher.concurrency=1"])
+        rc = main(
+            [
+                f"run_dir={run_dir}",
+                "--no-progress",
+                *TINY,
+                "train.steps=1",
+                "teacher.kind=openai",
+                "rerank.judge=generate",
+                f"teacher.base_url={base_url}",
+                "teacher.api_key_env=RQ_TEST_KEY",
+                "teacher.concurrency=1",
+            ]
+        )
     out = capsys.readouterr()
     assert rc == 2, out.err[-2000:]
     last = out.err.strip().splitlines()[-1]

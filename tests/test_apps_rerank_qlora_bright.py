@@ -42,15 +42,25 @@ def bright(shared_data, tmp_path_factory):
     (folder / "qrels.bright-biology.txt").write_bytes((real / "qrels.bright-biology.txt").read_bytes())
     with open(tmp_path / "documents.jsonl", "w") as f:
         f.writelines(json.dumps({"id": d, "content": t}) + "\n" for d, t in docs.items())
-    judged = {line.split()[0] for line in (real / "qrels.bright-biology.txt").read_text().splitlines() if line}
+    judged = {
+        line.split()[0] for line in (real / "qrels.bright-biology.txt").read_text().splitlines() if line
+    }
     return folder, tmp_path / "documents.jsonl", {r["id"] for r in rows}, judged, set(docs)
 
 
 @pytest.fixture(scope="module")
 def task(bright):
     folder, documents, *_ = bright
-    return load_task(TaskConfig(name="bright", path=folder, corpus_path=documents, max_train_queries=8,
-                                max_validation_queries=4, first_stage_queries="reasoning"))
+    return load_task(
+        TaskConfig(
+            name="bright",
+            path=folder,
+            corpus_path=documents,
+            max_train_queries=8,
+            max_validation_queries=4,
+            first_stage_queries="reasoning",
+        )
+    )
 
 
 def test_every_query_evaluated_none_trained_excluded_never_candidates(bright, task):
@@ -81,12 +91,15 @@ def test_excluded_ids_rank_first_without_the_exclusion(task):
     assert all(max(run[q], key=run[q].get) == EXCLUDED[q] for q in EXCLUDED)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["task.train_source=bright"], r"task.train_source='bright' would train and tune on BRIGHT queries"),
-    (["task.train_source=beir", "task.train_path=../shared/data/bright"], r"is the BRIGHT folder"),
-    (["task.train_source=beir"], r"task.train_path is required for task.train_source='beir'"),
-    (["task.name=stdlib", "task.first_stage_queries=reasoning"], r"needs task.name='bright'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task.train_source=bright"], r"task.train_source='bright' would train and tune on BRIGHT queries"),
+        (["task.train_source=beir", "task.train_path=../shared/data/bright"], r"is the BRIGHT folder"),
+        (["task.train_source=beir"], r"task.train_path is required for task.train_source='beir'"),
+        (["task.name=stdlib", "task.first_stage_queries=reasoning"], r"needs task.name='bright'"),
+    ],
+)
 def test_configs_training_on_the_domain_are_refused(overrides, message):
     base = ["task.name=bright", "task.path=../shared/data/bright", "task.corpus_path=documents.jsonl"]
     with pytest.raises(ConfigError, match=message):
@@ -95,6 +108,16 @@ def test_configs_training_on_the_domain_are_refused(overrides, message):
 
 def test_evaluation_cap_below_the_domain_is_refused(bright):
     folder, documents, *_ = bright
-    with pytest.raises(ConfigError, match=r"max_eval_queries=50 would leave out some of BRIGHT biology's 103"):
-        load_task(TaskConfig(name="bright", path=folder, corpus_path=documents, max_eval_queries=50,
-                             max_train_queries=2, max_validation_queries=1))
+    with pytest.raises(
+        ConfigError, match=r"max_eval_queries=50 would leave out some of BRIGHT biology's 103"
+    ):
+        load_task(
+            TaskConfig(
+                name="bright",
+                path=folder,
+                corpus_path=documents,
+                max_eval_queries=50,
+                max_train_queries=2,
+                max_validation_queries=1,
+            )
+        )

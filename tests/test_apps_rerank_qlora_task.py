@@ -76,11 +76,16 @@ def test_modules_exclude_tests_and_codecs(fake_stdlib):
 def test_units_masked_kinds_and_documents(fake_stdlib):
     units = {u.docid: u for u in mine_units("alpha", read_source(fake_stdlib / "alpha.py"))}
     assert set(units) == {"alpha.quote_plus", "alpha.HTTPServer", "alpha.HTTPServer.serve_forever"}
-    assert units["alpha.quote_plus"].query == "Like this function() but also replaces spaces with plus signs here."
+    assert (
+        units["alpha.quote_plus"].query
+        == "Like this function() but also replaces spaces with plus signs here."
+    )
     assert units["alpha.HTTPServer"].query.startswith("this class serves files")
     assert units["alpha.HTTPServer.serve_forever"].kind == "method"
     method = units["alpha.HTTPServer.serve_forever"].code
-    assert method.startswith("class HTTPServer(Base):") and "self.poll(poll)" in method and '"""' not in method
+    assert (
+        method.startswith("class HTTPServer(Base):") and "self.poll(poll)" in method and '"""' not in method
+    )
     cls = units["alpha.HTTPServer"].code
     assert "def serve_forever(self, poll=0.5):\n        ..." in cls and "self.poll" not in cls
     assert "Handle one request" not in cls and "serves files" not in cls  # docstrings removed
@@ -89,15 +94,25 @@ def test_units_masked_kinds_and_documents(fake_stdlib):
 
 def test_task_dedup_split_and_reads(fake_stdlib):
     read = []
-    task = build_stdlib_task(root=fake_stdlib, split=SPLIT, read=lambda p: read.append(p.name) or read_source(p))
+    task = build_stdlib_task(
+        root=fake_stdlib, split=SPLIT, read=lambda p: read.append(p.name) or read_source(p)
+    )
     assert sorted(read) == ["__init__.py", "alpha.py", "inner.py"]
     # identical code: the later unit (beta.copy_of_quote) is dropped; a shared summary: both queries dropped
     assert "beta.copy_of_quote" not in task.corpus and "q:beta.ambiguous" not in task.queries
     assert {"beta.ambiguous", "beta.inner.other"} <= set(task.corpus)  # still documents (distractors)
     assert task.train_qids == sorted(task.train_qids, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
-    assert set(task.train_qids) == {"q:alpha.quote_plus", "q:alpha.HTTPServer", "q:alpha.HTTPServer.serve_forever"}
+    assert set(task.train_qids) == {
+        "q:alpha.quote_plus",
+        "q:alpha.HTTPServer",
+        "q:alpha.HTTPServer.serve_forever",
+    }
     assert task.eval_qids == ["q:beta.inner.held"] and task.validation_qids == []
-    assert set(task.train_docids) == {"alpha.quote_plus", "alpha.HTTPServer", "alpha.HTTPServer.serve_forever"}
+    assert set(task.train_docids) == {
+        "alpha.quote_plus",
+        "alpha.HTTPServer",
+        "alpha.HTTPServer.serve_forever",
+    }
     assert task.qrels["q:beta.inner.held"] == {"beta.inner.held": 2}
     capped = build_stdlib_task(root=fake_stdlib, split=SPLIT, max_train_queries=1)
     assert len(capped.train_qids) == 1 and capped.train_qids[0] in task.train_qids
@@ -105,8 +120,9 @@ def test_task_dedup_split_and_reads(fake_stdlib):
 
 def test_held_out_files_never_read_for_training(fake_stdlib):
     read = []
-    task = build_stdlib_task(root=fake_stdlib, split=SPLIT, splits=("train",),
-                             read=lambda p: read.append(p) or read_source(p))
+    task = build_stdlib_task(
+        root=fake_stdlib, split=SPLIT, splits=("train",), read=lambda p: read.append(p) or read_source(p)
+    )
     assert [p.name for p in read] == ["alpha.py"]
     assert task.eval_qids == [] and all(d.startswith("alpha.") for d in task.corpus)
 
@@ -143,13 +159,16 @@ print(json.dumps({"same": before == after, "splits": [task.train_qids, task.vali
 def test_real_stdlib_task_deterministic_and_import_state_independent():
     """Built in a fresh interpreter before and after importing torch (which patches `inspect`): the same
     task; >= 500 evaluation and >= 200 validation queries; no top-level module in two splits."""
-    out = json.loads(subprocess.run([sys.executable, "-c", FINGERPRINT], capture_output=True, text=True,
-                                    check=True).stdout)
+    out = json.loads(
+        subprocess.run([sys.executable, "-c", FINGERPRINT], capture_output=True, text=True, check=True).stdout
+    )
     assert out["same"]
     train, val, ev = out["splits"]
     assert out["documents"] > 3000 and len(train) > 1000 and len(val) == 200 and len(ev) == 500
-    tops = {s: {q[2:].split(".")[0] for q in qids} for s, qids in (("train", train), ("validation", val),
-                                                                     ("eval", ev))}
+    tops = {
+        s: {q[2:].split(".")[0] for q in qids}
+        for s, qids in (("train", train), ("validation", val), ("eval", ev))
+    }
     assert not tops["train"] & tops["validation"] and not tops["train"] & tops["eval"]
     assert not tops["validation"] & tops["eval"]
     assert all(split_of(t) == s for s, ts in tops.items() for t in ts)

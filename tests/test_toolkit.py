@@ -41,7 +41,9 @@ def test_tiny_lm_saves_loads_trains_and_generates(tmp_path, tiny_tokenizer, fami
 
     model.eval()
     prompt = tiny_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "the quick"}], add_generation_prompt=True, return_tensors="pt",
+        [{"role": "user", "content": "the quick"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
         return_dict=True,
     )
     gen = model.generate(**prompt, max_new_tokens=5, do_sample=False)

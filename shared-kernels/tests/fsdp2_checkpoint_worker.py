@@ -73,7 +73,7 @@ def optimizer(model: nn.Module):
 def step(model: nn.Module, opt, sched, seed: int, rank: int) -> float:
     """One optimizer step on this rank's half of a global batch of 4 sequences; returns the clipped grad norm."""
     ids = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(seed))
-    mine = ids[rank * 2:(rank + 1) * 2]
+    mine = ids[rank * 2 : (rank + 1) * 2]
     loss = nn.functional.cross_entropy(model(mine[:, :-1]).flatten(0, 1), mine[:, 1:].flatten() % 5)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
@@ -121,7 +121,8 @@ def checks_of_rank(rank: int, root: str) -> dict[str, object]:
     if rank == 0:
         expected = reference.state_dict()
         c["gathered_equals_unsharded"] = list(gathered) == list(expected) and all(
-            bitwise(gathered[k], expected[k]) for k in expected)
+            bitwise(gathered[k], expected[k]) for k in expected
+        )
         c["gathered_on_cpu"] = all(t.device.type == "cpu" for t in gathered.values())
     else:
         c["other_rank_gets_empty"] = gathered == {}
@@ -134,34 +135,54 @@ def checks_of_rank(rank: int, root: str) -> dict[str, object]:
     weights = load_file(str(path / "model.safetensors"))
     trainer = torch.load(path / "trainer_state.pt", weights_only=True)
     sd = model.state_dict()
-    c["file_shards_match"] = all(bitwise(my_chunk(weights[k], rank), local(v)) for k, v in sd.items()
-                                  if hasattr(v, "to_local")) and bitwise(weights["scale"], sd["scale"])
+    c["file_shards_match"] = all(
+        bitwise(my_chunk(weights[k], rank), local(v)) for k, v in sd.items() if hasattr(v, "to_local")
+    ) and bitwise(weights["scale"], sd["scale"])
     params = [p for g in opt.param_groups for p in g["params"]]
-    c["file_optimizer_shards_match"] = sorted(trainer["optimizer"]["state"]) == list(range(len(params))) and all(
-        bitwise(my_chunk(trainer["optimizer"]["state"][i][key], rank), local(opt.state[p][key]))
-        for i, p in enumerate(params) for key in ("exp_avg", "exp_avg_sq")) and all(
-        bitwise(trainer["optimizer"]["state"][i]["step"], opt.state[p]["step"]) for i, p in enumerate(params))
+    c["file_optimizer_shards_match"] = (
+        sorted(trainer["optimizer"]["state"]) == list(range(len(params)))
+        and all(
+            bitwise(my_chunk(trainer["optimizer"]["state"][i][key], rank), local(opt.state[p][key]))
+            for i, p in enumerate(params)
+            for key in ("exp_avg", "exp_avg_sq")
+        )
+        and all(
+            bitwise(trainer["optimizer"]["state"][i]["step"], opt.state[p]["step"])
+            for i, p in enumerate(params)
+        )
+    )
     osd = full_optimizer_state_dict(opt)
-    c["optimizer_format"] = (sorted(osd["param_groups"][0]) == sorted(opt.state_dict()["param_groups"][0])
-                             if rank == 0 else osd == {})
+    c["optimizer_format"] = (
+        sorted(osd["param_groups"][0]) == sorted(opt.state_dict()["param_groups"][0])
+        if rank == 0
+        else osd == {}
+    )
 
     # 3. resume into a freshly sharded model (other initial values): identical shards, optimizer and scheduler
     fresh = shard(make(7))
     fresh_opt, fresh_sched = optimizer(fresh)
     info = manager.load(fresh, fresh_opt, fresh_sched)
     c["resume_step"] = info["step"]
-    c["resumed_params_equal"] = all(bitwise(local(a), local(b)) for a, b in zip(model.parameters(), fresh.parameters()))
+    c["resumed_params_equal"] = all(
+        bitwise(local(a), local(b)) for a, b in zip(model.parameters(), fresh.parameters())
+    )
     c["resumed_params_are_dtensors"] = all(hasattr(p, "to_local") for p in fresh.parameters())
     fresh_params = [p for g in fresh_opt.param_groups for p in g["params"]]
     c["resumed_optimizer_equal"] = all(
         bitwise(local(opt.state[p][k]), local(fresh_opt.state[q][k]))
-        for p, q in zip(params, fresh_params) for k in ("step", "exp_avg", "exp_avg_sq"))
-    c["resumed_scheduler_equal"] = fresh_sched.state_dict() == sched.state_dict() and \
-        fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for p, q in zip(params, fresh_params)
+        for k in ("step", "exp_avg", "exp_avg_sq")
+    )
+    c["resumed_scheduler_equal"] = (
+        fresh_sched.state_dict() == sched.state_dict()
+        and fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    )
     # the next step is the same on both: nothing of the state was lost
     step(model, opt, sched, 3, rank)
     step(fresh, fresh_opt, fresh_sched, 3, rank)
-    c["step_after_resume_equal"] = all(bitwise(local(a), local(b)) for a, b in zip(model.parameters(), fresh.parameters()))
+    c["step_after_resume_equal"] = all(
+        bitwise(local(a), local(b)) for a, b in zip(model.parameters(), fresh.parameters())
+    )
 
     # 4. the checkpoint moves between sharded and unsharded: rank 0 loads it into one process's model, saves
     #    it from there, and the weights file is byte-identical to the sharded run's
@@ -171,21 +192,28 @@ def checks_of_rank(rank: int, root: str) -> dict[str, object]:
         single = CheckpointManager(root / "unsharded")
         single.load(plain, plain_opt, plain_sched, path=path)
         again = single.save(2, plain, plain_opt, plain_sched, extra={"note": "fsdp2"})
-        c["unsharded_weights_file_identical"] = (again / "model.safetensors").read_bytes() == \
-            (path / "model.safetensors").read_bytes()
+        c["unsharded_weights_file_identical"] = (again / "model.safetensors").read_bytes() == (
+            path / "model.safetensors"
+        ).read_bytes()
         plain_state = torch.load(again / "trainer_state.pt", weights_only=True)["optimizer"]
-        c["unsharded_optimizer_equal"] = plain_state["param_groups"] == trainer["optimizer"]["param_groups"] and all(
+        c["unsharded_optimizer_equal"] = plain_state["param_groups"] == trainer["optimizer"][
+            "param_groups"
+        ] and all(
             bitwise(plain_state["state"][i][k], trainer["optimizer"]["state"][i][k])
-            for i in trainer["optimizer"]["state"] for k in ("step", "exp_avg", "exp_avg_sq"))
+            for i in trainer["optimizer"]["state"]
+            for k in ("step", "exp_avg", "exp_avg_sq")
+        )
     barrier()
     # ... and an unsharded checkpoint loads into a sharded model
     back = shard(make(3))
     back_opt, back_sched = optimizer(back)
     CheckpointManager(root / "unsharded", rank=rank, world_size=WORLD, barrier=barrier).load(
-        back, back_opt, back_sched, path=root / "unsharded" / "step-00000002")
+        back, back_opt, back_sched, path=root / "unsharded" / "step-00000002"
+    )
     plain_weights = load_file(str(root / "unsharded" / "step-00000002" / "model.safetensors"))
     c["unsharded_checkpoint_into_sharded"] = all(
-        bitwise(my_chunk(plain_weights[n], rank), local(p)) for n, p in back.named_parameters())
+        bitwise(my_chunk(plain_weights[n], rank), local(p)) for n, p in back.named_parameters()
+    )
 
     # 5. adapters: trainable_only saves and loads only the trainable parameters; frozen ones stay as they are
     adapter = shard(make(0, frozen_embed=True))
@@ -200,8 +228,10 @@ def checks_of_rank(rank: int, root: str) -> dict[str, object]:
     frozen_before = local(target.embed.weight).clone()
     a_manager.load(target, t_opt, t_sched)
     c["trainable_only_loaded"] = all(
-        bitwise(local(a), local(b)) for (n, a), (_, b) in zip(adapter.named_parameters(), target.named_parameters())
-        if a.requires_grad)
+        bitwise(local(a), local(b))
+        for (n, a), (_, b) in zip(adapter.named_parameters(), target.named_parameters())
+        if a.requires_grad
+    )
     c["frozen_untouched"] = bitwise(local(target.embed.weight), frozen_before)
 
     # 6. a mismatched checkpoint fails on every rank (no rank waits for the others in a collective)

@@ -47,7 +47,11 @@ def test_resume_into_a_freshly_sharded_model_is_exact(ranks):
     for rank in ranks:
         assert rank["resume_step"] == 2
         assert rank["resumed_params_are_dtensors"]
-        assert rank["resumed_params_equal"] and rank["resumed_optimizer_equal"] and rank["resumed_scheduler_equal"]
+        assert (
+            rank["resumed_params_equal"]
+            and rank["resumed_optimizer_equal"]
+            and rank["resumed_scheduler_equal"]
+        )
         assert rank["step_after_resume_equal"]
 
 
@@ -58,7 +62,10 @@ def test_checkpoints_move_between_sharded_and_unsharded_runs(ranks):
 
 def test_trainable_only_under_fsdp2(ranks):
     for rank in ranks:
-        assert "embed.weight" not in rank["trainable_only_names"] and "head.weight" in rank["trainable_only_names"]
+        assert (
+            "embed.weight" not in rank["trainable_only_names"]
+            and "head.weight" in rank["trainable_only_names"]
+        )
         assert "scale" not in rank["trainable_only_names"]  # buffers are not trainable
         assert rank["trainable_only_loaded"] and rank["frozen_untouched"]
 

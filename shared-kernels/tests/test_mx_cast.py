@@ -21,7 +21,9 @@ from shared_kernels.mx_cast import (
 from shared_kernels.testing import assert_exact
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN blocks, interpreter
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning"
+)  # NaN blocks, interpreter
 needs_triton = pytest.mark.skipif(
     not triton_available() or not (torch.cuda.is_available() or triton_interpreting()),
     reason="needs triton with a GPU or TRITON_INTERPRET=1",
@@ -42,7 +44,9 @@ def adversarial(m: int, n: int, seed: int) -> torch.Tensor:
     x[6] *= 2.0**-125
     x[7, :] = 2.0**-140  # subnormal amax
     x[8, 0] = torch.finfo(torch.float32).max
-    boundary = (torch.tensor(1.75).view(torch.int32) + torch.arange(-2, 3, dtype=torch.int32)).view(torch.float32)
+    boundary = (torch.tensor(1.75).view(torch.int32) + torch.arange(-2, 3, dtype=torch.int32)).view(
+        torch.float32
+    )
     x[9, :5] = boundary * 2.0**8
     x[10, :8] = torch.tensor([448.0, 1.0625, 1.1875, 2**-10, 3 * 2**-10, 432.0, -400.0, 1.375])
     x[11, :4] = torch.tensor([57344.0, 1.125, 1.375, 2**-17])
@@ -132,7 +136,9 @@ def test_triton_on_gpu_large_shapes_equal_reference():
 def test_e4m3_decode_through_fp16_bits_is_exact_for_every_code():
     codes = torch.arange(256, dtype=torch.uint8).view(E4M3)
     finite = ~torch.isnan(codes.to(torch.float32))
-    assert_exact(_e4m3_codes_times_2pow_minus8(codes)[finite], codes.to(torch.float32)[finite] * 2.0**-8, "decode")
+    assert_exact(
+        _e4m3_codes_times_2pow_minus8(codes)[finite], codes.to(torch.float32)[finite] * 2.0**-8, "decode"
+    )
 
 
 @pytest.mark.parametrize("elem", [E4M3, E5M2])
@@ -151,7 +157,10 @@ def test_quantize_dequantize_equals_cast_then_dequantize(elem, mode, dtype):
             ref = mx_dequantize_ref(*mx_cast_ref(inp, elem, 32, mode, dim), 32, dim)
             assert_exact(mx_quantize_dequantize(inp, elem, 32, mode, dim), ref, f"dim {dim}")
     y = torch.randn(3, 70, 5, generator=torch.Generator().manual_seed(5)) * 1e-3  # middle dim, block 16
-    assert_exact(mx_quantize_dequantize(y, elem, 16, mode, 1), mx_dequantize_ref(*mx_cast_ref(y, elem, 16, mode, 1), 16, 1))
+    assert_exact(
+        mx_quantize_dequantize(y, elem, 16, mode, 1),
+        mx_dequantize_ref(*mx_cast_ref(y, elem, 16, mode, 1), 16, 1),
+    )
 
 
 @pytest.mark.parametrize("elem", [E4M3, E5M2])
@@ -165,7 +174,9 @@ def test_rows_cols_cast_equals_the_two_separate_casts(elem, mode, backend):
         dev = DEVICE if backend == "triton" else "cpu"
         got = mx_cast_rows_cols(x.to(dev), elem, 32, mode, backend=backend)
         want = (*mx_cast_ref(x, elem, 32, mode, dim=-1), *mx_cast_ref(x, elem, 32, mode, dim=0))
-        for g, w, name in zip(got, want, ("row data", "row scale", "column data", "column scale"), strict=True):
+        for g, w, name in zip(
+            got, want, ("row data", "row scale", "column data", "column scale"), strict=True
+        ):
             assert_exact(g.cpu().view(torch.uint8), w.view(torch.uint8), f"{name} {m}x{n}")
 
 
@@ -182,7 +193,9 @@ def test_fast_torch_cast_equals_reference(elem, mode, dtype, monkeypatch):
     take the reference, the others the fast path), many chunks, dims 0 / -1 / middle, partial blocks."""
     import shared_kernels.mx_cast as mx_cast_mod
 
-    monkeypatch.setattr(mx_cast_mod, "_FAST_CHUNK_BLOCKS", 7)  # many chunks, some with inf / NaN, some without
+    monkeypatch.setattr(
+        mx_cast_mod, "_FAST_CHUNK_BLOCKS", 7
+    )  # many chunks, some with inf / NaN, some without
     x = adversarial(96, 160, seed=8)
     x[40:] = torch.randn(56, 160) * torch.exp2(torch.randint(-20, 20, (56, 1)).float())  # special-free chunks
     if dtype == torch.float16:
@@ -195,5 +208,7 @@ def test_fast_torch_cast_equals_reference(elem, mode, dtype, monkeypatch):
         assert_exact(got[1], want[1], f"scale dim {dim} {tuple(t.shape)}")
     big = torch.randn(300, 1024) * 5  # 9600 blocks: more than one default chunk
     monkeypatch.undo()
-    for got, want in zip(mx_cast_torch(big, elem, 32, mode, -1), mx_cast_ref(big, elem, 32, mode), strict=True):
+    for got, want in zip(
+        mx_cast_torch(big, elem, 32, mode, -1), mx_cast_ref(big, elem, 32, mode), strict=True
+    ):
         assert_exact(got.view(torch.uint8), want.view(torch.uint8), "default chunks")

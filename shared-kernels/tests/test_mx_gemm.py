@@ -57,8 +57,10 @@ def test_bad_operands_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and hardware_mx_available(torch.device("cuda"))),
-                    reason="needs a GPU of compute capability >= 10.0")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and hardware_mx_available(torch.device("cuda"))),
+    reason="needs a GPU of compute capability >= 10.0",
+)
 def test_scaled_mm_matches_emulation_on_blackwell():
     for m, n, k in [(128, 256, 512), (97, 200, 1000)]:  # the second pads M, N and K
         _, _, (ad, as_), (bd, bs) = operands(m, n, k, seed=2, device="cuda")

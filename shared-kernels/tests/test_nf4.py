@@ -96,8 +96,9 @@ def test_double_quant_equal_bitsandbytes(dtype, blocksize):
         assert_exact(qabsmax, state.absmax, "qabsmax")
         assert_exact(absmax2, state.state2.absmax, "absmax2")
         assert_exact(offset, state.offset, "offset")
-        got = dequantize_nf4(packed, qabsmax, (n,), blocksize, dtype, absmax2=absmax2, offset=offset,
-                             backend="torch")
+        got = dequantize_nf4(
+            packed, qabsmax, (n,), blocksize, dtype, absmax2=absmax2, offset=offset, backend="torch"
+        )
         assert_exact(got, _bnb_dequantize(q, state).reshape(n), "dequantize with double quantization")
 
 
@@ -306,8 +307,11 @@ def test_native_cpu_falls_back_to_reference_when_it_cannot_compile(tmp_path, mon
     p_ref, a_ref = quantize_nf4(x, 64, backend="torch")
     assert_exact(packed, p_ref, "packed (fallback)")
     assert_exact(absmax, a_ref, "absmax (fallback)")
-    assert_exact(dequantize_nf4(packed, absmax, x.shape, 64), dequantize_nf4(packed, absmax, x.shape, 64,
-                                                                             backend="torch"), "dequantize")
+    assert_exact(
+        dequantize_nf4(packed, absmax, x.shape, 64),
+        dequantize_nf4(packed, absmax, x.shape, 64, backend="torch"),
+        "dequantize",
+    )
     monkeypatch.setenv("SHARED_KERNELS_NF4_CPU", "0")
     monkeypatch.setattr(nf4_cpu, "_failed", False)
     assert not nf4_cpu.available()  # disabled: no compile attempt, no warning
@@ -383,8 +387,16 @@ def test_gpu_auto_backend_matches_cpu_reference_on_large_tensor():
     assert_exact(absmax.cpu(), a_ref, "absmax (GPU kernel vs CPU reference)")
     qabsmax, absmax2, offset = double_quantize_absmax(absmax)
     y = dequantize_nf4(packed, qabsmax, x.shape, 64, torch.bfloat16, absmax2=absmax2, offset=offset)
-    y_ref = dequantize_nf4(packed.cpu(), qabsmax.cpu(), x.shape, 64, torch.bfloat16, absmax2=absmax2.cpu(),
-                           offset=offset.cpu(), backend="torch")
+    y_ref = dequantize_nf4(
+        packed.cpu(),
+        qabsmax.cpu(),
+        x.shape,
+        64,
+        torch.bfloat16,
+        absmax2=absmax2.cpu(),
+        offset=offset.cpu(),
+        backend="torch",
+    )
     assert_exact(y.cpu(), y_ref, "dequantize (GPU kernel vs CPU reference)")
 
 
@@ -405,9 +417,20 @@ def test_triton_dequantize_is_a_custom_op_that_compiles_without_graph_breaks(dou
     compiled = torch.compile(dequant, backend="aot_eager", fullgraph=True)  # fullgraph: a break is an error
     ref = dequantize_nf4(packed, absmax, shape, 64, torch.bfloat16, backend="torch", **kwargs) * 2
     assert_exact(compiled(packed, absmax, kwargs), ref, "compiled Triton dequantize")
-    torch.library.opcheck(torch.ops.shared_kernels.nf4_dequantize.default,
-                          (packed, absmax, x.numel(), 64, torch.float32,
-                           kwargs.get("absmax2"), DYNAMIC_CODE if double_quant else None, kwargs.get("offset"), 256))
+    torch.library.opcheck(
+        torch.ops.shared_kernels.nf4_dequantize.default,
+        (
+            packed,
+            absmax,
+            x.numel(),
+            64,
+            torch.float32,
+            kwargs.get("absmax2"),
+            DYNAMIC_CODE if double_quant else None,
+            kwargs.get("offset"),
+            256,
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- FP4
@@ -436,8 +459,15 @@ def test_fp4_quantize_and_dequantize_equal_bitsandbytes(dtype, backend):
     # Odd shapes, partial last blocks, odd element counts, a 1-D input taking bitsandbytes' native kernel and
     # a 4096 block taking its torch fallback; zeros in every block.
     F = _bnb()
-    for blocksize, shape in ((64, (1,)), (64, (97,)), (32, (13, 78)), (256, (5, 1025)), (128, (7, 2 * 128 + 34)),
-                             (64, (1 << 15,)), (4096, (3, 4099))):
+    for blocksize, shape in (
+        (64, (1,)),
+        (64, (97,)),
+        (32, (13, 78)),
+        (256, (5, 1025)),
+        (128, (7, 2 * 128 + 34)),
+        (64, (1 << 15,)),
+        (4096, (3, 4099)),
+    ):
         x = _sample(math.prod(shape), dtype, seed=blocksize).reshape(shape)
         x.view(-1)[::13] = 0.0
         packed, absmax = quantize_4bit(x, blocksize, "fp4", backend=backend)
@@ -467,7 +497,9 @@ def test_fp4_ties_zeros_padding_and_nan_equal_bitsandbytes(backend):
     assert_exact(packed, q.reshape(-1), "packed")
     assert_exact(absmax, state.absmax, "absmax")
     codes = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)
-    assert codes[1].item() == 0 and codes[2].item() == 0 and codes[3].item() == 8  # -0, +0 -> 0; tiny > 0 -> 8
+    assert (
+        codes[1].item() == 0 and codes[2].item() == 0 and codes[3].item() == 8
+    )  # -0, +0 -> 0; tiny > 0 -> 8
     assert codes[-1].item() == 0  # padding of the odd count: the code of 0.0
 
 
@@ -483,8 +515,17 @@ def test_fp4_double_quant_equals_bitsandbytes(out_dtype):
         assert_exact(qabsmax, state.absmax, "qabsmax")
         state.dtype = out_dtype
         for backend in ("torch", "auto"):
-            got = dequantize_4bit(packed, qabsmax, (n,), blocksize, out_dtype, "fp4", absmax2=absmax2,
-                                  offset=offset, backend=backend)
+            got = dequantize_4bit(
+                packed,
+                qabsmax,
+                (n,),
+                blocksize,
+                out_dtype,
+                "fp4",
+                absmax2=absmax2,
+                offset=offset,
+                backend=backend,
+            )
             _bnb_equal(got, _bnb_dequantize(q, state), f"dequantize +DQ n={n} {backend}")
 
 

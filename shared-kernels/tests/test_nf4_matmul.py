@@ -34,7 +34,9 @@ def test_triton_matmul_matches_reference(double_quant, transpose_w):
     n, k = 97, 72  # odd out_features: rows straddle bytes and blocks
     packed, absmax, kw, dense = _weight(n, k, double_quant)
     inner = k if transpose_w else n
-    x = torch.randn(3, 5, inner, generator=torch.Generator().manual_seed(1)).to(_device())  # fp32 (interpreter)
+    x = torch.randn(3, 5, inner, generator=torch.Generator().manual_seed(1)).to(
+        _device()
+    )  # fp32 (interpreter)
     got = matmul_nf4(x, packed, absmax, (n, k), 64, transpose_w=transpose_w, backend="triton", **kw)
     plain = matmul_nf4(x, packed, absmax, (n, k), 64, transpose_w=transpose_w, backend="torch", **kw)
     w64 = dense.double()
@@ -63,8 +65,14 @@ def test_gpu_matmul_bf16_matches_reference(dtype):
     assert_error_ratio(got, plain, ref, max_ratio=2.0, atol=1e-3, what="fused NF4 matmul (GPU)")
     g = torch.randn(37, n, device="cuda", dtype=dtype)
     got_t = matmul_nf4(g, packed, absmax, (n, k), 64, transpose_w=False, **kw)
-    assert_error_ratio(got_t, g @ dense.to(dtype), g.double() @ dense.double(), max_ratio=2.0, atol=1e-3,
-                       what="fused NF4 matmul backward (GPU)")
+    assert_error_ratio(
+        got_t,
+        g @ dense.to(dtype),
+        g.double() @ dense.double(),
+        max_ratio=2.0,
+        atol=1e-3,
+        what="fused NF4 matmul backward (GPU)",
+    )
 
 
 @pytest.mark.parametrize("double_quant", (False, True))
@@ -84,5 +92,11 @@ def test_triton_matmul_is_a_custom_op_that_compiles_without_graph_breaks(double_
     for got, want in zip(compiled(x, g), fwd_bwd(x, g), strict=True):
         assert torch.equal(got, want)  # the same kernel with the same inputs, traced or not
     y = compiled(x, g)[0]
-    assert_error_ratio(y, x @ dense.t(), x.double() @ dense.double().t(), max_ratio=2.0, atol=1e-5,
-                       what="compiled fused NF4 matmul")
+    assert_error_ratio(
+        y,
+        x @ dense.t(),
+        x.double() @ dense.double().t(),
+        max_ratio=2.0,
+        atol=1e-5,
+        what="compiled fused NF4 matmul",
+    )

@@ -23,7 +23,7 @@ def _greedy(model_dir, input_ids: list[int], max_new_tokens: int) -> str:
         torch.tensor([input_ids]), attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
         max_new_tokens=max_new_tokens, do_sample=False,
     )  # fmt: skip
-    return tok.decode(out[0, len(input_ids):], skip_special_tokens=True)
+    return tok.decode(out[0, len(input_ids) :], skip_special_tokens=True)
 
 
 def test_models_endpoint_lists_the_pinned_model(served_tiny_model):
@@ -77,7 +77,16 @@ def _fake_server(tmp_path, monkeypatch, fail_first_with: str | None = None):
         calls.append(port)
         if fail_first_with is not None and len(calls) == 1:
             return [sys.executable, "-c", f"import sys; print({fail_first_with!r}); sys.exit(1)"]
-        return [sys.executable, "-m", "http.server", str(port), "--bind", host, "--directory", str(tmp_path / "www")]
+        return [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            host,
+            "--directory",
+            str(tmp_path / "www"),
+        ]
 
     monkeypatch.setattr(openai_server, "_server_command", command)
     (tmp_path / "config.json").write_text("{}")

@@ -50,12 +50,17 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert load_config(Cfg) == Cfg()
     path = tmp_path / "c.yaml"
     path.write_text("# run: tool --config c.yaml\nmodel: Qwen/Qwen2.5-3B\ntrain:\n  lr: 1e-4\n  steps: 3\n")
-    cfg = load_config(Cfg, path, ["train.steps=5", "lengths=[64, 97]", "use_4bit=true", "model=123", "seed=7",
-                                  "out_dir=/tmp/r"])
+    cfg = load_config(
+        Cfg,
+        path,
+        ["train.steps=5", "lengths=[64, 97]", "use_4bit=true", "model=123", "seed=7", "out_dir=/tmp/r"],
+    )
     assert cfg.model == "123"  # str fields keep the override text verbatim
     assert cfg.train == Train(lr=1e-4, steps=5)  # YAML 1.1 reads 1e-4 as a string: converted to float
     assert isinstance(cfg.train.lr, float)
-    assert cfg.lengths == [64, 97] and cfg.use_4bit is True and cfg.seed == 7 and cfg.out_dir == Path("/tmp/r")
+    assert (
+        cfg.lengths == [64, 97] and cfg.use_4bit is True and cfg.seed == 7 and cfg.out_dir == Path("/tmp/r")
+    )
     assert load_config(Cfg, overrides=["seed=null"]).seed is None
     assert load_config(Cfg, base={"train": {"steps": 4}}, overrides=["train.lr=0.5"]).train == Train(0.5, 4)
     # round trip through the resolved YAML the app writes
@@ -104,7 +109,16 @@ def test_bad_files(tmp_path):
 
 def test_help_lists_every_option(capsys, tmp_path):
     text = options_help(Cfg)
-    for key in ("model", "out_dir", "seed", "lengths", "use_4bit", "train.lr", "train.steps", "train.precision"):
+    for key in (
+        "model",
+        "out_dir",
+        "seed",
+        "lengths",
+        "use_4bit",
+        "train.lr",
+        "train.steps",
+        "train.precision",
+    ):
         assert f"  {key} " in text
     assert "peak learning rate" in text and "0.0002" in text
 
@@ -139,7 +153,11 @@ def test_jsonl_tracker_through_accelerate(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as fh:
         fh.write('{"step": null, "final": 1}\n{"step": 9, "lo')  # a row without a step; a line cut by a kill
     JSONLTracker.truncate_after(tmp_path / "metrics.jsonl", 1)
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, None]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        0,
+        1,
+        None,
+    ]
 
 
 def test_runconfig_and_app_import_without_torch():
@@ -147,9 +165,11 @@ def test_runconfig_and_app_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, shared_kernels, shared_kernels.runconfig, shared_kernels.app; "
-            "heavy = sorted(m for m in ('torch', 'accelerate', 'transformers') if m in sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, shared_kernels, shared_kernels.runconfig, shared_kernels.app; "
+        "heavy = sorted(m for m in ('torch', 'accelerate', 'transformers') if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 

@@ -20,8 +20,13 @@ from shared_kernels.testing import assert_error_ratio
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernel_runs = triton_available() and (DEVICE == "cuda" or triton_interpreting())
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not kernel_runs, reason="needs triton with CUDA or TRITON_INTERPRET=1"))]
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(not kernel_runs, reason="needs triton with CUDA or TRITON_INTERPRET=1"),
+    ),
+]
 
 
 def _qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, seed=0, device=DEVICE):
@@ -86,7 +91,9 @@ def test_padding(backend):
     pad = torch.zeros(2, 23, dtype=torch.bool, device=DEVICE)
     pad[0, :6] = True
     if backend == "torch":
-        mask = (~pad[:, None, None, :]) | torch.eye(23, dtype=torch.bool, device=DEVICE)  # pads see themselves
+        mask = (~pad[:, None, None, :]) | torch.eye(
+            23, dtype=torch.bool, device=DEVICE
+        )  # pads see themselves
         _check(backend, q, k, v, attn_mask=mask)
         with torch.no_grad():
             v2 = v.detach().clone()
@@ -96,8 +103,9 @@ def test_padding(backend):
     else:
         _check(backend, q, k, v, doc_ids=pad.long())
         with pytest.raises(ValueError, match="attn_mask"):
-            si_attention(q, k, v, backend="triton", attn_mask=torch.ones(2, 1, 23, 23, dtype=torch.bool,
-                                                                         device=DEVICE))
+            si_attention(
+                q, k, v, backend="triton", attn_mask=torch.ones(2, 1, 23, 23, dtype=torch.bool, device=DEVICE)
+            )
 
 
 def test_torch_path_fp64_and_chunk_sizes():
@@ -133,10 +141,14 @@ def test_chunked_ops_pass_opcheck():
     q, k, v = _qkv(1, 2, 1, 13, 29, 16, seed=4, device="cpu")
     doc = torch.tensor([[0] * 20 + [1] * 9])
     plain = [x.detach() for x in (q, k, v)]
-    torch.library.opcheck(torch.ops.shared_kernels.si_attention_chunked_fwd.default,
-                          (*plain, doc, None, 3.0, True, 16, 1.5, 1.0, 5))
-    torch.library.opcheck(torch.ops.shared_kernels.si_attention_chunked_bwd.default,
-                          (*plain, doc, None, torch.randn_like(plain[0]), 3.0, True, 16, 1.5, 1.0, 5))
+    torch.library.opcheck(
+        torch.ops.shared_kernels.si_attention_chunked_fwd.default,
+        (*plain, doc, None, 3.0, True, 16, 1.5, 1.0, 5),
+    )
+    torch.library.opcheck(
+        torch.ops.shared_kernels.si_attention_chunked_bwd.default,
+        (*plain, doc, None, torch.randn_like(plain[0]), 3.0, True, 16, 1.5, 1.0, 5),
+    )
 
 
 @pytest.mark.skipif(not kernel_runs, reason="needs triton with CUDA or TRITON_INTERPRET=1")
@@ -145,16 +157,22 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_break():
     # traces si_attention as one opaque op: fullgraph=True fails on any graph break.
     q, k, v = _qkv(1, 2, 1, 13, 29, 16, seed=4)
     doc = torch.tensor([[0] * 20 + [1] * 9], device=DEVICE, dtype=torch.int32)
-    torch.library.opcheck(torch.ops.shared_kernels.si_attention_fwd.default,
-                          (q, k, v, doc, 3.0, True, 16, 1.5, 1.0))
+    torch.library.opcheck(
+        torch.ops.shared_kernels.si_attention_fwd.default, (q, k, v, doc, 3.0, True, 16, 1.5, 1.0)
+    )
     plain = [x.detach() for x in (q, k, v)]  # the backward op has no autograd formula of its own
     out, lse = torch.ops.shared_kernels.si_attention_fwd(*plain, doc, 3.0, True, 16, 1.5, 1.0)
-    torch.library.opcheck(torch.ops.shared_kernels.si_attention_bwd.default,
-                          (*plain, doc, out, lse, torch.randn_like(out), 3.0, True, 16, 1.5, 1.0))
+    torch.library.opcheck(
+        torch.ops.shared_kernels.si_attention_bwd.default,
+        (*plain, doc, out, lse, torch.randn_like(out), 3.0, True, 16, 1.5, 1.0),
+    )
 
     def loss(q, k, v):
-        return si_attention(q, k, v, tau=3.0, q_offset=16, doc_ids=doc, alpha=1.5, beta=1.0,
-                            backend="triton").pow(2).sum()
+        return (
+            si_attention(q, k, v, tau=3.0, q_offset=16, doc_ids=doc, alpha=1.5, beta=1.0, backend="triton")
+            .pow(2)
+            .sum()
+        )
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
@@ -174,18 +192,40 @@ def _bad(q, k, v):
         ("k and v shapes differ", (q, k, v[:, :, :5]), {}, ValueError, "same shape"),
         ("batch differs", (q, k[:1], v[:1]), {}, ValueError, "batch"),
         ("heads not a multiple", (q[:, :3], k[:, :2], v[:, :2]), {}, ValueError, "multiple"),
-        ("q_offset + Tq > Tk with doc_ids", (q, k, v),
-         dict(causal=False, q_offset=1, doc_ids=torch.zeros(B, Tk, dtype=torch.long)), ValueError, "q_offset"),
+        (
+            "q_offset + Tq > Tk with doc_ids",
+            (q, k, v),
+            dict(causal=False, q_offset=1, doc_ids=torch.zeros(B, Tk, dtype=torch.long)),
+            ValueError,
+            "q_offset",
+        ),
         ("q_offset + Tq > Tk causal", (q, k, v), dict(q_offset=1), ValueError, "q_offset"),
         ("negative q_offset", (q, k, v), dict(q_offset=-1), ValueError, "q_offset"),
         ("float q_offset", (q, k, v), dict(q_offset=0.0), ValueError, "q_offset"),
-        ("doc_ids short", (q, k, v), dict(doc_ids=torch.zeros(B, Tk - 1, dtype=torch.long)), ValueError, "doc_ids"),
+        (
+            "doc_ids short",
+            (q, k, v),
+            dict(doc_ids=torch.zeros(B, Tk - 1, dtype=torch.long)),
+            ValueError,
+            "doc_ids",
+        ),
         ("doc_ids float", (q, k, v), dict(doc_ids=torch.zeros(B, Tk)), ValueError, "doc_ids"),
-        ("doc_ids bool", (q, k, v), dict(doc_ids=torch.zeros(B, Tk, dtype=torch.bool)), ValueError, "doc_ids"),
+        (
+            "doc_ids bool",
+            (q, k, v),
+            dict(doc_ids=torch.zeros(B, Tk, dtype=torch.bool)),
+            ValueError,
+            "doc_ids",
+        ),
         ("doc_ids a list", (q, k, v), dict(doc_ids=[[0] * Tk] * B), TypeError, "doc_ids"),
         ("attn_mask float", (q, k, v), dict(attn_mask=torch.ones(B, 1, 8, Tk)), ValueError, "attn_mask"),
-        ("attn_mask shape", (q, k, v), dict(attn_mask=torch.ones(B, 1, 8, 3, dtype=torch.bool)), ValueError,
-         "attn_mask"),
+        (
+            "attn_mask shape",
+            (q, k, v),
+            dict(attn_mask=torch.ones(B, 1, 8, 3, dtype=torch.bool)),
+            ValueError,
+            "attn_mask",
+        ),
         ("tau 0", (q, k, v), dict(tau=0.0), ValueError, "tau"),
         ("tau nan", (q, k, v), dict(tau=float("nan")), ValueError, "tau"),
         ("alpha without beta", (q, k, v), dict(alpha=1.5), ValueError, "together"),

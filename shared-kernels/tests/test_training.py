@@ -55,7 +55,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     whole = subprocess.Popen([*cmd, str(tmp_path / "whole"), "0"], env=env)
     killed = subprocess.Popen([*cmd, str(tmp_path / "killed"), "0.05"], env=env)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "killed" / "latest").exists() and killed.poll() is None and time.monotonic() < deadline:
+    while (
+        not (tmp_path / "killed" / "latest").exists()
+        and killed.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -76,7 +80,9 @@ def test_non_finite_loss_stops_before_the_step_and_saves_nothing_non_finite(tmp_
     assert [p.name for p in manager.checkpoints()] == ["step-00000002", "step-00000004"]
     from safetensors.torch import load_file
 
-    assert all(torch.isfinite(t).all() for t in load_file(str(manager.latest() / "model.safetensors")).values())
+    assert all(
+        torch.isfinite(t).all() for t in load_file(str(manager.latest() / "model.safetensors")).values()
+    )
     # resuming from there with the fault gone finishes the run
     state, weights = _single(tmp_path)
     assert state.start_step == 4 and state.step == training_worker.STEPS

@@ -1,7 +1,7 @@
 """A tiny regression trained by `shared_kernels.training.run_loop`, for test_training.py.
 
-    python training_worker.py OUT.pt ddp ROOT          # 2 gloo processes under accelerate (spawn_checks)
-    python training_worker.py - single ROOT SLEEP      # one process; SLEEP seconds per step (to be killed)
+python training_worker.py OUT.pt ddp ROOT          # 2 gloo processes under accelerate (spawn_checks)
+python training_worker.py - single ROOT SLEEP      # one process; SLEEP seconds per step (to be killed)
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def train(acc, root: Path, sleep: float = 0.0, nan_at: int | None = None, dropou
     from shared_kernels.training import LoopSettings, run_loop
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Dropout(dropout), torch.nn.Linear(7, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Dropout(dropout), torch.nn.Linear(7, 1)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     x, y = data()
@@ -43,10 +45,13 @@ def train(acc, root: Path, sleep: float = 0.0, nan_at: int | None = None, dropou
         if sleep:
             time.sleep(sleep)
         loss = torch.nn.functional.mse_loss(m(x[micro]), y[micro])  # dropout: the RNG state matters on resume
-        return loss * float("nan") if nan_at is not None and torch.equal(micro, window(nan_at - 1)[0]) else loss
+        return (
+            loss * float("nan") if nan_at is not None and torch.equal(micro, window(nan_at - 1)[0]) else loss
+        )
 
-    ckpt = CheckpointManager(root, keep=2, rank=acc.process_index, world_size=acc.num_processes,
-                             barrier=acc.wait_for_everyone)
+    ckpt = CheckpointManager(
+        root, keep=2, rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone
+    )
     settings = LoopSettings(steps=STEPS, checkpoint_every=2, max_grad_norm=1.0, progress=False)
     state = run_loop(acc, model, optimizer, scheduler, window, loss_fn, settings, ckpt)
     return state, {k: v.detach().clone() for k, v in acc.unwrap_model(state.model).state_dict().items()}
@@ -71,5 +76,7 @@ if __name__ == "__main__":
 
         torch.set_num_threads(1)
         state, weights = train(Accelerator(cpu=True), Path(sys.argv[3]), float(sys.argv[4]))
-        torch.save({"history": state.history, "weights": weights, "start": state.start_step},
-                   Path(sys.argv[3]) / "result.pt")
+        torch.save(
+            {"history": state.history, "weights": weights, "start": state.start_step},
+            Path(sys.argv[3]) / "result.pt",
+        )

@@ -27,7 +27,12 @@ class ScriptedBackend:
     def generate(self, prompts, max_new_tokens):
         for i, p in enumerate(prompts):
             self.calls.append((p.messages[-1]["content"], p.seed_offset, max_new_tokens))
-            yield i, Generation(self.script(p.messages[-1]["content"], p.seed_offset), n_tokens=3, finish_reason="stop")
+            yield (
+                i,
+                Generation(
+                    self.script(p.messages[-1]["content"], p.seed_offset), n_tokens=3, finish_reason="stop"
+                ),
+            )
 
     def close(self):
         pass
@@ -36,15 +41,24 @@ class ScriptedBackend:
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("id,target,expression,label,language\n"
-                    + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(ROWS)))
+    path.write_text(
+        "id,target,expression,label,language\n"
+        + "".join(f"{i},{t},{e},{lab},en\n" for i, (t, e, lab) in enumerate(ROWS))
+    )
     return path
 
 
 def _config(tmp_path, data, model=None, **changes):
     model = model or {"name": "m-1B", "path": "m", "backend": "http", "options": {"base_url": "http://x/v1"}}
-    base = {"models": [model], "datasets": [{"name": "generic", "path": str(data)}], "conditions": ["direct"],
-            "out_dir": str(tmp_path / "run"), "max_new_tokens": 16, "n_resamples": 10, "progress": False}
+    base = {
+        "models": [model],
+        "datasets": [{"name": "generic", "path": str(data)}],
+        "conditions": ["direct"],
+        "out_dir": str(tmp_path / "run"),
+        "max_new_tokens": 16,
+        "n_resamples": 10,
+        "progress": False,
+    }
     return SweepConfig.from_dict({**base, **changes})
 
 
@@ -73,15 +87,22 @@ def test_unchanged_rerun_is_all_hits_and_each_setting_change_is_a_miss(tmp_path,
         _, calls = _run(_config(tmp_path, data, **change))
         assert calls == [], change
     # Transport-only options (server address, concurrency) do not change outputs: still hits.
-    moved = {"name": "m-1B", "path": "m", "backend": "http", "options": {"base_url": "http://y/v1", "concurrency": 3}}
+    moved = {
+        "name": "m-1B",
+        "path": "m",
+        "backend": "http",
+        "options": {"base_url": "http://y/v1", "concurrency": 3},
+    }
     _, calls = _run(_config(tmp_path, data, models=[moved]))
     assert calls == []
 
 
 def test_a_changed_prompt_is_a_miss_and_the_report_uses_the_newest_record(tmp_path, data):
     defs = tmp_path / "defs.csv"
-    defs.write_text("expression,definition\nkick the bucket,to die\nspill the beans,to reveal a secret\n"
-                    "rain cats and dogs,to rain heavily\n")
+    defs.write_text(
+        "expression,definition\nkick the bucket,to die\nspill the beans,to reveal a secret\n"
+        "rain cats and dogs,to rain heavily\n"
+    )
     config = _config(tmp_path, data, conditions=["direct", "cot_definition"], definitions=str(defs))
     _, calls = _run(config)
     assert len(calls) == 2 * len(ROWS)
@@ -93,7 +114,9 @@ def test_a_changed_prompt_is_a_miss_and_the_report_uses_the_newest_record(tmp_pa
 
 
 def test_report_reparses_stored_outputs_and_counts_changed_labels(tmp_path, data):
-    result, _ = _run(_config(tmp_path, data), script=lambda text, s: "Answer: 0" if "bucket" in text else "Answer: 1")
+    result, _ = _run(
+        _config(tmp_path, data), script=lambda text, s: "Answer: 0" if "bucket" in text else "Answer: 1"
+    )
     path = tmp_path / "run" / "predictions.jsonl"
     records = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["prediction"] for r in records] == ["idiomatic", "idiomatic", "literal", "literal", "literal"]
@@ -113,9 +136,16 @@ def test_model_card_decoding_and_overrides():
     assert (base.temperature, base.top_p) == (0.0, None) and base.source.startswith("greedy")
     mine = resolve_decoding("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", {"n_samples": 5})
     assert (mine.temperature, mine.top_p, mine.n_samples) == (0.6, 0.95, 5)
-    assert ModelSpec(name="x", path="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B").backend_options()["temperature"] == 0.6
-    for bad, match in [({"n_samples": 3}, "needs sampling"), ({"temperature": -1}, "temperature"),
-                       ({"top_p": 0}, "top_p"), ({"beams": 2}, "unknown keys")]:
+    assert (
+        ModelSpec(name="x", path="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B").backend_options()["temperature"]
+        == 0.6
+    )
+    for bad, match in [
+        ({"n_samples": 3}, "needs sampling"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"beams": 2}, "unknown keys"),
+    ]:
         with pytest.raises(ValueError, match=match):
             resolve_decoding("Qwen/Qwen2.5-7B", bad)
     with pytest.raises(ValueError, match=r"options \['temperature'\] belong in decoding"):
@@ -131,11 +161,18 @@ def test_majority_vote(labels, expected):
 
 
 def test_n_samples_are_distinct_requests_and_vote(tmp_path, data):
-    model = {"name": "m-1B", "path": "m", "backend": "http", "options": {"base_url": "http://x/v1"},
-             "decoding": {"temperature": 0.8, "n_samples": 3}}
+    model = {
+        "name": "m-1B",
+        "path": "m",
+        "backend": "http",
+        "options": {"base_url": "http://x/v1"},
+        "decoding": {"temperature": 0.8, "n_samples": 3},
+    }
     # samples 0 and 2 say idiomatic, sample 1 literal -> idiomatic by 2 votes to 1
-    result, calls = _run(_config(tmp_path, data, model=model),
-                         script=lambda text, s: "Answer: literal" if s == 1 else "Answer: idiomatic")
+    result, calls = _run(
+        _config(tmp_path, data, model=model),
+        script=lambda text, s: "Answer: literal" if s == 1 else "Answer: idiomatic",
+    )
     assert sorted(s for _, s, _ in calls) == sorted([0, 1, 2] * len(ROWS))
     records = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert all(len(r["samples"]) == 3 and r["prediction"] == "idiomatic" for r in records)
@@ -146,8 +183,12 @@ def test_loglik_scoring_with_a_tiny_model(tmp_path, data, tiny_lm_dir):
     from idiomreason.backends.hf import TransformersBackend
     from idiomreason.prompts import Prompt
 
-    model = {"name": "tiny-0.01B", "path": str(tiny_lm_dir), "scoring": "loglik",
-             "options": {"dtype": "float32", "device": "cpu"}}
+    model = {
+        "name": "tiny-0.01B",
+        "path": str(tiny_lm_dir),
+        "scoring": "loglik",
+        "options": {"dtype": "float32", "device": "cpu"},
+    }
     result = run_sweep(_config(tmp_path, data, model=model))
     records = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == len(ROWS) and all(r["finish_reason"] == "loglik" for r in records)

@@ -63,7 +63,9 @@ LLAMA3 = (
 
 
 EMPTY_THINK = "<think>\n\n</think>\n\n"
-EXAMPLE = Example(id="1", language="en", expression="spill the beans", target="She spilled the beans.", label=None)
+EXAMPLE = Example(
+    id="1", language="en", expression="spill the beans", target="She spilled the beans.", label=None
+)
 
 
 def _with_template(tokenizer, template: str):
@@ -86,21 +88,26 @@ def test_direct_prefill_rendered_by_each_template(tiny_tokenizer, template, gene
     assert plain.endswith(generation_prompt) and prompt.messages[-1]["content"] in plain
     # exactly one empty think block after the generation prompt, never a second "<think>"
     opened = "<think>\n" if plain.endswith("<think>\n") else ""
-    assert rendered == plain + EMPTY_THINK[len(opened):]
+    assert rendered == plain + EMPTY_THINK[len(opened) :]
     assert rendered.count("<think>") == 1 and rendered.endswith(EMPTY_THINK)
 
 
 def test_r1_template_drops_the_prefill_from_an_assistant_turn(tiny_tokenizer):
     """Why chat APIs fail on the R1 distills: continuing the final assistant message is impossible because
     the template keeps only what follows `</think>` (Qwen2.5 keeps it, and continuing works there)."""
-    messages = [{"role": "user", "content": "Is it idiomatic?"}, {"role": "assistant", "content": EMPTY_THINK}]
+    messages = [
+        {"role": "user", "content": "Is it idiomatic?"},
+        {"role": "assistant", "content": EMPTY_THINK},
+    ]
     r1 = _with_template(tiny_tokenizer, R1_DISTILL)
     with pytest.raises(ValueError, match="final message"):
         r1.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     qwen = _with_template(tiny_tokenizer, QWEN25)
     continued = qwen.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     prompt = build_prompt(get_template("direct"), EXAMPLE, reasoning=True)
-    assert continued.endswith("<|im_start|>assistant\n" + EMPTY_THINK.rstrip("\n")) or continued.endswith(EMPTY_THINK)
+    assert continued.endswith("<|im_start|>assistant\n" + EMPTY_THINK.rstrip("\n")) or continued.endswith(
+        EMPTY_THINK
+    )
     assert ChatRenderer(qwen).render(prompt).endswith("<|im_start|>assistant\n" + EMPTY_THINK)
 
 
@@ -119,7 +126,9 @@ def test_r1_direct_condition_through_a_real_server(served_tiny_model, tiny_token
         ((_, remote),) = list(backend.generate(prompts, 8))
     finally:
         backend.close()
-    local = TransformersBackend(str(served_tiny_model.model_dir), tokenizer=str(r1_dir), dtype="float32", device="cpu")
+    local = TransformersBackend(
+        str(served_tiny_model.model_dir), tokenizer=str(r1_dir), dtype="float32", device="cpu"
+    )
     ((_, expected),) = list(local.generate(prompts, 8))
     assert local.renderer.render(prompts[0]).endswith("<｜Assistant｜>" + EMPTY_THINK)
     assert remote.text == expected.text and remote.n_tokens == expected.n_tokens

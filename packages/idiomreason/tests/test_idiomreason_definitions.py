@@ -44,8 +44,12 @@ def test_token_f1(candidate, reference, expected):
 def run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "definitions.jsonl").write_text("".join(json.dumps(
-        {"model": m, "template": "define.v1", "expression": e, "definition": d}) + "\n" for m, e, d in STORED))
+    (run / "definitions.jsonl").write_text(
+        "".join(
+            json.dumps({"model": m, "template": "define.v1", "expression": e, "definition": d}) + "\n"
+            for m, e, d in STORED
+        )
+    )
     (tmp_path / "glosses.csv").write_text(GLOSSES)
     return run
 
@@ -58,7 +62,10 @@ class Judge:
             text = p.messages[-1]["content"]
             reference = text.split(": ", 1)[1].split("\n")[0].split()
             candidate = text.split("Candidate definition: ")[1].split("\n")[0].lower()
-            yield i, Generation("<think>comparing</think> yes" if reference[1] in candidate else "No.", 3, "stop")
+            yield (
+                i,
+                Generation("<think>comparing</think> yes" if reference[1] in candidate else "No.", 3, "stop"),
+            )
 
     def close(self):
         pass
@@ -73,7 +80,9 @@ def test_scoring_judging_table_and_plot(run_dir):
         again = judge_definitions(items, _Fails(), store, judge="judge")  # all stored: the judge is not asked
     assert [it["judge_yes"] for it in judged] == [it["judge_yes"] for it in again]
     verdicts = {(it["model"], it["expression"]): it["judge_yes"] for it in judged}
-    assert verdicts[("big-7B", "kick the bucket")] is True and verdicts[("small-1B", "spill the beans")] is None
+    assert (
+        verdicts[("big-7B", "kick the bucket")] is True and verdicts[("small-1B", "spill the beans")] is None
+    )
     rows = definition_rows(judged, {"big-7B": 7.0, "small-1B": 1.0}, n_resamples=50)
     assert [r["model"] for r in rows] == ["small-1B", "big-7B"]  # ordered by size
     small, big = rows
@@ -105,32 +114,63 @@ class Recorder:
 
 def test_larger_model_definitions_in_a_smaller_model_prompt_and_sweep_glosses(run_dir, tmp_path):
     data = tmp_path / "d.csv"
-    data.write_text("id,target,expression,label,language\n1,He kicked the bucket.,kick the bucket,idiomatic,en\n"
-                    "2,They spilled the beans.,spill the beans,idiomatic,en\n")
+    data.write_text(
+        "id,target,expression,label,language\n1,He kicked the bucket.,kick the bucket,idiomatic,en\n"
+        "2,They spilled the beans.,spill the beans,idiomatic,en\n"
+    )
     model = {"name": "small-1B", "backend": "http", "options": {"base_url": "http://x/v1"}}
-    base = {"models": [model], "datasets": [{"name": "generic", "path": str(data)}], "conditions": ["cot_definition"],
-            "n_resamples": 10, "progress": False}
+    base = {
+        "models": [model],
+        "datasets": [{"name": "generic", "path": str(data)}],
+        "conditions": ["cot_definition"],
+        "n_resamples": 10,
+        "progress": False,
+    }
     log = []
-    config = SweepConfig.from_dict({**base, "out_dir": str(tmp_path / "borrowed"),
-                                    "definitions": str(run_dir / "definitions.jsonl"), "definitions_of": "big-7B"})
+    config = SweepConfig.from_dict(
+        {
+            **base,
+            "out_dir": str(tmp_path / "borrowed"),
+            "definitions": str(run_dir / "definitions.jsonl"),
+            "definitions_of": "big-7B",
+        }
+    )
     run_sweep(config, backend_factory=lambda spec: Recorder(log))
     assert len(log) == 2 and "To die." in log[0] and "To reveal a secret." in log[1]  # the 7B model's words
     with pytest.raises(ValueError, match="no definitions by model 'huge-70B'"):
-        run_sweep(SweepConfig.from_dict({**base, "out_dir": str(tmp_path / "x"), "definitions_of": "huge-70B",
-                                         "definitions": str(run_dir / "definitions.jsonl")}))
+        run_sweep(
+            SweepConfig.from_dict(
+                {
+                    **base,
+                    "out_dir": str(tmp_path / "x"),
+                    "definitions_of": "huge-70B",
+                    "definitions": str(run_dir / "definitions.jsonl"),
+                }
+            )
+        )
     # a run that generates its own definitions scores them against the glosses
     result_dir = tmp_path / "own"
-    run_sweep(SweepConfig.from_dict({**base, "out_dir": str(result_dir), "glosses": str(tmp_path / "glosses.csv")}),
-              backend_factory=lambda spec: Recorder([]))
+    run_sweep(
+        SweepConfig.from_dict({**base, "out_dir": str(result_dir), "glosses": str(tmp_path / "glosses.csv")}),
+        backend_factory=lambda spec: Recorder([]),
+    )
     table = (result_dir / "definition_quality.md").read_text()
     assert "| small-1B | 1 | 2 | 0 |" in table  # "To die." scored against both glosses
     assert (result_dir / "definition_quality_vs_size.png").is_file()
     # the same run with a judge: one of the models judges each definition against its gloss
     judged_dir = tmp_path / "judged"
     judge_log = []
-    run_sweep(SweepConfig.from_dict({**base, "out_dir": str(judged_dir), "glosses": str(tmp_path / "glosses.csv"),
-                                     "definition_judge": "small-1B"}),
-              backend_factory=lambda spec: _JudgeAndAnswer(judge_log))
+    run_sweep(
+        SweepConfig.from_dict(
+            {
+                **base,
+                "out_dir": str(judged_dir),
+                "glosses": str(tmp_path / "glosses.csv"),
+                "definition_judge": "small-1B",
+            }
+        ),
+        backend_factory=lambda spec: _JudgeAndAnswer(judge_log),
+    )
     assert len(judge_log) == 2  # one judgement per definition with a gloss
     table = (judged_dir / "definition_quality.md").read_text()
     assert "| small-1B | 1 | 2 | 0 | 0.500 [" in table and "| 2 | 0.500 |" in table
@@ -163,10 +203,18 @@ def test_definitions_cli_scores_stored_definitions(run_dir, tmp_path, capsys):
     # the same numbers as the library's scoring of the same files
     items = score_definitions(stored_definitions(run_dir / "definitions.jsonl"), load_definitions(glosses))
     big = definition_rows(items, {"big-7B": 7.0, "small-1B": 1.0}, n_resamples=50)[1]
-    assert f"| big-7B | 7 | 3 | 0 | {big['token_f1']:.3f} [{big['token_f1_lo']:.3f}, {big['token_f1_hi']:.3f}]" in md
+    assert (
+        f"| big-7B | 7 | 3 | 0 | {big['token_f1']:.3f} [{big['token_f1_lo']:.3f}, {big['token_f1_hi']:.3f}]"
+        in md
+    )
     assert (run_dir / "definition_quality_vs_size.png").read_bytes()[:4] == b"\x89PNG"
     elsewhere = tmp_path / "report"
-    assert main(["definitions", str(run_dir / "definitions.jsonl"), glosses, "--out", str(elsewhere), "--no-plot"]) == 0
+    assert (
+        main(
+            ["definitions", str(run_dir / "definitions.jsonl"), glosses, "--out", str(elsewhere), "--no-plot"]
+        )
+        == 0
+    )
     assert (elsewhere / "definition_quality.md").read_text() == md and not list(elsewhere.glob("*.png"))
 
 
@@ -210,4 +258,6 @@ def test_definitions_cli_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, caps
         extra = ["--n-resamples", "0"]
     assert main(["definitions", str(defs), str(glosses), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("idiomreason definitions: error: ") and re.search(pattern, err[0]), err
+    assert (
+        len(err) == 1 and err[0].startswith("idiomreason definitions: error: ") and re.search(pattern, err[0])
+    ), err

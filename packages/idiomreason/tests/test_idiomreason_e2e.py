@@ -52,7 +52,9 @@ def _write_semeval(folder: Path, n: int = len(DEV_ROWS)) -> Path:
     with open(folder / "train_one_shot.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["DataID", "Language", "MWE", "Setting", "Previous", "Target", "Next", "Label"])
-        w.writerow(["t1", "EN", "black sheep", "one_shot", "", "He is the black sheep of the family.", "", "0"])
+        w.writerow(
+            ["t1", "EN", "black sheep", "one_shot", "", "He is the black sheep of the family.", "", "0"]
+        )
         w.writerow(["t2", "EN", "black sheep", "one_shot", "", "A black sheep grazed.", "", "1"])
         w.writerow(["t3", "PT", "olho gordo", "one_shot", "", "Ela tem olho gordo.", "", "0"])
     return folder
@@ -79,8 +81,13 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _model(tiny_dir, name="tiny-0.5B", **options):
-    return ModelSpec(name=name, path=str(tiny_dir), backend="transformers", reasoning=True,
-                     options={"dtype": "float32", "device": "cpu", "batch_size": 4, **options})
+    return ModelSpec(
+        name=name,
+        path=str(tiny_dir),
+        backend="transformers",
+        reasoning=True,
+        options={"dtype": "float32", "device": "cpu", "batch_size": 4, **options},
+    )
 
 
 def test_transformers_backend_end_to_end(tiny_dir, data_dir, tmp_path):
@@ -93,10 +100,13 @@ def test_transformers_backend_end_to_end(tiny_dir, data_dir, tmp_path):
     records = _lines(tmp_path / "run" / "predictions.jsonl")
     assert len(records) == 2 * len(DEV_ROWS)
     assert {(r["condition"], r["example_id"]) for r in records} == {
-        (c, str(100 + i)) for c in ("direct.v1.0shot", "cot.v2.0shot") for i in range(len(DEV_ROWS))}
+        (c, str(100 + i)) for c in ("direct.v1.0shot", "cot.v2.0shot") for i in range(len(DEV_ROWS))
+    }
     for r in records:
         assert r["prediction"] == extract_label(r["prefix"] + r["output"])
-        assert r["prefix"] == ("<think>\n\n</think>\n\n" if r["condition"].startswith("direct") else "<think>\n")
+        assert r["prefix"] == (
+            "<think>\n\n</think>\n\n" if r["condition"].startswith("direct") else "<think>\n"
+        )
         assert 1 <= r["n_tokens"] <= 10 and r["finish_reason"] in ("stop", "length")
     gold = {str(100 + i): ("idiomatic" if row[3] == "0" else "literal") for i, row in enumerate(DEV_ROWS)}
     assert all(r["gold"] == gold[r["example_id"]] for r in records)
@@ -105,11 +115,18 @@ def test_transformers_backend_end_to_end(tiny_dir, data_dir, tmp_path):
     direct = [r for r in records if r["condition"] == "direct.v1.0shot"]
     row = overall[("direct", "all")]
     assert row["n"] == len(DEV_ROWS) and row["n_unparseable"] == sum(r["prediction"] is None for r in direct)
-    assert row["macro_f1"] == pytest.approx(macro_f1([r["gold"] for r in direct], [r["prediction"] for r in direct]))
+    assert row["macro_f1"] == pytest.approx(
+        macro_f1([r["gold"] for r in direct], [r["prediction"] for r in direct])
+    )
     assert overall[("direct", "en")]["n"] + overall[("direct", "pt")]["n"] == len(DEV_ROWS)
-    cm = {(g, p): row[f"cm_{g}_{p}"] for g in ("idiomatic", "literal") for p in ("idiomatic", "literal", "none")}
-    assert cm == {(g, p or "none"): sum(r["gold"] == g and r["prediction"] == p for r in direct)
-                  for g in ("idiomatic", "literal") for p in ("idiomatic", "literal", None)}
+    cm = {
+        (g, p): row[f"cm_{g}_{p}"] for g in ("idiomatic", "literal") for p in ("idiomatic", "literal", "none")
+    }
+    assert cm == {
+        (g, p or "none"): sum(r["gold"] == g and r["prediction"] == p for r in direct)
+        for g in ("idiomatic", "literal")
+        for p in ("idiomatic", "literal", None)
+    }
     with open(result.csv_path, newline="") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert "| semeval2022-2a:dev | tiny-0.5B | 0.5 | direct | all | 12 |" in result.markdown_path.read_text()
@@ -127,7 +144,9 @@ def test_batched_local_and_http_generation_agree(data_dir, served):
     one = TransformersBackend(str(tiny_dir), dtype="float32", device="cpu", batch_size=1)
     local = dict(one.generate(prompts, 9))
     batched = dict(TransformersBackend(one.model, one.tokenizer, batch_size=4).generate(prompts, 9))
-    http = OpenAIHTTPBackend(served.base_url, served.model, api="completions", tokenizer=str(tiny_dir), concurrency=2)
+    http = OpenAIHTTPBackend(
+        served.base_url, served.model, api="completions", tokenizer=str(tiny_dir), concurrency=2
+    )
     remote = dict(http.generate(prompts, 9))
     http.close()
     assert sorted(local) == sorted(batched) == sorted(remote) == list(range(7))
@@ -161,15 +180,21 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, serve
             "--concurrency", "1", "--condition", "cot", "--max-new-tokens", "40",
             "--out", str(out), "--no-progress", "--n-resamples", "10"]  # fmt: skip
     predictions = out / "predictions.jsonl"
-    child = subprocess.Popen([sys.executable, "-m", "idiomreason.cli", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "idiomreason.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
             if predictions.exists() and predictions.read_bytes().count(b"\n") >= 3:
                 break
             time.sleep(0.01)
-        assert child.poll() is None, f"the eval ended before it could be killed: {child.stderr.read()[-2000:]!r}"
+        assert child.poll() is None, (
+            f"the eval ended before it could be killed: {child.stderr.read()[-2000:]!r}"
+        )
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -211,11 +236,14 @@ def test_sweep_report_of_a_small_run(tmp_path, tiny_tokenizer, data_dir):
     result = run_sweep(config)
     overall = [r for r in result.rows if r["language"] == "all"]
     assert {(r["model"], r["condition"]) for r in overall} == {
-        (m, c) for m in ("tiny-small", "tiny-big-R1") for c in ("direct", "cot_definition")}
+        (m, c) for m in ("tiny-small", "tiny-big-R1") for c in ("direct", "cot_definition")
+    }
     assert all(r["n_examples"] == 6 and r["n"] + r["n_not_predicted"] == 6 for r in overall)
     definitions = _lines(tmp_path / "sweep" / "definitions.jsonl")
     chosen = {ex.expression for ex in load_dataset("semeval2022-2a", data_dir, "dev")}
-    assert {d["model"] for d in definitions} == {"tiny-small"} and {d["expression"] for d in definitions} <= chosen
+    assert {d["model"] for d in definitions} == {"tiny-small"} and {
+        d["expression"] for d in definitions
+    } <= chosen
     md = result.markdown_path.read_text()
     assert md.startswith("## Overall") and "## By language" in md and "tiny-big-R1" in md
     assert result.plot_path is not None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
@@ -227,8 +255,10 @@ def test_sweep_report_of_a_small_run(tmp_path, tiny_tokenizer, data_dir):
 
 
 def test_core_import_pulls_in_no_torch():
-    code = ("import sys, idiomreason, idiomreason.cli, idiomreason.backends.http; "
-            "bad = [m for m in ('torch', 'transformers', 'triton', 'bitsandbytes') if m in sys.modules]; "
-            "sys.exit(', '.join(bad) or 0)")
+    code = (
+        "import sys, idiomreason, idiomreason.cli, idiomreason.backends.http; "
+        "bad = [m for m in ('torch', 'transformers', 'triton', 'bitsandbytes') if m in sys.modules]; "
+        "sys.exit(', '.join(bad) or 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"importing the core loaded: {done.stderr.strip()}"

@@ -13,8 +13,17 @@ pytestmark = pytest.mark.gpu
 def _prompts(n):
     template = get_template("direct")
     return [
-        build_prompt(template, Example(id=str(i), language="en", expression="spill the beans",
-                                       target=f"He spilled the beans {i} times.", label="idiomatic"), reasoning=True)
+        build_prompt(
+            template,
+            Example(
+                id=str(i),
+                language="en",
+                expression="spill the beans",
+                target=f"He spilled the beans {i} times.",
+                label="idiomatic",
+            ),
+            reasoning=True,
+        )
         for i in range(n)
     ]
 
@@ -45,8 +54,14 @@ def test_vllm_offline_generation(tiny_lm_dir):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm on a CUDA machine)")
     from idiomreason.backends.vllm_offline import VLLMBackend
 
-    backend = VLLMBackend(str(tiny_lm_dir), dtype="bfloat16", chunk_size=3, gpu_memory_utilization=0.3,
-                          max_model_len=512, enforce_eager=True)
+    backend = VLLMBackend(
+        str(tiny_lm_dir),
+        dtype="bfloat16",
+        chunk_size=3,
+        gpu_memory_utilization=0.3,
+        max_model_len=512,
+        enforce_eager=True,
+    )
     first = dict(backend.generate(_prompts(7), max_new_tokens=6))
     again = dict(backend.generate(_prompts(7), max_new_tokens=6))
     backend.close()

@@ -49,8 +49,14 @@ class ScriptedServer:
                     outer.in_flight -= 1
                 if payload is None:  # echo: the answer names the prompt it got
                     text = body.get("prompt") or body["messages"][-1]["content"]
-                    payload = _chat(f"echo {text}") if "messages" in body else {
-                        "choices": [{"text": f"echo {text}", "finish_reason": "stop"}], "usage": {"completion_tokens": 3}}
+                    payload = (
+                        _chat(f"echo {text}")
+                        if "messages" in body
+                        else {
+                            "choices": [{"text": f"echo {text}", "finish_reason": "stop"}],
+                            "usage": {"completion_tokens": 3},
+                        }
+                    )
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
@@ -149,8 +155,10 @@ def test_api_key_comes_from_the_environment_and_is_never_shown(server, monkeypat
 
 
 def test_prefill_and_reasoning_fields_in_chat_mode(server):
-    server.script = [(200, _chat("Answer: literal", reasoning="thinking..."), 0, {}),
-                     (200, _chat("", reasoning="cut off", finish="length"), 0, {})]
+    server.script = [
+        (200, _chat("Answer: literal", reasoning="thinking..."), 0, {}),
+        (200, _chat("", reasoning="cut off", finish="length"), 0, {}),
+    ]
     backend = _backend(server, concurrency=1, prefill_via="continue_final_message")
     out = dict(backend.generate(_prompts(2, prefill="<think>\n\n</think>\n\n"), 5))
     assert out[0].text == "<think>thinking...</think>Answer: literal" and out[0].n_tokens == 5

@@ -54,14 +54,19 @@ def test_semeval_dev_is_joined_with_its_gold_file(semeval_dir):
 
 def test_semeval_bad_rows_name_file_and_line(semeval_dir, caplog):
     # line 3 starts the PT record (its Previous spans lines 3-4), so the GL record is on line 5
-    bad = SEMEVAL_TRAIN.replace(",1\ntrain.GL", ",7\ntrain.GL").replace("porta aberta,zero_shot,,", "porta aberta,zero_shot,")
+    bad = SEMEVAL_TRAIN.replace(",1\ntrain.GL", ",7\ntrain.GL").replace(
+        "porta aberta,zero_shot,,", "porta aberta,zero_shot,"
+    )
     (semeval_dir / "train_zero_shot.csv").write_text(bad, encoding="utf-8")
     with pytest.raises(MalformedRowError, match=r"train_zero_shot.csv:3: unknown label '7'"):
         load_dataset("semeval2022-2a", semeval_dir, "train_zero_shot")
     with caplog.at_level(logging.WARNING, logger="idiomreason"):
         ex = load_dataset("semeval2022-2a", semeval_dir, "train_zero_shot", on_error="skip")
     assert [e.id for e in ex] == ["train.EN.1.1"]
-    assert [(p.line, p.reason.split(" (")[0]) for p in ex.skipped] == [(3, "unknown label '7'"), (5, "expected 8 fields")]
+    assert [(p.line, p.reason.split(" (")[0]) for p in ex.skipped] == [
+        (3, "unknown label '7'"),
+        (5, "expected 8 fields"),
+    ]
     assert "skipped 2 malformed rows" in caplog.text
 
 
@@ -114,23 +119,38 @@ def test_magpie_original_layout(tmp_path):
     with pytest.raises(MalformedRowError, match=r"\.jsonl:7: unknown label 'zzz'"):
         load_dataset("magpie", path)
     ex = load_dataset("magpie", path, on_error="skip", min_confidence=0.75)
-    assert [(e.id, e.label, e.split) for e in ex] == [("1", "idiomatic", "train"), ("2", "literal", "dev"), ("8", "idiomatic", "train")]
-    assert ex[0].previous == "S1. S2." and ex[0].target == "He was let off the hook." and ex[0].next == "S4. S5."
+    assert [(e.id, e.label, e.split) for e in ex] == [
+        ("1", "idiomatic", "train"),
+        ("2", "literal", "dev"),
+        ("8", "idiomatic", "train"),
+    ]
+    assert (
+        ex[0].previous == "S1. S2." and ex[0].target == "He was let off the hook." and ex[0].next == "S4. S5."
+    )
     assert ex[2].previous == "" and ex[2].target == "only target"
     assert [p.line for p in ex.skipped] == [7, 8]
-    assert ex.excluded == Counter({"MAGPIE sense 'f' (neither idiomatic nor literal)": 1,
-                                   "MAGPIE sense '?' (neither idiomatic nor literal)": 1, "confidence below 0.75": 1})
+    assert ex.excluded == Counter(
+        {
+            "MAGPIE sense 'f' (neither idiomatic nor literal)": 1,
+            "MAGPIE sense '?' (neither idiomatic nor literal)": 1,
+            "confidence below 0.75": 1,
+        }
+    )
     assert [e.id for e in load_dataset("magpie", path, "dev", on_error="skip")] == ["2"]
 
 
 def test_magpie_hub_layout(tmp_path):
     path = tmp_path / "magpie.jsonl"
-    rows = [{"sentence": "It was across the board.", "idiom": "across the board", "usage": "figurative"},
-            {"sentence": "He walked across the board.", "idiom": "across the board", "usage": "literal"}]
+    rows = [
+        {"sentence": "It was across the board.", "idiom": "across the board", "usage": "figurative"},
+        {"sentence": "He walked across the board.", "idiom": "across the board", "usage": "literal"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ex = load_dataset("magpie", path)
     assert [(e.id, e.label, e.expression) for e in ex] == [
-        ("magpie:1", "idiomatic", "across the board"), ("magpie:2", "literal", "across the board")]
+        ("magpie:1", "idiomatic", "across the board"),
+        ("magpie:2", "literal", "across the board"),
+    ]
 
 
 def test_vnc_tokens(tmp_path):
@@ -146,7 +166,9 @@ def test_vnc_tokens(tmp_path):
         load_dataset("vnc-tokens", tmp_path)
     ex = load_dataset("vnc-tokens", tmp_path, on_error="skip")
     assert [(e.id, e.label, e.expression) for e in ex] == [
-        ("cook_dataset:1", "literal", "blow smoke"), ("cook_dataset:2", "idiomatic", "blow whistle")]
+        ("cook_dataset:1", "literal", "blow smoke"),
+        ("cook_dataset:2", "idiomatic", "blow whistle"),
+    ]
     assert ex[1].target == "Diana 's aide blew the whistle ." and "&apos;" in ex[1].source["sentence"]
     assert ex.excluded == Counter({"VNC label Q (unknown)": 1}) and [p.line for p in ex.skipped] == [4, 5]
     with_q = load_dataset("vnc-tokens", path, on_error="skip", include_unknown=True)
@@ -157,21 +179,32 @@ def test_vnc_tokens(tmp_path):
 
 def test_generic_csv_tsv_jsonl_with_mappings(tmp_path):
     csv_path = tmp_path / "d.csv"
-    csv_path.write_text("sid,sentence,mwe,gold,lang\na,He kicked the bucket.,kick the bucket,1,en\n"
-                        "b,She kicked a bucket.,kick the bucket,0,en\nc,Unsure one.,kick the bucket,2,en\n")
-    ex = load_dataset("generic", csv_path, columns={"id": "sid", "target": "sentence", "expression": "mwe",
-                                                    "label": "gold", "language": "lang"},
-                      label_map={"1": "idiomatic", "0": "literal", "2": None})
+    csv_path.write_text(
+        "sid,sentence,mwe,gold,lang\na,He kicked the bucket.,kick the bucket,1,en\n"
+        "b,She kicked a bucket.,kick the bucket,0,en\nc,Unsure one.,kick the bucket,2,en\n"
+    )
+    ex = load_dataset(
+        "generic",
+        csv_path,
+        columns={"id": "sid", "target": "sentence", "expression": "mwe", "label": "gold", "language": "lang"},
+        label_map={"1": "idiomatic", "0": "literal", "2": None},
+    )
     assert [(e.id, e.label) for e in ex] == [("a", "idiomatic"), ("b", "literal")]
     assert ex.excluded == Counter({"label '2' mapped to None": 1})
     tsv_path = tmp_path / "d.tsv"
-    tsv_path.write_text("expression\ttarget\tlabel\tsplit\nbreak the ice\tThey broke the ice.\tIdiomatic\ttest\n"
-                        "break the ice\tIce broke.\tliteral\ttrain\n")
+    tsv_path.write_text(
+        "expression\ttarget\tlabel\tsplit\nbreak the ice\tThey broke the ice.\tIdiomatic\ttest\n"
+        "break the ice\tIce broke.\tliteral\ttrain\n"
+    )
     ex = load_dataset("generic", tsv_path, "test", language="en")
     assert [(e.id, e.label, e.split) for e in ex] == [("d:2", "idiomatic", "test")]
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text(json.dumps({"expression": "x y", "target": "x y z", "label": "I", "language": "PT"}) + "\n"
-                     + json.dumps({"expression": "x y", "label": "literal", "language": "pt"}) + "\n")
+    jsonl.write_text(
+        json.dumps({"expression": "x y", "target": "x y z", "label": "I", "language": "PT"})
+        + "\n"
+        + json.dumps({"expression": "x y", "label": "literal", "language": "pt"})
+        + "\n"
+    )
     with pytest.raises(MalformedRowError, match=r"d.jsonl:2: missing column 'target'"):
         load_dataset("generic", jsonl)
     ex = load_dataset("generic", jsonl, on_error="skip")
@@ -200,16 +233,23 @@ def test_hf_datasets_loading(tmp_path):
         "idiom": ["spill the beans"] * 3, "usage": ["figurative", "literal", "unknown"],
     })  # fmt: skip
     datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved"))
-    options = dict(columns={"target": "sentence", "expression": "idiom", "label": "usage"}, language="en",
-                   label_map={"figurative": "idiomatic", "literal": "literal"})
+    options = dict(
+        columns={"target": "sentence", "expression": "idiom", "label": "usage"},
+        language="en",
+        label_map={"figurative": "idiomatic", "literal": "literal"},
+    )
     with pytest.raises(MalformedRowError, match=r"saved\[train\]:3: unknown label 'unknown'"):
         load_dataset("hf", tmp_path / "saved", **options)
     ex = load_dataset("hf", tmp_path / "saved", "train", on_error="skip", **options)
-    assert [(e.id, e.label, e.split) for e in ex] == [("train:0", "idiomatic", "train"), ("train:1", "literal", "train")]
+    assert [(e.id, e.label, e.split) for e in ex] == [
+        ("train:0", "idiomatic", "train"),
+        ("train:1", "literal", "train"),
+    ]
     # a local folder of data files goes through datasets.load_dataset (no hub needed)
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "test.jsonl").write_text(
-        json.dumps({"expression": "a b", "target": "a b c", "label": "literal", "language": "gl"}) + "\n")
+        json.dumps({"expression": "a b", "target": "a b c", "label": "literal", "language": "gl"}) + "\n"
+    )
     ex = load_dataset("hf", tmp_path / "files", "test")
     assert [(e.language, e.label, e.split) for e in ex] == [("gl", "literal", "test")]
 

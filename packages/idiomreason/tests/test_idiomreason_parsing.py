@@ -56,7 +56,10 @@ CASES = [
     ("Idiomatic usage? No.", L),
     ("Idiomatic usage? Yes.", I),
     ("Literal meaning? No, it is about revealing a secret.", I),
-    ("Both the literal and the idiomatic readings are possible, but the context points to the idiomatic one.", I),
+    (
+        "Both the literal and the idiomatic readings are possible, but the context points to the idiomatic one.",
+        I,
+    ),
     ("It could be idiomatic or literal; however, here it is literal.", L),
     ("It could be idiomatic or literal, but I cannot tell.", None),
     # Portuguese and Galician

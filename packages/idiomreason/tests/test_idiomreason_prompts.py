@@ -20,7 +20,9 @@ from idiomreason.prompts import (
 
 
 def _ex(i, label="idiomatic", expression="spill the beans", language="en", **kw):
-    return Example(id=str(i), language=language, expression=expression, target=f"target {i}", label=label, **kw)
+    return Example(
+        id=str(i), language=language, expression=expression, target=f"target {i}", label=label, **kw
+    )
 
 
 def test_builtin_templates_are_versioned_data():
@@ -28,14 +30,20 @@ def test_builtin_templates_are_versioned_data():
         t = get_template(name)
         assert t.name == name and t.version >= 1 and "{expression}" in t.user
     assert get_template("direct").reasoning_prefill == "<think>\n\n</think>\n\n"
-    assert get_template("cot_definition").needs_definition and "{definition}" in get_template("cot_definition").user
+    assert (
+        get_template("cot_definition").needs_definition
+        and "{definition}" in get_template("cot_definition").user
+    )
     assert not get_template("cot").reasoning_prefill
 
 
 def test_conditions_and_keys(tmp_path):
     lib = TemplateLibrary()
     assert lib.condition("cot").key == "cot.v2.0shot"
-    assert lib.condition("direct:3shot").key == "direct.v1.3shot" and lib.condition("direct:3shot").label == "direct:3shot"
+    assert (
+        lib.condition("direct:3shot").key == "direct.v1.3shot"
+        and lib.condition("direct:3shot").label == "direct:3shot"
+    )
     with pytest.raises(ValueError, match="condition must look like"):
         lib.condition("cot:three")
     with pytest.raises(ValueError, match="unknown template"):
@@ -50,8 +58,15 @@ def test_conditions_and_keys(tmp_path):
 
 
 def test_build_prompt_direct_for_reasoning_and_base_models():
-    ex = Example(id="1", language="pt", expression="pé direito", target="O pé direito é alto.", label="literal",
-                 previous="Antes {chaves}.", next="Depois.")
+    ex = Example(
+        id="1",
+        language="pt",
+        expression="pé direito",
+        target="O pé direito é alto.",
+        label="literal",
+        previous="Antes {chaves}.",
+        next="Depois.",
+    )
     t = get_template("direct")
     p = build_prompt(t, ex, reasoning=True)
     assert p.prefill == "<think>\n\n</think>\n\n"
@@ -70,7 +85,9 @@ def test_definitions_and_shots():
     with pytest.raises(ValueError, match="needs a definition"):
         build_prompt(t, query)
     names = {"i": "idiomatic", "l": "literal"}
-    pool = order_shot_pool([_ex(i, label=names[c], expression=f"e{i}") for i, c in enumerate("iillli", 1)], seed=3)
+    pool = order_shot_pool(
+        [_ex(i, label=names[c], expression=f"e{i}") for i, c in enumerate("iillli", 1)], seed=3
+    )
     assert [e.label for e in pool[:4]] == ["idiomatic", "literal", "idiomatic", "literal"]
     defs = {"spill the beans": "reveal a secret", **{f"e{i}": f"def {i}" for i in range(1, 7)}}
     shots = shots_for(query, pool, 2)
@@ -84,8 +101,14 @@ def test_definitions_and_shots():
 
 
 def test_shots_never_include_the_query_or_its_expression():
-    pool = order_shot_pool([_ex(1, "idiomatic", "a b"), _ex(2, "literal", "a b"), _ex(3, "literal", "c d"),
-                            _ex(4, "idiomatic", "e f")])
+    pool = order_shot_pool(
+        [
+            _ex(1, "idiomatic", "a b"),
+            _ex(2, "literal", "a b"),
+            _ex(3, "literal", "c d"),
+            _ex(4, "idiomatic", "e f"),
+        ]
+    )
     chosen = shots_for(_ex(1, "idiomatic", "A  B"), pool, 2)
     assert {e.id for e in chosen} == {"3", "4"}
     with pytest.raises(ValueError, match="only 2 usable"):
@@ -139,8 +162,14 @@ def test_load_definitions_formats(tmp_path):
 
 def test_a_shot_with_its_own_rationale_shows_it():
     t = get_template("cot")
-    shot = Example(id="s", language="en", expression="e f", target="t", label="literal",
-                   source={"rationale": "Annotated: a real bucket."})
+    shot = Example(
+        id="s",
+        language="en",
+        expression="e f",
+        target="t",
+        label="literal",
+        source={"rationale": "Annotated: a real bucket."},
+    )
     p = build_prompt(t, _ex(1), shots=[shot])
     assert p.messages[1]["content"] == "Annotated: a real bucket.\n\nAnswer: literal"
     direct = build_prompt(get_template("direct"), _ex(1), shots=[shot])

@@ -37,9 +37,13 @@ def test_submission_round_trip_and_scores(tmp_path, seed):
     assert [(k, lab) for k, _, lab in back["one_shot"]] == [(ex.id, one[ex.id]) for ex in gold]
     assert [lab for _, _, lab in back["zero_shot"]] == [zero[ex.id] or "literal" for ex in gold]
     scores = score_submission(path, gold)
-    assert scores[("one_shot", "all")] == pytest.approx(macro_f1([ex.label for ex in gold], [one[ex.id] for ex in gold]))
+    assert scores[("one_shot", "all")] == pytest.approx(
+        macro_f1([ex.label for ex in gold], [one[ex.id] for ex in gold])
+    )
     en = [ex for ex in gold if ex.language == "en"]
-    assert scores[("one_shot", "EN")] == pytest.approx(macro_f1([ex.label for ex in en], [one[ex.id] for ex in en]))
+    assert scores[("one_shot", "EN")] == pytest.approx(
+        macro_f1([ex.label for ex in en], [one[ex.id] for ex in en])
+    )
     # a setting not run is submitted with empty labels and scores None, as the task's scorer does
     path.write_text(submission_text(gold, {"zero_shot": zero}))
     assert score_submission(path, gold)[("one_shot", "all")] is None
@@ -76,7 +80,9 @@ def test_one_shot_setting_uses_the_query_expression_examples(shared_data):
         assert all(s.expression.lower() == ex.expression.lower() and s.id != ex.id for s in shots)
         covered += bool(shots)
         assert all(s.expression.lower() != ex.expression.lower() for s in zero.shots_for(ex, pool))
-    assert covered / len(dev) > 0.9  # the one-shot training file has examples of (nearly) every dev expression
+    assert (
+        covered / len(dev) > 0.9
+    )  # the one-shot training file has examples of (nearly) every dev expression
 
 
 class _Echo:
@@ -95,12 +101,15 @@ class _Echo:
 def test_sweep_writes_per_setting_rows_and_the_submission(tmp_path):
     folder = tmp_path / "semeval"
     folder.mkdir()
-    (folder / "dev.csv").write_text("ID,Language,MWE,Previous,Target,Next\n1,EN,big fish,,He is a big fish.,\n"
-                                    "2,PT,pão duro,,Ele é pão duro.,\n3,EN,big fish,,A big fish swam.,\n")
+    (folder / "dev.csv").write_text(
+        "ID,Language,MWE,Previous,Target,Next\n1,EN,big fish,,He is a big fish.,\n"
+        "2,PT,pão duro,,Ele é pão duro.,\n3,EN,big fish,,A big fish swam.,\n"
+    )
     (folder / "dev_gold.csv").write_text("ID,DataID,Language,Label\n1,d1,EN,0\n2,d2,PT,0\n3,d3,EN,1\n")
     (folder / "train_one_shot.csv").write_text(
         "DataID,Language,MWE,Setting,Previous,Target,Next,Label\nt1,EN,big fish,one_shot,,The big fish boss.,,0\n"
-        "t2,PT,pão duro,one_shot,,Pão duro de ontem.,,1\n")
+        "t2,PT,pão duro,one_shot,,Pão duro de ontem.,,1\n"
+    )
     config = SweepConfig.from_dict({
         "models": [{"name": "m", "backend": "http", "options": {"base_url": "http://x/v1"}}],
         "datasets": [{"name": "semeval2022-2a", "path": str(folder), "split": "dev", "shots_split": "train_one_shot"}],
@@ -115,5 +124,6 @@ def test_sweep_writes_per_setting_rows_and_the_submission(tmp_path):
     assert [lab for _, _, lab in back["zero_shot"]] == ["idiomatic"] * 3  # no shots in the prompt
     assert [lab for _, _, lab in back["one_shot"]] == ["literal"] * 3  # every dev expression had its shot
     gold = load_dataset("semeval2022-2a", folder, "dev")
-    assert score_submission(sub, gold)[("zero_shot", "all")] == pytest.approx(macro_f1(
-        [ex.label for ex in gold], ["idiomatic"] * 3))
+    assert score_submission(sub, gold)[("zero_shot", "all")] == pytest.approx(
+        macro_f1([ex.label for ex in gold], ["idiomatic"] * 3)
+    )

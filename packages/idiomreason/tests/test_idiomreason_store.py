@@ -10,8 +10,16 @@ from idiomreason.store import PREDICTION_KEY, JsonlStore, prediction_store, read
 
 
 def _rec(i, **kw):
-    return {"model": "m", "condition": "cot.v1.0shot", "dataset": "d", "example_id": str(i), "generation": "g",
-            "prompt": "p", "prediction": None, **kw}
+    return {
+        "model": "m",
+        "condition": "cot.v1.0shot",
+        "dataset": "d",
+        "example_id": str(i),
+        "generation": "g",
+        "prompt": "p",
+        "prediction": None,
+        **kw,
+    }
 
 
 def test_append_skips_known_keys_and_survives_reopen(tmp_path):
@@ -43,9 +51,14 @@ def test_torn_last_line_is_dropped_before_appending(tmp_path):
 
 def test_duplicates_in_the_file_keep_the_first(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps(_rec(1, prediction="idiomatic")) + "\n" + json.dumps(_rec(1, prediction="literal")) + "\n")
+    path.write_text(
+        json.dumps(_rec(1, prediction="idiomatic")) + "\n" + json.dumps(_rec(1, prediction="literal")) + "\n"
+    )
     with prediction_store(path) as store:
-        assert store.duplicates == 1 and store.get(("m", "cot.v1.0shot", "d", "1", "g", "p"))["prediction"] == "idiomatic"
+        assert (
+            store.duplicates == 1
+            and store.get(("m", "cot.v1.0shot", "d", "1", "g", "p"))["prediction"] == "idiomatic"
+        )
     assert read_records(path)[("m", "cot.v1.0shot", "d", "1", "g", "p")]["prediction"] == "idiomatic"
 
 

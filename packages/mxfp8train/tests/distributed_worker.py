@@ -35,7 +35,9 @@ def batches() -> torch.Tensor:
     return torch.randint(0, 256, (STEPS, GLOBAL_BATCH, CONTEXT + 1), generator=g)
 
 
-def train(model: torch.nn.Module, rank: int = 0, world: int = 1) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+def train(
+    model: torch.nn.Module, rank: int = 0, world: int = 1
+) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
     """SGD on this rank's shard of each global batch. Returns the global mean loss of each step and the
     gradients of the first step (full tensors)."""
     inner = getattr(model, "module", model)  # DDP wraps; FSDP2 shards in place
@@ -77,8 +79,11 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
         result: dict[str, object] = {}
         model = make_model()
         ddp_losses, ddp_grads = train(DistributedDataParallel(model), rank, WORLD)
-        result["ddp"] = {"losses": ddp_losses, "grads": ddp_grads[0],
-                         "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        result["ddp"] = {
+            "losses": ddp_losses,
+            "grads": ddp_grads[0],
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        }
 
         model = make_model()
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -95,7 +100,8 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
         fsdp_losses, fsdp_grads = train(model, rank, WORLD)
         handle.remove()
         result["fsdp2"] = {
-            "losses": fsdp_losses, "grads": fsdp_grads[0],
+            "losses": fsdp_losses,
+            "grads": fsdp_grads[0],
             "params": {n: full(p) for n, p in model.named_parameters()},
             "is_mxlinear": isinstance(fc, MXLinear),
             "sharded": isinstance(fc.weight, DTensor) and str(fc.weight.placements) == "(Shard(dim=0),)",

@@ -28,17 +28,52 @@ FUNCTION_CASES = [
     ("to_mx dim 2 of 2-D", lambda: to_mx(X, dim=2), ValueError, "dim must be"),
     ("to_mx backend cuda", lambda: to_mx(X, backend="cuda"), ValueError, "backend"),
     ("rows_cols 3-D", lambda: mx_cast_rows_cols(torch.randn(2, 4, 32)), ValueError, "2-D"),
-    ("dequantize int codes", lambda: mx_dequantize(CODES.view(torch.uint8), SCALES), TypeError, "data must be"),
-    ("dequantize float scales", lambda: mx_dequantize(CODES, SCALES.float()), TypeError, "scale must be uint8"),
-    ("dequantize scale shape", lambda: mx_dequantize(CODES, SCALES[:, :1]), ValueError, "scale must have shape"),
-    ("mx_linear recipe str", lambda: mx_linear(X, torch.randn(8, 64), recipe="mxfp8-rceil"), TypeError, "recipe"),
+    (
+        "dequantize int codes",
+        lambda: mx_dequantize(CODES.view(torch.uint8), SCALES),
+        TypeError,
+        "data must be",
+    ),
+    (
+        "dequantize float scales",
+        lambda: mx_dequantize(CODES, SCALES.float()),
+        TypeError,
+        "scale must be uint8",
+    ),
+    (
+        "dequantize scale shape",
+        lambda: mx_dequantize(CODES, SCALES[:, :1]),
+        ValueError,
+        "scale must have shape",
+    ),
+    (
+        "mx_linear recipe str",
+        lambda: mx_linear(X, torch.randn(8, 64), recipe="mxfp8-rceil"),
+        TypeError,
+        "recipe",
+    ),
     ("mx_linear K mismatch", lambda: mx_linear(X, torch.randn(8, 63)), ValueError, "does not match weight"),
-    ("mx_linear 3-D weight", lambda: mx_linear(X, torch.randn(2, 8, 64)), ValueError, "does not match weight"),
+    (
+        "mx_linear 3-D weight",
+        lambda: mx_linear(X, torch.randn(2, 8, 64)),
+        ValueError,
+        "does not match weight",
+    ),
     ("MXLinear recipe dict", lambda: MXLinear(64, 8, recipe={}), TypeError, "recipe"),
     ("convert non-module", lambda: convert("model"), TypeError, "model must be an nn.Module"),
     ("convert recipe name", lambda: convert(nn.Linear(64, 8), "mxfp8-rceil"), TypeError, "recipe"),
-    ("recipe grad_dtype fp16", lambda: PAPER_RECIPE.replace(grad_dtype=torch.float16), ValueError, "grad_dtype"),
-    ("recipe scaled_mm block 16", lambda: MXRecipe(block_size=16, gemm_backend="scaled_mm"), ValueError, "block_size"),
+    (
+        "recipe grad_dtype fp16",
+        lambda: PAPER_RECIPE.replace(grad_dtype=torch.float16),
+        ValueError,
+        "grad_dtype",
+    ),
+    (
+        "recipe scaled_mm block 16",
+        lambda: MXRecipe(block_size=16, gemm_backend="scaled_mm"),
+        ValueError,
+        "block_size",
+    ),
     ("recipe gemm_backend", lambda: MXRecipe(gemm_backend="cublas"), ValueError, "gemm_backend"),
     ("recipe skip_modules str", lambda: MXRecipe(skip_modules="lm_head"), TypeError, "skip_modules"),
     ("recipe_from_name unknown", lambda: recipe_from_name("mxfp4"), ValueError, "recipe name"),
@@ -48,7 +83,9 @@ FUNCTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, error, match", [c[1:] for c in FUNCTION_CASES], ids=[c[0] for c in FUNCTION_CASES])
+@pytest.mark.parametrize(
+    "call, error, match", [c[1:] for c in FUNCTION_CASES], ids=[c[0] for c in FUNCTION_CASES]
+)
 def test_function_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match) as info:
         call()

@@ -28,7 +28,9 @@ def two_process_run(tmp_path_factory) -> dict:
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("dist") / "result.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out)
 

@@ -35,7 +35,9 @@ def run_layer(x, w, dy, recipe):
     return y.detach(), x.grad, w.grad
 
 
-@pytest.mark.parametrize("recipe", [PAPER_RECIPE, OCP_FLOOR_RECIPE, E5M2_GRADS_RECIPE], ids=["rceil", "floor", "e5m2"])
+@pytest.mark.parametrize(
+    "recipe", [PAPER_RECIPE, OCP_FLOOR_RECIPE, E5M2_GRADS_RECIPE], ids=["rceil", "floor", "e5m2"]
+)
 def test_three_gemms_equal_explicit_quantization(recipe):
     g = torch.Generator().manual_seed(0)
     m, k, n = 97, 72, 80  # partial blocks along every reduction dim
@@ -43,7 +45,11 @@ def test_three_gemms_equal_explicit_quantization(recipe):
     # that FP8 represents only as subnormals or zero, so the blocking axis matters
     x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-10, 10, (m, 1), generator=g).float())
     w = torch.randn(n, k, generator=g) * 0.05
-    dy = torch.randn(m, n, generator=g) * 1e-4 * torch.exp2(torch.randint(-10, 10, (m, 1), generator=g).float())
+    dy = (
+        torch.randn(m, n, generator=g)
+        * 1e-4
+        * torch.exp2(torch.randint(-10, 10, (m, 1), generator=g).float())
+    )
     y, dx, dw = run_layer(x, w, dy, recipe)
     y_ref, dx_ref, dw_ref = reference_grads(x, w, dy, recipe)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=0)
@@ -56,7 +62,11 @@ def test_three_gemms_equal_explicit_quantization(recipe):
 
 def test_each_gemm_can_be_switched_off():
     g = torch.Generator().manual_seed(1)
-    x, w, dy = torch.randn(64, 96, generator=g), torch.randn(48, 96, generator=g), torch.randn(64, 48, generator=g)
+    x, w, dy = (
+        torch.randn(64, 96, generator=g),
+        torch.randn(48, 96, generator=g),
+        torch.randn(64, 48, generator=g),
+    )
     y_ref, dx_ref, dw_ref = reference_grads(x, w, dy, PAPER_RECIPE)
     for fwd, ig, wg in [(False, True, True), (True, False, True), (True, True, False), (False, False, False)]:
         recipe = PAPER_RECIPE.replace(forward=fwd, input_grad=ig, weight_grad=wg)
@@ -75,8 +85,10 @@ def test_mxlinear_module_bias_leading_dims_and_autocast():
     assert mx.weight is lin.weight and mx.bias is lin.bias
     x = torch.randn(3, 5, 64, generator=g)
     y = mx(x)
-    ref = (qdq(x.reshape(15, 64), PAPER_RECIPE, torch.float8_e4m3fn, -1)
-           @ qdq(lin.weight.detach(), PAPER_RECIPE, torch.float8_e4m3fn, -1).t()).reshape(3, 5, 40) + lin.bias
+    ref = (
+        qdq(x.reshape(15, 64), PAPER_RECIPE, torch.float8_e4m3fn, -1)
+        @ qdq(lin.weight.detach(), PAPER_RECIPE, torch.float8_e4m3fn, -1).t()
+    ).reshape(3, 5, 40) + lin.bias
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yb = mx(x)
@@ -134,7 +146,9 @@ def test_convert_skips_head_embeddings_norms_and_subclasses():
     weights = {n: p for n, p in model.named_parameters()}
     convert(model)
     converted = mxfp8train.mx_layers(model)
-    assert sorted(converted) == sorted(f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"))
+    assert sorted(converted) == sorted(
+        f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    )
     assert type(model.lm_head) is nn.Linear and type(model.extra) is Custom
     assert all(p is weights[n] for n, p in model.named_parameters())
     model2 = GPT(GPTConfig(n_layers=1, width=64, n_heads=2, context=16))
@@ -251,12 +265,18 @@ def test_compiled_converted_gpt_matches_eager(backend):
             assert rel < 2e-2, f"{name}: relative gradient error {rel:.2e}"
 
 
-@pytest.mark.parametrize("recipe", [PAPER_RECIPE, OCP_FLOOR_RECIPE, E5M2_GRADS_RECIPE], ids=["rceil", "floor", "e5m2"])
+@pytest.mark.parametrize(
+    "recipe", [PAPER_RECIPE, OCP_FLOOR_RECIPE, E5M2_GRADS_RECIPE], ids=["rceil", "floor", "e5m2"]
+)
 def test_fused_round_trip_path_equals_cast_and_gemm_path(recipe):
     """Without stats, emulated GEMMs take mx_quantize_dequantize's fp32 operands; with stats, the codes and
     scales go through mx_gemm. Same operands, same matmul layouts: the same bits."""
     g = torch.Generator().manual_seed(10)
-    x, w, dy = torch.randn(97, 72, generator=g), torch.randn(80, 72, generator=g) * 0.05, torch.randn(97, 80, generator=g)
+    x, w, dy = (
+        torch.randn(97, 72, generator=g),
+        torch.randn(80, 72, generator=g) * 0.05,
+        torch.randn(97, 80, generator=g),
+    )
     fused = run_layer(x, w, dy, recipe)
     xs, ws = x.clone().requires_grad_(), nn.Parameter(w.clone())
     stats = MXStats()
@@ -326,14 +346,14 @@ def test_floor_vs_rceil_clip_statistics_pinned_on_constructed_tensor():
     ulp = 2.0**-23
     blocks = torch.zeros(8, 32)
     blocks[0, :] = 0.5
-    blocks[0, 0] = 1.0                                                 # mantissa 1: no clip
-    blocks[1, :2] = torch.tensor([1.75, 1.0]) * 4                      # exactly 1.75: 448, no clip
-    blocks[2, :2] = torch.tensor([1.75 + ulp, 1.5]) * 4                # one ulp above: 1 clip
+    blocks[0, 0] = 1.0  # mantissa 1: no clip
+    blocks[1, :2] = torch.tensor([1.75, 1.0]) * 4  # exactly 1.75: 448, no clip
+    blocks[2, :2] = torch.tensor([1.75 + ulp, 1.5]) * 4  # one ulp above: 1 clip
     blocks[3, :6] = torch.tensor([1.9, 1.8, 1.76, 1.7, 1.0, -1.75]) * 32  # 3 clips
-    blocks[4, :] = 1.99 * 2.0**-3                                      # every element clips: 32
+    blocks[4, :] = 1.99 * 2.0**-3  # every element clips: 32
     # block 5 all zero
-    blocks[6, :2] = torch.tensor([1.5, -1.5]) * 2.0**10                # no clip
-    blocks[7, :3] = torch.tensor([-1.8, 1.8, 0.3]) * 2.0**-20          # 2 clips, one negative
+    blocks[6, :2] = torch.tensor([1.5, -1.5]) * 2.0**10  # no clip
+    blocks[7, :3] = torch.tensor([-1.8, 1.8, 0.3]) * 2.0**-20  # 2 clips, one negative
     x = blocks.reshape(2, 128)
     pinned = {"floor": (38, 4), "rceil": (0, 0)}
     scales = {}
@@ -342,7 +362,12 @@ def test_floor_vs_rceil_clip_statistics_pinned_on_constructed_tensor():
         mx = to_mx(x, scale_mode=mode)
         stats.update("input", x, mx.data, mx.scale, 32, -1)
         s = stats.summary()["input"]
-        assert (s["clipped"], s["clipped_blocks"], s["blocks"], s["elements"]) == (clipped, clipped_blocks, 8, 256)
+        assert (s["clipped"], s["clipped_blocks"], s["blocks"], s["elements"]) == (
+            clipped,
+            clipped_blocks,
+            8,
+            256,
+        )
         assert s["clip_fraction"] == clipped / 256 and s["clipped_block_fraction"] == clipped_blocks / 8
         scales[mode] = mx.scale.flatten().long()
     assert (scales["rceil"] - scales["floor"]).tolist() == [0, 0, 1, 1, 1, 0, 0, 1]

@@ -9,38 +9,91 @@ import torch
 
 from mxfp8train import parity
 
-TINY = dict(steps=4, batch_size=2, context=16, n_layers=1, width=32, n_heads=2, eval_every=3, eval_batches=1,
-            stats_every=2, ckpt_every=2, warmup=1, progress=False)
+TINY = dict(
+    steps=4,
+    batch_size=2,
+    context=16,
+    n_layers=1,
+    width=32,
+    n_heads=2,
+    eval_every=3,
+    eval_batches=1,
+    stats_every=2,
+    ckpt_every=2,
+    warmup=1,
+    progress=False,
+)
 
 
 @pytest.fixture()
 def text_file(tmp_path):
     path = tmp_path / "text.txt"
-    path.write_bytes(b"".join(f"line {i}: to be or not to be, that is the question.\n".encode() for i in range(400)))
+    path.write_bytes(
+        b"".join(f"line {i}: to be or not to be, that is the question.\n".encode() for i in range(400))
+    )
     return path
 
 
 def test_parity_command_writes_results_plots_and_table(text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    parity.main(["--data", str(text_file), "--out", str(out), "--variants", "bf16,mxfp8-rceil,mxfp8-floor",
-                 "--seeds", "3,5", "--steps", "4", "--batch-size", "2", "--context", "16", "--n-layers", "1",
-                 "--width", "32", "--n-heads", "2", "--eval-every", "2", "--eval-batches", "1", "--stats-every", "1",
-                 "--warmup", "1", "--jobs", "1", "--no-progress"])
+    parity.main(
+        [
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--variants",
+            "bf16,mxfp8-rceil,mxfp8-floor",
+            "--seeds",
+            "3,5",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--context",
+            "16",
+            "--n-layers",
+            "1",
+            "--width",
+            "32",
+            "--n-heads",
+            "2",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "1",
+            "--stats-every",
+            "1",
+            "--warmup",
+            "1",
+            "--jobs",
+            "1",
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| mxfp8-floor | 2 |" in printed and "minus bf16, paired" in printed
     summary = json.loads((out / "results.json").read_text())
-    assert (out / "parity_loss.png").stat().st_size > 1000 and (out / "parity_stats.png").stat().st_size > 1000
+    assert (out / "parity_loss.png").stat().st_size > 1000 and (
+        out / "parity_stats.png"
+    ).stat().st_size > 1000
     # the runner records its seeds and variants, and every run says which it is
     assert summary["seeds"] == [3, 5] and summary["variants"] == ["bf16", "mxfp8-rceil", "mxfp8-floor"]
     runs = summary["runs"]
     assert {(r["variant"], r["seed"]) for by_seed in runs.values() for r in by_seed.values()} == {
-        (v, s) for v in ("bf16", "mxfp8-rceil", "mxfp8-floor") for s in (3, 5)}
+        (v, s) for v in ("bf16", "mxfp8-rceil", "mxfp8-floor") for s in (3, 5)
+    }
     assert [s for s, _ in runs["bf16"]["3"]["val"]] == [2, 4] and len(runs["bf16"]["3"]["train"]) == 4
     assert runs["mxfp8-rceil"]["5"]["diagnostics"]["input"]["clipped"] == 0
     assert runs["mxfp8-floor"]["5"]["diagnostics"]["input"]["clip_fraction"] > 0  # FLOOR saturates
     layer_stats = runs["mxfp8-floor"]["3"]["stats"][0]["layers"]
     # per-layer clip / flush statistics at every sampled step
-    assert set(layer_stats) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"}
+    assert set(layer_stats) == {
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc",
+        "blocks.0.mlp.proj",
+    }
     assert layer_stats["blocks.0.mlp.fc"]["input"]["clip_fraction"] > 0
     # paired: per seed, variant minus bf16 on the same seed
     floor = summary["summary"]["mxfp8-floor"]
@@ -63,7 +116,9 @@ def test_paired_tests_known_values():
 
 
 def test_parity_resumes_after_interruption(text_file, tmp_path, monkeypatch):
-    cfg = parity.ParityConfig(out=str(tmp_path / "full"), data=str(text_file), variants=("mxfp8-rceil",), **TINY)
+    cfg = parity.ParityConfig(
+        out=str(tmp_path / "full"), data=str(text_file), variants=("mxfp8-rceil",), **TINY
+    )
     full = parity.run_parity(cfg)["runs"]["mxfp8-rceil"]["0"]
 
     cut = parity.ParityConfig(**{**cfg.__dict__, "out": str(tmp_path / "cut")})

@@ -34,7 +34,9 @@ def block(values: list[float], fill: float = 1.0, dtype: torch.dtype = torch.flo
 def wide_range(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian values with a per-row magnitude spread over ~2^+-20, plus exact zeros."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 20, shape[:-1] + (1,), generator=g).float())
+    x = torch.randn(shape, generator=g) * torch.exp2(
+        torch.randint(-20, 20, shape[:-1] + (1,), generator=g).float()
+    )
     x[torch.rand(shape, generator=g) < 0.05] = 0.0
     return x.to(dtype)
 
@@ -131,14 +133,22 @@ def test_dim0_equals_casting_the_contiguous_transpose():
 def test_rceil_never_clips_and_floor_clips_exactly_above_mantissa_1p75(elem):
     # amax mantissas over [1, 2) at many exponents, including 1.75 and its neighbours
     g = torch.Generator().manual_seed(2)
-    mant = torch.cat([torch.rand(600, generator=g) + 1.0, torch.tensor([1.0, 1.75, 1.7500001, 1.7499999, 1.9999999])])
+    mant = torch.cat(
+        [torch.rand(600, generator=g) + 1.0, torch.tensor([1.0, 1.75, 1.7500001, 1.7499999, 1.9999999])]
+    )
     amax = mant * torch.exp2(torch.randint(-60, 60, mant.shape, generator=g).float())
-    x = torch.rand(mant.numel(), 32, generator=g) * amax[:, None] * (torch.rand(mant.numel(), 32, generator=g) > 0.5).float().mul(2).sub(1)
+    x = (
+        torch.rand(mant.numel(), 32, generator=g)
+        * amax[:, None]
+        * (torch.rand(mant.numel(), 32, generator=g) > 0.5).float().mul(2).sub(1)
+    )
     x[:, 7] = -amax
     max_pos = MAX[elem]
     rceil = to_mx(x, elem, scale_mode="rceil")
     ratio = amax / torch.exp2(rceil.scale.squeeze(1).float() - 127)
-    assert bool(((ratio > max_pos / 2) & (ratio <= max_pos)).all()), "RCEIL amax / 2^E must lie in (max/2, max]"
+    assert bool(((ratio > max_pos / 2) & (ratio <= max_pos)).all()), (
+        "RCEIL amax / 2^E must lie in (max/2, max]"
+    )
     deq = rceil.dequantize()
     assert bool((deq[:, 7] == -amax).logical_or((deq[:, 7] / -amax - 1).abs() < 2**-2).all())
     assert bool((rceil.data.float().abs() <= max_pos).all())
@@ -314,7 +324,9 @@ def test_rceil_near_fp32_max_saturates_instead_of_overflowing(elem, top_code, dt
     from shared_kernels.mx_cast import mx_cast_ref, mx_cast_torch, mx_dequantize_ref, mx_quantize_dequantize
 
     g = torch.Generator().manual_seed(21)
-    big = torch.finfo(torch.float32).max * (1 - torch.rand(64, 32, generator=g) * 0.05)  # mantissas > 1.75 x 2^127
+    big = torch.finfo(torch.float32).max * (
+        1 - torch.rand(64, 32, generator=g) * 0.05
+    )  # mantissas > 1.75 x 2^127
     big = big * torch.where(torch.rand(64, 32, generator=g) < 0.5, -1.0, 1.0)
     big[:, 1] *= 2.0**-20
     x = big.to(dtype)
@@ -328,7 +340,9 @@ def test_rceil_near_fp32_max_saturates_instead_of_overflowing(elem, top_code, dt
         if mode == "rceil":
             assert mx.data.float().abs().max().item() == top_code
         assert_exact(values, mx_quantize_dequantize(x, elem, 32, mode), f"round trip {mode}")
-        for a, b in zip(mx_cast_torch(x, elem, 32, mode, -1), mx_cast_ref(x, elem, 32, mode, -1), strict=True):
+        for a, b in zip(
+            mx_cast_torch(x, elem, 32, mode, -1), mx_cast_ref(x, elem, 32, mode, -1), strict=True
+        ):
             assert_exact(a.view(torch.uint8), b.view(torch.uint8), f"fast path {mode}")
         rel = ((values - x.float()) / x.float()).abs()[:, 0].max().item()
         assert rel < 0.13, f"{mode}: saturation error {rel}"

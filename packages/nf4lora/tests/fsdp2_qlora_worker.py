@@ -39,8 +39,16 @@ def _prepared(quant_storage: torch.dtype):
 
     torch.manual_seed(0)
     model = _Tiny()
-    nf4lora.prepare_model(model, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"], skip=("head",),
-                          quant_storage=quant_storage, gradient_checkpointing=False)
+    nf4lora.prepare_model(
+        model,
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["up", "down"],
+        skip=("head",),
+        quant_storage=quant_storage,
+        gradient_checkpointing=False,
+    )
     return model
 
 
@@ -88,7 +96,8 @@ def checks(rank: int) -> dict:
         state = full_state_dict(model)
         ref_state = reference.state_dict()
         out[f"{name}_adapters_equal"] = rank != 0 or all(
-            torch.equal(state[k], ref_state[k]) for k in ref_state if "lora_" in k)
+            torch.equal(state[k], ref_state[k]) for k in ref_state if "lora_" in k
+        )
         out[f"{name}_adapter_count"] = sum("lora_" in k for k in state) if rank == 0 else None
     # DDP: the frozen 4-bit tensors are neither broadcast at construction nor re-sent at each forward
     model = _prepared(torch.uint8)
@@ -113,8 +122,11 @@ def checks(rank: int) -> dict:
     out["ddp_bytes_per_step"] = sum(sent)
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     out["ignored_are_4bit"] = ignored and all(".weight." in n for n in ignored)
-    out["other_bytes"] = sum(t.numel() * t.element_size() for n, t in (*model.named_parameters(),
-                                                                       *model.named_buffers()) if n not in ignored)
+    out["other_bytes"] = sum(
+        t.numel() * t.element_size()
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if n not in ignored
+    )
     return out
 
 

@@ -20,8 +20,9 @@ _P, _A = nf4lora.quantize_4bit(torch.randn(100), 64)  # 50 bytes, 2 blocks
 
 
 def _nan_absmax():
-    _, absmax = nf4lora.quantize_4bit(torch.tensor([1.0] * 64 + [float("nan")] + [1.0] * 63), 64,
-                                      check_finite=False)
+    _, absmax = nf4lora.quantize_4bit(
+        torch.tensor([1.0] * 64 + [float("nan")] + [1.0] * 63), 64, check_finite=False
+    )
     return absmax
 
 
@@ -29,64 +30,176 @@ API_CASES = [
     ("quantize int tensor", lambda: nf4lora.quantize_4bit(torch.arange(10)), ValueError, "x must be float32"),
     ("quantize list", lambda: nf4lora.quantize_4bit([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
     ("quantize empty", lambda: nf4lora.quantize_4bit(torch.zeros(0)), ValueError, "x must not be empty"),
-    ("quantize blocksize 48", lambda: nf4lora.quantize_4bit(torch.randn(10), 48), ValueError,
-     r"blocksize must be one of .* got 48"),
-    ("quantize blocksize True", lambda: nf4lora.quantize_4bit(torch.randn(10), True), ValueError,
-     "blocksize must be one of"),
-    ("quantize quant_type", lambda: nf4lora.quantize_4bit(torch.randn(10), 64, "int4"), ValueError,
-     r"quant_type must be one of \('nf4', 'fp4'\), got 'int4'"),
-    ("quantize NaN", lambda: nf4lora.quantize_4bit(torch.tensor([1.0, float("nan")])), ValueError,
-     "x contains NaN or inf"),
-    ("quantize inf fp4", lambda: nf4lora.quantize_4bit(torch.tensor([float("inf")]), quant_type="fp4"),
-     ValueError, "x contains NaN or inf"),
-    ("quantize backend", lambda: nf4lora.quantize_4bit(torch.randn(10), backend="cuda"), ValueError,
-     "backend must be one of"),
-    ("dequantize packed size", lambda: nf4lora.dequantize_4bit(_P, _A, (101, 2)), ValueError, "packed must hold"),
-    ("dequantize absmax count", lambda: nf4lora.dequantize_4bit(_P, _A, (100,), 32), ValueError,
-     "absmax must hold"),
-    ("dequantize packed dtype", lambda: nf4lora.dequantize_4bit(_P.float(), _A, (100,)), ValueError,
-     "packed must be uint8"),
-    ("dequantize out dtype", lambda: nf4lora.dequantize_4bit(_P, _A, (100,), dtype=torch.int32), ValueError,
-     "dtype must be"),
-    ("dequantize absmax fp16", lambda: nf4lora.dequantize_4bit(_P, _A.half(), (100,)), ValueError,
-     "absmax must be float32"),
-    ("dequantize DQ without state", lambda: nf4lora.dequantize_4bit(_P, _A.to(torch.uint8), (100,)), ValueError,
-     "absmax2 and offset are required"),
-    ("dequantize quant_type", lambda: nf4lora.dequantize_4bit(_P, _A, (100,), quant_type="NF4"), ValueError,
-     "quant_type must be one of"),
-    ("dequantize empty shape", lambda: nf4lora.dequantize_4bit(_P, _A, (0,)), ValueError,
-     "shape must have at least one element"),
-    ("double quant NaN absmax", lambda: nf4lora.double_quantize_absmax(_nan_absmax()), ValueError,
-     r"absmax must be finite and >= 0 .* nan at block 1"),
-    ("double quant negative absmax", lambda: nf4lora.double_quantize_absmax(torch.tensor([1.0, -0.5, 2.0])),
-     ValueError, r"absmax must be finite and >= 0 .* -0.5 at block 1"),
-    ("double quant inf absmax", lambda: nf4lora.double_quantize_absmax(torch.tensor([1.0, float("inf")])),
-     ValueError, "absmax must be finite"),
-    ("double quant 2-D", lambda: nf4lora.double_quantize_absmax(torch.ones(2, 2)), ValueError,
-     "absmax must be a non-empty 1-D float32 tensor"),
-    ("double quant blocksize2", lambda: nf4lora.double_quantize_absmax(torch.ones(4), 0), ValueError,
-     "blocksize2 must be a positive int"),
-    ("container packed", lambda: NF4Weight(torch.zeros(10, dtype=torch.uint8), torch.ones(1), (10,),
-                                           torch.float32), ValueError, "packed must be uint8 with 5 elements"),
-    ("container quant_type", lambda: NF4Weight(torch.zeros(5, dtype=torch.uint8), torch.ones(1), (10,),
-                                               torch.float32, quant_type="fp8"), ValueError,
-     "quant_type must be one of"),
-    ("from_float quant_type", lambda: NF4Weight.from_float(torch.randn(8, 64), quant_type="nf2"), ValueError,
-     "quant_type must be one of"),
-    ("Linear4bit 1-D", lambda: Linear4bit(NF4Weight.from_float(torch.randn(64))), ValueError,
-     "weight must be 2-D"),
-    ("LoRA r=0", lambda: LoRALinear4bit(NF4Weight.from_float(torch.randn(8, 64)), r=0), ValueError,
-     "r must be a positive int"),
-    ("LoRA dropout 1", lambda: LoRALinear4bit(NF4Weight.from_float(torch.randn(8, 64)), r=2, dropout=1.0),
-     ValueError, "dropout must be in"),
-    ("prepare no match", lambda: nf4lora.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 8)),
-                                                       target_modules=["q_proj"]), ValueError,
-     "matched no nn.Linear"),
-    ("prepare target type", lambda: nf4lora.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 8)),
-                                                          target_modules=3), ValueError,
-     "target_modules must be"),
-    ("optimizer bits", lambda: nf4lora.paged_adamw([torch.nn.Parameter(torch.ones(2))], optim_bits=16),
-     ValueError, "optim_bits must be 32 or 8"),
+    (
+        "quantize blocksize 48",
+        lambda: nf4lora.quantize_4bit(torch.randn(10), 48),
+        ValueError,
+        r"blocksize must be one of .* got 48",
+    ),
+    (
+        "quantize blocksize True",
+        lambda: nf4lora.quantize_4bit(torch.randn(10), True),
+        ValueError,
+        "blocksize must be one of",
+    ),
+    (
+        "quantize quant_type",
+        lambda: nf4lora.quantize_4bit(torch.randn(10), 64, "int4"),
+        ValueError,
+        r"quant_type must be one of \('nf4', 'fp4'\), got 'int4'",
+    ),
+    (
+        "quantize NaN",
+        lambda: nf4lora.quantize_4bit(torch.tensor([1.0, float("nan")])),
+        ValueError,
+        "x contains NaN or inf",
+    ),
+    (
+        "quantize inf fp4",
+        lambda: nf4lora.quantize_4bit(torch.tensor([float("inf")]), quant_type="fp4"),
+        ValueError,
+        "x contains NaN or inf",
+    ),
+    (
+        "quantize backend",
+        lambda: nf4lora.quantize_4bit(torch.randn(10), backend="cuda"),
+        ValueError,
+        "backend must be one of",
+    ),
+    (
+        "dequantize packed size",
+        lambda: nf4lora.dequantize_4bit(_P, _A, (101, 2)),
+        ValueError,
+        "packed must hold",
+    ),
+    (
+        "dequantize absmax count",
+        lambda: nf4lora.dequantize_4bit(_P, _A, (100,), 32),
+        ValueError,
+        "absmax must hold",
+    ),
+    (
+        "dequantize packed dtype",
+        lambda: nf4lora.dequantize_4bit(_P.float(), _A, (100,)),
+        ValueError,
+        "packed must be uint8",
+    ),
+    (
+        "dequantize out dtype",
+        lambda: nf4lora.dequantize_4bit(_P, _A, (100,), dtype=torch.int32),
+        ValueError,
+        "dtype must be",
+    ),
+    (
+        "dequantize absmax fp16",
+        lambda: nf4lora.dequantize_4bit(_P, _A.half(), (100,)),
+        ValueError,
+        "absmax must be float32",
+    ),
+    (
+        "dequantize DQ without state",
+        lambda: nf4lora.dequantize_4bit(_P, _A.to(torch.uint8), (100,)),
+        ValueError,
+        "absmax2 and offset are required",
+    ),
+    (
+        "dequantize quant_type",
+        lambda: nf4lora.dequantize_4bit(_P, _A, (100,), quant_type="NF4"),
+        ValueError,
+        "quant_type must be one of",
+    ),
+    (
+        "dequantize empty shape",
+        lambda: nf4lora.dequantize_4bit(_P, _A, (0,)),
+        ValueError,
+        "shape must have at least one element",
+    ),
+    (
+        "double quant NaN absmax",
+        lambda: nf4lora.double_quantize_absmax(_nan_absmax()),
+        ValueError,
+        r"absmax must be finite and >= 0 .* nan at block 1",
+    ),
+    (
+        "double quant negative absmax",
+        lambda: nf4lora.double_quantize_absmax(torch.tensor([1.0, -0.5, 2.0])),
+        ValueError,
+        r"absmax must be finite and >= 0 .* -0.5 at block 1",
+    ),
+    (
+        "double quant inf absmax",
+        lambda: nf4lora.double_quantize_absmax(torch.tensor([1.0, float("inf")])),
+        ValueError,
+        "absmax must be finite",
+    ),
+    (
+        "double quant 2-D",
+        lambda: nf4lora.double_quantize_absmax(torch.ones(2, 2)),
+        ValueError,
+        "absmax must be a non-empty 1-D float32 tensor",
+    ),
+    (
+        "double quant blocksize2",
+        lambda: nf4lora.double_quantize_absmax(torch.ones(4), 0),
+        ValueError,
+        "blocksize2 must be a positive int",
+    ),
+    (
+        "container packed",
+        lambda: NF4Weight(torch.zeros(10, dtype=torch.uint8), torch.ones(1), (10,), torch.float32),
+        ValueError,
+        "packed must be uint8 with 5 elements",
+    ),
+    (
+        "container quant_type",
+        lambda: NF4Weight(
+            torch.zeros(5, dtype=torch.uint8), torch.ones(1), (10,), torch.float32, quant_type="fp8"
+        ),
+        ValueError,
+        "quant_type must be one of",
+    ),
+    (
+        "from_float quant_type",
+        lambda: NF4Weight.from_float(torch.randn(8, 64), quant_type="nf2"),
+        ValueError,
+        "quant_type must be one of",
+    ),
+    (
+        "Linear4bit 1-D",
+        lambda: Linear4bit(NF4Weight.from_float(torch.randn(64))),
+        ValueError,
+        "weight must be 2-D",
+    ),
+    (
+        "LoRA r=0",
+        lambda: LoRALinear4bit(NF4Weight.from_float(torch.randn(8, 64)), r=0),
+        ValueError,
+        "r must be a positive int",
+    ),
+    (
+        "LoRA dropout 1",
+        lambda: LoRALinear4bit(NF4Weight.from_float(torch.randn(8, 64)), r=2, dropout=1.0),
+        ValueError,
+        "dropout must be in",
+    ),
+    (
+        "prepare no match",
+        lambda: nf4lora.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), target_modules=["q_proj"]),
+        ValueError,
+        "matched no nn.Linear",
+    ),
+    (
+        "prepare target type",
+        lambda: nf4lora.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), target_modules=3),
+        ValueError,
+        "target_modules must be",
+    ),
+    (
+        "optimizer bits",
+        lambda: nf4lora.paged_adamw([torch.nn.Parameter(torch.ones(2))], optim_bits=16),
+        ValueError,
+        "optim_bits must be 32 or 8",
+    ),
     ("optimizer no params", lambda: nf4lora.paged_adamw([]), ValueError, "params is empty"),
 ]
 
@@ -130,14 +243,27 @@ def _digest(folder):
 
 CLI_CASES = [
     ("output is the input", lambda m, t: ["quantize", str(m), str(m)], "would overwrite MODEL_PATH"),
-    ("output inside the input", lambda m, t: ["quantize", str(m), str(m / "q")], "would overwrite MODEL_PATH"),
-    ("output is an existing file", lambda m, t: ["quantize", str(m), str(m / "model.safetensors")],
-     "would overwrite MODEL_PATH"),
-    ("output is another existing file", lambda m, t: ["quantize", str(m), str(t / "notes.txt")],
-     "OUT_PATH exists and is not a folder"),
+    (
+        "output inside the input",
+        lambda m, t: ["quantize", str(m), str(m / "q")],
+        "would overwrite MODEL_PATH",
+    ),
+    (
+        "output is an existing file",
+        lambda m, t: ["quantize", str(m), str(m / "model.safetensors")],
+        "would overwrite MODEL_PATH",
+    ),
+    (
+        "output is another existing file",
+        lambda m, t: ["quantize", str(m), str(t / "notes.txt")],
+        "OUT_PATH exists and is not a folder",
+    ),
     ("output folder not empty", lambda m, t: ["quantize", str(m), str(t)], "would overwrite MODEL_PATH"),
-    ("blocksize 48", lambda m, t: ["quantize", str(m), str(t / "out"), "--blocksize", "48"],
-     r"--blocksize must be one of \(32, 64, .*\), got 48"),
+    (
+        "blocksize 48",
+        lambda m, t: ["quantize", str(m), str(t / "out"), "--blocksize", "48"],
+        r"--blocksize must be one of \(32, 64, .*\), got 48",
+    ),
     ("report rank 0", lambda m, t: ["report", str(m), "--r", "0"], "--r must be a positive LoRA rank, got 0"),
     ("no config", lambda m, t: ["report", str(t / "nowhere")], "MODEL_PATH has no config.json"),
 ]
@@ -156,9 +282,14 @@ def test_cli_user_error_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("config, match", [("{broken", r"config.json is not valid JSON: .* line 1 column 2"),
-                                           ("[1, 2]", "must hold a JSON object, got list"),
-                                           (b"\xff\xfe{", "is not UTF-8 text")])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ("{broken", r"config.json is not valid JSON: .* line 1 column 2"),
+        ("[1, 2]", "must hold a JSON object, got list"),
+        (b"\xff\xfe{", "is not UTF-8 text"),
+    ],
+)
 def test_cli_broken_config_is_one_line_exit_2(tmp_path, capsys, config, match):
     model = tmp_path / "model"
     model.mkdir()
@@ -172,9 +303,20 @@ def test_cli_broken_config_is_one_line_exit_2(tmp_path, capsys, config, match):
 
 def test_cli_unloadable_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     # a valid config.json whose weights file is garbage: transformers' error, reduced to one line with the path
-    model = _model_dir(tmp_path, json.dumps({"model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
-                                             "num_hidden_layers": 1, "num_attention_heads": 2,
-                                             "num_key_value_heads": 2, "vocab_size": 10}))
+    model = _model_dir(
+        tmp_path,
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "vocab_size": 10,
+            }
+        ),
+    )
     assert main(["quantize", str(model), str(tmp_path / "out")]) == 2
     (err,) = _error_lines(capsys.readouterr().err)
     assert f"cannot load a causal LM from {model}" in err, err

@@ -29,7 +29,9 @@ def test_quantize_and_report_cli_round_trip(tiny_lm_dir, tmp_path, capsys, bnb_f
     with torch.no_grad():
         expected = reference(ids).logits
         assert torch.equal(ours(ids).logits, expected)
-        bnb_model = bnb_fp32_cpu(AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))  # transformers + bitsandbytes
+        bnb_model = bnb_fp32_cpu(
+            AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        )  # transformers + bitsandbytes
         assert type(bnb_model.model.layers[0].mlp.down_proj).__module__.startswith("bitsandbytes")
         torch.testing.assert_close(bnb_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -54,4 +56,6 @@ def test_fp4_checkpoint_round_trip_through_transformers_and_bitsandbytes(tiny_lm
 
 def test_cli_rejects_a_path_without_config(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"nf4lora report: error: MODEL_PATH has no config.json: {tmp_path}"
+    assert (
+        capsys.readouterr().err.strip() == f"nf4lora report: error: MODEL_PATH has no config.json: {tmp_path}"
+    )

@@ -36,7 +36,9 @@ def test_fsdp2_shards_the_packed_4bit_bytes(ranks, storage):
 @pytest.mark.parametrize("storage", ("uint8", "bfloat16"))
 def test_fsdp2_qlora_training_equals_one_process(ranks, storage):
     for rank in ranks:
-        torch.testing.assert_close(rank[f"{storage}_losses"], rank[f"{storage}_ref_losses"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            rank[f"{storage}_losses"], rank[f"{storage}_ref_losses"], rtol=1e-6, atol=1e-6
+        )
     assert ranks[0][f"{storage}_adapters_equal"] and ranks[0][f"{storage}_adapter_count"] == 8
 
 

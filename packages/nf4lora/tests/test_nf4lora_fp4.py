@@ -23,15 +23,18 @@ def test_package_quantize_4bit_and_dequantize_4bit_equal_bitsandbytes(quant_type
         x = torch.randn(shape, generator=torch.Generator().manual_seed(blocksize)) * 3
         x[0, :5] = 0.0
         packed, absmax = nf4lora.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
-        q, state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
+        q, state = bnbf.quantize_4bit(
+            x, blocksize=blocksize, quant_type=quant_type, compress_statistics=False
+        )
         assert_exact(packed, q.reshape(-1), f"{quant_type} packed {shape}")
         assert_exact(absmax, state.absmax, f"{quant_type} absmax {shape}")
         for dtype in DTYPES:
             state.dtype = dtype
             with torch._dynamo.config.patch(disable=True):
                 expected = bnbf.dequantize_4bit(q, state)
-            got = nf4lora.dequantize_4bit(packed, absmax, shape, blocksize=blocksize, dtype=dtype,
-                                          quant_type=quant_type)
+            got = nf4lora.dequantize_4bit(
+                packed, absmax, shape, blocksize=blocksize, dtype=dtype, quant_type=quant_type
+            )
             assert_exact(got, expected + 0.0, f"{quant_type} dequantize -> {dtype}")  # FP4: -0.0 -> +0.0
 
 
@@ -51,7 +54,9 @@ def test_outputs_are_in_the_input_dtype_for_every_input_compute_pair(quant_type)
         y = base(x)
         assert y.dtype == in_dtype, (in_dtype, compute_dtype)
         assert_exact(y, expected, f"base {in_dtype} / {compute_dtype}")
-        lora = LoRALinear4bit(weight, linear.bias, r=4, dropout=0.0, compute_dtype=compute_dtype, backend="torch")
+        lora = LoRALinear4bit(
+            weight, linear.bias, r=4, dropout=0.0, compute_dtype=compute_dtype, backend="torch"
+        )
         torch.nn.init.normal_(lora.lora_B.weight, std=0.1)
         y = lora(x)
         assert y.dtype == in_dtype, (in_dtype, compute_dtype)

@@ -20,7 +20,9 @@ def _grid_values(n_blocks: int, blocksize: int, seed: int) -> tuple[torch.Tensor
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_values_on_the_grid_round_trip_exactly(blocksize):
     k, absmax, x = _grid_values(5, blocksize, seed=blocksize)
-    packed, got_absmax = quantize_int4(x.reshape(-1)[: 5 * blocksize - 3].view(-1), blocksize)  # partial block
+    packed, got_absmax = quantize_int4(
+        x.reshape(-1)[: 5 * blocksize - 3].view(-1), blocksize
+    )  # partial block
     torch.testing.assert_close(got_absmax[:4], absmax[:4], rtol=1e-6, atol=0)
     flat = x.reshape(-1)[: 5 * blocksize - 3]
     back = dequantize_int4(packed, got_absmax, (flat.numel(),), blocksize)

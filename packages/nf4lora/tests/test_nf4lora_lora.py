@@ -26,7 +26,10 @@ def test_lora_at_init_equals_base():
     assert torch.equal(layer(x), base(x))
     assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
     bound = 1 / 72**0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 72
-    assert float(layer.lora_A.weight.detach().abs().max()) <= bound and float(layer.lora_A.weight.detach().std()) > 0.3 * bound
+    assert (
+        float(layer.lora_A.weight.detach().abs().max()) <= bound
+        and float(layer.lora_A.weight.detach().std()) > 0.3 * bound
+    )
     assert layer.scaling == 16 / 8
 
 
@@ -73,8 +76,11 @@ def test_input_and_lora_gradients_equal_dense_fp64_reference():
     x64 = x.detach().double().requires_grad_()
     y64 = F.linear(x64, w64, layer.bias.double()) + layer.scaling * F.linear(F.linear(x64, a64), b64)
     (y64 * grad_out.double()).sum().backward()
-    for got, ref, what in ((x.grad, x64.grad, "input"), (layer.lora_A.weight.grad, a64.grad, "lora_A"),
-                           (layer.lora_B.weight.grad, b64.grad, "lora_B")):
+    for got, ref, what in (
+        (x.grad, x64.grad, "input"),
+        (layer.lora_A.weight.grad, a64.grad, "lora_A"),
+        (layer.lora_B.weight.grad, b64.grad, "lora_B"),
+    ):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=what)
         assert float((got.double() - ref).abs().max()) < 1e-4 * float(ref.abs().max()) + 1e-6, what
 

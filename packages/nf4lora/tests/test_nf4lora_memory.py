@@ -19,16 +19,23 @@ def test_estimate_reproduces_65b_in_48gb_budget():
     h, inter, layers, vocab = 8192, 22016, 80, 32000
     n_params = layers * (4 * h * h + 3 * h * inter + 2 * h) + 2 * vocab * h + h
     assert 65.2e9 < n_params < 65.3e9
-    est = estimate_memory(n_params, n_layers=layers, hidden_size=h, intermediate_size=inter, vocab_size=vocab,
-                          r=64)
+    est = estimate_memory(
+        n_params, n_layers=layers, hidden_size=h, intermediate_size=inter, vocab_size=vocab, r=64
+    )
     assert 33.0 * GB < est.base_weights < 34.0 * GB  # 4.127 bits per quantized parameter
     assert est.unquantized_weights == 2 * vocab * h * 2  # embeddings + LM head in 16 bits
     n_lora = layers * 64 * (4 * 2 * h + 3 * (h + inter))
     assert est.adapters == 2 * n_lora and est.optimizer_state == 8 * n_lora
     assert 40 * GB < est.total < 48 * GB  # "65B finetuning in < 48 GB"
     assert est.full_finetune_16bit > 780 * GB  # "full 16-bit: > 780 GB"
-    no_dq = estimate_memory(n_params, n_layers=layers, hidden_size=h, intermediate_size=inter,
-                            vocab_size=vocab, double_quant=False)
+    no_dq = estimate_memory(
+        n_params,
+        n_layers=layers,
+        hidden_size=h,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        double_quant=False,
+    )
     # double quantization saves 0.373 bits per parameter: ~3 GB at 65B
     assert 2.9 * GB < no_dq.base_weights - est.base_weights < 3.1 * GB
     with pytest.raises(ValueError, match="smaller than the embeddings"):
@@ -40,8 +47,9 @@ def test_memory_report_on_prepared_model(tiny_tokenizer):
 
     model = tiny_causal_lm(tokenizer=tiny_tokenizer)
     n_dense = sum(p.numel() for p in model.parameters())
-    quantizable = sum(m.weight.numel() for n, m in model.named_modules()
-                      if type(m) is torch.nn.Linear and n != "lm_head")
+    quantizable = sum(
+        m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"
+    )
     prepare_model(model, r=4, dropout=0.0)
     assert count_parameters(model) == n_dense
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -101,11 +109,14 @@ def test_paged_adamw_on_cuda_is_bitsandbytes(bits):
     assert not torch.equal(before, p.detach())
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(r=4),
-    dict(r=3, adapter_dtype=torch.bfloat16, double_quant=False, blocksize=128, target_modules=["q_proj"]),
-    dict(r=2, skip=["down_proj"], modules_to_save=["lm_head"], norms_in_fp32=False),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=4),
+        dict(r=3, adapter_dtype=torch.bfloat16, double_quant=False, blocksize=128, target_modules=["q_proj"]),
+        dict(r=2, skip=["down_proj"], modules_to_save=["lm_head"], norms_in_fp32=False),
+    ],
+)
 def test_estimate_model_memory_equals_prepared_model_bytes(tiny_tokenizer, kwargs):
     """The estimate from a meta-device copy equals the bytes `memory_report` counts on the prepared model."""
     from transformers import AutoModelForCausalLM
@@ -115,7 +126,9 @@ def test_estimate_model_memory_equals_prepared_model_bytes(tiny_tokenizer, kwarg
 
     model = tiny_causal_lm(tokenizer=tiny_tokenizer, dtype=torch.bfloat16)
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(model.config).to(torch.bfloat16)  # as tiny_causal_lm builds it
+        meta = AutoModelForCausalLM.from_config(model.config).to(
+            torch.bfloat16
+        )  # as tiny_causal_lm builds it
     assert meta.lm_head.weight.is_meta
     est = estimate_model_memory(meta, **kwargs)
     prepare_model(model, dropout=0.0, **kwargs)
@@ -147,5 +160,12 @@ def test_estimate_model_memory_bad_input_names_the_argument():
         estimate_model_memory(model, r=0)
     with pytest.raises(ValueError, match="modules_to_save"):
         estimate_model_memory(model, modules_to_save=["score"])
-    est = estimate_model_memory(model, r=2, double_quant=False)  # 4096 weights: 2048 code bytes, 64 fp32 absmax
-    assert (est.base_codes, est.base_constants, est.other_weights, est.adapters) == (2048, 256, 256, 2 * 128 * 4)
+    est = estimate_model_memory(
+        model, r=2, double_quant=False
+    )  # 4096 weights: 2048 code bytes, 64 fp32 absmax
+    assert (est.base_codes, est.base_constants, est.other_weights, est.adapters) == (
+        2048,
+        256,
+        256,
+        2 * 128 * 4,
+    )

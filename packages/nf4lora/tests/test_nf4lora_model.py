@@ -36,7 +36,8 @@ def test_prepare_model_structure(tiny_tokenizer):
     assert model.model.norm.weight.dtype == torch.float32
     assert model.is_activation_checkpointing
     assert model.nf4lora_settings.target_modules == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     with pytest.raises(ValueError, match="already prepared"):
         prepare_model(model)
 
@@ -64,8 +65,9 @@ def test_target_modules_subset_quantizes_the_rest(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
-def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(tiny_tokenizer, tmp_path, quant_type,
-                                                                              bnb_fp32_cpu):
+def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(
+    tiny_tokenizer, tmp_path, quant_type, bnb_fp32_cpu
+):
     pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -84,10 +86,15 @@ def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(t
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids).logits
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-    bnb_model = bnb_fp32_cpu(AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qconfig,
-                                                                   device_map="cpu"))
+    qconfig = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    bnb_model = bnb_fp32_cpu(
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qconfig, device_map="cpu")
+    )
     peft_model = peft.PeftModel.from_pretrained(bnb_model, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = peft_model(ids).logits
@@ -98,8 +105,9 @@ def test_adapter_loads_in_peft_on_bitsandbytes_4bit_base_with_identical_logits(t
 def test_load_peft_trained_adapter_back(tiny_tokenizer, tmp_path):
     peft = pytest.importorskip("peft")
     dense = _tiny(tiny_tokenizer)
-    peft_model = peft.get_peft_model(dense, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
-                                                            target_modules=["q_proj", "down_proj"]))
+    peft_model = peft.get_peft_model(
+        dense, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "down_proj"])
+    )
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             with torch.no_grad():

@@ -15,8 +15,16 @@ def _classifier(seed: int = 0):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
+    )
     return LlamaForSequenceClassification(config).eval()
 
 
@@ -30,8 +38,15 @@ def test_task_head_is_kept_dense_and_frozen_by_default():
 
 def test_modules_to_save_round_trip_through_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    model = prepare_model(_classifier(), r=4, alpha=8, dropout=0.0, modules_to_save=["score"],
-                          gradient_checkpointing=False, target_modules=["q_proj", "v_proj"])
+    model = prepare_model(
+        _classifier(),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        modules_to_save=["score"],
+        gradient_checkpointing=False,
+        target_modules=["q_proj", "v_proj"],
+    )
     assert type(model.score) is torch.nn.Linear and model.score.weight.requires_grad
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "score.weight" in trainable and all("lora_" in n or n == "score.weight" for n in trainable)
@@ -68,7 +83,9 @@ def test_modules_to_save_round_trip_through_peft(tmp_path):
 def test_adapter_dtype_and_global_rng_untouched():
     model = _classifier()
     state = torch.random.get_rng_state()
-    prepare_model(model, r=4, dropout=0.0, seed=123, adapter_dtype=torch.bfloat16, gradient_checkpointing=False)
+    prepare_model(
+        model, r=4, dropout=0.0, seed=123, adapter_dtype=torch.bfloat16, gradient_checkpointing=False
+    )
     assert torch.equal(torch.random.get_rng_state(), state)  # neither the seed nor the init moved it
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A.weight.dtype == torch.bfloat16 and layer.lora_B.weight.dtype == torch.bfloat16

@@ -11,21 +11,45 @@ import torch
 from nf4lora import study
 
 # --quick, made smaller still so the whole run is a few seconds of compute
-TINY = ["--pretrain-steps", "4", "--finetune-steps", "2", "--lrs", "1e-3", "2e-3", "--seeds", "0", "1",
-        "--eval-windows", "4", "--jobs", "1"]
+TINY = [
+    "--pretrain-steps",
+    "4",
+    "--finetune-steps",
+    "2",
+    "--lrs",
+    "1e-3",
+    "2e-3",
+    "--seeds",
+    "0",
+    "1",
+    "--eval-windows",
+    "4",
+    "--jobs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def corpora(shared_data):
-    return {"pretrain": shared_data / "tinyshakespeare" / "input.txt",
-            "finetune": shared_data / "cranfield" / "cran.all.1400"}
+    return {
+        "pretrain": shared_data / "tinyshakespeare" / "input.txt",
+        "finetune": shared_data / "cranfield" / "cran.all.1400",
+    }
 
 
 @pytest.fixture(scope="module")
 def quick_run(corpora, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    argv = ["--out", str(out), "--quick", *TINY, "--pretrain-data", str(corpora["pretrain"]),
-            "--finetune-data", str(corpora["finetune"])]
+    argv = [
+        "--out",
+        str(out),
+        "--quick",
+        *TINY,
+        "--pretrain-data",
+        str(corpora["pretrain"]),
+        "--finetune-data",
+        str(corpora["finetune"]),
+    ]
     assert study.main(argv) == 0
     return out, argv
 
@@ -39,7 +63,14 @@ def test_quick_writes_every_variant(quick_run):
     finetuned = {(r["variant"], r["seed"]) for r in records if r["kind"] == "finetune"}
     assert finetuned == {(v, s) for v in study.FINETUNE_VARIANTS for s in (0, 1)}
     for r in records:
-        assert {"variant", "seed", "eval_loss", "weight_bytes", "train_state_bytes", "peak_rss_growth_bytes"} <= set(r)
+        assert {
+            "variant",
+            "seed",
+            "eval_loss",
+            "weight_bytes",
+            "train_state_bytes",
+            "peak_rss_growth_bytes",
+        } <= set(r)
         assert 0 < r["eval_loss"] < 10 and r["weight_bytes"] > 0
     by = {r["variant"]: r for r in records if r["kind"] == "zero-shot"}
     # 4-bit storage far below fp32 (in this tiny model NF4+DQ's 1 KiB code table per tensor outweighs its saving)
@@ -71,12 +102,18 @@ def test_seeds_change_only_adapter_init_and_data_order(quick_run, corpora):
     out, _ = quick_run
     cfg = study.StudyConfig(out=str(out), **study.QUICK)
     base = out / "base"
-    models = {(v, s): study.build_variant(v, base, cfg, s)[0]
-              for v in ("lora-fp32", "qlora-nf4-dq", "full-fp32") for s in (0, 1)}
+    models = {
+        (v, s): study.build_variant(v, base, cfg, s)[0]
+        for v in ("lora-fp32", "qlora-nf4-dq", "full-fp32")
+        for s in (0, 1)
+    }
 
     def adapters(model):
-        return {n.removeprefix("base_model.model.").replace(".default.", "."): p.detach().clone()
-                for n, p in model.named_parameters() if ".lora_" in n}
+        return {
+            n.removeprefix("base_model.model.").replace(".default.", "."): p.detach().clone()
+            for n, p in model.named_parameters()
+            if ".lora_" in n
+        }
 
     def frozen(model):
         return {n: t.detach().clone() for n, t in model.state_dict().items() if ".lora_" not in n}
@@ -85,12 +122,18 @@ def test_seeds_change_only_adapter_init_and_data_order(quick_run, corpora):
     assert len(a0) == 2 * 7 * cfg.layers  # A and B of q, k, v, o, gate, up, down per layer
     assert adapters(models["qlora-nf4-dq", 0]).keys() == a0.keys()
     for name, t in a0.items():
-        assert torch.equal(t, adapters(models["qlora-nf4-dq", 0])[name])  # same seed: same start, LoRA or QLoRA
+        assert torch.equal(
+            t, adapters(models["qlora-nf4-dq", 0])[name]
+        )  # same seed: same start, LoRA or QLoRA
         if ".lora_A." in name:
             assert not torch.equal(t, a1[name])  # another seed: another init
         else:
             assert not t.any() and not a1[name].any()  # B starts at zero
-    for v in ("lora-fp32", "qlora-nf4-dq", "full-fp32"):  # everything but the adapters: identical across seeds
+    for v in (
+        "lora-fp32",
+        "qlora-nf4-dq",
+        "full-fp32",
+    ):  # everything but the adapters: identical across seeds
         f0, f1 = frozen(models[v, 0]), frozen(models[v, 1])
         assert f0.keys() == f1.keys() and all(torch.equal(f0[k], f1[k]) for k in f0)
     train, val, test = study.finetune_splits(corpora["finetune"], cfg.context)
@@ -102,7 +145,9 @@ def test_seeds_change_only_adapter_init_and_data_order(quick_run, corpora):
 
 
 def test_missing_data_is_a_one_line_error(tmp_path, capsys):
-    code = study.main(["--out", str(tmp_path / "o"), "--quick", "--finetune-data", str(tmp_path / "nope.txt")])
+    code = study.main(
+        ["--out", str(tmp_path / "o"), "--quick", "--finetune-data", str(tmp_path / "nope.txt")]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"nf4lora-study: error: --finetune-data: file not found: {tmp_path / 'nope.txt'}"

@@ -55,8 +55,9 @@ def test_bitsandbytes_params4bit_round_trip_shares_bytes(double_quant, quant_typ
     expected = bnb.functional.dequantize_4bit(param.data, param.quant_state)
     assert_exact(ours.dequantize(), expected, "bitsandbytes dequantize of our bytes")
     # bitsandbytes-quantized -> ours
-    q, state = bnb.functional.quantize_4bit(x, blocksize=64, quant_type=quant_type,
-                                            compress_statistics=double_quant)
+    q, state = bnb.functional.quantize_4bit(
+        x, blocksize=64, quant_type=quant_type, compress_statistics=double_quant
+    )
     back = from_bnb(q, state)
     assert back.quant_type == quant_type
     assert_exact(back.packed, ours.packed, "packed")
@@ -73,8 +74,12 @@ def test_bitsandbytes_serialized_form_round_trip(quant_type):
 
     w = NF4Weight.from_float(torch.randn(33, 64), 64, True, quant_type=quant_type)
     tensors = bnb_serialized(w, "layer.weight")
-    assert {"layer.weight", "layer.weight.absmax", "layer.weight.nested_absmax",
-            f"layer.weight.quant_state.bitsandbytes__{quant_type}"} <= set(tensors)
+    assert {
+        "layer.weight",
+        "layer.weight.absmax",
+        "layer.weight.nested_absmax",
+        f"layer.weight.quant_state.bitsandbytes__{quant_type}",
+    } <= set(tensors)
     back = from_bnb_serialized(tensors, "layer.weight")
     assert back.quant_type == quant_type
     assert_exact(back.dequantize(), w.dequantize(), "dequantize after serialization")
@@ -93,9 +98,12 @@ def test_float_quant_storage_round_trips_through_bitsandbytes_and_survives_dtype
     assert_exact(ours.packed_bytes(), plain.packed_bytes(), "same bytes in another storage dtype")
     param = to_bnb_params4bit(ours)
     assert param.dtype == storage and param.quant_storage == storage
-    assert_exact(bnb.functional.dequantize_4bit(param.data, param.quant_state), plain.dequantize(), "bnb reads it")
-    q, state = bnb.functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True,
-                                            quant_storage=storage)
+    assert_exact(
+        bnb.functional.dequantize_4bit(param.data, param.quant_state), plain.dequantize(), "bnb reads it"
+    )
+    q, state = bnb.functional.quantize_4bit(
+        x, blocksize=64, quant_type="nf4", compress_statistics=True, quant_storage=storage
+    )
     back = from_bnb(q, state)
     assert back.quant_storage == storage
     assert_exact(back.packed_bytes(), plain.packed_bytes(), "bnb's float-stored bytes")

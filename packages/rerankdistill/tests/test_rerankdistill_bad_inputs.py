@@ -42,15 +42,32 @@ LOADER_CASES = [
     (read_qrels, "utf16.qrels", "1 0 d1 1\n".encode("utf-16"), r":1: is UTF-16 text"),
     (read_qrels, "binary.qrels", b"1 0 d1 1\n\x00\x00\x00\x00", r":2: holds a NUL byte"),
     (read_qrels, "three.qrels", b"1 0 d1\n", r":1: expected 4 fields"),
-    (read_qrels, "cut.qrels.gz", gzip.compress("".join(f"1 0 d{i} 1\n" for i in range(400)).encode())[:60], r": truncated or corrupt gzip"),
+    (
+        read_qrels,
+        "cut.qrels.gz",
+        gzip.compress("".join(f"1 0 d{i} 1\n" for i in range(400)).encode())[:60],
+        r": truncated or corrupt gzip",
+    ),
     (read_run, "latin1.run", "1 Q0 caf\xe9 1 2.0 t\n".encode("latin-1"), r":1: is not UTF-8 text"),
     (read_run, "nan.run", b"1 Q0 d1 1 nan t\n", r":1: score 'nan' is not finite"),
-    (read_topics, "cut.topics", (SGML_OK + "<top>\n<num> Number: 402\n<title> cut off").encode(),
-     r":5: <top> not closed by </top>: the file is truncated"),
-    (read_topics, "dup.topics", (SGML_OK + SGML_OK.replace("foreign", "other")).encode(),
-     r":5: duplicate topic number '401'"),
-    (read_topics, "unclosed-middle.topics", ("<top>\n<num> 1\n<title> a\n" + SGML_OK).encode(),
-     r":1: <top> not closed by </top> before the next <top>"),
+    (
+        read_topics,
+        "cut.topics",
+        (SGML_OK + "<top>\n<num> Number: 402\n<title> cut off").encode(),
+        r":5: <top> not closed by </top>: the file is truncated",
+    ),
+    (
+        read_topics,
+        "dup.topics",
+        (SGML_OK + SGML_OK.replace("foreign", "other")).encode(),
+        r":5: duplicate topic number '401'",
+    ),
+    (
+        read_topics,
+        "unclosed-middle.topics",
+        ("<top>\n<num> 1\n<title> a\n" + SGML_OK).encode(),
+        r":1: <top> not closed by </top> before the next <top>",
+    ),
     (read_topics, "stray.topics", (SGML_OK + "</top>\n").encode(), r":5: </top> without an opening <top>"),
     (read_topics, "empty.topics", b"\n", r": holds no topics"),
     (read_topics, "dup.tsv", b"1\tfirst\n1\tsecond\n", r":2: duplicate query id '1'"),
@@ -64,8 +81,12 @@ LOADER_CASES = [
     (lambda p: load_jsonl(p), "noid.jsonl", b'{"text": "x"}\n', r": record 1 lacks 'id' or 'text'"),
     (read_beir_qrels, "utf16.tsv", "query-id\tcorpus-id\tscore\n".encode("utf-16"), r":1: is UTF-16 text"),
     (read_beir_qrels, "two.tsv", b"query-id\tcorpus-id\tscore\nq1\td1\n", r":2: expected 3 tab-separated"),
-    (lambda p: load_bright(p), "topics.jsonl.gz", gzip.compress(b'{"id": "1", "query": "q"}\n' * 200)[:50],
-     r": truncated or corrupt gzip file"),
+    (
+        lambda p: load_bright(p),
+        "topics.jsonl.gz",
+        gzip.compress(b'{"id": "1", "query": "q"}\n' * 200)[:50],
+        r": truncated or corrupt gzip file",
+    ),
 ]
 
 
@@ -129,8 +150,11 @@ KEY = "sk-rerankdistill-secret-0123456789"
 def test_teacher_request_error_never_carries_the_key(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("RD_TEST_KEY", KEY)
     pairs = [Pair("1", "d1", "a query", "a document")]
-    with auth_echo_server() as base_url, TeacherStore(tmp_path / "t.jsonl") as store, \
-            caplog.at_level(logging.DEBUG):
+    with (
+        auth_echo_server() as base_url,
+        TeacherStore(tmp_path / "t.jsonl") as store,
+        caplog.at_level(logging.DEBUG),
+    ):
         backend = OpenAIChatBackend(base_url, "m", api_key_env="RD_TEST_KEY", max_retries=0)
         with pytest.raises(TeacherRequestError) as err:
             generate_teacher_outputs(pairs, backend, store, progress=False)
@@ -143,13 +167,25 @@ def test_teacher_request_error_never_carries_the_key(tmp_path, monkeypatch, capl
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rerankdistill.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rerankdistill.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def _pairs_file(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"qid": str(i % 7), "docid": f"d{i}", "query": f"query {i % 7}",
-                                        "document": f"document {i}"}) + "\n" for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"qid": str(i % 7), "docid": f"d{i}", "query": f"query {i % 7}", "document": f"document {i}"}
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
@@ -157,8 +193,17 @@ def test_cli_generate_against_an_echoing_server_leaks_nothing(tmp_path):
     pairs = _pairs_file(tmp_path / "pairs.jsonl", 3)
     out = tmp_path / "teacher.jsonl"
     with auth_echo_server() as base_url:
-        done = _cli("generate", f"pairs={pairs}", f"output={out}", "backend=openai", f"base_url={base_url}",
-                    "model=m", "api_key_env=RD_TEST_KEY", "max_retries=0", env={"RD_TEST_KEY": KEY})
+        done = _cli(
+            "generate",
+            f"pairs={pairs}",
+            f"output={out}",
+            "backend=openai",
+            f"base_url={base_url}",
+            "model=m",
+            "api_key_env=RD_TEST_KEY",
+            "max_retries=0",
+            env={"RD_TEST_KEY": KEY},
+        )
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]  # (after the progress bar)
     assert last.startswith("rerankdistill generate: error: ") and "Traceback" not in done.stderr, done.stderr
@@ -170,8 +215,17 @@ def test_cli_generate_against_an_echoing_server_leaks_nothing(tmp_path):
 
 
 def _cli_files(tmp_path: Path) -> dict[str, Path]:
-    names = ("qrels", "empty.qrels", "utf16.qrels", "run", "latin1.yaml", "pairs.jsonl.gz", "topics", "corpus.jsonl",
-             "out")
+    names = (
+        "qrels",
+        "empty.qrels",
+        "utf16.qrels",
+        "run",
+        "latin1.yaml",
+        "pairs.jsonl.gz",
+        "topics",
+        "corpus.jsonl",
+        "out",
+    )
     f = {name.replace(".", "_"): tmp_path / name for name in names}
     f["qrels"].write_text("1 0 d1 1\n1 0 d2 0\n")
     f["empty_qrels"].write_text("")
@@ -192,12 +246,28 @@ CLI_CASES = [
     (["evaluate", "qrels={qrels}"], r"runs= is required"),
     (["evaluate", "runs={run}", "measures=ndcg@10", "qrels={qrels}"], r"unknown measure 'ndcg@10'"),
     (["generate", "--config", "{latin1_yaml}"], r"latin1.yaml:2: is not UTF-8 text"),
-    (["generate", "pairs={pairs_jsonl_gz}", "backend=offline-qrels", "output={out}"],
-     r"pairs.jsonl.gz: truncated or corrupt gzip file"),
-    (["generate", "collection=trec", "topics={topics}", "qrels={qrels}", "corpus={corpus_jsonl}",
-      "backend=offline-qrels", "output={out}", "pairs_out={out}.pairs"], r"topics:5: <top> not closed"),
+    (
+        ["generate", "pairs={pairs_jsonl_gz}", "backend=offline-qrels", "output={out}"],
+        r"pairs.jsonl.gz: truncated or corrupt gzip file",
+    ),
+    (
+        [
+            "generate",
+            "collection=trec",
+            "topics={topics}",
+            "qrels={qrels}",
+            "corpus={corpus_jsonl}",
+            "backend=offline-qrels",
+            "output={out}",
+            "pairs_out={out}.pairs",
+        ],
+        r"topics:5: <top> not closed",
+    ),
     (["generate", "collection=nope", "output={out}"], r"collection must be one of"),
-    (["generate", "pairs={corpus_jsonl}", "output={out}"], r"corpus.jsonl: record 1 needs string fields .*missing qid"),
+    (
+        ["generate", "pairs={corpus_jsonl}", "output={out}"],
+        r"corpus.jsonl: record 1 needs string fields .*missing qid",
+    ),
     (["generate", "depth=many"], r"'depth': expected int, got 'many'"),
     (["generate", "dpeth=3"], r"did you mean 'depth'"),
     (["generate", "concurrency=0"], r"concurrency must be a finite number >= 1, got 0"),
@@ -231,15 +301,30 @@ def test_two_concurrent_generate_runs_never_duplicate_records(tmp_path):
     qrels.write_text("".join(f"{i % 7} 0 d{i} {i % 3}\n" for i in range(400)))
     topics, corpus = tmp_path / "topics.tsv", tmp_path / "corpus.jsonl"
     topics.write_text("".join(f"{q}\tquery {q}\n" for q in range(7)))
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i}"}) + "\n" for i in range(400)))
+    corpus.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"document {i}"}) + "\n" for i in range(400))
+    )
     out = tmp_path / "teacher.jsonl"
-    args = [sys.executable, "-m", "rerankdistill.cli", "generate", f"pairs={pairs}", "backend=offline-qrels",
-            "collection=trec", f"qrels={qrels}", f"topics={topics}", f"corpus={corpus}", f"output={out}"]
+    args = [
+        sys.executable,
+        "-m",
+        "rerankdistill.cli",
+        "generate",
+        f"pairs={pairs}",
+        "backend=offline-qrels",
+        "collection=trec",
+        f"qrels={qrels}",
+        f"topics={topics}",
+        f"corpus={corpus}",
+        f"output={out}",
+    ]
     with TeacherStore(out):  # another run holds the store: refused at once, nothing written
         held = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert held.returncode == 2 and "is locked by another running process" in held.stderr, held.stderr[-2000:]
     assert out.read_bytes() == b""
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert all(rc in (0, 2) for rc, _, _ in results) and any(rc == 0 for rc, _, _ in results), results
     for rc, _, err in results:
@@ -255,22 +340,45 @@ def test_two_concurrent_generate_runs_never_duplicate_records(tmp_path):
 
 def test_qrels_teacher_and_store_still_work(tmp_path):
     with TeacherStore(tmp_path / "t.jsonl") as store:
-        stats = generate_teacher_outputs([Pair("1", "d1", "q", "doc")], QrelsTeacher({"1": {"d1": 2}}), store,
-                                         progress=False)
+        stats = generate_teacher_outputs(
+            [Pair("1", "d1", "q", "doc")], QrelsTeacher({"1": {"d1": 2}}), store, progress=False
+        )
     assert stats.done == 1
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (lambda t: ["generate", "collection=cranfield", f"path={t}", f"pairs_out={t / 'cran.qry'}"],
-     r"pairs_out=.* would overwrite the input path="),
-    (lambda t: ["generate", f"pairs={t / 'pairs.jsonl'}", f"output={t / 'pairs.jsonl'}", "backend=offline-qrels"],
-     r"output=.* would overwrite the input pairs="),
-    (lambda t: ["refine", f"model={t / 'student' / 'final'}", f"pairs={t / 'pairs.jsonl'}",
-                f"teacher={t / 'teacher.jsonl'}", f"output_dir={t / 'student'}"],
-     r"output_dir=.* would overwrite the input model="),
-    (lambda t: ["evaluate", f"qrels={t / 'q.txt'}", f"runs=a={t / 'a.run'}", f"output={t / 'a.run'}"],
-     r"output=.* would overwrite the input runs\[0\]="),
-], ids=["pairs-out-is-collection-file", "store-is-pairs", "refine-into-student", "table-over-run"])
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (
+            lambda t: ["generate", "collection=cranfield", f"path={t}", f"pairs_out={t / 'cran.qry'}"],
+            r"pairs_out=.* would overwrite the input path=",
+        ),
+        (
+            lambda t: [
+                "generate",
+                f"pairs={t / 'pairs.jsonl'}",
+                f"output={t / 'pairs.jsonl'}",
+                "backend=offline-qrels",
+            ],
+            r"output=.* would overwrite the input pairs=",
+        ),
+        (
+            lambda t: [
+                "refine",
+                f"model={t / 'student' / 'final'}",
+                f"pairs={t / 'pairs.jsonl'}",
+                f"teacher={t / 'teacher.jsonl'}",
+                f"output_dir={t / 'student'}",
+            ],
+            r"output_dir=.* would overwrite the input model=",
+        ),
+        (
+            lambda t: ["evaluate", f"qrels={t / 'q.txt'}", f"runs=a={t / 'a.run'}", f"output={t / 'a.run'}"],
+            r"output=.* would overwrite the input runs\[0\]=",
+        ),
+    ],
+    ids=["pairs-out-is-collection-file", "store-is-pairs", "refine-into-student", "table-over-run"],
+)
 def test_outputs_never_overwrite_inputs(tmp_path, capsys, argv, pattern):
     """Every output option is checked against every input option before any work: the input is untouched."""
     for name in ("cran.qry", "pairs.jsonl", "teacher.jsonl", "q.txt", "a.run"):

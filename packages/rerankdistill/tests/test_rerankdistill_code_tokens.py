@@ -9,27 +9,41 @@ from rerankdistill.bm25 import BM25Index, bm25_search, select_bm25_params
 from rerankdistill.code_tokens import IdentifierTokenizer, identifier_parts, identifier_tokens, s_stem
 
 
-@pytest.mark.parametrize("name, parts", [
-    ("quote_plus", ["quote", "plus"]),
-    ("HTTPServer", ["HTTP", "Server"]),
-    ("parseHTTPResponse2", ["parse", "HTTP", "Response", "2"]),
-    ("get_IPAddress", ["get", "IPAddress", "IP", "Address"]),
-    ("urllib.parse.quote_plus", ["urllib", "parse", "quote_plus", "quote", "plus"]),
-    ("os.path", ["os", "path"]),
-    ("simple", []),
-    ("ABC", []),
-    ("snake__double_", ["snake", "double"]),
-])
+@pytest.mark.parametrize(
+    "name, parts",
+    [
+        ("quote_plus", ["quote", "plus"]),
+        ("HTTPServer", ["HTTP", "Server"]),
+        ("parseHTTPResponse2", ["parse", "HTTP", "Response", "2"]),
+        ("get_IPAddress", ["get", "IPAddress", "IP", "Address"]),
+        ("urllib.parse.quote_plus", ["urllib", "parse", "quote_plus", "quote", "plus"]),
+        ("os.path", ["os", "path"]),
+        ("simple", []),
+        ("ABC", []),
+        ("snake__double_", ["snake", "double"]),
+    ],
+)
 def test_identifier_parts(name, parts):
     assert identifier_parts(name) == parts
 
 
 def test_whole_identifier_kept_before_its_parts_lowercased():
     assert identifier_tokens("x = os.path.join(a, HTTPServer)", stopwords=None) == [
-        "os.path.join", "os", "path", "join", "httpserver", "http", "server"]
+        "os.path.join",
+        "os",
+        "path",
+        "join",
+        "httpserver",
+        "http",
+        "server",
+    ]
     # leading/trailing underscores of private names go; one-character words go
     assert identifier_tokens("_make_iterencode __init__ a b", stopwords=None) == [
-        "make_iterencode", "make", "iterencode", "init"]
+        "make_iterencode",
+        "make",
+        "iterencode",
+        "init",
+    ]
     assert identifier_tokens("version 311 3", stopwords=None) == ["version", "311"]
 
 
@@ -38,17 +52,24 @@ def test_stopwords_and_stemming():
     assert identifier_tokens("get_the_value", stopwords="en") == ["get_the_value", "get", "value"]
     assert identifier_tokens("Return the files", stopwords=["return"]) == ["the", "files"]
     assert identifier_tokens("queries classes files is", stopwords=None, stemmer="s") == [
-        "query", "classe", "file", "is"]
+        "query",
+        "classe",
+        "file",
+        "is",
+    ]
     assert identifier_tokens("Files", stopwords=None, stemmer=str.upper) == ["FILES"]
     # a dotted name is an identifier: never stemmed
     assert identifier_tokens("os.paths", stopwords=None, stemmer="s") == ["os.paths", "os", "path"]
     assert [s_stem(w) for w in ("bus", "class", "does", "ties", "s")] == ["bus", "class", "doe", "ty", "s"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"stopwords": "french"}, "stopwords must be"),
-    ({"stemmer": "porter"}, "stemmer must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stopwords": "french"}, "stopwords must be"),
+        ({"stemmer": "porter"}, "stemmer must be one of"),
+    ],
+)
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IdentifierTokenizer(**kwargs)
@@ -83,11 +104,15 @@ def test_tokenizer_excludes_bm25s_options():
 
 def test_select_bm25_params_maximises_validation_ndcg():
     # doc "long" repeats the query word in a long document, "short" once in a short one: b decides the order
-    corpus = {"short": "alpha beta", "long": "alpha " * 3 + " ".join(f"filler{i}" for i in range(40)),
-              "other": "gamma delta"}
+    corpus = {
+        "short": "alpha beta",
+        "long": "alpha " * 3 + " ".join(f"filler{i}" for i in range(40)),
+        "other": "gamma delta",
+    }
     queries, qrels = {"v": "alpha"}, {"v": {"short": 1}}
-    k1, b, table = select_bm25_params(corpus, queries, qrels, IdentifierTokenizer(), k1s=(0.9, 1.2),
-                                      bs=(0.0, 1.0), depth=2)
+    k1, b, table = select_bm25_params(
+        corpus, queries, qrels, IdentifierTokenizer(), k1s=(0.9, 1.2), bs=(0.0, 1.0), depth=2
+    )
     assert set(table) == {(0.9, 0.0), (0.9, 1.0), (1.2, 0.0), (1.2, 1.0)}
     assert table[(k1, b)] == max(table.values()) == 1.0 and b == 1.0
     assert table[(0.9, 0.0)] < 1.0  # without length normalisation the long document wins

@@ -88,18 +88,30 @@ def test_bright_with_corpus_file(tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text(json.dumps({"id": "d1", "content": "because"}) + "\n")
     task = load_bright(topics, corpus=corpus)
-    assert task.corpus == {"d1": "because"} and task.qrels == {"7": {"d1": 1}} and task.excluded == {"7": set()}
+    assert (
+        task.corpus == {"d1": "because"} and task.qrels == {"7": {"d1": 1}} and task.excluded == {"7": set()}
+    )
 
 
 def test_beir_folder(tmp_path):
     (tmp_path / "qrels").mkdir()
     (tmp_path / "corpus.jsonl").write_text(
-        json.dumps({"_id": "d1", "title": "T", "text": "body"}) + "\n" + json.dumps({"_id": "d2", "text": "x"}) + "\n")
+        json.dumps({"_id": "d1", "title": "T", "text": "body"})
+        + "\n"
+        + json.dumps({"_id": "d2", "text": "x"})
+        + "\n"
+    )
     (tmp_path / "queries.jsonl").write_text(
-        json.dumps({"_id": "q1", "text": "hello"}) + "\n" + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
+        json.dumps({"_id": "q1", "text": "hello"})
+        + "\n"
+        + json.dumps({"_id": "q2", "text": "unjudged"})
+        + "\n"
+    )
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\n")
     corpus, queries, qrels = load_beir(tmp_path)
-    assert corpus == {"d1": "T\nbody", "d2": "x"} and queries == {"q1": "hello"} and qrels == {"q1": {"d1": 2}}
+    assert (
+        corpus == {"d1": "T\nbody", "d2": "x"} and queries == {"q1": "hello"} and qrels == {"q1": {"d1": 2}}
+    )
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
     with pytest.raises(TrecFormatError, match=r"test.tsv:2: expected 3"):
         load_beir(tmp_path)
@@ -121,22 +133,26 @@ def test_trec_roundtrip(tmp_path):
 
 
 def test_sgml_topics(tmp_path):
-    (tmp_path / "t.txt").write_text("<top>\n<num> Number: 301\n<title> International Organized Crime\n"
-                                    "<desc> Description:\nblah\n</top>\n")
+    (tmp_path / "t.txt").write_text(
+        "<top>\n<num> Number: 301\n<title> International Organized Crime\n<desc> Description:\nblah\n</top>\n"
+    )
     assert read_topics(tmp_path / "t.txt") == {"301": "International Organized Crime"}
 
 
-@pytest.mark.parametrize(("name", "text", "pattern"), [
-    ("qrels", "1 0 a 1\n1 0 b\n", r"qrels:2: expected 4 fields"),
-    ("qrels", "1 0 a x\n", r"qrels:1: relevance 'x' is not an integer"),
-    ("qrels", "1 0 a 1\n\n1 0 a 2\n", r"qrels:3: duplicate judgement"),
-    ("run", "1 Q0 a 1 0.5 t\n1 Q0 b 2 nan t\n", r"run:2: score 'nan' is not finite"),
-    ("run", "1 Q0 a one 0.5 t\n", r"run:1: rank must be an integer"),
-    ("run", "1 Q0 a 1 0.5\n", r"run:1: expected 6 fields"),
-    ("run", "1 Q0 a 1 0.5 t\n1 Q0 a 2 0.4 t\n", r"run:2: document 'a' retrieved twice"),
-    ("topics", "1\thello\n2\t \n", r"topics:2: empty query"),
-    ("topics", "1 hello\n", r"topics:1: expected `qid<TAB>query`"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "pattern"),
+    [
+        ("qrels", "1 0 a 1\n1 0 b\n", r"qrels:2: expected 4 fields"),
+        ("qrels", "1 0 a x\n", r"qrels:1: relevance 'x' is not an integer"),
+        ("qrels", "1 0 a 1\n\n1 0 a 2\n", r"qrels:3: duplicate judgement"),
+        ("run", "1 Q0 a 1 0.5 t\n1 Q0 b 2 nan t\n", r"run:2: score 'nan' is not finite"),
+        ("run", "1 Q0 a one 0.5 t\n", r"run:1: rank must be an integer"),
+        ("run", "1 Q0 a 1 0.5\n", r"run:1: expected 6 fields"),
+        ("run", "1 Q0 a 1 0.5 t\n1 Q0 a 2 0.4 t\n", r"run:2: document 'a' retrieved twice"),
+        ("topics", "1\thello\n2\t \n", r"topics:2: empty query"),
+        ("topics", "1 hello\n", r"topics:1: expected `qid<TAB>query`"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, name, text, pattern):
     path = tmp_path / name
     path.write_text(text)
@@ -167,7 +183,9 @@ def test_core_import_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, rerankdistill; rerankdistill.parse_relevance('x'); "
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
-            "assert not heavy, heavy; assert callable(rerankdistill.sft)")
+    code = (
+        "import sys, rerankdistill; rerankdistill.parse_relevance('x'); "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
+        "assert not heavy, heavy; assert callable(rerankdistill.sft)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,10 +4,14 @@ from rerankdistill.evidence import evidence
 
 
 def test_evidence_counts_identifier_parts_and_lists_calls():
-    text = evidence("Return the HTTP headers of the responses", "class HTTPResponse:\n    def getheaders(self):\n"
-                    "        return list(self.headers.items())")
-    assert text == ("Matches: return, http, header, response (4 of 4 query words). Defines HTTPResponse, getheaders. "
-                    "Calls list, items.")
+    text = evidence(
+        "Return the HTTP headers of the responses",
+        "class HTTPResponse:\n    def getheaders(self):\n        return list(self.headers.items())",
+    )
+    assert text == (
+        "Matches: return, http, header, response (4 of 4 query words). Defines HTTPResponse, getheaders. "
+        "Calls list, items."
+    )
 
 
 def test_evidence_caps_and_non_code():

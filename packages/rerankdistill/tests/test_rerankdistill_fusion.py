@@ -12,7 +12,9 @@ from rerankdistill.trec import sorted_ranking
 
 def _random_case(seed: int, n_queries: int = 7, n_docs: int = 13, k: int = 9):
     rng = random.Random(seed)
-    first = {f"q{i}": {f"d{j}": round(rng.uniform(0, 20), 3) for j in range(n_docs)} for i in range(n_queries)}
+    first = {
+        f"q{i}": {f"d{j}": round(rng.uniform(0, 20), 3) for j in range(n_docs)} for i in range(n_queries)
+    }
     rer = {q: {d: rng.choice([0.0, 0.5, 1.0, 1.7, 2.0]) for d in docs} for q, docs in first.items()}
     qrels = {q: {d: rng.choice([0, 0, 1, 2]) for d in docs} for q, docs in first.items()}
     return first, rer, qrels, k

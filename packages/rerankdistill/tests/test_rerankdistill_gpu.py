@@ -14,8 +14,14 @@ def test_vllm_teacher_fills_the_store_once(tiny_lm_dir, tmp_path):
     from rerankdistill.backends.vllm import VLLMBackend
 
     pairs = [Pair(str(q), f"d{d}", f"query {q}", f"document {d} text") for q in range(2) for d in range(3)]
-    backend = VLLMBackend(str(tiny_lm_dir), name="tiny-vllm", max_tokens=8, gpu_memory_utilization=0.3,
-                          max_model_len=512, enforce_eager=True)
+    backend = VLLMBackend(
+        str(tiny_lm_dir),
+        name="tiny-vllm",
+        max_tokens=8,
+        gpu_memory_utilization=0.3,
+        max_model_len=512,
+        enforce_eager=True,
+    )
     with TeacherStore(tmp_path / "teacher.jsonl") as store:
         stats = generate_teacher_outputs(pairs, backend, store, batch_size=4, progress=False)
         again = generate_teacher_outputs(pairs, backend, store, batch_size=4, progress=False)

@@ -71,8 +71,11 @@ def test_bad_arguments():
 
 def test_comparison_table_lists_each_run():
     qrels = {"1": {"a": 1}}
-    table = comparison_table({"BM25": {"1": {"b": 2.0, "a": 1.0}}, "reranked": {"1": {"a": 2.0, "b": 1.0}}}, qrels,
-                             ("ndcg_cut_10",))
+    table = comparison_table(
+        {"BM25": {"1": {"b": 2.0, "a": 1.0}}, "reranked": {"1": {"a": 2.0, "b": 1.0}}},
+        qrels,
+        ("ndcg_cut_10",),
+    )
     assert "| BM25 | 1 | 0.6309 |" in table and "| reranked | 1 | 1.0000 |" in table
 
 

@@ -9,9 +9,18 @@ import pytest
 
 from rerankdistill.pairs import build_training_pairs, load_pages
 
-TOPICS = ["photosynthesis chlorophyll light", "plate tectonics earthquakes", "insect vision phototaxis",
-          "ocean tides moon gravity", "volcano magma eruption", "dna replication polymerase",
-          "glacier ice melting climate", "bird migration navigation", "soil erosion rivers", "cloud rain formation"]
+TOPICS = [
+    "photosynthesis chlorophyll light",
+    "plate tectonics earthquakes",
+    "insect vision phototaxis",
+    "ocean tides moon gravity",
+    "volcano magma eruption",
+    "dna replication polymerase",
+    "glacier ice melting climate",
+    "bird migration navigation",
+    "soil erosion rivers",
+    "cloud rain formation",
+]
 
 
 def make_world(n_questions: int = 60, seed: int = 0):
@@ -27,7 +36,9 @@ def make_world(n_questions: int = 60, seed: int = 0):
             {"body": "other", "score": 9, "accepted": False, "links": urls[1:2]},
             {"body": "low", "score": 1, "accepted": False, "links": urls[2:] + ["https://missing.example/x"]},
         ]
-        records.append({"id": f"q{i}", "title": f"question {i} about {topic}", "body": "why?", "answers": answers})
+        records.append(
+            {"id": f"q{i}", "title": f"question {i} about {topic}", "body": "why?", "answers": answers}
+        )
     return records, pages
 
 

@@ -36,7 +36,9 @@ def test_java_version_and_home_detection(tmp_path, monkeypatch):
     monkeypatch.setenv("JAVA_HOME", str(new))
     assert find_java_home() == new  # JAVA_HOME wins when it qualifies
     monkeypatch.setenv("JAVA_HOME", str(old))
-    with pytest.raises(RuntimeError, match=r"JAVA_HOME=.*jdk-17.0.15 is Java 17; point JAVA_HOME at .*jdk-25"):
+    with pytest.raises(
+        RuntimeError, match=r"JAVA_HOME=.*jdk-17.0.15 is Java 17; point JAVA_HOME at .*jdk-25"
+    ):
         find_java_home()
     monkeypatch.delenv("JAVA_HOME")
     monkeypatch.setattr("rerankdistill.bm25_lucene.JVM_ROOTS", (tmp_path / "empty",))
@@ -81,18 +83,29 @@ TINY = {
 
 
 def test_tiny_corpus_known_top_document(lucene, tmp_path):
-    queries = {"q-cat": "cat on a mat", "q-qcd": "quarks and gluons?", "q-flow": "heated plate (boundary) flow:",
-               "q-stop": "the and of", "q-none": "zebra"}
+    queries = {
+        "q-cat": "cat on a mat",
+        "q-qcd": "quarks and gluons?",
+        "q-flow": "heated plate (boundary) flow:",
+        "q-stop": "the and of",
+        "q-none": "zebra",
+    }
     run = bm25_search(TINY, queries, k=3, backend="pyserini")
     assert set(run) == set(queries)
-    assert all(isinstance(d, str) and isinstance(s, float) and s > 0 for docs in run.values() for d, s in docs.items())
+    assert all(
+        isinstance(d, str) and isinstance(s, float) and s > 0
+        for docs in run.values()
+        for d, s in docs.items()
+    )
     assert max(run["q-cat"], key=run["q-cat"].get) == "d1"
     assert list(run["q-qcd"]) == ["d3"] and list(run["q-flow"]) == ["d4"]
     assert run["q-stop"] == {} and run["q-none"] == {}  # stopwords only / unknown word: nothing retrieved
 
     # Same shape and the same top documents as bm25s; a kept index in a user-given directory.
     ref = bm25_search(TINY, queries, k=3)
-    assert {q: max(d, key=d.get) for q, d in run.items() if d} == {q: max(d, key=d.get) for q, d in ref.items() if d}
+    assert {q: max(d, key=d.get) for q, d in run.items() if d} == {
+        q: max(d, key=d.get) for q, d in ref.items() if d
+    }
     index_dir = tmp_path / "idx"
     with LuceneBM25Index(TINY, index_dir=index_dir, stemmer="porter") as index:
         assert index.num_docs == 4  # the empty document is not indexed
@@ -115,8 +128,14 @@ def test_cranfield_pyserini_close_to_bm25s(lucene, shared_data):
     # measured: Lucene 0.3160 / 0.2464 / 0.6839, bm25s 0.3161 / 0.2494 / 0.6833 (k1=0.9, b=0.4, no stemming)
     for m in measures:
         assert abs(float(ours[m]) - float(ref[m])) < 0.01, (m, float(ours[m]), float(ref[m]))
-    top10 = [len(set(sorted(lucene_run[q], key=lucene_run[q].get)[-10:])
-                 & set(sorted(bm25s_run[q], key=bm25s_run[q].get)[-10:])) / 10 for q in queries]
+    top10 = [
+        len(
+            set(sorted(lucene_run[q], key=lucene_run[q].get)[-10:])
+            & set(sorted(bm25s_run[q], key=bm25s_run[q].get)[-10:])
+        )
+        / 10
+        for q in queries
+    ]
     assert sum(top10) / len(top10) > 0.95  # measured 0.981 (lowest query 0.8)
 
 
@@ -125,10 +144,25 @@ def test_cli_generate_with_pyserini_first_stage(lucene, tmp_path, shared_data, c
     from rerankdistill.datasets import read_jsonl
 
     pairs = tmp_path / "pairs.jsonl"
-    assert main(["generate", "collection=cranfield", f"path={shared_data / 'cranfield'}", "backend=offline-qrels",
-                 "bm25_backend=pyserini", "max_queries=3", "depth=4", f"output={tmp_path / 't.jsonl'}",
-                 f"pairs_out={pairs}"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "collection=cranfield",
+                f"path={shared_data / 'cranfield'}",
+                "backend=offline-qrels",
+                "bm25_backend=pyserini",
+                "max_queries=3",
+                "depth=4",
+                f"output={tmp_path / 't.jsonl'}",
+                f"pairs_out={pairs}",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"] == 12
     corpus, queries, _ = load_cranfield(shared_data / "cranfield")
     expected = bm25_search(corpus, {q: queries[q] for q in ("1", "2", "3")}, k=4, backend="pyserini")
-    assert [(r["qid"], r["docid"]) for r in read_jsonl(pairs)] == [(q, d) for q in expected for d in expected[q]]
+    assert [(r["qid"], r["docid"]) for r in read_jsonl(pairs)] == [
+        (q, d) for q in expected for d in expected[q]
+    ]

@@ -32,8 +32,16 @@ class TableJudge:
 
 
 def test_order_by_expected_then_first_stage_then_docid(tmp_path):
-    table = {"d0": (0, 0.1), "d1": (2, 1.9), "d2": (2, 1.9), "d3": (1, 1.0), "d4": (None, None),
-             "d5": (1, 1.0), "d6": (1, 1.0), "d7": (2, 2.0)}
+    table = {
+        "d0": (0, 0.1),
+        "d1": (2, 1.9),
+        "d2": (2, 1.9),
+        "d3": (1, 1.0),
+        "d4": (None, None),
+        "d5": (1, 1.0),
+        "d6": (1, 1.0),
+        "d7": (2, 2.0),
+    }
     judge = TableJudge(table)
     result = rerank(FIRST, QUERIES, CORPUS, judge, k=5, batch_size=2, progress=False)
     ranking = sorted(result.run["1"], key=lambda d: -result.run["1"][d])
@@ -53,7 +61,9 @@ def test_order_by_expected_then_first_stage_then_docid(tmp_path):
 def test_cache_resumes_and_bad_input(tmp_path):
     table = {f"d{i}": (i % 3, float(i % 3)) for i in range(8)}
     with TeacherStore(tmp_path / "j.jsonl") as store:
-        first = rerank({"1": FIRST["1"]}, QUERIES, CORPUS, TableJudge(table), k=4, store=store, progress=False)
+        first = rerank(
+            {"1": FIRST["1"]}, QUERIES, CORPUS, TableJudge(table), k=4, store=store, progress=False
+        )
     judge = TableJudge(table)
     with TeacherStore(tmp_path / "j.jsonl") as store:
         again = rerank(FIRST, QUERIES, CORPUS, judge, k=4, store=store, progress=False)
@@ -104,8 +114,9 @@ def test_batched_generation_equals_unbatched(tiny_backend):
 
 def test_transformers_judge_reranks_and_writes_run(tiny_backend, tmp_path):
     judge = TransformersJudge(tiny_backend)
-    result = rerank({"1": dict(list(FIRST["1"].items())[:5])}, QUERIES, CORPUS, judge, k=5, batch_size=3,
-                    progress=False)
+    result = rerank(
+        {"1": dict(list(FIRST["1"].items())[:5])}, QUERIES, CORPUS, judge, k=5, batch_size=3, progress=False
+    )
     assert result.judged == 5 and set(result.run["1"]) == {f"d{i}" for i in range(5)}
     write_run(result.run, tmp_path / "r.txt")
     assert read_run(tmp_path / "r.txt") == result.run
@@ -172,7 +183,9 @@ def test_teacher_forced_judge_is_one_forward_of_label_probabilities(tiny_backend
     expected = (probs * torch.tensor([0.0, 1.0, 2.0])).sum(-1)
     torch.testing.assert_close(torch.tensor([j.expected for j in out]), expected)
     assert [j.label for j in out] == probs.argmax(-1).tolist()
-    assert all(j.text.startswith("Matches: ") and j.text.endswith(f"Relevance Label: {j.label} ##") for j in out)
+    assert all(
+        j.text.startswith("Matches: ") and j.text.endswith(f"Relevance Label: {j.label} ##") for j in out
+    )
     assert judge.name == "tiny-forced"
     calls = []
     tiny_backend_generate = tiny_backend.generate_texts

@@ -30,7 +30,9 @@ def test_offline_judge_applies_the_rubric():
     grounded = "Navigation at a fixed angle to the light explains it. Relevance Label: 2"
     assert judge.grade(rubric_messages(Q, DOC, grounded, 2)[-1]["content"]) == 10
     assert judge.grade(rubric_messages(Q, DOC, grounded, 1)[-1]["content"]) == 7  # label off by one: 2 of 5
-    assert judge.grade(rubric_messages(Q, DOC, "Cats. Relevance Label: 0", 2)[-1]["content"]) == 2  # format only
+    assert (
+        judge.grade(rubric_messages(Q, DOC, "Cats. Relevance Label: 0", 2)[-1]["content"]) == 2
+    )  # format only
     assert judge.grade(rubric_messages(Q, DOC, "no idea", 0)[-1]["content"]) == 0
     model = RubricRewardModel(judge)
     assert model.score([(Q, DOC, grounded, 2), (Q, DOC, "no idea", 2)]) == [1.0, 0.0]
@@ -48,7 +50,11 @@ def test_async_backends_and_unparseable_replies_are_counted():
             Async.closed = True
 
     model = RubricRewardModel(Async(), concurrency=2)
-    assert model.score([(Q, DOC, "x Relevance Label: 2", 2), (Q, DOC, "y", 1), (Q, DOC, "z", 0)]) == [0.4, 0.0, 0.0]
+    assert model.score([(Q, DOC, "x Relevance Label: 2", 2), (Q, DOC, "y", 1), (Q, DOC, "z", 0)]) == [
+        0.4,
+        0.0,
+        0.0,
+    ]
     assert model.unparseable == 2 and Async.closed
     with pytest.raises(TypeError, match="neither complete_batch nor acomplete"):
         RubricRewardModel(object()).score([(Q, DOC, "a", 0)])
@@ -61,8 +67,16 @@ def test_refine_with_the_rubric_reward_model(tmp_path, tiny_tokenizer):
 
     pairs = [RefinePair(Q, DOC, 2, "Lamps pull moths off their navigation angle. Relevance Label: 2 ##")]
     judge = RubricRewardModel(OfflineRubricJudge())
-    result = reward_weighted_finetune(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2), tiny_tokenizer, pairs,
-                                      tmp_path / "rubric", k=3, max_new_tokens=6, reward_model=judge,
-                                      loop=LoopConfig(lr=1e-3, epochs=1, batch_size=1, grad_accum=1), progress=False)
+    result = reward_weighted_finetune(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2),
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "rubric",
+        k=3,
+        max_new_tokens=6,
+        reward_model=judge,
+        loop=LoopConfig(lr=1e-3, epochs=1, batch_size=1, grad_accum=1),
+        progress=False,
+    )
     # the random tiny model's samples earn no rubric point; the teacher's grounded answer earns all 10
     assert result.stats["candidates"] == 4 and result.stats["kept"] == 1 and judge.unparseable == 0

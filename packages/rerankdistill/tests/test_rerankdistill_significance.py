@@ -66,7 +66,9 @@ def test_bootstrap_interval():
     mean, lo, hi = bootstrap_ci(d, np.zeros_like(d), n_resamples=4000, seed=0)
     half = stats.norm.ppf(0.975) * d.std(ddof=1) / np.sqrt(d.size)
     assert mean == pytest.approx(d.mean()) and lo < mean < hi
-    assert lo == pytest.approx(mean - half, abs=0.15 * half) and hi == pytest.approx(mean + half, abs=0.15 * half)
+    assert lo == pytest.approx(mean - half, abs=0.15 * half) and hi == pytest.approx(
+        mean + half, abs=0.15 * half
+    )
     _, lo90, hi90 = bootstrap_ci(d, np.zeros_like(d), confidence=0.9, n_resamples=4000, seed=0)
     assert lo < lo90 < hi90 < hi
 

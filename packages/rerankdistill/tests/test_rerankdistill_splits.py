@@ -18,7 +18,9 @@ def test_make_splits_is_deterministic_and_disjoint():
     a = make_splits(qids, validation=0.1, test=0.2, seed=3)
     shuffled = qids[:]
     random.Random(0).shuffle(shuffled)
-    assert make_splits(shuffled + qids[:5], validation=0.1, test=0.2, seed=3) == a  # order and repeats ignored
+    assert (
+        make_splits(shuffled + qids[:5], validation=0.1, test=0.2, seed=3) == a
+    )  # order and repeats ignored
     assert [len(a[s]) for s in ("train", "validation", "test")] == [158, 22, 45]
     assert set(a["train"]) | set(a["validation"]) | set(a["test"]) == set(qids)
     assert not set(a["train"]) & set(a["test"]) and not set(a["validation"]) & set(a["test"])
@@ -32,14 +34,21 @@ def test_make_splits_is_deterministic_and_disjoint():
 
 
 def test_split_command_writes_the_same_file_and_refuses_to_change_it(tmp_path, shared_data, capsys):
-    cran = ["split", "collection=cranfield", f"path={shared_data / 'cranfield'}", f"out={tmp_path / 's.json'}"]
+    cran = [
+        "split",
+        "collection=cranfield",
+        f"path={shared_data / 'cranfield'}",
+        f"out={tmp_path / 's.json'}",
+    ]
     assert main(cran) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["train"], summary["validation"], summary["test"]) == (158, 22, 45)
     first = (tmp_path / "s.json").read_text()
     assert main(cran) == 0 and (tmp_path / "s.json").read_text() == first  # deterministic: rewritten equal
     assert main([*cran, "seed=1"]) == 2
-    assert "exists with other splits" in capsys.readouterr().err and (tmp_path / "s.json").read_text() == first
+    assert (
+        "exists with other splits" in capsys.readouterr().err and (tmp_path / "s.json").read_text() == first
+    )
     assert main([*cran, "seed=1", "overwrite=true"]) == 0 and (tmp_path / "s.json").read_text() != first
 
 
@@ -48,8 +57,16 @@ def test_training_commands_refuse_test_queries(tmp_path, shared_data, capsys):
     cran = ["collection=cranfield", f"path={shared_data / 'cranfield'}"]
     assert main(["split", *cran, f"out={splits}"]) == 0
     test = read_splits(splits)["test"]
-    gen = ["generate", *cran, "backend=offline-qrels", "max_queries=2", "depth=2", f"splits={splits}",
-           f"output={tmp_path / 't.jsonl'}", f"pairs_out={tmp_path / 'p.jsonl'}"]
+    gen = [
+        "generate",
+        *cran,
+        "backend=offline-qrels",
+        "max_queries=2",
+        "depth=2",
+        f"splits={splits}",
+        f"output={tmp_path / 't.jsonl'}",
+        f"pairs_out={tmp_path / 'p.jsonl'}",
+    ]
     assert main([*gen, "queries=test"]) == 2
     assert "training on test queries leaks" in capsys.readouterr().err
     assert not (tmp_path / "t.jsonl").exists()
@@ -57,8 +74,13 @@ def test_training_commands_refuse_test_queries(tmp_path, shared_data, capsys):
     capsys.readouterr()
     assert {json.loads(line)["qid"] for line in (tmp_path / "p.jsonl").open()} <= set(test)
     # a pairs file holding test qids is refused by sft before any model is loaded
-    sft = ["sft", f"pairs={tmp_path / 'p.jsonl'}", f"teacher={tmp_path / 't.jsonl'}", f"splits={splits}",
-           "model=unused"]
+    sft = [
+        "sft",
+        f"pairs={tmp_path / 'p.jsonl'}",
+        f"teacher={tmp_path / 't.jsonl'}",
+        f"splits={splits}",
+        "model=unused",
+    ]
     assert main(sft) == 2
     assert f"pairs file '{tmp_path / 'p.jsonl'}' holds 2 test queries" in capsys.readouterr().err
     # the default split for generate is train
@@ -75,9 +97,13 @@ def test_split_selection_and_file_checks(tmp_path):
     o = load_config(RerankOptions, None, [f"splits={path}", "queries=validation"])
     assert split_queries(o, "test", training=False)[1] == {"3"}
     with pytest.raises(TestLeakError):
-        split_queries(load_config(RerankOptions, None, [f"splits={path}", "queries=test"]), "train", training=True)
+        split_queries(
+            load_config(RerankOptions, None, [f"splits={path}", "queries=test"]), "train", training=True
+        )
     with pytest.raises(ConfigError, match="queries must be one of train, validation, test"):
-        split_queries(load_config(RerankOptions, None, [f"splits={path}", "queries=dev"]), "test", training=False)
+        split_queries(
+            load_config(RerankOptions, None, [f"splits={path}", "queries=dev"]), "test", training=False
+        )
     with pytest.raises(ConfigError, match="needs splits=FILE"):
         split_queries(load_config(RerankOptions, None, ["queries=train"]), "test", training=False)
     path.write_text(json.dumps({"train": ["1"], "validation": ["1"], "test": []}))

@@ -51,9 +51,11 @@ def test_offline_teacher_explanation_modes():
     assert ev.name == "offline-qrels-oracle-evidence" and ev.name not in (fixed.name, per_label.name)
     texts = [c.text for c in ev.complete_pairs(PAIRS[:2])]
     assert texts[0] == "Matches: none (0 of 1 query words). Relevance Label: 2 ##"
-    assert ev.explanation(0, "sort the list", "def sort_list(xs): return sorted(xs)") == ev.explanation(
-        2, "sort the list", "def sort_list(xs): return sorted(xs)") == (
-        "Matches: sort, list (2 of 2 query words). Defines sort_list. Calls sorted.")
+    assert (
+        ev.explanation(0, "sort the list", "def sort_list(xs): return sorted(xs)")
+        == ev.explanation(2, "sort the list", "def sort_list(xs): return sorted(xs)")
+        == ("Matches: sort, list (2 of 2 query words). Defines sort_list. Calls sorted.")
+    )
 
 
 def test_store_repairs_torn_tail_and_rejects_corruption(tmp_path):
@@ -100,14 +102,20 @@ def test_duplicate_pairs_and_empty_queries_rejected_before_any_call(tmp_path):
         with pytest.raises(ValueError, match="listed twice"):
             generate_teacher_outputs([PAIRS[0], PAIRS[0]], QrelsTeacher(QRELS), store, progress=False)
         with pytest.raises(ValueError, match="empty query"):
-            generate_teacher_outputs([PAIRS[0], Pair("9", "d", " ", "doc")], QrelsTeacher(QRELS), store,
-                                     progress=False)
+            generate_teacher_outputs(
+                [PAIRS[0], Pair("9", "d", " ", "doc")], QrelsTeacher(QRELS), store, progress=False
+            )
         assert len(store) == 0
 
 
 def _chat_reply(text: str, p: int = 7, c: int = 3) -> httpx.Response:
-    return httpx.Response(200, json={"choices": [{"message": {"content": text}}],
-                                     "usage": {"prompt_tokens": p, "completion_tokens": c}})
+    return httpx.Response(
+        200,
+        json={
+            "choices": [{"message": {"content": text}}],
+            "usage": {"prompt_tokens": p, "completion_tokens": c},
+        },
+    )
 
 
 def test_http_backend_retries_accounts_tokens_and_hides_key(tmp_path, monkeypatch):
@@ -123,8 +131,13 @@ def test_http_backend_retries_accounts_tokens_and_hides_key(tmp_path, monkeypatc
             return httpx.Response(503 if calls["n"] % 2 else 429, headers={"retry-after": "0"})
         return _chat_reply("Looks on topic. Relevance Label: 1 ## trailing")
 
-    backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", api_key_env="TEST_TEACHER_KEY", backoff=0.001,
-                                transport=httpx.MockTransport(handler))
+    backend = OpenAIChatBackend(
+        "http://teacher.invalid/v1",
+        "m",
+        api_key_env="TEST_TEACHER_KEY",
+        backoff=0.001,
+        transport=httpx.MockTransport(handler),
+    )
     assert "sk-secret" not in repr(backend)
     with TeacherStore(tmp_path / "t.jsonl") as store:
         stats = generate_teacher_outputs(PAIRS[:4], backend, store, concurrency=1, progress=False)
@@ -143,25 +156,50 @@ def test_http_backend_retries_timeouts(tmp_path):
             raise httpx.ReadTimeout("slow", request=request)
         return _chat_reply("ok Relevance Label: 0")
 
-    backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001, transport=httpx.MockTransport(handler))
+    backend = OpenAIChatBackend(
+        "http://teacher.invalid/v1", "m", backoff=0.001, transport=httpx.MockTransport(handler)
+    )
     with TeacherStore(tmp_path / "t.jsonl") as store:
         generate_teacher_outputs(PAIRS[:1], backend, store, progress=False)
         assert [r.label for r in store.records.values()] == [0]
     assert backend.retries == 2 and calls["n"] == 3
-    dead = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001, max_retries=1,
-                             transport=httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("x"))))
-    with TeacherStore(tmp_path / "u.jsonl") as store, pytest.raises(TeacherRequestError, match="ConnectError after 2"):
+    dead = OpenAIChatBackend(
+        "http://teacher.invalid/v1",
+        "m",
+        backoff=0.001,
+        max_retries=1,
+        transport=httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("x"))),
+    )
+    with (
+        TeacherStore(tmp_path / "u.jsonl") as store,
+        pytest.raises(TeacherRequestError, match="ConnectError after 2"),
+    ):
         generate_teacher_outputs(PAIRS[:1], dead, store, progress=False)
 
 
 def test_http_backend_gives_up_on_client_errors(tmp_path):
-    backend = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001,
-                                transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad model")))
-    with TeacherStore(tmp_path / "t.jsonl") as store, pytest.raises(TeacherRequestError, match="answered 400"):
+    backend = OpenAIChatBackend(
+        "http://teacher.invalid/v1",
+        "m",
+        backoff=0.001,
+        transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad model")),
+    )
+    with (
+        TeacherStore(tmp_path / "t.jsonl") as store,
+        pytest.raises(TeacherRequestError, match="answered 400"),
+    ):
         generate_teacher_outputs(PAIRS[:2], backend, store, progress=False)
-    flaky = OpenAIChatBackend("http://teacher.invalid/v1", "m", backoff=0.001, max_retries=2,
-                              transport=httpx.MockTransport(lambda r: httpx.Response(500)))
-    with TeacherStore(tmp_path / "u.jsonl") as store, pytest.raises(TeacherRequestError, match="after 3 tries"):
+    flaky = OpenAIChatBackend(
+        "http://teacher.invalid/v1",
+        "m",
+        backoff=0.001,
+        max_retries=2,
+        transport=httpx.MockTransport(lambda r: httpx.Response(500)),
+    )
+    with (
+        TeacherStore(tmp_path / "u.jsonl") as store,
+        pytest.raises(TeacherRequestError, match="after 3 tries"),
+    ):
         generate_teacher_outputs(PAIRS[:1], flaky, store, progress=False)
     with pytest.raises(ValueError, match="base_url"):
         OpenAIChatBackend("localhost:8000", "m")
@@ -182,7 +220,15 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_real_server_generation_survives_sigkill(tmp_path, served_tiny_model):
     path, n = tmp_path / "teacher.jsonl", 16
-    args = [sys.executable, "-c", _CHILD, served_tiny_model.base_url, served_tiny_model.model, str(path), str(n)]
+    args = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        served_tiny_model.base_url,
+        served_tiny_model.model,
+        str(path),
+        str(n),
+    ]
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
@@ -212,7 +258,9 @@ def test_http_teacher_equals_local_greedy_generation(tmp_path, served_tiny_model
     from rerankdistill.labels import INTERANK_PROMPT
 
     pairs = PAIRS[:3]
-    http = OpenAIChatBackend(served_tiny_model.base_url, served_tiny_model.model, name="tiny-http", max_tokens=6)
+    http = OpenAIChatBackend(
+        served_tiny_model.base_url, served_tiny_model.model, name="tiny-http", max_tokens=6
+    )
     with TeacherStore(tmp_path / "t.jsonl") as store:
         stats = generate_teacher_outputs(pairs, http, store, concurrency=3, progress=False)
         texts = [store.records[(p.qid, p.docid, "tiny-http")].text for p in pairs]

@@ -27,16 +27,24 @@ from rerankdistill.train.rwft import (
 )
 from rerankdistill.train.sft import DistillExample, distill_examples, sft, target_text, tokenize_examples
 
-EXAMPLES = [DistillExample(f"what is topic {i}", f"a document on topic {i % 2}",
-                           f"It covers topic {i % 2}. Relevance Label: {2 * (i % 2)}") for i in range(6)]
+EXAMPLES = [
+    DistillExample(
+        f"what is topic {i}",
+        f"a document on topic {i % 2}",
+        f"It covers topic {i % 2}. Relevance Label: {2 * (i % 2)}",
+    )
+    for i in range(6)
+]
 
 
 def mean_nll(model, tokenizer, examples, completion_only=True):
     enc, _ = tokenize_examples(tokenizer, examples, INTERANK_PROMPT, completion_only, None)
     model.eval()
     with torch.no_grad():
-        vals = [per_example_nll(model(input_ids=torch.tensor([e.input_ids])).logits, torch.tensor([e.labels]))
-                for e in enc]
+        vals = [
+            per_example_nll(model(input_ids=torch.tensor([e.input_ids])).logits, torch.tensor([e.labels]))
+            for e in enc
+        ]
     return float(torch.cat(vals).mean())
 
 
@@ -45,8 +53,11 @@ def test_completion_only_mask_covers_exactly_the_answer(tiny_tokenizer):
     full = encode_example(tiny_tokenizer, messages, "Because. Relevance Label: 1 ##", completion_only=False)
     part = encode_example(tiny_tokenizer, messages, "Because. Relevance Label: 1 ##", completion_only=True)
     assert full.input_ids == part.input_ids and full.labels == full.input_ids
-    prompt_len = len(tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"])
+    prompt_len = len(
+        tiny_tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
     assert part.labels[:prompt_len] == [IGNORE] * prompt_len
     assert part.labels[prompt_len:] == part.input_ids[prompt_len:]
     learned = tiny_tokenizer.decode(part.labels[prompt_len:])
@@ -62,23 +73,28 @@ def test_weighted_nll_math():
     labels[2, :] = IGNORE  # nothing learned in row 2
     nll = per_example_nll(logits, labels)
     for b in range(2):
-        terms = [-logits[b, t - 1].log_softmax(-1)[labels[b, t]] for t in range(1, 7) if labels[b, t] != IGNORE]
+        terms = [
+            -logits[b, t - 1].log_softmax(-1)[labels[b, t]] for t in range(1, 7) if labels[b, t] != IGNORE
+        ]
         torch.testing.assert_close(nll[b], torch.stack(terms).mean())
     assert nll[2] == 0
     r = torch.tensor([0.9, 1.0, 0.5])
     torch.testing.assert_close(weighted_loss(logits, labels, r**3), (r**3 * nll).mean())
 
 
-@pytest.mark.parametrize(("rewards", "kwargs", "expected"), [
-    ([0.0, 0.5, 1.0], {}, [0.0, 0.0, 1.0]),
-    ([0.2, 0.95, 1.0, 0.0], {}, [0.0, 0.95**3, 1.0, 0.0]),
-    ([1.0, 0.0, 0.9], {"threshold": 0.85}, [1.0, 0.0, 0.9**3]),
-    ([2.0, 4.0, 3.8], {"threshold": 0.85}, [0.0, 1.0, 0.9**3]),  # min-max within the group, not absolute
-    ([3.0, 3.0], {}, [1.0, 1.0]),  # degenerate positive group
-    ([0.0, 0.0], {}, [0.0, 0.0]),  # degenerate all-wrong group
-    ([0.0, 1.0, 0.9], {"misclassification_rate": 0.25}, [0.0, 0.25, 0.25 * 0.9**3]),
-    ([0.0, 1.0, 0.9], {"power": 1.0, "threshold": 0.0}, [0.0, 1.0, 0.9]),
-])
+@pytest.mark.parametrize(
+    ("rewards", "kwargs", "expected"),
+    [
+        ([0.0, 0.5, 1.0], {}, [0.0, 0.0, 1.0]),
+        ([0.2, 0.95, 1.0, 0.0], {}, [0.0, 0.95**3, 1.0, 0.0]),
+        ([1.0, 0.0, 0.9], {"threshold": 0.85}, [1.0, 0.0, 0.9**3]),
+        ([2.0, 4.0, 3.8], {"threshold": 0.85}, [0.0, 1.0, 0.9**3]),  # min-max within the group, not absolute
+        ([3.0, 3.0], {}, [1.0, 1.0]),  # degenerate positive group
+        ([0.0, 0.0], {}, [0.0, 0.0]),  # degenerate all-wrong group
+        ([0.0, 1.0, 0.9], {"misclassification_rate": 0.25}, [0.0, 0.25, 0.25 * 0.9**3]),
+        ([0.0, 1.0, 0.9], {"power": 1.0, "threshold": 0.0}, [0.0, 1.0, 0.9]),
+    ],
+)
 def test_group_weights(rewards, kwargs, expected):
     got = group_weights(rewards, **kwargs)
     assert len(got) == len(expected)
@@ -90,10 +106,17 @@ def test_rewards():
     assert label_agreement_reward("x Relevance Label: 2", 2) == 1.0
     assert label_agreement_reward("x Relevance Label: 1", 2) == 0.5
     assert label_agreement_reward("no idea", 0) == 0.0
-    assert label_reward(["a Relevance Label: 0", [{"role": "assistant", "content": "Relevance Label: 2"}]],
-                        label=[2, 2]) == [0.0, 1.0]
-    assert format_reward(["Good reason. Relevance Label: 1 ##", "Relevance Label: 1", "x Relevance Label: 1 and",
-                          "ok Relevance Label: 3"]) == [1.0, 0.0, 0.0, 0.0]
+    assert label_reward(
+        ["a Relevance Label: 0", [{"role": "assistant", "content": "Relevance Label: 2"}]], label=[2, 2]
+    ) == [0.0, 1.0]
+    assert format_reward(
+        [
+            "Good reason. Relevance Label: 1 ##",
+            "Relevance Label: 1",
+            "x Relevance Label: 1 and",
+            "ok Relevance Label: 3",
+        ]
+    ) == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="threshold"):
         group_weights([1.0], threshold=2)
 
@@ -102,8 +125,11 @@ def test_distill_examples_and_targets():
     assert target_text("Reason. Relevance Label: 2 extra", 2) == "Reason. Relevance Label: 2"
     assert target_text("It is not relevant at all.", 0) == "It is not relevant at all. Relevance Label: 0"
     pairs = {("1", "a"): Pair("1", "a", "q", "d")}
-    recs = [TeacherRecord("1", "a", "t", "Fine. Relevance Label: 1", 1), TeacherRecord("1", "b", "t", "x", 2),
-            TeacherRecord("1", "a", "u", "???", None)]
+    recs = [
+        TeacherRecord("1", "a", "t", "Fine. Relevance Label: 1", 1),
+        TeacherRecord("1", "b", "t", "x", 2),
+        TeacherRecord("1", "a", "u", "???", None),
+    ]
     ex, counts = distill_examples(recs, pairs)
     assert counts == {"used": 1, "no_label": 1, "no_pair": 1} and ex[0].target == "Fine. Relevance Label: 1"
 
@@ -118,18 +144,35 @@ def test_sft_full_and_lora_lower_the_loss_and_resume(tmp_path, tiny_tokenizer):
     after = mean_nll(result.model, tiny_tokenizer, EXAMPLES)
     assert result.stats["steps"] == 12 and after < 0.75 * before
     assert (result.final_dir / "model.safetensors").exists()
-    assert [p.name for p in sorted((tmp_path / "full" / "checkpoints").glob("step-*"))] == ["step-00000010",
-                                                                                            "step-00000012"]
+    assert [p.name for p in sorted((tmp_path / "full" / "checkpoints").glob("step-*"))] == [
+        "step-00000010",
+        "step-00000012",
+    ]
 
     lora_model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
     frozen = {k: v.clone() for k, v in lora_model.state_dict().items()}
-    res = sft(lora_model, tiny_tokenizer, EXAMPLES, tmp_path / "lora", loop=LoopConfig(**{**cfg.__dict__, "lr": 3e-2}),
-              progress=False,
-              lora=LoraSpec(r=8, alpha=16))
-    assert mean_nll(res.model, tiny_tokenizer, EXAMPLES) < 0.97 * before  # a rank-8 adapter on a 64-wide model moves less
+    res = sft(
+        lora_model,
+        tiny_tokenizer,
+        EXAMPLES,
+        tmp_path / "lora",
+        loop=LoopConfig(**{**cfg.__dict__, "lr": 3e-2}),
+        progress=False,
+        lora=LoraSpec(r=8, alpha=16),
+    )
+    assert (
+        mean_nll(res.model, tiny_tokenizer, EXAMPLES) < 0.97 * before
+    )  # a rank-8 adapter on a 64-wide model moves less
     base = res.model.get_base_model().state_dict()
-    assert all(torch.equal(base[k.replace(".weight", ".base_layer.weight")] if k.replace(".weight", ".base_layer.weight")
-                           in base else base[k], v) for k, v in frozen.items())
+    assert all(
+        torch.equal(
+            base[k.replace(".weight", ".base_layer.weight")]
+            if k.replace(".weight", ".base_layer.weight") in base
+            else base[k],
+            v,
+        )
+        for k, v in frozen.items()
+    )
     assert (res.final_dir / "adapter_model.safetensors").exists()
 
     # resume: a run stopped after its step-10 checkpoint, continued to 12, equals the uninterrupted run
@@ -138,7 +181,9 @@ def test_sft_full_and_lora_lower_the_loss_and_resume(tmp_path, tiny_tokenizer):
     shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resume" / "checkpoints")
     shutil.rmtree(tmp_path / "resume" / "checkpoints" / "step-00000012")
     (tmp_path / "resume" / "checkpoints" / "latest").unlink()  # the newest complete one is then step 10
-    b = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=7)  # other weights: all of them come from the checkpoint
+    b = tiny_causal_lm(
+        tokenizer=tiny_tokenizer, seed=7
+    )  # other weights: all of them come from the checkpoint
     resumed = sft(b, tiny_tokenizer, EXAMPLES, tmp_path / "resume", loop=cfg, progress=False)
     assert resumed.stats["steps"] == 12
     for (name, p), q in zip(resumed.model.state_dict().items(), result.model.state_dict().values()):
@@ -153,21 +198,47 @@ def test_reward_weighted_finetune_trains_on_kept_samples(tmp_path, tiny_tokenize
     teacher_only = [DistillExample(p.query, p.document, p.teacher_text) for p in pairs]
     before = mean_nll(model, tiny_tokenizer, teacher_only)
     # the random tiny model never writes a label: samples score 0, the teacher's answer 1 -> only it is kept
-    result = reward_weighted_finetune(model, tiny_tokenizer, pairs, tmp_path / "rwft", k=3, max_new_tokens=8,
-                                      loop=LoopConfig(lr=3e-3, epochs=5, batch_size=1, grad_accum=1),
-                                      progress=False)
-    assert result.stats["candidates"] == 12 and result.stats["kept"] == 3 and result.stats["mean_weight"] == 1.0
+    result = reward_weighted_finetune(
+        model,
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "rwft",
+        k=3,
+        max_new_tokens=8,
+        loop=LoopConfig(lr=3e-3, epochs=5, batch_size=1, grad_accum=1),
+        progress=False,
+    )
+    assert (
+        result.stats["candidates"] == 12 and result.stats["kept"] == 3 and result.stats["mean_weight"] == 1.0
+    )
     assert mean_nll(result.model, tiny_tokenizer, teacher_only) < 0.7 * before
 
     # a length reward keeps the longest sampled answers with weights r^3 and trains on them only
     model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2)
-    res = reward_weighted_finetune(model, tiny_tokenizer, pairs, tmp_path / "len", k=4, max_new_tokens=8,
-                                   reward_fn=lambda text, ref: float(len(text)), include_teacher=False,
-                                   loop=LoopConfig(lr=1e-3, epochs=1, batch_size=1, grad_accum=1), progress=False)
+    res = reward_weighted_finetune(
+        model,
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "len",
+        k=4,
+        max_new_tokens=8,
+        reward_fn=lambda text, ref: float(len(text)),
+        include_teacher=False,
+        loop=LoopConfig(lr=1e-3, epochs=1, batch_size=1, grad_accum=1),
+        progress=False,
+    )
     assert 3 <= res.stats["kept"] < 12 and 0.85**3 <= res.stats["mean_weight"] <= 1.0
     with pytest.raises(ValueError, match="threshold"):
-        reward_weighted_finetune(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2), tiny_tokenizer, pairs,
-                                 tmp_path / "none", k=2, max_new_tokens=4, include_teacher=False, progress=False)
+        reward_weighted_finetune(
+            tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2),
+            tiny_tokenizer,
+            pairs,
+            tmp_path / "none",
+            k=2,
+            max_new_tokens=4,
+            include_teacher=False,
+            progress=False,
+        )
 
 
 def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_tokenizer):
@@ -178,30 +249,54 @@ def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_token
 
     model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    flat = grpo(model, tiny_tokenizer, pairs, tmp_path / "flat", reward_funcs=[lambda completions, **_: [1.0] *
-                                                                                len(completions)], **kwargs)
+    flat = grpo(
+        model,
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "flat",
+        reward_funcs=[lambda completions, **_: [1.0] * len(completions)],
+        **kwargs,
+    )
     # equal rewards -> zero group-relative advantages -> zero policy gradient (beta=0): weights unchanged
     assert flat.stats["steps"] == 2
     assert all(torch.equal(v, start[k]) for k, v in flat.model.state_dict().items())
 
     model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4)
-    length = grpo(model, tiny_tokenizer, pairs, tmp_path / "len",
-                  reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]], **kwargs)
+    length = grpo(
+        model,
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "len",
+        reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+        **kwargs,
+    )
     changed = sum(not torch.equal(v, start[k]) for k, v in length.model.state_dict().items())
     assert changed > 0 and (tmp_path / "len" / "final" / "model.safetensors").exists()
 
     # killed after its step-2 checkpoint (the step-3 one removed), the same call resumes to the same weights
     import shutil
 
-    full = grpo(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4), tiny_tokenizer, pairs, tmp_path / "full",
-                reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
-                save_every=2, **{**kwargs, "max_steps": 3})
+    full = grpo(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4),
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "full",
+        reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+        save_every=2,
+        **{**kwargs, "max_steps": 3},
+    )
     shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000003")
     (tmp_path / "resumed" / "checkpoints" / "latest").unlink()
-    resumed = grpo(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=9), tiny_tokenizer, pairs, tmp_path / "resumed",
-                   reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
-                   save_every=2, **{**kwargs, "max_steps": 3})
+    resumed = grpo(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=9),
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "resumed",
+        reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+        save_every=2,
+        **{**kwargs, "max_steps": 3},
+    )
     assert resumed.stats["steps"] == 3 and resumed.stats["last_loss"] == full.stats["last_loss"]
     assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
     with pytest.raises(ValueError, match="beta must be 0"):
@@ -214,9 +309,15 @@ def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
 
     model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
     before = mean_nll(model, tiny_tokenizer, EXAMPLES)
-    result = sft(model, tiny_tokenizer, EXAMPLES, tmp_path / "qlora", progress=False,
-                 loop=LoopConfig(lr=3e-2, epochs=2, batch_size=3, grad_accum=1),
-                 lora=LoraSpec(r=8, alpha=16, quantize="nf4"))
+    result = sft(
+        model,
+        tiny_tokenizer,
+        EXAMPLES,
+        tmp_path / "qlora",
+        progress=False,
+        loop=LoopConfig(lr=3e-2, epochs=2, batch_size=3, grad_accum=1),
+        lora=LoraSpec(r=8, alpha=16, quantize="nf4"),
+    )
     assert getattr(result.model, "nf4lora_settings", None) is not None
     trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n.lower() for n in trainable)
@@ -275,12 +376,36 @@ def test_train_loop_two_ddp_processes_match_one(tmp_path, tiny_lm_dir):
     script = tmp_path / "run_loop.py"
     script.write_text(_DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
-    one = subprocess.Popen([sys.executable, str(script), str(tmp_path / "one"), str(tiny_lm_dir)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    two = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-                            str(tmp_path / "two"), str(tiny_lm_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    one = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "one"), str(tiny_lm_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    two = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+            str(tmp_path / "two"),
+            str(tiny_lm_dir),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     outs = [p.communicate(timeout=600)[0] for p in (one, two)]
     for p, out in zip((one, two), outs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -295,15 +420,20 @@ def test_train_loop_two_ddp_processes_match_one(tmp_path, tiny_lm_dir):
 
 def test_fit_documents_cuts_long_documents_instead_of_dropping(tiny_tokenizer):
     long = DistillExample("what is topic 1", "a document on topic 1 " * 200, "It fits. Relevance Label: 2")
-    short_len = len(tokenize_examples(tiny_tokenizer, EXAMPLES[:1], INTERANK_PROMPT, True, None)[0][0].input_ids)
+    short_len = len(
+        tokenize_examples(tiny_tokenizer, EXAMPLES[:1], INTERANK_PROMPT, True, None)[0][0].input_ids
+    )
     limit = short_len + 40
     dropped, n = tokenize_examples(tiny_tokenizer, [long, EXAMPLES[0]], INTERANK_PROMPT, True, limit)
     assert n == 1 and len(dropped) == 1
-    fitted, n = tokenize_examples(tiny_tokenizer, [long, EXAMPLES[0]], INTERANK_PROMPT, True, limit,
-                                  fit_documents=True)
+    fitted, n = tokenize_examples(
+        tiny_tokenizer, [long, EXAMPLES[0]], INTERANK_PROMPT, True, limit, fit_documents=True
+    )
     assert n == 1 and len(fitted) == 2 and limit - 10 < len(fitted[0].input_ids) <= limit
     answer = [t for t in fitted[0].labels if t != IGNORE]
-    assert tiny_tokenizer.decode(answer).startswith("It fits. Relevance Label: 2 ##")  # the answer is kept whole
+    assert tiny_tokenizer.decode(answer).startswith(
+        "It fits. Relevance Label: 2 ##"
+    )  # the answer is kept whole
     assert tokenize_examples(tiny_tokenizer, [long], INTERANK_PROMPT, True, 10, fit_documents=True)[0] == []
 
 
@@ -314,8 +444,13 @@ def test_release_target_format_and_full_sequence_loss(tiny_tokenizer):
 
     release = INTERANK_RELEASE_PROMPT
     assert target_text("It fits.  Relevance Label: 2 ##", 2, release) == "It fits.\nRelevance Label: 2"
-    assert target_text("Clearly relevant, I think", 2, release) == "Clearly relevant, I think\nRelevance Label: 2"
-    assert target_text("It fits. Relevance Label: 2 ##", 2) == "It fits. Relevance Label: 2"  # the default format
+    assert (
+        target_text("Clearly relevant, I think", 2, release)
+        == "Clearly relevant, I think\nRelevance Label: 2"
+    )
+    assert (
+        target_text("It fits. Relevance Label: 2 ##", 2) == "It fits. Relevance Label: 2"
+    )  # the default format
     assert parse_relevance("It fits.\nRelevance Label: 1") == 1 and truncate_at_stop("a ## b", "") == "a ## b"
     ex = DistillExample("what is topic 1", "a document on topic 1", "It fits.\nRelevance Label: 2")
     full, _ = tokenize_examples(tiny_tokenizer, [ex], release, completion_only=False, max_length=None)

@@ -44,8 +44,9 @@ def test_hand_computed_three_tokens_pin_the_order_of_operations():
         expected.append([sum(probs[j] * v[j, d].item() for j in range(i + 1)) for d in range(4)])
     expected = torch.tensor(expected, dtype=torch.float64)
     for backend in ("reference", "chunked"):
-        out = attention(q[None, None].double(), k[None, None].double(), v[None, None].double(), tau=tau,
-                        backend=backend)[0, 0]
+        out = attention(
+            q[None, None].double(), k[None, None].double(), v[None, None].double(), tau=tau, backend=backend
+        )[0, 0]
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     # Row 2 by hand: S = (1, 0, -1)... the values are distinct enough that a wrong order would show:
     wrong = torch.softmax(torch.tensor([0.5 * 3, 0.5 * 1 - 2 * math.log(2) / 2]), 0)  # m_t / sqrt(D): not us
@@ -107,8 +108,14 @@ def test_translation_invariance_with_p_rope():
     outs = []
     for shift in (0, 13, 1000):
         pos = torch.arange(shift, shift + 40)
-        outs.append(attention(apply_rotary(q, pos, inv_freq.double()), apply_rotary(k, pos, inv_freq.double()), v,
-                              backend="reference"))
+        outs.append(
+            attention(
+                apply_rotary(q, pos, inv_freq.double()),
+                apply_rotary(k, pos, inv_freq.double()),
+                v,
+                backend="reference",
+            )
+        )
     for other in outs[1:]:
         torch.testing.assert_close(other, outs[0], rtol=1e-5, atol=1e-5)  # rotation angles are fp32
 
@@ -119,11 +126,21 @@ def test_a_document_packed_after_others_equals_the_document_alone():
     doc_ids = torch.tensor([[0] * 12 + [1] * 18])
     pos = positions_in_documents(doc_ids)
     assert pos[0, 12].item() == 0 and pos[0, -1].item() == 17
-    packed = attention(apply_rotary(q, pos, inv_freq), apply_rotary(k, pos, inv_freq), v, doc_ids=doc_ids,
-                       backend="chunked", chunk=8)
+    packed = attention(
+        apply_rotary(q, pos, inv_freq),
+        apply_rotary(k, pos, inv_freq),
+        v,
+        doc_ids=doc_ids,
+        backend="chunked",
+        chunk=8,
+    )
     p1 = torch.arange(18)
-    alone = attention(apply_rotary(q[:, :, 12:], p1, inv_freq), apply_rotary(k[:, :, 12:], p1, inv_freq),
-                      v[:, :, 12:], backend="reference")
+    alone = attention(
+        apply_rotary(q[:, :, 12:], p1, inv_freq),
+        apply_rotary(k[:, :, 12:], p1, inv_freq),
+        v[:, :, 12:],
+        backend="reference",
+    )
     torch.testing.assert_close(packed[:, :, 12:], alone, rtol=1e-12, atol=1e-12)
 
 
@@ -134,8 +151,8 @@ def test_incremental_decoding_equals_the_full_pass(backend):
     prefill = attention(q[:, :, :9], k[:, :, :9], v[:, :, :9], backend=backend)
     torch.testing.assert_close(prefill, full[:, :, :9], rtol=1e-13, atol=1e-13)
     for i in range(9, 23):
-        step = attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], q_offset=i, backend=backend)
-        torch.testing.assert_close(step, full[:, :, i:i + 1], rtol=1e-13, atol=1e-13)
+        step = attention(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], q_offset=i, backend=backend)
+        torch.testing.assert_close(step, full[:, :, i : i + 1], rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -164,7 +181,9 @@ def _assert_chunked_matches_reference(q, k, v, chunk, kw):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("Tq,Tk,q_offset,chunk", [(97, 97, 0, 32), (57, 97, 40, 16), (1, 33, 32, 128), (5, 40, 0, 3)])
+@pytest.mark.parametrize(
+    "Tq,Tk,q_offset,chunk", [(97, 97, 0, 32), (57, 97, 40, 16), (1, 33, 32, 128), (5, 40, 0, 3)]
+)
 def test_toeplitz_terms_equal_the_per_block_coefficients(causal, Tq, Tk, q_offset, chunk):
     # The fast path reads each chunk's a_t / sqrt(D) and m_t as a column slice of two Toeplitz matrices built
     # once per call; every chunk's slice must equal the spec's per-block terms (masked: a = 0, m = -inf).
@@ -172,12 +191,14 @@ def test_toeplitz_terms_equal_the_per_block_coefficients(causal, Tq, Tk, q_offse
     from siattn import coefficients
 
     plan, (rows, cols, shift) = _chunk_plan(Tq, Tk, q_offset, causal, chunk)
-    a_all, m_all = _toeplitz_terms(3.0, causal, 1.5, 1.0, rows, cols, shift, 0.125, torch.float64, torch.device("cpu"))
+    a_all, m_all = _toeplitz_terms(
+        3.0, causal, 1.5, 1.0, rows, cols, shift, 0.125, torch.float64, torch.device("cpu")
+    )
     for s, e, kend, c0 in plan:
         t = torch.arange(q_offset + s, q_offset + e)[:, None] - torch.arange(kend)[None, :]
         allowed = t >= 0 if causal else torch.ones_like(t, dtype=torch.bool)
         a, m = coefficients(t.clamp(min=0) if causal else t.abs(), 3.0, 1.5, 1.0, dtype=torch.float64)
-        got_a, got_m = a_all[:e - s, c0:c0 + kend], m_all[:e - s, c0:c0 + kend]
+        got_a, got_m = a_all[: e - s, c0 : c0 + kend], m_all[: e - s, c0 : c0 + kend]
         assert_exact(got_a[allowed], (a * 0.125)[allowed], "a_t")
         assert_exact(got_m[allowed], m[allowed], "m_t")
         assert (got_a[~allowed] == 0).all() and (got_m[~allowed] == float("-inf")).all()
@@ -239,7 +260,10 @@ def test_fp64_gradcheck_of_reference_and_chunked():
     q, k, v = _qkv(B=1, Hq=2, Hkv=1, Tq=7, Tk=7, D=4, dtype=torch.float64, requires_grad=True)
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
     for backend in ("reference", "chunked"):
-        fn = lambda q, k, v, backend=backend: attention(q, k, v, tau=2.0, doc_ids=doc_ids, backend=backend, chunk=3)  # noqa: E731
+
+        def fn(q, k, v, backend=backend):
+            return attention(q, k, v, tau=2.0, doc_ids=doc_ids, backend=backend, chunk=3)
+
         assert torch.autograd.gradcheck(fn, (q, k, v))
     fn = lambda q, k, v: attention(q, k, v, causal=False, alpha=1.5, beta=1.0, backend="chunked", chunk=3)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
@@ -254,8 +278,12 @@ def test_flex_refuses_cpu_training():
 def test_alpha_beta_family_through_attention():
     q, k, v = _qkv(Tq=17, Tk=17, D=8, dtype=torch.float64)
     e = math.exp(0.5)
-    torch.testing.assert_close(attention(q, k, v, alpha=e, beta=e, backend="reference"),
-                               attention(q, k, v, backend="reference"), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(
+        attention(q, k, v, alpha=e, beta=e, backend="reference"),
+        attention(q, k, v, backend="reference"),
+        rtol=1e-13,
+        atol=1e-13,
+    )
 
 
 @pytest.mark.parametrize(
@@ -310,5 +338,11 @@ def test_triton_backend_through_attention_matches_reference():
     ref = attention(q, k, v, q_offset=16, doc_ids=doc_ids, backend="reference")
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="attn_mask"):
-        attention(q, k, v, backend="triton", attn_mask=torch.ones(1, 1, 13, 29, dtype=torch.bool, device=device),
-                  q_offset=16)
+        attention(
+            q,
+            k,
+            v,
+            backend="triton",
+            attn_mask=torch.ones(1, 1, 13, 29, dtype=torch.bool, device=device),
+            q_offset=16,
+        )

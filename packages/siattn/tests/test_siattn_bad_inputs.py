@@ -20,8 +20,11 @@ from siattn.attention import si_block_mask
 
 def _qkv(Tq=8, Tk=8):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 4, Tq, 8, generator=g), torch.randn(2, 2, Tk, 8, generator=g),
-            torch.randn(2, 2, Tk, 8, generator=g))
+    return (
+        torch.randn(2, 4, Tq, 8, generator=g),
+        torch.randn(2, 2, Tk, 8, generator=g),
+        torch.randn(2, 2, Tk, 8, generator=g),
+    )
 
 
 q, k, v = _qkv()
@@ -30,11 +33,18 @@ API_CASES = [
     ("attention backend", lambda: attention(q, k, v, backend="cuda"), ValueError, "backend"),
     ("attention k head dim", lambda: attention(q, k[..., :4], v[..., :4]), ValueError, "head dims"),
     ("attention q_offset past keys", lambda: attention(q, k, v, q_offset=3), ValueError, "q_offset"),
-    ("attention doc_ids shape", lambda: attention(q, k, v, doc_ids=torch.zeros(2, 5).long()), ValueError,
-     "doc_ids"),
-    ("attention flex attn_mask", lambda: attention(q, k, v, backend="flex",
-                                                   attn_mask=torch.ones(2, 1, 8, 8, dtype=torch.bool)),
-     ValueError, "attn_mask"),
+    (
+        "attention doc_ids shape",
+        lambda: attention(q, k, v, doc_ids=torch.zeros(2, 5).long()),
+        ValueError,
+        "doc_ids",
+    ),
+    (
+        "attention flex attn_mask",
+        lambda: attention(q, k, v, backend="flex", attn_mask=torch.ones(2, 1, 8, 8, dtype=torch.bool)),
+        ValueError,
+        "attn_mask",
+    ),
     ("attention flex 3-D q", lambda: attention(q[0], k, v, backend="flex"), ValueError, "4-D"),
     ("attention reference tau", lambda: attention(q, k, v, tau=-1.0, backend="reference"), ValueError, "tau"),
     ("attention chunk", lambda: attention(q, k, v, chunk=-2), ValueError, "chunk"),
@@ -44,13 +54,26 @@ API_CASES = [
     ("rope base", lambda: rope_frequencies(8, base=1.0), ValueError, "base"),
     ("p-rope fraction", lambda: p_rope_frequencies(8, fraction=1.5), ValueError, "fraction"),
     ("odd head dim", lambda: p_rope_frequencies(7), ValueError, "head_dim"),
-    ("apply_rotary positions", lambda: apply_rotary(q, torch.arange(5), rope_frequencies(8)), ValueError,
-     "positions"),
-    ("positions_in_documents 1-D", lambda: positions_in_documents(torch.zeros(5).long()), ValueError, "doc_ids"),
+    (
+        "apply_rotary positions",
+        lambda: apply_rotary(q, torch.arange(5), rope_frequencies(8)),
+        ValueError,
+        "positions",
+    ),
+    (
+        "positions_in_documents 1-D",
+        lambda: positions_in_documents(torch.zeros(5).long()),
+        ValueError,
+        "doc_ids",
+    ),
     ("alibi heads", lambda: alibi_slopes(0), ValueError, "num_heads"),
     ("logn train length", lambda: logn_scale(torch.arange(4), 1), ValueError, "train_length"),
-    ("block mask doc_ids on q_offset", lambda: attention(q, k, v, backend="flex", q_offset=1,
-                                                        doc_ids=torch.zeros(2, 8).long()), ValueError, "q_offset"),
+    (
+        "block mask doc_ids on q_offset",
+        lambda: attention(q, k, v, backend="flex", q_offset=1, doc_ids=torch.zeros(2, 8).long()),
+        ValueError,
+        "q_offset",
+    ),
 ]
 
 
@@ -117,8 +140,14 @@ def test_lengthgen_cli_out_is_a_file(corpus, tmp_path, capsys):
     assert out.read_text() == "mine"
 
 
-RETRIEVAL_CASES = [["--steps", "0"], ["--lr", "nan"], ["--p-rope-base", "1"], ["--variants", "alibi"],
-                   ["--trials", "-3"], ["--eval-multiples", "0"]]
+RETRIEVAL_CASES = [
+    ["--steps", "0"],
+    ["--lr", "nan"],
+    ["--p-rope-base", "1"],
+    ["--variants", "alibi"],
+    ["--trials", "-3"],
+    ["--eval-multiples", "0"],
+]
 
 
 @pytest.mark.parametrize("args", RETRIEVAL_CASES, ids=[" ".join(c) for c in RETRIEVAL_CASES])

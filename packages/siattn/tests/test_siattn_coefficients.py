@@ -42,7 +42,9 @@ def _gauss_hermite_expectations(a, m, n=240):
     return (e * w).sum(1) / math.sqrt(math.pi), (logits * e * w).sum(1) / math.sqrt(math.pi)
 
 
-@pytest.mark.parametrize("alpha,beta", [(math.exp(0.5), math.exp(0.5)), (1.0, 0.3), (2.0, 2.0 * math.log(2.0) + 0.5)])
+@pytest.mark.parametrize(
+    "alpha,beta", [(math.exp(0.5), math.exp(0.5)), (1.0, 0.3), (2.0, 2.0 * math.log(2.0) + 0.5)]
+)
 def test_gauss_hermite_targets_hold_for_every_t(alpha, beta):
     tau = 10.0
     a, m = coefficients(TS, tau=tau, alpha=alpha, beta=beta, dtype=torch.float64)

@@ -17,7 +17,7 @@ def _dense(B, Tq, Tk, causal, q_offset, doc_ids):
     keep = (i >= j) if causal else torch.ones(Tq, Tk, dtype=torch.bool)
     keep = keep.expand(B, Tq, Tk)
     if doc_ids is not None:
-        keep = keep & (doc_ids[:, q_offset:q_offset + Tq, None] == doc_ids[:, None, :])
+        keep = keep & (doc_ids[:, q_offset : q_offset + Tq, None] == doc_ids[:, None, :])
     return keep
 
 
@@ -42,7 +42,9 @@ def test_block_mask_skips_blocks_and_equals_the_dense_mask(causal, q_offset, Tq,
     Tk = 256
     doc_ids = None
     if docs is not None:
-        doc_ids = torch.stack([torch.cat([torch.full((n,), d) for d, n in enumerate(docs)]), torch.zeros(Tk).long()])
+        doc_ids = torch.stack(
+            [torch.cat([torch.full((n,), d) for d, n in enumerate(docs)]), torch.zeros(Tk).long()]
+        )
     B = 2 if doc_ids is not None else 1
     bm = si_block_mask(B, Tq, Tk, causal=causal, q_offset=q_offset, doc_ids=doc_ids, block_size=64)
     assert _visited_blocks(bm) == visited[:B]
@@ -57,10 +59,16 @@ def test_block_mask_skips_blocks_and_equals_the_dense_mask(causal, q_offset, Tq,
 
 def test_flex_with_block_mask_matches_the_reference():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 57, 24, generator=g), torch.randn(2, 2, 97, 24, generator=g), \
-        torch.randn(2, 2, 97, 24, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, 57, 24, generator=g),
+        torch.randn(2, 2, 97, 24, generator=g),
+        torch.randn(2, 2, 97, 24, generator=g),
+    )
     doc_ids = torch.tensor([[0] * 50 + [1] * 47, [3] * 97])
-    for kw in (dict(q_offset=40, doc_ids=doc_ids), dict(causal=False, doc_ids=doc_ids)):  # ~10 s each (dynamo)
+    for kw in (
+        dict(q_offset=40, doc_ids=doc_ids),
+        dict(causal=False, doc_ids=doc_ids),
+    ):  # ~10 s each (dynamo)
         ref = attention(q, k, v, backend="reference", **kw)
         out = attention(q, k, v, backend="flex", **kw)
         torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
@@ -71,15 +79,22 @@ def test_compiled_flex_path_traces_without_graph_breaks(monkeypatch):
     # aot_eager (inductor's CPU flex template costs ~1 min of C++ compilation): fullgraph fails on a break.
     import importlib
 
-    mod = importlib.import_module("siattn.attention")  # the module (siattn.attention the name is the function)
-    monkeypatch.setattr(mod, "_COMPILED_FLEX", torch.compile(flex.flex_attention, backend="aot_eager",
-                                                             fullgraph=True, dynamic=False))
+    mod = importlib.import_module(
+        "siattn.attention"
+    )  # the module (siattn.attention the name is the function)
+    monkeypatch.setattr(
+        mod,
+        "_COMPILED_FLEX",
+        torch.compile(flex.flex_attention, backend="aot_eager", fullgraph=True, dynamic=False),
+    )
     g = torch.Generator().manual_seed(1)
     q, k, v = [torch.randn(1, 2, 40, 16, generator=g) for _ in range(3)]
     doc_ids = torch.tensor([[0] * 25 + [1] * 15])
     with torch.no_grad():
         out = attention(q, k, v, backend="flex", compile_flex=True, doc_ids=doc_ids)
-    torch.testing.assert_close(out, attention(q, k, v, backend="reference", doc_ids=doc_ids), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(
+        out, attention(q, k, v, backend="reference", doc_ids=doc_ids), rtol=2e-5, atol=2e-5
+    )
 
 
 @pytest.mark.gpu
@@ -88,4 +103,6 @@ def test_gpu_compiled_flex_matches_the_reference():
     q, k, v = [torch.randn(1, 4, 1025, 64, generator=g).cuda() for _ in range(3)]
     doc_ids = torch.tensor([[0] * 600 + [1] * 425], device="cuda")
     out = attention(q, k, v, backend="flex", doc_ids=doc_ids)  # compiled by default on CUDA
-    torch.testing.assert_close(out, attention(q, k, v, backend="reference", doc_ids=doc_ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out, attention(q, k, v, backend="reference", doc_ids=doc_ids), rtol=1e-4, atol=1e-4
+    )

@@ -24,7 +24,7 @@ def test_cached_decoding_gives_the_full_forward_logits(family):
         steps = [out.logits]
         cache = out.past_key_values
         for i in range(8, 21):
-            out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
@@ -39,7 +39,7 @@ def test_the_switch_changes_the_model_and_uses_p_rope():
         after = base(ids).logits
     assert base.config._attn_implementation == "siattn"
     inv_freq = base.model.rotary_emb.inv_freq
-    assert (inv_freq[len(inv_freq) // 2:] == 0).all() and inv_freq[0] == 1.0
+    assert (inv_freq[len(inv_freq) // 2 :] == 0).all() and inv_freq[0] == 1.0
     assert not torch.allclose(before, after)
     # The first token sees only itself (t = 0: a_0 = 1, m_0 = 0, no rotation), so its logits cannot change.
     torch.testing.assert_close(after[:, 0], before[:, 0], rtol=1e-10, atol=1e-10)
@@ -119,23 +119,29 @@ def test_packed_documents_equal_each_document_alone(family):
     siattn.hf.apply(model, tau=10.0, rope="p-rope", fraction=0.5, base=16.0)
     model.eval()
     ids, pos, docs = _packed([[7, 12, 5], [3, 16, 5]])
-    doc_ids = torch.cat([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])[None]
-                         for row in ([7, 12, 5], [3, 16, 5])])
+    doc_ids = torch.cat(
+        [
+            torch.cat([torch.full((n,), i) for i, n in enumerate(row)])[None]
+            for row in ([7, 12, 5], [3, 16, 5])
+        ]
+    )
     with torch.no_grad():
         packed = model(ids, position_ids=pos).logits
         packed_ids = model(ids, position_ids=pos, doc_ids=doc_ids).logits
         for b, s, e in docs:
-            alone = model(ids[b:b + 1, s:e]).logits[0]
+            alone = model(ids[b : b + 1, s:e]).logits[0]
             torch.testing.assert_close(packed[b, s:e], alone, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(packed_ids[b, s:e], alone, rtol=1e-5, atol=1e-5)
         # KV-cache decoding continues the last document of each row: prefill the packed prefix, then step.
         out = model(ids[:, :-3], position_ids=pos[:, :-3], use_cache=True)
         steps, cache = [out.logits[:, -1]], out.past_key_values
         for i in range(ids.shape[1] - 3, ids.shape[1]):
-            out = model(ids[:, i:i + 1], position_ids=pos[:, i:i + 1], past_key_values=cache, use_cache=True)
+            out = model(
+                ids[:, i : i + 1], position_ids=pos[:, i : i + 1], past_key_values=cache, use_cache=True
+            )
             steps.append(out.logits[:, -1])
             cache = out.past_key_values
     for b in range(2):
         s = ids.shape[1] - 5
-        alone = model(ids[b:b + 1, s:]).logits[0, -4:]
+        alone = model(ids[b : b + 1, s:]).logits[0, -4:]
         torch.testing.assert_close(torch.stack([x[b] for x in steps]), alone, rtol=1e-5, atol=1e-5)

@@ -9,10 +9,45 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("To be, or not to be, that is the question. " * 60)
     out = tmp_path / "out"
-    argv = ["--data", str(corpus), "--out", str(out), "--steps", "2", "--batch-size", "2", "--n-layer", "1",
-            "--d-model", "16", "--n-head", "2", "--train-length", "16", "--eval-multiples", "1", "2",
-            "--seeds", "0", "1", "--p-rope-bases", "4", "8", "--taus", "10", "--eval-tokens", "64",
-            "--needle-trials", "1", "--workers", "1", "--variants", "rope", "p-rope", "si-p-rope"]
+    argv = [
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--n-layer",
+        "1",
+        "--d-model",
+        "16",
+        "--n-head",
+        "2",
+        "--train-length",
+        "16",
+        "--eval-multiples",
+        "1",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--p-rope-bases",
+        "4",
+        "8",
+        "--taus",
+        "10",
+        "--eval-tokens",
+        "64",
+        "--needle-trials",
+        "1",
+        "--workers",
+        "1",
+        "--variants",
+        "rope",
+        "p-rope",
+        "si-p-rope",
+    ]
     lengthgen.main(argv)
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["rows"]) == {"rope", "p-rope", "logn+p-rope", "si-p-rope"}

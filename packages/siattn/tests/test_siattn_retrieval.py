@@ -44,7 +44,7 @@ def test_probe_scores_a_perfect_copier_100_and_random_at_chance(length):
     assert probe_accuracy(TASK, shifted, tokens) < 0.1
     g = torch.Generator().manual_seed(2)
     random = torch.zeros(*tokens.shape, TASK.vocab)
-    random[..., TASK.n_filler:] = torch.rand(*tokens.shape, TASK.vocab - TASK.n_filler, generator=g)
+    random[..., TASK.n_filler :] = torch.rand(*tokens.shape, TASK.vocab - TASK.n_filler, generator=g)
     acc = probe_accuracy(TASK, random, tokens)
     chance = 1 / (TASK.vocab - TASK.n_filler)
     assert abs(acc - chance) < 4 * (chance / (64 * (TASK.needle_len - 1))) ** 0.5  # 4 binomial sigmas
@@ -80,8 +80,16 @@ def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
 def test_study_end_to_end_resumes_and_reuses_rope_weights(tmp_path, capsys):
     from siattn.retrieval import RetrievalConfig, run
 
-    cfg = RetrievalConfig(out=str(tmp_path / "out"), steps=2, batch_size=2, warmup=1, eval_multiples=(1, 2),
-                          seeds=(0,), variants=("rope", "rope+ntk", "rope+yarn", "si-p-rope"), trials=4)
+    cfg = RetrievalConfig(
+        out=str(tmp_path / "out"),
+        steps=2,
+        batch_size=2,
+        warmup=1,
+        eval_multiples=(1, 2),
+        seeds=(0,),
+        variants=("rope", "rope+ntk", "rope+yarn", "si-p-rope"),
+        trials=4,
+    )
     summary = run(cfg)
     runs = {r["variant"]: r for r in summary["runs"]}
     assert set(runs) == set(cfg.variants) and set(runs["si-p-rope"]["needle"]) == {"128", "256"}

@@ -52,8 +52,12 @@ def make_accelerator(run_dir: str | Path, trackers: Sequence[str], project: str)
     import torch
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
-                       log_with=make_trackers(run_dir, trackers, project), project_dir=str(run_dir))
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="no",
+        log_with=make_trackers(run_dir, trackers, project),
+        project_dir=str(run_dir),
+    )
 
 
 def require_fsdp2(acc: Any, config_hint: str) -> bool:

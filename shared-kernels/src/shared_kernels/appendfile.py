@@ -38,8 +38,9 @@ class AppendOnlyFile:
         except BlockingIOError:
             os.close(self._fd)
             self._fd = -1
-            raise FileLockedError(f"{self.path} is locked by another running process; wait for it or stop it"
-                                  ) from None
+            raise FileLockedError(
+                f"{self.path} is locked by another running process; wait for it or stop it"
+            ) from None
 
     def read_bytes(self) -> bytes:
         """The whole file as it is now (read under the lock, so no other store is appending)."""

@@ -114,7 +114,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
-        return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+        return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (from the `latest` pointer, else the highest step), or None."""
@@ -225,14 +225,19 @@ class CheckpointManager:
                     state, tensors, rng = self._read(ckpt, restore_rng)
                     break
                 except ValueError as err:
-                    warnings.warn(f"skipping unreadable checkpoint: {err}; trying the previous one", stacklevel=2)
+                    warnings.warn(
+                        f"skipping unreadable checkpoint: {err}; trying the previous one", stacklevel=2
+                    )
             else:
-                raise ValueError(f"no readable checkpoint under {str(self.root)!r} "
-                                 f"(tried {', '.join(c.name for c in candidates)})")
+                raise ValueError(
+                    f"no readable checkpoint under {str(self.root)!r} "
+                    f"(tried {', '.join(c.name for c in candidates)})"
+                )
         if max_step is not None and int(state["step"]) > max_step:
             raise StaleCheckpointError(
                 f"checkpoint {ckpt} is at step {state['step']}, past the {max_step} steps configured now: raise the "
-                "step count to continue it, or start over with resume=false or another run directory")
+                "step count to continue it, or start over with resume=false or another run directory"
+            )
         load_full_state_dict(model, tensors, state["trainable_only"])
         if optimizer is not None:
             if state["optimizer"] is None:
@@ -254,8 +259,9 @@ class CheckpointManager:
             try:
                 return fn(ckpt / name)
             except Exception as err:  # safetensors, pickle, zip and OS errors of a truncated/corrupt file
-                raise ValueError(f"{ckpt / name} cannot be read ({type(err).__name__}: "
-                                 f"{' '.join(str(err).split())[:200]})") from err
+                raise ValueError(
+                    f"{ckpt / name} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+                ) from err
 
         state = read("trainer_state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
         tensors = read("model.safetensors", lambda f: load_file(str(f)))
@@ -265,7 +271,8 @@ class CheckpointManager:
             if not (ckpt / rng_name).is_file():
                 warnings.warn(
                     f"checkpoint {ckpt.name} was written by {state['world_size']} process(es); no RNG state for "
-                    f"rank {self.rank}, using rank 0's", stacklevel=3,
+                    f"rank {self.rank}, using rank 0's",
+                    stacklevel=3,
                 )
                 rng_name = "rng_state_0.pt"
             rng = read(rng_name, lambda f: torch.load(f, map_location="cpu", weights_only=True))

@@ -116,7 +116,9 @@ def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str,
     return out
 
 
-def load_full_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], trainable_only: bool = False) -> None:
+def load_full_state_dict(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], trainable_only: bool = False
+) -> None:
     """Copy whole tensors (as `full_state_dict` returns them) into `model`, in place.
 
     Every rank passes the same `tensors`; a DTensor parameter keeps this rank's shard of its tensor (sliced
@@ -135,7 +137,9 @@ def load_full_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
         )
     for name, t in tensors.items():
         if tuple(own[name].shape) != tuple(t.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}"
+            )
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(_shard_like(t, own[name]))
@@ -194,7 +198,8 @@ def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: Mapp
             "state": {
                 index: {
                     key: _shard_like(value, params[index])
-                    if torch.is_tensor(value) and tuple(value.shape) == tuple(params[index].shape) else value
+                    if torch.is_tensor(value) and tuple(value.shape) == tuple(params[index].shape)
+                    else value
                     for key, value in entry.items()
                 }
                 for index, entry in state["state"].items()

@@ -15,8 +15,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 __all__ = [
-    "USER_ERRORS", "FileFormatError", "OneLineParser", "UserError", "exit_on_user_error", "positive",
-    "refuse_overwriting_inputs", "user_error_message",
+    "USER_ERRORS",
+    "FileFormatError",
+    "OneLineParser",
+    "UserError",
+    "exit_on_user_error",
+    "positive",
+    "refuse_overwriting_inputs",
+    "user_error_message",
 ]
 
 T = TypeVar("T")
@@ -40,7 +46,9 @@ class FileFormatError(UserError, ValueError):
 USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-def refuse_overwriting_inputs(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike]) -> None:
+def refuse_overwriting_inputs(
+    outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike]
+) -> None:
     """Raise `UserError` when an output path is an input, holds one (an output folder), or is an existing file
     inside an input folder.
 
@@ -48,18 +56,28 @@ def refuse_overwriting_inputs(outputs: dict[str, str | os.PathLike], inputs: dic
         outputs: option name -> path the command will write (empty values are skipped).
         inputs: option name -> path the command reads (empty values and paths that do not exist are skipped).
     """
-    real_inputs = {name: os.path.realpath(path) for name, path in inputs.items()
-                   if path and os.path.exists(path)}
+    real_inputs = {
+        name: os.path.realpath(path) for name, path in inputs.items() if path and os.path.exists(path)
+    }
     for out_name, out in outputs.items():
         if not out:
             continue
         real_out = os.path.realpath(out)
         for in_name, real_in in real_inputs.items():
-            inside_input_folder = os.path.isdir(real_in) and os.path.exists(real_out) \
-                and real_out.startswith(real_in.rstrip(os.sep) + os.sep)  # an existing file of an input folder
-            if real_in == real_out or real_in.startswith(real_out.rstrip(os.sep) + os.sep) or inside_input_folder:
-                raise UserError(f"{out_name}={os.fspath(out)!r} would overwrite the input {in_name}={real_in!r}; "
-                                "choose another output path")
+            inside_input_folder = (
+                os.path.isdir(real_in)
+                and os.path.exists(real_out)
+                and real_out.startswith(real_in.rstrip(os.sep) + os.sep)
+            )  # an existing file of an input folder
+            if (
+                real_in == real_out
+                or real_in.startswith(real_out.rstrip(os.sep) + os.sep)
+                or inside_input_folder
+            ):
+                raise UserError(
+                    f"{out_name}={os.fspath(out)!r} would overwrite the input {in_name}={real_in!r}; "
+                    "choose another output path"
+                )
 
 
 def user_error_message(err: BaseException) -> str:

@@ -27,8 +27,9 @@ class NonFiniteLossError(NonFiniteError):
     """The training loss became NaN or infinite; the weights were not updated from it."""
 
 
-def check_finite_loss(loss: float, step: int, phase: str = "train", resume_from: str | os.PathLike | None = None
-                      ) -> None:
+def check_finite_loss(
+    loss: float, step: int, phase: str = "train", resume_from: str | os.PathLike | None = None
+) -> None:
     """Raise `NonFiniteLossError` when `loss` (a float: `.item()` of the step's reduced loss) is NaN or inf.
 
     Args:
@@ -39,10 +40,15 @@ def check_finite_loss(loss: float, step: int, phase: str = "train", resume_from:
     """
     if math.isfinite(loss):
         return
-    where = (f"resume from {os.fspath(resume_from)!r} with a lower learning rate or other data" if resume_from
-             else "no checkpoint was written yet")
-    raise NonFiniteLossError(f"{phase}: the loss is {loss} at step {step}; stopped before the optimizer step, so "
-                             f"no weight was updated from it ({where})")
+    where = (
+        f"resume from {os.fspath(resume_from)!r} with a lower learning rate or other data"
+        if resume_from
+        else "no checkpoint was written yet"
+    )
+    raise NonFiniteLossError(
+        f"{phase}: the loss is {loss} at step {step}; stopped before the optimizer step, so "
+        f"no weight was updated from it ({where})"
+    )
 
 
 def check_finite_tensors(tensors: Mapping[str, Any], what: str) -> None:
@@ -54,5 +60,7 @@ def check_finite_tensors(tensors: Mapping[str, Any], what: str) -> None:
     """
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
-        raise NonFiniteError(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN/inf (first: {bad[0]!r}); "
-                             "refusing to save non-finite weights. Lower the learning rate or check the precision")
+        raise NonFiniteError(
+            f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN/inf (first: {bad[0]!r}); "
+            "refusing to save non-finite weights. Lower the learning rate or check the precision"
+        )

@@ -63,16 +63,16 @@ E8M0_INF = 0xFE  # the byte a block containing +-inf gets (2^127)
 _MANTISSA_1P75 = 0x600000  # fp32 mantissa field of 1.75
 
 
-def check_mx_args(x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int) -> int:
+def check_mx_args(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> int:
     """Validate the arguments of an MX cast; return `dim` made non-negative."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in INPUT_DTYPES:
         raise TypeError(f"x must have dtype float32, bfloat16 or float16, got {x.dtype}")
     if elem_dtype not in ELEM_DTYPES:
-        raise ValueError(
-            f"elem_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {elem_dtype!r}"
-        )
+        raise ValueError(f"elem_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {elem_dtype!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size < 2 or block_size > 1024 or block_size & (block_size - 1):
@@ -82,7 +82,9 @@ def check_mx_args(x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, sca
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim!r}")
+        raise ValueError(
+            f"dim must be an int in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim!r}"
+        )
     return dim % x.dim()
 
 
@@ -142,7 +144,9 @@ def _scale_last_dim_blocks(
     scaled = scaled.clamp_(-max_pos, max_pos)  # FLOOR saturation and +-inf; NaN passes through
     top = _top_scale_byte(emax)
     if torch.compiler.is_compiling() or bool(((scale >= top) & (scale < E8M0_INF)).any()):
-        limit = torch.where((scale >= top) & (scale < E8M0_INF), _finite_element_max(scale, elem_dtype), max_pos)
+        limit = torch.where(
+            (scale >= top) & (scale < E8M0_INF), _finite_element_max(scale, elem_dtype), max_pos
+        )
         scaled = torch.minimum(torch.maximum(scaled, -limit), limit)
     return amax, scale, scaled
 
@@ -266,12 +270,18 @@ def _decode_table(elem_dtype: torch.dtype, device: torch.device) -> torch.Tensor
     """fp32 value of each of the 256 codes (a gather is faster than the CPU's fp8 -> fp32 cast)."""
     table = _DECODE_TABLES.get(elem_dtype)
     if table is None:
-        table = _DECODE_TABLES[elem_dtype] = torch.arange(256, dtype=torch.uint8).view(elem_dtype).to(torch.float32)
+        table = _DECODE_TABLES[elem_dtype] = (
+            torch.arange(256, dtype=torch.uint8).view(elem_dtype).to(torch.float32)
+        )
     return table.to(device)
 
 
 def mx_dequantize_ref(
-    data: torch.Tensor, scale: torch.Tensor, block_size: int = 32, dim: int = -1, dtype: torch.dtype = torch.float32
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    block_size: int = 32,
+    dim: int = -1,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Elements times their block's 2^E, in fp32, then cast to `dtype`.
 
@@ -334,7 +344,9 @@ def mx_quantize_dequantize(
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     if dim != x.dim() - 1:
-        values = mx_quantize_dequantize(x.movedim(dim, -1).contiguous(), elem_dtype, block_size, scale_mode, -1)
+        values = mx_quantize_dequantize(
+            x.movedim(dim, -1).contiguous(), elem_dtype, block_size, scale_mode, -1
+        )
         return values.movedim(-1, dim)
     n = x.shape[-1]
     _, scale, scaled = _scale_last_dim_blocks(x, elem_dtype, block_size, scale_mode)
@@ -378,8 +390,14 @@ if triton is not None:
 
     @triton.jit
     def _encode(
-        x, scale_byte, MAX_POS: tl.constexpr, MBITS: tl.constexpr, ELEM_BIAS: tl.constexpr,
-        MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, TOP_BYTE: tl.constexpr,
+        x,
+        scale_byte,
+        MAX_POS: tl.constexpr,
+        MBITS: tl.constexpr,
+        ELEM_BIAS: tl.constexpr,
+        MAGIC: tl.constexpr,
+        MAGIC_BITS: tl.constexpr,
+        TOP_BYTE: tl.constexpr,
     ):
         """Element codes (int32, 0..255) of x / 2^E, saturated, rounded to nearest even, in integers.
 
@@ -399,7 +417,9 @@ if triton is not None:
         sign = (bits >> 24) & 0x80
         mag = bits & 0x7FFFFFFF
         keep = mag >> (23 - MBITS)
-        normal = ((mag + ((1 << (22 - MBITS)) - 1) + (keep & 1)) >> (23 - MBITS)) - ((127 - ELEM_BIAS) << MBITS)
+        normal = ((mag + ((1 << (22 - MBITS)) - 1) + (keep & 1)) >> (23 - MBITS)) - (
+            (127 - ELEM_BIAS) << MBITS
+        )
         # MAGIC = 2^(24 - ELEM_BIAS - MBITS): the fp32 ulp there is the subnormal step
         sub = (tl.abs(v) + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
         code = tl.where(mag < ((128 - ELEM_BIAS) << 23), sub, normal) | sign
@@ -407,10 +427,26 @@ if triton is not None:
 
     @triton.jit
     def _mx_cast_kernel(
-        x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, N,
-        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-        MAX_POS: tl.constexpr, MBITS: tl.constexpr, EMAX: tl.constexpr, RCEIL: tl.constexpr,
-        ELEM_BIAS: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, TOP_BYTE: tl.constexpr,
+        x_ptr,
+        row_data_ptr,
+        row_scale_ptr,
+        col_data_ptr,
+        col_scale_ptr,
+        M,
+        N,
+        BS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        MAX_POS: tl.constexpr,
+        MBITS: tl.constexpr,
+        EMAX: tl.constexpr,
+        RCEIL: tl.constexpr,
+        ELEM_BIAS: tl.constexpr,
+        MAGIC: tl.constexpr,
+        MAGIC_BITS: tl.constexpr,
+        TOP_BYTE: tl.constexpr,
     ):
         """One (BLOCK_M, BLOCK_N) tile of x (M, N) read once; ROWS writes blocks along N, COLS along M."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -425,7 +461,9 @@ if triton is not None:
             amax = tl.max(tl.reshape(ax, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)  # (BLOCK_M, BLOCK_N // BS)
             has_nan = tl.max(tl.reshape(nan, (BLOCK_M, BLOCK_N // BS, BS)), axis=2) > 0
             sb = _scale_bytes(amax, has_nan, EMAX, RCEIL)
-            sb_full = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_M, BLOCK_N // BS, BS)), (BLOCK_M, BLOCK_N))
+            sb_full = tl.reshape(
+                tl.broadcast_to(sb[:, :, None], (BLOCK_M, BLOCK_N // BS, BS)), (BLOCK_M, BLOCK_N)
+            )
             codes = _encode(x, sb_full, MAX_POS, MBITS, ELEM_BIAS, MAGIC, MAGIC_BITS, TOP_BYTE)
             tl.store(row_data_ptr + offs, codes.to(tl.uint8), mask=mask)
             nb = tl.cdiv(N, BS)
@@ -436,7 +474,9 @@ if triton is not None:
             amax = tl.max(tl.reshape(ax, (BLOCK_M // BS, BS, BLOCK_N)), axis=1)  # (BLOCK_M // BS, BLOCK_N)
             has_nan = tl.max(tl.reshape(nan, (BLOCK_M // BS, BS, BLOCK_N)), axis=1) > 0
             sb = _scale_bytes(amax, has_nan, EMAX, RCEIL)
-            sb_full = tl.reshape(tl.broadcast_to(sb[:, None, :], (BLOCK_M // BS, BS, BLOCK_N)), (BLOCK_M, BLOCK_N))
+            sb_full = tl.reshape(
+                tl.broadcast_to(sb[:, None, :], (BLOCK_M // BS, BS, BLOCK_N)), (BLOCK_M, BLOCK_N)
+            )
             codes = _encode(x, sb_full, MAX_POS, MBITS, ELEM_BIAS, MAGIC, MAGIC_BITS, TOP_BYTE)
             tl.store(col_data_ptr + offs, codes.to(tl.uint8), mask=mask)
             offs_b = pid_m * (BLOCK_M // BS) + tl.arange(0, BLOCK_M // BS)
@@ -462,14 +502,32 @@ def _mx_cast_2d_op(
     interp = x.device.type != "cuda"  # the interpreter runs one numpy program per tile: big tiles are faster
     block_m = max(block_size, 128 if interp else 32) if cols else (64 if interp else 16)
     block_n = max(block_size, 256 if interp else 128)
-    row_data, row_scale, col_data, col_scale = _mx_cast_2d_fake(x, elem_dtype, block_size, scale_mode, rows, cols)
+    row_data, row_scale, col_data, col_scale = _mx_cast_2d_fake(
+        x, elem_dtype, block_size, scale_mode, rows, cols
+    )
     if x.numel():
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _mx_cast_kernel[grid](
-            x, row_data, row_scale, col_data, col_scale, m, n,
-            BS=block_size, BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, COLS=cols,
-            MAX_POS=max_pos, MBITS=mbits, EMAX=emax, RCEIL=scale_mode == "rceil",
-            ELEM_BIAS=elem_bias, MAGIC=magic, MAGIC_BITS=magic_bits, TOP_BYTE=_top_scale_byte(emax),
+            x,
+            row_data,
+            row_scale,
+            col_data,
+            col_scale,
+            m,
+            n,
+            BS=block_size,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            ROWS=rows,
+            COLS=cols,
+            MAX_POS=max_pos,
+            MBITS=mbits,
+            EMAX=emax,
+            RCEIL=scale_mode == "rceil",
+            ELEM_BIAS=elem_bias,
+            MAGIC=magic,
+            MAGIC_BITS=magic_bits,
+            TOP_BYTE=_top_scale_byte(emax),
         )
     return row_data, row_scale, col_data, col_scale
 
@@ -481,8 +539,12 @@ def _mx_cast_2d_fake(x, elem_dtype, block_size, scale_mode, rows, cols):
     def alloc(shape, wanted):
         return torch.empty(shape if wanted else (0,), dtype=torch.uint8, device=x.device)
 
-    return (alloc((m, n), rows), alloc((m, -(-n // block_size)), rows),
-            alloc((m, n), cols), alloc((-(-m // block_size), n), cols))
+    return (
+        alloc((m, n), rows),
+        alloc((m, -(-n // block_size)), rows),
+        alloc((m, n), cols),
+        alloc((-(-m // block_size), n), cols),
+    )
 
 
 def mx_cast_2d_triton(
@@ -500,8 +562,12 @@ def mx_cast_2d_triton(
         None for a direction not asked; data in `elem_dtype`, scales uint8.
     """
     rd, rs, cd, cs = torch.ops.shared_kernels.mx_cast_2d(x, elem_dtype, block_size, scale_mode, rows, cols)
-    return (rd.view(elem_dtype) if rows else None, rs if rows else None,
-            cd.view(elem_dtype) if cols else None, cs if cols else None)
+    return (
+        rd.view(elem_dtype) if rows else None,
+        rs if rows else None,
+        cd.view(elem_dtype) if cols else None,
+        cs if cols else None,
+    )
 
 
 def mx_cast_triton(
@@ -510,9 +576,13 @@ def mx_cast_triton(
     """The Triton cast for blocks along the last dim (x viewed as (rows, n)) or dim 0 (x as (n, rest))."""
     shape = x.shape
     if dim == x.dim() - 1:
-        data, scale, _, _ = mx_cast_2d_triton(x.reshape(-1, shape[-1]), elem_dtype, block_size, scale_mode, True, False)
+        data, scale, _, _ = mx_cast_2d_triton(
+            x.reshape(-1, shape[-1]), elem_dtype, block_size, scale_mode, True, False
+        )
         return data.view(shape), scale.view(*shape[:-1], scale.shape[-1])
-    _, _, data, scale = mx_cast_2d_triton(x.reshape(shape[0], -1), elem_dtype, block_size, scale_mode, False, True)
+    _, _, data, scale = mx_cast_2d_triton(
+        x.reshape(shape[0], -1), elem_dtype, block_size, scale_mode, False, True
+    )
     return data.view(shape), scale.view(scale.shape[0], *shape[1:])
 
 
@@ -563,7 +633,11 @@ def mx_cast_rows_cols(
 
 
 def mx_dequantize(
-    data: torch.Tensor, scale: torch.Tensor, block_size: int = 32, dim: int = -1, dtype: torch.dtype = torch.float32
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    block_size: int = 32,
+    dim: int = -1,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dequantize MX (data, scale) along `dim` to `dtype` (see `mx_dequantize_ref`)."""
     if data.dtype not in ELEM_DTYPES:
@@ -574,5 +648,7 @@ def mx_dequantize(
     expected = list(data.shape)
     expected[d] = math.ceil(expected[d] / block_size)
     if list(scale.shape) != expected:
-        raise ValueError(f"scale must have shape {tuple(expected)} for data {tuple(data.shape)}, got {tuple(scale.shape)}")
+        raise ValueError(
+            f"scale must have shape {tuple(expected)} for data {tuple(data.shape)}, got {tuple(scale.shape)}"
+        )
     return mx_dequantize_ref(data, scale, block_size, d, dtype)

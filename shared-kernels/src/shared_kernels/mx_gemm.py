@@ -58,7 +58,11 @@ def swizzle_scales_32_4_4(scale: torch.Tensor) -> torch.Tensor:
 def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if t.shape == (rows, cols):
         return t.contiguous()
-    out = t.new_zeros((rows, cols)) if t.dtype == torch.uint8 else torch.zeros((rows, cols), dtype=t.dtype, device=t.device)
+    out = (
+        t.new_zeros((rows, cols))
+        if t.dtype == torch.uint8
+        else torch.zeros((rows, cols), dtype=t.dtype, device=t.device)
+    )
     out[: t.shape[0], : t.shape[1]] = t
     return out
 
@@ -93,7 +97,11 @@ def mx_gemm_scaled_mm(
 
 def hardware_mx_available(device: torch.device) -> bool:
     """True on CUDA devices of compute capability >= 10.0 (Blackwell), where cuBLAS runs MX GEMMs."""
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 10
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device)[0] >= 10
+    )
 
 
 def mx_gemm(
@@ -114,9 +122,13 @@ def mx_gemm(
         raise ValueError(f"backend must be one of {GEMM_BACKENDS}, got {backend!r}")
     for name, t in (("a_data", a_data), ("b_data", b_data)):
         if t.dtype not in ELEM_DTYPES or t.dim() != 2:
-            raise TypeError(f"{name} must be a 2-D float8_e4m3fn / float8_e5m2 tensor, got {t.dtype} {tuple(t.shape)}")
+            raise TypeError(
+                f"{name} must be a 2-D float8_e4m3fn / float8_e5m2 tensor, got {t.dtype} {tuple(t.shape)}"
+            )
     if a_data.shape[1] != b_data.shape[1]:
-        raise ValueError(f"a_data and b_data must share K, got {tuple(a_data.shape)} and {tuple(b_data.shape)}")
+        raise ValueError(
+            f"a_data and b_data must share K, got {tuple(a_data.shape)} and {tuple(b_data.shape)}"
+        )
     hardware = hardware_mx_available(a_data.device) and block_size == 32
     if backend == "scaled_mm" and not hardware:
         raise ValueError(

@@ -101,6 +101,8 @@ class DoubleQuantState(NamedTuple):
     offset: torch.Tensor  # fp32 0-dim: the mean of the constants
     code2: torch.Tensor  # fp32 (256,): the signed dynamic map
     blocksize2: int
+
+
 _TINY = 1e-38  # bitsandbytes' floor on the divisor
 
 
@@ -112,7 +114,7 @@ def dynamic_map_signed() -> torch.Tensor:
     """
     values: list[float] = []
     for i in range(7):
-        items = 2 ** i + 1
+        items = 2**i + 1
         grid = torch.linspace(0.1, 1, items, dtype=torch.float32)
         means = (grid[:-1] + grid[1:]) / 2.0
         scale = 10 ** (-6 + i)
@@ -135,7 +137,9 @@ def check_quant_type(quant_type: str, name: str = "quant_type") -> None:
 
 def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCKSIZES} (bitsandbytes' sizes), got {blocksize!r}")
+        raise ValueError(
+            f"{name} must be one of {SUPPORTED_BLOCKSIZES} (bitsandbytes' sizes), got {blocksize!r}"
+        )
 
 
 def _check_float_input(x: torch.Tensor, name: str) -> None:
@@ -147,8 +151,14 @@ def _check_float_input(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
 
 
-def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int,
-                  dtype: torch.dtype, name: str = "packed") -> int:
+def _check_packed(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    blocksize: int,
+    dtype: torch.dtype,
+    name: str = "packed",
+) -> int:
     check_blocksize(blocksize)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -158,11 +168,15 @@ def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, 
     if packed.dtype != torch.uint8:
         raise ValueError(f"{name} must be uint8, got {packed.dtype}")
     if packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"{name} must hold (numel + 1) // 2 = {(numel + 1) // 2} bytes for shape "
-                         f"{tuple(shape)}, got {packed.numel()}")
+        raise ValueError(
+            f"{name} must hold (numel + 1) // 2 = {(numel + 1) // 2} bytes for shape "
+            f"{tuple(shape)}, got {packed.numel()}"
+        )
     n_blocks = -(-numel // blocksize)
     if absmax.numel() != n_blocks:
-        raise ValueError(f"absmax must hold ceil(numel / blocksize) = {n_blocks} values, got {absmax.numel()}")
+        raise ValueError(
+            f"absmax must hold ceil(numel / blocksize) = {n_blocks} values, got {absmax.numel()}"
+        )
     if absmax.device != packed.device:
         raise ValueError(f"absmax is on {absmax.device} but {name} is on {packed.device}")
     return numel
@@ -200,8 +214,9 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel].long()
 
 
-def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64,
-                      quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit_ref(
+    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch 4-bit quantize (the specification). x: any shape, float -> (packed uint8 ((n+1)//2,),
     absmax fp32 (ceil(n / blocksize),))."""
     midpoints, order, pad = QUANTIZE_TABLES[quant_type]
@@ -213,12 +228,20 @@ def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64,
 
 # (256, 2) fp32 per quant type: the two code values of every byte (high nibble first), so dequantizing is one
 # gather.
-_BYTE_PAIRS = {name: torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
-               for name, code in CODES.items()}
+_BYTE_PAIRS = {
+    name: torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+    for name, code in CODES.items()
+}
 
 
-def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int = 64,
-                        dtype: torch.dtype = torch.float32, quant_type: str = "nf4") -> torch.Tensor:
+def dequantize_4bit_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
     """Pure-torch 4-bit dequantize: `CODES[quant_type][q] * absmax[block]` in fp32, cast once to `dtype`.
 
     Looks the two values of each byte up in a 256-entry pair table (3x faster than unpacking nibbles)."""
@@ -264,8 +287,13 @@ def quantize_absmax_ref(
     return q.to(torch.uint8), absmax2, offset
 
 
-def dequantize_absmax_ref(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
-                          code2: torch.Tensor | None = None, blocksize2: int = DQ_BLOCKSIZE) -> torch.Tensor:
+def dequantize_absmax_ref(
+    qabsmax: torch.Tensor,
+    absmax2: torch.Tensor,
+    offset: torch.Tensor,
+    code2: torch.Tensor | None = None,
+    blocksize2: int = DQ_BLOCKSIZE,
+) -> torch.Tensor:
     """Undo `quantize_absmax_ref`: `code2[q] * absmax2[j // blocksize2] + offset` in fp32 -> (n_blocks,)."""
     code2 = DYNAMIC_CODE.to(qabsmax.device) if code2 is None else code2.float()
     scale = absmax2.float().repeat_interleave(blocksize2)[: qabsmax.numel()]
@@ -307,8 +335,9 @@ if triton_available():
         return tl.where(v != v, 0x7FC0, rounded).to(tl.int16)
 
     @triton.jit
-    def _quantize_nf4_kernel(x_ptr, packed_ptr, absmax_ptr, n, n_full_blocks,
-                             HALF: tl.constexpr, GROUP: tl.constexpr):
+    def _quantize_nf4_kernel(
+        x_ptr, packed_ptr, absmax_ptr, n, n_full_blocks, HALF: tl.constexpr, GROUP: tl.constexpr
+    ):
         # One program quantizes GROUP blocks; a block is a (HALF,) row of even and a (HALF,) row of odd elements.
         pid = tl.program_id(0)
         blk = pid * GROUP + tl.arange(0, GROUP)  # (GROUP,)
@@ -338,10 +367,23 @@ if triton_available():
         tl.store(absmax_ptr + blk, tl.where(partial, denom, absmax), mask=blk < n_blocks)
 
     @triton.jit
-    def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n,
-                               qabsmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                               BF16_BITS: tl.constexpr, BYTES: tl.constexpr):
+    def _dequantize_nf4_kernel(
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        out_ptr,
+        n_bytes,
+        n,
+        qabsmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        BF16_BITS: tl.constexpr,
+        BYTES: tl.constexpr,
+    ):
         # out_ptr is int16 when BF16_BITS (bf16 output written as rounded bit patterns).
         pid = tl.program_id(0)
         j = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)  # (BYTES,) byte index
@@ -350,7 +392,9 @@ if triton_available():
         blk = (2 * j) // BLOCKSIZE  # both nibbles of a byte share a block: BLOCKSIZE is even
         if DOUBLE_QUANT:
             q2 = tl.load(qabsmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q2) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=in_range, other=0.0)
+            scale = tl.load(code2_ptr + q2) * tl.load(
+                absmax2_ptr + blk // BLOCKSIZE2, mask=in_range, other=0.0
+            )
             scale = scale + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
@@ -378,8 +422,15 @@ def _quantize_nf4_triton(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     return packed, absmax
 
 
-def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int,
-                           dtype: torch.dtype, dq: DoubleQuantState | None, quant_type: str) -> torch.Tensor:
+def _dequantize_nf4_triton(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    numel: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    dq: DoubleQuantState | None,
+    quant_type: str,
+) -> torch.Tensor:
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     out_arg = out.view(torch.int16) if dtype == torch.bfloat16 else out
     bf16_bits = dtype == torch.bfloat16
@@ -388,14 +439,41 @@ def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: in
     bytes_per_prog = 1024
     grid = (triton.cdiv(n_bytes, bytes_per_prog),)
     if dq is None:
-        _dequantize_nf4_kernel[grid](packed, absmax, code, out_arg, n_bytes, numel, packed, absmax, code, absmax,
-                                     BLOCKSIZE=blocksize, BLOCKSIZE2=DQ_BLOCKSIZE, DOUBLE_QUANT=False,
-                                     BF16_BITS=bf16_bits, BYTES=bytes_per_prog)
+        _dequantize_nf4_kernel[grid](
+            packed,
+            absmax,
+            code,
+            out_arg,
+            n_bytes,
+            numel,
+            packed,
+            absmax,
+            code,
+            absmax,
+            BLOCKSIZE=blocksize,
+            BLOCKSIZE2=DQ_BLOCKSIZE,
+            DOUBLE_QUANT=False,
+            BF16_BITS=bf16_bits,
+            BYTES=bytes_per_prog,
+        )
     else:
-        _dequantize_nf4_kernel[grid](packed, dq.absmax2, code, out_arg, n_bytes, numel, absmax, dq.absmax2,
-                                     dq.code2.float().contiguous(), dq.offset.float().reshape(1),
-                                     BLOCKSIZE=blocksize, BLOCKSIZE2=dq.blocksize2, DOUBLE_QUANT=True,
-                                     BF16_BITS=bf16_bits, BYTES=bytes_per_prog)
+        _dequantize_nf4_kernel[grid](
+            packed,
+            dq.absmax2,
+            code,
+            out_arg,
+            n_bytes,
+            numel,
+            absmax,
+            dq.absmax2,
+            dq.code2.float().contiguous(),
+            dq.offset.float().reshape(1),
+            BLOCKSIZE=blocksize,
+            BLOCKSIZE2=dq.blocksize2,
+            DOUBLE_QUANT=True,
+            BF16_BITS=bf16_bits,
+            BYTES=bytes_per_prog,
+        )
     return out
 
 
@@ -404,12 +482,25 @@ def _dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: in
 
 
 @torch.library.custom_op("shared_kernels::nf4_dequantize", mutates_args=())
-def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int, dtype: torch.dtype,
-                       absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-                       blocksize2: int, quant_type: str = "nf4") -> torch.Tensor:
+def _nf4_dequantize_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    numel: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
     """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
-    dq = None if absmax2 is None else DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
-    return _dequantize_nf4_triton(packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq, quant_type)
+    dq = (
+        None if absmax2 is None else DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
+    )
+    return _dequantize_nf4_triton(
+        packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq, quant_type
+    )
 
 
 @_nf4_dequantize_op.register_fake
@@ -420,8 +511,14 @@ def _(packed, absmax, numel, blocksize, dtype, absmax2, code2, offset, blocksize
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", *, check_finite: bool = True,
-                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit(
+    x: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    *,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantize, byte-for-byte equal to bitsandbytes' `quantize_4bit(x, blocksize,
     quant_type=quant_type, compress_statistics=False)` on CPU (its packed data flattened).
 
@@ -449,8 +546,10 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     # A block's absmax is finite exactly when all its values are: checking the constants is the same test as
     # checking x, at 1/blocksize of the cost.
     if check_finite and not bool(torch.isfinite(absmax).all()):
-        raise ValueError("x contains NaN or inf; pass check_finite=False to quantize it anyway (the "
-                         "non-finite values poison their blocks, as in bitsandbytes' CPU backend)")
+        raise ValueError(
+            "x contains NaN or inf; pass check_finite=False to quantize it anyway (the "
+            "non-finite values poison their blocks, as in bitsandbytes' CPU backend)"
+        )
     return packed, absmax
 
 
@@ -507,8 +606,9 @@ def dequantize_4bit(
         if absmax2 is None or offset is None:
             raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
         if absmax2.numel() != -(-absmax.numel() // blocksize2):
-            raise ValueError(f"absmax2 must hold ceil({absmax.numel()} / {blocksize2}) values, "
-                             f"got {absmax2.numel()}")
+            raise ValueError(
+                f"absmax2 must hold ceil({absmax.numel()} / {blocksize2}) values, got {absmax2.numel()}"
+            )
         code2 = DYNAMIC_CODE.to(packed.device) if code2 is None else code2
         if code2.numel() != 256:
             raise ValueError(f"code2 must hold 256 values, got {code2.numel()}")
@@ -516,8 +616,9 @@ def dequantize_4bit(
         raise ValueError(f"absmax must be float32 (or uint8 when double-quantized), got {absmax.dtype}")
     if resolve_backend(backend, packed.device) == "triton":
         dq = (absmax2, code2, offset) if double_quant else (None, None, None)
-        out = torch.ops.shared_kernels.nf4_dequantize(packed.reshape(-1), absmax, numel, blocksize, dtype, *dq,
-                                                      blocksize2, quant_type)
+        out = torch.ops.shared_kernels.nf4_dequantize(
+            packed.reshape(-1), absmax, numel, blocksize, dtype, *dq, blocksize2, quant_type
+        )
         return out.reshape(shape)
     if backend == "auto" and packed.device.type == "cpu" and nf4_cpu.available():
         dq = DoubleQuantState(absmax2, offset, code2, blocksize2) if double_quant else None
@@ -548,16 +649,24 @@ def double_quantize_absmax(
     turns every constant of the tensor to NaN from one NaN block; a tensor quantized with
     `check_finite=False` that has poisoned blocks can be kept with `double_quant=False` only.
     """
-    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1 \
-            or absmax.numel() == 0:
-        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got "
-                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} {tuple(getattr(absmax, 'shape', ()))}")
+    if (
+        not isinstance(absmax, torch.Tensor)
+        or absmax.dtype != torch.float32
+        or absmax.dim() != 1
+        or absmax.numel() == 0
+    ):
+        raise ValueError(
+            f"absmax must be a non-empty 1-D float32 tensor, got "
+            f"{getattr(absmax, 'dtype', type(absmax).__name__)} {tuple(getattr(absmax, 'shape', ()))}"
+        )
     if isinstance(blocksize2, bool) or not isinstance(blocksize2, int) or blocksize2 <= 0:
         raise ValueError(f"blocksize2 must be a positive int, got {blocksize2!r}")
     bad = ~(torch.isfinite(absmax) & (absmax >= 0))
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"absmax must be finite and >= 0 for double quantization, got {absmax[i].item()} at "
-                         f"block {i} ({int(bad.sum())} bad); NaN/inf come from non-finite weights (quantize "
-                         "with check_finite=True to find them, or keep such a tensor without double quantization)")
+        raise ValueError(
+            f"absmax must be finite and >= 0 for double quantization, got {absmax[i].item()} at "
+            f"block {i} ({int(bad.sum())} bad); NaN/inf come from non-finite weights (quantize "
+            "with check_finite=True to find them, or keep such a tensor without double quantization)"
+        )
     return quantize_absmax_ref(absmax, blocksize2)

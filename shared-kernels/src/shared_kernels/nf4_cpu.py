@@ -315,8 +315,11 @@ def library() -> ctypes.CDLL | None:
                 _lib = _load()
             except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
                 _failed = True
-                warnings.warn(f"NF4 CPU kernels unavailable ({exc}); using the torch reference (slower)",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"NF4 CPU kernels unavailable ({exc}); using the torch reference (slower)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return _lib
 
 
@@ -335,9 +338,15 @@ def _empty(numel: int, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
     return out
 
 
-def dequantize_nf4_cpu(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int,
-                       dtype: torch.dtype, code: torch.Tensor,
-                       dq: DoubleQuantState | None = None) -> torch.Tensor:
+def dequantize_nf4_cpu(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    numel: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    code: torch.Tensor,
+    dq: DoubleQuantState | None = None,
+) -> torch.Tensor:
     """(numel,) `dtype` on CPU; arguments already validated by `dequantize_4bit`. `dq` is given when `absmax`
     holds uint8 double-quantized codes."""
     lib = library()
@@ -350,18 +359,36 @@ def dequantize_nf4_cpu(packed: torch.Tensor, absmax: torch.Tensor, numel: int, b
         absmax_f, qabsmax, absmax2, code2, offset, blocksize2 = absmax.float(), None, None, None, 0.0, 1
     else:
         absmax_f, qabsmax, blocksize2 = None, absmax, dq.blocksize2
-        absmax2, code2, offset = dq.absmax2.float().contiguous(), dq.code2.float().contiguous(), float(dq.offset)
+        absmax2, code2, offset = (
+            dq.absmax2.float().contiguous(),
+            dq.code2.float().contiguous(),
+            float(dq.offset),
+        )
 
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    lib.nf4_dequantize(ptr(packed), ptr(code), numel, blocksize, ptr(absmax_f), ptr(qabsmax), ptr(absmax2),
-                       ptr(code2), offset, blocksize2, ptr(out), _OUT_KIND[dtype], _threads(numel))
+    lib.nf4_dequantize(
+        ptr(packed),
+        ptr(code),
+        numel,
+        blocksize,
+        ptr(absmax_f),
+        ptr(qabsmax),
+        ptr(absmax2),
+        ptr(code2),
+        offset,
+        blocksize2,
+        ptr(out),
+        _OUT_KIND[dtype],
+        _threads(numel),
+    )
     return out
 
 
-def quantize_nf4_full_blocks_cpu(x: torch.Tensor, blocksize: int, midpoints: torch.Tensor,
-                                 order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4_full_blocks_cpu(
+    x: torch.Tensor, blocksize: int, midpoints: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole blocks of flat CPU `x` (numel a multiple of `blocksize`): (packed uint8 (numel // 2,),
     absmax fp32 (numel // blocksize,)), as `quantize_4bit_ref` with the sorted code's (15,) `midpoints` and
     its (16,) uint8 sort `order`."""
@@ -376,7 +403,15 @@ def quantize_nf4_full_blocks_cpu(x: torch.Tensor, blocksize: int, midpoints: tor
     absmax = torch.empty(n_blocks, dtype=torch.float32)
     mids = midpoints.float().contiguous()
     order = order.to(torch.uint8).contiguous()
-    lib.nf4_quantize_full_blocks(x.data_ptr(), 0 if x.dtype == torch.float32 else 1, mids.data_ptr(),
-                                 order.data_ptr(), blocksize, n_blocks, packed.data_ptr(), absmax.data_ptr(),
-                                 _threads(numel))
+    lib.nf4_quantize_full_blocks(
+        x.data_ptr(),
+        0 if x.dtype == torch.float32 else 1,
+        mids.data_ptr(),
+        order.data_ptr(),
+        blocksize,
+        n_blocks,
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        _threads(numel),
+    )
     return packed, absmax

@@ -38,11 +38,32 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _matmul_nf4_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N_OUT, K_IN,
-                           stride_xm, stride_xk, stride_om, stride_on, stride_wk, stride_wn,
-                           qabsmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                           BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _matmul_nf4_kernel(
+        x_ptr,
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        out_ptr,
+        M,
+        N_OUT,
+        K_IN,
+        stride_xm,
+        stride_xk,
+        stride_om,
+        stride_on,
+        stride_wk,
+        stride_wn,
+        qabsmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # out (M, N_OUT) = x (M, K_IN) @ B (K_IN, N_OUT) with B[k, n] = W_flat[k * stride_wk + n * stride_wn].
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -51,28 +72,45 @@ if triton_available():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K_IN, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x_tile = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                             mask=(rm[:, None] < M) & (rk[None, :] < K_IN), other=0.0)  # (BLOCK_M, BLOCK_K)
+            x_tile = tl.load(
+                x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                mask=(rm[:, None] < M) & (rk[None, :] < K_IN),
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_K)
             w_mask = (rk[:, None] < K_IN) & (rn[None, :] < N_OUT)
-            e = rk[:, None].to(tl.int64) * stride_wk + rn[None, :].to(tl.int64) * stride_wn  # (BLOCK_K, BLOCK_N)
+            e = (
+                rk[:, None].to(tl.int64) * stride_wk + rn[None, :].to(tl.int64) * stride_wn
+            )  # (BLOCK_K, BLOCK_N)
             byte = tl.load(packed_ptr + (e >> 1), mask=w_mask, other=0).to(tl.int32)
             nibble = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
             blk = e // BLOCKSIZE
             if DOUBLE_QUANT:
                 q2 = tl.load(qabsmax_ptr + blk, mask=w_mask, other=0).to(tl.int32)
-                scale = tl.load(code2_ptr + q2) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=w_mask, other=0.0)
+                scale = tl.load(code2_ptr + q2) * tl.load(
+                    absmax2_ptr + blk // BLOCKSIZE2, mask=w_mask, other=0.0
+                )
                 scale = scale + tl.load(offset_ptr)
             else:
                 scale = tl.load(absmax_ptr + blk, mask=w_mask, other=0.0)
             w_tile = tl.where(w_mask, tl.load(code_ptr + nibble) * scale, 0.0)  # fp32 (BLOCK_K, BLOCK_N)
             acc = tl.dot(x_tile, w_tile.to(x_tile.dtype), acc)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N_OUT))
+        tl.store(
+            out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=(rm[:, None] < M) & (rn[None, :] < N_OUT),
+        )
 
 
-def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
-                       blocksize: int, transpose_w: bool, dq: DoubleQuantState | None,
-                       quant_type: str) -> torch.Tensor:
+def _matmul_nf4_triton(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, int],
+    blocksize: int,
+    transpose_w: bool,
+    dq: DoubleQuantState | None,
+    quant_type: str,
+) -> torch.Tensor:
     n_rows, n_cols = shape  # W (N, K)
     M = x2d.shape[0]
     if transpose_w:  # y = x @ W^T: inner index k walks a row of W
@@ -88,30 +126,77 @@ def _matmul_nf4_triton(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
         double_quant, blocksize2 = False, DQ_BLOCKSIZE
     else:
         blocksize2 = dq.blocksize2
-        dq_args = (absmax, dq.absmax2.float().contiguous(), dq.code2.float().contiguous(),
-                   dq.offset.float().reshape(1))
+        dq_args = (
+            absmax,
+            dq.absmax2.float().contiguous(),
+            dq.code2.float().contiguous(),
+            dq.offset.float().reshape(1),
+        )
         double_quant = True
-    _matmul_nf4_kernel[grid](x2d, packed, absmax, code, out, M, n_out, k_in,
-                             x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1), stride_wk, stride_wn,
-                             *dq_args, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, DOUBLE_QUANT=double_quant,
-                             BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+    _matmul_nf4_kernel[grid](
+        x2d,
+        packed,
+        absmax,
+        code,
+        out,
+        M,
+        n_out,
+        k_in,
+        x2d.stride(0),
+        x2d.stride(1),
+        out.stride(0),
+        out.stride(1),
+        stride_wk,
+        stride_wn,
+        *dq_args,
+        BLOCKSIZE=blocksize,
+        BLOCKSIZE2=blocksize2,
+        DOUBLE_QUANT=double_quant,
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_K=32,
+    )
     return out
 
 
 @torch.library.custom_op("shared_kernels::nf4_matmul", mutates_args=())
-def _nf4_matmul_op(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n_rows: int, n_cols: int,
-                   blocksize: int, transpose_w: bool, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-                   offset: torch.Tensor | None, blocksize2: int, quant_type: str = "nf4") -> torch.Tensor:
+def _nf4_matmul_op(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    n_rows: int,
+    n_cols: int,
+    blocksize: int,
+    transpose_w: bool,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
     """The Triton launch as a torch custom op (fake implementation below), so torch.compile does not break the
     graph around it: x2d (M, K) -> (M, N) forward, (M, N) -> (M, K) with transpose_w=False."""
     dq = None if absmax2 is None else DoubleQuantState(absmax2, offset, code2, blocksize2)
-    return _matmul_nf4_triton(x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq,
-                              quant_type)
+    return _matmul_nf4_triton(
+        x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq, quant_type
+    )
 
 
 @_nf4_matmul_op.register_fake
-def _(x2d, packed, absmax, n_rows, n_cols, blocksize, transpose_w, absmax2, code2, offset, blocksize2,
-      quant_type="nf4"):
+def _(
+    x2d,
+    packed,
+    absmax,
+    n_rows,
+    n_cols,
+    blocksize,
+    transpose_w,
+    absmax2,
+    code2,
+    offset,
+    blocksize2,
+    quant_type="nf4",
+):
     return x2d.new_empty((x2d.shape[0], n_rows if transpose_w else n_cols))
 
 
@@ -146,12 +231,25 @@ def matmul_nf4(
         raise ValueError(f"shape must be (out_features, in_features), got {tuple(shape)}")
     inner = shape[1] if transpose_w else shape[0]
     if x.shape[-1] != inner:
-        raise ValueError(f"x must have last dim {inner} for W of shape {tuple(shape)} "
-                         f"(transpose_w={transpose_w}), got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have last dim {inner} for W of shape {tuple(shape)} "
+            f"(transpose_w={transpose_w}), got {tuple(x.shape)}"
+        )
     if resolve_backend(backend, x.device) == "torch" or x.numel() == 0:
         # "auto" on CPU dequantizes with the native kernels (same bits as the reference, faster).
-        w = dequantize_4bit(packed, absmax, shape, blocksize, x.dtype, quant_type, absmax2=absmax2, offset=offset,
-                            code2=code2, blocksize2=blocksize2, backend="torch" if backend == "torch" else "auto")
+        w = dequantize_4bit(
+            packed,
+            absmax,
+            shape,
+            blocksize,
+            x.dtype,
+            quant_type,
+            absmax2=absmax2,
+            offset=offset,
+            code2=code2,
+            blocksize2=blocksize2,
+            backend="torch" if backend == "torch" else "auto",
+        )
         return matmul_nf4_ref(x, w, transpose_w)
     check_quant_type(quant_type)
     double_quant = absmax.dtype == torch.uint8
@@ -160,6 +258,16 @@ def matmul_nf4(
     code2 = DYNAMIC_CODE.to(x.device) if (double_quant and code2 is None) else code2
     dq = (absmax2, code2, offset) if double_quant else (None, None, None)
     x2d = x.reshape(-1, inner)
-    out = torch.ops.shared_kernels.nf4_matmul(x2d, packed.reshape(-1), absmax, int(shape[0]), int(shape[1]),
-                                              blocksize, transpose_w, *dq, blocksize2, quant_type)
+    out = torch.ops.shared_kernels.nf4_matmul(
+        x2d,
+        packed.reshape(-1),
+        absmax,
+        int(shape[0]),
+        int(shape[1]),
+        blocksize,
+        transpose_w,
+        *dq,
+        blocksize2,
+        quant_type,
+    )
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -19,8 +19,10 @@ __all__ = ["REDACTED", "RedactingFilter", "env_secrets", "redact", "redact_http_
 
 REDACTED = "***"
 # `Authorization: Bearer <v>`, `Bearer <v>`, `x-api-key: <v>`, `"api_key": "<v>"`: the prefix is kept, <v> is not
-_HEADER_VALUE = re.compile(r"(?i)\b((?:(?:authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?)"
-                           r"(?>(?:(?:bearer|basic|token)\s+)?)|bearer\s+)(?!\*\*\*)[^\s\"',;}]+")
+_HEADER_VALUE = re.compile(
+    r"(?i)\b((?:(?:authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?)"
+    r"(?>(?:(?:bearer|basic|token)\s+)?)|bearer\s+)(?!\*\*\*)[^\s\"',;}]+"
+)
 
 
 def env_secrets(*names: str) -> list[str]:

@@ -89,7 +89,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
 
     def fail() -> ConfigError:
-        return ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return ConfigError(
+            f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
 
     if tp is Any:
         return value
@@ -156,7 +158,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"config key {key!r}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value)))
+        )
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise fail()
@@ -186,9 +190,12 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
         )
     kwargs = {name: _coerce(v, types_[name], prefix + name) for name, v in values.items()}
     missing = [
-        f.name for f in dataclasses.fields(cls)
-        if f.init and f.name not in kwargs
-        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(prefix + m for m in missing)}")
@@ -206,8 +213,9 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
 
 def _is_plain(tp: Any) -> bool:
     plain = {str, Path}
-    return tp in plain or (typing.get_origin(tp) in (Union, types.UnionType)
-                           and set(typing.get_args(tp)) - {type(None)} <= plain)
+    return tp in plain or (
+        typing.get_origin(tp) in (Union, types.UnionType) and set(typing.get_args(tp)) - {type(None)} <= plain
+    )
 
 
 def _override_value(cls: type, dotted: str, raw: str) -> Any:
@@ -346,11 +354,17 @@ def options_help(cls: type) -> str:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, example: str = "train.lr=1e-4") -> None:
     """Add `--config PATH`, `--print-config` and positional `key=value` overrides; list options in --help.
     `example` is the override shown in the help (use one that `cls` accepts)."""
-    parser.add_argument("--config", type=Path, default=None, help="YAML config file (its values over the defaults)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="YAML config file (its values over the defaults)"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"overrides, e.g. {example}")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (parser.epilog or "") + "\noptions (set in the YAML file or as key=value):\n" + options_help(cls)
+    parser.epilog = (
+        (parser.epilog or "") + "\noptions (set in the YAML file or as key=value):\n" + options_help(cls)
+    )
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> T:
@@ -468,9 +482,14 @@ def make_trackers(run_dir: str | Path, requested: Sequence[str] = ("auto",), run
     out: list = [_jsonl_tracker_class()(run_name, run_dir)]
     if "none" in requested:
         return out
-    has_tb = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    has_tb = (
+        importlib.util.find_spec("tensorboard") is not None
+        or importlib.util.find_spec("tensorboardX") is not None
+    )
     if "tensorboard" in requested and not has_tb:
-        raise ValueError("trackers: 'tensorboard' asked for but neither tensorboard nor tensorboardX is installed")
+        raise ValueError(
+            "trackers: 'tensorboard' asked for but neither tensorboard nor tensorboardX is installed"
+        )
     if "tensorboard" in requested or ("auto" in requested and has_tb):
         out.append("tensorboard")
     if "wandb" in requested:

@@ -115,7 +115,9 @@ def check_si_inputs(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
-        raise ValueError(f"q_offset must be an int >= 0 (absolute position of the first query), got {q_offset!r}")
+        raise ValueError(
+            f"q_offset must be an int >= 0 (absolute position of the first query), got {q_offset!r}"
+        )
     if (causal or doc_ids is not None) and q_offset + Tq > Tk:
         raise ValueError(
             f"q_offset + Tq = {q_offset} + {Tq} exceeds the number of keys Tk = {Tk}: with causal or doc_ids, "
@@ -124,20 +126,30 @@ def check_si_inputs(
     if doc_ids is not None:
         if not isinstance(doc_ids, torch.Tensor):
             raise TypeError(f"doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
-        if doc_ids.shape != (B, Tk) or doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex \
-                or doc_ids.dtype == torch.bool:
-            raise ValueError(f"doc_ids must be an integer (B, Tk) = ({B}, {Tk}) tensor, got "
-                             f"{doc_ids.dtype} {tuple(doc_ids.shape)}")
+        if (
+            doc_ids.shape != (B, Tk)
+            or doc_ids.dtype.is_floating_point
+            or doc_ids.dtype.is_complex
+            or doc_ids.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"doc_ids must be an integer (B, Tk) = ({B}, {Tk}) tensor, got "
+                f"{doc_ids.dtype} {tuple(doc_ids.shape)}"
+            )
         if doc_ids.device != q.device:
             raise ValueError(f"doc_ids must be on {q.device}, got {doc_ids.device}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
-            raise ValueError(f"attn_mask must be a bool (B or 1, 1, Tq, Tk) tensor (True = may attend), got "
-                             f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must be a bool (B or 1, 1, Tq, Tk) tensor (True = may attend), got "
+                f"{attn_mask.dtype} {tuple(attn_mask.shape)}"
+            )
         if attn_mask.shape[0] not in (1, B) or attn_mask.shape[2:] != (Tq, Tk):
-            raise ValueError(f"attn_mask must broadcast to ({B}, 1, {Tq}, {Tk}), got {tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must broadcast to ({B}, 1, {Tq}, {Tk}), got {tuple(attn_mask.shape)}"
+            )
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask must be on {q.device}, got {attn_mask.device}")
 
@@ -168,8 +180,18 @@ def si_attention_weights(
 ) -> torch.Tensor:
     """The reference attention probabilities. q (B, Hq, Tq, D), k (B, Hkv, Tk, D) -> (B, Hq, Tq, Tk) in fp32
     (fp64 for fp64 inputs). Rows with no visible key are all zeros."""
-    check_si_inputs(q, k, k, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, attn_mask=attn_mask,
-                    alpha=alpha, beta=beta)
+    check_si_inputs(
+        q,
+        k,
+        k,
+        tau=tau,
+        causal=causal,
+        q_offset=q_offset,
+        doc_ids=doc_ids,
+        attn_mask=attn_mask,
+        alpha=alpha,
+        beta=beta,
+    )
     cdtype = _compute_dtype(q.dtype)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
@@ -181,7 +203,7 @@ def si_attention_weights(
     logits = a * scores + m
     visible = visible.expand(B, 1, Tq, Tk)
     if doc_ids is not None:
-        visible = visible & (doc_ids[:, q_offset:q_offset + Tq, None] == doc_ids[:, None, :])[:, None]
+        visible = visible & (doc_ids[:, q_offset : q_offset + Tq, None] == doc_ids[:, None, :])[:, None]
     if attn_mask is not None:
         visible = visible & attn_mask
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
@@ -203,10 +225,29 @@ def si_attention_ref(
 ) -> torch.Tensor:
     """Pure torch specification (materialises the scores). Shapes as `si_attention`; (B, Hq, Tq, D) in q's
     dtype, computed in fp32 (fp64 for fp64 inputs)."""
-    check_si_inputs(q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, attn_mask=attn_mask,
-                    alpha=alpha, beta=beta)
-    probs = si_attention_weights(q, k, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids,
-                                 attn_mask=attn_mask, alpha=alpha, beta=beta)
+    check_si_inputs(
+        q,
+        k,
+        v,
+        tau=tau,
+        causal=causal,
+        q_offset=q_offset,
+        doc_ids=doc_ids,
+        attn_mask=attn_mask,
+        alpha=alpha,
+        beta=beta,
+    )
+    probs = si_attention_weights(
+        q,
+        k,
+        tau=tau,
+        causal=causal,
+        q_offset=q_offset,
+        doc_ids=doc_ids,
+        attn_mask=attn_mask,
+        alpha=alpha,
+        beta=beta,
+    )
     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return (probs @ v.to(probs.dtype)).to(q.dtype)
 
@@ -243,8 +284,10 @@ def _toeplitz_terms(
         m = m.masked_fill(~visible, float("-inf"))
     # Row r of the view is rows - 1 - i: entry (r, x) = vec[r + x] has t = i + shift - x; flip the rows back
     # into row-major storage (flip alone keeps the view's column-major strides: 15x slower addcmul reads).
-    return tuple(torch.empty(rows, cols, dtype=dtype, device=device).copy_(x.as_strided((rows, cols), (1, 1)).flip(0))
-                 for x in (a, m))
+    return tuple(
+        torch.empty(rows, cols, dtype=dtype, device=device).copy_(x.as_strided((rows, cols), (1, 1)).flip(0))
+        for x in (a, m)
+    )
 
 
 def _chunk_plan(Tq: int, Tk: int, q_offset: int, causal: bool, chunk: int):
@@ -270,16 +313,24 @@ def _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, bet
     Hkv, Tk = k.shape[1], k.shape[2]
     G, N = Hq // Hkv, B * Hkv
     plan, (rows, cols, shift) = _chunk_plan(Tq, Tk, q_offset, causal, chunk)
-    a_all, m_all = _toeplitz_terms(tau, causal, alpha, beta, rows, cols, shift, 1.0 / math.sqrt(D), cdtype, q.device)
+    a_all, m_all = _toeplitz_terms(
+        tau, causal, alpha, beta, rows, cols, shift, 1.0 / math.sqrt(D), cdtype, q.device
+    )
     qg = q.to(cdtype).view(B, Hkv, G, Tq, D)
     k3, v3 = k.to(cdtype).reshape(N, Tk, D), v.to(cdtype).reshape(N, Tk, D)
     for s, e, kend, c0 in plan:
         C = e - s
         qc = qg[:, :, :, s:e].reshape(N, G * C, D)
-        a = a_all[:C, c0:c0 + kend]
-        probs = _chunk_probs(qc, k3[:, :kend], a, m_all[:C, c0:c0 + kend],
-                             _chunk_hidden(doc_ids, attn_mask, q_offset, s, e, kend), (B, Hkv, G, C, kend),
-                             attn_mask is not None)
+        a = a_all[:C, c0 : c0 + kend]
+        probs = _chunk_probs(
+            qc,
+            k3[:, :kend],
+            a,
+            m_all[:C, c0 : c0 + kend],
+            _chunk_hidden(doc_ids, attn_mask, q_offset, s, e, kend),
+            (B, Hkv, G, C, kend),
+            attn_mask is not None,
+        )
         yield s, e, qc, k3[:, :kend], v3[:, :kend], a, probs
 
 
@@ -287,7 +338,7 @@ def _chunk_hidden(doc_ids, attn_mask, q_offset, s, e, kend):
     """Keys a chunk's queries may not see beyond the causal ones: (B, 1, 1, C, K) bool, or None."""
     hidden = None
     if doc_ids is not None:
-        same = doc_ids[:, q_offset + s:q_offset + e, None] == doc_ids[:, None, :kend]  # (B, C, K)
+        same = doc_ids[:, q_offset + s : q_offset + e, None] == doc_ids[:, None, :kend]  # (B, C, K)
         hidden = ~same[:, None, None]
     if attn_mask is not None:
         masked = ~attn_mask[:, None, :, s:e, :kend]
@@ -311,16 +362,28 @@ def _chunk_probs(qc, kc, a, m, hidden, shape5, empty_rows):
 
 @torch.library.custom_op("shared_kernels::si_attention_chunked_fwd", mutates_args=())
 def _chunked_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    tau: float, causal: bool, q_offset: int, alpha: float | None, beta: float | None, chunk: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    tau: float,
+    causal: bool,
+    q_offset: int,
+    alpha: float | None,
+    beta: float | None,
+    chunk: int,
 ) -> torch.Tensor:
     """Chunked forward, (B, Hq, Tq, D) in q's dtype: per chunk one matmul for q.k, one fused `addcmul` for
     a_t * S + m_t (causal mask included), one in-place softmax, one matmul with v."""
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
-    outs = [(probs @ vc).view(B, Hkv, Hq // Hkv, e - s, D)  # one cat at the end: fewer (parallel) ops
-            for s, e, _, _, vc, _, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset,
-                                                          alpha, beta, chunk)]
+    outs = [
+        (probs @ vc).view(B, Hkv, Hq // Hkv, e - s, D)  # one cat at the end: fewer (parallel) ops
+        for s, e, _, _, vc, _, probs in _chunk_blocks(
+            q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk
+        )
+    ]
     return torch.cat(outs, dim=3).view(B, Hq, Tq, D).to(q.dtype)
 
 
@@ -331,8 +394,17 @@ def _chunked_fwd_fake(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha,
 
 @torch.library.custom_op("shared_kernels::si_attention_chunked_bwd", mutates_args=())
 def _chunked_bwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    dout: torch.Tensor, tau: float, causal: bool, q_offset: int, alpha: float | None, beta: float | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    dout: torch.Tensor,
+    tau: float,
+    causal: bool,
+    q_offset: int,
+    alpha: float | None,
+    beta: float | None,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recomputing backward (dq, dk, dv): the same probabilities bit for bit, then the fused softmax backward
@@ -345,8 +417,9 @@ def _chunked_bwd_op(
     dqs = []
     dk = torch.zeros(N, Tk, D, dtype=cdtype, device=q.device)
     dv = torch.zeros(N, Tk, D, dtype=cdtype, device=q.device)
-    for s, e, qc, kc, vc, a, probs in _chunk_blocks(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha,
-                                                    beta, chunk):
+    for s, e, qc, kc, vc, a, probs in _chunk_blocks(
+        q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk
+    ):
         C, kend = e - s, kc.shape[1]
         do = dout[:, :, :, s:e].reshape(N, G * C, D)
         dv[:, :kend].baddbmm_(probs.transpose(1, 2), do)  # sums the G query heads of each kv head
@@ -383,10 +456,31 @@ _chunked_fwd_op.register_autograd(_chunked_backward, setup_context=_chunked_setu
 def si_attention_torch(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk):
     """The chunked torch path on validated inputs (see `si_attention`)."""
     if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to chunk: the reference gives the empty / zero result
-        return si_attention_ref(q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids,
-                                attn_mask=attn_mask, alpha=alpha, beta=beta)
-    return _chunked_fwd_op(q, k, v, doc_ids, attn_mask, float(tau), causal, q_offset,
-                           None if alpha is None else float(alpha), None if beta is None else float(beta), chunk)
+        return si_attention_ref(
+            q,
+            k,
+            v,
+            tau=tau,
+            causal=causal,
+            q_offset=q_offset,
+            doc_ids=doc_ids,
+            attn_mask=attn_mask,
+            alpha=alpha,
+            beta=beta,
+        )
+    return _chunked_fwd_op(
+        q,
+        k,
+        v,
+        doc_ids,
+        attn_mask,
+        float(tau),
+        causal,
+        q_offset,
+        None if alpha is None else float(alpha),
+        None if beta is None else float(beta),
+        chunk,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,8 +511,22 @@ if triton_available():
         return pos
 
     @triton.jit
-    def _logits_block(q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB, NT,
-                      CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr):
+    def _logits_block(
+        q,
+        k,
+        offs_m,
+        offs_n,
+        q_offset,
+        Tk,
+        doc_q,
+        doc_k,
+        A_TAB,
+        M_TAB,
+        NT,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """Masked logits (fp32, natural units) and a_t / sqrt(D) for one (BLOCK_M, BLOCK_N) tile; a_t / sqrt(D)
         and m_t are read from the (NT,) fp32 tables that `si_coefficients` filled, indexed by the distance."""
         if IEEE:
@@ -441,10 +549,30 @@ if triton_available():
         return logits, a_scaled
 
     @triton.jit
-    def _si_attn_fwd(Q, K, V, DOC, A_TAB, M_TAB, O, LSE, Tq, Tk, NT, q_offset,
-                     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
-                     IEEE: tl.constexpr, FP32_DOTS: tl.constexpr):
+    def _si_attn_fwd(
+        Q,
+        K,
+        V,
+        DOC,
+        A_TAB,
+        M_TAB,
+        O,
+        LSE,
+        Tq,
+        Tk,
+        NT,
+        q_offset,
+        HQ: tl.constexpr,
+        GROUP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        IEEE: tl.constexpr,
+        FP32_DOTS: tl.constexpr,
+    ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // HQ
@@ -465,8 +593,9 @@ if triton_available():
             k, _, _ = _load_rows(K, bkv, offs_n, Tk, offs_d, D, FP32_DOTS)
             v, _, _ = _load_rows(V, bkv, offs_n, Tk, offs_d, D, FP32_DOTS)
             doc_k = _load_docs(DOC, b, Tk, offs_n, offs_n < Tk, -2, HAS_DOC)
-            logits, _ = _logits_block(q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB, NT,
-                                      CAUSAL, HAS_DOC, IEEE)
+            logits, _ = _logits_block(
+                q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB, NT, CAUSAL, HAS_DOC, IEEE
+            )
             logits = logits * LOG2E
             new_max = tl.maximum(row_max, tl.max(logits, 1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing visible yet
@@ -485,11 +614,33 @@ if triton_available():
         tl.store(LSE + bh * Tq + offs_m, lse2, mask=offs_m < Tq)
 
     @triton.jit
-    def _si_attn_bwd_dkdv(Q, K, V, DOC, A_TAB, M_TAB, DO, LSE, DELTA, DK, DV, Tq, Tk, NT, q_offset,
-                          HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
-                          FP32_DOTS: tl.constexpr):
+    def _si_attn_bwd_dkdv(
+        Q,
+        K,
+        V,
+        DOC,
+        A_TAB,
+        M_TAB,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        Tq,
+        Tk,
+        NT,
+        q_offset,
+        HQ: tl.constexpr,
+        GROUP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        IEEE: tl.constexpr,
+        FP32_DOTS: tl.constexpr,
+    ):
         start_n = tl.program_id(0)
         bkv = tl.program_id(1)
         HKV: tl.constexpr = HQ // GROUP
@@ -516,8 +667,9 @@ if triton_available():
                 lse2 = tl.load(LSE + bh * Tq + offs_m, mask=m_mask, other=float("inf"))
                 delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_mask, other=0.0)
                 doc_q = _load_docs(DOC, b, Tk, q_offset + offs_m, m_mask, -1, HAS_DOC)
-                logits, a_scaled = _logits_block(q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB,
-                                                 NT, CAUSAL, HAS_DOC, IEEE)
+                logits, a_scaled = _logits_block(
+                    q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB, NT, CAUSAL, HAS_DOC, IEEE
+                )
                 p = tl.exp2(logits * LOG2E - lse2[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
                 if IEEE:
                     dv += tl.dot(tl.trans(p), do, input_precision="ieee")
@@ -534,10 +686,32 @@ if triton_available():
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
-    def _si_attn_bwd_dq(Q, K, V, DOC, A_TAB, M_TAB, DO, LSE, DELTA, DQ, Tq, Tk, NT, q_offset,
-                        HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                        HAS_DOC: tl.constexpr, IEEE: tl.constexpr, FP32_DOTS: tl.constexpr):
+    def _si_attn_bwd_dq(
+        Q,
+        K,
+        V,
+        DOC,
+        A_TAB,
+        M_TAB,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        Tq,
+        Tk,
+        NT,
+        q_offset,
+        HQ: tl.constexpr,
+        GROUP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        IEEE: tl.constexpr,
+        FP32_DOTS: tl.constexpr,
+    ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // HQ
@@ -560,8 +734,9 @@ if triton_available():
             k, _, _ = _load_rows(K, bkv, offs_n, Tk, offs_d, D, FP32_DOTS)
             v, _, _ = _load_rows(V, bkv, offs_n, Tk, offs_d, D, FP32_DOTS)
             doc_k = _load_docs(DOC, b, Tk, offs_n, offs_n < Tk, -2, HAS_DOC)
-            logits, a_scaled = _logits_block(q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB, NT,
-                                             CAUSAL, HAS_DOC, IEEE)
+            logits, a_scaled = _logits_block(
+                q, k, offs_m, offs_n, q_offset, Tk, doc_q, doc_k, A_TAB, M_TAB, NT, CAUSAL, HAS_DOC, IEEE
+            )
             p = tl.exp2(logits * LOG2E - lse2[:, None])
             if IEEE:
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -583,8 +758,14 @@ def _launch_config(q: torch.Tensor) -> dict:
         block_m = block_n = 16
     else:
         block_m, block_n = (64, 64) if block_d <= 128 else (32, 32)
-    return dict(D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                IEEE=q.dtype == torch.float32, FP32_DOTS=interpreting)
+    return dict(
+        D=D,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+        FP32_DOTS=interpreting,
+    )
 
 
 def _coefficient_tables(q, Tk, tau, q_offset, alpha, beta):
@@ -602,8 +783,25 @@ def _si_attention_fwd(q, k, v, doc, tau, causal, q_offset, alpha, beta):
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Tq, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
-    _si_attn_fwd[grid](q, k, v, doc, a_tab, m_tab, out, lse, Tq, Tk, nt, q_offset, HQ=Hq,
-                       GROUP=Hq // k.shape[1], CAUSAL=causal, HAS_DOC=doc.numel() > 0, **cfg)
+    _si_attn_fwd[grid](
+        q,
+        k,
+        v,
+        doc,
+        a_tab,
+        m_tab,
+        out,
+        lse,
+        Tq,
+        Tk,
+        nt,
+        q_offset,
+        HQ=Hq,
+        GROUP=Hq // k.shape[1],
+        CAUSAL=causal,
+        HAS_DOC=doc.numel() > 0,
+        **cfg,
+    )
     return out, lse
 
 
@@ -616,16 +814,25 @@ def _si_attention_bwd(q, k, v, doc, out, lse, dout, tau, causal, q_offset, alpha
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(HQ=Hq, GROUP=Hq // Hkv, CAUSAL=causal, HAS_DOC=doc.numel() > 0, **cfg)
     _si_attn_bwd_dkdv[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, doc, a_tab, m_tab, dout, lse, delta, dk, dv, Tq, Tk, nt, q_offset, **common)
+        q, k, v, doc, a_tab, m_tab, dout, lse, delta, dk, dv, Tq, Tk, nt, q_offset, **common
+    )
     _si_attn_bwd_dq[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, doc, a_tab, m_tab, dout, lse, delta, dq, Tq, Tk, nt, q_offset, **common)
+        q, k, v, doc, a_tab, m_tab, dout, lse, delta, dq, Tq, Tk, nt, q_offset, **common
+    )
     return dq, dk, dv
 
 
 @torch.library.custom_op("shared_kernels::si_attention_fwd", mutates_args=())
 def _si_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, tau: float, causal: bool, q_offset: int,
-    alpha: float | None, beta: float | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc: torch.Tensor,
+    tau: float,
+    causal: bool,
+    q_offset: int,
+    alpha: float | None,
+    beta: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward launch as a torch custom op: (out (B, Hq, Tq, D), row log-sum-exp (B, Hq, Tq) fp32, base 2).
     `doc` is (B, Tk) int32, or empty for no documents."""
@@ -641,8 +848,18 @@ def _si_attention_fwd_fake(q, k, v, doc, tau, causal, q_offset, alpha, beta):
 
 @torch.library.custom_op("shared_kernels::si_attention_bwd", mutates_args=())
 def _si_attention_bwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    dout: torch.Tensor, tau: float, causal: bool, q_offset: int, alpha: float | None, beta: float | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    tau: float,
+    causal: bool,
+    q_offset: int,
+    alpha: float | None,
+    beta: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward launches (dK/dV, then dQ) as a custom op: (dq, dk, dv) shaped like q, k, v."""
     return _si_attention_bwd(q, k, v, doc, out, lse, dout.contiguous(), tau, causal, q_offset, alpha, beta)
@@ -674,15 +891,32 @@ def si_attention_triton(q, k, v, doc_ids, tau, causal, q_offset, alpha, beta):
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"q, k, v must be float16/bfloat16/float32 for the Triton kernel, got {q.dtype}")
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be <= {TRITON_MAX_HEAD_DIM} for the Triton kernel, got {q.shape[-1]}")
-    if doc_ids is not None and doc_ids.numel() and doc_ids.dtype == torch.int64 \
-            and not bool(((doc_ids >= -2**31) & (doc_ids < 2**31)).all()):
+        raise ValueError(
+            f"head dim must be <= {TRITON_MAX_HEAD_DIM} for the Triton kernel, got {q.shape[-1]}"
+        )
+    if (
+        doc_ids is not None
+        and doc_ids.numel()
+        and doc_ids.dtype == torch.int64
+        and not bool(((doc_ids >= -(2**31)) & (doc_ids < 2**31)).all())
+    ):
         raise ValueError("doc_ids must fit in int32 for the Triton kernel")
-    doc = (doc_ids.to(torch.int32).contiguous() if doc_ids is not None
-           else torch.empty(0, dtype=torch.int32, device=q.device))
-    out, _ = _si_attention_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), doc, float(tau), causal,
-                                  q_offset, None if alpha is None else float(alpha),
-                                  None if beta is None else float(beta))
+    doc = (
+        doc_ids.to(torch.int32).contiguous()
+        if doc_ids is not None
+        else torch.empty(0, dtype=torch.int32, device=q.device)
+    )
+    out, _ = _si_attention_fwd_op(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        doc,
+        float(tau),
+        causal,
+        q_offset,
+        None if alpha is None else float(alpha),
+        None if beta is None else float(beta),
+    )
     return out
 
 
@@ -720,8 +954,18 @@ def si_attention(
     Returns:
         (B, Hq, Tq, D) in q's dtype; rows with no visible key are zeros.
     """
-    check_si_inputs(q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, attn_mask=attn_mask,
-                    alpha=alpha, beta=beta)
+    check_si_inputs(
+        q,
+        k,
+        v,
+        tau=tau,
+        causal=causal,
+        q_offset=q_offset,
+        doc_ids=doc_ids,
+        attn_mask=attn_mask,
+        alpha=alpha,
+        beta=beta,
+    )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -732,8 +976,10 @@ def si_attention(
     elif backend == "triton":
         resolve_backend("triton", q.device)  # raises with a clear message off CUDA without the interpreter
         if attn_mask is not None:
-            raise ValueError("attn_mask is supported by the torch path only, not backend='triton' (use doc_ids "
-                             "for packed documents)")
+            raise ValueError(
+                "attn_mask is supported by the torch path only, not backend='triton' (use doc_ids "
+                "for packed documents)"
+            )
     if backend == "triton" and q.shape[2] and k.shape[2]:  # an empty grid is not launched
         return si_attention_triton(q, k, v, doc_ids, tau, causal, q_offset, alpha, beta)
     return si_attention_torch(q, k, v, doc_ids, attn_mask, tau, causal, q_offset, alpha, beta, chunk)

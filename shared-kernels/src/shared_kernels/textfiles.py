@@ -44,7 +44,9 @@ def read_text(path: str | os.PathLike) -> str:
         try:
             data = gzip.decompress(data)
         except _GZIP_ERRORS as err:
-            raise FileFormatError(path, f"truncated or corrupt gzip file ({type(err).__name__}: {err})") from None
+            raise FileFormatError(
+                path, f"truncated or corrupt gzip file ({type(err).__name__}: {err})"
+            ) from None
     try:
         text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (spreadsheet exports) is dropped
     except UnicodeDecodeError as err:
@@ -59,20 +61,26 @@ def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     Lines keep their `\n`; a `\r\n` ending reads as `\n` (as text mode would)."""
     line_no = 0
     try:
-        with (gzip.open(path, "rb") if os.fspath(path).endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if os.fspath(path).endswith(".gz") else open(path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):  # noqa: B007 - line_no is read after a failure
                 if line_no == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
                     raise FileFormatError(path, "is UTF-16 text (byte-order mark); save it as UTF-8", 1)
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise FileFormatError(path, f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                                                f"{err.start + 1}); save it as UTF-8", line_no) from None
+                    raise FileFormatError(
+                        path,
+                        f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1}); save it as UTF-8",
+                        line_no,
+                    ) from None
                 if line_no == 1 and line.startswith("\ufeff"):
                     line = line[1:]  # a UTF-8 byte-order mark
                 if line.endswith("\r\n"):
                     line = line[:-2] + "\n"
                 yield line_no, _check_line(path, line, line_no)
     except _GZIP_ERRORS as err:
-        raise FileFormatError(path, f"truncated or corrupt gzip file (after {line_no} complete lines) "
-                                    f"({type(err).__name__}: {err})") from None
+        raise FileFormatError(
+            path,
+            f"truncated or corrupt gzip file (after {line_no} complete lines) ({type(err).__name__}: {err})",
+        ) from None

@@ -46,7 +46,7 @@ def shard_window(window: Sequence[Any], rank: int, world_size: int) -> list[Any]
     if not window or len(window) % world_size:
         raise ValueError(f"a step of {len(window)} micro-batches cannot be shared by {world_size} processes")
     share = len(window) // world_size
-    return list(window[rank * share:(rank + 1) * share])
+    return list(window[rank * share : (rank + 1) * share])
 
 
 @dataclass
@@ -78,8 +78,14 @@ class LoopSettings:
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "checkpoint_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name != "log_every" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name != 'log_every' else 1}, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name != "log_every" else 1)
+            ):
+                raise ValueError(
+                    f"{name} must be an integer >= {0 if name != 'log_every' else 1}, got {value!r}"
+                )
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
 
@@ -150,7 +156,9 @@ def run_loop(
                 logger.info("resumed %s from %s at step %d", s.phase, loaded["path"], state.step)
             if metrics_file is not None and acc.is_main_process:
                 # this phase's rows after the resumed step go (they are logged again); other phases' stay
-                JSONLTracker.truncate_after(metrics_file, s.log_step_offset + state.step, s.log_step_offset + s.steps)
+                JSONLTracker.truncate_after(
+                    metrics_file, s.log_step_offset + state.step, s.log_step_offset + s.steps
+                )
     bar = None
     if s.progress and acc.is_main_process and state.step < s.steps and importlib.util.find_spec("tqdm"):
         from tqdm.auto import tqdm  # not a dependency of shared-kernels: a bar only where it is installed
@@ -185,23 +193,38 @@ def run_loop(
         optimizer.zero_grad(set_to_none=True)
         state.step = done
         if done % s.log_every == 0 or done == s.steps:
-            row: dict[str, Any] = {"step": done, "phase": s.phase, f"{s.phase}/loss": value,
-                                   "lr": scheduler.get_last_lr()[0], "elapsed_s": time.perf_counter() - t0}
+            row: dict[str, Any] = {
+                "step": done,
+                "phase": s.phase,
+                f"{s.phase}/loss": value,
+                "lr": scheduler.get_last_lr()[0],
+                "elapsed_s": time.perf_counter() - t0,
+            }
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             if extra_metrics is not None:
                 row.update(extra_metrics(acc.unwrap_model(model)))
             state.history.append(row)
-            acc.log({k: v for k, v in row.items() if k not in ("step", "phase")}, step=s.log_step_offset + done)
+            acc.log(
+                {k: v for k, v in row.items() if k not in ("step", "phase")}, step=s.log_step_offset + done
+            )
             if logger is not None and acc.is_main_process:
                 logger.info("%s step %d loss %.4f", s.phase, done, value)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}")
         if bar is not None:
             bar.update(1)
-        if checkpoints is not None and ((s.checkpoint_every and done % s.checkpoint_every == 0) or done == s.steps):
-            checkpoints.save(done, acc.unwrap_model(model), inner_optimizer, scheduler,
-                             extra={"history": state.history}, trainable_only=s.trainable_only)
+        if checkpoints is not None and (
+            (s.checkpoint_every and done % s.checkpoint_every == 0) or done == s.steps
+        ):
+            checkpoints.save(
+                done,
+                acc.unwrap_model(model),
+                inner_optimizer,
+                scheduler,
+                extra={"history": state.history},
+                trainable_only=s.trainable_only,
+            )
     if bar is not None:
         bar.close()
     state.model, state.optimizer = model, optimizer

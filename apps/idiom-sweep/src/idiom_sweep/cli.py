@@ -12,10 +12,12 @@ import sys
 from idiom_sweep.config import IdiomSweepConfig
 from shared_kernels.app import cli_main
 
-DESCRIPTION = ("Idiomaticity detection with reasoning LLMs: one command runs (or resumes) a sweep over models x "
-               "prompt conditions x datasets, optionally loading models in 4 bits through nf4lora, and writes the "
-               "macro-F1 table (markdown + CSV) and the macro-F1-vs-size plot. With no --config: the offline "
-               "default (tiny models built here, SemEval-2022 2A dev).")
+DESCRIPTION = (
+    "Idiomaticity detection with reasoning LLMs: one command runs (or resumes) a sweep over models x "
+    "prompt conditions x datasets, optionally loading models in 4 bits through nf4lora, and writes the "
+    "macro-F1 table (markdown + CSV) and the macro-F1-vs-size plot. With no --config: the offline "
+    "default (tiny models built here, SemEval-2022 2A dev)."
+)
 
 
 def _offline_default() -> dict:
@@ -35,8 +37,16 @@ def _run(cfg: IdiomSweepConfig, progress: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from idiomreason.cli import USER_ERRORS
 
-    return cli_main("idiom-sweep", DESCRIPTION, IdiomSweepConfig, _run, argv, user_errors=USER_ERRORS,
-                    example="max_new_tokens=2048", default_config=_offline_default)
+    return cli_main(
+        "idiom-sweep",
+        DESCRIPTION,
+        IdiomSweepConfig,
+        _run,
+        argv,
+        user_errors=USER_ERRORS,
+        example="max_new_tokens=2048",
+        default_config=_offline_default,
+    )
 
 
 if __name__ == "__main__":

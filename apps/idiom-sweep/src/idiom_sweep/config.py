@@ -16,17 +16,24 @@ class ModelEntry:
     backend: Literal["transformers", "vllm", "http"] = option("transformers", "inference backend")
     size_b: float | None = option(None, "parameters in billions for the plot (default: parsed from the name)")
     reasoning: bool = option(False, "R1-style model: the direct condition prefills an empty think block")
-    options: dict[str, Any] = option(default_factory=dict, help="backend keyword arguments (batch_size, base_url, ...)")
+    options: dict[str, Any] = option(
+        default_factory=dict, help="backend keyword arguments (batch_size, base_url, ...)"
+    )
     decoding: dict[str, Any] | None = option(
-        None, "temperature / top_p / n_samples (majority vote) / seed; unset keys: model card (R1 distills 0.6 / "
-        "0.95) or greedy")
+        None,
+        "temperature / top_p / n_samples (majority vote) / seed; unset keys: model card (R1 distills 0.6 / "
+        "0.95) or greedy",
+    )
     scoring: Literal["generate", "loglik"] = option(
-        "generate", "generate an answer, or loglik: the more likely answer after the prompt (base models)")
+        "generate", "generate an answer, or loglik: the more likely answer after the prompt (base models)"
+    )
 
 
 @dataclass
 class DatasetEntry:
-    name: Literal["semeval2022-2a", "magpie", "vnc-tokens", "generic", "hf"] = option(help="idiomreason loader")
+    name: Literal["semeval2022-2a", "magpie", "vnc-tokens", "generic", "hf"] = option(
+        help="idiomreason loader"
+    )
     path: str = option(help="file or folder (hub name for 'hf')")
     split: str | None = option(None, "loader split (null = all)")
     key: str | None = option(None, "label in caches and tables (default '<name>:<split>')")
@@ -40,15 +47,20 @@ class IdiomSweepConfig:
     out_dir: Path = option(Path("runs/idiom-sweep"), "predictions (append-only, resumable), tables, plot")
     models: list[ModelEntry] = option(default_factory=list, help="models to evaluate")
     datasets: list[DatasetEntry] = option(default_factory=list, help="datasets to evaluate on")
-    conditions: list[str] = option(default_factory=lambda: ["direct", "cot", "cot_definition"],
-                                   help="prompt conditions (optionally ':<k>shot')")
+    conditions: list[str] = option(
+        default_factory=lambda: ["direct", "cot", "cot_definition"],
+        help="prompt conditions (optionally ':<k>shot')",
+    )
     load_in_4bit: Literal["none", "nf4lora", "bitsandbytes"] = option(
-        "none", "transformers models: NF4 + double quantization through nf4lora, or bitsandbytes, or none")
+        "none", "transformers models: NF4 + double quantization through nf4lora, or bitsandbytes, or none"
+    )
     max_new_tokens: int = option(4096, "answer budget (reasoning models need thousands)")
     definitions: str | None = option(None, "user file of definitions (null: generated in a first pass)")
     definitions_model: str | None = option(None, "model (by name) that defines expressions for every model")
     definitions_of: str | None = option(
-        None, "with definitions = a run's definitions.jsonl: the model whose stored definitions every model gets")
+        None,
+        "with definitions = a run's definitions.jsonl: the model whose stored definitions every model gets",
+    )
     glosses: str | None = option(None, "reference glosses file: score the generated definitions against it")
     definition_judge: str | None = option(None, "with glosses: a model (by name) that judges each definition")
     definition_max_new_tokens: int = option(512, "budget of a generated definition")
@@ -64,4 +76,6 @@ class IdiomSweepConfig:
             raise ValueError("datasets must list at least one dataset (give --config FILE)")
         from idiom_sweep.recipe import sweep_config
 
-        sweep_config(self)  # idiomreason's own checks (values that cannot work, booleans that must be booleans)
+        sweep_config(
+            self
+        )  # idiomreason's own checks (values that cannot work, booleans that must be booleans)

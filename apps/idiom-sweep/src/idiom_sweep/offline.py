@@ -47,7 +47,9 @@ def build_tiny_model(spec: str, out_dir: Path) -> tuple[Path, float]:
     """Build (or reuse) the tiny model a `builtin:tiny-<width>x<layers>` path names; (folder, size in B)."""
     m = _TINY.fullmatch(spec)
     if m is None:
-        raise ValueError(f"unknown builtin model {spec!r}: expected builtin:tiny-<width>x<layers>, e.g. builtin:tiny-64x2")
+        raise ValueError(
+            f"unknown builtin model {spec!r}: expected builtin:tiny-<width>x<layers>, e.g. builtin:tiny-64x2"
+        )
     width, layers = int(m.group(1)), int(m.group(2))
     if width % 16 or not 1 <= layers <= 16:
         raise ValueError(f"builtin model {spec!r}: width must be a multiple of 16 and layers 1..16")

@@ -46,7 +46,9 @@ def nf4lora_backend(spec: Any) -> Any:
     dtype = opts.get("dtype", "auto")
     on_gpu = torch.cuda.is_available()
     torch_dtype = (torch.bfloat16 if on_gpu else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    trust = check_bool(opts.get("trust_remote_code", False), f"model {spec.name!r}: options.trust_remote_code")
+    trust = check_bool(
+        opts.get("trust_remote_code", False), f"model {spec.name!r}: options.trust_remote_code"
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=torch_dtype, trust_remote_code=trust)
     model = quantize_model(model, double_quant=True).eval()
@@ -85,8 +87,11 @@ class IdiomSweepRecipe:
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         write_yaml_atomic(self.cfg.out_dir / "idiom-sweep.yaml", self.cfg)
         n = len(self.sweep.models) * len(self.sweep.datasets) * len(self.sweep.conditions)
-        print(f"[idiom-sweep] {len(self.sweep.models)} model(s) x {len(self.sweep.conditions)} condition(s) x "
-              f"{len(self.sweep.datasets)} dataset(s) = {n} cells; 4-bit: {self.cfg.load_in_4bit}", flush=True)
+        print(
+            f"[idiom-sweep] {len(self.sweep.models)} model(s) x {len(self.sweep.conditions)} condition(s) x "
+            f"{len(self.sweep.datasets)} dataset(s) = {n} cells; 4-bit: {self.cfg.load_in_4bit}",
+            flush=True,
+        )
 
     def train(self) -> None:
         """Nothing to train: the recipe interface is kept so every app reads the same."""

@@ -10,9 +10,13 @@ import sys
 from lm_pretrain.config import PretrainConfig, StudyConfig
 from shared_kernels.app import cli_main
 
-RUN_DESCRIPTION = ("Pretrain a small byte-level LM (siattn's GPT) with a choice of attention and precision, then "
-                   "evaluate it at longer contexts. `lm-pretrain study --help` for studies.")
-STUDY_DESCRIPTION = "Run a study: every variant (overrides of `base`) for every seed, then a table and a plot."
+RUN_DESCRIPTION = (
+    "Pretrain a small byte-level LM (siattn's GPT) with a choice of attention and precision, then "
+    "evaluate it at longer contexts. `lm-pretrain study --help` for studies."
+)
+STUDY_DESCRIPTION = (
+    "Run a study: every variant (overrides of `base`) for every seed, then a table and a plot."
+)
 
 
 def _run(cfg: PretrainConfig, progress: bool) -> None:

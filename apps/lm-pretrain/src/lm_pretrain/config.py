@@ -41,11 +41,14 @@ class ModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"model.n_head ({self.n_head}) must divide model.d_model ({self.d_model})")
         if self.position in ("rope", "p-rope") and (self.d_model // self.n_head) % 2:
-            raise ValueError(f"model.position={self.position} needs an even head dim (rotary pairs), got "
-                             f"model.d_model / model.n_head = {self.d_model // self.n_head}")
+            raise ValueError(
+                f"model.position={self.position} needs an even head dim (rotary pairs), got "
+                f"model.d_model / model.n_head = {self.d_model // self.n_head}"
+            )
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
-            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must be >= 1 and divide model.n_head "
-                             f"({self.n_head})")
+            raise ValueError(
+                f"model.n_kv_head ({self.n_kv_head}) must be >= 1 and divide model.n_head ({self.n_head})"
+            )
 
 
 @dataclass
@@ -70,13 +73,16 @@ class TrainConfig:
     steps: int = option(300, "optimizer steps")
     seq_len: int = option(128, "training context (bytes)")
     batch_size: int = option(16, "global batch (sequences per optimizer step, all processes together)")
-    micro_batch_size: int = option(8, "sequences per forward pass on one process (gradient accumulation fills the rest)")
+    micro_batch_size: int = option(
+        8, "sequences per forward pass on one process (gradient accumulation fills the rest)"
+    )
     lr: float = option(3e-3, "peak learning rate (AdamW)")
     warmup_steps: int = option(20, "linear warmup, then cosine decay to 10%")
     weight_decay: float = option(0.1, "AdamW weight decay")
     grad_clip: float = option(1.0, "max gradient norm (0 = off)")
     precision: Literal["fp32", "bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-e5m2-grad"] = option(
-        "fp32", "fp32, bf16 autocast, or an MXFP8 preset of mxfp8train (block linears; RCEIL, FLOOR, E5M2 grads)"
+        "fp32",
+        "fp32, bf16 autocast, or an MXFP8 preset of mxfp8train (block linears; RCEIL, FLOOR, E5M2 grads)",
     )
     seed: int = option(0, "seed of initialisation and data order")
     log_every: int = option(10, "steps between metric logs")
@@ -104,23 +110,30 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    length_multipliers: list[int] = option(default_factory=lambda: [1, 4, 16], help="evaluate at seq_len x these")
+    length_multipliers: list[int] = option(
+        default_factory=lambda: [1, 4, 16], help="evaluate at seq_len x these"
+    )
     windows: int = option(8, "validation windows per length")
     position_buckets: int = option(16, "buckets of the loss-by-position curve")
 
     def __post_init__(self) -> None:
         if not self.length_multipliers or min(self.length_multipliers) < 1:
-            raise ValueError(f"eval.length_multipliers must be non-empty and >= 1, got {self.length_multipliers}")
+            raise ValueError(
+                f"eval.length_multipliers must be non-empty and >= 1, got {self.length_multipliers}"
+            )
         if self.windows < 1:
             raise ValueError(f"eval.windows must be >= 1, got {self.windows}")
 
 
 @dataclass
 class PretrainConfig:
-    run_dir: Path = option(Path("runs/lm-pretrain"), "run directory (config, logs, metrics, checkpoints, report)")
+    run_dir: Path = option(
+        Path("runs/lm-pretrain"), "run directory (config, logs, metrics, checkpoints, report)"
+    )
     resume: bool = option(True, "resume from the run directory's latest checkpoint when there is one")
     trackers: list[str] = option(
-        default_factory=lambda: ["auto"], help="accelerate trackers: auto (TensorBoard if installed), tensorboard, wandb, none"
+        default_factory=lambda: ["auto"],
+        help="accelerate trackers: auto (TensorBoard if installed), tensorboard, wandb, none",
     )
     model: ModelConfig = option(default_factory=ModelConfig, help="model")
     data: DataConfig = option(default_factory=DataConfig, help="data")

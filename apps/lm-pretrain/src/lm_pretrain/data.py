@@ -14,10 +14,34 @@ from shared_kernels.testing import shared_data_dir
 
 # Fixed list: the same bytes on every machine with the same Python version.
 STDLIB_MODULES = (
-    "argparse", "ast", "bisect", "calendar", "configparser", "csv", "dataclasses", "difflib", "enum",
-    "fractions", "functools", "heapq", "inspect", "json.decoder", "json.encoder", "logging", "pathlib",
-    "random", "shutil", "statistics", "string", "tarfile", "tempfile", "textwrap", "tokenize", "typing",
-    "urllib.parse", "zipfile",
+    "argparse",
+    "ast",
+    "bisect",
+    "calendar",
+    "configparser",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "inspect",
+    "json.decoder",
+    "json.encoder",
+    "logging",
+    "pathlib",
+    "random",
+    "shutil",
+    "statistics",
+    "string",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "tokenize",
+    "typing",
+    "urllib.parse",
+    "zipfile",
 )
 
 
@@ -32,12 +56,16 @@ def load_corpus(corpus: str, max_bytes: int) -> bytes:
     elif corpus == "tinyshakespeare":
         root = shared_data_dir()
         if root is None or not (root / "tinyshakespeare" / "input.txt").is_file():
-            raise ConfigError("data.corpus='tinyshakespeare' needs ../shared/data/tinyshakespeare/input.txt or $SHARED_DATA")
+            raise ConfigError(
+                "data.corpus='tinyshakespeare' needs ../shared/data/tinyshakespeare/input.txt or $SHARED_DATA"
+            )
         data = (root / "tinyshakespeare" / "input.txt").read_bytes()
     else:
         path = Path(corpus)
         if not path.is_file():
-            raise ConfigError(f"data.corpus: {corpus!r} is neither 'stdlib', 'tinyshakespeare' nor an existing file")
+            raise ConfigError(
+                f"data.corpus: {corpus!r} is neither 'stdlib', 'tinyshakespeare' nor an existing file"
+            )
         data = path.read_bytes()
     return data[:max_bytes]
 
@@ -46,12 +74,16 @@ def check_corpus_fits(n_train: int, n_val: int, seq_len: int, longest_eval: int)
     """Before any work: the training bytes must hold a training window and the validation bytes the longest
     evaluation window (else the run would fail after training, at evaluation)."""
     if n_train <= seq_len + 1:
-        raise ConfigError(f"data: {n_train} training bytes are too few for train.seq_len={seq_len} (raise "
-                          "data.max_bytes or use a larger data.corpus)")
+        raise ConfigError(
+            f"data: {n_train} training bytes are too few for train.seq_len={seq_len} (raise "
+            "data.max_bytes or use a larger data.corpus)"
+        )
     if n_val <= longest_eval:
-        raise ConfigError(f"data: {n_val} validation bytes are too few for the longest evaluation window "
-                          f"({longest_eval} = train.seq_len x max(eval.length_multipliers)); raise data.max_bytes "
-                          "or data.val_fraction, or lower eval.length_multipliers")
+        raise ConfigError(
+            f"data: {n_val} validation bytes are too few for the longest evaluation window "
+            f"({longest_eval} = train.seq_len x max(eval.length_multipliers)); raise data.max_bytes "
+            "or data.val_fraction, or lower eval.length_multipliers"
+        )
 
 
 def split_corpus(data: bytes, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,11 @@ from shared_kernels.training import LoopSettings, run_loop
 log = logging.getLogger("lm_pretrain")
 
 # Precision name -> mxfp8train recipe preset name.
-MX_PRESETS = {"mxfp8-rceil": "mxfp8-rceil", "mxfp8-floor": "mxfp8-floor", "mxfp8-e5m2-grad": "mxfp8-rceil-e5m2-grads"}
+MX_PRESETS = {
+    "mxfp8-rceil": "mxfp8-rceil",
+    "mxfp8-floor": "mxfp8-floor",
+    "mxfp8-e5m2-grad": "mxfp8-rceil-e5m2-grads",
+}
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -109,10 +113,15 @@ class PretrainRecipe:
             )
         self.per_rank = tc.batch_size // world
         self.accum = self.per_rank // tc.micro_batch_size
-        self.train_tokens, self.val_tokens = split_corpus(load_corpus(cfg.data.corpus, cfg.data.max_bytes),
-                                                          cfg.data.val_fraction)
-        check_corpus_fits(len(self.train_tokens), len(self.val_tokens), tc.seq_len,
-                          tc.seq_len * max(cfg.eval.length_multipliers))
+        self.train_tokens, self.val_tokens = split_corpus(
+            load_corpus(cfg.data.corpus, cfg.data.max_bytes), cfg.data.val_fraction
+        )
+        check_corpus_fits(
+            len(self.train_tokens),
+            len(self.val_tokens),
+            tc.seq_len,
+            tc.seq_len * max(cfg.eval.length_multipliers),
+        )
 
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +130,19 @@ class PretrainRecipe:
         self.acc.wait_for_everyone()
         m = cfg.model
         gpt_cfg = GPTConfig(
-            vocab_size=256, n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head, n_kv_head=m.n_kv_head,
-            mlp_ratio=m.mlp_ratio, position=m.position, attention=m.attention, rope_base=m.rope_base,
-            p_rope_fraction=m.p_rope_fraction, p_rope_base=m.p_rope_base, tau=m.tau, train_length=tc.seq_len,
+            vocab_size=256,
+            n_layer=m.n_layer,
+            d_model=m.d_model,
+            n_head=m.n_head,
+            n_kv_head=m.n_kv_head,
+            mlp_ratio=m.mlp_ratio,
+            position=m.position,
+            attention=m.attention,
+            rope_base=m.rope_base,
+            p_rope_fraction=m.p_rope_fraction,
+            p_rope_base=m.p_rope_base,
+            tau=m.tau,
+            train_length=tc.seq_len,
             qk_norm=m.qk_norm,
         )
         torch.manual_seed(tc.seed)
@@ -132,13 +151,19 @@ class PretrainRecipe:
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(0.9, 0.95),
+            lr=tc.lr,
+            betas=(0.9, 0.95),
         )
         # Stepped by the loop once per optimizer step (accelerate's wrapper would step it once per process).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(tc.warmup_steps, tc.steps)
+        )
         self.ckpt = CheckpointManager(
-            self.run_dir / "checkpoints", keep=tc.keep_checkpoints, rank=self.acc.process_index,
-            world_size=world, barrier=self.acc.wait_for_everyone,
+            self.run_dir / "checkpoints",
+            keep=tc.keep_checkpoints,
+            rank=self.acc.process_index,
+            world_size=world,
+            barrier=self.acc.wait_for_everyone,
         )
         if not cfg.resume and self.acc.is_main_process:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -157,8 +182,11 @@ class PretrainRecipe:
         """Train to `train.steps` (resuming from the latest checkpoint when `resume`) with the shared loop;
         returns the logged history ({"step", "train/loss", "lr", "grad_norm", mx statistics, ...})."""
         tc, acc = self.cfg.train, self.acc
-        autocast = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(acc.device.type, dtype=torch.bfloat16)
+            if tc.precision == "bf16"
+            else contextlib.nullcontext()
+        )
 
         def window(step: int) -> list[torch.Tensor]:  # the global batch of `step`, in micro batches
             offsets = batch_offsets(step, tc.seed, len(self.train_tokens), tc.seq_len, tc.batch_size)
@@ -169,19 +197,39 @@ class PretrainRecipe:
             with autocast:
                 return F.cross_entropy(model(x.to(acc.device)).flatten(0, 1), y.to(acc.device).flatten())
 
-        settings = LoopSettings(steps=tc.steps, phase="train", log_every=tc.log_every,
-                                checkpoint_every=tc.checkpoint_every, max_grad_norm=tc.grad_clip,
-                                resume=self.cfg.resume, progress=self.progress)
-        state = run_loop(acc, self.model, self.optimizer, self.scheduler, window, loss_fn, settings, self.ckpt,
-                         metrics_file=self.run_dir / "metrics.jsonl", extra_metrics=mx_clip_stats, logger=log)
+        settings = LoopSettings(
+            steps=tc.steps,
+            phase="train",
+            log_every=tc.log_every,
+            checkpoint_every=tc.checkpoint_every,
+            max_grad_norm=tc.grad_clip,
+            resume=self.cfg.resume,
+            progress=self.progress,
+        )
+        state = run_loop(
+            acc,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            window,
+            loss_fn,
+            settings,
+            self.ckpt,
+            metrics_file=self.run_dir / "metrics.jsonl",
+            extra_metrics=mx_clip_stats,
+            logger=log,
+        )
         self.model, self.optimizer = state.model, state.optimizer
         self.start_step, self.history = state.start_step, state.history
         if state.resumed_from is not None:
             self._print(f"resumed from {state.resumed_from} at step {self.start_step}")
         model = acc.unwrap_model(self.model)
         sharded = is_sharded(model)
-        self.distributed = {"type": str(acc.distributed_type.value), "processes": acc.num_processes,
-                            "sharded": sharded}
+        self.distributed = {
+            "type": str(acc.distributed_type.value),
+            "processes": acc.num_processes,
+            "sharded": sharded,
+        }
         if acc.is_main_process or sharded:  # FSDP2: every rank gathers, the main process gets the weights
             weights = full_state_dict(model)
         if acc.is_main_process:
@@ -206,11 +254,17 @@ class PretrainRecipe:
         model = acc.unwrap_model(self.model)
         if acc.is_main_process or is_sharded(model):
             model.eval()
-            autocast = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                        else contextlib.nullcontext())
+            autocast = (
+                torch.autocast(acc.device.type, dtype=torch.bfloat16)
+                if cfg.train.precision == "bf16"
+                else contextlib.nullcontext()
+            )
             losses, curves = {}, {}
-            for mult in tqdm(cfg.eval.length_multipliers, desc="evaluate",
-                             disable=not (self.progress and acc.is_main_process)):
+            for mult in tqdm(
+                cfg.eval.length_multipliers,
+                desc="evaluate",
+                disable=not (self.progress and acc.is_main_process),
+            ):
                 length = cfg.train.seq_len * mult
                 per_pos = torch.zeros(length, dtype=torch.float64)
                 offsets = eval_offsets(len(self.val_tokens), length, cfg.eval.windows)
@@ -218,8 +272,13 @@ class PretrainRecipe:
                     x, y = windows(self.val_tokens, off[None], length)
                     with autocast:
                         logits = model(x.to(acc.device))
-                    per_pos += F.cross_entropy(logits.float().flatten(0, 1), y.to(acc.device).flatten(),
-                                               reduction="none").double().cpu()
+                    per_pos += (
+                        F.cross_entropy(
+                            logits.float().flatten(0, 1), y.to(acc.device).flatten(), reduction="none"
+                        )
+                        .double()
+                        .cpu()
+                    )
                 per_pos /= len(offsets)
                 losses[length] = per_pos.mean().item()
                 curves[length] = per_pos
@@ -230,9 +289,15 @@ class PretrainRecipe:
             ends = torch.cumsum(torch.tensor([len(b) for b in buckets]), 0).tolist()
             results = {
                 "val_loss": {str(k): v for k, v in losses.items()},
-                "loss_by_position": {"length": longest, "bucket_end": ends, "loss": [b.mean().item() for b in buckets]},
+                "loss_by_position": {
+                    "length": longest,
+                    "bucket_end": ends,
+                    "loss": [b.mean().item() for b in buckets],
+                },
                 "final_train_loss": self.history[-1]["train/loss"] if self.history else None,
-                "mx_stats": {k: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("mx/")},
+                "mx_stats": {
+                    k: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("mx/")
+                },
                 "steps": cfg.train.steps,
                 "distributed": self.distributed,
             }
@@ -268,10 +333,13 @@ class PretrainRecipe:
     def _report(self, results: dict[str, Any]) -> None:
         m, tc = self.cfg.model, self.cfg.train
         lines = [
-            "# lm-pretrain report", "",
+            "# lm-pretrain report",
+            "",
             f"{m.position} + {m.attention} attention, precision {tc.precision}, {tc.steps} steps at context "
-            f"{tc.seq_len}, corpus {self.cfg.data.corpus!r}, seed {tc.seed}.", "",
-            "| eval length | val loss (nats/byte) |", "|---|---|",
+            f"{tc.seq_len}, corpus {self.cfg.data.corpus!r}, seed {tc.seed}.",
+            "",
+            "| eval length | val loss (nats/byte) |",
+            "|---|---|",
         ]
         lines += [f"| {k} | {v:.4f} |" for k, v in results["val_loss"].items()]
         if results["mx_stats"]:

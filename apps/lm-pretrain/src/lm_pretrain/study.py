@@ -27,8 +27,13 @@ def variant_configs(study: StudyConfig) -> list[tuple[str, int, PretrainConfig]]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
         for seed in study.seeds:
             cfg = load_config(
-                PretrainConfig, base=base,
-                overrides=[*overrides, f"train.seed={seed}", f"run_dir={Path(study.run_dir) / slug / f'seed{seed}'}"],
+                PretrainConfig,
+                base=base,
+                overrides=[
+                    *overrides,
+                    f"train.seed={seed}",
+                    f"run_dir={Path(study.run_dir) / slug / f'seed{seed}'}",
+                ],
             )
             out.append((name, seed, cfg))
     return out
@@ -89,13 +94,18 @@ def report_markdown(study: StudyConfig, summary: dict[str, Any]) -> str:
     names = list(summary)
     lengths = list(summary[names[0]]["mean"])
     baseline = summary[names[0]]["mean"]
-    head = ("| variant | " + " | ".join(f"val loss @{n}" for n in lengths) + f" | ratio to first @{lengths[0]} | "
-            "max MX clip fraction |")
+    head = (
+        "| variant | " + " | ".join(f"val loss @{n}" for n in lengths) + f" | ratio to first @{lengths[0]} | "
+        "max MX clip fraction |"
+    )
     lines = [
-        "# lm-pretrain study", "",
+        "# lm-pretrain study",
+        "",
         f"Validation loss in nats/byte (mean over seeds {study.seeds}; ± max-min spread), trained at context "
-        f"{study.base.train.seq_len} for {study.base.train.steps} steps on {study.base.data.corpus!r}.", "",
-        head, "|" + "---|" * (len(lengths) + 3),
+        f"{study.base.train.seq_len} for {study.base.train.steps} steps on {study.base.data.corpus!r}.",
+        "",
+        head,
+        "|" + "---|" * (len(lengths) + 3),
     ]
     for name in names:
         e = summary[name]
@@ -117,8 +127,14 @@ def plot_study(summary: dict[str, Any], path: Path, train_len: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, e in summary.items():
         xs = [int(k) for k in e["mean"]]
-        ax.errorbar(xs, list(e["mean"].values()), yerr=[s / 2 for s in e["spread"].values()], marker="o",
-                    capsize=3, label=name)
+        ax.errorbar(
+            xs,
+            list(e["mean"].values()),
+            yerr=[s / 2 for s in e["spread"].values()],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
     ax.axvline(train_len, color="grey", ls="--")
     ax.set(xscale="log", xlabel="evaluation context (bytes)", ylabel="validation loss (nats/byte)")
     ax.legend(fontsize=8)

@@ -20,18 +20,38 @@ from shared_kernels.runconfig import config_to_dict, write_json_atomic
 
 # artefact -> (paths under the run directory, config key prefixes it depends on, artefacts it is built on)
 ARTEFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "base model": (("base-model",), ("model.", "task.", "train.seed", "train.max_length", "attention.context_factor",
-                                      "teacher.offline_explanation"), ()),
-    "teacher store": (("teacher.jsonl",), ("teacher.kind", "teacher.base_url", "teacher.model",
-                                           "teacher.offline_explanation"), ()),
-    "distillation checkpoints": (("checkpoints/distill", "metrics.jsonl"),
-                                 ("task.", "teacher.", "quant.", "attention.", "lora.", "train."),
-                                 ("base model", "teacher store")),
-    "refinement samples and checkpoints": (("refine_samples.json", "checkpoints/refine"), ("refine.",),
-                                           ("distillation checkpoints",)),
-    "rerank judgements": (("rerank.jsonl",), ("rerank.judge", "rerank.max_new_tokens",
-                                              "rerank.use_label_probabilities"),
-                          ("refinement samples and checkpoints",)),
+    "base model": (
+        ("base-model",),
+        (
+            "model.",
+            "task.",
+            "train.seed",
+            "train.max_length",
+            "attention.context_factor",
+            "teacher.offline_explanation",
+        ),
+        (),
+    ),
+    "teacher store": (
+        ("teacher.jsonl",),
+        ("teacher.kind", "teacher.base_url", "teacher.model", "teacher.offline_explanation"),
+        (),
+    ),
+    "distillation checkpoints": (
+        ("checkpoints/distill", "metrics.jsonl"),
+        ("task.", "teacher.", "quant.", "attention.", "lora.", "train."),
+        ("base model", "teacher store"),
+    ),
+    "refinement samples and checkpoints": (
+        ("refine_samples.json", "checkpoints/refine"),
+        ("refine.",),
+        ("distillation checkpoints",),
+    ),
+    "rerank judgements": (
+        ("rerank.jsonl",),
+        ("rerank.judge", "rerank.max_new_tokens", "rerank.use_label_probabilities"),
+        ("refinement samples and checkpoints",),
+    ),
 }
 # settings that change no artefact's content
 IGNORED = ("teacher.concurrency", "teacher.api_key_env", "train.log_every", "train.checkpoint_every")
@@ -41,8 +61,10 @@ FILE = "fingerprints.json"
 def settings(cfg: Any) -> dict[str, dict[str, Any]]:
     """{artefact: {setting: value}}, each artefact's own settings plus those of the artefacts it is built on."""
     flat = flat_config(config_to_dict(cfg))
-    own = {name: {k: v for k, v in flat.items() if k.startswith(prefixes) and k not in IGNORED}
-           for name, (_, prefixes, _) in ARTEFACTS.items()}
+    own = {
+        name: {k: v for k, v in flat.items() if k.startswith(prefixes) and k not in IGNORED}
+        for name, (_, prefixes, _) in ARTEFACTS.items()
+    }
     own["base model"]["python"] = ".".join(map(str, sys.version_info[:3]))
     out: dict[str, dict[str, Any]] = {}
     for name, (_, _, parents) in ARTEFACTS.items():  # parents come first in ARTEFACTS
@@ -81,7 +103,9 @@ def reconcile(run_dir: Path, cfg: Any, resume: bool = True) -> list[str]:
         if removed.intersection(parents):
             _remove(run_dir, name)
             removed.add(name)
-            messages.append(f"rebuilding the {name}: built on a rebuilt {' and '.join(sorted(removed & set(parents)))}")
+            messages.append(
+                f"rebuilding the {name}: built on a rebuilt {' and '.join(sorted(removed & set(parents)))}"
+            )
             continue
         removed.add(name)  # undone below when it is kept
         if not resume:
@@ -97,8 +121,10 @@ def reconcile(run_dir: Path, cfg: Any, resume: bool = True) -> list[str]:
         if changed:
             _remove(run_dir, name)
             shown = ", ".join(f"{k} {old.get(k)!r} -> {current[name].get(k)!r}" for k in changed[:4])
-            messages.append(f"rebuilding the {name}: {shown}" + (f" (+{len(changed) - 4} more)" if len(changed) > 4
-                                                                 else ""))
+            messages.append(
+                f"rebuilding the {name}: {shown}"
+                + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")
+            )
             continue
         removed.discard(name)
     run_dir.mkdir(parents=True, exist_ok=True)

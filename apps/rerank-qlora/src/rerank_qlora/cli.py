@@ -30,7 +30,9 @@ def _run(cfg: RerankQLoRAConfig, progress: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("rerank-qlora", DESCRIPTION, RerankQLoRAConfig, _run, argv, user_errors=(StageUnavailable,))
+    return cli_main(
+        "rerank-qlora", DESCRIPTION, RerankQLoRAConfig, _run, argv, user_errors=(StageUnavailable,)
+    )
 
 
 if __name__ == "__main__":

@@ -78,26 +78,40 @@ class RerankQLoRARecipe:
         self.first_stages = stages.first_stages(self.task, cfg.rerank)
         self.first_stage = self.first_stages[cfg.rerank.first_stage]
         fs = self.first_stages
-        self.notes["first_stage"] = {"reranked": cfg.rerank.first_stage, "k1": fs["k1"], "b": fs["b"],
-                                     "chosen": fs["chosen"], "stopwords": cfg.rerank.bm25_stopwords,
-                                     "stemmer": cfg.rerank.bm25_stemmer}
+        self.notes["first_stage"] = {
+            "reranked": cfg.rerank.first_stage,
+            "k1": fs["k1"],
+            "b": fs["b"],
+            "chosen": fs["chosen"],
+            "stopwords": cfg.rerank.bm25_stopwords,
+            "stemmer": cfg.rerank.bm25_stemmer,
+        }
         self.notes["task"] = {
-            "name": self.task.name, "documents": len(self.task.corpus), "train_queries": len(self.task.train_qids),
-            "eval_queries": len(self.task.eval_qids), "validation_queries": len(self.task.validation_qids),
+            "name": self.task.name,
+            "documents": len(self.task.corpus),
+            "train_queries": len(self.task.train_qids),
+            "eval_queries": len(self.task.eval_qids),
+            "validation_queries": len(self.task.validation_qids),
             **self.task.info,
         }
-        self._print(f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training, "
-                    f"{len(self.task.validation_qids)} validation and {len(self.task.eval_qids)} evaluation queries, "
-                    f"BM25 top-{cfg.rerank.candidates}")
-        self._print(f"first stage: {'identifier-aware' if cfg.rerank.first_stage == 'code' else 'plain'} BM25 "
-                    f"(identifier-aware k1={fs['k1']:g} b={fs['b']:g}, {fs['chosen']}; plain BM25 reported beside)")
+        self._print(
+            f"{self.task.name}: {len(self.task.corpus)} documents, {len(self.task.train_qids)} training, "
+            f"{len(self.task.validation_qids)} validation and {len(self.task.eval_qids)} evaluation queries, "
+            f"BM25 top-{cfg.rerank.candidates}"
+        )
+        self._print(
+            f"first stage: {'identifier-aware' if cfg.rerank.first_stage == 'code' else 'plain'} BM25 "
+            f"(identifier-aware k1={fs['k1']:g} b={fs['b']:g}, {fs['chosen']}; plain BM25 reported beside)"
+        )
 
         self._stage(2, "base model")
         if cfg.model.name_or_path == "tiny":
             base_dir = self.run_dir / "base-model"
             if not (base_dir / "model.safetensors").is_file():
                 if self.acc.is_main_process:
-                    stages.build_tiny_base(self.task, cfg, base_dir.with_name("base-model.tmp"), self.progress)
+                    stages.build_tiny_base(
+                        self.task, cfg, base_dir.with_name("base-model.tmp"), self.progress
+                    )
                     shutil.rmtree(base_dir, ignore_errors=True)
                     os.replace(base_dir.with_name("base-model.tmp"), base_dir)
                 self.acc.wait_for_everyone()
@@ -127,32 +141,54 @@ class RerankQLoRARecipe:
 
         cfg = self.cfg
         self._stage(5, "teacher labels")
-        pairs = stages.training_pairs(self.task, self.first_stage, cfg.teacher.pairs_per_query,
-                                      cfg.teacher.pairs_from)
+        pairs = stages.training_pairs(
+            self.task, self.first_stage, cfg.teacher.pairs_per_query, cfg.teacher.pairs_from
+        )
         teacher = stages.make_teacher(cfg, self.task)
         if cfg.teacher.kind == "offline-qrels":
-            what = ("a label-free evidence note (query words found, names defined and called)"
-                    if cfg.teacher.offline_explanation == "evidence" else "a fixed sentence saying so")
-            self._print(f"OFFLINE TEACHER: labels come from the gold judgements and every explanation is {what}; "
-                        "no model reasoning is distilled in this run")
+            what = (
+                "a label-free evidence note (query words found, names defined and called)"
+                if cfg.teacher.offline_explanation == "evidence"
+                else "a fixed sentence saying so"
+            )
+            self._print(
+                f"OFFLINE TEACHER: labels come from the gold judgements and every explanation is {what}; "
+                "no model reasoning is distilled in this run"
+            )
         store_path = self.run_dir / "teacher.jsonl"
         if self.acc.is_main_process:
             with TeacherStore(store_path) as store:
-                stats = generate_teacher_outputs(pairs, teacher, store, concurrency=cfg.teacher.concurrency,
-                                                 progress=self.progress)
-            self._print(f"teacher {teacher.name}: {stats.done} new, {stats.skipped_existing} stored earlier, "
-                        f"{stats.unparseable} without a label")
+                stats = generate_teacher_outputs(
+                    pairs, teacher, store, concurrency=cfg.teacher.concurrency, progress=self.progress
+                )
+            self._print(
+                f"teacher {teacher.name}: {stats.done} new, {stats.skipped_existing} stored earlier, "
+                f"{stats.unparseable} without a label"
+            )
         self.acc.wait_for_everyone()  # every process reads the finished store (no lock: it is not written now)
         records = [r for r in TeacherStore.read(store_path).values() if r.teacher == teacher.name]
         by_key = {(p.qid, p.docid): p for p in pairs}
         examples, counts = distill_examples(records, by_key)
-        encoded, too_long = tokenize_examples(self.tokenizer, examples, _prompt(), cfg.train.completion_only,
-                                              cfg.train.max_length, fit_documents=cfg.train.fit_documents)
+        encoded, too_long = tokenize_examples(
+            self.tokenizer,
+            examples,
+            _prompt(),
+            cfg.train.completion_only,
+            cfg.train.max_length,
+            fit_documents=cfg.train.fit_documents,
+        )
         fate = "documents cut to fit" if cfg.train.fit_documents else "dropped"
-        self.notes["teacher"] = {"name": teacher.name, "pairs": len(pairs), **counts, "too_long": too_long,
-                                 "too_long_fate": fate}
-        self._print(f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens: "
-                    f"{fate})")
+        self.notes["teacher"] = {
+            "name": teacher.name,
+            "pairs": len(pairs),
+            **counts,
+            "too_long": too_long,
+            "too_long_fate": fate,
+        }
+        self._print(
+            f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens: "
+            f"{fate})"
+        )
 
         self._stage(6, "LoRA distillation")
         self.history += self._train_loop(encoded, cfg.train.steps, cfg.train.lr, "distill")
@@ -175,8 +211,10 @@ class RerankQLoRARecipe:
             raise ValueError(f"{phase}: no training examples (all longer than train.max_length?)")
         world = acc.num_processes
         if tc.batch_size % (tc.micro_batch_size * world):
-            raise ValueError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
-                             f"processes ({tc.micro_batch_size} x {world})")
+            raise ValueError(
+                f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
+                f"processes ({tc.micro_batch_size} x {world})"
+            )
         order: list[int] = []
         epoch = 0
         while len(order) < steps * tc.batch_size:
@@ -187,8 +225,8 @@ class RerankQLoRARecipe:
         pad = self.tokenizer.pad_token_id
 
         def window(step: int) -> list[list[int]]:  # the global batch of `step`, in micro batches
-            ids = order[step * tc.batch_size:(step + 1) * tc.batch_size]
-            return [ids[i:i + tc.micro_batch_size] for i in range(0, len(ids), tc.micro_batch_size)]
+            ids = order[step * tc.batch_size : (step + 1) * tc.batch_size]
+            return [ids[i : i + tc.micro_batch_size] for i in range(0, len(ids), tc.micro_batch_size)]
 
         def loss_fn(model: Any, micro: list[int]) -> torch.Tensor:
             batch = {k: v.to(acc.device) for k, v in collate([encoded[j] for j in micro], pad).items()}
@@ -197,25 +235,53 @@ class RerankQLoRARecipe:
 
         return self._run_phase(steps, lr, phase, window, loss_fn)
 
-    def _run_phase(self, steps: int, lr: float, phase: str, window: Any, loss_fn: Any,
-                   extra_metrics: Any = None) -> list[dict[str, Any]]:
+    def _run_phase(
+        self, steps: int, lr: float, phase: str, window: Any, loss_fn: Any, extra_metrics: Any = None
+    ) -> list[dict[str, Any]]:
         """One training phase on the shared loop (shared_kernels.training): AdamW over the adapters, DDP or
         FSDP2, checkpoints under checkpoints/<phase>, resumable."""
         tc, acc = self.cfg.train, self.acc
         world = acc.num_processes
-        if is_sharded(self.model):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
+        if is_sharded(
+            self.model
+        ):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
             _reshard(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
-        ckpt = CheckpointManager(self.run_dir / "checkpoints" / phase, keep=2, rank=acc.process_index,
-                                 world_size=world, barrier=acc.wait_for_everyone)
-        settings = LoopSettings(steps=steps, phase=phase, log_every=tc.log_every,
-                                checkpoint_every=tc.checkpoint_every, max_grad_norm=tc.max_grad_norm,
-                                trainable_only=True, resume=self.cfg.resume, progress=self.progress,
-                                log_step_offset=0 if phase == "distill" else tc.steps)  # one step axis
-        state = run_loop(acc, self.model, optimizer, scheduler, window, loss_fn, settings, ckpt,
-                         metrics_file=self.run_dir / "metrics.jsonl", extra_metrics=extra_metrics, logger=log)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))
+        )
+        ckpt = CheckpointManager(
+            self.run_dir / "checkpoints" / phase,
+            keep=2,
+            rank=acc.process_index,
+            world_size=world,
+            barrier=acc.wait_for_everyone,
+        )
+        settings = LoopSettings(
+            steps=steps,
+            phase=phase,
+            log_every=tc.log_every,
+            checkpoint_every=tc.checkpoint_every,
+            max_grad_norm=tc.max_grad_norm,
+            trainable_only=True,
+            resume=self.cfg.resume,
+            progress=self.progress,
+            log_step_offset=0 if phase == "distill" else tc.steps,
+        )  # one step axis
+        state = run_loop(
+            acc,
+            self.model,
+            optimizer,
+            scheduler,
+            window,
+            loss_fn,
+            settings,
+            ckpt,
+            metrics_file=self.run_dir / "metrics.jsonl",
+            extra_metrics=extra_metrics,
+            logger=log,
+        )
         if state.resumed_from is not None:
             self._print(f"resumed {phase} from {state.resumed_from} at step {state.start_step}")
         self.model = acc.unwrap_model(state.model)
@@ -223,10 +289,15 @@ class RerankQLoRARecipe:
         if sharded:
             _generate_on_every_rank(self.model)
         if "distributed" not in self.notes:
-            self.notes["distributed"] = {"type": str(acc.distributed_type.value), "processes": world,
-                                         "sharded": sharded}
-            self._print(f"{world} process(es), {acc.distributed_type.value}"
-                        + (" (FSDP2: parameters sharded)" if sharded else ""))
+            self.notes["distributed"] = {
+                "type": str(acc.distributed_type.value),
+                "processes": world,
+                "sharded": sharded,
+            }
+            self._print(
+                f"{world} process(es), {acc.distributed_type.value}"
+                + (" (FSDP2: parameters sharded)" if sharded else "")
+            )
         return state.history
 
     def _refine(self, pairs: list, records: list) -> list[dict[str, Any]]:
@@ -245,15 +316,25 @@ class RerankQLoRARecipe:
         labels = {(r.qid, r.docid): (r.label, r.text) for r in records if r.label is not None}
         fits = [p for p in pairs if (p.qid, p.docid) in labels and len(p.document) < 2 * cfg.train.max_length]
         chosen = random.Random(cfg.train.seed).sample(fits, min(rc.pairs, len(fits)))
-        refine_pairs = [RefinePair(p.query, p.document, labels[(p.qid, p.docid)][0], labels[(p.qid, p.docid)][1])
-                        for p in chosen]
+        refine_pairs = [
+            RefinePair(p.query, p.document, labels[(p.qid, p.docid)][0], labels[(p.qid, p.docid)][1])
+            for p in chosen
+        ]
         samples_path = self.run_dir / "refine_samples.json"
         # a sharded model (FSDP2) needs every rank in each forward: all sample (the same seed), the main one writes
         sampling = self.acc.is_main_process or is_sharded(self.model)
         if sampling and not (cfg.resume and samples_path.is_file()):
             self._print(f"sampling {rc.samples} explanations for each of {len(refine_pairs)} pairs")
-            groups = sample_candidates(self.model, self.tokenizer, refine_pairs, rc.samples, rc.temperature,
-                                       cfg.rerank.max_new_tokens, cfg.rerank.batch_size, seed=cfg.train.seed)
+            groups = sample_candidates(
+                self.model,
+                self.tokenizer,
+                refine_pairs,
+                rc.samples,
+                rc.temperature,
+                cfg.rerank.max_new_tokens,
+                cfg.rerank.batch_size,
+                seed=cfg.train.seed,
+            )
             if self.acc.is_main_process:
                 write_json_atomic(samples_path, groups)
         self.acc.wait_for_everyone()
@@ -266,13 +347,22 @@ class RerankQLoRARecipe:
                 if w > 0:
                     examples.append(DistillExample(pair.query, pair.document, text))
                     weights.append(w)
-        encoded, _ = tokenize_examples(self.tokenizer, examples, _prompt(), cfg.train.completion_only,
-                                       cfg.train.max_length, weights)
-        agree = sum(label_agreement_reward(t, p.reference) == 1.0 for p, g in zip(refine_pairs, groups) for t in g)
-        self.notes["refine"] = {"pairs": len(refine_pairs), "samples": sum(len(g) for g in groups),
-                                "samples_agreeing_with_teacher": agree, "kept": len(encoded)}
-        self._print(f"{agree} of {self.notes['refine']['samples']} samples agree with the teacher's label; "
-                    f"{len(encoded)} weighted examples kept (threshold {rc.threshold})")
+        encoded, _ = tokenize_examples(
+            self.tokenizer, examples, _prompt(), cfg.train.completion_only, cfg.train.max_length, weights
+        )
+        agree = sum(
+            label_agreement_reward(t, p.reference) == 1.0 for p, g in zip(refine_pairs, groups) for t in g
+        )
+        self.notes["refine"] = {
+            "pairs": len(refine_pairs),
+            "samples": sum(len(g) for g in groups),
+            "samples_agreeing_with_teacher": agree,
+            "kept": len(encoded),
+        }
+        self._print(
+            f"{agree} of {self.notes['refine']['samples']} samples agree with the teacher's label; "
+            f"{len(encoded)} weighted examples kept (threshold {rc.threshold})"
+        )
         return self._train_loop(encoded, rc.steps, cfg.train.lr, "refine")
 
     def _grpo(self, pairs: list, records: list) -> list[dict[str, Any]]:
@@ -284,27 +374,54 @@ class RerankQLoRARecipe:
 
         cfg, rc = self.cfg, self.cfg.refine
         if is_sharded(self.model):
-            raise ValueError("refine.method=grpo samples on each rank's own prompts: not supported with FSDP2 "
-                             "sharding (use DDP, or refine.method=reward-weighted)")
+            raise ValueError(
+                "refine.method=grpo samples on each rank's own prompts: not supported with FSDP2 "
+                "sharding (use DDP, or refine.method=reward-weighted)"
+            )
         labels = {(r.qid, r.docid): r.label for r in records if r.label is not None}
         fits = [p for p in pairs if (p.qid, p.docid) in labels and len(p.document) < 2 * cfg.train.max_length]
         chosen = random.Random(cfg.train.seed).sample(fits, min(rc.pairs, len(fits)))
         refine_pairs = [RefinePair(p.query, p.document, labels[(p.qid, p.docid)]) for p in chosen]
         if not refine_pairs:
             raise ValueError("refine: no teacher-labelled pair to refine on")
-        prompts_per_step = cfg.train.batch_size // cfg.train.micro_batch_size  # one prompt's group per micro batch
+        prompts_per_step = (
+            cfg.train.batch_size // cfg.train.micro_batch_size
+        )  # one prompt's group per micro batch
         funcs, weights = default_rewards()
         last_reward: dict[str, float] = {}
         window = grpo_window(len(refine_pairs), rc.steps, prompts_per_step, cfg.train.seed)
-        loss_fn = grpo_loss(self.tokenizer, refine_pairs, rc.samples, cfg.rerank.max_new_tokens, rc.temperature,
-                            funcs, weights, cfg.train.seed, self.acc.unwrap_model, self.acc.device, last_reward,
-                            _prompt())
-        self.notes["refine"] = {"method": "grpo", "pairs": len(refine_pairs), "samples_per_prompt": rc.samples,
-                                "prompts_per_step": prompts_per_step}
-        self._print(f"GRPO on {len(refine_pairs)} pairs, {rc.samples} samples per prompt, {prompts_per_step} "
-                    "prompt(s) per step")
-        return self._run_phase(rc.steps, cfg.train.lr, "refine", window, loss_fn,
-                               extra_metrics=lambda _: {"refine/reward": last_reward.get("reward", float("nan"))})
+        loss_fn = grpo_loss(
+            self.tokenizer,
+            refine_pairs,
+            rc.samples,
+            cfg.rerank.max_new_tokens,
+            rc.temperature,
+            funcs,
+            weights,
+            cfg.train.seed,
+            self.acc.unwrap_model,
+            self.acc.device,
+            last_reward,
+            _prompt(),
+        )
+        self.notes["refine"] = {
+            "method": "grpo",
+            "pairs": len(refine_pairs),
+            "samples_per_prompt": rc.samples,
+            "prompts_per_step": prompts_per_step,
+        }
+        self._print(
+            f"GRPO on {len(refine_pairs)} pairs, {rc.samples} samples per prompt, {prompts_per_step} "
+            "prompt(s) per step"
+        )
+        return self._run_phase(
+            rc.steps,
+            cfg.train.lr,
+            "refine",
+            window,
+            loss_fn,
+            extra_metrics=lambda _: {"refine/reward": last_reward.get("reward", float("nan"))},
+        )
 
     # ---------------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -336,26 +453,40 @@ class RerankQLoRARecipe:
         lengths = []
         for qid, docs in bm25.items():
             for docid in sorted(docs, key=lambda d: -docs[d])[: cfg.rerank.k]:
-                text = self.tokenizer.apply_chat_template(prompt.messages(task.queries[qid], task.corpus[docid]),
-                                                          add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(
+                    prompt.messages(task.queries[qid], task.corpus[docid]),
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
                 lengths.append(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
         longer = sum(n > cfg.train.max_length for n in lengths)
-        self.notes["eval_lengths"] = {"pairs": len(lengths), "longer_than_training_context": longer,
-                                      "max_prompt_tokens": max(lengths, default=0),
-                                      "training_context": cfg.train.max_length}
-        self._print(f"{len(lengths)} evaluation pairs; {longer} prompts longer than the training context of "
-                    f"{cfg.train.max_length} tokens (longest {max(lengths, default=0)}); "
-                    f"{len(bm25_val) * cfg.rerank.k} validation pairs")
+        self.notes["eval_lengths"] = {
+            "pairs": len(lengths),
+            "longer_than_training_context": longer,
+            "max_prompt_tokens": max(lengths, default=0),
+            "training_context": cfg.train.max_length,
+        }
+        self._print(
+            f"{len(lengths)} evaluation pairs; {longer} prompts longer than the training context of "
+            f"{cfg.train.max_length} tokens (longest {max(lengths, default=0)}); "
+            f"{len(bm25_val) * cfg.rerank.k} validation pairs"
+        )
         self.model.eval()
-        backend = TransformersBackend(self.model, self.tokenizer, name="student", batch_size=cfg.rerank.batch_size,
-                                      max_new_tokens=cfg.rerank.max_new_tokens)
+        backend = TransformersBackend(
+            self.model,
+            self.tokenizer,
+            name="student",
+            batch_size=cfg.rerank.batch_size,
+            max_new_tokens=cfg.rerank.max_new_tokens,
+        )
         if cfg.rerank.judge == "forced":
             teacher = stages.make_teacher(cfg, task)
             inner = TeacherForcedJudge(backend, lambda q, d: teacher.explanation(0, q, d))
         else:
             inner = TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities)
-        judge = LengthSortedJudge(inner,
-                                  cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process)
+        judge = LengthSortedJudge(
+            inner, cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process
+        )
         # every pair in one judge call, so the judge can batch them by length (less padding)
         both = {**bm25_val, **bm25}
         n_pairs = sum(min(cfg.rerank.k, len(d)) for d in both.values())
@@ -364,8 +495,16 @@ class RerankQLoRARecipe:
         # (sharded, every rank runs the same forwards: no store, since only the main process could read it)
         keep = self.acc.is_main_process and not is_sharded(self.model)
         with TeacherStore(self.run_dir / "rerank.jsonl") if keep else contextlib.nullcontext() as store:
-            reranked = rerank(both, task.queries, task.corpus, judge, k=cfg.rerank.k, store=store,
-                              batch_size=max(1, min(n_pairs, 64 * cfg.rerank.batch_size)), progress=False)
+            reranked = rerank(
+                both,
+                task.queries,
+                task.corpus,
+                judge,
+                k=cfg.rerank.k,
+                store=store,
+                batch_size=max(1, min(n_pairs, 64 * cfg.rerank.batch_size)),
+                progress=False,
+            )
         if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
             self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
             return {}
@@ -382,20 +521,36 @@ class RerankQLoRARecipe:
         write_run(code, self.run_dir / "bm25-code.run", tag="bm25-code")
         write_run(student, self.run_dir / "reranked.run", tag="rerank-qlora")
         measures = ("ndcg_cut_10", "recip_rank_10", "judged_10", "map", f"recall_{cfg.rerank.candidates}")
-        scores = {name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
-                  for name, run in runs.items()}
+        scores = {
+            name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
+            for name, run in runs.items()
+        }
         table = comparison_table(runs, eval_qrels, measures)
         significance = _significance(runs, eval_qrels, seed=cfg.train.seed)
         self.notes["significance"] = significance["rows"]
         table += "\n\n" + significance["table"]
         n_eval = len(bm25)
         unparseable = sum(reranked.labels[q][d] is None for q in bm25 for d in reranked.labels[q])
-        results = {"scores": scores, "fusion": fusion, "unparseable": unparseable, "judged": len(lengths),
-                   "elapsed_s": time.perf_counter() - self.t0, **self.notes}
-        self.acc.log({f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"]
-                      for key, name in (("bm25", "BM25 (plain)"), ("bm25-code", "BM25 (identifier-aware)"),
-                                        ("reranked", "BM25 + rerank-qlora"),
-                                        ("fused", fusion["name"])) if name in scores})
+        results = {
+            "scores": scores,
+            "fusion": fusion,
+            "unparseable": unparseable,
+            "judged": len(lengths),
+            "elapsed_s": time.perf_counter() - self.t0,
+            **self.notes,
+        }
+        self.acc.log(
+            {
+                f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"]
+                for key, name in (
+                    ("bm25", "BM25 (plain)"),
+                    ("bm25-code", "BM25 (identifier-aware)"),
+                    ("reranked", "BM25 + rerank-qlora"),
+                    ("fused", fusion["name"]),
+                )
+                if name in scores
+            }
+        )
 
         self._stage(9, "adapter and report")
         adapter_dir = self._save_adapter()
@@ -403,16 +558,20 @@ class RerankQLoRARecipe:
         write_json_atomic(self.run_dir / "results.json", results)
         self._plot()
         self._report(results, table)
-        line = (f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25 (plain)']['ndcg_cut_10']:.4f}, "
-                f"identifier-aware BM25 {scores['BM25 (identifier-aware)']['ndcg_cut_10']:.4f}, "
-                f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}")
+        line = (
+            f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25 (plain)']['ndcg_cut_10']:.4f}, "
+            f"identifier-aware BM25 {scores['BM25 (identifier-aware)']['ndcg_cut_10']:.4f}, "
+            f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}"
+        )
         if fusion["name"] in scores:
             line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {scores[fusion['name']]['ndcg_cut_10']:.4f}"
         self._print(line)
         for r in results["significance"]:
             if r["baseline"] == "BM25 (identifier-aware)" and r["measure"] == "ndcg_cut_10":
-                self._print(f"{r['run']} - identifier-aware BM25, nDCG@10: {r['mean_diff']:+.4f} (95% CI "
-                            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]), randomization p = {r['p_randomization']:.4f}")
+                self._print(
+                    f"{r['run']} - identifier-aware BM25, nDCG@10: {r['mean_diff']:+.4f} (95% CI "
+                    f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]), randomization p = {r['p_randomization']:.4f}"
+                )
         return results
 
     def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any) -> dict[str, Any]:
@@ -424,12 +583,18 @@ class RerankQLoRARecipe:
         out: dict[str, Any] = {"weight": cfg.rerank.fusion_weight, "chosen": "given", "validation": {}}
         if bm25_val:
             val_student = {q: reranked.run[q] for q in bm25_val}
-            out["validation"] = {"queries": len(bm25_val), "bm25": float(ndcg_at_k(bm25_val, val_qrels, 10)),
-                                 "reranked": float(ndcg_at_k(val_student, val_qrels, 10))}
+            out["validation"] = {
+                "queries": len(bm25_val),
+                "bm25": float(ndcg_at_k(bm25_val, val_qrels, 10)),
+                "reranked": float(ndcg_at_k(val_student, val_qrels, 10)),
+            }
         if out["weight"] is None and bm25_val:
             weight, by_weight = select_fusion_weight(bm25_val, reranked.scores, val_qrels, cfg.rerank.k)
-            out.update(weight=weight, chosen=f"chosen on {len(bm25_val)} validation queries",
-                       validation={**out["validation"], "by_weight": by_weight})
+            out.update(
+                weight=weight,
+                chosen=f"chosen on {len(bm25_val)} validation queries",
+                validation={**out["validation"], "by_weight": by_weight},
+            )
         elif out["weight"] is None:
             out["chosen"] = "none: no validation queries and rerank.fusion_weight unset"
         out["name"] = "BM25 + rerank-qlora, fused" if out["weight"] is not None else ""
@@ -443,16 +608,22 @@ class RerankQLoRARecipe:
         final = self.run_dir / "adapter"
         tmp = self.run_dir / "adapter.tmp"
         sharded = is_sharded(self.model)
-        whole = full_state_dict(self.model, trainable_only=True) if sharded else None  # collective when sharded
+        whole = (
+            full_state_dict(self.model, trainable_only=True) if sharded else None
+        )  # collective when sharded
         if not self.acc.is_main_process:
             return final
-        check_finite_tensors(whole if sharded else {n: p for n, p in self.model.named_parameters() if p.requires_grad},
-                             str(final))
+        check_finite_tensors(
+            whole if sharded else {n: p for n, p in self.model.named_parameters() if p.requires_grad},
+            str(final),
+        )
         shutil.rmtree(tmp, ignore_errors=True)
         if self.cfg.quant.method == "nf4":
             from nf4lora.model import save_adapter
 
-            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path, state_dict=whole)
+            save_adapter(
+                self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path, state_dict=whole
+            )
         elif sharded:
             self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
         else:
@@ -477,8 +648,12 @@ class RerankQLoRARecipe:
         for phase in ("distill", "refine"):
             rows = [r for r in self.history if r["phase"] == phase]
             if rows:
-                ax.plot([offset + r["step"] for r in rows], [r[f"{phase}/loss"] for r in rows], marker=".",
-                        label=phase)
+                ax.plot(
+                    [offset + r["step"] for r in rows],
+                    [r[f"{phase}/loss"] for r in rows],
+                    marker=".",
+                    label=phase,
+                )
                 offset += rows[-1]["step"]
         ax.set(xlabel="optimizer step", ylabel="weighted NLL", title="training curve")
         ax.legend()
@@ -490,51 +665,73 @@ class RerankQLoRARecipe:
         cfg, n = self.cfg, self.notes
         offline = cfg.teacher.kind == "offline-qrels"
         lines = [
-            "# rerank-qlora report", "",
+            "# rerank-qlora report",
+            "",
             f"Task: {n['task']['name']} ({n['task']['documents']} documents; {n['task']['train_queries']} training "
             f"queries, {n['task']['validation_queries']} validation queries, {n['task']['eval_queries']} held-out "
             "evaluation queries).",
             f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
             f"Teacher: {n['teacher']['name']}"
-            + (f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} explanations, "
-               "no model reasoning)" if offline else "")
+            + (
+                f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} explanations, "
+                "no model reasoning)"
+                if offline
+                else ""
+            )
             + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} longer than the training "
-              f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
+            f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
             f"First stage: {n['first_stage']['reranked']} BM25 (identifier-aware: k1 {n['first_stage']['k1']:g}, b "
             f"{n['first_stage']['b']:g}, {n['first_stage']['chosen']}; stopwords {n['first_stage']['stopwords']}, "
             f"stemmer {n['first_stage']['stemmer']}).",
             f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
             f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
             f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
-            f"Unparseable judgements: {results['unparseable']} of {results['judged']}.", "",
-            table, "",
+            f"Unparseable judgements: {results['unparseable']} of {results['judged']}.",
+            "",
+            table,
+            "",
         ]
         f = results["fusion"]
         if f["weight"] is not None:
-            lines += [f"Fused: w * E[label]/2 + (1 - w) * min-max BM25 over each query's top-{cfg.rerank.k} "
-                      f"(rerankdistill.fusion), w = {f['weight']:g} ({f['chosen']}). w = 0 is BM25's order, w = 1 "
-                      "the student's.", ""]
+            lines += [
+                f"Fused: w * E[label]/2 + (1 - w) * min-max BM25 over each query's top-{cfg.rerank.k} "
+                f"(rerankdistill.fusion), w = {f['weight']:g} ({f['chosen']}). w = 0 is BM25's order, w = 1 "
+                "the student's.",
+                "",
+            ]
         else:
             lines += [f"No fused run: {f['chosen']}.", ""]
         if f["validation"]:
             v = f["validation"]
-            lines += [f"Validation ({v['queries']} queries, modules disjoint from training and evaluation): nDCG@10 "
-                      f"BM25 {v['bm25']:.4f}, reranked {v['reranked']:.4f}"
-                      + ("; fused by w: " + ", ".join(f"{w:g}: {s:.4f}" for w, s in v["by_weight"].items())
-                         if "by_weight" in v else "") + ".", ""]
+            lines += [
+                f"Validation ({v['queries']} queries, modules disjoint from training and evaluation): nDCG@10 "
+                f"BM25 {v['bm25']:.4f}, reranked {v['reranked']:.4f}"
+                + (
+                    "; fused by w: " + ", ".join(f"{w:g}: {s:.4f}" for w, s in v["by_weight"].items())
+                    if "by_weight" in v
+                    else ""
+                )
+                + ".",
+                "",
+            ]
         lines += [
-            "![training curve](training_curve.png)", "",
+            "![training curve](training_curve.png)",
+            "",
             f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` (plain), "
             "`bm25-code.run` (identifier-aware), `reranked.run`"
-            + (", `fused.run`" if f["weight"] is not None else "") + " (TREC format: `trec_eval -m ndcg_cut.10 "
+            + (", `fused.run`" if f["weight"] is not None else "")
+            + " (TREC format: `trec_eval -m ndcg_cut.10 "
             f"eval.qrels reranked.run` re-scores them). "
-            f"Wall time {results['elapsed_s']:.0f} s.", "",
+            f"Wall time {results['elapsed_s']:.0f} s.",
+            "",
         ]
         (self.run_dir / "report.md").write_text("\n".join(lines))
 
     def _stage(self, i: int, name: str) -> None:
-        self._print(f"stage {i}/{N_STAGES}: {name}  [{time.perf_counter() - self.t0:.0f} s wall, "
-                    f"{time.process_time() - self.cpu0:.0f} s CPU]")
+        self._print(
+            f"stage {i}/{N_STAGES}: {name}  [{time.perf_counter() - self.t0:.0f} s wall, "
+            f"{time.process_time() - self.cpu0:.0f} s CPU]"
+        )
 
     def _print(self, text: str) -> None:
         if self.acc.is_main_process:
@@ -553,9 +750,17 @@ def _significance(runs: dict[str, Any], qrels: dict, seed: int) -> dict[str, Any
     per = {name: evaluate(run, qrels, measures, complete=True) for name, run in runs.items()}
     rows, tables = [], []
     for baseline in ("BM25 (identifier-aware)", "BM25 (plain)"):
-        these = [{"run": name, "baseline": baseline, "measure": m,
-                  **compare_runs(per[name][m].per_query, per[baseline][m].per_query, seed=seed)}
-                 for name in runs if not name.startswith("BM25 (") for m in measures]
+        these = [
+            {
+                "run": name,
+                "baseline": baseline,
+                "measure": m,
+                **compare_runs(per[name][m].per_query, per[baseline][m].per_query, seed=seed),
+            }
+            for name in runs
+            if not name.startswith("BM25 (")
+            for m in measures
+        ]
         rows += these
         tables.append(significance_table(these, baseline))
     return {"rows": rows, "table": "\n".join(tables)}
@@ -572,9 +777,11 @@ class LengthSortedJudge:
     def judge(self, pairs: list[tuple[str, str]]) -> list[Any]:
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         out: list[Any] = [None] * len(pairs)
-        with tqdm(total=len(pairs), desc=f"rerank {self.name}", unit="pair", disable=not self.progress) as bar:
+        with tqdm(
+            total=len(pairs), desc=f"rerank {self.name}", unit="pair", disable=not self.progress
+        ) as bar:
             for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
+                chunk = order[start : start + self.batch_size]
                 for i, j in zip(chunk, self.judge_.judge([pairs[i] for i in chunk]), strict=True):
                     out[i] = j
                 bar.update(len(chunk))

@@ -27,8 +27,11 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
     """The retrieval task: the built-in stdlib task, a BEIR / Cranfield collection split by query, or a BRIGHT
     domain evaluated zero-shot (`bright_zero_shot`)."""
     if cfg.name == "stdlib":
-        return build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=cfg.max_eval_queries,
-                                 max_validation_queries=cfg.max_validation_queries)
+        return build_stdlib_task(
+            max_train_queries=cfg.max_train_queries,
+            max_eval_queries=cfg.max_eval_queries,
+            max_validation_queries=cfg.max_validation_queries,
+        )
     if cfg.name == "bright":
         return bright_zero_shot(cfg)
     import rerankdistill as rd
@@ -39,10 +42,18 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
     n_eval = max(1, int(len(qids) * cfg.eval_fraction))
     n_val = int(len(qids) * cfg.validation_fraction)
     eval_qids = qids[:n_eval][: cfg.max_eval_queries]
-    validation_qids = qids[n_eval:n_eval + n_val][: cfg.max_validation_queries]
-    train_qids = qids[n_eval + n_val:][: cfg.max_train_queries]
-    return RetrievalTask(cfg.name, dict(corpus), dict(queries), {q: dict(qrels[q]) for q in qids}, train_qids,
-                         eval_qids, info={"source": str(cfg.path)}, validation_qids=validation_qids)
+    validation_qids = qids[n_eval : n_eval + n_val][: cfg.max_validation_queries]
+    train_qids = qids[n_eval + n_val :][: cfg.max_train_queries]
+    return RetrievalTask(
+        cfg.name,
+        dict(corpus),
+        dict(queries),
+        {q: dict(qrels[q]) for q in qids},
+        train_qids,
+        eval_qids,
+        info={"source": str(cfg.path)},
+        validation_qids=validation_qids,
+    )
 
 
 def bright_zero_shot(cfg: TaskConfig) -> RetrievalTask:
@@ -57,45 +68,78 @@ def bright_zero_shot(cfg: TaskConfig) -> RetrievalTask:
     """
     import rerankdistill as rd
 
-    domain = rd.load_bright(Path(cfg.path) / f"topics.bright-{cfg.domain}-original.jsonl.gz",
-                            Path(cfg.path) / f"qrels.bright-{cfg.domain}.txt", corpus=cfg.corpus_path)
+    domain = rd.load_bright(
+        Path(cfg.path) / f"topics.bright-{cfg.domain}-original.jsonl.gz",
+        Path(cfg.path) / f"qrels.bright-{cfg.domain}.txt",
+        corpus=cfg.corpus_path,
+    )
     corpus = domain.corpus or {}
     eval_qids = sorted(q for q in domain.queries if q in domain.qrels)
     if len(eval_qids) > cfg.max_eval_queries:
-        raise ConfigError(f"task.max_eval_queries={cfg.max_eval_queries} would leave out some of BRIGHT "
-                          f"{cfg.domain}'s {len(eval_qids)} queries: BRIGHT is evaluated on every query")
+        raise ConfigError(
+            f"task.max_eval_queries={cfg.max_eval_queries} would leave out some of BRIGHT "
+            f"{cfg.domain}'s {len(eval_qids)} queries: BRIGHT is evaluated on every query"
+        )
     if cfg.train_source == "stdlib":
-        source = build_stdlib_task(max_train_queries=cfg.max_train_queries, max_eval_queries=1,
-                                   max_validation_queries=cfg.max_validation_queries, splits=("train", "validation"))
+        source = build_stdlib_task(
+            max_train_queries=cfg.max_train_queries,
+            max_eval_queries=1,
+            max_validation_queries=cfg.max_validation_queries,
+            splits=("train", "validation"),
+        )
     else:
-        source = load_task(replace(cfg, name=cfg.train_source, path=cfg.train_path, train_path=None,
-                                   first_stage_queries="original"))
+        source = load_task(
+            replace(
+                cfg,
+                name=cfg.train_source,
+                path=cfg.train_path,
+                train_path=None,
+                first_stage_queries="original",
+            )
+        )
     source_qids = set(source.queries)
     shared_queries = sorted(source_qids & set(domain.queries))
     if shared_queries:
-        raise ConfigError(f"task.train_source={cfg.train_source!r} shares query ids with BRIGHT {cfg.domain} "
-                          f"(e.g. {shared_queries[:3]}): training or tuning on the evaluation domain's queries "
-                          "is not zero-shot")
+        raise ConfigError(
+            f"task.train_source={cfg.train_source!r} shares query ids with BRIGHT {cfg.domain} "
+            f"(e.g. {shared_queries[:3]}): training or tuning on the evaluation domain's queries "
+            "is not zero-shot"
+        )
     shared_docs = sorted(set(source.corpus) & set(corpus))
     if shared_docs:
-        raise ConfigError(f"task.train_source={cfg.train_source!r} and task.corpus_path {str(cfg.corpus_path)!r} "
-                          f"share document ids (e.g. {shared_docs[:3]})")
+        raise ConfigError(
+            f"task.train_source={cfg.train_source!r} and task.corpus_path {str(cfg.corpus_path)!r} "
+            f"share document ids (e.g. {shared_docs[:3]})"
+        )
     search = {}
     if cfg.first_stage_queries == "reasoning":
         missing = [q for q in eval_qids if not domain.reasoning.get(q)]
         if missing:
-            raise ConfigError(f"task.first_stage_queries='reasoning': {len(missing)} BRIGHT {cfg.domain} queries "
-                              f"have no reasoning text, e.g. {missing[:3]}")
+            raise ConfigError(
+                f"task.first_stage_queries='reasoning': {len(missing)} BRIGHT {cfg.domain} queries "
+                f"have no reasoning text, e.g. {missing[:3]}"
+            )
         search = {q: domain.reasoning[q] for q in eval_qids}
     kept = source.train_qids + source.validation_qids
     return RetrievalTask(
-        "bright", {**source.corpus, **corpus}, {**{q: source.queries[q] for q in kept}, **domain.queries},
+        "bright",
+        {**source.corpus, **corpus},
+        {**{q: source.queries[q] for q in kept}, **domain.queries},
         {**{q: source.qrels[q] for q in kept}, **{q: dict(domain.qrels[q]) for q in eval_qids}},
-        list(source.train_qids), eval_qids, validation_qids=list(source.validation_qids),
-        train_docids=list(source.train_docids), eval_docids=sorted(corpus),
-        excluded={q: set(domain.excluded.get(q, ())) for q in eval_qids}, search_queries=search,
-        info={"source": str(cfg.path), "domain": cfg.domain, "train_source": source.info.get("source", source.name),
-              "first_stage_queries": cfg.first_stage_queries})
+        list(source.train_qids),
+        eval_qids,
+        validation_qids=list(source.validation_qids),
+        train_docids=list(source.train_docids),
+        eval_docids=sorted(corpus),
+        excluded={q: set(domain.excluded.get(q, ())) for q in eval_qids},
+        search_queries=search,
+        info={
+            "source": str(cfg.path),
+            "domain": cfg.domain,
+            "train_source": source.info.get("source", source.name),
+            "first_stage_queries": cfg.first_stage_queries,
+        },
+    )
 
 
 def _search_groups(task: RetrievalTask) -> list[tuple[dict[str, str], dict[str, str]]]:
@@ -106,9 +150,13 @@ def _search_groups(task: RetrievalTask) -> list[tuple[dict[str, str], dict[str, 
     if not task.eval_docids:
         return [(task.corpus, texts)]
     held, evaluated = set(task.eval_docids), set(task.eval_qids)
-    return [({d: t for d, t in task.corpus.items() if d not in held},
-             {q: t for q, t in texts.items() if q not in evaluated}),
-            ({d: task.corpus[d] for d in task.eval_docids}, {q: texts[q] for q in task.eval_qids})]
+    return [
+        (
+            {d: t for d, t in task.corpus.items() if d not in held},
+            {q: t for q, t in texts.items() if q not in evaluated},
+        ),
+        ({d: task.corpus[d] for d in task.eval_docids}, {q: texts[q] for q in task.eval_qids}),
+    ]
 
 
 def first_stages(task: RetrievalTask, cfg: RerankConfig) -> dict[str, Any]:
@@ -124,28 +172,48 @@ def first_stages(task: RetrievalTask, cfg: RerankConfig) -> dict[str, Any]:
 
     groups = _search_groups(task)
     plain = {q: r for docs, texts in groups for q, r in bm25_search(docs, texts, k=cfg.candidates).items()}
-    tokenizer = IdentifierTokenizer(stopwords=None if cfg.bm25_stopwords == "none" else cfg.bm25_stopwords,
-                                    stemmer=None if cfg.bm25_stemmer == "none" else cfg.bm25_stemmer)
+    tokenizer = IdentifierTokenizer(
+        stopwords=None if cfg.bm25_stopwords == "none" else cfg.bm25_stopwords,
+        stemmer=None if cfg.bm25_stemmer == "none" else cfg.bm25_stemmer,
+    )
     tokens = {d: tokenizer(t) for d, t in task.corpus.items()}
     k1, b, chosen = cfg.bm25_k1, cfg.bm25_b, "given"
     if (k1 is None or b is None) and task.validation_qids:
         grid = {"k1s": (k1,) if k1 is not None else None, "bs": (b,) if b is not None else None}
         docs, texts = groups[0]
-        k1, b, _ = select_bm25_params(docs, {q: texts[q] for q in task.validation_qids}, task.qrels,
-                                      tokenizer, **{key: v for key, v in grid.items() if v is not None})
+        k1, b, _ = select_bm25_params(
+            docs,
+            {q: texts[q] for q in task.validation_qids},
+            task.qrels,
+            tokenizer,
+            **{key: v for key, v in grid.items() if v is not None},
+        )
         chosen = f"chosen on {len(task.validation_qids)} validation queries"
     elif k1 is None or b is None:
-        k1, b, chosen = k1 if k1 is not None else 0.9, b if b is not None else 0.4, "defaults (no validation queries)"
+        k1, b, chosen = (
+            k1 if k1 is not None else 0.9,
+            b if b is not None else 0.4,
+            "defaults (no validation queries)",
+        )
     code = {}
     for docs, texts in groups:
-        index = BM25Index(docs, k1=k1, b=b, stopwords=None, tokenizer=tokenizer, tokens={d: tokens[d] for d in docs})
+        index = BM25Index(
+            docs, k1=k1, b=b, stopwords=None, tokenizer=tokenizer, tokens={d: tokens[d] for d in docs}
+        )
         code.update(index.search(texts, k=cfg.candidates))
-    return {"plain": drop_excluded(plain, task.excluded), "code": drop_excluded(code, task.excluded),
-            "k1": k1, "b": b, "chosen": chosen}
+    return {
+        "plain": drop_excluded(plain, task.excluded),
+        "code": drop_excluded(code, task.excluded),
+        "k1": k1,
+        "b": b,
+        "chosen": chosen,
+    }
 
 
 # ------------------------------------------------------------------------------------------ base model
-def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, progress: bool) -> tuple[Any, Any]:
+def build_tiny_base(
+    task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, progress: bool
+) -> tuple[Any, Any]:
     """Train a BPE tokenizer on the task's text and a small Llama on its documents (language modelling),
     save both to `out_dir` (safetensors) and return them. Deterministic for a given seed and task."""
     from rerankdistill.labels import INTERANK_PROMPT
@@ -160,14 +228,22 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
     # The prompt and the offline teacher's answers are in every training and evaluation sequence: weighted
     # like that, BPE merges them into few tokens (~250 tokens of template otherwise, at vocabulary 1,024).
     teacher = QrelsTeacher({}, explanation=cfg.teacher.offline_explanation)
-    template = [INTERANK_PROMPT.system, INTERANK_PROMPT.user.format(query="", document=""),
-                *(INTERANK_PROMPT.completion(teacher.explanation(label), label) for label in (0, 1, 2))]
+    template = [
+        INTERANK_PROMPT.system,
+        INTERANK_PROMPT.user.format(query="", document=""),
+        *(INTERANK_PROMPT.completion(teacher.explanation(label), label) for label in (0, 1, 2)),
+    ]
     texts += template * 200
     tokenizer = train_tokenizer(texts, vocab_size=m.tiny_vocab_size)
     long_context = cfg.train.max_length * cfg.attention.context_factor * 2
     model = tiny_causal_lm(
-        tokenizer=tokenizer, seed=cfg.train.seed, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_layers,
-        num_heads=m.tiny_heads, num_kv_heads=max(1, m.tiny_heads // 2), max_position_embeddings=long_context,
+        tokenizer=tokenizer,
+        seed=cfg.train.seed,
+        hidden_size=m.tiny_hidden_size,
+        num_layers=m.tiny_layers,
+        num_heads=m.tiny_heads,
+        num_kv_heads=max(1, m.tiny_heads // 2),
+        max_position_embeddings=long_context,
     )
     # Language-model the training documents (the held-out modules' documents are not seen here).
     # Each document is followed by one of the template texts (prompt or a teacher answer, no document-label
@@ -186,7 +262,7 @@ def build_tiny_base(task: RetrievalTask, cfg: RerankQLoRAConfig, out_dir: Path, 
         bar = tqdm(range(m.tiny_pretrain_steps), desc="base LM pretraining", disable=not progress)
         for step in bar:
             starts = torch.randint(0, len(ids) - T - 1, (8,), generator=gen)
-            batch = torch.stack([ids[s:s + T] for s in starts])
+            batch = torch.stack([ids[s : s + T] for s in starts])
             for g in opt.param_groups:
                 g["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
             loss = model(input_ids=batch, labels=batch).loss
@@ -211,8 +287,9 @@ def load_base(path: str | Path, cfg: RerankQLoRAConfig) -> tuple[Any, Any]:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     dtype = "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+    )
     return model, tok
 
 
@@ -225,7 +302,9 @@ def apply_attention(model: Any, cfg: RerankQLoRAConfig) -> str:
     from siattn import hf as siattn_hf
 
     siattn_hf.apply(model, tau=a.tau, rope="p-rope", fraction=a.p_rope_fraction, base=a.p_rope_base)
-    return f"scale-invariant p-RoPE (tau {a.tau}, p-RoPE fraction {a.p_rope_fraction}, base {a.p_rope_base:g})"
+    return (
+        f"scale-invariant p-RoPE (tau {a.tau}, p-RoPE fraction {a.p_rope_fraction}, base {a.p_rope_base:g})"
+    )
 
 
 def apply_qlora(model: Any, cfg: RerankQLoRAConfig) -> tuple[Any, str]:
@@ -234,9 +313,16 @@ def apply_qlora(model: Any, cfg: RerankQLoRAConfig) -> tuple[Any, str]:
     if cfg.quant.method == "nf4":
         from nf4lora.model import prepare_model
 
-        model = prepare_model(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
-                              target_modules=list(lo.target_modules), double_quant=cfg.quant.double_quant,
-                              gradient_checkpointing=cfg.quant.gradient_checkpointing, seed=cfg.train.seed)
+        model = prepare_model(
+            model,
+            r=lo.r,
+            alpha=lo.alpha,
+            dropout=lo.dropout,
+            target_modules=list(lo.target_modules),
+            double_quant=cfg.quant.double_quant,
+            gradient_checkpointing=cfg.quant.gradient_checkpointing,
+            seed=cfg.train.seed,
+        )
         what = f"NF4{' + double quantization' if cfg.quant.double_quant else ''} base, LoRA r={lo.r} alpha={lo.alpha}"
     else:
         from peft import LoraConfig, get_peft_model
@@ -245,8 +331,16 @@ def apply_qlora(model: Any, cfg: RerankQLoRAConfig) -> tuple[Any, str]:
         targets = [t for t in lo.target_modules if t in present]
         if not targets:
             raise ValueError(f"lora.target_modules {lo.target_modules} match no module of the model")
-        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lo.r,
+                lora_alpha=lo.alpha,
+                lora_dropout=lo.dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
         what = f"unquantized base, LoRA r={lo.r} alpha={lo.alpha}"
     if lo.mxfp8:
         import mxfp8train
@@ -267,8 +361,12 @@ def trainable_summary(model: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------- teacher + data
-def training_pairs(task: RetrievalTask, first_stage: dict[str, dict[str, float]], per_query: int,
-                   strategy: str = "gold-first") -> list:
+def training_pairs(
+    task: RetrievalTask,
+    first_stage: dict[str, dict[str, float]],
+    per_query: int,
+    strategy: str = "gold-first",
+) -> list:
     """Training pairs of each training query (at most `per_query`, or `per_query` + 1, see below).
 
     Args:

@@ -33,10 +33,23 @@ from pathlib import Path
 
 # Directories of the stdlib that are not library code (tests, demos, bundled wheels, build data) or are
 # dozens of near-identical files (the codecs in `encodings`).
-EXCLUDED_DIRS = frozenset({
-    "test", "tests", "idle_test", "idlelib", "turtledemo", "site-packages", "lib-dynload", "__pycache__",
-    "ensurepip", "pydoc_data", "encodings", "lib2to3", "__phello__",
-})
+EXCLUDED_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "turtledemo",
+        "site-packages",
+        "lib-dynload",
+        "__pycache__",
+        "ensurepip",
+        "pydoc_data",
+        "encodings",
+        "lib2to3",
+        "__phello__",
+    }
+)
 SPLITS = ("train", "validation", "eval")
 MIN_QUERY_WORDS = 5
 
@@ -58,7 +71,9 @@ class RetrievalTask:
     # rest of the corpus; none: every query searches the whole corpus.
     eval_docids: list[str] = field(default_factory=list)
     excluded: dict[str, set[str]] = field(default_factory=dict)  # per query, ids never to be candidates
-    search_queries: dict[str, str] = field(default_factory=dict)  # texts BM25 searches with, where not the query
+    search_queries: dict[str, str] = field(
+        default_factory=dict
+    )  # texts BM25 searches with, where not the query
 
 
 @dataclass(frozen=True)
@@ -108,8 +123,12 @@ def read_source(path: Path) -> str:
 
 def _strip_docstring(node: ast.AST) -> str | None:
     body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         node.body = body[1:] or [ast.Pass()]
         return body[0].value.value
     return None
@@ -144,8 +163,15 @@ def mine_units(module: str, source: str, max_doc_chars: int = 2000) -> list[Unit
             doc = _strip_docstring(node)
             query = _summary(doc, node.name, "this function") if doc else None
             if query:
-                units.append(Unit(f"{module}.{node.name}", module, "function", query,
-                                  _cut(ast.unparse(node), max_doc_chars)))
+                units.append(
+                    Unit(
+                        f"{module}.{node.name}",
+                        module,
+                        "function",
+                        query,
+                        _cut(ast.unparse(node), max_doc_chars),
+                    )
+                )
         elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
             doc = _strip_docstring(node)
             methods = [m for m in node.body if isinstance(m, ast.FunctionDef | ast.AsyncFunctionDef)]
@@ -155,17 +181,38 @@ def mine_units(module: str, source: str, max_doc_chars: int = 2000) -> list[Unit
                 mdoc = _strip_docstring(m)
                 query = _summary(mdoc, m.name, "this method") if mdoc else None
                 if query:
-                    header = ast.unparse(ast.ClassDef(name=node.name, bases=node.bases, keywords=node.keywords,
-                                                      body=[m], decorator_list=[]))
-                    units.append(Unit(f"{module}.{node.name}.{m.name}", module, "method", query,
-                                      _cut(header, max_doc_chars)))
+                    header = ast.unparse(
+                        ast.ClassDef(
+                            name=node.name,
+                            bases=node.bases,
+                            keywords=node.keywords,
+                            body=[m],
+                            decorator_list=[],
+                        )
+                    )
+                    units.append(
+                        Unit(
+                            f"{module}.{node.name}.{m.name}",
+                            module,
+                            "method",
+                            query,
+                            _cut(header, max_doc_chars),
+                        )
+                    )
             query = _summary(doc, node.name, "this class") if doc else None
             if query:
                 for m in methods:  # the class's document: its body with the methods' bodies elided
                     _strip_docstring(m)
                     m.body = [ast.Expr(ast.Constant(...))]
-                units.append(Unit(f"{module}.{node.name}", module, "class", query,
-                                  _cut(ast.unparse(node), max_doc_chars)))
+                units.append(
+                    Unit(
+                        f"{module}.{node.name}",
+                        module,
+                        "class",
+                        query,
+                        _cut(ast.unparse(node), max_doc_chars),
+                    )
+                )
     return units
 
 
@@ -174,10 +221,16 @@ def _sample(qids: list[str], n: int) -> list[str]:
     return sorted(qids, key=lambda q: hashlib.sha256(q.encode()).hexdigest())[:n]
 
 
-def build_stdlib_task(max_train_queries: int = 4000, max_validation_queries: int = 200,
-                      max_eval_queries: int = 500, root: Path | None = None,
-                      splits: Iterable[str] = SPLITS, split: Callable[[str], str] = split_of,
-                      read: Callable[[Path], str] = read_source, max_doc_chars: int = 2000) -> RetrievalTask:
+def build_stdlib_task(
+    max_train_queries: int = 4000,
+    max_validation_queries: int = 200,
+    max_eval_queries: int = 500,
+    root: Path | None = None,
+    splits: Iterable[str] = SPLITS,
+    split: Callable[[str], str] = split_of,
+    read: Callable[[Path], str] = read_source,
+    max_doc_chars: int = 2000,
+) -> RetrievalTask:
     """Build the task (see the module doc).
 
     Args:
@@ -194,8 +247,11 @@ def build_stdlib_task(max_train_queries: int = 4000, max_validation_queries: int
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"splits must be among {SPLITS}, got {sorted(unknown)}")
-    for name, n in (("max_train_queries", max_train_queries), ("max_validation_queries", max_validation_queries),
-                    ("max_eval_queries", max_eval_queries)):
+    for name, n in (
+        ("max_train_queries", max_train_queries),
+        ("max_validation_queries", max_validation_queries),
+        ("max_eval_queries", max_eval_queries),
+    ):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     root = Path(root) if root is not None else stdlib_root()
@@ -241,7 +297,19 @@ def build_stdlib_task(max_train_queries: int = 4000, max_validation_queries: int
     queries = {q: t for q, t in queries.items() if q in keep}
     qrels = {q: {q[2:]: 2} for q in queries}
     version = ".".join(map(str, sys.version_info[:3]))
-    info = {"python": version, "modules": str(modules),
-            "mined": {s: len(by_split[s]) for s in SPLITS}.__repr__()}
-    return RetrievalTask("python-stdlib-ast", corpus, queries, qrels, train, evaluation, info=info,
-                         validation_qids=validation, train_docids=train_docids)
+    info = {
+        "python": version,
+        "modules": str(modules),
+        "mined": {s: len(by_split[s]) for s in SPLITS}.__repr__(),
+    }
+    return RetrievalTask(
+        "python-stdlib-ast",
+        corpus,
+        queries,
+        qrels,
+        train,
+        evaluation,
+        info=info,
+        validation_qids=validation,
+        train_docids=train_docids,
+    )

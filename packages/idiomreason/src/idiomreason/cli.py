@@ -38,37 +38,74 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--split", default=None, help="the loader's split (default: all)")
     data.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N examples")
     data.add_argument("--shots-split", default=None, help="split to draw few-shot examples from")
-    data.add_argument("--loader-options", default="{}", help="JSON of extra loader arguments "
-                      "(e.g. '{\"columns\": {\"target\": \"sentence\"}}')")
-    data.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                      help="malformed rows / missing definitions: stop (raise) or skip and count")
+    data.add_argument(
+        "--loader-options",
+        default="{}",
+        help='JSON of extra loader arguments (e.g. \'{"columns": {"target": "sentence"}}\')',
+    )
+    data.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="malformed rows / missing definitions: stop (raise) or skip and count",
+    )
     model = ev.add_argument_group("model")
-    model.add_argument("--model", required=True, help="path or hub id (transformers, vllm) or served model name (http)")
+    model.add_argument(
+        "--model", required=True, help="path or hub id (transformers, vllm) or served model name (http)"
+    )
     model.add_argument("--model-name", default=None, help="label in caches and tables (default: --model)")
-    model.add_argument("--size-b", type=float, default=None, help="parameters in billions (default: from the name)")
-    model.add_argument("--reasoning", action="store_true", help="R1-style model: prefill an empty think block in 'direct'")
+    model.add_argument(
+        "--size-b", type=float, default=None, help="parameters in billions (default: from the name)"
+    )
+    model.add_argument(
+        "--reasoning", action="store_true", help="R1-style model: prefill an empty think block in 'direct'"
+    )
     model.add_argument("--backend", choices=BACKENDS, default="transformers")
     model.add_argument("--dtype", default=None, help="transformers/vllm dtype")
-    model.add_argument("--quantization", default=None, help="transformers: 4bit or 8bit; vllm: its method name")
+    model.add_argument(
+        "--quantization", default=None, help="transformers: 4bit or 8bit; vllm: its method name"
+    )
     model.add_argument("--batch-size", type=int, default=None, help="transformers batch size")
     model.add_argument("--base-url", default=None, help="http: API root, e.g. http://127.0.0.1:8000/v1")
     model.add_argument("--api", choices=("chat", "completions"), default=None, help="http wire API")
     model.add_argument("--api-key-env", default=None, help="http: env variable holding the API key")
     model.add_argument("--concurrency", type=int, default=None, help="http: requests in flight")
     model.add_argument("--request-timeout", type=float, default=None, help="http: seconds per request")
-    model.add_argument("--tokenizer", default=None, help="http completions: tokenizer whose chat template renders prompts")
-    model.add_argument("--backend-options", default="{}", help="JSON of extra backend arguments "
-                       "(e.g. '{\"prefill_via\": \"thinking_switch\"}')")
-    model.add_argument("--decoding", default=None, help="JSON of temperature / top_p / n_samples / seed "
-                       "(default: the model card's where known, e.g. R1 distills 0.6 / 0.95, else greedy)")
-    model.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
-                       help="loglik: no generation, the more likely answer (base models, transformers backend)")
+    model.add_argument(
+        "--tokenizer", default=None, help="http completions: tokenizer whose chat template renders prompts"
+    )
+    model.add_argument(
+        "--backend-options",
+        default="{}",
+        help='JSON of extra backend arguments (e.g. \'{"prefill_via": "thinking_switch"}\')',
+    )
+    model.add_argument(
+        "--decoding",
+        default=None,
+        help="JSON of temperature / top_p / n_samples / seed "
+        "(default: the model card's where known, e.g. R1 distills 0.6 / 0.95, else greedy)",
+    )
+    model.add_argument(
+        "--scoring",
+        choices=("generate", "loglik"),
+        default="generate",
+        help="loglik: no generation, the more likely answer (base models, transformers backend)",
+    )
     run = ev.add_argument_group("run")
-    run.add_argument("--condition", action="append", default=None,
-                     help="direct | cot | cot_definition, optionally ':<k>shot' (repeatable; default all three)")
-    run.add_argument("--definitions", default=None, help="file of expression definitions (default: the model defines them)")
-    run.add_argument("--definitions-of", default=None, help="with --definitions = a run's definitions.jsonl: "
-                     "use that model's stored definitions")
+    run.add_argument(
+        "--condition",
+        action="append",
+        default=None,
+        help="direct | cot | cot_definition, optionally ':<k>shot' (repeatable; default all three)",
+    )
+    run.add_argument(
+        "--definitions", default=None, help="file of expression definitions (default: the model defines them)"
+    )
+    run.add_argument(
+        "--definitions-of",
+        default=None,
+        help="with --definitions = a run's definitions.jsonl: use that model's stored definitions",
+    )
     run.add_argument("--glosses", default=None, help="reference glosses: score the generated definitions")
     run.add_argument("--templates-dir", default=None, help="folder of user prompt templates")
     run.add_argument("--max-new-tokens", type=int, default=4096)
@@ -85,11 +122,18 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild tables and plot of an output folder from its predictions")
     rp.add_argument("out_dir")
 
-    df = sub.add_parser("definitions", help="score stored definitions against reference glosses (token F1 per "
-                        "model with a bootstrap CI): definition_quality.md and the plot, no model needed")
+    df = sub.add_parser(
+        "definitions",
+        help="score stored definitions against reference glosses (token F1 per "
+        "model with a bootstrap CI): definition_quality.md and the plot, no model needed",
+    )
     df.add_argument("definitions", help="a run's definitions.jsonl")
-    df.add_argument("glosses", help="reference glosses: .json / .jsonl / .csv / .tsv, expression -> definition")
-    df.add_argument("--out", default=None, help="folder for the table and plot (default: the definitions' folder)")
+    df.add_argument(
+        "glosses", help="reference glosses: .json / .jsonl / .csv / .tsv, expression -> definition"
+    )
+    df.add_argument(
+        "--out", default=None, help="folder for the table and plot (default: the definitions' folder)"
+    )
     df.add_argument("--no-plot", action="store_true", help="write the table only")
     df.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
     df.add_argument("--seed", type=int, default=0)
@@ -115,11 +159,24 @@ def eval_config(args: argparse.Namespace) -> SweepConfig:
     }  # fmt: skip
     options.update({k: v for k, v in named.items() if v is not None})
     decoding = _json_arg(args.decoding, "--decoding") if args.decoding is not None else None
-    model = ModelSpec(name=args.model_name or args.model, path=args.model, backend=args.backend,
-                      size_b=args.size_b, reasoning=args.reasoning, options=options, decoding=decoding,
-                      scoring=args.scoring)
-    dataset = DatasetSpec(name=args.dataset, path=args.path, split=args.split, limit=args.limit,
-                          shots_split=args.shots_split, options=_json_arg(args.loader_options, "--loader-options"))
+    model = ModelSpec(
+        name=args.model_name or args.model,
+        path=args.model,
+        backend=args.backend,
+        size_b=args.size_b,
+        reasoning=args.reasoning,
+        options=options,
+        decoding=decoding,
+        scoring=args.scoring,
+    )
+    dataset = DatasetSpec(
+        name=args.dataset,
+        path=args.path,
+        split=args.split,
+        limit=args.limit,
+        shots_split=args.shots_split,
+        options=_json_arg(args.loader_options, "--loader-options"),
+    )
     return SweepConfig(
         models=[model], datasets=[dataset], conditions=args.condition or ["direct", "cot", "cot_definition"],
         out_dir=args.out, max_new_tokens=args.max_new_tokens, definitions=args.definitions,
@@ -131,8 +188,16 @@ def eval_config(args: argparse.Namespace) -> SweepConfig:
 
 # What a user can get wrong (a file, an option, a server, a run already in progress): one line on stderr and
 # exit code 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-               StoreLockedError, HTTPBackendError, ImportError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    StoreLockedError,
+    HTTPBackendError,
+    ImportError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idiomreason {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     sys.stdout.write(markdown_table(result.rows))
-    print(f"\nwrote {result.csv_path}, {result.markdown_path}" + (f", {result.plot_path}" if result.plot_path else ""))
+    print(
+        f"\nwrote {result.csv_path}, {result.markdown_path}"
+        + (f", {result.plot_path}" if result.plot_path else "")
+    )
     return 0
 
 
@@ -163,15 +231,23 @@ def _definitions(args: argparse.Namespace) -> int:
     for name in ("definitions", "glosses"):
         path = Path(getattr(args, name))
         if not path.is_file():
-            raise FileNotFoundError(f"{name} file {str(path)!r} " + ("is a folder" if path.is_dir() else "not found"))
+            raise FileNotFoundError(
+                f"{name} file {str(path)!r} " + ("is a folder" if path.is_dir() else "not found")
+            )
     if args.n_resamples < 1:
         raise ValueError(f"--n-resamples must be >= 1, got {args.n_resamples}")
     out = Path(args.out) if args.out is not None else Path(args.definitions).parent
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _, md, png = analyse_stored_definitions(args.definitions, args.glosses, out, n_resamples=args.n_resamples,
-                                            seed=args.seed, plot=not args.no_plot)
+    _, md, png = analyse_stored_definitions(
+        args.definitions,
+        args.glosses,
+        out,
+        n_resamples=args.n_resamples,
+        seed=args.seed,
+        plot=not args.no_plot,
+    )
     sys.stdout.write(md.read_text())
     print(f"\nwrote {md}" + (f", {png}" if png else ""))
     return 0

@@ -41,17 +41,24 @@ class Decoding:
     source: str = "greedy (no model-card setting)"
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             raise ValueError(f"decoding.temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float)
-                                       or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1
+        ):
             raise ValueError(f"decoding.top_p must be in (0, 1] or null, got {self.top_p!r}")
         if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples < 1:
             raise ValueError(f"decoding.n_samples must be an int >= 1, got {self.n_samples!r}")
         if self.n_samples > 1 and self.temperature == 0:
-            raise ValueError(f"decoding.n_samples={self.n_samples} needs sampling (temperature > 0): greedy "
-                             "samples would all be the same")
+            raise ValueError(
+                f"decoding.n_samples={self.n_samples} needs sampling (temperature > 0): greedy "
+                "samples would all be the same"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"decoding.seed must be an int, got {self.seed!r}")
 

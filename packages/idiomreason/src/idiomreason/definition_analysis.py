@@ -63,8 +63,10 @@ def stored_definitions(path: str | Path) -> list[dict[str, Any]]:
     records = list(read_records(path, ("model", "template", "expression")).values())
     for record in records:
         if not all(isinstance(record.get(field), str) for field in ("model", "expression")):
-            raise ValueError(f"{path}: {str(record)[:80]} is not a stored definition (needs text fields 'model' "
-                             "and 'expression'; a run's definitions.jsonl has them)")
+            raise ValueError(
+                f"{path}: {str(record)[:80]} is not a stored definition (needs text fields 'model' "
+                "and 'expression'; a run's definitions.jsonl has them)"
+            )
     return records
 
 
@@ -94,7 +96,12 @@ def _yes_no(text: str) -> bool | None:
 
 
 def judge_definitions(
-    items: Sequence[dict[str, Any]], backend: Backend, store: JsonlStore, *, judge: str, max_new_tokens: int = 512
+    items: Sequence[dict[str, Any]],
+    backend: Backend,
+    store: JsonlStore,
+    *,
+    judge: str,
+    max_new_tokens: int = 512,
 ) -> list[dict[str, Any]]:
     """Ask `backend` (any backend: transformers, vLLM, HTTP) whether each definition means its gloss; store
     each judgement (keyed judge, model, expression) and return `items` with `judge_yes` (True / False /
@@ -117,8 +124,9 @@ def judgement_store(path: str | Path) -> JsonlStore:
     return JsonlStore(path, ("judge", "model", "expression"))
 
 
-def definition_rows(items: Sequence[dict[str, Any]], sizes: dict[str, float | None], n_resamples: int = 1000,
-                    seed: int = 0) -> list[dict[str, Any]]:
+def definition_rows(
+    items: Sequence[dict[str, Any]], sizes: dict[str, float | None], n_resamples: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
     """One row per model: n scored, n without a definition, mean token F1 [95% bootstrap CI], judge
     agreement (share of judged definitions the judge accepted) when judged."""
     rows = []
@@ -139,8 +147,13 @@ def definition_rows(items: Sequence[dict[str, Any]], sizes: dict[str, float | No
 
 
 def analyse_stored_definitions(
-    definitions: str | Path, glosses: str | Path, out_dir: str | Path, sizes: dict[str, float | None] | None = None,
-    n_resamples: int = 1000, seed: int = 0, plot: bool = True,
+    definitions: str | Path,
+    glosses: str | Path,
+    out_dir: str | Path,
+    sizes: dict[str, float | None] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    plot: bool = True,
 ) -> tuple[list[dict[str, Any]], Path, Path | None]:
     """The definition analysis of stored definitions alone (no models, no judge): a run's `definitions.jsonl`
     scored against a reference-glosses file (any `load_definitions` format); rows, the markdown and the plot.
@@ -158,22 +171,31 @@ def analyse_stored_definitions(
     return rows, md, png
 
 
-def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
-                            plot: bool = True) -> tuple[Path, Path | None]:
+def write_definition_report(
+    rows: Sequence[dict[str, Any]], out_dir: str | Path, plot: bool = True
+) -> tuple[Path, Path | None]:
     """definition_quality.md and definition_quality_vs_size.png (token F1 and judge acceptance against
     model size, log scale; needs matplotlib, else no plot; `plot=False`: none)."""
     from idiomreason.report import size_ticks, write_atomic
 
     out_dir = Path(out_dir)
-    lines = ["| model | size (B) | definitions scored | no definition | token F1 [95% CI] | judged | judge accepts |",
-             "|---|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| model | size (B) | definitions scored | no definition | token F1 [95% CI] | judged | judge accepts |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
     for r in rows:
         size = f"{r['size_b']:.3g}" if r["size_b"] else ""
         judge = "" if math.isnan(r["judge_accepts"]) else f"{r['judge_accepts']:.3f}"
-        lines.append(f"| {r['model']} | {size} | {r['n']} | {r['n_no_definition']} | {r['token_f1']:.3f} "
-                     f"[{r['token_f1_lo']:.3f}, {r['token_f1_hi']:.3f}] | {r['n_judged']} | {judge} |")
-    lines += ["", "Token F1: content-word overlap of each generated definition with the reference gloss (a "
-              "missing definition scores 0). Judge: share of definitions an LLM judge accepted as meaning the gloss.", ""]
+        lines.append(
+            f"| {r['model']} | {size} | {r['n']} | {r['n_no_definition']} | {r['token_f1']:.3f} "
+            f"[{r['token_f1_lo']:.3f}, {r['token_f1_hi']:.3f}] | {r['n_judged']} | {judge} |"
+        )
+    lines += [
+        "",
+        "Token F1: content-word overlap of each generated definition with the reference gloss (a "
+        "missing definition scores 0). Judge: share of definitions an LLM judge accepted as meaning the gloss.",
+        "",
+    ]
     md = out_dir / "definition_quality.md"
     write_atomic(md, "\n".join(lines))
     if not plot:
@@ -195,9 +217,16 @@ def write_definition_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                 label="token F1 vs gloss (95% CI)", capsize=3)  # fmt: skip
     judged = [r for r in sized if not math.isnan(r["judge_accepts"])]
     if judged:
-        ax.plot([r["size_b"] for r in judged], [r["judge_accepts"] for r in judged], "--s", label="LLM judge accepts")
+        ax.plot(
+            [r["size_b"] for r in judged],
+            [r["judge_accepts"] for r in judged],
+            "--s",
+            label="LLM judge accepts",
+        )
     for r in sized:
-        ax.annotate(r["model"], (r["size_b"], r["token_f1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            r["model"], (r["size_b"], r["token_f1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     size_ticks(ax, xs)
     ax.set_ylim(0, 1)
     ax.set_xlabel("parameters (billions)")

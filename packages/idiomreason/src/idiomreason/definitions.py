@@ -90,8 +90,12 @@ def definition_from_output(text: str) -> str | None:
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", region) if p.strip()]
     if not paragraphs:
         return None
-    first = re.sub(r"^(?:\*\*)?(?:definition|meaning|definição|definicion)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*", "",
-                   paragraphs[0], flags=re.IGNORECASE)
+    first = re.sub(
+        r"^(?:\*\*)?(?:definition|meaning|definição|definicion)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*",
+        "",
+        paragraphs[0],
+        flags=re.IGNORECASE,
+    )
     first = first.strip().strip('"\u201c\u201d').strip()
     return first[:MAX_DEFINITION_CHARS] or None
 

@@ -50,22 +50,32 @@ def relabel(record: dict[str, Any]) -> str | None:
 
 
 def job_prompts(
-    examples: Sequence[Example], condition: Condition, shot_pool: Sequence[Example],
-    definitions: dict[str, str] | None, reasoning: bool,
+    examples: Sequence[Example],
+    condition: Condition,
+    shot_pool: Sequence[Example],
+    definitions: dict[str, str] | None,
+    reasoning: bool,
 ) -> list[Prompt]:
     return [build_prompt(condition.template, ex, condition.shots_for(ex, shot_pool), definitions, reasoning)
             for ex in examples]  # fmt: skip
 
 
-def record_key(model: str, condition: Condition, dataset: str, example: Example, generation: str,
-               prompt: Prompt) -> tuple[str, ...]:
+def record_key(
+    model: str, condition: Condition, dataset: str, example: Example, generation: str, prompt: Prompt
+) -> tuple[str, ...]:
     return (model, condition.key, dataset, example.id, generation, prompt_fingerprint(prompt))
 
 
-def generation_settings(generation: dict[str, Any], max_new_tokens: int, decoding: Decoding,
-                        scoring: str) -> dict[str, Any]:
+def generation_settings(
+    generation: dict[str, Any], max_new_tokens: int, decoding: Decoding, scoring: str
+) -> dict[str, Any]:
     """Everything that can change a model's output for a given prompt (the `generation` part of the key)."""
-    return {**generation, "max_new_tokens": max_new_tokens, "decoding": decoding.settings(), "scoring": scoring}
+    return {
+        **generation,
+        "max_new_tokens": max_new_tokens,
+        "decoding": decoding.settings(),
+        "scoring": scoring,
+    }
 
 
 def generation_fingerprint(settings: dict[str, Any]) -> str:
@@ -73,8 +83,13 @@ def generation_fingerprint(settings: dict[str, Any]) -> str:
 
 
 def pending(
-    examples: Sequence[Example], store: JsonlStore, model: str, condition: Condition, dataset: str,
-    prompts: Sequence[Prompt], generation: str,
+    examples: Sequence[Example],
+    store: JsonlStore,
+    model: str,
+    condition: Condition,
+    dataset: str,
+    prompts: Sequence[Prompt],
+    generation: str,
 ) -> list[int]:
     """Indices of the examples with no record under the current key."""
     return [i for i, (ex, p) in enumerate(zip(examples, prompts))
@@ -123,13 +138,19 @@ def predict(
     if scoring not in SCORING_MODES:
         raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
     if scoring == "loglik" and not hasattr(backend, "loglikelihood"):
-        raise ValueError(f"model {model!r}: scoring 'loglik' needs a backend with loglikelihood (transformers)")
+        raise ValueError(
+            f"model {model!r}: scoring 'loglik' needs a backend with loglikelihood (transformers)"
+        )
     settings = generation_settings(generation, max_new_tokens, decoding, scoring)
     gen_key = generation_fingerprint(settings)
     prompts = job_prompts(examples, condition, shot_pool, definitions, reasoning)
     todo = pending(examples, store, model, condition, dataset, prompts, gen_key)
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), disable=not progress,
-               desc=f"{model} | {condition.label} | {dataset}")
+    bar = tqdm(
+        total=len(examples),
+        initial=len(examples) - len(todo),
+        disable=not progress,
+        desc=f"{model} | {condition.label} | {dataset}",
+    )
     added = 0
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
@@ -152,8 +173,9 @@ def predict(
     return added
 
 
-def _generate(backend: Backend, prompts: list[Prompt], decoding: Decoding, reasoning: bool,
-              max_new_tokens: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _generate(
+    backend: Backend, prompts: list[Prompt], decoding: Decoding, reasoning: bool, max_new_tokens: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(prompt index, record body) as soon as all n samples of a prompt are in: the samples, each parsed,
     and their majority vote."""
     n = decoding.n_samples
@@ -191,7 +213,7 @@ def _score(backend: Any, prompts: list[Prompt], condition: Condition) -> Iterato
         raise ValueError(f"template {condition.template.name!r}: shot_answer has no {{label}} to score")
     # The answer's fixed part ("Answer:") goes into the context; each label (with its leading space) is the
     # continuation whose tokens are scored.
-    context_tail, space = head.rstrip(), head[len(head.rstrip()):]
+    context_tail, space = head.rstrip(), head[len(head.rstrip()) :]
     contexts = [replace(p, prefill=p.prefill + context_tail) for p in prompts]
     scores = backend.loglikelihood(contexts, [space + label for label in LABELS])  # (n_prompts, n_labels)
     for j, row in enumerate(scores):

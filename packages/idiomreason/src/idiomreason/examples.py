@@ -69,7 +69,9 @@ class MalformedRowError(ValueError):
     """A malformed input row, with the file and line it came from."""
 
     def __init__(self, problem: RowProblem):
-        super().__init__(f"malformed row at {problem} (pass on_error='skip' to skip such rows and count them)")
+        super().__init__(
+            f"malformed row at {problem} (pass on_error='skip' to skip such rows and count them)"
+        )
         self.problem = problem
 
 

@@ -106,7 +106,11 @@ SEMEVAL_SPLITS = ("train_zero_shot", "train_one_shot", "dev", "eval", "test")
 
 
 def load_semeval2022_2a(
-    path: str | Path, split: str | None = None, *, on_error: OnError = "raise", include_unlabelled: bool = False
+    path: str | Path,
+    split: str | None = None,
+    *,
+    on_error: OnError = "raise",
+    include_unlabelled: bool = False,
 ) -> Examples:
     """Load SemEval-2022 Task 2A CSVs from a folder (`split` picks `<split>.csv`; None loads every CSV but
     the gold files) or from one file (its stem is the split)."""
@@ -123,7 +127,9 @@ def load_semeval2022_2a(
                 raise ValueError(f"no SemEval CSV files in {path}")
     elif path.is_file():
         if split is not None and split != path.stem:
-            raise ValueError(f"split {split!r} does not match the file {path.name} (its split is {path.stem!r})")
+            raise ValueError(
+                f"split {split!r} does not match the file {path.name} (its split is {path.stem!r})"
+            )
         files = [path]
     else:
         raise FileNotFoundError(f"path {str(path)!r} does not exist")
@@ -182,8 +188,10 @@ def _read_semeval_file(file: Path, sink: RowSink, include_unlabelled: bool) -> N
                     raise _BadRow(f"ID {key!r} has no gold label in {file.stem}_gold.csv")
                 label, _, gold_row = gold[key]
                 if gold_row.get("Language", row.get("Language")) != row.get("Language"):
-                    raise _BadRow(f"Language {row.get('Language')!r} differs from the gold file's "
-                                  f"{gold_row.get('Language')!r}")
+                    raise _BadRow(
+                        f"Language {row.get('Language')!r} differs from the gold file's "
+                        f"{gold_row.get('Language')!r}"
+                    )
                 source.update({f"gold_{k}": v for k, v in gold_row.items()})
                 used.add(key)
             else:
@@ -200,14 +208,22 @@ def _read_semeval_file(file: Path, sink: RowSink, include_unlabelled: bool) -> N
         sink.add(example, file, line)
     for key, (_, gold_line, _) in (gold or {}).items():
         if key not in used:
-            sink.problem(file.with_name(f"{file.stem}_gold.csv"), gold_line, f"gold ID {key!r} has no row in {file.name}")
+            sink.problem(
+                file.with_name(f"{file.stem}_gold.csv"),
+                gold_line,
+                f"gold ID {key!r} has no row in {file.name}",
+            )
 
 
 # ----- MAGPIE -----
 
 
 def load_magpie(
-    path: str | Path, split: str | None = None, *, on_error: OnError = "raise", min_confidence: float | None = None
+    path: str | Path,
+    split: str | None = None,
+    *,
+    on_error: OnError = "raise",
+    min_confidence: float | None = None,
 ) -> Examples:
     """Load MAGPIE jsonl (original or hub layout). `split` is train/dev/test (or training/development);
     `min_confidence` excludes instances whose annotation confidence is below it (original layout only)."""
@@ -249,7 +265,9 @@ def _magpie_example(obj: dict[str, Any], path: Path, line: int) -> Example | str
     if raw_label in MAGPIE_OTHER_SENSES:
         return f"MAGPIE sense {raw_label!r} (neither idiomatic nor literal)"
     if raw_label not in MAGPIE_LABELS:
-        raise _BadRow(f"unknown label {raw_label!r} (expected one of {sorted(MAGPIE_LABELS)} or {sorted(MAGPIE_OTHER_SENSES)})")
+        raise _BadRow(
+            f"unknown label {raw_label!r} (expected one of {sorted(MAGPIE_LABELS)} or {sorted(MAGPIE_OTHER_SENSES)})"
+        )
     if "context" in obj:
         context = obj["context"]
         if not isinstance(context, list) or not context or not all(isinstance(s, str) for s in context):
@@ -293,7 +311,9 @@ def load_vnc_tokens(
         parts = line.rstrip("\r\n").split("||", 3)
         try:
             if len(parts) != 4:
-                raise _BadRow(f"expected 'label||verb||noun||sentence', got {len(parts)} '||'-separated fields")
+                raise _BadRow(
+                    f"expected 'label||verb||noun||sentence', got {len(parts)} '||'-separated fields"
+                )
             raw_label, verb, noun, sentence = (p.strip() for p in parts)
             if raw_label not in VNC_LABELS:
                 raise _BadRow(f"unknown label {raw_label!r} (expected I, L or Q)")
@@ -318,7 +338,10 @@ def load_vnc_tokens(
 
 
 def _row_mapper(
-    columns: dict[str, str] | None, label_map: dict[str, str | None] | None, language: str | None, dataset: str
+    columns: dict[str, str] | None,
+    label_map: dict[str, str | None] | None,
+    language: str | None,
+    dataset: str,
 ) -> Callable[[dict[str, Any], str], Example]:
     cols = {f: f for f in SCHEMA_FIELDS}
     for key, value in (columns or {}).items():
@@ -328,7 +351,9 @@ def _row_mapper(
     labels = {str(k).strip().lower(): v for k, v in (label_map or DEFAULT_LABEL_MAP).items()}
     for key, value in labels.items():
         if value is not None and value not in ("idiomatic", "literal"):
-            raise ValueError(f"label_map values must be 'idiomatic', 'literal' or None, got {key!r}: {value!r}")
+            raise ValueError(
+                f"label_map values must be 'idiomatic', 'literal' or None, got {key!r}: {value!r}"
+            )
 
     def to_example(row: dict[str, Any], fallback_id: str) -> Example:
         raw = _required(row, cols["label"]).lower()
@@ -421,7 +446,9 @@ def load_hf(
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("loading through `datasets` needs the hf extra: pip install 'idiomreason[hf]'") from e
+        raise ImportError(
+            "loading through `datasets` needs the hf extra: pip install 'idiomreason[hf]'"
+        ) from e
     local = Path(path)
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(local))
@@ -470,6 +497,9 @@ def load_dataset(name: str, path: str | Path, split: str | None = None, **option
         raise ValueError(f"on_error must be 'raise' or 'skip', got {options['on_error']!r}")
     examples = LOADERS[name](path, split, **options)
     if not examples:
-        raise ValueError(f"{path}: no examples to evaluate" + (f" in split {split!r}" if split else "")
-                         + f" ({examples.summary()})")
+        raise ValueError(
+            f"{path}: no examples to evaluate"
+            + (f" in split {split!r}" if split else "")
+            + f" ({examples.summary()})"
+        )
     return examples

@@ -110,7 +110,10 @@ def bootstrap_macro_f1(
 
 
 def summarise(
-    gold: Sequence, pred: Sequence, reasoning_words: Sequence[int] | None = None, n_resamples: int = 1000,
+    gold: Sequence,
+    pred: Sequence,
+    reasoning_words: Sequence[int] | None = None,
+    n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict:
     """Every number of a results row for one group of examples.

@@ -33,7 +33,9 @@ _IDIOMATIC = (
 )
 _LITERAL = r"literal(?:ly)?|literais|literalmente|non-?idiomatic(?:ally)?|compositional(?:ly)?"
 # "the idiomatic expression X is used literally" names the expression, not the class: not a mention.
-_TERM = re.compile(rf"\b(?:(?P<idiomatic>{_IDIOMATIC})(?!\s+(?:expressions?|phrases?))|(?P<literal>{_LITERAL}))\b")
+_TERM = re.compile(
+    rf"\b(?:(?P<idiomatic>{_IDIOMATIC})(?!\s+(?:expressions?|phrases?))|(?P<literal>{_LITERAL}))\b"
+)
 # A negator a few words before a label word flips it: "not idiomatic", "is not being used literally",
 # "não é literal", "non é idiomático" (gl), "rather than literally", "em vez de literal".
 _NEGATOR = re.compile(
@@ -84,7 +86,9 @@ def split_reasoning(text: str) -> tuple[str, str]:
     if close >= 0:
         reasoning = text[:close]
         start = reasoning.find("<think>")
-        return (reasoning[start + len("<think>") :] if start >= 0 else reasoning).strip(), text[close + 8 :].strip()
+        return (reasoning[start + len("<think>") :] if start >= 0 else reasoning).strip(), text[
+            close + 8 :
+        ].strip()
     start = text.find("<think>")
     if start >= 0:
         return text[start + len("<think>") :].strip(), ""
@@ -146,7 +150,7 @@ def _yes_no(text: str, yes_means: str) -> str | None:
 def extract_label(
     text: str, yes_means: str = "idiomatic", digit_labels: dict[str, str] = SEMEVAL_DIGITS
 ) -> str | None:
-    """"idiomatic", "literal" or None from a model's output (see the module docstring for the rules).
+    """ "idiomatic", "literal" or None from a model's output (see the module docstring for the rules).
 
     Args:
         text: the full output, including any prefilled think block.

@@ -27,8 +27,17 @@ from idiomreason.textfile import load_yaml
 
 LANGUAGE_NAMES = {"en": "English", "pt": "Portuguese", "gl": "Galician", "es": "Spanish"}
 BUILTIN_TEMPLATES = ("direct", "cot", "cot_definition", "define")
-_TEMPLATE_KEYS = {"name", "version", "needs_definition", "system", "user", "reasoning_prefill", "shot_answer",
-                  "shot_rationale_idiomatic", "shot_rationale_literal"}
+_TEMPLATE_KEYS = {
+    "name",
+    "version",
+    "needs_definition",
+    "system",
+    "user",
+    "reasoning_prefill",
+    "shot_answer",
+    "shot_rationale_idiomatic",
+    "shot_rationale_literal",
+}
 
 
 @dataclass(frozen=True)
@@ -60,9 +69,18 @@ class PromptTemplate:
         if not isinstance(data["version"], int) or isinstance(data["version"], bool) or data["version"] < 1:
             raise ValueError(f"{where}: version must be a positive integer, got {data['version']!r}")
         if not isinstance(data.get("needs_definition", False), bool):
-            raise ValueError(f"{where}: needs_definition must be true or false, got {data['needs_definition']!r}")
-        for key in ("name", "system", "user", "reasoning_prefill", "shot_answer", "shot_rationale_idiomatic",
-                    "shot_rationale_literal"):
+            raise ValueError(
+                f"{where}: needs_definition must be true or false, got {data['needs_definition']!r}"
+            )
+        for key in (
+            "name",
+            "system",
+            "user",
+            "reasoning_prefill",
+            "shot_answer",
+            "shot_rationale_idiomatic",
+            "shot_rationale_literal",
+        ):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{where}: {key} must be a string, got {type(data[key]).__name__}")
         template = cls(**{k: (v if v is not None else "") for k, v in data.items()})
@@ -72,9 +90,11 @@ class PromptTemplate:
             for text in (template.shot_rationale_idiomatic, template.shot_rationale_literal):
                 text.format(expression="", definition="")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"{where}: bad placeholder in the template text ({type(e).__name__}: {e}); "
-                             "known: {expression} {context} {definition} {language_name}, {label} {rationale} "
-                             "in shot_answer") from None
+            raise ValueError(
+                f"{where}: bad placeholder in the template text ({type(e).__name__}: {e}); "
+                "known: {expression} {context} {definition} {language_name}, {label} {rationale} "
+                "in shot_answer"
+            ) from None
         return template
 
 
@@ -137,10 +157,14 @@ class TemplateLibrary:
                 self._cache[name] = PromptTemplate.from_yaml(user_file)
             elif name in BUILTIN_TEMPLATES:
                 text = resources.files("idiomreason").joinpath(f"templates/{name}.yaml").read_text("utf-8")
-                self._cache[name] = PromptTemplate.from_dict(yaml.safe_load(text), where=f"templates/{name}.yaml")
+                self._cache[name] = PromptTemplate.from_dict(
+                    yaml.safe_load(text), where=f"templates/{name}.yaml"
+                )
             else:
-                raise ValueError(f"unknown template {name!r}: built-in ones are {BUILTIN_TEMPLATES}"
-                                 + (f", or put {name}.yaml in {self.extra_dir}" if self.extra_dir else ""))
+                raise ValueError(
+                    f"unknown template {name!r}: built-in ones are {BUILTIN_TEMPLATES}"
+                    + (f", or put {name}.yaml in {self.extra_dir}" if self.extra_dir else "")
+                )
         return self._cache[name]
 
     def condition(self, spec: str) -> Condition:
@@ -203,7 +227,9 @@ def build_prompt(
         if shot.label is None:
             raise ValueError(f"few-shot example {shot.id!r} has no label")
         messages.append({"role": "user", "content": _user_text(template, shot, definition_of(shot))})
-        answer = template.shot_answer.format(label=shot.label, rationale=shot_rationale(template, shot, definition_of(shot)))
+        answer = template.shot_answer.format(
+            label=shot.label, rationale=shot_rationale(template, shot, definition_of(shot))
+        )
         messages.append({"role": "assistant", "content": answer.strip()})
     messages.append({"role": "user", "content": _user_text(template, example, definition_of(example))})
     return Prompt(messages=messages, prefill=template.reasoning_prefill if reasoning else "")
@@ -240,9 +266,13 @@ def shots_for(example: Example, ordered_pool: Sequence[Example], k: int) -> list
     if k == 0:
         return []
     expression = normalise_expression(example.expression)
-    chosen = [ex for ex in ordered_pool if ex.id != example.id and normalise_expression(ex.expression) != expression][:k]
+    chosen = [
+        ex for ex in ordered_pool if ex.id != example.id and normalise_expression(ex.expression) != expression
+    ][:k]
     if len(chosen) < k:
-        raise ValueError(f"the few-shot pool has only {len(chosen)} usable examples for {example.id!r}, need {k}")
+        raise ValueError(
+            f"the few-shot pool has only {len(chosen)} usable examples for {example.id!r}, need {k}"
+        )
     return chosen
 
 

@@ -54,7 +54,10 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
         groups += [(lang, [ex for ex in job.examples if ex.language == lang]) for lang in languages]
     rows = []
     for language, examples in groups:
-        found = [records.get((job.model.name, job.condition.key, job.dataset, ex.id, job.generation)) for ex in examples]
+        found = [
+            records.get((job.model.name, job.condition.key, job.dataset, ex.id, job.generation))
+            for ex in examples
+        ]
         scored = [r for r, ex in zip(found, examples) if r is not None and ex.label is not None]
         labels = [relabel(r) for r in scored]  # the current parser on the stored raw outputs
         row: dict[str, Any] = {
@@ -109,15 +112,21 @@ def _size(value: Any) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: one table for the overall rows and, when there are several languages, one per language."""
-    header = ("| dataset | model | size (B) | condition | language | n | unparseable | macro-F1 [95% CI] | "
-              "macro-F1 parsed | accuracy | reasoning words | truncated |")
+    header = (
+        "| dataset | model | size (B) | condition | language | n | unparseable | macro-F1 [95% CI] | "
+        "macro-F1 parsed | accuracy | reasoning words | truncated |"
+    )
     rule = "|---|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|"
 
     def line(r: dict[str, Any]) -> str:
-        ci = f"{_fmt(r['macro_f1'])} [{_fmt(r['macro_f1_lo'])}, {_fmt(r['macro_f1_hi'])}]" if r["n"] else "n/a"
-        return (f"| {r['dataset']} | {r['model']} | {_size(r['size_b'])} | {r['condition']} | {r['language']} | "
-                f"{r['n']} | {_fmt(r['n_unparseable'])} | {ci} | {_fmt(r['macro_f1_parsed'])} | "
-                f"{_fmt(r['accuracy'])} | {_fmt(r['reasoning_words_mean'], 1)} | {_fmt(r['truncated'])} |")
+        ci = (
+            f"{_fmt(r['macro_f1'])} [{_fmt(r['macro_f1_lo'])}, {_fmt(r['macro_f1_hi'])}]" if r["n"] else "n/a"
+        )
+        return (
+            f"| {r['dataset']} | {r['model']} | {_size(r['size_b'])} | {r['condition']} | {r['language']} | "
+            f"{r['n']} | {_fmt(r['n_unparseable'])} | {ci} | {_fmt(r['macro_f1_parsed'])} | "
+            f"{_fmt(r['accuracy'])} | {_fmt(r['reasoning_words_mean'], 1)} | {_fmt(r['truncated'])} |"
+        )
 
     overall = [r for r in rows if r["language"] == "all"]
     by_language = [r for r in rows if r["language"] != "all"]
@@ -125,10 +134,17 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if by_language:
         parts += ["", "## By language", "", header, rule, *map(line, by_language)]
     relabelled = sum(int(r["n_relabelled"]) for r in overall if r["n"])
-    parts += ["", f"Labels re-parsed from the stored raw outputs with the current parser: {relabelled} differ from "
-              "the labels parsed at generation time."]
-    parts += ["", "macro-F1 counts an unparseable answer as wrong (a miss for its gold class); "
-              "'macro-F1 parsed' scores the parsed answers only. CI: 95% percentile bootstrap.", ""]
+    parts += [
+        "",
+        f"Labels re-parsed from the stored raw outputs with the current parser: {relabelled} differ from "
+        "the labels parsed at generation time.",
+    ]
+    parts += [
+        "",
+        "macro-F1 counts an unparseable answer as wrong (a miss for its gold class); "
+        "'macro-F1 parsed' scores the parsed answers only. CI: 95% percentile bootstrap.",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -169,8 +185,14 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
     except ImportError:
         logger.warning("no plot: matplotlib is not installed (pip install 'idiomreason[plot]')")
         return None
-    points = [r for r in rows if r["language"] == "all" and r["n"] and r["size_b"] not in (None, "")
-              and not (isinstance(r["size_b"], float) and math.isnan(r["size_b"]))]
+    points = [
+        r
+        for r in rows
+        if r["language"] == "all"
+        and r["n"]
+        and r["size_b"] not in (None, "")
+        and not (isinstance(r["size_b"], float) and math.isnan(r["size_b"]))
+    ]
     unsized = sorted({r["model"] for r in rows if r["language"] == "all"} - {r["model"] for r in points})
     if unsized:
         logger.warning("left out of the plot (no size, or no predictions): %s", ", ".join(unsized))
@@ -183,8 +205,13 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
     for ax, dataset in zip(axes[0], datasets):
         for condition in conditions:
             for reasoning, style in ((True, "-o"), (False, "--s")):
-                series = sorted((float(r["size_b"]), r["macro_f1"]) for r in points
-                                if r["dataset"] == dataset and r["condition"] == condition and bool(r["reasoning"]) == reasoning)
+                series = sorted(
+                    (float(r["size_b"]), r["macro_f1"])
+                    for r in points
+                    if r["dataset"] == dataset
+                    and r["condition"] == condition
+                    and bool(r["reasoning"]) == reasoning
+                )
                 if series:
                     kind = "reasoning" if reasoning else "base"
                     ax.plot(*zip(*series), style, color=colours[condition], label=f"{condition} ({kind})")

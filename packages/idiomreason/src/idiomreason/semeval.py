@@ -29,7 +29,9 @@ CODE_LABELS = {v: k for k, v in LABEL_CODES.items()}
 
 
 def submission_text(
-    examples: Sequence[Example], predictions: Mapping[str, Mapping[str, str | None]], unparseable_as: str = "literal"
+    examples: Sequence[Example],
+    predictions: Mapping[str, Mapping[str, str | None]],
+    unparseable_as: str = "literal",
 ) -> str:
     """The submission CSV for `examples` (in gold-file order).
 
@@ -64,7 +66,9 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[str, str, str | No
     """setting -> [(ID, Language, label or None if empty)] in file order; format errors name the line."""
     rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     if not rows or rows[0] != SUBMISSION_HEADER:
-        raise ValueError(f"{path}:1: header must be {','.join(SUBMISSION_HEADER)}, got {rows[0] if rows else 'nothing'}")
+        raise ValueError(
+            f"{path}:1: header must be {','.join(SUBMISSION_HEADER)}, got {rows[0] if rows else 'nothing'}"
+        )
     out: dict[str, list[tuple[str, str, str | None]]] = {s: [] for s in SETTINGS}
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != 4:

@@ -38,7 +38,9 @@ class JsonlStore:
     def __init__(self, path: str | Path, key_fields: tuple[str, ...]):
         self.path = Path(path)
         self.key_fields = key_fields
-        self._file = AppendOnlyFile(self.path)  # raises FileLockedError (a RuntimeError) when another run holds it
+        self._file = AppendOnlyFile(
+            self.path
+        )  # raises FileLockedError (a RuntimeError) when another run holds it
         self.records: dict[Key, dict[str, Any]] = {}
         self.duplicates = 0
         self.dropped_partial_line = False
@@ -52,14 +54,19 @@ class JsonlStore:
         try:
             return tuple(str(record[f]) for f in self.key_fields)
         except KeyError as e:
-            raise ValueError(f"record lacks key field {e.args[0]!r} (key fields: {self.key_fields})") from None
+            raise ValueError(
+                f"record lacks key field {e.args[0]!r} (key fields: {self.key_fields})"
+            ) from None
 
     def _load(self) -> None:
         data = self._file.read_bytes()
         complete = data.rfind(b"\n") + 1  # bytes up to and including the last newline
         if complete < len(data):
-            logger.warning("%s: dropping a partial last line of %d bytes (an interrupted write)",
-                           self.path, len(data) - complete)
+            logger.warning(
+                "%s: dropping a partial last line of %d bytes (an interrupted write)",
+                self.path,
+                len(data) - complete,
+            )
             self._file.truncate_to(complete)
             self.dropped_partial_line = True
         for line_no, line in enumerate(data[:complete].splitlines(), start=1):
@@ -68,15 +75,21 @@ class JsonlStore:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path}:{line_no}: not a JSON record ({e.msg}); the file was edited or "
-                                 "corrupted other than by an interrupted write") from None
-            key = tuple(str(record.get(f, "")) for f in self.key_fields)  # older records lack newer key fields
+                raise ValueError(
+                    f"{self.path}:{line_no}: not a JSON record ({e.msg}); the file was edited or "
+                    "corrupted other than by an interrupted write"
+                ) from None
+            key = tuple(
+                str(record.get(f, "")) for f in self.key_fields
+            )  # older records lack newer key fields
             if key in self.records:
                 self.duplicates += 1
                 continue
             self.records[key] = record
         if self.duplicates:
-            logger.warning("%s: %d duplicate records ignored (the first of each key is kept)", self.path, self.duplicates)
+            logger.warning(
+                "%s: %d duplicate records ignored (the first of each key is kept)", self.path, self.duplicates
+            )
 
     def __contains__(self, key: Key) -> bool:
         return key in self.records
@@ -144,6 +157,8 @@ def read_records(path: str | Path, key_fields: tuple[str, ...] = PREDICTION_KEY)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{line_no}: not a JSON record ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_no}: not a JSON record (a {type(record).__name__}, not an object)")
+            raise ValueError(
+                f"{path}:{line_no}: not a JSON record (a {type(record).__name__}, not an object)"
+            )
         out.setdefault(tuple(str(record.get(f, "")) for f in key_fields), record)
     return out

@@ -46,8 +46,18 @@ logger = logging.getLogger("idiomreason")
 # Backend options that must be real booleans: a quoted "false" is truthy in Python and would turn them on.
 BOOLEAN_OPTIONS = ("trust_remote_code",)
 # Backend options that do not change what a model outputs (left out of the cache key).
-OPERATIONAL_OPTIONS = ("base_url", "api_key_env", "concurrency", "timeout", "max_retries", "backoff", "max_backoff",
-                       "chunk_size", "device", "device_map")
+OPERATIONAL_OPTIONS = (
+    "base_url",
+    "api_key_env",
+    "concurrency",
+    "timeout",
+    "max_retries",
+    "backoff",
+    "max_backoff",
+    "chunk_size",
+    "device",
+    "device_map",
+)
 
 
 def size_from_name(name: str) -> float | None:
@@ -94,13 +104,17 @@ class ModelSpec:
         if self.size_b is not None:
             _check_type(self.size_b, (int, float), f"{where}: size_b")
             if not (math.isfinite(self.size_b) and self.size_b > 0):
-                raise ValueError(f"{where}: size_b must be a positive number of billions, got {self.size_b!r}")
+                raise ValueError(
+                    f"{where}: size_b must be a positive number of billions, got {self.size_b!r}"
+                )
         for key in BOOLEAN_OPTIONS:
             if key in self.options:
                 _check_type(self.options[key], bool, f"{where}: options.{key}")
         sampling = sorted(set(self.options) & set(SAMPLING_OPTION_KEYS))
         if sampling:
-            raise ValueError(f"{where}: options {sampling} belong in decoding (e.g. decoding: {{temperature: 0.6}})")
+            raise ValueError(
+                f"{where}: options {sampling} belong in decoding (e.g. decoding: {{temperature: 0.6}})"
+            )
         _check_type(self.decoding, (dict, type(None)), f"{where}: decoding")
         try:
             self.decoding_config = resolve_decoding(self.ref, self.decoding)
@@ -109,7 +123,9 @@ class ModelSpec:
         if self.scoring not in SCORING_MODES:
             raise ValueError(f"{where}: scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
         if self.scoring == "loglik" and self.backend != "transformers":
-            raise ValueError(f"{where}: scoring 'loglik' needs the transformers backend, got {self.backend!r}")
+            raise ValueError(
+                f"{where}: scoring 'loglik' needs the transformers backend, got {self.backend!r}"
+            )
         if self.size_b is None:
             self.size_b = size_from_name(self.name) or size_from_name(self.path or "")
 
@@ -211,29 +227,47 @@ class SweepConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.models = [m if isinstance(m, ModelSpec) else _build(ModelSpec, m, "models[]") for m in self.models]
-        self.datasets = [d if isinstance(d, DatasetSpec) else _build(DatasetSpec, d, "datasets[]") for d in self.datasets]
+        self.models = [
+            m if isinstance(m, ModelSpec) else _build(ModelSpec, m, "models[]") for m in self.models
+        ]
+        self.datasets = [
+            d if isinstance(d, DatasetSpec) else _build(DatasetSpec, d, "datasets[]") for d in self.datasets
+        ]
         self.conditions = list(self.conditions)
         if not self.models or not self.datasets or not self.conditions:
             raise ValueError("a sweep needs at least one model, one dataset and one condition")
-        for what, keys in (("model name", [m.name for m in self.models]), ("dataset key", [d.key for d in self.datasets])):
+        for what, keys in (
+            ("model name", [m.name for m in self.models]),
+            ("dataset key", [d.key for d in self.datasets]),
+        ):
             if len(set(keys)) != len(keys):
                 raise ValueError(f"{what}s must be unique, got {keys}")
         if self.definitions_model is not None and self.definitions_model not in {m.name for m in self.models}:
             raise ValueError(f"definitions_model {self.definitions_model!r} is not one of the models")
-        if self.definition_judge is not None and (self.glosses is None
-                                                  or self.definition_judge not in {m.name for m in self.models}):
-            raise ValueError(f"definition_judge {self.definition_judge!r} needs glosses and must be one of the models")
+        if self.definition_judge is not None and (
+            self.glosses is None or self.definition_judge not in {m.name for m in self.models}
+        ):
+            raise ValueError(
+                f"definition_judge {self.definition_judge!r} needs glosses and must be one of the models"
+            )
         if self.definitions_of is not None and self.definitions is None:
-            raise ValueError("definitions_of needs definitions (the run's definitions.jsonl to read them from)")
+            raise ValueError(
+                "definitions_of needs definitions (the run's definitions.jsonl to read them from)"
+            )
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         _check_type(self.conditions, list, "conditions")
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples", "seed"):
             _check_type(getattr(self, name), int, name)
         _check_type(self.progress, bool, "progress")
-        for name in ("definitions", "definitions_of", "glosses", "definition_judge", "definitions_model",
-                     "templates_dir"):
+        for name in (
+            "definitions",
+            "definitions_of",
+            "glosses",
+            "definition_judge",
+            "definitions_model",
+            "templates_dir",
+        ):
             _check_type(getattr(self, name), (str, type(None)), name)
         for name in ("max_new_tokens", "definition_max_new_tokens", "chunk_size", "n_resamples"):
             if getattr(self, name) < 1:
@@ -312,15 +346,21 @@ def _load(spec: DatasetSpec, config: SweepConfig, needs_shots: bool) -> _LoadedD
     pool: list[Example] = []
     if needs_shots:
         if spec.shots_split is None:
-            raise ValueError(f"dataset {spec.key!r}: a k-shot or oneshot condition needs shots_split (the split to draw "
-                             "shots from, e.g. train_one_shot for SemEval's one-shot setting)")
-        source = load_dataset(spec.name, spec.path, spec.shots_split, on_error=config.on_error, **spec.options)
+            raise ValueError(
+                f"dataset {spec.key!r}: a k-shot or oneshot condition needs shots_split (the split to draw "
+                "shots from, e.g. train_one_shot for SemEval's one-shot setting)"
+            )
+        source = load_dataset(
+            spec.name, spec.path, spec.shots_split, on_error=config.on_error, **spec.options
+        )
         pool = order_shot_pool([ex for ex in source if ex.label is not None], seed=config.seed)
     return _LoadedDataset(spec, chosen, pool)
 
 
 def _generation_key(model: ModelSpec, config: SweepConfig) -> str:
-    settings = generation_settings(model.generation(), config.max_new_tokens, model.decoding_config, model.scoring)
+    settings = generation_settings(
+        model.generation(), config.max_new_tokens, model.decoding_config, model.scoring
+    )
     return generation_fingerprint(settings)
 
 
@@ -335,8 +375,9 @@ def latest_records(path: Path) -> dict[tuple[str, ...], dict[str, Any]]:
     return out
 
 
-def _write_semeval_submissions(config: SweepConfig, datasets: list[_LoadedDataset], jobs: list[Job],
-                               records: dict, out: Path) -> None:
+def _write_semeval_submissions(
+    config: SweepConfig, datasets: list[_LoadedDataset], jobs: list[Job], records: dict, out: Path
+) -> None:
     """semeval/<dataset>__<model>__<template>.csv in the official format, for every SemEval dataset, model and
     template that has predictions: zero_shot rows from the template's 0-shot condition, one_shot rows from
     its `:oneshot` condition (empty labels for a setting not run)."""
@@ -344,11 +385,16 @@ def _write_semeval_submissions(config: SweepConfig, datasets: list[_LoadedDatase
     groups: dict[tuple[str, str, str], dict[str, Job]] = {}
     for job in jobs:
         if job.dataset in semeval and (job.condition.shots == 0 or job.condition.one_shot):
-            groups.setdefault((job.dataset, job.model.name, job.condition.template.name), {})[job.condition.setting] = job
+            groups.setdefault((job.dataset, job.model.name, job.condition.template.name), {})[
+                job.condition.setting
+            ] = job
     for (dataset, model, template), by_setting in groups.items():
         predictions: dict[str, dict[str, str | None]] = {}
         for setting, job in by_setting.items():
-            found = {ex.id: records.get((model, job.condition.key, dataset, ex.id, job.generation)) for ex in job.examples}
+            found = {
+                ex.id: records.get((model, job.condition.key, dataset, ex.id, job.generation))
+                for ex in job.examples
+            }
             if any(r is None for r in found.values()):
                 continue  # unfinished: a partial setting would be rejected by the scorer
             predictions[setting] = {key: relabel(r) for key, r in found.items()}
@@ -385,8 +431,13 @@ def _definition_report(config: SweepConfig, out: Path, factory: BackendFactory |
 
         try:
             with judgement_store(out / "judgements.jsonl") as store:
-                items = judge_definitions(items, _LazyBackend(get_backend), store, judge=judge.name,
-                                          max_new_tokens=config.definition_max_new_tokens)
+                items = judge_definitions(
+                    items,
+                    _LazyBackend(get_backend),
+                    store,
+                    judge=judge.name,
+                    max_new_tokens=config.definition_max_new_tokens,
+                )
         finally:
             if built:
                 built[0].close()
@@ -423,30 +474,47 @@ def run_sweep(
     jobs = [Job(m, d.spec.key, c, d.examples, _generation_key(m, config)) for m in config.models for d in datasets
             for c in conditions]  # fmt: skip
     if generate:
-        write_atomic(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+        write_atomic(
+            out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        )
         _generate(config, factory, library, conditions, datasets, out)
     records = latest_records(out / "predictions.jsonl")
-    rows = [row for job in jobs for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)]
+    rows = [
+        row
+        for job in jobs
+        for row in job_rows(job, records, n_resamples=config.n_resamples, seed=config.seed)
+    ]
     _write_semeval_submissions(config, datasets, jobs, records, out)
     if config.glosses is not None and (out / "definitions.jsonl").exists():
         _definition_report(config, out, factory if generate else None)
     relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
-    logger.info("re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
-                relabelled)
+    logger.info(
+        "re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
+        relabelled,
+    )
     csv_path, md_path = write_tables(rows, out)
     plot_path = plot_f1_vs_size(rows, out / "macro_f1_vs_size.png")
     return SweepResult(rows, out, csv_path, md_path, plot_path)
 
 
 def _generate(
-    config: SweepConfig, factory: BackendFactory, library: TemplateLibrary, conditions: list[Condition],
-    datasets: list[_LoadedDataset], out: Path,
+    config: SweepConfig,
+    factory: BackendFactory,
+    library: TemplateLibrary,
+    conditions: list[Condition],
+    datasets: list[_LoadedDataset],
+    out: Path,
 ) -> None:
-    user_definitions = load_definitions(config.definitions, config.definitions_of) if config.definitions else None
+    user_definitions = (
+        load_definitions(config.definitions, config.definitions_of) if config.definitions else None
+    )
     define = library.get("define")
     models = sorted(config.models, key=lambda m: m.name != config.definitions_model)  # the definer first
     generated: dict[str, dict[str, str]] = {}  # definer model name -> expression -> definition
-    with prediction_store(out / "predictions.jsonl") as preds, definition_store(out / "definitions.jsonl") as defs:
+    with (
+        prediction_store(out / "predictions.jsonl") as preds,
+        definition_store(out / "definitions.jsonl") as defs,
+    ):
         for model in models:
             backend: Backend | None = None
 
@@ -486,15 +554,21 @@ def _generate(
 
 
 def _definitions_for(
-    todo: list[Example], model: ModelSpec, config: SweepConfig, user_definitions: dict[str, str] | None,
-    generated: dict[str, dict[str, str]], get_backend: Callable[[], Backend], defs: JsonlStore,
+    todo: list[Example],
+    model: ModelSpec,
+    config: SweepConfig,
+    user_definitions: dict[str, str] | None,
+    generated: dict[str, dict[str, str]],
+    get_backend: Callable[[], Backend],
+    defs: JsonlStore,
     define: PromptTemplate,
 ) -> tuple[dict[str, str], list[Example]]:
     """Definitions for the pending examples of a cot_definition job, and the examples that have one."""
     if user_definitions is not None:
         definitions = user_definitions
         source = f"definitions file {config.definitions}" + (
-            f" (by {config.definitions_of})" if config.definitions_of else "")
+            f" (by {config.definitions_of})" if config.definitions_of else ""
+        )
     elif config.definitions_model is not None:
         definitions = generated.get(config.definitions_model, {})
         source = f"definitions generated by {config.definitions_model}"
@@ -507,9 +581,13 @@ def _definitions_for(
     missing = missing_definitions(todo, definitions)
     if missing:
         if config.on_error == "raise":
-            raise ValueError(f"{len(missing)} expressions have no definition in the {source}, e.g. {missing[:5]} "
-                             "(on_error='skip' leaves their examples unpredicted and counts them)")
-        logger.warning("%d expressions have no definition in the %s: their examples are skipped", len(missing), source)
+            raise ValueError(
+                f"{len(missing)} expressions have no definition in the {source}, e.g. {missing[:5]} "
+                "(on_error='skip' leaves their examples unpredicted and counts them)"
+            )
+        logger.warning(
+            "%d expressions have no definition in the %s: their examples are skipped", len(missing), source
+        )
         todo = [ex for ex in todo if normalise_expression(ex.expression) in definitions]
     return definitions, todo
 
@@ -540,7 +618,9 @@ class _LazyBackend:
             return []
         backend = self._get()
         if not hasattr(backend, "loglikelihood"):
-            raise ValueError(f"scoring 'loglik' needs a backend with loglikelihood, got {type(backend).__name__}")
+            raise ValueError(
+                f"scoring 'loglik' needs a backend with loglikelihood, got {type(backend).__name__}"
+            )
         return backend.loglikelihood(prompts, continuations)
 
     def close(self) -> None:  # the sweep closes the real backend

@@ -27,4 +27,6 @@ def load_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise FileFormatError(path, f"invalid YAML ({problem})", mark.line + 1 if mark is not None else None) from None
+        raise FileFormatError(
+            path, f"invalid YAML ({problem})", mark.line + 1 if mark is not None else None
+        ) from None

@@ -25,7 +25,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.width % self.n_heads:
-            raise ValueError(f"width must be divisible by n_heads, got width={self.width}, n_heads={self.n_heads}")
+            raise ValueError(
+                f"width must be divisible by n_heads, got width={self.width}, n_heads={self.n_heads}"
+            )
         for name in ("vocab_size", "context", "n_layers", "width", "n_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -40,7 +42,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        q, k, v = (
+            self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        )  # 3 x (B, H, T, D)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 

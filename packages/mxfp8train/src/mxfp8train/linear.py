@@ -75,8 +75,13 @@ class _MXLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, recipe: MXRecipe, stats: MXStats | None,
-        out_dtype: torch.dtype, grad_enabled: bool,
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        recipe: MXRecipe,
+        stats: MXStats | None,
+        out_dtype: torch.dtype,
+        grad_enabled: bool,
     ):
         # x: (M, K), weight: (N, K) -> (M, N) in out_dtype; grad_enabled: grad mode at the call (under
         # no_grad needs_input_grad still follows requires_grad, and no backward will come)
@@ -85,17 +90,24 @@ class _MXLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             if recipe.forward and _qdq_path(x, recipe, stats):
                 ctx.save_for_backward(x, weight, None, None, None, None)
-                y = _qdq(x, recipe.input_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, -1, recipe).t()
+                y = (
+                    _qdq(x, recipe.input_dtype, -1, recipe)
+                    @ _qdq(weight, recipe.weight_dtype, -1, recipe).t()
+                )
                 return y.to(out_dtype)
             if not recipe.forward:
                 ctx.save_for_backward(x, weight, None, None, None, None)
                 return x.to(out_dtype) @ weight.to(out_dtype).t()
             x_col = w_col = (None, None)
-            if grad_enabled and recipe.weight_grad and ctx.needs_input_grad[1]:  # dW = dYᵀ X needs X blocked along M
+            if (
+                grad_enabled and recipe.weight_grad and ctx.needs_input_grad[1]
+            ):  # dW = dYᵀ X needs X blocked along M
                 xd, xs, *x_col = _cast_both(x, recipe.input_dtype, "input", recipe, stats)
             else:
                 xd, xs = _cast(x, recipe.input_dtype, -1, "input", recipe, stats)
-            if grad_enabled and recipe.input_grad and ctx.needs_input_grad[0]:  # dX = dY W needs W blocked along N
+            if (
+                grad_enabled and recipe.input_grad and ctx.needs_input_grad[0]
+            ):  # dX = dY W needs W blocked along N
                 wd, ws, *w_col = _cast_both(weight, recipe.weight_dtype, "weight", recipe, stats)
             else:
                 wd, ws = _cast(weight, recipe.weight_dtype, -1, "weight", recipe, stats)
@@ -119,24 +131,44 @@ class _MXLinearFunction(torch.autograd.Function):
                 gd_row = gs_row = gd_col = gs_col = None
             if ctx.needs_input_grad[0]:
                 if want_dx and qdq:
-                    dx = (_qdq(dy, recipe.grad_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, 0, recipe)).to(ctx.x_dtype)
+                    dx = (
+                        _qdq(dy, recipe.grad_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, 0, recipe)
+                    ).to(ctx.x_dtype)
                 elif want_dx:
                     if gd_row is None:
-                        gd_row, gs_row = _cast(dy, recipe.grad_dtype, -1, "grad", recipe, stats)  # (M, N) along N
+                        gd_row, gs_row = _cast(
+                            dy, recipe.grad_dtype, -1, "grad", recipe, stats
+                        )  # (M, N) along N
                     if wcd is None:
-                        wcd, wcs = _cast(weight, recipe.weight_dtype, 0, "weight", recipe, stats)  # (N, K) along N
-                    dx = mx_gemm(gd_row, gs_row, wcd.t(), wcs.t(), recipe.block_size, ctx.x_dtype, recipe.gemm_backend)
+                        wcd, wcs = _cast(
+                            weight, recipe.weight_dtype, 0, "weight", recipe, stats
+                        )  # (N, K) along N
+                    dx = mx_gemm(
+                        gd_row, gs_row, wcd.t(), wcs.t(), recipe.block_size, ctx.x_dtype, recipe.gemm_backend
+                    )
                 else:
                     dx = (dy.to(cdt) @ weight.to(cdt)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 if want_dw and qdq:
-                    dw = (_qdq(dy, recipe.grad_dtype, 0, recipe).t() @ _qdq(x, recipe.input_dtype, 0, recipe)).to(weight.dtype)
+                    dw = (
+                        _qdq(dy, recipe.grad_dtype, 0, recipe).t() @ _qdq(x, recipe.input_dtype, 0, recipe)
+                    ).to(weight.dtype)
                 elif want_dw:
                     if gd_col is None:
-                        gd_col, gs_col = _cast(dy, recipe.grad_dtype, 0, "grad", recipe, stats)  # (M, N) along M
+                        gd_col, gs_col = _cast(
+                            dy, recipe.grad_dtype, 0, "grad", recipe, stats
+                        )  # (M, N) along M
                     if xcd is None:
                         xcd, xcs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
-                    dw = mx_gemm(gd_col.t(), gs_col.t(), xcd.t(), xcs.t(), recipe.block_size, weight.dtype, recipe.gemm_backend)
+                    dw = mx_gemm(
+                        gd_col.t(),
+                        gs_col.t(),
+                        xcd.t(),
+                        xcs.t(),
+                        recipe.block_size,
+                        weight.dtype,
+                        recipe.gemm_backend,
+                    )
                 else:
                     dw = (dy.to(cdt).t() @ x.to(cdt)).to(weight.dtype)
         return dx, dw, None, None, None, None
@@ -163,7 +195,9 @@ def mx_linear(
     if not isinstance(recipe, MXRecipe):
         raise TypeError(f"recipe must be an MXRecipe, got {type(recipe).__name__}")
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(f"x (..., {weight.shape[-1] if weight.dim() == 2 else '?'}) does not match weight {tuple(weight.shape)}: got x {tuple(x.shape)}")
+        raise ValueError(
+            f"x (..., {weight.shape[-1] if weight.dim() == 2 else '?'}) does not match weight {tuple(weight.shape)}: got x {tuple(x.shape)}"
+        )
     if torch.compiler.is_compiling():
         stats = None
     out_dtype = _compute_dtype(x)
@@ -200,7 +234,9 @@ class MXLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: MXRecipe = PAPER_RECIPE) -> MXLinear:
         """An MXLinear sharing `linear`'s weight and bias Parameters (no copy; ties are kept)."""
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", recipe=recipe)
+        new = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta", recipe=recipe
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
@@ -212,7 +248,9 @@ class MXLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         r = self.recipe
-        gemms = "".join(c for c, on in zip("FIW", (r.forward, r.input_grad, r.weight_grad), strict=True) if on)
+        gemms = "".join(
+            c for c, on in zip("FIW", (r.forward, r.input_grad, r.weight_grad), strict=True) if on
+        )
         names = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
         return (
             f"{super().extra_repr()}, mx={r.scale_mode}/{r.block_size}, x={names[r.input_dtype]}, "

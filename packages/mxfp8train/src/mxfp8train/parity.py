@@ -82,8 +82,19 @@ class ParityConfig:
             raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
-        for name in ("steps", "batch_size", "context", "n_layers", "width", "n_heads", "eval_every", "eval_batches",
-                     "stats_every", "ckpt_every", "jobs"):
+        for name in (
+            "steps",
+            "batch_size",
+            "context",
+            "n_layers",
+            "width",
+            "n_heads",
+            "eval_every",
+            "eval_batches",
+            "stats_every",
+            "ckpt_every",
+            "jobs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.width % self.n_heads:
@@ -130,7 +141,9 @@ def bf16_convert(model: nn.Module) -> nn.Module:
     """Give every block linear (the ones `convert` would swap) bf16 GEMM operands."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name != "lm_head":
-            new = BF16OperandLinear(module.in_features, module.out_features, module.bias is not None, device="meta")
+            new = BF16OperandLinear(
+                module.in_features, module.out_features, module.bias is not None, device="meta"
+            )
             new.weight, new.bias = module.weight, module.bias
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -228,7 +241,9 @@ def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tenso
     ckpt = CheckpointManager(out / "ckpt" / name, keep=1)
     state = ckpt.load(model, opt)
     start = state["step"] if state else 0
-    log = state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
+    log = (
+        state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
+    )
     starts = batch_starts(len(train), cfg, seed)
     is_mx = variant != "bf16"
     t0 = time.perf_counter() - log["seconds"]
@@ -255,8 +270,10 @@ def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tenso
         if track:
             per_layer = collect_stats(model)
             pooled = per_layer.pop("__all__")
-            layers = {layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
-                      for layer, roles in per_layer.items()}
+            layers = {
+                layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
+                for layer, roles in per_layer.items()
+            }
             log["stats"].append({"step": step + 1, **pooled, "layers": layers})
             reset_stats(model)
             set_track_stats(model, False)
@@ -268,8 +285,13 @@ def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tenso
             log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             ckpt.save(step + 1, model, opt, extra=log)
     log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    result = {"variant": variant, "seed": seed, "final_val_loss": log["val"][-1][1], **log,
-              "diagnostics": pool_stats(log["stats"])}
+    result = {
+        "variant": variant,
+        "seed": seed,
+        "final_val_loss": log["val"][-1][1],
+        **log,
+        "diagnostics": pool_stats(log["stats"]),
+    }
     write_json_atomic(result_path, result)
     shutil.rmtree(out / "ckpt" / name, ignore_errors=True)
     return result
@@ -282,7 +304,11 @@ def pool_stats(samples: list[dict]) -> dict[str, dict[str, float]]:
     """Diagnostics pooled over every sampled step, per tensor role."""
     from mxfp8train.stats import merge_summaries
 
-    return merge_summaries([{k: v for k, v in s.items() if k not in ("step", "layers")} for s in samples]) if samples else {}
+    return (
+        merge_summaries([{k: v for k, v in s.items() if k not in ("step", "layers")} for s in samples])
+        if samples
+        else {}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -297,8 +323,10 @@ def paired_tests(diffs: list[float]) -> dict[str, float]:
 
     n = len(diffs)
     mean = sum(diffs) / n
-    flips = [abs(sum(d * s for d, s in zip(diffs, signs, strict=True)) / n)
-             for signs in itertools.product((1, -1), repeat=n)]
+    flips = [
+        abs(sum(d * s for d, s in zip(diffs, signs, strict=True)) / n)
+        for signs in itertools.product((1, -1), repeat=n)
+    ]
     p_flip = sum(f >= abs(mean) - 1e-15 for f in flips) / len(flips)
     p_t = float(stats.ttest_1samp(diffs, 0.0).pvalue) if n > 1 and len(set(diffs)) > 1 else float("nan")
     return {"sign_flip_p": p_flip, "t_test_p": p_t}
@@ -317,17 +345,33 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
         n = len(losses)
         mean = sum(losses) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (n - 1)) if n > 1 else float("nan")
-        entry = {"seeds": seeds, "final_val_loss": losses, "mean": mean, "std": std,
-                 "half_range": (max(losses) - min(losses)) / 2,
-                 "cpu_seconds": sum(by_seed[s].get("cpu_seconds", float("nan")) for s in seeds),
-                 "diagnostics": merge_summaries([by_seed[s]["diagnostics"] for s in seeds if by_seed[s]["diagnostics"]])}
+        entry = {
+            "seeds": seeds,
+            "final_val_loss": losses,
+            "mean": mean,
+            "std": std,
+            "half_range": (max(losses) - min(losses)) / 2,
+            "cpu_seconds": sum(by_seed[s].get("cpu_seconds", float("nan")) for s in seeds),
+            "diagnostics": merge_summaries(
+                [by_seed[s]["diagnostics"] for s in seeds if by_seed[s]["diagnostics"]]
+            ),
+        }
         shared = [s for s in seeds if s in base]
         if variant != "bf16" and shared:
             diffs = [by_seed[s]["final_val_loss"] - base[s]["final_val_loss"] for s in shared]
             d_mean = sum(diffs) / len(diffs)
-            d_std = math.sqrt(sum((d - d_mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else float("nan")
-            entry["paired_vs_bf16"] = {"seeds": shared, "diffs": diffs, "mean": d_mean, "std": d_std,
-                                       **paired_tests(diffs)}
+            d_std = (
+                math.sqrt(sum((d - d_mean) ** 2 for d in diffs) / (len(diffs) - 1))
+                if len(diffs) > 1
+                else float("nan")
+            )
+            entry["paired_vs_bf16"] = {
+                "seeds": shared,
+                "diffs": diffs,
+                "mean": d_mean,
+                "std": d_std,
+                **paired_tests(diffs),
+            }
         out[variant] = entry
     return out
 
@@ -345,7 +389,9 @@ def report_table(summary: dict[str, dict]) -> str:
         d = r["diagnostics"]
 
         def triple(key: str, fmt: str, d=d) -> str:
-            return " / ".join(fmt.format(d[role][key]) if role in d else "-" for role in ("input", "weight", "grad"))
+            return " / ".join(
+                fmt.format(d[role][key]) if role in d else "-" for role in ("input", "weight", "grad")
+            )
 
         paired = r.get("paired_vs_bf16")
         if paired:
@@ -385,7 +431,9 @@ def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
             r = by_seed[seed]
             steps, losses = zip(*r["train"], strict=True)
             window = 20
-            smooth = [sum(losses[max(0, k - window + 1) : k + 1]) / min(k + 1, window) for k in range(len(losses))]
+            smooth = [
+                sum(losses[max(0, k - window + 1) : k + 1]) / min(k + 1, window) for k in range(len(losses))
+            ]
             label = name if j == 0 else None
             ax_train.plot(steps, smooth, color=f"C{i}", alpha=0.8, label=label)
             vs, vl = zip(*r["val"], strict=True)
@@ -418,12 +466,20 @@ def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
             for col, role in enumerate(roles):
                 for row, key in enumerate(("clip_fraction", "flush_fraction")):
                     values = [s["layers"][layer].get(role, {}).get(key, float("nan")) for s in samples]
-                    axes[row, col].plot(steps, values, color=f"C{i}", alpha=0.35 + 0.65 * (layer_idx + 1) / len(layers),
-                                        lw=1, label=name if layer_idx == 0 else None)
+                    axes[row, col].plot(
+                        steps,
+                        values,
+                        color=f"C{i}",
+                        alpha=0.35 + 0.65 * (layer_idx + 1) / len(layers),
+                        lw=1,
+                        label=name if layer_idx == 0 else None,
+                    )
     for col, role in enumerate(roles):
         axes[0, col].set(title=f"{role}: clipped elements", yscale="symlog", ylabel="fraction")
         axes[0, col].yaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation())
-        axes[1, col].set(title=f"{role}: non-zero values flushed to 0", yscale="symlog", xlabel="step", ylabel="fraction")
+        axes[1, col].set(
+            title=f"{role}: non-zero values flushed to 0", yscale="symlog", xlabel="step", ylabel="fraction"
+        )
     for ax in axes.flat:
         ax.set_yscale("symlog", linthresh=1e-6)
     axes[0, 0].legend(fontsize=8)
@@ -436,7 +492,9 @@ def check_data(cfg: ParityConfig) -> Path:
     """The data file to train on, checked before any work: a ValueError naming it if unusable."""
     path = Path(cfg.data) if cfg.data else default_data_path()
     if path is None:
-        raise ValueError("data file not found: tinyshakespeare/input.txt is not in the shared data dir; pass --data")
+        raise ValueError(
+            "data file not found: tinyshakespeare/input.txt is not in the shared data dir; pass --data"
+        )
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
     try:
@@ -465,18 +523,26 @@ def run_parity(cfg: ParityConfig) -> dict:
 
         # the cheap bf16 baselines last, so they fill the gaps beside the last MX runs
         pending.sort(key=lambda job: job[0] == "bf16")
-        with ProcessPoolExecutor(min(cfg.jobs, len(pending)), multiprocessing.get_context("spawn"),
-                                 initializer=_set_threads, initargs=(cfg.threads,)) as pool:
+        with ProcessPoolExecutor(
+            min(cfg.jobs, len(pending)),
+            multiprocessing.get_context("spawn"),
+            initializer=_set_threads,
+            initargs=(cfg.threads,),
+        ) as pool:
             for future in [pool.submit(train_variant, cfg, v, s, train, val) for v, s in pending]:
                 future.result()  # results are read back from runs/<name>.json below
     runs: dict[str, dict[int, dict]] = {v: {} for v in cfg.variants}
     for v, s in jobs:
         runs[v][s] = train_variant(cfg, v, s, train, val)
     summary = summarize(runs)
-    results = {"config": {**dataclasses.asdict(cfg), "data": str(path)}, "variants": list(cfg.variants),
-               "seeds": list(cfg.seeds), "summary": summary,
-               "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
-               "table": report_table(summary)}
+    results = {
+        "config": {**dataclasses.asdict(cfg), "data": str(path)},
+        "variants": list(cfg.variants),
+        "seeds": list(cfg.seeds),
+        "summary": summary,
+        "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
+        "table": report_table(summary),
+    }
     write_json_atomic(out / "results.json", results)
     plot_curves(runs, out / "parity_loss.png")
     plot_layer_stats(runs, out / "parity_stats.png")
@@ -501,11 +567,21 @@ def main(argv: list[str] | None = None) -> None:
     for f in dataclasses.fields(ParityConfig):
         if f.name in ("variants", "progress", "data", "seeds"):
             continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+        )
     parser.add_argument("--data", default=None, help="text file (default: shared tinyshakespeare/input.txt)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--seeds", type=_int_list, default=defaults.seeds,
-                        help="comma-separated seeds; every variant trains from each (paired design)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=defaults.seeds,
+        help="comma-separated seeds; every variant trains from each (paired design)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = vars(parser.parse_args(argv))
     args["variants"] = tuple(v for v in args.pop("variants").split(",") if v)
@@ -519,10 +595,14 @@ def main(argv: list[str] | None = None) -> None:
     results = run_parity(cfg)
     print(results["table"])
     cpu = sum(r["cpu_seconds"] for r in results["summary"].values())
-    print(f"this command: {(time.perf_counter() - t0) / 60:.1f} min wall; runs' CPU time {cpu / 60:.1f} min "
-          f"(jobs={cfg.jobs}, threads={cfg.threads})")
-    print(f"results: {Path(cfg.out) / 'results.json'}  plots: {Path(cfg.out) / 'parity_loss.png'}, "
-          f"{Path(cfg.out) / 'parity_stats.png'}")
+    print(
+        f"this command: {(time.perf_counter() - t0) / 60:.1f} min wall; runs' CPU time {cpu / 60:.1f} min "
+        f"(jobs={cfg.jobs}, threads={cfg.threads})"
+    )
+    print(
+        f"results: {Path(cfg.out) / 'results.json'}  plots: {Path(cfg.out) / 'parity_loss.png'}, "
+        f"{Path(cfg.out) / 'parity_stats.png'}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ class MXRecipe:
     def __post_init__(self) -> None:
         for name in ("input_dtype", "weight_dtype", "grad_dtype"):
             if getattr(self, name) not in ELEM_DTYPES:
-                raise ValueError(f"{name} must be torch.float8_e4m3fn or torch.float8_e5m2, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be torch.float8_e4m3fn or torch.float8_e5m2, got {getattr(self, name)!r}"
+                )
         if self.scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
         bs = self.block_size
@@ -62,7 +64,9 @@ class MXRecipe:
         if self.gemm_backend == "scaled_mm" and bs != 32:
             raise ValueError(f"block_size must be 32 with gemm_backend='scaled_mm' (hardware MX), got {bs}")
         if self.gemm_backend not in ("auto", "emulated", "scaled_mm"):
-            raise ValueError(f"gemm_backend must be 'auto', 'emulated' or 'scaled_mm', got {self.gemm_backend!r}")
+            raise ValueError(
+                f"gemm_backend must be 'auto', 'emulated' or 'scaled_mm', got {self.gemm_backend!r}"
+            )
         if self.cast_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"cast_backend must be 'auto', 'torch' or 'triton', got {self.cast_backend!r}")
         if isinstance(self.skip_modules, str) or not all(isinstance(p, str) for p in self.skip_modules):

@@ -13,7 +13,17 @@ from shared_kernels.mx_cast import ELEM_DTYPES, block_view, e8m0_to_fp32
 ROLES = ("input", "weight", "grad")
 # per role: elements, clipped, flushed, non-zero inputs, blocks, blocks with a clipped element, casts,
 # sum over casts of the tensor amax, largest tensor amax
-_FIELDS = ("elements", "clipped", "flushed", "nonzero", "blocks", "clipped_blocks", "casts", "amax_sum", "amax_max")
+_FIELDS = (
+    "elements",
+    "clipped",
+    "flushed",
+    "nonzero",
+    "blocks",
+    "clipped_blocks",
+    "casts",
+    "amax_sum",
+    "amax_max",
+)
 
 
 class MXStats:
@@ -38,17 +48,19 @@ class MXStats:
         zero_code = (block_view(data.view(torch.uint8), dim, block_size) & 0x7F) == 0
         nonzero = xb != 0
         amax = xb.amax() if xb.numel() else xb.new_zeros(())
-        row = torch.stack([
-            torch.tensor(float(x.numel()), device=x.device),
-            clipped.sum().float(),
-            (nonzero & zero_code).sum().float(),
-            nonzero.sum().float(),
-            torch.tensor(float(scale.numel()), device=x.device),
-            clipped.any(dim=dim + 1).sum().float(),
-            torch.tensor(1.0, device=x.device),
-            amax,
-            amax,
-        ]).double()
+        row = torch.stack(
+            [
+                torch.tensor(float(x.numel()), device=x.device),
+                clipped.sum().float(),
+                (nonzero & zero_code).sum().float(),
+                nonzero.sum().float(),
+                torch.tensor(float(scale.numel()), device=x.device),
+                clipped.any(dim=dim + 1).sum().float(),
+                torch.tensor(1.0, device=x.device),
+                amax,
+                amax,
+            ]
+        ).double()
         old = self.counters.get(role)
         if old is None:
             self.counters[role] = row

@@ -27,7 +27,9 @@ def _read_config(model_path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise UsageError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     if not isinstance(config, dict):
         raise UsageError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
@@ -72,8 +74,11 @@ def _load_for_report(model_path: Path, config: dict):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nf4lora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize every linear layer but the LM head to 4 bits and save it "
-                       "(bitsandbytes' safetensors format) in a new folder")
+    q = sub.add_parser(
+        "quantize",
+        help="quantize every linear layer but the LM head to 4 bits and save it "
+        "(bitsandbytes' safetensors format) in a new folder",
+    )
     q.add_argument("model_path", type=Path)
     q.add_argument("out_path", type=Path)
     q.add_argument("--blocksize", type=int, default=64, help=f"one of {SUPPORTED_BLOCKSIZES}")
@@ -94,14 +99,16 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {args.blocksize}")
         _check_output(args.out_path, args.model_path)
         if config.get("quantization_config"):
-            raise UsageError(f"MODEL_PATH is already quantized (config.json has a quantization_config): "
-                             f"{args.model_path}")
+            raise UsageError(
+                f"MODEL_PATH is already quantized (config.json has a quantization_config): {args.model_path}"
+            )
         from nf4lora.model import quantize_model
         from nf4lora.serialize import save_quantized
 
         model = _load_pretrained(args.model_path)
-        quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                       quant_type=args.quant_type)
+        quantize_model(
+            model, blocksize=args.blocksize, double_quant=not args.no_double_quant, quant_type=args.quant_type
+        )
         save_quantized(model, args.out_path, source_dir=args.model_path)
         print(f"wrote {args.out_path}")
         print(memory_report(model).format())
@@ -109,14 +116,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.r <= 0:
         raise UsageError(f"--r must be a positive LoRA rank, got {args.r}")
     model, was_quantized = _load_for_report(args.model_path, config)
-    print(f"{args.model_path} ({'4-bit checkpoint' if was_quantized else 'dense checkpoint, quantized in memory'})")
+    print(
+        f"{args.model_path} ({'4-bit checkpoint' if was_quantized else 'dense checkpoint, quantized in memory'})"
+    )
     print(memory_report(model).format())
     cfg = model.config
-    est = estimate_memory(count_parameters(model), n_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
-                          intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, r=args.r,
-                          kv_size=cfg.hidden_size * cfg.num_key_value_heads // cfg.num_attention_heads)
-    print(f"QLoRA estimate (r={args.r}, batch 1 x 512): {est.total / 2**20:.1f} MiB; "
-          f"full 16-bit finetune: {est.full_finetune_16bit / 2**20:.1f} MiB")
+    est = estimate_memory(
+        count_parameters(model),
+        n_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        r=args.r,
+        kv_size=cfg.hidden_size * cfg.num_key_value_heads // cfg.num_attention_heads,
+    )
+    print(
+        f"QLoRA estimate (r={args.r}, batch 1 x 512): {est.total / 2**20:.1f} MiB; "
+        f"full 16-bit finetune: {est.full_finetune_16bit / 2**20:.1f} MiB"
+    )
     return 0
 
 

@@ -36,17 +36,26 @@ def quantize_int4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, t
     return pack_nibbles(codes), absmax
 
 
-def dequantize_int4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int = 64,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of `quantize_int4`: `(nibble - 8) * absmax[block] / 7` in fp32, cast once to `dtype`."""
     check_blocksize(blocksize)
     numel = math.prod(shape)
     n_blocks = -(-numel // blocksize)
     if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"packed must be uint8 with (numel + 1) // 2 = {(numel + 1) // 2} bytes for shape "
-                         f"{tuple(shape)}, got {packed.dtype} with {packed.numel()}")
+        raise ValueError(
+            f"packed must be uint8 with (numel + 1) // 2 = {(numel + 1) // 2} bytes for shape "
+            f"{tuple(shape)}, got {packed.dtype} with {packed.numel()}"
+        )
     if absmax.numel() != n_blocks:
-        raise ValueError(f"absmax must hold ceil(numel / blocksize) = {n_blocks} values, got {absmax.numel()}")
+        raise ValueError(
+            f"absmax must hold ceil(numel / blocksize) = {n_blocks} values, got {absmax.numel()}"
+        )
     q = (unpack_nibbles(packed, numel) - 8).float()
     q = torch.nn.functional.pad(q, (0, n_blocks * blocksize - numel)).view(n_blocks, blocksize)
     out = q * (absmax.float() / INT4_LEVELS).unsqueeze(1)

@@ -28,12 +28,20 @@ def to_bnb_quant_state(weight: NF4Weight) -> Any:
     state2 = None
     offset = None
     if weight.double_quant:
-        state2 = QuantState(absmax=weight.absmax2, code=weight.code2, blocksize=weight.blocksize2,
-                            dtype=torch.float32)
+        state2 = QuantState(
+            absmax=weight.absmax2, code=weight.code2, blocksize=weight.blocksize2, dtype=torch.float32
+        )
         offset = weight.offset
-    return QuantState(absmax=weight.absmax, shape=weight.shape, code=CODES[weight.quant_type].to(weight.packed.device),
-                      blocksize=weight.blocksize, quant_type=weight.quant_type, dtype=weight.dtype, offset=offset,
-                      state2=state2)
+    return QuantState(
+        absmax=weight.absmax,
+        shape=weight.shape,
+        code=CODES[weight.quant_type].to(weight.packed.device),
+        blocksize=weight.blocksize,
+        quant_type=weight.quant_type,
+        dtype=weight.dtype,
+        offset=offset,
+        state2=state2,
+    )
 
 
 def to_bnb_params4bit(weight: NF4Weight) -> Any:
@@ -41,11 +49,16 @@ def to_bnb_params4bit(weight: NF4Weight) -> Any:
     (bitsandbytes itself needs the byte count to be a multiple of the storage itemsize: no padding)."""
     from bitsandbytes.nn import Params4bit
 
-    return Params4bit(weight.packed.detach().reshape(-1, 1), requires_grad=False,
-                      quant_state=to_bnb_quant_state(weight), blocksize=weight.blocksize,
-                      compress_statistics=weight.double_quant, quant_type=weight.quant_type,
-                      quant_storage=weight.quant_storage,
-                      bnb_quantized=True)
+    return Params4bit(
+        weight.packed.detach().reshape(-1, 1),
+        requires_grad=False,
+        quant_state=to_bnb_quant_state(weight),
+        blocksize=weight.blocksize,
+        compress_statistics=weight.double_quant,
+        quant_type=weight.quant_type,
+        quant_storage=weight.quant_storage,
+        bnb_quantized=True,
+    )
 
 
 def from_bnb(data: torch.Tensor, quant_state: Any | None = None) -> NF4Weight:
@@ -58,14 +71,25 @@ def from_bnb(data: torch.Tensor, quant_state: Any | None = None) -> NF4Weight:
     if state.quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
     if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a torch.Tensor (Params4bit or its packed data), got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a torch.Tensor (Params4bit or its packed data), got {type(data).__name__}"
+        )
     packed = data.detach()
     packed = torch.Tensor(packed) if type(packed) is not torch.Tensor else packed  # drop the Params4bit class
     kw = dict(quant_type=state.quant_type, quant_storage=packed.dtype)
     if state.nested:
-        return NF4Weight(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize,
-                         absmax2=state.state2.absmax, offset=torch.as_tensor(state.offset, dtype=torch.float32),
-                         code2=state.state2.code, blocksize2=state.state2.blocksize, **kw)
+        return NF4Weight(
+            packed.reshape(-1),
+            state.absmax,
+            state.shape,
+            state.dtype,
+            state.blocksize,
+            absmax2=state.state2.absmax,
+            offset=torch.as_tensor(state.offset, dtype=torch.float32),
+            code2=state.state2.code,
+            blocksize2=state.state2.blocksize,
+            **kw,
+        )
     return NF4Weight(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize, **kw)
 
 
@@ -92,10 +116,17 @@ def peft_config_dict(settings: Any, base_model_name_or_path: str | None, task_ty
     """peft's adapter_config.json content for our LoRA settings, produced by peft's own LoraConfig."""
     from peft import LoraConfig
 
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules), use_rslora=settings.use_rslora, bias="none",
-                        modules_to_save=[n.rsplit(".", 1)[-1] for n in settings.modules_to_save] or None,
-                        task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        use_rslora=settings.use_rslora,
+        bias="none",
+        modules_to_save=[n.rsplit(".", 1)[-1] for n in settings.modules_to_save] or None,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+    )
     out = config.to_dict()
     for key, value in list(out.items()):
         if isinstance(value, set):

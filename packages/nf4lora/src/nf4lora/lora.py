@@ -43,8 +43,9 @@ class _NF4LinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
-               backend: str = "auto") -> torch.Tensor:
+def nf4_linear(
+    x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """x (..., in) @ dequant(W)^T (in, out) + bias -> (..., out), in x's dtype; W gets no gradient."""
     return _NF4LinearFunction.apply(x, weight, bias, backend)
 
@@ -60,11 +61,18 @@ class Linear4bit(nn.Module):
         backend: kernel backend for the base matmul ("auto", "torch", "triton").
     """
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        weight: NF4Weight,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         if len(weight.shape) != 2:
-            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+            )
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -72,13 +80,28 @@ class Linear4bit(nn.Module):
         self.backend = backend
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, backend: str = "auto", quant_type: str = "nf4",
-                    quant_storage: torch.dtype = torch.uint8, **kwargs) -> Linear4bit:
-        weight = NF4Weight.from_float(linear.weight, blocksize, double_quant, backend=backend,
-                                      quant_type=quant_type, quant_storage=quant_storage)
-        return cls(weight, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype, backend=backend,
-                   **kwargs)
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        quant_type: str = "nf4",
+        quant_storage: torch.dtype = torch.uint8,
+        **kwargs,
+    ) -> Linear4bit:
+        weight = NF4Weight.from_float(
+            linear.weight,
+            blocksize,
+            double_quant,
+            backend=backend,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
+        return cls(
+            weight, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype, backend=backend, **kwargs
+        )
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen path in the compute dtype (the caller casts back to x.dtype)."""
@@ -88,7 +111,9 @@ class Linear4bit(nn.Module):
         return self.base_forward(x).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class LoRALinear4bit(Linear4bit):
@@ -102,9 +127,19 @@ class LoRALinear4bit(Linear4bit):
         adapter_dtype: dtype of A and B (default float32, QLoRA keeps adapters in higher precision).
     """
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, *, r: int = 64, alpha: float = 16,
-                 dropout: float = 0.05, use_rslora: bool = False, compute_dtype: torch.dtype | None = None,
-                 adapter_dtype: torch.dtype = torch.float32, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        weight: NF4Weight,
+        bias: torch.Tensor | None = None,
+        *,
+        r: int = 64,
+        alpha: float = 16,
+        dropout: float = 0.05,
+        use_rslora: bool = False,
+        compute_dtype: torch.dtype | None = None,
+        adapter_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> None:
         super().__init__(weight, bias, compute_dtype=compute_dtype, backend=backend)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
@@ -135,7 +170,9 @@ class LoRALinear4bit(Linear4bit):
         updates may vanish); `nf4lora.merge_and_unload` is the exact dense export."""
         if self.merged:
             raise ValueError("the adapter is already merged")
-        self.weight = self.weight.requantized(self.weight.dequantize(torch.float32) + self.delta_weight().float())
+        self.weight = self.weight.requantized(
+            self.weight.dequantize(torch.float32) + self.delta_weight().float()
+        )
         self.merged = True
 
     @torch.no_grad()
@@ -143,7 +180,9 @@ class LoRALinear4bit(Linear4bit):
         """Undo `merge` as peft does: W <- quantize(dequantize(W) - scaling * B @ A) (lossy again)."""
         if not self.merged:
             raise ValueError("the adapter is not merged")
-        self.weight = self.weight.requantized(self.weight.dequantize(torch.float32) - self.delta_weight().float())
+        self.weight = self.weight.requantized(
+            self.weight.dequantize(torch.float32) - self.delta_weight().float()
+        )
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,12 @@ class MemoryReport:
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the model as it was before quantization: NF4 weights count their elements, LoRA adapters
     are not counted."""
-    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
-                for p in (m.lora_A.weight, m.lora_B.weight)}
+    adapters = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, LoRALinear4bit)
+        for p in (m.lora_A.weight, m.lora_B.weight)
+    }
     adapters |= {id(p) for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters()}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in adapters)
     return dense + sum(m.numel for m in model.modules() if isinstance(m, NF4Weight))
@@ -69,8 +73,12 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                         report.base_codes += _nbytes(buf)
                     else:
                         report.base_constants += _nbytes(buf)
-    adapter_ids = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
-                   for p in (m.lora_A.weight, m.lora_B.weight)}
+    adapter_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, LoRALinear4bit)
+        for p in (m.lora_A.weight, m.lora_B.weight)
+    }
     for p in model.parameters():
         if once(p):
             if id(p) in adapter_ids:
@@ -148,8 +156,12 @@ def estimate_model_memory(
             trainable += size
             n_trainable += n_lora
     report.base_constants += code_table
-    norm_tensors = {id(t) for m in model.modules() if norms_in_fp32 and is_norm(m)
-                    for t in (*m.parameters(), *m.buffers())}
+    norm_tensors = {
+        id(t)
+        for m in model.modules()
+        if norms_in_fp32 and is_norm(m)
+        for t in (*m.parameters(), *m.buffers())
+    }
     saved_params = {id(p) for s in saved for p in model.get_submodule(s).parameters()}
     for t in (*model.parameters(), *model.buffers()):  # each shared (tied) tensor once
         if id(t) in quantized:
@@ -178,8 +190,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.base_weights + self.unquantized_weights + self.adapters + self.adapter_gradients
-                + self.optimizer_state + self.activations)
+        return (
+            self.base_weights
+            + self.unquantized_weights
+            + self.adapters
+            + self.adapter_gradients
+            + self.optimizer_state
+            + self.activations
+        )
 
 
 def estimate_memory(
@@ -210,15 +228,20 @@ def estimate_memory(
     `full_finetune_16bit` is 12 bytes per parameter (16-bit weights and gradients, two fp32 Adam moments).
     """
     if n_params <= 0 or min(n_layers, hidden_size, intermediate_size, vocab_size, r) <= 0:
-        raise ValueError("n_params, n_layers, hidden_size, intermediate_size, vocab_size and r must be positive")
+        raise ValueError(
+            "n_params, n_layers, hidden_size, intermediate_size, vocab_size and r must be positive"
+        )
     kv = hidden_size if kv_size is None else kv_size
     unquantized = 2 * vocab_size * hidden_size
     quantized = n_params - unquantized
     if quantized <= 0:
-        raise ValueError(f"n_params={n_params} is smaller than the embeddings (2 * vocab * hidden = {unquantized})")
+        raise ValueError(
+            f"n_params={n_params} is smaller than the embeddings (2 * vocab * hidden = {unquantized})"
+        )
     bits = 4 + 8 / blocksize + 32 / (blocksize * 256) if double_quant else 4 + 32 / blocksize
-    per_layer_lora = r * ((hidden_size + hidden_size) * 2 + (hidden_size + kv) * 2
-                          + (hidden_size + intermediate_size) * 3)
+    per_layer_lora = r * (
+        (hidden_size + hidden_size) * 2 + (hidden_size + kv) * 2 + (hidden_size + intermediate_size) * 3
+    )
     n_lora = n_layers * per_layer_lora
     tokens = batch_size * seq_len
     one_layer = tokens * (10 * hidden_size + 3 * intermediate_size) * 2
@@ -238,8 +261,12 @@ def estimate_memory(
 
 
 # LLaMA-1 (Touvron et al. 2023, table 2): layers, hidden size, MLP size; vocabulary 32000, untied head.
-LLAMA_SHAPES = {"7B": (32, 4096, 11008), "13B": (40, 5120, 13824), "33B": (60, 6656, 17920),
-                "65B": (80, 8192, 22016)}
+LLAMA_SHAPES = {
+    "7B": (32, 4096, 11008),
+    "13B": (40, 5120, 13824),
+    "33B": (60, 6656, 17920),
+    "65B": (80, 8192, 22016),
+}
 LLAMA_VOCAB = 32000
 # QLoRA paper (arXiv 2305.14314), via REFERENCE.md section 2: "model sizes in 4-bit".
 PAPER_4BIT_GB = {"7B": 5, "13B": 10, "33B": 21, "65B": 41}
@@ -248,29 +275,66 @@ PAPER_4BIT_GB = {"7B": 5, "13B": 10, "33B": 21, "65B": 41}
 def llama_params(n_layers: int, hidden: int, intermediate: int, vocab: int = LLAMA_VOCAB) -> int:
     """Parameters of a LLaMA decoder: per layer 4 attention + 3 MLP matrices and 2 norms; embeddings, an
     untied LM head and the final norm."""
-    return n_layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + 2 * vocab * hidden + hidden
+    return (
+        n_layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden)
+        + 2 * vocab * hidden
+        + hidden
+    )
 
 
-def llama_table(r: int = 64, batch_size: int = 1, seq_len: int = 512, gpus_gb: tuple[int, ...] = (24, 48)) -> str:
+def llama_table(
+    r: int = 64, batch_size: int = 1, seq_len: int = 512, gpus_gb: tuple[int, ...] = (24, 48)
+) -> str:
     """The QLoRA memory budget of LLaMA 7B-65B (`estimate_memory`, all-linear LoRA at rank r, NF4 + DQ at
     blocksize 64, 16-bit embeddings and head, 32-bit AdamW state, checkpointed activations of batch x seq_len),
     with bf16 and with fp32 adapters, against cards of `gpus_gb` "GB" (a 24 GB RTX 3090/4090 or 48 GB A6000
     holds that many GiB); a markdown table, sizes in GB (10^9 bytes). Not counted: the CUDA context, allocator
     fragmentation, one layer's transient dequantized weight, the logits."""
     gb = 1e9
-    cols = ["model", "params (B)", "NF4+DQ linears", "16-bit emb+head", "adapters bf16", "adapter grads bf16",
-            "AdamW 32-bit", f"activations ({batch_size}x{seq_len})", "total, bf16 adapters",
-            "total, fp32 adapters", *(f"fits {g} GiB (bf16 / fp32)" for g in gpus_gb), "paper: 4-bit model"]
+    cols = [
+        "model",
+        "params (B)",
+        "NF4+DQ linears",
+        "16-bit emb+head",
+        "adapters bf16",
+        "adapter grads bf16",
+        "AdamW 32-bit",
+        f"activations ({batch_size}x{seq_len})",
+        "total, bf16 adapters",
+        "total, fp32 adapters",
+        *(f"fits {g} GiB (bf16 / fp32)" for g in gpus_gb),
+        "paper: 4-bit model",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, (layers, hidden, inter) in LLAMA_SHAPES.items():
         n = llama_params(layers, hidden, inter)
-        kw = dict(n_layers=layers, hidden_size=hidden, intermediate_size=inter, vocab_size=LLAMA_VOCAB, r=r,
-                  batch_size=batch_size, seq_len=seq_len)
+        kw = dict(
+            n_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            vocab_size=LLAMA_VOCAB,
+            r=r,
+            batch_size=batch_size,
+            seq_len=seq_len,
+        )
         bf16, fp32 = estimate_memory(n, adapter_bytes=2, **kw), estimate_memory(n, adapter_bytes=4, **kw)
-        fits = [f"{'yes' if bf16.total <= g * 2**30 else 'no'} / {'yes' if fp32.total <= g * 2**30 else 'no'}"
-                for g in gpus_gb]
-        parts = (bf16.base_weights, bf16.unquantized_weights, bf16.adapters, bf16.adapter_gradients,
-                 bf16.optimizer_state, bf16.activations, bf16.total, fp32.total)
-        lines.append(f"| {name} | {n / 1e9:.2f} | " + " | ".join(f"{p / gb:.2f}" for p in parts)
-                     + f" | {' | '.join(fits)} | {PAPER_4BIT_GB[name]} |")
+        fits = [
+            f"{'yes' if bf16.total <= g * 2**30 else 'no'} / {'yes' if fp32.total <= g * 2**30 else 'no'}"
+            for g in gpus_gb
+        ]
+        parts = (
+            bf16.base_weights,
+            bf16.unquantized_weights,
+            bf16.adapters,
+            bf16.adapter_gradients,
+            bf16.optimizer_state,
+            bf16.activations,
+            bf16.total,
+            fp32.total,
+        )
+        lines.append(
+            f"| {name} | {n / 1e9:.2f} | "
+            + " | ".join(f"{p / gb:.2f}" for p in parts)
+            + f" | {' | '.join(fits)} | {PAPER_4BIT_GB[name]} |"
+        )
     return "\n".join(lines)

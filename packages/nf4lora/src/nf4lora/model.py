@@ -67,10 +67,21 @@ def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bo
 # imported), and whatever `register_norm_type` adds.
 _NORM_TYPES: list[type[nn.Module]] = [nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
 _TRANSFORMERS_NORMS = {
-    "llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "mixtral": "MixtralRMSNorm", "qwen2": "Qwen2RMSNorm",
-    "qwen3": "Qwen3RMSNorm", "qwen3_moe": "Qwen3MoeRMSNorm", "gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm",
-    "gemma3": "Gemma3RMSNorm", "phi3": "Phi3RMSNorm", "olmo2": "Olmo2RMSNorm", "granite": "GraniteRMSNorm",
-    "t5": "T5LayerNorm", "cohere": "CohereLayerNorm", "deepseek_v3": "DeepseekV3RMSNorm",
+    "llama": "LlamaRMSNorm",
+    "mistral": "MistralRMSNorm",
+    "mixtral": "MixtralRMSNorm",
+    "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm",
+    "qwen3_moe": "Qwen3MoeRMSNorm",
+    "gemma": "GemmaRMSNorm",
+    "gemma2": "Gemma2RMSNorm",
+    "gemma3": "Gemma3RMSNorm",
+    "phi3": "Phi3RMSNorm",
+    "olmo2": "Olmo2RMSNorm",
+    "granite": "GraniteRMSNorm",
+    "t5": "T5LayerNorm",
+    "cohere": "CohereLayerNorm",
+    "deepseek_v3": "DeepseekV3RMSNorm",
     "smollm3": "SmolLM3RMSNorm",
 }
 
@@ -125,8 +136,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def swap_linear_layers(model: nn.Module, build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
-                       keep: Callable[[str], bool] = lambda name: False) -> list[str]:
+def swap_linear_layers(
+    model: nn.Module,
+    build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
+    keep: Callable[[str], bool] = lambda name: False,
+) -> list[str]:
     """The one module-swap loop: every exact nn.Linear (and transformers Conv1D) of `model` but its output
     embedding and the names `keep` accepts is replaced, in place, by `build(name, weight (out, in), bias)`
     (None leaves it). Returns the replaced names."""
@@ -148,23 +162,40 @@ def ddp_ignore_frozen_4bit(model: nn.Module) -> list[str]:
     attribute DistributedDataParallel reads at construction), so DDP neither broadcasts these frozen tensors at
     construction nor re-sends the buffers at every forward (`broadcast_buffers=True`, its default). Each rank
     quantizes the same checkpoint to the same bytes, so nothing needs sending. Returns the ignored names."""
-    names = [f"{prefix}.{name}" for prefix, m in model.named_modules() if isinstance(m, NF4Weight)
-             for name, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
+    names = [
+        f"{prefix}.{name}"
+        for prefix, m in model.named_modules()
+        if isinstance(m, NF4Weight)
+        for name, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
+    ]
     known = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = known + [n for n in names if n not in known]
     return names
 
 
-def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] = (),
-                   backend: str = "auto", quant_type: str = "nf4",
-                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    skip: tuple[str, ...] = (),
+    backend: str = "auto",
+    quant_type: str = "nf4",
+    quant_storage: torch.dtype = torch.uint8,
+) -> nn.Module:
     """Replace every nn.Linear except the output embedding (LM head) and names in `skip` by a frozen
     `Linear4bit`, in place. Returns the model."""
 
     def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
-        weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
-                                      quant_storage=quant_storage)
+        weight = NF4Weight.from_float(
+            dense,
+            blocksize,
+            double_quant,
+            backend=backend,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
         return Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
 
     swap_linear_layers(model, build, keep=lambda name: name in skip)
@@ -227,15 +258,33 @@ def prepare_model(
     if getattr(model, "nf4lora_settings", None) is not None:
         raise ValueError("model was already prepared by nf4lora.prepare_model")
     if not (target_modules == "all-linear" or isinstance(target_modules, str | list | tuple)):
-        raise ValueError(f"target_modules must be 'all-linear', a list of names or a regex, got {target_modules!r}")
+        raise ValueError(
+            f"target_modules must be 'all-linear', a list of names or a regex, got {target_modules!r}"
+        )
     with torch.random.fork_rng(devices=[]):  # the adapter init never moves the caller's RNG
         if seed is not None:
             torch.manual_seed(seed)
-        targeted, saved = _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, compute_dtype,
-                                  use_rslora, backend, quant_type, quant_storage, skip, modules_to_save or (),
-                                  adapter_dtype)
+        targeted, saved = _attach(
+            model,
+            r,
+            alpha,
+            dropout,
+            target_modules,
+            double_quant,
+            blocksize,
+            compute_dtype,
+            use_rslora,
+            backend,
+            quant_type,
+            quant_storage,
+            skip,
+            modules_to_save or (),
+            adapter_dtype,
+        )
     if not targeted:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear (the LM head is never targeted)")
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear (the LM head is never targeted)"
+        )
     if norms_in_fp32:
         norms = norm_types()
         for module in model.modules():
@@ -250,29 +299,55 @@ def prepare_model(
             model.config.use_cache = False
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n in targeted})
     ddp_ignore_frozen_4bit(model)
-    model.nf4lora_settings = LoRASettings(r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant,
-                                          quant_type, saved)
+    model.nf4lora_settings = LoRASettings(
+        r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant, quant_type, saved
+    )
     return model
 
 
-def kept_dense(model: nn.Module, skip: str | list[str] | tuple[str, ...] | None,
-               modules_to_save: list[str] | tuple[str, ...] | None) -> tuple[list[str], Callable[[str], bool]]:
+def kept_dense(
+    model: nn.Module,
+    skip: str | list[str] | tuple[str, ...] | None,
+    modules_to_save: list[str] | tuple[str, ...] | None,
+) -> tuple[list[str], Callable[[str], bool]]:
     """`prepare_model`'s choice of what stays dense: (the `modules_to_save` module names, a predicate that is
     true for linear layers kept dense (the skip list, and anything inside a saved module))."""
-    saved = [name for name, _ in model.named_modules() if name and modules_to_save
-             and _matches(name, list(modules_to_save))]
-    if modules_to_save and not saved:  # peft lists both task-head names ("classifier", "score"): any may match
+    saved = [
+        name
+        for name, _ in model.named_modules()
+        if name and modules_to_save and _matches(name, list(modules_to_save))
+    ]
+    if (
+        modules_to_save and not saved
+    ):  # peft lists both task-head names ("classifier", "score"): any may match
         raise ValueError(f"modules_to_save {list(modules_to_save)} match no module of the model")
     skip = DEFAULT_SKIP if skip is None else skip
 
     def keep(name: str) -> bool:
-        return bool(skip and _matches(name, skip)) or any(name == s or name.startswith(s + ".") for s in saved)
+        return bool(skip and _matches(name, skip)) or any(
+            name == s or name.startswith(s + ".") for s in saved
+        )
 
     return saved, keep
 
 
-def _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, compute_dtype, use_rslora, backend,
-            quant_type, quant_storage, skip, modules_to_save, adapter_dtype) -> tuple[list[str], list[str]]:
+def _attach(
+    model,
+    r,
+    alpha,
+    dropout,
+    target_modules,
+    double_quant,
+    blocksize,
+    compute_dtype,
+    use_rslora,
+    backend,
+    quant_type,
+    quant_storage,
+    skip,
+    modules_to_save,
+    adapter_dtype,
+) -> tuple[list[str], list[str]]:
     """Freeze everything, swap the linear layers, unfreeze `modules_to_save`: (targeted names, saved names)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -283,13 +358,28 @@ def _attach(model, r, alpha, dropout, target_modules, double_quant, blocksize, c
     targeted: list[str] = []
 
     def build(name: str, dense: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        weight = NF4Weight.from_float(dense, blocksize, double_quant, backend=backend, quant_type=quant_type,
-                                      quant_storage=quant_storage)
+        weight = NF4Weight.from_float(
+            dense,
+            blocksize,
+            double_quant,
+            backend=backend,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
         if not _matches(name, target_modules):
             return Linear4bit(weight, bias, compute_dtype=compute_dtype or dense.dtype, backend=backend)
         targeted.append(name)
-        return LoRALinear4bit(weight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                              compute_dtype=compute_dtype or dense.dtype, adapter_dtype=adapter_dtype, backend=backend)
+        return LoRALinear4bit(
+            weight,
+            bias,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            compute_dtype=compute_dtype or dense.dtype,
+            adapter_dtype=adapter_dtype,
+            backend=backend,
+        )
 
     swap_linear_layers(model, build, keep)
     return targeted, saved
@@ -307,8 +397,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     """The saved tensors by model parameter name: LoRA A and B, and every parameter of `modules_to_save`."""
-    out = {f"{name}.{ab}.weight": getattr(m, ab).weight for name, m in lora_modules(model).items()
-           for ab in ("lora_A", "lora_B")}
+    out = {
+        f"{name}.{ab}.weight": getattr(m, ab).weight
+        for name, m in lora_modules(model).items()
+        for ab in ("lora_A", "lora_B")
+    }
     settings: LoRASettings | None = getattr(model, "nf4lora_settings", None)
     for module_name in settings.modules_to_save if settings else ():
         for pname, p in model.get_submodule(module_name).named_parameters():
@@ -327,8 +420,13 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None,
-                 task_type: str = "CAUSAL_LM", state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    task_type: str = "CAUSAL_LM",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` in peft's format (loadable with
     `peft.PeftModel.from_pretrained` on the bf16 or bitsandbytes-4bit base), atomically. Returns out_dir.
 
@@ -350,10 +448,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     if state_dict is None:
         tensors = {k: v.cpu() for k, v in lora_state_dict(model).items()}
     else:
-        tensors = {f"{PEFT_PREFIX}{name}": state_dict[name].detach().cpu().contiguous()
-                   for name in _adapter_tensors(model)}
+        tensors = {
+            f"{PEFT_PREFIX}{name}": state_dict[name].detach().cpu().contiguous()
+            for name in _adapter_tensors(model)
+        }
     _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    _atomic_write(
+        out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))
+    )
     return out
 
 
@@ -371,16 +473,29 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
-    unsupported = {"use_dora": False, "bias": "none", "rank_pattern": {},
-                   "alpha_pattern": {}, "fan_in_fan_out": False}
+    unsupported = {
+        "use_dora": False,
+        "bias": "none",
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "fan_in_fan_out": False,
+    }
     for key, plain in unsupported.items():
         if cfg.get(key) not in (plain, None) and not (plain == {} and not cfg.get(key)):
             raise ValueError(f"adapter config field {key}={cfg.get(key)!r} is not supported (only {plain!r})")
     return cfg
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, *, double_quant: bool = True, blocksize: int = 64,
-                 compute_dtype: torch.dtype | None = None, backend: str = "auto", **prepare_kwargs) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | Path,
+    *,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    **prepare_kwargs,
+) -> nn.Module:
     """Load a peft LoRA adapter (ours or peft's) into `model`, preparing it first (with the adapter's r, alpha,
     dropout and target modules) if it is not prepared yet. Every adapter tensor must find its module."""
     from safetensors.torch import load_file
@@ -388,10 +503,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, double_quant: boo
     cfg = read_adapter_config(adapter_dir)
     if getattr(model, "nf4lora_settings", None) is None:
         targets = cfg.get("target_modules")  # a list of names, "all-linear" or a regex, as in peft
-        prepare_model(model, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0)),
-                      target_modules=targets if targets else "all-linear", double_quant=double_quant,
-                      blocksize=blocksize, compute_dtype=compute_dtype, use_rslora=bool(cfg.get("use_rslora")),
-                      backend=backend, modules_to_save=cfg.get("modules_to_save") or None, **prepare_kwargs)
+        prepare_model(
+            model,
+            r=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            dropout=float(cfg.get("lora_dropout", 0)),
+            target_modules=targets if targets else "all-linear",
+            double_quant=double_quant,
+            blocksize=blocksize,
+            compute_dtype=compute_dtype,
+            use_rslora=bool(cfg.get("use_rslora")),
+            backend=backend,
+            modules_to_save=cfg.get("modules_to_save") or None,
+            **prepare_kwargs,
+        )
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     targets = _adapter_tensors(model)
     seen: set[str] = set()
@@ -400,8 +525,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, double_quant: boo
         if name not in targets:
             raise ValueError(f"adapter tensor {key!r} matches no LoRA module or module to save of the model")
         if tuple(value.shape) != tuple(targets[name].shape):
-            raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, the module expects "
-                             f"{tuple(targets[name].shape)} (different r?)")
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(value.shape)}, the module expects "
+                f"{tuple(targets[name].shape)} (different r?)"
+            )
         with torch.no_grad():
             targets[name].copy_(value)
         seen.add(name)
@@ -422,7 +549,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if isinstance(m, LoRALinear4bit):
             w = w + m.delta_weight().float()
         out_dtype = dtype or m.weight.dtype
-        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=out_dtype)
+        dense = nn.Linear(
+            m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=out_dtype
+        )
         dense.weight.copy_(w)
         if m.bias is not None:
             dense.bias.copy_(m.bias)

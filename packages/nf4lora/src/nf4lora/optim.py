@@ -10,9 +10,17 @@ from collections.abc import Iterable
 import torch
 
 
-def paged_adamw(params: Iterable[torch.nn.Parameter], lr: float = 2e-4, *, optim_bits: int = 32,
-                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                device: torch.device | str | None = None, min_8bit_size: int = 4096) -> torch.optim.Optimizer:
+def paged_adamw(
+    params: Iterable[torch.nn.Parameter],
+    lr: float = 2e-4,
+    *,
+    optim_bits: int = 32,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    device: torch.device | str | None = None,
+    min_8bit_size: int = 4096,
+) -> torch.optim.Optimizer:
     """bitsandbytes `PagedAdamW` / `PagedAdamW8bit` on CUDA, `AdamW` / `AdamW8bit` (same state precision, not
     paged) on other devices.
 
@@ -34,8 +42,10 @@ def paged_adamw(params: Iterable[torch.nn.Parameter], lr: float = 2e-4, *, optim
     try:
         from bitsandbytes import optim as bnb_optim
     except ImportError as exc:
-        raise ImportError("nf4lora.paged_adamw needs bitsandbytes (pip install bitsandbytes); use "
-                          "torch.optim.AdamW for a plain fp32 optimizer") from exc
+        raise ImportError(
+            "nf4lora.paged_adamw needs bitsandbytes (pip install bitsandbytes); use "
+            "torch.optim.AdamW for a plain fp32 optimizer"
+        ) from exc
     if dev.type == "cuda":
         cls = bnb_optim.PagedAdamW if optim_bits == 32 else bnb_optim.PagedAdamW8bit
     else:

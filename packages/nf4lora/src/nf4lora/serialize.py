@@ -16,8 +16,13 @@ from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import QUANT_TYPES
 
 WEIGHTS = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path | None = None) -> Path:
@@ -46,13 +51,19 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
     first = next(iter(quantized.values()))
     config = model.config.to_dict()
     config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": first.weight.quant_type, "bnb_4bit_use_double_quant": first.weight.double_quant,
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": first.weight.quant_type,
+        "bnb_4bit_use_double_quant": first.weight.double_quant,
         "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
-        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"],
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": ["lm_head"],
     }
     _atomic_write(out / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
+    _atomic_write(
+        out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str))
+    )
     if source_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).is_file():
@@ -75,8 +86,10 @@ def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
         raise ValueError(f"path has no quantization_config in config.json: {path}")
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     if qconfig.get("bnb_4bit_quant_type") not in QUANT_TYPES:
-        raise ValueError(f"quantization_config.bnb_4bit_quant_type must be one of {QUANT_TYPES}, "
-                         f"got {qconfig.get('bnb_4bit_quant_type')!r}")
+        raise ValueError(
+            f"quantization_config.bnb_4bit_quant_type must be one of {QUANT_TYPES}, "
+            f"got {qconfig.get('bnb_4bit_quant_type')!r}"
+        )
     del config.quantization_config
     compute_dtype = getattr(torch, str(qconfig.get("bnb_4bit_compute_dtype", "float32")))
     model = AutoModelForCausalLM.from_config(config)
@@ -90,10 +103,16 @@ def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
         return Linear4bit(weight, tensors.get(f"{name}.bias"), compute_dtype=compute_dtype, backend=backend)
 
     swap_linear_layers(model, build)
-    rest = {k: v for k, v in tensors.items() if k in model.state_dict() and not k.endswith(
-        (".packed", ".absmax", ".absmax2", ".offset", ".code2"))}
-    missing = [k for k, m in model.named_parameters() if k not in rest and not isinstance(
-        model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit | NF4Weight)]
+    rest = {
+        k: v
+        for k, v in tensors.items()
+        if k in model.state_dict() and not k.endswith((".packed", ".absmax", ".absmax2", ".offset", ".code2"))
+    }
+    missing = [
+        k
+        for k, m in model.named_parameters()
+        if k not in rest and not isinstance(model.get_submodule(k.rsplit(".", 1)[0]), Linear4bit | NF4Weight)
+    ]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(rest, strict=False)

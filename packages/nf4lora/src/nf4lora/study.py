@@ -85,14 +85,28 @@ class StudyConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "layers", "heads", "intermediate", "context", "batch_size", "pretrain_steps",
-                     "finetune_steps", "r", "eval_windows", "jobs", "threads"):
+        for name in (
+            "hidden",
+            "layers",
+            "heads",
+            "intermediate",
+            "context",
+            "batch_size",
+            "pretrain_steps",
+            "finetune_steps",
+            "r",
+            "eval_windows",
+            "jobs",
+            "threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ValueError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads})")
         if (self.hidden // self.heads) % 2:
-            raise ValueError(f"--hidden / --heads (the head dim, {self.hidden // self.heads}) must be even (RoPE)")
+            raise ValueError(
+                f"--hidden / --heads (the head dim, {self.hidden // self.heads}) must be even (RoPE)"
+            )
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"--lrs must be positive learning rates, got {self.lrs}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
@@ -103,8 +117,19 @@ class StudyConfig:
             check_blocksize(b, "--blocksizes")
 
 
-QUICK = dict(hidden=64, layers=2, heads=2, intermediate=128, context=64, batch_size=4, pretrain_steps=80,
-             finetune_steps=15, lrs=(1e-3, 3e-3), seeds=(0, 1), eval_windows=16)
+QUICK = dict(
+    hidden=64,
+    layers=2,
+    heads=2,
+    intermediate=128,
+    context=64,
+    batch_size=4,
+    pretrain_steps=80,
+    finetune_steps=15,
+    lrs=(1e-3, 3e-3),
+    seeds=(0, 1),
+    eval_windows=16,
+)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -125,7 +150,9 @@ def _as_bytes(text: str) -> torch.Tensor:
 
 def _check_size(name: str, path: Path, split: str, t: torch.Tensor, context: int) -> None:
     if len(t) < 2 * (context + 2):
-        raise ValueError(f"{name} {path}: the {split} split has {len(t)} bytes, need at least {2 * (context + 2)}")
+        raise ValueError(
+            f"{name} {path}: the {split} split has {len(t)} bytes, need at least {2 * (context + 2)}"
+        )
 
 
 @lru_cache(maxsize=4)
@@ -230,16 +257,30 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     train, held = pretrain_splits(_default(cfg.pretrain_data, "tinyshakespeare", "input.txt"), cfg.context)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                         max_position_embeddings=cfg.context + 1, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.context + 1,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, cfg.pretrain_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.pretrain_steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.pretrain_steps))))
+        ),
+    )
     starts = train_windows(train, cfg.pretrain_steps, cfg.batch_size, cfg.context, seed=-999)  # fixed order
     c0 = time.process_time()
     for step in range(cfg.pretrain_steps):
@@ -250,10 +291,14 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    info = {"arch": {k: getattr(cfg, k) for k in ("hidden", "layers", "heads", "intermediate")},
-            "parameters": sum(p.numel() for p in model.parameters()), "steps": cfg.pretrain_steps,
-            "final_train_loss": loss.item(), "held_out_loss": eval_loss(model, held, cfg),
-            "cpu_seconds": time.process_time() - c0}
+    info = {
+        "arch": {k: getattr(cfg, k) for k in ("hidden", "layers", "heads", "intermediate")},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": cfg.pretrain_steps,
+        "final_train_loss": loss.item(),
+        "held_out_loss": eval_loss(model, held, cfg),
+        "cpu_seconds": time.process_time() - c0,
+    }
     tmp = base_dir.with_name(base_dir.name + ".tmp")
     model.save_pretrained(str(tmp), safe_serialization=True)
     write_json_atomic(tmp / "base.json", info)
@@ -274,7 +319,9 @@ def roundtrip(w: torch.Tensor, storage: str, blocksize: int) -> tuple[torch.Tens
     if storage in ("nf4", "nf4-dq", "fp4"):
         from nf4lora.weight import NF4Weight
 
-        q = NF4Weight.from_float(w, blocksize, storage == "nf4-dq", quant_type="fp4" if storage == "fp4" else "nf4")
+        q = NF4Weight.from_float(
+            w, blocksize, storage == "nf4-dq", quant_type="fp4" if storage == "fp4" else "nf4"
+        )
         return q.dequantize(torch.float32), q.nbytes
     if storage == "int4":
         from nf4lora.int4 import dequantize_int4, quantize_int4
@@ -327,12 +374,21 @@ def zero_shot(cfg: StudyConfig, base_dir: Path) -> list[dict[str, Any]]:
         dense = _dense_bytes(model)
         nbytes = dense if blocksize is None else fake_quantize(model, storage, blocksize)
         name = "base-fp32" if blocksize is None else f"{storage}-b{blocksize}"
-        records.append({
-            "kind": "zero-shot", "variant": name, "storage": storage, "blocksize": blocksize, "seed": None,
-            "eval_loss": eval_loss(model, held, cfg), "eval_loss_finetune_test": eval_loss(model, test, cfg),
-            "weight_bytes": nbytes, "train_state_bytes": None, "peak_rss_growth_bytes": None,
-            "linear_bits_per_param": 32.0 if blocksize is None else bits_per_param(storage, blocksize),
-        })
+        records.append(
+            {
+                "kind": "zero-shot",
+                "variant": name,
+                "storage": storage,
+                "blocksize": blocksize,
+                "seed": None,
+                "eval_loss": eval_loss(model, held, cfg),
+                "eval_loss_finetune_test": eval_loss(model, test, cfg),
+                "weight_bytes": nbytes,
+                "train_state_bytes": None,
+                "peak_rss_growth_bytes": None,
+                "linear_bits_per_param": 32.0 if blocksize is None else bits_per_param(storage, blocksize),
+            }
+        )
     return records
 
 
@@ -368,16 +424,25 @@ def build_variant(variant: str, base_dir: Path, cfg: StudyConfig, seed: int) -> 
     if variant == "full-fp32":
         return model, _dense_bytes(model)
     if variant in ("qlora-nf4", "qlora-nf4-dq", "qlora-fp4"):
-        prepare_model(model, r=cfg.r, alpha=cfg.alpha, dropout=0.0, double_quant=variant == "qlora-nf4-dq",
-                      blocksize=64, gradient_checkpointing=False, quant_type=variant.split("-")[1])
+        prepare_model(
+            model,
+            r=cfg.r,
+            alpha=cfg.alpha,
+            dropout=0.0,
+            double_quant=variant == "qlora-nf4-dq",
+            blocksize=64,
+            gradient_checkpointing=False,
+            quant_type=variant.split("-")[1],
+        )
         init_adapters(model, seed)
         return model, memory_report(model).total
     if variant != "lora-fp32":
         raise ValueError(f"variant must be one of {FINETUNE_VARIANTS}, got {variant!r}")
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                             target_modules="all-linear"))
+    model = get_peft_model(
+        model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules="all-linear")
+    )
     init_adapters(model, seed)
     return model, _dense_bytes(model)
 
@@ -433,17 +498,31 @@ def finetune_run(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed
             opt.step()
             sched.step()
             if step == 0:  # weights + gradients + AdamW state, all allocated now
-                state_bytes = weight_bytes + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
-                    v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                    if isinstance(v, torch.Tensor))
+                state_bytes = (
+                    weight_bytes
+                    + sum(p.grad.numel() * p.grad.element_size() for p in params)
+                    + sum(
+                        v.numel() * v.element_size()
+                        for s in opt.state.values()
+                        for v in s.values()
+                        if isinstance(v, torch.Tensor)
+                    )
+                )
             opt.zero_grad(set_to_none=True)
     return {
-        "kind": "finetune", "variant": variant, "seed": seed, "lr": lr,
-        "eval_loss": eval_loss(model, test, cfg), "val_loss": eval_loss(model, val, cfg),
-        "final_train_loss": loss.item(), "trainable_params": sum(p.numel() for p in params),
-        "weight_bytes": weight_bytes, "train_state_bytes": state_bytes,
+        "kind": "finetune",
+        "variant": variant,
+        "seed": seed,
+        "lr": lr,
+        "eval_loss": eval_loss(model, test, cfg),
+        "val_loss": eval_loss(model, val, cfg),
+        "final_train_loss": loss.item(),
+        "trainable_params": sum(p.numel() for p in params),
+        "weight_bytes": weight_bytes,
+        "train_state_bytes": state_bytes,
         "peak_rss_growth_bytes": rss.peak - rss.start,
-        "cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "wall_seconds": time.perf_counter() - t0,
     }
 
 
@@ -460,8 +539,11 @@ def _job(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed: int) -
         return json.loads(path.read_text())
     record = finetune_run(cfg, base_dir, variant, lr, seed)
     write_json_atomic(path, record)
-    print(f"  {variant:<13} lr={lr:<7g} seed={seed}  val {record['val_loss']:.4f}  test {record['eval_loss']:.4f}"
-          f"  ({record['cpu_seconds']:.0f} cpu-s)", flush=True)
+    print(
+        f"  {variant:<13} lr={lr:<7g} seed={seed}  val {record['val_loss']:.4f}  test {record['eval_loss']:.4f}"
+        f"  ({record['cpu_seconds']:.0f} cpu-s)",
+        flush=True,
+    )
     return record
 
 
@@ -484,18 +566,29 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not rs:
             continue
         losses = torch.tensor([r["eval_loss"] for r in rs], dtype=torch.float64)
-        out[v] = {"n": len(rs), "lr": rs[0]["lr"], "mean": losses.mean().item(),
-                  "std": losses.std().item() if len(rs) > 1 else 0.0,
-                  "min": losses.min().item(), "max": losses.max().item(),
-                  **{k: max(r[k] for r in rs) for k in ("weight_bytes", "train_state_bytes",
-                                                           "peak_rss_growth_bytes")}}
+        out[v] = {
+            "n": len(rs),
+            "lr": rs[0]["lr"],
+            "mean": losses.mean().item(),
+            "std": losses.std().item() if len(rs) > 1 else 0.0,
+            "min": losses.min().item(),
+            "max": losses.max().item(),
+            **{
+                k: max(r[k] for r in rs)
+                for k in ("weight_bytes", "train_state_bytes", "peak_rss_growth_bytes")
+            },
+        }
     return out
 
 
-def paired_test(records: list[dict[str, Any]], a: str = "qlora-nf4-dq", b: str = "lora-fp32") -> dict[str, Any]:
+def paired_test(
+    records: list[dict[str, Any]], a: str = "qlora-nf4-dq", b: str = "lora-fp32"
+) -> dict[str, Any]:
     """Paired t-test over seeds of eval_loss(a) - eval_loss(b) (scipy `ttest_rel`, two-sided)."""
-    by = {v: {r["seed"]: r["eval_loss"] for r in records if r["kind"] == "finetune" and r["variant"] == v}
-          for v in (a, b)}
+    by = {
+        v: {r["seed"]: r["eval_loss"] for r in records if r["kind"] == "finetune" and r["variant"] == v}
+        for v in (a, b)
+    }
     seeds = sorted(set(by[a]) & set(by[b]))
     result: dict[str, Any] = {"a": a, "b": b, "seeds": seeds, "n": len(seeds)}
     if len(seeds) < 2:
@@ -504,8 +597,14 @@ def paired_test(records: list[dict[str, Any]], a: str = "qlora-nf4-dq", b: str =
 
     diffs = torch.tensor([by[a][s] - by[b][s] for s in seeds], dtype=torch.float64)
     t = ttest_rel([by[a][s] for s in seeds], [by[b][s] for s in seeds])
-    return {**result, "mean_diff": diffs.mean().item(), "std_diff": diffs.std().item(),
-            "t": float(t.statistic), "p": float(t.pvalue), "within_seed_noise": bool(t.pvalue >= 0.05)}
+    return {
+        **result,
+        "mean_diff": diffs.mean().item(),
+        "std_diff": diffs.std().item(),
+        "t": float(t.statistic),
+        "p": float(t.pvalue),
+        "within_seed_noise": bool(t.pvalue >= 0.05),
+    }
 
 
 def _mib(b: int | None) -> str:
@@ -515,26 +614,41 @@ def _mib(b: int | None) -> str:
 def markdown(results: dict[str, Any]) -> str:
     zs = [r for r in results["records"] if r["kind"] == "zero-shot"]
     base = next(r for r in zs if r["variant"] == "base-fp32")
-    lines = ["### Zero-shot storage types (every linear but the LM head quantized; no training)", "",
-             "| variant | bits/param (linears) | held-out loss (pretraining corpus) | vs fp32 | "
-             "finetune-corpus test loss | weights (MiB) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "### Zero-shot storage types (every linear but the LM head quantized; no training)",
+        "",
+        "| variant | bits/param (linears) | held-out loss (pretraining corpus) | vs fp32 | "
+        "finetune-corpus test loss | weights (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in zs:
-        lines.append(f"| {r['variant']} | {r['linear_bits_per_param']:.3f} | {r['eval_loss']:.4f} | "
-                     f"{r['eval_loss'] - base['eval_loss']:+.4f} | {r['eval_loss_finetune_test']:.4f} | "
-                     f"{_mib(r['weight_bytes'])} |")
-    lines += ["", "### Finetuning on the shifted corpus (test loss over seeds, lr chosen on validation)", "",
-              "| variant | lr | seeds | test loss mean | std | min .. max | weights (MiB) | "
-              "weights+grads+AdamW (MiB) | peak RSS growth (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['variant']} | {r['linear_bits_per_param']:.3f} | {r['eval_loss']:.4f} | "
+            f"{r['eval_loss'] - base['eval_loss']:+.4f} | {r['eval_loss_finetune_test']:.4f} | "
+            f"{_mib(r['weight_bytes'])} |"
+        )
+    lines += [
+        "",
+        "### Finetuning on the shifted corpus (test loss over seeds, lr chosen on validation)",
+        "",
+        "| variant | lr | seeds | test loss mean | std | min .. max | weights (MiB) | "
+        "weights+grads+AdamW (MiB) | peak RSS growth (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for v, s in results["summary"].items():
-        lines.append(f"| {v} | {s['lr']:g} | {s['n']} | {s['mean']:.4f} | {s['std']:.4f} | "
-                     f"{s['min']:.4f} .. {s['max']:.4f} | {_mib(s['weight_bytes'])} | "
-                     f"{_mib(s['train_state_bytes'])} | {_mib(s['peak_rss_growth_bytes'])} |")
+        lines.append(
+            f"| {v} | {s['lr']:g} | {s['n']} | {s['mean']:.4f} | {s['std']:.4f} | "
+            f"{s['min']:.4f} .. {s['max']:.4f} | {_mib(s['weight_bytes'])} | "
+            f"{_mib(s['train_state_bytes'])} | {_mib(s['peak_rss_growth_bytes'])} |"
+        )
     pt = results["paired_test"]
     lines += [""]
     if "p" in pt:
-        lines.append(f"Paired t-test over seeds {pt['seeds']}, {pt['a']} - {pt['b']}: mean {pt['mean_diff']:+.4f} "
-                     f"(std {pt['std_diff']:.4f}), t = {pt['t']:.3f}, p = {pt['p']:.3g}: "
-                     + ("within seed noise (p >= 0.05)." if pt["within_seed_noise"] else "a difference (p < 0.05)."))
+        lines.append(
+            f"Paired t-test over seeds {pt['seeds']}, {pt['a']} - {pt['b']}: mean {pt['mean_diff']:+.4f} "
+            f"(std {pt['std_diff']:.4f}), t = {pt['t']:.3f}, p = {pt['p']:.3g}: "
+            + ("within seed noise (p >= 0.05)." if pt["within_seed_noise"] else "a difference (p < 0.05).")
+        )
     else:
         lines.append(f"Paired test {pt['a']} vs {pt['b']}: {pt['note']}.")
     return "\n".join(lines) + "\n"
@@ -552,11 +666,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     blocksizes = sorted({r["blocksize"] for r in zs if r["blocksize"]})
     width = 0.8 / max(len(blocksizes), 1)
     for i, b in enumerate(blocksizes):
-        ys = [next(r["eval_loss"] - base for r in zs if r["storage"] == s and r["blocksize"] == b)
-              for s in ZERO_SHOT_STORAGE]
+        ys = [
+            next(r["eval_loss"] - base for r in zs if r["storage"] == s and r["blocksize"] == b)
+            for s in ZERO_SHOT_STORAGE
+        ]
         ax0.bar([k + i * width for k in range(len(ZERO_SHOT_STORAGE))], ys, width, label=f"blocksize {b}")
-    ax0.set_xticks([k + width * (len(blocksizes) - 1) / 2 for k in range(len(ZERO_SHOT_STORAGE))],
-                   ["NF4", "NF4+DQ", "FP4", "Int4"])
+    ax0.set_xticks(
+        [k + width * (len(blocksizes) - 1) / 2 for k in range(len(ZERO_SHOT_STORAGE))],
+        ["NF4", "NF4+DQ", "FP4", "Int4"],
+    )
     ax0.set_ylabel("held-out loss - fp32 base (nats/byte)")
     ax0.set_title("zero-shot degradation of the 4-bit storage types")
     ax0.legend()
@@ -581,10 +699,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def _machine() -> dict[str, Any]:
     from importlib.metadata import version
 
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
-            "torch_threads_per_run": None, "loadavg_start": os.getloadavg()}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "torch_threads_per_run": None,
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
@@ -598,15 +723,23 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     pretrain_path = _default(cfg.pretrain_data, "tinyshakespeare", "input.txt")
     finetune_path = _default(cfg.finetune_data, "cranfield", "cran.all.1400")
     finetune_splits(finetune_path, cfg.context)
-    config = {**dataclasses.asdict(cfg), "pretrain_data": str(pretrain_path), "finetune_data": str(finetune_path)}
+    config = {
+        **dataclasses.asdict(cfg),
+        "pretrain_data": str(pretrain_path),
+        "finetune_data": str(finetune_path),
+    }
     config_path = out / "config.json"
     keep = ("out", "jobs", "threads", "base_dir")
     if config_path.is_file():
         old = json.loads(config_path.read_text())
-        changed = sorted(k for k in config if k not in keep and json.loads(json.dumps(config[k])) != old.get(k))
+        changed = sorted(
+            k for k in config if k not in keep and json.loads(json.dumps(config[k])) != old.get(k)
+        )
         if changed:
-            raise ValueError(f"--out {out} holds runs of another configuration ({', '.join(changed)} differ); "
-                             "use a new --out")
+            raise ValueError(
+                f"--out {out} holds runs of another configuration ({', '.join(changed)} differ); "
+                "use a new --out"
+            )
     write_json_atomic(config_path, config)
     machine = {**_machine(), "torch_threads_per_run": cfg.threads}
     c0, t0 = time.process_time(), time.perf_counter()
@@ -620,17 +753,30 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     for r in zero:
         print(f"  zero-shot {r['variant']:<12} {r['eval_loss']:.4f}", flush=True)
     sweep = _run_all(cfg, base_dir, [(v, lr, cfg.seeds[0]) for v in FINETUNE_VARIANTS for lr in cfg.lrs])
-    best = {v: min((r for r in sweep if r["variant"] == v), key=lambda r: r["val_loss"])["lr"]
-            for v in FINETUNE_VARIANTS}
+    best = {
+        v: min((r for r in sweep if r["variant"] == v), key=lambda r: r["val_loss"])["lr"]
+        for v in FINETUNE_VARIANTS
+    }
     rest = _run_all(cfg, base_dir, [(v, best[v], s) for v in FINETUNE_VARIANTS for s in cfg.seeds[1:]])
     chosen = [r for r in sweep if r["lr"] == best[r["variant"]]] + rest
     records = zero + sorted(chosen, key=lambda r: (FINETUNE_VARIANTS.index(r["variant"]), r["seed"]))
-    machine.update(loadavg_end=os.getloadavg(), main_process_cpu_seconds=time.process_time() - c0,
-                   runs_cpu_seconds=sum(r["cpu_seconds"] for r in sweep + rest), wall_seconds=time.perf_counter() - t0)
-    results = {"command": command, "config": config, "machine": machine, "base": base,
-               "records": records,
-               "lr_sweep": [{k: r[k] for k in ("variant", "lr", "seed", "val_loss", "eval_loss")} for r in sweep],
-               "chosen_lr": best, "summary": summarise(records), "paired_test": paired_test(records)}
+    machine.update(
+        loadavg_end=os.getloadavg(),
+        main_process_cpu_seconds=time.process_time() - c0,
+        runs_cpu_seconds=sum(r["cpu_seconds"] for r in sweep + rest),
+        wall_seconds=time.perf_counter() - t0,
+    )
+    results = {
+        "command": command,
+        "config": config,
+        "machine": machine,
+        "base": base,
+        "records": records,
+        "lr_sweep": [{k: r[k] for k in ("variant", "lr", "seed", "val_loss", "eval_loss")} for r in sweep],
+        "chosen_lr": best,
+        "summary": summarise(records),
+        "paired_test": paired_test(records),
+    }
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", f"Command: `{command}`\n\n" + markdown(results))
     plot(results, out / "study.png")
@@ -638,11 +784,17 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nf4lora-study", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="nf4lora-study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="output directory (created; a finished run there is resumed)")
-    p.add_argument("--quick", action="store_true", help="smoke configuration (< 3 min on 2 cores): "
-                   + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke configuration (< 3 min on 2 cores): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
     for f in dataclasses.fields(StudyConfig):
         if f.name == "out":
             continue
@@ -658,8 +810,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-                 if k not in ("out", "quick") and v is not None}
+    overrides = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in vars(args).items()
+        if k not in ("out", "quick") and v is not None
+    }
     command = "nf4lora-study " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         cfg = StudyConfig(out=args.out, **{**(QUICK if args.quick else {}), **overrides})

@@ -42,12 +42,16 @@ def _to_storage(packed: torch.Tensor, n_bytes: int, quant_storage: torch.dtype) 
     if flat.dtype == quant_storage != torch.uint8:
         units = -(-n_bytes // quant_storage.itemsize)
         if flat.numel() != units:
-            raise ValueError(f"packed ({quant_storage}) must hold ceil({n_bytes} / {quant_storage.itemsize}) = "
-                             f"{units} elements, got {flat.numel()}")
+            raise ValueError(
+                f"packed ({quant_storage}) must hold ceil({n_bytes} / {quant_storage.itemsize}) = "
+                f"{units} elements, got {flat.numel()}"
+            )
         return flat
     if flat.dtype != torch.uint8 or flat.numel() != n_bytes:
-        raise ValueError(f"packed must be uint8 with {n_bytes} elements (or {quant_storage} storage), "
-                         f"got {flat.dtype} with {flat.numel()}")
+        raise ValueError(
+            f"packed must be uint8 with {n_bytes} elements (or {quant_storage} storage), "
+            f"got {flat.dtype} with {flat.numel()}"
+        )
     pad = -n_bytes % quant_storage.itemsize
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -72,11 +76,21 @@ class NF4Weight(nn.Module):
         quant_type: "nf4" or "fp4".
     """
 
-    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size,
-                 dtype: torch.dtype, blocksize: int = 64, *, absmax2: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None, code2: torch.Tensor | None = None,
-                 blocksize2: int = DQ_BLOCKSIZE, quant_type: str = "nf4",
-                 quant_storage: torch.dtype = torch.uint8) -> None:
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype,
+        blocksize: int = 64,
+        *,
+        absmax2: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        code2: torch.Tensor | None = None,
+        blocksize2: int = DQ_BLOCKSIZE,
+        quant_type: str = "nf4",
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> None:
         super().__init__()
         check_blocksize(blocksize)
         check_quant_type(quant_type)
@@ -107,9 +121,15 @@ class NF4Weight(nn.Module):
             raise ValueError(f"absmax must be float32 or uint8 (double-quantized), got {absmax.dtype}")
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                   backend: str = "auto", quant_type: str = "nf4",
-                   quant_storage: torch.dtype = torch.uint8) -> NF4Weight:
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        backend: str = "auto",
+        quant_type: str = "nf4",
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> NF4Weight:
         """Quantize a float tensor (bitsandbytes `quantize_4bit(..., quant_type,
         compress_statistics=double_quant, quant_storage=quant_storage)`)."""
         w = weight.detach()
@@ -125,8 +145,14 @@ class NF4Weight(nn.Module):
         double quantization and storage (what peft's merge does with a bitsandbytes weight)."""
         if tuple(weight.shape) != tuple(self.shape):
             raise ValueError(f"weight must have shape {tuple(self.shape)}, got {tuple(weight.shape)}")
-        return NF4Weight.from_float(weight.to(self.dtype), self.blocksize, self.double_quant, backend=backend,
-                                    quant_type=self.quant_type, quant_storage=self.quant_storage)
+        return NF4Weight.from_float(
+            weight.to(self.dtype),
+            self.blocksize,
+            self.double_quant,
+            backend=backend,
+            quant_type=self.quant_type,
+            quant_storage=self.quant_storage,
+        )
 
     def packed_bytes(self) -> torch.Tensor:
         """The uint8 ((numel + 1) // 2,) codes, a view of `packed` (gathered first if FSDP2 has it sharded)."""
@@ -161,14 +187,30 @@ class NF4Weight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
         """The dense weight (self.shape) in `dtype` (default: the original dtype)."""
-        return dequantize_4bit(self.packed_bytes(), self.absmax, self.shape, self.blocksize, dtype or self.dtype,
-                               self.quant_type, backend=backend, **self._dq_kwargs())
+        return dequantize_4bit(
+            self.packed_bytes(),
+            self.absmax,
+            self.shape,
+            self.blocksize,
+            dtype or self.dtype,
+            self.quant_type,
+            backend=backend,
+            **self._dq_kwargs(),
+        )
 
     def matmul(self, x: torch.Tensor, transpose_w: bool = True, backend: str = "auto") -> torch.Tensor:
         """x @ W^T (transpose_w) or x @ W for a 2-D weight, in x's dtype, without storing W."""
-        return matmul_nf4(x, self.packed_bytes(), self.absmax, (self.shape[0], self.shape[1]), self.blocksize,
-                          transpose_w=transpose_w, quant_type=self.quant_type, backend=backend,
-                          **self._dq_kwargs())
+        return matmul_nf4(
+            x,
+            self.packed_bytes(),
+            self.absmax,
+            (self.shape[0], self.shape[1]),
+            self.blocksize,
+            transpose_w=transpose_w,
+            quant_type=self.quant_type,
+            backend=backend,
+            **self._dq_kwargs(),
+        )
 
     @property
     def numel(self) -> int:
@@ -193,5 +235,7 @@ class NF4Weight(nn.Module):
 
     def extra_repr(self) -> str:
         storage = "" if self.quant_storage == torch.uint8 else f", quant_storage={self.quant_storage}"
-        return (f"shape={tuple(self.shape)}, dtype={self.dtype}, quant_type={self.quant_type}, "
-                f"blocksize={self.blocksize}, double_quant={self.double_quant}{storage}")
+        return (
+            f"shape={tuple(self.shape)}, dtype={self.dtype}, quant_type={self.quant_type}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}{storage}"
+        )

@@ -42,26 +42,41 @@ class BM25Index:
             without tokenizing again.
     """
 
-    def __init__(self, corpus: Mapping[str, str], k1: float = 0.9, b: float = 0.4, stopwords: str | None = "en",
-                 stemmer: Callable | None = None, show_progress: bool = False,
-                 tokenizer: Callable[[str], list[str]] | None = None,
-                 tokens: Mapping[str, list[str]] | None = None):
+    def __init__(
+        self,
+        corpus: Mapping[str, str],
+        k1: float = 0.9,
+        b: float = 0.4,
+        stopwords: str | None = "en",
+        stemmer: Callable | None = None,
+        show_progress: bool = False,
+        tokenizer: Callable[[str], list[str]] | None = None,
+        tokens: Mapping[str, list[str]] | None = None,
+    ):
         import bm25s
 
         if not isinstance(corpus, Mapping) or not corpus:
             raise ValueError("corpus must be a non-empty dict {docid: text}")
         if tokenizer is not None and (stopwords is not None or stemmer is not None):
-            raise ValueError("with a tokenizer, pass stopwords=None and stemmer=None (the tokenizer applies its own)")
+            raise ValueError(
+                "with a tokenizer, pass stopwords=None and stemmer=None (the tokenizer applies its own)"
+            )
         if tokens is not None and tokenizer is None:
-            raise ValueError("tokens (a pre-tokenized corpus) need the tokenizer that made them, for the queries")
+            raise ValueError(
+                "tokens (a pre-tokenized corpus) need the tokenizer that made them, for the queries"
+            )
         self._bm25s = bm25s
         self.docids = list(corpus)
         self.stopwords, self.stemmer, self.show_progress = stopwords, stemmer, show_progress
         self.tokenizer = tokenizer
         self.retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
         if tokenizer is None:
-            tokenized = bm25s.tokenize([corpus[d] for d in self.docids], stopwords=stopwords, stemmer=stemmer,
-                                       show_progress=show_progress)
+            tokenized = bm25s.tokenize(
+                [corpus[d] for d in self.docids],
+                stopwords=stopwords,
+                stemmer=stemmer,
+                show_progress=show_progress,
+            )
             self.retriever.index(tokenized, show_progress=show_progress)
             self.vocab = tokenized.vocab
         else:
@@ -79,8 +94,13 @@ class BM25Index:
         if self.tokenizer is not None:
             words = [self.tokenizer(queries[q]) for q in qids]
         else:
-            words = self._bm25s.tokenize([queries[q] for q in qids], stopwords=self.stopwords, stemmer=self.stemmer,
-                                         return_ids=False, show_progress=False)
+            words = self._bm25s.tokenize(
+                [queries[q] for q in qids],
+                stopwords=self.stopwords,
+                stemmer=self.stemmer,
+                return_ids=False,
+                show_progress=False,
+            )
         # bm25s refuses unknown words; a word absent from the corpus contributes nothing to BM25 anyway.
         words = [[w for w in ws if w and w in self.vocab] for ws in words]
         run: Run = {q: {} for q in qids}
@@ -88,8 +108,9 @@ class BM25Index:
         if not live:
             return run
         depth = min(k, len(self.docids))
-        idx, scores = self.retriever.retrieve([words[i] for i in live], k=depth, show_progress=self.show_progress,
-                                              n_threads=1)
+        idx, scores = self.retriever.retrieve(
+            [words[i] for i in live], k=depth, show_progress=self.show_progress, n_threads=1
+        )
         for row, i in enumerate(live):
             hits = run[qids[i]]
             for j, s in zip(idx[row].tolist(), np.asarray(scores[row], dtype=np.float64).tolist()):
@@ -101,10 +122,18 @@ class BM25Index:
 BACKENDS = ("bm25s", "pyserini")
 
 
-def bm25_search(corpus: Mapping[str, str], queries: Mapping[str, str], k: int = 100, k1: float = 0.9,
-                b: float = 0.4, stopwords: str | None = "en", stemmer: Callable | str | None = None,
-                backend: str = "bm25s", index_dir: str | None = None,
-                tokenizer: Callable[[str], list[str]] | None = None) -> Run:
+def bm25_search(
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    k: int = 100,
+    k1: float = 0.9,
+    b: float = 0.4,
+    stopwords: str | None = "en",
+    stemmer: Callable | str | None = None,
+    backend: str = "bm25s",
+    index_dir: str | None = None,
+    tokenizer: Callable[[str], list[str]] | None = None,
+) -> Run:
     """Index `corpus` with BM25 and return each query's top-k: {qid: {docid: score}}.
 
     Args:
@@ -123,27 +152,37 @@ def bm25_search(corpus: Mapping[str, str], queries: Mapping[str, str], k: int = 
     if backend == "pyserini":
         from rerankdistill.bm25_lucene import LuceneBM25Index
 
-        with LuceneBM25Index(corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer, index_dir=index_dir) as index:
+        with LuceneBM25Index(
+            corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer, index_dir=index_dir
+        ) as index:
             return index.search(queries, k=k)
     if backend != "bm25s":
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(stemmer, str):
-        raise ValueError(f"stemmer={stemmer!r}: named Lucene stemmers need backend='pyserini'; bm25s takes a "
-                         "callable (e.g. PyStemmer's `Stemmer.Stemmer('english').stemWords`) or None")
+        raise ValueError(
+            f"stemmer={stemmer!r}: named Lucene stemmers need backend='pyserini'; bm25s takes a "
+            "callable (e.g. PyStemmer's `Stemmer.Stemmer('english').stemWords`) or None"
+        )
     if index_dir is not None:
         raise ValueError("index_dir is for backend='pyserini' (bm25s indexes in memory)")
-    return BM25Index(corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer, tokenizer=tokenizer).search(queries,
-                                                                                                       k=k)
+    return BM25Index(corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer, tokenizer=tokenizer).search(
+        queries, k=k
+    )
 
 
 K1_GRID = (0.6, 0.9, 1.2, 1.5, 2.0)
 B_GRID = (0.2, 0.4, 0.6, 0.75, 0.9)
 
 
-def select_bm25_params(corpus: Mapping[str, str], queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]],
-                       tokenizer: Callable[[str], list[str]], k1s: tuple[float, ...] = K1_GRID,
-                       bs: tuple[float, ...] = B_GRID, depth: int = 10
-                       ) -> tuple[float, float, dict[tuple[float, float], float]]:
+def select_bm25_params(
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    tokenizer: Callable[[str], list[str]],
+    k1s: tuple[float, ...] = K1_GRID,
+    bs: tuple[float, ...] = B_GRID,
+    depth: int = 10,
+) -> tuple[float, float, dict[tuple[float, float], float]]:
     """k1 and b maximising nDCG@`depth` of `queries` (validation queries: never the evaluation ones), over a grid.
 
     The corpus is tokenized once. Ties go to the first (k1, b) in grid order.

@@ -46,7 +46,9 @@ def java_major_version(java_home: str | Path) -> int | None:
         text = match.group(1) if match else ""
     if not text and (home / "bin" / "java").is_file():
         try:
-            out = subprocess.run([str(home / "bin" / "java"), "-version"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [str(home / "bin" / "java"), "-version"], capture_output=True, text=True, timeout=30
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         match = re.search(r'version "([^"]+)"', out.stderr + out.stdout)
@@ -59,7 +61,13 @@ def java_major_version(java_home: str | Path) -> int | None:
 
 
 def _candidate_java_homes() -> list[Path]:
-    homes = [p for root in JVM_ROOTS if root.is_dir() for p in sorted(root.iterdir()) if (p / "bin" / "java").is_file()]
+    homes = [
+        p
+        for root in JVM_ROOTS
+        if root.is_dir()
+        for p in sorted(root.iterdir())
+        if (p / "bin" / "java").is_file()
+    ]
     on_path = shutil.which("java")
     if on_path:
         homes.append(Path(os.path.realpath(on_path)).parent.parent)
@@ -78,11 +86,15 @@ def find_java_home(minimum: int = MIN_JAVA) -> Path:
         if version is not None and version >= minimum:
             return Path(env)
         hint = f"; point JAVA_HOME at {suitable[-1][1]} or unset it" if suitable else ""
-        raise RuntimeError(f"pyserini needs Java {minimum}+, but JAVA_HOME={env} is "
-                           f"{'not a Java home' if version is None else f'Java {version}'}{hint}")
+        raise RuntimeError(
+            f"pyserini needs Java {minimum}+, but JAVA_HOME={env} is "
+            f"{'not a Java home' if version is None else f'Java {version}'}{hint}"
+        )
     if not suitable:
-        raise RuntimeError(f"pyserini needs Java {minimum}+ and none was found (JAVA_HOME unset; Java homes seen: "
-                           f"{seen}); install a JDK {minimum}+ (e.g. Temurin) and set JAVA_HOME to it")
+        raise RuntimeError(
+            f"pyserini needs Java {minimum}+ and none was found (JAVA_HOME unset; Java homes seen: "
+            f"{seen}); install a JDK {minimum}+ (e.g. Temurin) and set JAVA_HOME to it"
+        )
     return Path(suitable[-1][1])
 
 
@@ -92,8 +104,10 @@ def _load_pyserini():
     try:
         import pyserini  # noqa: F401  (the package alone starts no JVM)
     except ImportError as err:
-        raise ImportError("backend='pyserini' needs pyserini (`pip install pyserini`, or `uv sync` in this "
-                          "workspace: it is in the dev group) and a Java 21+ JDK") from err
+        raise ImportError(
+            "backend='pyserini' needs pyserini (`pip install pyserini`, or `uv sync` in this "
+            "workspace: it is in the dev group) and a Java 21+ JDK"
+        ) from err
     if "jnius" not in sys.modules:  # JVM not started yet: choose it now (pyjnius reads JAVA_HOME on import)
         os.environ["JAVA_HOME"] = str(find_java_home())
     try:
@@ -101,9 +115,11 @@ def _load_pyserini():
         from pyserini.index.lucene import LuceneIndexer
         from pyserini.pyclass import JArrayList, autoclass
     except Exception as err:  # jnius.JavaException: UnsupportedClassVersionError on a JVM older than 21
-        raise RuntimeError(f"pyserini could not load Anserini's classes (needs Java {MIN_JAVA}+; JAVA_HOME="
-                           f"{os.environ.get('JAVA_HOME')}; a JVM already started in this process cannot be "
-                           f"replaced): {err}") from err
+        raise RuntimeError(
+            f"pyserini could not load Anserini's classes (needs Java {MIN_JAVA}+; JAVA_HOME="
+            f"{os.environ.get('JAVA_HOME')}; a JVM already started in this process cannot be "
+            f"replaced): {err}"
+        ) from err
     try:  # Anserini logs every indexing step at INFO through log4j; keep warnings only
         level = autoclass("org.apache.logging.log4j.Level")
         autoclass("org.apache.logging.log4j.core.config.Configurator").setRootLevel(level.WARN)
@@ -114,10 +130,14 @@ def _load_pyserini():
 
 def _check_analysis(stopwords: str | None, stemmer: str | None) -> None:
     if stopwords not in ("en", None):
-        raise ValueError(f"stopwords must be 'en' (Lucene's English list) or None for backend='pyserini', "
-                         f"got {stopwords!r}")
+        raise ValueError(
+            f"stopwords must be 'en' (Lucene's English list) or None for backend='pyserini', "
+            f"got {stopwords!r}"
+        )
     if stemmer is not None and stemmer not in LUCENE_STEMMERS:
-        raise ValueError(f"stemmer must be None or one of {LUCENE_STEMMERS} for backend='pyserini', got {stemmer!r}")
+        raise ValueError(
+            f"stemmer must be None or one of {LUCENE_STEMMERS} for backend='pyserini', got {stemmer!r}"
+        )
 
 
 class LuceneBM25Index:
@@ -133,8 +153,16 @@ class LuceneBM25Index:
         threads: indexing and search threads.
     """
 
-    def __init__(self, corpus: Mapping[str, str], k1: float = 0.9, b: float = 0.4, stopwords: str | None = "en",
-                 stemmer: str | None = None, index_dir: str | Path | None = None, threads: int = 1):
+    def __init__(
+        self,
+        corpus: Mapping[str, str],
+        k1: float = 0.9,
+        b: float = 0.4,
+        stopwords: str | None = "en",
+        stemmer: str | None = None,
+        index_dir: str | Path | None = None,
+        threads: int = 1,
+    ):
         self._searcher = self._tmp = None
         if not isinstance(corpus, Mapping) or not corpus:
             raise ValueError("corpus must be a non-empty dict {docid: text}")
@@ -156,12 +184,17 @@ class LuceneBM25Index:
             args.append("-keepStopwords")
         indexer = lucene_indexer(args=args, threads=threads)
         json_doc = autoclass("io.anserini.collection.JsonCollection$Document")
-        indexer.object.addJsonDocuments([json_doc.fromFields(str(d), t) for d, t in corpus.items() if t.strip()])
+        indexer.object.addJsonDocuments(
+            [json_doc.fromFields(str(d), t) for d, t in corpus.items() if t.strip()]
+        )
         indexer.close()
 
         self._searcher = autoclass("io.anserini.search.SimpleSearcher")(str(self.index_dir))
-        self._searcher.set_analyzer(get_analyzer(stemming=stemmer is not None, stemmer=stemmer or "porter",
-                                                 stopwords=stopwords is not None))
+        self._searcher.set_analyzer(
+            get_analyzer(
+                stemming=stemmer is not None, stemmer=stemmer or "porter", stopwords=stopwords is not None
+            )
+        )
         self._searcher.set_bm25(float(k1), float(b))
         self.num_docs = int(self._searcher.get_total_num_docs())
 

@@ -33,8 +33,11 @@ class CollectionOptions:
     split: str = option("test", "BEIR qrels split")
     topics: str = option("", "topics (bright jsonl.gz, trec topics, datasets: queries source)")
     qrels: str = option("", "qrels (bright, trec: TREC file; datasets: source with query-id/corpus-id/score)")
-    corpus: str = option("", "corpus: JSONL(.gz), Parquet, a `datasets` folder or (online) a hub id[:config] "
-                             "(bright: id/content; trec: id/text; datasets: _id or id, text or content, title)")
+    corpus: str = option(
+        "",
+        "corpus: JSONL(.gz), Parquet, a `datasets` folder or (online) a hub id[:config] "
+        "(bright: id/content; trec: id/text; datasets: _id or id, text or content, title)",
+    )
     corpus_split: str = option("", "split of a multi-split corpus source (BRIGHT's documents: the domain)")
 
 
@@ -66,18 +69,27 @@ def load_collection(o: CollectionOptions):
         task = load_bright(o.topics, o.qrels or None)
         return load_texts(o.corpus, "id", "content", None, split=corpus_split), task.queries, task.qrels
     if o.collection == "trec":
-        return load_texts(o.corpus, "id", "text", None, split=corpus_split), read_topics(o.topics), read_qrels(o.qrels)
+        return (
+            load_texts(o.corpus, "id", "text", None, split=corpus_split),
+            read_topics(o.topics),
+            read_qrels(o.qrels),
+        )
     if o.collection == "datasets":
-        return (load_texts(o.corpus, split=corpus_split), load_texts(o.topics, title_field=None),
-                load_qrels_records(o.qrels))
+        return (
+            load_texts(o.corpus, split=corpus_split),
+            load_texts(o.topics, title_field=None),
+            load_qrels_records(o.qrels),
+        )
     raise ConfigError(f"collection must be one of {COLLECTION_HELP}, got {o.collection!r}")
 
 
 @dataclass
 class SplitOptions:
     splits: str = option("", "split file from `rerankdistill split` (train / validation / test qids)")
-    queries: str = option("", "train | validation | test: the split used (default: train for training commands, "
-                              "test for rerank)")
+    queries: str = option(
+        "",
+        "train | validation | test: the split used (default: train for training commands, test for rerank)",
+    )
     allow_test_leak: bool = option(False, "let a training command use test queries (refused otherwise)")
 
 
@@ -123,8 +135,10 @@ def read_pairs(path: str | Path):
     for no, r in enumerate(read_jsonl(path), start=1):
         missing = [k for k in ("qid", "docid", "query", "document") if k not in r]
         if missing or not isinstance(r["query"], str) or not isinstance(r["document"], str):
-            raise ConfigError(f"{path}: record {no} needs string fields qid, docid, query, document"
-                              + (f" (missing {', '.join(missing)})" if missing else ""))
+            raise ConfigError(
+                f"{path}: record {no} needs string fields qid, docid, query, document"
+                + (f" (missing {', '.join(missing)})" if missing else "")
+            )
         pairs.append(Pair(str(r["qid"]), str(r["docid"]), r["query"], r["document"]))
     return pairs
 
@@ -189,23 +203,40 @@ def cmd_generate(o: GenerateOptions) -> dict:
     elif o.backend == "openai":
         from rerankdistill.backends.openai_http import OpenAIChatBackend
 
-        backend = OpenAIChatBackend(o.base_url, o.model, name=o.name or None, api_key_env=o.api_key_env,
-                                    temperature=o.temperature, max_tokens=o.max_tokens, timeout=o.timeout,
-                                    max_retries=o.max_retries)
+        backend = OpenAIChatBackend(
+            o.base_url,
+            o.model,
+            name=o.name or None,
+            api_key_env=o.api_key_env,
+            temperature=o.temperature,
+            max_tokens=o.max_tokens,
+            timeout=o.timeout,
+            max_retries=o.max_retries,
+        )
     elif o.backend == "transformers":
         from rerankdistill.backends.hf import TransformersBackend, load_causal_lm
 
         model, tok = load_causal_lm(o.model)
-        backend = TransformersBackend(model, tok, name=o.name or None, max_new_tokens=o.max_tokens,
-                                      temperature=o.temperature, batch_size=o.batch_size)
+        backend = TransformersBackend(
+            model,
+            tok,
+            name=o.name or None,
+            max_new_tokens=o.max_tokens,
+            temperature=o.temperature,
+            batch_size=o.batch_size,
+        )
     elif o.backend == "vllm":
         from rerankdistill.backends.vllm import VLLMBackend
 
-        backend = VLLMBackend(o.model, name=o.name or None, max_tokens=o.max_tokens, temperature=o.temperature)
+        backend = VLLMBackend(
+            o.model, name=o.name or None, max_tokens=o.max_tokens, temperature=o.temperature
+        )
     else:
         raise ConfigError(f"backend must be openai, transformers, vllm or offline-qrels, got {o.backend!r}")
     with TeacherStore(o.output) as store:
-        stats = generate_teacher_outputs(pairs, backend, store, concurrency=o.concurrency, batch_size=o.batch_size)
+        stats = generate_teacher_outputs(
+            pairs, backend, store, concurrency=o.concurrency, batch_size=o.batch_size
+        )
     return {"pairs": len(pairs), **{k: v for k, v in stats.__dict__.items() if k != "failures"}}
 
 
@@ -224,10 +255,14 @@ class TrainOptions(SplitOptions):
     batch_size: int = option(1, "micro-batch size")
     grad_accum: int = option(16, "micro-batches per optimizer step")
     save_every: int = option(50, "optimizer steps between resumable checkpoints")
-    completion_only: bool = option(True, "learn only the answer tokens (false: the full sequence, as InteRank's "
-                                         "release)")
-    target_format: str = option("interank", "interank: `<explanation> Relevance Label: n ##` | release: the "
-                                            "explanation, then a final line `Relevance Label: n` (InteRank's release)")
+    completion_only: bool = option(
+        True, "learn only the answer tokens (false: the full sequence, as InteRank's release)"
+    )
+    target_format: str = option(
+        "interank",
+        "interank: `<explanation> Relevance Label: n ##` | release: the "
+        "explanation, then a final line `Relevance Label: n` (InteRank's release)",
+    )
     max_length: int = option(2048, "longer examples are dropped (counted)")
     lora_r: int = option(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = option(16, "LoRA alpha")
@@ -254,13 +289,20 @@ class RefineOptions(TrainOptions):
     temperature: float = option(1.0, "sampling temperature")
     max_new_tokens: int = option(256, "tokens per sampled answer")
     beta: float = option(0.0, "grpo: KL coefficient")
-    reward: str = option("label", "rwft reward: label (agreement with the teacher's label) | rubric (a judge model "
-                                  "scores each sample on a rubric, as InteRank's release)")
-    reward_backend: str = option("openai", "rubric judge: openai (reward_base_url, reward_model) | offline "
-                                           "(a mechanical stand-in for tests)")
+    reward: str = option(
+        "label",
+        "rwft reward: label (agreement with the teacher's label) | rubric (a judge model "
+        "scores each sample on a rubric, as InteRank's release)",
+    )
+    reward_backend: str = option(
+        "openai",
+        "rubric judge: openai (reward_base_url, reward_model) | offline (a mechanical stand-in for tests)",
+    )
     reward_base_url: str = option("http://127.0.0.1:8000/v1", "rubric judge: OpenAI-compatible server")
     reward_model: str = option("", "rubric judge: model name")
-    reward_api_key_env: str = option("OPENAI_API_KEY", "rubric judge: environment variable holding the API key")
+    reward_api_key_env: str = option(
+        "OPENAI_API_KEY", "rubric judge: environment variable holding the API key"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -278,10 +320,20 @@ def _student(o: TrainOptions):
     if not o.model:
         raise ConfigError("model= (a local model directory) is required")
     model, tok = load_causal_lm(o.model, dtype="float32" if o.quantize == "" else "auto")
-    loop = LoopConfig(lr=o.lr, epochs=o.epochs, max_steps=o.max_steps or None, batch_size=o.batch_size,
-                      grad_accum=o.grad_accum, save_every=o.save_every, seed=o.seed)
-    lora = LoraSpec(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, quantize=o.quantize or None) \
-        if o.lora_r else None
+    loop = LoopConfig(
+        lr=o.lr,
+        epochs=o.epochs,
+        max_steps=o.max_steps or None,
+        batch_size=o.batch_size,
+        grad_accum=o.grad_accum,
+        save_every=o.save_every,
+        seed=o.seed,
+    )
+    lora = (
+        LoraSpec(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, quantize=o.quantize or None)
+        if o.lora_r
+        else None
+    )
     return model, tok, loop, lora
 
 
@@ -318,8 +370,17 @@ def cmd_sft(o: TrainOptions) -> dict:
     pairs, records = _teacher_records(o)
     examples, counts = distill_examples(records, pairs, prompt)
     model, tok, loop, lora = _student(o)
-    result = sft(model.train(), tok, examples, o.output_dir, loop=loop, lora=lora,
-                 completion_only=o.completion_only, max_length=o.max_length, prompt=prompt)
+    result = sft(
+        model.train(),
+        tok,
+        examples,
+        o.output_dir,
+        loop=loop,
+        lora=lora,
+        completion_only=o.completion_only,
+        max_length=o.max_length,
+        prompt=prompt,
+    )
     return {**counts, **result.stats, "final": str(result.final_dir)}
 
 
@@ -339,35 +400,70 @@ def rubric_reward_model(o: RefineOptions):
         raise ConfigError("reward=rubric with reward_backend=openai needs reward_model=")
     from rerankdistill.backends.openai_http import OpenAIChatBackend
 
-    return RubricRewardModel(OpenAIChatBackend(o.reward_base_url, o.reward_model, api_key_env=o.reward_api_key_env,
-                                               temperature=0.0, max_tokens=16))
+    return RubricRewardModel(
+        OpenAIChatBackend(
+            o.reward_base_url,
+            o.reward_model,
+            api_key_env=o.reward_api_key_env,
+            temperature=0.0,
+            max_tokens=16,
+        )
+    )
 
 
 def cmd_refine(o: RefineOptions) -> dict:
     from rerankdistill.train.rwft import RefinePair
 
     pairs, records = _teacher_records(o)
-    refine = [RefinePair(pairs[(r.qid, r.docid)].query, pairs[(r.qid, r.docid)].document, r.label, r.text)
-              for r in records if r.label is not None and (r.qid, r.docid) in pairs]
+    refine = [
+        RefinePair(pairs[(r.qid, r.docid)].query, pairs[(r.qid, r.docid)].document, r.label, r.text)
+        for r in records
+        if r.label is not None and (r.qid, r.docid) in pairs
+    ]
     model, tok, loop, lora = _student(o)
     if o.method == "rwft":
         from rerankdistill.train.rwft import reward_weighted_finetune
 
         judge = rubric_reward_model(o)
-        result = reward_weighted_finetune(model, tok, refine, o.output_dir, k=o.k, threshold=o.threshold,
-                                          power=o.power, weight_by_misclassification=o.weight_by_misclassification,
-                                          temperature=o.temperature, max_new_tokens=o.max_new_tokens, loop=loop,
-                                          lora=lora, completion_only=o.completion_only, max_length=o.max_length,
-                                          reward_model=judge, prompt=prompt_format(o.target_format))
+        result = reward_weighted_finetune(
+            model,
+            tok,
+            refine,
+            o.output_dir,
+            k=o.k,
+            threshold=o.threshold,
+            power=o.power,
+            weight_by_misclassification=o.weight_by_misclassification,
+            temperature=o.temperature,
+            max_new_tokens=o.max_new_tokens,
+            loop=loop,
+            lora=lora,
+            completion_only=o.completion_only,
+            max_length=o.max_length,
+            reward_model=judge,
+            prompt=prompt_format(o.target_format),
+        )
         if judge is not None:
             result.stats["judge_unparseable"] = float(judge.unparseable)
     elif o.method == "grpo":
         from rerankdistill.train.grpo import grpo
 
-        result = grpo(model, tok, refine, o.output_dir, max_steps=o.max_steps or 100, num_generations=o.k,
-                      max_completion_length=o.max_new_tokens, learning_rate=o.lr, beta=o.beta,
-                      temperature=o.temperature, lora=lora, seed=o.seed, save_every=o.save_every,
-                      prompt=prompt_format(o.target_format))
+        result = grpo(
+            model,
+            tok,
+            refine,
+            o.output_dir,
+            max_steps=o.max_steps or 100,
+            num_generations=o.k,
+            max_completion_length=o.max_new_tokens,
+            learning_rate=o.lr,
+            beta=o.beta,
+            temperature=o.temperature,
+            lora=lora,
+            seed=o.seed,
+            save_every=o.save_every,
+            prompt=prompt_format(o.target_format),
+        )
     else:
         raise ConfigError(f"method must be rwft or grpo, got {o.method!r}")
     return {"pairs": len(refine), **result.stats, "final": str(result.final_dir)}
@@ -380,16 +476,22 @@ def cmd_refine(o: RefineOptions) -> dict:
 class RerankOptions(CollectionOptions, SplitOptions):
     model: str = option("", "reranker: local model directory")
     first_stage: str = option("bm25", "'bm25' or a TREC run file")
-    first_stage_queries: str = option("original", "bm25 over the original queries or (bright) 'reasoning': "
-                                                  "BRIGHT's GPT-4 reasoning texts; the reranker sees the original")
+    first_stage_queries: str = option(
+        "original",
+        "bm25 over the original queries or (bright) 'reasoning': "
+        "BRIGHT's GPT-4 reasoning texts; the reranker sees the original",
+    )
     bm25_backend: str = option("bm25s", "first_stage=bm25 with bm25s | pyserini (Lucene; needs Java 21+)")
     depth: int = option(100, "candidates reranked per query")
     max_queries: int = option(0, "use only the first N queries (0: all)")
     batch_size: int = option(8, "pairs per forward/generate batch")
     max_new_tokens: int = option(256, "explanation budget")
-    label_probabilities: bool = option(True, "score by E[label] (else the parsed label, as InteRank's release)")
-    prompt_format: str = option("interank", "the student's answer format: interank | release (see sft's "
-                                            "target_format)")
+    label_probabilities: bool = option(
+        True, "score by E[label] (else the parsed label, as InteRank's release)"
+    )
+    prompt_format: str = option(
+        "interank", "the student's answer format: interank | release (see sft's target_format)"
+    )
     judgements: str = option("judgements.jsonl", "resumable store of explanations/labels")
     output: str = option("reranked.run", "TREC run written")
     first_stage_output: str = option("bm25.run", "the first-stage run, written when computed here")
@@ -407,13 +509,17 @@ def first_stage_texts(o: RerankOptions, queries: dict[str, str]) -> dict[str, st
     if o.first_stage_queries != "reasoning":
         raise ConfigError(f"first_stage_queries must be original or reasoning, got {o.first_stage_queries!r}")
     if o.collection != "bright":
-        raise ConfigError("first_stage_queries=reasoning needs collection=bright (its topics hold the reasoning)")
+        raise ConfigError(
+            "first_stage_queries=reasoning needs collection=bright (its topics hold the reasoning)"
+        )
     from rerankdistill.datasets import load_bright
 
     reasoning = load_bright(o.topics, o.qrels or None).reasoning
     missing = [q for q in queries if not reasoning.get(q)]
     if missing:
-        raise ConfigError(f"topics {o.topics!r}: {len(missing)} queries have no reasoning text, e.g. {missing[:5]}")
+        raise ConfigError(
+            f"topics {o.topics!r}: {len(missing)} queries have no reasoning text, e.g. {missing[:5]}"
+        )
     return {q: reasoning[q] for q in queries}
 
 
@@ -446,22 +552,30 @@ def cmd_rerank(o: RerankOptions) -> dict:
         first = {q: dict(sorted_ranking(d)[: o.depth]) for q, d in first.items()}
     model, tok = load_causal_lm(o.model)
     prompt = prompt_format(o.prompt_format)
-    backend = TransformersBackend(model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
-                                  stop=prompt.stop)
+    backend = TransformersBackend(
+        model, tok, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, stop=prompt.stop
+    )
     judge = TransformersJudge(backend, prompt=prompt, use_label_probabilities=o.label_probabilities)
     with TeacherStore(o.judgements) as store:
         result = rerank(first, queries, corpus, judge, k=o.depth, batch_size=o.batch_size, store=store)
     write_run(result.run, o.output, tag=o.tag)
     print(comparison_table({"first stage": first, "reranked": result.run}, qrels), end="")
-    return {"queries": len(first), "judged": result.judged, "cached": result.cached,
-            "unparseable": result.unparseable, "first_stage_queries": o.first_stage_queries, "output": o.output}
+    return {
+        "queries": len(first),
+        "judged": result.judged,
+        "cached": result.cached,
+        "unparseable": result.unparseable,
+        "first_stage_queries": o.first_stage_queries,
+        "output": o.output,
+    }
 
 
 @dataclass
 class EvaluateOptions(CollectionOptions, SplitOptions):
     runs: list[str] = option(default_factory=list, help="run files, NAME=PATH or PATH, comma separated")
-    measures: list[str] = option(default_factory=lambda: ["ndcg_cut_10", "map", "recall_100"],
-                                 help="trec_eval measure names")
+    measures: list[str] = option(
+        default_factory=lambda: ["ndcg_cut_10", "map", "recall_100"], help="trec_eval measure names"
+    )
     per_query: bool = option(False, "also print per-query values")
     output: str = option("", "write the markdown table here too")
     baseline: str = option("", "run the others are compared with by paired tests (default: the first)")
@@ -500,8 +614,10 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
             for m, score in evaluate(run, qrels, tuple(o.measures)).items():
                 for qid, v in score.per_query.items():
                     print(f"{name}\t{m}\t{qid}\t{v:.4f}")
-    summary: dict = {name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()}
-                     for name, r in runs.items()}
+    summary: dict = {
+        name: {m: float(v) for m, v in evaluate(r, qrels, tuple(o.measures)).items()}
+        for name, r in runs.items()
+    }
     if o.significance and len(runs) > 1:
         rows = significance_rows(runs, qrels, o)
         text = significance_table(rows, o.baseline or next(iter(runs)))
@@ -526,26 +642,45 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
         raise ConfigError(f"baseline={baseline!r} is not one of the runs: {', '.join(runs)}")
     ranked = {q: j for q, j in qrels.items() if any(q in r for r in runs.values())}
     scores = {name: evaluate(r, ranked, tuple(o.measures), complete=True) for name, r in runs.items()}
-    return [{"run": name, "baseline": baseline, "measure": m,
-             **compare_runs(scores[name][m].per_query, scores[baseline][m].per_query,
-                            n_resamples=o.n_resamples, seed=o.seed)}
-            for name in runs if name != baseline for m in o.measures]
+    return [
+        {
+            "run": name,
+            "baseline": baseline,
+            "measure": m,
+            **compare_runs(
+                scores[name][m].per_query,
+                scores[baseline][m].per_query,
+                n_resamples=o.n_resamples,
+                seed=o.seed,
+            ),
+        }
+        for name in runs
+        if name != baseline
+        for m in o.measures
+    ]
 
 
 def significance_table(rows: list[dict], baseline: str) -> str:
-    lines = [f"paired tests against {baseline} (judged queries ranked by any run; 95% bootstrap CI of the mean "
-             "difference)",
-             "| run | measure | queries | diff | 95% CI | t-test p | randomization p |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['measure']} | {r['queries']} | {r['mean_diff']:+.4f} | "
-              f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_t']:.4f} | {r['p_randomization']:.4f} |"
-              for r in rows]
+    lines = [
+        f"paired tests against {baseline} (judged queries ranked by any run; 95% bootstrap CI of the mean "
+        "difference)",
+        "| run | measure | queries | diff | 95% CI | t-test p | randomization p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['run']} | {r['measure']} | {r['queries']} | {r['mean_diff']:+.4f} | "
+        f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_t']:.4f} | {r['p_randomization']:.4f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
 @dataclass
 class SplitCommandOptions(CollectionOptions):
     out: str = option("splits.json", "split file written (JSON: train / validation / test qid lists)")
-    validation: float = option(0.1, "share of the queries for validation (of the non-test ones with test_qids)")
+    validation: float = option(
+        0.1, "share of the queries for validation (of the non-test ones with test_qids)"
+    )
     test: float = option(0.2, "share of the queries for test (unused with test_qids)")
     seed: int = option(0, "seed of the shuffle")
     test_qids: str = option("", "a given test set: a file of qids, one per line")
@@ -564,15 +699,31 @@ def cmd_split(o: SplitCommandOptions) -> dict:
             raise ConfigError(f"test_qids file {o.test_qids!r} does not exist")
         given = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     splits = make_splits(judged, o.validation, o.test, o.seed, given)
-    text = json.dumps({**splits, "collection": o.collection, "seed": o.seed, "validation_share": o.validation,
-                       "test_share": None if given else o.test, "test_qids": o.test_qids or None}, indent=1) + "\n"
+    text = (
+        json.dumps(
+            {
+                **splits,
+                "collection": o.collection,
+                "seed": o.seed,
+                "validation_share": o.validation,
+                "test_share": None if given else o.test,
+                "test_qids": o.test_qids or None,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     out = Path(o.out)
     if out.exists() and out.read_text(encoding="utf-8") != text and not o.overwrite:
-        raise ConfigError(f"out={o.out!r} exists with other splits: runs made with it would change meaning; "
-                          "choose another file or set overwrite=true")
+        raise ConfigError(
+            f"out={o.out!r} exists with other splits: runs made with it would change meaning; "
+            "choose another file or set overwrite=true"
+        )
     atomic_write_text(out, text)
-    return {name: len(qids) for name, qids in splits.items()} | {"unjudged_skipped": len(queries) - len(judged),
-                                                                "out": o.out}
+    return {name: len(qids) for name, qids in splits.items()} | {
+        "unjudged_skipped": len(queries) - len(judged),
+        "out": o.out,
+    }
 
 
 COMMANDS = {
@@ -595,17 +746,24 @@ def _check_outputs(options: object) -> None:
     inputs = {name: fields[name] for name in INPUT_OPTIONS if isinstance(fields.get(name), str)}
     for i, run in enumerate(fields.get("runs") or []):
         inputs[f"runs[{i}]"] = str(run).split("=", 1)[-1]
-    refuse_overwriting_inputs({name: fields[name] for name in OUTPUT_OPTIONS if isinstance(fields.get(name), str)},
-                              inputs)
+    refuse_overwriting_inputs(
+        {name: fields[name] for name in OUTPUT_OPTIONS if isinstance(fields.get(name), str)}, inputs
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rerankdistill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rerankdistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, text) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="options (YAML keys or key=value):\n" + options_help(cls))
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="options (YAML keys or key=value):\n" + options_help(cls),
+        )
         p.add_argument("--config", type=Path, default=None, help="YAML file of options")
         p.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)

@@ -52,8 +52,9 @@ def _stemmer(stemmer: str | Callable[[str], str] | None) -> Callable[[str], str]
     if stemmer is None or callable(stemmer):
         return stemmer
     if stemmer not in STEMMERS:
-        raise ValueError(f"stemmer must be one of {sorted(STEMMERS)}, a callable word -> word, or None, "
-                         f"got {stemmer!r}")
+        raise ValueError(
+            f"stemmer must be one of {sorted(STEMMERS)}, a callable word -> word, or None, got {stemmer!r}"
+        )
     return STEMMERS[stemmer]
 
 
@@ -110,7 +111,8 @@ class IdentifierTokenizer:
         return tokens
 
 
-def identifier_tokens(text: str, stopwords: str | Iterable[str] | None = "en",
-                      stemmer: str | Callable | None = None) -> list[str]:
+def identifier_tokens(
+    text: str, stopwords: str | Iterable[str] | None = "en", stemmer: str | Callable | None = None
+) -> list[str]:
     """Tokens of `text` (see the module doc); for many texts build one `IdentifierTokenizer`."""
     return IdentifierTokenizer(stopwords, stemmer)(text)

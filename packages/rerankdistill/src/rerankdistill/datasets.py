@@ -94,8 +94,9 @@ def load_cranfield(directory: str | os.PathLike) -> tuple[Corpus, Queries, Qrels
         try:
             gain = CRANFIELD_GAINS[int(code)]
         except (ValueError, KeyError):
-            raise TrecFormatError(path, no, f"relevance code {code!r} not in {sorted(CRANFIELD_GAINS)}",
-                                  line) from None
+            raise TrecFormatError(
+                path, no, f"relevance code {code!r} not in {sorted(CRANFIELD_GAINS)}", line
+            ) from None
         judged = qrels.setdefault(qid, {})
         if docid in judged:
             raise TrecFormatError(path, no, f"duplicate judgement for query {qid!r} doc {docid!r}", line)
@@ -119,8 +120,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def load_jsonl(path: str | os.PathLike, id_field: str = "id", text_field: str = "text",
-               title_field: str | None = None) -> dict[str, str]:
+def load_jsonl(
+    path: str | os.PathLike, id_field: str = "id", text_field: str = "text", title_field: str | None = None
+) -> dict[str, str]:
     """Load {id: text} from JSON lines, e.g. a corpus or a query file.
 
     Args:
@@ -130,8 +132,9 @@ def load_jsonl(path: str | os.PathLike, id_field: str = "id", text_field: str = 
     out: dict[str, str] = {}
     for no, row in enumerate(read_jsonl(path), start=1):
         if id_field not in row or text_field not in row:
-            raise ValueError(f"{os.fspath(path)}: record {no} lacks {id_field!r} or {text_field!r}: "
-                             f"keys are {sorted(row)}")
+            raise ValueError(
+                f"{os.fspath(path)}: record {no} lacks {id_field!r} or {text_field!r}: keys are {sorted(row)}"
+            )
         key = str(row[id_field])
         if key in out:
             raise ValueError(f"{os.fspath(path)}: record {no} repeats id {key!r}")
@@ -178,7 +181,9 @@ def load_beir(directory: str | os.PathLike, split: str = "test") -> tuple[Corpus
     qrels = read_beir_qrels(qrels_path)
     missing = sorted(set(qrels) - set(queries))
     if missing:
-        raise ValueError(f"{qrels_path}: {len(missing)} judged queries are not in queries.jsonl, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{qrels_path}: {len(missing)} judged queries are not in queries.jsonl, e.g. {missing[:3]}"
+        )
     return corpus, {q: queries[q] for q in qrels}, qrels
 
 
@@ -200,8 +205,12 @@ class BrightTask:
     reasoning: dict[str, str] = field(default_factory=dict)
 
 
-def load_bright(topics: str | os.PathLike, qrels: str | os.PathLike | None = None,
-                corpus: str | os.PathLike | None = None, long_documents: bool = False) -> BrightTask:
+def load_bright(
+    topics: str | os.PathLike,
+    qrels: str | os.PathLike | None = None,
+    corpus: str | os.PathLike | None = None,
+    long_documents: bool = False,
+) -> BrightTask:
     """Load a BRIGHT domain from local files.
 
     Args:
@@ -230,13 +239,17 @@ def load_bright(topics: str | os.PathLike, qrels: str | os.PathLike | None = Non
     judged = read_qrels(qrels) if qrels is not None else built
     unknown = sorted(set(judged) - set(queries))
     if unknown:
-        raise ValueError(f"qrels {os.fspath(qrels or topics)} judge queries absent from the topics: {unknown[:5]}")
+        raise ValueError(
+            f"qrels {os.fspath(qrels or topics)} judge queries absent from the topics: {unknown[:5]}"
+        )
     docs = None
     if corpus is not None:
         docs = load_jsonl(corpus, "id", "content")
     return BrightTask(queries=queries, qrels=judged, excluded=excluded, corpus=docs, reasoning=reasoning)
 
 
-def drop_excluded(run: dict[str, dict[str, float]], excluded: dict[str, set[str]]) -> dict[str, dict[str, float]]:
+def drop_excluded(
+    run: dict[str, dict[str, float]], excluded: dict[str, set[str]]
+) -> dict[str, dict[str, float]]:
     """Remove BRIGHT's excluded ids from each query's ranking (as BRIGHT's evaluation does)."""
     return {q: {d: s for d, s in docs.items() if d not in excluded.get(q, ())} for q, docs in run.items()}

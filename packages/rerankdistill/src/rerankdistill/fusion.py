@@ -26,8 +26,13 @@ from rerankdistill.trec import Qrels, Run, _neg_key, sorted_ranking
 DEFAULT_GRID = tuple(i / 10 for i in range(11))
 
 
-def fuse(first_stage: Run, reranker: Mapping[str, Mapping[str, float]], weight: float, k: int,
-         max_score: float = 2.0) -> Run:
+def fuse(
+    first_stage: Run,
+    reranker: Mapping[str, Mapping[str, float]],
+    weight: float,
+    k: int,
+    max_score: float = 2.0,
+) -> Run:
     """The fused run (see the module docstring).
 
     Args:
@@ -60,9 +65,15 @@ def fuse(first_stage: Run, reranker: Mapping[str, Mapping[str, float]], weight: 
     return fused_run
 
 
-def select_fusion_weight(first_stage: Run, reranker: Mapping[str, Mapping[str, float]], qrels: Qrels, k: int,
-                         grid: Sequence[float] = DEFAULT_GRID, cutoff: int = 10, max_score: float = 2.0
-                         ) -> tuple[float, dict[float, float]]:
+def select_fusion_weight(
+    first_stage: Run,
+    reranker: Mapping[str, Mapping[str, float]],
+    qrels: Qrels,
+    k: int,
+    grid: Sequence[float] = DEFAULT_GRID,
+    cutoff: int = 10,
+    max_score: float = 2.0,
+) -> tuple[float, dict[float, float]]:
     """The weight of `grid` with the best mean nDCG@cutoff on `qrels`' queries (ties: the smallest weight, i.e.
     the one closest to the first stage), and every weight's score.
 
@@ -77,7 +88,9 @@ def select_fusion_weight(first_stage: Run, reranker: Mapping[str, Mapping[str, f
     queries = {q: first_stage[q] for q in qrels if q in first_stage}
     if not queries:
         raise ValueError("no query of qrels is in first_stage: nothing to select the weight on")
-    scores = {float(w): float(ndcg_at_k(fuse(queries, reranker, w, k, max_score), qrels, cutoff))
-              for w in sorted(grid)}
+    scores = {
+        float(w): float(ndcg_at_k(fuse(queries, reranker, w, k, max_score), qrels, cutoff))
+        for w in sorted(grid)
+    }
     best = max(scores.values())
     return min(w for w, s in scores.items() if s == best), scores

@@ -79,10 +79,24 @@ _LABEL_WORD = re.compile(r"relevance[\s_-]*label\s*[:=]\s*[\*\"'`]*\s*([a-z][a-z
 _SHORT = re.compile(r"^\s*[\*\"'`\[\(]*(\d+)[\*\"'`\]\)]*\s*(##)?\s*$")
 # keyword fallbacks, most specific first; the last mention in the text wins
 _KEYWORDS: tuple[tuple[re.Pattern[str], int], ...] = (
-    (re.compile(r"\b(?:not|non|isn't|is not)[\s-]+(?:at all\s+)?relevant\b|\birrelevant\b|\bno relevance\b", re.I), 0),
-    (re.compile(r"\b(?:partially|somewhat|partly|moderately|marginally|slightly)[\s-]+relevant\b"
-                r"|\bpartial(?:ly)? relevance\b", re.I), 1),
-    (re.compile(r"\b(?:highly|very|fully|directly|clearly|completely)[\s-]+relevant\b|\brelevant\b", re.I), 2),
+    (
+        re.compile(
+            r"\b(?:not|non|isn't|is not)[\s-]+(?:at all\s+)?relevant\b|\birrelevant\b|\bno relevance\b", re.I
+        ),
+        0,
+    ),
+    (
+        re.compile(
+            r"\b(?:partially|somewhat|partly|moderately|marginally|slightly)[\s-]+relevant\b"
+            r"|\bpartial(?:ly)? relevance\b",
+            re.I,
+        ),
+        1,
+    ),
+    (
+        re.compile(r"\b(?:highly|very|fully|directly|clearly|completely)[\s-]+relevant\b|\brelevant\b", re.I),
+        2,
+    ),
 )
 
 

@@ -15,12 +15,16 @@ from pathlib import Path
 
 ID_FIELDS = ("_id", "id", "docid", "doc_id", "qid", "query_id", "query-id")
 TEXT_FIELDS = ("text", "content", "contents", "query", "body")
-QRELS_FIELDS = (("query-id", "query_id", "qid"), ("corpus-id", "corpus_id", "docid", "doc_id"),
-                ("score", "relevance", "label", "gain"))
+QRELS_FIELDS = (
+    ("query-id", "query_id", "qid"),
+    ("corpus-id", "corpus_id", "docid", "doc_id"),
+    ("score", "relevance", "label", "gain"),
+)
 
 
-def iter_records(source: str | os.PathLike, split: str | None = None, config: str | None = None
-                 ) -> Iterable[dict]:
+def iter_records(
+    source: str | os.PathLike, split: str | None = None, config: str | None = None
+) -> Iterable[dict]:
     """The rows of `source` as dicts.
 
     Args:
@@ -42,7 +46,9 @@ def iter_records(source: str | os.PathLike, split: str | None = None, config: st
         yield from pq.read_table(path).to_pylist()
         return
     if path.is_file():
-        raise ValueError(f"{os.fspath(path)}: unknown format (expected .jsonl, .jsonl.gz, .parquet or a datasets folder)")
+        raise ValueError(
+            f"{os.fspath(path)}: unknown format (expected .jsonl, .jsonl.gz, .parquet or a datasets folder)"
+        )
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -52,8 +58,9 @@ def iter_records(source: str | os.PathLike, split: str | None = None, config: st
             raise ValueError(f"{os.fspath(path)}: not a `datasets` folder (save_to_disk): {e}") from None
         if isinstance(data, DatasetDict):
             if split not in data:
-                raise ValueError(f"{os.fspath(path)} holds splits {sorted(data)}: choose one with split= "
-                                 f"(got {split!r})")
+                raise ValueError(
+                    f"{os.fspath(path)} holds splits {sorted(data)}: choose one with split= (got {split!r})"
+                )
             data = data[split]
         yield from data
         return
@@ -65,8 +72,10 @@ def iter_records(source: str | os.PathLike, split: str | None = None, config: st
 
         yield from load_dataset(hub_id, config or in_spec or None, split=split or "train")
     except Exception as e:  # offline, unknown id, gated: one clear line
-        raise ValueError(f"{source!r} is neither a local file/folder nor a loadable hub dataset: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(
+            f"{source!r} is neither a local file/folder nor a loadable hub dataset: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def _field(row: dict, given: str | None, candidates: Sequence[str], what: str, source: str) -> str:
@@ -77,20 +86,28 @@ def _field(row: dict, given: str | None, candidates: Sequence[str], what: str, s
     for name in candidates:
         if name in row:
             return name
-    raise ValueError(f"{source}: no {what} field among {list(candidates)}; fields are {sorted(row)} "
-                     f"(name it explicitly)")
+    raise ValueError(
+        f"{source}: no {what} field among {list(candidates)}; fields are {sorted(row)} (name it explicitly)"
+    )
 
 
-def load_texts(source: str | os.PathLike, id_field: str | None = None, text_field: str | None = None,
-               title_field: str | None = "title", split: str | None = None, config: str | None = None
-               ) -> dict[str, str]:
+def load_texts(
+    source: str | os.PathLike,
+    id_field: str | None = None,
+    text_field: str | None = None,
+    title_field: str | None = "title",
+    split: str | None = None,
+    config: str | None = None,
+) -> dict[str, str]:
     """{id: text} of a corpus or a query set (a `title`, when present, is put before the text)."""
     out: dict[str, str] = {}
     fields: tuple[str, str] | None = None
     for no, row in enumerate(iter_records(source, split, config), start=1):
         if fields is None:
-            fields = (_field(row, id_field, ID_FIELDS, "id", str(source)),
-                      _field(row, text_field, TEXT_FIELDS, "text", str(source)))
+            fields = (
+                _field(row, id_field, ID_FIELDS, "id", str(source)),
+                _field(row, text_field, TEXT_FIELDS, "text", str(source)),
+            )
         key, text = str(row.get(fields[0], "")), str(row.get(fields[1]) or "")
         if not key:
             raise ValueError(f"{os.fspath(source)}: record {no} has no {fields[0]!r}")
@@ -101,15 +118,18 @@ def load_texts(source: str | os.PathLike, id_field: str | None = None, text_fiel
     return out
 
 
-def load_qrels_records(source: str | os.PathLike, split: str | None = None, config: str | None = None
-                       ) -> dict[str, dict[str, int]]:
+def load_qrels_records(
+    source: str | os.PathLike, split: str | None = None, config: str | None = None
+) -> dict[str, dict[str, int]]:
     """Qrels from rows with a query id, a document id and an integer gain (BEIR's `*-qrels` datasets)."""
     qrels: dict[str, dict[str, int]] = {}
     fields: list[str] | None = None
     for no, row in enumerate(iter_records(source, split, config), start=1):
         if fields is None:
-            fields = [_field(row, None, c, w, str(source)) for c, w in zip(QRELS_FIELDS, ("query id", "document id",
-                                                                                         "gain"), strict=True)]
+            fields = [
+                _field(row, None, c, w, str(source))
+                for c, w in zip(QRELS_FIELDS, ("query id", "document id", "gain"), strict=True)
+            ]
         qid, docid, gain = (row[f] for f in fields)
         if isinstance(gain, bool) or not isinstance(gain, int | float) or gain != int(gain):
             raise ValueError(f"{os.fspath(source)}: record {no}: gain {gain!r} is not an integer")

@@ -34,13 +34,16 @@ class MetricScore(float):
 
 def _check(run: Run, qrels: Qrels, k: int | None) -> None:
     if not isinstance(run, Mapping) or not isinstance(qrels, Mapping):
-        raise TypeError(f"run and qrels must be dicts of dicts, got {type(run).__name__} and {type(qrels).__name__}")
+        raise TypeError(
+            f"run and qrels must be dicts of dicts, got {type(run).__name__} and {type(qrels).__name__}"
+        )
     if k is not None and (not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
-def _per_query(run: Run, qrels: Qrels, complete: bool, fn: Callable[[list[int], dict[str, int]], float]
-               ) -> MetricScore:
+def _per_query(
+    run: Run, qrels: Qrels, complete: bool, fn: Callable[[list[int], dict[str, int]], float]
+) -> MetricScore:
     scores: dict[str, float] = {}
     for qid in sorted(qrels):
         if qid not in run and not complete:
@@ -143,13 +146,21 @@ def judged_at_k(run: Run, qrels: Qrels, k: int = 10, complete: bool = False) -> 
 
 
 _METRICS: dict[str, Callable[..., MetricScore]] = {
-    "ndcg_cut": ndcg_at_k, "map_cut": average_precision, "recall": recall_at_k, "P": precision_at_k,
-    "recip_rank": reciprocal_rank, "judged": judged_at_k,
+    "ndcg_cut": ndcg_at_k,
+    "map_cut": average_precision,
+    "recall": recall_at_k,
+    "P": precision_at_k,
+    "recip_rank": reciprocal_rank,
+    "judged": judged_at_k,
 }
 
 
-def evaluate(run: Run, qrels: Qrels, measures: tuple[str, ...] = ("ndcg_cut_10", "map", "recall_100"),
-             complete: bool = False) -> dict[str, MetricScore]:
+def evaluate(
+    run: Run,
+    qrels: Qrels,
+    measures: tuple[str, ...] = ("ndcg_cut_10", "map", "recall_100"),
+    complete: bool = False,
+) -> dict[str, MetricScore]:
     """Several trec_eval measures by name: `ndcg_cut_K`, `map`, `map_cut_K`, `recall_K`, `P_K`, `recip_rank`,
     `recip_rank_K` (MRR@K) and `judged_K` (Judged@K).
 
@@ -159,23 +170,30 @@ def evaluate(run: Run, qrels: Qrels, measures: tuple[str, ...] = ("ndcg_cut_10",
     out: dict[str, MetricScore] = {}
     for name in measures:
         if name in ("map", "recip_rank"):
-            out[name] = (average_precision if name == "map" else reciprocal_rank)(run, qrels, complete=complete)
+            out[name] = (average_precision if name == "map" else reciprocal_rank)(
+                run, qrels, complete=complete
+            )
             continue
         base, _, cut = name.rpartition("_")
         if base not in _METRICS or not cut.isdigit():
-            raise ValueError(f"unknown measure {name!r}; allowed: map, recip_rank, ndcg_cut_K, map_cut_K, recall_K, "
-                             "P_K, recip_rank_K (MRR@K), judged_K")
+            raise ValueError(
+                f"unknown measure {name!r}; allowed: map, recip_rank, ndcg_cut_K, map_cut_K, recall_K, "
+                "P_K, recip_rank_K (MRR@K), judged_K"
+            )
         out[name] = _METRICS[base](run, qrels, int(cut), complete=complete)
     if not qrels:
         raise ValueError("the qrels hold no judged query: nothing to evaluate against")
     if not complete and not any(q in qrels for q in run):
-        raise ValueError(f"none of the run's {len(run)} queries is judged in the qrels ({len(qrels)} judged "
-                         "queries): wrong qrels for this run, or mismatched query ids")
+        raise ValueError(
+            f"none of the run's {len(run)} queries is judged in the qrels ({len(qrels)} judged "
+            "queries): wrong qrels for this run, or mismatched query ids"
+        )
     return out
 
 
-def comparison_table(runs: Mapping[str, Run], qrels: Qrels,
-                     measures: tuple[str, ...] = ("ndcg_cut_10", "map", "recall_100")) -> str:
+def comparison_table(
+    runs: Mapping[str, Run], qrels: Qrels, measures: tuple[str, ...] = ("ndcg_cut_10", "map", "recall_100")
+) -> str:
     """A markdown table, one row per named run, one column per measure (means over the scored queries)."""
     header = "| run | queries | " + " | ".join(measures) + " |"
     lines = [header, "|---|---|" + "---|" * len(measures)]

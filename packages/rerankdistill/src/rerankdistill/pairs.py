@@ -76,8 +76,13 @@ def _selected_answers(answers: Sequence[Mapping], top_answers: int) -> list[Mapp
 
 
 def build_training_pairs(
-    records: Sequence[Mapping], pages: Mapping[str, str], negatives_per_question: int = 3, top_answers: int = 1,
-    eval_fraction: float = 0.1, seed: int = 0, min_page_chars: int = 20,
+    records: Sequence[Mapping],
+    pages: Mapping[str, str],
+    negatives_per_question: int = 3,
+    top_answers: int = 1,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    min_page_chars: int = 20,
 ) -> PairSplit:
     """Pairs (question, page) with BM25 hard negatives, deduplicated and split by question.
 
@@ -93,10 +98,18 @@ def build_training_pairs(
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if negatives_per_question < 0 or top_answers < 1:
-        raise ValueError(f"negatives_per_question must be >= 0 and top_answers >= 1, got "
-                         f"{negatives_per_question}, {top_answers}")
-    stats = {"questions": 0, "duplicate_questions": 0, "missing_pages": 0, "duplicate_pages": 0,
-             "short_pages": 0, "questions_without_positives": 0}
+        raise ValueError(
+            f"negatives_per_question must be >= 0 and top_answers >= 1, got "
+            f"{negatives_per_question}, {top_answers}"
+        )
+    stats = {
+        "questions": 0,
+        "duplicate_questions": 0,
+        "missing_pages": 0,
+        "duplicate_pages": 0,
+        "short_pages": 0,
+        "questions_without_positives": 0,
+    }
     # pages: one docid per distinct normalised text
     docid_of_url: dict[str, str] = {}
     documents: dict[str, str] = {}
@@ -121,7 +134,9 @@ def build_training_pairs(
         if not text:
             raise ValueError(f"record {no} (id {rec['id']!r}) has an empty question")
         stats["questions"] += 1
-        q = questions.setdefault(_digest(text), {"qid": str(rec["id"]), "text": text, "pos": [], "linked": set()})
+        q = questions.setdefault(
+            _digest(text), {"qid": str(rec["id"]), "text": text, "pos": [], "linked": set()}
+        )
         if q["qid"] != str(rec["id"]):
             stats["duplicate_questions"] += 1
         chosen = {id(a) for a in _selected_answers(rec["answers"], top_answers)}

@@ -48,7 +48,9 @@ class TransformersJudge:
         use_label_probabilities: score by E[label]; False uses the parsed label only.
     """
 
-    def __init__(self, backend, prompt: RelevancePrompt = INTERANK_PROMPT, use_label_probabilities: bool = True):
+    def __init__(
+        self, backend, prompt: RelevancePrompt = INTERANK_PROMPT, use_label_probabilities: bool = True
+    ):
         self.backend, self.prompt = backend, prompt
         self.name = backend.name
         self.use_label_probabilities = use_label_probabilities
@@ -85,8 +87,10 @@ class TeacherForcedJudge:
         probs = self.backend.label_probabilities(prompts, texts)  # (N, 3)
         expected = (probs * probs.new_tensor([0.0, 1.0, 2.0])).sum(-1).tolist()
         labels = probs.argmax(-1).tolist()
-        return [Judgement(self.prompt.completion(t, int(lab)), int(lab), e)
-                for t, lab, e in zip(texts, labels, expected)]
+        return [
+            Judgement(self.prompt.completion(t, int(lab)), int(lab), e)
+            for t, lab, e in zip(texts, labels, expected)
+        ]
 
 
 @dataclass
@@ -96,12 +100,21 @@ class RerankResult:
     cached: int = 0
     unparseable: int = 0
     labels: dict[str, dict[str, int | None]] = field(default_factory=dict)
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # the primary key: E[label] or the label
+    scores: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # the primary key: E[label] or the label
 
 
-def rerank(first_stage: Run, queries: Mapping[str, str], corpus: Mapping[str, str], judge: PointwiseJudge,
-           k: int = 100, batch_size: int = 8, store: TeacherStore | None = None, progress: bool = True
-           ) -> RerankResult:
+def rerank(
+    first_stage: Run,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    judge: PointwiseJudge,
+    k: int = 100,
+    batch_size: int = 8,
+    store: TeacherStore | None = None,
+    progress: bool = True,
+) -> RerankResult:
     """Rerank each query's first-stage top-k pointwise (see the module docstring for the ordering).
 
     Args:
@@ -136,7 +149,7 @@ def rerank(first_stage: Run, queries: Mapping[str, str], corpus: Mapping[str, st
                 result.cached += 1
     bar = tqdm(total=len(todo), desc=f"rerank {judge.name}", unit="pair", disable=not progress)
     for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+        chunk = todo[start : start + batch_size]
         outs = judge.judge([(queries[q], corpus[d]) for q, d in chunk])
         for (qid, docid), j in zip(chunk, outs, strict=True):
             found[(qid, docid)] = j

@@ -32,9 +32,18 @@ _SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.I)
 
 def rubric_messages(query: str, document: str, answer: str, reference: int) -> list[dict[str, str]]:
     """The judge's chat messages for one sampled answer."""
-    return [{"role": "system", "content": RUBRIC_SYSTEM},
-            {"role": "user", "content": RUBRIC_USER.format(query=query.strip(), document=document[:MAX_DOC_CHARS],
-                                                           reference=int(reference), answer=answer.strip())}]
+    return [
+        {"role": "system", "content": RUBRIC_SYSTEM},
+        {
+            "role": "user",
+            "content": RUBRIC_USER.format(
+                query=query.strip(),
+                document=document[:MAX_DOC_CHARS],
+                reference=int(reference),
+                answer=answer.strip(),
+            ),
+        },
+    ]
 
 
 def parse_score(text: str, max_score: float = 10.0) -> float | None:
@@ -93,8 +102,11 @@ class OfflineRubricJudge:
     """OFFLINE stand-in judge (tests, demos): reads the rubric prompt and applies it mechanically."""
 
     name = "offline-rubric-judge"
-    _FIELDS = re.compile(r"Document: (?P<document>.*?)\n\nReference relevance label: (?P<reference>\d).*?"
-                         r"<answer>\n(?P<answer>.*?)\n</answer>", re.S)
+    _FIELDS = re.compile(
+        r"Document: (?P<document>.*?)\n\nReference relevance label: (?P<reference>\d).*?"
+        r"<answer>\n(?P<answer>.*?)\n</answer>",
+        re.S,
+    )
 
     def complete_batch(self, batch: Sequence[list[dict[str, str]]]) -> list[Completion]:
         return [Completion(f"Score: {self.grade(messages[-1]['content'])}") for messages in batch]

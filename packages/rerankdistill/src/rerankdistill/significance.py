@@ -36,13 +36,17 @@ def paired_differences(a: Scores, b: Scores) -> np.ndarray:
     a = getattr(a, "per_query", a)
     b = getattr(b, "per_query", b)
     if isinstance(a, Mapping) != isinstance(b, Mapping):
-        raise TypeError(f"a and b must both be dicts (qid -> score) or both sequences, got "
-                        f"{type(a).__name__} and {type(b).__name__}")
+        raise TypeError(
+            f"a and b must both be dicts (qid -> score) or both sequences, got "
+            f"{type(a).__name__} and {type(b).__name__}"
+        )
     if isinstance(a, Mapping):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         if only_a or only_b:
-            raise ValueError(f"a and b must score the same queries: {len(only_a)} only in a "
-                             f"{only_a[:5]}, {len(only_b)} only in b {only_b[:5]}")
+            raise ValueError(
+                f"a and b must score the same queries: {len(only_a)} only in a "
+                f"{only_a[:5]}, {len(only_b)} only in b {only_b[:5]}"
+            )
         qids = sorted(a)
         x = np.array([a[q] for q in qids], dtype=np.float64)
         y = np.array([b[q] for q in qids], dtype=np.float64)
@@ -102,8 +106,9 @@ def paired_t_test(a: Scores, b: Scores) -> tuple[float, float]:
     return t, float(2 * stats.t.sf(abs(t), d.size - 1))
 
 
-def bootstrap_ci(a: Scores, b: Scores, *, confidence: float = 0.95, n_resamples: int = 10000,
-                 seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    a: Scores, b: Scores, *, confidence: float = 0.95, n_resamples: int = 10000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean difference, low, high): percentile bootstrap interval of mean(a - b) over resampled queries."""
     _check_resamples(n_resamples)
     if not 0.0 < confidence < 1.0:
@@ -113,7 +118,7 @@ def bootstrap_ci(a: Scores, b: Scores, *, confidence: float = 0.95, n_resamples:
     means = np.empty(n_resamples)
     for start in range(0, n_resamples, 1024):
         m = min(1024, n_resamples - start)
-        means[start:start + m] = d[rng.integers(0, d.size, size=(m, d.size))].mean(axis=1)
+        means[start : start + m] = d[rng.integers(0, d.size, size=(m, d.size))].mean(axis=1)
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(d.mean()), float(lo), float(hi)
@@ -125,5 +130,12 @@ def compare_runs(a: Scores, b: Scores, *, n_resamples: int = 10000, seed: int = 
     n = paired_differences(a, b).size
     t, p_t = paired_t_test(a, b) if n >= 2 else (math.nan, math.nan)
     p_rand = paired_randomization_test(a, b, n_resamples=n_resamples, seed=seed)
-    return {"queries": n, "mean_diff": mean, "ci_low": lo, "ci_high": hi, "t": t, "p_t": p_t,
-            "p_randomization": p_rand}
+    return {
+        "queries": n,
+        "mean_diff": mean,
+        "ci_low": lo,
+        "ci_high": hi,
+        "t": t,
+        "p_t": p_t,
+        "p_randomization": p_rand,
+    }

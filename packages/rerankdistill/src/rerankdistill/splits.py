@@ -28,8 +28,13 @@ class TestLeakError(ConfigError):
     __test__ = False  # not a pytest test class
 
 
-def make_splits(qids: Iterable[str], validation: float = 0.1, test: float = 0.2, seed: int = 0,
-                test_qids: Iterable[str] | None = None) -> dict[str, list[str]]:
+def make_splits(
+    qids: Iterable[str],
+    validation: float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+    test_qids: Iterable[str] | None = None,
+) -> dict[str, list[str]]:
     """Seeded disjoint train / validation / test qid lists (each sorted).
 
     Args:
@@ -50,7 +55,9 @@ def make_splits(qids: Iterable[str], validation: float = 0.1, test: float = 0.2,
         given = sorted(set(map(str, test_qids)))
         unknown = sorted(set(given) - set(pool))
         if unknown:
-            raise ValueError(f"test_qids holds {len(unknown)} qid(s) not in the collection, e.g. {unknown[:5]}")
+            raise ValueError(
+                f"test_qids holds {len(unknown)} qid(s) not in the collection, e.g. {unknown[:5]}"
+            )
         rest = [q for q in pool if q not in set(given)]
         rng.shuffle(rest)
         n_val = round(validation * len(rest))
@@ -60,7 +67,11 @@ def make_splits(qids: Iterable[str], validation: float = 0.1, test: float = 0.2,
             raise ValueError(f"validation + test must be < 1, got {validation} + {test}")
         rng.shuffle(pool)
         n_test, n_val = round(test * len(pool)), round(validation * len(pool))
-        out = {"test": pool[:n_test], "validation": pool[n_test:n_test + n_val], "train": pool[n_test + n_val:]}
+        out = {
+            "test": pool[:n_test],
+            "validation": pool[n_test : n_test + n_val],
+            "train": pool[n_test + n_val :],
+        }
     if not out["train"]:
         raise ValueError(f"no training query left out of {len(pool)}: lower validation/test")
     return {name: sorted(out[name]) for name in SPLITS}
@@ -79,10 +90,12 @@ def read_splits(path: str | Path) -> dict[str, list[str]]:
         raise ConfigError(f"splits file {str(path)!r} must hold lists 'train', 'validation' and 'test'")
     out = {s: [str(q) for q in data[s]] for s in SPLITS}
     for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+        for b in SPLITS[i + 1 :]:
             both = sorted(set(out[a]) & set(out[b]))
             if both:
-                raise ConfigError(f"splits file {str(path)!r}: {len(both)} qid(s) in both {a} and {b}, e.g. {both[:5]}")
+                raise ConfigError(
+                    f"splits file {str(path)!r}: {len(both)} qid(s) in both {a} and {b}, e.g. {both[:5]}"
+                )
     return out
 
 
@@ -98,12 +111,16 @@ def select_split(splits: Mapping[str, list[str]] | None, name: str, default: str
     return set(splits[name])
 
 
-def check_no_test_leak(qids: Iterable[str], splits: Mapping[str, list[str]] | None, allow: bool, what: str) -> None:
+def check_no_test_leak(
+    qids: Iterable[str], splits: Mapping[str, list[str]] | None, allow: bool, what: str
+) -> None:
     """Refuse training data holding test qids (unless `allow`): `what` names the data in the message."""
     if splits is None or allow:
         return
     leaked = sorted(set(map(str, qids)) & set(splits["test"]))
     if leaked:
-        raise TestLeakError(f"{what} holds {len(leaked)} test quer{'y' if len(leaked) == 1 else 'ies'} of the "
-                            f"splits file (e.g. {leaked[:5]}): training on test queries leaks their judgements "
-                            "into the evaluation; use queries=train, or set allow_test_leak=true to do it anyway")
+        raise TestLeakError(
+            f"{what} holds {len(leaked)} test quer{'y' if len(leaked) == 1 else 'ies'} of the "
+            f"splits file (e.g. {leaked[:5]}): training on test queries leaks their judgements "
+            "into the evaluation; use queries=train, or set allow_test_leak=true to do it anyway"
+        )

@@ -84,8 +84,9 @@ def _parse_records(path: Path, data: bytes) -> tuple[dict[tuple[str, str, str], 
         except (ValueError, TypeError) as e:
             if last:
                 break
-            raise FileFormatError(path, f"corrupt teacher record ({e}); only the last line may be "
-                                        "torn by a crash", no) from None
+            raise FileFormatError(
+                path, f"corrupt teacher record ({e}); only the last line may be torn by a crash", no
+            ) from None
         key = (rec.qid, rec.docid, rec.teacher)
         if key in records:
             raise FileFormatError(path, f"duplicate record for {key}", no)
@@ -162,13 +163,26 @@ class GenerationStats:
 
 def _record(pair: Pair, teacher: str, completion: Completion, prompt: RelevancePrompt) -> TeacherRecord:
     text = truncate_at_stop(completion.text, prompt.stop)
-    return TeacherRecord(pair.qid, pair.docid, teacher, text, parse_relevance(text), completion.prompt_tokens,
-                         completion.completion_tokens, f"{prompt.name}/v{prompt.version}")
+    return TeacherRecord(
+        pair.qid,
+        pair.docid,
+        teacher,
+        text,
+        parse_relevance(text),
+        completion.prompt_tokens,
+        completion.completion_tokens,
+        f"{prompt.name}/v{prompt.version}",
+    )
 
 
 def generate_teacher_outputs(
-    pairs: Iterable[Pair], backend: TeacherBackend, store: TeacherStore, prompt: RelevancePrompt = INTERANK_PROMPT,
-    concurrency: int = 8, batch_size: int = 8, progress: bool = True,
+    pairs: Iterable[Pair],
+    backend: TeacherBackend,
+    store: TeacherStore,
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+    concurrency: int = 8,
+    batch_size: int = 8,
+    progress: bool = True,
 ) -> GenerationStats:
     """Label every pair not yet in `store` with `backend`, appending each result as soon as it arrives.
 
@@ -219,7 +233,7 @@ def generate_teacher_outputs(
             asyncio.run(_run_async(todo, backend, prompt, concurrency, keep))
         else:
             for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
+                chunk = todo[start : start + batch_size]
                 if hasattr(backend, "complete_pairs"):  # offline teachers look at ids, not prompts
                     outs = backend.complete_pairs(chunk)
                 else:
@@ -268,13 +282,19 @@ class QrelsTeacher:
             stored outputs of the modes are never mixed.
     """
 
-    def __init__(self, qrels: Mapping[str, Mapping[str, int]], name: str | None = None,
-                 label_of_gain=None, explanation: str = "per-label"):
+    def __init__(
+        self,
+        qrels: Mapping[str, Mapping[str, int]],
+        name: str | None = None,
+        label_of_gain=None,
+        explanation: str = "per-label",
+    ):
         if explanation not in EXPLANATIONS:
             raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
         self.explanation_mode = explanation
-        self.name = name or ("offline-qrels-oracle" if explanation == "per-label"
-                             else f"offline-qrels-oracle-{explanation}")
+        self.name = name or (
+            "offline-qrels-oracle" if explanation == "per-label" else f"offline-qrels-oracle-{explanation}"
+        )
         self.qrels = qrels
         self.label_of_gain = label_of_gain or (lambda g: max(0, min(2, int(g))))
 

@@ -70,8 +70,9 @@ def read_run(path: str | os.PathLike) -> Run:
             continue
         parts = line.split()
         if len(parts) != 6:
-            raise TrecFormatError(path, no, f"expected 6 fields `qid Q0 docid rank score tag`, got {len(parts)}",
-                                  line)
+            raise TrecFormatError(
+                path, no, f"expected 6 fields `qid Q0 docid rank score tag`, got {len(parts)}", line
+            )
         qid, _, docid, rank, score, _ = parts
         try:
             int(rank)
@@ -139,7 +140,9 @@ def format_run(run: Run, tag: str = "rerankdistill", depth: int | None = None) -
     return "".join(lines)
 
 
-def write_run(run: Run, path: str | os.PathLike, tag: str = "rerankdistill", depth: int | None = None) -> None:
+def write_run(
+    run: Run, path: str | os.PathLike, tag: str = "rerankdistill", depth: int | None = None
+) -> None:
     """Write a TREC run atomically; ranks follow trec_eval's order so any reader sees the same ranking."""
     atomic_write_text(path, format_run(run, tag=tag, depth=depth))
 
@@ -177,7 +180,7 @@ def _sgml_blocks(path: str | os.PathLike, text: str) -> list[tuple[int, str]]:
         elif opened is None:
             raise TrecFormatError(path, line_no, "</top> without an opening <top>")
         else:
-            blocks.append((opened[0], text[opened[1]:tag.start()]))
+            blocks.append((opened[0], text[opened[1] : tag.start()]))
             opened = None
     if opened is not None:
         raise TrecFormatError(path, opened[0], "<top> not closed by </top>: the file is truncated")

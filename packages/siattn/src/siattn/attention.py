@@ -44,7 +44,11 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwarg
 
 
 def si_score_mod(
-    tau: float, causal: bool, q_offset: int | torch.Tensor, alpha: float | None = None, beta: float | None = None
+    tau: float,
+    causal: bool,
+    q_offset: int | torch.Tensor,
+    alpha: float | None = None,
+    beta: float | None = None,
 ) -> Callable:
     """A flex `score_mod` applying L = a_t * S + m_t (flex passes S already scaled by 1/sqrt(D)); masking is
     left to the block mask. `q_offset` may be a 0-d tensor, so a new offset is not a recompile."""
@@ -91,8 +95,9 @@ def si_block_mask(
     mask_mod = si_mask_mod(causal, q_offset, doc_ids)
     if mask_mod is None:
         return None
-    return create_block_mask(mask_mod, B if doc_ids is not None else None, None, Tq, Tk, device=device,
-                             BLOCK_SIZE=block_size)
+    return create_block_mask(
+        mask_mod, B if doc_ids is not None else None, None, Tq, Tk, device=device, BLOCK_SIZE=block_size
+    )
 
 
 _COMPILED_FLEX: Callable | None = None
@@ -127,20 +132,36 @@ def attention_flex(
 
     compiled: torch.compile the flex call (the fused kernel; None = on CUDA only). On CPU flex runs forward
     only, and eager flex materialises the scores."""
-    check_si_inputs(q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta)
+    check_si_inputs(
+        q, k, v, tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta
+    )
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise ValueError("backend='flex' has no backward on CPU; use backend='chunked' for training on CPU")
     if q.device.type == "cpu":  # flex refuses CPU tensors that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     compiled = q.device.type == "cuda" if compiled is None else compiled
     offset = torch.tensor(q_offset, device=q.device)  # a tensor, so a new q_offset is not a recompile
-    block_mask = si_block_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal, q_offset=offset, doc_ids=doc_ids,
-                               device=q.device, block_size=block_size)
+    block_mask = si_block_mask(
+        q.shape[0],
+        q.shape[2],
+        k.shape[2],
+        causal=causal,
+        q_offset=offset,
+        doc_ids=doc_ids,
+        device=q.device,
+        block_size=block_size,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return _flex_function(compiled)(q, k, v, score_mod=si_score_mod(tau, causal, offset, alpha, beta),
-                                        block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
-                                        scale=1.0 / math.sqrt(q.shape[-1]))
+        return _flex_function(compiled)(
+            q,
+            k,
+            v,
+            score_mod=si_score_mod(tau, causal, offset, alpha, beta),
+            block_mask=block_mask,
+            enable_gqa=q.shape[1] != k.shape[1],
+            scale=1.0 / math.sqrt(q.shape[-1]),
+        )
 
 
 def attention(
@@ -183,8 +204,10 @@ def attention(
         return si_attention_ref(q, k, v, attn_mask=attn_mask, **kwargs)
     if backend == "flex":
         if attn_mask is not None:
-            raise ValueError("attn_mask is supported by the reference, chunked and auto backends, not 'flex' "
-                             "(use doc_ids for packed documents)")
+            raise ValueError(
+                "attn_mask is supported by the reference, chunked and auto backends, not 'flex' "
+                "(use doc_ids for packed documents)"
+            )
         return attention_flex(q, k, v, compiled=compile_flex, **kwargs)
     op_backend = {"chunked": "torch"}.get(backend, backend)
     return si_attention(q, k, v, attn_mask=attn_mask, backend=op_backend, chunk=chunk, **kwargs)

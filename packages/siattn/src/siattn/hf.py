@@ -55,17 +55,26 @@ def siattn_attention_forward(
     if dropout and module.training:
         raise ValueError("siattn attention has no attention dropout; set the model's attention_dropout to 0")
     D = query.shape[-1]
-    if scaling is not None and not math.isclose(scaling, D ** -0.5, rel_tol=1e-6):
+    if scaling is not None and not math.isclose(scaling, D**-0.5, rel_tol=1e-6):
         query = query * (scaling * math.sqrt(D))  # the kernel divides by sqrt(D) itself
     mask = None
     if attention_mask is not None:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         mask = mask[:, :, :, : key.shape[2]]
     q_offset = key.shape[2] - query.shape[2]
-    doc_ids, mask = _document_masks(query.shape[0], query.shape[2], key.shape[2], kwargs.get("position_ids"),
-                                    kwargs.get("doc_ids"), mask, query.device)
+    doc_ids, mask = _document_masks(
+        query.shape[0],
+        query.shape[2],
+        key.shape[2],
+        kwargs.get("position_ids"),
+        kwargs.get("doc_ids"),
+        mask,
+        query.device,
+    )
     out = attention(
-        query, key, value,
+        query,
+        key,
+        value,
         tau=settings.get("tau", 10.0),
         causal=True,
         q_offset=q_offset,
@@ -95,8 +104,10 @@ def _document_masks(
     a cached step needs only the queries' starts, so decoding a packed row needs no memory of the prefix."""
     if doc_ids is not None:
         if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != (B, Tk):
-            raise ValueError(f"doc_ids must be a (batch, keys) = ({B}, {Tk}) integer tensor covering the cached "
-                             f"and new tokens, got {getattr(doc_ids, 'shape', type(doc_ids).__name__)}")
+            raise ValueError(
+                f"doc_ids must be a (batch, keys) = ({B}, {Tk}) integer tensor covering the cached "
+                f"and new tokens, got {getattr(doc_ids, 'shape', type(doc_ids).__name__)}"
+            )
         return doc_ids.to(device), mask
     if position_ids is None:
         return None, mask
@@ -106,7 +117,9 @@ def _document_masks(
         return None, mask
     if Tq == Tk:
         return start, mask
-    visible = torch.arange(Tk, device=device)[None, None, None, :] >= start[:, None, :, None]  # (B, 1, Tq, Tk)
+    visible = (
+        torch.arange(Tk, device=device)[None, None, None, :] >= start[:, None, :, None]
+    )  # (B, 1, Tq, Tk)
     return None, visible if mask is None else mask & visible
 
 
@@ -144,7 +157,9 @@ def apply(
         raise ValueError(f"rope must be one of {ROPES}, got {rope!r}")
     rotaries = _rotary_modules(model)
     if not rotaries or not hasattr(model, "config"):
-        raise ValueError(f"model must be a transformers model with a rotary embedding, got {type(model).__name__}")
+        raise ValueError(
+            f"model must be a transformers model with a rotary embedding, got {type(model).__name__}"
+        )
     for rotary in rotaries:
         dim = 2 * rotary.inv_freq.numel()
         if rope == "keep":
@@ -162,7 +177,13 @@ def apply(
         rotary.attention_scaling = 1.0
         if hasattr(rotary, "rope_type"):
             rotary.rope_type = "default"  # no dynamic rescaling of our frequencies
-    settings = {"tau": float(tau), "rope": rope, "fraction": float(fraction), "base": float(base), "backend": backend}
+    settings = {
+        "tau": float(tau),
+        "rope": rope,
+        "fraction": float(fraction),
+        "base": float(base),
+        "backend": backend,
+    }
     setattr(model.config, CONFIG_KEY, settings)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
@@ -174,5 +195,7 @@ def from_pretrained(path: str, **kwargs: Any) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     settings = getattr(model.config, CONFIG_KEY, None)
     if not settings:
-        raise ValueError(f"{path} has no '{CONFIG_KEY}' entry in its config: it was not saved after siattn.hf.apply")
+        raise ValueError(
+            f"{path} has no '{CONFIG_KEY}' entry in its config: it was not saved after siattn.hf.apply"
+        )
     return apply(model, **settings)

@@ -78,7 +78,7 @@ def load_bytes(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 def sample_batch(data: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
     """(batch, length + 1) windows at random offsets drawn from `gen`."""
     starts = torch.randint(0, len(data) - length - 1, (batch,), generator=gen)
-    return torch.stack([data[s:s + length + 1] for s in starts.tolist()])
+    return torch.stack([data[s : s + length + 1] for s in starts.tolist()])
 
 
 def run_grid(cfg: StudyConfig, variant: str) -> list[dict]:
@@ -96,8 +96,16 @@ def run_name(variant: str, setting: dict, seed: int) -> str:
 
 
 def model_config(cfg: StudyConfig, variant: str, setting: dict) -> GPTConfig:
-    return GPTConfig(vocab_size=256, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                     train_length=cfg.train_length, si_backend="chunked", **VARIANTS[variant], **setting)
+    return GPTConfig(
+        vocab_size=256,
+        n_layer=cfg.n_layer,
+        d_model=cfg.d_model,
+        n_head=cfg.n_head,
+        train_length=cfg.train_length,
+        si_backend="chunked",
+        **VARIANTS[variant],
+        **setting,
+    )
 
 
 @torch.no_grad()
@@ -109,15 +117,18 @@ def evaluate(model: GPT, val: torch.Tensor, cfg: StudyConfig) -> dict:
     for mult in cfg.eval_multiples:
         length = cfg.train_length * mult
         n_windows = max(1, min(cfg.eval_tokens // length, (len(val) - 1) // length))
-        windows = torch.stack([val[i * length:i * length + length + 1] for i in range(n_windows)])
+        windows = torch.stack([val[i * length : i * length + length + 1] for i in range(n_windows)])
         per_pos = torch.zeros(length)
         for chunk in windows.split(max(1, 16384 // length)):
             logits = model(chunk[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
             per_pos += loss.view(len(chunk), length).sum(0)
         per_pos /= n_windows
-        out[str(length)] = {"loss": per_pos.mean().item(), "loss_by_position": per_pos.tolist(),
-                            "needle": needle_accuracy(model, val, length, cfg.needle_trials)}
+        out[str(length)] = {
+            "loss": per_pos.mean().item(),
+            "loss_by_position": per_pos.tolist(),
+            "needle": needle_accuracy(model, val, length, cfg.needle_trials),
+        }
     return out
 
 
@@ -129,14 +140,14 @@ def needle_accuracy(model: GPT, val: torch.Tensor, length: int, trials: int, nee
     correct = total = 0
     for _ in range(trials):
         start = int(torch.randint(0, len(val) - length, (1,), generator=gen))
-        seq = val[start:start + length].clone()
+        seq = val[start : start + length].clone()
         needle = torch.randint(ord("a"), ord("z") + 1, (needle_len,), generator=gen)
         pos = int(torch.randint(1, max(2, length // 4 - needle_len), (1,), generator=gen))
-        seq[pos:pos + needle_len] = needle
-        seq[length - needle_len:] = needle
+        seq[pos : pos + needle_len] = needle
+        seq[length - needle_len :] = needle
         logits = model(seq[None, :-1])[0]
-        pred = logits[length - needle_len:length - 1].argmax(-1)  # predicts bytes at length-needle_len+1 ..
-        correct += int((pred == seq[length - needle_len + 1:]).sum())
+        pred = logits[length - needle_len : length - 1].argmax(-1)  # predicts bytes at length-needle_len+1 ..
+        correct += int((pred == seq[length - needle_len + 1 :]).sum())
         total += needle_len - 1
     return correct / total
 
@@ -177,9 +188,16 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    result = {"name": name, "variant": variant, "setting": setting, "seed": seed, "model": asdict(mcfg),
-              "train_seconds": time.time() - start, "final_train_loss": loss.item(),
-              "eval": evaluate(model, val, cfg)}
+    result = {
+        "name": name,
+        "variant": variant,
+        "setting": setting,
+        "seed": seed,
+        "model": asdict(mcfg),
+        "train_seconds": time.time() - start,
+        "final_train_loss": loss.item(),
+        "eval": evaluate(model, val, cfg),
+    }
     if variant == "p-rope":  # LogN+p-RoPE: the same weights with LogN scaling beyond the training length
         model.cfg.attention = "logn"
         result["eval_logn"] = evaluate(model, val, cfg)
@@ -255,20 +273,37 @@ def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
             losses = [r[key][length]["loss"] for r in runs]
             needles = [r[key][length]["needle"] for r in runs]
             curves = torch.tensor([r[key][length]["loss_by_position"] for r in runs]).mean(0)
-            row["by_length"][length] = {"loss_mean": statistics.fmean(losses), "loss_min": min(losses),
-                                        "loss_max": max(losses), "needle_mean": statistics.fmean(needles),
-                                        "losses": losses, "needles": needles,
-                                        "loss_by_position": curves.tolist()}
+            row["by_length"][length] = {
+                "loss_mean": statistics.fmean(losses),
+                "loss_min": min(losses),
+                "loss_max": max(losses),
+                "needle_mean": statistics.fmean(needles),
+                "losses": losses,
+                "needles": needles,
+                "loss_by_position": curves.tolist(),
+            }
         rows[name] = row
-    sweep = [{"variant": r["variant"], "setting": r["setting"], "seed": r["seed"],
-              "loss_in_dist": r["eval"][str(cfg.train_length)]["loss"]} for r in results]
+    sweep = [
+        {
+            "variant": r["variant"],
+            "setting": r["setting"],
+            "seed": r["seed"],
+            "loss_in_dist": r["eval"][str(cfg.train_length)]["loss"],
+        }
+        for r in results
+    ]
     return {"config": asdict(cfg), "chosen": chosen, "rows": rows, "sweep": sweep}
 
 
 def format_table(cfg: StudyConfig, summary: dict) -> str:
     lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
-    head = "| variant | setting | " + " | ".join(f"loss@{n}" for n in lengths) + " | " + \
-        " | ".join(f"needle@{n}" for n in lengths) + " |"
+    head = (
+        "| variant | setting | "
+        + " | ".join(f"loss@{n}" for n in lengths)
+        + " | "
+        + " | ".join(f"needle@{n}" for n in lengths)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (2 + 2 * len(lengths))]
     for name, row in summary["rows"].items():
         setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items()) or "-"
@@ -280,7 +315,9 @@ def format_table(cfg: StudyConfig, summary: dict) -> str:
         cells += [f"{row['by_length'][n]['needle_mean']:.2f}" for n in lengths]
         lines.append(f"| {name} | {setting} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Loss in nats/byte, mean ± half-range over seeds {list(cfg.seeds)}; needle = copy accuracy.")
+    lines.append(
+        f"Loss in nats/byte, mean ± half-range over seeds {list(cfg.seeds)}; needle = copy accuracy."
+    )
     lines.append("")
     lines.append("Selection sweep (seed 0, in-distribution validation loss):")
     lines.append("")
@@ -325,7 +362,9 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     d = StudyConfig()
     p = OneLineParser(prog="siattn-lengthgen", description=__doc__.split("\n\n")[0])
     pos_int, pos_float = positive(int), positive(float)
-    p.add_argument("--data", default=None, help="text file (default: <shared data>/tinyshakespeare/input.txt)")
+    p.add_argument(
+        "--data", default=None, help="text file (default: <shared data>/tinyshakespeare/input.txt)"
+    )
     p.add_argument("--out", default=d.out)
     p.add_argument("--train-length", type=positive(int, MIN_TRAIN_LENGTH), default=d.train_length)
     p.add_argument("--eval-multiples", type=pos_int, nargs="+", default=list(d.eval_multiples))
@@ -345,8 +384,10 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--workers", type=pos_int, default=d.workers, help="parallel runs (one CPU thread each)")
     a = p.parse_args(argv)
     if a.d_model % a.n_head or (a.d_model // a.n_head) % 2:
-        p.error(f"--d-model {a.d_model} must be a multiple of --n-head {a.n_head} with an even head width "
-                "(rotary pairs)")
+        p.error(
+            f"--d-model {a.d_model} must be a multiple of --n-head {a.n_head} with an even head width "
+            "(rotary pairs)"
+        )
     if any(b <= 1 for b in a.p_rope_bases):
         p.error(f"--p-rope-bases must be > 1, got {a.p_rope_bases}")
     if len(set(a.seeds)) != len(a.seeds):
@@ -366,13 +407,30 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     size = Path(data).stat().st_size
     longest = a.train_length * max(a.eval_multiples)
     if size - int(0.9 * size) < longest + 2 or int(0.9 * size) < a.train_length + 2:
-        p.error(f"--data {data} has {size} bytes: its 10% validation tail must hold one window of "
-                f"{longest} + 1 bytes (--train-length x the largest --eval-multiples)")
-    return StudyConfig(data=data, out=a.out, train_length=a.train_length, eval_multiples=tuple(a.eval_multiples),
-                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, n_layer=a.n_layer,
-                       d_model=a.d_model, n_head=a.n_head, seeds=tuple(a.seeds),
-                       p_rope_bases=tuple(a.p_rope_bases), taus=tuple(a.taus), eval_tokens=a.eval_tokens,
-                       needle_trials=a.needle_trials, variants=tuple(a.variants), workers=a.workers)
+        p.error(
+            f"--data {data} has {size} bytes: its 10% validation tail must hold one window of "
+            f"{longest} + 1 bytes (--train-length x the largest --eval-multiples)"
+        )
+    return StudyConfig(
+        data=data,
+        out=a.out,
+        train_length=a.train_length,
+        eval_multiples=tuple(a.eval_multiples),
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup=a.warmup,
+        n_layer=a.n_layer,
+        d_model=a.d_model,
+        n_head=a.n_head,
+        seeds=tuple(a.seeds),
+        p_rope_bases=tuple(a.p_rope_bases),
+        taus=tuple(a.taus),
+        eval_tokens=a.eval_tokens,
+        needle_trials=a.needle_trials,
+        variants=tuple(a.variants),
+        workers=a.workers,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -146,7 +146,9 @@ class Attention(nn.Module):
         if cfg.attention == "logn":
             q = q * logn_scale(q_pos, cfg.train_length).to(q.dtype)[:, None]
         if cfg.attention == "logn-learned":  # n = q_pos + 1 visible keys; log(1) = 0 only where n = 1
-            q = q * (self.logn_s[:, None, None] * torch.log(q_pos.float() + 1.0).clamp(min=1e-6)[:, None]).to(q.dtype)
+            q = q * (self.logn_s[:, None, None] * torch.log(q_pos.float() + 1.0).clamp(min=1e-6)[:, None]).to(
+                q.dtype
+            )
         gqa = self.n_head != self.n_kv
         if cfg.position == "alibi":
             bias = alibi_bias(self.n_head, q_pos, torch.arange(Tk, device=q.device)).to(q.dtype)

@@ -64,7 +64,9 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     if inv_freq.shape != (x.shape[-1] // 2,) or x.shape[-1] % 2:
         raise ValueError(f"inv_freq must have shape ({x.shape[-1] // 2},) for head dim {x.shape[-1]}")
     if positions.shape[-1] != x.shape[2] or positions.dim() not in (1, 2):
-        raise ValueError(f"positions must be (T,) or (B, T) with T={x.shape[2]}, got {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must be (T,) or (B, T) with T={x.shape[2]}, got {tuple(positions.shape)}"
+        )
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)  # (.., T, D/2)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, D/2)

@@ -47,12 +47,19 @@ class CopyTask:
             raise ValueError(f"n_filler must be in (0, vocab={self.vocab}), got {self.n_filler}")
         if not 2 <= self.min_len <= self.max_len:
             raise ValueError(f"need 2 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        if not 2 <= self.needle_len <= self.vocab - self.n_filler or self.max_len > self.vocab - self.n_filler:
-            raise ValueError(f"needle_len and max_len must be in [2, {self.vocab - self.n_filler}] (distinct "
-                             f"symbols), got {self.needle_len}, {self.max_len}")
+        if (
+            not 2 <= self.needle_len <= self.vocab - self.n_filler
+            or self.max_len > self.vocab - self.n_filler
+        ):
+            raise ValueError(
+                f"needle_len and max_len must be in [2, {self.vocab - self.n_filler}] (distinct "
+                f"symbols), got {self.needle_len}, {self.max_len}"
+            )
 
 
-def copy_batch(task: CopyTask, batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def copy_batch(
+    task: CopyTask, batch: int, length: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training windows. Returns tokens (batch, length + 1) int64 and a loss mask (batch, length) bool that is
     True where the next token is a copied symbol 2..L (deterministic given `gen`'s state)."""
     if length < 2 * task.max_len + 2:
@@ -64,9 +71,9 @@ def copy_batch(task: CopyTask, batch: int, length: int, gen: torch.Generator) ->
         s = task.n_filler + torch.randperm(task.vocab - task.n_filler, generator=gen)[:n]  # distinct symbols
         p1 = int(torch.randint(0, (length + 1) // 2 - n + 1, (1,), generator=gen))
         p2 = int(torch.randint(p1 + n, length + 1 - n + 1, (1,), generator=gen))
-        tokens[b, p1:p1 + n] = s
-        tokens[b, p2:p2 + n] = s
-        mask[b, p2:p2 + n - 1] = True  # inputs p2 .. p2+n-2 predict symbols 2..n
+        tokens[b, p1 : p1 + n] = s
+        tokens[b, p2 : p2 + n] = s
+        mask[b, p2 : p2 + n - 1] = True  # inputs p2 .. p2+n-2 predict symbols 2..n
     return tokens, mask
 
 
@@ -80,16 +87,16 @@ def needle_probe(task: CopyTask, length: int, trials: int, seed: int) -> torch.T
     for b in range(trials):
         needle = task.n_filler + torch.randperm(task.vocab - task.n_filler, generator=gen)[:n]
         pos = int(torch.randint(0, length // 4 - n + 1, (1,), generator=gen))
-        tokens[b, pos:pos + n] = needle
-        tokens[b, length - n:] = needle
+        tokens[b, pos : pos + n] = needle
+        tokens[b, length - n :] = needle
     return tokens
 
 
 def probe_accuracy(task: CopyTask, logits: torch.Tensor, tokens: torch.Tensor) -> float:
     """Top-1 accuracy on needle symbols 2..needle_len: logits (trials, length, vocab) of `needle_probe` windows."""
     n, length = task.needle_len, tokens.shape[1]
-    pred = logits[:, length - n:length - 1].argmax(-1)
-    return (pred == tokens[:, length - n + 1:]).float().mean().item()
+    pred = logits[:, length - n : length - 1].argmax(-1)
+    return (pred == tokens[:, length - n + 1 :]).float().mean().item()
 
 
 def _ntk_base(base: float, head_dim: int, factor: float) -> float:
@@ -97,8 +104,9 @@ def _ntk_base(base: float, head_dim: int, factor: float) -> float:
     return base * factor ** (head_dim / (head_dim - 2))
 
 
-def _yarn_frequencies(inv_freq: torch.Tensor, train_length: int, factor: float, alpha: float = 1.0,
-                      beta: float = 32.0) -> torch.Tensor:
+def _yarn_frequencies(
+    inv_freq: torch.Tensor, train_length: int, factor: float, alpha: float = 1.0, beta: float = 32.0
+) -> torch.Tensor:
     """YaRN (Peng et al. 2023) "NTK-by-parts": dimensions whose wavelength fits fewer than `alpha` times in
     the training length are interpolated by `factor`, those fitting more than `beta` times are kept, a linear
     ramp in between."""
@@ -137,9 +145,19 @@ class RetrievalConfig:
 
 
 def _model(cfg: RetrievalConfig, task: CopyTask, variant: str) -> GPT:
-    return GPT(GPTConfig(vocab_size=task.vocab, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                         train_length=cfg.train_length, si_backend="chunked", p_rope_base=cfg.p_rope_base,
-                         tau=cfg.tau, **VARIANTS[variant]))
+    return GPT(
+        GPTConfig(
+            vocab_size=task.vocab,
+            n_layer=cfg.n_layer,
+            d_model=cfg.d_model,
+            n_head=cfg.n_head,
+            train_length=cfg.train_length,
+            si_backend="chunked",
+            p_rope_base=cfg.p_rope_base,
+            tau=cfg.tau,
+            **VARIANTS[variant],
+        )
+    )
 
 
 def train_model(cfg: RetrievalConfig, task: CopyTask, variant: str, seed: int) -> tuple[GPT, list[float]]:
@@ -160,8 +178,11 @@ def train_model(cfg: RetrievalConfig, task: CopyTask, variant: str, seed: int) -
         opt.step()
         if step % 50 == 49 or step == cfg.steps - 1:
             accs.append((logits[mask].argmax(-1) == tokens[:, 1:][mask]).float().mean().item())
-            print(f"  {model.cfg.position}/{model.cfg.attention} seed {seed} step {step + 1}: "
-                  f"copy acc {accs[-1]:.3f} loss {loss.item():.3f}", flush=True)
+            print(
+                f"  {model.cfg.position}/{model.cfg.attention} seed {seed} step {step + 1}: "
+                f"copy acc {accs[-1]:.3f} loss {loss.item():.3f}",
+                flush=True,
+            )
     return model, accs
 
 
@@ -177,8 +198,12 @@ def evaluate(model: GPT, cfg: RetrievalConfig, task: CopyTask, variant: str) -> 
             inv = rope_frequencies(head_dim, _ntk_base(model.cfg.rope_base, head_dim, float(mult)))
             for block in model.blocks:
                 block.attn.inv_freq = inv
-        if variant == "rope+yarn":  # frequencies by parts, and logits x (0.1 ln s + 1)^2 via the q norm's gain
-            inv = _yarn_frequencies(rope_frequencies(head_dim, model.cfg.rope_base), cfg.train_length, float(mult))
+        if (
+            variant == "rope+yarn"
+        ):  # frequencies by parts, and logits x (0.1 ln s + 1)^2 via the q norm's gain
+            inv = _yarn_frequencies(
+                rope_frequencies(head_dim, model.cfg.rope_base), cfg.train_length, float(mult)
+            )
             gain = (0.1 * math.log(mult) + 1.0) ** 2
             for block, w in zip(model.blocks, q_gains):
                 block.attn.inv_freq = inv
@@ -220,13 +245,20 @@ def run(cfg: RetrievalConfig) -> dict:
             trained = "rope" if variant.startswith("rope+") else variant  # +ntk / +yarn: rope's weights
             weights = out / "runs" / f"{trained}_seed={seed}.safetensors"
             if trained != variant and weights.exists():
-                model, accs = _load(cfg, task, trained, weights), json.loads(
-                    (out / "runs" / f"{trained}_seed={seed}.json").read_text())["train_copy_acc"]
+                model, accs = (
+                    _load(cfg, task, trained, weights),
+                    json.loads((out / "runs" / f"{trained}_seed={seed}.json").read_text())["train_copy_acc"],
+                )
             else:
                 model, accs = train_model(cfg, task, trained, seed)
                 save_file(model.state_dict(), str(weights))
-            result = {"variant": variant, "seed": seed, "train_copy_acc": accs,
-                      "cpu_seconds": time.process_time() - start, "needle": evaluate(model, cfg, task, variant)}
+            result = {
+                "variant": variant,
+                "seed": seed,
+                "train_copy_acc": accs,
+                "cpu_seconds": time.process_time() - start,
+                "needle": evaluate(model, cfg, task, variant),
+            }
             atomic_write(path, json.dumps(result))
             results.append(result)
             print(variant, seed, f"train copy acc {accs[-1]:.3f}", result["needle"], flush=True)
@@ -239,8 +271,10 @@ def run(cfg: RetrievalConfig) -> dict:
 
 def format_table(cfg: RetrievalConfig, results: list[dict]) -> str:
     lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
-    lines = ["| variant | train copy acc | " + " | ".join(f"needle@{n}" for n in lengths) + " |",
-             "|" + "---|" * (2 + len(lengths))]
+    lines = [
+        "| variant | train copy acc | " + " | ".join(f"needle@{n}" for n in lengths) + " |",
+        "|" + "---|" * (2 + len(lengths)),
+    ]
     for variant in cfg.variants:
         runs = [r for r in results if r["variant"] == variant]
         train = ", ".join(f"{r['train_copy_acc'][-1]:.2f}" for r in runs)
@@ -298,9 +332,17 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--p-rope-base must be > 1, got {a.p_rope_base}")
     if Path(a.out).exists() and not Path(a.out).is_dir():
         p.error(f"--out {a.out} exists and is not a folder")
-    cfg = RetrievalConfig(out=a.out, steps=a.steps, seeds=tuple(a.seeds), variants=tuple(a.variants),
-                          eval_multiples=tuple(a.eval_multiples), lr=a.lr, p_rope_base=a.p_rope_base, tau=a.tau,
-                          trials=a.trials)
+    cfg = RetrievalConfig(
+        out=a.out,
+        steps=a.steps,
+        seeds=tuple(a.seeds),
+        variants=tuple(a.variants),
+        eval_multiples=tuple(a.eval_multiples),
+        lr=a.lr,
+        p_rope_base=a.p_rope_base,
+        tau=a.tau,
+        trials=a.trials,
+    )
     run(cfg)
     print((Path(cfg.out) / "table.md").read_text())
 

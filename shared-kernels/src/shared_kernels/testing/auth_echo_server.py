@@ -25,8 +25,15 @@ class _EchoAuth(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         auth = self.headers.get("authorization", "")
-        body = json.dumps({"error": {"message": f"invalid credentials; you sent Authorization: {auth}",
-                                     "type": "invalid_request_error", "echo": auth}}).encode()
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"invalid credentials; you sent Authorization: {auth}",
+                    "type": "invalid_request_error",
+                    "echo": auth,
+                }
+            }
+        ).encode()
         self.send_response(401)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

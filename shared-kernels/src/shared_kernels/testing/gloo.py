@@ -72,7 +72,12 @@ def run_worker(script: str | Path, *args: Any, timeout: float = 600) -> list[Any
         out = Path(tmp) / "checks.pt"
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.pop("TRITON_INTERPRET", None)
-        proc = subprocess.run([sys.executable, str(script), str(out), *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(script), str(out), *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         return torch.load(out, weights_only=False)

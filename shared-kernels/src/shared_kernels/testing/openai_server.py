@@ -129,8 +129,10 @@ def _wait_until_ready(proc: subprocess.Popen, root: str, timeout: float, log_pat
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"transformers serve did not answer {root}/v1/models within {timeout} s; log tail:\n"
-                       + _tail(log_path))
+    raise TimeoutError(
+        f"transformers serve did not answer {root}/v1/models within {timeout} s; log tail:\n"
+        + _tail(log_path)
+    )
 
 
 def _tail(path: Path, n_chars: int = 4000) -> str:

@@ -27,7 +27,9 @@ def shared_data() -> Path:
     """The real public data folder (../shared/data or $SHARED_DATA); skips when absent."""
     path = shared_data_dir()
     if path is None:
-        pytest.skip("shared data not found: set SHARED_DATA or place it at ../shared/data beside the checkout")
+        pytest.skip(
+            "shared data not found: set SHARED_DATA or place it at ../shared/data beside the checkout"
+        )
     return path
 
 

@@ -26,7 +26,9 @@ class Backend(Protocol):
     store each one at once (an interrupted run then loses only unfinished work).
     """
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> Iterator[tuple[int, Generation]]: ...
+    def generate(
+        self, prompts: Sequence[Prompt], max_new_tokens: int
+    ) -> Iterator[tuple[int, Generation]]: ...
 
     def close(self) -> None: ...
 

@@ -99,14 +99,18 @@ class OpenAIHTTPBackend:
         if prefill_via not in PREFILL_MODES:
             raise ValueError(f"prefill_via must be one of {PREFILL_MODES}, got {prefill_via!r}")
         if prefill_via == "completions" and tokenizer is None and api == "chat":
-            raise ValueError("prefill_via='completions' renders prompts here: pass tokenizer (the model's path or id)")
+            raise ValueError(
+                "prefill_via='completions' renders prompts here: pass tokenizer (the model's path or id)"
+            )
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if max_retries < 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError("max_retries, backoff and max_backoff must be >= 0, "
-                             f"got {max_retries}, {backoff}, {max_backoff}")
+            raise ValueError(
+                "max_retries, backoff and max_backoff must be >= 0, "
+                f"got {max_retries}, {backoff}, {max_backoff}"
+            )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api = api
@@ -121,9 +125,14 @@ class OpenAIHTTPBackend:
         if seed is not None:
             self.sampling["seed"] = seed
         self.extra_body = dict(extra_body or {})
-        self.renderer = ChatRenderer(tokenizer) if tokenizer is not None else (
-            PlainRenderer() if api == "completions" else None)
-        self.prefill_via = ("completions" if tokenizer is not None else "refuse") if prefill_via == "auto" else prefill_via
+        self.renderer = (
+            ChatRenderer(tokenizer)
+            if tokenizer is not None
+            else (PlainRenderer() if api == "completions" else None)
+        )
+        self.prefill_via = (
+            ("completions" if tokenizer is not None else "refuse") if prefill_via == "auto" else prefill_via
+        )
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         self._secret = key
         redact_http_logs([key])
@@ -136,8 +145,10 @@ class OpenAIHTTPBackend:
 
     def __repr__(self) -> str:
         key = "set" if self._secret else "unset"
-        return (f"OpenAIHTTPBackend(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
-                f"concurrency={self.concurrency}, api_key_env={self.api_key_env!r} ({key}))")
+        return (
+            f"OpenAIHTTPBackend(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
+            f"concurrency={self.concurrency}, api_key_env={self.api_key_env!r} ({key}))"
+        )
 
     def _redact(self, text: str) -> str:
         return redact(text, [self._secret])
@@ -145,7 +156,12 @@ class OpenAIHTTPBackend:
     # ----- one request -----
 
     def _body(self, prompt: Prompt, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, **self.sampling, **self.extra_body}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": max_new_tokens,
+            **self.sampling,
+            **self.extra_body,
+        }
         if "seed" in self.sampling:
             body["seed"] = self.sampling["seed"] + prompt.seed_offset  # n samples of one prompt differ
         if self.api == "completions" or (prompt.prefill and self.prefill_via == "completions"):
@@ -159,7 +175,8 @@ class OpenAIHTTPBackend:
                     "api='chat' as is: pass tokenizer=<the model's path or id> to send it to /completions "
                     "rendered by the model's chat template (right for R1 distills), or set prefill_via to "
                     "'continue_final_message' (templates that keep assistant turns: Qwen2.5, Llama 3) or "
-                    "'thinking_switch' (templates with enable_thinking: Qwen3)")
+                    "'thinking_switch' (templates with enable_thinking: Qwen3)"
+                )
             if self.prefill_via == "thinking_switch":
                 kwargs = {**body.get("chat_template_kwargs", {}), "enable_thinking": False}
                 body["chat_template_kwargs"] = kwargs
@@ -189,12 +206,25 @@ class OpenAIHTTPBackend:
                 retry_after = _retry_after_seconds(response.headers.get("retry-after"))
             if attempt == self.max_retries:
                 break
-            wait_s = retry_after if retry_after is not None else self.backoff * 2**attempt * random.uniform(0.5, 1.5)
+            wait_s = (
+                retry_after
+                if retry_after is not None
+                else self.backoff * 2**attempt * random.uniform(0.5, 1.5)
+            )
             wait_s = min(wait_s, self.max_backoff)
-            logger.warning("POST %s%s: %s; retry %d/%d in %.1f s", self.base_url, path, last, attempt + 1,
-                           self.max_retries, wait_s)
+            logger.warning(
+                "POST %s%s: %s; retry %d/%d in %.1f s",
+                self.base_url,
+                path,
+                last,
+                attempt + 1,
+                self.max_retries,
+                wait_s,
+            )
             time.sleep(wait_s)
-        raise HTTPBackendError(f"POST {self.base_url}{path} failed after {self.max_retries + 1} tries; last: {last}")
+        raise HTTPBackendError(
+            f"POST {self.base_url}{path} failed after {self.max_retries + 1} tries; last: {last}"
+        )
 
     def _one(self, prompt: Prompt, max_new_tokens: int) -> Generation:
         path, body = self._body(prompt, max_new_tokens)
@@ -211,9 +241,13 @@ class OpenAIHTTPBackend:
                     closed = bool(text) or choice.get("finish_reason") != "length"
                     text = f"<think>{reasoning}</think>{text}" if closed else f"<think>{reasoning}"
         except (KeyError, IndexError, TypeError) as e:
-            raise HTTPBackendError(f"unexpected response shape from {self.base_url}{path}: {str(data)[:300]}") from e
+            raise HTTPBackendError(
+                f"unexpected response shape from {self.base_url}{path}: {str(data)[:300]}"
+            ) from e
         usage = data.get("usage") or {}
-        return Generation(text=text, n_tokens=usage.get("completion_tokens"), finish_reason=choice.get("finish_reason"))
+        return Generation(
+            text=text, n_tokens=usage.get("completion_tokens"), finish_reason=choice.get("finish_reason")
+        )
 
     # ----- batches -----
 

@@ -59,8 +59,13 @@ class VLLMBackend:
                 **self.sampling, "seed": self.sampling["seed"] + p.seed_offset}) for p in chunk]  # fmt: skip
             for offset, output in enumerate(self.llm.generate(inputs, params, use_tqdm=False)):
                 completion = output.outputs[0]
-                yield start + offset, Generation(
-                    text=completion.text, n_tokens=len(completion.token_ids), finish_reason=completion.finish_reason
+                yield (
+                    start + offset,
+                    Generation(
+                        text=completion.text,
+                        n_tokens=len(completion.token_ids),
+                        finish_reason=completion.finish_reason,
+                    ),
                 )
 
     def close(self) -> None:

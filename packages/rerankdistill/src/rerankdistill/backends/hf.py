@@ -19,8 +19,9 @@ from rerankdistill.labels import LABEL_PREFIX, STOP, truncate_at_stop
 from rerankdistill.teacher import Completion
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: str = "auto", device: str | None = None,
-                   trust_remote_code: bool = False):
+def load_causal_lm(
+    path: str | os.PathLike, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False
+):
     """(model, tokenizer) from a local directory; a pad token is set to eos when the tokenizer has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,11 +46,22 @@ class TransformersBackend:
         stop: generation stops at this string (InteRank: " ##").
     """
 
-    def __init__(self, model, tokenizer, name: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, batch_size: int = 8, stop: str = STOP, label_prefix: str = LABEL_PREFIX):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        batch_size: int = 8,
+        stop: str = STOP,
+        label_prefix: str = LABEL_PREFIX,
+    ):
         if batch_size < 1 or max_new_tokens < 1 or temperature < 0:
-            raise ValueError(f"need batch_size >= 1, max_new_tokens >= 1, temperature >= 0; got {batch_size}, "
-                             f"{max_new_tokens}, {temperature}")
+            raise ValueError(
+                f"need batch_size >= 1, max_new_tokens >= 1, temperature >= 0; got {batch_size}, "
+                f"{max_new_tokens}, {temperature}"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.name = name or str(getattr(model.config, "name_or_path", "local-model"))
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
@@ -70,7 +82,7 @@ class TransformersBackend:
         out: list[Completion] = []
         tok = self.tokenizer
         for start in range(0, len(prompts), self.batch_size):
-            chunk = list(prompts[start:start + self.batch_size])
+            chunk = list(prompts[start : start + self.batch_size])
             side = tok.padding_side
             tok.padding_side = "left"  # generation appends on the right: pad on the left
             try:
@@ -79,12 +91,19 @@ class TransformersBackend:
                 tok.padding_side = side
             sample = self.temperature > 0
             gen = self.model.generate(
-                **enc, max_new_tokens=self.max_new_tokens, do_sample=sample,
-                temperature=self.temperature if sample else None, top_p=None, top_k=None,
-                num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, stop_strings=[self.stop] if self.stop else None, tokenizer=tok,
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=sample,
+                temperature=self.temperature if sample else None,
+                top_p=None,
+                top_k=None,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                stop_strings=[self.stop] if self.stop else None,
+                tokenizer=tok,
             )
-            new = gen[:, enc["input_ids"].shape[1]:]
+            new = gen[:, enc["input_ids"].shape[1] :]
             prompt_lens = enc["attention_mask"].sum(1).repeat_interleave(num_return_sequences)
             for row, plen in zip(new, prompt_lens.tolist()):
                 ends = ((row == tok.eos_token_id) | (row == tok.pad_token_id)).nonzero()
@@ -97,29 +116,36 @@ class TransformersBackend:
         return self.generate_texts([self.render(m) for m in batch])
 
     @torch.no_grad()
-    def label_probabilities(self, prompts: Sequence[str], explanations: Sequence[str],
-                            labels: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+    def label_probabilities(
+        self, prompts: Sequence[str], explanations: Sequence[str], labels: Sequence[int] = (0, 1, 2)
+    ) -> torch.Tensor:
         """p(label | prompt, explanation up to the label prefix) for each pair: (N, len(labels)) float32."""
         if len(prompts) != len(explanations):
-            raise ValueError(f"prompts and explanations differ in length: {len(prompts)} vs {len(explanations)}")
+            raise ValueError(
+                f"prompts and explanations differ in length: {len(prompts)} vs {len(explanations)}"
+            )
         tok = self.tokenizer
         conts = [tok(f" {label}", add_special_tokens=False)["input_ids"] for label in labels]
-        contexts = [tok(p + self._label_context(e), add_special_tokens=False)["input_ids"]
-                    for p, e in zip(prompts, explanations)]
+        contexts = [
+            tok(p + self._label_context(e), add_special_tokens=False)["input_ids"]
+            for p, e in zip(prompts, explanations)
+        ]
         single = all(len(c) == 1 for c in conts)
         rows: list[list[int]] = []
         for ctx in contexts:
             rows += [ctx] if single else [ctx + c for c in conts]
         logps = torch.empty(len(rows), len(labels) if single else 1)  # (rows, L) or (N * L, 1)
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+            chunk = rows[start : start + self.batch_size]
             width = max(len(r) for r in chunk)
             ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, r in enumerate(chunk):
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits.float()
             logprobs = logits.log_softmax(-1)  # (B, T, V)
             for i, r in enumerate(chunk):
                 if single:
@@ -129,7 +155,9 @@ class TransformersBackend:
                     n = len(r)
                     c = conts[(start + i) % len(conts)]
                     positions = torch.arange(n - len(c) - 1, n - 1, device=logprobs.device)
-                    logps[start + i, 0] = logprobs[i, positions, torch.tensor(c, device=logprobs.device)].sum().cpu()
+                    logps[start + i, 0] = (
+                        logprobs[i, positions, torch.tensor(c, device=logprobs.device)].sum().cpu()
+                    )
         scores = logps if single else logps.view(len(contexts), len(labels))
         return scores.softmax(-1)
 

@@ -39,10 +39,20 @@ class OpenAIChatBackend:
         timeout: seconds per request; max_retries: attempts after the first; backoff: first delay in seconds.
     """
 
-    def __init__(self, base_url: str, model: str, name: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 temperature: float = 0.0, max_tokens: int = 512, stop: list[str] | None = None,
-                 timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        name: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        stop: list[str] | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if max_retries < 0 or timeout <= 0:
@@ -73,8 +83,9 @@ class OpenAIChatBackend:
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
             redact_http_logs(env_secrets(self._api_key_env))
-            self._client = httpx.AsyncClient(timeout=self.timeout, transport=self._transport,
-                                             headers=self._headers())
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout, transport=self._transport, headers=self._headers()
+            )
         return self._client
 
     async def aclose(self) -> None:
@@ -83,8 +94,12 @@ class OpenAIChatBackend:
             self._client = None
 
     async def acomplete(self, messages: list[dict[str, str]]) -> Completion:
-        body: dict = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                      "max_tokens": self.max_tokens}
+        body: dict = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
         if self.stop:
             body["stop"] = self.stop
         client = self._get_client()
@@ -94,15 +109,19 @@ class OpenAIChatBackend:
                 response = await client.post(f"{self.base_url}/chat/completions", json=body)
             except (httpx.TransportError, httpx.TimeoutException) as e:
                 if attempt == self.max_retries:
-                    raise TeacherRequestError(self._redact(f"{self.base_url}: {type(e).__name__} after "
-                                                           f"{attempt + 1} tries: {e}")) from None
+                    raise TeacherRequestError(
+                        self._redact(f"{self.base_url}: {type(e).__name__} after {attempt + 1} tries: {e}")
+                    ) from None
             else:
                 if response.status_code == 200:
                     return self._parse(response)
                 if response.status_code not in RETRYABLE_STATUS or attempt == self.max_retries:
-                    raise TeacherRequestError(self._redact(
-                        f"{self.base_url}/chat/completions answered {response.status_code} after {attempt + 1} "
-                        f"tries: {response.text[:300]}"))
+                    raise TeacherRequestError(
+                        self._redact(
+                            f"{self.base_url}/chat/completions answered {response.status_code} after {attempt + 1} "
+                            f"tries: {response.text[:300]}"
+                        )
+                    )
                 retry_after = response.headers.get("retry-after", "")
                 if retry_after.replace(".", "", 1).isdigit():
                     delay = max(delay, float(retry_after))

@@ -16,8 +16,16 @@ class VLLMBackend:
         llm_kwargs: passed to `vllm.LLM` (e.g. tensor_parallel_size, gpu_memory_utilization).
     """
 
-    def __init__(self, model: str, name: str | None = None, max_tokens: int = 512, temperature: float = 0.0,
-                 stop: str = STOP, trust_remote_code: bool = False, **llm_kwargs):
+    def __init__(
+        self,
+        model: str,
+        name: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        stop: str = STOP,
+        trust_remote_code: bool = False,
+        **llm_kwargs,
+    ):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
@@ -28,5 +36,7 @@ class VLLMBackend:
 
     def complete_batch(self, batch: list[list[dict[str, str]]]) -> list[Completion]:
         outputs = self.llm.chat(batch, self.params, use_tqdm=False)
-        return [Completion(o.outputs[0].text, len(o.prompt_token_ids or []), len(o.outputs[0].token_ids))
-                for o in outputs]
+        return [
+            Completion(o.outputs[0].text, len(o.prompt_token_ids or []), len(o.outputs[0].token_ids))
+            for o in outputs
+        ]

@@ -31,15 +31,24 @@ class Example:
     weight: float = 1.0
 
 
-def encode_example(tokenizer, messages: list[dict[str, str]], completion: str, completion_only: bool = True,
-                   max_length: int | None = None, weight: float = 1.0) -> Example | None:
+def encode_example(
+    tokenizer,
+    messages: list[dict[str, str]],
+    completion: str,
+    completion_only: bool = True,
+    max_length: int | None = None,
+    weight: float = 1.0,
+) -> Example | None:
     """Tokenise chat `messages` + assistant `completion` (+ end-of-turn token); None when over max_length.
 
     The prompt is rendered with the tokenizer's chat template and `add_generation_prompt=True`, so the prompt
     tokens are exactly those the model sees at inference; the completion is tokenised separately and appended.
     """
-    prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"])
+    prompt_ids = list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id: the student could not learn to stop")
@@ -77,8 +86,9 @@ def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE,
-                                            reduction="none")  # (B, T-1)
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+    )  # (B, T-1)
     count = (shift_labels != IGNORE).sum(1)
     return nll.sum(1) / count.clamp(min=1)
 
@@ -95,7 +105,15 @@ class LoraSpec:
     r: int = 16
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     quantize: str | None = None
 
 
@@ -109,16 +127,22 @@ def apply_lora(model, spec: LoraSpec):
             from nf4lora.model import prepare_model
         except ImportError as e:
             raise ImportError("QLoRA needs nf4lora.model.prepare_model (the nf4lora package)") from e
-        return prepare_model(model, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                             target_modules=list(spec.target_modules))
+        return prepare_model(
+            model, r=spec.r, alpha=spec.alpha, dropout=spec.dropout, target_modules=list(spec.target_modules)
+        )
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [t for t in spec.target_modules if t in present]
     if not targets:
         raise ValueError(f"lora.target_modules {spec.target_modules} match no module of the model")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -154,13 +178,19 @@ def step_windows(n_examples: int, cfg: LoopConfig) -> list[list[list[int]]]:
     it, so the global batch and the step count do not depend on the number of processes.
     """
     order = _order(n_examples, cfg.epochs, cfg.seed)
-    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    windows = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    micro = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    windows = [micro[i : i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
     return windows if cfg.max_steps is None else windows[: cfg.max_steps]
 
 
-def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str | os.PathLike, cfg: LoopConfig,
-               progress: bool = True) -> dict[str, float]:
+def train_loop(
+    model,
+    examples: Sequence[Example],
+    pad_id: int,
+    output_dir: str | os.PathLike,
+    cfg: LoopConfig,
+    progress: bool = True,
+) -> dict[str, float]:
     """Minimise the weighted NLL over `examples` with AdamW, with the workspace's one training loop
     (`shared_kernels.training.run_loop`) under `accelerate` (so `accelerate launch` works, DDP or FSDP2).
 
@@ -189,7 +219,9 @@ def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world = accelerator.num_processes
     if cfg.grad_accum % world:
-        raise ValueError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({world})")
+        raise ValueError(
+            f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({world})"
+        )
     windows = [w[: len(w) - len(w) % world] for w in step_windows(len(examples), cfg)]
     windows = [w for w in windows if w]
     total_steps = len(windows)
@@ -199,22 +231,41 @@ def train_loop(model, examples: Sequence[Example], pad_id: int, output_dir: str 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / max(1, total_steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / max(1, total_steps))
+    )
 
     def loss_fn(m, micro: list[int]) -> torch.Tensor:
-        batch = {k: v.to(accelerator.device) for k, v in collate([examples[j] for j in micro], pad_id).items()}
+        batch = {
+            k: v.to(accelerator.device) for k, v in collate([examples[j] for j in micro], pad_id).items()
+        }
         out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return weighted_loss(out.logits, batch["labels"], batch["weights"])
 
-    checkpoints = CheckpointManager(Path(output_dir) / "checkpoints", keep=2, rank=accelerator.process_index,
-                                    world_size=world, barrier=accelerator.wait_for_everyone)
-    settings = LoopSettings(steps=total_steps, phase="train", checkpoint_every=cfg.save_every,
-                            max_grad_norm=cfg.max_grad_norm, trainable_only=True, progress=progress)
-    state = run_loop(accelerator, model, optimizer, scheduler, windows.__getitem__, loss_fn, settings, checkpoints)
+    checkpoints = CheckpointManager(
+        Path(output_dir) / "checkpoints",
+        keep=2,
+        rank=accelerator.process_index,
+        world_size=world,
+        barrier=accelerator.wait_for_everyone,
+    )
+    settings = LoopSettings(
+        steps=total_steps,
+        phase="train",
+        checkpoint_every=cfg.save_every,
+        max_grad_norm=cfg.max_grad_norm,
+        trainable_only=True,
+        progress=progress,
+    )
+    state = run_loop(
+        accelerator, model, optimizer, scheduler, windows.__getitem__, loss_fn, settings, checkpoints
+    )
     accelerator.wait_for_everyone()
     losses = [row["train/loss"] for row in state.history]
-    return {"steps": float(state.step), "first_loss": losses[0] if losses else float("nan"),
-            "last_loss": losses[-1] if losses else float("nan")}
+    return {
+        "steps": float(state.step),
+        "first_loss": losses[0] if losses else float("nan"),
+        "last_loss": losses[-1] if losses else float("nan"),
+    }
 
 
 def save_model(model, tokenizer, output_dir: str | os.PathLike) -> Path:

@@ -66,39 +66,64 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
     return [(r - mean) / (std + 1e-4) for r in rewards]
 
 
-def grpo_window(n_pairs: int, steps: int, prompts_per_step: int, seed: int) -> Callable[[int], list[tuple[int, int]]]:
+def grpo_window(
+    n_pairs: int, steps: int, prompts_per_step: int, seed: int
+) -> Callable[[int], list[tuple[int, int]]]:
     """step -> that step's micro-batches, one per prompt: (step, pair index), pairs in seeded epoch order."""
     order: list[int] = []
     while len(order) < steps * prompts_per_step:
         idx = list(range(n_pairs))
         random.Random(seed * 1000 + len(order) // n_pairs).shuffle(idx)
         order += idx
-    return lambda step: [(step, i) for i in order[step * prompts_per_step:(step + 1) * prompts_per_step]]
+    return lambda step: [(step, i) for i in order[step * prompts_per_step : (step + 1) * prompts_per_step]]
 
 
-def grpo_loss(tokenizer, pairs: Sequence[RefinePair], num_generations: int, max_completion_length: int,
-              temperature: float, reward_funcs: Sequence[Callable], reward_weights: Sequence[float], seed: int,
-              unwrap: Callable, device, last_reward: dict[str, float], prompt: RelevancePrompt = INTERANK_PROMPT
-              ) -> Callable:
+def grpo_loss(
+    tokenizer,
+    pairs: Sequence[RefinePair],
+    num_generations: int,
+    max_completion_length: int,
+    temperature: float,
+    reward_funcs: Sequence[Callable],
+    reward_weights: Sequence[float],
+    seed: int,
+    unwrap: Callable,
+    device,
+    last_reward: dict[str, float],
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+) -> Callable:
     """The loss of one GRPO micro-batch (one prompt's group), for `shared_kernels.training.run_loop`.
 
     Args:
         unwrap: prepared model -> the model to sample from (`accelerator.unwrap_model`).
         last_reward: receives {"reward": the group's mean reward} (for the logged rows).
     """
+
     def loss_fn(m, micro: tuple[int, int]):
         step, i = micro
         pair = pairs[i]
-        texts = sample_candidates(unwrap(m), tokenizer, [pair], num_generations, temperature,
-                                  max_completion_length, batch_size=1, prompt=prompt,
-                                  seed=seed * 1_000_003 + step * 1009 + i)[0]
+        texts = sample_candidates(
+            unwrap(m),
+            tokenizer,
+            [pair],
+            num_generations,
+            temperature,
+            max_completion_length,
+            batch_size=1,
+            prompt=prompt,
+            seed=seed * 1_000_003 + step * 1009 + i,
+        )[0]
         rewards = [0.0] * len(texts)
         for fn, w in zip(reward_funcs, reward_weights, strict=True):
-            rewards = [r + w * float(x) for r, x in zip(rewards, fn(texts, label=[pair.reference] * len(texts)),
-                                                        strict=True)]
+            rewards = [
+                r + w * float(x)
+                for r, x in zip(rewards, fn(texts, label=[pair.reference] * len(texts)), strict=True)
+            ]
         last_reward["reward"] = sum(rewards) / len(rewards)
-        examples = [encode_example(tokenizer, prompt.messages(pair.query, pair.document), t + prompt.stop,
-                                   weight=a) for t, a in zip(texts, group_advantages(rewards), strict=True)]
+        examples = [
+            encode_example(tokenizer, prompt.messages(pair.query, pair.document), t + prompt.stop, weight=a)
+            for t, a in zip(texts, group_advantages(rewards), strict=True)
+        ]
         batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
         out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return weighted_loss(out.logits, batch["labels"], batch["weights"])
@@ -111,12 +136,27 @@ def default_rewards() -> tuple[list[Callable], list[float]]:
     return [label_reward, format_reward], [1.0, 0.5]
 
 
-def grpo(model, tokenizer, pairs: Sequence[RefinePair], output_dir: str | os.PathLike, max_steps: int = 100,
-         num_generations: int = 8, max_completion_length: int = 256, learning_rate: float = 1e-6,
-         beta: float = 0.0, temperature: float = 1.0, batch_size: int | None = None,
-         reward_funcs: Sequence[Callable] | None = None, reward_weights: Sequence[float] | None = None,
-         lora: LoraSpec | None = None, seed: int = 0, prompt: RelevancePrompt = INTERANK_PROMPT,
-         progress: bool = True, save_every: int = 0, max_grad_norm: float = 1.0) -> TrainResult:
+def grpo(
+    model,
+    tokenizer,
+    pairs: Sequence[RefinePair],
+    output_dir: str | os.PathLike,
+    max_steps: int = 100,
+    num_generations: int = 8,
+    max_completion_length: int = 256,
+    learning_rate: float = 1e-6,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    reward_funcs: Sequence[Callable] | None = None,
+    reward_weights: Sequence[float] | None = None,
+    lora: LoraSpec | None = None,
+    seed: int = 0,
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+    progress: bool = True,
+    save_every: int = 0,
+    max_grad_norm: float = 1.0,
+) -> TrainResult:
     """GRPO on (query, document, reference label) prompts (see the module docstring).
 
     Args:
@@ -142,10 +182,14 @@ def grpo(model, tokenizer, pairs: Sequence[RefinePair], output_dir: str | os.Pat
     if beta != 0:
         raise ValueError(f"beta must be 0 (no KL to a reference model is implemented), got {beta}")
     if num_generations < 2:
-        raise ValueError(f"num_generations must be >= 2 (advantages are relative to the group), got {num_generations}")
+        raise ValueError(
+            f"num_generations must be >= 2 (advantages are relative to the group), got {num_generations}"
+        )
     batch_size = batch_size or num_generations
     if batch_size % num_generations:
-        raise ValueError(f"batch_size ({batch_size}) must be a multiple of num_generations ({num_generations})")
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of num_generations ({num_generations})"
+        )
     funcs, weights = default_rewards()
     if reward_funcs is not None:
         funcs, weights = list(reward_funcs), list(reward_weights or [1.0] * len(reward_funcs))
@@ -157,22 +201,56 @@ def grpo(model, tokenizer, pairs: Sequence[RefinePair], output_dir: str | os.Pat
     torch.manual_seed(seed)
     last_reward: dict[str, float] = {}
     window = grpo_window(len(pairs), max_steps, batch_size // num_generations, seed)
-    loss_fn = grpo_loss(tokenizer, pairs, num_generations, max_completion_length, temperature, funcs, weights,
-                        seed, acc.unwrap_model, acc.device, last_reward, prompt)
+    loss_fn = grpo_loss(
+        tokenizer,
+        pairs,
+        num_generations,
+        max_completion_length,
+        temperature,
+        funcs,
+        weights,
+        seed,
+        acc.unwrap_model,
+        acc.device,
+        last_reward,
+        prompt,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    checkpoints = CheckpointManager(Path(output_dir) / "checkpoints", keep=2, rank=acc.process_index,
-                                    world_size=acc.num_processes, barrier=acc.wait_for_everyone)
-    settings = LoopSettings(steps=max_steps, phase="grpo", checkpoint_every=save_every, max_grad_norm=max_grad_norm,
-                            trainable_only=True, progress=progress)
-    state = run_loop(acc, model, optimizer, scheduler, window, loss_fn, settings, checkpoints,
-                     extra_metrics=lambda _: dict(last_reward))
+    checkpoints = CheckpointManager(
+        Path(output_dir) / "checkpoints",
+        keep=2,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        barrier=acc.wait_for_everyone,
+    )
+    settings = LoopSettings(
+        steps=max_steps,
+        phase="grpo",
+        checkpoint_every=save_every,
+        max_grad_norm=max_grad_norm,
+        trainable_only=True,
+        progress=progress,
+    )
+    state = run_loop(
+        acc,
+        model,
+        optimizer,
+        scheduler,
+        window,
+        loss_fn,
+        settings,
+        checkpoints,
+        extra_metrics=lambda _: dict(last_reward),
+    )
     acc.wait_for_everyone()
     rows = state.history
-    stats = {"steps": float(state.step),
-             "first_loss": rows[0]["grpo/loss"] if rows else float("nan"),
-             "last_loss": rows[-1]["grpo/loss"] if rows else float("nan"),
-             "first_reward": rows[0].get("reward", float("nan")) if rows else float("nan"),
-             "last_reward": rows[-1].get("reward", float("nan")) if rows else float("nan")}
+    stats = {
+        "steps": float(state.step),
+        "first_loss": rows[0]["grpo/loss"] if rows else float("nan"),
+        "last_loss": rows[-1]["grpo/loss"] if rows else float("nan"),
+        "first_reward": rows[0].get("reward", float("nan")) if rows else float("nan"),
+        "last_reward": rows[-1].get("reward", float("nan")) if rows else float("nan"),
+    }
     return TrainResult(model, save_model(model, tokenizer, output_dir), stats)

@@ -30,8 +30,12 @@ def label_agreement_reward(text: str, reference: int) -> float:
     return 0.0 if label is None else 1.0 - abs(label - reference) / 2.0
 
 
-def group_weights(rewards: Sequence[float], threshold: float = 0.85, power: float = 3.0,
-                  misclassification_rate: float | None = None) -> list[float]:
+def group_weights(
+    rewards: Sequence[float],
+    threshold: float = 0.85,
+    power: float = 3.0,
+    misclassification_rate: float | None = None,
+) -> list[float]:
     """Loss weights for one pair's candidates: min-max normalise, drop those below `threshold`, raise to
     `power`, optionally scale by the misclassification rate (see the module docstring).
 
@@ -66,9 +70,17 @@ class RefinePair:
     teacher_text: str | None = None
 
 
-def sample_candidates(model, tokenizer, pairs: Sequence[RefinePair], k: int, temperature: float = 1.0,
-                      max_new_tokens: int = 256, batch_size: int = 8, prompt: RelevancePrompt = INTERANK_PROMPT,
-                      seed: int = 0) -> list[list[str]]:
+def sample_candidates(
+    model,
+    tokenizer,
+    pairs: Sequence[RefinePair],
+    k: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+    seed: int = 0,
+) -> list[list[str]]:
     """k sampled answers per pair from the current model (grouped per pair, stop marker cut); `batch_size`
     prompts (each with k samples) per generate call."""
     import torch
@@ -76,23 +88,42 @@ def sample_candidates(model, tokenizer, pairs: Sequence[RefinePair], k: int, tem
     from rerankdistill.backends.hf import TransformersBackend
 
     torch.manual_seed(seed)
-    backend = TransformersBackend(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  batch_size=batch_size, stop=prompt.stop)
+    backend = TransformersBackend(
+        model,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        stop=prompt.stop,
+    )
     was_training = model.training
     model.eval()
     prompts = [backend.render(prompt.messages(p.query, p.document)) for p in pairs]
     texts = [c.text for c in backend.generate_texts(prompts, num_return_sequences=k)]
     model.train(was_training)
-    return [texts[i * k:(i + 1) * k] for i in range(len(pairs))]
+    return [texts[i * k : (i + 1) * k] for i in range(len(pairs))]
 
 
 def reward_weighted_finetune(
-    model, tokenizer, pairs: Sequence[RefinePair], output_dir: str | os.PathLike, k: int = 8,
-    reward_fn: RewardFn = label_agreement_reward, threshold: float = 0.85, power: float = 3.0,
-    weight_by_misclassification: bool = False, include_teacher: bool = True, temperature: float = 1.0,
-    max_new_tokens: int = 256, loop: LoopConfig | None = None, lora: LoraSpec | None = None,
-    completion_only: bool = True, max_length: int | None = 2048, prompt: RelevancePrompt = INTERANK_PROMPT,
-    progress: bool = True, reward_model=None,
+    model,
+    tokenizer,
+    pairs: Sequence[RefinePair],
+    output_dir: str | os.PathLike,
+    k: int = 8,
+    reward_fn: RewardFn = label_agreement_reward,
+    threshold: float = 0.85,
+    power: float = 3.0,
+    weight_by_misclassification: bool = False,
+    include_teacher: bool = True,
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    loop: LoopConfig | None = None,
+    lora: LoraSpec | None = None,
+    completion_only: bool = True,
+    max_length: int | None = 2048,
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+    progress: bool = True,
+    reward_model=None,
 ) -> TrainResult:
     """One round of InteRank's reward-weighted fine-tuning of `model` (see the module docstring).
 
@@ -111,15 +142,19 @@ def reward_weighted_finetune(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     loop = loop or LoopConfig()
-    samples = sample_candidates(model, tokenizer, pairs, k, temperature, max_new_tokens, prompt=prompt,
-                                seed=loop.seed)
+    samples = sample_candidates(
+        model, tokenizer, pairs, k, temperature, max_new_tokens, prompt=prompt, seed=loop.seed
+    )
     examples: list[DistillExample] = []
     weights: list[float] = []
     candidates = 0
     for pair, group in zip(pairs, samples, strict=True):
         texts = list(group) + ([pair.teacher_text] if include_teacher and pair.teacher_text else [])
-        rewards = (reward_model.score([(pair.query, pair.document, t, pair.reference) for t in texts])
-                   if reward_model is not None else [reward_fn(t, pair.reference) for t in texts])
+        rewards = (
+            reward_model.score([(pair.query, pair.document, t, pair.reference) for t in texts])
+            if reward_model is not None
+            else [reward_fn(t, pair.reference) for t in texts]
+        )
         miss = None
         if weight_by_misclassification:
             miss = sum(parse_relevance(t) != pair.reference for t in group) / len(group)
@@ -128,11 +163,15 @@ def reward_weighted_finetune(
             if w > 0:
                 examples.append(DistillExample(pair.query, pair.document, text))
                 weights.append(w)
-    stats: dict[str, float] = {"candidates": float(candidates), "kept": float(len(examples)),
-                               "mean_weight": sum(weights) / len(weights) if weights else 0.0}
+    stats: dict[str, float] = {
+        "candidates": float(candidates),
+        "kept": float(len(examples)),
+        "mean_weight": sum(weights) / len(weights) if weights else 0.0,
+    }
     if not examples:
-        raise ValueError(f"no candidate reached the threshold {threshold} ({candidates} candidates): "
-                         "nothing to train on")
+        raise ValueError(
+            f"no candidate reached the threshold {threshold} ({candidates} candidates): nothing to train on"
+        )
     encoded, too_long = tokenize_examples(tokenizer, examples, prompt, completion_only, max_length, weights)
     if lora is not None:
         model = apply_lora(model, lora)

@@ -38,16 +38,23 @@ class DistillExample:
 def target_text(record_text: str, label: int, prompt: RelevancePrompt = INTERANK_PROMPT) -> str:
     """The teacher's answer normalised to end with `Relevance Label: n` (the label line is rewritten when the
     label was found by a keyword fallback)."""
-    m = list(re.finditer(re.escape(prompt.label_prefix.rstrip(":")) + r"\s*:\s*\**\s*(\d+)", record_text, re.I))
+    m = list(
+        re.finditer(re.escape(prompt.label_prefix.rstrip(":")) + r"\s*:\s*\**\s*(\d+)", record_text, re.I)
+    )
     if m and int(m[-1].group(1)) == label and prompt.label_separator == " ":
         return record_text[: m[-1].end()].rstrip()
     head = record_text[: m[-1].start()] if m else record_text
-    target = prompt.completion(head, label)  # rewritten in the prompt's format (release: label on its own line)
+    target = prompt.completion(
+        head, label
+    )  # rewritten in the prompt's format (release: label on its own line)
     return target[: len(target) - len(prompt.stop)]
 
 
-def distill_examples(records: Iterable[TeacherRecord], pairs: Mapping[tuple[str, str], Pair],
-                     prompt: RelevancePrompt = INTERANK_PROMPT) -> tuple[list[DistillExample], dict[str, int]]:
+def distill_examples(
+    records: Iterable[TeacherRecord],
+    pairs: Mapping[tuple[str, str], Pair],
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+) -> tuple[list[DistillExample], dict[str, int]]:
     """Teacher records -> SFT examples; records without a label or without their pair are counted, not used."""
     out: list[DistillExample] = []
     counts = {"used": 0, "no_label": 0, "no_pair": 0}
@@ -71,10 +78,15 @@ class TrainResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def tokenize_examples(tokenizer, examples: Sequence[DistillExample], prompt: RelevancePrompt,
-                      completion_only: bool, max_length: int | None,
-                      weights: Sequence[float] | None = None, fit_documents: bool = False
-                      ) -> tuple[list[Example], int]:
+def tokenize_examples(
+    tokenizer,
+    examples: Sequence[DistillExample],
+    prompt: RelevancePrompt,
+    completion_only: bool,
+    max_length: int | None,
+    weights: Sequence[float] | None = None,
+    fit_documents: bool = False,
+) -> tuple[list[Example], int]:
     """Encode (prompt messages, target + stop) pairs; returns the examples and how many were too long.
 
     Args:
@@ -86,8 +98,14 @@ def tokenize_examples(tokenizer, examples: Sequence[DistillExample], prompt: Rel
     too_long = 0
     for i, ex in enumerate(examples):
         weight = 1.0 if weights is None else weights[i]
-        e = encode_example(tokenizer, prompt.messages(ex.query, ex.document), ex.target + prompt.stop,
-                           completion_only=completion_only, max_length=max_length, weight=weight)
+        e = encode_example(
+            tokenizer,
+            prompt.messages(ex.query, ex.document),
+            ex.target + prompt.stop,
+            completion_only=completion_only,
+            max_length=max_length,
+            weight=weight,
+        )
         if e is None:
             too_long += 1
             if fit_documents and max_length is not None:
@@ -97,12 +115,25 @@ def tokenize_examples(tokenizer, examples: Sequence[DistillExample], prompt: Rel
     return encoded, too_long
 
 
-def _fit_document(tokenizer, ex: DistillExample, prompt: RelevancePrompt, completion_only: bool,
-                  max_length: int, weight: float) -> Example | None:
+def _fit_document(
+    tokenizer,
+    ex: DistillExample,
+    prompt: RelevancePrompt,
+    completion_only: bool,
+    max_length: int,
+    weight: float,
+) -> Example | None:
     """`ex` with its document cut to the longest token prefix whose example fits `max_length` (None if none)."""
+
     def encode(document: str) -> Example | None:
-        return encode_example(tokenizer, prompt.messages(ex.query, document), ex.target + prompt.stop,
-                              completion_only=completion_only, max_length=None, weight=weight)
+        return encode_example(
+            tokenizer,
+            prompt.messages(ex.query, document),
+            ex.target + prompt.stop,
+            completion_only=completion_only,
+            max_length=None,
+            weight=weight,
+        )
 
     doc_ids = tokenizer(ex.document[: prompt.max_doc_chars], add_special_tokens=False)["input_ids"]
     empty = encode("")
@@ -115,10 +146,18 @@ def _fit_document(tokenizer, ex: DistillExample, prompt: RelevancePrompt, comple
     return None
 
 
-def sft(model, tokenizer, examples: Sequence[DistillExample], output_dir: str | os.PathLike,
-        loop: LoopConfig | None = None, lora: LoraSpec | None = None, completion_only: bool = True,
-        max_length: int | None = 2048, prompt: RelevancePrompt = INTERANK_PROMPT, progress: bool = True
-        ) -> TrainResult:
+def sft(
+    model,
+    tokenizer,
+    examples: Sequence[DistillExample],
+    output_dir: str | os.PathLike,
+    loop: LoopConfig | None = None,
+    lora: LoraSpec | None = None,
+    completion_only: bool = True,
+    max_length: int | None = 2048,
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+    progress: bool = True,
+) -> TrainResult:
     """Supervised distillation of teacher answers into `model`.
 
     Args:
