@@ -65,7 +65,7 @@ def plot_study(summary: dict[str, Any], path: Path, train_len: int) -> None:
     """Each variant's validation loss by evaluation context (mean over seeds, bars: half the max-min
     spread) as a PNG; `summary` is `lm_pretrain.study.summarise`'s, `train_len` the training context."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for name, e in summary.items():
         xs = [int(k) for k in e["mean"]]
         ax.errorbar(
@@ -79,7 +79,8 @@ def plot_study(summary: dict[str, Any], path: Path, train_len: int) -> None:
     ax.axvline(train_len, color="grey", ls="--", label=f"training context ({train_len} bytes)")
     _log2_axis(ax, "evaluation context (bytes)")
     ax.set(ylabel="validation loss (nats/byte)", title="mean over seeds (bars: half the max-min spread)")
-    ax.legend(fontsize=8, loc="best")
+    # beside the axes: a study has up to ~8 variants, whose lines a legend inside would cover
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
