@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     _load_all()
     if args.cmd == "list":
         for b in sorted(REGISTRY.values(), key=lambda b: (b.package, b.name)):
-            print(
-                f"{b.name:40s} {b.package:14s} {b.device:5s} {b.description.splitlines()[0] if b.description else ''}"
-            )
+            summary = b.description.splitlines()[0] if b.description else ""
+            print(f"{b.name:40s} {b.package:14s} {b.device:5s} {summary}")
         return 0
     selected = []
     for name in args.names:

@@ -134,7 +134,8 @@ class BenchContext:
         row = Row(case, ours, anchor, unit, ours_name, anchor_name, lower_is_better, note)
         self.rows.append(row)
         print(
-            f"  {case}: {ours_name} {ours:.4g} {unit} | {anchor_name} {anchor:.4g} {unit} | ratio {row.ratio:.3f}",
+            f"  {case}: {ours_name} {ours:.4g} {unit} | {anchor_name} {anchor:.4g} {unit} "
+            f"| ratio {row.ratio:.3f}",
             flush=True,
         )
         return row

@@ -5,7 +5,8 @@ real `Accelerator` honour the launcher's FSDP settings on CPU, and from there on
 preparation (wrap policy from the config, `fully_shard`, optimizer parameter swap, rank-0 weight broadcast).
 Each app: the launched run is sharded, takes the same steps as one process with the same global batch,
 and a re-run of the same command resumes from its checkpoints into the freshly sharded model. rerank-qlora
-also runs quant.method=nf4 (FSDP-QLoRA: the packed 4-bit weights sharded) and matches one process. Not covered: GPUs, NCCL, bf16 kernels.
+also runs quant.method=nf4 (FSDP-QLoRA: the packed 4-bit weights sharded) and matches one process.
+Not covered: GPUs, NCCL, bf16 kernels.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def test_lm_pretrain_fsdp2_config_under_accelerate_launch(tmp_path):
     assert len(losses) == 6 and losses == pytest.approx(_metric(tmp_path / "single", "train/loss"), rel=2e-4)
     assert list(sharded["val_loss"].values()) == pytest.approx(list(single["val_loss"].values()), rel=2e-4)
 
-    # resume: drop the final checkpoint, re-run the same command; it continues from step 3 in the sharded model
+    # resume: drop the final checkpoint, re-run the same command; it continues from step 3 in the sharded
+    # model
     ckpts = tmp_path / "fsdp2" / "checkpoints"
     steps = sorted(p.name for p in ckpts.glob("step-*"))
     assert len(steps) >= 2

@@ -108,8 +108,9 @@ class _CountingBackend:
 
 
 def test_load_in_4bit_is_in_the_cache_key(tmp_path, data, monkeypatch):
-    """load_in_4bit changes a model's outputs, so it travels in the model's options (which idiomreason hashes
-    into the prediction key): a changed mode is a miss, an unchanged re-run all hits; http models ignore it."""
+    """load_in_4bit changes a model's outputs, so it travels in the model's options (which idiomreason
+    hashes into the prediction key): a changed mode is a miss, an unchanged re-run all hits; http models
+    ignore it."""
     import idiomreason.sweep
     from idiom_sweep.recipe import build_backend
     from idiomreason import run_sweep
@@ -190,7 +191,8 @@ SWEEP_CLI_CASES = [
     ("latin1-csv", {}, GOOD.replace("bucket.", "bucké.").encode("latin-1"), r"d.csv:2: is not UTF-8 text"),
     ("missing-dataset", {"datasets": [{"name": "generic", "path": "/nonexistent/d.csv"}]}, GOOD,
      r"/nonexistent/d.csv' is not a file"),
-    ("trust-remote-code-int", dict(options={"trust_remote_code": 1}), GOOD, r"trust_remote_code must be bool"),
+    ("trust-remote-code-int", dict(options={"trust_remote_code": 1}), GOOD,
+     r"trust_remote_code must be bool"),
     ("max-new-tokens-string", dict(max_new_tokens="5"), GOOD, r"max_new_tokens"),
     ("max-new-tokens-zero", dict(max_new_tokens=0), GOOD, r"max_new_tokens must be >= 1"),
     ("no-models", dict(models=[]), GOOD, r"models"),

@@ -175,7 +175,8 @@ def test_killed_run_resumes_and_ends_at_the_same_loss(runs):
 
 def test_accelerate_fsdp2_config_parses_into_an_fsdp2_plugin(monkeypatch):
     """configs/accelerate/fsdp2.yaml (for GPU machines; not run here) goes through accelerate's own launch
-    path: the parsed command, the environment `accelerate launch` would export, and the plugin built from it."""
+    path: the parsed command, the environment `accelerate launch` would export, and the plugin built from
+    it."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env

@@ -71,7 +71,8 @@ def optimizer(model: nn.Module):
 
 
 def step(model: nn.Module, opt, sched, seed: int, rank: int) -> float:
-    """One optimizer step on this rank's half of a global batch of 4 sequences; returns the clipped grad norm."""
+    """One optimizer step on this rank's half of a global batch of 4 sequences; returns the clipped grad
+    norm."""
     ids = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(seed))
     mine = ids[rank * 2 : (rank + 1) * 2]
     loss = nn.functional.cross_entropy(model(mine[:, :-1]).flatten(0, 1), mine[:, 1:].flatten() % 5)

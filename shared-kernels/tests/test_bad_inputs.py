@@ -1,6 +1,6 @@
-"""Bad inputs and faults in shared-kernels' torch-free plumbing and checkpoints: every case a clear error naming
-the file (and line) or the argument, never a bare UnicodeDecodeError/EOFError/SafetensorError, a leaked key or
-silently saved NaNs."""
+"""Bad inputs and faults in shared-kernels' torch-free plumbing and checkpoints: every case a clear error
+naming the file (and line) or the argument, never a bare UnicodeDecodeError/EOFError/SafetensorError, a
+leaked key or silently saved NaNs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""`shared_kernels.distributed` and `CheckpointManager` on FSDP2-sharded models: two CPU processes (gloo) shard
-small models with `fully_shard` (see fsdp2_checkpoint_worker.py); gathered state dicts are the unsharded ones
-bit for bit, checkpoints resume exactly into freshly sharded models, and move between sharded and unsharded
-runs. One process checks the unsharded paths, which must return what `state_dict()` returns."""
+"""`shared_kernels.distributed` and `CheckpointManager` on FSDP2-sharded models: two CPU processes
+(gloo) shard small models with `fully_shard` (see fsdp2_checkpoint_worker.py); gathered state dicts are
+the unsharded ones bit for bit, checkpoints resume exactly into freshly sharded models, and move between
+sharded and unsharded runs. One process checks the unsharded paths, which must return what
+`state_dict()` returns."""
 
 from __future__ import annotations
 

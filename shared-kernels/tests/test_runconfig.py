@@ -185,3 +185,65 @@ def test_list_overrides_take_comma_separated_items():
     assert load_config(Lists, overrides=["sizes=[4, 5]", "names=one"]).sizes == [4, 5]
     with pytest.raises(ConfigError, match=r"sizes\[1\]"):
         load_config(Lists, overrides=["sizes=1,x"])
+
+
+class _Tag:
+    """A plain class used as an annotation: values must already be instances."""
+
+
+@dataclasses.dataclass
+class Kinds:
+    pair: tuple[int, str] = option((1, "a"), "fixed-length tuple")
+    many: tuple[float, ...] = option((), "any-length tuple")
+    weights: dict[str, float] = option(default_factory=dict, help="mapping")
+    anything: object = option(None, "Any-like")
+    num_or_name: int | str = option(0, "union without None")
+    flag: Literal[1, "one"] = option(1, "literal of mixed types")
+    where: Path | None = option(None, "optional path")
+    tag: _Tag | None = option(None, "a plain class")
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"pair": [2, "b"]}, {"pair": (2, "b")}),
+        ({"many": [1, 2.5, "3e-1"]}, {"many": (1.0, 2.5, 0.3)}),
+        ({"weights": {"a": 1, "b": "2e-3"}}, {"weights": {"a": 1.0, "b": 0.002}}),
+        ({"num_or_name": 3}, {"num_or_name": 3}),
+        ({"num_or_name": "x"}, {"num_or_name": "x"}),
+        ({"flag": "one"}, {"flag": "one"}),
+        ({"where": "/tmp/x"}, {"where": Path("/tmp/x")}),
+        ({"where": None}, {"where": None}),
+    ],
+)
+def test_every_annotation_kind_converts(values, expected):
+    cfg = load_config(Kinds, base=values)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert all(type(getattr(cfg, k)) is type(v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"pair": [1, "a", 2]}, r"'pair': expected 2 items, got 3"),
+        ({"pair": [1, 2]}, r"'pair\[1\]': expected str, got 2"),
+        ({"pair": "ab"}, r"'pair': expected tuple\[int, str\]"),
+        ({"many": [True]}, r"'many\[0\]': expected float, got True"),
+        ({"weights": [1]}, r"'weights': expected dict\[str, float\]"),
+        ({"weights": {"a": "x"}}, r"'weights.a': expected float, got 'x'"),
+        ({"num_or_name": 1.5}, r"'num_or_name': expected int \| str, got 1.5"),
+        ({"num_or_name": None}, r"'num_or_name': expected int \| str, got None"),
+        ({"flag": True}, r"'flag': expected one of 1, 'one', got True"),
+        ({"where": 3}, r"'where': expected Path \| null, got 3"),
+        ({"tag": "x"}, r"'tag': expected _Tag \| null, got 'x'"),
+    ],
+)
+def test_every_annotation_kind_rejects(values, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Kinds, base=values)
+
+
+def test_instances_pass_through():
+    tag = _Tag()
+    cfg = load_config(Kinds, base={"tag": tag, "anything": [1, {"x": 2}]})
+    assert cfg.tag is tag and cfg.anything == [1, {"x": 2}]

@@ -33,7 +33,8 @@ def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_to_file(path: str | Path, logger_name: str) -> logging.Logger:
-    """Send logger `logger_name`'s INFO lines to `path` (appended), replacing an earlier file handler of it."""
+    """Send logger `logger_name`'s INFO lines to `path` (appended), replacing an earlier file handler of
+    it."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger(logger_name)

@@ -11,8 +11,9 @@ A checkpoint is written into `root/.tmp-step-...` and renamed into place with `o
 file (of every process) is on disk, then `latest` is replaced atomically: a process killed at any moment
 leaves either the previous checkpoint or the new one, never a half-written one. A checkpoint damaged later
 (a truncated copy, a full disk, a bad sync) is skipped on `load` with a warning naming its path, and the
-previous good one is restored instead. Weights holding NaN/inf are never written (`shared_kernels.finite`). Every `.pt` file holds only
-tensors and plain Python data, so it is read back with `torch.load(weights_only=True)`.
+previous good one is restored instead. Weights holding NaN/inf are never written (`shared_kernels.finite`).
+Every `.pt` file holds only tensors and plain Python data, so it is read back with
+`torch.load(weights_only=True)`.
 
 In multi-process training every rank calls `save`/`load` with its `rank`, `world_size` and a `barrier`
 (for instance `accelerator.wait_for_everyone`); rank 0 writes the shared files, each rank its RNG state.
@@ -49,14 +50,21 @@ __all__ = ["CheckpointManager", "StaleCheckpointError", "capture_rng_state", "re
 
 _PREFIX = "step-"
 
+# what `CheckpointManager._read` returns: trainer state, weights, this rank's RNG state (None: not read)
+_ReadCheckpoint = tuple[dict[str, Any], dict[str, torch.Tensor], Any]
+
 
 class StaleCheckpointError(UserError, ValueError):
-    """The run directory's checkpoint is past the configured number of steps (a resume that cannot be right)."""
+    """The run directory's checkpoint is past the configured number of steps (a resume that cannot be
+    right)."""
 
 
 def capture_rng_state() -> dict[str, Any]:
     """The RNG state of python's `random`, numpy's global generator, torch CPU (and every CUDA device)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    # numpy's global generator is an MT19937, whose legacy state is this tuple (never the dict form)
+    assert isinstance(numpy_state, tuple), "numpy's global RandomState is not an MT19937"
+    name, keys, pos, has_gauss, cached = numpy_state
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
@@ -213,46 +221,45 @@ class CheckpointManager:
                 raise ValueError(f"path {str(ckpt)!r} is not a complete checkpoint (no trainer_state.pt)")
             state, tensors, rng = self._read(ckpt, restore_rng)
         else:
-            candidates = self.checkpoints()[::-1]
-            newest = self.latest()
-            if newest is not None and newest in candidates:
-                candidates.remove(newest)
-                candidates.insert(0, newest)
-            if not candidates:
+            found = self._read_newest_readable(restore_rng)
+            if found is None:
                 return None
-            for ckpt in candidates:
-                try:
-                    state, tensors, rng = self._read(ckpt, restore_rng)
-                    break
-                except ValueError as err:
-                    warnings.warn(
-                        f"skipping unreadable checkpoint: {err}; trying the previous one", stacklevel=2
-                    )
-            else:
-                raise ValueError(
-                    f"no readable checkpoint under {str(self.root)!r} "
-                    f"(tried {', '.join(c.name for c in candidates)})"
-                )
+            ckpt, (state, tensors, rng) = found
         if max_step is not None and int(state["step"]) > max_step:
             raise StaleCheckpointError(
-                f"checkpoint {ckpt} is at step {state['step']}, past the {max_step} steps configured now: raise the "
-                "step count to continue it, or start over with resume=false or another run directory"
+                f"checkpoint {ckpt} is at step {state['step']}, past the {max_step} steps configured now: "
+                "raise the step count to continue it, "
+                "or start over with resume=false or another run directory"
             )
-        load_full_state_dict(model, tensors, state["trainable_only"])
-        if optimizer is not None:
-            if state["optimizer"] is None:
-                raise ValueError(f"checkpoint {str(ckpt)!r} holds no optimizer state")
-            load_full_optimizer_state_dict(optimizer, state["optimizer"])
-        if scheduler is not None:
-            if state["scheduler"] is None:
-                raise ValueError(f"checkpoint {str(ckpt)!r} holds no scheduler state")
-            scheduler.load_state_dict(state["scheduler"])
+        _apply(ckpt, state, tensors, model, optimizer, scheduler)
         if rng is not None:
             restore_rng_state(rng)
         return {"step": int(state["step"]), "extra": state["extra"], "path": ckpt}
 
-    def _read(self, ckpt: Path, restore_rng: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
-        """Every file of checkpoint `ckpt` read into memory (nothing applied yet); ValueError naming the file."""
+    def _read_newest_readable(self, restore_rng: bool) -> tuple[Path, _ReadCheckpoint] | None:
+        """The newest checkpoint whose files all read (the `latest` pointer's first, then by step, newest
+        first), skipping unreadable ones with a warning; None when there is none; ValueError when none
+        reads."""
+        candidates = self.checkpoints()[::-1]
+        newest = self.latest()
+        if newest is not None and newest in candidates:
+            candidates.remove(newest)
+            candidates.insert(0, newest)
+        if not candidates:
+            return None
+        for ckpt in candidates:
+            try:
+                return ckpt, self._read(ckpt, restore_rng, stacklevel=4)
+            except ValueError as err:
+                # stacklevel 3: the warning names the caller of `load`
+                warnings.warn(f"skipping unreadable checkpoint: {err}; trying the previous one", stacklevel=3)
+        raise ValueError(
+            f"no readable checkpoint under {str(self.root)!r} (tried {', '.join(c.name for c in candidates)})"
+        )
+
+    def _read(self, ckpt: Path, restore_rng: bool, stacklevel: int = 3) -> _ReadCheckpoint:
+        """Every file of checkpoint `ckpt` read into memory (nothing applied yet); ValueError naming the
+        file. `stacklevel`: where a warning points (3: the caller of `load` when called from `load`)."""
         from safetensors.torch import load_file
 
         def read(name: str, fn: Callable[[Path], Any]) -> Any:
@@ -270,13 +277,34 @@ class CheckpointManager:
             rng_name = f"rng_state_{self.rank}.pt"
             if not (ckpt / rng_name).is_file():
                 warnings.warn(
-                    f"checkpoint {ckpt.name} was written by {state['world_size']} process(es); no RNG state for "
-                    f"rank {self.rank}, using rank 0's",
-                    stacklevel=3,
+                    f"checkpoint {ckpt.name} was written by {state['world_size']} process(es); "
+                    f"no RNG state for rank {self.rank}, using rank 0's",
+                    stacklevel=stacklevel,
                 )
                 rng_name = "rng_state_0.pt"
             rng = read(rng_name, lambda f: torch.load(f, map_location="cpu", weights_only=True))
         return state, tensors, rng
+
+
+def _apply(
+    ckpt: Path,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+) -> None:
+    """Load a read checkpoint's weights into `model`, and its optimizer and scheduler states into those
+    given; ValueError when the checkpoint lacks a state asked for."""
+    load_full_state_dict(model, tensors, state["trainable_only"])
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise ValueError(f"checkpoint {str(ckpt)!r} holds no optimizer state")
+        load_full_optimizer_state_dict(optimizer, state["optimizer"])
+    if scheduler is not None:
+        if state["scheduler"] is None:
+            raise ValueError(f"checkpoint {str(ckpt)!r} holds no scheduler state")
+        scheduler.load_state_dict(state["scheduler"])
 
 
 def _fsync_dir_files(directory: Path) -> None:

@@ -1,9 +1,10 @@
-"""Whole-tensor state dicts of models and optimizers sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+"""Whole-tensor state dicts of models and optimizers sharded with FSDP2
+(`torch.distributed.fsdp.fully_shard`).
 
-Under FSDP2 every parameter is a DTensor holding this rank's dim-0 shard, and so is each optimizer state shaped
-like its parameter: `model.state_dict()` and `optimizer.state_dict()` hold shards. These functions give whole
-CPU tensors in the layout of an unsharded model and optimizer (same names, same parameter indices), so a
-checkpoint written by a sharded run loads into an unsharded one and the other way round:
+Under FSDP2 every parameter is a DTensor holding this rank's dim-0 shard, and so is each optimizer state
+shaped like its parameter: `model.state_dict()` and `optimizer.state_dict()` hold shards. These functions
+give whole CPU tensors in the layout of an unsharded model and optimizer (same names, same parameter
+indices), so a checkpoint written by a sharded run loads into an unsharded one and the other way round:
 
     full_state_dict(model)                            gathers: a collective, every rank calls it; rank 0 gets
     full_optimizer_state_dict(optimizer)              the whole tensors, the other ranks an empty dict
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "full_optimizer_state_dict",
@@ -35,7 +39,7 @@ __all__ = [
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -48,8 +52,8 @@ def _any_dtensor(tensors: Iterable[Any]) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when `model` or a submodule went through FSDP2 `fully_shard`, or a parameter is a DTensor: its state
-    is sharded across ranks and must be gathered (by every rank) to be saved."""
+    """True when `model` or a submodule went through FSDP2 `fully_shard`, or a parameter is a DTensor: its
+    state is sharded across ranks and must be gathered (by every rank) to be saved."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.fsdp import FSDPModule
@@ -71,7 +75,7 @@ def _trainable_names(model: nn.Module, sharded: bool) -> list[str]:
     return names
 
 
-def _own_tensors(model: nn.Module, trainable_only: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _own_tensors(model: nn.Module, trainable_only: bool) -> tuple[Mapping[str, torch.Tensor], list[str]]:
     """The model's tensors by name, and the names a (trainable_only) state dict holds.
 
     Sharded models are read through `state_dict()`, for which FSDP2 registers every parameter as its DTensor
@@ -108,7 +112,7 @@ def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str,
         if not keep:
             continue
         t = t.cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # tied weights and views would share storage, which safetensors refuses
         seen.add(key)
@@ -146,7 +150,8 @@ def load_full_state_dict(
 
 
 def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of the whole tensor `full`, placed as the DTensor `like` (`full` when `like` is not one)."""
+    """This rank's shard of the whole tensor `full`, placed as the DTensor `like` (`full` when `like` is
+    not one)."""
     if not _is_dtensor(like):
         return full
     from torch.distributed.tensor import distribute_tensor
@@ -206,4 +211,4 @@ def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: Mapp
             },
             "param_groups": state["param_groups"],
         }
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(dict(state))

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 __all__ = [
     "USER_ERRORS",
@@ -98,7 +98,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage block) with exit code 2: the parser of every
     CLI that is not a config-file app (those use `shared_kernels.app.cli_main`)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -20,7 +20,8 @@ __all__ = ["NonFiniteError", "NonFiniteLossError", "check_finite_loss", "check_f
 
 
 class NonFiniteError(UserError, FloatingPointError):
-    """A NaN/inf loss or weight: the run's settings (learning rate, precision, data) cannot train this model."""
+    """A NaN/inf loss or weight: the run's settings (learning rate, precision, data) cannot train this
+    model."""
 
 
 class NonFiniteLossError(NonFiniteError):

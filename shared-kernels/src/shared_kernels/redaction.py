@@ -18,7 +18,8 @@ from collections.abc import Iterable
 __all__ = ["REDACTED", "RedactingFilter", "env_secrets", "redact", "redact_http_logs"]
 
 REDACTED = "***"
-# `Authorization: Bearer <v>`, `Bearer <v>`, `x-api-key: <v>`, `"api_key": "<v>"`: the prefix is kept, <v> is not
+# `Authorization: Bearer <v>`, `Bearer <v>`, `x-api-key: <v>`, `"api_key": "<v>"`:
+# the prefix is kept, <v> is not
 _HEADER_VALUE = re.compile(
     r"(?i)\b((?:(?:authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?)"
     r"(?>(?:(?:bearer|basic|token)\s+)?)|bearer\s+)(?!\*\*\*)[^\s\"',;}]+"

@@ -49,11 +49,12 @@ __all__ = [
 
 
 class ConfigError(UserError, ValueError):
-    """A config file or override that does not fit the config dataclass (names the key and what is allowed)."""
+    """A config file or override that does not fit the config dataclass (names the key and what fits)."""
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with a help string shown by `--help` (`default_factory` for lists/dicts/dataclasses)."""
+    """A dataclass field with a help string shown by `--help` (`default_factory` for lists, dicts and
+    dataclasses)."""
     if default is not dataclasses.MISSING and default_factory is not dataclasses.MISSING:
         raise ValueError("option: give default or default_factory, not both")
     if isinstance(default, list | dict | set):
@@ -83,99 +84,140 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _mismatch(value: Any, tp: Any, key: str) -> ConfigError:
+    """The error for a value that does not fit its annotation (names the key, the type and the value)."""
+    return ConfigError(
+        f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of `X | Y | None` that accepts `value` (None only where the union allows it)."""
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _mismatch(value, tp, key)
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            continue
+    raise _mismatch(value, tp, key)
+
+
+def _coerce_literal(value: Any, tp: Any, key: str) -> Any:
+    """One of the literal's values, of the same type (`1` is not `True`, `"1"` is not `1`)."""
+    if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+        return value
+    raise _mismatch(value, tp, key)
+
+
+def _coerce_dataclass(value: Any, tp: type[Any], key: str) -> Any:
+    """A nested config: an instance as is, a mapping built field by field (keys named `key.field`)."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, Mapping):
+        raise _mismatch(value, tp, key)
+    return _build(tp, value, prefix=key + ".")
+
+
+def _coerce_float(value: Any, tp: Any, key: str) -> float:
+    """An int or float (never a bool) as float; a string that parses as one too."""
+    if isinstance(value, bool):
+        raise _mismatch(value, tp, key)
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise _mismatch(value, tp, key) from None
+    raise _mismatch(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: type[Any], key: str) -> Any:
+    """bool, int (never a bool), float (see `_coerce_float`), str, or Path (from a str)."""
+    if tp is float:
+        return _coerce_float(value, tp, key)
+    if tp is Path and isinstance(value, str | Path):
+        return Path(value)
+    exact = {bool: bool, int: int, str: str, Path: Path}[tp]
+    if isinstance(value, exact) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise _mismatch(value, tp, key)
+
+
+def _coerce_list(value: Any, tp: Any, key: str) -> list[Any]:
+    """`list[X]` or `Sequence[X]`: a list or tuple, each item checked as X (keys named `key[i]`)."""
+    if not isinstance(value, list | tuple):
+        raise _mismatch(value, tp, key)
+    args = typing.get_args(tp)
+    item = args[0] if args else Any
+    return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_tuple(value: Any, tp: Any, key: str) -> tuple[Any, ...]:
+    """`tuple[X, ...]` (any length) or `tuple[X, Y]` (that many items, each of its type)."""
+    if not isinstance(value, list | tuple):
+        raise _mismatch(value, tp, key)
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if args and len(args) != len(value):
+        raise ConfigError(f"config key {key!r}: expected {len(args)} items, got {len(value)}")
+    items = args or [Any] * len(value)
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, items)))
+
+
+def _coerce_dict(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    """`dict[K, V]`: a mapping, each key checked as K and each value as V (named `key.k`)."""
+    if not isinstance(value, Mapping):
+        raise _mismatch(value, tp, key)
+    kt, vt = typing.get_args(tp) or (Any, Any)
+    return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+
+
+_SCALARS = (bool, int, float, str, Path)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and convert where lossless (int -> float, str -> Path)."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    def fail() -> ConfigError:
-        return ConfigError(
-            f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-        )
-
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise fail()
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise fail()
+        return _coerce_union(value, tp, key)
     if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise fail()
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise fail()
-        return _build(tp, value, prefix=key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise fail()
-    if tp is float:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise fail() from None
-        raise fail()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise fail()
-    if tp is Path:
-        if isinstance(value, str | Path):
-            return Path(value)
-        raise fail()
+        return _coerce_literal(value, tp, key)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _coerce_dataclass(value, tp, key)
+    if tp in _SCALARS:
+        return _coerce_scalar(value, tp, key)
     if origin in (list, Sequence) or tp is list:
-        if not isinstance(value, list | tuple):
-            raise fail()
-        item = args[0] if args else Any
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, tp, key)
     if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise fail()
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"config key {key!r}: expected {len(args)} items, got {len(value)}")
-        return tuple(
-            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value)))
-        )
+        return _coerce_tuple(value, tp, key)
     if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise fail()
-        kt, vt = args if args else (Any, Any)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return _coerce_dict(value, tp, key)
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
-        raise fail()
+        raise _mismatch(value, tp, key)
     raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r}")
 
 
+def _init_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of dataclass `cls` that its `__init__` takes."""
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
 def _field_types(cls: type) -> dict[str, Any]:
+    """Each init field's name -> its resolved annotation."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    return {f.name: hints[f.name] for f in _init_fields(cls)}
 
 
 def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
@@ -186,14 +228,14 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
         close = difflib.get_close_matches(str(k), list(types_), n=1)
         hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown config key {prefix + str(k)!r}{hint}; allowed keys here: {', '.join(prefix + n for n in types_)}"
+            f"unknown config key {prefix + str(k)!r}{hint}; "
+            f"allowed keys here: {', '.join(prefix + n for n in types_)}"
         )
     kwargs = {name: _coerce(v, types_[name], prefix + name) for name, v in values.items()}
     missing = [
         f.name
-        for f in dataclasses.fields(cls)
-        if f.init
-        and f.name not in kwargs
+        for f in _init_fields(cls)
+        if f.name not in kwargs
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
@@ -223,7 +265,7 @@ def _override_value(cls: type, dotted: str, raw: str) -> Any:
     also takes comma-separated items (`runs=a=x.run,b=y.run`; its items parsed by the same rule)."""
     tp: Any = cls
     for part in dotted.split("."):
-        if not dataclasses.is_dataclass(tp):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             return yaml.safe_load(raw)
         tp = _field_types(tp).get(part, Any)
     if _is_plain(tp):
@@ -259,7 +301,8 @@ def load_config(
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
 ) -> T:
-    """Build `cls` from `base` (a mapping, e.g. an app's embedded default), then the YAML file, then overrides.
+    """Build `cls` from `base` (a mapping, e.g. an app's embedded default), then the YAML file, then the
+    overrides.
 
     Args:
         cls: a dataclass type (fields may be nested dataclasses).
@@ -330,7 +373,7 @@ def options_help(cls: type) -> str:
             if not f.init:
                 continue
             tp = types_[f.name]
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(tp, prefix + f.name + ".")
                 continue
             if f.default is not dataclasses.MISSING:
@@ -467,8 +510,8 @@ def _jsonl_tracker_class():
 
 
 def make_trackers(run_dir: str | Path, requested: Sequence[str] = ("auto",), run_name: str = "run") -> list:
-    """Trackers for `Accelerator(log_with=...)`: always the JSONL file; TensorBoard when installed (for "auto")
-    or asked for ("tensorboard"); Weights & Biases only when asked ("wandb").
+    """Trackers for `Accelerator(log_with=...)`: always the JSONL file; TensorBoard when installed (for
+    "auto") or asked for ("tensorboard"); Weights & Biases only when asked ("wandb").
 
     Raises:
         ValueError: for an unknown tracker name, or one asked for explicitly that is not installed.

@@ -136,8 +136,6 @@ def run_loop(
     Raises:
         NonFiniteLossError: at the first NaN/inf loss (the weights are left as before that step).
     """
-    from shared_kernels.runconfig import JSONLTracker
-
     s = settings
     rank, world = acc.process_index, acc.num_processes
     model, optimizer = acc.prepare(model, optimizer)
@@ -147,76 +145,25 @@ def run_loop(
         raise ValueError(f"{s.phase}: the model has no trainable parameters")
     state = LoopState(model, optimizer, 0, 0)
     if checkpoints is not None and s.resume:
-        loaded = checkpoints.load(acc.unwrap_model(model), inner_optimizer, scheduler, max_step=s.steps)
-        if loaded is not None:
-            state.start_step = state.step = loaded["step"]
-            state.history = list(loaded["extra"].get("history", []))
-            state.resumed_from = loaded["path"]
-            if logger is not None and acc.is_main_process:
-                logger.info("resumed %s from %s at step %d", s.phase, loaded["path"], state.step)
-            if metrics_file is not None and acc.is_main_process:
-                # this phase's rows after the resumed step go (they are logged again); other phases' stay
-                JSONLTracker.truncate_after(
-                    metrics_file, s.log_step_offset + state.step, s.log_step_offset + s.steps
-                )
-    bar = None
-    if s.progress and acc.is_main_process and state.step < s.steps and importlib.util.find_spec("tqdm"):
-        from tqdm.auto import tqdm  # not a dependency of shared-kernels: a bar only where it is installed
-
-        bar = tqdm(total=s.steps, initial=state.step, desc=s.phase, dynamic_ncols=True)
+        _resume(acc, state, checkpoints, inner_optimizer, scheduler, s, metrics_file, logger)
+    bar = _progress_bar(acc, s, state.step)
     model.train()
     t0 = time.perf_counter()
     for step in range(state.step, s.steps):
-        mine = shard_window(window(step), rank, world)
-        total = torch.zeros((), device=acc.device)
-        for i, micro in enumerate(mine):
-            # the gradient all-reduce runs once, on this process's last micro-batch of the step
-            sync = contextlib.nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
-            with sync:
-                loss = loss_fn(model, micro) / len(mine)
-                acc.backward(loss)
-            total += loss.detach()
-        value = acc.reduce(total, reduction="mean").item()  # the window's mean loss, the same on every rank
+        value = _window_loss(acc, model, loss_fn, shard_window(window(step), rank, world))
         done = step + 1
-        if not math.isfinite(value):
-            optimizer.zero_grad(set_to_none=True)
-            if bar is not None:
-                bar.close()
-            check_finite_loss(value, done, s.phase, checkpoints.latest() if checkpoints is not None else None)
-        grad_norm = None
-        if s.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(params, s.max_grad_norm)
-            # under FSDP2 a DTensor: take the whole value
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        _stop_if_non_finite(value, done, s.phase, optimizer, bar, checkpoints)
+        grad_norm = _clip_gradients(acc, params, s.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step = done
         if done % s.log_every == 0 or done == s.steps:
-            row: dict[str, Any] = {
-                "step": done,
-                "phase": s.phase,
-                f"{s.phase}/loss": value,
-                "lr": scheduler.get_last_lr()[0],
-                "elapsed_s": time.perf_counter() - t0,
-            }
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
-            if extra_metrics is not None:
-                row.update(extra_metrics(acc.unwrap_model(model)))
-            state.history.append(row)
-            acc.log(
-                {k: v for k, v in row.items() if k not in ("step", "phase")}, step=s.log_step_offset + done
-            )
-            if logger is not None and acc.is_main_process:
-                logger.info("%s step %d loss %.4f", s.phase, done, value)
-            if bar is not None:
-                bar.set_postfix(loss=f"{value:.4f}")
+            row = _step_row(acc, model, scheduler, s.phase, done, value, grad_norm, t0, extra_metrics)
+            _log_row(acc, row, s, state, logger, bar)
         if bar is not None:
             bar.update(1)
-        if checkpoints is not None and (
-            (s.checkpoint_every and done % s.checkpoint_every == 0) or done == s.steps
-        ):
+        if checkpoints is not None and _is_checkpoint_step(s, done):
             checkpoints.save(
                 done,
                 acc.unwrap_model(model),
@@ -229,3 +176,133 @@ def run_loop(
         bar.close()
     state.model, state.optimizer = model, optimizer
     return state
+
+
+# The loop's steps, in the order it takes them.
+
+
+def _resume(
+    acc: Any,
+    state: LoopState,
+    checkpoints: CheckpointManager,
+    inner_optimizer: Any,
+    scheduler: Any,
+    s: LoopSettings,
+    metrics_file: str | Path | None,
+    logger: logging.Logger | None,
+) -> None:
+    """Restore the newest checkpoint (if any) into the model, optimizer, scheduler and `state`, and drop the
+    metrics file's rows of this phase after the resumed step (they are logged again)."""
+    from shared_kernels.runconfig import JSONLTracker
+
+    loaded = checkpoints.load(acc.unwrap_model(state.model), inner_optimizer, scheduler, max_step=s.steps)
+    if loaded is None:
+        return
+    state.start_step = state.step = loaded["step"]
+    state.history = list(loaded["extra"].get("history", []))
+    state.resumed_from = loaded["path"]
+    if logger is not None and acc.is_main_process:
+        logger.info("resumed %s from %s at step %d", s.phase, loaded["path"], state.step)
+    if metrics_file is not None and acc.is_main_process:
+        # this phase's rows after the resumed step go (they are logged again); other phases' stay
+        JSONLTracker.truncate_after(metrics_file, s.log_step_offset + state.step, s.log_step_offset + s.steps)
+
+
+def _progress_bar(acc: Any, s: LoopSettings, start: int) -> Any | None:
+    """A tqdm bar on the main process when asked for, steps remain and tqdm is installed; else None."""
+    if not (s.progress and acc.is_main_process and start < s.steps and importlib.util.find_spec("tqdm")):
+        return None
+    from tqdm.auto import tqdm  # not a dependency of shared-kernels: a bar only where it is installed
+
+    return tqdm(total=s.steps, initial=start, desc=s.phase, dynamic_ncols=True)
+
+
+def _window_loss(
+    acc: Any, model: Any, loss_fn: Callable[[Any, Any], torch.Tensor], mine: Sequence[Any]
+) -> float:
+    """Accumulate the gradients of this process's micro-batches; the window's mean loss over all ranks."""
+    total = torch.zeros((), device=acc.device)
+    for i, micro in enumerate(mine):
+        # the gradient all-reduce runs once, on this process's last micro-batch of the step
+        sync = contextlib.nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
+        with sync:
+            loss = loss_fn(model, micro) / len(mine)
+            acc.backward(loss)
+        total += loss.detach()
+    return float(acc.reduce(total, reduction="mean").item())  # the same on every rank
+
+
+def _stop_if_non_finite(
+    value: float,
+    done: int,
+    phase: str,
+    optimizer: Any,
+    bar: Any | None,
+    checkpoints: CheckpointManager | None,
+) -> None:
+    """At a NaN/inf loss: drop the gradients (the weights stay as before the step), close the bar, and raise
+    `NonFiniteLossError` naming the checkpoint to resume from."""
+    if math.isfinite(value):
+        return
+    optimizer.zero_grad(set_to_none=True)
+    if bar is not None:
+        bar.close()
+    check_finite_loss(value, done, phase, checkpoints.latest() if checkpoints is not None else None)
+
+
+def _clip_gradients(acc: Any, params: list[torch.nn.Parameter], max_grad_norm: float) -> float | None:
+    """Clip the gradient norm to `max_grad_norm` and return the norm before clipping (None: no clipping)."""
+    if not max_grad_norm:
+        return None
+    grad_norm = acc.clip_grad_norm_(params, max_grad_norm)
+    # under FSDP2 a DTensor: take the whole value
+    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+
+def _step_row(
+    acc: Any,
+    model: Any,
+    scheduler: Any,
+    phase: str,
+    done: int,
+    value: float,
+    grad_norm: float | None,
+    t0: float,
+    extra_metrics: Callable[[Any], dict[str, float]] | None,
+) -> dict[str, Any]:
+    """The history row of optimizer step `done`."""
+    row: dict[str, Any] = {
+        "step": done,
+        "phase": phase,
+        f"{phase}/loss": value,
+        "lr": scheduler.get_last_lr()[0],
+        "elapsed_s": time.perf_counter() - t0,
+    }
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    if extra_metrics is not None:
+        row.update(extra_metrics(acc.unwrap_model(model)))
+    return row
+
+
+def _log_row(
+    acc: Any,
+    row: dict[str, Any],
+    s: LoopSettings,
+    state: LoopState,
+    logger: logging.Logger | None,
+    bar: Any | None,
+) -> None:
+    """Append `row` to the history and send it to the trackers, the logger and the progress bar."""
+    state.history.append(row)
+    done, value = row["step"], row[f"{s.phase}/loss"]
+    acc.log({k: v for k, v in row.items() if k not in ("step", "phase")}, step=s.log_step_offset + done)
+    if logger is not None and acc.is_main_process:
+        logger.info("%s step %d loss %.4f", s.phase, done, value)
+    if bar is not None:
+        bar.set_postfix(loss=f"{value:.4f}")
+
+
+def _is_checkpoint_step(s: LoopSettings, done: int) -> bool:
+    """Every `checkpoint_every` steps (when set) and the last step."""
+    return bool(s.checkpoint_every and done % s.checkpoint_every == 0) or done == s.steps

@@ -1,6 +1,8 @@
 """`lm-pretrain [--config FILE] [key=value ...]` (one run) and `lm-pretrain study --config FILE` (a study).
 
-Both run unchanged under `accelerate launch` (e.g. `accelerate launch --cpu --num_processes 2 -m lm_pretrain.cli ...`).
+Both run unchanged under `accelerate launch`
+(e.g. `accelerate launch --multi_gpu --num_processes 2 -m lm_pretrain.cli ...`; on CPU `--cpu` would
+launch one process).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The lm-pretrain run config: model (siattn's small GPT), byte-level data, training, precision, evaluation."""
+"""The lm-pretrain run config: model (siattn's small GPT), byte-level data, training, precision and
+evaluation."""
 
 from __future__ import annotations
 

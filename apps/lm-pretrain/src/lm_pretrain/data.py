@@ -94,7 +94,8 @@ def split_corpus(data: bytes, val_fraction: float) -> tuple[torch.Tensor, torch.
 
 
 def batch_offsets(step: int, seed: int, n_tokens: int, seq_len: int, batch_size: int) -> torch.Tensor:
-    """(batch_size,) start offsets of step `step`'s global batch: drawn from a generator seeded by (seed, step)."""
+    """(batch_size,) start offsets of step `step`'s global batch, drawn from a generator seeded by
+    (seed, step)."""
     if n_tokens <= seq_len + 1:
         raise ValueError(f"corpus of {n_tokens} bytes is too short for train.seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)

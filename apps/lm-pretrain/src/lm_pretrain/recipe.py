@@ -32,6 +32,7 @@ from lm_pretrain.data import (
     split_corpus,
     windows,
 )
+from lm_pretrain.plots import plot_curves
 from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
@@ -50,7 +51,8 @@ MX_PRESETS = {
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Swap the block linears for mxfp8train's MXLinear under an MXFP8 preset, with clip / flush statistics on.
+    """Swap the block linears for mxfp8train's MXLinear under an MXFP8 preset, with clip / flush statistics
+    on.
 
     The embedding, norms and the LM head (`head` in siattn's GPT) stay in high precision, as in the paper.
     """
@@ -64,7 +66,8 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 
 def mx_clip_stats(model: torch.nn.Module) -> dict[str, float]:
-    """Pooled clip and flush-to-zero fractions per tensor role since the last call (empty without MX layers)."""
+    """Pooled clip and flush-to-zero fractions per tensor role since the last call (empty without MX
+    layers)."""
     import mxfp8train
 
     if not mxfp8train.mx_layers(model):
@@ -108,8 +111,8 @@ class PretrainRecipe:
         world = self.acc.num_processes
         if tc.batch_size % (tc.micro_batch_size * world):
             raise ValueError(
-                f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x processes "
-                f"({tc.micro_batch_size} x {world})"
+                f"train.batch_size ({tc.batch_size}) must be a multiple of "
+                f"train.micro_batch_size x processes ({tc.micro_batch_size} x {world})"
             )
         self.per_rank = tc.batch_size // world
         self.accum = self.per_rank // tc.micro_batch_size
@@ -247,7 +250,7 @@ class PretrainRecipe:
         """Validation loss (nats/byte) at seq_len x each multiplier, and loss by position at the longest.
 
         Runs on the main process (the others wait), or on every rank when the model is sharded (FSDP2: each
-        forward needs all ranks); the main process writes results.json, loss_by_position.png, report.md.
+        forward needs all ranks); the main process writes results.json, curves.png, report.md.
         """
         cfg, acc = self.cfg, self.acc
         results: dict[str, Any] = {}
@@ -303,7 +306,9 @@ class PretrainRecipe:
             }
             write_json_atomic(self.run_dir / "results.json", results)
             acc.log({f"val/loss@{k}": v for k, v in losses.items()}, step=cfg.train.steps)
-            self._plot(results)
+            plot_curves(
+                self.history, results["loss_by_position"], cfg.train.seq_len, self.run_dir / "curves.png"
+            )
             self._report(results)
         acc.wait_for_everyone()
         return results
@@ -312,24 +317,6 @@ class PretrainRecipe:
         self.acc.end_training()
 
     # ------------------------------------------------------------------------------------------ output
-    def _plot(self, results: dict[str, Any]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        ax1.plot([r["step"] for r in self.history], [r["train/loss"] for r in self.history])
-        ax1.set(xlabel="step", ylabel="train loss (nats/byte)", title="training")
-        lp = results["loss_by_position"]
-        ax2.plot(lp["bucket_end"], lp["loss"], marker="o")
-        ax2.axvline(self.cfg.train.seq_len, color="grey", ls="--", label="training context")
-        ax2.set(xscale="log", xlabel="position (bucket end)", ylabel="val loss", title="loss by position")
-        ax2.legend()
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "curves.png", dpi=110)
-        plt.close(fig)
-
     def _report(self, results: dict[str, Any]) -> None:
         m, tc = self.cfg.model, self.cfg.train
         lines = [

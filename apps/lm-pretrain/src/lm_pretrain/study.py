@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from lm_pretrain.config import PretrainConfig, StudyConfig
+from lm_pretrain.plots import plot_study
 from lm_pretrain.recipe import run
 from shared_kernels.runconfig import config_to_dict, load_config, write_json_atomic, write_text_atomic
 
@@ -48,7 +49,8 @@ def _finished(cfg: PretrainConfig) -> dict[str, Any] | None:
 
 
 def run_study(study: StudyConfig, progress: bool = True) -> dict[str, Any]:
-    """Run every (variant, seed) and write the study's results.json, report.md and length_generalisation.png."""
+    """Run every (variant, seed) and write the study's results.json, report.md and
+    length_generalisation.png."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -116,28 +118,3 @@ def report_markdown(study: StudyConfig, summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.4f} | {clip} |")
     lines += ["", "![length generalisation](length_generalisation.png)", ""]
     return "\n".join(lines)
-
-
-def plot_study(summary: dict[str, Any], path: Path, train_len: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, e in summary.items():
-        xs = [int(k) for k in e["mean"]]
-        ax.errorbar(
-            xs,
-            list(e["mean"].values()),
-            yerr=[s / 2 for s in e["spread"].values()],
-            marker="o",
-            capsize=3,
-            label=name,
-        )
-    ax.axvline(train_len, color="grey", ls="--")
-    ax.set(xscale="log", xlabel="evaluation context (bytes)", ylabel="validation loss (nats/byte)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

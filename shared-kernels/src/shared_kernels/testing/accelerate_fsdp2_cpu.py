@@ -31,11 +31,10 @@ def enable_fsdp_on_cpu() -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    base = accelerate.Accelerator
-    if getattr(base, "_fsdp_on_cpu", False):
+    if getattr(accelerate.Accelerator, "_fsdp_on_cpu", False):
         return
 
-    class Accelerator(base):
+    class Accelerator(accelerate.Accelerator):
         _fsdp_on_cpu = True
 
         def __init__(self, *args, **kwargs):

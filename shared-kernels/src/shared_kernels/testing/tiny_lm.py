@@ -1,7 +1,8 @@
 """Tiny causal LMs built from configs and a tokenizer trained in-process: the real transformers loading
 code (`save_pretrained` / `from_pretrained`) on artefacts small enough for a 2-core CI machine.
 
-transformers and tokenizers are imported inside the functions so that `shared_kernels` itself never needs them.
+transformers and tokenizers are imported inside the functions so that `shared_kernels` itself never needs
+them.
 """
 
 from __future__ import annotations
