@@ -154,7 +154,8 @@ def test_model_card_decoding_and_overrides():
 
 @pytest.mark.parametrize("labels, expected", [
     (["idiomatic", "literal", "idiomatic"], "idiomatic"), (["literal", None, None], "literal"),
-    (["idiomatic", "literal"], None), ([None, None], None), (["literal", "idiomatic", "literal", None], "literal"),
+    (["idiomatic", "literal"], None), ([None, None], None),
+    (["literal", "idiomatic", "literal", None], "literal"),
 ])  # fmt: skip
 def test_majority_vote(labels, expected):
     assert majority_vote(labels) == expected

@@ -11,8 +11,9 @@ from shared_kernels.runconfig import config_to_dict, write_yaml_atomic
 
 # ModelEntry.options keys consumed here rather than passed to idiomreason's TransformersBackend.
 _LOAD_KEYS = ("dtype", "quantization", "trust_remote_code", "device_map")
-# `load_in_4bit` travels to idiomreason as this option of each transformers model: model options are part of
-# idiomreason's prediction cache key, so a changed 4-bit mode is a cache miss. The backend factory takes it out.
+# `load_in_4bit` travels to idiomreason as this option of each transformers model: model options are part
+# of idiomreason's prediction cache key, so a changed 4-bit mode is a cache miss. The backend factory takes
+# it out.
 LOAD_IN_4BIT_OPTION = "load_in_4bit"
 
 
