@@ -7,7 +7,7 @@ import math
 import pytest
 
 from idiomreason.definition_analysis import _dodged_sizes, write_definition_report
-from idiomreason.report import plot_f1_vs_size, staggered_size_labels
+from idiomreason.report import dodge_factor, plot_f1_vs_size, staggered_size_labels
 
 pytest.importorskip("matplotlib")
 
@@ -85,3 +85,11 @@ def test_models_of_one_size_are_drawn_apart():
     assert xs[0] < 7.0 < xs[1] and xs[3] < xs[4] < xs[5]
     assert math.log10(xs[1] / xs[0]) == pytest.approx(0.03)  # a fixed step in decades, symmetric
     assert math.log10(7.0 / xs[0]) == pytest.approx(math.log10(xs[1] / 7.0))
+    # the macro-F1 plot spreads its 2 x conditions series the same way: a lone series stays put
+    assert dodge_factor(0, 1, 0.01) == 1.0
+    assert [round(math.log10(dodge_factor(k, 4, 0.01)), 6) for k in range(4)] == [
+        -0.015,
+        -0.005,
+        0.005,
+        0.015,
+    ]

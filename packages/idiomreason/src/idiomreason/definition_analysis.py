@@ -276,11 +276,12 @@ def plot_definition_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def _dodged_sizes(sizes: Sequence[float], step: float = 0.03) -> list[float]:
     """`sizes` with the models that share a size spread `step` decades apart around it (log-scale x)."""
+    from idiomreason.report import dodge_factor
+
     count = Counter(sizes)
     seen: Counter[float] = Counter()
     out = []
     for size in sizes:
-        k, m = seen[size], count[size]
+        out.append(size * dodge_factor(seen[size], count[size], step))
         seen[size] += 1
-        out.append(size * 10 ** (step * (k - (m - 1) / 2)))
     return out

@@ -193,6 +193,12 @@ def staggered_size_labels(ticks: Sequence[float], min_gap: float = 0.08) -> list
     return labels
 
 
+def dodge_factor(k: int, m: int, step: float) -> float:
+    """The factor that moves the k-th of m overlapping points (0 <= k < m) `step` decades from its
+    neighbours on a log-scale axis, the group centred on the true value."""
+    return 10 ** (step * (k - (m - 1) / 2))
+
+
 def save_figure_atomic(fig: Any, path: Path) -> Path:
     """Save a matplotlib figure as PNG (legends outside the axes included) and close it; readers see the
     old file or the new one, never a partial PNG."""
@@ -208,8 +214,9 @@ def save_figure_atomic(fig: Any, path: Path) -> Path:
 def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     """Macro-F1 against model size (log scale), one panel per dataset (shared y axis), one line per
     condition and model kind (reasoning: solid circles; others: dashed squares), one legend to the right of
-    the panels. Needs matplotlib (the plot extra); returns None (with a warning) without it or when no model
-    has a known size."""
+    the panels. Series are drawn slightly apart along x so that equal values do not hide one another.
+    Needs matplotlib (the plot extra); returns None (with a warning) without it or when no model has a
+    known size."""
     try:
         import matplotlib
 
@@ -224,21 +231,23 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
     datasets = sorted({r["dataset"] for r in points})
     conditions = sorted({r["condition"] for r in points})
     colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(conditions)}
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 4), sharey=True, squeeze=False)
+    series_keys = [(c, reasoning) for c in conditions for reasoning in (True, False)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), sharey=True, squeeze=False)
     handles: dict[str, Any] = {}  # legend label -> line, across panels
     for ax, dataset in zip(axes[0], datasets):
         mine = [r for r in points if r["dataset"] == dataset]
-        for condition in conditions:
-            for reasoning, style in ((True, "-o"), (False, "--s")):
-                series = sorted(
-                    (float(r["size_b"]), r["macro_f1"])
-                    for r in mine
-                    if r["condition"] == condition and bool(r["reasoning"]) == reasoning
-                )
-                if series:
-                    label = f"{condition} ({'reasoning' if reasoning else 'base'} models)"
-                    (line,) = ax.plot(*zip(*series), style, color=colours[condition], label=label)
-                    handles.setdefault(label, line)
+        for k, (condition, reasoning) in enumerate(series_keys):
+            shift = dodge_factor(k, len(series_keys), step=0.01)
+            series = sorted(
+                (float(r["size_b"]) * shift, r["macro_f1"])
+                for r in mine
+                if r["condition"] == condition and bool(r["reasoning"]) == reasoning
+            )
+            if series:
+                label = f"{condition} ({'reasoning' if reasoning else 'base'} models)"
+                style = "-o" if reasoning else "--s"
+                (line,) = ax.plot(*zip(*series), style, color=colours[condition], label=label)
+                handles.setdefault(label, line)
         size_ticks(ax, [float(r["size_b"]) for r in mine])
         ax.set_xlabel("parameters (billions, log scale)")
         ax.set_title(dataset)
