@@ -134,6 +134,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     parts = ["## Overall", "", header, rule, *map(line, overall)]
     if by_language:
         parts += ["", "## By language", "", header, rule, *map(line, by_language)]
+    parts += _decoding_lines(overall)
     relabelled = sum(int(r["n_relabelled"]) for r in overall if r["n"])
     parts += [
         "",
@@ -147,6 +148,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _decoding_lines(overall: Sequence[dict[str, Any]]) -> list[str]:
+    """How each model decoded (model card, config or greedy; or log-likelihood scoring), once per model."""
+    how: dict[str, str] = {}
+    for r in overall:
+        if r.get("scoring") == "loglik":
+            how.setdefault(r["model"], "log-likelihood scoring of the answers (no generation)")
+        elif isinstance(r.get("decoding"), str):
+            how.setdefault(r["model"], r["decoding"])
+    if not how:
+        return []
+    return ["", "Decoding:", "", *(f"- {model}: {text}" for model, text in how.items())]
 
 
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
