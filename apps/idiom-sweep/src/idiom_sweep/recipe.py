@@ -52,9 +52,9 @@ def nf4lora_backend(spec: Any) -> Any:
     )
     tokenizer = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=torch_dtype, trust_remote_code=trust)
-    model = quantize_model(model, double_quant=True).eval()
+    quantized = quantize_model(model, double_quant=True).eval()
     kept = {k: v for k, v in spec.backend_options().items() if k not in _LOAD_KEYS}
-    return TransformersBackend(model.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
+    return TransformersBackend(quantized.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
 
 
 def build_backend(spec: Any) -> Any:
