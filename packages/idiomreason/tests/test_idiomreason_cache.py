@@ -152,9 +152,35 @@ def test_model_card_decoding_and_overrides():
         ModelSpec(name="x", options={"temperature": 0.6})
 
 
+def test_the_report_states_each_model_decoding(tmp_path, data):
+    r1 = {
+        "name": "R1-1.5B",
+        "path": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        "backend": "http",
+        "reasoning": True,
+        "options": {"base_url": "http://x/v1"},
+    }
+    mine = {
+        "name": "mine-1B",
+        "path": "m",
+        "backend": "http",
+        "options": {"base_url": "http://x/v1"},
+        "decoding": {"temperature": 0.7},
+    }
+    base = {"name": "base-1B", "path": "Qwen/Qwen2.5-Math-1.5B", "backend": "http",
+            "options": {"base_url": "http://x/v1"}}  # fmt: skip
+    result, _ = _run(_config(tmp_path, data, models=[r1, mine, base]))
+    markdown = result.markdown_path.read_text()
+    assert "- R1-1.5B: DeepSeek-R1-Distill model card (temperature 0.6, top-p 0.95)\n" in markdown
+    assert "- mine-1B: config {'temperature': 0.7} over greedy (no model-card setting)\n" in markdown
+    assert "- base-1B: greedy (no model-card setting)\n" in markdown
+    assert markdown.count("- R1-1.5B:") == 1  # once per model, not per row
+
+
 @pytest.mark.parametrize("labels, expected", [
     (["idiomatic", "literal", "idiomatic"], "idiomatic"), (["literal", None, None], "literal"),
-    (["idiomatic", "literal"], None), ([None, None], None), (["literal", "idiomatic", "literal", None], "literal"),
+    (["idiomatic", "literal"], None), ([None, None], None),
+    (["literal", "idiomatic", "literal", None], "literal"),
 ])  # fmt: skip
 def test_majority_vote(labels, expected):
     assert majority_vote(labels) == expected
@@ -195,6 +221,10 @@ def test_loglik_scoring_with_a_tiny_model(tmp_path, data, tiny_lm_dir):
     for r in records:
         assert r["prediction"] == max(r["scores"], key=r["scores"].get) and r["output"] == ""
     assert next(r for r in result.rows if r["language"] == "all")["scoring"] == "loglik"
+    assert (
+        "- tiny-0.01B: log-likelihood scoring of the answers (no generation)"
+        in result.markdown_path.read_text()
+    )
     # the scores are the summed token log-probabilities of the continuation, computed by hand here
     import torch
 

@@ -158,10 +158,10 @@ def test_batched_local_and_http_generation_agree(data_dir, served):
 def test_http_backend_end_to_end_through_the_cli(data_dir, served, tmp_path, capsys):
     out = tmp_path / "http-run"
     argv = ["eval", "--dataset", "semeval2022-2a", "--path", str(data_dir), "--split", "dev",
-            "--model", served.model, "--model-name", "tiny-http", "--backend", "http", "--base-url", served.base_url,
-            "--api", "chat", "--concurrency", "3", "--condition", "cot", "--condition", "cot:1shot",
-            "--shots-split", "train_one_shot", "--max-new-tokens", "8", "--out", str(out), "--n-resamples", "20",
-            "--no-progress"]  # fmt: skip
+            "--model", served.model, "--model-name", "tiny-http", "--backend", "http",
+            "--base-url", served.base_url, "--api", "chat", "--concurrency", "3",
+            "--condition", "cot", "--condition", "cot:1shot", "--shots-split", "train_one_shot",
+            "--max-new-tokens", "8", "--out", str(out), "--n-resamples", "20", "--no-progress"]  # fmt: skip
     assert cli_main(argv) == 0
     records = _lines(out / "predictions.jsonl")
     assert len(records) == 2 * len(DEV_ROWS)
@@ -175,8 +175,9 @@ def test_http_backend_end_to_end_through_the_cli(data_dir, served, tmp_path, cap
 def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, served):
     data = _write_semeval(tmp_path / "data")
     out = tmp_path / "killed"
-    argv = ["eval", "--dataset", "semeval2022-2a", "--path", str(data), "--split", "dev", "--model", served.model,
-            "--model-name", "tiny", "--backend", "http", "--base-url", served.base_url, "--api", "chat",
+    argv = ["eval", "--dataset", "semeval2022-2a", "--path", str(data), "--split", "dev",
+            "--model", served.model, "--model-name", "tiny", "--backend", "http",
+            "--base-url", served.base_url, "--api", "chat",
             "--concurrency", "1", "--condition", "cot", "--max-new-tokens", "40",
             "--out", str(out), "--no-progress", "--n-resamples", "10"]  # fmt: skip
     predictions = out / "predictions.jsonl"

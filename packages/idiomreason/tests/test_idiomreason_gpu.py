@@ -49,8 +49,8 @@ def test_cuda_generation(tiny_lm_dir, quantization):
 
 
 def test_vllm_offline_generation(tiny_lm_dir):
-    """The vLLM backend (GPU machines with vLLM installed; it is not a dependency): every prompt answered once,
-    token accounting and finish reasons sane, greedy decoding deterministic across calls."""
+    """The vLLM backend (GPU machines with vLLM installed; it is not a dependency): every prompt answered
+    once, token accounting and finish reasons sane, greedy decoding deterministic across calls."""
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm on a CUDA machine)")
     from idiomreason.backends.vllm_offline import VLLMBackend
 

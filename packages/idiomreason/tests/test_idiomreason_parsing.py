@@ -57,7 +57,8 @@ CASES = [
     ("Idiomatic usage? Yes.", I),
     ("Literal meaning? No, it is about revealing a secret.", I),
     (
-        "Both the literal and the idiomatic readings are possible, but the context points to the idiomatic one.",
+        "Both the literal and the idiomatic readings are possible, "
+        "but the context points to the idiomatic one.",
         I,
     ),
     ("It could be idiomatic or literal; however, here it is literal.", L),

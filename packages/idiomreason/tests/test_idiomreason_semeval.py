@@ -17,8 +17,16 @@ from idiomreason.semeval import read_submission, score_submission, submission_te
 
 def _examples(n, seed):
     rng = random.Random(seed)
-    return [Example(id=str(1000 + i), language=rng.choice(["en", "pt"]), expression=f"mwe {i % 5}",
-                    target=f"sentence {i}", label=rng.choice(["idiomatic", "literal"])) for i in range(n)]  # fmt: skip
+    return [
+        Example(
+            id=str(1000 + i),
+            language=rng.choice(["en", "pt"]),
+            expression=f"mwe {i % 5}",
+            target=f"sentence {i}",
+            label=rng.choice(["idiomatic", "literal"]),
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -107,12 +115,15 @@ def test_sweep_writes_per_setting_rows_and_the_submission(tmp_path):
     )
     (folder / "dev_gold.csv").write_text("ID,DataID,Language,Label\n1,d1,EN,0\n2,d2,PT,0\n3,d3,EN,1\n")
     (folder / "train_one_shot.csv").write_text(
-        "DataID,Language,MWE,Setting,Previous,Target,Next,Label\nt1,EN,big fish,one_shot,,The big fish boss.,,0\n"
+        "DataID,Language,MWE,Setting,Previous,Target,Next,Label\n"
+        "t1,EN,big fish,one_shot,,The big fish boss.,,0\n"
         "t2,PT,pão duro,one_shot,,Pão duro de ontem.,,1\n"
     )
     config = SweepConfig.from_dict({
         "models": [{"name": "m", "backend": "http", "options": {"base_url": "http://x/v1"}}],
-        "datasets": [{"name": "semeval2022-2a", "path": str(folder), "split": "dev", "shots_split": "train_one_shot"}],
+        "datasets": [
+            {"name": "semeval2022-2a", "path": str(folder), "split": "dev", "shots_split": "train_one_shot"}
+        ],
         "conditions": ["direct", "direct:oneshot"], "out_dir": str(tmp_path / "run"), "n_resamples": 10,
         "progress": False})  # fmt: skip
     backend = _Echo()

@@ -1,7 +1,7 @@
 """`idiom-sweep [--config FILE] [key=value ...]`: an idiomreason sweep over models x conditions x datasets.
 
-Without --config it runs the offline default (`idiom_sweep/default.yaml`: two tiny models built here, SemEval-2022
-2A dev from ../shared/data or a bundled fixture), with any key=value overrides on top.
+Without --config it runs the offline default (`idiom_sweep/default.yaml`: two tiny models built here,
+SemEval-2022 2A dev from ../shared/data or a bundled fixture), with any key=value overrides on top.
 Resumable: predictions are cached by everything that can change them; a re-run skips finished work.
 """
 

@@ -11,8 +11,9 @@ from shared_kernels.runconfig import config_to_dict, write_yaml_atomic
 
 # ModelEntry.options keys consumed here rather than passed to idiomreason's TransformersBackend.
 _LOAD_KEYS = ("dtype", "quantization", "trust_remote_code", "device_map")
-# `load_in_4bit` travels to idiomreason as this option of each transformers model: model options are part of
-# idiomreason's prediction cache key, so a changed 4-bit mode is a cache miss. The backend factory takes it out.
+# `load_in_4bit` travels to idiomreason as this option of each transformers model: model options are part
+# of idiomreason's prediction cache key, so a changed 4-bit mode is a cache miss. The backend factory takes
+# it out.
 LOAD_IN_4BIT_OPTION = "load_in_4bit"
 
 
@@ -51,9 +52,9 @@ def nf4lora_backend(spec: Any) -> Any:
     )
     tokenizer = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=torch_dtype, trust_remote_code=trust)
-    model = quantize_model(model, double_quant=True).eval()
+    quantized = quantize_model(model, double_quant=True).eval()
     kept = {k: v for k, v in spec.backend_options().items() if k not in _LOAD_KEYS}
-    return TransformersBackend(model.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
+    return TransformersBackend(quantized.to("cuda" if on_gpu else "cpu"), tokenizer, **kept)
 
 
 def build_backend(spec: Any) -> Any:

@@ -16,7 +16,6 @@ a run's `definitions.jsonl` and `definitions_of` naming the larger model (see `S
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 import unicodedata
@@ -30,10 +29,10 @@ from idiomreason.prompts import Prompt, normalise_expression
 from idiomreason.store import JsonlStore, read_records
 
 FUNCTION_WORDS = frozenset(
-    "a an the of to in on at by for with and or but is are be been being it its this that as from into used "
-    "use someone something one's oneself o a os as um uma de do da dos das em no na nos nas por para com e ou "
-    "que se ser é alguém algo".split()
-)  # fmt: skip
+    "a an the of to in on at by for with and or but is are be been being it its this that as from into "
+    "used use someone something one's oneself "  # English
+    "o a os as um uma de do da dos das em no na nos nas por para com e ou que se ser é alguém algo".split()
+)
 JUDGE_SYSTEM = "You compare dictionary definitions of idioms."
 JUDGE_USER = (
     'Reference definition of the expression "{expression}": {reference}\n\n'
@@ -79,8 +78,15 @@ def score_definitions(records: Sequence[dict[str, Any]], glosses: dict[str, str]
         if gloss is None:
             continue
         definition = record.get("definition")
-        items.append({"model": record["model"], "expression": record["expression"], "definition": definition,
-                      "gloss": gloss, "token_f1": token_f1(definition, gloss) if definition else 0.0})  # fmt: skip
+        items.append(
+            {
+                "model": record["model"],
+                "expression": record["expression"],
+                "definition": definition,
+                "gloss": gloss,
+                "token_f1": token_f1(definition, gloss) if definition else 0.0,
+            }
+        )
     return items
 
 
@@ -95,6 +101,13 @@ def _yes_no(text: str) -> bool | None:
     return None
 
 
+def _judge_prompt(item: dict[str, Any]) -> Prompt:
+    user = JUDGE_USER.format(
+        expression=item["expression"], reference=item["gloss"], candidate=item["definition"]
+    )
+    return Prompt(messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}])
+
+
 def judge_definitions(
     items: Sequence[dict[str, Any]],
     backend: Backend,
@@ -107,8 +120,7 @@ def judge_definitions(
     each judgement (keyed judge, model, expression) and return `items` with `judge_yes` (True / False /
     None = no definition or no verdict)."""
     todo = [it for it in items if it["definition"] and (judge, it["model"], it["expression"]) not in store]
-    prompts = [Prompt(messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_USER.format(
-        expression=it["expression"], reference=it["gloss"], candidate=it["definition"])}]) for it in todo]  # fmt: skip
+    prompts = [_judge_prompt(it) for it in todo]
     for index, generation in backend.generate(prompts, max_new_tokens):
         it = todo[index]
         store.append([{"judge": judge, "model": it["model"], "expression": it["expression"],
@@ -176,11 +188,12 @@ def write_definition_report(
 ) -> tuple[Path, Path | None]:
     """definition_quality.md and definition_quality_vs_size.png (token F1 and judge acceptance against
     model size, log scale; needs matplotlib, else no plot; `plot=False`: none)."""
-    from idiomreason.report import size_ticks, write_atomic
+    from idiomreason.report import write_atomic
 
     out_dir = Path(out_dir)
     lines = [
-        "| model | size (B) | definitions scored | no definition | token F1 [95% CI] | judged | judge accepts |",
+        "| model | size (B) | definitions scored | no definition | token F1 [95% CI] | judged "
+        "| judge accepts |",
         "|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
@@ -193,51 +206,82 @@ def write_definition_report(
     lines += [
         "",
         "Token F1: content-word overlap of each generated definition with the reference gloss (a "
-        "missing definition scores 0). Judge: share of definitions an LLM judge accepted as meaning the gloss.",
+        "missing definition scores 0). Judge: share of definitions an LLM judge accepted as meaning the "
+        "gloss.",
         "",
     ]
     md = out_dir / "definition_quality.md"
     write_atomic(md, "\n".join(lines))
     if not plot:
         return md, None
+    sized = [r for r in rows if r["size_b"]]
+    if not sized:
+        return md, None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         return md, None
-    sized = [r for r in rows if r["size_b"]]
-    if not sized:
-        return md, None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    xs = [r["size_b"] for r in sized]
-    ax.errorbar(xs, [r["token_f1"] for r in sized], fmt="-o",
-                yerr=[[r["token_f1"] - r["token_f1_lo"] for r in sized], [r["token_f1_hi"] - r["token_f1"] for r in sized]],
-                label="token F1 vs gloss (95% CI)", capsize=3)  # fmt: skip
-    judged = [r for r in sized if not math.isnan(r["judge_accepts"])]
-    if judged:
-        ax.plot(
-            [r["size_b"] for r in judged],
-            [r["judge_accepts"] for r in judged],
-            "--s",
-            label="LLM judge accepts",
+    return md, plot_definition_quality(sized, out_dir / "definition_quality_vs_size.png")
+
+
+def plot_definition_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Definition quality against model size (log scale): per model (one colour each, named in the legend)
+    its mean token F1 with the 95% CI (circle) and, when judged, the judge's acceptance rate (square).
+    Models of the same size are drawn slightly apart so their CIs do not hide each other."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from idiomreason.report import save_figure_atomic, size_ticks
+
+    if len(rows) <= 10:
+        colours = [plt.get_cmap("tab10")(i) for i in range(len(rows))]
+    else:  # tab20's dark shades first, then the light ones: neighbours (often the same size) differ in hue
+        colours = [plt.get_cmap("tab20")((2 * i) % 20 + (2 * i) // 20 % 2) for i in range(len(rows))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    handles = []
+    for i, (r, x) in enumerate(zip(rows, _dodged_sizes([r["size_b"] for r in rows]))):
+        colour = colours[i]
+        yerr = [[r["token_f1"] - r["token_f1_lo"]], [r["token_f1_hi"] - r["token_f1"]]]
+        ax.errorbar([x], [r["token_f1"]], yerr=yerr, fmt="o", color=colour, capsize=3)
+        if not math.isnan(r["judge_accepts"]):
+            ax.plot([x], [r["judge_accepts"]], "s", color=colour, markerfacecolor="none")
+        handles.append(Line2D([], [], color=colour, marker="o", linestyle="", label=r["model"]))
+    handles.append(
+        Line2D([], [], color="black", marker="o", linestyle="", label="token F1 vs gloss (95% CI)")
+    )
+    if any(not math.isnan(r["judge_accepts"]) for r in rows):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="black",
+                marker="s",
+                markerfacecolor="none",
+                linestyle="",
+                label="LLM judge accepts",
+            )
         )
-    for r in sized:
-        ax.annotate(
-            r["model"], (r["size_b"], r["token_f1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    size_ticks(ax, xs)
+    size_ticks(ax, [r["size_b"] for r in rows])
     ax.set_ylim(0, 1)
-    ax.set_xlabel("parameters (billions)")
+    ax.set_xlabel("parameters (billions, log scale)")
     ax.set_ylabel("definition quality (0-1)")
     ax.set_title("definition quality against model size")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    png = out_dir / "definition_quality_vs_size.png"
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return md, png
+    return save_figure_atomic(fig, path)
+
+
+def _dodged_sizes(sizes: Sequence[float], step: float = 0.03) -> list[float]:
+    """`sizes` with the models that share a size spread `step` decades apart around it (log-scale x)."""
+    from idiomreason.report import dodge_factor
+
+    count = Counter(sizes)
+    seen: Counter[float] = Counter()
+    out = []
+    for size in sizes:
+        out.append(size * dodge_factor(seen[size], count[size], step))
+        seen[size] += 1
+    return out

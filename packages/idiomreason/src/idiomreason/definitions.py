@@ -24,6 +24,9 @@ from idiomreason.textfile import read_text
 MAX_DEFINITION_CHARS = 600
 
 
+_DEFINITION_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
+
+
 def load_definitions(path: str | Path, model: str | None = None) -> dict[str, str]:
     """expression -> definition from `.json` (an object, or a list of {expression, definition}), `.jsonl`
     (one {expression, definition} per line), `.csv` or `.tsv` (columns expression, definition).
@@ -31,48 +34,73 @@ def load_definitions(path: str | Path, model: str | None = None) -> dict[str, st
     (`definitions.jsonl`): only that model's records, those without a definition left out."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".ndjson", ".csv", ".tsv"):
+    if suffix not in _DEFINITION_SUFFIXES:
         raise ValueError(f"definitions file must be .json, .jsonl, .csv or .tsv, got {path.name!r}")
     text = read_text(path)
-    pairs: list[tuple[Any, Any]] = []
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if isinstance(data, dict):
-            pairs = list(data.items())
-        elif isinstance(data, list):
-            for i, d in enumerate(data):
-                if not isinstance(d, dict) or "expression" not in d or "definition" not in d:
-                    raise ValueError(f"{path}: item {i} needs 'expression' and 'definition' fields")
-                pairs.append((d["expression"], d["definition"]))
-        else:
-            raise ValueError(f"{path}: expected an object or a list, got {type(data).__name__}")
+        pairs = _json_pairs(path, text)
     elif suffix in (".jsonl", ".ndjson"):
-        for line_no, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or "expression" not in obj or "definition" not in obj:
-                    raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
-                if model is not None and (obj.get("model") != model or not obj["definition"]):
-                    continue
-                pairs.append((obj["expression"], obj["definition"]))
+        pairs = _jsonl_pairs(path, text, model)
     else:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        if not {"expression", "definition"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: needs columns 'expression' and 'definition', has {reader.fieldnames}")
-        for row in reader:
-            if row["expression"] is None or row["definition"] is None:
-                raise ValueError(f"{path}:{reader.line_num}: expected columns {reader.fieldnames}")
-            pairs.append((row["expression"], row["definition"]))
+        pairs = _table_pairs(path, text, delimiter="\t" if suffix == ".tsv" else ",")
     if model is not None and suffix not in (".jsonl", ".ndjson"):
         raise ValueError(f"{path}: a model's stored definitions are read from a run's definitions.jsonl")
     if not pairs:
         raise ValueError(f"{path}: no definitions" + (f" by model {model!r}" if model is not None else ""))
+    return _normalised_definitions(path, pairs)
+
+
+def _json_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
+    """(expression, definition) pairs of a `.json` file: an object, or a list of {expression, definition}."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        return list(data.items())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected an object or a list, got {type(data).__name__}")
+    pairs = []
+    for i, d in enumerate(data):
+        if not isinstance(d, dict) or "expression" not in d or "definition" not in d:
+            raise ValueError(f"{path}: item {i} needs 'expression' and 'definition' fields")
+        pairs.append((d["expression"], d["definition"]))
+    return pairs
+
+
+def _jsonl_pairs(path: Path, text: str, model: str | None) -> list[tuple[Any, Any]]:
+    """(expression, definition) pairs of a `.jsonl` file; with `model`, only that model's records that
+    hold a definition (a run's `definitions.jsonl` stores failures as `definition: null`)."""
+    pairs = []
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or "expression" not in obj or "definition" not in obj:
+            raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
+        if model is not None and (obj.get("model") != model or not obj["definition"]):
+            continue
+        pairs.append((obj["expression"], obj["definition"]))
+    return pairs
+
+
+def _table_pairs(path: Path, text: str, delimiter: str) -> list[tuple[Any, Any]]:
+    """(expression, definition) pairs of a CSV/TSV file with columns expression and definition."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if not {"expression", "definition"} <= set(reader.fieldnames or []):
+        raise ValueError(f"{path}: needs columns 'expression' and 'definition', has {reader.fieldnames}")
+    pairs = []
+    for row in reader:
+        if row["expression"] is None or row["definition"] is None:
+            raise ValueError(f"{path}:{reader.line_num}: expected columns {reader.fieldnames}")
+        pairs.append((row["expression"], row["definition"]))
+    return pairs
+
+
+def _normalised_definitions(path: Path, pairs: list[tuple[Any, Any]]) -> dict[str, str]:
     out = {}
     for expression, definition in pairs:
         if not str(definition).strip():
@@ -140,7 +168,7 @@ def generate_definitions(
     bar.close()
     out = {}
     for expression in first:
-        record = store.get((model, template_key, expression))
-        if record is not None and record["definition"]:
-            out[expression] = record["definition"]
+        stored = store.get((model, template_key, expression))
+        if stored is not None and stored["definition"]:
+            out[expression] = stored["definition"]
     return out

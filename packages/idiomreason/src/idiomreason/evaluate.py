@@ -182,7 +182,7 @@ def _generate(
     # Sample s of every prompt carries seed offset s, so backends that seed per request (HTTP, vLLM) draw
     # n different samples; transformers draws them from one random stream.
     requests = [replace(p, seed_offset=s) for p in prompts for s in range(n)]
-    samples: list[dict[str, Any] | None] = [None] * len(requests)
+    samples: dict[int, dict[str, Any]] = {}  # request index -> parsed sample, until its prompt is complete
     missing = [n] * len(prompts)
     for index, generation in backend.generate(requests, max_new_tokens):
         prefix = output_prefix(requests[index].prefill, reasoning, generation.text)
@@ -193,7 +193,7 @@ def _generate(
         missing[j] -= 1
         if missing[j]:
             continue
-        mine = samples[j * n : (j + 1) * n]
+        mine = [samples.pop(i) for i in range(j * n, (j + 1) * n)]
         first = mine[0]
         record = {
             "prediction": majority_vote([s["prediction"] for s in mine]), "prefix": first["prefix"],
@@ -218,5 +218,6 @@ def _score(backend: Any, prompts: list[Prompt], condition: Condition) -> Iterato
     scores = backend.loglikelihood(contexts, [space + label for label in LABELS])  # (n_prompts, n_labels)
     for j, row in enumerate(scores):
         by_label = dict(zip(LABELS, (float(x) for x in row)))
-        yield j, {"prediction": max(LABELS, key=lambda label: by_label[label]), "scores": by_label, "prefix": "",
-                  "output": "", "n_tokens": 0, "finish_reason": "loglik", "reasoning_words": 0}  # fmt: skip
+        prediction = max(LABELS, key=lambda label: by_label[label])
+        yield j, {"prediction": prediction, "scores": by_label, "prefix": "", "output": "", "n_tokens": 0,
+                  "finish_reason": "loglik", "reasoning_words": 0}  # fmt: skip

@@ -139,21 +139,23 @@ def load_semeval2022_2a(
     return sink.finish()
 
 
-def _read_semeval_gold(gold_path: Path, sink: RowSink) -> dict[str, tuple[str, int, dict[str, str]]]:
-    gold: dict[str, tuple[str, int, dict[str, str]]] = {}
+# ID -> (label, line in the gold file, gold row)
+_Gold = dict[str, tuple[str, int, dict[str, str]]]
+
+
+def _read_semeval_gold(gold_path: Path, sink: RowSink) -> _Gold:
+    gold: _Gold = {}
     for line, row, reason in _csv_records(gold_path):
         try:
             if row is None:
                 raise _BadRow(reason)
-            key, label = _required(row, "ID"), _required(row, "Label")
-            if label not in SEMEVAL_LABELS:
-                raise _BadRow(f"unknown label {label!r} (expected 0 = idiomatic or 1 = literal)")
+            key, label = _required(row, "ID"), _semeval_label(_required(row, "Label"))
             if key in gold:
                 raise _BadRow(f"duplicate ID {key!r} (first at line {gold[key][1]})")
         except _BadRow as e:
             sink.problem(gold_path, line, str(e))
             continue
-        gold[key] = (SEMEVAL_LABELS[label], line, row)
+        gold[key] = (label, line, row)
     return gold
 
 
@@ -161,16 +163,7 @@ def _read_semeval_file(file: Path, sink: RowSink, include_unlabelled: bool) -> N
     header = next(csv.reader(io.StringIO(read_text(file), newline="")), [])
     if not header:
         raise ValueError(f"{file} is empty: expected a header line")
-    gold = None
-    if "Label" not in header:
-        gold_path = file.with_name(f"{file.stem}_gold.csv")
-        if gold_path.is_file():
-            gold = _read_semeval_gold(gold_path, sink)
-        elif not include_unlabelled:
-            raise ValueError(
-                f"{file} has no Label column and there is no {gold_path.name} beside it; "
-                "pass include_unlabelled=True to load it without labels"
-            )
+    gold = None if "Label" in header else _semeval_gold_beside(file, sink, include_unlabelled)
     used: set[str] = set()
     for line, row, reason in _csv_records(file):
         try:
@@ -179,20 +172,9 @@ def _read_semeval_file(file: Path, sink: RowSink, include_unlabelled: bool) -> N
             key = _required(row, "ID") if "ID" in header else _required(row, "DataID")
             source = dict(row)
             if "Label" in header:
-                raw = _required(row, "Label")
-                if raw not in SEMEVAL_LABELS:
-                    raise _BadRow(f"unknown label {raw!r} (expected 0 = idiomatic or 1 = literal)")
-                label: str | None = SEMEVAL_LABELS[raw]
+                label = _semeval_label(_required(row, "Label"))
             elif gold is not None:
-                if key not in gold:
-                    raise _BadRow(f"ID {key!r} has no gold label in {file.stem}_gold.csv")
-                label, _, gold_row = gold[key]
-                if gold_row.get("Language", row.get("Language")) != row.get("Language"):
-                    raise _BadRow(
-                        f"Language {row.get('Language')!r} differs from the gold file's "
-                        f"{gold_row.get('Language')!r}"
-                    )
-                source.update({f"gold_{k}": v for k, v in gold_row.items()})
+                label = _join_semeval_gold(key, row, gold, file, source)
                 used.add(key)
             else:
                 label = None
@@ -213,6 +195,45 @@ def _read_semeval_file(file: Path, sink: RowSink, include_unlabelled: bool) -> N
                 gold_line,
                 f"gold ID {key!r} has no row in {file.name}",
             )
+
+
+def _semeval_gold_beside(file: Path, sink: RowSink, include_unlabelled: bool) -> _Gold | None:
+    """The gold labels of an unlabelled file from `<stem>_gold.csv` beside it; None when there is none and
+    `include_unlabelled` allows that."""
+    gold_path = file.with_name(f"{file.stem}_gold.csv")
+    if gold_path.is_file():
+        return _read_semeval_gold(gold_path, sink)
+    if not include_unlabelled:
+        raise ValueError(
+            f"{file} has no Label column and there is no {gold_path.name} beside it; "
+            "pass include_unlabelled=True to load it without labels"
+        )
+    return None
+
+
+def _semeval_label(raw: str) -> str:
+    if raw not in SEMEVAL_LABELS:
+        raise _BadRow(f"unknown label {raw!r} (expected 0 = idiomatic or 1 = literal)")
+    return SEMEVAL_LABELS[raw]
+
+
+def _join_semeval_gold(
+    key: str,
+    row: dict[str, str],
+    gold: _Gold,
+    file: Path,
+    source: dict[str, str],
+) -> str:
+    """The gold label of row `key`; the gold row's columns are added to `source` as `gold_<column>`."""
+    if key not in gold:
+        raise _BadRow(f"ID {key!r} has no gold label in {file.stem}_gold.csv")
+    label, _, gold_row = gold[key]
+    if gold_row.get("Language", row.get("Language")) != row.get("Language"):
+        raise _BadRow(
+            f"Language {row.get('Language')!r} differs from the gold file's {gold_row.get('Language')!r}"
+        )
+    source.update({f"gold_{k}": v for k, v in gold_row.items()})
+    return label
 
 
 # ----- MAGPIE -----
@@ -266,7 +287,8 @@ def _magpie_example(obj: dict[str, Any], path: Path, line: int) -> Example | str
         return f"MAGPIE sense {raw_label!r} (neither idiomatic nor literal)"
     if raw_label not in MAGPIE_LABELS:
         raise _BadRow(
-            f"unknown label {raw_label!r} (expected one of {sorted(MAGPIE_LABELS)} or {sorted(MAGPIE_OTHER_SENSES)})"
+            f"unknown label {raw_label!r} "
+            f"(expected one of {sorted(MAGPIE_LABELS)} or {sorted(MAGPIE_OTHER_SENSES)})"
         )
     if "context" in obj:
         context = obj["context"]
@@ -283,8 +305,8 @@ def _magpie_example(obj: dict[str, Any], path: Path, line: int) -> Example | str
         raise _BadRow(f"unknown split {split_raw!r}")
     return Example(
         id=str(obj["id"]) if "id" in obj else f"{path.stem}:{line}", language="en", expression=expression,
-        target=target.strip(), previous=previous.strip(), next=following.strip(), label=MAGPIE_LABELS[raw_label],
-        split=MAGPIE_SPLITS.get(split_raw, ""), dataset="magpie", source=obj,
+        target=target.strip(), previous=previous.strip(), next=following.strip(),
+        label=MAGPIE_LABELS[raw_label], split=MAGPIE_SPLITS.get(split_raw, ""), dataset="magpie", source=obj,
     )  # fmt: skip
 
 
@@ -344,10 +366,10 @@ def _row_mapper(
     dataset: str,
 ) -> Callable[[dict[str, Any], str], Example]:
     cols = {f: f for f in SCHEMA_FIELDS}
-    for key, value in (columns or {}).items():
-        if key not in SCHEMA_FIELDS:
-            raise ValueError(f"columns keys must be schema fields {SCHEMA_FIELDS}, got {key!r}")
-        cols[key] = value
+    for field, column in (columns or {}).items():
+        if field not in SCHEMA_FIELDS:
+            raise ValueError(f"columns keys must be schema fields {SCHEMA_FIELDS}, got {field!r}")
+        cols[field] = column
     labels = {str(k).strip().lower(): v for k, v in (label_map or DEFAULT_LABEL_MAP).items()}
     for key, value in labels.items():
         if value is not None and value not in ("idiomatic", "literal"):

@@ -168,28 +168,40 @@ def extract_label(
     if not region.strip():
         return None
 
+    label = _label_from_markers(region, yes_means, digit_labels)
+    if label is None:
+        label = _answered_question(region)
+    if label is not None:
+        return label
+    mentions = _mentions(region)
+    if mentions:
+        return _label_from_mentions(region, mentions)
+    return _yes_no(region, yes_means)
+
+
+def _label_from_markers(region: str, yes_means: str, digit_labels: dict[str, str]) -> str | None:
+    """Step 3: the label after the last answer marker (`answer:`, `\\boxed{...}`, ...) that yields one."""
     markers = [(m.start(), m.group("rest")) for m in _MARKER.finditer(region)]
     markers += [(m.start(), m.group("rest")) for m in _BOXED.finditer(region)]
     for _, rest in sorted(markers, reverse=True):
         label = _label_after_marker(rest, yes_means, digit_labels)
         if label is not None:
             return label
-    answered = _answered_question(region)
-    if answered is not None:
-        return answered
+    return None
 
-    mentions = _mentions(region)
+
+def _label_from_mentions(region: str, mentions: list[str]) -> str | None:
+    """Step 4: one class mentioned -> that class; both -> the last sentence naming exactly one decides, and
+    a sentence naming both is decided by a "but ..." clause or not at all."""
     if len(set(mentions)) == 1:
         return mentions[0]
-    if mentions:
-        for sentence in reversed(_SENTENCE_END.split(region)):
-            in_sentence = set(_mentions(sentence))
-            if len(in_sentence) == 1:
-                return in_sentence.pop()
-            if in_sentence:
-                return _contrast_decides(sentence)  # names both: a "but ..." clause may decide, else None
-        return None
-    return _yes_no(region, yes_means)
+    for sentence in reversed(_SENTENCE_END.split(region)):
+        in_sentence = set(_mentions(sentence))
+        if len(in_sentence) == 1:
+            return in_sentence.pop()
+        if in_sentence:
+            return _contrast_decides(sentence)
+    return None
 
 
 def output_prefix(prefill: str, reasoning: bool, generated: str) -> str:

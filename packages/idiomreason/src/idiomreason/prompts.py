@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -83,7 +84,8 @@ class PromptTemplate:
         ):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{where}: {key} must be a string, got {type(data[key]).__name__}")
-        template = cls(**{k: (v if v is not None else "") for k, v in data.items()})
+        fields: dict[str, Any] = {k: (v if v is not None else "") for k, v in data.items()}
+        template = cls(**fields)
         try:  # a placeholder the prompt builder does not fill fails here, not at the first prompt
             template.user.format(expression="", context="", definition="", language_name="")
             template.shot_answer.format(label="", rationale="")
@@ -118,7 +120,8 @@ class Condition:
 
     @property
     def key(self) -> str:
-        return f"{self.template.name}.v{self.template.version}.{'oneshot' if self.one_shot else f'{self.shots}shot'}"
+        shots = "oneshot" if self.one_shot else f"{self.shots}shot"
+        return f"{self.template.name}.v{self.template.version}.{shots}"
 
     @property
     def label(self) -> str:
@@ -250,7 +253,8 @@ def normalise_expression(expression: str) -> str:
 
 
 def order_shot_pool(pool: Sequence[Example], seed: int = 0) -> list[Example]:
-    """The pool shuffled (seeded) and interleaved idiomatic, literal, idiomatic, ... so any prefix is balanced."""
+    """The pool shuffled (seeded) and interleaved idiomatic, literal, idiomatic, ... so that any prefix is
+    balanced."""
     by_label = {label: [ex for ex in pool if ex.label == label] for label in LABELS}
     rng = random.Random(seed)
     for examples in by_label.values():

@@ -20,9 +20,10 @@ from idiomreason.prompts import Condition
 logger = logging.getLogger("idiomreason")
 
 ROW_FIELDS = (
-    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "setting", "language", "n_examples",
-    "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate", "macro_f1", "macro_f1_lo",
-    "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal", "gold_idiomatic",
+    "dataset", "model", "size_b", "reasoning", "condition", "condition_key", "setting", "language",
+    "n_examples", "n_unlabelled", "n_not_predicted", "n", "n_unparseable", "unparseable_rate",
+    "macro_f1", "macro_f1_lo", "macro_f1_hi", "macro_f1_parsed", "accuracy", "f1_idiomatic", "f1_literal",
+    "gold_idiomatic",
     "reasoning_words_mean", "reasoning_words_median", "output_tokens_mean", "truncated", "n_relabelled",
     "decoding", "scoring",
     # confusion matrix: cm_<gold>_<predicted>, "none" = unparseable
@@ -62,9 +63,9 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
         labels = [relabel(r) for r in scored]  # the current parser on the stored raw outputs
         row: dict[str, Any] = {
             "dataset": job.dataset, "model": job.model.name, "size_b": job.model.size_b,
-            "reasoning": job.model.reasoning, "condition": job.condition.label, "condition_key": job.condition.key,
-            "setting": job.condition.setting,
-            "language": language, "n_examples": len(examples),
+            "reasoning": job.model.reasoning, "condition": job.condition.label,
+            "condition_key": job.condition.key, "setting": job.condition.setting, "language": language,
+            "n_examples": len(examples),
             "n_unlabelled": sum(1 for ex in examples if ex.label is None),
             "n_not_predicted": sum(1 for r, ex in zip(found, examples) if r is None and ex.label is not None),
             "n_relabelled": sum(1 for r, label in zip(scored, labels) if label != r["prediction"]),
@@ -133,6 +134,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     parts = ["## Overall", "", header, rule, *map(line, overall)]
     if by_language:
         parts += ["", "## By language", "", header, rule, *map(line, by_language)]
+    parts += _decoding_lines(overall)
     relabelled = sum(int(r["n_relabelled"]) for r in overall if r["n"])
     parts += [
         "",
@@ -146,6 +148,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _decoding_lines(overall: Sequence[dict[str, Any]]) -> list[str]:
+    """How each model decoded (model card, config or greedy; or log-likelihood scoring), once per model."""
+    how: dict[str, str] = {}
+    for r in overall:
+        if r.get("scoring") == "loglik":
+            how.setdefault(r["model"], "log-likelihood scoring of the answers (no generation)")
+        elif isinstance(r.get("decoding"), str):
+            how.setdefault(r["model"], r["decoding"])
+    if not how:
+        return []
+    return ["", "Decoding:", "", *(f"- {model}: {text}" for model, text in how.items())]
 
 
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
@@ -163,20 +178,59 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[P
 
 
 def size_ticks(ax: Any, sizes: Sequence[float]) -> None:
-    """Log-scale x axis ticked at the models' sizes (plain numbers, no overlapping minor labels)."""
+    """Log-scale x axis ticked at the models' sizes (plain numbers, no minor labels); a label too close to
+    its left neighbour to be read apart (7B and 8B) goes on a second row."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     ticks = sorted(set(sizes))
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{t:.3g}" for t in ticks])
+    ax.set_xticklabels(staggered_size_labels(ticks))
+
+
+def staggered_size_labels(ticks: Sequence[float], min_gap: float = 0.08) -> list[str]:
+    """Tick labels of sorted log-scale `ticks`: a label closer than `min_gap` (a fraction of the ticks' span
+    in decades) to the previous top-row label, when that one is the previous label, starts with a newline
+    (drawn one row lower) so the two do not overlap."""
+    logs = [math.log10(t) for t in ticks]
+    span = logs[-1] - logs[0] if logs else 0.0
+    labels: list[str] = []
+    last_top = -math.inf
+    for t, x in zip(ticks, logs):
+        previous_on_top = bool(labels) and not labels[-1].startswith("\n")
+        if span > 0 and previous_on_top and (x - last_top) / span < min_gap:
+            labels.append(f"\n{t:.3g}")
+        else:
+            labels.append(f"{t:.3g}")
+            last_top = x
+    return labels
+
+
+def dodge_factor(k: int, m: int, step: float) -> float:
+    """The factor that moves the k-th of m overlapping points (0 <= k < m) `step` decades from its
+    neighbours on a log-scale axis, the group centred on the true value."""
+    return 10 ** (step * (k - (m - 1) / 2))
+
+
+def save_figure_atomic(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as PNG (legends outside the axes included) and close it; readers see the
+    old file or the new one, never a partial PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
-    """Macro-F1 against model size (log scale), one panel per dataset, one line per condition and model
-    kind (reasoning: solid circles; others: dashed squares). Needs matplotlib (the plot extra); returns
-    None (with a warning) without it or when no model has a known size."""
+    """Macro-F1 against model size (log scale), one panel per dataset (shared y axis), one line per
+    condition and model kind (reasoning: solid circles; others: dashed squares), one legend to the right of
+    the panels. Series are drawn slightly apart along x so that equal values do not hide one another.
+    Needs matplotlib (the plot extra); returns None (with a warning) without it or when no model has a
+    known size."""
     try:
         import matplotlib
 
@@ -185,6 +239,43 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
     except ImportError:
         logger.warning("no plot: matplotlib is not installed (pip install 'idiomreason[plot]')")
         return None
+    points = _plottable_rows(rows)
+    if not points:
+        return None
+    datasets = sorted({r["dataset"] for r in points})
+    conditions = sorted({r["condition"] for r in points})
+    colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(conditions)}
+    series_keys = [(c, reasoning) for c in conditions for reasoning in (True, False)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), sharey=True, squeeze=False)
+    handles: dict[str, Any] = {}  # legend label -> line, across panels
+    for ax, dataset in zip(axes[0], datasets):
+        mine = [r for r in points if r["dataset"] == dataset]
+        for k, (condition, reasoning) in enumerate(series_keys):
+            shift = dodge_factor(k, len(series_keys), step=0.01)
+            series = sorted(
+                (float(r["size_b"]) * shift, r["macro_f1"])
+                for r in mine
+                if r["condition"] == condition and bool(r["reasoning"]) == reasoning
+            )
+            if series:
+                label = f"{condition} ({'reasoning' if reasoning else 'base'} models)"
+                style = "-o" if reasoning else "--s"
+                (line,) = ax.plot(*zip(*series), style, color=colours[condition], label=label)
+                handles.setdefault(label, line)
+        size_ticks(ax, [float(r["size_b"]) for r in mine])
+        ax.set_xlabel("parameters (billions, log scale)")
+        ax.set_title(dataset)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("macro-F1 (0-1)")
+    axes[0][-1].legend(
+        list(handles.values()), list(handles), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1)
+    )
+    fig.tight_layout()
+    return save_figure_atomic(fig, Path(path))
+
+
+def _plottable_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The overall rows with predictions and a known model size; the models left out are logged."""
     points = [
         r
         for r in rows
@@ -196,35 +287,4 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
     unsized = sorted({r["model"] for r in rows if r["language"] == "all"} - {r["model"] for r in points})
     if unsized:
         logger.warning("left out of the plot (no size, or no predictions): %s", ", ".join(unsized))
-    if not points:
-        return None
-    datasets = sorted({r["dataset"] for r in points})
-    conditions = sorted({r["condition"] for r in points})
-    colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(conditions)}
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        for condition in conditions:
-            for reasoning, style in ((True, "-o"), (False, "--s")):
-                series = sorted(
-                    (float(r["size_b"]), r["macro_f1"])
-                    for r in points
-                    if r["dataset"] == dataset
-                    and r["condition"] == condition
-                    and bool(r["reasoning"]) == reasoning
-                )
-                if series:
-                    kind = "reasoning" if reasoning else "base"
-                    ax.plot(*zip(*series), style, color=colours[condition], label=f"{condition} ({kind})")
-        size_ticks(ax, [float(r["size_b"]) for r in points if r["dataset"] == dataset])
-        ax.set_xlabel("parameters (billions)")
-        ax.set_ylabel("macro-F1")
-        ax.set_title(dataset)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return points

@@ -12,11 +12,12 @@ A re-run skips every finished prediction (and builds no backend for a model with
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,13 @@ from idiomreason.examples import Example
 from idiomreason.loaders import LOADERS, load_dataset
 from idiomreason.prompts import (
     Condition,
-    PromptTemplate,
     TemplateLibrary,
     normalise_expression,
     order_shot_pool,
 )
 from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_atomic, write_tables
 from idiomreason.semeval import submission_text
-from idiomreason.store import PREDICTION_KEY, JsonlStore, definition_store, prediction_store, read_records
+from idiomreason.store import PREDICTION_KEY, definition_store, prediction_store, read_records
 from idiomreason.textfile import load_yaml
 
 logger = logging.getLogger("idiomreason")
@@ -161,7 +161,7 @@ class DatasetSpec:
     name: str
     path: str
     split: str | None = None
-    key: str | None = None
+    key: str = ""  # "" until __post_init__ fills in the default
     limit: int | None = None
     shots_split: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -176,7 +176,7 @@ class DatasetSpec:
             raise ValueError(f"dataset name must be one of {sorted(LOADERS)}, got {self.name!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"dataset {self.name!r}: limit must be >= 1, got {self.limit}")
-        if self.key is None:
+        if not self.key:  # None from a YAML `key: null` too
             self.key = f"{self.name}:{self.split or 'all'}"
 
 
@@ -278,7 +278,7 @@ class SweepConfig:
         return _build(cls, data, "sweep config")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
         """Load a YAML file; `overrides` are `key=value` strings for top-level keys (value parsed as YAML,
         e.g. `max_new_tokens=256`, `conditions=[direct,cot]`, `out_dir=/tmp/run`)."""
         data = load_yaml(path) or {}
@@ -395,16 +395,17 @@ def _write_semeval_submissions(
                 ex.id: records.get((model, job.condition.key, dataset, ex.id, job.generation))
                 for ex in job.examples
             }
-            if any(r is None for r in found.values()):
+            complete = {key: r for key, r in found.items() if r is not None}
+            if len(complete) < len(found):
                 continue  # unfinished: a partial setting would be rejected by the scorer
-            predictions[setting] = {key: relabel(r) for key, r in found.items()}
+            predictions[setting] = {key: relabel(r) for key, r in complete.items()}
         if predictions:
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}__{model}__{template}") + ".csv"
             (out / "semeval").mkdir(exist_ok=True)
             write_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
 
 
-def _definition_report(config: SweepConfig, out: Path, factory: BackendFactory | None) -> None:
+def _definition_report(config: SweepConfig, glosses: str, out: Path, factory: BackendFactory | None) -> None:
     """Score the run's generated definitions against the glosses (and have `definition_judge` judge them:
     with `factory`, new judgements are generated; without, as in `report`, only stored ones are used)."""
     from idiomreason.definition_analysis import (
@@ -416,9 +417,9 @@ def _definition_report(config: SweepConfig, out: Path, factory: BackendFactory |
         write_definition_report,
     )
 
-    items = score_definitions(stored_definitions(out / "definitions.jsonl"), load_definitions(config.glosses))
+    items = score_definitions(stored_definitions(out / "definitions.jsonl"), load_definitions(glosses))
     if not items:
-        logger.warning("no generated definition has a gloss in %s: no definition analysis", config.glosses)
+        logger.warning("no generated definition has a gloss in %s: no definition analysis", glosses)
         return
     if config.definition_judge is not None:
         judge = next(m for m in config.models if m.name == config.definition_judge)
@@ -471,8 +472,12 @@ def run_sweep(
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [_load(spec, config, needs_shots) for spec in config.datasets]
-    jobs = [Job(m, d.spec.key, c, d.examples, _generation_key(m, config)) for m in config.models for d in datasets
-            for c in conditions]  # fmt: skip
+    jobs = [
+        Job(m, d.spec.key, c, d.examples, _generation_key(m, config))
+        for m in config.models
+        for d in datasets
+        for c in conditions
+    ]
     if generate:
         write_atomic(
             out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
@@ -486,7 +491,7 @@ def run_sweep(
     ]
     _write_semeval_submissions(config, datasets, jobs, records, out)
     if config.glosses is not None and (out / "definitions.jsonl").exists():
-        _definition_report(config, out, factory if generate else None)
+        _definition_report(config, config.glosses, out, factory if generate else None)
     relabelled = sum(r["n_relabelled"] for r in rows if r["language"] == "all" and r["n"])
     logger.info(
         "re-parsed the stored outputs with the current parser: %d label(s) differ from the stored ones",
@@ -495,6 +500,10 @@ def run_sweep(
     csv_path, md_path = write_tables(rows, out)
     plot_path = plot_f1_vs_size(rows, out / "macro_f1_vs_size.png")
     return SweepResult(rows, out, csv_path, md_path, plot_path)
+
+
+# examples -> expression -> definition, for one model (`generate_definitions` with its arguments bound)
+_DefineFn = Callable[[Sequence[Example]], dict[str, str]]
 
 
 def _generate(
@@ -525,29 +534,46 @@ def _generate(
                     backend = factory(spec)
                 return backend
 
+            lazy_backend = _LazyBackend(get_backend)
+            define_with_model: _DefineFn = functools.partial(
+                generate_definitions,
+                backend=lazy_backend,
+                store=defs,
+                model=model.name,
+                template=define,
+                reasoning=model.reasoning,
+                max_new_tokens=config.definition_max_new_tokens,
+                progress=config.progress,
+            )
             try:
                 if model.name == config.definitions_model and user_definitions is None:
                     all_examples = [ex for d in datasets for ex in d.examples]
                     if any(c.template.needs_definition for c in conditions):
-                        generated[model.name] = generate_definitions(
-                            all_examples, _LazyBackend(get_backend), defs, model=model.name, template=define,
-                            reasoning=model.reasoning, max_new_tokens=config.definition_max_new_tokens,
-                            progress=config.progress,
-                        )  # fmt: skip
+                        generated[model.name] = define_with_model(all_examples)
                 for loaded in datasets:
                     for condition in conditions:
                         todo, definitions = list(loaded.examples), None
                         if condition.template.needs_definition:
                             definitions, todo = _definitions_for(
-                                todo, model, config, user_definitions, generated, get_backend, defs, define
+                                todo, model, config, user_definitions, generated, define_with_model
                             )
                         predict(
-                            todo, _LazyBackend(get_backend), preds, model=model.name, condition=condition,
-                            dataset=loaded.spec.key, generation=model.generation(), reasoning=model.reasoning,
-                            shot_pool=loaded.shot_pool, definitions=definitions, max_new_tokens=config.max_new_tokens,
-                            decoding=model.decoding_config, scoring=model.scoring, chunk_size=config.chunk_size,
+                            todo,
+                            lazy_backend,
+                            preds,
+                            model=model.name,
+                            condition=condition,
+                            dataset=loaded.spec.key,
+                            generation=model.generation(),
+                            reasoning=model.reasoning,
+                            shot_pool=loaded.shot_pool,
+                            definitions=definitions,
+                            max_new_tokens=config.max_new_tokens,
+                            decoding=model.decoding_config,
+                            scoring=model.scoring,
+                            chunk_size=config.chunk_size,
                             progress=config.progress,
-                        )  # fmt: skip
+                        )
             finally:
                 if backend is not None:
                     backend.close()
@@ -559,11 +585,10 @@ def _definitions_for(
     config: SweepConfig,
     user_definitions: dict[str, str] | None,
     generated: dict[str, dict[str, str]],
-    get_backend: Callable[[], Backend],
-    defs: JsonlStore,
-    define: PromptTemplate,
+    define_with_model: _DefineFn,
 ) -> tuple[dict[str, str], list[Example]]:
-    """Definitions for the pending examples of a cot_definition job, and the examples that have one."""
+    """Definitions for the pending examples of a cot_definition job, and the examples that have one
+    (`define_with_model`: `generate_definitions` with this model's backend and the run's store)."""
     if user_definitions is not None:
         definitions = user_definitions
         source = f"definitions file {config.definitions}" + (
@@ -573,10 +598,7 @@ def _definitions_for(
         definitions = generated.get(config.definitions_model, {})
         source = f"definitions generated by {config.definitions_model}"
     else:
-        definitions = generate_definitions(
-            todo, _LazyBackend(get_backend), defs, model=model.name, template=define, reasoning=model.reasoning,
-            max_new_tokens=config.definition_max_new_tokens, progress=config.progress,
-        )  # fmt: skip
+        definitions = define_with_model(todo)
         source = f"definitions generated by {model.name}"
     missing = missing_definitions(todo, definitions)
     if missing:

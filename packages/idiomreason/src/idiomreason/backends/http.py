@@ -138,9 +138,11 @@ class OpenAIHTTPBackend:
         redact_http_logs([key])
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=min(30.0, timeout)),
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(30.0, timeout)),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        )  # fmt: skip
+        )
         self._closed = threading.Event()
 
     def __repr__(self) -> str:
@@ -165,6 +167,8 @@ class OpenAIHTTPBackend:
         if "seed" in self.sampling:
             body["seed"] = self.sampling["seed"] + prompt.seed_offset  # n samples of one prompt differ
         if self.api == "completions" or (prompt.prefill and self.prefill_via == "completions"):
+            if self.renderer is None:  # __init__ refuses both without a tokenizer for api="chat"
+                raise ValueError("rendering a prompt for the completions API needs a tokenizer")
             body["prompt"] = self.renderer.render(prompt)
             return "/completions", body
         messages = list(prompt.messages)
