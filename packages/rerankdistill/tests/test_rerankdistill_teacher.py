@@ -210,7 +210,10 @@ _CHILD = textwrap.dedent("""
     from rerankdistill.backends.openai_http import OpenAIChatBackend
     from rerankdistill.teacher import Pair, TeacherStore, generate_teacher_outputs
     base_url, model, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    pairs = [Pair(str(i // 4), f"d{i}", f"question number {i // 4}", f"some text about topic {i}") for i in range(n)]
+    pairs = [
+        Pair(str(i // 4), f"d{i}", f"question number {i // 4}", f"some text about topic {i}")
+        for i in range(n)
+    ]
     backend = OpenAIChatBackend(base_url, model, name="tiny", max_tokens=6)
     with TeacherStore(path) as store:
         generate_teacher_outputs(pairs, backend, store, concurrency=2, progress=False)

@@ -1,5 +1,5 @@
-"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant), or with Lucene itself
-through pyserini (`bm25_search(..., backend="pyserini")`, see `bm25_lucene`).
+"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant), or with Lucene
+itself through pyserini (`bm25_search(..., backend="pyserini")`, see `bm25_lucene`).
 
 Only documents with a positive score are returned, as Lucene/pyserini do: a document sharing no term with the
 query is not "retrieved". Ties keep bm25s's order here; the metrics re-sort by trec_eval's rule anyway.
@@ -183,7 +183,8 @@ def select_bm25_params(
     bs: tuple[float, ...] = B_GRID,
     depth: int = 10,
 ) -> tuple[float, float, dict[tuple[float, float], float]]:
-    """k1 and b maximising nDCG@`depth` of `queries` (validation queries: never the evaluation ones), over a grid.
+    """k1 and b maximising nDCG@`depth` of `queries` (validation queries: never the evaluation ones), over a
+    grid.
 
     The corpus is tokenized once. Ties go to the first (k1, b) in grid order.
 

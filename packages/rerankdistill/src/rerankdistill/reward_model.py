@@ -21,11 +21,13 @@ from rerankdistill.teacher import Completion
 RUBRIC_VERSION = "1"
 RUBRIC_SYSTEM = "You grade answers of a search relevance judge against a rubric. You are strict and brief."
 RUBRIC_USER = (
-    "Query: {query}\n\nDocument: {document}\n\nReference relevance label: {reference} (0 irrelevant, 1 partially "
-    "relevant, 2 relevant)\n\nAnswer to grade:\n<answer>\n{answer}\n</answer>\n\n"
-    "Rubric (0-10 points in all): 5 points if the answer's label equals the reference label (2 if it is off by "
-    "one); 3 points if the explanation is grounded in what the document says; 2 points if it ends with exactly "
-    "one line `Relevance Label: <0|1|2>`. Reply with `Score: <0-10>` and nothing else."
+    "Query: {query}\n\nDocument: {document}\n\n"
+    "Reference relevance label: {reference} (0 irrelevant, 1 partially relevant, 2 relevant)\n\n"
+    "Answer to grade:\n<answer>\n{answer}\n</answer>\n\n"
+    "Rubric (0-10 points in all): 5 points if the answer's label equals the reference label "
+    "(2 if it is off by one); 3 points if the explanation is grounded in what the document says; "
+    "2 points if it ends with exactly one line `Relevance Label: <0|1|2>`. "
+    "Reply with `Score: <0-10>` and nothing else."
 )
 _SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.I)
 

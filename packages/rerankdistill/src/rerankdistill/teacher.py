@@ -1,9 +1,10 @@
 """Teacher generation: explanations + labels for (query, document) pairs, stored append-only and resumable.
 
 Store: one JSON line per (qid, docid, teacher), appended on an O_APPEND descriptor and fsync'ed before the
-next pair is counted as done; one process at a time holds the file (`shared_kernels.appendfile`). After `kill -9` the file holds every finished record and at
-most one torn last line (no trailing newline or bad JSON); reopening truncates that torn tail, so a resumed run
-regenerates exactly the pairs without a complete record: nothing lost, nothing duplicated.
+next pair is counted as done; one process at a time holds the file (`shared_kernels.appendfile`). After
+`kill -9` the file holds every finished record and at most one torn last line (no trailing newline or bad
+JSON); reopening truncates that torn tail, so a resumed run regenerates exactly the pairs without a complete
+record: nothing lost, nothing duplicated.
 
 Backends implement `TeacherBackend`: a `name` (recorded as the teacher id) and either `acomplete(messages)`
 (async, e.g. HTTP: run with bounded concurrency) or `complete_batch(list_of_messages)` (local models: run in
@@ -99,8 +100,8 @@ class TeacherStore:
     """Append-only JSONL of `TeacherRecord`s keyed by (qid, docid, teacher), held by one process at a time.
 
     Opening takes an exclusive lock on the file (a second run on the same file stops at once with
-    `FileLockedError`, a `UserError`), then repairs a torn last line left by a crash; a bad line anywhere else,
-    or a repeated key, raises.
+    `FileLockedError`, a `UserError`), then repairs a torn last line left by a crash; a bad line anywhere
+    else, or a repeated key, raises.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -188,8 +189,8 @@ def generate_teacher_outputs(
 
     Args:
         pairs: the (query, document) pairs; pairs already stored for this teacher are skipped.
-        backend: has `name` and `acomplete(messages) -> Completion` (async),
-            `complete_batch(list of messages) -> list[Completion]`, or `complete_pairs(list of Pair)` (offline).
+        backend: has `name` and `acomplete(messages) -> Completion` (async), `complete_batch(list of messages)
+            -> list[Completion]`, or `complete_pairs(list of Pair)` (offline).
         store: where records go (append-only; see the module docstring for crash safety).
         prompt: the versioned prompt.
         concurrency: requests in flight for async backends.
@@ -276,10 +277,10 @@ class QrelsTeacher:
         label_of_gain: maps a gain to 0..2; default clips (gain <= 0 -> 0, 1 -> 1, >= 2 -> 2).
         explanation: "per-label" (the sentence names the label: a student decides at its explanation's first
             differing word, and the label line only repeats it) or "fixed" (one sentence for every label: the
-            decision is made at the label token, where E[label] is read) or "evidence" (`rerankdistill.evidence`:
-            which query words the document contains, what it defines and calls -- computed from the pair, not
-            the label, so a student can be given the same text at inference). The name records the choice, so
-            stored outputs of the modes are never mixed.
+            decision is made at the label token, where E[label] is read) or "evidence"
+            (`rerankdistill.evidence`: which query words the document contains, what it defines and calls --
+            computed from the pair, not the label, so a student can be given the same text at inference). The
+            name records the choice, so stored outputs of the modes are never mixed.
     """
 
     def __init__(

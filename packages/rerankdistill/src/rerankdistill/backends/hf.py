@@ -78,7 +78,8 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate_texts(self, prompts: Sequence[str], num_return_sequences: int = 1) -> list[Completion]:
-        """Continue each rendered prompt; returns len(prompts) * num_return_sequences completions (grouped)."""
+        """Continue each rendered prompt: len(prompts) * num_return_sequences completions, grouped by
+        prompt."""
         out: list[Completion] = []
         tok = self.tokenizer
         for start in range(0, len(prompts), self.batch_size):
