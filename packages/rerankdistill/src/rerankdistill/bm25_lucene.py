@@ -165,7 +165,8 @@ class LuceneBM25Index:
         index_dir: str | Path | None = None,
         threads: int = 1,
     ):
-        self._searcher = self._tmp = None
+        self._searcher = None
+        self._tmp: str | None = None  # the temporary index directory, removed by close()
         if not isinstance(corpus, Mapping) or not corpus:
             raise ValueError("corpus must be a non-empty dict {docid: text}")
         _check_analysis(stopwords, stemmer)
@@ -175,9 +176,9 @@ class LuceneBM25Index:
             raise ValueError(f"index_dir {str(index_dir)!r} is not empty; give an absent or empty directory")
         lucene_indexer, get_analyzer, autoclass, self._jarraylist = _load_pyserini()
         if index_dir is None:
-            self._tmp = tempfile.mkdtemp(prefix="rerankdistill-lucene-")
+            index_dir = self._tmp = tempfile.mkdtemp(prefix="rerankdistill-lucene-")
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self.index_dir = Path(index_dir if index_dir is not None else self._tmp)
+        self.index_dir = Path(index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
 

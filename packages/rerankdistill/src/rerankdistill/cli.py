@@ -16,12 +16,17 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rerankdistill.trec import atomic_write_text
 from shared_kernels.errors import USER_ERRORS, refuse_overwriting_inputs, user_error_message
 from shared_kernels.runconfig import ConfigError, load_config, option, options_help
+
+if TYPE_CHECKING:
+    from rerankdistill.teacher import Pair
 
 COLLECTION_HELP = "cranfield | beir | bright | trec | datasets"
 
@@ -127,7 +132,7 @@ def write_pairs(pairs, path: str | Path) -> None:
     atomic_write_text(path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in pairs))
 
 
-def read_pairs(path: str | Path):
+def read_pairs(path: str | Path) -> list[Pair]:
     from rerankdistill.datasets import read_jsonl
     from rerankdistill.teacher import Pair
 
@@ -188,18 +193,18 @@ def _build_pairs(o: GenerateOptions):
 
 
 def cmd_generate(o: GenerateOptions) -> dict:
-    from rerankdistill.teacher import QrelsTeacher, TeacherStore, generate_teacher_outputs
+    from rerankdistill.teacher import QrelsTeacher, TeacherBackend, TeacherStore, generate_teacher_outputs
 
     qrels = None
     if o.pairs:
-        pairs = split_pairs(o, read_pairs(o.pairs))
+        pairs = split_pairs(o, read_pairs(o.pairs), o.pairs)
     else:
         pairs, qrels = _build_pairs(o)
         write_pairs(pairs, o.pairs_out)
     if o.backend == "offline-qrels":
         if qrels is None:
             qrels = load_collection(o)[2]
-        backend = QrelsTeacher(qrels)
+        backend: TeacherBackend = QrelsTeacher(qrels)
     elif o.backend == "openai":
         from rerankdistill.backends.openai_http import OpenAIChatBackend
 
@@ -337,12 +342,12 @@ def _student(o: TrainOptions):
     return model, tok, loop, lora
 
 
-def split_pairs(o: SplitOptions, pairs: list) -> list:
+def split_pairs(o: SplitOptions, pairs: list[Pair], pairs_file: str) -> list[Pair]:
     """The pairs of the selected split (train by default); a pairs file holding test qids is refused."""
     from rerankdistill.splits import check_no_test_leak
 
     splits, selected = split_queries(o, "train", training=True)
-    check_no_test_leak((p.qid for p in pairs), splits, o.allow_test_leak, f"pairs file {o.pairs!r}")
+    check_no_test_leak((p.qid for p in pairs), splits, o.allow_test_leak, f"pairs file {pairs_file!r}")
     return pairs if selected is None else [p for p in pairs if p.qid in selected]
 
 
@@ -358,7 +363,7 @@ def prompt_format(name: str):
 def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
-    pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs))}
+    pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs), o.pairs)}
     # read without the writer's lock: every process of `accelerate launch` reads the finished store
     return pairs, list(TeacherStore.read(o.teacher).values())
 
@@ -726,7 +731,7 @@ def cmd_split(o: SplitCommandOptions) -> dict:
     }
 
 
-COMMANDS = {
+COMMANDS: dict[str, tuple[type, Callable[[Any], dict], str]] = {
     "split": (SplitCommandOptions, cmd_split, "seeded (or given) train / validation / test query lists"),
     "generate": (GenerateOptions, cmd_generate, "teacher explanations + labels for (query, document) pairs"),
     "sft": (TrainOptions, cmd_sft, "distil teacher outputs into a student"),
@@ -769,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cls, fn, _ = COMMANDS[args.command]
     try:
-        options = load_config(cls, args.config, args.overrides)
+        options: object = load_config(cls, args.config, args.overrides)
         _check_outputs(options)
         summary = fn(options)
     except (*USER_ERRORS, ValueError) as e:  # library input checks raise ValueError naming the argument

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -51,6 +51,30 @@ class Completion:
 @runtime_checkable
 class TeacherBackend(Protocol):
     name: str
+
+
+Messages = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
+
+
+@runtime_checkable
+class AsyncCompleter(Protocol):
+    """Answers one prompt per awaited call (HTTP servers: run with bounded concurrency)."""
+
+    async def acomplete(self, messages: Messages) -> Completion: ...
+
+
+@runtime_checkable
+class BatchCompleter(Protocol):
+    """Answers a batch of prompts per call (local models)."""
+
+    def complete_batch(self, batch: list[Messages]) -> list[Completion]: ...
+
+
+@runtime_checkable
+class PairCompleter(Protocol):
+    """Answers from the pairs' ids instead of a prompt (offline stand-ins such as `QrelsTeacher`)."""
+
+    def complete_pairs(self, pairs: Sequence[Pair]) -> list[Completion]: ...
 
 
 @dataclass
@@ -230,23 +254,34 @@ def generate_teacher_outputs(
         bar.update(1)
 
     try:
-        if hasattr(backend, "acomplete"):
+        if isinstance(backend, AsyncCompleter):
             asyncio.run(_run_async(todo, backend, prompt, concurrency, keep))
         else:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
-                if hasattr(backend, "complete_pairs"):  # offline teachers look at ids, not prompts
-                    outs = backend.complete_pairs(chunk)
-                else:
-                    outs = backend.complete_batch([prompt.messages(p.query, p.document) for p in chunk])
-                for p, c in zip(chunk, outs, strict=True):
+                for p, c in zip(chunk, _complete_chunk(backend, chunk, prompt), strict=True):
                     keep(p, c)
     finally:
         bar.close()
     return stats
 
 
-async def _run_async(todo: Sequence[Pair], backend, prompt: RelevancePrompt, concurrency: int, keep) -> None:
+def _complete_chunk(backend: TeacherBackend, chunk: list[Pair], prompt: RelevancePrompt) -> list[Completion]:
+    """One batch of answers from a synchronous backend."""
+    if isinstance(backend, PairCompleter):  # offline teachers look at ids, not prompts
+        return backend.complete_pairs(chunk)
+    if isinstance(backend, BatchCompleter):
+        return backend.complete_batch([prompt.messages(p.query, p.document) for p in chunk])
+    raise TypeError(f"backend {type(backend).__name__} has none of acomplete, complete_pairs, complete_batch")
+
+
+async def _run_async(
+    todo: Sequence[Pair],
+    backend: AsyncCompleter,
+    prompt: RelevancePrompt,
+    concurrency: int,
+    keep: Callable[[Pair, Completion], None],
+) -> None:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(pair: Pair) -> tuple[Pair, Completion]:

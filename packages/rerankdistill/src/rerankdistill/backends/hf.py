@@ -31,7 +31,8 @@ def load_causal_lm(
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose stub drops the bound self
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 class TransformersBackend:

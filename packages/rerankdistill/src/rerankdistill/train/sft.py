@@ -128,7 +128,7 @@ def _fit_document(
     """`ex` with its document cut to the longest token prefix whose example fits `max_length` (None if no
     prefix fits)."""
 
-    def encode(document: str) -> Example | None:
+    def encode(document: str) -> Example:
         return encode_example(
             tokenizer,
             prompt.messages(ex.query, document),
