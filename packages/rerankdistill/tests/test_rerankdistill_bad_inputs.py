@@ -244,6 +244,7 @@ CLI_CASES = [
     (["evaluate", "runs={run}", "qrels={utf16_qrels}"], r"utf16.qrels:1: is UTF-16 text"),
     (["evaluate", "runs={out}", "qrels={qrels}"], r"out"),
     (["evaluate", "qrels={qrels}"], r"runs= is required"),
+    (["evaluate", "runs={run}"], r"evaluate needs qrels= \(a TREC qrels file\) or collection="),
     (["evaluate", "runs={run}", "measures=ndcg@10", "qrels={qrels}"], r"unknown measure 'ndcg@10'"),
     (["generate", "--config", "{latin1_yaml}"], r"latin1.yaml:2: is not UTF-8 text"),
     (

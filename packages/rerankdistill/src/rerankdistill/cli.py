@@ -638,6 +638,8 @@ def _evaluation_qrels(o: EvaluateOptions):
     """The judgements runs are scored against, restricted to the selected split's queries."""
     from rerankdistill.trec import read_qrels
 
+    if not o.collection and not o.qrels:
+        raise ConfigError(f"evaluate needs qrels= (a TREC qrels file) or collection= ({COLLECTION_HELP})")
     if o.collection == "bright":  # judgements only: no corpus needed to score runs
         qrels = _bright_task(o).qrels
     elif o.qrels and o.collection in ("", "trec"):
