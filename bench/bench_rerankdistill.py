@@ -1,5 +1,5 @@
-"""rerankdistill benchmarks: BM25 (bm25s) against rank_bm25 and against Lucene (pyserini) on Cranfield; pointwise
-reranking throughput of the transformers backend with and without batching."""
+"""rerankdistill benchmarks: BM25 (bm25s) against rank_bm25 and against Lucene (pyserini) on Cranfield;
+pointwise reranking throughput of the transformers backend with and without batching."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ def _cranfield():
 
 @benchmark("bm25-cranfield", package="rerankdistill", device="cpu")
 def bm25_cranfield(ctx: BenchContext) -> None:
-    """BM25 on Cranfield (1,400 docs, 225 queries, top-100): bm25s (ours, via BM25Index) vs rank_bm25 BM25Okapi,
-    same tokens (bm25s tokenizer, English stopwords). Index includes tokenisation; retrieval = all 225 queries."""
+    """BM25 on Cranfield (1,400 docs, 225 queries, top-100): bm25s (ours, via BM25Index) vs rank_bm25
+    BM25Okapi, same tokens (bm25s tokenizer, English stopwords). Index includes tokenisation; retrieval = all
+    225 queries."""
     import bm25s
     from rank_bm25 import BM25Okapi
 
@@ -64,9 +65,9 @@ def bm25_cranfield(ctx: BenchContext) -> None:
 
 @benchmark("bm25-pyserini-cranfield", package="rerankdistill", device="cpu")
 def bm25_pyserini_cranfield(ctx: BenchContext) -> None:
-    """BM25 on Cranfield (1,400 docs, 225 queries, top-100, k1=0.9 b=0.4, English stopwords, no stemming): bm25s
-    (ours, BM25Index) vs Lucene through pyserini (LuceneBM25Index, 1 thread, index in a temporary directory; JVM
-    start excluded by the warm-up). Needs pyserini and Java 21+."""
+    """BM25 on Cranfield (1,400 docs, 225 queries, top-100, k1=0.9 b=0.4, English stopwords, no stemming):
+    bm25s (ours, BM25Index) vs Lucene through pyserini (LuceneBM25Index, 1 thread, index in a temporary
+    directory; JVM start excluded by the warm-up). Needs pyserini and Java 21+."""
     from rerankdistill.bm25 import BM25Index
     from rerankdistill.bm25_lucene import LuceneBM25Index
 
@@ -137,7 +138,8 @@ def _rerank_case(
 @benchmark("rerank-batching-cpu", package="rerankdistill", device="cpu")
 def rerank_batching_cpu(ctx: BenchContext) -> None:
     """Pointwise reranking (explanation generation + label probabilities) with the transformers backend on a
-    tiny Llama (hidden 64, 2 layers, fp32, 1 torch thread), Cranfield pairs: batched vs one pair at a time, pairs/s."""
+    tiny Llama (hidden 64, 2 layers, fp32, 1 torch thread), Cranfield pairs: batched vs one pair at a time,
+    pairs/s."""
     _rerank_case(ctx, "cpu", hidden=64, layers=2, n_pairs=16, new_tokens=16)
 
 

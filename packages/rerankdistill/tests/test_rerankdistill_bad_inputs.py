@@ -244,6 +244,7 @@ CLI_CASES = [
     (["evaluate", "runs={run}", "qrels={utf16_qrels}"], r"utf16.qrels:1: is UTF-16 text"),
     (["evaluate", "runs={out}", "qrels={qrels}"], r"out"),
     (["evaluate", "qrels={qrels}"], r"runs= is required"),
+    (["evaluate", "runs={run}"], r"evaluate needs qrels= \(a TREC qrels file\) or collection="),
     (["evaluate", "runs={run}", "measures=ndcg@10", "qrels={qrels}"], r"unknown measure 'ndcg@10'"),
     (["generate", "--config", "{latin1_yaml}"], r"latin1.yaml:2: is not UTF-8 text"),
     (
@@ -282,6 +283,29 @@ CLI_CASES = [
     (["refine", "k=0"], r"k must be a finite number >= 1"),
     (["rerank", "depth=0"], r"depth must be a finite number >= 1"),
     (["rerank", "max_new_tokens=-5"], r"max_new_tokens must be a finite number >= 1"),
+    # checked before any data is read or any table printed
+    (["rerank", "model={out}"], r"model='.*out' is not a directory"),
+    (["generate", "backend=transformers", "model={out}"], r"model='.*out' is not a directory"),
+    (["generate", "backend=nope"], r"backend must be one of openai, transformers, vllm, offline-qrels"),
+    (["sft", "target_format=nope"], r"target_format must be one of interank, release, got 'nope'"),
+    (["refine", "method=nope"], r"method must be one of rwft, grpo, got 'nope'"),
+    (["refine", "reward=nope"], r"reward must be one of label, rubric"),
+    (["refine", "reward=rubric"], r"reward=rubric with reward_backend=openai needs reward_model="),
+    (["rerank", "first_stage_queries=nope"], r"first_stage_queries must be one of original, reasoning"),
+    (["rerank", "prompt_format=nope"], r"prompt_format must be one of interank, release"),
+    (["evaluate", "collection=bright", "runs={run}"], r"collection=bright needs topics="),
+    (["evaluate", "runs={run}", "qrels={qrels}", "measures="], r"measures= is empty"),
+    (
+        ["evaluate", "runs={run}", "qrels={qrels}", "n_resamples=0"],
+        r"n_resamples must be a finite number >= 1",
+    ),
+    (
+        ["evaluate", "runs=a={run},b={run}", "qrels={qrels}", "baseline=c"],
+        r"baseline='c' is not one of .*: a, b",
+    ),
+    (["evaluate", "runs={run}", "qrels={qrels}", "baseline=c"], r"baseline='c' is not one of the runs: run"),
+    (["evaluate", "runs=a={run},a={run}", "qrels={qrels}"], r"runs: two runs are named 'a'"),
+    (["evaluate", "runs={run},{run}", "qrels={qrels}"], r"runs: two runs are named 'run'"),
 ]
 
 
@@ -290,9 +314,10 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys, args, match):
     files = _cli_files(tmp_path)
     argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
     assert main(argv) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.startswith(f"rerankdistill {argv[0]}: error: ") and err.count("\n") == 1, err
     assert re.search(match, err), err
+    assert out == "", out  # no table or summary before the error
 
 
 def test_two_concurrent_generate_runs_never_duplicate_records(tmp_path):
@@ -390,6 +415,24 @@ def test_outputs_never_overwrite_inputs(tmp_path, capsys, argv, pattern):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_training_commands_name_a_missing_model_directory(tmp_path, capsys):
+    """sft and refine read their (small) data first, then refuse a model= that is no directory, before
+    transformers would raise a traceback about hub repo ids."""
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", 4)
+    teacher = tmp_path / "teacher.jsonl"
+    with TeacherStore(teacher) as store:
+        rows = [json.loads(line) for line in pairs.open()]
+        oracle = QrelsTeacher({r["qid"]: {r["docid"]: 1} for r in rows})
+        todo = [Pair(r["qid"], r["docid"], r["query"], r["document"]) for r in rows]
+        generate_teacher_outputs(todo, oracle, store, progress=False)
+    for command in ("sft", "refine"):
+        argv = [command, f"pairs={pairs}", f"teacher={teacher}", f"model={tmp_path / 'none'}"]
+        assert main([*argv, f"output_dir={tmp_path / command}"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert re.search(r"model='.*none' is not a directory", err), err
 
 
 def test_refine_default_output_is_not_the_students_folder():

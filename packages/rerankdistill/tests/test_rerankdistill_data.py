@@ -1,4 +1,5 @@
-"""Loaders: Cranfield counts and numbering, BEIR, BRIGHT queries/qrels, TREC read/write and malformed lines."""
+"""Loaders: Cranfield counts and numbering, BEIR, BRIGHT queries/qrels, TREC read/write and malformed
+lines."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Metrics equal trec_eval (through pytrec_eval) to the last bit on random runs with ties and unjudged docs."""
+"""Metrics equal trec_eval (through pytrec_eval) to the last bit on random runs with ties and unjudged
+docs."""
 
 from __future__ import annotations
 

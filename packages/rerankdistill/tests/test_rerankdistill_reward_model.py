@@ -1,5 +1,5 @@
-"""The rubric reward model: prompt, score parsing, the offline stand-in's rubric, any backend (batch or async),
-and reward-weighted refinement rewarded by it."""
+"""The rubric reward model: prompt, score parsing, the offline stand-in's rubric, any backend (batch or
+async), and reward-weighted refinement rewarded by it."""
 
 from __future__ import annotations
 

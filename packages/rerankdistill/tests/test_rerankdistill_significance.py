@@ -28,8 +28,8 @@ def test_identical_runs_are_not_different():
 def test_randomization_exact_enumeration_by_hand():
     # d = (1, 2, 3): |sum| = 6 is reached by (+,+,+) and (-,-,-) only -> p = 2/8.
     assert paired_randomization_test([1, 2, 3], [0, 0, 0]) == 0.25
-    # d = (1, 1, -1, 3): |sum| = 4; the three unit terms sum to 3 (1 way) or 1 (3 ways) with +3, and the mirror
-    # images: 8 of 16 sign vectors reach |sum| >= 4.
+    # d = (1, 1, -1, 3): |sum| = 4; the three unit terms sum to 3 (1 way) or 1 (3 ways) with +3, and the
+    # mirror images: 8 of 16 sign vectors reach |sum| >= 4.
     d = np.array([1.0, 1.0, -1.0, 3.0])
     count = sum(abs(np.dot(s, d)) >= 4 for s in itertools.product((1, -1), repeat=4))
     assert paired_randomization_test(d, np.zeros(4)) == count / 16 == 0.5

@@ -210,7 +210,10 @@ _CHILD = textwrap.dedent("""
     from rerankdistill.backends.openai_http import OpenAIChatBackend
     from rerankdistill.teacher import Pair, TeacherStore, generate_teacher_outputs
     base_url, model, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    pairs = [Pair(str(i // 4), f"d{i}", f"question number {i // 4}", f"some text about topic {i}") for i in range(n)]
+    pairs = [
+        Pair(str(i // 4), f"d{i}", f"question number {i // 4}", f"some text about topic {i}")
+        for i in range(n)
+    ]
     backend = OpenAIChatBackend(base_url, model, name="tiny", max_tokens=6)
     with TeacherStore(path) as store:
         generate_teacher_outputs(pairs, backend, store, concurrency=2, progress=False)
@@ -269,3 +272,14 @@ def test_http_teacher_equals_local_greedy_generation(tmp_path, served_tiny_model
     expected = local.complete_batch([INTERANK_PROMPT.messages(p.query, p.document) for p in pairs])
     assert texts == [c.text for c in expected]
     assert stats.completion_tokens == sum(c.completion_tokens for c in expected)
+
+
+def test_a_backend_without_a_completion_method_is_refused(tmp_path):
+    class NameOnly:
+        name = "name-only"
+
+    with (
+        TeacherStore(tmp_path / "t.jsonl") as store,
+        pytest.raises(TypeError, match="NameOnly has none of acomplete, complete_pairs, complete_batch"),
+    ):
+        generate_teacher_outputs(PAIRS[:1], NameOnly(), store, progress=False)

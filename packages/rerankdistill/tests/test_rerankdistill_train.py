@@ -353,8 +353,8 @@ out, model_dir = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(model_dir)  # one saved model: every process trains the same weights
 model = AutoModelForCausalLM.from_pretrained(model_dir)
 enc, _ = tokenize_examples(tok, EXAMPLES, INTERANK_PROMPT, True, None)
-stats = train_loop(model, enc, tok.pad_token_id, out, LoopConfig(lr=3e-3, epochs=2, batch_size=1, grad_accum=4,
-                   warmup_ratio=0.5), progress=False)
+loop = LoopConfig(lr=3e-3, epochs=2, batch_size=1, grad_accum=4, warmup_ratio=0.5)
+stats = train_loop(model, enc, tok.pad_token_id, out, loop, progress=False)
 if int(__import__("os").environ.get("RANK", "0")) == 0:
     __import__("os").makedirs(out, exist_ok=True)
     unwrapped = getattr(model, "module", model)

@@ -51,7 +51,8 @@ from rerankdistill.trec import (
     write_topics,
 )
 
-# Training entry points import torch/transformers: resolved on first access, so `import rerankdistill` stays light.
+# Training entry points import torch/transformers: resolved on first access, so `import rerankdistill`
+# stays light.
 _LAZY = {
     "sft": "rerankdistill.train.sft",
     "DistillExample": "rerankdistill.train.sft",

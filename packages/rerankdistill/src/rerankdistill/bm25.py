@@ -1,5 +1,5 @@
-"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant), or with Lucene itself
-through pyserini (`bm25_search(..., backend="pyserini")`, see `bm25_lucene`).
+"""First-stage retrieval: BM25 over an in-memory corpus with bm25s (Lucene's BM25 variant), or with Lucene
+itself through pyserini (`bm25_search(..., backend="pyserini")`, see `bm25_lucene`).
 
 Only documents with a positive score are returned, as Lucene/pyserini do: a document sharing no term with the
 query is not "retrieved". Ties keep bm25s's order here; the metrics re-sort by trec_eval's rule anyway.
@@ -150,8 +150,12 @@ def bm25_search(
     if backend == "pyserini" and tokenizer is not None:
         raise ValueError("tokenizer is for backend='bm25s' (pyserini tokenizes with Lucene's analyzer)")
     if backend == "pyserini":
-        from rerankdistill.bm25_lucene import LuceneBM25Index
+        from rerankdistill.bm25_lucene import LUCENE_STEMMERS, LuceneBM25Index
 
+        if callable(stemmer):
+            raise ValueError(
+                f"stemmer must be None or one of {LUCENE_STEMMERS} for backend='pyserini', got {stemmer!r}"
+            )
         with LuceneBM25Index(
             corpus, k1=k1, b=b, stopwords=stopwords, stemmer=stemmer, index_dir=index_dir
         ) as index:
@@ -183,7 +187,8 @@ def select_bm25_params(
     bs: tuple[float, ...] = B_GRID,
     depth: int = 10,
 ) -> tuple[float, float, dict[tuple[float, float], float]]:
-    """k1 and b maximising nDCG@`depth` of `queries` (validation queries: never the evaluation ones), over a grid.
+    """k1 and b maximising nDCG@`depth` of `queries` (validation queries: never the evaluation ones), over a
+    grid.
 
     The corpus is tokenized once. Ties go to the first (k1, b) in grid order.
 
@@ -195,7 +200,7 @@ def select_bm25_params(
     if not queries:
         raise ValueError("select_bm25_params needs at least one (validation) query")
     tokens = {d: tokenizer(t) for d, t in corpus.items()}
-    judged = {q: qrels[q] for q in queries if q in qrels}
+    judged = {q: dict(qrels[q]) for q in queries if q in qrels}
     if not judged:
         raise ValueError("none of the queries has judgements in qrels")
     table: dict[tuple[float, float], float] = {}

@@ -3,18 +3,18 @@
 The corpus is indexed in-process with pyserini's `LuceneIndexer` (Anserini's `SimpleIndexer`, JsonCollection
 documents `{"id", "contents"}`) into a temporary or user-given directory, and queried with Anserini's
 `SimpleSearcher.batch_search` (the Java class pyserini's `LuceneSearcher` wraps) with BM25 k1/b set. The Java
-class is called directly because `pyserini.search.lucene` imports torch, transformers and onnxruntime and builds
-an OpenAI client at import time, which fails without OPENAI_API_KEY under openai >= 2 (pyserini 1.6.0).
+class is called directly because `pyserini.search.lucene` imports torch, transformers and onnxruntime and
+builds an OpenAI client at import time, which fails without OPENAI_API_KEY under openai >= 2 (pyserini 1.6.0).
 
 Analysis matches `bm25.BM25Index`'s defaults where Lucene allows: `stopwords="en"` is Lucene's 33-word English
-list (the same list bm25s uses), `stemmer=None` disables stemming, "porter"/"krovetz" select Lucene's stemmers.
-Tokenisation differs slightly (Lucene's StandardTokenizer keeps one-character tokens, bm25s drops them), Lucene
-stores document lengths in a lossy one-byte norm and Anserini rounds scores to 4 decimals, so rankings are close
-to bm25s's, not identical (Cranfield nDCG@10: 0.3160 here vs 0.3161).
+list (the same list bm25s uses), `stemmer=None` disables stemming, "porter"/"krovetz" select Lucene's
+stemmers. Tokenisation differs slightly (Lucene's StandardTokenizer keeps one-character tokens, bm25s drops
+them), Lucene stores document lengths in a lossy one-byte norm and Anserini rounds scores to 4 decimals, so
+rankings are close to bm25s's, not identical (Cranfield nDCG@10: 0.3160 here vs 0.3161).
 
-pyserini needs Java 21+ (Anserini's classes are compiled for it) and starts one JVM per process through pyjnius,
-which reads JAVA_HOME when first imported: `find_java_home` honours JAVA_HOME, else picks the newest JDK >= 21
-under /usr/lib/jvm (or `java` on PATH) and exports it before pyserini is imported.
+pyserini needs Java 21+ (Anserini's classes are compiled for it) and starts one JVM per process through
+pyjnius, which reads JAVA_HOME when first imported: `find_java_home` honours JAVA_HOME, else picks the newest
+JDK >= 21 under /usr/lib/jvm (or `java` on PATH) and exports it before pyserini is imported.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def _candidate_java_homes() -> list[Path]:
 
 
 def find_java_home(minimum: int = MIN_JAVA) -> Path:
-    """A Java home of version >= `minimum`: JAVA_HOME when it is set (it must qualify), else the newest suitable
-    JDK under /usr/lib/jvm or behind `java` on PATH. Raises RuntimeError saying what was found otherwise."""
+    """A Java home of version >= `minimum`: JAVA_HOME when it is set (it must qualify), else the newest
+    suitable JDK under /usr/lib/jvm or behind `java` on PATH. Raises RuntimeError saying what was found
+    otherwise."""
     found = {home: java_major_version(home) for home in _candidate_java_homes()}
     suitable = sorted((v, str(h)) for h, v in found.items() if v is not None and v >= minimum)
     seen = ", ".join(f"{h} (Java {v})" for h, v in found.items()) or "none"
@@ -147,9 +148,10 @@ class LuceneBM25Index:
         corpus: {docid: text}; empty texts are not indexed (they match no query anyway).
         k1, b: BM25 parameters (Anserini's defaults, k1=0.9, b=0.4).
         stopwords: "en" (Lucene's English stopwords) or None (keep every word).
-        stemmer: None (no stemming, as `bm25.BM25Index`'s default), "porter" (Anserini's default) or "krovetz".
-        index_dir: where the index is written; must be absent or empty and is kept. None: a temporary directory
-            removed by `close()` (or when the object is garbage collected).
+        stemmer: None (no stemming, as `bm25.BM25Index`'s default), "porter" (Anserini's default) or
+            "krovetz".
+        index_dir: where the index is written; must be absent or empty and is kept. None: a temporary
+            directory removed by `close()` (or when the object is garbage collected).
         threads: indexing and search threads.
     """
 
@@ -163,7 +165,8 @@ class LuceneBM25Index:
         index_dir: str | Path | None = None,
         threads: int = 1,
     ):
-        self._searcher = self._tmp = None
+        self._searcher = None
+        self._tmp: str | None = None  # the temporary index directory, removed by close()
         if not isinstance(corpus, Mapping) or not corpus:
             raise ValueError("corpus must be a non-empty dict {docid: text}")
         _check_analysis(stopwords, stemmer)
@@ -173,9 +176,9 @@ class LuceneBM25Index:
             raise ValueError(f"index_dir {str(index_dir)!r} is not empty; give an absent or empty directory")
         lucene_indexer, get_analyzer, autoclass, self._jarraylist = _load_pyserini()
         if index_dir is None:
-            self._tmp = tempfile.mkdtemp(prefix="rerankdistill-lucene-")
+            index_dir = self._tmp = tempfile.mkdtemp(prefix="rerankdistill-lucene-")
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self.index_dir = Path(index_dir if index_dir is not None else self._tmp)
+        self.index_dir = Path(index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
 

@@ -16,12 +16,18 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from rerankdistill.labels import PROMPTS
 from rerankdistill.trec import atomic_write_text
 from shared_kernels.errors import USER_ERRORS, refuse_overwriting_inputs, user_error_message
 from shared_kernels.runconfig import ConfigError, load_config, option, options_help
+
+if TYPE_CHECKING:
+    from rerankdistill.teacher import Pair
 
 COLLECTION_HELP = "cranfield | beir | bright | trec | datasets"
 
@@ -51,9 +57,34 @@ def _check(o: object, *names: str, minimum: float = 1, positive: bool = False) -
             raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+def _check_choice(o: object, name: str, allowed: tuple[str, ...]) -> None:
+    """An option with a fixed set of values raises ConfigError before any work when it holds another."""
+    value = getattr(o, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def local_model_dir(path: str) -> str:
+    """`model=`: an existing local model directory (the hub is never reached from here)."""
+    if not path:
+        raise ConfigError("model= (a local model directory) is required")
+    if not Path(path).is_dir():
+        raise ConfigError(f"model={path!r} is not a directory (a local model directory is required)")
+    return path
+
+
+def _bright_task(o: CollectionOptions):
+    """The BRIGHT domain of `topics` (and `qrels`, when given) without its corpus."""
+    from rerankdistill.datasets import load_bright
+
+    if not o.topics:
+        raise ConfigError("collection=bright needs topics=")
+    return load_bright(o.topics, o.qrels or None)
+
+
 def load_collection(o: CollectionOptions):
     """(corpus, queries, qrels) for the options' collection."""
-    from rerankdistill.datasets import load_beir, load_bright, load_cranfield
+    from rerankdistill.datasets import load_beir, load_cranfield
     from rerankdistill.loaders import load_qrels_records, load_texts
     from rerankdistill.trec import read_qrels, read_topics
 
@@ -66,7 +97,7 @@ def load_collection(o: CollectionOptions):
             raise ConfigError(f"collection={o.collection} needs {name}=")
     corpus_split = o.corpus_split or None
     if o.collection == "bright":
-        task = load_bright(o.topics, o.qrels or None)
+        task = _bright_task(o)
         return load_texts(o.corpus, "id", "content", None, split=corpus_split), task.queries, task.qrels
     if o.collection == "trec":
         return (
@@ -107,9 +138,7 @@ def split_queries(o: SplitOptions, default: str, training: bool) -> tuple[dict |
 def queries_and_qrels(o: CollectionOptions):
     """(queries, qrels) of the collection, without reading BRIGHT's corpus."""
     if o.collection == "bright":
-        from rerankdistill.datasets import load_bright
-
-        task = load_bright(o.topics, o.qrels or None)
+        task = _bright_task(o)
         return task.queries, task.qrels
     return load_collection(o)[1:]
 
@@ -118,16 +147,14 @@ def excluded_ids(o: CollectionOptions) -> dict[str, set[str]]:
     """BRIGHT's per-query excluded document ids (removed from runs before scoring); empty otherwise."""
     if o.collection != "bright":
         return {}
-    from rerankdistill.datasets import load_bright
-
-    return load_bright(o.topics, o.qrels or None).excluded
+    return _bright_task(o).excluded
 
 
 def write_pairs(pairs, path: str | Path) -> None:
     atomic_write_text(path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in pairs))
 
 
-def read_pairs(path: str | Path):
+def read_pairs(path: str | Path) -> list[Pair]:
     from rerankdistill.datasets import read_jsonl
     from rerankdistill.teacher import Pair
 
@@ -170,6 +197,7 @@ class GenerateOptions(CollectionOptions, SplitOptions):
         _check(self, "depth", "concurrency", "batch_size", "max_tokens")
         _check(self, "max_queries", "temperature", "max_retries", minimum=0)
         _check(self, "timeout", positive=True)
+        _check_choice(self, "backend", ("openai", "transformers", "vllm", "offline-qrels"))
 
 
 def _build_pairs(o: GenerateOptions):
@@ -188,18 +216,20 @@ def _build_pairs(o: GenerateOptions):
 
 
 def cmd_generate(o: GenerateOptions) -> dict:
-    from rerankdistill.teacher import QrelsTeacher, TeacherStore, generate_teacher_outputs
+    from rerankdistill.teacher import QrelsTeacher, TeacherBackend, TeacherStore, generate_teacher_outputs
 
+    if o.backend in ("transformers", "vllm"):
+        local_model_dir(o.model)  # before any pair is built
     qrels = None
     if o.pairs:
-        pairs = split_pairs(o, read_pairs(o.pairs))
+        pairs = split_pairs(o, read_pairs(o.pairs), o.pairs)
     else:
         pairs, qrels = _build_pairs(o)
         write_pairs(pairs, o.pairs_out)
     if o.backend == "offline-qrels":
         if qrels is None:
             qrels = load_collection(o)[2]
-        backend = QrelsTeacher(qrels)
+        backend: TeacherBackend = QrelsTeacher(qrels)
     elif o.backend == "openai":
         from rerankdistill.backends.openai_http import OpenAIChatBackend
 
@@ -276,6 +306,7 @@ class TrainOptions(SplitOptions):
         _check(self, "max_steps", "lora_r", minimum=0)
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check_choice(self, "target_format", tuple(PROMPTS))
 
 
 @dataclass
@@ -311,15 +342,18 @@ class RefineOptions(TrainOptions):
         _check(self, "power", "beta", minimum=0)
         if not 0 <= self.threshold <= 1:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        _check_choice(self, "method", ("rwft", "grpo"))
+        _check_choice(self, "reward", ("label", "rubric"))
+        _check_choice(self, "reward_backend", ("openai", "offline"))
+        if self.reward == "rubric" and self.reward_backend == "openai" and not self.reward_model:
+            raise ConfigError("reward=rubric with reward_backend=openai needs reward_model=")
 
 
 def _student(o: TrainOptions):
     from rerankdistill.backends.hf import load_causal_lm
     from rerankdistill.train.common import LoopConfig, LoraSpec
 
-    if not o.model:
-        raise ConfigError("model= (a local model directory) is required")
-    model, tok = load_causal_lm(o.model, dtype="float32" if o.quantize == "" else "auto")
+    model, tok = load_causal_lm(local_model_dir(o.model), dtype="float32" if o.quantize == "" else "auto")
     loop = LoopConfig(
         lr=o.lr,
         epochs=o.epochs,
@@ -337,12 +371,12 @@ def _student(o: TrainOptions):
     return model, tok, loop, lora
 
 
-def split_pairs(o: SplitOptions, pairs: list) -> list:
+def split_pairs(o: SplitOptions, pairs: list[Pair], pairs_file: str) -> list[Pair]:
     """The pairs of the selected split (train by default); a pairs file holding test qids is refused."""
     from rerankdistill.splits import check_no_test_leak
 
     splits, selected = split_queries(o, "train", training=True)
-    check_no_test_leak((p.qid for p in pairs), splits, o.allow_test_leak, f"pairs file {o.pairs!r}")
+    check_no_test_leak((p.qid for p in pairs), splits, o.allow_test_leak, f"pairs file {pairs_file!r}")
     return pairs if selected is None else [p for p in pairs if p.qid in selected]
 
 
@@ -358,7 +392,7 @@ def prompt_format(name: str):
 def _teacher_records(o: TrainOptions):
     from rerankdistill.teacher import TeacherStore
 
-    pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs))}
+    pairs = {(p.qid, p.docid): p for p in split_pairs(o, read_pairs(o.pairs), o.pairs)}
     # read without the writer's lock: every process of `accelerate launch` reads the finished store
     return pairs, list(TeacherStore.read(o.teacher).values())
 
@@ -390,14 +424,8 @@ def rubric_reward_model(o: RefineOptions):
 
     if o.reward == "label":
         return None
-    if o.reward != "rubric":
-        raise ConfigError(f"reward must be label or rubric, got {o.reward!r}")
     if o.reward_backend == "offline":
         return RubricRewardModel(OfflineRubricJudge())
-    if o.reward_backend != "openai":
-        raise ConfigError(f"reward_backend must be openai or offline, got {o.reward_backend!r}")
-    if not o.reward_model:
-        raise ConfigError("reward=rubric with reward_backend=openai needs reward_model=")
     from rerankdistill.backends.openai_http import OpenAIChatBackend
 
     return RubricRewardModel(
@@ -500,6 +528,8 @@ class RerankOptions(CollectionOptions, SplitOptions):
     def __post_init__(self) -> None:
         _check(self, "depth", "batch_size", "max_new_tokens")
         _check(self, "max_queries", minimum=0)
+        _check_choice(self, "first_stage_queries", ("original", "reasoning"))
+        _check_choice(self, "prompt_format", tuple(PROMPTS))
 
 
 def first_stage_texts(o: RerankOptions, queries: dict[str, str]) -> dict[str, str]:
@@ -512,9 +542,7 @@ def first_stage_texts(o: RerankOptions, queries: dict[str, str]) -> dict[str, st
         raise ConfigError(
             "first_stage_queries=reasoning needs collection=bright (its topics hold the reasoning)"
         )
-    from rerankdistill.datasets import load_bright
-
-    reasoning = load_bright(o.topics, o.qrels or None).reasoning
+    reasoning = _bright_task(o).reasoning
     missing = [q for q in queries if not reasoning.get(q)]
     if missing:
         raise ConfigError(
@@ -532,8 +560,7 @@ def cmd_rerank(o: RerankOptions) -> dict:
     from rerankdistill.teacher import TeacherStore
     from rerankdistill.trec import read_run, sorted_ranking, write_run
 
-    if not o.model:
-        raise ConfigError("model= (a local model directory) is required")
+    local_model_dir(o.model)
     corpus, queries, qrels = load_collection(o)
     _, selected = split_queries(o, "test", training=False)
     if selected is not None:
@@ -583,18 +610,38 @@ class EvaluateOptions(CollectionOptions, SplitOptions):
     n_resamples: int = option(10000, "randomization / bootstrap resamples")
     seed: int = option(0, "seed of the randomization / bootstrap resamples")
 
+    def __post_init__(self) -> None:
+        _check(self, "n_resamples")
+        if not self.measures:
+            raise ConfigError("measures= is empty: name at least one trec_eval measure")
 
-def cmd_evaluate(o: EvaluateOptions) -> dict:
-    from rerankdistill.datasets import drop_excluded
-    from rerankdistill.metrics import comparison_table, evaluate
-    from rerankdistill.trec import read_qrels, read_run
 
+def _run_files(o: EvaluateOptions) -> dict[str, str]:
+    """{run name: path} of `runs=` (NAME=PATH or PATH, named by its file name), checked before any work."""
     if not o.runs:
         raise ConfigError("runs= is required (NAME=PATH,...)")
-    if o.collection == "bright":  # judgements only: no corpus needed to score runs
-        from rerankdistill.datasets import load_bright
+    files: dict[str, str] = {}
+    for item in o.runs:
+        name, sep, path = item.partition("=")
+        name, path = (name, path) if sep else (Path(item).name, item)
+        if name in files:
+            raise ConfigError(f"runs: two runs are named {name!r}; name them NAME=PATH")
+        files[name] = path
+    if "significance" in files:
+        raise ConfigError("a run may not be named 'significance' (the summary's key for the paired tests)")
+    if o.baseline and o.baseline not in files:
+        raise ConfigError(f"baseline={o.baseline!r} is not one of the runs: {', '.join(files)}")
+    return files
 
-        qrels = load_bright(o.topics, o.qrels or None).qrels
+
+def _evaluation_qrels(o: EvaluateOptions):
+    """The judgements runs are scored against, restricted to the selected split's queries."""
+    from rerankdistill.trec import read_qrels
+
+    if not o.collection and not o.qrels:
+        raise ConfigError(f"evaluate needs qrels= (a TREC qrels file) or collection= ({COLLECTION_HELP})")
+    if o.collection == "bright":  # judgements only: no corpus needed to score runs
+        qrels = _bright_task(o).qrels
     elif o.qrels and o.collection in ("", "trec"):
         qrels = read_qrels(o.qrels)
     else:
@@ -602,11 +649,18 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
     _, selected = split_queries(o, "test", training=False)
     if selected is not None:
         qrels = {q: j for q, j in qrels.items() if q in selected}
-    runs = {}
+    return qrels
+
+
+def cmd_evaluate(o: EvaluateOptions) -> dict:
+    from rerankdistill.datasets import drop_excluded
+    from rerankdistill.metrics import comparison_table, evaluate
+    from rerankdistill.trec import read_run
+
+    files = _run_files(o)
+    qrels = _evaluation_qrels(o)
     excluded = excluded_ids(o)
-    for item in o.runs:
-        name, sep, path = item.partition("=")
-        runs[name if sep else Path(item).name] = drop_excluded(read_run(path if sep else item), excluded)
+    runs = {name: drop_excluded(read_run(path), excluded) for name, path in files.items()}
     table = comparison_table(runs, qrels, tuple(o.measures))
     print(table, end="")
     if o.per_query:
@@ -635,8 +689,6 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
     from rerankdistill.metrics import evaluate
     from rerankdistill.significance import compare_runs
 
-    if "significance" in runs:
-        raise ConfigError("a run may not be named 'significance' (the summary's key for the paired tests)")
     baseline = o.baseline or next(iter(runs))
     if baseline not in runs:
         raise ConfigError(f"baseline={baseline!r} is not one of the runs: {', '.join(runs)}")
@@ -726,7 +778,7 @@ def cmd_split(o: SplitCommandOptions) -> dict:
     }
 
 
-COMMANDS = {
+COMMANDS: dict[str, tuple[type, Callable[[Any], dict], str]] = {
     "split": (SplitCommandOptions, cmd_split, "seeded (or given) train / validation / test query lists"),
     "generate": (GenerateOptions, cmd_generate, "teacher explanations + labels for (query, document) pairs"),
     "sft": (TrainOptions, cmd_sft, "distil teacher outputs into a student"),
@@ -769,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cls, fn, _ = COMMANDS[args.command]
     try:
-        options = load_config(cls, args.config, args.overrides)
+        options: object = load_config(cls, args.config, args.overrides)
         _check_outputs(options)
         summary = fn(options)
     except (*USER_ERRORS, ValueError) as e:  # library input checks raise ValueError naming the argument

@@ -3,8 +3,8 @@ their words, and the whole identifier is kept as a token too, so a query word ("
 while an exact identifier in the query (`urllib.parse.quote_plus`) still matches it more strongly.
 
     >>> identifier_tokens("Return urllib.parse.quote_plus(HTTPServer) for get_IPAddress", stopwords=None)
-    ['return', 'urllib.parse.quote_plus', 'urllib', 'parse', 'quote_plus', 'quote', 'plus', 'httpserver', 'http',
-     'server', 'for', 'get_ipaddress', 'get', 'ipaddress', 'ip', 'address']
+    ['return', 'urllib.parse.quote_plus', 'urllib', 'parse', 'quote_plus', 'quote', 'plus', 'httpserver',
+     'http', 'server', 'for', 'get_ipaddress', 'get', 'ipaddress', 'ip', 'address']
 
 Stopwords are dropped (as words and as identifier parts); an optional stemmer maps each word (the light
 English "S" stemmer of Harman 1991 is built in: `stemmer="s"`). Tokens are lower case and at least 2
@@ -23,7 +23,8 @@ _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 
 
 def s_stem(word: str) -> str:
-    """Harman's "S" stemmer: -ies -> -y, -es -> -e, -s -> '' (not after e/a/u/s: 'does', 'has', 'bus', 'class')."""
+    """Harman's "S" stemmer: -ies -> -y, -es -> -e, -s -> '' (not after e/a/u/s: 'does', 'has', 'bus',
+    'class')."""
     if len(word) > 3 and word.endswith("ies") and not word.endswith(("eies", "aies")):
         return word[:-3] + "y"
     if len(word) > 3 and word.endswith("es") and not word.endswith(("aes", "ees", "oes")):

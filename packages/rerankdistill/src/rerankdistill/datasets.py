@@ -7,8 +7,8 @@ Cranfield (../shared/data/cranfield):
     their position in `cran.qry`. We use the cranqrel numbering ("1".."225") as query ids.
   * cranqrel codes (Cleverdon, see cranqrel.readme): 1 = complete answer, 2 = high relevance, 3 = useful
     background, 4 = minimum interest, 5 = no interest (never present); two lines carry -1 (no degree given).
-    Gains for nDCG (higher is better): CRANFIELD_GAINS = {1: 4, 2: 3, 3: 2, 4: 1, -1: 0}. So codes 1..4 count as
-    relevant for MAP/Recall and -1 counts as judged non-relevant.
+    Gains for nDCG (higher is better): CRANFIELD_GAINS = {1: 4, 2: 3, 3: 2, 4: 1, -1: 0}. So codes 1..4
+    count as relevant for MAP/Recall and -1 counts as judged non-relevant.
   * Document text is the `.W` field (which repeats the title), with repeated `.W` sections (docs 576 and 578
     are spliced in the source file) joined; a document with an empty `.W` falls back to its title.
 """
@@ -78,8 +78,12 @@ def load_cranfield(directory: str | os.PathLike) -> tuple[Corpus, Queries, Qrels
         if not text:
             raise ValueError(f"{directory / 'cran.qry'}: query number {position} is empty")
         queries[str(position)] = text
+    return corpus, queries, _read_cranqrel(directory / "cranqrel", corpus, queries)
+
+
+def _read_cranqrel(path: Path, corpus: Corpus, queries: Queries) -> Qrels:
+    """cranqrel's `query doc code` lines as {qid: {docid: gain}}, checked against the corpus and queries."""
     qrels: Qrels = {}
-    path = directory / "cranqrel"
     for no, line in numbered_lines(path):
         parts = line.split()
         if not parts:
@@ -91,17 +95,22 @@ def load_cranfield(directory: str | os.PathLike) -> tuple[Corpus, Queries, Qrels
             raise TrecFormatError(path, no, f"query {qid!r} is not among cran.qry's 1..{len(queries)}", line)
         if docid not in corpus:
             raise TrecFormatError(path, no, f"unknown document id {docid!r}", line)
-        try:
-            gain = CRANFIELD_GAINS[int(code)]
-        except (ValueError, KeyError):
-            raise TrecFormatError(
-                path, no, f"relevance code {code!r} not in {sorted(CRANFIELD_GAINS)}", line
-            ) from None
+        gain = _cranfield_gain(code, path, no, line)
         judged = qrels.setdefault(qid, {})
         if docid in judged:
             raise TrecFormatError(path, no, f"duplicate judgement for query {qid!r} doc {docid!r}", line)
         judged[docid] = gain
-    return corpus, queries, qrels
+    return qrels
+
+
+def _cranfield_gain(code: str, path: Path, no: int, line: str) -> int:
+    """The nDCG gain of a cranqrel relevance code (CRANFIELD_GAINS); another code names the file and line."""
+    try:
+        return CRANFIELD_GAINS[int(code)]
+    except (ValueError, KeyError):
+        raise TrecFormatError(
+            path, no, f"relevance code {code!r} not in {sorted(CRANFIELD_GAINS)}", line
+        ) from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Score fusion: a reranker's scores interpolated with the first stage's, the weight chosen on held-out queries.
+"""Score fusion: a reranker's scores interpolated with the first stage's, the weight chosen on held-out
+queries.
 
 Pointwise rerankers are often combined with the first stage instead of replacing it (e.g. the interpolation
 of BM25 and neural scores in Lin et al., "Pretrained Transformers for Text Ranking", s.3.2.2): for each
@@ -37,7 +38,8 @@ def fuse(
 
     Args:
         first_stage: {qid: {docid: score}}, every query to fuse.
-        reranker: {qid: {docid: score}} for (at least) each query's first-stage top-k, scores in [0, max_score].
+        reranker: {qid: {docid: score}} for (at least) each query's first-stage top-k, scores in
+            [0, max_score].
         weight: w in [0, 1].
         k: the top-k that was reranked.
         max_score: the reranker's largest score (2 for E[label] over labels 0..2).
@@ -74,8 +76,8 @@ def select_fusion_weight(
     cutoff: int = 10,
     max_score: float = 2.0,
 ) -> tuple[float, dict[float, float]]:
-    """The weight of `grid` with the best mean nDCG@cutoff on `qrels`' queries (ties: the smallest weight, i.e.
-    the one closest to the first stage), and every weight's score.
+    """The weight of `grid` with the best mean nDCG@cutoff on `qrels`' queries (ties: the smallest weight,
+    i.e. the one closest to the first stage), and every weight's score.
 
     Args:
         first_stage, reranker, k, max_score: as in `fuse`; only the queries of `qrels` are used.

@@ -67,7 +67,8 @@ INTERANK_RELEASE_PROMPT = RelevancePrompt(
     user=(
         "Query: {query}\n\nDocument: {document}\n\n"
         "Explain briefly how the document relates to the query, then rate its relevance: 0 (irrelevant), "
-        "1 (partially relevant) or 2 (relevant). End your answer with a final line `Relevance Label: <0|1|2>`."
+        "1 (partially relevant) or 2 (relevant). "
+        "End your answer with a final line `Relevance Label: <0|1|2>`."
     ),
     stop="",
     label_separator="\n",

@@ -164,8 +164,8 @@ def evaluate(
     """Several trec_eval measures by name: `ndcg_cut_K`, `map`, `map_cut_K`, `recall_K`, `P_K`, `recip_rank`,
     `recip_rank_K` (MRR@K) and `judged_K` (Judged@K).
 
-    Raises a ValueError when no query would be scored (empty qrels, or no query of the run judged): a mean over
-    zero queries is not a score.
+    Raises a ValueError when no query would be scored (empty qrels, or no query of the run judged): a mean
+    over zero queries is not a score.
     """
     out: dict[str, MetricScore] = {}
     for name in measures:

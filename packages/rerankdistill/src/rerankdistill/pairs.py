@@ -9,7 +9,8 @@ normalised title+body are merged into the first (their links pooled); a (questio
 Split: by a hash of the question's normalised text, so a question (and any textual duplicate of it) lands in
 exactly one of train / eval; documents may appear on both sides, questions never do.
 
-Record format (JSON lines): {"id", "title", "body", "answers": [{"body", "score", "accepted", "links": [url]}]}.
+Record format (JSON lines):
+  {"id", "title", "body", "answers": [{"body", "score", "accepted", "links": [url]}]}.
 Pages index (JSON lines beside the page files): {"url", "file"} with `file` relative to the index.
 """
 
@@ -75,6 +76,16 @@ def _selected_answers(answers: Sequence[Mapping], top_answers: int) -> list[Mapp
     return chosen[:top_answers]
 
 
+@dataclass
+class _Question:
+    """One distinct question (textual duplicates merged into it) and the docids its answers link to."""
+
+    qid: str
+    text: str
+    positives: list[str] = field(default_factory=list)  # linked from its selected answers, in order
+    linked: set[str] = field(default_factory=set)  # linked from any of its answers
+
+
 def build_training_pairs(
     records: Sequence[Mapping],
     pages: Mapping[str, str],
@@ -110,7 +121,32 @@ def build_training_pairs(
         "short_pages": 0,
         "questions_without_positives": 0,
     }
-    # pages: one docid per distinct normalised text
+    docid_of_url, documents = _deduplicate_pages(pages, min_page_chars, stats)
+    questions = _merge_questions(records, pages, docid_of_url, top_answers, stats)
+    kept = {digest: q for digest, q in questions.items() if q.positives}
+    stats["questions_without_positives"] = len(questions) - len(kept)
+    runs: dict[str, dict[str, float]] = {}
+    if documents and negatives_per_question and kept:
+        depth = negatives_per_question + max(len(q.linked) for q in kept.values())
+        runs = BM25Index(documents).search({q.qid: q.text for q in kept.values()}, k=depth)
+    train: list[TrainingPair] = []
+    held: list[TrainingPair] = []
+    for digest, q in kept.items():
+        out = [TrainingPair(q.qid, d, q.text, documents[d], "linked") for d in q.positives]
+        if runs:
+            ranked = sorted(runs[q.qid].items(), key=lambda kv: (-kv[1], kv[0]))
+            negatives = [d for d, _ in ranked if d not in q.linked][:negatives_per_question]
+            out += [TrainingPair(q.qid, d, q.text, documents[d], "bm25_negative") for d in negatives]
+        bucket = int(hashlib.sha1(f"{seed}:{digest}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if bucket < eval_fraction else train).extend(out)
+    stats.update(train_pairs=len(train), eval_pairs=len(held), documents=len(documents))
+    return PairSplit(train, held, stats)
+
+
+def _deduplicate_pages(
+    pages: Mapping[str, str], min_page_chars: int, stats: dict[str, int]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """({url: docid}, {docid: text}): one docid per distinct normalised text; short pages dropped."""
     docid_of_url: dict[str, str] = {}
     documents: dict[str, str] = {}
     by_digest: dict[str, str] = {}
@@ -125,8 +161,18 @@ def build_training_pairs(
             by_digest[d] = f"p{len(by_digest)}"
             documents[by_digest[d]] = text
         docid_of_url[url] = by_digest[d]
+    return docid_of_url, documents
 
-    questions: dict[str, dict] = {}  # digest -> {qid, text, positives, all_linked}
+
+def _merge_questions(
+    records: Sequence[Mapping],
+    pages: Mapping[str, str],
+    docid_of_url: Mapping[str, str],
+    top_answers: int,
+    stats: dict[str, int],
+) -> dict[str, _Question]:
+    """{question digest: question}, textual duplicates merged into the first (their links pooled)."""
+    questions: dict[str, _Question] = {}
     for no, rec in enumerate(records, start=1):
         if "id" not in rec or "answers" not in rec:
             raise ValueError(f"record {no} needs `id` and `answers`, has {sorted(rec)}")
@@ -134,39 +180,31 @@ def build_training_pairs(
         if not text:
             raise ValueError(f"record {no} (id {rec['id']!r}) has an empty question")
         stats["questions"] += 1
-        q = questions.setdefault(
-            _digest(text), {"qid": str(rec["id"]), "text": text, "pos": [], "linked": set()}
-        )
-        if q["qid"] != str(rec["id"]):
+        q = questions.setdefault(_digest(text), _Question(str(rec["id"]), text))
+        if q.qid != str(rec["id"]):
             stats["duplicate_questions"] += 1
-        chosen = {id(a) for a in _selected_answers(rec["answers"], top_answers)}
-        for a in rec["answers"]:
-            for url in a.get("links", []):
-                if url not in pages:
-                    stats["missing_pages"] += 1
-                    continue
-                doc = docid_of_url.get(url)
-                if doc is None:
-                    continue
-                q["linked"].add(doc)
-                if id(a) in chosen and doc not in q["pos"]:
-                    q["pos"].append(doc)
+        _add_links(q, rec["answers"], top_answers, pages, docid_of_url, stats)
+    return questions
 
-    kept = {digest: q for digest, q in questions.items() if q["pos"]}
-    stats["questions_without_positives"] = len(questions) - len(kept)
-    runs: dict[str, dict[str, float]] = {}
-    if documents and negatives_per_question and kept:
-        depth = negatives_per_question + max(len(q["linked"]) for q in kept.values())
-        runs = BM25Index(documents).search({q["qid"]: q["text"] for q in kept.values()}, k=depth)
-    train: list[TrainingPair] = []
-    held: list[TrainingPair] = []
-    for digest, q in kept.items():
-        out = [TrainingPair(q["qid"], d, q["text"], documents[d], "linked") for d in q["pos"]]
-        if runs:
-            ranked = sorted(runs[q["qid"]].items(), key=lambda kv: (-kv[1], kv[0]))
-            negatives = [d for d, _ in ranked if d not in q["linked"]][:negatives_per_question]
-            out += [TrainingPair(q["qid"], d, q["text"], documents[d], "bm25_negative") for d in negatives]
-        bucket = int(hashlib.sha1(f"{seed}:{digest}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if bucket < eval_fraction else train).extend(out)
-    stats.update(train_pairs=len(train), eval_pairs=len(held), documents=len(documents))
-    return PairSplit(train, held, stats)
+
+def _add_links(
+    q: _Question,
+    answers: Sequence[Mapping],
+    top_answers: int,
+    pages: Mapping[str, str],
+    docid_of_url: Mapping[str, str],
+    stats: dict[str, int],
+) -> None:
+    """Add the pages the answers link to: all to `q.linked`, the selected answers' to `q.positives`."""
+    chosen = {id(a) for a in _selected_answers(answers, top_answers)}
+    for a in answers:
+        for url in a.get("links", []):
+            if url not in pages:
+                stats["missing_pages"] += 1
+                continue
+            doc = docid_of_url.get(url)
+            if doc is None:
+                continue
+            q.linked.add(doc)
+            if id(a) in chosen and doc not in q.positives:
+                q.positives.append(doc)

@@ -66,10 +66,10 @@ class TransformersJudge:
 
 
 class TeacherForcedJudge:
-    """E[label] in ONE forward pass per pair: the explanation is given (teacher-forced), not generated, and the
-    label-token probabilities are read after it -- 1 forward instead of ~32 decoding steps, so a fixed compute
-    budget goes to training instead. Use it with a student distilled on the same kind of explanation (e.g.
-    `QrelsTeacher(explanation="evidence")` and `explain=rerankdistill.evidence.evidence`).
+    """E[label] in ONE forward pass per pair: the explanation is given (teacher-forced), not generated, and
+    the label-token probabilities are read after it -- 1 forward instead of ~32 decoding steps, so a fixed
+    compute budget goes to training instead. Use it with a student distilled on the same kind of explanation
+    (e.g. `QrelsTeacher(explanation="evidence")` and `explain=rerankdistill.evidence.evidence`).
 
     Args:
         backend: a `rerankdistill.backends.hf.TransformersBackend`.
@@ -100,9 +100,8 @@ class RerankResult:
     cached: int = 0
     unparseable: int = 0
     labels: dict[str, dict[str, int | None]] = field(default_factory=dict)
-    scores: dict[str, dict[str, float]] = field(
-        default_factory=dict
-    )  # the primary key: E[label] or the label
+    # the primary key: E[label] or the label
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def rerank(
@@ -130,23 +129,11 @@ def rerank(
     missing_q = [q for q in first_stage if q not in queries]
     if missing_q:
         raise ValueError(f"first-stage run has queries without text: {missing_q[:5]}")
-    todo: list[tuple[str, str]] = []
-    heads: dict[str, list[tuple[str, float]]] = {}
-    for qid, docs in first_stage.items():
-        ranking = sorted_ranking(docs)
-        heads[qid] = ranking
-        for docid, _ in ranking[:k]:
-            if docid not in corpus:
-                raise ValueError(f"unknown document id {docid!r} in the first-stage run of query {qid!r}")
-            if store is None or (qid, docid, judge.name) not in store:
-                todo.append((qid, docid))
+    heads = {qid: sorted_ranking(docs) for qid, docs in first_stage.items()}
+    todo = _pairs_to_judge(heads, corpus, k, store, judge.name)
     result = RerankResult(run={})
-    found: dict[tuple[str, str], Judgement] = {}
-    if store is not None:
-        for (qid, docid, name), rec in store.records.items():
-            if name == judge.name and qid in heads:
-                found[(qid, docid)] = Judgement(rec.text, rec.label, rec.expected)
-                result.cached += 1
+    found = _cached_judgements(store, judge.name, heads)
+    result.cached = len(found)
     bar = tqdm(total=len(todo), desc=f"rerank {judge.name}", unit="pair", disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -159,20 +146,63 @@ def rerank(
         bar.update(len(chunk))
     bar.close()
     for qid, ranking in heads.items():
-        head, tail = ranking[:k], ranking[k:]
-        keyed = []
-        for docid, first in head:
-            j = found[(qid, docid)]
-            result.unparseable += j.label is None
-            primary = j.expected if j.expected is not None else float(j.label or 0)
-            keyed.append((primary, first, docid))
-            result.labels.setdefault(qid, {})[docid] = j.label
-            result.scores.setdefault(qid, {})[docid] = primary
-        keyed.sort(key=lambda t: (-t[0], -t[1], _desc(t[2])))
-        order = [d for _, _, d in keyed] + [d for d, _ in tail]
-        n = len(order)
-        result.run[qid] = {docid: float(n - i) for i, docid in enumerate(order)}
+        result.run[qid] = _reranked_query(qid, ranking, k, found, result)
     return result
+
+
+def _pairs_to_judge(
+    heads: Mapping[str, list[tuple[str, float]]],
+    corpus: Mapping[str, str],
+    k: int,
+    store: TeacherStore | None,
+    name: str,
+) -> list[tuple[str, str]]:
+    """The (qid, docid) pairs of each query's top k that the store does not hold yet; unknown docids raise."""
+    todo: list[tuple[str, str]] = []
+    for qid, ranking in heads.items():
+        for docid, _ in ranking[:k]:
+            if docid not in corpus:
+                raise ValueError(f"unknown document id {docid!r} in the first-stage run of query {qid!r}")
+            if store is None or (qid, docid, name) not in store:
+                todo.append((qid, docid))
+    return todo
+
+
+def _cached_judgements(
+    store: TeacherStore | None, name: str, heads: Mapping[str, object]
+) -> dict[tuple[str, str], Judgement]:
+    """The store's judgements by judge `name` for the run's queries."""
+    if store is None:
+        return {}
+    return {
+        (qid, docid): Judgement(rec.text, rec.label, rec.expected)
+        for (qid, docid, judge_name), rec in store.records.items()
+        if judge_name == name and qid in heads
+    }
+
+
+def _reranked_query(
+    qid: str,
+    ranking: list[tuple[str, float]],
+    k: int,
+    found: Mapping[tuple[str, str], Judgement],
+    result: RerankResult,
+) -> dict[str, float]:
+    """One query's rank-based run scores: the top k by (judgement, first-stage score, docid), then the rest
+    in first-stage order; records the labels, primary scores and unparseable count in `result`."""
+    head, tail = ranking[:k], ranking[k:]
+    keyed = []
+    for docid, first in head:
+        j = found[(qid, docid)]
+        result.unparseable += j.label is None
+        primary = j.expected if j.expected is not None else float(j.label or 0)
+        keyed.append((primary, first, docid))
+        result.labels.setdefault(qid, {})[docid] = j.label
+        result.scores.setdefault(qid, {})[docid] = primary
+    keyed.sort(key=lambda t: (-t[0], -t[1], _desc(t[2])))
+    order = [d for _, _, d in keyed] + [d for d, _ in tail]
+    n = len(order)
+    return {docid: float(n - i) for i, docid in enumerate(order)}
 
 
 def _desc(docid: str) -> tuple[int, ...]:

@@ -16,16 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rerankdistill.labels import MAX_DOC_CHARS, parse_relevance
-from rerankdistill.teacher import Completion
+from rerankdistill.teacher import AsyncCompleter, BatchCompleter, Completion, Messages
 
 RUBRIC_VERSION = "1"
 RUBRIC_SYSTEM = "You grade answers of a search relevance judge against a rubric. You are strict and brief."
 RUBRIC_USER = (
-    "Query: {query}\n\nDocument: {document}\n\nReference relevance label: {reference} (0 irrelevant, 1 partially "
-    "relevant, 2 relevant)\n\nAnswer to grade:\n<answer>\n{answer}\n</answer>\n\n"
-    "Rubric (0-10 points in all): 5 points if the answer's label equals the reference label (2 if it is off by "
-    "one); 3 points if the explanation is grounded in what the document says; 2 points if it ends with exactly "
-    "one line `Relevance Label: <0|1|2>`. Reply with `Score: <0-10>` and nothing else."
+    "Query: {query}\n\nDocument: {document}\n\n"
+    "Reference relevance label: {reference} (0 irrelevant, 1 partially relevant, 2 relevant)\n\n"
+    "Answer to grade:\n<answer>\n{answer}\n</answer>\n\n"
+    "Rubric (0-10 points in all): 5 points if the answer's label equals the reference label "
+    "(2 if it is off by one); 3 points if the explanation is grounded in what the document says; "
+    "2 points if it ends with exactly one line `Relevance Label: <0|1|2>`. "
+    "Reply with `Score: <0-10>` and nothing else."
 )
 _SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.I)
 
@@ -64,17 +66,17 @@ class RubricRewardModel:
         concurrency: requests in flight for an `acomplete` backend.
     """
 
-    backend: object
+    backend: BatchCompleter | AsyncCompleter
     concurrency: int = 8
     unparseable: int = 0
 
     def score(self, items: Sequence[tuple[str, str, str, int]]) -> list[float]:
         """Rewards in [0, 1] for (query, document, answer, reference label) items, in order."""
         batch = [rubric_messages(*item) for item in items]
-        if hasattr(self.backend, "complete_batch"):
+        if isinstance(self.backend, BatchCompleter):
             replies = self.backend.complete_batch(batch)
-        elif hasattr(self.backend, "acomplete"):
-            replies = asyncio.run(self._gather(batch))
+        elif isinstance(self.backend, AsyncCompleter):
+            replies = asyncio.run(self._gather(self.backend, batch))
         else:
             raise TypeError(f"backend {type(self.backend).__name__} has neither complete_batch nor acomplete")
         out = []
@@ -84,18 +86,18 @@ class RubricRewardModel:
             out.append(0.0 if value is None else value)
         return out
 
-    async def _gather(self, batch: list[list[dict[str, str]]]) -> list[Completion]:
+    async def _gather(self, backend: AsyncCompleter, batch: list[Messages]) -> list[Completion]:
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def one(messages: list[dict[str, str]]) -> Completion:
+        async def one(messages: Messages) -> Completion:
             async with gate:
-                return await self.backend.acomplete(messages)
+                return await backend.acomplete(messages)
 
         try:
             return list(await asyncio.gather(*(one(m) for m in batch)))
         finally:
-            if hasattr(self.backend, "aclose"):
-                await self.backend.aclose()
+            if hasattr(backend, "aclose"):
+                await backend.aclose()
 
 
 class OfflineRubricJudge:

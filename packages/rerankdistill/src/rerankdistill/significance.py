@@ -40,7 +40,7 @@ def paired_differences(a: Scores, b: Scores) -> np.ndarray:
             f"a and b must both be dicts (qid -> score) or both sequences, got "
             f"{type(a).__name__} and {type(b).__name__}"
         )
-    if isinstance(a, Mapping):
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         if only_a or only_b:
             raise ValueError(

@@ -1,9 +1,10 @@
 """Teacher generation: explanations + labels for (query, document) pairs, stored append-only and resumable.
 
 Store: one JSON line per (qid, docid, teacher), appended on an O_APPEND descriptor and fsync'ed before the
-next pair is counted as done; one process at a time holds the file (`shared_kernels.appendfile`). After `kill -9` the file holds every finished record and at
-most one torn last line (no trailing newline or bad JSON); reopening truncates that torn tail, so a resumed run
-regenerates exactly the pairs without a complete record: nothing lost, nothing duplicated.
+next pair is counted as done; one process at a time holds the file (`shared_kernels.appendfile`). After
+`kill -9` the file holds every finished record and at most one torn last line (no trailing newline or bad
+JSON); reopening truncates that torn tail, so a resumed run regenerates exactly the pairs without a complete
+record: nothing lost, nothing duplicated.
 
 Backends implement `TeacherBackend`: a `name` (recorded as the teacher id) and either `acomplete(messages)`
 (async, e.g. HTTP: run with bounded concurrency) or `complete_batch(list_of_messages)` (local models: run in
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -50,6 +51,30 @@ class Completion:
 @runtime_checkable
 class TeacherBackend(Protocol):
     name: str
+
+
+Messages = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
+
+
+@runtime_checkable
+class AsyncCompleter(Protocol):
+    """Answers one prompt per awaited call (HTTP servers: run with bounded concurrency)."""
+
+    async def acomplete(self, messages: Messages) -> Completion: ...
+
+
+@runtime_checkable
+class BatchCompleter(Protocol):
+    """Answers a batch of prompts per call (local models)."""
+
+    def complete_batch(self, batch: list[Messages]) -> list[Completion]: ...
+
+
+@runtime_checkable
+class PairCompleter(Protocol):
+    """Answers from the pairs' ids instead of a prompt (offline stand-ins such as `QrelsTeacher`)."""
+
+    def complete_pairs(self, pairs: Sequence[Pair]) -> list[Completion]: ...
 
 
 @dataclass
@@ -99,8 +124,8 @@ class TeacherStore:
     """Append-only JSONL of `TeacherRecord`s keyed by (qid, docid, teacher), held by one process at a time.
 
     Opening takes an exclusive lock on the file (a second run on the same file stops at once with
-    `FileLockedError`, a `UserError`), then repairs a torn last line left by a crash; a bad line anywhere else,
-    or a repeated key, raises.
+    `FileLockedError`, a `UserError`), then repairs a torn last line left by a crash; a bad line anywhere
+    else, or a repeated key, raises.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -188,8 +213,8 @@ def generate_teacher_outputs(
 
     Args:
         pairs: the (query, document) pairs; pairs already stored for this teacher are skipped.
-        backend: has `name` and `acomplete(messages) -> Completion` (async),
-            `complete_batch(list of messages) -> list[Completion]`, or `complete_pairs(list of Pair)` (offline).
+        backend: has `name` and `acomplete(messages) -> Completion` (async), `complete_batch(list of messages)
+            -> list[Completion]`, or `complete_pairs(list of Pair)` (offline).
         store: where records go (append-only; see the module docstring for crash safety).
         prompt: the versioned prompt.
         concurrency: requests in flight for async backends.
@@ -229,23 +254,34 @@ def generate_teacher_outputs(
         bar.update(1)
 
     try:
-        if hasattr(backend, "acomplete"):
+        if isinstance(backend, AsyncCompleter):
             asyncio.run(_run_async(todo, backend, prompt, concurrency, keep))
         else:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
-                if hasattr(backend, "complete_pairs"):  # offline teachers look at ids, not prompts
-                    outs = backend.complete_pairs(chunk)
-                else:
-                    outs = backend.complete_batch([prompt.messages(p.query, p.document) for p in chunk])
-                for p, c in zip(chunk, outs, strict=True):
+                for p, c in zip(chunk, _complete_chunk(backend, chunk, prompt), strict=True):
                     keep(p, c)
     finally:
         bar.close()
     return stats
 
 
-async def _run_async(todo: Sequence[Pair], backend, prompt: RelevancePrompt, concurrency: int, keep) -> None:
+def _complete_chunk(backend: TeacherBackend, chunk: list[Pair], prompt: RelevancePrompt) -> list[Completion]:
+    """One batch of answers from a synchronous backend."""
+    if isinstance(backend, PairCompleter):  # offline teachers look at ids, not prompts
+        return backend.complete_pairs(chunk)
+    if isinstance(backend, BatchCompleter):
+        return backend.complete_batch([prompt.messages(p.query, p.document) for p in chunk])
+    raise TypeError(f"backend {type(backend).__name__} has none of acomplete, complete_pairs, complete_batch")
+
+
+async def _run_async(
+    todo: Sequence[Pair],
+    backend: AsyncCompleter,
+    prompt: RelevancePrompt,
+    concurrency: int,
+    keep: Callable[[Pair, Completion], None],
+) -> None:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(pair: Pair) -> tuple[Pair, Completion]:
@@ -276,10 +312,10 @@ class QrelsTeacher:
         label_of_gain: maps a gain to 0..2; default clips (gain <= 0 -> 0, 1 -> 1, >= 2 -> 2).
         explanation: "per-label" (the sentence names the label: a student decides at its explanation's first
             differing word, and the label line only repeats it) or "fixed" (one sentence for every label: the
-            decision is made at the label token, where E[label] is read) or "evidence" (`rerankdistill.evidence`:
-            which query words the document contains, what it defines and calls -- computed from the pair, not
-            the label, so a student can be given the same text at inference). The name records the choice, so
-            stored outputs of the modes are never mixed.
+            decision is made at the label token, where E[label] is read) or "evidence"
+            (`rerankdistill.evidence`: which query words the document contains, what it defines and calls --
+            computed from the pair, not the label, so a student can be given the same text at inference). The
+            name records the choice, so stored outputs of the modes are never mixed.
     """
 
     def __init__(

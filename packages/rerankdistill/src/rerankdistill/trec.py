@@ -63,7 +63,8 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    """Read a TREC run (`qid Q0 docid rank score tag`); the rank column is checked to be an int, then ignored."""
+    """Read a TREC run (`qid Q0 docid rank score tag`); the rank column must be an int and is then
+    ignored."""
     run: Run = {}
     for no, line in numbered_lines(path):
         if not line.strip():
@@ -169,7 +170,8 @@ _TITLE = re.compile(r"<title>\s*(?:Topic:)?\s*(.*?)\s*(?=<desc>|<narr>|</top>|$)
 
 
 def _sgml_blocks(path: str | os.PathLike, text: str) -> list[tuple[int, str]]:
-    """(line of `<top>`, body) of each `<top>...</top>` block; an unclosed or stray tag raises with its line."""
+    """(line of `<top>`, body) of each `<top>...</top>` block; an unclosed or stray tag raises, naming its
+    line."""
     blocks, opened = [], None
     for tag in _TOP_TAG.finditer(text):
         line_no = text.count("\n", 0, tag.start()) + 1

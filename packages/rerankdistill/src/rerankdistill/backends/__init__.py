@@ -1,4 +1,5 @@
-"""Teacher/student generation backends: OpenAI-compatible HTTP (core), transformers and vLLM (lazy imports)."""
+"""Teacher/student generation backends: OpenAI-compatible HTTP (core), transformers and vLLM (imported
+lazily)."""
 
 from rerankdistill.backends.openai_http import OpenAIChatBackend
 

@@ -31,7 +31,8 @@ def load_causal_lm(
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose stub drops the bound self
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 class TransformersBackend:
@@ -78,7 +79,8 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate_texts(self, prompts: Sequence[str], num_return_sequences: int = 1) -> list[Completion]:
-        """Continue each rendered prompt; returns len(prompts) * num_return_sequences completions (grouped)."""
+        """Continue each rendered prompt: len(prompts) * num_return_sequences completions, grouped by
+        prompt."""
         out: list[Completion] = []
         tok = self.tokenizer
         for start in range(0, len(prompts), self.batch_size):

@@ -23,7 +23,8 @@ RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class TeacherRequestError(UserError, RuntimeError):
-    """A request that failed for good (non-retryable status, or retries exhausted); the message is redacted."""
+    """A request that failed for good (non-retryable status, or retries exhausted); its message is
+    redacted."""
 
 
 class OpenAIChatBackend:
@@ -71,7 +72,10 @@ class OpenAIChatBackend:
         self.retries = 0
 
     def __repr__(self) -> str:
-        return f"OpenAIChatBackend(base_url={self.base_url!r}, model={self.model!r}, key=<from ${self._api_key_env}>)"
+        return (
+            f"OpenAIChatBackend(base_url={self.base_url!r}, model={self.model!r}, "
+            f"key=<from ${self._api_key_env}>)"
+        )
 
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self._api_key_env)
@@ -118,8 +122,8 @@ class OpenAIChatBackend:
                 if response.status_code not in RETRYABLE_STATUS or attempt == self.max_retries:
                     raise TeacherRequestError(
                         self._redact(
-                            f"{self.base_url}/chat/completions answered {response.status_code} after {attempt + 1} "
-                            f"tries: {response.text[:300]}"
+                            f"{self.base_url}/chat/completions answered {response.status_code} "
+                            f"after {attempt + 1} tries: {response.text[:300]}"
                         )
                     )
                 retry_after = response.headers.get("retry-after", "")

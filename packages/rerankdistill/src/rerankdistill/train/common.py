@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import torch
 
@@ -29,6 +30,28 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     weight: float = 1.0
+
+
+@overload
+def encode_example(
+    tokenizer,
+    messages: list[dict[str, str]],
+    completion: str,
+    completion_only: bool = ...,
+    max_length: None = None,
+    weight: float = ...,
+) -> Example: ...
+
+
+@overload
+def encode_example(
+    tokenizer,
+    messages: list[dict[str, str]],
+    completion: str,
+    completion_only: bool = ...,
+    max_length: int | None = ...,
+    weight: float = ...,
+) -> Example | None: ...
 
 
 def encode_example(

@@ -62,7 +62,8 @@ def group_weights(
 
 @dataclass(frozen=True)
 class RefinePair:
-    """A pair to refine on: texts, the reference label (teacher's or judged), optionally the teacher's answer."""
+    """A pair to refine on: texts, the reference label (teacher's or judged), optionally the teacher's
+    answer."""
 
     query: str
     document: str

@@ -28,7 +28,8 @@ from rerankdistill.train.common import (
 
 @dataclass(frozen=True)
 class DistillExample:
-    """A prompt's inputs and the target answer (explanation ending in `Relevance Label: n`, no stop marker)."""
+    """A prompt's inputs and the target answer (an explanation ending in `Relevance Label: n`, no stop
+    marker)."""
 
     query: str
     document: str
@@ -55,7 +56,8 @@ def distill_examples(
     pairs: Mapping[tuple[str, str], Pair],
     prompt: RelevancePrompt = INTERANK_PROMPT,
 ) -> tuple[list[DistillExample], dict[str, int]]:
-    """Teacher records -> SFT examples; records without a label or without their pair are counted, not used."""
+    """Teacher records -> SFT examples; records without a label or without their pair are counted, not
+    used."""
     out: list[DistillExample] = []
     counts = {"used": 0, "no_label": 0, "no_pair": 0}
     for rec in records:
@@ -123,9 +125,10 @@ def _fit_document(
     max_length: int,
     weight: float,
 ) -> Example | None:
-    """`ex` with its document cut to the longest token prefix whose example fits `max_length` (None if none)."""
+    """`ex` with its document cut to the longest token prefix whose example fits `max_length` (None if no
+    prefix fits)."""
 
-    def encode(document: str) -> Example | None:
+    def encode(document: str) -> Example:
         return encode_example(
             tokenizer,
             prompt.messages(ex.query, document),
