@@ -10,6 +10,7 @@ from torch import nn
 
 from nf4lora.lora import LoRALinear4bit
 from nf4lora.weight import DQ_BLOCKSIZE, DYNAMIC_CODE, NF4Weight
+from shared_kernels.modules import output_embedding
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -123,12 +124,12 @@ def estimate_model_memory(
     LM head, the skip list and `modules_to_save` stay dense), LoRA A and B in `adapter_dtype`. `gradients`:
     one per trainable element (adapters and `modules_to_save`) in its dtype; `optimizer_state`:
     `optimizer_bytes_per_param` per trainable element (8: two fp32 Adam moments, as 32-bit paged AdamW)."""
-    from nf4lora.model import _linear_weight, _matches, _output_embedding, is_norm, kept_dense
+    from nf4lora.model import _linear_weight, _matches, is_norm, kept_dense
 
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
     saved, keep = kept_dense(model, skip, modules_to_save)
-    head = _output_embedding(model)
+    head = output_embedding(model)
     report = MemoryReport()
     quantized: set[int] = set()
     code_table = 0

@@ -22,6 +22,7 @@ from torch import nn
 
 from nf4lora.lora import Linear4bit, LoRALinear4bit
 from nf4lora.weight import NF4Weight
+from shared_kernels.modules import output_embedding, swap_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -46,11 +47,6 @@ class LoRASettings:
 # Task heads that transformers' *For{SequenceClassification,TokenClassification,QuestionAnswering} models create
 # untrained: they are trained in full (modules_to_save), never quantized.
 DEFAULT_SKIP = ("score", "classifier", "qa_outputs", "lm_head")
-
-
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
 
 
 def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bool:
@@ -131,30 +127,25 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return None
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def swap_linear_layers(
     model: nn.Module,
     build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
     keep: Callable[[str], bool] = lambda name: False,
 ) -> list[str]:
-    """The one module-swap loop: every exact nn.Linear (and transformers Conv1D) of `model` but its output
-    embedding and the names `keep` accepts is replaced, in place, by `build(name, weight (out, in), bias)`
-    (None leaves it). Returns the replaced names."""
-    head = _output_embedding(model)
-    swapped: list[str] = []
-    for name, module in list(model.named_modules()):
+    """Every exact nn.Linear (and transformers Conv1D) of `model` but its output embedding and the names `keep`
+    accepts is replaced, in place, by `build(name, weight (out, in), bias)` (None leaves it), through the one
+    module-swap loop `shared_kernels.modules.swap_modules`. Returns the replaced names."""
+    head = output_embedding(model)
+
+    def select(name: str, module: nn.Module) -> bool:
+        return module is not head and _linear_weight(module) is not None and not keep(name)
+
+    def build_from_weight(name: str, module: nn.Module) -> nn.Module | None:
         found = _linear_weight(module)
-        if found is None or module is head or keep(name):
-            continue
-        new = build(name, *found)
-        if new is not None:
-            _set_module(model, name, new)
-            swapped.append(name)
-    return swapped
+        assert found is not None  # select accepted it
+        return build(name, *found)
+
+    return swap_modules(model, build_from_weight, select)
 
 
 def ddp_ignore_frozen_4bit(model: nn.Module) -> list[str]:
@@ -542,9 +533,9 @@ def load_adapter(
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every Linear4bit / LoRALinear4bit by a dense nn.Linear (dequantized base + scaling * B @ A),
     in place, e.g. to export a merged model. dtype: of the dense weights (default: each base's dtype)."""
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, Linear4bit):
-            continue
+
+    def dense_linear(name: str, m: nn.Module) -> nn.Module:
+        assert isinstance(m, Linear4bit)  # select accepted it
         w = m.weight.dequantize(torch.float32)
         if isinstance(m, LoRALinear4bit):
             w = w + m.delta_weight().float()
@@ -555,7 +546,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         dense.weight.copy_(w)
         if m.bias is not None:
             dense.bias.copy_(m.bias)
-        _set_module(model, name, dense)
+        return dense
+
+    swap_modules(model, dense_linear, lambda name, m: isinstance(m, Linear4bit))
     if hasattr(model, "nf4lora_settings"):
         model.nf4lora_settings = None
     return model
