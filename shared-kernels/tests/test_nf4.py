@@ -317,6 +317,26 @@ def test_native_cpu_falls_back_to_reference_when_it_cannot_compile(tmp_path, mon
     assert not nf4_cpu.available()  # disabled: no compile attempt, no warning
 
 
+@pytest.mark.parametrize("backend", ("auto", "torch"))
+def test_dequantize_into_out_equals_a_fresh_output(backend):
+    # `out=` (a reused buffer: no page faults) gives the fresh call's bits on the native path (written in
+    # place) and the reference (copied), with and without double quantization; a wrong `out` is a ValueError.
+    shape = (37, 129)
+    x = _sample(math.prod(shape), torch.float32, seed=21).reshape(shape)
+    packed, absmax = quantize_4bit(x, 64, "fp4")
+    qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+    for a, kw in ((absmax, {}), (qabsmax, dict(absmax2=absmax2, offset=offset))):
+        for dtype in FLOAT_DTYPES:
+            want = dequantize_4bit(packed, a, shape, 64, dtype, "fp4", backend=backend, **kw)
+            out = torch.full(shape, 7.0, dtype=dtype)
+            got = dequantize_4bit(packed, a, shape, 64, dtype, "fp4", backend=backend, out=out, **kw)
+            assert got is out
+            assert_exact(out, want, f"out= {dtype} {kw.keys()}")
+    for bad in (torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape[::-1]).t(), torch.empty(10)):
+        with pytest.raises(ValueError, match="out must be a contiguous torch.float32 tensor of shape"):
+            dequantize_4bit(packed, absmax, shape, 64, torch.float32, "fp4", backend=backend, out=bad)
+
+
 def _graph_capturing_backend(graphs: list):
     """A torch.compile backend that keeps each traced graph (to look for the ops) and runs it eagerly."""
     from torch._dynamo.backends.common import aot_autograd

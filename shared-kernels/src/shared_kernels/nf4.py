@@ -585,6 +585,26 @@ def _(packed, absmax, numel, blocksize, dtype, quant_type, absmax2, code2, offse
     return packed.new_empty(numel, dtype=dtype)
 
 
+@torch.library.custom_op("shared_kernels::nf4_dequantize_cpu_into", mutates_args=("out",), device_types="cpu")
+def _nf4_dequantize_cpu_into_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+    out: torch.Tensor,
+) -> None:
+    """`nf4_dequantize_cpu` written into the contiguous `out` (its dtype and element count)."""
+    dq = None
+    if absmax2 is not None and code2 is not None and offset is not None:
+        dq = DoubleQuantState(absmax2, offset, code2, blocksize2)
+    code = CODES[quant_type]
+    nf4_cpu.dequantize_nf4_cpu(packed, absmax, out.numel(), blocksize, out.dtype, code, dq, out=out.view(-1))
+
+
 # ----------------------------------------------------------------------------------------------- public API
 
 
@@ -639,6 +659,7 @@ def dequantize_4bit(
     code2: torch.Tensor | None = None,
     blocksize2: int = DQ_BLOCKSIZE,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """4-bit dequantize, equal to bitsandbytes' `dequantize_4bit` for the same bytes, constants and quant
     type.
@@ -654,40 +675,74 @@ def dequantize_4bit(
             fp32 (ceil(n_blocks / blocksize2),) scales, the fp32 0-dim mean, the (256,) code (default: the
             signed dynamic map) and the second-level block size.
         backend: "auto" (Triton on CUDA, the native kernels on CPU), "torch" (the reference) or "triton".
+        out: optional contiguous (shape) tensor of `dtype` on packed's device to write into (and return).
+            Reusing one skips the page faults of a fresh output, which on CPU cost more than the dequantize
+            itself for large weights; the native CPU kernels write it directly, other paths copy into it.
     Returns:
-        (shape) tensor of `dtype`.
+        (shape) tensor of `dtype` (`out` when given).
     """
     shape = tuple(int(s) for s in shape)
     double_quant = absmax.dtype == torch.uint8
     numel = _check_packed(packed, absmax, shape, blocksize, dtype)
     check_quant_type(quant_type)
     if double_quant:
-        if absmax2 is None or offset is None:
-            raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
-        if absmax2.numel() != -(-absmax.numel() // blocksize2):
-            raise ValueError(
-                f"absmax2 must hold ceil({absmax.numel()} / {blocksize2}) values, got {absmax2.numel()}"
-            )
-        code2 = DYNAMIC_CODE.to(packed.device) if code2 is None else code2
-        if code2.numel() != 256:
-            raise ValueError(f"code2 must hold 256 values, got {code2.numel()}")
+        code2 = _check_double_quant_state(absmax, absmax2, offset, code2, blocksize2, packed.device)
     elif absmax.dtype != torch.float32:
         raise ValueError(f"absmax must be float32 (or uint8 when double-quantized), got {absmax.dtype}")
+    if out is not None:
+        _check_out(out, shape, dtype, packed.device)
+    dq = (absmax2, code2, offset) if double_quant else (None, None, None)
     if resolve_backend(backend, packed.device) == "triton":
-        dq = (absmax2, code2, offset) if double_quant else (None, None, None)
-        out = torch.ops.shared_kernels.nf4_dequantize(
+        y = torch.ops.shared_kernels.nf4_dequantize(
             packed.reshape(-1), absmax, numel, blocksize, dtype, *dq, blocksize2, quant_type
         )
-        return out.reshape(shape)
-    if backend == "auto" and packed.device.type == "cpu" and _native_cpu():
-        dq = (absmax2, code2, offset) if double_quant else (None, None, None)
-        out = torch.ops.shared_kernels.nf4_dequantize_cpu(
+    elif backend == "auto" and packed.device.type == "cpu" and _native_cpu():
+        if out is not None:
+            torch.ops.shared_kernels.nf4_dequantize_cpu_into(
+                packed.reshape(-1), absmax, blocksize, quant_type, *dq, blocksize2, out
+            )
+            return out
+        y = torch.ops.shared_kernels.nf4_dequantize_cpu(
             packed.reshape(-1), absmax, numel, blocksize, dtype, quant_type, *dq, blocksize2
         )
-        return out.view(shape)
-    if double_quant:
-        absmax = dequantize_absmax_ref(absmax, absmax2, offset, code2, blocksize2)
-    return dequantize_4bit_ref(packed, absmax, shape, blocksize, dtype, quant_type)
+    else:
+        if double_quant:
+            assert absmax2 is not None and offset is not None  # checked above
+            absmax = dequantize_absmax_ref(absmax, absmax2, offset, code2, blocksize2)
+        y = dequantize_4bit_ref(packed, absmax, shape, blocksize, dtype, quant_type)
+    if out is None:
+        return y.reshape(shape)
+    return out.copy_(y.reshape(shape))
+
+
+def _check_double_quant_state(
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    blocksize2: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Validate the second level of a double-quantized `absmax`; returns `code2` (default: dynamic map)."""
+    if absmax2 is None or offset is None:
+        raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
+    if absmax2.numel() != -(-absmax.numel() // blocksize2):
+        raise ValueError(
+            f"absmax2 must hold ceil({absmax.numel()} / {blocksize2}) values, got {absmax2.numel()}"
+        )
+    code2 = DYNAMIC_CODE.to(device) if code2 is None else code2
+    if code2.numel() != 256:
+        raise ValueError(f"code2 must hold 256 values, got {code2.numel()}")
+    return code2
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
+            f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} {tuple(out.shape)} "
+            f"on {out.device}"
+        )
 
 
 # The historical NF4 names: the same functions (quant_type defaults to "nf4").

@@ -153,15 +153,17 @@ def dequantize_nf4_cpu(
     dtype: torch.dtype,
     code: torch.Tensor,
     dq: DoubleQuantState | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(numel,) `dtype` on CPU; arguments already validated by `dequantize_4bit`. `dq` is given when `absmax`
-    holds uint8 double-quantized codes. Call it through `torch.ops.shared_kernels.nf4_dequantize_cpu`."""
+    holds uint8 double-quantized codes; `out`, a contiguous (numel,) `dtype` tensor, is written instead of a
+    fresh one. Called by the ops `shared_kernels::nf4_dequantize_cpu` and `nf4_dequantize_cpu_into`."""
     lib = library()
     assert lib is not None, "call available() first"
     packed = packed.reshape(-1).contiguous()
     code = code.float().contiguous()
     absmax = absmax.reshape(-1).contiguous()
-    out = _empty(numel, dtype, lib)
+    out = _empty(numel, dtype, lib) if out is None else out
     if dq is None:
         absmax_f, qabsmax, absmax2, code2, offset, blocksize2 = absmax.float(), None, None, None, 0.0, 1
     else:
