@@ -19,6 +19,12 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def set_plain_attribute(model: nn.Module, name: str, value: object) -> None:
+    """Set an attribute that is neither a tensor nor a module (a setting, a list of names DDP reads):
+    `nn.Module.__setattr__` is typed for tensors and modules only, and stores other values as this does."""
+    object.__setattr__(model, name, value)
+
+
 def output_embedding(model: nn.Module) -> nn.Module | None:
     """The LM head of a transformers model (`get_output_embeddings()`), or None where the model has none."""
     get = getattr(model, "get_output_embeddings", None)

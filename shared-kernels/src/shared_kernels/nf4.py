@@ -500,9 +500,9 @@ def _nf4_dequantize_op(
     quant_type: str = "nf4",
 ) -> torch.Tensor:
     """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
-    dq = (
-        None if absmax2 is None else DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
-    )
+    dq = None
+    if absmax2 is not None and offset is not None and code2 is not None:
+        dq = DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
     return _dequantize_nf4_triton(
         packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq, quant_type
     )
