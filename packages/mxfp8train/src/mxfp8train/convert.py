@@ -52,7 +52,11 @@ def convert(
             and (filter_fn is None or filter_fn(name, module))
         )
 
-    swap_modules(model, lambda name, module: MXLinear.from_linear(module, recipe), select)
+    def mx_linear(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, nn.Linear)  # select accepted only exact nn.Linear
+        return MXLinear.from_linear(module, recipe)
+
+    swap_modules(model, mx_linear, select)
     return model
 
 

@@ -142,6 +142,7 @@ def bf16_convert(model: nn.Module) -> nn.Module:
     """Give every block linear (the ones `convert` would swap) bf16 GEMM operands."""
 
     def bf16_operands(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, nn.Linear)  # selected below: exact nn.Linear only
         new = BF16OperandLinear(
             module.in_features, module.out_features, module.bias is not None, device="meta"
         )
