@@ -1,8 +1,9 @@
-"""nf4lora benchmarks against bitsandbytes (+ peft): NF4 quantize/dequantize throughput, training memory, and on a
-GPU the dequantize bandwidth and the QLoRA training step."""
+"""nf4lora benchmarks against bitsandbytes (+ peft): NF4 quantize/dequantize throughput, training memory,
+and on a GPU the dequantize bandwidth and the QLoRA training step."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
 import time
@@ -27,11 +28,40 @@ def _llama_100m(dtype: torch.dtype, device: str = "cpu"):
     ).to(device)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _NoHugePageAdvice:
+    """Within the block, fresh outputs of the native CPU kernels get no transparent-huge-page advice: the same
+    kernel, so a row with and one without separate the kernel's speed from the page-fault savings."""
+
+    def __enter__(self) -> None:
+        from shared_kernels import nf4_cpu
+
+        self._saved = nf4_cpu.hugepage_advice
+        nf4_cpu.hugepage_advice = False
+
+    def __exit__(self, *exc: object) -> None:
+        from shared_kernels import nf4_cpu
+
+        nf4_cpu.hugepage_advice = self._saved
+
+
+def _without_advice(fn):
+    def run():
+        with _NoHugePageAdvice():
+            return fn()
+
+    return run
+
+
 @benchmark("nf4-quantize-cpu", package="nf4lora", device="cpu")
 def nf4_quantize_cpu(ctx: BenchContext) -> None:
     """NF4 quantize (blocksize 64, no double quantization) of a (rows, 4096) weight, our CPU path
-    (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`) vs bitsandbytes CPU; GB/s of input read.
-    The bytes are checked equal first."""
+    (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`) vs bitsandbytes CPU; GB/s of input
+    read. The bytes are checked equal first. Each case twice: with the huge-page advice on the fresh packed
+    output (the default, where it is 2-64 MiB) and without it."""
     import bitsandbytes.functional as F
 
     from shared_kernels import nf4_cpu
@@ -46,23 +76,28 @@ def nf4_quantize_cpu(ctx: BenchContext) -> None:
             packed, _ = quantize_nf4(x, 64, check_finite=False)
             q, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
             assert torch.equal(packed, q.reshape(-1))
-            ctx.compare(
-                f"{rows}x4096 {str(dtype).removeprefix('torch.')}",
-                lambda x=x: quantize_nf4(x, 64, check_finite=False),
-                lambda x=x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"),
-                ours_name="nf4lora" if native else "nf4lora (torch ref)",
-                anchor_name="bitsandbytes",
-                work=x.numel() * x.element_size() / 1e9,
-                unit="GB/s",
-                reps=3 if ctx.quick or rows > 4096 else 5,
-            )
+            ours = functools.partial(quantize_nf4, x, 64, check_finite=False)
+            for label, fn in (("", ours), (", no huge-page advice", _without_advice(ours))):
+                ctx.compare(
+                    f"{rows}x4096 {_dtype_name(dtype)}{label}",
+                    fn,
+                    lambda x=x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"),
+                    ours_name="nf4lora" if native else "nf4lora (torch ref)",
+                    anchor_name="bitsandbytes",
+                    work=x.numel() * x.element_size() / 1e9,
+                    unit="GB/s",
+                    reps=3 if ctx.quick or rows > 4096 else 5,
+                )
 
 
 @benchmark("nf4-dequantize-cpu", package="nf4lora", device="cpu")
 def nf4_dequantize_cpu(ctx: BenchContext) -> None:
     """NF4 dequantize of a (rows, 4096) weight (blocksize 64, +DQ: double-quantized constants), our CPU path
     (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`; the torch reference where they are
-    unavailable) vs bitsandbytes CPU (native C++); GB/s of output written. The values are checked equal first."""
+    unavailable) vs bitsandbytes CPU (native C++, always a fresh output: its `out=` has no CPU kernel); GB/s
+    of output written. The values are checked equal first. Each case three ways: a fresh output with the
+    huge-page advice (the default: outputs of 2-64 MiB get it), a fresh output without it, and `out=` a reused
+    buffer (no page faults: the kernel's own speed)."""
     import bitsandbytes.functional as F
 
     from shared_kernels import nf4_cpu
@@ -84,19 +119,25 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
                 state.dtype = dtype
                 got = dequantize_nf4(packed, absmax, shape, 64, dtype, **kw)
                 assert torch.equal(got, F.dequantize_4bit(q, state))
-                del got
-                ctx.compare(
-                    f"{r}x4096 -> {str(dtype).removeprefix('torch.')}{' +DQ' if dq else ''}",
-                    lambda p=packed, a=absmax, d=dtype, kw=kw, sh=shape: dequantize_nf4(
-                        p, a, sh, 64, d, **kw
-                    ),
-                    lambda q=q, s=state: F.dequantize_4bit(q, s),
-                    ours_name="nf4lora" if native else "nf4lora (torch ref)",
-                    anchor_name="bitsandbytes",
-                    work=x.numel() * dtype.itemsize / 1e9,
-                    unit="GB/s",
-                    reps=3 if ctx.quick else 7,
+                ours = functools.partial(dequantize_nf4, packed, absmax, shape, 64, dtype, **kw)
+                reused = functools.partial(ours, out=got)
+                ways = (
+                    ("", ours),
+                    (", no huge-page advice", _without_advice(ours)),
+                    (", out= reused", reused),
                 )
+                for label, fn in ways:
+                    ctx.compare(
+                        f"{r}x4096 -> {_dtype_name(dtype)}{' +DQ' if dq else ''}{label}",
+                        fn,
+                        lambda q=q, s=state: F.dequantize_4bit(q, s),
+                        ours_name="nf4lora" if native else "nf4lora (torch ref)",
+                        anchor_name="bitsandbytes",
+                        work=x.numel() * dtype.itemsize / 1e9,
+                        unit="GB/s",
+                        reps=3 if ctx.quick else 7,
+                    )
+                del got
 
 
 @benchmark("nf4lora-linear-step-cpu", package="nf4lora", device="cpu")
@@ -173,7 +214,9 @@ class _PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _train_steps(model, steps: int, seq: int) -> None:
+def _train_steps(model, steps: int, seq: int) -> int:
+    """`steps` AdamW steps; returns the exact bytes of the trainable state they hold: trainable parameters,
+    their gradients and the optimizer state."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, 8192, (1, seq), generator=torch.Generator().manual_seed(0))
@@ -181,6 +224,9 @@ def _train_steps(model, steps: int, seq: int) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
+    tensors = [*params, *(p.grad for p in params if p.grad is not None)]
+    tensors += [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @benchmark("nf4lora-train-memory-cpu", package="nf4lora", device="cpu")
@@ -203,7 +249,7 @@ def nf4lora_train_memory_cpu(ctx: BenchContext) -> None:
     ours_weights = rep.base_codes + rep.base_constants + rep.other_weights
     ours_linear = rep.base_codes + rep.base_constants
     with _PeakRSS() as ours_rss:
-        _train_steps(model, 2, seq)
+        ours_state = _train_steps(model, 2, seq)
     ours_peak_extra = ours_rss.peak - ours_rss.start
     ours_total = ours_rss.peak
     del model
@@ -222,7 +268,7 @@ def nf4lora_train_memory_cpu(ctx: BenchContext) -> None:
         model, peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
     )
     with _PeakRSS() as anchor_rss:
-        _train_steps(model, 2, seq)
+        anchor_state = _train_steps(model, 2, seq)
     anchor_peak_extra = anchor_rss.peak - anchor_rss.start
     ctx.record(
         "frozen weights, linear layers (MiB)",
@@ -242,13 +288,22 @@ def nf4lora_train_memory_cpu(ctx: BenchContext) -> None:
         anchor_name="bf16",
     )
     ctx.record(
+        "adapters + their grads + AdamW state, exact (MiB)",
+        ours_state / 2**20,
+        anchor_state / 2**20,
+        "MiB",
+        ours_name="nf4lora",
+        anchor_name="peft bf16",
+        note="fp32 adapters on both sides (peft upcasts them too)",
+    )
+    ctx.record(
         f"training-step RSS growth, seq {seq} (MiB)",
         ours_peak_extra / 2**20,
         anchor_peak_extra / 2**20,
         "MiB",
         ours_name="nf4lora",
         anchor_name="peft bf16",
-        note="activations + grads + Adam state; adapters fp32 (ours) vs bf16 (peft)",
+        note="sampled every 2 ms: activations, transients, grads + Adam state first touched",
     )
     ctx.record(
         "process peak RSS (MiB)",

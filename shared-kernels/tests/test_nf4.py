@@ -317,6 +317,75 @@ def test_native_cpu_falls_back_to_reference_when_it_cannot_compile(tmp_path, mon
     assert not nf4_cpu.available()  # disabled: no compile attempt, no warning
 
 
+@pytest.mark.parametrize("backend", ("auto", "torch"))
+def test_dequantize_into_out_equals_a_fresh_output(backend):
+    # `out=` (a reused buffer: no page faults) gives the fresh call's bits on the native path (written in
+    # place) and the reference (copied), with and without double quantization; a wrong `out` is a ValueError.
+    shape = (37, 129)
+    x = _sample(math.prod(shape), torch.float32, seed=21).reshape(shape)
+    packed, absmax = quantize_4bit(x, 64, "fp4")
+    qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+    for a, kw in ((absmax, {}), (qabsmax, dict(absmax2=absmax2, offset=offset))):
+        for dtype in FLOAT_DTYPES:
+            want = dequantize_4bit(packed, a, shape, 64, dtype, "fp4", backend=backend, **kw)
+            out = torch.full(shape, 7.0, dtype=dtype)
+            got = dequantize_4bit(packed, a, shape, 64, dtype, "fp4", backend=backend, out=out, **kw)
+            assert got is out
+            assert_exact(out, want, f"out= {dtype} {kw.keys()}")
+    for bad in (torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape[::-1]).t(), torch.empty(10)):
+        with pytest.raises(ValueError, match="out must be a contiguous torch.float32 tensor of shape"):
+            dequantize_4bit(packed, absmax, shape, 64, torch.float32, "fp4", backend=backend, out=bad)
+
+
+def _graph_capturing_backend(graphs: list):
+    """A torch.compile backend that keeps each traced graph (to look for the ops) and runs it eagerly."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    return aot_autograd(fw_compiler=keep)
+
+
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_native_cpu_ops_compile_in_one_graph_and_equal_eager(quant_type):
+    # The native kernels are custom ops: fullgraph=True fails on any graph break (a ctypes call would be one),
+    # including the finiteness check; the compiled results are the eager bytes.
+    _native_ok()
+    shape = (97, 130)  # 12610 elements: 197 whole blocks of 64 and a partial one of 2
+    x = _sample(math.prod(shape), torch.bfloat16, seed=11).reshape(shape)
+
+    # Double quantization (a data-dependent input check, run once per weight) stays outside the graph.
+    qabsmax, absmax2, offset = double_quantize_absmax(quantize_4bit(x, 64, quant_type)[1])
+
+    def quantize_then_dequantize(x, qabsmax, absmax2, offset):
+        packed, absmax = quantize_4bit(x, 64, quant_type)
+        y = dequantize_4bit(packed, absmax, shape, 64, torch.float16, quant_type)
+        y_dq = dequantize_4bit(
+            packed, qabsmax, shape, 64, torch.bfloat16, quant_type, absmax2=absmax2, offset=offset
+        )
+        return packed, absmax, y, y_dq
+
+    graphs: list = []
+    compiled = torch.compile(
+        quantize_then_dequantize, backend=_graph_capturing_backend(graphs), fullgraph=True
+    )
+    dq = (qabsmax, absmax2, offset)
+    names = ("packed", "absmax", "y", "y_dq")
+    for got, want, name in zip(compiled(x, *dq), quantize_then_dequantize(x, *dq), names, strict=True):
+        assert_exact(got, want, f"compiled {name}")
+    assert len(graphs) == 1
+    assert (
+        "nf4_quantize_cpu" in graphs[0]
+        and graphs[0].count("torch.ops.shared_kernels.nf4_dequantize_cpu") == 2
+    )
+    bad = x.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        compiled(bad, *dq)
+
+
 # ------------------------------------------------------------------------------------------ Triton kernels
 
 
@@ -437,8 +506,8 @@ def test_triton_dequantize_is_a_custom_op_that_compiles_without_graph_breaks(dou
 
 
 def _bnb_equal(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    # bitsandbytes' native CPU kernel decodes FP4 code 8 as -0.0 in its scalar tail and +0.0 elsewhere (its table
-    # holds +0.0, as ours): bits are compared after -0.0 -> +0.0 on its side only.
+    # bitsandbytes' native CPU kernel decodes FP4 code 8 as -0.0 in its scalar tail and +0.0 elsewhere (its
+    # table holds +0.0, as ours): bits are compared after -0.0 -> +0.0 on its side only.
     assert_exact(got, expected.reshape(got.shape) + 0.0, what)
 
 
@@ -483,8 +552,8 @@ def test_fp4_quantize_and_dequantize_equal_bitsandbytes(dtype, backend):
 @pytest.mark.parametrize("backend", ("torch", "auto"))
 def test_fp4_ties_zeros_padding_and_nan_equal_bitsandbytes(backend):
     # Every midpoint of the sorted FP4 code (ties go to the lower value; 0.0 lies on the midpoint between
-    # FP4's two zeros), just above each, +-0.0, a NaN, in a full block (reciprocal) and a partial one (division)
-    # and an odd count (padding).
+    # FP4's two zeros), just above each, +-0.0, a NaN, in a full block (reciprocal) and a partial one
+    # (division) and an odd count (padding).
     from shared_kernels.nf4 import QUANTIZE_TABLES
 
     F = _bnb()

@@ -1,4 +1,5 @@
-"""Fused NF4 dequantize + matmul (Triton, tl.dot) against dequantize-then-matmul, forward and backward shapes."""
+"""Fused NF4 dequantize + matmul (Triton, tl.dot) against dequantize-then-matmul, forward and backward
+shapes."""
 
 from __future__ import annotations
 

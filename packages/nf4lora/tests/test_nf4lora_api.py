@@ -8,7 +8,8 @@ PUBLIC = [
     "NF4_CODE", "quantize_nf4", "dequantize_nf4", "double_quantize_absmax", "NF4Weight", "Linear4bit",
     "LoRALinear4bit", "nf4_linear", "prepare_model", "quantize_model", "save_adapter", "load_adapter",
     "merge_and_unload", "lora_modules", "lora_state_dict", "paged_adamw", "memory_report", "estimate_memory",
-    "MemoryReport", "MemoryEstimate", "LoRASettings", "estimate_model_memory", "register_norm_type", "norm_types",
+    "MemoryReport", "MemoryEstimate", "LoRASettings", "estimate_model_memory", "register_norm_type",
+    "norm_types",
 ]  # fmt: skip
 
 

@@ -302,7 +302,8 @@ def test_cli_broken_config_is_one_line_exit_2(tmp_path, capsys, config, match):
 
 
 def test_cli_unloadable_checkpoint_is_one_line_exit_2(tmp_path, capsys):
-    # a valid config.json whose weights file is garbage: transformers' error, reduced to one line with the path
+    # a valid config.json whose weights file is garbage: transformers' error, reduced to one line with the
+    # path
     model = _model_dir(
         tmp_path,
         json.dumps(

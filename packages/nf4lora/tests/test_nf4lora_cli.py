@@ -1,4 +1,5 @@
-"""`nf4lora quantize` writes bitsandbytes' format: it loads again in ours and in transformers + bitsandbytes."""
+"""`nf4lora quantize` writes bitsandbytes' format: it loads again in ours and in transformers +
+bitsandbytes."""
 
 from __future__ import annotations
 

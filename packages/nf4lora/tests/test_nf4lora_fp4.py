@@ -1,5 +1,6 @@
 """bitsandbytes conventions at the package surface: `quantize_4bit` / `dequantize_4bit` byte-equal with
-bitsandbytes.functional for NF4 and FP4, and layer outputs in the input's dtype for every input/compute pair."""
+bitsandbytes.functional for NF4 and FP4, and layer outputs in the input's dtype for every input/compute
+pair."""
 
 from __future__ import annotations
 

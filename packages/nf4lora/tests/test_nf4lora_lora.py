@@ -142,3 +142,24 @@ def test_triton_backend_matches_torch_backend_forward_and_backward():
     torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, grads[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.lora_A.weight.grad, grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_forward_and_backward_in_one_graph_equal_eager():
+    # The CPU path (native dequantize op inside the autograd.Function) compiles with fullgraph=True (any graph
+    # break is an error) and gives eager's bits, for both layers, forward and input/adapter gradients.
+    _, layer = _layer(out_f=75, in_f=130, r=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    base = Linear4bit(layer.weight, layer.bias, compute_dtype=torch.float32)
+    x = torch.randn(3, 5, 130, dtype=torch.bfloat16)
+    for module in (base, layer):
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        outs = []
+        for run in (module, compiled):
+            xi = x.clone().requires_grad_()
+            y = run(xi)
+            y.float().square().sum().backward()
+            grads = [xi.grad] + [p.grad.clone() for p in module.parameters() if p.requires_grad]
+            module.zero_grad(set_to_none=True)
+            outs.append([y, *grads])
+        for want, got in zip(*outs, strict=True):
+            assert want.dtype == got.dtype and torch.equal(want, got)

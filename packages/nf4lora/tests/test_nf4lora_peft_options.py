@@ -1,5 +1,6 @@
 """prepare_model with peft's meanings: modules_to_save (a classification head) trained dense and round-tripped
-through peft.PeftModel.from_pretrained, task heads kept dense by default, adapter_dtype, no global RNG change."""
+through peft.PeftModel.from_pretrained, task heads kept dense by default, adapter_dtype, no global RNG
+change."""
 
 from __future__ import annotations
 

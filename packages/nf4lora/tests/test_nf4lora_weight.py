@@ -1,4 +1,5 @@
-"""The 4-bit weight container: storage accounting and conversion to/from bitsandbytes without re-quantizing."""
+"""The 4-bit weight container: storage accounting and conversion to/from bitsandbytes without
+re-quantizing."""
 
 from __future__ import annotations
 

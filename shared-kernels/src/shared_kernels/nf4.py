@@ -23,20 +23,22 @@ Edge cases (also in nf4lora's README):
   dequantizes to exact +0.0;
 - non-finite input: `quantize_nf4(..., check_finite=True)` (the default) raises a ValueError. With
   `check_finite=False` the bitsandbytes-CPU result is reproduced: a NaN makes its block's absmax NaN, an inf
-  makes it inf; NaN scaled values get the code of the last sorted value (NF4 15, FP4 3, both 1.0); every element of such a block dequantizes to NaN or +-inf.
+  makes it inf; NaN scaled values get the code of the last sorted value (NF4 15, FP4 3, both 1.0); every
+  element of such a block dequantizes to NaN or +-inf.
 
 Double quantization (bitsandbytes `compress_statistics=True`): `offset = mean(absmax)` (torch's fp32 mean),
 `absmax - offset` is quantized blockwise (256 per block) with bitsandbytes' signed 8-bit dynamic map through
-its CPU lookup table (the nearest code up to a 65536-point grid, see `quantize_absmax_ref`). Reconstruction `absmax = code2[q] * absmax2[j // 256] + offset`
-is fused into the NF4 dequantize kernel.
+its CPU lookup table (the nearest code up to a 65536-point grid, see `quantize_absmax_ref`). Reconstruction
+`absmax = code2[q] * absmax2[j // 256] + offset` is fused into the NF4 dequantize kernel.
 
-Dequantize: `CODES[quant_type][nibble] * absmax[block]` in fp32, rounded once (to nearest even) to the output dtype.
+Dequantize: `CODES[quant_type][nibble] * absmax[block]` in fp32, rounded once (to nearest even) to the output
+dtype.
 
 Backends: "torch" is the reference below (the specification); "auto" runs Triton on CUDA tensors and, on CPU,
 the native kernels of `shared_kernels.nf4_cpu` (compiled on first use, bit-equal to the reference, several
 times faster than it and than bitsandbytes' native CPU kernel), falling back to the reference where they are
-unavailable; "triton" forces the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1). The Triton quantize kernel is
-NF4 only: FP4 quantizes with the torch reference on every device (a one-time cost per weight).
+unavailable; "triton" forces the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1). The Triton quantize
+kernel is NF4 only: FP4 quantizes with the torch reference on every device (a one-time cost per weight).
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ if triton_available():
 
     @triton.jit
     def _nf4_index(s):
-        # Count of fp32 midpoints strictly below s: ties go to the lower code. NaN compares false -> fixed below.
+        # Count of fp32 midpoints strictly below s: ties go to the lower code. NaN compares false: fixed
+        # below.
         q = (s > -0.8480963706970215).to(tl.int32)
         q += (s > -0.6106328964233398).to(tl.int32)
         q += (s > -0.4599952697753906).to(tl.int32)
@@ -338,7 +341,8 @@ if triton_available():
     def _quantize_nf4_kernel(
         x_ptr, packed_ptr, absmax_ptr, n, n_full_blocks, HALF: tl.constexpr, GROUP: tl.constexpr
     ):
-        # One program quantizes GROUP blocks; a block is a (HALF,) row of even and a (HALF,) row of odd elements.
+        # One program quantizes GROUP blocks; a block is a (HALF,) row of even and a (HALF,) row of odd
+        # elements.
         pid = tl.program_id(0)
         blk = pid * GROUP + tl.arange(0, GROUP)  # (GROUP,)
         j = tl.arange(0, HALF)  # (HALF,)
@@ -351,7 +355,8 @@ if triton_available():
         absmax = tl.where(has_nan, float("nan"), absmax)
         denom = tl.where(absmax < 1e-38, 1e-38, absmax)
         partial = blk >= n_full_blocks
-        # Full blocks multiply by the fp32 reciprocal, the partial last block divides (bitsandbytes' CPU path).
+        # Full blocks multiply by the fp32 reciprocal, the partial last block divides (bitsandbytes' CPU
+        # path).
         recip = tl.math.div_rn(tl.full([GROUP], 1.0, tl.float32), denom)
         s0_full = x0 * recip[:, None]
         s1_full = x1 * recip[:, None]
@@ -477,8 +482,8 @@ def _dequantize_nf4_triton(
     return out
 
 
-# The Triton launches as torch custom ops with fake implementations: torch.compile sees one opaque op (no graph
-# break, no tracing into the launcher) and importing needs neither Triton nor a GPU.
+# The Triton launches as torch custom ops with fake implementations: torch.compile sees one opaque op (no
+# graph break, no tracing into the launcher) and importing needs neither Triton nor a GPU.
 
 
 @torch.library.custom_op("shared_kernels::nf4_dequantize", mutates_args=())
@@ -495,9 +500,9 @@ def _nf4_dequantize_op(
     quant_type: str = "nf4",
 ) -> torch.Tensor:
     """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
-    dq = (
-        None if absmax2 is None else DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
-    )
+    dq = None
+    if absmax2 is not None and offset is not None and code2 is not None:
+        dq = DoubleQuantState(absmax2.float().contiguous(), offset, code2, blocksize2)
     return _dequantize_nf4_triton(
         packed.contiguous(), absmax.contiguous(), numel, blocksize, dtype, dq, quant_type
     )
@@ -506,6 +511,98 @@ def _nf4_dequantize_op(
 @_nf4_dequantize_op.register_fake
 def _(packed, absmax, numel, blocksize, dtype, absmax2, code2, offset, blocksize2, quant_type="nf4"):
     return packed.new_empty(numel, dtype=dtype)
+
+
+# The native CPU kernels (`shared_kernels.nf4_cpu`, ctypes) as custom ops too, for the same reasons.
+
+
+@torch.compiler.assume_constant_result
+def _native_cpu() -> bool:
+    """Whether the native CPU kernels load (compiling them on first use); a constant to torch.compile."""
+    return nf4_cpu.available()
+
+
+def _check_finite_constants(absmax: torch.Tensor) -> None:
+    # A block's absmax is finite exactly when all its values are: checking the constants is the same test as
+    # checking x, at 1/blocksize of the cost.
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError(
+            "x contains NaN or inf; pass check_finite=False to quantize it anyway (the "
+            "non-finite values poison their blocks, as in bitsandbytes' CPU backend)"
+        )
+
+
+@torch.library.custom_op("shared_kernels::nf4_quantize_cpu", mutates_args=(), device_types="cpu")
+def _nf4_quantize_cpu_op(
+    x: torch.Tensor, blocksize: int, quant_type: str, check_finite: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, absmax) of CPU `x`: whole blocks in the native kernel, the partial last block (divided, not
+    multiplied) in the reference."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    if full == 0:
+        packed, absmax = quantize_4bit_ref(flat, blocksize, quant_type)
+    else:
+        midpoints, order, _ = QUANTIZE_TABLES[quant_type]
+        packed, absmax = nf4_cpu.quantize_nf4_full_blocks_cpu(flat[:full], blocksize, midpoints, order)
+        if full < n:
+            tail_packed, tail_absmax = quantize_4bit_ref(flat[full:], blocksize, quant_type)
+            packed, absmax = torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
+    if check_finite:
+        _check_finite_constants(absmax)
+    return packed, absmax
+
+
+@_nf4_quantize_cpu_op.register_fake
+def _(x, blocksize, quant_type, check_finite):
+    n = x.numel()
+    return x.new_empty((n + 1) // 2, dtype=torch.uint8), x.new_empty(-(-n // blocksize), dtype=torch.float32)
+
+
+@torch.library.custom_op("shared_kernels::nf4_dequantize_cpu", mutates_args=(), device_types="cpu")
+def _nf4_dequantize_cpu_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    numel: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    quant_type: str,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+) -> torch.Tensor:
+    """(numel,) `dtype` from flat packed codes; absmax2/code2/offset given iff absmax holds uint8 DQ codes."""
+    dq = None
+    if absmax2 is not None and code2 is not None and offset is not None:
+        dq = DoubleQuantState(absmax2, offset, code2, blocksize2)
+    return nf4_cpu.dequantize_nf4_cpu(packed, absmax, numel, blocksize, dtype, CODES[quant_type], dq)
+
+
+@_nf4_dequantize_cpu_op.register_fake
+def _(packed, absmax, numel, blocksize, dtype, quant_type, absmax2, code2, offset, blocksize2):
+    return packed.new_empty(numel, dtype=dtype)
+
+
+@torch.library.custom_op("shared_kernels::nf4_dequantize_cpu_into", mutates_args=("out",), device_types="cpu")
+def _nf4_dequantize_cpu_into_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+    out: torch.Tensor,
+) -> None:
+    """`nf4_dequantize_cpu` written into the contiguous `out` (its dtype and element count)."""
+    dq = None
+    if absmax2 is not None and code2 is not None and offset is not None:
+        dq = DoubleQuantState(absmax2, offset, code2, blocksize2)
+    code = CODES[quant_type]
+    nf4_cpu.dequantize_nf4_cpu(packed, absmax, out.numel(), blocksize, out.dtype, code, dq, out=out.view(-1))
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -539,33 +636,14 @@ def quantize_4bit(
     resolved = resolve_backend(backend, x.device)
     if resolved == "triton" and quant_type == "nf4":
         packed, absmax = _quantize_nf4_triton(x.contiguous(), blocksize)
-    elif backend == "auto" and x.device.type == "cpu" and nf4_cpu.available():
-        packed, absmax = _quantize_4bit_cpu(x, blocksize, quant_type)
+    elif backend == "auto" and x.device.type == "cpu" and _native_cpu():
+        # The op checks finiteness itself, so a compiled graph needs no host sync here.
+        return torch.ops.shared_kernels.nf4_quantize_cpu(x, blocksize, quant_type, check_finite)
     else:
         packed, absmax = quantize_4bit_ref(x, blocksize, quant_type)
-    # A block's absmax is finite exactly when all its values are: checking the constants is the same test as
-    # checking x, at 1/blocksize of the cost.
-    if check_finite and not bool(torch.isfinite(absmax).all()):
-        raise ValueError(
-            "x contains NaN or inf; pass check_finite=False to quantize it anyway (the "
-            "non-finite values poison their blocks, as in bitsandbytes' CPU backend)"
-        )
+    if check_finite:
+        _check_finite_constants(absmax)
     return packed, absmax
-
-
-def _quantize_4bit_cpu(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole blocks in the native kernel, the partial last block (divided, not multiplied) in the reference."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    full = n - n % blocksize
-    if full == 0:
-        return quantize_4bit_ref(flat, blocksize, quant_type)
-    midpoints, order, _ = QUANTIZE_TABLES[quant_type]
-    packed, absmax = nf4_cpu.quantize_nf4_full_blocks_cpu(flat[:full], blocksize, midpoints, order)
-    if full == n:
-        return packed, absmax
-    tail_packed, tail_absmax = quantize_4bit_ref(flat[full:], blocksize, quant_type)
-    return torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
 
 
 def dequantize_4bit(
@@ -581,8 +659,10 @@ def dequantize_4bit(
     code2: torch.Tensor | None = None,
     blocksize2: int = DQ_BLOCKSIZE,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """4-bit dequantize, equal to bitsandbytes' `dequantize_4bit` for the same bytes, constants and quant type.
+    """4-bit dequantize, equal to bitsandbytes' `dequantize_4bit` for the same bytes, constants and quant
+    type.
 
     Args:
         packed: uint8 ((numel + 1) // 2,) (any shape with that many elements, e.g. bitsandbytes' (k, 1)).
@@ -595,38 +675,74 @@ def dequantize_4bit(
             fp32 (ceil(n_blocks / blocksize2),) scales, the fp32 0-dim mean, the (256,) code (default: the
             signed dynamic map) and the second-level block size.
         backend: "auto" (Triton on CUDA, the native kernels on CPU), "torch" (the reference) or "triton".
+        out: optional contiguous (shape) tensor of `dtype` on packed's device to write into (and return).
+            Reusing one skips the page faults of a fresh output, which on CPU cost more than the dequantize
+            itself for large weights; the native CPU kernels write it directly, other paths copy into it.
     Returns:
-        (shape) tensor of `dtype`.
+        (shape) tensor of `dtype` (`out` when given).
     """
     shape = tuple(int(s) for s in shape)
     double_quant = absmax.dtype == torch.uint8
     numel = _check_packed(packed, absmax, shape, blocksize, dtype)
     check_quant_type(quant_type)
     if double_quant:
-        if absmax2 is None or offset is None:
-            raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
-        if absmax2.numel() != -(-absmax.numel() // blocksize2):
-            raise ValueError(
-                f"absmax2 must hold ceil({absmax.numel()} / {blocksize2}) values, got {absmax2.numel()}"
-            )
-        code2 = DYNAMIC_CODE.to(packed.device) if code2 is None else code2
-        if code2.numel() != 256:
-            raise ValueError(f"code2 must hold 256 values, got {code2.numel()}")
+        code2 = _check_double_quant_state(absmax, absmax2, offset, code2, blocksize2, packed.device)
     elif absmax.dtype != torch.float32:
         raise ValueError(f"absmax must be float32 (or uint8 when double-quantized), got {absmax.dtype}")
+    if out is not None:
+        _check_out(out, shape, dtype, packed.device)
+    dq = (absmax2, code2, offset) if double_quant else (None, None, None)
     if resolve_backend(backend, packed.device) == "triton":
-        dq = (absmax2, code2, offset) if double_quant else (None, None, None)
-        out = torch.ops.shared_kernels.nf4_dequantize(
+        y = torch.ops.shared_kernels.nf4_dequantize(
             packed.reshape(-1), absmax, numel, blocksize, dtype, *dq, blocksize2, quant_type
         )
-        return out.reshape(shape)
-    if backend == "auto" and packed.device.type == "cpu" and nf4_cpu.available():
-        dq = DoubleQuantState(absmax2, offset, code2, blocksize2) if double_quant else None
-        code = CODES[quant_type]
-        return nf4_cpu.dequantize_nf4_cpu(packed, absmax, numel, blocksize, dtype, code, dq).view(shape)
-    if double_quant:
-        absmax = dequantize_absmax_ref(absmax, absmax2, offset, code2, blocksize2)
-    return dequantize_4bit_ref(packed, absmax, shape, blocksize, dtype, quant_type)
+    elif backend == "auto" and packed.device.type == "cpu" and _native_cpu():
+        if out is not None:
+            torch.ops.shared_kernels.nf4_dequantize_cpu_into(
+                packed.reshape(-1), absmax, blocksize, quant_type, *dq, blocksize2, out
+            )
+            return out
+        y = torch.ops.shared_kernels.nf4_dequantize_cpu(
+            packed.reshape(-1), absmax, numel, blocksize, dtype, quant_type, *dq, blocksize2
+        )
+    else:
+        if double_quant:
+            assert absmax2 is not None and offset is not None  # checked above
+            absmax = dequantize_absmax_ref(absmax, absmax2, offset, code2, blocksize2)
+        y = dequantize_4bit_ref(packed, absmax, shape, blocksize, dtype, quant_type)
+    if out is None:
+        return y.reshape(shape)
+    return out.copy_(y.reshape(shape))
+
+
+def _check_double_quant_state(
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    blocksize2: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Validate the second level of a double-quantized `absmax`; returns `code2` (default: dynamic map)."""
+    if absmax2 is None or offset is None:
+        raise ValueError("absmax is uint8 (double-quantized): absmax2 and offset are required")
+    if absmax2.numel() != -(-absmax.numel() // blocksize2):
+        raise ValueError(
+            f"absmax2 must hold ceil({absmax.numel()} / {blocksize2}) values, got {absmax2.numel()}"
+        )
+    code2 = DYNAMIC_CODE.to(device) if code2 is None else code2
+    if code2.numel() != 256:
+        raise ValueError(f"code2 must hold 256 values, got {code2.numel()}")
+    return code2
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
+            f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} {tuple(out.shape)} "
+            f"on {out.device}"
+        )
 
 
 # The historical NF4 names: the same functions (quant_type defaults to "nf4").
@@ -644,9 +760,9 @@ def double_quantize_absmax(
 
     Runs in torch on every device: the constants are 1/blocksize of the weight.
 
-    Contract: every constant must be finite and >= 0 (a block's max |x|), else a ValueError names the first bad
-    block. An 8-bit code cannot hold NaN or inf, and the offset is the mean of all constants, so bitsandbytes
-    turns every constant of the tensor to NaN from one NaN block; a tensor quantized with
+    Contract: every constant must be finite and >= 0 (a block's max |x|), else a ValueError names the first
+    bad block. An 8-bit code cannot hold NaN or inf, and the offset is the mean of all constants, so
+    bitsandbytes turns every constant of the tensor to NaN from one NaN block; a tensor quantized with
     `check_finite=False` that has poisoned blocks can be kept with `double_quant=False` only.
     """
     if (

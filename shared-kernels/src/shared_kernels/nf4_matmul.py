@@ -176,7 +176,9 @@ def _nf4_matmul_op(
 ) -> torch.Tensor:
     """The Triton launch as a torch custom op (fake implementation below), so torch.compile does not break the
     graph around it: x2d (M, K) -> (M, N) forward, (M, N) -> (M, K) with transpose_w=False."""
-    dq = None if absmax2 is None else DoubleQuantState(absmax2, offset, code2, blocksize2)
+    dq = None
+    if absmax2 is not None and offset is not None and code2 is not None:
+        dq = DoubleQuantState(absmax2, offset, code2, blocksize2)
     return _matmul_nf4_triton(
         x2d, packed, absmax.contiguous(), (n_rows, n_cols), blocksize, transpose_w, dq, quant_type
     )

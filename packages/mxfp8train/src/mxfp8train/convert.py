@@ -16,6 +16,7 @@ from torch import nn
 from mxfp8train.linear import MXLinear
 from mxfp8train.recipe import PAPER_RECIPE, MXRecipe
 from mxfp8train.stats import merge_summaries
+from shared_kernels.modules import swap_modules
 
 
 def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
@@ -43,17 +44,19 @@ def convert(
         raise TypeError(f"recipe must be an MXRecipe, got {type(recipe).__name__}")
     if type(model) is nn.Linear:
         return MXLinear.from_linear(model, recipe)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and not _skipped(name, recipe.skip_modules)
-        and (filter_fn is None or filter_fn(name, module))
-    ]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MXLinear.from_linear(module, recipe))
+
+    def select(name: str, module: nn.Module) -> bool:
+        return (
+            type(module) is nn.Linear
+            and not _skipped(name, recipe.skip_modules)
+            and (filter_fn is None or filter_fn(name, module))
+        )
+
+    def mx_linear(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, nn.Linear)  # select accepted only exact nn.Linear
+        return MXLinear.from_linear(module, recipe)
+
+    swap_modules(model, mx_linear, select)
     return model
 
 

@@ -47,6 +47,7 @@ from mxfp8train.convert import collect_stats, convert, reset_stats, set_track_st
 from mxfp8train.gpt import GPT, GPTConfig
 from mxfp8train.recipe import RECIPES
 from shared_kernels.errors import OneLineParser
+from shared_kernels.modules import swap_modules
 
 VARIANTS = ("bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads")
 
@@ -139,14 +140,16 @@ class BF16OperandLinear(nn.Linear):
 
 def bf16_convert(model: nn.Module) -> nn.Module:
     """Give every block linear (the ones `convert` would swap) bf16 GEMM operands."""
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and name != "lm_head":
-            new = BF16OperandLinear(
-                module.in_features, module.out_features, module.bias is not None, device="meta"
-            )
-            new.weight, new.bias = module.weight, module.bias
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+
+    def bf16_operands(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, nn.Linear)  # selected below: exact nn.Linear only
+        new = BF16OperandLinear(
+            module.in_features, module.out_features, module.bias is not None, device="meta"
+        )
+        new.weight, new.bias = module.weight, module.bias
+        return new
+
+    swap_modules(model, bf16_operands, lambda name, module: type(module) is nn.Linear and name != "lm_head")
     return model
 
 

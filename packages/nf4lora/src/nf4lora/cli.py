@@ -116,9 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.r <= 0:
         raise UsageError(f"--r must be a positive LoRA rank, got {args.r}")
     model, was_quantized = _load_for_report(args.model_path, config)
-    print(
-        f"{args.model_path} ({'4-bit checkpoint' if was_quantized else 'dense checkpoint, quantized in memory'})"
-    )
+    kind = "4-bit checkpoint" if was_quantized else "dense checkpoint, quantized in memory"
+    print(f"{args.model_path} ({kind})")
     print(memory_report(model).format())
     cfg = model.config
     est = estimate_memory(

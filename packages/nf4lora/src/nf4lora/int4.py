@@ -1,10 +1,11 @@
 """Symmetric absmax blockwise Int4: the integer 4-bit storage type QLoRA compares NF4 against (paper Table 2,
 Figure 3), for `nf4lora-study`. Not a bitsandbytes format (bitsandbytes has none).
 
-Per contiguous block of the flattened tensor (as NF4): `scale = absmax / 7`, `q = round(x / scale)` (round half
-to even, as `torch.round`) in [-7, 7], stored as the nibble `q + 8` (1..15; 0 unused, so the grid is symmetric
-and zero is exact), element 2i in the high nibble, an odd count padded with the code of 0.0. An all-zero block
-stores absmax 0 and dequantizes to zeros. Dequantize: `(nibble - 8) * (absmax / 7)` in fp32, cast once.
+Per contiguous block of the flattened tensor (as NF4): `scale = absmax / 7`, `q = round(x / scale)` (round
+half to even, as `torch.round`) in [-7, 7], stored as the nibble `q + 8` (1..15; 0 unused, so the grid is
+symmetric and zero is exact), element 2i in the high nibble, an odd count padded with the code of 0.0. An
+all-zero block stores absmax 0 and dequantizes to zeros. Dequantize: `(nibble - 8) * (absmax / 7)` in fp32,
+cast once.
 """
 
 from __future__ import annotations

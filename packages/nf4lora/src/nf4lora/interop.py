@@ -13,7 +13,8 @@ from shared_kernels.nf4 import CODES, QUANT_TYPES
 
 
 def conv1d_type() -> type | None:
-    """transformers' `Conv1D` (GPT-2's linear layer, weight stored (in, out)), or None without transformers."""
+    """transformers' `Conv1D` (GPT-2's linear layer, weight stored (in, out)), or None without
+    transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
@@ -95,7 +96,8 @@ def from_bnb(data: torch.Tensor, quant_state: Any | None = None) -> NF4Weight:
 
 def bnb_serialized(weight: NF4Weight, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes writes for a Linear4bit weight under `prefix` (e.g. "model.q_proj.weight"):
-    the packed data, `.absmax`, `.quant_map`, nested entries and the packed `.quant_state.bitsandbytes__<type>`."""
+    the packed data, `.absmax`, `.quant_map`, nested entries and the packed
+    `.quant_state.bitsandbytes__<type>`."""
     state = to_bnb_quant_state(weight)
     out = {prefix: weight.packed.detach().reshape(-1, 1)}
     for key, value in state.as_dict(packed=True).items():

@@ -51,8 +51,8 @@ def nf4_linear(
 
 
 class Linear4bit(nn.Module):
-    """A frozen 4-bit linear layer: `weight` is an `NF4Weight` (NF4 or FP4), `bias` a frozen parameter or None.
-    The output has the input's dtype; the matmul runs in `compute_dtype`.
+    """A frozen 4-bit linear layer: `weight` is an `NF4Weight` (NF4 or FP4), `bias` a frozen parameter or
+    None. The output has the input's dtype; the matmul runs in `compute_dtype`.
 
     Args:
         weight: the (out_features, in_features) NF4 weight.
@@ -165,9 +165,9 @@ class LoRALinear4bit(Linear4bit):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the 4-bit base as peft does for bitsandbytes layers:
-        W <- quantize(dequantize(W) + scaling * B @ A) with the same quant type, block size, double quantization
-        and storage; forward then skips the adapter. Lossy (the sum is rounded to 4 bits again, so small adapter
-        updates may vanish); `nf4lora.merge_and_unload` is the exact dense export."""
+        W <- quantize(dequantize(W) + scaling * B @ A) with the same quant type, block size, double
+        quantization and storage; forward then skips the adapter. Lossy (the sum is rounded to 4 bits again,
+        so small adapter updates may vanish); `nf4lora.merge_and_unload` is the exact dense export."""
         if self.merged:
             raise ValueError("the adapter is already merged")
         self.weight = self.weight.requantized(

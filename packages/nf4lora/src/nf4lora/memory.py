@@ -3,6 +3,7 @@ given size needs (`estimate_memory`, which rebuilds the paper's 65B-in-48GB budg
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from nf4lora.lora import LoRALinear4bit
 from nf4lora.weight import DQ_BLOCKSIZE, DYNAMIC_CODE, NF4Weight
+from shared_kernels.modules import output_embedding
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -20,8 +22,8 @@ def _nbytes(t: torch.Tensor) -> int:
 class MemoryReport:
     """Bytes by role. `base_codes`: packed NF4 codes; `base_constants`: absmax (+ second-level constants,
     offsets, code tables); `other_weights`: every other parameter and buffer (embeddings, LM head, norms,
-    biases); `adapters`: LoRA parameters; `gradients`: existing .grad tensors; `optimizer_state`: tensors in the
-    optimizer's state."""
+    biases); `adapters`: LoRA parameters; `gradients`: existing .grad tensors; `optimizer_state`: tensors in
+    the optimizer's state."""
 
     base_codes: int = 0
     base_constants: int = 0
@@ -53,26 +55,34 @@ def count_parameters(model: nn.Module) -> int:
     return dense + sum(m.numel for m in model.modules() if isinstance(m, NF4Weight))
 
 
-def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
-    """Count the bytes of `model` (and `optimizer`) by role; every tensor is counted once."""
-    report = MemoryReport()
-    seen: set[int] = set()
+class _CountOnce:
+    """Remembers the tensors already counted (by storage address; empty tensors by identity)."""
 
-    def once(t: torch.Tensor) -> bool:
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def __call__(self, t: torch.Tensor) -> bool:
         key = t.data_ptr() if t.numel() else id(t)
-        if key in seen:
+        if key in self._seen:
             return False
-        seen.add(key)
+        self._seen.add(key)
         return True
 
+
+def _count_4bit_weights(model: nn.Module, report: MemoryReport, once: _CountOnce) -> None:
     for module in model.modules():
-        if isinstance(module, NF4Weight):
-            for name, buf in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-                if once(buf):
-                    if name == "packed":
-                        report.base_codes += _nbytes(buf)
-                    else:
-                        report.base_constants += _nbytes(buf)
+        if not isinstance(module, NF4Weight):
+            continue
+        for name, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            if not once(t):
+                continue
+            if name == "packed":
+                report.base_codes += _nbytes(t)
+            else:
+                report.base_constants += _nbytes(t)
+
+
+def _count_parameters_and_buffers(model: nn.Module, report: MemoryReport, once: _CountOnce) -> None:
     adapter_ids = {
         id(p)
         for m in model.modules()
@@ -90,11 +100,24 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     for buf in model.buffers():
         if once(buf):
             report.other_weights += _nbytes(buf)
+
+
+def _count_optimizer_state(optimizer: torch.optim.Optimizer, report: MemoryReport, once: _CountOnce) -> None:
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and once(v):
+                report.optimizer_state += _nbytes(v)
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Count the bytes of `model` (and `optimizer`) by role; every tensor is counted once (the 4-bit codes
+    and constants first, so they are never counted again as other weights)."""
+    report = MemoryReport()
+    once = _CountOnce()
+    _count_4bit_weights(model, report, once)
+    _count_parameters_and_buffers(model, report, once)
     if optimizer is not None:
-        for state in optimizer.state.values():
-            for v in state.values():
-                if isinstance(v, torch.Tensor) and once(v):
-                    report.optimizer_state += _nbytes(v)
+        _count_optimizer_state(optimizer, report, once)
     return report
 
 
@@ -119,16 +142,17 @@ def estimate_model_memory(
     `base_codes`, `base_constants`, `other_weights` and `adapters` are the bytes `memory_report` counts on the
     prepared model (equal, tested): packed 4-bit codes (padded to whole `quant_storage` elements), per-block
     constants (fp32, or uint8 + fp32 second-level constants, offset and the 256-entry code table with double
-    quantization; the 256-entry table is one tensor shared by every weight, counted once), every dense parameter and buffer in its dtype (fp32 for norms with `norms_in_fp32`; the
-    LM head, the skip list and `modules_to_save` stay dense), LoRA A and B in `adapter_dtype`. `gradients`:
-    one per trainable element (adapters and `modules_to_save`) in its dtype; `optimizer_state`:
-    `optimizer_bytes_per_param` per trainable element (8: two fp32 Adam moments, as 32-bit paged AdamW)."""
-    from nf4lora.model import _linear_weight, _matches, _output_embedding, is_norm, kept_dense
+    quantization; the 256-entry table is one tensor shared by every weight, counted once), every dense
+    parameter and buffer in its dtype (fp32 for norms with `norms_in_fp32`; the LM head, the skip list and
+    `modules_to_save` stay dense), LoRA A and B in `adapter_dtype`. `gradients`: one per trainable element
+    (adapters and `modules_to_save`) in its dtype; `optimizer_state`: `optimizer_bytes_per_param` per
+    trainable element (8: two fp32 Adam moments, as 32-bit paged AdamW)."""
+    from nf4lora.model import _linear_weight, _matches, is_norm, kept_dense
 
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
     saved, keep = kept_dense(model, skip, modules_to_save)
-    head = _output_embedding(model)
+    head = output_embedding(model)
     report = MemoryReport()
     quantized: set[int] = set()
     code_table = 0
@@ -286,10 +310,10 @@ def llama_table(
     r: int = 64, batch_size: int = 1, seq_len: int = 512, gpus_gb: tuple[int, ...] = (24, 48)
 ) -> str:
     """The QLoRA memory budget of LLaMA 7B-65B (`estimate_memory`, all-linear LoRA at rank r, NF4 + DQ at
-    blocksize 64, 16-bit embeddings and head, 32-bit AdamW state, checkpointed activations of batch x seq_len),
-    with bf16 and with fp32 adapters, against cards of `gpus_gb` "GB" (a 24 GB RTX 3090/4090 or 48 GB A6000
-    holds that many GiB); a markdown table, sizes in GB (10^9 bytes). Not counted: the CUDA context, allocator
-    fragmentation, one layer's transient dequantized weight, the logits."""
+    blocksize 64, 16-bit embeddings and head, 32-bit AdamW state, checkpointed activations of batch x
+    seq_len), with bf16 and with fp32 adapters, against cards of `gpus_gb` "GB" (a 24 GB RTX 3090/4090 or
+    48 GB A6000 holds that many GiB); a markdown table, sizes in GB (10^9 bytes). Not counted: the CUDA
+    context, allocator fragmentation, one layer's transient dequantized weight, the logits."""
     gb = 1e9
     cols = [
         "model",
@@ -308,7 +332,9 @@ def llama_table(
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, (layers, hidden, inter) in LLAMA_SHAPES.items():
         n = llama_params(layers, hidden, inter)
-        kw = dict(
+        estimate = functools.partial(
+            estimate_memory,
+            n,
             n_layers=layers,
             hidden_size=hidden,
             intermediate_size=inter,
@@ -317,7 +343,7 @@ def llama_table(
             batch_size=batch_size,
             seq_len=seq_len,
         )
-        bf16, fp32 = estimate_memory(n, adapter_bytes=2, **kw), estimate_memory(n, adapter_bytes=4, **kw)
+        bf16, fp32 = estimate(adapter_bytes=2), estimate(adapter_bytes=4)
         fits = [
             f"{'yes' if bf16.total <= g * 2**30 else 'no'} / {'yes' if fp32.total <= g * 2**30 else 'no'}"
             for g in gpus_gb

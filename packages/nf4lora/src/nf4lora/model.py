@@ -1,8 +1,8 @@
 """QLoRA on a whole model: quantize the linear layers, attach adapters, save and load them in peft's format.
 
-`quantize_model` swaps every `nn.Linear` except the LM head for a frozen `Linear4bit`; `prepare_model` does that
-and attaches `LoRALinear4bit` adapters to the targeted layers, upcasts norms to fp32, freezes everything but
-the adapters and enables gradient checkpointing (the QLoRA recipe).
+`quantize_model` swaps every `nn.Linear` except the LM head for a frozen `Linear4bit`; `prepare_model` does
+that and attaches `LoRALinear4bit` adapters to the targeted layers, upcasts norms to fp32, freezes everything
+but the adapters and enables gradient checkpointing (the QLoRA recipe).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from nf4lora.lora import Linear4bit, LoRALinear4bit
 from nf4lora.weight import NF4Weight
+from shared_kernels.modules import output_embedding, set_plain_attribute, swap_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,14 +44,9 @@ class LoRASettings:
     modules_to_save: list[str] = field(default_factory=list)  # full names of the dense trained modules
 
 
-# Task heads that transformers' *For{SequenceClassification,TokenClassification,QuestionAnswering} models create
-# untrained: they are trained in full (modules_to_save), never quantized.
+# Task heads that transformers' *For{SequenceClassification,TokenClassification,QuestionAnswering} models
+# create untrained: they are trained in full (modules_to_save), never quantized.
 DEFAULT_SKIP = ("score", "classifier", "qa_outputs", "lm_head")
-
-
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
 
 
 def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bool:
@@ -62,9 +58,9 @@ def _matches(name: str, target_modules: str | list[str] | tuple[str, ...]) -> bo
 
 
 # Normalisation layers `norms_in_fp32` upcasts, by type (a class name says nothing: "NormalizedMLP" is no
-# norm, a custom "RootMeanSquare" may be one). torch's own norm layers, the RMSNorm classes of the transformers
-# architectures listed below (resolved from their already-imported modeling modules, so nothing extra is
-# imported), and whatever `register_norm_type` adds.
+# norm, a custom "RootMeanSquare" may be one). torch's own norm layers, the RMSNorm classes of the
+# transformers architectures listed below (resolved from their already-imported modeling modules, so nothing
+# extra is imported), and whatever `register_norm_type` adds.
 _NORM_TYPES: list[type[nn.Module]] = [nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
 _TRANSFORMERS_NORMS = {
     "llama": "LlamaRMSNorm",
@@ -127,13 +123,10 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
         return module.weight, module.bias
     conv1d = conv1d_type()
     if conv1d is not None and type(module) is conv1d:
-        return module.weight.t(), module.bias
+        weight, bias = module.weight, module.bias
+        assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+        return weight.t(), bias
     return None
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def swap_linear_layers(
@@ -141,27 +134,28 @@ def swap_linear_layers(
     build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
     keep: Callable[[str], bool] = lambda name: False,
 ) -> list[str]:
-    """The one module-swap loop: every exact nn.Linear (and transformers Conv1D) of `model` but its output
-    embedding and the names `keep` accepts is replaced, in place, by `build(name, weight (out, in), bias)`
-    (None leaves it). Returns the replaced names."""
-    head = _output_embedding(model)
-    swapped: list[str] = []
-    for name, module in list(model.named_modules()):
+    """Every exact nn.Linear (and transformers Conv1D) of `model` but its output embedding and the names
+    `keep` accepts is replaced, in place, by `build(name, weight (out, in), bias)` (None leaves it), through
+    the one module-swap loop `shared_kernels.modules.swap_modules`. Returns the replaced names."""
+    head = output_embedding(model)
+
+    def select(name: str, module: nn.Module) -> bool:
+        return module is not head and _linear_weight(module) is not None and not keep(name)
+
+    def build_from_weight(name: str, module: nn.Module) -> nn.Module | None:
         found = _linear_weight(module)
-        if found is None or module is head or keep(name):
-            continue
-        new = build(name, *found)
-        if new is not None:
-            _set_module(model, name, new)
-            swapped.append(name)
-    return swapped
+        assert found is not None  # select accepted it
+        return build(name, *found)
+
+    return swap_modules(model, build_from_weight, select)
 
 
 def ddp_ignore_frozen_4bit(model: nn.Module) -> list[str]:
     """Add every parameter and buffer of the model's 4-bit weights to `_ddp_params_and_buffers_to_ignore` (the
-    attribute DistributedDataParallel reads at construction), so DDP neither broadcasts these frozen tensors at
-    construction nor re-sends the buffers at every forward (`broadcast_buffers=True`, its default). Each rank
-    quantizes the same checkpoint to the same bytes, so nothing needs sending. Returns the ignored names."""
+    attribute DistributedDataParallel reads at construction), so DDP neither broadcasts these frozen tensors
+    at construction nor re-sends the buffers at every forward (`broadcast_buffers=True`, its default). Each
+    rank quantizes the same checkpoint to the same bytes, so nothing needs sending. Returns the ignored
+    names."""
     names = [
         f"{prefix}.{name}"
         for prefix, m in model.named_modules()
@@ -169,7 +163,9 @@ def ddp_ignore_frozen_4bit(model: nn.Module) -> list[str]:
         for name, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
     ]
     known = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    model._ddp_params_and_buffers_to_ignore = known + [n for n in names if n not in known]
+    set_plain_attribute(
+        model, "_ddp_params_and_buffers_to_ignore", known + [n for n in names if n not in known]
+    )
     return names
 
 
@@ -239,19 +235,20 @@ def prepare_model(
         use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
         gradient_checkpointing: enable the model's (non-reentrant) activation checkpointing when it has one.
         norms_in_fp32: upcast normalisation layers to fp32, found by type (`norm_types()`: torch's
-            LayerNorm / RMSNorm / GroupNorm / BatchNorm, common transformers RMSNorm classes, and classes added
-            with `register_norm_type`), not by class name.
+            LayerNorm / RMSNorm / GroupNorm / BatchNorm, common transformers RMSNorm classes, and classes
+            added with `register_norm_type`), not by class name.
         seed: seed for the adapter initialisation (A kaiming-uniform) when given; the global RNG state is
             left as it was either way.
         backend: kernel backend of the base matmuls ("auto", "torch", "triton").
         quant_type: "nf4" (QLoRA's choice) or "fp4" (bitsandbytes' 4-bit float).
         quant_storage: dtype the packed bytes are viewed as in their frozen Parameter (uint8 by default; FSDP2
             shards either; bitsandbytes' FSDP-QLoRA uses the model's float dtype).
-        skip: linear layers kept dense and frozen (names or suffixes, or a regex, as `target_modules`); default
-            `DEFAULT_SKIP`, the task heads transformers creates fresh (`score`, `classifier`, `qa_outputs`, ...).
-            The output embedding (LM head) is always kept dense.
-        modules_to_save: modules trained in full and saved with the adapter (peft's `modules_to_save`: names or
-            suffixes, e.g. ["score"] for a classification head); they stay dense, their parameters trainable.
+        skip: linear layers kept dense and frozen (names or suffixes, or a regex, as `target_modules`);
+            default `DEFAULT_SKIP`, the task heads transformers creates fresh (`score`, `classifier`,
+            `qa_outputs`, ...). The output embedding (LM head) is always kept dense.
+        modules_to_save: modules trained in full and saved with the adapter (peft's `modules_to_save`: names
+            or suffixes, e.g. ["score"] for a classification head); they stay dense, their parameters
+            trainable.
         adapter_dtype: dtype of the LoRA A and B matrices (fp32 by default, as peft and QLoRA; bf16 halves
             their memory, which `estimate_memory` assumes).
     """
@@ -291,17 +288,20 @@ def prepare_model(
             if isinstance(module, norms):
                 module.float()
                 module.register_forward_hook(_output_in_input_dtype)
-    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    enable_old = getattr(model, "gradient_checkpointing_enable", None)
+    if gradient_checkpointing and callable(enable_new):
+        enable_new(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing and callable(enable_old):
+        enable_old(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n in targeted})
     ddp_ignore_frozen_4bit(model)
-    model.nf4lora_settings = LoRASettings(
+    settings = LoRASettings(
         r, alpha, dropout, leaf_names, use_rslora, blocksize, double_quant, quant_type, saved
     )
+    set_plain_attribute(model, "nf4lora_settings", settings)
     return model
 
 
@@ -348,7 +348,8 @@ def _attach(
     modules_to_save,
     adapter_dtype,
 ) -> tuple[list[str], list[str]]:
-    """Freeze everything, swap the linear layers, unfreeze `modules_to_save`: (targeted names, saved names)."""
+    """Freeze everything, swap the linear layers, unfreeze `modules_to_save`: (targeted names, saved
+    names)."""
     for p in model.parameters():
         p.requires_grad_(False)
     saved, keep = kept_dense(model, skip, modules_to_save)
@@ -496,8 +497,9 @@ def load_adapter(
     backend: str = "auto",
     **prepare_kwargs,
 ) -> nn.Module:
-    """Load a peft LoRA adapter (ours or peft's) into `model`, preparing it first (with the adapter's r, alpha,
-    dropout and target modules) if it is not prepared yet. Every adapter tensor must find its module."""
+    """Load a peft LoRA adapter (ours or peft's) into `model`, preparing it first (with the adapter's r,
+    alpha, dropout and target modules) if it is not prepared yet. Every adapter tensor must find its
+    module."""
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
@@ -542,9 +544,9 @@ def load_adapter(
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every Linear4bit / LoRALinear4bit by a dense nn.Linear (dequantized base + scaling * B @ A),
     in place, e.g. to export a merged model. dtype: of the dense weights (default: each base's dtype)."""
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, Linear4bit):
-            continue
+
+    def dense_linear(name: str, m: nn.Module) -> nn.Module:
+        assert isinstance(m, Linear4bit)  # select accepted it
         w = m.weight.dequantize(torch.float32)
         if isinstance(m, LoRALinear4bit):
             w = w + m.delta_weight().float()
@@ -555,9 +557,11 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         dense.weight.copy_(w)
         if m.bias is not None:
             dense.bias.copy_(m.bias)
-        _set_module(model, name, dense)
+        return dense
+
+    swap_modules(model, dense_linear, lambda name, m: isinstance(m, Linear4bit))
     if hasattr(model, "nf4lora_settings"):
-        model.nf4lora_settings = None
+        set_plain_attribute(model, "nf4lora_settings", None)
     return model
 
 

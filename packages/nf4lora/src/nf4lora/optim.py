@@ -1,7 +1,7 @@
-"""QLoRA's optimizers through bitsandbytes on every device: paged AdamW (state in CUDA unified memory, paged to
-the host under memory pressure) on CUDA, bitsandbytes' non-paged AdamW with the same state precision elsewhere
-(paging is a CUDA feature; bitsandbytes' 8-bit and 32-bit optimizers step on CPU too). Never a silent change of
-state precision: 8-bit state stays 8-bit."""
+"""QLoRA's optimizers through bitsandbytes on every device: paged AdamW (state in CUDA unified memory, paged
+to the host under memory pressure) on CUDA, bitsandbytes' non-paged AdamW with the same state precision
+elsewhere (paging is a CUDA feature; bitsandbytes' 8-bit and 32-bit optimizers step on CPU too). Never a
+silent change of state precision: 8-bit state stays 8-bit."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def paged_adamw(
             "nf4lora.paged_adamw needs bitsandbytes (pip install bitsandbytes); use "
             "torch.optim.AdamW for a plain fp32 optimizer"
         ) from exc
+    cls: type[torch.optim.Optimizer]
     if dev.type == "cuda":
         cls = bnb_optim.PagedAdamW if optim_bits == 32 else bnb_optim.PagedAdamW8bit
     else:

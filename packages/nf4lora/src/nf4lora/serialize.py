@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
             tensors[key] = value
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # code tables are shared
     first = next(iter(quantized.values()))
-    config = model.config.to_dict()
+    hf_config: Any = getattr(model, "config", None)
+    if hf_config is None:
+        raise ValueError(f"model must be a transformers model (with a .config), got {type(model).__name__}")
+    config = hf_config.to_dict()
     config["quantization_config"] = {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
@@ -72,8 +76,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
 
 
 def load_quantized(path: str | Path, backend: str = "auto") -> nn.Module:
-    """Load a checkpoint written by `save_quantized` (or by transformers + bitsandbytes, nf4 or fp4) as a model
-    whose linear layers are `Linear4bit`, the 4-bit bytes taken as they are (no re-quantization)."""
+    """Load a checkpoint written by `save_quantized` (or by transformers + bitsandbytes, nf4 or fp4) as a
+    model whose linear layers are `Linear4bit`, the 4-bit bytes taken as they are (no re-quantization)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 

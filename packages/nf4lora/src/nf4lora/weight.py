@@ -8,10 +8,11 @@ Distributed training: the packed codes are a frozen `nn.Parameter` (bitsandbytes
 while the small quantization state (absmax, second-level constants) stays in replicated buffers beside it.
 `quant_storage` views the bytes as another dtype (bitsandbytes' option, needed where every parameter of a
 wrapped unit must share one dtype, e.g. FSDP1); FSDP2 shards the default uint8 as it is. The container keeps
-the storage dtype through `.to(dtype)` / `.half()`: they move it, never convert the bytes. DDP: `quantize_model`
-and `prepare_model` list every tensor of the 4-bit weights in `_ddp_params_and_buffers_to_ignore` (see
-`ddp_ignore_frozen_4bit`), so DDP never broadcasts these frozen weights (buffers are re-sent at every forward
-otherwise); every rank quantizes the same checkpoint to the same bytes.
+the storage dtype through `.to(dtype)` / `.half()`: they move it, never convert the bytes. DDP:
+`quantize_model` and `prepare_model` list every tensor of the 4-bit weights in
+`_ddp_params_and_buffers_to_ignore` (see `ddp_ignore_frozen_4bit`), so DDP never broadcasts these frozen
+weights (buffers are re-sent at every forward otherwise); every rank quantizes the same checkpoint to the same
+bytes.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class NF4Weight(nn.Module):
         quant_type: "nf4" or "fp4".
     """
 
+    packed: nn.Parameter
+    absmax: torch.Tensor
+    absmax2: torch.Tensor
+    offset: torch.Tensor
+    code2: torch.Tensor
+
     def __init__(
         self,
         packed: torch.Tensor,
@@ -134,15 +141,32 @@ class NF4Weight(nn.Module):
         compress_statistics=double_quant, quant_storage=quant_storage)`)."""
         w = weight.detach()
         packed, absmax = quantize_4bit(w, blocksize, quant_type, backend=backend)
-        kw = dict(quant_type=quant_type, quant_storage=quant_storage)
         if not double_quant:
-            return cls(packed, absmax, w.shape, w.dtype, blocksize, **kw)
+            return cls(
+                packed,
+                absmax,
+                w.shape,
+                w.dtype,
+                blocksize,
+                quant_type=quant_type,
+                quant_storage=quant_storage,
+            )
         qabsmax, absmax2, offset = double_quantize_absmax(absmax)
-        return cls(packed, qabsmax, w.shape, w.dtype, blocksize, absmax2=absmax2, offset=offset, **kw)
+        return cls(
+            packed,
+            qabsmax,
+            w.shape,
+            w.dtype,
+            blocksize,
+            absmax2=absmax2,
+            offset=offset,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
 
     def requantized(self, weight: torch.Tensor, backend: str = "auto") -> NF4Weight:
-        """A new container quantizing `weight` (this one's shape) with this one's dtype, quant type, block size,
-        double quantization and storage (what peft's merge does with a bitsandbytes weight)."""
+        """A new container quantizing `weight` (this one's shape) with this one's dtype, quant type, block
+        size, double quantization and storage (what peft's merge does with a bitsandbytes weight)."""
         if tuple(weight.shape) != tuple(self.shape):
             raise ValueError(f"weight must have shape {tuple(self.shape)}, got {tuple(weight.shape)}")
         return NF4Weight.from_float(
@@ -155,13 +179,15 @@ class NF4Weight(nn.Module):
         )
 
     def packed_bytes(self) -> torch.Tensor:
-        """The uint8 ((numel + 1) // 2,) codes, a view of `packed` (gathered first if FSDP2 has it sharded)."""
-        packed = self.packed
+        """The uint8 ((numel + 1) // 2,) codes, a view of `packed` (gathered first if FSDP2 has it
+        sharded)."""
+        packed: torch.Tensor = self.packed
         if hasattr(packed, "full_tensor"):  # a DTensor shard outside forward/backward
             packed = packed.full_tensor()
         if packed.dtype != self.quant_storage:
-            # FSDP2 mixed precision gathers parameters cast to its param_dtype: uint8 codes 0..255 are exact in
-            # bf16/fp16/fp32 and cast back exactly (a float quant_storage narrower than param_dtype would not).
+            # FSDP2 mixed precision gathers parameters cast to its param_dtype: uint8 codes 0..255 are exact
+            # in bf16/fp16/fp32 and cast back exactly (a float quant_storage narrower than param_dtype would
+            # not).
             packed = packed.to(self.quant_storage)
         return packed.reshape(-1).view(torch.uint8)[: self.n_bytes]
 
