@@ -1,4 +1,5 @@
-"""Smoke test of the length-generalisation CLI on a tiny corpus: it runs, selects, resumes, and writes outputs."""
+"""Smoke test of the length-generalisation CLI on a tiny corpus: it runs, selects, resumes, and writes
+outputs."""
 
 import json
 

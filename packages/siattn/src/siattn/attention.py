@@ -184,13 +184,15 @@ def attention(
 
     Args:
         q: (B, Hq, Tq, D) queries, already position-encoded (e.g. p-RoPE); query i sits at q_offset + i.
-        k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv)); key j at j.
+        k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv));
+            key j at j.
         tau: scale of the transform (> 0).
         causal: mask keys after each query (t < 0). Without it, t = |i - j|.
         q_offset: absolute position of the first query (KV-cache decoding: Tk - Tq).
         doc_ids: optional (B, Tk) integer ids of packed documents; attention never crosses documents.
         backend: "auto" | "reference" | "chunked" ("torch") | "flex" | "triton".
-        attn_mask: optional bool (B or 1, 1, Tq, Tk), True = may attend (padding masks); reference and chunked.
+        attn_mask: optional bool (B or 1, 1, Tq, Tk), True = may attend (padding masks); reference and
+            chunked.
         alpha, beta: the general coefficient family (both or neither).
         chunk: query rows per chunk of the chunked backend.
         compile_flex: torch.compile the flex backend (None: on CUDA only).

@@ -100,8 +100,9 @@ def _document_masks(
     `position_ids` (B or 1, Tq), the query positions inside their document: query i (absolute index
     q_offset + i) starts its document at start_i = q_offset + i - position_ids[i], and sees keys start_i ..
     q_offset + i. Unpacked inputs (positions counting from 0 or continuing the cache) have start_i <= 0 and
-    change nothing. In a full pass (Tq == Tk) start is a document id for keys too, which keeps the Triton path;
-    a cached step needs only the queries' starts, so decoding a packed row needs no memory of the prefix."""
+    change nothing. In a full pass (Tq == Tk) start is a document id for keys too, which keeps the Triton
+    path; a cached step needs only the queries' starts, so decoding a packed row needs no memory of the
+    prefix."""
     if doc_ids is not None:
         if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != (B, Tk):
             raise ValueError(

@@ -46,7 +46,8 @@ class GPTConfig:
     mlp_ratio: hidden width of the MLP over d_model.
     position: "rope" | "p-rope" | "nope" | "alibi".
     attention: "softmax" | "si" | "logn" (fixed LogN scale at evaluation) | "logn-learned" (Scalable-Softmax:
-        logits x s_h log(n) at every position, s_h a learned per-head scale initialised to 1 / log(train_length)).
+        logits x s_h log(n) at every position, s_h a learned per-head scale initialised to
+        1 / log(train_length)).
     rope_base: RoPE theta. p_rope_fraction, p_rope_base: p-RoPE's kept share of pairs and base.
     tau: scale-invariant attention's tau. train_length: LogN's reference length (the training context).
     qk_norm: RMSNorm on q and k per head. si_backend: backend passed to `siattn.attention`.
