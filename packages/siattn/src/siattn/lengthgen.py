@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from shared_kernels.errors import OneLineParser, positive
+from shared_kernels.runconfig import write_text_atomic
 from siattn.models import GPT, GPTConfig
 
 # name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
@@ -43,10 +44,10 @@ TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"]
 
 
 @dataclass
-class StudyConfig:
-    """Everything a run depends on (stored with each result)."""
+class TrainConfig:
+    """What every study of tiny LMs trained at one length and evaluated at multiples of it shares (the
+    length-generalisation study here, the retrieval study in `siattn.retrieval`)."""
 
-    data: str = ""
     out: str = "runs/lengthgen"
     train_length: int = 128
     eval_multiples: tuple[int, ...] = (1, 4, 16)
@@ -58,6 +59,13 @@ class StudyConfig:
     d_model: int = 128
     n_head: int = 4
     seeds: tuple[int, ...] = (0, 1)
+
+
+@dataclass
+class StudyConfig(TrainConfig):
+    """Everything a run depends on (stored with each result)."""
+
+    data: str = ""
     data_seed: int = 1234
     p_rope_bases: tuple[float, ...] = (8.0, 32.0)
     taus: tuple[float, ...] = (1.0, 10.0)
@@ -205,7 +213,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(runs / f"{name}.safetensors"))
-    atomic_write(result_path, json.dumps(result))
+    write_text_atomic(result_path, json.dumps(result))
     (runs / f"{name}.lock").unlink(missing_ok=True)
     return result
 
@@ -217,17 +225,10 @@ def _claim(lock: Path) -> bool:
         os.kill(holder, 0)
         return holder == os.getpid()
     except (FileNotFoundError, ValueError, ProcessLookupError):
-        atomic_write(lock, str(os.getpid()))
+        write_text_atomic(lock, str(os.getpid()))
         return True
     except PermissionError:
         return False
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _run_jobs(cfg: StudyConfig, jobs: list[tuple[str, dict, int]]) -> list[dict]:
@@ -253,8 +254,8 @@ def run_study(cfg: StudyConfig) -> dict:
     results += _run_jobs(cfg, rest)
     summary = summarise(cfg, results, chosen)
     out = Path(cfg.out)
-    atomic_write(out / "results.json", json.dumps(summary, indent=1))
-    atomic_write(out / "table.md", format_table(cfg, summary))
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "table.md", format_table(cfg, summary))
     plot_loss_by_position(cfg, summary, out / "loss_by_position.png")
     return summary
 
