@@ -116,3 +116,18 @@ def test_study_end_to_end_tunes_resumes_and_reuses_rope_weights(tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")}
     run(cfg)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")} == mtimes
+
+
+def test_paired_test_over_windows_and_seeds():
+    from siattn.retrieval import _paired_test
+
+    def runs(per_seed):
+        return [{"seed": s, "needle_windows": {"512": w}} for s, w in enumerate(per_seed)]
+
+    same = runs([[1.0, 0.5, 0.0], [0.5, 0.5, 1.0]])
+    assert _paired_test(same, same, "512") == {"difference": 0.0, "p": 1.0, "n": 6}
+    better = runs([[1.0] * 40, [0.9] * 40])
+    worse = runs([[0.1 * (i % 3) for i in range(40)], [0.1 * (i % 2) for i in range(40)]])
+    t = _paired_test(better, worse, "512")
+    assert t["n"] == 80 and t["difference"] > 0.8 and t["p"] < 1e-6
+    assert _paired_test(worse, better, "512")["difference"] == -t["difference"]

@@ -49,7 +49,7 @@ def check_si_family(tau: float, alpha: float | None, beta: float | None) -> None
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if (alpha is None) != (beta is None):
         raise ValueError(f"alpha and beta must be given together, got alpha={alpha!r}, beta={beta!r}")
-    if alpha is None:
+    if alpha is None or beta is None:
         return
     for name, x in (("alpha", alpha), ("beta", beta)):
         if isinstance(x, bool) or not (isinstance(x, int | float) and math.isfinite(x)):
@@ -70,7 +70,7 @@ def si_coefficients(
     formula; unchecked (callers validate tau/alpha/beta with `check_si_family` and build t >= 0), so it has no
     host sync and traces inside torch.compile and flex score_mods."""
     log_growth = torch.log1p(t / tau)
-    if alpha is None:
+    if alpha is None or beta is None:
         a_sq = 1.0 + 2.0 * log_growth
         return a_sq.sqrt(), -2.0 * log_growth
     a_sq = 2.0 * (log_growth - math.log(alpha) + beta / alpha)
@@ -310,12 +310,15 @@ def _toeplitz_terms(
     if causal:
         a = a.masked_fill(~visible, 0.0)
         m = m.masked_fill(~visible, float("-inf"))
+
     # Row r of the view is rows - 1 - i: entry (r, x) = vec[r + x] has t = i + shift - x; flip the rows back
     # into row-major storage (flip alone keeps the view's column-major strides: 15x slower addcmul reads).
-    return tuple(
-        torch.empty(rows, cols, dtype=dtype, device=device).copy_(x.as_strided((rows, cols), (1, 1)).flip(0))
-        for x in (a, m)
-    )
+    def row_major(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(rows, cols, dtype=dtype, device=device).copy_(
+            x.as_strided((rows, cols), (1, 1)).flip(0)
+        )
+
+    return row_major(a), row_major(m)
 
 
 def _chunk_plan(Tq: int, Tk: int, q_offset: int, causal: bool, chunk: int):

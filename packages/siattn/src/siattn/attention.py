@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ def si_block_mask(
     Tk: int,
     *,
     causal: bool = True,
-    q_offset: int = 0,
+    q_offset: int | torch.Tensor = 0,
     doc_ids: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     block_size: int = 128,
@@ -201,7 +202,9 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    kwargs = dict(tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta)
+    kwargs: dict[str, Any] = dict(
+        tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta
+    )
     if backend == "reference":
         return si_attention_ref(q, k, v, attn_mask=attn_mask, **kwargs)
     if backend == "flex":

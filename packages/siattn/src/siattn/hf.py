@@ -24,7 +24,7 @@ crosses a document, so each document's logits equal the document run alone, KV-c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
@@ -162,7 +162,8 @@ def apply(
             f"model must be a transformers model with a rotary embedding, got {type(model).__name__}"
         )
     for rotary in rotaries:
-        dim = 2 * rotary.inv_freq.numel()
+        current = cast(torch.Tensor, rotary.inv_freq)  # a transformers rotary embedding's buffer
+        dim = 2 * current.numel()
         if rope == "keep":
             continue
         if rope == "p-rope":
@@ -171,13 +172,14 @@ def apply(
             inv_freq = rope_frequencies(dim, base)
         else:
             inv_freq = nope_frequencies(dim)
-        inv_freq = inv_freq.to(rotary.inv_freq.device)
+        inv_freq = inv_freq.to(current.device)
         rotary.inv_freq = inv_freq  # assigning to a registered buffer keeps it a (non-persistent) buffer
         if hasattr(rotary, "original_inv_freq"):
             rotary.original_inv_freq = inv_freq.clone()
-        rotary.attention_scaling = 1.0
+        plain = cast(Any, rotary)  # attention_scaling, rope_type: plain attributes of transformers' rotaries
+        plain.attention_scaling = 1.0
         if hasattr(rotary, "rope_type"):
-            rotary.rope_type = "default"  # no dynamic rescaling of our frequencies
+            plain.rope_type = "default"  # no dynamic rescaling of our frequencies
     settings = {
         "tau": float(tau),
         "rope": rope,
@@ -186,7 +188,7 @@ def apply(
         "backend": backend,
     }
     setattr(model.config, CONFIG_KEY, settings)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    cast(Any, model).set_attn_implementation(ATTN_IMPLEMENTATION)  # a transformers PreTrainedModel
     return model
 
 

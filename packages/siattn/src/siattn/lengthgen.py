@@ -336,17 +336,17 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
     import matplotlib.pyplot as plt
 
     length = str(cfg.train_length * max(cfg.eval_multiples))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, row in summary["rows"].items():
         curve = torch.tensor(row["by_length"][length]["loss_by_position"])
         n = len(curve) // bin_size * bin_size
         binned = curve[:n].view(-1, bin_size).mean(1)
         ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, label=name)
     ax.axvline(cfg.train_length, color="gray", linestyle=":", label="training length")
-    ax.set_xlabel("position in window")
+    ax.set_xlabel("position in window (bytes)")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"Loss by position at evaluation length {length} (mean over seeds, bins of {bin_size})")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)  # outside: never over the curves
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
@@ -402,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
         root = shared_data_dir()
         if root is None:
             p.error("no --data given and the shared data folder was not found")
-        data = str(root / "tinyshakespeare" / "input.txt")
+        else:
+            data = str(root / "tinyshakespeare" / "input.txt")
     if not Path(data).is_file():
         p.error(f"--data {data} is not a file")
     size = Path(data).stat().st_size

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,17 @@ class KVCache:
         return 0 if keys is None else keys.shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
+        prev_k, prev_v = self.keys[layer], self.values[layer]
+        if prev_k is not None and prev_v is not None:
+            k = torch.cat([prev_k, k], dim=2)
+            v = torch.cat([prev_v, v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
 
 class Attention(nn.Module):
+    inv_freq: torch.Tensor  # a non-persistent buffer (the rotation's inverse frequencies)
+
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -188,9 +192,14 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
-        for block in self.blocks:  # GPT-2's scaled init of the residual projections
-            for proj in (block.attn.o_proj, block.mlp[2]):
+        for block in self.layers:  # GPT-2's scaled init of the residual projections
+            for proj in (block.attn.o_proj, cast(nn.Linear, block.mlp[2])):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @property
+    def layers(self) -> list[Block]:
+        """The blocks, typed (iterating an nn.ModuleList gives plain Modules)."""
+        return [cast(Block, block) for block in self.blocks]
 
     @staticmethod
     def _init(module: nn.Module) -> None:

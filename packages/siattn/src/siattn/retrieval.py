@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import write_text_atomic
 from siattn.lengthgen import TrainConfig, set_warmup_cosine_lr
-from siattn.models import GPT, GPTConfig
+from siattn.models import GPT, Block, GPTConfig
 from siattn.positional import rope_frequencies
 
 
@@ -236,7 +236,17 @@ def validation_loss(model: GPT, cfg: RetrievalConfig, task: KVTask) -> float:
     return statistics.fmean(losses)
 
 
-def _rescale_rope(model: GPT, variant: str, cfg: RetrievalConfig, mult: int, q_gains: list[torch.Tensor]):
+def _q_gain(block: Block) -> torch.Tensor:
+    """The learned gain of a block's q norm (QK-norm is on in every model here)."""
+    norm = block.attn.q_norm
+    if not isinstance(norm, torch.nn.RMSNorm) or norm.weight is None:
+        raise ValueError("YaRN's logit scaling needs models with QK-norm (qk_norm=True)")
+    return norm.weight
+
+
+def _rescale_rope(
+    model: GPT, variant: str, cfg: RetrievalConfig, mult: int, q_gains: list[torch.Tensor]
+) -> None:
     """Set the RoPE frequencies (and YaRN's logit gain, via the q norm's weight) for `mult` x the training
     length; identity at mult = 1."""
     head_dim = cfg.d_model // cfg.n_head
@@ -247,9 +257,9 @@ def _rescale_rope(model: GPT, variant: str, cfg: RetrievalConfig, mult: int, q_g
     else:  # YaRN: frequencies by parts, logits x (0.1 ln s + 1)^2
         inv = _yarn_frequencies(rope_frequencies(head_dim, base), cfg.train_length, float(mult))
         gain = (0.1 * math.log(mult) + 1.0) ** 2
-    for block, w in zip(model.blocks, q_gains, strict=True):
+    for block, w in zip(model.layers, q_gains, strict=True):
         block.attn.inv_freq = inv
-        block.attn.q_norm.weight.copy_(w * gain)
+        _q_gain(block).copy_(w * gain)
 
 
 @torch.no_grad()
@@ -257,7 +267,7 @@ def evaluate(model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str) -> di
     """Per-window probe accuracy at each evaluation length: {str(length): [accuracy of window i]}."""
     model.eval()
     out = {}
-    q_gains = [block.attn.q_norm.weight.clone() for block in model.blocks]
+    q_gains = [_q_gain(block).clone() for block in model.layers]
     for mult in cfg.eval_multiples:
         length = cfg.train_length * mult
         if variant in RESCALED:
@@ -357,15 +367,22 @@ def _rows(
 
 
 def _paired_test(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str) -> dict[str, float]:
-    """Paired t-test of per-window accuracy, a minus b, over probe windows x seeds (the same windows)."""
-    from scipy.stats import ttest_rel
-
+    """Paired t-test of per-window accuracy, a minus b, over probe windows x seeds (the same windows), with
+    the normal approximation of the t distribution (n = trials x seeds >= 128 in the study)."""
     by_seed = {r["seed"]: r["needle_windows"][length] for r in b}
-    xs = [x for r in a if r["seed"] in by_seed for x in r["needle_windows"][length]]
-    ys = [y for r in a if r["seed"] in by_seed for y in by_seed[r["seed"]]]
-    diff = statistics.fmean(xs) - statistics.fmean(ys)
-    p = 1.0 if all(x == y for x, y in zip(xs, ys, strict=True)) else float(ttest_rel(xs, ys).pvalue)
-    return {"difference": diff, "p": p, "n": len(xs)}
+    diffs = [
+        x - y
+        for r in a
+        if r["seed"] in by_seed
+        for x, y in zip(r["needle_windows"][length], by_seed[r["seed"]], strict=True)
+    ]
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if sd == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        p = math.erfc(abs(mean) / (sd / math.sqrt(len(diffs))) / math.sqrt(2))
+    return {"difference": mean, "p": p, "n": len(diffs)}
 
 
 def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[str, dict[str, float]]):
