@@ -176,7 +176,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     result_path = runs / f"{name}.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    if not _claim(runs / f"{name}.lock"):  # another live process trains this run: wait for its result
+    if not claim_lock(runs / f"{name}.lock"):  # another live process trains this run: wait for its result
         while not result_path.exists():
             time.sleep(10)
         return json.loads(result_path.read_text())
@@ -218,7 +218,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     return result
 
 
-def _claim(lock: Path) -> bool:
+def claim_lock(lock: Path) -> bool:
     """Take the run's lock file unless a live process holds it (several processes may share --out)."""
     try:
         holder = int(lock.read_text())

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import write_text_atomic
-from siattn.lengthgen import TrainConfig, set_warmup_cosine_lr
+from siattn.lengthgen import TrainConfig, claim_lock, set_warmup_cosine_lr
 from siattn.models import GPT, Block, GPTConfig
 from siattn.positional import rope_frequencies
 
@@ -280,12 +280,17 @@ def evaluate(model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str) -> di
 
 def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed: int) -> dict[str, Any]:
     """Train (or, for RoPE+NTK / +YaRN, load the RoPE weights of) one run and probe it; resumable: a
-    finished run's json is read back."""
+    finished run's json is read back, and a run another live process holds (its lock file) is waited for,
+    so several processes may share cfg.out."""
     torch.set_num_threads(1)
     task = KVTask()
     runs = Path(cfg.out) / "runs"
     path = runs / f"{run_name(variant, setting, seed)}.json"
     if path.exists():
+        return json.loads(path.read_text())
+    if not claim_lock(runs / f"{run_name(variant, setting, seed)}.lock"):  # another process runs it: wait
+        while not path.exists():
+            time.sleep(10)
         return json.loads(path.read_text())
     start = time.process_time()
     if variant in RESCALED:
@@ -308,6 +313,7 @@ def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed:
     }
     result["needle"] = {n: statistics.fmean(w) for n, w in result["needle_windows"].items()}
     write_text_atomic(path, json.dumps(result))
+    (runs / f"{run_name(variant, setting, seed)}.lock").unlink(missing_ok=True)
     print(run_name(variant, setting, seed), f"val loss {val:.3f}", result["needle"], flush=True)
     return result
 
