@@ -445,9 +445,10 @@ def format_table(cfg: RetrievalConfig, summary: dict[str, Any]) -> str:
     chance = 1 / KVTask().n_values
     lines += ["", f"Probe accuracy: mean over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.", ""]
     for name, t in summary["tests_at_longest"].items():
+        p = f"p = {t['p']:.2g}" if t["p"] >= 1e-6 else "p < 1e-6"  # the normal tail is no finer than that
         lines.append(
             f"- {name} at {lengths[-1]}: {t['difference']:+.3f}, paired t-test over {t['n']} probe windows x "
-            f"seeds, p = {t['p']:.2g}"
+            f"seeds, {p}"
         )
     lines += ["", f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
     for s in summary["sweep"]:
@@ -456,8 +457,12 @@ def format_table(cfg: RetrievalConfig, summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
 def plot(cfg: RetrievalConfig, summary: dict[str, Any], path: Path) -> None:
-    """Probe accuracy against evaluation length: one line per row (mean over seeds), seeds as dots."""
+    """Probe accuracy against evaluation length: one line per row (mean over seeds, shifted sideways a little
+    so equal rows stay visible), seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,11 +470,16 @@ def plot(cfg: RetrievalConfig, summary: dict[str, Any], path: Path) -> None:
 
     lengths = [cfg.train_length * m for m in cfg.eval_multiples]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, row in summary["rows"].items():
-        line = ax.plot(lengths, [row["needle_mean"][str(n)] for n in lengths], marker="o", label=label)[0]
-        for n in lengths:
+    rows = summary["rows"]
+    for i, (label, row) in enumerate(rows.items()):
+        # rows that coincide (several at 1.0) stay visible: a small sideways shift and their own marker each
+        shift = 2 ** (0.04 * (i - (len(rows) - 1) / 2))
+        xs = [n * shift for n in lengths]
+        means = [row["needle_mean"][str(n)] for n in lengths]
+        line = ax.plot(xs, means, marker=_MARKERS[i % len(_MARKERS)], label=label)[0]
+        for x, n in zip(xs, lengths, strict=True):
             seeds = row["needle"][str(n)]
-            ax.scatter([n] * len(seeds), seeds, s=12, alpha=0.5, color=line.get_color())
+            ax.scatter([x] * len(seeds), seeds, s=12, alpha=0.5, color=line.get_color())
     ax.axhline(1 / KVTask().n_values, color="gray", linestyle=":", label="chance")
     ax.axvline(cfg.train_length, color="gray", linestyle="--", linewidth=0.8, label="training length")
     ax.set_xscale("log", base=2)
