@@ -142,10 +142,10 @@ def siattn_chunked_cpu(ctx: BenchContext) -> None:
 
 @benchmark("siattn-flex-cpu", package="siattn", device="cpu")
 def siattn_flex_cpu(ctx: BenchContext) -> None:
-    """Forward only (CPU flex has no backward, eager or compiled): SI chunked vs SI via FlexAttention (score_mod +
-    causal block mask), eager (materialises the scores) and compiled (inductor's CPU flex template; first call
-    compiles), and compiled SI flex vs SDPA causal. No peak
-    memory rows: the live-bytes dispatch mode cannot enter flex's higher-order op (dynamo refuses it)."""
+    """Forward only (CPU flex has no backward, eager or compiled): SI chunked vs SI via FlexAttention
+    (score_mod + causal block mask), eager (materialises the scores) and compiled (inductor's CPU flex
+    template; first call compiles), and compiled SI flex vs SDPA causal. No peak memory rows: the live-bytes
+    dispatch mode cannot enter flex's higher-order op (dynamo refuses it)."""
     from siattn import attention
 
     sizes = [512, 1024] if ctx.quick else [512, 1024, 2048, 4096]
@@ -194,8 +194,8 @@ def siattn_flex_cpu(ctx: BenchContext) -> None:
 @benchmark("siattn-compiled-cpu", package="siattn", device="cpu")
 def siattn_compiled_cpu(ctx: BenchContext) -> None:
     """torch.compile of the SI chunked path (fwd+bwd) vs eager, T=1024 (and 2048 in full runs), with the
-    first call's compile time. The chunked path is a torch.library custom op since 2026-12-07, so compile keeps
-    it opaque: expect a ratio near 1 and a short compile (earlier rows inlined the chunk loop)."""
+    first call's compile time. The chunked path is a torch.library custom op since 2026-12-07, so compile
+    keeps it opaque: expect a ratio near 1 and a short compile (earlier rows inlined the chunk loop)."""
     for T in [1024] if ctx.quick else [1024, 2048]:
         torch._dynamo.reset()  # a fresh cache per size: the first call below compiles
         compiled = torch.compile(_si_chunked)

@@ -1,5 +1,5 @@
-"""The scale-invariant attention op: every backend against the fp64 reference (GQA, causal, offsets, documents,
-padding, odd shapes), input validation at every entry point, the custom-op registrations.
+"""The scale-invariant attention op: every backend against the fp64 reference (GQA, causal, offsets,
+documents, padding, odd shapes), input validation at every entry point, the custom-op registrations.
 
 The Triton kernel runs under TRITON_INTERPRET=1 on CPU (small sizes: every tile runs in Python) and on a GPU
 when one is lent."""

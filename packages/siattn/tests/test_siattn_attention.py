@@ -1,4 +1,5 @@
-"""attention(): the reference pinned by hand, masking, GQA, translation invariance, decoding, backends, errors."""
+"""attention(): the reference pinned by hand, masking, GQA, translation invariance, decoding, backends,
+errors."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""siattn.hf: Llama / Qwen2 / Qwen3 switched to SI p-RoPE attention train, decode with the cache, save/load."""
+"""siattn.hf: Llama / Qwen2 / Qwen3 switched to SI p-RoPE attention train, decode with the cache,
+save/load."""
 
 import pytest
 import torch

@@ -1,68 +1,72 @@
-"""The retrieval task: deterministic generation, and a probe that scores a perfect copier 100% and a random
-predictor at chance."""
+"""The key-value retrieval task: deterministic generation, and a probe that scores a hand-made perfect
+retriever 100% and a random predictor at chance; the study end to end on a tiny budget."""
 
 import pytest
 import torch
 
-from siattn.retrieval import CopyTask, copy_batch, needle_probe, probe_accuracy
+from siattn.retrieval import KVTask, kv_batch, kv_probe, probe_accuracy
 
-TASK = CopyTask()
+TASK = KVTask()
 
 
-def _copier_logits(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A hand-made induction head: after a string symbol, predict what followed its previous occurrence."""
-    logits = torch.zeros(*tokens.shape, vocab)
+def _retriever_logits(tokens: torch.Tensor, task: KVTask) -> torch.Tensor:
+    """A hand-made retriever: at query Q_k, predict the value of the last pair token carrying key k."""
+    logits = torch.zeros(*tokens.shape, task.vocab)
     for b in range(tokens.shape[0]):
-        seq = tokens[b].tolist()
-        last = {}
-        for i, tok in enumerate(seq):
-            if tok >= TASK.n_filler and tok in last and last[tok] + 1 < len(seq):
-                logits[b, i, seq[last[tok] + 1]] = 1.0
-            last[tok] = i
+        stored = {}
+        for i, tok in enumerate(tokens[b].tolist()):
+            if task.n_filler <= tok < task.query0:
+                key, value = divmod(tok - task.n_filler, task.n_values)
+                stored[key] = value
+            elif task.query0 <= tok < task.value0 and tok - task.query0 in stored:
+                logits[b, i, task.value0 + stored[tok - task.query0]] = 1.0
     return logits
 
 
 def test_generation_is_deterministic_and_well_formed():
-    a = copy_batch(TASK, 16, 128, torch.Generator().manual_seed(3))
-    b = copy_batch(TASK, 16, 128, torch.Generator().manual_seed(3))
+    a = kv_batch(TASK, 16, 128, torch.Generator().manual_seed(3))
+    b = kv_batch(TASK, 16, 128, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], copy_batch(TASK, 16, 128, torch.Generator().manual_seed(4))[0])
+    assert not torch.equal(a[0], kv_batch(TASK, 16, 128, torch.Generator().manual_seed(4))[0])
     tokens, mask = a
-    counts = mask.sum(1)
-    assert ((counts >= TASK.min_len - 1) & (counts <= TASK.max_len - 1)).all()
-    # Every masked target is a string symbol that also appeared earlier in the window.
-    targets = tokens[:, 1:]
-    assert (targets[mask] >= TASK.n_filler).all()
-    assert torch.equal(needle_probe(TASK, 512, 4, seed=0), needle_probe(TASK, 512, 4, seed=0))
+    assert (mask.sum(1) == TASK.n_keys).all()
+    assert (mask[:, : 128 // 2] == 0).all()  # queries in the second half only
+    targets = tokens[:, 1:][mask]
+    assert ((targets >= TASK.value0) & (targets < TASK.vocab)).all()
+    pairs = (tokens >= TASK.n_filler) & (tokens < TASK.query0)
+    assert (pairs.sum(1) == TASK.n_keys).all() and not pairs[:, 128 // 2 :].any()
+    assert torch.equal(kv_probe(TASK, 512, 4, seed=0), kv_probe(TASK, 512, 4, seed=0))
 
 
 @pytest.mark.parametrize("length", [128, 512])
-def test_probe_scores_a_perfect_copier_100_and_random_at_chance(length):
-    tokens = needle_probe(TASK, length, 64, seed=1)
-    assert probe_accuracy(TASK, _copier_logits(tokens, TASK.vocab), tokens) == 1.0
-    shifted = torch.roll(_copier_logits(tokens, TASK.vocab), 1, dims=1)  # right answers one step late
+def test_probe_scores_a_perfect_retriever_100_and_random_at_chance(length):
+    tokens = kv_probe(TASK, length, 64, seed=1)
+    pairs = (tokens >= TASK.n_filler) & (tokens < TASK.query0)
+    assert not pairs[:, length // 4 :].any() and (pairs.sum(1) == TASK.n_keys).all()
+    assert probe_accuracy(TASK, _retriever_logits(tokens, TASK), tokens) == 1.0
+    shifted = torch.roll(_retriever_logits(tokens, TASK), 1, dims=1)  # right answers one step late
     assert probe_accuracy(TASK, shifted, tokens) < 0.1
     g = torch.Generator().manual_seed(2)
     random = torch.zeros(*tokens.shape, TASK.vocab)
-    random[..., TASK.n_filler :] = torch.rand(*tokens.shape, TASK.vocab - TASK.n_filler, generator=g)
-    acc = probe_accuracy(TASK, random, tokens)
-    chance = 1 / (TASK.vocab - TASK.n_filler)
-    assert abs(acc - chance) < 4 * (chance / (64 * (TASK.needle_len - 1))) ** 0.5  # 4 binomial sigmas
+    random[..., TASK.value0 :] = torch.rand(*tokens.shape, TASK.n_values, generator=g)
+    chance = 1 / TASK.n_values
+    n = 64 * TASK.n_keys
+    assert abs(probe_accuracy(TASK, random, tokens) - chance) < 4 * (chance * (1 - chance) / n) ** 0.5
 
 
-def test_training_batches_are_solvable_by_the_copier():
-    tokens, mask = copy_batch(TASK, 32, 128, torch.Generator().manual_seed(5))
-    logits = _copier_logits(tokens[:, :-1], TASK.vocab)
+def test_training_batches_are_solvable_by_the_retriever():
+    tokens, mask = kv_batch(TASK, 32, 128, torch.Generator().manual_seed(5))
+    logits = _retriever_logits(tokens[:, :-1], TASK)
     assert (logits[mask].argmax(-1) == tokens[:, 1:][mask]).float().mean().item() == 1.0
 
 
 def test_bad_task_and_lengths_raise():
-    with pytest.raises(ValueError, match="n_filler"):
-        CopyTask(vocab=10, n_filler=10)
+    with pytest.raises(ValueError, match="n_keys"):
+        KVTask(n_keys=0)
     with pytest.raises(ValueError, match="length"):
-        copy_batch(TASK, 1, 20, torch.Generator())
+        kv_batch(TASK, 1, 20, torch.Generator())
     with pytest.raises(ValueError, match="length"):
-        needle_probe(TASK, 20, 1, seed=0)
+        kv_probe(TASK, 20, 1, seed=0)
 
 
 def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
@@ -77,8 +81,8 @@ def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
     assert _ntk_base(1e4, 16, 1.0) == 1e4 and _ntk_base(1e4, 16, 4.0) > 4e4
 
 
-def test_study_end_to_end_resumes_and_reuses_rope_weights(tmp_path, capsys):
-    from siattn.retrieval import RetrievalConfig, run
+def test_study_end_to_end_tunes_resumes_and_reuses_rope_weights(tmp_path):
+    from siattn.retrieval import GRIDS, RetrievalConfig, run
 
     cfg = RetrievalConfig(
         out=str(tmp_path / "out"),
@@ -86,18 +90,44 @@ def test_study_end_to_end_resumes_and_reuses_rope_weights(tmp_path, capsys):
         batch_size=2,
         warmup=1,
         eval_multiples=(1, 2),
-        seeds=(0,),
-        variants=("rope", "rope+ntk", "rope+yarn", "si-p-rope"),
-        trials=4,
+        seeds=(0, 1),
+        variants=("rope+ntk", "rope+yarn", "si-p-rope"),
+        trials=2,
+        val_batches=1,
     )
     summary = run(cfg)
-    runs = {r["variant"]: r for r in summary["runs"]}
-    assert set(runs) == set(cfg.variants) and set(runs["si-p-rope"]["needle"]) == {"128", "256"}
-    # rope+ntk / rope+yarn evaluate the RoPE weights: identical at the training length, where both are RoPE
-    assert runs["rope+ntk"]["needle"]["128"] == runs["rope"]["needle"]["128"]
-    assert runs["rope+ntk"]["train_copy_acc"] == runs["rope"]["train_copy_acc"]
+    # every trained variant got its whole grid on seed 0; the chosen setting (and SI's tau=10) on seed 1
+    assert {(s["variant"], str(s["setting"])) for s in summary["sweep"]} == {
+        (v, str(s)) for v in ("rope", "si-p-rope") for s in GRIDS[v]
+    }
+    rows = summary["rows"]
+    assert summary["chosen"]["si-p-rope"] in GRIDS["si-p-rope"]
+    for label, row in rows.items():
+        assert row["seeds"] == [0, 1] and set(row["needle"]) == {"128", "256"}, label
+    if summary["chosen"]["si-p-rope"]["tau"] != 10:
+        assert rows["si-p-rope (paper tau=10)"]["setting"] == {"tau": 10.0}
+    # the rescalings evaluate the chosen RoPE weights: identical to each other at the training length
+    assert rows["rope+ntk"]["needle"]["128"] == rows["rope+yarn"]["needle"]["128"]
+    assert rows["rope+ntk"]["val_loss"] == rows["rope+yarn"]["val_loss"]
+    assert "si-p-rope - rope+ntk" in summary["tests_at_longest"]
     for name in ("results.json", "table.md", "needle.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "out" / "needle.png").stat().st_size > 10_000
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")}
     run(cfg)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")} == mtimes
+
+
+def test_paired_test_over_windows_and_seeds():
+    from siattn.retrieval import _paired_test
+
+    def runs(per_seed):
+        return [{"seed": s, "needle_windows": {"512": w}} for s, w in enumerate(per_seed)]
+
+    same = runs([[1.0, 0.5, 0.0], [0.5, 0.5, 1.0]])
+    assert _paired_test(same, same, "512") == {"difference": 0.0, "p": 1.0, "n": 6}
+    better = runs([[1.0] * 40, [0.9] * 40])
+    worse = runs([[0.1 * (i % 3) for i in range(40)], [0.1 * (i % 2) for i in range(40)]])
+    t = _paired_test(better, worse, "512")
+    assert t["n"] == 80 and t["difference"] > 0.8 and t["p"] < 1e-6
+    assert _paired_test(worse, better, "512")["difference"] == -t["difference"]

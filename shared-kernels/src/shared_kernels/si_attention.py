@@ -1,8 +1,10 @@
-"""Scale-invariant attention (arXiv 2505.17083) as one op: coefficients, input checks, the torch reference, the
-chunked torch path and the fused Triton kernel, behind `si_attention(..., backend="auto"|"torch"|"triton")`.
+"""Scale-invariant attention (arXiv 2505.17083) as one op: coefficients, input checks, the torch reference,
+the chunked torch path and the fused Triton kernel, behind
+`si_attention(..., backend="auto"|"torch"|"triton")`.
 
 Math per (query i, key j), t = (q_offset + i) - j (|t| when not causal):
-    S = q.k / sqrt(D);  a_t = sqrt(2 (log(1 + t/tau) + c)),  m_t = beta/alpha - a_t^2,  c = beta/alpha - log(alpha)
+    S = q.k / sqrt(D);  a_t = sqrt(2 (log(1 + t/tau) + c)),  m_t = beta/alpha - a_t^2,
+    c = beta/alpha - log(alpha)
     (alpha = beta = e^0.5 gives a_t^2 = 1 + 2 log(1 + t/tau), m_t = 1 - a_t^2)
     L = a_t S + m_t;  P = softmax(L) over the visible keys;  O = P V.
 The coefficients are written once (`si_coefficients`); every path reads them from it: the reference per
@@ -47,7 +49,7 @@ def check_si_family(tau: float, alpha: float | None, beta: float | None) -> None
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if (alpha is None) != (beta is None):
         raise ValueError(f"alpha and beta must be given together, got alpha={alpha!r}, beta={beta!r}")
-    if alpha is None:
+    if alpha is None or beta is None:
         return
     for name, x in (("alpha", alpha), ("beta", beta)):
         if isinstance(x, bool) or not (isinstance(x, int | float) and math.isfinite(x)):
@@ -56,7 +58,8 @@ def check_si_family(tau: float, alpha: float | None, beta: float | None) -> None
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if beta < alpha * math.log(alpha):
         raise ValueError(
-            f"beta must be >= alpha*log(alpha) = {alpha * math.log(alpha):.6g} (else a_0^2 < 0), got beta={beta!r}"
+            f"beta must be >= alpha*log(alpha) = {alpha * math.log(alpha):.6g} (else a_0^2 < 0), "
+            f"got beta={beta!r}"
         )
 
 
@@ -67,7 +70,7 @@ def si_coefficients(
     formula; unchecked (callers validate tau/alpha/beta with `check_si_family` and build t >= 0), so it has no
     host sync and traces inside torch.compile and flex score_mods."""
     log_growth = torch.log1p(t / tau)
-    if alpha is None:
+    if alpha is None or beta is None:
         a_sq = 1.0 + 2.0 * log_growth
         return a_sq.sqrt(), -2.0 * log_growth
     a_sq = 2.0 * (log_growth - math.log(alpha) + beta / alpha)
@@ -88,6 +91,18 @@ def check_si_inputs(
     beta: float | None = None,
 ) -> None:
     """Raise a ValueError/TypeError naming the argument for anything `si_attention` cannot take."""
+    _check_qkv_tensors(q, k, v)
+    _check_qkv_shapes(q, k)
+    check_si_family(tau, alpha, beta)
+    _check_causal_and_offset(causal, q_offset, q.shape[2], k.shape[2], doc_ids is not None)
+    if doc_ids is not None:
+        _check_doc_ids(doc_ids, q, k.shape[2])
+    if attn_mask is not None:
+        _check_attn_mask(attn_mask, q, k.shape[2])
+
+
+def _check_qkv_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v are 4-D float tensors of one dtype on one device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -99,59 +114,72 @@ def check_si_inputs(
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, Hq, Tq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+
+
+def _check_qkv_shapes(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Batch and head dim shared by q and k; query heads a multiple of key/value heads (GQA)."""
+    B, Hq, _, D = q.shape
     if k.shape[0] != B:
         raise ValueError(f"batch sizes differ: q has {B}, k has {k.shape[0]}")
     if k.shape[3] != D:
         raise ValueError(f"head dims differ: q has {D}, k and v have {k.shape[3]}")
     if D < 1 or Hq < 1 or k.shape[1] < 1:
         raise ValueError(f"head dim and head counts must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA")
-    check_si_family(tau, alpha, beta)
+    if Hq % k.shape[1]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]}) for GQA")
+
+
+def _check_causal_and_offset(causal: bool, q_offset: int, Tq: int, Tk: int, has_docs: bool) -> None:
+    """causal is a bool; q_offset an int >= 0 that keeps every query among the keys when it must."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
         raise ValueError(
             f"q_offset must be an int >= 0 (absolute position of the first query), got {q_offset!r}"
         )
-    if (causal or doc_ids is not None) and q_offset + Tq > Tk:
+    if (causal or has_docs) and q_offset + Tq > Tk:
         raise ValueError(
-            f"q_offset + Tq = {q_offset} + {Tq} exceeds the number of keys Tk = {Tk}: with causal or doc_ids, "
-            "query i sits at key position q_offset + i, which must be among the keys (pass the whole cache)"
+            f"q_offset + Tq = {q_offset} + {Tq} exceeds the number of keys Tk = {Tk}: with causal or "
+            "doc_ids, query i sits at key position q_offset + i, which must be among the keys (pass the "
+            "whole cache)"
         )
-    if doc_ids is not None:
-        if not isinstance(doc_ids, torch.Tensor):
-            raise TypeError(f"doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
-        if (
-            doc_ids.shape != (B, Tk)
-            or doc_ids.dtype.is_floating_point
-            or doc_ids.dtype.is_complex
-            or doc_ids.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"doc_ids must be an integer (B, Tk) = ({B}, {Tk}) tensor, got "
-                f"{doc_ids.dtype} {tuple(doc_ids.shape)}"
-            )
-        if doc_ids.device != q.device:
-            raise ValueError(f"doc_ids must be on {q.device}, got {doc_ids.device}")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
-            raise ValueError(
-                f"attn_mask must be a bool (B or 1, 1, Tq, Tk) tensor (True = may attend), got "
-                f"{attn_mask.dtype} {tuple(attn_mask.shape)}"
-            )
-        if attn_mask.shape[0] not in (1, B) or attn_mask.shape[2:] != (Tq, Tk):
-            raise ValueError(
-                f"attn_mask must broadcast to ({B}, 1, {Tq}, {Tk}), got {tuple(attn_mask.shape)}"
-            )
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask must be on {q.device}, got {attn_mask.device}")
+
+
+def _check_doc_ids(doc_ids: torch.Tensor, q: torch.Tensor, Tk: int) -> None:
+    """doc_ids: an integer (B, Tk) tensor on q's device."""
+    if not isinstance(doc_ids, torch.Tensor):
+        raise TypeError(f"doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
+    B = q.shape[0]
+    if (
+        doc_ids.shape != (B, Tk)
+        or doc_ids.dtype.is_floating_point
+        or doc_ids.dtype.is_complex
+        or doc_ids.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"doc_ids must be an integer (B, Tk) = ({B}, {Tk}) tensor, got "
+            f"{doc_ids.dtype} {tuple(doc_ids.shape)}"
+        )
+    if doc_ids.device != q.device:
+        raise ValueError(f"doc_ids must be on {q.device}, got {doc_ids.device}")
+
+
+def _check_attn_mask(attn_mask: torch.Tensor, q: torch.Tensor, Tk: int) -> None:
+    """attn_mask: bool (B or 1, 1, Tq, Tk) on q's device."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
+        raise ValueError(
+            f"attn_mask must be a bool (B or 1, 1, Tq, Tk) tensor (True = may attend), got "
+            f"{attn_mask.dtype} {tuple(attn_mask.shape)}"
+        )
+    B, _, Tq, _ = q.shape
+    if attn_mask.shape[0] not in (1, B) or attn_mask.shape[2:] != (Tq, Tk):
+        raise ValueError(f"attn_mask must broadcast to ({B}, 1, {Tq}, {Tk}), got {tuple(attn_mask.shape)}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on {q.device}, got {attn_mask.device}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -282,19 +310,23 @@ def _toeplitz_terms(
     if causal:
         a = a.masked_fill(~visible, 0.0)
         m = m.masked_fill(~visible, float("-inf"))
+
     # Row r of the view is rows - 1 - i: entry (r, x) = vec[r + x] has t = i + shift - x; flip the rows back
     # into row-major storage (flip alone keeps the view's column-major strides: 15x slower addcmul reads).
-    return tuple(
-        torch.empty(rows, cols, dtype=dtype, device=device).copy_(x.as_strided((rows, cols), (1, 1)).flip(0))
-        for x in (a, m)
-    )
+    def row_major(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(rows, cols, dtype=dtype, device=device).copy_(
+            x.as_strided((rows, cols), (1, 1)).flip(0)
+        )
+
+    return row_major(a), row_major(m)
 
 
 def _chunk_plan(Tq: int, Tk: int, q_offset: int, causal: bool, chunk: int):
-    """(start, end, visible keys, first Toeplitz column) per query chunk, and the Toeplitz (rows, cols, shift).
+    """(start, end, visible keys, first Toeplitz column) per query chunk, and the Toeplitz
+    (rows, cols, shift).
 
-    Column x of the Toeplitz matrices is key x - shift + q_offset + s for the chunk starting at s, with shift =
-    q_offset + s_last so every chunk's columns start at s_last - s >= 0."""
+    Column x of the Toeplitz matrices is key x - shift + q_offset + s for the chunk starting at s, with
+    shift = q_offset + s_last so every chunk's columns start at s_last - s >= 0."""
     s_last = (Tq - 1) // chunk * chunk
     plan = []
     for s in range(0, Tq, chunk):
@@ -505,7 +537,8 @@ if triton_available():
 
     @triton.jit
     def _load_docs(DOC, b, Tk, pos, valid, other, HAS_DOC: tl.constexpr):
-        """Document ids of key positions `pos` of batch row b ((B, Tk) int32), or `pos` itself without docs."""
+        """Document ids of key positions `pos` of batch row b ((B, Tk) int32), or `pos` itself without
+        docs."""
         if HAS_DOC:
             return tl.load(DOC + b * Tk + pos, mask=valid, other=other)
         return pos
@@ -527,8 +560,9 @@ if triton_available():
         HAS_DOC: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """Masked logits (fp32, natural units) and a_t / sqrt(D) for one (BLOCK_M, BLOCK_N) tile; a_t / sqrt(D)
-        and m_t are read from the (NT,) fp32 tables that `si_coefficients` filled, indexed by the distance."""
+        """Masked logits (fp32, natural units) and a_t / sqrt(D) for one (BLOCK_M, BLOCK_N) tile;
+        a_t / sqrt(D) and m_t are read from the (NT,) fp32 tables that `si_coefficients` filled, indexed by
+        the distance."""
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -834,8 +868,8 @@ def _si_attention_fwd_op(
     alpha: float | None,
     beta: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward launch as a torch custom op: (out (B, Hq, Tq, D), row log-sum-exp (B, Hq, Tq) fp32, base 2).
-    `doc` is (B, Tk) int32, or empty for no documents."""
+    """The forward launch as a torch custom op: (out (B, Hq, Tq, D), row log-sum-exp (B, Hq, Tq) fp32,
+    base 2). `doc` is (B, Tk) int32, or empty for no documents."""
     if not triton_available():
         raise ValueError("the Triton path of si_attention needs triton")
     return _si_attention_fwd(q, k, v, doc, tau, causal, q_offset, alpha, beta)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ def si_block_mask(
     Tk: int,
     *,
     causal: bool = True,
-    q_offset: int = 0,
+    q_offset: int | torch.Tensor = 0,
     doc_ids: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     block_size: int = 128,
@@ -184,13 +185,15 @@ def attention(
 
     Args:
         q: (B, Hq, Tq, D) queries, already position-encoded (e.g. p-RoPE); query i sits at q_offset + i.
-        k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv)); key j at j.
+        k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv));
+            key j at j.
         tau: scale of the transform (> 0).
         causal: mask keys after each query (t < 0). Without it, t = |i - j|.
         q_offset: absolute position of the first query (KV-cache decoding: Tk - Tq).
         doc_ids: optional (B, Tk) integer ids of packed documents; attention never crosses documents.
         backend: "auto" | "reference" | "chunked" ("torch") | "flex" | "triton".
-        attn_mask: optional bool (B or 1, 1, Tq, Tk), True = may attend (padding masks); reference and chunked.
+        attn_mask: optional bool (B or 1, 1, Tq, Tk), True = may attend (padding masks); reference and
+            chunked.
         alpha, beta: the general coefficient family (both or neither).
         chunk: query rows per chunk of the chunked backend.
         compile_flex: torch.compile the flex backend (None: on CUDA only).
@@ -199,7 +202,9 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    kwargs = dict(tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta)
+    kwargs: dict[str, Any] = dict(
+        tau=tau, causal=causal, q_offset=q_offset, doc_ids=doc_ids, alpha=alpha, beta=beta
+    )
     if backend == "reference":
         return si_attention_ref(q, k, v, attn_mask=attn_mask, **kwargs)
     if backend == "flex":

@@ -24,7 +24,7 @@ crosses a document, so each document's logits equal the document run alone, KV-c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
@@ -100,8 +100,9 @@ def _document_masks(
     `position_ids` (B or 1, Tq), the query positions inside their document: query i (absolute index
     q_offset + i) starts its document at start_i = q_offset + i - position_ids[i], and sees keys start_i ..
     q_offset + i. Unpacked inputs (positions counting from 0 or continuing the cache) have start_i <= 0 and
-    change nothing. In a full pass (Tq == Tk) start is a document id for keys too, which keeps the Triton path;
-    a cached step needs only the queries' starts, so decoding a packed row needs no memory of the prefix."""
+    change nothing. In a full pass (Tq == Tk) start is a document id for keys too, which keeps the Triton
+    path; a cached step needs only the queries' starts, so decoding a packed row needs no memory of the
+    prefix."""
     if doc_ids is not None:
         if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != (B, Tk):
             raise ValueError(
@@ -161,7 +162,8 @@ def apply(
             f"model must be a transformers model with a rotary embedding, got {type(model).__name__}"
         )
     for rotary in rotaries:
-        dim = 2 * rotary.inv_freq.numel()
+        current = cast(torch.Tensor, rotary.inv_freq)  # a transformers rotary embedding's buffer
+        dim = 2 * current.numel()
         if rope == "keep":
             continue
         if rope == "p-rope":
@@ -170,13 +172,14 @@ def apply(
             inv_freq = rope_frequencies(dim, base)
         else:
             inv_freq = nope_frequencies(dim)
-        inv_freq = inv_freq.to(rotary.inv_freq.device)
+        inv_freq = inv_freq.to(current.device)
         rotary.inv_freq = inv_freq  # assigning to a registered buffer keeps it a (non-persistent) buffer
         if hasattr(rotary, "original_inv_freq"):
             rotary.original_inv_freq = inv_freq.clone()
-        rotary.attention_scaling = 1.0
+        plain = cast(Any, rotary)  # attention_scaling, rope_type: plain attributes of transformers' rotaries
+        plain.attention_scaling = 1.0
         if hasattr(rotary, "rope_type"):
-            rotary.rope_type = "default"  # no dynamic rescaling of our frequencies
+            plain.rope_type = "default"  # no dynamic rescaling of our frequencies
     settings = {
         "tau": float(tau),
         "rope": rope,
@@ -185,7 +188,7 @@ def apply(
         "backend": backend,
     }
     setattr(model.config, CONFIG_KEY, settings)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    cast(Any, model).set_attn_implementation(ATTN_IMPLEMENTATION)  # a transformers PreTrainedModel
     return model
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from shared_kernels.errors import OneLineParser, positive
+from shared_kernels.runconfig import write_text_atomic
 from siattn.models import GPT, GPTConfig
 
 # name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
@@ -43,10 +44,10 @@ TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"]
 
 
 @dataclass
-class StudyConfig:
-    """Everything a run depends on (stored with each result)."""
+class TrainConfig:
+    """What every study of tiny LMs trained at one length and evaluated at multiples of it shares (the
+    length-generalisation study here, the retrieval study in `siattn.retrieval`)."""
 
-    data: str = ""
     out: str = "runs/lengthgen"
     train_length: int = 128
     eval_multiples: tuple[int, ...] = (1, 4, 16)
@@ -58,6 +59,13 @@ class StudyConfig:
     d_model: int = 128
     n_head: int = 4
     seeds: tuple[int, ...] = (0, 1)
+
+
+@dataclass
+class StudyConfig(TrainConfig):
+    """Everything a run depends on (stored with each result)."""
+
+    data: str = ""
     data_seed: int = 1234
     p_rope_bases: tuple[float, ...] = (8.0, 32.0)
     taus: tuple[float, ...] = (1.0, 10.0)
@@ -168,7 +176,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     result_path = runs / f"{name}.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    if not _claim(runs / f"{name}.lock"):  # another live process trains this run: wait for its result
+    if not claim_lock(runs / f"{name}.lock"):  # another live process trains this run: wait for its result
         while not result_path.exists():
             time.sleep(10)
         return json.loads(result_path.read_text())
@@ -205,29 +213,22 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(runs / f"{name}.safetensors"))
-    atomic_write(result_path, json.dumps(result))
+    write_text_atomic(result_path, json.dumps(result))
     (runs / f"{name}.lock").unlink(missing_ok=True)
     return result
 
 
-def _claim(lock: Path) -> bool:
+def claim_lock(lock: Path) -> bool:
     """Take the run's lock file unless a live process holds it (several processes may share --out)."""
     try:
         holder = int(lock.read_text())
         os.kill(holder, 0)
         return holder == os.getpid()
     except (FileNotFoundError, ValueError, ProcessLookupError):
-        atomic_write(lock, str(os.getpid()))
+        write_text_atomic(lock, str(os.getpid()))
         return True
     except PermissionError:
         return False
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _run_jobs(cfg: StudyConfig, jobs: list[tuple[str, dict, int]]) -> list[dict]:
@@ -253,8 +254,8 @@ def run_study(cfg: StudyConfig) -> dict:
     results += _run_jobs(cfg, rest)
     summary = summarise(cfg, results, chosen)
     out = Path(cfg.out)
-    atomic_write(out / "results.json", json.dumps(summary, indent=1))
-    atomic_write(out / "table.md", format_table(cfg, summary))
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "table.md", format_table(cfg, summary))
     plot_loss_by_position(cfg, summary, out / "loss_by_position.png")
     return summary
 
@@ -335,17 +336,17 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
     import matplotlib.pyplot as plt
 
     length = str(cfg.train_length * max(cfg.eval_multiples))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, row in summary["rows"].items():
         curve = torch.tensor(row["by_length"][length]["loss_by_position"])
         n = len(curve) // bin_size * bin_size
         binned = curve[:n].view(-1, bin_size).mean(1)
         ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, label=name)
     ax.axvline(cfg.train_length, color="gray", linestyle=":", label="training length")
-    ax.set_xlabel("position in window")
+    ax.set_xlabel("position in window (bytes)")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"Loss by position at evaluation length {length} (mean over seeds, bins of {bin_size})")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)  # outside: never over the curves
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
@@ -401,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
         root = shared_data_dir()
         if root is None:
             p.error("no --data given and the shared data folder was not found")
-        data = str(root / "tinyshakespeare" / "input.txt")
+        else:
+            data = str(root / "tinyshakespeare" / "input.txt")
     if not Path(data).is_file():
         p.error(f"--data {data} is not a file")
     size = Path(data).stat().st_size

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,8 @@ class GPTConfig:
     mlp_ratio: hidden width of the MLP over d_model.
     position: "rope" | "p-rope" | "nope" | "alibi".
     attention: "softmax" | "si" | "logn" (fixed LogN scale at evaluation) | "logn-learned" (Scalable-Softmax:
-        logits x s_h log(n) at every position, s_h a learned per-head scale initialised to 1 / log(train_length)).
+        logits x s_h log(n) at every position, s_h a learned per-head scale initialised to
+        1 / log(train_length)).
     rope_base: RoPE theta. p_rope_fraction, p_rope_base: p-RoPE's kept share of pairs and base.
     tau: scale-invariant attention's tau. train_length: LogN's reference length (the training context).
     qk_norm: RMSNorm on q and k per head. si_backend: backend passed to `siattn.attention`.
@@ -95,14 +97,17 @@ class KVCache:
         return 0 if keys is None else keys.shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
+        prev_k, prev_v = self.keys[layer], self.values[layer]
+        if prev_k is not None and prev_v is not None:
+            k = torch.cat([prev_k, k], dim=2)
+            v = torch.cat([prev_v, v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
 
 class Attention(nn.Module):
+    inv_freq: torch.Tensor  # a non-persistent buffer (the rotation's inverse frequencies)
+
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -187,9 +192,14 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
-        for block in self.blocks:  # GPT-2's scaled init of the residual projections
-            for proj in (block.attn.o_proj, block.mlp[2]):
+        for block in self.layers:  # GPT-2's scaled init of the residual projections
+            for proj in (block.attn.o_proj, cast(nn.Linear, block.mlp[2])):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @property
+    def layers(self) -> list[Block]:
+        """The blocks, typed (iterating an nn.ModuleList gives plain Modules)."""
+        return [cast(Block, block) for block in self.blocks]
 
     @staticmethod
     def _init(module: nn.Module) -> None:

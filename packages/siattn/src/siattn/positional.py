@@ -15,7 +15,8 @@ import torch
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Standard RoPE inverse frequencies `base ** (-2k / head_dim)`, k < head_dim/2. Returns (head_dim/2,) fp32."""
+    """Standard RoPE inverse frequencies `base ** (-2k / head_dim)`, k < head_dim/2.
+    Returns (head_dim/2,) fp32."""
     _check_head_dim(head_dim)
     if not base > 1:
         raise ValueError(f"base must be > 1, got {base!r}")
@@ -23,11 +24,13 @@ def rope_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
 
 
 def p_rope_frequencies(head_dim: int, fraction: float = 0.5, base: float = 1024.0) -> torch.Tensor:
-    """p-RoPE inverse frequencies: `(1/base) ** linspace(0, 1, n_kept)` then zeros. Returns (head_dim/2,) fp32.
+    """p-RoPE inverse frequencies: `(1/base) ** linspace(0, 1, n_kept)` then zeros.
+    Returns (head_dim/2,) fp32.
 
     Args:
         head_dim: D, even.
-        fraction: share of the D/2 pairs that rotate (0 gives NoPE, the paper uses 0.5); n_kept = round(fraction*D/2).
+        fraction: share of the D/2 pairs that rotate (0 gives NoPE, the paper uses 0.5);
+            n_kept = round(fraction*D/2).
         base: the slowest kept pair turns once every 2*pi*base positions.
     """
     _check_head_dim(head_dim)
@@ -101,15 +104,16 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def alibi_bias(num_heads: int, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
-    """Additive ALiBi bias -m_h * (i - j). Returns (H, Tq, Tk) fp32 (future keys get a positive bias: mask them)."""
+    """Additive ALiBi bias -m_h * (i - j). Returns (H, Tq, Tk) fp32 (future keys get a positive bias:
+    mask them)."""
     dist = (q_positions[:, None] - k_positions[None, :]).float()
     return -alibi_slopes(num_heads).to(dist.device)[:, None, None] * dist
 
 
 def logn_scale(q_positions: torch.Tensor, train_length: int) -> torch.Tensor:
     """LogN scaling (Su 2021; Scalable-Softmax with a fixed s): multiply the logits of the query at position i
-    by max(1, log(n) / log(train_length)), n = i + 1 visible keys. Returns (Tq,) fp32; 1 inside training length.
-    """
+    by max(1, log(n) / log(train_length)), n = i + 1 visible keys. Returns (Tq,) fp32; 1 inside the training
+    length."""
     if train_length < 2:
         raise ValueError(f"train_length must be >= 2, got {train_length}")
     n = (q_positions.float() + 1.0).clamp(min=1.0)

@@ -1,12 +1,19 @@
-"""Retrieval at length: a synthetic copy task in which a tiny LM learns to copy in distribution (an induction
-task), then a needle probe at 1x / 4x / 16x the training length.
+"""Retrieval at length: tiny LMs trained on a synthetic key-value recall task at one length, then probed
+with the stored pairs far back in windows 4x and 16x longer.
 
-Task (tokens, not bytes): a window of `filler` tokens drawn uniformly from ids [0, n_filler); a string of
-`min_len..max_len` symbols drawn from ids [n_filler, vocab) (distinct, and never in the filler, so each
-occurrence is unambiguous) is placed at a random position in the window's first half and repeated at a random later
-position. The loss is on the repeat's symbols 2..L only (the first is unpredictable): nothing but copying
-lowers it. Probe: a `needle_len` string in the first quarter of a window of length T, repeated as the
-window's last tokens; top-1 accuracy on needle symbols 2..needle_len. Chance is 1 / (vocab - n_filler).
+Task (tokens): filler ids [0, n_filler); one "pair" token per (key, value); a query token per key and a
+value token per value. A training window of length T is filler with the n_keys pairs (every key once,
+random values) at random positions of its first half, and the n_keys queries, each followed by its value,
+in random two-token slots of its second half. The loss is on the value after each query only (n_keys
+targets per window), so nothing but retrieval lowers it: the query must find, by content, the one pair
+token carrying its key among T filler tokens. Probe at length T: the pairs in the first quarter, filler, the
+n_keys queries with their values as the last 2 n_keys tokens; top-1 accuracy on the values (chance
+1 / n_values).
+
+Every trained variant gets the same tuning budget: two settings (`GRIDS`), trained on seed 0 and chosen on
+in-distribution validation loss; the other seeds train the chosen setting, and SI p-RoPE's tau = 10 (the
+paper's) is trained on every seed beside the tuned tau. RoPE+NTK and RoPE+YaRN are the chosen RoPE weights
+rescaled at evaluation for each length.
 
     python -m siattn.retrieval --out runs/retrieval                  # default study (see README for timing)
 """
@@ -15,88 +22,110 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from shared_kernels.errors import OneLineParser, positive
-from siattn.lengthgen import set_warmup_cosine_lr
-from siattn.models import GPT, GPTConfig
+from shared_kernels.runconfig import write_text_atomic
+from siattn.lengthgen import TrainConfig, claim_lock, set_warmup_cosine_lr
+from siattn.models import GPT, Block, GPTConfig
 from siattn.positional import rope_frequencies
 
 
 @dataclass(frozen=True)
-class CopyTask:
-    """vocab: all token ids; ids < n_filler are filler, the rest are string symbols."""
+class KVTask:
+    """Token layout: filler [0, n_filler), pairs (key k, value v) at pair_id(k, v), queries at query0 + k,
+    values at value0 + v."""
 
-    vocab: int = 96
     n_filler: int = 32
-    min_len: int = 16
-    max_len: int = 48
-    needle_len: int = 12
+    n_keys: int = 8
+    n_values: int = 16
 
     def __post_init__(self) -> None:
-        if not 0 < self.n_filler < self.vocab:
-            raise ValueError(f"n_filler must be in (0, vocab={self.vocab}), got {self.n_filler}")
-        if not 2 <= self.min_len <= self.max_len:
-            raise ValueError(f"need 2 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        if (
-            not 2 <= self.needle_len <= self.vocab - self.n_filler
-            or self.max_len > self.vocab - self.n_filler
-        ):
-            raise ValueError(
-                f"needle_len and max_len must be in [2, {self.vocab - self.n_filler}] (distinct "
-                f"symbols), got {self.needle_len}, {self.max_len}"
-            )
+        for name in ("n_filler", "n_keys", "n_values"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def query0(self) -> int:
+        return self.n_filler + self.n_keys * self.n_values
+
+    @property
+    def value0(self) -> int:
+        return self.query0 + self.n_keys
+
+    @property
+    def vocab(self) -> int:
+        return self.value0 + self.n_values
+
+    def pair_ids(self, values: torch.Tensor) -> torch.Tensor:
+        """The pair token of key k with value values[k], for every key k."""
+        return self.n_filler + torch.arange(self.n_keys) * self.n_values + values
+
+    def min_length(self) -> int:
+        """Shortest window holding the pairs in its first quarter and the queries in its second half."""
+        return 4 * self.n_keys
 
 
-def copy_batch(
-    task: CopyTask, batch: int, length: int, gen: torch.Generator
+def kv_batch(
+    task: KVTask, batch: int, length: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training windows. Returns tokens (batch, length + 1) int64 and a loss mask (batch, length) bool that is
-    True where the next token is a copied symbol 2..L (deterministic given `gen`'s state)."""
-    if length < 2 * task.max_len + 2:
-        raise ValueError(f"length must be >= 2 * max_len + 2 = {2 * task.max_len + 2}, got {length}")
+    """Training windows. Returns tokens (batch, length + 1) int64 and a loss mask (batch, length) bool, True
+    at each query (whose next token is its value); deterministic given `gen`'s state."""
+    if length < task.min_length():
+        raise ValueError(f"length must be >= 4 * n_keys = {task.min_length()}, got {length}")
     tokens = torch.randint(0, task.n_filler, (batch, length + 1), generator=gen)
     mask = torch.zeros(batch, length, dtype=torch.bool)
+    half = length // 2
     for b in range(batch):
-        n = int(torch.randint(task.min_len, task.max_len + 1, (1,), generator=gen))
-        s = task.n_filler + torch.randperm(task.vocab - task.n_filler, generator=gen)[:n]  # distinct symbols
-        p1 = int(torch.randint(0, (length + 1) // 2 - n + 1, (1,), generator=gen))
-        p2 = int(torch.randint(p1 + n, length + 1 - n + 1, (1,), generator=gen))
-        tokens[b, p1 : p1 + n] = s
-        tokens[b, p2 : p2 + n] = s
-        mask[b, p2 : p2 + n - 1] = True  # inputs p2 .. p2+n-2 predict symbols 2..n
+        values = torch.randint(0, task.n_values, (task.n_keys,), generator=gen)
+        tokens[b, torch.randperm(half, generator=gen)[: task.n_keys]] = task.pair_ids(values)
+        slots = half + 2 * torch.randperm((length - half) // 2, generator=gen)[: task.n_keys]
+        order = torch.randperm(task.n_keys, generator=gen)
+        tokens[b, slots] = task.query0 + order
+        tokens[b, slots + 1] = task.value0 + values[order]
+        mask[b, slots] = True
     return tokens, mask
 
 
-def needle_probe(task: CopyTask, length: int, trials: int, seed: int) -> torch.Tensor:
-    """Probe windows (trials, length): filler, a needle in the first quarter, the needle again at the end."""
+def kv_probe(task: KVTask, length: int, trials: int, seed: int) -> torch.Tensor:
+    """Probe windows (trials, length): the pairs in the first quarter, filler, then the queries and their
+    values as the last 2 n_keys tokens (deterministic in seed and length)."""
+    if length < task.min_length():
+        raise ValueError(f"length must be >= 4 * n_keys = {task.min_length()}, got {length}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + length)
-    n = task.needle_len
-    if length < 4 * n:
-        raise ValueError(f"length must be >= 4 * needle_len = {4 * n}, got {length}")
     tokens = torch.randint(0, task.n_filler, (trials, length), generator=gen)
+    slots = _probe_slots(task, length)
     for b in range(trials):
-        needle = task.n_filler + torch.randperm(task.vocab - task.n_filler, generator=gen)[:n]
-        pos = int(torch.randint(0, length // 4 - n + 1, (1,), generator=gen))
-        tokens[b, pos : pos + n] = needle
-        tokens[b, length - n :] = needle
+        values = torch.randint(0, task.n_values, (task.n_keys,), generator=gen)
+        tokens[b, torch.randperm(length // 4, generator=gen)[: task.n_keys]] = task.pair_ids(values)
+        order = torch.randperm(task.n_keys, generator=gen)
+        tokens[b, slots] = task.query0 + order
+        tokens[b, slots + 1] = task.value0 + values[order]
     return tokens
 
 
-def probe_accuracy(task: CopyTask, logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Top-1 accuracy on needle symbols 2..needle_len: logits (trials, length, vocab) of `needle_probe` windows."""
-    n, length = task.needle_len, tokens.shape[1]
-    pred = logits[:, length - n : length - 1].argmax(-1)
-    return (pred == tokens[:, length - n + 1 :]).float().mean().item()
+def _probe_slots(task: KVTask, length: int) -> torch.Tensor:
+    return length - 2 * task.n_keys + 2 * torch.arange(task.n_keys)
+
+
+def probe_window_accuracy(task: KVTask, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy on the values of each `kv_probe` window: logits (trials, length, vocab) -> (trials,)."""
+    slots = _probe_slots(task, tokens.shape[1])
+    return (logits[:, slots].argmax(-1) == tokens[:, slots + 1]).float().mean(1)
+
+
+def probe_accuracy(task: KVTask, logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Top-1 accuracy on the values of all `kv_probe` windows."""
+    return probe_window_accuracy(task, logits, tokens).mean().item()
 
 
 def _ntk_base(base: float, head_dim: int, factor: float) -> float:
@@ -115,36 +144,48 @@ def _yarn_frequencies(
     return (1 - keep) * inv_freq / factor + keep * inv_freq
 
 
-VARIANTS: dict[str, dict] = {
+# Trained variants (GPTConfig overrides) and their tuning grids: two settings each.
+VARIANTS: dict[str, dict[str, str]] = {
     "rope": {"position": "rope", "attention": "softmax"},
-    "rope+ntk": {"position": "rope", "attention": "softmax"},  # rope weights, NTK theta at evaluation
-    "rope+yarn": {"position": "rope", "attention": "softmax"},  # rope weights, YaRN at evaluation
     "p-rope": {"position": "p-rope", "attention": "softmax"},
     "logn-learned+p-rope": {"position": "p-rope", "attention": "logn-learned"},
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
+GRIDS: dict[str, list[dict[str, float]]] = {
+    "rope": [{"rope_base": 10000.0}, {"rope_base": 500.0}],
+    "p-rope": [{"p_rope_base": 8.0}, {"p_rope_base": 32.0}],
+    "logn-learned+p-rope": [{"p_rope_base": 8.0}, {"p_rope_base": 32.0}],
+    "si-p-rope": [{"tau": 1.0}, {"tau": 10.0}],
+}
+# Evaluation-time rescalings of the chosen RoPE weights (no training of their own).
+RESCALED = ("rope+ntk", "rope+yarn")
+ALL_VARIANTS = (*VARIANTS, *RESCALED)
+PAPER_TAU = 10.0
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(TrainConfig):
     out: str = "runs/retrieval"
-    train_length: int = 128
-    eval_multiples: tuple[int, ...] = (1, 4, 16)
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 50
     n_layer: int = 2
     d_model: int = 64
     n_head: int = 4
-    seeds: tuple[int, ...] = (0, 1)
-    variants: tuple[str, ...] = ("rope", "p-rope", "si-p-rope")
+    variants: tuple[str, ...] = ALL_VARIANTS
     p_rope_base: float = 8.0
-    tau: float = 10.0
     trials: int = 64
+    val_batches: int = 4
+    workers: int = 1
 
 
-def _model(cfg: RetrievalConfig, task: CopyTask, variant: str) -> GPT:
+def run_name(variant: str, setting: dict[str, float], seed: int) -> str:
+    return "_".join([variant, *(f"{k}={v:g}" for k, v in sorted(setting.items())), f"seed={seed}"])
+
+
+def _model(cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float]) -> GPT:
+    gpt: dict[str, Any] = {"p_rope_base": cfg.p_rope_base, **VARIANTS[variant], **setting}
     return GPT(
         GPTConfig(
             vocab_size=task.vocab,
@@ -153,186 +194,331 @@ def _model(cfg: RetrievalConfig, task: CopyTask, variant: str) -> GPT:
             n_head=cfg.n_head,
             train_length=cfg.train_length,
             si_backend="chunked",
-            p_rope_base=cfg.p_rope_base,
-            tau=cfg.tau,
-            **VARIANTS[variant],
+            **gpt,
         )
     )
 
 
-def train_model(cfg: RetrievalConfig, task: CopyTask, variant: str, seed: int) -> tuple[GPT, list[float]]:
-    """Train one model on copy windows; returns it and the copy accuracy on each 50-step training batch."""
+def train_model(
+    cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float], seed: int
+) -> tuple[GPT, list[float]]:
+    """Train one model; returns it and the retrieval accuracy of every 100th training batch."""
     torch.manual_seed(seed)
-    model = _model(cfg, task, variant)
+    model = _model(cfg, task, variant, setting)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(10_000 + seed)
     accs = []
     for step in range(cfg.steps):
         set_warmup_cosine_lr(opt, cfg.lr, step, cfg.warmup, cfg.steps)
-        tokens, mask = copy_batch(task, cfg.batch_size, cfg.train_length, gen)
+        tokens, mask = kv_batch(task, cfg.batch_size, cfg.train_length, gen)
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits[mask], tokens[:, 1:][mask])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 49 or step == cfg.steps - 1:
+        if step % 100 == 99 or step == cfg.steps - 1:
             accs.append((logits[mask].argmax(-1) == tokens[:, 1:][mask]).float().mean().item())
-            print(
-                f"  {model.cfg.position}/{model.cfg.attention} seed {seed} step {step + 1}: "
-                f"copy acc {accs[-1]:.3f} loss {loss.item():.3f}",
-                flush=True,
-            )
+            print(f"  {run_name(variant, setting, seed)} step {step + 1}: acc {accs[-1]:.3f}", flush=True)
     return model, accs
 
 
 @torch.no_grad()
-def evaluate(model: GPT, cfg: RetrievalConfig, task: CopyTask, variant: str) -> dict:
+def validation_loss(model: GPT, cfg: RetrievalConfig, task: KVTask) -> float:
+    """Mean loss on the values of held-out training-length windows (one fixed generator for every run)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(999_999)
+    losses = []
+    for _ in range(cfg.val_batches):
+        tokens, mask = kv_batch(task, cfg.batch_size, cfg.train_length, gen)
+        logits = model(tokens[:, :-1])
+        losses.append(F.cross_entropy(logits[mask], tokens[:, 1:][mask]).item())
+    return statistics.fmean(losses)
+
+
+def _q_gain(block: Block) -> torch.Tensor:
+    """The learned gain of a block's q norm (QK-norm is on in every model here)."""
+    norm = block.attn.q_norm
+    if not isinstance(norm, torch.nn.RMSNorm) or norm.weight is None:
+        raise ValueError("YaRN's logit scaling needs models with QK-norm (qk_norm=True)")
+    return norm.weight
+
+
+def _rescale_rope(
+    model: GPT, variant: str, cfg: RetrievalConfig, mult: int, q_gains: list[torch.Tensor]
+) -> None:
+    """Set the RoPE frequencies (and YaRN's logit gain, via the q norm's weight) for `mult` x the training
+    length; identity at mult = 1."""
+    head_dim = cfg.d_model // cfg.n_head
+    base = model.cfg.rope_base
+    if variant == "rope+ntk":
+        inv = rope_frequencies(head_dim, _ntk_base(base, head_dim, float(mult)))
+        gain = 1.0
+    else:  # YaRN: frequencies by parts, logits x (0.1 ln s + 1)^2
+        inv = _yarn_frequencies(rope_frequencies(head_dim, base), cfg.train_length, float(mult))
+        gain = (0.1 * math.log(mult) + 1.0) ** 2
+    for block, w in zip(model.layers, q_gains, strict=True):
+        block.attn.inv_freq = inv
+        _q_gain(block).copy_(w * gain)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str) -> dict[str, list[float]]:
+    """Per-window probe accuracy at each evaluation length: {str(length): [accuracy of window i]}."""
     model.eval()
     out = {}
-    head_dim = cfg.d_model // cfg.n_head
-    q_gains = [block.attn.q_norm.weight.clone() for block in model.blocks]
+    q_gains = [_q_gain(block).clone() for block in model.layers]
     for mult in cfg.eval_multiples:
         length = cfg.train_length * mult
-        if variant == "rope+ntk":
-            inv = rope_frequencies(head_dim, _ntk_base(model.cfg.rope_base, head_dim, float(mult)))
-            for block in model.blocks:
-                block.attn.inv_freq = inv
-        if (
-            variant == "rope+yarn"
-        ):  # frequencies by parts, and logits x (0.1 ln s + 1)^2 via the q norm's gain
-            inv = _yarn_frequencies(
-                rope_frequencies(head_dim, model.cfg.rope_base), cfg.train_length, float(mult)
-            )
-            gain = (0.1 * math.log(mult) + 1.0) ** 2
-            for block, w in zip(model.blocks, q_gains):
-                block.attn.inv_freq = inv
-                block.attn.q_norm.weight.copy_(w * gain)
-        tokens = needle_probe(task, length, cfg.trials, seed=0)
+        if variant in RESCALED:
+            _rescale_rope(model, variant, cfg, mult, q_gains)
+        tokens = kv_probe(task, length, cfg.trials, seed=0)
         logits = torch.cat([model(chunk) for chunk in tokens.split(max(1, 8192 // length))])
-        out[str(length)] = probe_accuracy(task, logits, tokens)
+        out[str(length)] = probe_window_accuracy(task, logits, tokens).tolist()
     return out
 
 
-def _load(cfg: RetrievalConfig, task: CopyTask, variant: str, path: Path) -> GPT:
-    model = _model(cfg, task, variant)
-    model.load_state_dict(load_file(str(path)))
-    return model
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def run(cfg: RetrievalConfig) -> dict:
-    """Train every (variant, seed) (rope+ntk reuses the rope weights), probe, and write results.json /
-    table.md / needle.png in cfg.out; finished runs are read back, so the study resumes run by run."""
+def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed: int) -> dict[str, Any]:
+    """Train (or, for RoPE+NTK / +YaRN, load the RoPE weights of) one run and probe it; resumable: a
+    finished run's json is read back, and a run another live process holds (its lock file) is waited for,
+    so several processes may share cfg.out."""
     torch.set_num_threads(1)
-    task = CopyTask()
+    task = KVTask()
+    runs = Path(cfg.out) / "runs"
+    path = runs / f"{run_name(variant, setting, seed)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if not claim_lock(runs / f"{run_name(variant, setting, seed)}.lock"):  # another process runs it: wait
+        while not path.exists():
+            time.sleep(10)
+        return json.loads(path.read_text())
+    start = time.process_time()
+    if variant in RESCALED:
+        model = _model(cfg, task, "rope", setting)
+        model.load_state_dict(load_file(str(runs / f"{run_name('rope', setting, seed)}.safetensors")))
+        base = json.loads((runs / f"{run_name('rope', setting, seed)}.json").read_text())
+        accs, val = base["train_acc"], base["val_loss"]
+    else:
+        model, accs = train_model(cfg, task, variant, setting, seed)
+        save_file(model.state_dict(), str(runs / f"{run_name(variant, setting, seed)}.safetensors"))
+        val = validation_loss(model, cfg, task)
+    result = {
+        "variant": variant,
+        "setting": setting,
+        "seed": seed,
+        "train_acc": accs,
+        "val_loss": val,
+        "needle_windows": evaluate(model, cfg, task, variant),
+        "cpu_seconds": time.process_time() - start,
+    }
+    result["needle"] = {n: statistics.fmean(w) for n, w in result["needle_windows"].items()}
+    write_text_atomic(path, json.dumps(result))
+    (runs / f"{run_name(variant, setting, seed)}.lock").unlink(missing_ok=True)
+    print(run_name(variant, setting, seed), f"val loss {val:.3f}", result["needle"], flush=True)
+    return result
+
+
+def _run_jobs(cfg: RetrievalConfig, jobs: list[tuple[str, dict[str, float], int]]) -> list[dict[str, Any]]:
+    if cfg.workers <= 1 or len(jobs) <= 1:
+        return [run_one(cfg, *job) for job in jobs]
+    with ProcessPoolExecutor(min(cfg.workers, len(jobs))) as pool:
+        return list(pool.map(run_one, *zip(*[(cfg, *job) for job in jobs], strict=True)))
+
+
+def _trained(cfg: RetrievalConfig) -> list[str]:
+    """Variants that train weights: the selected ones, plus RoPE when only its rescalings are asked for."""
+    needed = {v for v in cfg.variants if v in VARIANTS}
+    if any(v in RESCALED for v in cfg.variants):
+        needed.add("rope")
+    return [v for v in VARIANTS if v in needed]
+
+
+def run(cfg: RetrievalConfig) -> dict[str, Any]:
+    """Tune every trained variant on seed 0 (GRIDS, in-distribution validation loss), train the chosen
+    settings (and SI's tau = 10) on the other seeds, evaluate the RoPE rescalings on the chosen RoPE weights,
+    and write results.json / table.md / needle.png in cfg.out (finished runs are read back)."""
+    (Path(cfg.out) / "runs").mkdir(parents=True, exist_ok=True)
+    trained = _trained(cfg)
+    sweep = _run_jobs(cfg, [(v, s, cfg.seeds[0]) for v in trained for s in GRIDS[v]])
+    chosen = {
+        v: min((r for r in sweep if r["variant"] == v), key=lambda r: r["val_loss"])["setting"]
+        for v in trained
+    }
+    jobs = [(v, chosen[v], seed) for v in trained for seed in cfg.seeds[1:]]
+    if "si-p-rope" in trained and chosen["si-p-rope"]["tau"] != PAPER_TAU:
+        jobs += [("si-p-rope", {"tau": PAPER_TAU}, seed) for seed in cfg.seeds[1:]]
+    results = sweep + _run_jobs(cfg, jobs)
+    rescaled = [(v, chosen["rope"], seed) for v in cfg.variants if v in RESCALED for seed in cfg.seeds]
+    results += _run_jobs(cfg, rescaled)
+    summary = summarise(cfg, results, chosen)
     out = Path(cfg.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    results = []
-    for variant in cfg.variants:
-        for seed in cfg.seeds:
-            path = out / "runs" / f"{variant}_seed={seed}.json"
-            if path.exists():
-                results.append(json.loads(path.read_text()))
-                continue
-            start = time.process_time()
-            trained = "rope" if variant.startswith("rope+") else variant  # +ntk / +yarn: rope's weights
-            weights = out / "runs" / f"{trained}_seed={seed}.safetensors"
-            if trained != variant and weights.exists():
-                model, accs = (
-                    _load(cfg, task, trained, weights),
-                    json.loads((out / "runs" / f"{trained}_seed={seed}.json").read_text())["train_copy_acc"],
-                )
-            else:
-                model, accs = train_model(cfg, task, trained, seed)
-                save_file(model.state_dict(), str(weights))
-            result = {
-                "variant": variant,
-                "seed": seed,
-                "train_copy_acc": accs,
-                "cpu_seconds": time.process_time() - start,
-                "needle": evaluate(model, cfg, task, variant),
-            }
-            atomic_write(path, json.dumps(result))
-            results.append(result)
-            print(variant, seed, f"train copy acc {accs[-1]:.3f}", result["needle"], flush=True)
-    summary = {"config": asdict(cfg), "task": asdict(task), "runs": results}
-    atomic_write(out / "results.json", json.dumps(summary, indent=1))
-    atomic_write(out / "table.md", format_table(cfg, results))
-    plot(cfg, results, out / "needle.png")
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "table.md", format_table(cfg, summary))
+    plot(cfg, summary, out / "needle.png")
     return summary
 
 
-def format_table(cfg: RetrievalConfig, results: list[dict]) -> str:
+def _rows(
+    cfg: RetrievalConfig, chosen: dict[str, dict[str, float]]
+) -> list[tuple[str, str, dict[str, float]]]:
+    """(row label, variant, setting) in table order: each variant at its chosen setting, and SI at tau = 10
+    beside its tuned tau."""
+    rows = []
+    for v in cfg.variants:
+        setting = chosen["rope" if v in RESCALED else v]
+        rows.append((v, v, setting))
+        if v == "si-p-rope" and setting["tau"] != PAPER_TAU:
+            rows.append((f"si-p-rope (paper tau={PAPER_TAU:g})", v, {"tau": PAPER_TAU}))
+    return rows
+
+
+def _paired_test(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str) -> dict[str, float]:
+    """Paired t-test of per-window accuracy, a minus b, over probe windows x seeds (the same windows), with
+    the normal approximation of the t distribution (n = trials x seeds >= 128 in the study)."""
+    by_seed = {r["seed"]: r["needle_windows"][length] for r in b}
+    diffs = [
+        x - y
+        for r in a
+        if r["seed"] in by_seed
+        for x, y in zip(r["needle_windows"][length], by_seed[r["seed"]], strict=True)
+    ]
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if sd == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        p = math.erfc(abs(mean) / (sd / math.sqrt(len(diffs))) / math.sqrt(2))
+    return {"difference": mean, "p": p, "n": len(diffs)}
+
+
+def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[str, dict[str, float]]):
+    lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
+    rows, runs_by_label = {}, {}
+    for label, variant, setting in _rows(cfg, chosen):
+        runs = [r for r in results if r["variant"] == variant and r["setting"] == setting]
+        runs_by_label[label] = runs
+        rows[label] = {
+            "setting": setting,
+            "seeds": [r["seed"] for r in runs],
+            "val_loss": [r["val_loss"] for r in runs],
+            "train_acc": [r["train_acc"][-1] for r in runs],
+            "needle": {n: [r["needle"][n] for r in runs] for n in lengths},
+            "needle_mean": {n: statistics.fmean(r["needle"][n] for r in runs) for n in lengths},
+        }
+    tests = {}
+    if "si-p-rope" in rows:
+        for other in [label for label in rows if label != "si-p-rope"]:
+            tests[f"si-p-rope - {other}"] = _paired_test(
+                runs_by_label["si-p-rope"], runs_by_label[other], lengths[-1]
+            )
+    sweep = [
+        {"variant": r["variant"], "setting": r["setting"], "val_loss": r["val_loss"], "needle": r["needle"]}
+        for r in results
+        if r["seed"] == cfg.seeds[0] and r["variant"] in VARIANTS
+    ]
+    cpu = sum(r["cpu_seconds"] for r in results)
+    return {
+        "config": asdict(cfg),
+        "task": asdict(KVTask()),
+        "chosen": chosen,
+        "rows": rows,
+        "tests_at_longest": tests,
+        "sweep": sweep,
+        "cpu_seconds": cpu,
+    }
+
+
+def format_table(cfg: RetrievalConfig, summary: dict[str, Any]) -> str:
     lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
     lines = [
-        "| variant | train copy acc | " + " | ".join(f"needle@{n}" for n in lengths) + " |",
-        "|" + "---|" * (2 + len(lengths)),
+        "| variant | setting | val loss | " + " | ".join(f"acc@{n}" for n in lengths) + " |",
+        "|" + "---|" * (3 + len(lengths)),
     ]
-    for variant in cfg.variants:
-        runs = [r for r in results if r["variant"] == variant]
-        train = ", ".join(f"{r['train_copy_acc'][-1]:.2f}" for r in runs)
-        cells = []
-        for n in lengths:
-            vals = [r["needle"][n] for r in runs]
-            cells.append(f"{statistics.fmean(vals):.3f} ({', '.join(f'{x:.2f}' for x in vals)})")
-        lines.append(f"| {variant} | {train} | " + " | ".join(cells) + " |")
+    for label, row in summary["rows"].items():
+        setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items())
+        cells = [
+            f"{row['needle_mean'][n]:.3f} ({', '.join(f'{x:.2f}' for x in row['needle'][n])})"
+            for n in lengths
+        ]
+        val = statistics.fmean(row["val_loss"])
+        lines.append(f"| {label} | {setting} | {val:.3f} | " + " | ".join(cells) + " |")
+    chance = 1 / KVTask().n_values
+    lines += ["", f"Probe accuracy: mean over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.", ""]
+    for name, t in summary["tests_at_longest"].items():
+        p = f"p = {t['p']:.2g}" if t["p"] >= 1e-6 else "p < 1e-6"  # the normal tail is no finer than that
+        lines.append(
+            f"- {name} at {lengths[-1]}: {t['difference']:+.3f}, paired t-test over {t['n']} probe windows x "
+            f"seeds, {p}"
+        )
+    lines += ["", f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
+    for s in summary["sweep"]:
+        setting = ", ".join(f"{k}={v:g}" for k, v in s["setting"].items())
+        lines.append(f"- {s['variant']} ({setting}): val loss {s['val_loss']:.4f}")
     return "\n".join(lines) + "\n"
 
 
-def plot(cfg: RetrievalConfig, results: list[dict], path: Path) -> None:
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def plot(cfg: RetrievalConfig, summary: dict[str, Any], path: Path) -> None:
+    """Probe accuracy against evaluation length: one line per row (mean over seeds, shifted sideways a little
+    so equal rows stay visible), seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = [cfg.train_length * m for m in cfg.eval_multiples]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for variant in cfg.variants:
-        runs = [r for r in results if r["variant"] == variant]
-        mean = [statistics.fmean(r["needle"][str(n)] for r in runs) for n in lengths]
-        ax.plot(lengths, mean, marker="o", label=variant)
-        for r in runs:
-            ax.scatter(lengths, [r["needle"][str(n)] for n in lengths], s=10, alpha=0.4)
-    ax.axhline(1 / (CopyTask().vocab - CopyTask().n_filler), color="gray", linestyle=":", label="chance")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rows = summary["rows"]
+    for i, (label, row) in enumerate(rows.items()):
+        # rows that coincide (several at 1.0) stay visible: a small sideways shift and their own marker each
+        shift = 2 ** (0.04 * (i - (len(rows) - 1) / 2))
+        xs = [n * shift for n in lengths]
+        means = [row["needle_mean"][str(n)] for n in lengths]
+        line = ax.plot(xs, means, marker=_MARKERS[i % len(_MARKERS)], label=label)[0]
+        for x, n in zip(xs, lengths, strict=True):
+            seeds = row["needle"][str(n)]
+            ax.scatter([x] * len(seeds), seeds, s=12, alpha=0.5, color=line.get_color())
+    ax.axhline(1 / KVTask().n_values, color="gray", linestyle=":", label="chance")
+    ax.axvline(cfg.train_length, color="gray", linestyle="--", linewidth=0.8, label="training length")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel(f"evaluation length (tokens; trained at {cfg.train_length})")
-    ax.set_ylabel("needle copy accuracy (top-1)")
+    ax.minorticks_off()
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("key-value retrieval accuracy (top-1)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    ax.set_title(f"Retrieval beyond the training length ({cfg.train_length} tokens), seeds {list(cfg.seeds)}")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> RetrievalConfig:
     d = RetrievalConfig()
-    p = OneLineParser(prog="python -m siattn.retrieval", description=__doc__.split("\n\n")[0])
+    doc = (__doc__ or "").split("\n\n")[0]
+    p = OneLineParser(prog="python -m siattn.retrieval", description=doc)
     p.add_argument("--out", default=d.out)
     p.add_argument("--steps", type=positive(int), default=d.steps)
     p.add_argument("--seeds", type=positive(int, 0), nargs="+", default=list(d.seeds))
-    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(ALL_VARIANTS))
     p.add_argument("--eval-multiples", type=positive(int), nargs="+", default=list(d.eval_multiples))
     p.add_argument("--lr", type=positive(float), default=d.lr)
     p.add_argument("--p-rope-base", type=positive(float), default=d.p_rope_base)
-    p.add_argument("--tau", type=positive(float), default=d.tau)
     p.add_argument("--trials", type=positive(int), default=d.trials)
+    p.add_argument("--workers", type=positive(int), default=d.workers, help="parallel runs, one thread each")
     a = p.parse_args(argv)
     if a.p_rope_base <= 1:
         p.error(f"--p-rope-base must be > 1, got {a.p_rope_base}")
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds must be distinct, got {a.seeds}")
     if Path(a.out).exists() and not Path(a.out).is_dir():
         p.error(f"--out {a.out} exists and is not a folder")
-    cfg = RetrievalConfig(
+    return RetrievalConfig(
         out=a.out,
         steps=a.steps,
         seeds=tuple(a.seeds),
@@ -340,9 +526,13 @@ def main(argv: list[str] | None = None) -> None:
         eval_multiples=tuple(a.eval_multiples),
         lr=a.lr,
         p_rope_base=a.p_rope_base,
-        tau=a.tau,
         trials=a.trials,
+        workers=a.workers,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
     run(cfg)
     print((Path(cfg.out) / "table.md").read_text())
 
