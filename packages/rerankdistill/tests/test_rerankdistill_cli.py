@@ -255,8 +255,8 @@ def test_sft_runs_under_accelerate_launch(tmp_path, shared_data, tiny_lm_dir):
 
 def test_evaluate_compares_two_runs_with_paired_tests(tmp_path, capsys):
     """Paired tests over every judged query: a query missing from a run scores 0 on both sides' pairing."""
-    from rerankdistill.significance import compare_runs
     from rerankdistill.trec import write_qrels, write_run
+    from shared_kernels.significance import compare_runs
 
     qrels = {str(q): {f"d{q}": 1, "x": 0} for q in range(6)}
     good = {str(q): {f"d{q}": 2.0, "x": 1.0} for q in range(6)}

@@ -129,3 +129,16 @@ def test_mrr_and_judged_by_hand():
     assert reciprocal_rank(run, qrels, k=3).per_query == {"1": 0.0}
     assert judged_at_k(run, qrels, k=2).per_query == {"1": 0.5}  # a judged 0 still counts as judged
     assert judged_at_k(run, qrels, k=10).per_query == {"1": 0.3}  # short ranking still divides by k
+
+
+def test_metric_scores_go_straight_into_the_significance_tests():
+    import numpy as np
+
+    from rerankdistill import compare_runs
+
+    qrels = {"1": {"a": 1}, "2": {"b": 1}, "3": {"c": 1}}
+    good = ndcg_at_k({q: {d: 1.0 for d in docs} for q, docs in qrels.items()}, qrels)
+    bad = ndcg_at_k({q: {"z": 2.0, **{d: 1.0 for d in docs}} for q, docs in qrels.items()}, qrels)
+    summary = compare_runs(good, bad, n_resamples=100)
+    assert summary["queries"] == 3 and summary["mean_diff"] == pytest.approx(1 - 1 / np.log2(3))
+    assert summary["p_randomization"] == 0.25  # exact: 2 of 8 sign vectors

@@ -744,7 +744,7 @@ def _significance(runs: dict[str, Any], qrels: dict, seed: int) -> dict[str, Any
     bootstrap CI of the mean nDCG@10 / MRR@10 difference over the evaluation queries (rerankdistill)."""
     from rerankdistill.cli import significance_table
     from rerankdistill.metrics import evaluate
-    from rerankdistill.significance import compare_runs
+    from shared_kernels.significance import compare_runs
 
     measures = ("ndcg_cut_10", "recip_rank_10")
     per = {name: evaluate(run, qrels, measures, complete=True) for name, run in runs.items()}

@@ -31,7 +31,6 @@ from rerankdistill.metrics import (
 )
 from rerankdistill.pairs import PairSplit, TrainingPair, build_training_pairs, load_pages
 from rerankdistill.rerank import Judgement, RerankResult, TransformersJudge, rerank
-from rerankdistill.significance import bootstrap_ci, compare_runs, paired_randomization_test, paired_t_test
 from rerankdistill.teacher import (
     Completion,
     GenerationStats,
@@ -50,6 +49,7 @@ from rerankdistill.trec import (
     write_run,
     write_topics,
 )
+from shared_kernels.significance import bootstrap_ci, compare_runs, paired_randomization_test, paired_t_test
 
 # Training entry points import torch/transformers: resolved on first access, so `import rerankdistill`
 # stays light.

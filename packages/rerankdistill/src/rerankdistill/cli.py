@@ -687,7 +687,7 @@ def significance_rows(runs: dict, qrels, o: EvaluateOptions) -> list[dict]:
     """Each run against the baseline, per measure, paired over the judged queries that any run ranks (a
     query a run misses scores 0 there, as trec_eval -c scores it, so both sides hold the same queries)."""
     from rerankdistill.metrics import evaluate
-    from rerankdistill.significance import compare_runs
+    from shared_kernels.significance import compare_runs
 
     baseline = o.baseline or next(iter(runs))
     if baseline not in runs:

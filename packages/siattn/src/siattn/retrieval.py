@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import write_text_atomic
+from shared_kernels.significance import paired_t_test
 from siattn.lengthgen import TrainConfig, claim_lock, set_warmup_cosine_lr
 from siattn.models import GPT, Block, GPTConfig
 from siattn.positional import rope_frequencies
@@ -373,22 +374,19 @@ def _rows(
 
 
 def _paired_test(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str) -> dict[str, float]:
-    """Paired t-test of per-window accuracy, a minus b, over probe windows x seeds (the same windows), with
-    the normal approximation of the t distribution (n = trials x seeds >= 128 in the study)."""
+    """Paired t-test (`shared_kernels.significance`) of per-window accuracy, a minus b, over probe windows
+    x seeds (the same windows for both)."""
     by_seed = {r["seed"]: r["needle_windows"][length] for r in b}
-    diffs = [
-        x - y
+    pairs = [
+        (x, y)
         for r in a
         if r["seed"] in by_seed
         for x, y in zip(r["needle_windows"][length], by_seed[r["seed"]], strict=True)
     ]
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    if sd == 0.0:
-        p = 1.0 if mean == 0.0 else 0.0
-    else:
-        p = math.erfc(abs(mean) / (sd / math.sqrt(len(diffs))) / math.sqrt(2))
-    return {"difference": mean, "p": p, "n": len(diffs)}
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    mean = statistics.fmean(x - y for x, y in pairs)
+    p = paired_t_test(xs, ys)[1] if len(pairs) > 1 else (1.0 if mean == 0.0 else 0.0)
+    return {"difference": mean, "p": p, "n": len(pairs)}
 
 
 def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[str, dict[str, float]]):

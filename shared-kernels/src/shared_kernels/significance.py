@@ -1,7 +1,11 @@
-"""Paired significance tests between two systems scored on the same queries (Smucker, Allan & Carterette,
-CIKM 2007: the randomization test and the paired t-test agree on IR data; the sign test does not).
+"""Paired significance tests between two systems scored on the same units: queries of a retrieval run
+(Smucker, Allan & Carterette, CIKM 2007: the randomization test and the paired t-test agree on IR data; the
+sign test does not), seeds of a training study, probe windows. The one home of these tests: rerankdistill's
+evaluation, siattn's retrieval study, nf4lora's study and mxfp8train's parity study all use it.
 
-Each test takes the per-query scores of system A and system B, either as dicts {qid: score} (the same qid
+numpy only, except `paired_t_test`, which needs scipy (the `shared-kernels[stats]` extra).
+
+Each test takes the per-unit scores of system A and system B, either as dicts {qid: score} (the same qid
 set is required: a query scored by one system only is an error, not silently dropped) or as two aligned
 sequences, or as two `MetricScore`s (their `.per_query`). Differences are a - b.
 
@@ -21,7 +25,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 Scores = Mapping[str, float] | Sequence[float]
 
@@ -103,6 +106,8 @@ def paired_t_test(a: Scores, b: Scores) -> tuple[float, float]:
     if sd == 0.0:
         return (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
     t = mean / (sd / math.sqrt(d.size))
+    from scipy import stats  # the `stats` extra: only this test needs the t distribution
+
     return t, float(2 * stats.t.sf(abs(t), d.size - 1))
 
 
