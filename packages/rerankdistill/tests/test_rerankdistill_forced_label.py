@@ -17,6 +17,7 @@ from rerankdistill.train.forced_label import (
     expected_label,
     group_window,
     label_context,
+    label_examples,
     label_logits,
     label_loss_fn,
     label_token_ids,
@@ -137,3 +138,25 @@ def test_listwise_steps_put_the_relevant_candidate_first(tiny_tokenizer):
     with pytest.raises(ValueError, match="kind"):
         label_loss_fn(examples, "pairwise", tok.pad_token_id, ids, "cpu")
     assert isinstance(examples[0], LabelExample)
+
+
+def test_label_examples_group_by_query_and_skip_unlabelled(tiny_tokenizer):
+    from rerankdistill.teacher import Pair
+
+    pairs = [Pair(q, d, f"query {q}", f"def {d}(): pass") for q in ("a", "b") for d in ("x", "y", "z")]
+    labels = {("a", "x"): 2, ("a", "z"): 0, ("b", "y"): 0, ("b", "x"): 2}
+    seen = []
+
+    def explain(q, d):
+        seen.append((q, d))
+        return f"Matches: {q.split()[-1]}."
+
+    examples, groups, dropped = label_examples(tiny_tokenizer, INTERANK_PROMPT, pairs, labels, explain, 4000)
+    assert dropped == 0 and [[examples[i].group for i in g] for g in groups] == [["a", "a"], ["b", "b"]]
+    assert [e.label for e in examples] == [2, 0, 2, 0] and len(seen) == 4
+    one = encode_label_example(
+        tiny_tokenizer, INTERANK_PROMPT, "query a", "def x(): pass", "Matches: a.", 2, "a", 4000
+    )
+    assert examples[0] == one
+    _, _, dropped = label_examples(tiny_tokenizer, INTERANK_PROMPT, pairs, labels, explain, 3)
+    assert dropped == 4

@@ -223,34 +223,22 @@ class RerankQLoRARecipe:
         pointwise cross-entropy or a listwise softmax over each query's candidates, one query per micro
         batch, on the shared loop (resumable like the answer objective)."""
         from rerankdistill.train.forced_label import (
-            encode_label_example,
             group_window,
+            label_examples,
             label_loss_fn,
             label_token_ids,
         )
 
         cfg, tc = self.cfg, self.cfg.train
         labels = {(r.qid, r.docid): r.label for r in records if r.label is not None}
-        examples, groups, dropped = [], {}, 0
-        for p in pairs:
-            if (p.qid, p.docid) not in labels:
-                continue
-            explanation = teacher.explanation(0, p.query, p.document)  # as the forced judge computes it
-            ex = encode_label_example(
-                self.tokenizer,
-                _prompt(),
-                p.query,
-                p.document,
-                explanation,
-                labels[(p.qid, p.docid)],
-                p.qid,
-                tc.max_length,
-            )
-            if ex is None:
-                dropped += 1
-                continue
-            groups.setdefault(p.qid, []).append(len(examples))
-            examples.append(ex)
+        examples, groups, dropped = label_examples(
+            self.tokenizer,
+            _prompt(),
+            pairs,
+            labels,
+            lambda q, d: teacher.explanation(0, q, d),  # as the forced judge computes it
+            tc.max_length,
+        )
         self.notes["teacher"] = {
             "name": teacher.name,
             "pairs": len(pairs),
@@ -273,7 +261,7 @@ class RerankQLoRARecipe:
         loss_fn = label_loss_fn(
             examples, kind, self.tokenizer.pad_token_id, ids, self.acc.device, tc.listwise_temperature
         )
-        window = group_window(list(groups.values()), tc.steps, per_step, tc.seed)
+        window = group_window(groups, tc.steps, per_step, tc.seed)
         return self._run_phase(tc.steps, tc.lr, "distill", window, loss_fn)
 
     def _train_loop(self, encoded: list, steps: int, lr: float, phase: str) -> list[dict[str, Any]]:
@@ -711,7 +699,12 @@ class RerankQLoRARecipe:
     def _plot(self) -> None:
         from rerankdistill.run_report import plot_training_curve
 
-        plot_training_curve(self.history, self.run_dir / "training_curve.png")
+        ylabel = {
+            "answer": "NLL (nats per answer token)",
+            "label-pointwise": "label cross-entropy (nats per pair)",
+            "label-listwise": "listwise cross-entropy (nats per query)",
+        }[self.cfg.train.objective]
+        plot_training_curve(self.history, self.run_dir / "training_curve.png", ylabel=ylabel)
 
     def _report(self, results: dict[str, Any], table: str) -> None:
         from rerankdistill.run_report import report_markdown

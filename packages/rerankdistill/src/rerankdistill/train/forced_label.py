@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +92,43 @@ def encode_label_example(
             return LabelExample(ids, label, group)
         keep -= len(ids) - max_length
     return None
+
+
+def label_examples(
+    tokenizer: Any,
+    prompt: RelevancePrompt,
+    pairs: Sequence[Any],
+    labels: Mapping[tuple[str, str], int],
+    explain: Callable[[str, str], str],
+    max_length: int,
+) -> tuple[list[LabelExample], list[list[int]], int]:
+    """`encode_label_example` for each pair that has a label, grouped by query.
+
+    Args:
+        pairs: objects with qid, docid, query, document (e.g. `rerankdistill.teacher.Pair`).
+        labels: {(qid, docid): label} (the teacher's); pairs without one are skipped.
+        explain: (query, document) -> the label-free explanation, exactly as the judge computes it.
+
+    Returns:
+        (examples, groups: each query's example indices in order of first appearance, how many did not fit)
+    """
+    examples: list[LabelExample] = []
+    groups: dict[str, list[int]] = {}
+    dropped = 0
+    for p in pairs:
+        label = labels.get((p.qid, p.docid))
+        if label is None:
+            continue
+        explanation = explain(p.query, p.document)
+        ex = encode_label_example(
+            tokenizer, prompt, p.query, p.document, explanation, label, p.qid, max_length
+        )
+        if ex is None:
+            dropped += 1
+            continue
+        groups.setdefault(p.qid, []).append(len(examples))
+        examples.append(ex)
+    return examples, list(groups.values()), dropped
 
 
 def label_logits(
