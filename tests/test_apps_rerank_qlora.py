@@ -6,6 +6,7 @@ processes (gloo) take the same steps as one; a run SIGKILLed mid-distillation re
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -371,3 +372,27 @@ def test_grpo_refinement_resumes_to_the_same_result(tmp_path, capsys):
     )
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["scores"] for d in ("a", "b"))
     assert a == b
+
+
+def test_label_listwise_objective_trains_the_one_pass_judge(tmp_path, capsys):
+    """train.objective=label-listwise: label examples grouped by query, the loss logged on the shared loop,
+    the forced judge scores every candidate; teacher.offline_explanation=none (the label directly) too."""
+    run_dir = tmp_path / "run"
+    args = [
+        f"run_dir={run_dir}",
+        "--no-progress",
+        *TINY,
+        "refine.method=none",
+        "train.objective=label-listwise",
+    ]
+    assert main([*args, "teacher.offline_explanation=none"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA distillation of the label alone (label-listwise)" in out
+    assert "label examples in 6 query groups" in out and "every explanation is empty" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["teacher"]["used"] == 12 and results["unparseable"] == 0
+    losses = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "distill/loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["distill/loss"]) for r in losses if "distill/loss" in r)
+    judged = [json.loads(x) for x in (run_dir / "rerank.jsonl").read_text().splitlines()]
+    assert judged and all(r["text"].startswith("Relevance Label:") for r in judged)

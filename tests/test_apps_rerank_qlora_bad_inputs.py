@@ -55,6 +55,12 @@ CASES = [
     (["teacher.concurrency=0"], r"teacher.concurrency and teacher.pairs_per_query must be >= 1"),
     (["task.max_eval_queries=0"], r"task.max_train_queries and task.max_eval_queries must be >= 1"),
     (["teacher.kind=gpt"], r"'teacher.kind': expected one of"),
+    (["train.objective=label-listwise"], r"train.objective=label-listwise .* needs rerank.judge=forced and "),
+    (
+        ["train.objective=label-pointwise", "refine.method=none", "rerank.judge=generate"],
+        r"needs rerank.judge=forced and refine.method=none",
+    ),
+    (["train.listwise_temperature=0"], r"train.listwise_temperature must be > 0, got 0"),
     (["model.trust_remote_code=false-ish"], r"'model.trust_remote_code': expected bool"),
     (["train.stpes=3"], r"did you mean 'train.steps'"),
     (["--config", "{missing}"], r"config file .*missing.yaml' does not exist"),

@@ -144,7 +144,8 @@ from rerank_qlora.stdlib_task import build_stdlib_task
 
 def fingerprint():
     t = build_stdlib_task()
-    blob = json.dumps([t.corpus, t.queries, t.qrels, t.train_qids, t.validation_qids, t.eval_qids], sort_keys=True)
+    parts = [t.corpus, t.queries, t.qrels, t.train_qids, t.validation_qids, t.eval_qids]
+    blob = json.dumps(parts, sort_keys=True)
     return t, hashlib.sha256(blob.encode()).hexdigest()
 
 assert "torch" not in sys.modules

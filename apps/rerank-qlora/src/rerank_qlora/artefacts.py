@@ -59,7 +59,8 @@ FILE = "fingerprints.json"
 
 
 def settings(cfg: Any) -> dict[str, dict[str, Any]]:
-    """{artefact: {setting: value}}, each artefact's own settings plus those of the artefacts it is built on."""
+    """{artefact: {setting: value}}: each artefact's own settings plus those of the artefacts it is built
+    on."""
     flat = flat_config(config_to_dict(cfg))
     own = {
         name: {k: v for k, v in flat.items() if k.startswith(prefixes) and k not in IGNORED}

@@ -1,6 +1,7 @@
 """`rerank-qlora [--config FILE] [key=value ...]`: with no arguments, the embedded offline demo.
 
-Runs unchanged under `accelerate launch` (e.g. `accelerate launch --multi_gpu --num_processes 2 -m rerank_qlora.cli`).
+Runs unchanged under `accelerate launch`
+(e.g. `accelerate launch --multi_gpu --num_processes 2 -m rerank_qlora.cli`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from shared_kernels.app import cli_main
 DESCRIPTION = """\
 Long-context QLoRA fine-tuning of a reasoning reranker: base model -> NF4 + double quantization (nf4lora) ->
 scale-invariant p-RoPE attention (siattn) -> LoRA distillation on teacher explanations and refinement
-(rerankdistill) -> pointwise reranking of BM25 candidates -> nDCG@10 report against BM25 -> adapter (peft format).
+(rerankdistill) -> pointwise reranking of BM25 candidates -> nDCG@10 report against BM25 -> adapter (peft
+format).
 
 With no arguments: the embedded default, fully offline on CPU (a retrieval task built from the Python standard
 library, a built-in tiny model trained here, and an OFFLINE teacher built from the gold judgements)."""

@@ -156,11 +156,12 @@ class TeacherConfig:
         "gold-first: the judged documents, then BM25 hard negatives; bm25: BM25's top pairs_per_query "
         "as ranked (the evaluation's distribution) plus the best judged document when BM25 missed it",
     )
-    offline_explanation: Literal["fixed", "per-label", "evidence"] = option(
+    offline_explanation: Literal["fixed", "per-label", "evidence", "none"] = option(
         "evidence",
         "offline-qrels: 'fixed' (one sentence for every label: the student decides at the label token, "
-        "where E[label] is read), 'per-label' (the sentence names the label) or 'evidence' (which query words "
-        "the document contains, what it defines and calls: rerankdistill.evidence, computed from the pair)",
+        "where E[label] is read), 'per-label' (the sentence names the label), 'evidence' (which query words "
+        "the document contains, what it defines and calls: rerankdistill.evidence, computed from the pair) "
+        "or 'none' (the label directly, no explanation)",
     )
 
     def __post_init__(self) -> None:
@@ -235,6 +236,14 @@ class TrainConfig:
         True, "cut the document of an example longer than max_length to fit (false: drop it)"
     )
     completion_only: bool = option(True, "learn only the answer tokens")
+    objective: Literal["answer", "label-pointwise", "label-listwise"] = option(
+        "answer",
+        "answer: NLL of the teacher's whole answer (explanation + label, InteRank); label-pointwise / "
+        "label-listwise: the loss on the label token alone, read after the given explanation exactly as "
+        "rerank.judge=forced reads it (cross-entropy of the label, or a softmax of E[label] over each "
+        "query's candidates; rerankdistill.train.forced_label)",
+    )
+    listwise_temperature: float = option(0.2, "label-listwise: scores are E[label] / this")
     seed: int = option(0, "seed of adapter init and example order")
     log_every: int = option(5, "steps between metric logs")
     checkpoint_every: int = option(20, "steps between atomic adapter checkpoints")
@@ -255,6 +264,8 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
                 f"({self.micro_batch_size})"
             )
+        if not (math.isfinite(self.listwise_temperature) and self.listwise_temperature > 0):
+            raise ValueError(f"train.listwise_temperature must be > 0, got {self.listwise_temperature}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -309,14 +320,15 @@ class RerankConfig:
     batch_size: int = option(8, "pairs per generate call")
     max_new_tokens: int = option(
         32,
-        "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 tokens "
-        "of the tiny tokenizer), else E[label] is read after a cut-off explanation",
+        "explanation budget per pair; it must reach the label line (the offline teacher's answer is 23 "
+        "tokens of the tiny tokenizer), else E[label] is read after a cut-off explanation",
     )
     use_label_probabilities: bool = option(True, "score by E[label] under the label-token probabilities")
     judge: Literal["generate", "forced"] = option(
         "forced",
         "generate: the student writes its explanation, E[label] is read after it (InteRank); forced: "
-        "the offline teacher's label-free explanation is given and E[label] read in one forward pass per pair",
+        "the offline teacher's label-free explanation is given and E[label] read in one forward pass per "
+        "pair",
     )
     fusion_weight: float | None = option(
         None,
@@ -362,8 +374,16 @@ class RerankQLoRAConfig:
             )
         if self.rerank.judge == "forced" and self.teacher.offline_explanation == "per-label":
             raise ValueError(
-                "rerank.judge=forced needs a label-free explanation: teacher.offline_explanation=fixed "
-                "or evidence (per-label names the label)"
+                "rerank.judge=forced needs a label-free explanation: teacher.offline_explanation=fixed, "
+                "evidence or none (per-label names the label)"
+            )
+        if self.train.objective != "answer" and (
+            self.rerank.judge != "forced" or self.refine.method != "none"
+        ):
+            raise ValueError(
+                f"train.objective={self.train.objective} trains the label read in one pass after the given "
+                "explanation: it needs rerank.judge=forced and refine.method=none (refinement samples "
+                "whole answers)"
             )
         if self.rerank.k > self.rerank.candidates:
             raise ValueError(

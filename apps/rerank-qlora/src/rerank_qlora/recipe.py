@@ -10,9 +10,9 @@ Distillation runs unchanged under `accelerate launch`: the global batch of step 
 each process takes its contiguous share and accumulates over micro batches, DDP averages the gradients.
 Adapter checkpoints (`shared_kernels.checkpoint`, trainable weights + optimizer + scheduler + RNG) are atomic.
 Refinement sampling and evaluation run on the main process, except under accelerate's FSDP2
-(`configs/accelerate/fsdp2-gpu.yaml`, quant.method=none): there the parameters are DTensor shards, so every rank
-runs each forward and generate() in step, and the adapter and checkpoints are gathered into whole tensors by
-every rank (`shared_kernels.distributed`) and written by the main process.
+(`configs/accelerate/fsdp2-gpu.yaml`, quant.method=none): there the parameters are DTensor shards, so every
+rank runs each forward and generate() in step, and the adapter and checkpoints are gathered into whole tensors
+by every rank (`shared_kernels.distributed`) and written by the main process.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from shared_kernels.training import LoopSettings, run_loop
 
 log = logging.getLogger("rerank_qlora")
 N_STAGES = 9
+PLAIN, CODE, STUDENT = "BM25 (plain)", "BM25 (identifier-aware)", "BM25 + rerank-qlora"
 
 
 class RerankQLoRARecipe:
@@ -61,9 +62,9 @@ class RerankQLoRARecipe:
         cfg = self.cfg
         self.acc = make_accelerator(self.run_dir, cfg.trackers, "rerank-qlora")
         if require_fsdp2(self.acc, "configs/accelerate/fsdp2-gpu.yaml") and cfg.quant.method == "nf4":
-            # The packed 4-bit codes are frozen parameters that fully_shard shards (nf4lora.weight); every rank
-            # quantizes the same checkpoint to the same bytes, and accelerate's rank-0 broadcast loading expects
-            # every state-dict entry to be a sharded parameter while the 4-bit constants are buffers.
+            # The packed 4-bit codes are frozen parameters that fully_shard shards (nf4lora.weight); every
+            # rank quantizes the same checkpoint to the same bytes, and accelerate's rank-0 broadcast loading
+            # expects every state-dict entry to be a sharded parameter while the 4-bit constants are buffers.
             self.acc.state.fsdp_plugin.cpu_ram_efficient_loading = False
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,21 +137,39 @@ class RerankQLoRARecipe:
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
         """Teacher labels -> LoRA distillation (-> refinement)."""
-        from rerankdistill.teacher import TeacherStore, generate_teacher_outputs
-        from rerankdistill.train.sft import distill_examples, tokenize_examples
-
         cfg = self.cfg
         self._stage(5, "teacher labels")
+        pairs, records, teacher = self._teacher_records()
+        if cfg.train.objective == "answer":
+            encoded = self._answer_examples(pairs, records, teacher.name)
+            self._stage(6, "LoRA distillation")
+            self.history += self._train_loop(encoded, cfg.train.steps, cfg.train.lr, "distill")
+        else:
+            self._stage(6, f"LoRA distillation of the label alone ({cfg.train.objective})")
+            self.history += self._train_label(pairs, records, teacher)
+
+        self._stage(7, "refinement")
+        if cfg.refine.method == "none":
+            self._print("skipped (refine.method=none)")
+        elif cfg.refine.method == "grpo":
+            self.history += self._grpo(pairs, records)
+        else:
+            self.history += self._refine(pairs, records)
+
+    def _teacher_records(self) -> tuple[list, list, Any]:
+        """The training pairs, the teacher's stored records of them (generated where missing), the teacher."""
+        from rerankdistill.teacher import TeacherStore, generate_teacher_outputs
+
+        cfg = self.cfg
         pairs = stages.training_pairs(
             self.task, self.first_stage, cfg.teacher.pairs_per_query, cfg.teacher.pairs_from
         )
         teacher = stages.make_teacher(cfg, self.task)
         if cfg.teacher.kind == "offline-qrels":
-            what = (
-                "a label-free evidence note (query words found, names defined and called)"
-                if cfg.teacher.offline_explanation == "evidence"
-                else "a fixed sentence saying so"
-            )
+            what = {
+                "evidence": "a label-free evidence note (query words found, names defined and called)",
+                "none": "empty (the label directly)",
+            }.get(cfg.teacher.offline_explanation, "a fixed sentence saying so")
             self._print(
                 f"OFFLINE TEACHER: labels come from the gold judgements and every explanation is {what}; "
                 "no model reasoning is distilled in this run"
@@ -165,8 +184,16 @@ class RerankQLoRARecipe:
                 f"teacher {teacher.name}: {stats.done} new, {stats.skipped_existing} stored earlier, "
                 f"{stats.unparseable} without a label"
             )
-        self.acc.wait_for_everyone()  # every process reads the finished store (no lock: it is not written now)
+        # every process reads the finished store (no lock: it is not written now)
+        self.acc.wait_for_everyone()
         records = [r for r in TeacherStore.read(store_path).values() if r.teacher == teacher.name]
+        return pairs, records, teacher
+
+    def _answer_examples(self, pairs: list, records: list, teacher_name: str) -> list:
+        """The teacher's whole answers (explanation + label) as completion-only NLL examples."""
+        from rerankdistill.train.sft import distill_examples, tokenize_examples
+
+        cfg = self.cfg
         by_key = {(p.qid, p.docid): p for p in pairs}
         examples, counts = distill_examples(records, by_key)
         encoded, too_long = tokenize_examples(
@@ -179,7 +206,7 @@ class RerankQLoRARecipe:
         )
         fate = "documents cut to fit" if cfg.train.fit_documents else "dropped"
         self.notes["teacher"] = {
-            "name": teacher.name,
+            "name": teacher_name,
             "pairs": len(pairs),
             **counts,
             "too_long": too_long,
@@ -189,17 +216,53 @@ class RerankQLoRARecipe:
             f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens: "
             f"{fate})"
         )
+        return encoded
 
-        self._stage(6, "LoRA distillation")
-        self.history += self._train_loop(encoded, cfg.train.steps, cfg.train.lr, "distill")
+    def _train_label(self, pairs: list, records: list, teacher: Any) -> list[dict[str, Any]]:
+        """The label token alone, read after the judge's own context (rerankdistill.train.forced_label):
+        pointwise cross-entropy or a listwise softmax over each query's candidates, one query per micro
+        batch, on the shared loop (resumable like the answer objective)."""
+        from rerankdistill.train.forced_label import (
+            group_window,
+            label_examples,
+            label_loss_fn,
+            label_token_ids,
+        )
 
-        self._stage(7, "refinement")
-        if cfg.refine.method == "none":
-            self._print("skipped (refine.method=none)")
-        elif cfg.refine.method == "grpo":
-            self.history += self._grpo(pairs, records)
-        else:
-            self.history += self._refine(pairs, records)
+        cfg, tc = self.cfg, self.cfg.train
+        labels = {(r.qid, r.docid): r.label for r in records if r.label is not None}
+        examples, groups, dropped = label_examples(
+            self.tokenizer,
+            _prompt(),
+            pairs,
+            labels,
+            lambda q, d: teacher.explanation(0, q, d),  # as the forced judge computes it
+            tc.max_length,
+        )
+        self.notes["teacher"] = {
+            "name": teacher.name,
+            "pairs": len(pairs),
+            "used": len(examples),
+            "too_long": dropped,
+            "too_long_fate": "dropped (documents are cut to fit; these did not fit at all)",
+        }
+        per_step = max(1, tc.batch_size // cfg.teacher.pairs_per_query)
+        if per_step % self.acc.num_processes:
+            raise ValueError(
+                f"train.batch_size // teacher.pairs_per_query ({per_step} queries per step) must be a "
+                f"multiple of the number of processes ({self.acc.num_processes})"
+            )
+        self._print(
+            f"{len(examples)} label examples in {len(groups)} query groups ({dropped} did not fit), "
+            f"{per_step} queries per step"
+        )
+        kind = tc.objective.removeprefix("label-")
+        ids = label_token_ids(self.tokenizer)
+        loss_fn = label_loss_fn(
+            examples, kind, self.tokenizer.pad_token_id, ids, self.acc.device, tc.listwise_temperature
+        )
+        window = group_window(groups, tc.steps, per_step, tc.seed)
+        return self._run_phase(tc.steps, tc.lr, "distill", window, loss_fn)
 
     def _train_loop(self, encoded: list, steps: int, lr: float, phase: str) -> list[dict[str, Any]]:
         """Weighted NLL (rerankdistill) over `encoded` with the shared loop (shared_kernels.training): DDP or
@@ -321,7 +384,8 @@ class RerankQLoRARecipe:
             for p in chosen
         ]
         samples_path = self.run_dir / "refine_samples.json"
-        # a sharded model (FSDP2) needs every rank in each forward: all sample (the same seed), the main one writes
+        # a sharded model (FSDP2) needs every rank in each forward: all sample (the same seed), the main one
+        # writes
         sampling = self.acc.is_main_process or is_sharded(self.model)
         if sampling and not (cfg.resume and samples_path.is_file()):
             self._print(f"sampling {rc.samples} explanations for each of {len(refine_pairs)} pairs")
@@ -366,9 +430,10 @@ class RerankQLoRARecipe:
         return self._train_loop(encoded, rc.steps, cfg.train.lr, "refine")
 
     def _grpo(self, pairs: list, records: list) -> list[dict[str, Any]]:
-        """GRPO (rerankdistill.train.grpo) on `refine.pairs` teacher-labelled pairs: `refine.samples` answers per
-        prompt, label-agreement + format rewards, group-relative advantages; on the shared loop, so it
-        checkpoints under checkpoints/refine and resumes like distillation (sampling seeded by step and pair)."""
+        """GRPO (rerankdistill.train.grpo) on `refine.pairs` teacher-labelled pairs: `refine.samples` answers
+        per prompt, label-agreement + format rewards, group-relative advantages; on the shared loop, so it
+        checkpoints under checkpoints/refine and resumes like distillation (sampling seeded by step and
+        pair)."""
         from rerankdistill.train.grpo import default_rewards, grpo_loss, grpo_window
         from rerankdistill.train.rwft import RefinePair
 
@@ -438,18 +503,28 @@ class RerankQLoRARecipe:
         return results
 
     def _rerank_and_report(self) -> dict[str, Any]:
-        from rerankdistill import comparison_table, evaluate, fuse, write_qrels, write_run
-        from rerankdistill.backends.hf import TransformersBackend
-        from rerankdistill.rerank import TeacherForcedJudge, TransformersJudge, rerank
-        from rerankdistill.teacher import TeacherStore
-
-        cfg, task = self.cfg, self.task
+        task = self.task
         self._stage(8, "pointwise reranking of validation and held-out queries")
-        eval_qrels = {q: task.qrels[q] for q in task.eval_qids}
-        val_qrels = {q: task.qrels[q] for q in task.validation_qids}
         bm25 = {q: self.first_stage[q] for q in task.eval_qids if q in self.first_stage}
         bm25_val = {q: self.first_stage[q] for q in task.validation_qids if q in self.first_stage}
-        prompt = _prompt()
+        self._note_prompt_lengths(bm25, len(bm25_val))
+        reranked = self._judge_candidates({**bm25_val, **bm25})
+        if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
+            self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
+            return {}
+        results, table = self._score_runs(bm25, bm25_val, reranked)
+
+        self._stage(9, "adapter and report")
+        results["adapter_dir"] = str(self._save_adapter())
+        write_json_atomic(self.run_dir / "results.json", results)
+        self._plot()
+        self._report(results, table)
+        self._print_summary(results, len(bm25))
+        return results
+
+    def _note_prompt_lengths(self, bm25: dict, n_validation: int) -> None:
+        """How many evaluation prompts are longer than the training context (the long-context claim)."""
+        cfg, task, prompt = self.cfg, self.task, _prompt()
         lengths = []
         for qid, docs in bm25.items():
             for docid in sorted(docs, key=lambda d: -docs[d])[: cfg.rerank.k]:
@@ -469,8 +544,17 @@ class RerankQLoRARecipe:
         self._print(
             f"{len(lengths)} evaluation pairs; {longer} prompts longer than the training context of "
             f"{cfg.train.max_length} tokens (longest {max(lengths, default=0)}); "
-            f"{len(bm25_val) * cfg.rerank.k} validation pairs"
+            f"{n_validation * cfg.rerank.k} validation pairs"
         )
+
+    def _judge_candidates(self, first_stage: dict) -> Any:
+        """The student's judgements of each query's top-k, resumable through rerank.jsonl."""
+        from rerankdistill.backends.hf import TransformersBackend
+        from rerankdistill.length_sorted import LengthSortedJudge
+        from rerankdistill.rerank import TeacherForcedJudge, TransformersJudge, rerank
+        from rerankdistill.teacher import TeacherStore
+
+        cfg = self.cfg
         self.model.eval()
         backend = TransformersBackend(
             self.model,
@@ -479,126 +563,101 @@ class RerankQLoRARecipe:
             batch_size=cfg.rerank.batch_size,
             max_new_tokens=cfg.rerank.max_new_tokens,
         )
+        inner: Any
         if cfg.rerank.judge == "forced":
-            teacher = stages.make_teacher(cfg, task)
+            teacher = stages.make_teacher(cfg, self.task)
             inner = TeacherForcedJudge(backend, lambda q, d: teacher.explanation(0, q, d))
         else:
             inner = TransformersJudge(backend, use_label_probabilities=cfg.rerank.use_label_probabilities)
-        judge = LengthSortedJudge(
-            inner, cfg.rerank.batch_size, progress=self.progress and self.acc.is_main_process
-        )
+        progress = self.progress and self.acc.is_main_process
+        judge = LengthSortedJudge(inner, cfg.rerank.batch_size, progress=progress)
         # every pair in one judge call, so the judge can batch them by length (less padding)
-        both = {**bm25_val, **bm25}
-        n_pairs = sum(min(cfg.rerank.k, len(d)) for d in both.values())
+        n_pairs = sum(min(cfg.rerank.k, len(d)) for d in first_stage.values())
         # judgements are appended to rerank.jsonl chunk by chunk: a killed run resumes where it stopped
         # (artefacts.py discards the store when the student or the judge's settings change)
         # (sharded, every rank runs the same forwards: no store, since only the main process could read it)
         keep = self.acc.is_main_process and not is_sharded(self.model)
         with TeacherStore(self.run_dir / "rerank.jsonl") if keep else contextlib.nullcontext() as store:
-            reranked = rerank(
-                both,
-                task.queries,
-                task.corpus,
+            return rerank(
+                first_stage,
+                self.task.queries,
+                self.task.corpus,
                 judge,
                 k=cfg.rerank.k,
                 store=store,
                 batch_size=max(1, min(n_pairs, 64 * cfg.rerank.batch_size)),
                 progress=False,
             )
-        if not self.acc.is_main_process:  # another rank of a sharded model: it took part in the forwards,
-            self._save_adapter()  # and takes part in gathering the adapter, which the main process writes
-            return {}
-        student = {q: reranked.run[q] for q in bm25}
-        fusion = self._fusion(bm25_val, val_qrels, reranked)
-        plain = {q: self.first_stages["plain"][q] for q in task.eval_qids if q in self.first_stages["plain"]}
-        code = {q: self.first_stages["code"][q] for q in task.eval_qids if q in self.first_stages["code"]}
-        runs = {"BM25 (plain)": plain, "BM25 (identifier-aware)": code, "BM25 + rerank-qlora": student}
+
+    def _score_runs(self, bm25: dict, bm25_val: dict, reranked: Any) -> tuple[dict[str, Any], str]:
+        """Both BM25 runs, the student's and the fused one on the evaluation queries: TREC files, scores,
+        paired tests against both BM25s (rerankdistill.run_report); returns results.json's dict and the
+        table."""
+        from rerankdistill import comparison_table, evaluate, write_qrels, write_run
+        from rerankdistill.run_report import choose_fusion, fused_run, significance_against
+
+        cfg, task = self.cfg, self.task
+        eval_qrels = {q: task.qrels[q] for q in task.eval_qids}
+        val_qrels = {q: task.qrels[q] for q in task.validation_qids}
+        fusion = choose_fusion(
+            bm25_val, val_qrels, reranked.run, reranked.scores, cfg.rerank.k, cfg.rerank.fusion_weight
+        )
+        runs = {
+            PLAIN: {
+                q: self.first_stages["plain"][q] for q in task.eval_qids if q in self.first_stages["plain"]
+            },
+            CODE: {q: self.first_stages["code"][q] for q in task.eval_qids if q in self.first_stages["code"]},
+            STUDENT: {q: reranked.run[q] for q in bm25},
+        }
+        files = {PLAIN: ("bm25.run", "bm25"), CODE: ("bm25-code.run", "bm25-code")}
+        files[STUDENT] = ("reranked.run", "rerank-qlora")
         if fusion["weight"] is not None:
-            runs[fusion["name"]] = fuse(bm25, reranked.scores, fusion["weight"], cfg.rerank.k)
-            write_run(runs[fusion["name"]], self.run_dir / "fused.run", tag="rerank-qlora-fused")
+            runs[fusion["name"]] = fused_run(bm25, reranked.scores, fusion, cfg.rerank.k)
+            files[fusion["name"]] = ("fused.run", "rerank-qlora-fused")
         write_qrels(eval_qrels, self.run_dir / "eval.qrels")
-        write_run(plain, self.run_dir / "bm25.run", tag="bm25")
-        write_run(code, self.run_dir / "bm25-code.run", tag="bm25-code")
-        write_run(student, self.run_dir / "reranked.run", tag="rerank-qlora")
+        for name, (filename, tag) in files.items():
+            write_run(runs[name], self.run_dir / filename, tag=tag)
         measures = ("ndcg_cut_10", "recip_rank_10", "judged_10", "map", f"recall_{cfg.rerank.candidates}")
         scores = {
             name: {m: float(v) for m, v in evaluate(run, eval_qrels, measures).items()}
             for name, run in runs.items()
         }
-        table = comparison_table(runs, eval_qrels, measures)
-        significance = _significance(runs, eval_qrels, seed=cfg.train.seed)
+        significance = significance_against(runs, eval_qrels, (CODE, PLAIN), seed=cfg.train.seed)
         self.notes["significance"] = significance["rows"]
-        table += "\n\n" + significance["table"]
-        n_eval = len(bm25)
+        table = comparison_table(runs, eval_qrels, measures) + "\n\n" + significance["table"]
         unparseable = sum(reranked.labels[q][d] is None for q in bm25 for d in reranked.labels[q])
+        keys = (("bm25", PLAIN), ("bm25-code", CODE), ("reranked", STUDENT), ("fused", fusion["name"]))
+        self.acc.log(
+            {f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"] for key, name in keys if name in scores}
+        )
         results = {
             "scores": scores,
             "fusion": fusion,
             "unparseable": unparseable,
-            "judged": len(lengths),
+            "judged": self.notes["eval_lengths"]["pairs"],
             "elapsed_s": time.perf_counter() - self.t0,
             **self.notes,
         }
-        self.acc.log(
-            {
-                f"eval/ndcg@10/{key}": scores[name]["ndcg_cut_10"]
-                for key, name in (
-                    ("bm25", "BM25 (plain)"),
-                    ("bm25-code", "BM25 (identifier-aware)"),
-                    ("reranked", "BM25 + rerank-qlora"),
-                    ("fused", fusion["name"]),
-                )
-                if name in scores
-            }
-        )
+        return results, table
 
-        self._stage(9, "adapter and report")
-        adapter_dir = self._save_adapter()
-        results["adapter_dir"] = str(adapter_dir)
-        write_json_atomic(self.run_dir / "results.json", results)
-        self._plot()
-        self._report(results, table)
+    def _print_summary(self, results: dict[str, Any], n_eval: int) -> None:
+        scores, fusion = results["scores"], results["fusion"]
         line = (
-            f"nDCG@10 on {n_eval} held-out queries: BM25 {scores['BM25 (plain)']['ndcg_cut_10']:.4f}, "
-            f"identifier-aware BM25 {scores['BM25 (identifier-aware)']['ndcg_cut_10']:.4f}, "
-            f"reranked {scores['BM25 + rerank-qlora']['ndcg_cut_10']:.4f}"
+            f"nDCG@10 on {n_eval} held-out queries: BM25 {scores[PLAIN]['ndcg_cut_10']:.4f}, "
+            f"identifier-aware BM25 {scores[CODE]['ndcg_cut_10']:.4f}, "
+            f"reranked {scores[STUDENT]['ndcg_cut_10']:.4f}"
         )
         if fusion["name"] in scores:
-            line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {scores[fusion['name']]['ndcg_cut_10']:.4f}"
+            fused = scores[fusion["name"]]["ndcg_cut_10"]
+            line += f", fused (w={fusion['weight']:g}, {fusion['chosen']}) {fused:.4f}"
         self._print(line)
         for r in results["significance"]:
-            if r["baseline"] == "BM25 (identifier-aware)" and r["measure"] == "ndcg_cut_10":
+            if r["baseline"] == CODE and r["measure"] == "ndcg_cut_10":
                 self._print(
                     f"{r['run']} - identifier-aware BM25, nDCG@10: {r['mean_diff']:+.4f} (95% CI "
-                    f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]), randomization p = {r['p_randomization']:.4f}"
+                    f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]), "
+                    f"randomization p = {r['p_randomization']:.4f}"
                 )
-        return results
-
-    def _fusion(self, bm25_val: dict, val_qrels: dict, reranked: Any) -> dict[str, Any]:
-        """The fusion weight: given (rerank.fusion_weight), or chosen on the validation queries (never the
-        evaluation ones); none when neither is available."""
-        from rerankdistill import ndcg_at_k, select_fusion_weight
-
-        cfg = self.cfg
-        out: dict[str, Any] = {"weight": cfg.rerank.fusion_weight, "chosen": "given", "validation": {}}
-        if bm25_val:
-            val_student = {q: reranked.run[q] for q in bm25_val}
-            out["validation"] = {
-                "queries": len(bm25_val),
-                "bm25": float(ndcg_at_k(bm25_val, val_qrels, 10)),
-                "reranked": float(ndcg_at_k(val_student, val_qrels, 10)),
-            }
-        if out["weight"] is None and bm25_val:
-            weight, by_weight = select_fusion_weight(bm25_val, reranked.scores, val_qrels, cfg.rerank.k)
-            out.update(
-                weight=weight,
-                chosen=f"chosen on {len(bm25_val)} validation queries",
-                validation={**out["validation"], "by_weight": by_weight},
-            )
-        elif out["weight"] is None:
-            out["chosen"] = "none: no validation queries and rerank.fusion_weight unset"
-        out["name"] = "BM25 + rerank-qlora, fused" if out["weight"] is not None else ""
-        return out
 
     def _save_adapter(self) -> Path:
         """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically.
@@ -638,94 +697,60 @@ class RerankQLoRARecipe:
 
     # ------------------------------------------------------------------------------------------ output
     def _plot(self) -> None:
-        import matplotlib
+        from rerankdistill.run_report import plot_training_curve
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        offset = 0
-        for phase in ("distill", "refine"):
-            rows = [r for r in self.history if r["phase"] == phase]
-            if rows:
-                ax.plot(
-                    [offset + r["step"] for r in rows],
-                    [r[f"{phase}/loss"] for r in rows],
-                    marker=".",
-                    label=phase,
-                )
-                offset += rows[-1]["step"]
-        ax.set(xlabel="optimizer step", ylabel="weighted NLL", title="training curve")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "training_curve.png", dpi=110)
-        plt.close(fig)
+        ylabel = {
+            "answer": "NLL (nats per answer token)",
+            "label-pointwise": "label cross-entropy (nats per pair)",
+            "label-listwise": "listwise cross-entropy (nats per query)",
+        }[self.cfg.train.objective]
+        plot_training_curve(self.history, self.run_dir / "training_curve.png", ylabel=ylabel)
 
     def _report(self, results: dict[str, Any], table: str) -> None:
+        from rerankdistill.run_report import report_markdown
+        from rerankdistill.trec import atomic_write_text
+
         cfg, n = self.cfg, self.notes
-        offline = cfg.teacher.kind == "offline-qrels"
-        lines = [
-            "# rerank-qlora report",
-            "",
-            f"Task: {n['task']['name']} ({n['task']['documents']} documents; {n['task']['train_queries']} training "
-            f"queries, {n['task']['validation_queries']} validation queries, {n['task']['eval_queries']} held-out "
-            "evaluation queries).",
-            f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; {n['parameters']}.",
-            f"Teacher: {n['teacher']['name']}"
-            + (
-                f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} explanations, "
-                "no model reasoning)"
-                if offline
-                else ""
+        teacher, fs, lengths = n["teacher"], n["first_stage"], n["eval_lengths"]
+        offline = ""
+        if cfg.teacher.kind == "offline-qrels":
+            offline = (
+                f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} "
+                "explanations, no model reasoning)"
             )
-            + f"; {n['teacher']['used']} distillation examples, {n['teacher']['too_long']} longer than the training "
-            f"context ({cfg.train.max_length} tokens): {n['teacher']['too_long_fate']}.",
-            f"First stage: {n['first_stage']['reranked']} BM25 (identifier-aware: k1 {n['first_stage']['k1']:g}, b "
-            f"{n['first_stage']['b']:g}, {n['first_stage']['chosen']}; stopwords {n['first_stage']['stopwords']}, "
-            f"stemmer {n['first_stage']['stemmer']}).",
+        context = [
+            f"Task: {n['task']['name']} ({n['task']['documents']} documents; {n['task']['train_queries']} "
+            f"training queries, {n['task']['validation_queries']} validation queries, "
+            f"{n['task']['eval_queries']} held-out evaluation queries).",
+            f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; "
+            f"{n['parameters']}.",
+            f"Teacher: {teacher['name']}{offline}; {teacher['used']} distillation examples, "
+            f"{teacher['too_long']} longer than the training context ({cfg.train.max_length} tokens): "
+            f"{teacher['too_long_fate']}.",
+            f"First stage: {fs['reranked']} BM25 (identifier-aware: k1 {fs['k1']:g}, b {fs['b']:g}, "
+            f"{fs['chosen']}; stopwords {fs['stopwords']}, stemmer {fs['stemmer']}).",
             f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
-            f"{n['eval_lengths']['longer_than_training_context']} of {n['eval_lengths']['pairs']} prompts are longer "
-            f"than the training context (longest {n['eval_lengths']['max_prompt_tokens']} tokens). "
+            f"{lengths['longer_than_training_context']} of {lengths['pairs']} prompts are longer than the "
+            f"training context (longest {lengths['max_prompt_tokens']} tokens). "
             f"Unparseable judgements: {results['unparseable']} of {results['judged']}.",
-            "",
-            table,
-            "",
         ]
-        f = results["fusion"]
-        if f["weight"] is not None:
-            lines += [
-                f"Fused: w * E[label]/2 + (1 - w) * min-max BM25 over each query's top-{cfg.rerank.k} "
-                f"(rerankdistill.fusion), w = {f['weight']:g} ({f['chosen']}). w = 0 is BM25's order, w = 1 "
-                "the student's.",
-                "",
-            ]
-        else:
-            lines += [f"No fused run: {f['chosen']}.", ""]
-        if f["validation"]:
-            v = f["validation"]
-            lines += [
-                f"Validation ({v['queries']} queries, modules disjoint from training and evaluation): nDCG@10 "
-                f"BM25 {v['bm25']:.4f}, reranked {v['reranked']:.4f}"
-                + (
-                    "; fused by w: " + ", ".join(f"{w:g}: {s:.4f}" for w, s in v["by_weight"].items())
-                    if "by_weight" in v
-                    else ""
-                )
-                + ".",
-                "",
-            ]
-        lines += [
-            "![training curve](training_curve.png)",
-            "",
-            f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` (plain), "
-            "`bm25-code.run` (identifier-aware), `reranked.run`"
-            + (", `fused.run`" if f["weight"] is not None else "")
-            + " (TREC format: `trec_eval -m ndcg_cut.10 "
-            f"eval.qrels reranked.run` re-scores them). "
+        fused = ", `fused.run`" if results["fusion"]["weight"] is not None else ""
+        footer = [
+            f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` "
+            f"(plain), `bm25-code.run` (identifier-aware), `reranked.run`{fused} (TREC format: "
+            "`trec_eval -m ndcg_cut.10 eval.qrels reranked.run` re-scores them). "
             f"Wall time {results['elapsed_s']:.0f} s.",
-            "",
         ]
-        (self.run_dir / "report.md").write_text("\n".join(lines))
+        text = report_markdown(
+            "rerank-qlora report",
+            context,
+            table,
+            results["fusion"],
+            cfg.rerank.k,
+            figure="training_curve.png",
+            footer=footer,
+        )
+        atomic_write_text(self.run_dir / "report.md", text)
 
     def _stage(self, i: int, name: str) -> None:
         self._print(
@@ -739,61 +764,12 @@ class RerankQLoRARecipe:
             log.info(text)
 
 
-def _significance(runs: dict[str, Any], qrels: dict, seed: int) -> dict[str, Any]:
-    """The reranked and fused runs against both BM25 baselines: paired randomization test, t-test and 95%
-    bootstrap CI of the mean nDCG@10 / MRR@10 difference over the evaluation queries (rerankdistill)."""
-    from rerankdistill.cli import significance_table
-    from rerankdistill.metrics import evaluate
-    from shared_kernels.significance import compare_runs
-
-    measures = ("ndcg_cut_10", "recip_rank_10")
-    per = {name: evaluate(run, qrels, measures, complete=True) for name, run in runs.items()}
-    rows, tables = [], []
-    for baseline in ("BM25 (identifier-aware)", "BM25 (plain)"):
-        these = [
-            {
-                "run": name,
-                "baseline": baseline,
-                "measure": m,
-                **compare_runs(per[name][m].per_query, per[baseline][m].per_query, seed=seed),
-            }
-            for name in runs
-            if not name.startswith("BM25 (")
-            for m in measures
-        ]
-        rows += these
-        tables.append(significance_table(these, baseline))
-    return {"rows": rows, "table": "\n".join(tables)}
-
-
-class LengthSortedJudge:
-    """Wraps a pointwise judge: judges pairs in batches of similar length (padding to the longest prompt of a
-    batch is what makes long-context batches expensive) and returns the judgements in the input order."""
-
-    def __init__(self, judge: Any, batch_size: int, progress: bool = True):
-        self.judge_, self.batch_size, self.progress = judge, batch_size, progress
-        self.name = judge.name
-
-    def judge(self, pairs: list[tuple[str, str]]) -> list[Any]:
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-        out: list[Any] = [None] * len(pairs)
-        with tqdm(
-            total=len(pairs), desc=f"rerank {self.name}", unit="pair", disable=not self.progress
-        ) as bar:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                for i, j in zip(chunk, self.judge_.judge([pairs[i] for i in chunk]), strict=True):
-                    out[i] = j
-                bar.update(len(chunk))
-        return out
-
-
 def _generate_on_every_rank(model: Any) -> None:
     """Make `model.generate` usable on an FSDP2-sharded model, where every rank runs it in step.
 
-    FSDP2 gathers parameters around `forward` only: generate() is registered as a forward method too, and called
-    with synced_gpus=True so that transformers keeps every rank decoding (padding) until all are done; otherwise
-    a rank that finished early would stop joining the all-gathers of the others. Idempotent.
+    FSDP2 gathers parameters around `forward` only: generate() is registered as a forward method too, and
+    called with synced_gpus=True so that transformers keeps every rank decoding (padding) until all are done;
+    otherwise a rank that finished early would stop joining the all-gathers of the others. Idempotent.
     """
     from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -805,7 +781,8 @@ def _generate_on_every_rank(model: Any) -> None:
 
 
 def _reshard(model: Any) -> None:
-    """Register every FSDP2 module's sharded parameters again (forward-only passes can leave some unsharded)."""
+    """Register every FSDP2 module's sharded parameters again (forward-only passes can leave some
+    unsharded)."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

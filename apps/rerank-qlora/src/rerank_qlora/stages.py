@@ -57,10 +57,11 @@ def load_task(cfg: TaskConfig) -> RetrievalTask:
 
 
 def bright_zero_shot(cfg: TaskConfig) -> RetrievalTask:
-    """BRIGHT as in the paper: every judged query of the domain is evaluated, zero-shot. Training and validation
-    queries (the fusion weight and BM25 k1/b are chosen on the latter) come from `cfg.train_source`, whose own
-    evaluation queries are dropped; the domain's documents (`cfg.corpus_path`) are kept apart, so a BRIGHT query's
-    candidates are BRIGHT documents without its excluded ids, and no training query searches them.
+    """BRIGHT as in the paper: every judged query of the domain is evaluated, zero-shot. Training and
+    validation queries (the fusion weight and BM25 k1/b are chosen on the latter) come from
+    `cfg.train_source`, whose own evaluation queries are dropped; the domain's documents (`cfg.corpus_path`)
+    are kept apart, so a BRIGHT query's candidates are BRIGHT documents without its excluded ids, and no
+    training query searches them.
 
     Raises:
         ConfigError: the training source shares query or document ids with the domain, or
@@ -144,8 +145,8 @@ def bright_zero_shot(cfg: TaskConfig) -> RetrievalTask:
 
 def _search_groups(task: RetrievalTask) -> list[tuple[dict[str, str], dict[str, str]]]:
     """(documents, query texts) each first stage searches: the whole corpus for every query, or, with
-    `task.eval_docids`, the non-evaluation queries over the other documents (first: validation is chosen there)
-    and the evaluation queries over those documents."""
+    `task.eval_docids`, the non-evaluation queries over the other documents (first: validation is chosen
+    there) and the evaluation queries over those documents."""
     texts = {q: task.search_queries.get(q, t) for q, t in task.queries.items()}
     if not task.eval_docids:
         return [(task.corpus, texts)]
@@ -280,7 +281,8 @@ def build_tiny_base(
 
 
 def load_base(path: str | Path, cfg: RerankQLoRAConfig) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a local directory or a Hugging Face id (no remote code by default)."""
+    """A causal LM and its tokenizer from a local directory or a Hugging Face id (no remote code by
+    default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
@@ -308,7 +310,8 @@ def apply_attention(model: Any, cfg: RerankQLoRAConfig) -> str:
 
 
 def apply_qlora(model: Any, cfg: RerankQLoRAConfig) -> tuple[Any, str]:
-    """NF4 (+ double quantization) base and LoRA adapters through nf4lora.prepare_model, or plain peft LoRA."""
+    """NF4 (+ double quantization) base and LoRA adapters through nf4lora.prepare_model, or plain peft
+    LoRA."""
     lo = cfg.lora
     if cfg.quant.method == "nf4":
         from nf4lora.model import prepare_model
@@ -323,7 +326,8 @@ def apply_qlora(model: Any, cfg: RerankQLoRAConfig) -> tuple[Any, str]:
             gradient_checkpointing=cfg.quant.gradient_checkpointing,
             seed=cfg.train.seed,
         )
-        what = f"NF4{' + double quantization' if cfg.quant.double_quant else ''} base, LoRA r={lo.r} alpha={lo.alpha}"
+        double = " + double quantization" if cfg.quant.double_quant else ""
+        what = f"NF4{double} base, LoRA r={lo.r} alpha={lo.alpha}"
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -370,9 +374,9 @@ def training_pairs(
     """Training pairs of each training query (at most `per_query`, or `per_query` + 1, see below).
 
     Args:
-        strategy: "gold-first": the judged documents (best first), then BM25's unjudged ones as hard negatives;
-            "bm25": BM25's top `per_query` as ranked, whatever their judgements (the distribution the reranker
-            sees at evaluation), plus the best judged document when BM25 missed it.
+        strategy: "gold-first": the judged documents (best first), then BM25's unjudged ones as hard
+            negatives; "bm25": BM25's top `per_query` as ranked, whatever their judgements (the distribution
+            the reranker sees at evaluation), plus the best judged document when BM25 missed it.
     """
     from rerankdistill.teacher import Pair
     from rerankdistill.trec import sorted_ranking

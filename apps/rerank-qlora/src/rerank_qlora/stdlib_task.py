@@ -1,4 +1,5 @@
-"""The embedded default retrieval task, mined with `ast` from the files of the installed Python standard library.
+"""The embedded default retrieval task, mined with `ast` from the files of the installed Python standard
+library.
 
 Each public function, class and method (of a top-level class) with a docstring gives a query -- the
 docstring's first paragraph, its own name masked -- and a document -- its code without the docstring,
@@ -221,6 +222,73 @@ def _sample(qids: list[str], n: int) -> list[str]:
     return sorted(qids, key=lambda q: hashlib.sha256(q.encode()).hexdigest())[:n]
 
 
+def _check_arguments(splits: tuple[str, ...], *caps: int) -> None:
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"splits must be among {SPLITS}, got {sorted(unknown)}")
+    names = ("max_train_queries", "max_validation_queries", "max_eval_queries")
+    for name, n in zip(names, caps, strict=True):
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+
+
+def _mine_splits(
+    root: Path,
+    splits: tuple[str, ...],
+    split: Callable[[str], str],
+    read: Callable[[Path], str],
+    max_doc_chars: int,
+) -> tuple[list[tuple[str, Unit]], int]:
+    """(split, unit) of every module file whose top-level module falls in `splits`; how many modules."""
+    units: list[tuple[str, Unit]] = []
+    modules = 0
+    for module, path in stdlib_modules(root):
+        top = module.split(".")[0]
+        where = split(top)
+        if where not in SPLITS:
+            raise ValueError(f"split({top!r}) returned {where!r}, not one of {SPLITS}")
+        if where not in splits:
+            continue
+        modules += 1
+        units += [(where, u) for u in mine_units(module, read(path), max_doc_chars)]
+    return units, modules
+
+
+def _first_of_identical(units: list[tuple[str, Unit]]) -> list[tuple[str, Unit]]:
+    """The first of identical documents (up to the unit's own name) and of repeated document ids."""
+    seen: set[str] = set()
+    kept: list[tuple[str, Unit]] = []
+    for where, u in units:
+        name = u.docid.rsplit(".", 1)[1]
+        body = re.sub(rf"\b{re.escape(name)}\b", "_", u.code)
+        if body not in seen and u.docid not in seen:
+            seen.update((body, u.docid))
+            kept.append((where, u))
+    return kept
+
+
+def _documents_and_queries(
+    kept: list[tuple[str, Unit]],
+) -> tuple[dict[str, str], dict[str, str], dict[str, list[str]], list[str]]:
+    """Corpus, queries (a summary shared by several units is no query), query ids by split, training
+    documents."""
+    text_count: dict[str, int] = {}
+    for _, u in kept:
+        text_count[u.query.lower()] = text_count.get(u.query.lower(), 0) + 1
+    corpus: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    train_docids: list[str] = []
+    for where, u in kept:
+        corpus[u.docid] = u.code
+        if where == "train":
+            train_docids.append(u.docid)
+        if text_count[u.query.lower()] == 1:
+            queries[f"q:{u.docid}"] = u.query
+            by_split[where].append(f"q:{u.docid}")
+    return corpus, queries, by_split, train_docids
+
+
 def build_stdlib_task(
     max_train_queries: int = 4000,
     max_validation_queries: int = 200,
@@ -244,52 +312,12 @@ def build_stdlib_task(
         max_doc_chars: documents are cut at a line boundary to this many characters.
     """
     splits = tuple(splits)
-    unknown = set(splits) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"splits must be among {SPLITS}, got {sorted(unknown)}")
-    for name, n in (
-        ("max_train_queries", max_train_queries),
-        ("max_validation_queries", max_validation_queries),
-        ("max_eval_queries", max_eval_queries),
-    ):
-        if n < 0:
-            raise ValueError(f"{name} must be >= 0, got {n}")
+    _check_arguments(splits, max_train_queries, max_validation_queries, max_eval_queries)
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
         raise ValueError(f"root: {root} is not a directory")
-    units: list[tuple[str, Unit]] = []
-    modules = 0
-    for module, path in stdlib_modules(root):
-        top = module.split(".")[0]
-        where = split(top)
-        if where not in SPLITS:
-            raise ValueError(f"split({top!r}) returned {where!r}, not one of {SPLITS}")
-        if where not in splits:
-            continue
-        modules += 1
-        units += [(where, u) for u in mine_units(module, read(path), max_doc_chars)]
-    seen: set[str] = set()
-    kept: list[tuple[str, Unit]] = []
-    for where, u in units:  # the first of identical documents (up to the unit's own name) is kept
-        name = u.docid.rsplit(".", 1)[1]
-        body = re.sub(rf"\b{re.escape(name)}\b", "_", u.code)
-        if body not in seen and u.docid not in seen:
-            seen.update((body, u.docid))
-            kept.append((where, u))
-    text_count: dict[str, int] = {}
-    for _, u in kept:
-        text_count[u.query.lower()] = text_count.get(u.query.lower(), 0) + 1
-    corpus: dict[str, str] = {}
-    queries: dict[str, str] = {}
-    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
-    train_docids: list[str] = []
-    for where, u in kept:
-        corpus[u.docid] = u.code
-        if where == "train":
-            train_docids.append(u.docid)
-        if text_count[u.query.lower()] == 1:
-            queries[f"q:{u.docid}"] = u.query
-            by_split[where].append(f"q:{u.docid}")
+    units, modules = _mine_splits(root, splits, split, read, max_doc_chars)
+    corpus, queries, by_split, train_docids = _documents_and_queries(_first_of_identical(units))
     train = _sample(by_split["train"], max_train_queries)
     validation = _sample(by_split["validation"], max_validation_queries)
     evaluation = _sample(by_split["eval"], max_eval_queries)

@@ -300,7 +300,7 @@ async def _run_async(
             await backend.aclose()
 
 
-EXPLANATIONS = ("per-label", "fixed", "evidence")
+EXPLANATIONS = ("per-label", "fixed", "evidence", "none")
 
 
 class QrelsTeacher:
@@ -314,8 +314,9 @@ class QrelsTeacher:
             differing word, and the label line only repeats it) or "fixed" (one sentence for every label: the
             decision is made at the label token, where E[label] is read) or "evidence"
             (`rerankdistill.evidence`: which query words the document contains, what it defines and calls --
-            computed from the pair, not the label, so a student can be given the same text at inference). The
-            name records the choice, so stored outputs of the modes are never mixed.
+            computed from the pair, not the label, so a student can be given the same text at inference) or
+            "none" (the label line alone). The name records the choice, so stored outputs of the modes are
+            never mixed.
     """
 
     def __init__(
@@ -342,6 +343,8 @@ class QrelsTeacher:
             from rerankdistill.evidence import evidence
 
             return evidence(query, document)
+        if self.explanation_mode == "none":  # the label directly
+            return ""
         if self.explanation_mode == "fixed":
             return "[offline teacher from relevance judgements, no model reasoning] The label follows."
         what = {0: "not judged relevant", 1: "judged partially relevant", 2: "judged relevant"}[label]

@@ -10,7 +10,6 @@ pass per pair reads all three from the same logits; otherwise each continuation 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 
 import torch
@@ -165,7 +164,6 @@ class TransformersBackend:
 
     def _label_context(self, explanation: str) -> str:
         """The generated text cut just after the last label prefix (appended when missing)."""
-        matches = list(re.finditer(re.escape(self.label_prefix.rstrip(":")) + r"\s*:", explanation, re.I))
-        if matches:
-            return explanation[: matches[-1].start()] + self.label_prefix
-        return explanation.rstrip() + " " + self.label_prefix
+        from rerankdistill.train.forced_label import label_context
+
+        return label_context(explanation, self.label_prefix)
