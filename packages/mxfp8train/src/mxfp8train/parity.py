@@ -39,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -203,8 +204,10 @@ def build_model(cfg: ParityConfig, variant: str, seed: int) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(context=cfg.context, n_layers=cfg.n_layers, width=cfg.width, n_heads=cfg.n_heads))
     if variant == "bf16":
-        return bf16_convert(model)
-    return convert(model, RECIPES[variant].replace(block_size=cfg.block_size))
+        bf16_convert(model)  # in place, as convert
+    else:
+        convert(model, RECIPES[variant].replace(block_size=cfg.block_size))
+    return model
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -227,7 +230,36 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tensor, val: torch.Tensor) -> dict:
+def _sample_stats(model: GPT, step: int) -> dict[str, Any]:
+    """Pooled and per-layer clip / flush fractions since the last sample, then tracking off again."""
+    per_layer = collect_stats(model)
+    pooled = per_layer.pop("__all__")
+    layers = {
+        layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
+        for layer, roles in per_layer.items()
+    }
+    reset_stats(model)
+    set_track_stats(model, False)
+    return {"step": step + 1, **pooled, "layers": layers}
+
+
+def _train_step(
+    model: GPT, opt: torch.optim.Optimizer, cfg: ParityConfig, x: torch.Tensor, y: torch.Tensor, step: int
+) -> float:
+    """One AdamW step at the scheduled lr with gradient clipping; returns the training loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss = model.loss(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def train_variant(
+    cfg: ParityConfig, variant: str, seed: int, train: torch.Tensor, val: torch.Tensor
+) -> dict[str, Any]:
     """Train one variant from one seed (resuming from its checkpoint if any); returns and saves its result."""
     from shared_kernels.checkpoint import CheckpointManager
 
@@ -241,49 +273,37 @@ def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tenso
     ckpt = CheckpointManager(out / "ckpt" / name, keep=1)
     state = ckpt.load(model, opt)
     start = state["step"] if state else 0
-    log = (
+    log: dict[str, Any] = (
         state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
     )
     starts = batch_starts(len(train), cfg, seed)
     is_mx = variant != "bf16"
     t0 = time.perf_counter() - log["seconds"]
     c0 = time.process_time() - log.get("cpu_seconds", 0.0)  # this process's user + sys time, all threads
-    steps = range(start, cfg.steps)
+    bar = None
     if cfg.progress:
         from tqdm import tqdm
 
         position = cfg.variants.index(variant) if cfg.jobs > 1 else None  # one line per parallel variant
-        steps = tqdm(steps, desc=name, initial=start, total=cfg.steps, position=position)
-    for step in steps:
+        bar = tqdm(desc=name, initial=start, total=cfg.steps, position=position)
+    for step in range(start, cfg.steps):
         track = is_mx and (step % cfg.stats_every == 0 or step == cfg.steps - 1)
         if is_mx:
             set_track_stats(model, track)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = windows(train, starts[step], cfg.context)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        log["train"].append([step + 1, loss.item()])
+        loss = _train_step(model, opt, cfg, *windows(train, starts[step], cfg.context), step)
+        log["train"].append([step + 1, loss])
         if track:
-            per_layer = collect_stats(model)
-            pooled = per_layer.pop("__all__")
-            layers = {
-                layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
-                for layer, roles in per_layer.items()
-            }
-            log["stats"].append({"step": step + 1, **pooled, "layers": layers})
-            reset_stats(model)
-            set_track_stats(model, False)
+            log["stats"].append(_sample_stats(model, step))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             log["val"].append([step + 1, evaluate(model, val, cfg)])
-        if cfg.progress:
-            steps.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             ckpt.save(step + 1, model, opt, extra=log)
+    if bar is not None:
+        bar.close()
     log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     result = {
         "variant": variant,
@@ -380,8 +400,9 @@ def report_table(summary: dict[str, dict]) -> str:
     """Markdown table: val loss mean +- std over seeds, paired difference to bf16 with its tests, clip and
     flush fractions per role pooled over seeds and sampled steps."""
     lines = [
-        "| variant | seeds | final val loss mean +- std (nats/byte) | minus bf16, paired: mean +- std [per seed] "
-        "| sign-flip p / t-test p | clipped elements x / w / dy | clipped blocks x / w / dy "
+        "| variant | seeds | final val loss mean +- std (nats/byte) "
+        "| minus bf16, paired: mean +- std [per seed] | sign-flip p / t-test p "
+        "| clipped elements x / w / dy | clipped blocks x / w / dy "
         "| flushed to zero x / w / dy | CPU minutes (all seeds) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -509,7 +530,7 @@ def check_data(cfg: ParityConfig) -> Path:
 
 
 def run_parity(cfg: ParityConfig) -> dict:
-    """Train every (variant, seed) and write results.json, parity_loss.png and parity_stats.png under cfg.out."""
+    """Train every (variant, seed); write results.json, parity_loss.png and parity_stats.png under cfg.out."""
     path = check_data(cfg)
     _set_threads(cfg.threads)
     train, val = load_splits(path)
