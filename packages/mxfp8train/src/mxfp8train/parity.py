@@ -439,14 +439,38 @@ def _save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _plot_val_minus_bf16(ax, runs: dict[str, dict[int, dict]]) -> None:
+    """Per variant, validation loss minus bf16's on the same seed at each evaluation: the paired
+    difference, every seed as a thin line and their mean as a thick one (bf16 is the zero line)."""
+    base = runs["bf16"]
+    ax.axhline(0.0, color="C0", lw=1.5, label="bf16 (reference)")
+    for i, (name, by_seed) in enumerate(runs.items()):
+        if name == "bf16":
+            continue
+        diffs = []
+        for seed in sorted(set(by_seed) & set(base)):
+            vs, vl = zip(*by_seed[seed]["val"], strict=True)
+            diffs.append([v - b for v, (_, b) in zip(vl, base[seed]["val"], strict=True)])
+            ax.plot(vs, diffs[-1], color=f"C{i}", alpha=0.3, lw=0.8)
+        if diffs:
+            mean = [sum(col) / len(col) for col in zip(*diffs, strict=True)]
+            ax.plot(vs, mean, color=f"C{i}", marker="o", lw=2, label=f"{name} (mean of {len(diffs)} seeds)")
+    ax.set(
+        xlabel="step",
+        ylabel="val loss minus bf16, same seed (nats/byte)",
+        title="validation: paired difference to bf16",
+    )
+
+
 def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
-    """Training (20-step mean) and validation loss of every run; one colour per variant."""
+    """Training loss (20-step mean) of every run, and validation loss: as the paired difference to bf16
+    when bf16 ran, else every run's value; one colour per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, by_seed) in enumerate(runs.items()):
         for j, seed in enumerate(sorted(by_seed)):
             r = by_seed[seed]
@@ -457,12 +481,16 @@ def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
             ]
             label = name if j == 0 else None
             ax_train.plot(steps, smooth, color=f"C{i}", alpha=0.8, label=label)
-            vs, vl = zip(*r["val"], strict=True)
-            ax_val.plot(vs, vl, color=f"C{i}", marker="o", alpha=0.8, label=label)
-    ax_train.set(xlabel="step", ylabel="train loss (20-step mean)", title="training (every seed)")
-    ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation (every seed)")
+            if "bf16" not in runs:
+                vs, vl = zip(*r["val"], strict=True)
+                ax_val.plot(vs, vl, color=f"C{i}", marker="o", alpha=0.8, label=label)
+    ax_train.set(xlabel="step", ylabel="train loss, 20-step mean (nats/byte)", title="training (every seed)")
+    if "bf16" in runs:
+        _plot_val_minus_bf16(ax_val, runs)
+    else:
+        ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation (every seed)")
     ax_train.legend()
-    ax_val.legend()
+    ax_val.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     _save_figure(fig, path)
 
