@@ -524,10 +524,13 @@ def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
                         label=name if layer_idx == 0 else None,
                     )
     for col, role in enumerate(roles):
-        axes[0, col].set(title=f"{role}: clipped elements", yscale="symlog", ylabel="fraction")
+        axes[0, col].set(title=f"{role}: clipped elements", yscale="symlog", ylabel="fraction of elements")
         axes[0, col].yaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation())
         axes[1, col].set(
-            title=f"{role}: non-zero values flushed to 0", yscale="symlog", xlabel="step", ylabel="fraction"
+            title=f"{role}: non-zero values flushed to 0",
+            yscale="symlog",
+            xlabel="step",
+            ylabel="fraction of non-zero values",
         )
     for ax in axes.flat:
         ax.set_yscale("symlog", linthresh=1e-6)
