@@ -139,7 +139,8 @@ def _step(layer: nn.Module, x: torch.Tensor) -> None:
 def mxfp8_linear_step_cpu(ctx: BenchContext) -> None:
     """Forward + backward of one linear layer (tokens x in -> out), fp32 master weights and input: MXLinear
     (paper recipe: three emulated MX GEMMs, RCEIL, all E4M3) vs torchao 0.18 `MXFP8Linear` with
-    `KernelPreference.EMULATED` (the same recipe, emulated), and vs an fp32 nn.Linear (the cost of emulation)."""
+    `KernelPreference.EMULATED` (the same recipe, emulated), and vs an fp32 nn.Linear (the cost of
+    emulation)."""
     from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
     from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 

@@ -189,23 +189,30 @@ def test_rows_cols_cast_rejects_non_2d():
 @pytest.mark.parametrize("mode", ["rceil", "floor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fast_torch_cast_equals_reference(elem, mode, dtype, monkeypatch):
-    """mx_cast_torch (chunked, integer scale) gives the reference's bytes: adversarial rows (inf / NaN chunks
-    take the reference, the others the fast path), many chunks, dims 0 / -1 / middle, partial blocks."""
+    """mx_cast_torch (chunked, integer scale) gives the reference's bytes: on adversarial inputs without
+    inf / NaN / an amax near fp32's max (the fast path itself: RNE ties, subnormal elements, E = -127 and
+    all-zero blocks, FLOOR saturation), on the full adversarial set (which falls back to the reference),
+    over many chunks and a partial last chunk, dims 0 / -1 / middle, partial blocks."""
     import shared_kernels.mx_cast as mx_cast_mod
 
-    monkeypatch.setattr(
-        mx_cast_mod, "_FAST_CHUNK_BLOCKS", 7
-    )  # many chunks, some with inf / NaN, some without
-    x = adversarial(96, 160, seed=8)
-    x[40:] = torch.randn(56, 160) * torch.exp2(torch.randint(-20, 20, (56, 1)).float())  # special-free chunks
-    if dtype == torch.float16:
-        x = x.clamp(-6e4, 6e4)
-    x = x.to(dtype)
-    for t, dim in [(x, -1), (x, 0), (x.view(96, 5, 32), 1), (x[:, :150], -1), (x[:, :150].t(), -1)]:
-        got = mx_cast_torch(t, elem, 32, mode, dim)
-        want = mx_cast_ref(t, elem, 32, mode, dim)
-        assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), f"data dim {dim} {tuple(t.shape)}")
-        assert_exact(got[1], want[1], f"scale dim {dim} {tuple(t.shape)}")
+    monkeypatch.setattr(mx_cast_mod, "_FAST_CHUNK_BLOCKS", 7)  # many chunks, the last one partial
+    full = adversarial(96, 160, seed=8)
+    finite = full.clone()
+    finite[1:5] = torch.randn(4, 160)  # the rows holding inf / NaN
+    finite[8, 0] = 2.5e38  # fp32 max -> a large amax below the top scale byte (mantissa 1.47)
+    finite[40:] = torch.randn(56, 160) * torch.exp2(torch.randint(-20, 20, (56, 1)).float())
+    finite[12, :32] = torch.randn(32) * 2.0**-20  # subnormal elements beside a normal block max
+    finite[12, 0] = 1.0
+    for x in (finite, full):
+        if dtype == torch.float16:
+            x = x.clamp(-6e4, 6e4)
+        x = x.to(dtype)
+        for t, dim in [(x, -1), (x, 0), (x.view(96, 5, 32), 1), (x[:, :150], -1), (x[:, :150].t(), -1)]:
+            got = mx_cast_torch(t, elem, 32, mode, dim)
+            want = mx_cast_ref(t, elem, 32, mode, dim)
+            tag = f"dim {dim} {tuple(t.shape)}"
+            assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), f"data {tag}")
+            assert_exact(got[1], want[1], f"scale {tag}")
     big = torch.randn(300, 1024) * 5  # 9600 blocks: more than one default chunk
     monkeypatch.undo()
     for got, want in zip(

@@ -1,7 +1,10 @@
 """Two CPU processes (gloo) train a converted tiny GPT under DDP and under FSDP2 `fully_shard`; rank 0 saves
 the losses and final parameters for `test_mxfp8train_distributed.py` to compare with one process.
 
-    python distributed_worker.py OUT.pt     # spawns 2 ranks; not a test module itself
+    python distributed_worker.py OUT.pt RANK INIT_FILE   # one rank; start ranks 0 and 1 side by side
+
+Not a test module itself. The test starts the two ranks directly as two processes (no spawning parent that
+imports torch a third time): process start-up and imports are most of this run's cost on a loaded CPU.
 
 Each rank takes its half of the global batch (2 of 4 sequences of 32 tokens: 64 tokens, two whole 32-token
 blocks along the weight-gradient GEMM's reduction axis, so the ranks' MX blocks are the global batch's).
@@ -9,13 +12,10 @@ blocks along the weight-gradient GEMM's reduction axis, so the ranks' MX blocks 
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 WORLD = 2
 GLOBAL_BATCH, CONTEXT, STEPS, LR = 4, 32, 3, 0.5
@@ -115,5 +115,4 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run_rank, args=(os.path.join(tmp, "pg"), sys.argv[1]), nprocs=WORLD)
+    run_rank(int(sys.argv[2]), sys.argv[3], sys.argv[1])

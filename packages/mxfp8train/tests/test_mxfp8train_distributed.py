@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,16 +23,46 @@ def load_worker():
     return module
 
 
+# a guard against a hung rank, not a budget: ~20 CPU-s of work, but on a 2-core machine shared by many jobs
+# the two ranks' start-up alone took minutes (a 300 s limit failed at load 30)
+HANG_GUARD_S = 1800
+
+
+def run_ranks(out: Path) -> None:
+    """Start ranks 0 and 1 of distributed_worker.py; fail with the first failing rank's output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    init_file = out.with_name("pg")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), str(rank), str(init_file)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    deadline = time.monotonic() + HANG_GUARD_S
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one rank failed: the other would wait for it in a collective
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> dict:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("dist") / "result.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ranks(out)
     return torch.load(out)
 
 

@@ -135,7 +135,8 @@ def _scale_last_dim_blocks(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block amaxes (..., n_blocks, 1), their scale bytes (same shape) and x / 2^E saturated to +-max
-    (..., n_blocks, block_size) in fp32, for blocks along the last dim: what the cast and the round trip share."""
+    (..., n_blocks, block_size) in fp32, for blocks along the last dim: what the cast and the round trip
+    share."""
     max_pos, emax = ELEM_DTYPES[elem_dtype]
     xb = block_view(x, x.dim() - 1, block_size)  # (..., n_blocks, block_size)
     amax = xb.abs().amax(dim=-1, keepdim=True)  # NaN propagates
@@ -202,50 +203,58 @@ def mx_cast_ref(
     return data, scale.squeeze(-1)
 
 
-_FAST_CHUNK_BLOCKS = 8192  # blocks per chunk of the CPU fast path: 1 MiB of fp32, stays in L2 between passes
+# blocks per chunk of the CPU fast path: 512 KiB of fp32, so a chunk and its buffer stay in L2 between passes
+_FAST_CHUNK_BLOCKS = 4096
 _RCEIL_ROUND_UP = 0x7FFFFF - _MANTISSA_1P75  # added to the amax bits: carries into the exponent iff m > 1.75
+_EXP_FIELD = 0x7F800000  # fp32 exponent field
 
 
 def _mx_cast_fast(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mx_cast_ref` along the last dim, bit for bit (tested), in fewer passes over memory: blocks are cast in
-    chunks that stay in cache, the block amax is reduced on the fp32 bits, and the scale byte is two integer
-    ops (RCEIL: add 0x1FFFFF to the amax bits, so the exponent carries exactly when the mantissa exceeds
-    1.75; then shift). Chunks holding inf or NaN, or an amax near fp32's max, take the reference. Needs x contiguous with the last dim a
-    multiple of `block_size`."""
+    """`mx_cast_ref` along the last dim, bit for bit (tested), in fewer passes over memory.
+
+    Blocks are cast in chunks that stay in cache: per chunk |x| (into a reused buffer), the block amax on
+    its int32 bits, 2^-E = 2^emax / 2^e where 2^e is the amax with its mantissa cleared (RCEIL first adds
+    0x1FFFFF to the bits, so the exponent carries exactly when the mantissa exceeds 1.75; a zero or tiny
+    amax gives 2^emax / 0 = inf, clamped to 2^127 like E to -127), x * 2^-E (exact) and the fp8
+    conversion, which is most of the time. Scale bytes come once at the end from the stored amax bits.
+    A tensor holding inf or NaN, or an amax near fp32's max (elements need the finite saturation), is cast
+    by the reference instead: checked once, after the loop. Needs x contiguous with the last dim a
+    multiple of `block_size`.
+    """
     max_pos, emax = ELEM_DTYPES[elem_dtype]
     blocks = x.view(-1, block_size)
     n_blocks = blocks.shape[0]
     data = torch.empty(blocks.shape, dtype=elem_dtype, device=x.device)
-    scale = torch.empty(n_blocks, 1, dtype=torch.uint8, device=x.device)
+    amax_bits = torch.empty(n_blocks, 1, dtype=torch.int32, device=x.device)
     chunk = min(_FAST_CHUNK_BLOCKS, n_blocks)
     buf = torch.empty(chunk, block_size, dtype=torch.float32, device=x.device)
     as_fp32 = torch.empty_like(buf) if x.dtype != torch.float32 else None
     round_up = _RCEIL_ROUND_UP if scale_mode == "rceil" else 0
-    top = _top_scale_byte(emax)
+    two_pow_emax = torch.tensor(2.0**emax, device=x.device)
     for start in range(0, n_blocks, chunk):
-        xb = blocks[start : start + chunk]
-        b = buf[: xb.shape[0]]
+        stop = min(start + chunk, n_blocks)
+        xb = blocks[start:stop]  # (chunk, block_size)
+        b = buf if stop - start == chunk else buf[: stop - start]
         if as_fp32 is not None:
-            xb = as_fp32[: xb.shape[0]].copy_(xb)  # exact
-        bits = torch.abs(xb, out=b).view(torch.int32).amax(dim=-1, keepdim=True)
-        top_bits = int(bits.max())
-        if top_bits >= 0x7F800000 or ((top_bits + round_up) >> 23) - emax >= top:
-            # inf or NaN, or an amax so close to fp32's max that elements need the finite saturation:
-            # the reference's conventions
-            d, sc = mx_cast_ref(xb, elem_dtype, block_size, scale_mode, -1)
-            data[start : start + chunk].copy_(d)
-            scale[start : start + chunk].copy_(sc)
-            continue
-        if round_up:
-            bits += round_up
-        biased = (bits >> 23).sub_(emax).clamp_(0, 2 * E8M0_BIAS)  # E + 127 = fp32 exponent field - emax
-        torch.mul(xb, ((2 * E8M0_BIAS - biased) << 23).view(torch.float32), out=b)  # x * 2^-E, exact
+            xb = as_fp32[: stop - start].copy_(xb)  # exact
+        bits = torch.amax(
+            torch.abs(xb, out=b).view(torch.int32), dim=-1, keepdim=True, out=amax_bits[start:stop]
+        )
+        pow2 = torch.bitwise_and(bits + round_up if round_up else bits, _EXP_FIELD).view(torch.float32)
+        inv_scale = torch.div(two_pow_emax, pow2).clamp_(max=2.0**E8M0_BIAS)  # (chunk, 1) 2^-E, exact
+        torch.mul(xb, inv_scale, out=b)
         if scale_mode == "floor":
             b.clamp_(-max_pos, max_pos)
-        data[start : start + chunk].copy_(b)
-        scale[start : start + chunk].copy_(biased)
+        data[start:stop].copy_(b)
+    top_bits = int(amax_bits.max())
+    if top_bits >= _EXP_FIELD or ((top_bits + round_up) >> 23) - emax >= _top_scale_byte(emax):
+        # inf or NaN, or an amax so close to fp32's max that elements need the finite saturation
+        return mx_cast_ref(x, elem_dtype, block_size, scale_mode, -1)
+    if round_up:
+        amax_bits += round_up
+    scale = amax_bits.bitwise_right_shift_(23).sub_(emax).clamp_(min=0).to(torch.uint8)  # E + 127
     return data.view(x.shape), scale.view(*x.shape[:-1], -1)
 
 
@@ -547,6 +556,14 @@ def _mx_cast_2d_fake(x, elem_dtype, block_size, scale_mode, rows, cols):
     )
 
 
+def _mx_cast_2d_triton_all(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, rows: bool, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The custom op's four outputs, codes viewed as `elem_dtype` (empty for a direction not asked)."""
+    rd, rs, cd, cs = torch.ops.shared_kernels.mx_cast_2d(x, elem_dtype, block_size, scale_mode, rows, cols)
+    return rd.view(elem_dtype), rs, cd.view(elem_dtype), cs
+
+
 def mx_cast_2d_triton(
     x: torch.Tensor,
     elem_dtype: torch.dtype,
@@ -561,13 +578,8 @@ def mx_cast_2d_triton(
         (row_data (M, N), row_scale (M, ceil(N / bs)), col_data (M, N), col_scale (ceil(M / bs), N)),
         None for a direction not asked; data in `elem_dtype`, scales uint8.
     """
-    rd, rs, cd, cs = torch.ops.shared_kernels.mx_cast_2d(x, elem_dtype, block_size, scale_mode, rows, cols)
-    return (
-        rd.view(elem_dtype) if rows else None,
-        rs if rows else None,
-        cd.view(elem_dtype) if cols else None,
-        cs if cols else None,
-    )
+    rd, rs, cd, cs = _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows, cols)
+    return (rd if rows else None, rs if rows else None, cd if cols else None, cs if cols else None)
 
 
 def mx_cast_triton(
@@ -576,11 +588,11 @@ def mx_cast_triton(
     """The Triton cast for blocks along the last dim (x viewed as (rows, n)) or dim 0 (x as (n, rest))."""
     shape = x.shape
     if dim == x.dim() - 1:
-        data, scale, _, _ = mx_cast_2d_triton(
+        data, scale, _, _ = _mx_cast_2d_triton_all(
             x.reshape(-1, shape[-1]), elem_dtype, block_size, scale_mode, True, False
         )
         return data.view(shape), scale.view(*shape[:-1], scale.shape[-1])
-    _, _, data, scale = mx_cast_2d_triton(
+    _, _, data, scale = _mx_cast_2d_triton_all(
         x.reshape(shape[0], -1), elem_dtype, block_size, scale_mode, False, True
     )
     return data.view(shape), scale.view(scale.shape[0], *shape[1:])
@@ -597,7 +609,8 @@ def mx_cast(
     """MX cast of `x` along `dim`; returns (data, scale) exactly as `mx_cast_ref` does.
 
     backend: "auto" (Triton for CUDA tensors), "torch" (`mx_cast_torch`, bit for bit the reference) or
-    "triton" (CUDA, or CPU under TRITON_INTERPRET=1; 2-D inputs and dim 0 / -1 only, any other case falls back to the reference).
+    "triton" (CUDA, or CPU under TRITON_INTERPRET=1; blocks along dim 0 or the last dim, x viewed as 2-D;
+    any other dim takes the torch backend).
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     if resolve_backend(backend, x.device) == "triton" and x.dim() >= 1 and dim in (0, x.dim() - 1):
@@ -626,7 +639,7 @@ def mx_cast_rows_cols(
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "triton":
-        return mx_cast_2d_triton(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
+        return _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
     row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, -1)
     col_data, col_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale

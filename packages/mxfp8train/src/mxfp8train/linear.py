@@ -66,6 +66,89 @@ def _cast_both(
     return rd, rs, cd, cs
 
 
+# an MX-cast operand: (codes, E8M0 scales), or (None, None) where it was not cast ahead
+_Cast = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def _forward_casts(
+    ctx, x: torch.Tensor, weight: torch.Tensor, recipe: MXRecipe, stats: MXStats | None, grad_enabled: bool
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], _Cast, _Cast]:
+    """Row casts of X and W for the forward GEMM, plus their column casts where a backward GEMM will need
+    them (dW = dYᵀ X needs X blocked along M, dX = dY W needs W blocked along N): cast both ways at once.
+    Returns (x_row, w_row, x_col, w_col)."""
+    x_col: _Cast = (None, None)
+    w_col: _Cast = (None, None)
+    if grad_enabled and recipe.weight_grad and ctx.needs_input_grad[1]:
+        xd, xs, xcd, xcs = _cast_both(x, recipe.input_dtype, "input", recipe, stats)
+        x_row, x_col = (xd, xs), (xcd, xcs)
+    else:
+        x_row = _cast(x, recipe.input_dtype, -1, "input", recipe, stats)
+    if grad_enabled and recipe.input_grad and ctx.needs_input_grad[0]:
+        wd, ws, wcd, wcs = _cast_both(weight, recipe.weight_dtype, "weight", recipe, stats)
+        w_row, w_col = (wd, ws), (wcd, wcs)
+    else:
+        w_row = _cast(weight, recipe.weight_dtype, -1, "weight", recipe, stats)
+    return x_row, w_row, x_col, w_col
+
+
+def _cast_if_missing(
+    have: _Cast,
+    t: torch.Tensor,
+    elem: torch.dtype,
+    dim: int,
+    role: str,
+    recipe: MXRecipe,
+    stats: MXStats | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`have` when it was cast ahead (in forward, or dY both ways), else the cast of t along `dim`."""
+    data, scale = have
+    if data is None or scale is None:
+        return _cast(t, elem, dim, role, recipe, stats)
+    return data, scale
+
+
+def _input_grad(
+    ctx, dy: torch.Tensor, weight: torch.Tensor, dy_row: _Cast, w_col: _Cast, qdq: bool
+) -> torch.Tensor:
+    """dX = dY W (M, K): MX (dY along N, W along N), its fp32 round trip, or the compute dtype when the
+    recipe leaves this GEMM out."""
+    recipe, stats = ctx.recipe, ctx.stats
+    if not recipe.input_grad:
+        return (dy.to(ctx.out_dtype) @ weight.to(ctx.out_dtype)).to(ctx.x_dtype)
+    if qdq:
+        dy_q = _qdq(dy, recipe.grad_dtype, -1, recipe)
+        return (dy_q @ _qdq(weight, recipe.weight_dtype, 0, recipe)).to(ctx.x_dtype)
+    gd, gs = _cast_if_missing(dy_row, dy, recipe.grad_dtype, -1, "grad", recipe, stats)  # (M, N) along N
+    wcd, wcs = _cast_if_missing(w_col, weight, recipe.weight_dtype, 0, "weight", recipe, stats)  # (N, K)
+    return mx_gemm(gd, gs, wcd.t(), wcs.t(), recipe.block_size, ctx.x_dtype, recipe.gemm_backend)
+
+
+def _weight_grad(
+    ctx,
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    dy_col: _Cast,
+    x_col: _Cast,
+    qdq: bool,
+) -> torch.Tensor:
+    """dW = dYᵀ X (N, K): MX (dY along M, X along M), its fp32 round trip, or the compute dtype when the
+    recipe leaves this GEMM out. x is None only when forward saved its column cast instead."""
+    recipe, stats = ctx.recipe, ctx.stats
+    xcd, xcs = x_col
+    if recipe.weight_grad and not qdq:
+        gd, gs = _cast_if_missing(dy_col, dy, recipe.grad_dtype, 0, "grad", recipe, stats)  # (M, N) along M
+        if xcd is None or xcs is None:
+            assert x is not None  # forward saves X whenever it saves no column cast of it
+            xcd, xcs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
+        return mx_gemm(gd.t(), gs.t(), xcd.t(), xcs.t(), recipe.block_size, weight.dtype, recipe.gemm_backend)
+    assert x is not None  # no column cast of X is saved for these two paths
+    if qdq and recipe.weight_grad:
+        dy_q = _qdq(dy, recipe.grad_dtype, 0, recipe)
+        return (dy_q.t() @ _qdq(x, recipe.input_dtype, 0, recipe)).to(weight.dtype)
+    return (dy.to(ctx.out_dtype).t() @ x.to(ctx.out_dtype)).to(weight.dtype)
+
+
 class _MXLinearFunction(torch.autograd.Function):
     """Y = X Wᵀ with MX forward, input-gradient and weight-gradient GEMMs (see the module docstring).
 
@@ -82,95 +165,43 @@ class _MXLinearFunction(torch.autograd.Function):
         stats: MXStats | None,
         out_dtype: torch.dtype,
         grad_enabled: bool,
-    ):
+    ) -> torch.Tensor:
         # x: (M, K), weight: (N, K) -> (M, N) in out_dtype; grad_enabled: grad mode at the call (under
         # no_grad needs_input_grad still follows requires_grad, and no backward will come)
         ctx.recipe, ctx.stats, ctx.out_dtype = recipe, stats, out_dtype
         ctx.x_dtype, ctx.device_type = x.dtype, x.device.type
         with torch.autocast(x.device.type, enabled=False):
-            if recipe.forward and _qdq_path(x, recipe, stats):
-                ctx.save_for_backward(x, weight, None, None, None, None)
-                y = (
-                    _qdq(x, recipe.input_dtype, -1, recipe)
-                    @ _qdq(weight, recipe.weight_dtype, -1, recipe).t()
-                )
-                return y.to(out_dtype)
             if not recipe.forward:
                 ctx.save_for_backward(x, weight, None, None, None, None)
                 return x.to(out_dtype) @ weight.to(out_dtype).t()
-            x_col = w_col = (None, None)
-            if (
-                grad_enabled and recipe.weight_grad and ctx.needs_input_grad[1]
-            ):  # dW = dYᵀ X needs X blocked along M
-                xd, xs, *x_col = _cast_both(x, recipe.input_dtype, "input", recipe, stats)
-            else:
-                xd, xs = _cast(x, recipe.input_dtype, -1, "input", recipe, stats)
-            if (
-                grad_enabled and recipe.input_grad and ctx.needs_input_grad[0]
-            ):  # dX = dY W needs W blocked along N
-                wd, ws, *w_col = _cast_both(weight, recipe.weight_dtype, "weight", recipe, stats)
-            else:
-                wd, ws = _cast(weight, recipe.weight_dtype, -1, "weight", recipe, stats)
+            if _qdq_path(x, recipe, stats):
+                ctx.save_for_backward(x, weight, None, None, None, None)
+                x_q = _qdq(x, recipe.input_dtype, -1, recipe)
+                return (x_q @ _qdq(weight, recipe.weight_dtype, -1, recipe).t()).to(out_dtype)
+            (xd, xs), (wd, ws), x_col, w_col = _forward_casts(ctx, x, weight, recipe, stats, grad_enabled)
             # with its column cast saved, X itself is not needed in backward
             ctx.save_for_backward(x if x_col[0] is None else None, weight, *x_col, *w_col)
             return mx_gemm(xd, xs, wd, ws, recipe.block_size, out_dtype, recipe.gemm_backend)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # dy: (M, N)
         x, weight, xcd, xcs, wcd, wcs = ctx.saved_tensors
-        recipe, stats, cdt = ctx.recipe, ctx.stats, ctx.out_dtype
-        dx = dw = None
+        recipe, stats = ctx.recipe, ctx.stats
         qdq = _qdq_path(dy, recipe, stats)
-        want_dx = ctx.needs_input_grad[0] and recipe.input_grad
-        want_dw = ctx.needs_input_grad[1] and recipe.weight_grad
+        want_dx = ctx.needs_input_grad[0]
+        want_dw = ctx.needs_input_grad[1]
+        dx = dw = None
         with torch.autocast(ctx.device_type, enabled=False):
-            if want_dx and want_dw and not qdq:
+            dy_row: _Cast = (None, None)
+            dy_col: _Cast = (None, None)
+            if want_dx and want_dw and recipe.input_grad and recipe.weight_grad and not qdq:
                 gd_row, gs_row, gd_col, gs_col = _cast_both(dy, recipe.grad_dtype, "grad", recipe, stats)
-            else:
-                gd_row = gs_row = gd_col = gs_col = None
-            if ctx.needs_input_grad[0]:
-                if want_dx and qdq:
-                    dx = (
-                        _qdq(dy, recipe.grad_dtype, -1, recipe) @ _qdq(weight, recipe.weight_dtype, 0, recipe)
-                    ).to(ctx.x_dtype)
-                elif want_dx:
-                    if gd_row is None:
-                        gd_row, gs_row = _cast(
-                            dy, recipe.grad_dtype, -1, "grad", recipe, stats
-                        )  # (M, N) along N
-                    if wcd is None:
-                        wcd, wcs = _cast(
-                            weight, recipe.weight_dtype, 0, "weight", recipe, stats
-                        )  # (N, K) along N
-                    dx = mx_gemm(
-                        gd_row, gs_row, wcd.t(), wcs.t(), recipe.block_size, ctx.x_dtype, recipe.gemm_backend
-                    )
-                else:
-                    dx = (dy.to(cdt) @ weight.to(cdt)).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                if want_dw and qdq:
-                    dw = (
-                        _qdq(dy, recipe.grad_dtype, 0, recipe).t() @ _qdq(x, recipe.input_dtype, 0, recipe)
-                    ).to(weight.dtype)
-                elif want_dw:
-                    if gd_col is None:
-                        gd_col, gs_col = _cast(
-                            dy, recipe.grad_dtype, 0, "grad", recipe, stats
-                        )  # (M, N) along M
-                    if xcd is None:
-                        xcd, xcs = _cast(x, recipe.input_dtype, 0, "input", recipe, stats)  # (M, K) along M
-                    dw = mx_gemm(
-                        gd_col.t(),
-                        gs_col.t(),
-                        xcd.t(),
-                        xcs.t(),
-                        recipe.block_size,
-                        weight.dtype,
-                        recipe.gemm_backend,
-                    )
-                else:
-                    dw = (dy.to(cdt).t() @ x.to(cdt)).to(weight.dtype)
+                dy_row, dy_col = (gd_row, gs_row), (gd_col, gs_col)
+            if want_dx:
+                dx = _input_grad(ctx, dy, weight, dy_row, (wcd, wcs), qdq)
+            if want_dw:
+                dw = _weight_grad(ctx, dy, x, weight, dy_col, (xcd, xcs), qdq)
         return dx, dw, None, None, None, None
 
 
@@ -195,9 +226,8 @@ def mx_linear(
     if not isinstance(recipe, MXRecipe):
         raise TypeError(f"recipe must be an MXRecipe, got {type(recipe).__name__}")
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(
-            f"x (..., {weight.shape[-1] if weight.dim() == 2 else '?'}) does not match weight {tuple(weight.shape)}: got x {tuple(x.shape)}"
-        )
+        k = weight.shape[-1] if weight.dim() == 2 else "?"
+        raise ValueError(f"x (..., {k}) does not match weight {tuple(weight.shape)}: got x {tuple(x.shape)}")
     if torch.compiler.is_compiling():
         stats = None
     out_dtype = _compute_dtype(x)

@@ -39,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,8 +207,10 @@ def build_model(cfg: ParityConfig, variant: str, seed: int) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(context=cfg.context, n_layers=cfg.n_layers, width=cfg.width, n_heads=cfg.n_heads))
     if variant == "bf16":
-        return bf16_convert(model)
-    return convert(model, RECIPES[variant].replace(block_size=cfg.block_size))
+        bf16_convert(model)  # in place, as convert
+    else:
+        convert(model, RECIPES[variant].replace(block_size=cfg.block_size))
+    return model
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -230,7 +233,36 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tensor, val: torch.Tensor) -> dict:
+def _sample_stats(model: GPT, step: int) -> dict[str, Any]:
+    """Pooled and per-layer clip / flush fractions since the last sample, then tracking off again."""
+    per_layer = collect_stats(model)
+    pooled = per_layer.pop("__all__")
+    layers = {
+        layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
+        for layer, roles in per_layer.items()
+    }
+    reset_stats(model)
+    set_track_stats(model, False)
+    return {"step": step + 1, **pooled, "layers": layers}
+
+
+def _train_step(
+    model: GPT, opt: torch.optim.Optimizer, cfg: ParityConfig, x: torch.Tensor, y: torch.Tensor, step: int
+) -> float:
+    """One AdamW step at the scheduled lr with gradient clipping; returns the training loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss = model.loss(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def train_variant(
+    cfg: ParityConfig, variant: str, seed: int, train: torch.Tensor, val: torch.Tensor
+) -> dict[str, Any]:
     """Train one variant from one seed (resuming from its checkpoint if any); returns and saves its result."""
     from shared_kernels.checkpoint import CheckpointManager
 
@@ -244,49 +276,37 @@ def train_variant(cfg: ParityConfig, variant: str, seed: int, train: torch.Tenso
     ckpt = CheckpointManager(out / "ckpt" / name, keep=1)
     state = ckpt.load(model, opt)
     start = state["step"] if state else 0
-    log = (
+    log: dict[str, Any] = (
         state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
     )
     starts = batch_starts(len(train), cfg, seed)
     is_mx = variant != "bf16"
     t0 = time.perf_counter() - log["seconds"]
     c0 = time.process_time() - log.get("cpu_seconds", 0.0)  # this process's user + sys time, all threads
-    steps = range(start, cfg.steps)
+    bar = None
     if cfg.progress:
         from tqdm import tqdm
 
         position = cfg.variants.index(variant) if cfg.jobs > 1 else None  # one line per parallel variant
-        steps = tqdm(steps, desc=name, initial=start, total=cfg.steps, position=position)
-    for step in steps:
+        bar = tqdm(desc=name, initial=start, total=cfg.steps, position=position)
+    for step in range(start, cfg.steps):
         track = is_mx and (step % cfg.stats_every == 0 or step == cfg.steps - 1)
         if is_mx:
             set_track_stats(model, track)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = windows(train, starts[step], cfg.context)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        log["train"].append([step + 1, loss.item()])
+        loss = _train_step(model, opt, cfg, *windows(train, starts[step], cfg.context), step)
+        log["train"].append([step + 1, loss])
         if track:
-            per_layer = collect_stats(model)
-            pooled = per_layer.pop("__all__")
-            layers = {
-                layer: {role: {k: c[k] for k in _LAYER_FIELDS} for role, c in roles.items()}
-                for layer, roles in per_layer.items()
-            }
-            log["stats"].append({"step": step + 1, **pooled, "layers": layers})
-            reset_stats(model)
-            set_track_stats(model, False)
+            log["stats"].append(_sample_stats(model, step))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             log["val"].append([step + 1, evaluate(model, val, cfg)])
-        if cfg.progress:
-            steps.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             ckpt.save(step + 1, model, opt, extra=log)
+    if bar is not None:
+        bar.close()
     log["seconds"], log["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     result = {
         "variant": variant,
@@ -383,8 +403,9 @@ def report_table(summary: dict[str, dict]) -> str:
     """Markdown table: val loss mean +- std over seeds, paired difference to bf16 with its tests, clip and
     flush fractions per role pooled over seeds and sampled steps."""
     lines = [
-        "| variant | seeds | final val loss mean +- std (nats/byte) | minus bf16, paired: mean +- std [per seed] "
-        "| sign-flip p / t-test p | clipped elements x / w / dy | clipped blocks x / w / dy "
+        "| variant | seeds | final val loss mean +- std (nats/byte) "
+        "| minus bf16, paired: mean +- std [per seed] | sign-flip p / t-test p "
+        "| clipped elements x / w / dy | clipped blocks x / w / dy "
         "| flushed to zero x / w / dy | CPU minutes (all seeds) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -421,14 +442,38 @@ def _save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _plot_val_minus_bf16(ax, runs: dict[str, dict[int, dict]]) -> None:
+    """Per variant, validation loss minus bf16's on the same seed at each evaluation: the paired
+    difference, every seed as a thin line and their mean as a thick one (bf16 is the zero line)."""
+    base = runs["bf16"]
+    ax.axhline(0.0, color="C0", lw=1.5, label="bf16 (reference)")
+    for i, (name, by_seed) in enumerate(runs.items()):
+        if name == "bf16":
+            continue
+        diffs = []
+        for seed in sorted(set(by_seed) & set(base)):
+            vs, vl = zip(*by_seed[seed]["val"], strict=True)
+            diffs.append([v - b for v, (_, b) in zip(vl, base[seed]["val"], strict=True)])
+            ax.plot(vs, diffs[-1], color=f"C{i}", alpha=0.3, lw=0.8)
+        if diffs:
+            mean = [sum(col) / len(col) for col in zip(*diffs, strict=True)]
+            ax.plot(vs, mean, color=f"C{i}", marker="o", lw=2, label=f"{name} (mean of {len(diffs)} seeds)")
+    ax.set(
+        xlabel="step",
+        ylabel="val loss minus bf16, same seed (nats/byte)",
+        title="validation: paired difference to bf16",
+    )
+
+
 def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
-    """Training (20-step mean) and validation loss of every run; one colour per variant."""
+    """Training loss (20-step mean) of every run, and validation loss: as the paired difference to bf16
+    when bf16 ran, else every run's value; one colour per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, by_seed) in enumerate(runs.items()):
         for j, seed in enumerate(sorted(by_seed)):
             r = by_seed[seed]
@@ -439,12 +484,16 @@ def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
             ]
             label = name if j == 0 else None
             ax_train.plot(steps, smooth, color=f"C{i}", alpha=0.8, label=label)
-            vs, vl = zip(*r["val"], strict=True)
-            ax_val.plot(vs, vl, color=f"C{i}", marker="o", alpha=0.8, label=label)
-    ax_train.set(xlabel="step", ylabel="train loss (20-step mean)", title="training (every seed)")
-    ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation (every seed)")
+            if "bf16" not in runs:
+                vs, vl = zip(*r["val"], strict=True)
+                ax_val.plot(vs, vl, color=f"C{i}", marker="o", alpha=0.8, label=label)
+    ax_train.set(xlabel="step", ylabel="train loss, 20-step mean (nats/byte)", title="training (every seed)")
+    if "bf16" in runs:
+        _plot_val_minus_bf16(ax_val, runs)
+    else:
+        ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation (every seed)")
     ax_train.legend()
-    ax_val.legend()
+    ax_val.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     _save_figure(fig, path)
 
@@ -478,10 +527,13 @@ def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
                         label=name if layer_idx == 0 else None,
                     )
     for col, role in enumerate(roles):
-        axes[0, col].set(title=f"{role}: clipped elements", yscale="symlog", ylabel="fraction")
+        axes[0, col].set(title=f"{role}: clipped elements", yscale="symlog", ylabel="fraction of elements")
         axes[0, col].yaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation())
         axes[1, col].set(
-            title=f"{role}: non-zero values flushed to 0", yscale="symlog", xlabel="step", ylabel="fraction"
+            title=f"{role}: non-zero values flushed to 0",
+            yscale="symlog",
+            xlabel="step",
+            ylabel="fraction of non-zero values",
         )
     for ax in axes.flat:
         ax.set_yscale("symlog", linthresh=1e-6)
@@ -512,7 +564,7 @@ def check_data(cfg: ParityConfig) -> Path:
 
 
 def run_parity(cfg: ParityConfig) -> dict:
-    """Train every (variant, seed) and write results.json, parity_loss.png and parity_stats.png under cfg.out."""
+    """Train every (variant, seed); write results.json, parity_loss.png and parity_stats.png under cfg.out."""
     path = check_data(cfg)
     _set_threads(cfg.threads)
     train, val = load_splits(path)
