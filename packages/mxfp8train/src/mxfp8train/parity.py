@@ -338,22 +338,14 @@ def pool_stats(samples: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def paired_tests(diffs: list[float]) -> dict[str, float]:
-    """Two-sided tests that paired differences (variant - bf16, one per seed) have mean 0: the exact
-    sign-flip permutation test (its smallest p with n seeds is 2 / 2^n) and the paired t-test."""
-    import itertools
+    """Two-sided tests that paired differences (variant - bf16, one per seed) have mean 0, from
+    `shared_kernels.significance`: the exact sign-flip randomization test (its smallest p with n seeds is
+    2 / 2^n) and the paired t-test (nan with fewer than 2 seeds)."""
+    from shared_kernels.significance import paired_randomization_test, paired_t_test
 
-    from scipy import stats
-
-    n = len(diffs)
-    mean = sum(diffs) / n
-    flips = [
-        abs(sum(d * s for d, s in zip(diffs, signs, strict=True)) / n)
-        for signs in itertools.product((1, -1), repeat=n)
-    ]
-    p_flip = sum(f >= abs(mean) - 1e-15 for f in flips) / len(flips)
-    p_t = float(stats.ttest_1samp(diffs, 0.0).pvalue) if n > 1 and len(set(diffs)) > 1 else float("nan")
-    return {"sign_flip_p": p_flip, "t_test_p": p_t}
-
+    zeros = [0.0] * len(diffs)
+    p_t = paired_t_test(diffs, zeros)[1] if len(diffs) > 1 else float("nan")
+    return {"sign_flip_p": paired_randomization_test(diffs, zeros), "t_test_p": p_t}
 
 def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """Per variant: final validation losses per seed, mean, std, half-range, and (variants other than bf16)
