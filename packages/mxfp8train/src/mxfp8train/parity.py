@@ -347,6 +347,7 @@ def paired_tests(diffs: list[float]) -> dict[str, float]:
     p_t = paired_t_test(diffs, zeros)[1] if len(diffs) > 1 else float("nan")
     return {"sign_flip_p": paired_randomization_test(diffs, zeros), "t_test_p": p_t}
 
+
 def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """Per variant: final validation losses per seed, mean, std, half-range, and (variants other than bf16)
     the paired differences to bf16 on the same seeds with their tests; diagnostics pooled over seeds."""
