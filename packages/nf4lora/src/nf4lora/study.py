@@ -34,7 +34,7 @@ one per zero-shot variant and base (`base_seed`) and per finetuning variant and 
 summaries and paired tests), `results.md` (tables) and `study.png`. The machine figures in results.json
 (wall time, load) are those of the last invocation, which may only have collected finished runs.
 
-    nf4lora-study --out runs/nf4study          # the default study (3 bases; ~16 min on 2 idle cores)
+    nf4lora-study --out runs/nf4study          # the default study (3 bases; ~15 min on 2 idle cores, est.)
     nf4lora-study --out /tmp/nfq --quick       # smoke run, < 3 min
 """
 
