@@ -1,17 +1,21 @@
-"""`nf4lora-study`: QLoRA's central claims at CPU scale (arXiv 2305.14314, Table 2 / Figure 3 and Table 4).
+"""`nf4lora-study`: QLoRA's central claims at CPU scale (arXiv 2305.14314, Table 2 / Fig. 3 and Table 4).
 
-A tiny byte-level Llama (transformers `LlamaForCausalLM` from a config, ~1.9M parameters by default) is
-pretrained here once on one corpus (tinyshakespeare), saved as safetensors under `<out>/base` (or `--base-dir`)
-and reused by later runs. Then:
+Tiny byte-level Llamas (transformers `LlamaForCausalLM` from a config, ~1.9M parameters by default) are
+pretrained here on one corpus (tinyshakespeare), `--bases N` of them (base seeds 0..N-1: the seed sets the
+initialisation and the data order, nothing else), each saved once as safetensors and reused by later runs:
+base 0 under `<out>/base` (or `--base-dir`), base s beside it as `base-seed<s>`. Then:
 
-1. Storage types, zero-shot: every linear layer but the LM head is quantized and dequantized (what the 4-bit
-   model computes with) to NF4, NF4+DQ, FP4 and symmetric absmax Int4 at blocksizes 64 and 128; held-out loss
-   of the pretraining corpus (`eval_loss`) and of the finetuning corpus's test split, against the fp32 base.
-2. Finetuning on a domain shift (Cranfield aerodynamics abstracts): `full-fp32` (every parameter),
-   `lora-fp32` (peft LoRA on the fp32 base), `qlora-nf4` / `qlora-nf4-dq` / `qlora-fp4` (`nf4lora.prepare_model`,
-   the real 4-bit storage, blocksize 64); the same steps, r, alpha, schedule and learning-rate grid for every
-   variant. The learning rate is chosen per variant on the validation split with the first seed; the other
-   seeds run at that rate; `eval_loss` is on the test split (documents disjoint from train and validation).
+1. Storage types, zero-shot, on every base: every linear layer but the LM head is quantized and dequantized
+   (what the 4-bit model computes with) to NF4, NF4+DQ, FP4 and symmetric absmax Int4 at blocksizes 64 and
+   128; held-out loss of the pretraining corpus (`eval_loss`) and of the finetuning corpus's test split over
+   `--zero-shot-windows` fixed windows, against that fp32 base. Summary: each storage type's degradation
+   as mean and spread over bases, and paired t-tests across bases, NF4 vs FP4 and NF4 vs Int4.
+2. Finetuning base 0 on a domain shift (Cranfield aerodynamics abstracts): `full-fp32` (every parameter),
+   `lora-fp32` (peft LoRA on the fp32 base), `qlora-nf4` / `qlora-nf4-dq` / `qlora-fp4`
+   (`nf4lora.prepare_model`, the real 4-bit storage, blocksize 64); the same steps, r, alpha, schedule and
+   learning-rate grid for every variant. The learning rate is chosen per variant on the validation split
+   with the first seed; the other seeds run at that rate; `eval_loss` is on the test split (documents
+   disjoint from train and validation).
 
 Seeds change only initialisation and data order: seed s draws the training windows with
 `torch.Generator().manual_seed(1000 + s)` and initialises every LoRA `A` (kaiming-uniform(a=sqrt 5), that is
@@ -19,16 +23,18 @@ U(-1/sqrt(in), 1/sqrt(in))) from a generator keyed by (s, module name), so LoRA,
 same seed start from identical adapters and see identical batches (`B` is zero, dropout is 0); full
 finetuning has no random initialisation. The base, the splits and the evaluation windows never change.
 
-Memory per variant: `weight_bytes` (every stored weight: 4-bit codes and constants, 16/32-bit rest, adapters),
-`train_state_bytes` (weights + gradients + AdamW state after a step) and `peak_rss_growth_bytes` (process RSS
-sampled every 5 ms during training minus the RSS before it: noisy, includes activations and allocator slack).
+Memory per variant: `weight_bytes` (every stored weight: 4-bit codes and constants, 16/32-bit rest,
+adapters), `train_state_bytes` (weights + gradients + AdamW state after a step) and `peak_rss_growth_bytes`
+(process RSS sampled every 5 ms during training minus the RSS before it: noisy, includes activations and
+allocator slack).
 
-Outputs under --out, each written atomically; an interrupted study resumes (finished work is kept in
-`base/`, `zero_shot.json` and `runs/*.json`): `results.json` (config, machine, `records`: one per variant and
-seed, the lr sweep, summary, paired test), `results.md` (tables) and `study.png`. The machine figures in
-results.json (wall time, load) are those of the last invocation, which may only have collected finished runs.
+Outputs under --out, each written atomically; an interrupted study resumes (finished work is kept in the
+base directories, `zero_shot/base<s>.json` and `runs/*.json`): `results.json` (config, machine, `records`:
+one per zero-shot variant and base (`base_seed`) and per finetuning variant and seed, the lr sweep, the
+summaries and paired tests), `results.md` (tables) and `study.png`. The machine figures in results.json
+(wall time, load) are those of the last invocation, which may only have collected finished runs.
 
-    nf4lora-study --out runs/nf4study          # the default study (~9 min on 2 idle cores, estimated)
+    nf4lora-study --out runs/nf4study          # the default study (3 bases; ~15 min on 2 idle cores, est.)
     nf4lora-study --out /tmp/nfq --quick       # smoke run, < 3 min
 """
 
@@ -49,10 +55,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PreTrainedModel
 
 ZERO_SHOT_STORAGE = ("nf4", "nf4-dq", "fp4", "int4")
 FINETUNE_VARIANTS = ("full-fp32", "lora-fp32", "qlora-nf4", "qlora-nf4-dq", "qlora-fp4")
@@ -80,6 +91,8 @@ class StudyConfig:
     alpha: float = 16.0
     blocksizes: tuple[int, ...] = (64, 128)
     eval_windows: int = 64
+    bases: int = 3
+    zero_shot_windows: int = 512
     max_grad_norm: float = 0.3
     jobs: int = 2
     threads: int = 1
@@ -96,6 +109,8 @@ class StudyConfig:
             "finetune_steps",
             "r",
             "eval_windows",
+            "bases",
+            "zero_shot_windows",
             "jobs",
             "threads",
         ):
@@ -117,7 +132,7 @@ class StudyConfig:
             check_blocksize(b, "--blocksizes")
 
 
-QUICK = dict(
+QUICK: dict[str, Any] = dict(
     hidden=64,
     layers=2,
     heads=2,
@@ -129,6 +144,8 @@ QUICK = dict(
     lrs=(1e-3, 3e-3),
     seeds=(0, 1),
     eval_windows=16,
+    bases=2,
+    zero_shot_windows=16,
 )
 
 
@@ -170,7 +187,8 @@ def pretrain_splits(path: Path, context: int) -> tuple[torch.Tensor, torch.Tenso
 
 def cranfield_abstracts(text: str) -> list[str]:
     """The `.W` fields of a SMART-format collection (cran.all.1400), in file order."""
-    docs, current = [], None
+    docs: list[str] = []
+    current: list[str] | None = None
     for line in text.splitlines():
         if line.startswith(".I"):
             if current is not None:
@@ -198,7 +216,7 @@ def finetune_splits(path: Path, context: int) -> tuple[torch.Tensor, torch.Tenso
     if docs is not None:
         a, b = int(0.8 * len(docs)), int(0.9 * len(docs))
         parts = ["\n\n".join(docs[:a]), "\n\n".join(docs[a:b]), "\n\n".join(docs[b:])]
-        splits = tuple(_as_bytes(p) for p in parts)
+        splits = (_as_bytes(parts[0]), _as_bytes(parts[1]), _as_bytes(parts[2]))
     else:
         data = _as_bytes(text)
         a, b = int(0.8 * len(data)), int(0.9 * len(data))
@@ -219,10 +237,11 @@ def _batch(data: torch.Tensor, starts: torch.Tensor, context: int) -> torch.Tens
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, data: torch.Tensor, cfg: StudyConfig) -> float:
-    """Mean next-byte loss (nats) over `eval_windows` fixed windows spread evenly over `data`."""
+def eval_loss(model: nn.Module, data: torch.Tensor, cfg: StudyConfig, windows: int | None = None) -> float:
+    """Mean next-byte loss (nats) over `windows` (default `cfg.eval_windows`) fixed windows spread evenly
+    over `data`."""
     model.eval()
-    starts = torch.linspace(0, len(data) - cfg.context - 2, cfg.eval_windows).long()
+    starts = torch.linspace(0, len(data) - cfg.context - 2, windows or cfg.eval_windows).long()
     total = 0.0
     for chunk in starts.split(cfg.batch_size):
         ids = _batch(data, chunk, cfg.context)
@@ -234,7 +253,7 @@ def eval_loss(model: nn.Module, data: torch.Tensor, cfg: StudyConfig) -> float:
 # ----------------------------------------------------------------------------------------------- base
 
 
-def _load_base(base_dir: Path) -> nn.Module:
+def _load_base(base_dir: Path) -> PreTrainedModel:
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -243,17 +262,37 @@ def _load_base(base_dir: Path) -> nn.Module:
     return LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
 
 
-def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
-    """Pretrain the base on the pretraining corpus and save it (safetensors) unless `base_dir` has one."""
+def base_dir_for(cfg: StudyConfig, base_seed: int) -> Path:
+    """Where the base of `base_seed` is kept: `--base-dir` (default `<out>/base`) for seed 0, the one the
+    finetuning variants start from, and `<that>-seed<s>` beside it for the other bases."""
+    first = Path(cfg.base_dir) if cfg.base_dir else Path(cfg.out) / "base"
+    return first if base_seed == 0 else first.with_name(f"{first.name}-seed{base_seed}")
+
+
+def _cached_base(cfg: StudyConfig, base_dir: Path, base_seed: int) -> dict[str, Any] | None:
+    """The info of a finished base in `base_dir` (None if there is none); refuses one of another shape or
+    seed. Bases saved before `base_seed` existed were all seed 0."""
+    info_path = base_dir / "base.json"
+    if not (info_path.is_file() and (base_dir / "model.safetensors").is_file()):
+        return None
+    info: dict[str, Any] = json.loads(info_path.read_text())
+    arch = {k: getattr(cfg, k) for k in ("hidden", "layers", "heads", "intermediate")}
+    if info.get("arch") != arch:
+        raise ValueError(f"--base-dir {base_dir} holds a base of shape {info.get('arch')}, not {arch}")
+    if info.get("base_seed", 0) != base_seed:
+        raise ValueError(f"--base-dir {base_dir} holds base seed {info.get('base_seed', 0)}, not {base_seed}")
+    return {**info, "base_seed": base_seed}
+
+
+def pretrain_base(cfg: StudyConfig, base_dir: Path, base_seed: int = 0) -> dict[str, Any]:
+    """Pretrain the base of `base_seed` on the pretraining corpus and save it (safetensors) unless `base_dir`
+    has it. The base seed sets the initialisation and the data order (seed 0 is the study's first base);
+    everything else (corpus, steps, schedule) is the same for every base."""
     from shared_kernels.runconfig import write_json_atomic
 
-    info_path = base_dir / "base.json"
-    if info_path.is_file() and (base_dir / "model.safetensors").is_file():
-        info = json.loads(info_path.read_text())
-        arch = {k: getattr(cfg, k) for k in ("hidden", "layers", "heads", "intermediate")}
-        if info.get("arch") != arch:
-            raise ValueError(f"--base-dir {base_dir} holds a base of shape {info.get('arch')}, not {arch}")
-        return info
+    cached = _cached_base(cfg, base_dir, base_seed)
+    if cached is not None:
+        return cached
     from transformers import LlamaConfig, LlamaForCausalLM
 
     train, held = pretrain_splits(_default(cfg.pretrain_data, "tinyshakespeare", "input.txt"), cfg.context)
@@ -270,7 +309,7 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
         eos_token_id=None,
         pad_token_id=None,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(base_seed)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, cfg.pretrain_steps // 20)
@@ -281,7 +320,8 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
             * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.pretrain_steps))))
         ),
     )
-    starts = train_windows(train, cfg.pretrain_steps, cfg.batch_size, cfg.context, seed=-999)  # fixed order
+    # data order: -999 - base_seed (never a finetuning seed's generator)
+    starts = train_windows(train, cfg.pretrain_steps, cfg.batch_size, cfg.context, seed=-999 - base_seed)
     c0 = time.process_time()
     for step in range(cfg.pretrain_steps):
         ids = _batch(train, starts[step], cfg.context)
@@ -292,6 +332,7 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
         opt.step()
         sched.step()
     info = {
+        "base_seed": base_seed,
         "arch": {k: getattr(cfg, k) for k in ("hidden", "layers", "heads", "intermediate")},
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": cfg.pretrain_steps,
@@ -300,6 +341,7 @@ def pretrain_base(cfg: StudyConfig, base_dir: Path) -> dict[str, Any]:
         "cpu_seconds": time.process_time() - c0,
     }
     tmp = base_dir.with_name(base_dir.name + ".tmp")
+    base_dir.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     write_json_atomic(tmp / "base.json", info)
     if base_dir.exists():  # a stale partial directory without base.json
@@ -340,13 +382,13 @@ def bits_per_param(storage: str, blocksize: int) -> float:
     return 4 + 32 / blocksize
 
 
-def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _quantizable(model: PreTrainedModel) -> list[tuple[str, nn.Linear]]:
     head = model.get_output_embeddings()
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
 
 
 @torch.no_grad()
-def fake_quantize(model: nn.Module, storage: str, blocksize: int) -> int:
+def fake_quantize(model: PreTrainedModel, storage: str, blocksize: int) -> int:
     """Replace every linear weight but the LM head by its 4-bit round trip in place; returns the bytes the
     model's weights take with those linears stored in 4 bits (everything else as it is)."""
     dense = _dense_bytes(model)
@@ -364,8 +406,9 @@ def _dense_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def zero_shot(cfg: StudyConfig, base_dir: Path) -> list[dict[str, Any]]:
-    """Records of the fp32 base and of every storage type x blocksize, quantized without training."""
+def zero_shot(cfg: StudyConfig, base_dir: Path, base_seed: int = 0) -> list[dict[str, Any]]:
+    """Records of one fp32 base and of every storage type x blocksize, quantized without training; losses
+    over `zero_shot_windows` windows of each held-out split (the same windows for every storage type)."""
     _, held = pretrain_splits(_default(cfg.pretrain_data, "tinyshakespeare", "input.txt"), cfg.context)
     _, _, test = finetune_splits(_default(cfg.finetune_data, "cranfield", "cran.all.1400"), cfg.context)
     records = []
@@ -381,8 +424,9 @@ def zero_shot(cfg: StudyConfig, base_dir: Path) -> list[dict[str, Any]]:
                 "storage": storage,
                 "blocksize": blocksize,
                 "seed": None,
-                "eval_loss": eval_loss(model, held, cfg),
-                "eval_loss_finetune_test": eval_loss(model, test, cfg),
+                "base_seed": base_seed,
+                "eval_loss": eval_loss(model, held, cfg, cfg.zero_shot_windows),
+                "eval_loss_finetune_test": eval_loss(model, test, cfg, cfg.zero_shot_windows),
                 "weight_bytes": nbytes,
                 "train_state_bytes": None,
                 "peak_rss_growth_bytes": None,
@@ -440,11 +484,11 @@ def build_variant(variant: str, base_dir: Path, cfg: StudyConfig, seed: int) -> 
         raise ValueError(f"variant must be one of {FINETUNE_VARIANTS}, got {variant!r}")
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(
-        model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules="all-linear")
-    )
-    init_adapters(model, seed)
-    return model, _dense_bytes(model)
+    # peft annotates lora_alpha as int but only ever divides by it (scaling = alpha / r): a float is fine
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules="all-linear")  # type: ignore[arg-type]
+    peft_model = get_peft_model(model, lora)
+    init_adapters(peft_model, seed)
+    return peft_model, _dense_bytes(peft_model)
 
 
 class _PeakRSS:
@@ -476,6 +520,18 @@ class _PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _grad_and_optimizer_bytes(params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
+    grads = sum(_tensor_bytes(p.grad) for p in params if p.grad is not None)
+    state = sum(
+        _tensor_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
+    return grads + state
+
+
 def finetune_run(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed: int) -> dict[str, Any]:
     """Train one variant at one lr and seed; returns its record (validation and test loss, memory, time)."""
     torch.set_num_threads(cfg.threads)
@@ -498,16 +554,7 @@ def finetune_run(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed
             opt.step()
             sched.step()
             if step == 0:  # weights + gradients + AdamW state, all allocated now
-                state_bytes = (
-                    weight_bytes
-                    + sum(p.grad.numel() * p.grad.element_size() for p in params)
-                    + sum(
-                        v.numel() * v.element_size()
-                        for s in opt.state.values()
-                        for v in s.values()
-                        if isinstance(v, torch.Tensor)
-                    )
-                )
+                state_bytes = weight_bytes + _grad_and_optimizer_bytes(params, opt)
             opt.zero_grad(set_to_none=True)
     return {
         "kind": "finetune",
@@ -540,22 +587,140 @@ def _job(cfg: StudyConfig, base_dir: Path, variant: str, lr: float, seed: int) -
     record = finetune_run(cfg, base_dir, variant, lr, seed)
     write_json_atomic(path, record)
     print(
-        f"  {variant:<13} lr={lr:<7g} seed={seed}  val {record['val_loss']:.4f}  test {record['eval_loss']:.4f}"
-        f"  ({record['cpu_seconds']:.0f} cpu-s)",
+        f"  {variant:<13} lr={lr:<7g} seed={seed}  val {record['val_loss']:.4f}"
+        f"  test {record['eval_loss']:.4f}  ({record['cpu_seconds']:.0f} cpu-s)",
         flush=True,
     )
     return record
 
 
+def _zero_shot_file(out: Path, base_seed: int) -> Path:
+    return out / "zero_shot" / f"base{base_seed}.json"
+
+
+def _base_job(cfg: StudyConfig, base_seed: int) -> dict[str, Any]:
+    """One base, pretrained (or reused) with its zero-shot records (or reused; written atomically)."""
+    from shared_kernels.runconfig import write_json_atomic
+
+    torch.set_num_threads(cfg.threads)
+    base_dir = base_dir_for(cfg, base_seed)
+    info = pretrain_base(cfg, base_dir, base_seed)
+    path = _zero_shot_file(Path(cfg.out), base_seed)
+    if path.is_file():
+        return {"base": info, "zero_shot": json.loads(path.read_text())}
+    records = zero_shot(cfg, base_dir, base_seed)
+    write_json_atomic(path, records)
+    fp32 = records[0]["eval_loss"]
+    shifts = "  ".join(f"{r['variant']} {r['eval_loss'] - fp32:+.4f}" for r in records[1:])
+    print(f"  base {base_seed}: held-out {fp32:.4f}; zero-shot {shifts}", flush=True)
+    return {"base": info, "zero_shot": records}
+
+
+def _in_workers(cfg: StudyConfig, fn: Any, calls: list[tuple[Any, ...]], pending: int) -> list[Any]:
+    """`[fn(cfg, *c) for c in calls]`, on `cfg.jobs` spawned processes when more than one call has work to
+    do (`pending`); no worker processes just to read finished results."""
+    if cfg.jobs == 1 or pending <= 1:
+        return [fn(cfg, *c) for c in calls]
+    with ProcessPoolExecutor(min(cfg.jobs, len(calls)), mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, *zip(*[(cfg, *c) for c in calls], strict=True)))
+
+
 def _run_all(cfg: StudyConfig, base_dir: Path, jobs: list[tuple[str, float, int]]) -> list[dict[str, Any]]:
-    todo = [j for j in jobs if not _run_file(Path(cfg.out), *j).is_file()]
-    if cfg.jobs == 1 or len(todo) <= 1:  # no worker processes just to read finished runs
-        return [_job(cfg, base_dir, *j) for j in jobs]
-    with ProcessPoolExecutor(min(cfg.jobs, len(jobs)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_job, *zip(*[(cfg, base_dir, *j) for j in jobs], strict=True)))
+    pending = sum(not _run_file(Path(cfg.out), *j).is_file() for j in jobs)
+    return _in_workers(cfg, _job, [(base_dir, *j) for j in jobs], pending)
+
+
+def _all_bases(cfg: StudyConfig) -> list[dict[str, Any]]:
+    seeds = range(cfg.bases)
+    pending = sum(not _zero_shot_file(Path(cfg.out), s).is_file() for s in seeds)
+    return _in_workers(cfg, _base_job, [(s,) for s in seeds], pending)
 
 
 # ---------------------------------------------------------------------------------------------- report
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """n, mean, sample standard deviation (0 for one value), min and max."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {
+        "n": len(values),
+        "mean": t.mean().item(),
+        "std": t.std().item() if len(values) > 1 else 0.0,
+        "min": t.min().item(),
+        "max": t.max().item(),
+    }
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """Paired two-sided t-test (scipy `ttest_rel`) of a[k] - b[k] over the keys both have."""
+    keys = sorted(set(a) & set(b))
+    result: dict[str, Any] = {"n": len(keys)}
+    if len(keys) < 2:
+        return {**result, "note": "needs at least 2 pairs"}
+    from scipy.stats import ttest_rel
+
+    diffs = torch.tensor([a[k] - b[k] for k in keys], dtype=torch.float64)
+    t = ttest_rel([a[k] for k in keys], [b[k] for k in keys])
+    return {
+        **result,
+        "mean_diff": diffs.mean().item(),
+        "std_diff": diffs.std().item(),
+        "t": float(t.statistic),
+        "p": float(t.pvalue),
+    }
+
+
+def zero_shot_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per storage type x blocksize: its degradation on each base (eval_loss minus that base's fp32 loss,
+    listed in `base_seeds` order) and their spread over bases; the same on the finetuning corpus's test
+    split (`*_finetune_test`). Key `base-fp32`: the fp32 bases' own losses."""
+    zs = [r for r in records if r["kind"] == "zero-shot"]
+    fp32 = {r["base_seed"]: r for r in zs if r["blocksize"] is None}
+    seeds = sorted(fp32)
+    out: dict[str, dict[str, Any]] = {
+        "base-fp32": {
+            "base_seeds": seeds,
+            "eval_loss": _spread([fp32[s]["eval_loss"] for s in seeds]),
+            "eval_loss_finetune_test": _spread([fp32[s]["eval_loss_finetune_test"] for s in seeds]),
+        }
+    }
+    for variant in dict.fromkeys(r["variant"] for r in zs if r["blocksize"] is not None):
+        rs = sorted((r for r in zs if r["variant"] == variant), key=lambda r: r["base_seed"])
+        delta = [r["eval_loss"] - fp32[r["base_seed"]]["eval_loss"] for r in rs]
+        delta_ft = [
+            r["eval_loss_finetune_test"] - fp32[r["base_seed"]]["eval_loss_finetune_test"] for r in rs
+        ]
+        out[variant] = {
+            "storage": rs[0]["storage"],
+            "blocksize": rs[0]["blocksize"],
+            "linear_bits_per_param": rs[0]["linear_bits_per_param"],
+            "weight_bytes": rs[0]["weight_bytes"],
+            "base_seeds": [r["base_seed"] for r in rs],
+            "delta": delta,
+            "delta_finetune_test": delta_ft,
+            **_spread(delta),
+            "finetune_test": _spread(delta_ft),
+        }
+    return out
+
+
+ZERO_SHOT_PAIRS = (("nf4", "fp4"), ("nf4", "int4"))
+
+
+def zero_shot_tests(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired t-tests across bases of the held-out degradation, NF4 vs FP4 and NF4 vs Int4, per blocksize
+    (a negative mean difference: NF4 degrades less)."""
+    tests = []
+    blocksizes = sorted({s["blocksize"] for k, s in summary.items() if k != "base-fp32"})
+    for b in blocksizes:
+        for a, c in ZERO_SHOT_PAIRS:
+            va, vc = summary.get(f"{a}-b{b}"), summary.get(f"{c}-b{b}")
+            if va is None or vc is None:
+                continue
+            xa = dict(zip(va["base_seeds"], va["delta"], strict=True))
+            xc = dict(zip(vc["base_seeds"], vc["delta"], strict=True))
+            tests.append({"a": va["storage"], "b": vc["storage"], "blocksize": b, **_paired(xa, xc)})
+    return tests
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -565,14 +730,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rs = [r for r in records if r["kind"] == "finetune" and r["variant"] == v]
         if not rs:
             continue
-        losses = torch.tensor([r["eval_loss"] for r in rs], dtype=torch.float64)
         out[v] = {
-            "n": len(rs),
             "lr": rs[0]["lr"],
-            "mean": losses.mean().item(),
-            "std": losses.std().item() if len(rs) > 1 else 0.0,
-            "min": losses.min().item(),
-            "max": losses.max().item(),
+            **_spread([r["eval_loss"] for r in rs]),
             **{
                 k: max(r[k] for r in rs)
                 for k in ("weight_bytes", "train_state_bytes", "peak_rss_growth_bytes")
@@ -590,43 +750,55 @@ def paired_test(
         for v in (a, b)
     }
     seeds = sorted(set(by[a]) & set(by[b]))
-    result: dict[str, Any] = {"a": a, "b": b, "seeds": seeds, "n": len(seeds)}
-    if len(seeds) < 2:
+    result = {"a": a, "b": b, "seeds": seeds, **_paired(by[a], by[b])}
+    if "p" not in result:
         return {**result, "note": "needs at least 2 seeds"}
-    from scipy.stats import ttest_rel
-
-    diffs = torch.tensor([by[a][s] - by[b][s] for s in seeds], dtype=torch.float64)
-    t = ttest_rel([by[a][s] for s in seeds], [by[b][s] for s in seeds])
-    return {
-        **result,
-        "mean_diff": diffs.mean().item(),
-        "std_diff": diffs.std().item(),
-        "t": float(t.statistic),
-        "p": float(t.pvalue),
-        "within_seed_noise": bool(t.pvalue >= 0.05),
-    }
+    return {**result, "within_seed_noise": bool(result["p"] >= 0.05)}
 
 
 def _mib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.3f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
-    zs = [r for r in results["records"] if r["kind"] == "zero-shot"]
-    base = next(r for r in zs if r["variant"] == "base-fp32")
+def _zero_shot_markdown(results: dict[str, Any]) -> list[str]:
+    zs = results["zero_shot_summary"]
+    fp32 = zs["base-fp32"]
+    n = len(fp32["base_seeds"])
     lines = [
         "### Zero-shot storage types (every linear but the LM head quantized; no training)",
         "",
-        "| variant | bits/param (linears) | held-out loss (pretraining corpus) | vs fp32 | "
-        "finetune-corpus test loss | weights (MiB) |",
+        f"{n} fp32 base(s), base seeds {fp32['base_seeds']}: held-out loss (pretraining corpus) "
+        f"{fp32['eval_loss']['mean']:.4f} +- {fp32['eval_loss']['std']:.4f}, finetune-corpus test loss "
+        f"{fp32['eval_loss_finetune_test']['mean']:.4f} +- {fp32['eval_loss_finetune_test']['std']:.4f} "
+        "(mean +- std over bases). Below: each storage type's loss minus its own base's, over the bases.",
+        "",
+        "| storage | bits/param (linears) | held-out loss - fp32: mean +- std | min .. max | "
+        "finetune-corpus test loss - fp32: mean +- std | weights (MiB) |",
         "|---|---|---|---|---|---|",
     ]
-    for r in zs:
+    for variant, z in zs.items():
+        if variant == "base-fp32":
+            continue
         lines.append(
-            f"| {r['variant']} | {r['linear_bits_per_param']:.3f} | {r['eval_loss']:.4f} | "
-            f"{r['eval_loss'] - base['eval_loss']:+.4f} | {r['eval_loss_finetune_test']:.4f} | "
-            f"{_mib(r['weight_bytes'])} |"
+            f"| {variant} | {z['linear_bits_per_param']:.3f} | {z['mean']:+.4f} +- {z['std']:.4f} | "
+            f"{z['min']:+.4f} .. {z['max']:+.4f} | {z['finetune_test']['mean']:+.4f} +- "
+            f"{z['finetune_test']['std']:.4f} | {_mib(z['weight_bytes'])} |"
         )
+    lines.append("")
+    for t in results["zero_shot_tests"]:
+        head = f"Paired t-test across {t['n']} bases, {t['a']} - {t['b']} at blocksize {t['blocksize']}"
+        if "p" not in t:
+            lines.append(f"{head}: {t['note']}.")
+            continue
+        lines.append(
+            f"{head}: mean {t['mean_diff']:+.4f} (std {t['std_diff']:.4f}), t = {t['t']:.3f}, "
+            f"p = {t['p']:.3g}."
+        )
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = _zero_shot_markdown(results)
     lines += [
         "",
         "### Finetuning on the shifted corpus (test loss over seeds, lr chosen on validation)",
@@ -654,38 +826,78 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STORAGE_LABELS = {"nf4": "NF4", "nf4-dq": "NF4+DQ", "fp4": "FP4", "int4": "Int4"}
+
+
+def _plot_zero_shot(ax: Any, results: dict[str, Any]) -> None:
+    """Bars: mean degradation over bases per storage type and blocksize; error bars: std; dots: each base."""
+    zs = {k: v for k, v in results["zero_shot_summary"].items() if k != "base-fp32"}
+    blocksizes = sorted({z["blocksize"] for z in zs.values()})
+    width = 0.8 / max(len(blocksizes), 1)
+    tops = [0.0]
+    for i, b in enumerate(blocksizes):
+        xs = [k + i * width for k in range(len(ZERO_SHOT_STORAGE))]
+        cells = [zs[f"{s}-b{b}"] for s in ZERO_SHOT_STORAGE]
+        ax.bar(xs, [z["mean"] for z in cells], width, color=f"C{i}", alpha=0.6, label=f"blocksize {b}")
+        ax.errorbar(
+            xs,
+            [z["mean"] for z in cells],
+            yerr=[z["std"] for z in cells],
+            fmt="none",
+            ecolor="0.2",
+            capsize=4,
+            label="mean ± std" if i == 0 else None,
+        )
+        for x, z in zip(xs, cells, strict=True):  # the bases, beside the whisker
+            ax.scatter([x + width / 4] * len(z["delta"]), z["delta"], color="k", s=10, zorder=3)
+        tops += [max(z["mean"] + z["std"], *z["delta"]) for z in cells]
+    ax.scatter([], [], color="k", s=10, label="one base")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, max(tops) + 0.45 * (max(tops) - lo))  # headroom for the legend above the data
+    ax.set_xticks(
+        [k + width * (len(blocksizes) - 1) / 2 for k in range(len(ZERO_SHOT_STORAGE))],
+        [STORAGE_LABELS[s] for s in ZERO_SHOT_STORAGE],
+    )
+    ax.set_xlabel("4-bit storage type")
+    ax.set_ylabel("held-out loss - fp32 base (nats/byte)")
+    n = len(results["zero_shot_summary"]["base-fp32"]["base_seeds"])
+    ax.set_title(f"zero-shot degradation of the 4-bit storage types\nover {n} pretrained bases")
+    ax.legend(loc="upper center", ncol=2, fontsize="small")
+
+
+def _plot_finetune(ax: Any, results: dict[str, Any]) -> None:
+    summary = results["summary"]
+    for k, v in enumerate(summary):
+        ys = [r["eval_loss"] for r in results["records"] if r["kind"] == "finetune" and r["variant"] == v]
+        ax.scatter([k] * len(ys), ys, color="grey", s=14, zorder=3, label="a seed" if k == 0 else None)
+        ax.errorbar(
+            [k + 0.15],
+            [summary[v]["mean"]],
+            yerr=[summary[v]["std"]],
+            fmt="o",
+            color="C3",
+            capsize=5,
+            label="mean ± std" if k == 0 else None,
+        )
+    ax.set_xticks(range(len(summary)), list(summary), rotation=20, ha="right")
+    ax.set_xlim(-0.5, len(summary) - 0.5)
+    ax.set_xlabel("finetuning variant")
+    ax.set_ylabel("test loss after finetuning (nats/byte)")
+    ax.set_title("finetuning on the shifted corpus\n(lr chosen per variant on validation)")
+    ax.legend(loc="best", fontsize="small")
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """The study's figure, written atomically: zero-shot degradation (left), finetuned test loss (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    zs = [r for r in results["records"] if r["kind"] == "zero-shot"]
-    base = next(r for r in zs if r["variant"] == "base-fp32")["eval_loss"]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
-    blocksizes = sorted({r["blocksize"] for r in zs if r["blocksize"]})
-    width = 0.8 / max(len(blocksizes), 1)
-    for i, b in enumerate(blocksizes):
-        ys = [
-            next(r["eval_loss"] - base for r in zs if r["storage"] == s and r["blocksize"] == b)
-            for s in ZERO_SHOT_STORAGE
-        ]
-        ax0.bar([k + i * width for k in range(len(ZERO_SHOT_STORAGE))], ys, width, label=f"blocksize {b}")
-    ax0.set_xticks(
-        [k + width * (len(blocksizes) - 1) / 2 for k in range(len(ZERO_SHOT_STORAGE))],
-        ["NF4", "NF4+DQ", "FP4", "Int4"],
-    )
-    ax0.set_ylabel("held-out loss - fp32 base (nats/byte)")
-    ax0.set_title("zero-shot degradation of the 4-bit storage types")
-    ax0.legend()
-    summary = results["summary"]
-    for k, v in enumerate(summary):
-        ys = [r["eval_loss"] for r in results["records"] if r["kind"] == "finetune" and r["variant"] == v]
-        ax1.scatter([k] * len(ys), ys, color="grey", s=14, zorder=3)
-        ax1.errorbar([k], [summary[v]["mean"]], yerr=[summary[v]["std"]], fmt="o", color="C3", capsize=5)
-    ax1.set_xticks(range(len(summary)), list(summary), rotation=20)
-    ax1.set_ylabel("test loss after finetuning (nats/byte)")
-    ax1.set_title("finetuning: seeds (grey), mean +- std (red)")
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.6))
+    _plot_zero_shot(ax0, results)
+    _plot_finetune(ax1, results)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -712,24 +924,17 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
-    """The whole study (resuming finished runs); returns the results dict that is written to results.json."""
-    from shared_kernels.runconfig import write_json_atomic, write_text_atomic
+def _check_config(cfg: StudyConfig, out: Path, pretrain_path: Path, finetune_path: Path) -> dict[str, Any]:
+    """The config recorded in `<out>/config.json`; refuses an `--out` that holds runs of another one."""
+    from shared_kernels.runconfig import write_json_atomic
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    # fail early and clearly on missing data
-    pretrain_path = _default(cfg.pretrain_data, "tinyshakespeare", "input.txt")
-    finetune_path = _default(cfg.finetune_data, "cranfield", "cran.all.1400")
-    finetune_splits(finetune_path, cfg.context)
     config = {
         **dataclasses.asdict(cfg),
         "pretrain_data": str(pretrain_path),
         "finetune_data": str(finetune_path),
     }
     config_path = out / "config.json"
-    keep = ("out", "jobs", "threads", "base_dir")
+    keep = ("out", "jobs", "threads", "base_dir", "bases")  # more or fewer bases reuse the finished ones
     if config_path.is_file():
         old = json.loads(config_path.read_text())
         changed = sorted(
@@ -741,17 +946,11 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
                 "use a new --out"
             )
     write_json_atomic(config_path, config)
-    machine = {**_machine(), "torch_threads_per_run": cfg.threads}
-    c0, t0 = time.process_time(), time.perf_counter()
-    base_dir = Path(cfg.base_dir) if cfg.base_dir else out / "base"
-    print(f"base: {base_dir}", flush=True)
-    base = pretrain_base(cfg, base_dir)
-    print(f"  held-out loss {base['held_out_loss']:.4f} ({base['parameters']} parameters)", flush=True)
-    zero_path = out / "zero_shot.json"  # kept, so a resumed study does not recompute it
-    zero = json.loads(zero_path.read_text()) if zero_path.is_file() else zero_shot(cfg, base_dir)
-    write_json_atomic(zero_path, zero)
-    for r in zero:
-        print(f"  zero-shot {r['variant']:<12} {r['eval_loss']:.4f}", flush=True)
+    return config
+
+
+def _finetune_all(cfg: StudyConfig, base_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(lr sweep with the first seed, chosen-lr runs of every seed sorted by variant and seed)."""
     sweep = _run_all(cfg, base_dir, [(v, lr, cfg.seeds[0]) for v in FINETUNE_VARIANTS for lr in cfg.lrs])
     best = {
         v: min((r for r in sweep if r["variant"] == v), key=lambda r: r["val_loss"])["lr"]
@@ -759,21 +958,49 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     }
     rest = _run_all(cfg, base_dir, [(v, best[v], s) for v in FINETUNE_VARIANTS for s in cfg.seeds[1:]])
     chosen = [r for r in sweep if r["lr"] == best[r["variant"]]] + rest
-    records = zero + sorted(chosen, key=lambda r: (FINETUNE_VARIANTS.index(r["variant"]), r["seed"]))
+    return sweep, sorted(chosen, key=lambda r: (FINETUNE_VARIANTS.index(r["variant"]), r["seed"]))
+
+
+def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
+    """The whole study (resuming finished work); returns the results dict that is written to results.json."""
+    from shared_kernels.runconfig import write_json_atomic, write_text_atomic
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    # fail early and clearly on missing data
+    pretrain_path = _default(cfg.pretrain_data, "tinyshakespeare", "input.txt")
+    finetune_path = _default(cfg.finetune_data, "cranfield", "cran.all.1400")
+    pretrain_splits(pretrain_path, cfg.context)
+    finetune_splits(finetune_path, cfg.context)
+    config = _check_config(cfg, out, pretrain_path, finetune_path)
+    machine = {**_machine(), "torch_threads_per_run": cfg.threads}
+    c0, t0 = time.process_time(), time.perf_counter()
+    print(f"bases 0..{cfg.bases - 1}: {base_dir_for(cfg, 0)} (finetuning base) and beside it", flush=True)
+    bases = _all_bases(cfg)
+    zero = [r for b in bases for r in b["zero_shot"]]
+    sweep, chosen = _finetune_all(cfg, base_dir_for(cfg, 0))
+    records = zero + chosen
     machine.update(
         loadavg_end=os.getloadavg(),
         main_process_cpu_seconds=time.process_time() - c0,
-        runs_cpu_seconds=sum(r["cpu_seconds"] for r in sweep + rest),
+        runs_cpu_seconds=sum(r["cpu_seconds"] for r in sweep + chosen if r["seed"] != cfg.seeds[0])
+        + sum(r["cpu_seconds"] for r in sweep),
+        pretrain_cpu_seconds=sum(b["base"]["cpu_seconds"] for b in bases),
         wall_seconds=time.perf_counter() - t0,
     )
+    zs_summary = zero_shot_summary(records)
     results = {
         "command": command,
         "config": config,
         "machine": machine,
-        "base": base,
+        "base": bases[0]["base"],
+        "bases": [b["base"] for b in bases],
         "records": records,
         "lr_sweep": [{k: r[k] for k in ("variant", "lr", "seed", "val_loss", "eval_loss")} for r in sweep],
-        "chosen_lr": best,
+        "chosen_lr": {r["variant"]: r["lr"] for r in chosen},
+        "zero_shot_summary": zs_summary,
+        "zero_shot_tests": zero_shot_tests(zs_summary),
         "summary": summarise(records),
         "paired_test": paired_test(records),
     }
@@ -799,6 +1026,7 @@ def _parser() -> argparse.ArgumentParser:
         if f.name == "out":
             continue
         flag = "--" + f.name.replace("_", "-")
+        kind: Callable[[str], Any]
         if f.name in ("lrs", "seeds", "blocksizes"):
             kind = float if f.name == "lrs" else int
             p.add_argument(flag, type=kind, nargs="+", default=None, help=f"default {f.default}")
