@@ -652,22 +652,17 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
-    """Paired two-sided t-test (scipy `ttest_rel`) of a[k] - b[k] over the keys both have."""
+    """Paired two-sided t-test (`shared_kernels.significance`, = scipy `ttest_rel`) of a[k] - b[k] over the
+    keys both have."""
+    from shared_kernels.significance import paired_t_test
+
     keys = sorted(set(a) & set(b))
     result: dict[str, Any] = {"n": len(keys)}
     if len(keys) < 2:
         return {**result, "note": "needs at least 2 pairs"}
-    from scipy.stats import ttest_rel
-
     diffs = torch.tensor([a[k] - b[k] for k in keys], dtype=torch.float64)
-    t = ttest_rel([a[k] for k in keys], [b[k] for k in keys])
-    return {
-        **result,
-        "mean_diff": diffs.mean().item(),
-        "std_diff": diffs.std().item(),
-        "t": float(t.statistic),
-        "p": float(t.pvalue),
-    }
+    t, p = paired_t_test([a[k] for k in keys], [b[k] for k in keys])
+    return {**result, "mean_diff": diffs.mean().item(), "std_diff": diffs.std().item(), "t": t, "p": p}
 
 
 def zero_shot_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -744,7 +739,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def paired_test(
     records: list[dict[str, Any]], a: str = "qlora-nf4-dq", b: str = "lora-fp32"
 ) -> dict[str, Any]:
-    """Paired t-test over seeds of eval_loss(a) - eval_loss(b) (scipy `ttest_rel`, two-sided)."""
+    """Paired t-test over seeds of eval_loss(a) - eval_loss(b) (two-sided, `_paired`)."""
     by = {
         v: {r["seed"]: r["eval_loss"] for r in records if r["kind"] == "finetune" and r["variant"] == v}
         for v in (a, b)
