@@ -247,3 +247,37 @@ def test_instances_pass_through():
     tag = _Tag()
     cfg = load_config(Kinds, base={"tag": tag, "anything": [1, {"x": 2}]})
     assert cfg.tag is tag and cfg.anything == [1, {"x": 2}]
+
+
+def test_write_atomic_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from shared_kernels.runconfig import write_atomic, write_text_atomic
+
+    target = tmp_path / "out.txt"
+    write_text_atomic(target, "old\r\n")
+    assert target.read_bytes() == b"old\r\n"  # UTF-8, newlines untranslated
+
+    def half_then_fail(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, half_then_fail)
+    assert target.read_bytes() == b"old\r\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_save_figure_atomic_writes_the_suffix_format_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shared_kernels.runconfig import save_figure_atomic
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    out = save_figure_atomic(fig, tmp_path / "sub" / "f.png", dpi=50)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    fig, _ = plt.subplots()
+    assert save_figure_atomic(fig, tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.svg", "sub"]

@@ -21,7 +21,7 @@ import os
 import tempfile
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -422,20 +422,45 @@ def config_from_args(cls: type[T], args: argparse.Namespace, base: Mapping[str, 
 # ------------------------------------------------------------------------------------- run-dir outputs
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temp file in the same directory, fsync, then `os.replace` onto `path`."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """The one atomic file writer: `write(tmp)` fills a temp file in `path`'s directory, which is fsynced and
+    `os.replace`d onto `path`, so readers see the old file or the new one, never a partial one. The temp
+    file is removed if `write` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Atomically write `text` as UTF-8, newlines untranslated (`write_atomic`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+
+    write_atomic(path, write)
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure (format from `path`'s suffix; `savefig_kwargs` such as dpi go to
+    `fig.savefig`) atomically (`write_atomic`), then close it. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def write_yaml_atomic(path: str | Path, data: Any) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared_kernels.runconfig import save_figure_atomic
+
 __all__ = ["plot_curves", "plot_study"]
 
 
@@ -57,8 +59,7 @@ def plot_curves(
     ax2.set(ylabel="val loss (nats/byte)", title=f"loss by position, context {loss_by_position['length']}")
     ax2.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def plot_study(summary: dict[str, Any], path: Path, train_len: int) -> None:
@@ -82,5 +83,4 @@ def plot_study(summary: dict[str, Any], path: Path, train_len: int) -> None:
     # beside the axes: a study has up to ~8 variants, whose lines a legend inside would cover
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)

@@ -708,7 +708,7 @@ class RerankQLoRARecipe:
 
     def _report(self, results: dict[str, Any], table: str) -> None:
         from rerankdistill.run_report import report_markdown
-        from rerankdistill.trec import atomic_write_text
+        from shared_kernels.runconfig import write_text_atomic
 
         cfg, n = self.cfg, self.notes
         teacher, fs, lengths = n["teacher"], n["first_stage"], n["eval_lengths"]
@@ -750,7 +750,7 @@ class RerankQLoRARecipe:
             figure="training_curve.png",
             footer=footer,
         )
-        atomic_write_text(self.run_dir / "report.md", text)
+        write_text_atomic(self.run_dir / "report.md", text)
 
     def _stage(self, i: int, name: str) -> None:
         self._print(

@@ -188,7 +188,7 @@ def write_definition_report(
 ) -> tuple[Path, Path | None]:
     """definition_quality.md and definition_quality_vs_size.png (token F1 and judge acceptance against
     model size, log scale; needs matplotlib, else no plot; `plot=False`: none)."""
-    from idiomreason.report import write_atomic
+    from shared_kernels.runconfig import write_text_atomic
 
     out_dir = Path(out_dir)
     lines = [
@@ -211,7 +211,7 @@ def write_definition_report(
         "",
     ]
     md = out_dir / "definition_quality.md"
-    write_atomic(md, "\n".join(lines))
+    write_text_atomic(md, "\n".join(lines))
     if not plot:
         return md, None
     sized = [r for r in rows if r["size_b"]]
@@ -233,7 +233,8 @@ def plot_definition_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from idiomreason.report import save_figure_atomic, size_ticks
+    from idiomreason.report import size_ticks
+    from shared_kernels.runconfig import save_figure_atomic
 
     if len(rows) <= 10:
         colours = [plt.get_cmap("tab10")(i) for i in range(len(rows))]
@@ -271,7 +272,7 @@ def plot_definition_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    return save_figure_atomic(fig, path)
+    return save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _dodged_sizes(sizes: Sequence[float], step: float = 0.03) -> list[float]:

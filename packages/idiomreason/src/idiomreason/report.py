@@ -6,7 +6,6 @@ import csv
 import io
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from idiomreason.evaluate import relabel
 from idiomreason.examples import LABELS, Example
 from idiomreason.metrics import confusion_matrix, summarise
 from idiomreason.prompts import Condition
+from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
 
 logger = logging.getLogger("idiomreason")
 
@@ -90,16 +90,6 @@ def job_rows(job: Job, records: dict, n_resamples: int = 1000, seed: int = 0) ->
     return rows
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.{digits}f}"
@@ -172,8 +162,8 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> tuple[P
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
-    write_atomic(csv_path, buffer.getvalue())
-    write_atomic(md_path, markdown_table(rows))
+    write_text_atomic(csv_path, buffer.getvalue())
+    write_text_atomic(md_path, markdown_table(rows))
     return csv_path, md_path
 
 
@@ -211,18 +201,6 @@ def dodge_factor(k: int, m: int, step: float) -> float:
     """The factor that moves the k-th of m overlapping points (0 <= k < m) `step` decades from its
     neighbours on a log-scale axis, the group centred on the true value."""
     return 10 ** (step * (k - (m - 1) / 2))
-
-
-def save_figure_atomic(fig: Any, path: Path) -> Path:
-    """Save a matplotlib figure as PNG (legends outside the axes included) and close it; readers see the
-    old file or the new one, never a partial PNG."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
@@ -271,7 +249,7 @@ def plot_f1_vs_size(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | 
         list(handles.values()), list(handles), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1)
     )
     fig.tight_layout()
-    return save_figure_atomic(fig, Path(path))
+    return save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _plottable_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,10 +36,11 @@ from idiomreason.prompts import (
     normalise_expression,
     order_shot_pool,
 )
-from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_atomic, write_tables
+from idiomreason.report import Job, job_rows, plot_f1_vs_size, write_tables
 from idiomreason.semeval import submission_text
 from idiomreason.store import PREDICTION_KEY, definition_store, prediction_store, read_records
 from idiomreason.textfile import load_yaml
+from shared_kernels.runconfig import write_text_atomic
 
 logger = logging.getLogger("idiomreason")
 
@@ -402,7 +403,7 @@ def _write_semeval_submissions(
         if predictions:
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}__{model}__{template}") + ".csv"
             (out / "semeval").mkdir(exist_ok=True)
-            write_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
+            write_text_atomic(out / "semeval" / name, submission_text(semeval[dataset].examples, predictions))
 
 
 def _definition_report(config: SweepConfig, glosses: str, out: Path, factory: BackendFactory | None) -> None:
@@ -479,7 +480,7 @@ def run_sweep(
         for c in conditions
     ]
     if generate:
-        write_atomic(
+        write_text_atomic(
             out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
         )
         _generate(config, factory, library, conditions, datasets, out)

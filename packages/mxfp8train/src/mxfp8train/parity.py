@@ -33,9 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from mxfp8train.gpt import GPT, GPTConfig
 from mxfp8train.recipe import RECIPES
 from shared_kernels.errors import OneLineParser
 from shared_kernels.modules import swap_modules
+from shared_kernels.runconfig import save_figure_atomic, write_json_atomic
 
 VARIANTS = ("bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads")
 
@@ -223,14 +222,6 @@ def lr_at(step: int, cfg: ParityConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _sample_stats(model: GPT, step: int) -> dict[str, Any]:
@@ -425,16 +416,6 @@ def report_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _plot_val_minus_bf16(ax, runs: dict[str, dict[int, dict]]) -> None:
     """Per variant, validation loss minus bf16's on the same seed at each evaluation: the paired
     difference, every seed as a thin line and their mean as a thick one (bf16 is the zero line)."""
@@ -488,7 +469,7 @@ def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
     ax_train.legend()
     ax_val.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
@@ -533,7 +514,7 @@ def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("MX diagnostics per layer over training (first seed; darker = deeper layer)")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def check_data(cfg: ParityConfig) -> Path:

@@ -8,10 +8,8 @@ but the adapters and enables gradient checkpointing (the QLoRA recipe).
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 from nf4lora.lora import Linear4bit, LoRALinear4bit
 from nf4lora.weight import NF4Weight
 from shared_kernels.modules import output_embedding, set_plain_attribute, swap_modules
+from shared_kernels.runconfig import write_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -410,17 +409,6 @@ def _adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_adapter(
     model: nn.Module,
     out_dir: str | Path,
@@ -453,8 +441,8 @@ def save_adapter(
             f"{PEFT_PREFIX}{name}": state_dict[name].detach().cpu().contiguous()
             for name in _adapter_tensors(model)
         }
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(
+    write_atomic(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(
         out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))
     )
     return out

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from nf4lora.lora import Linear4bit
-from nf4lora.model import _atomic_write, quantize_model, swap_linear_layers
+from nf4lora.model import quantize_model, swap_linear_layers
 from nf4lora.weight import NF4Weight
 from shared_kernels.nf4 import QUANT_TYPES
+from shared_kernels.runconfig import write_atomic
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -64,10 +65,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": ["lm_head"],
     }
-    _atomic_write(out / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(
-        out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str))
-    )
+    write_atomic(out / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
     if source_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).is_file():

@@ -60,6 +60,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from shared_kernels.runconfig import save_figure_atomic
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -894,10 +896,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     _plot_zero_shot(ax0, results)
     _plot_finetune(ax1, results)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rerankdistill.labels import PROMPTS
-from rerankdistill.trec import atomic_write_text
 from shared_kernels.errors import USER_ERRORS, refuse_overwriting_inputs, user_error_message
-from shared_kernels.runconfig import ConfigError, load_config, option, options_help
+from shared_kernels.runconfig import ConfigError, load_config, option, options_help, write_text_atomic
 
 if TYPE_CHECKING:
     from rerankdistill.teacher import Pair
@@ -151,7 +150,7 @@ def excluded_ids(o: CollectionOptions) -> dict[str, set[str]]:
 
 
 def write_pairs(pairs, path: str | Path) -> None:
-    atomic_write_text(path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in pairs))
+    write_text_atomic(path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in pairs))
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
@@ -679,7 +678,7 @@ def cmd_evaluate(o: EvaluateOptions) -> dict:
         table += "\n" + text
         summary["significance"] = rows
     if o.output:
-        atomic_write_text(o.output, table)
+        write_text_atomic(o.output, table)
     return summary
 
 
@@ -771,7 +770,7 @@ def cmd_split(o: SplitCommandOptions) -> dict:
             f"out={o.out!r} exists with other splits: runs made with it would change meaning; "
             "choose another file or set overwrite=true"
         )
-    atomic_write_text(out, text)
+    write_text_atomic(out, text)
     return {name: len(qids) for name, qids in splits.items()} | {
         "unjudged_skipped": len(queries) - len(judged),
         "out": o.out,

@@ -23,6 +23,7 @@ from rerankdistill.cli import significance_table
 from rerankdistill.fusion import fuse, select_fusion_weight
 from rerankdistill.metrics import evaluate, ndcg_at_k
 from rerankdistill.trec import Qrels, Run
+from shared_kernels.runconfig import save_figure_atomic
 from shared_kernels.significance import compare_runs
 
 FUSED_NAME = "BM25 + rerank-qlora, fused"
@@ -149,10 +150,7 @@ def plot_training_curve(
     if ax.lines:
         ax.legend(loc="best")
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def fusion_notes(fusion: Mapping[str, Any], k: int) -> list[str]:

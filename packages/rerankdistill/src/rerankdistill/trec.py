@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
-from pathlib import Path
 
 from shared_kernels.errors import FileFormatError
+from shared_kernels.runconfig import write_text_atomic
 from shared_kernels.textfiles import numbered_lines, read_text
 
 Qrels = dict[str, dict[str, int]]
@@ -109,22 +108,6 @@ class _neg_key:  # noqa: N801 - a sort key object, used like a function
         return isinstance(other, _neg_key) and self.s == other.s
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temp file in the same directory, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def format_run(run: Run, tag: str = "rerankdistill", depth: int | None = None) -> str:
     """The run as TREC text, each query's documents in trec_eval order with ranks 1..n (cut at `depth`)."""
     if not tag or any(c.isspace() for c in tag):
@@ -145,7 +128,7 @@ def write_run(
     run: Run, path: str | os.PathLike, tag: str = "rerankdistill", depth: int | None = None
 ) -> None:
     """Write a TREC run atomically; ranks follow trec_eval's order so any reader sees the same ranking."""
-    atomic_write_text(path, format_run(run, tag=tag, depth=depth))
+    write_text_atomic(path, format_run(run, tag=tag, depth=depth))
 
 
 def write_qrels(qrels: Qrels, path: str | os.PathLike) -> None:
@@ -156,7 +139,7 @@ def write_qrels(qrels: Qrels, path: str | os.PathLike) -> None:
         for docid, rel in sorted(qrels[qid].items()):
             _check_id(docid, "document id")
             lines.append(f"{qid} 0 {docid} {int(rel)}\n")
-    atomic_write_text(path, "".join(lines))
+    write_text_atomic(path, "".join(lines))
 
 
 def _check_id(value: str, what: str) -> None:
@@ -231,4 +214,4 @@ def write_topics(queries: Queries, path: str | os.PathLike) -> None:
         if not flat:
             raise ValueError(f"query {qid!r} is empty")
         lines.append(f"{qid}\t{flat}\n")
-    atomic_write_text(path, "".join(lines))
+    write_text_atomic(path, "".join(lines))

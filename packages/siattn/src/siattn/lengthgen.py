@@ -18,7 +18,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from shared_kernels.errors import OneLineParser, positive
-from shared_kernels.runconfig import write_text_atomic
+from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
 from siattn.models import GPT, GPTConfig
 
 # name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
@@ -348,11 +347,7 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
     ax.set_title(f"Loss by position at evaluation length {length} (mean over seeds, bins of {bin_size})")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)  # outside: never over the curves
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 MIN_TRAIN_LENGTH = 16  # the needle probe places a 12-byte needle in the first quarter and at the end

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from shared_kernels.errors import OneLineParser, positive
-from shared_kernels.runconfig import write_text_atomic
+from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
 from shared_kernels.significance import paired_t_test
 from siattn.lengthgen import TrainConfig, claim_lock, set_warmup_cosine_lr
 from siattn.models import GPT, Block, GPTConfig
@@ -489,11 +489,7 @@ def plot(cfg: RetrievalConfig, summary: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Retrieval beyond the training length ({cfg.train_length} tokens), seeds {list(cfg.seeds)}")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def parse_args(argv: list[str] | None = None) -> RetrievalConfig:
