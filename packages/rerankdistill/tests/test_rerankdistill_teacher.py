@@ -48,13 +48,16 @@ def test_offline_teacher_explanation_modes():
         QrelsTeacher(QRELS, explanation="short")
     # evidence: computed from the pair, the same whatever the label; the label line still decides
     ev = QrelsTeacher(QRELS, explanation="evidence")
-    assert ev.name == "offline-qrels-oracle-evidence" and ev.name not in (fixed.name, per_label.name)
+    assert ev.name.startswith("offline-qrels-oracle-evidence-v") and ev.name not in (fixed.name, per_label.name)
     texts = [c.text for c in ev.complete_pairs(PAIRS[:2])]
     assert texts[0] == "Matches: none (0 of 1 query words). Relevance Label: 2 ##"
     assert (
         ev.explanation(0, "sort the list", "def sort_list(xs): return sorted(xs)")
         == ev.explanation(2, "sort the list", "def sort_list(xs): return sorted(xs)")
-        == ("Matches: sort, list (2 of 2 query words). Defines sort_list. Calls sorted.")
+        == (
+            "Matches: sort, list (2 of 2 query words). Defines sort_list. Calls sorted. "
+            "Name sort_list spells: sort, list (2 of 2 query words)."
+        )
     )
 
 

@@ -329,11 +329,19 @@ class QrelsTeacher:
         if explanation not in EXPLANATIONS:
             raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
         self.explanation_mode = explanation
-        self.name = name or (
-            "offline-qrels-oracle" if explanation == "per-label" else f"offline-qrels-oracle-{explanation}"
-        )
+        self.name = name or self._default_name(explanation)
         self.qrels = qrels
         self.label_of_gain = label_of_gain or (lambda g: max(0, min(2, int(g))))
+
+    @staticmethod
+    def _default_name(explanation: str) -> str:
+        if explanation == "per-label":
+            return "offline-qrels-oracle"
+        if explanation == "evidence":  # a store written by an older evidence() is not reused
+            from rerankdistill.evidence import EVIDENCE_VERSION
+
+            return f"offline-qrels-oracle-evidence-v{EVIDENCE_VERSION}"
+        return f"offline-qrels-oracle-{explanation}"
 
     def label_for(self, qid: str, docid: str) -> int:
         return self.label_of_gain(self.qrels.get(qid, {}).get(docid, 0))
