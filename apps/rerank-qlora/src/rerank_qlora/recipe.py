@@ -18,11 +18,8 @@ by every rank (`shared_kernels.distributed`) and written by the main process.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -34,11 +31,9 @@ from tqdm.auto import tqdm
 from rerank_qlora import artefacts, stages
 from rerank_qlora.config import RerankQLoRAConfig
 from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
-from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.distributed import full_state_dict, is_sharded
 from shared_kernels.finite import check_finite_tensors
 from shared_kernels.runconfig import config_to_dict, write_json_atomic, write_yaml_atomic
-from shared_kernels.training import LoopSettings, run_loop
 
 log = logging.getLogger("rerank_qlora")
 N_STAGES = 9
@@ -151,8 +146,6 @@ class RerankQLoRARecipe:
         self._stage(7, "refinement")
         if cfg.refine.method == "none":
             self._print("skipped (refine.method=none)")
-        elif cfg.refine.method == "grpo":
-            self.history += self._grpo(pairs, records)
         else:
             self.history += self._refine(pairs, records)
 
@@ -191,302 +184,109 @@ class RerankQLoRARecipe:
 
     def _answer_examples(self, pairs: list, records: list, teacher_name: str) -> list:
         """The teacher's whole answers (explanation + label) as completion-only NLL examples."""
-        from rerankdistill.train.sft import distill_examples, tokenize_examples
+        from rerankdistill.train.phases import answer_examples
 
-        cfg = self.cfg
-        by_key = {(p.qid, p.docid): p for p in pairs}
-        examples, counts = distill_examples(records, by_key)
-        encoded, too_long = tokenize_examples(
+        tc = self.cfg.train
+        encoded, note = answer_examples(
             self.tokenizer,
-            examples,
+            pairs,
+            records,
             _prompt(),
-            cfg.train.completion_only,
-            cfg.train.max_length,
-            fit_documents=cfg.train.fit_documents,
+            tc.completion_only,
+            tc.max_length,
+            tc.fit_documents,
+            say=self._print,
         )
-        fate = "documents cut to fit" if cfg.train.fit_documents else "dropped"
-        self.notes["teacher"] = {
-            "name": teacher_name,
-            "pairs": len(pairs),
-            **counts,
-            "too_long": too_long,
-            "too_long_fate": fate,
-        }
-        self._print(
-            f"{len(encoded)} distillation examples ({too_long} longer than {cfg.train.max_length} tokens: "
-            f"{fate})"
-        )
+        self.notes["teacher"] = {"name": teacher_name, **note}
         return encoded
 
     def _train_label(self, pairs: list, records: list, teacher: Any) -> list[dict[str, Any]]:
-        """The label token alone, read after the judge's own context (rerankdistill.train.forced_label):
-        pointwise cross-entropy or a listwise softmax over each query's candidates, one query per micro
-        batch, on the shared loop (resumable like the answer objective)."""
-        from rerankdistill.train.forced_label import (
-            group_window,
-            label_examples,
-            label_loss_fn,
-            label_token_ids,
-        )
+        """The label token alone, read after the judge's own context (rerankdistill.train.phases)."""
+        from rerankdistill.train.phases import train_labels
 
         cfg, tc = self.cfg, self.cfg.train
-        labels = {(r.qid, r.docid): r.label for r in records if r.label is not None}
-        examples, groups, dropped = label_examples(
+        result = train_labels(
+            self.acc,
+            self.model,
             self.tokenizer,
             _prompt(),
             pairs,
-            labels,
+            records,
             lambda q, d: teacher.explanation(0, q, d),  # as the forced judge computes it
+            tc.objective.removeprefix("label-"),
+            tc.steps,
+            tc.lr,
             tc.max_length,
+            cfg.teacher.pairs_per_query,
+            tc.listwise_temperature,
+            self._loop(),
         )
-        self.notes["teacher"] = {
-            "name": teacher.name,
-            "pairs": len(pairs),
-            "used": len(examples),
-            "too_long": dropped,
-            "too_long_fate": "dropped (documents are cut to fit; these did not fit at all)",
-        }
-        per_step = max(1, tc.batch_size // cfg.teacher.pairs_per_query)
-        if per_step % self.acc.num_processes:
-            raise ValueError(
-                f"train.batch_size // teacher.pairs_per_query ({per_step} queries per step) must be a "
-                f"multiple of the number of processes ({self.acc.num_processes})"
-            )
-        self._print(
-            f"{len(examples)} label examples in {len(groups)} query groups ({dropped} did not fit), "
-            f"{per_step} queries per step"
-        )
-        kind = tc.objective.removeprefix("label-")
-        ids = label_token_ids(self.tokenizer)
-        loss_fn = label_loss_fn(
-            examples, kind, self.tokenizer.pad_token_id, ids, self.acc.device, tc.listwise_temperature
-        )
-        window = group_window(groups, tc.steps, per_step, tc.seed)
-        return self._run_phase(tc.steps, tc.lr, "distill", window, loss_fn)
+        self.notes["teacher"] = {"name": teacher.name, **result.notes}
+        return self._take(result)
 
     def _train_loop(self, encoded: list, steps: int, lr: float, phase: str) -> list[dict[str, Any]]:
-        """Weighted NLL (rerankdistill) over `encoded` with the shared loop (shared_kernels.training): DDP or
-        FSDP2, accumulated over micro batches, checkpointed per phase, resumable."""
-        from rerankdistill.train.common import collate, weighted_loss
+        """Weighted NLL over `encoded` (rerankdistill.train.phases), checkpointed per phase, resumable."""
+        from rerankdistill.train.phases import train_answers
 
-        tc, acc = self.cfg.train, self.acc
-        if not encoded:
-            raise ValueError(f"{phase}: no training examples (all longer than train.max_length?)")
-        world = acc.num_processes
-        if tc.batch_size % (tc.micro_batch_size * world):
-            raise ValueError(
-                f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size x "
-                f"processes ({tc.micro_batch_size} x {world})"
+        return self._take(
+            train_answers(
+                self.acc, self.model, self.tokenizer.pad_token_id, encoded, steps, lr, phase, self._loop()
             )
-        order: list[int] = []
-        epoch = 0
-        while len(order) < steps * tc.batch_size:
-            idx = list(range(len(encoded)))
-            random.Random(tc.seed * 1000 + epoch).shuffle(idx)
-            order += idx
-            epoch += 1
-        pad = self.tokenizer.pad_token_id
-
-        def window(step: int) -> list[list[int]]:  # the global batch of `step`, in micro batches
-            ids = order[step * tc.batch_size : (step + 1) * tc.batch_size]
-            return [ids[i : i + tc.micro_batch_size] for i in range(0, len(ids), tc.micro_batch_size)]
-
-        def loss_fn(model: Any, micro: list[int]) -> torch.Tensor:
-            batch = {k: v.to(acc.device) for k, v in collate([encoded[j] for j in micro], pad).items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            return weighted_loss(out.logits, batch["labels"], batch["weights"])
-
-        return self._run_phase(steps, lr, phase, window, loss_fn)
-
-    def _run_phase(
-        self, steps: int, lr: float, phase: str, window: Any, loss_fn: Any, extra_metrics: Any = None
-    ) -> list[dict[str, Any]]:
-        """One training phase on the shared loop (shared_kernels.training): AdamW over the adapters, DDP or
-        FSDP2, checkpoints under checkpoints/<phase>, resumable."""
-        tc, acc = self.cfg.train, self.acc
-        world = acc.num_processes
-        if is_sharded(
-            self.model
-        ):  # after refinement sampling, FSDP2 may still hold some parameters unsharded
-            _reshard(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))
         )
-        ckpt = CheckpointManager(
-            self.run_dir / "checkpoints" / phase,
-            keep=2,
-            rank=acc.process_index,
-            world_size=world,
-            barrier=acc.wait_for_everyone,
-        )
-        settings = LoopSettings(
-            steps=steps,
-            phase=phase,
+
+    def _loop(self) -> Any:
+        """What every training phase shares (rerankdistill.train.phases.PhaseLoop)."""
+        from rerankdistill.train.phases import PhaseLoop
+
+        tc = self.cfg.train
+        return PhaseLoop(
+            run_dir=self.run_dir,
+            batch_size=tc.batch_size,
+            micro_batch_size=tc.micro_batch_size,
+            warmup_steps=tc.warmup_steps,
             log_every=tc.log_every,
             checkpoint_every=tc.checkpoint_every,
             max_grad_norm=tc.max_grad_norm,
-            trainable_only=True,
+            seed=tc.seed,
+            distill_steps=tc.steps,
             resume=self.cfg.resume,
             progress=self.progress,
-            log_step_offset=0 if phase == "distill" else tc.steps,
-        )  # one step axis
-        state = run_loop(
-            acc,
-            self.model,
-            optimizer,
-            scheduler,
-            window,
-            loss_fn,
-            settings,
-            ckpt,
-            metrics_file=self.run_dir / "metrics.jsonl",
-            extra_metrics=extra_metrics,
             logger=log,
+            say=self._print,
         )
-        if state.resumed_from is not None:
-            self._print(f"resumed {phase} from {state.resumed_from} at step {state.start_step}")
-        self.model = acc.unwrap_model(state.model)
-        sharded = is_sharded(self.model)
-        if sharded:
-            _generate_on_every_rank(self.model)
+
+    def _take(self, result: Any) -> list[dict[str, Any]]:
+        """Keep a phase's model; note (once) how it trains across processes; its history."""
+        from rerankdistill.train.phases import distributed_layout
+
+        self.model = result.model
         if "distributed" not in self.notes:
-            self.notes["distributed"] = {
-                "type": str(acc.distributed_type.value),
-                "processes": world,
-                "sharded": sharded,
-            }
-            self._print(
-                f"{world} process(es), {acc.distributed_type.value}"
-                + (" (FSDP2: parameters sharded)" if sharded else "")
-            )
-        return state.history
+            self.notes["distributed"], line = distributed_layout(self.acc, self.model)
+            self._print(line)
+        return result.history
 
     def _refine(self, pairs: list, records: list) -> list[dict[str, Any]]:
-        """InteRank's reward-weighted fine-tuning, composed from rerankdistill: sample `refine.samples`
-        explanations per pair from the distilled student, reward label agreement with the teacher, min-max
-        normalise within the group, keep those >= threshold, train with r^3-weighted NLL."""
-        from rerankdistill.train.rwft import (
-            RefinePair,
-            group_weights,
-            label_agreement_reward,
-            sample_candidates,
-        )
-        from rerankdistill.train.sft import DistillExample, tokenize_examples
+        """Reward-weighted fine-tuning (InteRank's) or GRPO of the distilled student on teacher-labelled
+        pairs (rerankdistill.train.phases), resumable."""
+        from rerankdistill.train.phases import RefineSettings, refine_grpo, refine_reward_weighted
 
-        cfg, rc = self.cfg, self.cfg.refine
-        labels = {(r.qid, r.docid): (r.label, r.text) for r in records if r.label is not None}
-        fits = [p for p in pairs if (p.qid, p.docid) in labels and len(p.document) < 2 * cfg.train.max_length]
-        chosen = random.Random(cfg.train.seed).sample(fits, min(rc.pairs, len(fits)))
-        refine_pairs = [
-            RefinePair(p.query, p.document, labels[(p.qid, p.docid)][0], labels[(p.qid, p.docid)][1])
-            for p in chosen
-        ]
-        samples_path = self.run_dir / "refine_samples.json"
-        # a sharded model (FSDP2) needs every rank in each forward: all sample (the same seed), the main one
-        # writes
-        sampling = self.acc.is_main_process or is_sharded(self.model)
-        if sampling and not (cfg.resume and samples_path.is_file()):
-            self._print(f"sampling {rc.samples} explanations for each of {len(refine_pairs)} pairs")
-            groups = sample_candidates(
-                self.model,
-                self.tokenizer,
-                refine_pairs,
-                rc.samples,
-                rc.temperature,
-                cfg.rerank.max_new_tokens,
-                cfg.rerank.batch_size,
-                seed=cfg.train.seed,
-            )
-            if self.acc.is_main_process:
-                write_json_atomic(samples_path, groups)
-        self.acc.wait_for_everyone()
-        groups = json.loads(samples_path.read_text())
-        examples, weights = [], []
-        for pair, group in zip(refine_pairs, groups, strict=True):
-            texts = [*group, pair.teacher_text]
-            rewards = [label_agreement_reward(t, pair.reference) for t in texts]
-            for text, w in zip(texts, group_weights(rewards, rc.threshold), strict=True):
-                if w > 0:
-                    examples.append(DistillExample(pair.query, pair.document, text))
-                    weights.append(w)
-        encoded, _ = tokenize_examples(
-            self.tokenizer, examples, _prompt(), cfg.train.completion_only, cfg.train.max_length, weights
+        tc, rc = self.cfg.train, self.cfg.refine
+        settings = RefineSettings(
+            pairs=rc.pairs,
+            samples=rc.samples,
+            steps=rc.steps,
+            temperature=rc.temperature,
+            threshold=rc.threshold,
+            max_new_tokens=self.cfg.rerank.max_new_tokens,
+            sample_batch_size=self.cfg.rerank.batch_size,
         )
-        agree = sum(
-            label_agreement_reward(t, p.reference) == 1.0 for p, g in zip(refine_pairs, groups) for t in g
-        )
-        self.notes["refine"] = {
-            "pairs": len(refine_pairs),
-            "samples": sum(len(g) for g in groups),
-            "samples_agreeing_with_teacher": agree,
-            "kept": len(encoded),
-        }
-        self._print(
-            f"{agree} of {self.notes['refine']['samples']} samples agree with the teacher's label; "
-            f"{len(encoded)} weighted examples kept (threshold {rc.threshold})"
-        )
-        return self._train_loop(encoded, rc.steps, cfg.train.lr, "refine")
-
-    def _grpo(self, pairs: list, records: list) -> list[dict[str, Any]]:
-        """GRPO (rerankdistill.train.grpo) on `refine.pairs` teacher-labelled pairs: `refine.samples` answers
-        per prompt, label-agreement + format rewards, group-relative advantages; on the shared loop, so it
-        checkpoints under checkpoints/refine and resumes like distillation (sampling seeded by step and
-        pair)."""
-        from rerankdistill.train.grpo import default_rewards, grpo_loss, grpo_window
-        from rerankdistill.train.rwft import RefinePair
-
-        cfg, rc = self.cfg, self.cfg.refine
-        if is_sharded(self.model):
-            raise ValueError(
-                "refine.method=grpo samples on each rank's own prompts: not supported with FSDP2 "
-                "sharding (use DDP, or refine.method=reward-weighted)"
-            )
-        labels = {(r.qid, r.docid): r.label for r in records if r.label is not None}
-        fits = [p for p in pairs if (p.qid, p.docid) in labels and len(p.document) < 2 * cfg.train.max_length]
-        chosen = random.Random(cfg.train.seed).sample(fits, min(rc.pairs, len(fits)))
-        refine_pairs = [RefinePair(p.query, p.document, labels[(p.qid, p.docid)]) for p in chosen]
-        if not refine_pairs:
-            raise ValueError("refine: no teacher-labelled pair to refine on")
-        prompts_per_step = (
-            cfg.train.batch_size // cfg.train.micro_batch_size
-        )  # one prompt's group per micro batch
-        funcs, weights = default_rewards()
-        last_reward: dict[str, float] = {}
-        window = grpo_window(len(refine_pairs), rc.steps, prompts_per_step, cfg.train.seed)
-        loss_fn = grpo_loss(
-            self.tokenizer,
-            refine_pairs,
-            rc.samples,
-            cfg.rerank.max_new_tokens,
-            rc.temperature,
-            funcs,
-            weights,
-            cfg.train.seed,
-            self.acc.unwrap_model,
-            self.acc.device,
-            last_reward,
-            _prompt(),
-        )
-        self.notes["refine"] = {
-            "method": "grpo",
-            "pairs": len(refine_pairs),
-            "samples_per_prompt": rc.samples,
-            "prompts_per_step": prompts_per_step,
-        }
-        self._print(
-            f"GRPO on {len(refine_pairs)} pairs, {rc.samples} samples per prompt, {prompts_per_step} "
-            "prompt(s) per step"
-        )
-        return self._run_phase(
-            rc.steps,
-            cfg.train.lr,
-            "refine",
-            window,
-            loss_fn,
-            extra_metrics=lambda _: {"refine/reward": last_reward.get("reward", float("nan"))},
-        )
+        common = (self.acc, self.model, self.tokenizer, _prompt(), pairs, records, settings, tc.lr)
+        if rc.method == "grpo":
+            result = refine_grpo(*common, tc.max_length, self._loop())
+        else:
+            result = refine_reward_weighted(*common, tc.completion_only, tc.max_length, self._loop())
+        self.notes["refine"] = result.notes
+        return self._take(result)
 
     # ---------------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -762,32 +562,6 @@ class RerankQLoRARecipe:
         if self.acc.is_main_process:
             tqdm.write(f"[rerank-qlora] {text}")
             log.info(text)
-
-
-def _generate_on_every_rank(model: Any) -> None:
-    """Make `model.generate` usable on an FSDP2-sharded model, where every rank runs it in step.
-
-    FSDP2 gathers parameters around `forward` only: generate() is registered as a forward method too, and
-    called with synced_gpus=True so that transformers keeps every rank decoding (padding) until all are done;
-    otherwise a rank that finished early would stop joining the all-gathers of the others. Idempotent.
-    """
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    if getattr(model, "_generate_on_every_rank", False):
-        return
-    model.generate = functools.partial(model.generate, synced_gpus=True)
-    register_fsdp_forward_method(model, "generate")
-    model._generate_on_every_rank = True
-
-
-def _reshard(model: Any) -> None:
-    """Register every FSDP2 module's sharded parameters again (forward-only passes can leave some
-    unsharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def _prompt():
