@@ -22,6 +22,7 @@ from rerankdistill.train.forced_label import (
     label_loss_fn,
     label_token_ids,
     listwise_label_loss,
+    relevance_log_odds,
     pointwise_label_loss,
 )
 
@@ -86,14 +87,31 @@ def test_losses_match_hand_computed_references():
     ref = -sum(math.log(logits[i].softmax(-1)[labels[i]].item()) for i in range(7)) / 7
     assert pointwise_label_loss(logits, labels).item() == pytest.approx(ref, rel=1e-6)
     e = [sum(v * p for v, p in enumerate(logits[i].softmax(-1).tolist())) for i in range(7)]
+    odds = [math.log(x / (2 - x)) for x in e]  # the log-odds of E[label] / 2
+    torch.testing.assert_close(relevance_log_odds(logits), torch.tensor(odds), rtol=1e-5, atol=1e-5)
     gains = [2**lab - 1 for lab in labels.tolist()]
-    z = math.log(sum(math.exp(x / 0.3) for x in e))
-    ref = -sum(gi / sum(gains) * (x / 0.3 - z) for gi, x in zip(gains, e))
+    z = math.log(sum(math.exp(x / 0.3) for x in odds))
+    ref = -sum(gi / sum(gains) * (x / 0.3 - z) for gi, x in zip(gains, odds))
     assert listwise_label_loss(logits, labels, 0.3).item() == pytest.approx(ref, rel=1e-5)
     zero = listwise_label_loss(logits.requires_grad_(), torch.zeros(7, dtype=torch.long))
     assert zero.item() == 0.0 and zero.requires_grad
     with pytest.raises(ValueError, match="temperature"):
         listwise_label_loss(logits, labels, 0.0)
+
+
+def test_the_listwise_score_does_not_saturate_where_expected_label_does():
+    # every candidate almost surely "2": E[label] is 2 for all (no gradient left), the log-odds still differ
+    logits = torch.tensor([[0.0, 0.0, 30.0], [0.0, 0.0, 25.0], [0.0, 0.0, 20.0]], requires_grad=True)
+    labels = torch.tensor([0, 2, 0])
+    e = expected_label(logits)
+    assert torch.allclose(e, torch.full((3,), 2.0))
+    listwise_label_loss(logits, labels).backward()
+    assert logits.grad is not None and logits.grad.abs().max() > 0.1
+    assert relevance_log_odds(logits).argsort().tolist() == [2, 1, 0]
+    # monotone in E[label]: sorting by either gives the same order
+    g = torch.Generator().manual_seed(1)
+    many = torch.randn(50, 3, generator=g) * 3
+    assert expected_label(many).argsort().tolist() == relevance_log_odds(many).argsort().tolist()
 
 
 def test_group_window_is_deterministic_and_covers_the_groups():

@@ -236,14 +236,17 @@ class TrainConfig:
         True, "cut the document of an example longer than max_length to fit (false: drop it)"
     )
     completion_only: bool = option(True, "learn only the answer tokens")
-    objective: Literal["answer", "label-pointwise", "label-listwise"] = option(
+    objective: Literal["answer", "label-pointwise", "label-listwise", "label-pointwise+listwise"] = option(
         "answer",
         "answer: NLL of the teacher's whole answer (explanation + label, InteRank); label-pointwise / "
         "label-listwise: the loss on the label token alone, read after the given explanation exactly as "
-        "rerank.judge=forced reads it (cross-entropy of the label, or a softmax of E[label] over each "
-        "query's candidates; rerankdistill.train.forced_label)",
+        "rerank.judge=forced reads it (cross-entropy of the label, or a softmax over each query's candidates "
+        "of the log-odds of E[label]/2; label-pointwise+listwise: their sum; "
+        "rerankdistill.train.forced_label)",
     )
-    listwise_temperature: float = option(0.2, "label-listwise: scores are E[label] / this")
+    listwise_temperature: float = option(
+        1.0, "label-listwise: scores are the log-odds of E[label]/2 over this"
+    )
     seed: int = option(0, "seed of adapter init and example order")
     log_every: int = option(5, "steps between metric logs")
     checkpoint_every: int = option(20, "steps between atomic adapter checkpoints")

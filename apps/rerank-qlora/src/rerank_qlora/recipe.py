@@ -503,6 +503,7 @@ class RerankQLoRARecipe:
             "answer": "NLL (nats per answer token)",
             "label-pointwise": "label cross-entropy (nats per pair)",
             "label-listwise": "listwise cross-entropy (nats per query)",
+            "label-pointwise+listwise": "label cross-entropy + listwise cross-entropy (nats)",
         }[self.cfg.train.objective]
         plot_training_curve(self.history, self.run_dir / "training_curve.png", ylabel=ylabel)
 

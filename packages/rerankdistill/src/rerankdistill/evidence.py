@@ -18,6 +18,7 @@ regression over BM25 and these counts moved validation nDCG@10 from 0.358 to 0.3
 from __future__ import annotations
 
 import ast
+import functools
 import re
 
 from rerankdistill.code_tokens import IdentifierTokenizer
@@ -30,10 +31,16 @@ EVIDENCE_VERSION = 2
 
 
 def _calls(document: str, limit: int) -> list[str]:
+    return list(_all_calls(document)[:limit])
+
+
+@functools.lru_cache(maxsize=8192)
+def _all_calls(document: str) -> tuple[str, ...]:
+    """The called names, in walk order, each once (cached: a document is judged with many queries)."""
     try:
         tree = ast.parse(document)
     except (SyntaxError, ValueError):
-        return []
+        return ()
     names: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -41,7 +48,12 @@ def _calls(document: str, limit: int) -> list[str]:
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
             if name and name not in names:
                 names.append(name)
-    return names[:limit]
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=8192)
+def _document_words(document: str) -> frozenset[str]:
+    return frozenset(_TOKENIZER(document))
 
 
 def unit_name(document: str) -> str | None:
@@ -71,7 +83,7 @@ def evidence(query: str, document: str, max_words: int = 8, max_calls: int = 6) 
     functions it calls (code only, at most `max_calls`); the query words its own name spells (code only,
     `unit_name` / `name_words`), last, next to the label the student reads."""
     words = list(dict.fromkeys(w for w in _TOKENIZER(query) if "." not in w and "_" not in w))
-    present = set(_TOKENIZER(document))
+    present = _document_words(document)
     found = [w for w in words if w in present]
     shown = ", ".join(found[:max_words]) if found else "none"
     parts = [f"Matches: {shown} ({len(found)} of {len(words)} query words)."]

@@ -302,7 +302,7 @@ def train_labels(
 
     Args:
         explain: (query, document) -> the label-free explanation, as the forced judge computes it.
-        kind: "pointwise" or "listwise".
+        kind: "pointwise", "listwise" or "pointwise+listwise" (forced_label.LOSSES).
     Returns:
         The phase, with the note {"pairs", "used", "too_long", "too_long_fate"}.
     """
