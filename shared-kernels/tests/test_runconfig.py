@@ -281,3 +281,19 @@ def test_save_figure_atomic_writes_the_suffix_format_and_closes_the_figure(tmp_p
     fig, _ = plt.subplots()
     assert save_figure_atomic(fig, tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.svg", "sub"]
+
+
+def test_cli_main_extra_options_reach_run_as_keywords(capsys):
+    from shared_kernels.app import cli_main
+
+    got = []
+    extra = {"--seeds": {"nargs": "*", "default": None}}
+
+    def run(cfg, progress, seeds):
+        got.append((cfg.train.steps, progress, seeds))
+
+    assert cli_main("prog", "d", Cfg, run, ["train.steps=3", "--seeds", "1", "2"], extra_options=extra) == 0
+    assert cli_main("prog", "d", Cfg, run, ["--no-progress"], extra_options=extra) == 0
+    assert got == [(3, True, ["1", "2"]), (10, False, None)]
+    assert cli_main("prog", "d", Cfg, lambda cfg, progress: got.append(cfg), ["train.steps=0"]) == 2
+    assert capsys.readouterr().err.startswith("prog: error: ") and len(got) == 2

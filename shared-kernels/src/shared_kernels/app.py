@@ -90,17 +90,20 @@ def cli_main(
     prog: str,
     description: str,
     config_cls: type,
-    run: Callable[[Any, bool], None],
+    run: Callable[..., None],
     argv: Sequence[str] | None = None,
     user_errors: tuple[type[BaseException], ...] = (),
     example: str = "train.lr=1e-4",
     default_config: Callable[[], Mapping[str, Any]] | None = None,
+    extra_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> int:
     """An app's `main`: parse `--config FILE`, `--print-config`, `--no-progress` and `key=value` overrides,
     build the config, call `run(cfg, progress)` (which prints the app's closing lines).
 
     `example` is the override shown in --help (one the config accepts); `default_config()`, when given, is
-    the base mapping used without --config (an app's offline default, kept as data).
+    the base mapping used without --config (an app's offline default, kept as data). `extra_options` adds
+    a command's own options beside the config's ({"--seeds": argparse keyword arguments}); their values
+    reach `run` as keyword arguments named by each option's dest (`run(cfg, progress, seeds=[0, 1])`).
 
     A user error -- a bad config value or file (`ConfigError`), any `shared_kernels.errors.UserError` found
     while running (unreadable input, a non-finite loss, a stale checkpoint, a teacher server's refusal), or an
@@ -113,12 +116,14 @@ def cli_main(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, config_cls, example=example)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    extras = [parser.add_argument(flag, **kwargs).dest for flag, kwargs in (extra_options or {}).items()]
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     def go() -> int:
         base = default_config() if default_config is not None and args.config is None else None
         try:
-            run(config_from_args(config_cls, args, base=base), not args.no_progress)
+            cfg: Any = config_from_args(config_cls, args, base=base)
+            run(cfg, not args.no_progress, **{dest: getattr(args, dest) for dest in extras})
         except user_errors as err:
             raise _AppUserError(user_error_message(err)) from err
         return 0

@@ -38,6 +38,13 @@ from shared_kernels.runconfig import config_to_dict, write_json_atomic, write_ya
 log = logging.getLogger("rerank_qlora")
 N_STAGES = 9
 PLAIN, CODE, STUDENT = "BM25 (plain)", "BM25 (identifier-aware)", "BM25 + rerank-qlora"
+# each run's TREC file in the run directory and its tag; the fused run (when there is one) is FUSED_FILE
+RUN_FILES = {
+    PLAIN: ("bm25.run", "bm25"),
+    CODE: ("bm25-code.run", "bm25-code"),
+    STUDENT: ("reranked.run", "rerank-qlora"),
+}
+FUSED_FILE = ("fused.run", "rerank-qlora-fused")
 
 
 class RerankQLoRARecipe:
@@ -409,11 +416,10 @@ class RerankQLoRARecipe:
             CODE: {q: self.first_stages["code"][q] for q in task.eval_qids if q in self.first_stages["code"]},
             STUDENT: {q: reranked.run[q] for q in bm25},
         }
-        files = {PLAIN: ("bm25.run", "bm25"), CODE: ("bm25-code.run", "bm25-code")}
-        files[STUDENT] = ("reranked.run", "rerank-qlora")
+        files = dict(RUN_FILES)
         if fusion["weight"] is not None:
             runs[fusion["name"]] = fused_run(bm25, reranked.scores, fusion, cfg.rerank.k)
-            files[fusion["name"]] = ("fused.run", "rerank-qlora-fused")
+            files[fusion["name"]] = FUSED_FILE
         write_qrels(eval_qrels, self.run_dir / "eval.qrels")
         for name, (filename, tag) in files.items():
             write_run(runs[name], self.run_dir / filename, tag=tag)
