@@ -48,6 +48,7 @@ import math
 
 import torch
 
+from shared_kernels import mx_cpu
 from shared_kernels.backend import resolve_backend
 
 # element dtype -> (largest finite value, its binary exponent emax); both maxima have mantissa 1.75
@@ -598,6 +599,58 @@ def mx_cast_triton(
     return data.view(shape), scale.view(scale.shape[0], *shape[1:])
 
 
+# ------------------------------------------------------------------------------------ native CPU kernels
+
+
+@torch.compiler.assume_constant_result
+def _native_cpu() -> bool:
+    """Whether the native CPU kernels load (compiling them on first use); a constant to torch.compile."""
+    return mx_cpu.available()
+
+
+def _mx_cast_cpu_codes(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    max_pos, emax = ELEM_DTYPES[elem_dtype]
+    return mx_cpu.mx_cast_cpu(
+        x, elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode, dim
+    )
+
+
+@torch.library.custom_op("shared_kernels::mx_cast_cpu", mutates_args=(), device_types="cpu")
+def _mx_cast_cpu_op(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native CPU cast as a torch custom op (uint8 codes, uint8 scales), so torch.compile sees one
+    opaque op with a fake implementation."""
+    return _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
+
+
+@_mx_cast_cpu_op.register_fake
+def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
+    scale_shape = list(x.shape)
+    scale_shape[dim] = -(-x.shape[dim] // block_size)
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+def mx_cast_native_cpu(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native CPU backend of `mx_cast` (`shared_kernels.mx_cpu`): bit for bit `mx_cast_ref`. Eager calls
+    go to the kernel directly (a custom op's dispatch costs more than a small cast); under torch.compile it
+    is the opaque op `shared_kernels::mx_cast_cpu`."""
+    dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
+    if torch.compiler.is_compiling():
+        data, scale = torch.ops.shared_kernels.mx_cast_cpu(x, elem_dtype, block_size, scale_mode, dim)
+    else:
+        data, scale = _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
+    return data.view(elem_dtype), scale
+
+
+def _use_native_cpu(backend: str, x: torch.Tensor) -> bool:
+    return backend == "auto" and x.device.type == "cpu" and _native_cpu()
+
+
 def mx_cast(
     x: torch.Tensor,
     elem_dtype: torch.dtype = torch.float8_e4m3fn,
@@ -608,13 +661,16 @@ def mx_cast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MX cast of `x` along `dim`; returns (data, scale) exactly as `mx_cast_ref` does.
 
-    backend: "auto" (Triton for CUDA tensors), "torch" (`mx_cast_torch`, bit for bit the reference) or
+    backend: "auto" (Triton for CUDA tensors, the native kernels of `shared_kernels.mx_cpu` for CPU tensors
+    when they build, else the torch backend), "torch" (`mx_cast_torch`, bit for bit the reference) or
     "triton" (CUDA, or CPU under TRITON_INTERPRET=1; blocks along dim 0 or the last dim, x viewed as 2-D;
     any other dim takes the torch backend).
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     if resolve_backend(backend, x.device) == "triton" and x.dim() >= 1 and dim in (0, x.dim() - 1):
         return mx_cast_triton(x, elem_dtype, block_size, scale_mode, dim)
+    if _use_native_cpu(backend, x):
+        return mx_cast_native_cpu(x, elem_dtype, block_size, scale_mode, dim)
     return mx_cast_torch(x, elem_dtype, block_size, scale_mode, dim)
 
 
@@ -628,9 +684,9 @@ def mx_cast_rows_cols(
     """Both MX casts of a 2-D x (M, N): blocks along N (rows) and along M (columns), for a tensor that feeds
     two GEMMs with different reduction dims (MXLinear's X, W and dY).
 
-    On the Triton backend one read of each tile gives both casts; on the torch backend it is the two
-    reference casts. Either way the result is bit for bit `mx_cast_ref(x, ..., dim=-1)` and
-    `mx_cast_ref(x, ..., dim=0)` (tested).
+    On the Triton backend one read of each tile gives both casts; on CPU it is the two casts of the
+    native kernels (or of the torch backend). Either way the result is bit for bit
+    `mx_cast_ref(x, ..., dim=-1)` and `mx_cast_ref(x, ..., dim=0)` (tested).
 
     Returns:
         (row_data (M, N), row_scale (M, ceil(N / bs)), col_data (M, N), col_scale (ceil(M / bs), N)).
@@ -640,8 +696,9 @@ def mx_cast_rows_cols(
         raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "triton":
         return _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
-    row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, -1)
-    col_data, col_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 0)
+    cast = mx_cast_native_cpu if _use_native_cpu(backend, x) else mx_cast_torch
+    row_data, row_scale = cast(x, elem_dtype, block_size, scale_mode, -1)
+    col_data, col_scale = cast(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale
 
 

@@ -1,0 +1,253 @@
+/* Native CPU MX casts (E8M0 block scales, E4M3 / E5M2 codes), loaded by shared_kernels/mx_cpu.py, which
+   documents the algorithm and the build. Bit for bit `mx_cast_ref` in shared_kernels/mx_cast.py: the scale
+   byte comes from the integer rule on the amax bits, x * 2^-E is one fp32 product (exact unless it lands
+   in fp32's subnormals, where it rounds as torch's does), and the element code is produced with integer
+   round-to-nearest-even (the same steps as the Triton kernel's `_encode`). Compiled without -ffast-math
+   and without FMA contraction.
+
+   The loops are written plainly so that the compiler vectorizes them; each kernel body is inlined into
+   three copies (AVX-512, AVX2, baseline x86-64) chosen at run time, so the .so runs on any x86-64. */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { IN_F32 = 0, IN_BF16 = 1 };
+enum { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+#define GROUP 64  /* blocks (rows) or columns (columns) whose parameters are computed together */
+
+typedef struct {
+    int emax, mbits, elem_bias, rceil, top_byte;
+    float max_pos, magic, top_factor;
+    uint32_t magic_bits;
+    uint8_t nan_code;
+} mx_format;
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* |x| as fp32 bits: ordered like the values, and any NaN (0x7F800001..) above +inf. */
+static inline uint32_t abs_bits(const void* x, int in_kind, int64_t i) {
+    if (in_kind == IN_BF16) return ((uint32_t)((const uint16_t*)x)[i] << 16) & 0x7fffffffu;
+    return f2u(((const float*)x)[i]) & 0x7fffffffu;
+}
+
+static inline float load_f32(const void* x, int in_kind, int64_t i) {
+    if (in_kind == IN_BF16) return u2f((uint32_t)((const uint16_t*)x)[i] << 16);
+    return ((const float*)x)[i];
+}
+
+/* Per block, from its amax bits: the biased E8M0 byte (`mx_scale_exponent_ref`), 2^-E (`e8m0_to_fp32(...,
+   reciprocal=True)`: 2^-127 is the subnormal 0x400000) and the fp32 bits of the saturation limit
+   (`_finite_element_max` for finite blocks at or above the top byte, else the element max). Integer selects
+   only, so the loop vectorizes. */
+static inline void block_params(const uint32_t* amax, int64_t count, const mx_format* f, uint8_t* scale,
+                                float* rcp, uint32_t* limit) {
+    const uint32_t max_bits = f2u(f->max_pos);
+    for (int64_t k = 0; k < count; ++k) {
+        const uint32_t a = amax[k], exp_field = a >> 23, mant = a & 0x7fffffu;
+        int32_t e = (int32_t)exp_field - (127 + f->emax) + (f->rceil & (mant > 0x600000u));
+        e = e < -127 ? -127 : (e > 127 ? 127 : e);
+        const int32_t special = mant ? 255 : 254;
+        const int32_t byte = exp_field == 255 ? special : e + 127;
+        scale[k] = (uint8_t)byte;
+        const int32_t b2 = 254 - byte;
+        rcp[k] = u2f(b2 == 0 ? 0x400000u : (uint32_t)(b2 & 0xff) << 23);
+        int32_t p = 255 - byte;
+        p = p < 1 ? 1 : (p > 127 ? 127 : p);
+        const uint32_t top = f2u(u2f((uint32_t)(p + 127) << 23) * f->top_factor);
+        limit[k] = ((byte >= f->top_byte) & (byte < 254)) ? top : max_bits;
+    }
+}
+
+/* The element code of x / 2^E: |x / 2^E| saturated at the limit (on the bits: non-negative floats order
+   like their bits; a NaN block's codes are replaced by the caller), then rounded to nearest even in
+   integers. Normal range: add 0111..1 plus the lowest kept bit and shift; subnormal range: adding `magic`
+   makes the fp32 adder round to the subnormal step, and the code is the difference of the bit patterns. */
+static inline uint8_t encode(float x, float rcp, uint32_t limit, const mx_format* f) {
+    const uint32_t bits = f2u(x * rcp), sign = (bits >> 24) & 0x80u;
+    uint32_t mag = bits & 0x7fffffffu;
+    mag = mag > limit ? limit : mag;
+    const int sh = 23 - f->mbits;
+    const uint32_t normal =
+        ((mag + (1u << (sh - 1)) - 1u + ((mag >> sh) & 1u)) >> sh) - ((uint32_t)(127 - f->elem_bias) << f->mbits);
+    const uint32_t sub = f2u(u2f(mag) + f->magic) - f->magic_bits;
+    const uint32_t code = mag < ((uint32_t)(128 - f->elem_bias) << 23) ? sub : normal;
+    return (uint8_t)(code | sign);
+}
+
+/* Row casts: `count` consecutive blocks of `bs` elements starting at block `b0` of the flat x (the blocked
+   dim is contiguous and a multiple of bs). */
+static inline __attribute__((always_inline)) void rows_body(const void* restrict x, int in_kind, int64_t b0,
+                                                            int64_t count, int bs, const mx_format* fmt,
+                                                            uint8_t* restrict data, uint8_t* restrict scale) {
+    const mx_format local = *fmt, *f = &local;  /* a local copy: the byte stores cannot alias it */
+    uint32_t amax[GROUP];
+    float rcp[GROUP];
+    uint32_t limit[GROUP];
+    for (int64_t g0 = 0; g0 < count; g0 += GROUP) {
+        const int64_t n = count - g0 < GROUP ? count - g0 : GROUP;
+        for (int64_t k = 0; k < n; ++k) {
+            const int64_t base = (b0 + g0 + k) * bs;
+            uint32_t m = 0;
+            for (int i = 0; i < bs; ++i) {
+                const uint32_t a = abs_bits(x, in_kind, base + i);
+                m = a > m ? a : m;
+            }
+            amax[k] = m;
+        }
+        uint8_t* s = scale + b0 + g0;
+        block_params(amax, n, f, s, rcp, limit);
+        for (int64_t k = 0; k < n; ++k) {
+            const int64_t base = (b0 + g0 + k) * bs;
+            uint8_t* out = data + base;
+            if (s[k] == 255) { memset(out, f->nan_code, bs); continue; }
+            const float r = rcp[k];
+            const uint32_t l = limit[k];
+            for (int i = 0; i < bs; ++i) out[i] = encode(load_f32(x, in_kind, base + i), r, l, f);
+        }
+    }
+}
+
+/* The same for a row whose length n is not a multiple of bs: its blocks one by one, the last one partial
+   (as if zero-padded: zeros never change an amax). */
+static void partial_row(const void* x, int in_kind, int64_t row, int64_t n, int bs, const mx_format* f,
+                        uint8_t* data, uint8_t* scale) {
+    const int64_t nb = (n + bs - 1) / bs;
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t base = row * n + b * bs, len = n - b * bs < bs ? n - b * bs : bs;
+        uint32_t m = 0;
+        for (int64_t i = 0; i < len; ++i) {
+            const uint32_t a = abs_bits(x, in_kind, base + i);
+            m = a > m ? a : m;
+        }
+        float r;
+        uint32_t l;
+        uint8_t* s = scale + row * nb + b;
+        block_params(&m, 1, f, s, &r, &l);
+        for (int64_t i = 0; i < len; ++i)
+            data[base + i] = *s == 255 ? f->nan_code : encode(load_f32(x, in_kind, base + i), r, l, f);
+    }
+}
+
+/* Column casts of x viewed as (batch, m, n): blocks of bs consecutive rows, per column. `unit` numbers the
+   (batch, block-row) pairs; a partial last block-row is as if zero-padded. */
+static inline __attribute__((always_inline)) void cols_body(const void* restrict x, int in_kind, int64_t unit,
+                                                            int64_t m, int64_t n, int bs,
+                                                            const mx_format* fmt, uint8_t* restrict data,
+                                                            uint8_t* restrict scale) {
+    const mx_format local = *fmt, *f = &local;  /* a local copy: the byte stores cannot alias it */
+    const int64_t nbr = (m + bs - 1) / bs, batch = unit / nbr, br = unit % nbr;
+    const int64_t r0 = br * bs, r1 = r0 + bs < m ? r0 + bs : m;
+    uint32_t amax[GROUP];
+    uint8_t s[GROUP];
+    float rcp[GROUP];
+    uint32_t limit[GROUP];
+    for (int64_t c0 = 0; c0 < n; c0 += GROUP) {
+        const int64_t w = n - c0 < GROUP ? n - c0 : GROUP;
+        for (int64_t j = 0; j < w; ++j) amax[j] = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t base = (batch * m + r) * n + c0;
+            for (int64_t j = 0; j < w; ++j) {
+                const uint32_t a = abs_bits(x, in_kind, base + j);
+                amax[j] = a > amax[j] ? a : amax[j];
+            }
+        }
+        block_params(amax, w, f, s, rcp, limit);
+        memcpy(scale + (batch * nbr + br) * n + c0, s, w);
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t base = (batch * m + r) * n + c0;
+            for (int64_t j = 0; j < w; ++j) {
+                const uint8_t code = encode(load_f32(x, in_kind, base + j), rcp[j], limit[j], f);
+                data[base + j] = s[j] == 255 ? f->nan_code : code;
+            }
+        }
+    }
+}
+
+/* Each body specialised for the input kind and the common block size 32 (constant trip counts vectorize
+   best), compiled once per instruction set. */
+#define DEFINE_KERNELS(SUFFIX, TARGET)                                                                       \
+    TARGET static void rows_##SUFFIX(const void* x, int in_kind, int64_t b0, int64_t count, int bs,          \
+                                     const mx_format* f, uint8_t* data, uint8_t* scale) {                    \
+        if (in_kind == IN_F32 && bs == 32) rows_body(x, IN_F32, b0, count, 32, f, data, scale);              \
+        else if (in_kind == IN_BF16 && bs == 32) rows_body(x, IN_BF16, b0, count, 32, f, data, scale);       \
+        else if (in_kind == IN_F32) rows_body(x, IN_F32, b0, count, bs, f, data, scale);                     \
+        else rows_body(x, IN_BF16, b0, count, bs, f, data, scale);                                           \
+    }                                                                                                        \
+    TARGET static void cols_##SUFFIX(const void* x, int in_kind, int64_t unit, int64_t m, int64_t n, int bs, \
+                                     const mx_format* f, uint8_t* data, uint8_t* scale) {                    \
+        if (in_kind == IN_F32) cols_body(x, IN_F32, unit, m, n, bs, f, data, scale);                         \
+        else cols_body(x, IN_BF16, unit, m, n, bs, f, data, scale);                                          \
+    }
+
+DEFINE_KERNELS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))))
+DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
+DEFINE_KERNELS(base, )
+
+typedef void (*rows_fn)(const void*, int, int64_t, int64_t, int, const mx_format*, uint8_t*, uint8_t*);
+typedef void (*cols_fn)(const void*, int, int64_t, int64_t, int64_t, int, const mx_format*, uint8_t*,
+                        uint8_t*);
+
+/* The best instruction set this CPU has, capped at `isa` (tests run every path). */
+static int pick_isa(int isa) {
+    __builtin_cpu_init();
+    int best = ISA_BASE;
+    if (__builtin_cpu_supports("avx2")) best = ISA_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+        best = ISA_AVX512;
+    return isa < best ? isa : best;
+}
+
+int mx_best_isa(void) { return pick_isa(ISA_AVX512); }
+
+typedef struct {
+    const void* x; int in_kind; int64_t m, n; int bs; const mx_format* f; uint8_t* data; uint8_t* scale;
+    rows_fn rows; cols_fn cols; int columns;
+    /* units [0, n_units) (runs of row blocks, or column block-rows), claimed `chunk` at a time */
+    int64_t n_units, chunk;
+    int64_t* next;
+} mx_job;
+
+/* Claim the next chunk of units, dynamically (a descheduled thread holds up one chunk, not half the work). */
+static void* run_units(void* arg) {
+    const mx_job* a = arg;
+    for (;;) {
+        const int64_t u0 = __atomic_fetch_add(a->next, a->chunk, __ATOMIC_RELAXED);
+        if (u0 >= a->n_units) return 0;
+        const int64_t u1 = u0 + a->chunk < a->n_units ? u0 + a->chunk : a->n_units;
+        if (a->columns) {
+            for (int64_t u = u0; u < u1; ++u) a->cols(a->x, a->in_kind, u, a->m, a->n, a->bs, a->f, a->data, a->scale);
+        } else if (a->n % a->bs == 0) {  /* units are blocks of the flat tensor */
+            a->rows(a->x, a->in_kind, u0, u1 - u0, a->bs, a->f, a->data, a->scale);
+        } else {  /* units are rows */
+            for (int64_t r = u0; r < u1; ++r) partial_row(a->x, a->in_kind, r, a->n, a->bs, a->f, a->data, a->scale);
+        }
+    }
+}
+
+/* Cast x (batch, m, n) (rows: batch = 1, blocks along n; columns: blocks along m) into data (same shape,
+   uint8 codes) and scale ((m, ceil(n / bs)) for rows, (batch, ceil(m / bs), n) for columns), on n_threads
+   threads (this one included) with instruction sets up to `isa`. */
+void mx_cast(const void* x, int in_kind, int64_t batch, int64_t m, int64_t n, int bs, int columns,
+             int emax, int mbits, int elem_bias, int rceil, int top_byte, float max_pos, float magic,
+             uint32_t magic_bits, int nan_code, uint8_t* data, uint8_t* scale, int n_threads, int isa) {
+    const mx_format f = {emax, mbits, elem_bias, rceil, top_byte, max_pos, magic,
+                         1.0f - 1.0f / (float)(2 << mbits), magic_bits, (uint8_t)nan_code};
+    const int level = pick_isa(isa);
+    int64_t next = 0;
+    mx_job job = {x, in_kind, m, n, bs, &f, data, scale,
+                  level == ISA_AVX512 ? rows_avx512 : level == ISA_AVX2 ? rows_avx2 : rows_base,
+                  level == ISA_AVX512 ? cols_avx512 : level == ISA_AVX2 ? cols_avx2 : cols_base,
+                  columns, 0, 1, &next};
+    const int64_t elements_per_unit = columns ? (int64_t)bs * n : (n % bs == 0 ? bs : n);
+    job.n_units = columns ? batch * ((m + bs - 1) / bs) : (n % bs == 0 ? m * n / bs : m);
+    job.chunk = (16384 + elements_per_unit - 1) / elements_per_unit;  /* ~16K elements per claim */
+    if (n_threads > 64) n_threads = 64;
+    pthread_t threads[64];
+    int started[64] = {0};
+    for (int i = 1; i < n_threads; ++i) started[i] = pthread_create(&threads[i], 0, run_units, &job) == 0;
+    run_units(&job);  /* if a thread failed to start, the others claim its share */
+    for (int i = 1; i < n_threads; ++i)
+        if (started[i]) pthread_join(threads[i], 0);
+}
