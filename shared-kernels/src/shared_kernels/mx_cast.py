@@ -639,7 +639,15 @@ def mx_cast_native_cpu(
     """The native CPU backend of `mx_cast` (`shared_kernels.mx_cpu`): bit for bit `mx_cast_ref`. Eager calls
     go to the kernel directly (a custom op's dispatch costs more than a small cast); under torch.compile it
     is the opaque op `shared_kernels::mx_cast_cpu`."""
-    dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
+    return _mx_cast_native_cpu(
+        x, elem_dtype, block_size, scale_mode, check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
+    )
+
+
+def _mx_cast_native_cpu(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mx_cast_native_cpu` with its arguments already checked (`dim` non-negative)."""
     if torch.compiler.is_compiling():
         data, scale = torch.ops.shared_kernels.mx_cast_cpu(x, elem_dtype, block_size, scale_mode, dim)
     else:
@@ -670,7 +678,7 @@ def mx_cast(
     if resolve_backend(backend, x.device) == "triton" and x.dim() >= 1 and dim in (0, x.dim() - 1):
         return mx_cast_triton(x, elem_dtype, block_size, scale_mode, dim)
     if _use_native_cpu(backend, x):
-        return mx_cast_native_cpu(x, elem_dtype, block_size, scale_mode, dim)
+        return _mx_cast_native_cpu(x, elem_dtype, block_size, scale_mode, dim)
     return mx_cast_torch(x, elem_dtype, block_size, scale_mode, dim)
 
 
@@ -696,8 +704,8 @@ def mx_cast_rows_cols(
         raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "triton":
         return _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
-    cast = mx_cast_native_cpu if _use_native_cpu(backend, x) else mx_cast_torch
-    row_data, row_scale = cast(x, elem_dtype, block_size, scale_mode, -1)
+    cast = _mx_cast_native_cpu if _use_native_cpu(backend, x) else mx_cast_torch
+    row_data, row_scale = cast(x, elem_dtype, block_size, scale_mode, 1)
     col_data, col_scale = cast(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale
 

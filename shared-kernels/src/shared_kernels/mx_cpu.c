@@ -5,8 +5,9 @@
    round-to-nearest-even (the same steps as the Triton kernel's `_encode`). Compiled without -ffast-math
    and without FMA contraction.
 
-   The loops are written plainly so that the compiler vectorizes them; each kernel body is inlined into
-   three copies (AVX-512, AVX2, baseline x86-64) chosen at run time, so the .so runs on any x86-64. */
+   Three paths chosen at run time, so the .so runs on any x86-64: AVX-512 written with intrinsics, and AVX2
+   and baseline x86-64 copies of plain loops that the compiler vectorizes. */
+#include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -129,10 +130,11 @@ static void partial_row(const void* x, int in_kind, int64_t row, int64_t n, int 
     }
 }
 
-/* Column casts of x viewed as (batch, m, n): blocks of bs consecutive rows, per column. `unit` numbers the
-   (batch, block-row) pairs; a partial last block-row is as if zero-padded. */
+/* Column casts of x viewed as (batch, m, n): blocks of bs consecutive rows, per column, for the columns
+   from c_begin on. `unit` numbers the (batch, block-row) pairs; a partial last block-row is as if
+   zero-padded. */
 static inline __attribute__((always_inline)) void cols_body(const void* restrict x, int in_kind, int64_t unit,
-                                                            int64_t m, int64_t n, int bs,
+                                                            int64_t m, int64_t n, int64_t c_begin, int bs,
                                                             const mx_format* fmt, uint8_t* restrict data,
                                                             uint8_t* restrict scale) {
     const mx_format local = *fmt, *f = &local;  /* a local copy: the byte stores cannot alias it */
@@ -142,7 +144,7 @@ static inline __attribute__((always_inline)) void cols_body(const void* restrict
     uint8_t s[GROUP];
     float rcp[GROUP];
     uint32_t limit[GROUP];
-    for (int64_t c0 = 0; c0 < n; c0 += GROUP) {
+    for (int64_t c0 = c_begin; c0 < n; c0 += GROUP) {
         const int64_t w = n - c0 < GROUP ? n - c0 : GROUP;
         for (int64_t j = 0; j < w; ++j) amax[j] = 0;
         for (int64_t r = r0; r < r1; ++r) {
@@ -164,8 +166,8 @@ static inline __attribute__((always_inline)) void cols_body(const void* restrict
     }
 }
 
-/* Each body specialised for the input kind and the common block size 32 (constant trip counts vectorize
-   best), compiled once per instruction set. */
+/* The generic bodies specialised for the input kind and the common block size 32 (constant trip counts
+   vectorize best), compiled once per instruction set: the AVX2 and baseline paths. */
 #define DEFINE_KERNELS(SUFFIX, TARGET)                                                                       \
     TARGET static void rows_##SUFFIX(const void* x, int in_kind, int64_t b0, int64_t count, int bs,          \
                                      const mx_format* f, uint8_t* data, uint8_t* scale) {                    \
@@ -176,13 +178,164 @@ static inline __attribute__((always_inline)) void cols_body(const void* restrict
     }                                                                                                        \
     TARGET static void cols_##SUFFIX(const void* x, int in_kind, int64_t unit, int64_t m, int64_t n, int bs, \
                                      const mx_format* f, uint8_t* data, uint8_t* scale) {                    \
-        if (in_kind == IN_F32) cols_body(x, IN_F32, unit, m, n, bs, f, data, scale);                         \
-        else cols_body(x, IN_BF16, unit, m, n, bs, f, data, scale);                                          \
+        if (in_kind == IN_F32) cols_body(x, IN_F32, unit, m, n, 0, bs, f, data, scale);                      \
+        else cols_body(x, IN_BF16, unit, m, n, 0, bs, f, data, scale);                                       \
     }
 
-DEFINE_KERNELS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))))
 DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
 DEFINE_KERNELS(base, )
+
+/* The AVX-512 path, written with intrinsics (16 elements per vector): the same steps as `encode`. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+typedef struct {
+    __m512i sign_mask, abs_mask, one, round, normal_bias, magic_bits, sub_below;
+    __m512 magic;
+    __m128i shift;
+} encode_consts;
+
+AVX512 static inline encode_consts make_consts(const mx_format* f) {
+    const int sh = 23 - f->mbits;
+    encode_consts c = {
+        _mm512_set1_epi32(0x80), _mm512_set1_epi32(0x7fffffff), _mm512_set1_epi32(1),
+        _mm512_set1_epi32((1 << (sh - 1)) - 1), _mm512_set1_epi32((127 - f->elem_bias) << f->mbits),
+        _mm512_set1_epi32((int)f->magic_bits), _mm512_set1_epi32((128 - f->elem_bias) << 23),
+        _mm512_set1_ps(f->magic), _mm_cvtsi32_si128(sh)};
+    return c;
+}
+
+AVX512 static inline __m512 load16(const void* x, int in_kind, int64_t i) {
+    if (in_kind == IN_BF16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i))), 16));
+    return _mm512_loadu_ps((const float*)x + i);
+}
+
+AVX512 static inline __m512i abs16(const void* x, int in_kind, int64_t i, const encode_consts* c) {
+    return _mm512_and_si512(_mm512_castps_si512(load16(x, in_kind, i)), c->abs_mask);
+}
+
+AVX512 static inline __m128i encode16(__m512 x, __m512 rcp, __m512i limit, const encode_consts* c) {
+    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(x, rcp));
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(bits, 24), c->sign_mask);
+    const __m512i mag = _mm512_min_epu32(_mm512_and_si512(bits, c->abs_mask), limit);
+    const __m512i keep = _mm512_and_si512(_mm512_srl_epi32(mag, c->shift), c->one);
+    const __m512i normal = _mm512_sub_epi32(
+        _mm512_srl_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, c->round), keep), c->shift), c->normal_bias);
+    const __m512i sub =
+        _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(mag), c->magic)), c->magic_bits);
+    const __mmask16 is_sub = _mm512_cmplt_epu32_mask(mag, c->sub_below);
+    return _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_mask_blend_epi32(is_sub, normal, sub), sign));
+}
+
+/* `block_params` for 16 blocks at once: scale bytes (returned), 2^-E and limit bits (stored). */
+AVX512 static inline __m128i params16(__m512i a, const mx_format* f, float* rcp, uint32_t* limit) {
+    const __m512i exp_field = _mm512_srli_epi32(a, 23), mant = _mm512_and_si512(a, _mm512_set1_epi32(0x7fffff));
+    __m512i e = _mm512_sub_epi32(exp_field, _mm512_set1_epi32(127 + f->emax));
+    if (f->rceil)
+        e = _mm512_mask_add_epi32(e, _mm512_cmpgt_epu32_mask(mant, _mm512_set1_epi32(0x600000)), e,
+                                  _mm512_set1_epi32(1));
+    e = _mm512_max_epi32(_mm512_min_epi32(e, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    __m512i byte = _mm512_add_epi32(e, _mm512_set1_epi32(127));
+    const __mmask16 special = _mm512_cmpeq_epi32_mask(exp_field, _mm512_set1_epi32(255));
+    byte = _mm512_mask_mov_epi32(byte, special, _mm512_set1_epi32(254));
+    byte = _mm512_mask_mov_epi32(byte, special & _mm512_test_epi32_mask(mant, mant), _mm512_set1_epi32(255));
+    const __m512i b2 = _mm512_sub_epi32(_mm512_set1_epi32(254), byte);
+    __m512i r = _mm512_slli_epi32(_mm512_and_si512(b2, _mm512_set1_epi32(0xff)), 23);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpeq_epi32_mask(b2, _mm512_setzero_si512()), _mm512_set1_epi32(0x400000));
+    _mm512_storeu_si512(rcp, r);
+    __m512i p = _mm512_sub_epi32(_mm512_set1_epi32(255), byte);
+    p = _mm512_max_epi32(_mm512_min_epi32(p, _mm512_set1_epi32(127)), _mm512_set1_epi32(1));
+    const __m512 top = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(p, _mm512_set1_epi32(127)), 23)),
+                                     _mm512_set1_ps(f->top_factor));
+    const __mmask16 is_top = _mm512_cmpge_epi32_mask(byte, _mm512_set1_epi32(f->top_byte)) &
+                             _mm512_cmplt_epi32_mask(byte, _mm512_set1_epi32(254));
+    _mm512_storeu_si512(limit, _mm512_mask_blend_epi32(is_top, _mm512_set1_epi32((int)f2u(f->max_pos)),
+                                                       _mm512_castps_si512(top)));
+    return _mm512_cvtepi32_epi8(byte);
+}
+
+/* Lanes 0-7: pairwise maxima of a's lanes; lanes 8-15: of b's. Four levels turn 16 vectors of per-block
+   partial maxima into one vector of 16 block maxima, in block order. */
+AVX512 static inline __m512i pair_max(__m512i a, __m512i b) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_max_epu32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+}
+
+AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, int64_t b0, int64_t count,
+                                           int bs, const mx_format* fmt, uint8_t* restrict data,
+                                           uint8_t* restrict scale) {
+    const mx_format local = *fmt, *f = &local;
+    const encode_consts c = make_consts(f);
+    uint32_t limit[16];
+    float rcp[16];
+    for (int64_t g0 = 0; g0 < count; g0 += 16) {
+        const int n = count - g0 < 16 ? (int)(count - g0) : 16;
+        __m512i m[16];
+        for (int k = 0; k < 16; ++k) {
+            m[k] = _mm512_setzero_si512();
+            if (k >= n) continue;
+            const int64_t base = (b0 + g0 + k) * bs;
+            for (int i = 0; i < bs; i += 16) m[k] = _mm512_max_epu32(m[k], abs16(x, in_kind, base + i, &c));
+        }
+        for (int width = 16; width > 1; width /= 2)
+            for (int k = 0; k < width / 2; ++k) m[k] = pair_max(m[2 * k], m[2 * k + 1]);
+        const __m128i bytes = params16(m[0], f, rcp, limit);
+        _mm_mask_storeu_epi8(scale + b0 + g0, (__mmask16)((1u << n) - 1), bytes);
+        const __mmask16 nan = _mm_cmpeq_epi8_mask(bytes, _mm_set1_epi8((char)255));
+        for (int k = 0; k < n; ++k) {
+            const int64_t base = (b0 + g0 + k) * bs;
+            if (nan >> k & 1) { memset(data + base, f->nan_code, bs); continue; }
+            const __m512 r = _mm512_set1_ps(rcp[k]);
+            const __m512i l = _mm512_set1_epi32((int)limit[k]);
+            for (int i = 0; i < bs; i += 16)
+                _mm_storeu_si128((__m128i*)(data + base + i), encode16(load16(x, in_kind, base + i), r, l, &c));
+        }
+    }
+}
+
+/* Rows: block sizes that are a multiple of 16 here, smaller ones on the AVX2 path. */
+AVX512 static void rows_avx512(const void* x, int in_kind, int64_t b0, int64_t count, int bs,
+                               const mx_format* f, uint8_t* data, uint8_t* scale) {
+    if (bs % 16) rows_avx2(x, in_kind, b0, count, bs, f, data, scale);
+    else if (in_kind == IN_F32) rows_avx512_kind(x, IN_F32, b0, count, bs, f, data, scale);
+    else rows_avx512_kind(x, IN_BF16, b0, count, bs, f, data, scale);
+}
+
+AVX512 static inline void cols_avx512_kind(const void* restrict x, int in_kind, int64_t unit, int64_t m,
+                                           int64_t n, int bs, const mx_format* fmt, uint8_t* restrict data,
+                                           uint8_t* restrict scale) {
+    const mx_format local = *fmt, *f = &local;
+    const encode_consts c = make_consts(f);
+    const int64_t nbr = (m + bs - 1) / bs, batch = unit / nbr, br = unit % nbr;
+    const int64_t r0 = br * bs, r1 = r0 + bs < m ? r0 + bs : m;
+    const __m128i nan_codes = _mm_set1_epi8((char)f->nan_code), all_nan = _mm_set1_epi8((char)255);
+    uint32_t limit[16];
+    float rcp[16];
+    int64_t c0 = 0;
+    for (; c0 + 16 <= n; c0 += 16) {
+        __m512i mx = _mm512_setzero_si512();
+        for (int64_t r = r0; r < r1; ++r) mx = _mm512_max_epu32(mx, abs16(x, in_kind, (batch * m + r) * n + c0, &c));
+        const __m128i bytes = params16(mx, f, rcp, limit);
+        _mm_storeu_si128((__m128i*)(scale + (batch * nbr + br) * n + c0), bytes);
+        const __m512 rv = _mm512_loadu_ps(rcp);
+        const __m512i lv = _mm512_loadu_si512(limit);
+        const __mmask16 nan = _mm_cmpeq_epi8_mask(bytes, all_nan);
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t base = (batch * m + r) * n + c0;
+            const __m128i codes = encode16(load16(x, in_kind, base), rv, lv, &c);
+            _mm_storeu_si128((__m128i*)(data + base), _mm_mask_blend_epi8(nan, codes, nan_codes));
+        }
+    }
+    if (c0 < n) cols_body(x, in_kind, unit, m, n, c0, bs, f, data, scale);  /* the last n % 16 columns */
+}
+
+AVX512 static void cols_avx512(const void* x, int in_kind, int64_t unit, int64_t m, int64_t n, int bs,
+                               const mx_format* f, uint8_t* data, uint8_t* scale) {
+    if (in_kind == IN_F32) cols_avx512_kind(x, IN_F32, unit, m, n, bs, f, data, scale);
+    else cols_avx512_kind(x, IN_BF16, unit, m, n, bs, f, data, scale);
+}
 
 typedef void (*rows_fn)(const void*, int, int64_t, int64_t, int, const mx_format*, uint8_t*, uint8_t*);
 typedef void (*cols_fn)(const void*, int, int64_t, int64_t, int64_t, int, const mx_format*, uint8_t*,
