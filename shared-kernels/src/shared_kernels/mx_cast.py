@@ -611,26 +611,31 @@ def _native_cpu() -> bool:
 def _mx_cast_cpu_codes(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native cast: (codes as `elem_dtype`, uint8 scales); `dim` non-negative."""
     max_pos, emax = ELEM_DTYPES[elem_dtype]
-    return mx_cpu.mx_cast_cpu(
+    data, scale = mx_cpu.mx_cast_cpu(
         x, elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode, dim
     )
+    return data.view(elem_dtype), scale
 
 
-@torch.library.custom_op("shared_kernels::mx_cast_cpu", mutates_args=(), device_types="cpu")
-def _mx_cast_cpu_op(
-    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native CPU cast as a torch custom op (uint8 codes, uint8 scales), so torch.compile sees one
-    opaque op with a fake implementation."""
-    return _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
+# The native CPU cast as an operator, so torch.compile sees one opaque op with a fake implementation. Defined
+# through `torch.library.Library` rather than `custom_op`: under torch.compile a call cost ~15 us less
+# (measured at 256x256, where the whole cast is ~30 us). It returns the codes in `elem_dtype` already: a
+# `.view(dtype)` on the op's output became a copy kernel in inductor's graph.
+_LIB = torch.library.Library("shared_kernels", "FRAGMENT")
+_LIB.define(
+    "mx_cast_cpu(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode, int dim)"
+    " -> (Tensor, Tensor)"
+)
+_LIB.impl("mx_cast_cpu", _mx_cast_cpu_codes, "CPU")
 
 
-@_mx_cast_cpu_op.register_fake
+@torch.library.register_fake("shared_kernels::mx_cast_cpu")
 def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
     scale_shape = list(x.shape)
     scale_shape[dim] = -(-x.shape[dim] // block_size)
-    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
+    return x.new_empty(x.shape, dtype=elem_dtype), x.new_empty(scale_shape, dtype=torch.uint8)
 
 
 def mx_cast_native_cpu(
@@ -649,10 +654,8 @@ def _mx_cast_native_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mx_cast_native_cpu` with its arguments already checked (`dim` non-negative)."""
     if torch.compiler.is_compiling():
-        data, scale = torch.ops.shared_kernels.mx_cast_cpu(x, elem_dtype, block_size, scale_mode, dim)
-    else:
-        data, scale = _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
-    return data.view(elem_dtype), scale
+        return torch.ops.shared_kernels.mx_cast_cpu(x, elem_dtype, block_size, scale_mode, dim)
+    return _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
 
 
 def _use_native_cpu(backend: str, x: torch.Tensor) -> bool:
