@@ -189,16 +189,18 @@ DEFINE_KERNELS(base, )
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 typedef struct {
-    __m512i sign_mask, abs_mask, one, round, normal_bias, magic_bits, sub_below;
+    __m512i sign_mask, abs_mask, one, round_rebias, magic_bits, sub_below;
     __m512 magic;
     __m128i shift;
 } encode_consts;
 
+/* round_rebias: the rounding addend 0111..1 minus the exponent rebias (127 - elem_bias) << 23, which is a
+   multiple of 2^shift, so subtracting it before the shift equals subtracting (127 - bias) << mbits after. */
 AVX512 static inline encode_consts make_consts(const mx_format* f) {
     const int sh = 23 - f->mbits;
     encode_consts c = {
         _mm512_set1_epi32(0x80), _mm512_set1_epi32(0x7fffffff), _mm512_set1_epi32(1),
-        _mm512_set1_epi32((1 << (sh - 1)) - 1), _mm512_set1_epi32((127 - f->elem_bias) << f->mbits),
+        _mm512_set1_epi32((int)(((1u << (sh - 1)) - 1u) - ((uint32_t)(127 - f->elem_bias) << 23))),
         _mm512_set1_epi32((int)f->magic_bits), _mm512_set1_epi32((128 - f->elem_bias) << 23),
         _mm512_set1_ps(f->magic), _mm_cvtsi32_si128(sh)};
     return c;
@@ -217,15 +219,17 @@ AVX512 static inline __m512i abs16(const void* x, int in_kind, int64_t i, const 
 
 AVX512 static inline __m128i encode16(__m512 x, __m512 rcp, __m512i limit, const encode_consts* c) {
     const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(x, rcp));
-    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(bits, 24), c->sign_mask);
     const __m512i mag = _mm512_min_epu32(_mm512_and_si512(bits, c->abs_mask), limit);
     const __m512i keep = _mm512_and_si512(_mm512_srl_epi32(mag, c->shift), c->one);
-    const __m512i normal = _mm512_sub_epi32(
-        _mm512_srl_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, c->round), keep), c->shift), c->normal_bias);
+    const __m512i normal =
+        _mm512_srl_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, c->round_rebias), keep), c->shift);
     const __m512i sub =
         _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(mag), c->magic)), c->magic_bits);
     const __mmask16 is_sub = _mm512_cmplt_epu32_mask(mag, c->sub_below);
-    return _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_mask_blend_epi32(is_sub, normal, sub), sign));
+    /* code | ((bits >> 24) & 0x80): one ternary-logic op (A | (B & C) = 0xF8) */
+    const __m512i code = _mm512_ternarylogic_epi32(_mm512_mask_blend_epi32(is_sub, normal, sub),
+                                                   _mm512_srli_epi32(bits, 24), c->sign_mask, 0xF8);
+    return _mm512_cvtepi32_epi8(code);
 }
 
 /* `block_params` for 16 blocks at once: scale bytes (returned), 2^-E and limit bits (stored). */
