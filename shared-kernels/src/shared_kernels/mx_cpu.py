@@ -1,5 +1,5 @@
 """Native CPU kernels for the MX cast: the path `shared_kernels.mx_cast.mx_cast` takes for CPU tensors with
-`backend="auto"`, through the custom op `shared_kernels::mx_cast_cpu` registered there (so `torch.compile`
+`backend="auto"`, through the custom op `shared_kernels::mx_cast_native` registered there (so `torch.compile`
 sees one opaque op, no graph break). Bit for bit `mx_cast_ref` (tested on adversarial inputs on every
 instruction-set path); the reference stays the specification (`backend="torch"`).
 
@@ -86,7 +86,7 @@ def mx_cast_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim)` as (uint8 codes, uint8 scales) on CPU;
     arguments already validated by `mx_cast` (dim non-negative), the element constants from its tables.
-    Called by the op `shared_kernels::mx_cast_cpu`."""
+    Called by the op `shared_kernels::mx_cast_native`."""
     lib = _native.get()
     assert lib is not None, "call available() first"
     if x.dtype == torch.float16:
