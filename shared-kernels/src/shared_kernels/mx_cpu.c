@@ -7,10 +7,17 @@
 
    Three paths chosen at run time, so the .so runs on any x86-64: AVX-512 written with intrinsics, and AVX2
    and baseline x86-64 copies of plain loops that the compiler vectorizes. */
-#include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The vector paths need x86-64 (and can be left out to test the portable build: -DMX_CPU_PORTABLE). */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(MX_CPU_PORTABLE)
+#define MX_CPU_X86 1
+#include <immintrin.h>
+#else
+#define MX_CPU_X86 0
+#endif
 
 enum { IN_F32 = 0, IN_BF16 = 1 };
 enum { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
@@ -182,8 +189,9 @@ static inline __attribute__((always_inline)) void cols_body(const void* restrict
         else cols_body(x, IN_BF16, unit, m, n, 0, bs, f, data, scale);                                       \
     }
 
-DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
 DEFINE_KERNELS(base, )
+#if MX_CPU_X86
+DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
 
 /* The AVX-512 path, written with intrinsics (16 elements per vector): the same steps as `encode`. */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -341,18 +349,27 @@ AVX512 static void cols_avx512(const void* x, int in_kind, int64_t unit, int64_t
     else cols_avx512_kind(x, IN_BF16, unit, m, n, bs, f, data, scale);
 }
 
+#else
+#define rows_avx2 rows_base
+#define cols_avx2 cols_base
+#define rows_avx512 rows_base
+#define cols_avx512 cols_base
+#endif
+
 typedef void (*rows_fn)(const void*, int, int64_t, int64_t, int, const mx_format*, uint8_t*, uint8_t*);
 typedef void (*cols_fn)(const void*, int, int64_t, int64_t, int64_t, int, const mx_format*, uint8_t*,
                         uint8_t*);
 
 /* The best instruction set this CPU has, capped at `isa` (tests run every path). */
 static int pick_isa(int isa) {
-    __builtin_cpu_init();
     int best = ISA_BASE;
+#if MX_CPU_X86
+    __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) best = ISA_AVX2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
         best = ISA_AVX512;
+#endif
     return isa < best ? isa : best;
 }
 

@@ -14,8 +14,10 @@ leading dim: columns, read row by row so every load is contiguous):
   top bytes), computed for 64 blocks at a time;
 - the element code of x * 2^-E with integer round-to-nearest-even (the Triton kernel's `_encode`), every
   code of a NaN block the code torch gives a positive NaN.
-The loops are plain C that gcc vectorizes; the kernel bodies are compiled three times (AVX-512, AVX2,
-baseline x86-64) and picked at run time with `__builtin_cpu_supports` (`isa` caps it: tests run all three).
+Three paths picked at run time with `__builtin_cpu_supports` (`isa` caps it: tests run every path the CPU
+has): AVX-512 written with intrinsics (block maxima of 16 blocks reduced together, their scales computed
+as one vector), and AVX2 and baseline copies of plain loops that gcc vectorizes. On other architectures
+only the portable loops are built (checked by compiling with -DMX_CPU_PORTABLE).
 Inputs are read as fp32 or bf16 (fp16 is widened to fp32 first: exact). Work is shared by
 `torch.get_num_threads()` pthreads claiming chunks from an atomic counter (as the NF4 kernels do).
 
