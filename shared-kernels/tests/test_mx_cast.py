@@ -262,11 +262,20 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
         x = x.clamp(-6e4, 6e4)
     x = x.to(dtype)
     cases = [(x, 32, -1), (x, 32, 0), (x[:, :320], 16, -1), (x[:96], 64, 0), (x[:96].view(6, 16, 330), 32, 1)]
+    max_pos, emax = ELEM_DTYPES[elem]
     for isa in _native_isas():
         for t, bs, dim in cases:
             _assert_native_equals_reference(
                 t, elem, bs, mode, dim, isa, f"isa {isa} {tuple(t.shape)} dim {dim}"
             )
+        for t, bs in [
+            (x, 32),
+            (x[:90, :100], 16),
+        ]:  # the one-pass row + column cast, partial blocks both ways
+            got = mx_cpu.mx_cast_rows_cols_cpu(t, elem, max_pos, emax, 127 + 128 - emax, bs, mode, isa)
+            want = (*mx_cast_ref(t, elem, bs, mode, -1), *mx_cast_ref(t, elem, bs, mode, 0))
+            for g, w, name in zip(got, want, ("row data", "row scale", "col data", "col scale"), strict=True):
+                assert_exact(g, w.view(torch.uint8), f"rows+cols {name} isa {isa} {tuple(t.shape)}")
 
 
 @needs_native
@@ -279,15 +288,24 @@ def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     for dim in (-1, 0):
         _assert_native_equals_reference(x, E4M3, 32, "rceil", dim, mx_cpu.ISA_AVX512, f"threads dim {dim}")
+    max_pos, emax = ELEM_DTYPES[E4M3]
+    got = mx_cpu.mx_cast_rows_cols_cpu(x, E4M3, max_pos, emax, 247, 32, "rceil")
+    want = (*mx_cast_ref(x, dim=-1), *mx_cast_ref(x, dim=0))
+    for g, w in zip(got, want, strict=True):
+        assert_exact(g, w.view(torch.uint8), "rows+cols threads")
     calls = []
-    real = mx_cpu.mx_cast_cpu
-    monkeypatch.setattr(mx_cpu, "mx_cast_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("mx_cast_cpu", "mx_cast_rows_cols_cpu"):
+        real = getattr(mx_cpu, name)
+        monkeypatch.setattr(
+            mx_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
     data, scale = mx_cast(x[:64], dim=0)
-    assert data.dtype == E4M3 and len(calls) == 1
+    assert data.dtype == E4M3 and calls == ["mx_cast_cpu"]
     mx_cast_rows_cols(x[:64], backend="auto")
-    assert len(calls) == 3  # the row and the column cast
+    assert calls == ["mx_cast_cpu", "mx_cast_rows_cols_cpu"]
     mx_cast(x[:64], backend="torch")
-    assert len(calls) == 3
+    mx_cast_rows_cols(x[:64], backend="torch")
+    assert len(calls) == 2
 
 
 @needs_native
@@ -301,6 +319,12 @@ def test_native_cpu_op_compiles_without_graph_break():
     compiled = torch.compile(cast, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(x), mx_cast_ref(x, E4M3, 32, "floor", dim=0), strict=True):
         assert_exact(got, want.view(torch.uint8), "compiled")
+    both = torch.compile(
+        lambda t: mx_cast_rows_cols(t, E5M2, 32, "rceil"), backend="aot_eager", fullgraph=True
+    )
+    want = (*mx_cast_ref(x, E5M2, 32, "rceil", -1), *mx_cast_ref(x, E5M2, 32, "rceil", 0))
+    for got, w in zip(both(x), want, strict=True):
+        assert_exact(got.view(torch.uint8), w.view(torch.uint8), "compiled rows+cols")
 
 
 def test_native_cpu_falls_back_to_torch_when_it_cannot_compile(tmp_path, monkeypatch):

@@ -639,6 +639,35 @@ def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
     return x.new_empty(x.shape, dtype=elem_dtype), x.new_empty(scale_shape, dtype=torch.uint8)
 
 
+def _mx_cast_rows_cols_cpu_codes(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native row + column cast of a 2-D x from one pass: codes as `elem_dtype`, uint8 scales."""
+    max_pos, emax = ELEM_DTYPES[elem_dtype]
+    rd, rs, cd, cs = mx_cpu.mx_cast_rows_cols_cpu(
+        x, elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode
+    )
+    return rd.view(elem_dtype), rs, cd.view(elem_dtype), cs
+
+
+_LIB.define(
+    "mx_cast_rows_cols_native(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.impl("mx_cast_rows_cols_native", _mx_cast_rows_cols_cpu_codes, "CPU")
+
+
+@torch.library.register_fake("shared_kernels::mx_cast_rows_cols_native")
+def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
+    m, n = x.shape
+    return (
+        x.new_empty((m, n), dtype=elem_dtype),
+        x.new_empty((m, -(-n // block_size)), dtype=torch.uint8),
+        x.new_empty((m, n), dtype=elem_dtype),
+        x.new_empty((-(-m // block_size), n), dtype=torch.uint8),
+    )
+
+
 def mx_cast_native_cpu(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,8 +725,9 @@ def mx_cast_rows_cols(
     """Both MX casts of a 2-D x (M, N): blocks along N (rows) and along M (columns), for a tensor that feeds
     two GEMMs with different reduction dims (MXLinear's X, W and dY).
 
-    On the Triton backend one read of each tile gives both casts; on CPU it is the two casts of the
-    native kernels (or of the torch backend). Either way the result is bit for bit
+    On the Triton backend one read of each tile gives both casts; on CPU the native kernels cast each
+    block-row of `block_size` rows both ways while it is in cache (without them: the torch backend's two
+    casts). Either way the result is bit for bit
     `mx_cast_ref(x, ..., dim=-1)` and `mx_cast_ref(x, ..., dim=0)` (tested).
 
     Returns:
@@ -708,9 +738,12 @@ def mx_cast_rows_cols(
         raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "triton":
         return _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
-    cast = _mx_cast_native_cpu if _use_native_cpu(backend, x) else mx_cast_torch
-    row_data, row_scale = cast(x, elem_dtype, block_size, scale_mode, 1)
-    col_data, col_scale = cast(x, elem_dtype, block_size, scale_mode, 0)
+    if _use_native_cpu(backend, x):
+        if torch.compiler.is_compiling():
+            return torch.ops.shared_kernels.mx_cast_rows_cols_native(x, elem_dtype, block_size, scale_mode)
+        return _mx_cast_rows_cols_cpu_codes(x, elem_dtype, block_size, scale_mode)
+    row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 1)
+    col_data, col_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale
 
 

@@ -375,47 +375,74 @@ static int pick_isa(int isa) {
 
 int mx_best_isa(void) { return pick_isa(ISA_AVX512); }
 
+enum { MODE_ROWS = 0, MODE_COLUMNS = 1, MODE_BOTH = 2 };
+
 typedef struct {
-    const void* x; int in_kind; int64_t m, n; int bs; const mx_format* f; uint8_t* data; uint8_t* scale;
-    rows_fn rows; cols_fn cols; int columns;
-    /* units [0, n_units) (runs of row blocks, or column block-rows), claimed `chunk` at a time */
+    const void* x; int in_kind; int64_t m, n; int bs; const mx_format* f;
+    uint8_t* data; uint8_t* scale;    /* rows (or columns, in MODE_COLUMNS) */
+    uint8_t* data2; uint8_t* scale2;  /* columns in MODE_BOTH */
+    rows_fn rows; cols_fn cols; int mode;
+    /* units [0, n_units) (runs of row blocks, rows, or column block-rows), claimed `chunk` at a time */
     int64_t n_units, chunk;
     int64_t* next;
 } mx_job;
 
-/* Claim the next chunk of units, dynamically (a descheduled thread holds up one chunk, not half the work). */
+/* Row casts of rows [r0, r1) of x (m, n). */
+static void cast_rows(const mx_job* a, int64_t r0, int64_t r1) {
+    if (a->n % a->bs == 0)  /* the rows' blocks are consecutive blocks of the flat tensor */
+        a->rows(a->x, a->in_kind, r0 * (a->n / a->bs), (r1 - r0) * (a->n / a->bs), a->bs, a->f, a->data, a->scale);
+    else
+        for (int64_t r = r0; r < r1; ++r) partial_row(a->x, a->in_kind, r, a->n, a->bs, a->f, a->data, a->scale);
+}
+
+/* Claim the next chunk of units, dynamically (a descheduled thread holds up one chunk, not half the work).
+   MODE_BOTH: a unit is a block-row of bs rows, cast along its rows and then along its columns while it is
+   still in cache (one read of x from memory for both casts). */
 static void* run_units(void* arg) {
     const mx_job* a = arg;
     for (;;) {
         const int64_t u0 = __atomic_fetch_add(a->next, a->chunk, __ATOMIC_RELAXED);
         if (u0 >= a->n_units) return 0;
         const int64_t u1 = u0 + a->chunk < a->n_units ? u0 + a->chunk : a->n_units;
-        if (a->columns) {
+        if (a->mode == MODE_COLUMNS) {
             for (int64_t u = u0; u < u1; ++u) a->cols(a->x, a->in_kind, u, a->m, a->n, a->bs, a->f, a->data, a->scale);
+        } else if (a->mode == MODE_BOTH) {
+            for (int64_t u = u0; u < u1; ++u) {
+                cast_rows(a, u * a->bs, (u + 1) * a->bs < a->m ? (u + 1) * a->bs : a->m);
+                a->cols(a->x, a->in_kind, u, a->m, a->n, a->bs, a->f, a->data2, a->scale2);
+            }
         } else if (a->n % a->bs == 0) {  /* units are blocks of the flat tensor */
             a->rows(a->x, a->in_kind, u0, u1 - u0, a->bs, a->f, a->data, a->scale);
         } else {  /* units are rows */
-            for (int64_t r = u0; r < u1; ++r) partial_row(a->x, a->in_kind, r, a->n, a->bs, a->f, a->data, a->scale);
+            cast_rows(a, u0, u1);
         }
     }
 }
 
-/* Cast x (batch, m, n) (rows: batch = 1, blocks along n; columns: blocks along m) into data (same shape,
-   uint8 codes) and scale ((m, ceil(n / bs)) for rows, (batch, ceil(m / bs), n) for columns), on n_threads
-   threads (this one included) with instruction sets up to `isa`. */
-void mx_cast(const void* x, int in_kind, int64_t batch, int64_t m, int64_t n, int bs, int columns,
+/* Cast x (batch, m, n) into codes and scales, on n_threads threads (this one included) with instruction
+   sets up to `isa`. MODE_ROWS (batch = 1, blocks along n): data (m, n), scale (m, ceil(n / bs)).
+   MODE_COLUMNS (blocks along m): data (batch, m, n), scale (batch, ceil(m / bs), n). MODE_BOTH (batch = 1):
+   the rows into data / scale and the columns into data2 / scale2. */
+void mx_cast(const void* x, int in_kind, int64_t batch, int64_t m, int64_t n, int bs, int mode,
              int emax, int mbits, int elem_bias, int rceil, int top_byte, float max_pos, float magic,
-             uint32_t magic_bits, int nan_code, uint8_t* data, uint8_t* scale, int n_threads, int isa) {
+             uint32_t magic_bits, int nan_code, uint8_t* data, uint8_t* scale, uint8_t* data2,
+             uint8_t* scale2, int n_threads, int isa) {
     const mx_format f = {emax, mbits, elem_bias, rceil, top_byte, max_pos, magic,
                          1.0f - 1.0f / (float)(2 << mbits), magic_bits, (uint8_t)nan_code};
     const int level = pick_isa(isa);
     int64_t next = 0;
-    mx_job job = {x, in_kind, m, n, bs, &f, data, scale,
+    mx_job job = {x, in_kind, m, n, bs, &f, data, scale, data2, scale2,
                   level == ISA_AVX512 ? rows_avx512 : level == ISA_AVX2 ? rows_avx2 : rows_base,
                   level == ISA_AVX512 ? cols_avx512 : level == ISA_AVX2 ? cols_avx2 : cols_base,
-                  columns, 0, 1, &next};
-    const int64_t elements_per_unit = columns ? (int64_t)bs * n : (n % bs == 0 ? bs : n);
-    job.n_units = columns ? batch * ((m + bs - 1) / bs) : (n % bs == 0 ? m * n / bs : m);
+                  mode, 0, 1, &next};
+    int64_t elements_per_unit;
+    if (mode == MODE_ROWS) {
+        elements_per_unit = n % bs == 0 ? bs : n;
+        job.n_units = n % bs == 0 ? m * n / bs : m;
+    } else {
+        elements_per_unit = (int64_t)bs * n * (mode == MODE_BOTH ? 2 : 1);
+        job.n_units = batch * ((m + bs - 1) / bs);
+    }
     job.chunk = (16384 + elements_per_unit - 1) / elements_per_unit;  /* ~16K elements per claim */
     if (n_threads > 64) n_threads = 64;
     pthread_t threads[64];

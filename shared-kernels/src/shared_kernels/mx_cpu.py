@@ -36,6 +36,7 @@ import torch
 from shared_kernels.native_build import NativeLibrary
 
 ISA_BASE, ISA_AVX2, ISA_AVX512 = 0, 1, 2
+MODE_ROWS, MODE_COLUMNS, MODE_BOTH = 0, 1, 2
 # Below this many elements per thread the thread start-up costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 18
 
@@ -43,7 +44,7 @@ _MIN_ELEMENTS_PER_THREAD = 1 << 18
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.mx_cast.argtypes = [P, I32, I64, I64, I64, I32, I32, I32, I32, I32, I32, I32, F32, F32]
-    lib.mx_cast.argtypes += [ctypes.c_uint32, I32, P, P, I32, I32]
+    lib.mx_cast.argtypes += [ctypes.c_uint32, I32, P, P, P, P, I32, I32]
     lib.mx_cast.restype = None
     lib.mx_best_isa.argtypes = []
     lib.mx_best_isa.restype = I32
@@ -75,6 +76,44 @@ def _element_format(elem_dtype: torch.dtype, emax: int) -> tuple[int, int, float
     return mbits, elem_bias, magic, magic_bits, nan_code
 
 
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float16:
+        x = x.float()  # exact; the kernels read fp32 and bf16
+    return x.contiguous()
+
+
+def _launch(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    shape: tuple[int, int, int, int, int],
+    elem: tuple[torch.dtype, float, int, int, str],
+    outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    isa: int,
+) -> None:
+    """One call of the C entry point: shape = (batch, m, n, block_size, mode), elem = (elem_dtype, max_pos,
+    emax, top_byte, scale_mode), outs = (data, scale, data2, scale2)."""
+    elem_dtype, max_pos, emax, top_byte, scale_mode = elem
+    mbits, elem_bias, magic, magic_bits, nan_code = _element_format(elem_dtype, emax)
+    threads = max(1, min(torch.get_num_threads(), x.numel() // _MIN_ELEMENTS_PER_THREAD))
+    lib.mx_cast(
+        x.data_ptr(),
+        0 if x.dtype == torch.float32 else 1,
+        *shape,
+        emax,
+        mbits,
+        elem_bias,
+        int(scale_mode == "rceil"),
+        top_byte,
+        max_pos,
+        magic,
+        magic_bits,
+        nan_code,
+        *(None if t is None else t.data_ptr() for t in outs),
+        threads,
+        isa,
+    )
+
+
 def mx_cast_cpu(
     x: torch.Tensor,
     elem_dtype: torch.dtype,
@@ -91,42 +130,49 @@ def mx_cast_cpu(
     Called by the op `shared_kernels::mx_cast_native`."""
     lib = _native.get()
     assert lib is not None, "call available() first"
-    if x.dtype == torch.float16:
-        x = x.float()  # exact; the kernels read fp32 and bf16
-    x = x.contiguous()
+    x = _prepare(x)
     inner = x.shape[dim + 1 :].numel()
     outer = x.shape[:dim].numel()
     n = x.shape[dim]
-    n_blocks = -(-n // block_size)
-    scale_shape = (*x.shape[:dim], n_blocks, *x.shape[dim + 1 :])
+    scale_shape = (*x.shape[:dim], -(-n // block_size), *x.shape[dim + 1 :])
     data = torch.empty(x.shape, dtype=torch.uint8)
     scale = torch.empty(scale_shape, dtype=torch.uint8)
-    if x.numel() == 0:
-        return data, scale
-    columns = inner > 1
-    batch, m, cols = (outer, n, inner) if columns else (1, outer, n)
-    mbits, elem_bias, magic, magic_bits, nan_code = _element_format(elem_dtype, emax)
-    threads = max(1, min(torch.get_num_threads(), x.numel() // _MIN_ELEMENTS_PER_THREAD))
-    lib.mx_cast(
-        x.data_ptr(),
-        0 if x.dtype == torch.float32 else 1,
-        batch,
-        m,
-        cols,
-        block_size,
-        int(columns),
-        emax,
-        mbits,
-        elem_bias,
-        int(scale_mode == "rceil"),
-        top_byte,
-        max_pos,
-        magic,
-        magic_bits,
-        nan_code,
-        data.data_ptr(),
-        scale.data_ptr(),
-        threads,
-        isa,
-    )
+    if x.numel():
+        # blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
+        shape = (
+            (outer, n, inner, block_size, MODE_COLUMNS) if inner > 1 else (1, outer, n, block_size, MODE_ROWS)
+        )
+        _launch(
+            lib, x, shape, (elem_dtype, max_pos, emax, top_byte, scale_mode), (data, scale, None, None), isa
+        )
     return data, scale
+
+
+def mx_cast_rows_cols_cpu(
+    x: torch.Tensor,
+    elem_dtype: torch.dtype,
+    max_pos: float,
+    emax: int,
+    top_byte: int,
+    block_size: int,
+    scale_mode: str,
+    isa: int = ISA_AVX512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both casts of a 2-D x (M, N) from one pass over it (each block-row of `block_size` rows cast along
+    its rows, then along its columns, while in cache): (row codes, row scales, column codes, column
+    scales), uint8, as `mx_cast_cpu(x, ..., dim=1)` and `(..., dim=0)`. Called by the op
+    `shared_kernels::mx_cast_rows_cols_native`."""
+    lib = _native.get()
+    assert lib is not None, "call available() first"
+    x = _prepare(x)
+    m, n = x.shape
+    outs = (
+        torch.empty((m, n), dtype=torch.uint8),
+        torch.empty((m, -(-n // block_size)), dtype=torch.uint8),
+        torch.empty((m, n), dtype=torch.uint8),
+        torch.empty((-(-m // block_size), n), dtype=torch.uint8),
+    )
+    if x.numel():
+        elem = (elem_dtype, max_pos, emax, top_byte, scale_mode)
+        _launch(lib, x, (1, m, n, block_size, MODE_BOTH), elem, outs, isa)
+    return outs
