@@ -10,8 +10,8 @@ import torch
 from shared_kernels import mx_cpu
 from shared_kernels.backend import triton_available, triton_interpreting
 from shared_kernels.mx_cast import (
-    ELEM_DTYPES,
     _e4m3_codes_times_2pow_minus8,
+    _native_format,
     mx_cast,
     mx_cast_2d_triton,
     mx_cast_ref,
@@ -237,9 +237,8 @@ def _native_isas() -> list[int]:
 
 
 def _assert_native_equals_reference(x, elem, block_size, mode, dim, isa, tag):
-    max_pos, emax = ELEM_DTYPES[elem]
-    top = 127 + 128 - emax
-    data, scale = mx_cpu.mx_cast_cpu(x, elem, max_pos, emax, top, block_size, mode, dim % x.dim(), isa)
+    fmt = _native_format(elem, block_size, mode)
+    data, scale = mx_cpu.mx_cast_cpu(x, fmt, dim % x.dim(), isa)
     ref_data, ref_scale = mx_cast_ref(x, elem, block_size, mode, dim)
     assert_exact(data, ref_data.view(torch.uint8), f"data {tag}")
     assert_exact(scale, ref_scale, f"scale {tag}")
@@ -262,7 +261,6 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
         x = x.clamp(-6e4, 6e4)
     x = x.to(dtype)
     cases = [(x, 32, -1), (x, 32, 0), (x[:, :320], 16, -1), (x[:96], 64, 0), (x[:96].view(6, 16, 330), 32, 1)]
-    max_pos, emax = ELEM_DTYPES[elem]
     for isa in _native_isas():
         for t, bs, dim in cases:
             _assert_native_equals_reference(
@@ -272,7 +270,7 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
             (x, 32),
             (x[:90, :100], 16),
         ]:  # the one-pass row + column cast, partial blocks both ways
-            got = mx_cpu.mx_cast_rows_cols_cpu(t, elem, max_pos, emax, 127 + 128 - emax, bs, mode, isa)
+            got = mx_cpu.mx_cast_rows_cols_cpu(t, _native_format(elem, bs, mode), isa)
             want = (*mx_cast_ref(t, elem, bs, mode, -1), *mx_cast_ref(t, elem, bs, mode, 0))
             for g, w, name in zip(got, want, ("row data", "row scale", "col data", "col scale"), strict=True):
                 assert_exact(g, w.view(torch.uint8), f"rows+cols {name} isa {isa} {tuple(t.shape)}")
@@ -288,8 +286,7 @@ def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     for dim in (-1, 0):
         _assert_native_equals_reference(x, E4M3, 32, "rceil", dim, mx_cpu.ISA_AVX512, f"threads dim {dim}")
-    max_pos, emax = ELEM_DTYPES[E4M3]
-    got = mx_cpu.mx_cast_rows_cols_cpu(x, E4M3, max_pos, emax, 247, 32, "rceil")
+    got = mx_cpu.mx_cast_rows_cols_cpu(x, _native_format(E4M3, 32, "rceil"))
     want = (*mx_cast_ref(x, dim=-1), *mx_cast_ref(x, dim=0))
     for g, w in zip(got, want, strict=True):
         assert_exact(g, w.view(torch.uint8), "rows+cols threads")

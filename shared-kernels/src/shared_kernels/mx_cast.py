@@ -608,14 +608,16 @@ def _native_cpu() -> bool:
     return mx_cpu.available()
 
 
+def _native_format(elem_dtype: torch.dtype, block_size: int, scale_mode: str) -> mx_cpu.MXFormat:
+    max_pos, emax = ELEM_DTYPES[elem_dtype]
+    return mx_cpu.MXFormat(elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode)
+
+
 def _mx_cast_cpu_codes(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The native cast: (codes as `elem_dtype`, uint8 scales); `dim` non-negative."""
-    max_pos, emax = ELEM_DTYPES[elem_dtype]
-    data, scale = mx_cpu.mx_cast_cpu(
-        x, elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode, dim
-    )
+    data, scale = mx_cpu.mx_cast_cpu(x, _native_format(elem_dtype, block_size, scale_mode), dim)
     return data.view(elem_dtype), scale
 
 
@@ -643,10 +645,7 @@ def _mx_cast_rows_cols_cpu_codes(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The native row + column cast of a 2-D x from one pass: codes as `elem_dtype`, uint8 scales."""
-    max_pos, emax = ELEM_DTYPES[elem_dtype]
-    rd, rs, cd, cs = mx_cpu.mx_cast_rows_cols_cpu(
-        x, elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode
-    )
+    rd, rs, cd, cs = mx_cpu.mx_cast_rows_cols_cpu(x, _native_format(elem_dtype, block_size, scale_mode))
     return rd.view(elem_dtype), rs, cd.view(elem_dtype), cs
 
 

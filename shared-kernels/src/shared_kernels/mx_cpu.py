@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -76,6 +77,18 @@ def _element_format(elem_dtype: torch.dtype, emax: int) -> tuple[int, int, float
     return mbits, elem_bias, magic, magic_bits, nan_code
 
 
+class MXFormat(NamedTuple):
+    """What a cast produces: element type with its max and emax (`mx_cast.ELEM_DTYPES`), the lowest scale
+    byte that needs the finite saturation (`mx_cast._top_scale_byte`), block size and scale rule."""
+
+    elem_dtype: torch.dtype
+    max_pos: float
+    emax: int
+    top_byte: int
+    block_size: int
+    scale_mode: str
+
+
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float16:
         x = x.float()  # exact; the kernels read fp32 and bf16
@@ -85,26 +98,29 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
 def _launch(
     lib: ctypes.CDLL,
     x: torch.Tensor,
-    shape: tuple[int, int, int, int, int],
-    elem: tuple[torch.dtype, float, int, int, str],
+    shape: tuple[int, int, int, int],
+    fmt: MXFormat,
     outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     isa: int,
 ) -> None:
-    """One call of the C entry point: shape = (batch, m, n, block_size, mode), elem = (elem_dtype, max_pos,
-    emax, top_byte, scale_mode), outs = (data, scale, data2, scale2)."""
-    elem_dtype, max_pos, emax, top_byte, scale_mode = elem
-    mbits, elem_bias, magic, magic_bits, nan_code = _element_format(elem_dtype, emax)
+    """One call of the C entry point: shape = (batch, m, n, mode), outs = (data, scale, data2, scale2)."""
+    mbits, elem_bias, magic, magic_bits, nan_code = _element_format(fmt.elem_dtype, fmt.emax)
+    batch, m, n, mode = shape
     threads = max(1, min(torch.get_num_threads(), x.numel() // _MIN_ELEMENTS_PER_THREAD))
     lib.mx_cast(
         x.data_ptr(),
         0 if x.dtype == torch.float32 else 1,
-        *shape,
-        emax,
+        batch,
+        m,
+        n,
+        fmt.block_size,
+        mode,
+        fmt.emax,
         mbits,
         elem_bias,
-        int(scale_mode == "rceil"),
-        top_byte,
-        max_pos,
+        int(fmt.scale_mode == "rceil"),
+        fmt.top_byte,
+        fmt.max_pos,
         magic,
         magic_bits,
         nan_code,
@@ -115,64 +131,45 @@ def _launch(
 
 
 def mx_cast_cpu(
-    x: torch.Tensor,
-    elem_dtype: torch.dtype,
-    max_pos: float,
-    emax: int,
-    top_byte: int,
-    block_size: int,
-    scale_mode: str,
-    dim: int,
-    isa: int = ISA_AVX512,
+    x: torch.Tensor, fmt: MXFormat, dim: int, isa: int = ISA_AVX512
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim)` as (uint8 codes, uint8 scales) on CPU;
-    arguments already validated by `mx_cast` (dim non-negative), the element constants from its tables.
-    Called by the op `shared_kernels::mx_cast_native`."""
+    """`mx_cast_ref(x, fmt.elem_dtype, fmt.block_size, fmt.scale_mode, dim)` as (uint8 codes, uint8 scales)
+    on CPU; arguments already validated by `mx_cast` (dim non-negative). Called by the op
+    `shared_kernels::mx_cast_native`."""
     lib = _native.get()
     assert lib is not None, "call available() first"
     x = _prepare(x)
     inner = x.shape[dim + 1 :].numel()
     outer = x.shape[:dim].numel()
     n = x.shape[dim]
-    scale_shape = (*x.shape[:dim], -(-n // block_size), *x.shape[dim + 1 :])
+    scale_shape = (*x.shape[:dim], -(-n // fmt.block_size), *x.shape[dim + 1 :])
     data = torch.empty(x.shape, dtype=torch.uint8)
     scale = torch.empty(scale_shape, dtype=torch.uint8)
     if x.numel():
         # blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
-        shape = (
-            (outer, n, inner, block_size, MODE_COLUMNS) if inner > 1 else (1, outer, n, block_size, MODE_ROWS)
-        )
-        _launch(
-            lib, x, shape, (elem_dtype, max_pos, emax, top_byte, scale_mode), (data, scale, None, None), isa
-        )
+        shape = (outer, n, inner, MODE_COLUMNS) if inner > 1 else (1, outer, n, MODE_ROWS)
+        _launch(lib, x, shape, fmt, (data, scale, None, None), isa)
     return data, scale
 
 
 def mx_cast_rows_cols_cpu(
-    x: torch.Tensor,
-    elem_dtype: torch.dtype,
-    max_pos: float,
-    emax: int,
-    top_byte: int,
-    block_size: int,
-    scale_mode: str,
-    isa: int = ISA_AVX512,
+    x: torch.Tensor, fmt: MXFormat, isa: int = ISA_AVX512
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both casts of a 2-D x (M, N) from one pass over it (each block-row of `block_size` rows cast along
     its rows, then along its columns, while in cache): (row codes, row scales, column codes, column
-    scales), uint8, as `mx_cast_cpu(x, ..., dim=1)` and `(..., dim=0)`. Called by the op
+    scales), uint8, as `mx_cast_cpu(x, fmt, 1)` and `mx_cast_cpu(x, fmt, 0)`. Called by the op
     `shared_kernels::mx_cast_rows_cols_native`."""
     lib = _native.get()
     assert lib is not None, "call available() first"
     x = _prepare(x)
     m, n = x.shape
+    bs = fmt.block_size
     outs = (
         torch.empty((m, n), dtype=torch.uint8),
-        torch.empty((m, -(-n // block_size)), dtype=torch.uint8),
+        torch.empty((m, -(-n // bs)), dtype=torch.uint8),
         torch.empty((m, n), dtype=torch.uint8),
-        torch.empty((-(-m // block_size), n), dtype=torch.uint8),
+        torch.empty((-(-m // bs), n), dtype=torch.uint8),
     )
     if x.numel():
-        elem = (elem_dtype, max_pos, emax, top_byte, scale_mode)
-        _launch(lib, x, (1, m, n, block_size, MODE_BOTH), elem, outs, isa)
+        _launch(lib, x, (1, m, n, MODE_BOTH), fmt, outs, isa)
     return outs
