@@ -70,9 +70,16 @@ def mxfp8_cast_cpu(ctx: BenchContext) -> None:
     dim 0): `mx_cast(x, dim=0)` vs torchao's own column cast on CPU, `to_mx(x.t().contiguous())` (what
     torchao's `triton_to_mxfp8_dim1_reference` does). Every case also against a plain copy of x: eager
     casts against `x.clone()`, the compiled cast against a compiled `x.clone()`. The torch backend of
-    `mx_cast` (the fallback without a C compiler) is timed against the native one. Byte equality with
-    torchao is checked first."""
-    from shared_kernels.mx_cast import mx_cast, mx_cast_ref, mx_dequantize_ref, mx_quantize_dequantize
+    `mx_cast` (the fallback without a C compiler) is timed against the native one, and the one-pass row +
+    column cast (`mx_cast_rows_cols`) against torchao's two casts. Byte equality with torchao is checked
+    first."""
+    from shared_kernels.mx_cast import (
+        mx_cast,
+        mx_cast_ref,
+        mx_cast_rows_cols,
+        mx_dequantize_ref,
+        mx_quantize_dequantize,
+    )
 
     to_mx, rceil = _torchao()
 
@@ -122,6 +129,15 @@ def mxfp8_cast_cpu(ctx: BenchContext) -> None:
             ours_name="mx_cast dim=0 (native)",
             anchor_name="torchao to_mx(x.t().contiguous())",
             work=gb,
+            unit="GB/s",
+        )
+        ctx.compare(
+            f"{name} rows+columns one pass eager",
+            lambda x=x: mx_cast_rows_cols(x),
+            lambda x=x: (ao(x), ao(x.t().contiguous())),
+            ours_name="mx_cast_rows_cols (native)",
+            anchor_name="torchao to_mx rows + to_mx(x.t().contiguous())",
+            work=_cast_bytes(x, 2),
             unit="GB/s",
         )
         ctx.compare(
