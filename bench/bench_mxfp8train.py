@@ -35,40 +35,60 @@ def _cast_bytes(x: torch.Tensor, directions: int = 1) -> float:
 
 
 def _copy_row(
-    ctx: BenchContext, case: str, cast_fn, x: torch.Tensor, ours_name: str, directions: int = 1
+    ctx: BenchContext,
+    case: str,
+    cast_fn,
+    copy_fn,
+    x: torch.Tensor,
+    ours_name: str,
+    copy_name: str = "x.clone()",
+    directions: int = 1,
 ) -> None:
-    """The cast's GB/s next to `x.clone()`'s GB/s (its own 8 B per element), timed interleaved."""
+    """The cast's GB/s next to a copy's GB/s (its own 8 B per element), timed interleaved."""
     reps = 3 if ctx.quick else 11
-    t_cast, t_copy = ctx.time_interleaved(
-        [cast_fn, lambda: x.clone()], reps=reps, warmup=1 if ctx.quick else 2
-    )
+    t_cast, t_copy = ctx.time_interleaved([cast_fn, copy_fn], reps=reps, warmup=1 if ctx.quick else 2)
     ctx.record(
         f"{case} vs memory copy",
         _cast_bytes(x, directions) / t_cast,
         x.numel() * 8 / 1e9 / t_copy,
         "GB/s",
         ours_name=ours_name,
-        anchor_name="x.clone()",
+        anchor_name=copy_name,
         lower_is_better=False,
     )
 
 
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
 @benchmark("mxfp8-cast-cpu", package="mxfp8train", device="cpu")
 def mxfp8_cast_cpu(ctx: BenchContext) -> None:
-    """E4M3 RCEIL casts of fp32 on CPU, blocks of 32. Rows (blocks along the last dim): `mx_cast` (the torch
-    backend) vs torchao 0.18 `to_mx`, both eager; compiled `mx_cast_ref` vs compiled `to_mx` (inductor).
-    Columns (blocks along dim 0): `mx_cast(x, dim=0)` vs torchao's own column cast on CPU,
-    `to_mx(x.t().contiguous())` (what torchao's `triton_to_mxfp8_dim1_reference` does). Every case also
-    against `x.clone()`. Byte equality with torchao is checked first."""
-    from shared_kernels.mx_cast import mx_cast, mx_cast_ref, mx_dequantize_ref, mx_quantize_dequantize
+    """E4M3 RCEIL casts of fp32 on CPU, blocks of 32, like for like. Rows (blocks along the last dim):
+    `mx_cast` (backend "auto": the native kernels of `shared_kernels.mx_cpu`) vs torchao 0.18 `to_mx`, both
+    eager; compiled `mx_cast` (one opaque custom op) vs compiled `to_mx` (inductor). Columns (blocks along
+    dim 0): `mx_cast(x, dim=0)` vs torchao's own column cast on CPU, `to_mx(x.t().contiguous())` (what
+    torchao's `triton_to_mxfp8_dim1_reference` does). Every case also against a plain copy of x: eager
+    casts against `x.clone()`, the compiled cast against a compiled `x.clone()`. The torch backend of
+    `mx_cast` (the fallback without a C compiler) is timed against the native one, and the one-pass row +
+    column cast (`mx_cast_rows_cols`) against torchao's two casts. Byte equality with torchao is checked
+    first."""
+    from shared_kernels.mx_cast import (
+        mx_cast,
+        mx_cast_ref,
+        mx_cast_rows_cols,
+        mx_dequantize_ref,
+        mx_quantize_dequantize,
+    )
 
     to_mx, rceil = _torchao()
 
     def ao(t):
         return to_mx(t, E4M3, 32, rceil)
 
-    ours_compiled = torch.compile(mx_cast_ref, dynamic=False)
+    ours_compiled = torch.compile(mx_cast, dynamic=False)
     ao_compiled = torch.compile(ao, dynamic=False)
+    copy_compiled = torch.compile(_clone, dynamic=False)
     shapes = [(256, 256), (1024, 1024)] if ctx.quick else [(256, 256), (1024, 1024), (4096, 4096)]
     for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -86,18 +106,18 @@ def mxfp8_cast_cpu(ctx: BenchContext) -> None:
             f"{name} rows eager",
             lambda x=x: mx_cast(x),
             lambda x=x: ao(x),
-            ours_name="mx_cast (torch)",
+            ours_name="mx_cast (native)",
             anchor_name="torchao to_mx eager",
             work=gb,
             unit="GB/s",
             note=f"{differ} of {2 * x.numel()} codes (rows + columns) differ from torchao's",
         )
-        ours_compiled(x), ao_compiled(x)  # compile outside the timing
+        ours_compiled(x), ao_compiled(x), copy_compiled(x)  # compile outside the timing
         ctx.compare(
             f"{name} rows compiled",
             lambda x=x: ours_compiled(x),
             lambda x=x: ao_compiled(x),
-            ours_name="compiled mx_cast_ref",
+            ours_name="compiled mx_cast (native op)",
             anchor_name="compiled torchao to_mx",
             work=gb,
             unit="GB/s",
@@ -106,17 +126,47 @@ def mxfp8_cast_cpu(ctx: BenchContext) -> None:
             f"{name} columns eager",
             lambda x=x: mx_cast(x, dim=0),
             lambda x=x: ao(x.t().contiguous()),
-            ours_name="mx_cast dim=0",
+            ours_name="mx_cast dim=0 (native)",
             anchor_name="torchao to_mx(x.t().contiguous())",
             work=gb,
             unit="GB/s",
         )
-        for case, fn, fn_name in [
-            ("rows eager", lambda x=x: mx_cast(x), "mx_cast (torch)"),
-            ("rows compiled", lambda x=x: ours_compiled(x), "compiled mx_cast_ref"),
-            ("columns eager", lambda x=x: mx_cast(x, dim=0), "mx_cast dim=0"),
+        ctx.compare(
+            f"{name} rows+columns one pass eager",
+            lambda x=x: mx_cast_rows_cols(x),
+            lambda x=x: (ao(x), ao(x.t().contiguous())),
+            ours_name="mx_cast_rows_cols (native)",
+            anchor_name="torchao to_mx rows + to_mx(x.t().contiguous())",
+            work=_cast_bytes(x, 2),
+            unit="GB/s",
+        )
+        ctx.compare(
+            f"{name} rows eager, native vs torch backend",
+            lambda x=x: mx_cast(x),
+            lambda x=x: mx_cast(x, backend="torch"),
+            ours_name="mx_cast (native)",
+            anchor_name="mx_cast backend='torch'",
+            work=gb,
+            unit="GB/s",
+        )
+        for case, fn, fn_name, copy_fn, copy_name in [
+            ("rows eager", lambda x=x: mx_cast(x), "mx_cast (native)", lambda x=x: x.clone(), "x.clone()"),
+            (
+                "rows compiled",
+                lambda x=x: ours_compiled(x),
+                "compiled mx_cast",
+                lambda x=x: copy_compiled(x),
+                "compiled x.clone()",
+            ),
+            (
+                "columns eager",
+                lambda x=x: mx_cast(x, dim=0),
+                "mx_cast dim=0",
+                lambda x=x: x.clone(),
+                "x.clone()",
+            ),
         ]:
-            _copy_row(ctx, f"{name} {case}", fn, x, fn_name)
+            _copy_row(ctx, f"{name} {case}", fn, copy_fn, x, fn_name, copy_name)
         # what an emulated GEMM needs: the fp32 round trip (MXLinear's path without stats)
         ctx.compare(
             f"{name} round trip",
@@ -218,4 +268,4 @@ def mxfp8_cast_cuda(ctx: BenchContext) -> None:
                 work=_cast_bytes(x, directions),
                 unit="GB/s",
             )
-            _copy_row(ctx, f"{name} {case}", ours, x, "triton", directions)
+            _copy_row(ctx, f"{name} {case}", ours, lambda x=x: x.clone(), x, "triton", directions=directions)

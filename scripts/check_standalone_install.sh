@@ -14,12 +14,19 @@ ls "$tmp/dist"
 uv venv -q --python 3.11 "$tmp/venv"
 VIRTUAL_ENV="$tmp/venv" uv pip install -q --no-sources ./shared-kernels ./packages/mxfp8train
 cd "$tmp"
-"$tmp/venv/bin/python" - <<'PY'
+SHARED_KERNELS_CACHE="$tmp/kernel-cache" "$tmp/venv/bin/python" - <<'PY'
 import importlib.metadata as md
 import mxfp8train, shared_kernels
 for dist in ("mxfp8train", "shared-kernels"):
     print(dist, md.version(dist))
 assert "site-packages" in mxfp8train.__file__ and "site-packages" in shared_kernels.__file__, (mxfp8train.__file__, shared_kernels.__file__)
+# the native CPU kernels' C sources ship in the wheel and compile from there (a fresh cache)
+import torch
+from shared_kernels import mx_cpu, nf4_cpu
+from shared_kernels.mx_cast import mx_cast, mx_cast_ref
+assert mx_cpu.available() and nf4_cpu.available(), "native CPU kernels did not build from the wheel"
+x = torch.randn(64, 96)
+assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(mx_cast(x), mx_cast_ref(x)))
 print("standalone install OK:", mxfp8train.__file__)
 PY
 

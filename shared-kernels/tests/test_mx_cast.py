@@ -1,14 +1,17 @@
-"""MX cast: the Triton kernel equals the torch reference byte for byte (interpreter on CPU, or a GPU), in
-both directions from one read, on random and adversarial inputs; dispatch and compile."""
+"""MX cast: the Triton kernel (interpreter on CPU, or a GPU) and the native CPU kernels (every instruction
+set this CPU has) equal the torch reference byte for byte, in both directions, on random and adversarial
+inputs; dispatch, compile and the fallbacks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from shared_kernels import mx_cpu
 from shared_kernels.backend import triton_available, triton_interpreting
 from shared_kernels.mx_cast import (
     _e4m3_codes_times_2pow_minus8,
+    _native_format,
     mx_cast,
     mx_cast_2d_triton,
     mx_cast_ref,
@@ -18,6 +21,7 @@ from shared_kernels.mx_cast import (
     mx_dequantize_ref,
     mx_quantize_dequantize,
 )
+from shared_kernels.native_build import NativeLibrary
 from shared_kernels.testing import assert_exact
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -165,7 +169,7 @@ def test_quantize_dequantize_equals_cast_then_dequantize(elem, mode, dtype):
 
 @pytest.mark.parametrize("elem", [E4M3, E5M2])
 @pytest.mark.parametrize("mode", ["rceil", "floor"])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", "auto", pytest.param("triton", marks=needs_triton)])
 def test_rows_cols_cast_equals_the_two_separate_casts(elem, mode, backend):
     """The row + column cast MXLinear uses (one read on Triton) is bit for bit the two reference casts, on
     odd shapes with partial blocks both ways and adversarial values."""
@@ -219,3 +223,124 @@ def test_fast_torch_cast_equals_reference(elem, mode, dtype, monkeypatch):
         mx_cast_torch(big, elem, 32, mode, -1), mx_cast_ref(big, elem, 32, mode), strict=True
     ):
         assert_exact(got.view(torch.uint8), want.view(torch.uint8), "default chunks")
+
+
+# ------------------------------------------------------------------------------------ native CPU kernels
+
+needs_native = pytest.mark.skipif(
+    not mx_cpu.available(), reason="no C compiler: native MX CPU kernels absent"
+)
+
+
+def _native_isas() -> list[int]:
+    return list(range(mx_cpu.best_isa() + 1)) if mx_cpu.available() else []
+
+
+def _assert_native_equals_reference(x, elem, block_size, mode, dim, isa, tag):
+    fmt = _native_format(elem, block_size, mode)
+    data, scale = mx_cpu.mx_cast_cpu(x, fmt, dim % x.dim(), isa)
+    ref_data, ref_scale = mx_cast_ref(x, elem, block_size, mode, dim)
+    assert_exact(data, ref_data.view(torch.uint8), f"data {tag}")
+    assert_exact(scale, ref_scale, f"scale {tag}")
+
+
+@needs_native
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
+    """Every instruction-set path (scalar, AVX2, AVX-512 where present) gives the reference's bytes on the
+    adversarial rows (RNE ties of both element types, subnormal elements, E = -127, all-zero, inf, NaN and
+    fp32-max blocks, amaxes at the 1.75 mantissa boundary where RCEIL and FLOOR differ) and on random
+    magnitudes: rows, columns, a middle dim, partial blocks both ways, block sizes 16 and 64."""
+    x = adversarial(97, 330, seed=9)
+    x[60:] = torch.randn(37, 330) * torch.exp2(torch.randint(-40, 40, (37, 1)).float())
+    x[61, :64] = torch.randn(64) * 2.0**-20  # subnormal elements beside a normal block max
+    x[61, 0] = 1.0
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    x = x.to(dtype)
+    cases = [(x, 32, -1), (x, 32, 0), (x[:, :320], 16, -1), (x[:96], 64, 0), (x[:96].view(6, 16, 330), 32, 1)]
+    for isa in _native_isas():
+        for t, bs, dim in cases:
+            _assert_native_equals_reference(
+                t, elem, bs, mode, dim, isa, f"isa {isa} {tuple(t.shape)} dim {dim}"
+            )
+        for t, bs in [
+            (x, 32),
+            (x[:90, :100], 16),
+        ]:  # the one-pass row + column cast, partial blocks both ways
+            got = mx_cpu.mx_cast_rows_cols_cpu(t, _native_format(elem, bs, mode), isa)
+            want = (*mx_cast_ref(t, elem, bs, mode, -1), *mx_cast_ref(t, elem, bs, mode, 0))
+            for g, w, name in zip(got, want, ("row data", "row scale", "col data", "col scale"), strict=True):
+                assert_exact(g, w.view(torch.uint8), f"rows+cols {name} isa {isa} {tuple(t.shape)}")
+
+
+@needs_native
+def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
+    """Inputs large enough to be split over threads give the reference's bytes; `mx_cast` and
+    `mx_cast_rows_cols` with backend="auto" take the native kernels on CPU (and "torch" does not)."""
+    torch.manual_seed(0)
+    x = torch.randn(1030, 640) * 7
+    x[5, 7] = float("nan")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    for dim in (-1, 0):
+        _assert_native_equals_reference(x, E4M3, 32, "rceil", dim, mx_cpu.ISA_AVX512, f"threads dim {dim}")
+    got = mx_cpu.mx_cast_rows_cols_cpu(x, _native_format(E4M3, 32, "rceil"))
+    want = (*mx_cast_ref(x, dim=-1), *mx_cast_ref(x, dim=0))
+    for g, w in zip(got, want, strict=True):
+        assert_exact(g, w.view(torch.uint8), "rows+cols threads")
+    calls = []
+    for name in ("mx_cast_cpu", "mx_cast_rows_cols_cpu"):
+        real = getattr(mx_cpu, name)
+        monkeypatch.setattr(
+            mx_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
+    data, scale = mx_cast(x[:64], dim=0)
+    assert data.dtype == E4M3 and calls == ["mx_cast_cpu"]
+    mx_cast_rows_cols(x[:64], backend="auto")
+    assert calls == ["mx_cast_cpu", "mx_cast_rows_cols_cpu"]
+    mx_cast(x[:64], backend="torch")
+    mx_cast_rows_cols(x[:64], backend="torch")
+    assert len(calls) == 2
+
+
+@needs_native
+def test_native_cpu_op_compiles_without_graph_break():
+    x = adversarial(64, 96, seed=10)
+
+    def cast(t):
+        data, scale = mx_cast(t, E4M3, 32, "floor", dim=0)
+        return data.view(torch.uint8), scale
+
+    compiled = torch.compile(cast, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x), mx_cast_ref(x, E4M3, 32, "floor", dim=0), strict=True):
+        assert_exact(got, want.view(torch.uint8), "compiled")
+    both = torch.compile(
+        lambda t: mx_cast_rows_cols(t, E5M2, 32, "rceil"), backend="aot_eager", fullgraph=True
+    )
+    want = (*mx_cast_ref(x, E5M2, 32, "rceil", -1), *mx_cast_ref(x, E5M2, 32, "rceil", 0))
+    for got, w in zip(both(x), want, strict=True):
+        assert_exact(got.view(torch.uint8), w.view(torch.uint8), "compiled rows+cols")
+
+
+def test_native_cpu_falls_back_to_torch_when_it_cannot_compile(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        mx_cpu,
+        "_native",
+        NativeLibrary("mx_cpu.c", "SHARED_KERNELS_MX_CPU", "MX CPU kernels", mx_cpu._declare),
+    )
+    monkeypatch.setenv("SHARED_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-mx")
+    x = adversarial(12, 64, seed=11)
+    with pytest.warns(RuntimeWarning, match="MX CPU kernels unavailable"):
+        assert not mx_cpu.available()
+    for got, want in zip(mx_cast(x), mx_cast_ref(x), strict=True):  # the torch backend
+        assert_exact(got.view(torch.uint8), want.view(torch.uint8), "fallback")
+    monkeypatch.setattr(
+        mx_cpu,
+        "_native",
+        NativeLibrary("mx_cpu.c", "SHARED_KERNELS_MX_CPU", "MX CPU kernels", mx_cpu._declare),
+    )
+    monkeypatch.setenv("SHARED_KERNELS_MX_CPU", "0")
+    assert not mx_cpu.available()  # disabled: no compile attempt, no warning

@@ -48,6 +48,7 @@ import math
 
 import torch
 
+from shared_kernels import mx_cpu
 from shared_kernels.backend import resolve_backend
 
 # element dtype -> (largest finite value, its binary exponent emax); both maxima have mantissa 1.75
@@ -598,6 +599,98 @@ def mx_cast_triton(
     return data.view(shape), scale.view(scale.shape[0], *shape[1:])
 
 
+# ------------------------------------------------------------------------------------ native CPU kernels
+
+
+@torch.compiler.assume_constant_result
+def _native_cpu() -> bool:
+    """Whether the native CPU kernels load (compiling them on first use); a constant to torch.compile."""
+    return mx_cpu.available()
+
+
+def _native_format(elem_dtype: torch.dtype, block_size: int, scale_mode: str) -> mx_cpu.MXFormat:
+    max_pos, emax = ELEM_DTYPES[elem_dtype]
+    return mx_cpu.MXFormat(elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode)
+
+
+def _mx_cast_cpu_codes(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native cast: (codes as `elem_dtype`, uint8 scales); `dim` non-negative."""
+    data, scale = mx_cpu.mx_cast_cpu(x, _native_format(elem_dtype, block_size, scale_mode), dim)
+    return data.view(elem_dtype), scale
+
+
+# The native CPU cast as an operator, so torch.compile sees one opaque op with a fake implementation. Defined
+# through `torch.library.Library` rather than `custom_op`: under torch.compile a call of the custom_op version
+# (which returned uint8 codes viewed as `elem_dtype` afterwards) cost ~70 us CPU at 256x256, this one ~57 us.
+# Its name is new with its output dtype: inductor's FX graph cache kept a graph of the uint8 version (it keys
+# on the op's name and schema, not on its fake implementation).
+_LIB = torch.library.Library("shared_kernels", "FRAGMENT")
+_LIB.define(
+    "mx_cast_native(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode, int dim)"
+    " -> (Tensor, Tensor)"
+)
+_LIB.impl("mx_cast_native", _mx_cast_cpu_codes, "CPU")
+
+
+@torch.library.register_fake("shared_kernels::mx_cast_native")
+def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
+    scale_shape = list(x.shape)
+    scale_shape[dim] = -(-x.shape[dim] // block_size)
+    return x.new_empty(x.shape, dtype=elem_dtype), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+def _mx_cast_rows_cols_cpu_codes(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native row + column cast of a 2-D x from one pass: codes as `elem_dtype`, uint8 scales."""
+    rd, rs, cd, cs = mx_cpu.mx_cast_rows_cols_cpu(x, _native_format(elem_dtype, block_size, scale_mode))
+    return rd.view(elem_dtype), rs, cd.view(elem_dtype), cs
+
+
+_LIB.define(
+    "mx_cast_rows_cols_native(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.impl("mx_cast_rows_cols_native", _mx_cast_rows_cols_cpu_codes, "CPU")
+
+
+@torch.library.register_fake("shared_kernels::mx_cast_rows_cols_native")
+def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
+    m, n = x.shape
+    return (
+        x.new_empty((m, n), dtype=elem_dtype),
+        x.new_empty((m, -(-n // block_size)), dtype=torch.uint8),
+        x.new_empty((m, n), dtype=elem_dtype),
+        x.new_empty((-(-m // block_size), n), dtype=torch.uint8),
+    )
+
+
+def mx_cast_native_cpu(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native CPU backend of `mx_cast` (`shared_kernels.mx_cpu`): bit for bit `mx_cast_ref`. Eager calls
+    go to the kernel directly (a custom op's dispatch costs more than a small cast); under torch.compile it
+    is the opaque op `shared_kernels::mx_cast_native`."""
+    return _mx_cast_native_cpu(
+        x, elem_dtype, block_size, scale_mode, check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
+    )
+
+
+def _mx_cast_native_cpu(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mx_cast_native_cpu` with its arguments already checked (`dim` non-negative)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.shared_kernels.mx_cast_native(x, elem_dtype, block_size, scale_mode, dim)
+    return _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
+
+
+def _use_native_cpu(backend: str, x: torch.Tensor) -> bool:
+    return backend == "auto" and x.device.type == "cpu" and _native_cpu()
+
+
 def mx_cast(
     x: torch.Tensor,
     elem_dtype: torch.dtype = torch.float8_e4m3fn,
@@ -608,13 +701,16 @@ def mx_cast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MX cast of `x` along `dim`; returns (data, scale) exactly as `mx_cast_ref` does.
 
-    backend: "auto" (Triton for CUDA tensors), "torch" (`mx_cast_torch`, bit for bit the reference) or
+    backend: "auto" (Triton for CUDA tensors, the native kernels of `shared_kernels.mx_cpu` for CPU tensors
+    when they build, else the torch backend), "torch" (`mx_cast_torch`, bit for bit the reference) or
     "triton" (CUDA, or CPU under TRITON_INTERPRET=1; blocks along dim 0 or the last dim, x viewed as 2-D;
     any other dim takes the torch backend).
     """
     dim = check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     if resolve_backend(backend, x.device) == "triton" and x.dim() >= 1 and dim in (0, x.dim() - 1):
         return mx_cast_triton(x, elem_dtype, block_size, scale_mode, dim)
+    if _use_native_cpu(backend, x):
+        return _mx_cast_native_cpu(x, elem_dtype, block_size, scale_mode, dim)
     return mx_cast_torch(x, elem_dtype, block_size, scale_mode, dim)
 
 
@@ -628,9 +724,10 @@ def mx_cast_rows_cols(
     """Both MX casts of a 2-D x (M, N): blocks along N (rows) and along M (columns), for a tensor that feeds
     two GEMMs with different reduction dims (MXLinear's X, W and dY).
 
-    On the Triton backend one read of each tile gives both casts; on the torch backend it is the two
-    reference casts. Either way the result is bit for bit `mx_cast_ref(x, ..., dim=-1)` and
-    `mx_cast_ref(x, ..., dim=0)` (tested).
+    On the Triton backend one read of each tile gives both casts; on CPU the native kernels cast each
+    block-row of `block_size` rows both ways while it is in cache (without them: the torch backend's two
+    casts). Either way the result is bit for bit
+    `mx_cast_ref(x, ..., dim=-1)` and `mx_cast_ref(x, ..., dim=0)` (tested).
 
     Returns:
         (row_data (M, N), row_scale (M, ceil(N / bs)), col_data (M, N), col_scale (ceil(M / bs), N)).
@@ -640,7 +737,11 @@ def mx_cast_rows_cols(
         raise ValueError(f"x must be 2-D for a row + column cast, got shape {tuple(x.shape)}")
     if resolve_backend(backend, x.device) == "triton":
         return _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
-    row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, -1)
+    if _use_native_cpu(backend, x):
+        if torch.compiler.is_compiling():
+            return torch.ops.shared_kernels.mx_cast_rows_cols_native(x, elem_dtype, block_size, scale_mode)
+        return _mx_cast_rows_cols_cpu_codes(x, elem_dtype, block_size, scale_mode)
+    row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 1)
     col_data, col_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale
 

@@ -30,24 +30,18 @@ during calls). Without a compiler, or when compiling or loading fails, or with `
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.resources
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from shared_kernels.native_build import compile_and_load
+
 if TYPE_CHECKING:
     from shared_kernels.nf4 import DoubleQuantState
 
-# No -ffast-math and no FMA contraction: every product and sum must round exactly as the torch reference.
-_CFLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Below this many elements the thread start-up costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 17
@@ -67,34 +61,8 @@ _lib: ctypes.CDLL | None = None
 _failed = False
 
 
-def _source() -> str:
-    return importlib.resources.files("shared_kernels").joinpath(_SOURCE_FILE).read_text()
-
-
-def _compile(path: Path, source: str) -> None:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not found)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / _SOURCE_FILE
-        src.write_text(source)
-        out = Path(tmp) / path.name
-        proc = subprocess.run([cc, *_CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(out, path)  # atomic: concurrent processes (pytest-xdist) never load a partial file
-
-
 def _load() -> ctypes.CDLL:
-    cc = os.environ.get("CC", "cc")
-    source = _source()
-    key = hashlib.sha256("\0".join([source, cc, *_CFLAGS, os.uname().machine]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SHARED_KERNELS_CACHE", Path.home() / ".cache" / "shared_kernels"))
-    path = cache / f"nf4_cpu_{key}.so"
-    if not path.exists():
-        _compile(path, source)
-    lib = ctypes.CDLL(str(path))
+    lib = compile_and_load(_SOURCE_FILE)
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nf4_dequantize.argtypes = [P, P, I64, I64, P, P, P, P, ctypes.c_float, I64, P, I32, I32]
     lib.nf4_dequantize.restype = None
