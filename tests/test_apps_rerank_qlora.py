@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rerank_qlora_tiny import TINY as SHARED_TINY
 
 from rerank_qlora.cli import main
 from rerank_qlora.config import RerankQLoRAConfig
@@ -23,29 +24,18 @@ from shared_kernels.runconfig import ConfigError, load_config
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "rerank-qlora"
 TINY = [
-    "model.tiny_hidden_size=32",
-    "model.tiny_layers=1",
-    "model.tiny_heads=2",
+    *SHARED_TINY,
     "model.tiny_pretrain_steps=3",
-    "model.tiny_pretrain_seq_len=64",
     "task.max_train_queries=6",
     "task.max_eval_queries=3",
     "task.max_validation_queries=3",
-    "teacher.pairs_per_query=2",
-    "lora.r=4",
     "train.steps=4",
-    "train.batch_size=2",
-    "train.micro_batch_size=1",
     "train.checkpoint_every=2",
     "train.log_every=1",
     "refine.pairs=2",
     "refine.samples=2",
     "refine.steps=2",
-    "rerank.candidates=5",
-    "rerank.k=3",
     "rerank.max_new_tokens=4",
-    "train.max_length=1024",
-    "trackers=[none]",
 ]
 
 

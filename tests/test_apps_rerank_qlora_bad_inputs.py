@@ -7,31 +7,21 @@ from __future__ import annotations
 import re
 
 import pytest
+from rerank_qlora_tiny import TINY as SHARED_TINY
 from safetensors.torch import load_file
 
 from rerank_qlora.cli import main
 from shared_kernels.testing.auth_echo_server import auth_echo_server
 
 TINY = [
-    "model.tiny_hidden_size=32",
-    "model.tiny_layers=1",
-    "model.tiny_heads=2",
+    *SHARED_TINY,
     "model.tiny_pretrain_steps=2",
-    "model.tiny_pretrain_seq_len=64",
     "task.max_train_queries=4",
     "task.max_eval_queries=2",
     "task.max_validation_queries=0",
-    "teacher.pairs_per_query=2",
-    "lora.r=4",
-    "train.batch_size=2",
-    "train.micro_batch_size=1",
     "train.log_every=1",
     "refine.method=none",
-    "rerank.candidates=5",
-    "rerank.k=3",
     "rerank.max_new_tokens=4",
-    "train.max_length=1024",
-    "trackers=[none]",
 ]
 
 CASES = [

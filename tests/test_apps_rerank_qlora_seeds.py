@@ -14,6 +14,7 @@ import statistics
 
 import pytest
 import yaml
+from rerank_qlora_tiny import TINY as SHARED_TINY
 
 from rerank_qlora.config import RerankQLoRAConfig
 from rerank_qlora.recipe import CODE, STUDENT
@@ -24,24 +25,13 @@ from shared_kernels.errors import UserError
 from shared_kernels.runconfig import load_config
 
 TINY = [
-    "model.tiny_hidden_size=32",
-    "model.tiny_layers=1",
-    "model.tiny_heads=2",
+    *SHARED_TINY,
     "model.tiny_pretrain_steps=2",
-    "model.tiny_pretrain_seq_len=64",
     "task.max_train_queries=6",
     "task.max_eval_queries=12",
     "task.max_validation_queries=3",
-    "teacher.pairs_per_query=2",
-    "lora.r=4",
     "train.steps=2",
-    "train.batch_size=2",
-    "train.micro_batch_size=1",
     "refine.method=none",
-    "rerank.candidates=5",
-    "rerank.k=3",
-    "train.max_length=1024",
-    "trackers=[none]",
 ]
 
 

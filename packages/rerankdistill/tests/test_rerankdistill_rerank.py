@@ -250,3 +250,22 @@ def test_rerank_store_survives_kill_9(tmp_path):
     assert resumed.run == fresh.run and resumed.scores == fresh.scores
     lines = path.read_text().splitlines()
     assert len(lines) == 20  # each judgement stored once
+
+
+def test_prompt_lengths_are_the_chat_prompts_of_each_querys_top_k(tiny_tokenizer):
+    from rerankdistill.rerank import prompt_lengths
+
+    corpus = {f"d{i}": "word " * (3 * i + 1) for i in range(7)}  # lengths differ by document
+    # top 3 of query "1": d3, then d2 and d6 (tied, in the run's order)
+    first = {"1": {f"d{i}": float(i % 4) for i in range(7)}, "2": {"d2": 0.5}}
+    lengths = prompt_lengths(tiny_tokenizer, first, QUERIES, corpus, k=3)
+
+    def expected(qid, docid):
+        text = tiny_tokenizer.apply_chat_template(
+            INTERANK_PROMPT.messages(QUERIES[qid], corpus[docid]), add_generation_prompt=True, tokenize=False
+        )
+        return len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    assert lengths == [expected(q, d) for q, d in [("1", "d3"), ("1", "d2"), ("1", "d6"), ("2", "d2")]]
+    assert len(set(lengths[:3])) == 3  # each length is its own document's
+    assert prompt_lengths(tiny_tokenizer, {}, QUERIES, corpus, k=3) == []

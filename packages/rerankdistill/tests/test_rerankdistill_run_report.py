@@ -11,7 +11,9 @@ from rerankdistill.fusion import select_fusion_weight
 from rerankdistill.length_sorted import LengthSortedJudge
 from rerankdistill.metrics import ndcg_at_k
 from rerankdistill.run_report import (
+    artefacts_footer,
     choose_fusion,
+    context_lines,
     fused_run,
     plot_training_curve,
     report_markdown,
@@ -109,3 +111,49 @@ def test_training_curve_png_and_report(tmp_path):
     assert "fused by w: 0: 0.5000, 0.4: 0.5500." in text and "![training curve](curve.png)" in text
     no_fusion = {**fusion, "weight": None, "chosen": "none: no validation", "validation": {}}
     assert "No fused run: none: no validation." in report_markdown("r", [], "", no_fusion, 20)
+
+
+RESULTS = {
+    "task": {"name": "t", "documents": 9, "train_queries": 5, "validation_queries": 2, "eval_queries": 3},
+    "attention": "SI p-RoPE",
+    "adapters": "NF4 base, LoRA r=4",
+    "parameters": "12 trainable",
+    "teacher": {"name": "oracle", "used": 7, "too_long": 1, "too_long_fate": "cut"},
+    "first_stage": {
+        "reranked": "code",
+        "k1": 0.9,
+        "b": 0.4,
+        "chosen": "given",
+        "stopwords": "none",
+        "stemmer": None,
+    },
+    "eval_lengths": {"pairs": 6, "longer_than_training_context": 2, "max_prompt_tokens": 900},
+    "unparseable": 1,
+    "judged": 6,
+    "fusion": {"weight": 0.4},
+    "adapter_dir": "/r/adapter",
+    "elapsed_s": 12.4,
+}
+
+
+def test_context_lines_and_footer_say_what_the_run_was():
+    lines = context_lines(RESULTS, "tiny", 512, 20, 5)
+    assert lines == [
+        "Task: t (9 documents; 5 training queries, 2 validation queries, 3 held-out evaluation queries).",
+        "Model: tiny; attention: SI p-RoPE; NF4 base, LoRA r=4; 12 trainable.",
+        "Teacher: oracle; 7 distillation examples, 1 longer than the training context (512 tokens): cut.",
+        "First stage: code BM25 (identifier-aware: k1 0.9, b 0.4, given; stopwords none, stemmer None).",
+        "Evaluation: BM25 top-20, top-5 reranked pointwise; 2 of 6 prompts are longer than the training "
+        "context (longest 900 tokens). Unparseable judgements: 1 of 6.",
+    ]
+    offline = context_lines(RESULTS, "tiny", 512, 20, 5, offline_explanation="evidence")
+    assert offline[2].startswith(
+        "Teacher: oracle (OFFLINE stand-in built from the gold judgements: evidence explanations, no model "
+        "reasoning); 7 distillation"
+    )
+    assert offline[:2] + offline[3:] == lines[:2] + lines[3:]
+    (footer,) = artefacts_footer(RESULTS)
+    assert footer.startswith("Adapter (peft format): `/r/adapter`. ") and footer.endswith("Wall time 12 s.")
+    assert "`reranked.run`, `fused.run` (TREC format" in footer
+    (unfused,) = artefacts_footer({**RESULTS, "fusion": {"weight": None}})
+    assert "fused.run" not in unfused and "`reranked.run` (TREC format" in unfused

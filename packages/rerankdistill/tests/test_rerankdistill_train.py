@@ -325,6 +325,46 @@ def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):
     assert (result.final_dir / "adapter_model.safetensors").exists()
 
 
+def test_save_model_writes_the_qlora_adapter_atomically_on_the_main_process(tmp_path, tiny_tokenizer):
+    pytest.importorskip("nf4lora.model", reason="nf4lora.prepare_model not available")
+    import json
+
+    from safetensors.torch import load_file
+
+    from nf4lora.model import lora_state_dict, prepare_model
+    from rerankdistill.train.common import save_model
+    from shared_kernels.finite import NonFiniteError
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = prepare_model(tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1), r=4, alpha=8, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # adapters with random (not initial zero) weights, so a wrong tensor shows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    out = tmp_path / "adapter"
+    assert save_model(model, tiny_tokenizer, tmp_path, name="adapter", is_main_process=False) == out
+    assert not out.exists()  # another rank: nothing written
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    assert (
+        save_model(model, tiny_tokenizer, tmp_path, name="adapter", base_model_name_or_path="my-base") == out
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no adapter.tmp left, stale file gone
+    assert not (out / "stale.txt").exists() and (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-base"
+    saved, expected = load_file(out / "adapter_model.safetensors"), lora_state_dict(model)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k].cpu()) for k in saved)
+
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad)[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"adapter: 1 of \d+ tensors hold NaN/inf"):
+        save_model(model, tiny_tokenizer, tmp_path, name="adapter")
+    assert torch.equal(
+        load_file(out / "adapter_model.safetensors")[next(iter(saved))], saved[next(iter(saved))]
+    )
+
+
 def test_step_windows_are_shared_between_processes():
     from rerankdistill.train.common import step_windows
     from shared_kernels.training import shard_window

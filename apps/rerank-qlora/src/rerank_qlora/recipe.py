@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 from rerank_qlora import artefacts, stages
 from rerank_qlora.config import RerankQLoRAConfig
 from shared_kernels.app import flat_config, log_to_file, make_accelerator, require_fsdp2, run_recipe
-from shared_kernels.distributed import full_state_dict, is_sharded
-from shared_kernels.finite import check_finite_tensors
+from shared_kernels.distributed import is_sharded
 from shared_kernels.runconfig import config_to_dict, write_json_atomic, write_yaml_atomic
 
 log = logging.getLogger("rerank_qlora")
@@ -331,16 +330,10 @@ class RerankQLoRARecipe:
 
     def _note_prompt_lengths(self, bm25: dict, n_validation: int) -> None:
         """How many evaluation prompts are longer than the training context (the long-context claim)."""
-        cfg, task, prompt = self.cfg, self.task, _prompt()
-        lengths = []
-        for qid, docs in bm25.items():
-            for docid in sorted(docs, key=lambda d: -docs[d])[: cfg.rerank.k]:
-                text = self.tokenizer.apply_chat_template(
-                    prompt.messages(task.queries[qid], task.corpus[docid]),
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-                lengths.append(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        from rerankdistill.rerank import prompt_lengths
+
+        cfg, task = self.cfg, self.task
+        lengths = prompt_lengths(self.tokenizer, bm25, task.queries, task.corpus, cfg.rerank.k, _prompt())
         longer = sum(n > cfg.train.max_length for n in lengths)
         self.notes["eval_lengths"] = {
             "pairs": len(lengths),
@@ -466,37 +459,18 @@ class RerankQLoRARecipe:
                 )
 
     def _save_adapter(self) -> Path:
-        """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically.
+        """The LoRA adapter in peft's format in run_dir/adapter (rerankdistill.train.common.save_model): every
+        rank calls this (a sharded model's adapter is gathered first), the main process writes."""
+        from rerankdistill.train.common import save_model
 
-        A sharded model's (FSDP2) adapter is gathered first: every rank calls this, the main process writes.
-        """
-        final = self.run_dir / "adapter"
-        tmp = self.run_dir / "adapter.tmp"
-        sharded = is_sharded(self.model)
-        whole = (
-            full_state_dict(self.model, trainable_only=True) if sharded else None
-        )  # collective when sharded
-        if not self.acc.is_main_process:
-            return final
-        check_finite_tensors(
-            whole if sharded else {n: p for n, p in self.model.named_parameters() if p.requires_grad},
-            str(final),
+        return save_model(
+            self.model,
+            self.tokenizer,
+            self.run_dir,
+            name="adapter",
+            base_model_name_or_path=self.cfg.model.name_or_path,
+            is_main_process=self.acc.is_main_process,
         )
-        shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.quant.method == "nf4":
-            from nf4lora.model import save_adapter
-
-            save_adapter(
-                self.model, tmp, base_model_name_or_path=self.cfg.model.name_or_path, state_dict=whole
-            )
-        elif sharded:
-            self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
-        else:
-            self.model.save_pretrained(str(tmp), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
 
     def cleanup(self) -> None:
         self.acc.end_training()
@@ -514,40 +488,19 @@ class RerankQLoRARecipe:
         plot_training_curve(self.history, self.run_dir / "training_curve.png", ylabel=ylabel)
 
     def _report(self, results: dict[str, Any], table: str) -> None:
-        from rerankdistill.run_report import report_markdown
+        from rerankdistill.run_report import artefacts_footer, context_lines, report_markdown
         from shared_kernels.runconfig import write_text_atomic
 
-        cfg, n = self.cfg, self.notes
-        teacher, fs, lengths = n["teacher"], n["first_stage"], n["eval_lengths"]
-        offline = ""
-        if cfg.teacher.kind == "offline-qrels":
-            offline = (
-                f" (OFFLINE stand-in built from the gold judgements: {cfg.teacher.offline_explanation} "
-                "explanations, no model reasoning)"
-            )
-        context = [
-            f"Task: {n['task']['name']} ({n['task']['documents']} documents; {n['task']['train_queries']} "
-            f"training queries, {n['task']['validation_queries']} validation queries, "
-            f"{n['task']['eval_queries']} held-out evaluation queries).",
-            f"Model: {cfg.model.name_or_path}; attention: {n['attention']}; {n['adapters']}; "
-            f"{n['parameters']}.",
-            f"Teacher: {teacher['name']}{offline}; {teacher['used']} distillation examples, "
-            f"{teacher['too_long']} longer than the training context ({cfg.train.max_length} tokens): "
-            f"{teacher['too_long_fate']}.",
-            f"First stage: {fs['reranked']} BM25 (identifier-aware: k1 {fs['k1']:g}, b {fs['b']:g}, "
-            f"{fs['chosen']}; stopwords {fs['stopwords']}, stemmer {fs['stemmer']}).",
-            f"Evaluation: BM25 top-{cfg.rerank.candidates}, top-{cfg.rerank.k} reranked pointwise; "
-            f"{lengths['longer_than_training_context']} of {lengths['pairs']} prompts are longer than the "
-            f"training context (longest {lengths['max_prompt_tokens']} tokens). "
-            f"Unparseable judgements: {results['unparseable']} of {results['judged']}.",
-        ]
-        fused = ", `fused.run`" if results["fusion"]["weight"] is not None else ""
-        footer = [
-            f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` "
-            f"(plain), `bm25-code.run` (identifier-aware), `reranked.run`{fused} (TREC format: "
-            "`trec_eval -m ndcg_cut.10 eval.qrels reranked.run` re-scores them). "
-            f"Wall time {results['elapsed_s']:.0f} s.",
-        ]
+        cfg = self.cfg
+        offline = cfg.teacher.offline_explanation if cfg.teacher.kind == "offline-qrels" else None
+        context = context_lines(
+            results,
+            cfg.model.name_or_path,
+            cfg.train.max_length,
+            cfg.rerank.candidates,
+            cfg.rerank.k,
+            offline,
+        )
         text = report_markdown(
             "rerank-qlora report",
             context,
@@ -555,7 +508,7 @@ class RerankQLoRARecipe:
             results["fusion"],
             cfg.rerank.k,
             figure="training_curve.png",
-            footer=footer,
+            footer=artefacts_footer(results),
         )
         write_text_atomic(self.run_dir / "report.md", text)
 

@@ -207,3 +207,32 @@ def _reranked_query(
 
 def _desc(docid: str) -> tuple[int, ...]:
     return tuple(-b for b in docid.encode()) + (1,)
+
+
+def prompt_lengths(
+    tokenizer,
+    first_stage: Run,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    k: int,
+    prompt: RelevancePrompt = INTERANK_PROMPT,
+) -> list[int]:
+    """The token length of the judge's prompt for each query's k highest-scored first-stage documents (query
+    by query, documents by descending score, tied ones in the run's order), rendered with the tokenizer's
+    chat template and the generation prompt: e.g. to count the prompts longer than a training context.
+
+    Args:
+        tokenizer: a transformers tokenizer with a chat template.
+        first_stage: {qid: {docid: score}}.
+        queries, corpus: texts.
+        k: documents per query.
+        prompt: the relevance prompt the judge uses.
+    """
+    lengths = []
+    for qid, docs in first_stage.items():
+        for docid in sorted(docs, key=lambda d: -docs[d])[:k]:
+            text = tokenizer.apply_chat_template(
+                prompt.messages(queries[qid], corpus[docid]), add_generation_prompt=True, tokenize=False
+            )
+            lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return lengths

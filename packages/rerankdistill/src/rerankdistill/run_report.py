@@ -10,7 +10,7 @@ files.
   * `significance_against`: every non-baseline run against each baseline, per measure: paired randomization
     test, t-test and bootstrap CI of the mean per-query difference (`shared_kernels.significance`).
   * `plot_training_curve`: the loss of consecutive training phases on one step axis (PNG).
-  * `fusion_notes` / `report_markdown`: the report's text.
+  * `context_lines` / `fusion_notes` / `artefacts_footer` / `report_markdown`: the report's text.
 """
 
 from __future__ import annotations
@@ -192,3 +192,63 @@ def report_markdown(
     if figure:
         lines += [f"![training curve]({figure})", ""]
     return "\n".join([*lines, *footer, ""])
+
+
+def context_lines(
+    results: Mapping[str, Any],
+    model: str,
+    max_length: int,
+    candidates: int,
+    k: int,
+    offline_explanation: str | None = None,
+) -> list[str]:
+    """The report's context lines: task, model, teacher, first stage and evaluation.
+
+    Args:
+        results: the run's results (results.json): its notes `task`, `attention`, `adapters`, `parameters`,
+            `teacher`, `first_stage`, `eval_lengths`, and `unparseable`, `judged`.
+        model: the base model's name or path.
+        max_length: the training context in tokens.
+        candidates: the first stage's depth; k: the top-k reranked.
+        offline_explanation: the explanation kind of an offline teacher built from the gold judgements, None
+            for a real teacher.
+    """
+    task, teacher, fs, lengths = (
+        results["task"],
+        results["teacher"],
+        results["first_stage"],
+        results["eval_lengths"],
+    )
+    offline = ""
+    if offline_explanation is not None:
+        offline = (
+            f" (OFFLINE stand-in built from the gold judgements: {offline_explanation} "
+            "explanations, no model reasoning)"
+        )
+    return [
+        f"Task: {task['name']} ({task['documents']} documents; {task['train_queries']} "
+        f"training queries, {task['validation_queries']} validation queries, "
+        f"{task['eval_queries']} held-out evaluation queries).",
+        f"Model: {model}; attention: {results['attention']}; {results['adapters']}; {results['parameters']}.",
+        f"Teacher: {teacher['name']}{offline}; {teacher['used']} distillation examples, "
+        f"{teacher['too_long']} longer than the training context ({max_length} tokens): "
+        f"{teacher['too_long_fate']}.",
+        f"First stage: {fs['reranked']} BM25 (identifier-aware: k1 {fs['k1']:g}, b {fs['b']:g}, "
+        f"{fs['chosen']}; stopwords {fs['stopwords']}, stemmer {fs['stemmer']}).",
+        f"Evaluation: BM25 top-{candidates}, top-{k} reranked pointwise; "
+        f"{lengths['longer_than_training_context']} of {lengths['pairs']} prompts are longer than the "
+        f"training context (longest {lengths['max_prompt_tokens']} tokens). "
+        f"Unparseable judgements: {results['unparseable']} of {results['judged']}.",
+    ]
+
+
+def artefacts_footer(results: Mapping[str, Any]) -> list[str]:
+    """The report's last line: the adapter, the judgements and TREC runs of the run directory (with how to
+    re-score them) and the wall time, from the run's results (`adapter_dir`, `fusion`, `elapsed_s`)."""
+    fused = ", `fused.run`" if results["fusion"]["weight"] is not None else ""
+    return [
+        f"Adapter (peft format): `{results['adapter_dir']}`. Judgements `eval.qrels`; runs `bm25.run` "
+        f"(plain), `bm25-code.run` (identifier-aware), `reranked.run`{fused} (TREC format: "
+        "`trec_eval -m ndcg_cut.10 eval.qrels reranked.run` re-scores them). "
+        f"Wall time {results['elapsed_s']:.0f} s.",
+    ]

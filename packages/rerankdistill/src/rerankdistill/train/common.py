@@ -20,6 +20,9 @@ from typing import overload
 
 import torch
 
+from shared_kernels.distributed import full_state_dict, is_sharded
+from shared_kernels.finite import check_finite_tensors
+
 IGNORE = -100
 
 
@@ -291,19 +294,54 @@ def train_loop(
     }
 
 
-def save_model(model, tokenizer, output_dir: str | os.PathLike) -> Path:
-    """Save (adapter or full) weights as safetensors and the tokenizer into output_dir/final, atomically."""
-    final = Path(output_dir) / "final"
-    tmp = final.with_name("final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+def save_model(
+    model,
+    tokenizer,
+    output_dir: str | os.PathLike,
+    *,
+    name: str = "final",
+    base_model_name_or_path: str | None = None,
+    is_main_process: bool = True,
+) -> Path:
+    """Save the trained weights as safetensors and the tokenizer into `output_dir/name`, atomically (written
+    to `name.tmp`, then renamed over `name`); returns that directory (on every rank).
+
+    A QLoRA model (nf4lora) is saved as its LoRA adapters in peft's format (`nf4lora.save_adapter`), any
+    other (a peft model: its adapters; a plain one: all weights) with `save_pretrained`. The trainable
+    weights are checked finite first (`shared_kernels.finite`). A sharded model (FSDP2) is gathered into
+    whole tensors first (`shared_kernels.distributed.full_state_dict`): a collective, so every rank calls
+    this at the same point and only the main process writes.
+
+    Args:
+        model: the trained model (a DDP wrapper is unwrapped).
+        tokenizer: saved beside the weights.
+        output_dir: the run directory.
+        name: the directory's name inside it.
+        base_model_name_or_path: recorded in a QLoRA adapter's adapter_config.json (default: the model
+            config's `_name_or_path`).
+        is_main_process: whether this rank writes (the others only take part in the gathering).
+    """
+    final = Path(output_dir) / name
+    tmp = final.with_name(f"{name}.tmp")
     unwrapped = getattr(model, "module", model)
-    if getattr(unwrapped, "nf4lora_settings", None) is not None:  # QLoRA: save the adapters in peft's format
+    sharded = is_sharded(unwrapped)
+    whole = full_state_dict(unwrapped, trainable_only=True) if sharded else None  # collective when sharded
+    if not is_main_process:
+        return final
+    trained = (
+        whole if whole is not None else {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    )
+    check_finite_tensors(trained, str(final))
+    shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(unwrapped, "nf4lora_settings", None) is not None:  # QLoRA: the adapters in peft's format
         from nf4lora.model import save_adapter
 
-        save_adapter(unwrapped, tmp)
+        save_adapter(unwrapped, tmp, base_model_name_or_path=base_model_name_or_path, state_dict=whole)
+    elif sharded:
+        unwrapped.save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
     else:
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+        unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
