@@ -26,7 +26,9 @@ def test_evidence_caps_and_non_code():
 def test_unit_name_is_the_method_shown_in_its_class_else_the_first_definition():
     method = "class Wm:\n\n    def wm_iconname(self, newName=None):\n        return self.tk.call(newName)"
     assert unit_name(method) == "wm_iconname"
-    klass = "class DirList(TixWidget):\n\n    def __init__(self, master):\n        ...\n\n    def chdir(self):\n"
+    klass = (
+        "class DirList(TixWidget):\n\n    def __init__(self, master):\n        ...\n\n    def chdir(self):\n"
+    )
     assert unit_name(klass) == "DirList"  # a class with several methods is about the class
     assert unit_name("def indentsize(line):\n    return len(line)") == "indentsize"
     assert unit_name("async def fetch(url):\n    pass") == "fetch"

@@ -22,8 +22,8 @@ from rerankdistill.train.forced_label import (
     label_loss_fn,
     label_token_ids,
     listwise_label_loss,
-    relevance_log_odds,
     pointwise_label_loss,
+    relevance_log_odds,
 )
 
 

@@ -48,7 +48,10 @@ def test_offline_teacher_explanation_modes():
         QrelsTeacher(QRELS, explanation="short")
     # evidence: computed from the pair, the same whatever the label; the label line still decides
     ev = QrelsTeacher(QRELS, explanation="evidence")
-    assert ev.name.startswith("offline-qrels-oracle-evidence-v") and ev.name not in (fixed.name, per_label.name)
+    assert ev.name.startswith("offline-qrels-oracle-evidence-v") and ev.name not in (
+        fixed.name,
+        per_label.name,
+    )
     texts = [c.text for c in ev.complete_pairs(PAIRS[:2])]
     assert texts[0] == "Matches: none (0 of 1 query words). Relevance Label: 2 ##"
     assert (

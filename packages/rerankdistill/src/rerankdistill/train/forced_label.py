@@ -171,7 +171,9 @@ def relevance_log_odds(logits: torch.Tensor) -> torch.Tensor:
     forming E: E / 2 = p2 + p1 / 2 and 1 - E / 2 = p0 + p1 / 2. Monotone in E[label] and unbounded (about
     l2 - l0 when p1 is small), so it never saturates."""
     if logits.shape[-1] != 3:
-        raise ValueError(f"relevance_log_odds needs the logits of labels 0, 1, 2 (..., 3), got {logits.shape}")
+        raise ValueError(
+            f"relevance_log_odds needs the logits of labels 0, 1, 2 (..., 3), got {logits.shape}"
+        )
     half = logits[..., 1] - math.log(2.0)
     up = torch.logaddexp(half, logits[..., 2])
     down = torch.logaddexp(logits[..., 0], half)
