@@ -1,15 +1,17 @@
 """Length-generalisation study: byte-level LMs trained at a short context, evaluated at 1x / 4x / 16x.
 
 Variants (REFERENCE section 1): RoPE, NoPE, ALiBi, p-RoPE, LogN+p-RoPE (the p-RoPE models with LogN scaling
-at evaluation: LogN is the identity up to the training length, so training is the same), SI p-RoPE. The p-RoPE
-base (and SI's tau) are chosen per variant on in-distribution validation loss only (seed 0 of a small grid);
-the other seeds then train the chosen setting. Every run sees the same batches (one data seed); seeds change
-the initialisation only.
+at evaluation: LogN is the identity up to the training length, so training is the same), SI p-RoPE. Every
+trained variant gets the same tuning budget: one knob, the same number of settings (`run_grid`: RoPE's
+theta, NoPE's and ALiBi's learning rate, p-RoPE's base, SI's tau at a fixed p-RoPE base), trained on seed 0
+and chosen on in-distribution validation loss only; the other seeds then train the chosen setting, and SI at
+the paper's tau = 10 is trained on every seed beside the tuned tau. Every run sees the same batches (one data
+seed); seeds change the initialisation only.
 
 Outputs in --out: runs/<run>.json (+ .safetensors weights; finished runs are skipped on restart, so the study
 is resumable run by run), results.json, table.md, loss_by_position.png.
 
-    siattn-lengthgen --out runs/lengthgen            # default config, about 30 min on 2 free cores
+    siattn-lengthgen --out runs/lengthgen            # default config (README: time on 2 free cores)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
 from siattn.models import GPT, GPTConfig
 
-# name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
+# Trained variants -> GPTConfig overrides; "logn+p-rope" is evaluated from the p-rope runs.
 VARIANTS: dict[str, dict] = {
     "rope": {"position": "rope", "attention": "softmax"},
     "nope": {"position": "nope", "attention": "softmax"},
@@ -40,6 +42,8 @@ VARIANTS: dict[str, dict] = {
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
 TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"]
+PAPER_TAU = 10.0
+PAPER_TAU_ROW = f"si-p-rope (paper tau={PAPER_TAU:g})"
 
 
 @dataclass
@@ -66,8 +70,12 @@ class StudyConfig(TrainConfig):
 
     data: str = ""
     data_seed: int = 1234
-    p_rope_bases: tuple[float, ...] = (8.0, 32.0)
-    taus: tuple[float, ...] = (1.0, 10.0)
+    # The tuning grid: the same number of settings for every trained variant (parse_args enforces it).
+    rope_bases: tuple[float, ...] = (1e4, 500.0)  # RoPE theta
+    lrs: tuple[float, ...] = (3e-3, 6e-3)  # NoPE and ALiBi: no positional knob, so the learning rate
+    p_rope_bases: tuple[float, ...] = (8.0, 32.0)  # p-RoPE (and LogN+p-RoPE, the same weights)
+    taus: tuple[float, ...] = (1.0, 10.0)  # SI p-RoPE, at si_p_rope_base
+    si_p_rope_base: float = 8.0
     eval_tokens: int = 8192
     needle_trials: int = 16
     variants: tuple[str, ...] = ("rope", "nope", "alibi", "p-rope", "si-p-rope")
@@ -89,12 +97,22 @@ def sample_batch(data: torch.Tensor, batch: int, length: int, gen: torch.Generat
 
 
 def run_grid(cfg: StudyConfig, variant: str) -> list[dict]:
-    """The (p_rope_base, tau) settings swept for a variant on seed 0."""
+    """The settings swept for a variant on seed 0: one knob per variant, as many values for each ("lr" is
+    the optimiser's learning rate, every other key a GPTConfig field)."""
+    if variant == "rope":
+        return [{"rope_base": b} for b in cfg.rope_bases]
+    if variant in ("nope", "alibi"):
+        return [{"lr": lr} for lr in cfg.lrs]
     if variant == "p-rope":
         return [{"p_rope_base": b} for b in cfg.p_rope_bases]
     if variant == "si-p-rope":
-        return [{"p_rope_base": b, "tau": t} for b in cfg.p_rope_bases for t in cfg.taus]
-    return [{}]
+        return [{"p_rope_base": cfg.si_p_rope_base, "tau": t} for t in cfg.taus]
+    raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+def paper_tau_setting(cfg: StudyConfig) -> dict:
+    """SI p-RoPE at the paper's tau = 10, reported beside the tuned tau."""
+    return {"p_rope_base": cfg.si_p_rope_base, "tau": PAPER_TAU}
 
 
 def run_name(variant: str, setting: dict, seed: int) -> str:
@@ -111,7 +129,7 @@ def model_config(cfg: StudyConfig, variant: str, setting: dict) -> GPTConfig:
         train_length=cfg.train_length,
         si_backend="chunked",
         **VARIANTS[variant],
-        **setting,
+        **{k: v for k, v in setting.items() if k != "lr"},
     )
 
 
@@ -183,11 +201,12 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     mcfg = model_config(cfg, variant, setting)
     torch.manual_seed(seed)
     model = GPT(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    lr = setting.get("lr", cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(cfg.data_seed)  # same batches for every variant and seed
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     for step in tqdm(range(cfg.steps), desc=name, leave=False, mininterval=10):
-        set_warmup_cosine_lr(opt, cfg.lr, step, cfg.warmup, cfg.steps)
+        set_warmup_cosine_lr(opt, lr, step, cfg.warmup, cfg.steps)
         batch = sample_batch(train, cfg.batch_size, cfg.train_length, gen)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -209,6 +228,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
         model.cfg.attention = "logn"
         result["eval_logn"] = evaluate(model, val, cfg)
         model.cfg.attention = "softmax"
+    result["cpu_seconds"] = time.process_time() - cpu_start  # training and evaluation, this process
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(runs / f"{name}.safetensors"))
@@ -247,9 +267,11 @@ def run_study(cfg: StudyConfig) -> dict:
     for v in cfg.variants:
         candidates = [r for r in results if r["variant"] == v]
         chosen[v] = min(candidates, key=lambda r: r["eval"][in_dist]["loss"])["setting"]
-    # Swept variants first, so other processes sharing --out can take the unswept ones meanwhile.
-    order = sorted(cfg.variants, key=lambda v: len(run_grid(cfg, v)) == 1)
-    rest = [(v, chosen[v], seed) for v in order for seed in cfg.seeds[1:]]
+    rest = [(v, chosen[v], seed) for v in cfg.variants for seed in cfg.seeds[1:]]
+    paper = paper_tau_setting(cfg)
+    if "si-p-rope" in chosen and chosen["si-p-rope"] != paper:  # then tau = 10 trains on every seed too
+        swept = paper in run_grid(cfg, "si-p-rope")
+        rest += [("si-p-rope", paper, seed) for seed in (cfg.seeds[1:] if swept else cfg.seeds)]
     results += _run_jobs(cfg, rest)
     summary = summarise(cfg, results, chosen)
     out = Path(cfg.out)
@@ -259,15 +281,25 @@ def run_study(cfg: StudyConfig) -> dict:
     return summary
 
 
-def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
-    rows = {}
+def table_rows(cfg: StudyConfig, chosen: dict) -> list[tuple[str, str, dict, str]]:
+    """(row label, trained variant, setting, eval key) in table order: each variant at its chosen setting,
+    LogN+p-RoPE from the chosen p-RoPE runs, and SI at the paper's tau = 10 beside its tuned tau."""
+    rows = []
     for name in TABLE_ORDER:
         base = "p-rope" if name == "logn+p-rope" else name
         if base not in chosen:
             continue
-        key = "eval_logn" if name == "logn+p-rope" else "eval"
-        runs = [r for r in results if r["variant"] == base and r["setting"] == chosen[base]]
-        row = {"setting": chosen[base], "seeds": [r["seed"] for r in runs], "by_length": {}}
+        rows.append((name, base, chosen[base], "eval_logn" if name == "logn+p-rope" else "eval"))
+        if name == "si-p-rope" and chosen[name] != paper_tau_setting(cfg):
+            rows.append((PAPER_TAU_ROW, name, paper_tau_setting(cfg), "eval"))
+    return rows
+
+
+def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
+    rows = {}
+    for name, base, setting, key in table_rows(cfg, chosen):
+        runs = [r for r in results if r["variant"] == base and r["setting"] == setting]
+        row = {"setting": setting, "seeds": [r["seed"] for r in runs], "by_length": {}}
         for mult in cfg.eval_multiples:
             length = str(cfg.train_length * mult)
             losses = [r[key][length]["loss"] for r in runs]
@@ -292,7 +324,8 @@ def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
         }
         for r in results
     ]
-    return {"config": asdict(cfg), "chosen": chosen, "rows": rows, "sweep": sweep}
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
+    return {"config": asdict(cfg), "chosen": chosen, "rows": rows, "sweep": sweep, "cpu_seconds": cpu}
 
 
 def format_table(cfg: StudyConfig, summary: dict) -> str:
@@ -372,8 +405,11 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--d-model", type=pos_int, default=d.d_model)
     p.add_argument("--n-head", type=pos_int, default=d.n_head)
     p.add_argument("--seeds", type=positive(int, 0), nargs="+", default=list(d.seeds))
+    p.add_argument("--rope-bases", type=pos_float, nargs="+", default=list(d.rope_bases), help="RoPE grid")
+    p.add_argument("--lrs", type=pos_float, nargs="+", default=list(d.lrs), help="NoPE and ALiBi grid")
     p.add_argument("--p-rope-bases", type=pos_float, nargs="+", default=list(d.p_rope_bases))
-    p.add_argument("--taus", type=pos_float, nargs="+", default=list(d.taus))
+    p.add_argument("--taus", type=pos_float, nargs="+", default=list(d.taus), help="SI p-RoPE grid")
+    p.add_argument("--si-p-rope-base", type=pos_float, default=d.si_p_rope_base)
     p.add_argument("--eval-tokens", type=pos_int, default=d.eval_tokens)
     p.add_argument("--needle-trials", type=pos_int, default=d.needle_trials)
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
@@ -384,8 +420,15 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
             f"--d-model {a.d_model} must be a multiple of --n-head {a.n_head} with an even head width "
             "(rotary pairs)"
         )
-    if any(b <= 1 for b in a.p_rope_bases):
-        p.error(f"--p-rope-bases must be > 1, got {a.p_rope_bases}")
+    for option, bases in (("--rope-bases", a.rope_bases), ("--p-rope-bases", a.p_rope_bases)):
+        if any(b <= 1 for b in bases):
+            p.error(f"{option} must be > 1, got {bases}")
+    if a.si_p_rope_base <= 1:
+        p.error(f"--si-p-rope-base must be > 1, got {a.si_p_rope_base}")
+    grids = {"--rope-bases": a.rope_bases, "--lrs": a.lrs, "--p-rope-bases": a.p_rope_bases, "--taus": a.taus}
+    if len({len(g) for g in grids.values()}) > 1:
+        sizes = ", ".join(f"{k} {len(g)}" for k, g in grids.items())
+        p.error(f"the tuning grids must have the same number of values (one budget per variant), got {sizes}")
     if len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds must be distinct, got {a.seeds}")
     if Path(a.out).exists() and not Path(a.out).is_dir():
@@ -421,8 +464,11 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
         d_model=a.d_model,
         n_head=a.n_head,
         seeds=tuple(a.seeds),
+        rope_bases=tuple(a.rope_bases),
+        lrs=tuple(a.lrs),
         p_rope_bases=tuple(a.p_rope_bases),
         taus=tuple(a.taus),
+        si_p_rope_base=a.si_p_rope_base,
         eval_tokens=a.eval_tokens,
         needle_trials=a.needle_trials,
         variants=tuple(a.variants),
