@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -299,7 +300,7 @@ def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
     rows = {}
     for name, base, setting, key in table_rows(cfg, chosen):
         runs = [r for r in results if r["variant"] == base and r["setting"] == setting]
-        row = {"setting": setting, "seeds": [r["seed"] for r in runs], "by_length": {}}
+        row: dict[str, Any] = {"setting": setting, "seeds": [r["seed"] for r in runs], "by_length": {}}
         for mult in cfg.eval_multiples:
             length = str(cfg.train_length * mult)
             losses = [r[key][length]["loss"] for r in runs]

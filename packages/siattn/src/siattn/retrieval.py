@@ -264,58 +264,89 @@ def _rescale_rope(
 
 
 @torch.no_grad()
-def evaluate(model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str) -> dict[str, list[float]]:
-    """Per-window probe accuracy at each evaluation length: {str(length): [accuracy of window i]}."""
+def evaluate(
+    model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str, multiples: tuple[int, ...]
+) -> dict[str, list[float]]:
+    """Per-window probe accuracy at each of `multiples` x the training length: {str(length): [accuracy of
+    window i]} (the windows depend on the length only, so lengths evaluated later add to earlier ones)."""
     model.eval()
     out = {}
     q_gains = [_q_gain(block).clone() for block in model.layers]
-    for mult in cfg.eval_multiples:
+    for mult in multiples:
         length = cfg.train_length * mult
         if variant in RESCALED:
             _rescale_rope(model, variant, cfg, mult, q_gains)
         tokens = kv_probe(task, length, cfg.trials, seed=0)
-        logits = torch.cat([model(chunk) for chunk in tokens.split(max(1, 8192 // length))])
-        out[str(length)] = probe_window_accuracy(task, logits, tokens).tolist()
+        chunks = tokens.split(max(1, 8192 // length))  # logits of ~8k tokens at a time
+        out[str(length)] = torch.cat([probe_window_accuracy(task, model(c), c) for c in chunks]).tolist()
     return out
+
+
+def _missing_multiples(cfg: RetrievalConfig, result: dict[str, Any] | None) -> tuple[int, ...]:
+    """The evaluation multiples a stored result lacks (all of them when there is none)."""
+    if result is None:
+        return cfg.eval_multiples
+    return tuple(m for m in cfg.eval_multiples if str(cfg.train_length * m) not in result["needle_windows"])
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _trained_model(
+    cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float], seed: int
+) -> tuple[GPT, dict[str, Any]]:
+    """A finished run's weights (the chosen RoPE weights for RoPE+NTK / +YaRN) and its training record."""
+    runs = Path(cfg.out) / "runs"
+    trained = "rope" if variant in RESCALED else variant
+    model = _model(cfg, task, trained, setting)
+    model.load_state_dict(load_file(str(runs / f"{run_name(trained, setting, seed)}.safetensors")))
+    base = json.loads((runs / f"{run_name(trained, setting, seed)}.json").read_text())
+    return model, {"train_acc": base["train_acc"], "val_loss": base["val_loss"]}
+
+
+def _train_and_record(
+    cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float], seed: int
+) -> tuple[GPT, dict[str, Any]]:
+    """Train one model, save its weights, and measure its validation loss."""
+    model, accs = train_model(cfg, task, variant, setting, seed)
+    save_file(
+        model.state_dict(), str(Path(cfg.out) / "runs" / f"{run_name(variant, setting, seed)}.safetensors")
+    )
+    return model, {"train_acc": accs, "val_loss": validation_loss(model, cfg, task)}
 
 
 def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed: int) -> dict[str, Any]:
     """Train (or, for RoPE+NTK / +YaRN, load the RoPE weights of) one run and probe it; resumable: a
-    finished run's json is read back, and a run another live process holds (its lock file) is waited for,
-    so several processes may share cfg.out."""
+    finished run's json is read back, a finished run probed at fewer lengths than cfg.eval_multiples is
+    reloaded and probed at the missing ones only, and a run another live process holds (its lock file) is
+    waited for, so several processes may share cfg.out."""
     torch.set_num_threads(1)
     task = KVTask()
-    runs = Path(cfg.out) / "runs"
-    path = runs / f"{run_name(variant, setting, seed)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    if not claim_lock(runs / f"{run_name(variant, setting, seed)}.lock"):  # another process runs it: wait
-        while not path.exists():
-            time.sleep(10)
-        return json.loads(path.read_text())
+    name = run_name(variant, setting, seed)
+    path, lock = Path(cfg.out) / "runs" / f"{name}.json", Path(cfg.out) / "runs" / f"{name}.lock"
+    stored = _read_json(path)
+    if stored is not None and not _missing_multiples(cfg, stored):
+        return stored
+    while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
+        time.sleep(10)
+    stored = _read_json(path)
+    missing = _missing_multiples(cfg, stored)
+    if stored is not None and not missing:
+        lock.unlink(missing_ok=True)
+        return stored
     start = time.process_time()
-    if variant in RESCALED:
-        model = _model(cfg, task, "rope", setting)
-        model.load_state_dict(load_file(str(runs / f"{run_name('rope', setting, seed)}.safetensors")))
-        base = json.loads((runs / f"{run_name('rope', setting, seed)}.json").read_text())
-        accs, val = base["train_acc"], base["val_loss"]
+    if stored is None and variant not in RESCALED:
+        model, record = _train_and_record(cfg, task, variant, setting, seed)
     else:
-        model, accs = train_model(cfg, task, variant, setting, seed)
-        save_file(model.state_dict(), str(runs / f"{run_name(variant, setting, seed)}.safetensors"))
-        val = validation_loss(model, cfg, task)
-    result = {
-        "variant": variant,
-        "setting": setting,
-        "seed": seed,
-        "train_acc": accs,
-        "val_loss": val,
-        "needle_windows": evaluate(model, cfg, task, variant),
-        "cpu_seconds": time.process_time() - start,
-    }
+        model, record = _trained_model(cfg, task, variant, setting, seed)
+    result = stored or {"variant": variant, "setting": setting, "seed": seed, **record, "needle_windows": {}}
+    result["needle_windows"].update(evaluate(model, cfg, task, variant, missing))
     result["needle"] = {n: statistics.fmean(w) for n, w in result["needle_windows"].items()}
+    result["cpu_seconds"] = result.get("cpu_seconds", 0.0) + time.process_time() - start
     write_text_atomic(path, json.dumps(result))
-    (runs / f"{run_name(variant, setting, seed)}.lock").unlink(missing_ok=True)
-    print(run_name(variant, setting, seed), f"val loss {val:.3f}", result["needle"], flush=True)
+    lock.unlink(missing_ok=True)
+    print(name, f"val loss {result['val_loss']:.3f}", result["needle"], flush=True)
     return result
 
 
