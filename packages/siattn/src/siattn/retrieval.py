@@ -420,6 +420,11 @@ def _paired_test(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str) 
     return {"difference": mean, "p": p, "n": len(pairs)}
 
 
+def _sd(xs: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[str, dict[str, float]]):
     lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
     rows, runs_by_label = {}, {}
@@ -433,13 +438,16 @@ def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[
             "train_acc": [r["train_acc"][-1] for r in runs],
             "needle": {n: [r["needle"][n] for r in runs] for n in lengths},
             "needle_mean": {n: statistics.fmean(r["needle"][n] for r in runs) for n in lengths},
+            "needle_sd": {n: _sd([r["needle"][n] for r in runs]) for n in lengths},
         }
-    tests = {}
+    tests: dict[str, dict[str, dict[str, float]]] = {}  # length -> "si-p-rope - other" -> test
     if "si-p-rope" in rows:
-        for other in [label for label in rows if label != "si-p-rope"]:
-            tests[f"si-p-rope - {other}"] = _paired_test(
-                runs_by_label["si-p-rope"], runs_by_label[other], lengths[-1]
-            )
+        for n in lengths[1:]:  # beyond the training length
+            tests[n] = {
+                f"si-p-rope - {other}": _paired_test(runs_by_label["si-p-rope"], runs_by_label[other], n)
+                for other in rows
+                if other != "si-p-rope"
+            }
     sweep = [
         {"variant": r["variant"], "setting": r["setting"], "val_loss": r["val_loss"], "needle": r["needle"]}
         for r in results
@@ -451,7 +459,7 @@ def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[
         "task": asdict(KVTask()),
         "chosen": chosen,
         "rows": rows,
-        "tests_at_longest": tests,
+        "tests": tests,
         "sweep": sweep,
         "cpu_seconds": cpu,
     }
@@ -466,19 +474,23 @@ def format_table(cfg: RetrievalConfig, summary: dict[str, Any]) -> str:
     for label, row in summary["rows"].items():
         setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items())
         cells = [
-            f"{row['needle_mean'][n]:.3f} ({', '.join(f'{x:.2f}' for x in row['needle'][n])})"
+            f"{row['needle_mean'][n]:.3f} ± {row['needle_sd'][n]:.3f} "
+            f"({', '.join(f'{x:.2f}' for x in row['needle'][n])})"
             for n in lengths
         ]
         val = statistics.fmean(row["val_loss"])
         lines.append(f"| {label} | {setting} | {val:.3f} | " + " | ".join(cells) + " |")
     chance = 1 / KVTask().n_values
-    lines += ["", f"Probe accuracy: mean over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.", ""]
-    for name, t in summary["tests_at_longest"].items():
-        p = f"p = {t['p']:.2g}" if t["p"] >= 1e-6 else "p < 1e-6"  # the normal tail is no finer than that
-        lines.append(
-            f"- {name} at {lengths[-1]}: {t['difference']:+.3f}, paired t-test over {t['n']} probe windows x "
-            f"seeds, {p}"
-        )
+    lines += [
+        "",
+        f"Probe accuracy: mean ± sample sd over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.",
+        "",
+        "Paired t-tests of per-window accuracy over probe windows x seeds:",
+        "",
+    ]
+    for n, tests in summary["tests"].items():
+        for name, t in tests.items():
+            lines.append(f"- {name} at {n}: {t['difference']:+.3f}, n = {t['n']}, p = {t['p']:.2g}")
     lines += ["", f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
     for s in summary["sweep"]:
         setting = ", ".join(f"{k}={v:g}" for k, v in s["setting"].items())
