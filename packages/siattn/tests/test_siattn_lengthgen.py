@@ -78,6 +78,27 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     lengthgen.main(argv)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
     assert "si-p-rope" in capsys.readouterr().out
+    # paired tests of SI against every other row beyond the training length: 2 seeds x 2 windows of 32
+    assert set(summary["tests"]) == {"32"}
+    assert set(summary["tests"]["32"]) == {f"si-p-rope - {r}" for r in summary["rows"] if r != "si-p-rope"}
+    assert all(t["n"] == 2 * 2 for t in summary["tests"]["32"].values())
+    assert "paired t-tests" in table.lower()
+
+    # A run stored without per-window losses (as before they existed) is reloaded and evaluated, not
+    # retrained, and gives the same losses.
+    path = out / "runs" / "p-rope_p_rope_base=4_seed=0.json"
+    before = json.loads(path.read_text())
+    old = json.loads(path.read_text())
+    for key in ("eval", "eval_logn"):
+        for length in old[key].values():
+            del length["loss_by_window"]
+    path.write_text(json.dumps(old))
+    weights = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.safetensors")}
+    lengthgen.main(argv)
+    after = json.loads(path.read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.safetensors")} == weights
+    assert after["eval"] == before["eval"] and after["eval_logn"] == before["eval_logn"]
+    assert after["final_train_loss"] == before["final_train_loss"]
 
 
 def test_loss_by_position_plot_renders(tmp_path):

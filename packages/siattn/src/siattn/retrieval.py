@@ -35,8 +35,15 @@ from safetensors.torch import load_file, save_file
 
 from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
-from shared_kernels.significance import paired_t_test
-from siattn.lengthgen import TrainConfig, claim_lock, set_warmup_cosine_lr
+from siattn.lengthgen import (
+    TrainConfig,
+    claim_lock,
+    format_tests,
+    paired_window_test,
+    read_json_or_none,
+    sample_sd,
+    set_warmup_cosine_lr,
+)
 from siattn.models import GPT, Block, GPTConfig
 from siattn.positional import rope_frequencies
 
@@ -289,10 +296,6 @@ def _missing_multiples(cfg: RetrievalConfig, result: dict[str, Any] | None) -> t
     return tuple(m for m in cfg.eval_multiples if str(cfg.train_length * m) not in result["needle_windows"])
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _trained_model(
     cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float], seed: int
 ) -> tuple[GPT, dict[str, Any]]:
@@ -325,12 +328,12 @@ def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed:
     task = KVTask()
     name = run_name(variant, setting, seed)
     path, lock = Path(cfg.out) / "runs" / f"{name}.json", Path(cfg.out) / "runs" / f"{name}.lock"
-    stored = _read_json(path)
+    stored = read_json_or_none(path)
     if stored is not None and not _missing_multiples(cfg, stored):
         return stored
     while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
         time.sleep(10)
-    stored = _read_json(path)
+    stored = read_json_or_none(path)
     missing = _missing_multiples(cfg, stored)
     if stored is not None and not missing:
         lock.unlink(missing_ok=True)
@@ -405,24 +408,12 @@ def _rows(
 
 
 def _paired_test(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str) -> dict[str, float]:
-    """Paired t-test (`shared_kernels.significance`) of per-window accuracy, a minus b, over probe windows
-    x seeds (the same windows for both)."""
-    by_seed = {r["seed"]: r["needle_windows"][length] for r in b}
-    pairs = [
-        (x, y)
-        for r in a
-        if r["seed"] in by_seed
-        for x, y in zip(r["needle_windows"][length], by_seed[r["seed"]], strict=True)
-    ]
-    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    mean = statistics.fmean(x - y for x, y in pairs)
-    p = paired_t_test(xs, ys)[1] if len(pairs) > 1 else (1.0 if mean == 0.0 else 0.0)
-    return {"difference": mean, "p": p, "n": len(pairs)}
-
-
-def _sd(xs: list[float]) -> float:
-    """Sample standard deviation over seeds (0 for a single seed)."""
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+    """Paired t-test of per-window probe accuracy, a minus b, over probe windows x seeds (the same windows
+    for both)."""
+    return paired_window_test(
+        {r["seed"]: r["needle_windows"][length] for r in a},
+        {r["seed"]: r["needle_windows"][length] for r in b},
+    )
 
 
 def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[str, dict[str, float]]):
@@ -438,7 +429,7 @@ def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[
             "train_acc": [r["train_acc"][-1] for r in runs],
             "needle": {n: [r["needle"][n] for r in runs] for n in lengths},
             "needle_mean": {n: statistics.fmean(r["needle"][n] for r in runs) for n in lengths},
-            "needle_sd": {n: _sd([r["needle"][n] for r in runs]) for n in lengths},
+            "needle_sd": {n: sample_sd([r["needle"][n] for r in runs]) for n in lengths},
         }
     tests: dict[str, dict[str, dict[str, float]]] = {}  # length -> "si-p-rope - other" -> test
     if "si-p-rope" in rows:
@@ -485,13 +476,10 @@ def format_table(cfg: RetrievalConfig, summary: dict[str, Any]) -> str:
         "",
         f"Probe accuracy: mean ± sample sd over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.",
         "",
-        "Paired t-tests of per-window accuracy over probe windows x seeds:",
+        *format_tests(summary["tests"], "per-window probe accuracy", 3),
         "",
     ]
-    for n, tests in summary["tests"].items():
-        for name, t in tests.items():
-            lines.append(f"- {name} at {n}: {t['difference']:+.3f}, n = {t['n']}, p = {t['p']:.2g}")
-    lines += ["", f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
+    lines += [f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
     for s in summary["sweep"]:
         setting = ", ".join(f"{k}={v:g}" for k, v in s["setting"].items())
         lines.append(f"- {s['variant']} ({setting}): val loss {s['val_loss']:.4f}")
