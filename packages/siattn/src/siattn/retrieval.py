@@ -181,6 +181,7 @@ class RetrievalConfig(TrainConfig):
     n_layer: int = 2
     d_model: int = 64
     n_head: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = ALL_VARIANTS
     p_rope_base: float = 8.0
     trials: int = 64
