@@ -1,5 +1,5 @@
 """Retrieval at length: tiny LMs trained on a synthetic key-value recall task at one length, then probed
-with the stored pairs far back in windows 4x and 16x longer.
+with the stored pairs far back in windows 4x, 16x and 32x longer.
 
 Task (tokens): filler ids [0, n_filler); one "pair" token per (key, value); a query token per key and a
 value token per value. A training window of length T is filler with the n_keys pairs (every key once,
@@ -182,6 +182,7 @@ class RetrievalConfig(TrainConfig):
     d_model: int = 64
     n_head: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
+    eval_multiples: tuple[int, ...] = (1, 4, 16, 32)  # probes at 128 / 512 / 2048 / 4096
     variants: tuple[str, ...] = ALL_VARIANTS
     p_rope_base: float = 8.0
     trials: int = 64
