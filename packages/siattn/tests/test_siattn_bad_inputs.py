@@ -110,6 +110,10 @@ CLI_CASES = [
     (["--d-model", "0"], "--d-model"),
     (["--taus", "0"], "--taus"),
     (["--p-rope-bases", "1"], "--p-rope-bases"),
+    (["--rope-bases", "1"], "--rope-bases"),
+    (["--lrs", "0"], "--lrs"),
+    (["--si-p-rope-base", "0.5"], "--si-p-rope-base"),
+    (["--taus", "1", "3", "10"], "--taus 3"),  # an uneven tuning budget
     (["--seeds", "0", "0"], "--seeds"),
     (["--seeds", "-1"], "--seeds"),
     (["--workers", "0"], "--workers"),

@@ -33,11 +33,17 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
         "--seeds",
         "0",
         "1",
+        "--rope-bases",
+        "100",
+        "1000",
         "--p-rope-bases",
         "4",
         "8",
         "--taus",
+        "1",
         "10",
+        "--si-p-rope-base",
+        "4",
         "--eval-tokens",
         "64",
         "--needle-trials",
@@ -51,20 +57,48 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     ]
     lengthgen.main(argv)
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["rows"]) == {"rope", "p-rope", "logn+p-rope", "si-p-rope"}
-    sweep = [s for s in summary["sweep"] if s["variant"] == "p-rope" and s["seed"] == 0]
-    best = min(sweep, key=lambda s: s["loss_in_dist"])["setting"]
-    assert summary["chosen"]["p-rope"] == best  # selection on in-distribution loss only
-    row = summary["rows"]["si-p-rope"]["by_length"]["32"]
-    assert len(row["losses"]) == 2 and len(row["loss_by_position"]) == 32
+    tuned_tau = summary["chosen"]["si-p-rope"]["tau"]
+    paper_row = {"si-p-rope (paper tau=10)"} if tuned_tau != 10 else set()
+    assert set(summary["rows"]) == {"rope", "p-rope", "logn+p-rope", "si-p-rope"} | paper_row
+    for variant in ("rope", "p-rope", "si-p-rope"):  # selection on in-distribution loss only
+        sweep = [s for s in summary["sweep"] if s["variant"] == variant and s["seed"] == 0]
+        assert len(sweep) == 2
+        assert summary["chosen"][variant] == min(sweep, key=lambda s: s["loss_in_dist"])["setting"]
+    assert summary["chosen"]["si-p-rope"]["p_rope_base"] == 4  # SI's grid is tau at --si-p-rope-base
+    for row in summary["rows"].values():  # every row, the paper's tau included, has both seeds
+        assert len(row["by_length"]["32"]["losses"]) == 2
+        assert len(row["by_length"]["32"]["loss_by_position"]) == 32
     assert (out / "loss_by_position.png").stat().st_size > 0
-    assert "| si-p-rope |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| si-p-rope |" in table and ("| si-p-rope (paper tau=10) |" in table) == bool(paper_row)
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
-    assert len(runs) == 1 + 2 + 2 + 3  # rope x2 seeds, p-rope grid of 2 + seed 1, si grid of 2 + seed 1
+    # each variant: a grid of 2 on seed 0 + the chosen one on seed 1; SI's tau = 10 on seed 1 if not chosen
+    assert len(runs) == 3 * 3 + len(paper_row)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     lengthgen.main(argv)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
     assert "si-p-rope" in capsys.readouterr().out
+    # paired tests of SI against every other row beyond the training length: 2 seeds x 2 windows of 32
+    assert set(summary["tests"]) == {"32"}
+    assert set(summary["tests"]["32"]) == {f"si-p-rope - {r}" for r in summary["rows"] if r != "si-p-rope"}
+    assert all(t["n"] == 2 * 2 for t in summary["tests"]["32"].values())
+    assert "paired t-tests" in table.lower()
+
+    # A run stored without per-window losses (as before they existed) is reloaded and evaluated, not
+    # retrained, and gives the same losses.
+    path = out / "runs" / "p-rope_p_rope_base=4_seed=0.json"
+    before = json.loads(path.read_text())
+    old = json.loads(path.read_text())
+    for key in ("eval", "eval_logn"):
+        for length in old[key].values():
+            del length["loss_by_window"]
+    path.write_text(json.dumps(old))
+    weights = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.safetensors")}
+    lengthgen.main(argv)
+    after = json.loads(path.read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.safetensors")} == weights
+    assert after["eval"] == before["eval"] and after["eval_logn"] == before["eval_logn"]
+    assert after["final_train_loss"] == before["final_train_loss"]
 
 
 def test_loss_by_position_plot_renders(tmp_path):
@@ -86,3 +120,18 @@ def test_loss_by_position_plot_renders(tmp_path):
     path = tmp_path / "loss_by_position.png"
     plot_loss_by_position(cfg, {"rows": rows}, path)
     assert path.stat().st_size > 20_000
+
+
+def test_default_grid_gives_every_variant_the_same_budget():
+    """The default study tunes every trained variant over the same number of settings, one knob each, and
+    the paper's tau = 10 is in SI's grid."""
+    from siattn.lengthgen import VARIANTS, StudyConfig, paper_tau_setting, run_grid
+
+    cfg = StudyConfig()
+    grids = {v: run_grid(cfg, v) for v in VARIANTS}
+    assert {len(g) for g in grids.values()} == {2}
+    for grid in grids.values():  # distinct settings that differ in exactly one key
+        assert len({json.dumps(s, sort_keys=True) for s in grid}) == len(grid)
+        assert len({k for k in grid[0] if grid[0][k] != grid[1][k]}) == 1
+    assert paper_tau_setting(cfg) in grids["si-p-rope"]
+    assert [s["lr"] for s in grids["nope"]] == [s["lr"] for s in grids["alibi"]] and cfg.lr in cfg.lrs

@@ -1,6 +1,9 @@
 """The key-value retrieval task: deterministic generation, and a probe that scores a hand-made perfect
 retriever 100% and a random predictor at chance; the study end to end on a tiny budget."""
 
+import dataclasses
+import statistics
+
 import pytest
 import torch
 
@@ -109,13 +112,31 @@ def test_study_end_to_end_tunes_resumes_and_reuses_rope_weights(tmp_path):
     # the rescalings evaluate the chosen RoPE weights: identical to each other at the training length
     assert rows["rope+ntk"]["needle"]["128"] == rows["rope+yarn"]["needle"]["128"]
     assert rows["rope+ntk"]["val_loss"] == rows["rope+yarn"]["val_loss"]
-    assert "si-p-rope - rope+ntk" in summary["tests_at_longest"]
+    assert set(summary["tests"]) == {"256"}  # every length beyond training
+    assert "si-p-rope - rope+ntk" in summary["tests"]["256"]
     for name in ("results.json", "table.md", "needle.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert (tmp_path / "out" / "needle.png").stat().st_size > 10_000
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")}
     run(cfg)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")} == mtimes
+
+    # A third seed and a longer probe on the same --out: only seed 2 trains; finished runs are reloaded and
+    # probed at the new length only, giving what a fresh study with that length gives.
+    weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.safetensors")}
+    more = dataclasses.replace(cfg, eval_multiples=(1, 2, 4), seeds=(0, 1, 2))
+    extended = run(more)
+    assert all(p.stat().st_mtime_ns == t for p, t in weights.items())
+    for label, row in extended["rows"].items():
+        assert row["seeds"] == [0, 1, 2] and set(row["needle"]) == {"128", "256", "512"}, label
+        assert row["needle"]["256"][:2] == rows[label]["needle"]["256"], label
+        assert row["needle_sd"]["512"] == pytest.approx(statistics.stdev(row["needle"]["512"]))
+    assert set(extended["tests"]) == {"256", "512"}
+    assert all(t["n"] == 3 * 2 for t in extended["tests"]["512"].values())  # 3 seeds x 2 probe windows
+    fresh = run(dataclasses.replace(more, out=str(tmp_path / "fresh"), seeds=(0, 1)))
+    for label, row in fresh["rows"].items():
+        assert row["needle"]["512"] == extended["rows"][label]["needle"]["512"][:2], label
+        assert row["val_loss"] == extended["rows"][label]["val_loss"][:2], label
 
 
 def test_paired_test_over_windows_and_seeds():

@@ -1,15 +1,17 @@
 """Length-generalisation study: byte-level LMs trained at a short context, evaluated at 1x / 4x / 16x.
 
 Variants (REFERENCE section 1): RoPE, NoPE, ALiBi, p-RoPE, LogN+p-RoPE (the p-RoPE models with LogN scaling
-at evaluation: LogN is the identity up to the training length, so training is the same), SI p-RoPE. The p-RoPE
-base (and SI's tau) are chosen per variant on in-distribution validation loss only (seed 0 of a small grid);
-the other seeds then train the chosen setting. Every run sees the same batches (one data seed); seeds change
-the initialisation only.
+at evaluation: LogN is the identity up to the training length, so training is the same), SI p-RoPE. Every
+trained variant gets the same tuning budget: one knob, the same number of settings (`run_grid`: RoPE's
+theta, NoPE's and ALiBi's learning rate, p-RoPE's base, SI's tau at a fixed p-RoPE base), trained on seed 0
+and chosen on in-distribution validation loss only; the other seeds then train the chosen setting, and SI at
+the paper's tau = 10 is trained on every seed beside the tuned tau. Every run sees the same batches (one data
+seed); seeds change the initialisation only.
 
 Outputs in --out: runs/<run>.json (+ .safetensors weights; finished runs are skipped on restart, so the study
 is resumable run by run), results.json, table.md, loss_by_position.png.
 
-    siattn-lengthgen --out runs/lengthgen            # default config, about 30 min on 2 free cores
+    siattn-lengthgen --out runs/lengthgen            # default config (README: time on 2 free cores)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +32,10 @@ from tqdm import tqdm
 
 from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
+from shared_kernels.significance import paired_t_test
 from siattn.models import GPT, GPTConfig
 
-# name -> (GPTConfig overrides, grid of swept settings); "logn+p-rope" is evaluated from the p-rope runs.
+# Trained variants -> GPTConfig overrides; "logn+p-rope" is evaluated from the p-rope runs.
 VARIANTS: dict[str, dict] = {
     "rope": {"position": "rope", "attention": "softmax"},
     "nope": {"position": "nope", "attention": "softmax"},
@@ -40,6 +44,8 @@ VARIANTS: dict[str, dict] = {
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
 TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"]
+PAPER_TAU = 10.0
+PAPER_TAU_ROW = f"si-p-rope (paper tau={PAPER_TAU:g})"
 
 
 @dataclass
@@ -66,8 +72,12 @@ class StudyConfig(TrainConfig):
 
     data: str = ""
     data_seed: int = 1234
-    p_rope_bases: tuple[float, ...] = (8.0, 32.0)
-    taus: tuple[float, ...] = (1.0, 10.0)
+    # The tuning grid: the same number of settings for every trained variant (parse_args enforces it).
+    rope_bases: tuple[float, ...] = (1e4, 500.0)  # RoPE theta
+    lrs: tuple[float, ...] = (3e-3, 6e-3)  # NoPE and ALiBi: no positional knob, so the learning rate
+    p_rope_bases: tuple[float, ...] = (8.0, 32.0)  # p-RoPE (and LogN+p-RoPE, the same weights)
+    taus: tuple[float, ...] = (1.0, 10.0)  # SI p-RoPE, at si_p_rope_base
+    si_p_rope_base: float = 8.0
     eval_tokens: int = 8192
     needle_trials: int = 16
     variants: tuple[str, ...] = ("rope", "nope", "alibi", "p-rope", "si-p-rope")
@@ -89,12 +99,22 @@ def sample_batch(data: torch.Tensor, batch: int, length: int, gen: torch.Generat
 
 
 def run_grid(cfg: StudyConfig, variant: str) -> list[dict]:
-    """The (p_rope_base, tau) settings swept for a variant on seed 0."""
+    """The settings swept for a variant on seed 0: one knob per variant, as many values for each ("lr" is
+    the optimiser's learning rate, every other key a GPTConfig field)."""
+    if variant == "rope":
+        return [{"rope_base": b} for b in cfg.rope_bases]
+    if variant in ("nope", "alibi"):
+        return [{"lr": lr} for lr in cfg.lrs]
     if variant == "p-rope":
         return [{"p_rope_base": b} for b in cfg.p_rope_bases]
     if variant == "si-p-rope":
-        return [{"p_rope_base": b, "tau": t} for b in cfg.p_rope_bases for t in cfg.taus]
-    return [{}]
+        return [{"p_rope_base": cfg.si_p_rope_base, "tau": t} for t in cfg.taus]
+    raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+def paper_tau_setting(cfg: StudyConfig) -> dict:
+    """SI p-RoPE at the paper's tau = 10, reported beside the tuned tau."""
+    return {"p_rope_base": cfg.si_p_rope_base, "tau": PAPER_TAU}
 
 
 def run_name(variant: str, setting: dict, seed: int) -> str:
@@ -111,29 +131,32 @@ def model_config(cfg: StudyConfig, variant: str, setting: dict) -> GPTConfig:
         train_length=cfg.train_length,
         si_backend="chunked",
         **VARIANTS[variant],
-        **setting,
+        **{k: v for k, v in setting.items() if k != "lr"},
     )
 
 
 @torch.no_grad()
 def evaluate(model: GPT, val: torch.Tensor, cfg: StudyConfig) -> dict:
-    """Mean loss (nats/byte) and loss by position over non-overlapping validation windows at each length,
-    plus the needle-copy probe."""
+    """Mean loss (nats/byte), loss by position and loss by window over non-overlapping validation windows
+    at each length (the same windows for every run: paired tests compare runs window by window), plus the
+    needle-copy probe."""
     model.eval()
     out = {}
     for mult in cfg.eval_multiples:
         length = cfg.train_length * mult
         n_windows = max(1, min(cfg.eval_tokens // length, (len(val) - 1) // length))
         windows = torch.stack([val[i * length : i * length + length + 1] for i in range(n_windows)])
-        per_pos = torch.zeros(length)
+        per_pos, per_window = torch.zeros(length), []
         for chunk in windows.split(max(1, 16384 // length)):
             logits = model(chunk[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
             per_pos += loss.view(len(chunk), length).sum(0)
+            per_window += loss.view(len(chunk), length).mean(1).tolist()
         per_pos /= n_windows
         out[str(length)] = {
             "loss": per_pos.mean().item(),
             "loss_by_position": per_pos.tolist(),
+            "loss_by_window": per_window,
             "needle": needle_accuracy(model, val, length, cfg.needle_trials),
         }
     return out
@@ -166,28 +189,33 @@ def set_warmup_cosine_lr(opt: torch.optim.Optimizer, lr: float, step: int, warmu
         group["lr"] = lr * max(scale, 0.05)
 
 
-def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
-    """Train one model (resumable: returns the stored result when the run already finished)."""
-    torch.set_num_threads(1)
-    runs = Path(cfg.out) / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    name = run_name(variant, setting, seed)
-    result_path = runs / f"{name}.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    if not claim_lock(runs / f"{name}.lock"):  # another live process trains this run: wait for its result
-        while not result_path.exists():
-            time.sleep(10)
-        return json.loads(result_path.read_text())
-    train, val = load_bytes(cfg.data)
+def read_json_or_none(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _complete(cfg: StudyConfig, result: dict | None) -> bool:
+    """Whether a stored result holds every evaluation this version makes: each evaluation length, with
+    per-window losses (runs stored before either are reloaded and evaluated again, not retrained)."""
+    if result is None:
+        return False
+    lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
+    evals = [result[k] for k in ("eval", "eval_logn") if k in result]
+    return all(n in e and "loss_by_window" in e[n] for e in evals for n in lengths)
+
+
+def _train(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> tuple[GPT, dict]:
+    """Train one model; returns it and its training record."""
+    train, _ = load_bytes(cfg.data)
     mcfg = model_config(cfg, variant, setting)
     torch.manual_seed(seed)
     model = GPT(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    lr = setting.get("lr", cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(cfg.data_seed)  # same batches for every variant and seed
     start = time.time()
+    name = run_name(variant, setting, seed)
     for step in tqdm(range(cfg.steps), desc=name, leave=False, mininterval=10):
-        set_warmup_cosine_lr(opt, cfg.lr, step, cfg.warmup, cfg.steps)
+        set_warmup_cosine_lr(opt, lr, step, cfg.warmup, cfg.steps)
         batch = sample_batch(train, cfg.batch_size, cfg.train_length, gen)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -195,7 +223,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    result = {
+    record = {
         "name": name,
         "variant": variant,
         "setting": setting,
@@ -203,17 +231,53 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
         "model": asdict(mcfg),
         "train_seconds": time.time() - start,
         "final_train_loss": loss.item(),
-        "eval": evaluate(model, val, cfg),
     }
-    if variant == "p-rope":  # LogN+p-RoPE: the same weights with LogN scaling beyond the training length
-        model.cfg.attention = "logn"
-        result["eval_logn"] = evaluate(model, val, cfg)
-        model.cfg.attention = "softmax"
-    from safetensors.torch import save_file
+    return model, record
 
-    save_file(model.state_dict(), str(runs / f"{name}.safetensors"))
+
+def _evaluate_run(model: GPT, cfg: StudyConfig, variant: str) -> dict:
+    """{"eval": ...}, plus "eval_logn" for p-RoPE: LogN+p-RoPE is the same weights with LogN scaling beyond
+    the training length."""
+    _, val = load_bytes(cfg.data)
+    out = {"eval": evaluate(model, val, cfg)}
+    if variant == "p-rope":
+        model.cfg.attention = "logn"
+        out["eval_logn"] = evaluate(model, val, cfg)
+        model.cfg.attention = "softmax"
+    return out
+
+
+def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
+    """Train and evaluate one model. Resumable: a finished run's result is read back (reloaded and evaluated
+    again when it lacks an evaluation, see `_complete`), and a run another live process holds (its lock
+    file) is waited for, so several processes may share cfg.out."""
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(1)
+    runs = Path(cfg.out) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    name = run_name(variant, setting, seed)
+    result_path, lock, weights = runs / f"{name}.json", runs / f"{name}.lock", runs / f"{name}.safetensors"
+    stored = read_json_or_none(result_path)
+    if stored is not None and _complete(cfg, stored):
+        return stored
+    while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
+        time.sleep(10)
+    stored = read_json_or_none(result_path)
+    if stored is not None and _complete(cfg, stored):
+        lock.unlink(missing_ok=True)
+        return stored
+    cpu_start = time.process_time()
+    if stored is None:
+        model, result = _train(cfg, variant, setting, seed)
+        save_file(model.state_dict(), str(weights))
+    else:
+        model, result = GPT(model_config(cfg, variant, setting)), stored
+        model.load_state_dict(load_file(str(weights)))
+    result.update(_evaluate_run(model, cfg, variant))
+    result["cpu_seconds"] = result.get("cpu_seconds", 0.0) + time.process_time() - cpu_start
     write_text_atomic(result_path, json.dumps(result))
-    (runs / f"{name}.lock").unlink(missing_ok=True)
+    lock.unlink(missing_ok=True)
     return result
 
 
@@ -247,9 +311,11 @@ def run_study(cfg: StudyConfig) -> dict:
     for v in cfg.variants:
         candidates = [r for r in results if r["variant"] == v]
         chosen[v] = min(candidates, key=lambda r: r["eval"][in_dist]["loss"])["setting"]
-    # Swept variants first, so other processes sharing --out can take the unswept ones meanwhile.
-    order = sorted(cfg.variants, key=lambda v: len(run_grid(cfg, v)) == 1)
-    rest = [(v, chosen[v], seed) for v in order for seed in cfg.seeds[1:]]
+    rest = [(v, chosen[v], seed) for v in cfg.variants for seed in cfg.seeds[1:]]
+    paper = paper_tau_setting(cfg)
+    if "si-p-rope" in chosen and chosen["si-p-rope"] != paper:  # then tau = 10 trains on every seed too
+        swept = paper in run_grid(cfg, "si-p-rope")
+        rest += [("si-p-rope", paper, seed) for seed in (cfg.seeds[1:] if swept else cfg.seeds)]
     results += _run_jobs(cfg, rest)
     summary = summarise(cfg, results, chosen)
     out = Path(cfg.out)
@@ -259,40 +325,114 @@ def run_study(cfg: StudyConfig) -> dict:
     return summary
 
 
-def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
-    rows = {}
+def table_rows(cfg: StudyConfig, chosen: dict) -> list[tuple[str, str, dict, str]]:
+    """(row label, trained variant, setting, eval key) in table order: each variant at its chosen setting,
+    LogN+p-RoPE from the chosen p-RoPE runs, and SI at the paper's tau = 10 beside its tuned tau."""
+    rows = []
     for name in TABLE_ORDER:
         base = "p-rope" if name == "logn+p-rope" else name
         if base not in chosen:
             continue
-        key = "eval_logn" if name == "logn+p-rope" else "eval"
-        runs = [r for r in results if r["variant"] == base and r["setting"] == chosen[base]]
-        row = {"setting": chosen[base], "seeds": [r["seed"] for r in runs], "by_length": {}}
-        for mult in cfg.eval_multiples:
-            length = str(cfg.train_length * mult)
-            losses = [r[key][length]["loss"] for r in runs]
-            needles = [r[key][length]["needle"] for r in runs]
-            curves = torch.tensor([r[key][length]["loss_by_position"] for r in runs]).mean(0)
-            row["by_length"][length] = {
-                "loss_mean": statistics.fmean(losses),
-                "loss_min": min(losses),
-                "loss_max": max(losses),
-                "needle_mean": statistics.fmean(needles),
-                "losses": losses,
-                "needles": needles,
-                "loss_by_position": curves.tolist(),
-            }
-        rows[name] = row
+        rows.append((name, base, chosen[base], "eval_logn" if name == "logn+p-rope" else "eval"))
+        if name == "si-p-rope" and chosen[name] != paper_tau_setting(cfg):
+            rows.append((PAPER_TAU_ROW, name, paper_tau_setting(cfg), "eval"))
+    return rows
+
+
+def paired_window_test(a: dict[int, list[float]], b: dict[int, list[float]]) -> dict[str, float]:
+    """Paired t-test (`shared_kernels.significance`) of a per-window score, a minus b, over evaluation
+    windows x seeds. a, b: seed -> the score of each window (the same windows, in the same order, for both);
+    seeds in only one of them are left out."""
+    pairs = [(x, y) for seed in a if seed in b for x, y in zip(a[seed], b[seed], strict=True)]
+    if not pairs:
+        return {"difference": math.nan, "p": math.nan, "n": 0}
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    mean = statistics.fmean(x - y for x, y in pairs)
+    p = paired_t_test(xs, ys)[1] if len(pairs) > 1 else (1.0 if mean == 0.0 else 0.0)
+    return {"difference": mean, "p": p, "n": len(pairs)}
+
+
+def sample_sd(xs: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _row(cfg: StudyConfig, runs: list[dict], key: str, setting: dict) -> dict[str, Any]:
+    """One table row: per length, loss mean / sd / per seed, needle accuracy, the mean loss curve."""
+    row: dict[str, Any] = {"setting": setting, "seeds": [r["seed"] for r in runs], "by_length": {}}
+    for mult in cfg.eval_multiples:
+        length = str(cfg.train_length * mult)
+        losses = [r[key][length]["loss"] for r in runs]
+        needles = [r[key][length]["needle"] for r in runs]
+        curves = torch.tensor([r[key][length]["loss_by_position"] for r in runs]).mean(0)
+        row["by_length"][length] = {
+            "loss_mean": statistics.fmean(losses),
+            "loss_sd": sample_sd(losses),
+            "loss_min": min(losses),
+            "loss_max": max(losses),
+            "needle_mean": statistics.fmean(needles),
+            "losses": losses,
+            "needles": needles,
+            "loss_by_position": curves.tolist(),
+        }
+    return row
+
+
+def _tests(cfg: StudyConfig, runs: dict[str, tuple[list[dict], str]]) -> dict[str, dict[str, dict]]:
+    """Tuned SI p-RoPE minus every other row, per-window loss, at each length beyond training (negative:
+    SI lower). runs: row label -> (its runs, the eval key they are read from)."""
+    if "si-p-rope" not in runs:
+        return {}
+
+    def windows(label: str, n: str) -> dict[int, list[float]]:
+        rows, key = runs[label]
+        return {r["seed"]: r[key][n]["loss_by_window"] for r in rows}
+
+    tests: dict[str, dict[str, dict]] = {}
+    for mult in cfg.eval_multiples[1:]:
+        n = str(cfg.train_length * mult)
+        tests[n] = {
+            f"si-p-rope - {label}": paired_window_test(windows("si-p-rope", n), windows(label, n))
+            for label in runs
+            if label != "si-p-rope"
+        }
+    return tests
+
+
+def summarise(cfg: StudyConfig, results: list[dict], chosen: dict) -> dict:
+    rows, runs_by_label = {}, {}
+    for name, base, setting, key in table_rows(cfg, chosen):
+        runs = [r for r in results if r["variant"] == base and r["setting"] == setting]
+        runs_by_label[name] = (runs, key)
+        rows[name] = _row(cfg, runs, key, setting)
     sweep = [
         {
             "variant": r["variant"],
             "setting": r["setting"],
             "seed": r["seed"],
             "loss_in_dist": r["eval"][str(cfg.train_length)]["loss"],
+            "loss": {n: e["loss"] for n, e in r["eval"].items()},
         }
         for r in results
     ]
-    return {"config": asdict(cfg), "chosen": chosen, "rows": rows, "sweep": sweep}
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
+    return {
+        "config": asdict(cfg),
+        "chosen": chosen,
+        "rows": rows,
+        "tests": _tests(cfg, runs_by_label),
+        "sweep": sweep,
+        "cpu_seconds": cpu,
+    }
+
+
+def format_tests(tests: dict[str, dict[str, dict]], what: str, digits: int) -> list[str]:
+    """Markdown lines for paired tests by length: {length: {"a - b": paired_window_test result}}."""
+    lines = [f"Paired t-tests of {what} over windows x seeds:", ""]
+    for n, by_name in tests.items():
+        for name, t in by_name.items():
+            lines.append(f"- {name} at {n}: {t['difference']:+.{digits}f}, n = {t['n']}, p = {t['p']:.2g}")
+    return lines
 
 
 def format_table(cfg: StudyConfig, summary: dict) -> str:
@@ -307,24 +447,26 @@ def format_table(cfg: StudyConfig, summary: dict) -> str:
     lines = [head, "|" + "---|" * (2 + 2 * len(lengths))]
     for name, row in summary["rows"].items():
         setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items()) or "-"
-        cells = []
-        for n in lengths:
-            c = row["by_length"][n]
-            spread = (c["loss_max"] - c["loss_min"]) / 2
-            cells.append(f"{c['loss_mean']:.3f} ± {spread:.3f}")
+        cells = [
+            f"{row['by_length'][n]['loss_mean']:.3f} ± {row['by_length'][n]['loss_sd']:.3f}" for n in lengths
+        ]
         cells += [f"{row['by_length'][n]['needle_mean']:.2f}" for n in lengths]
         lines.append(f"| {name} | {setting} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"Loss in nats/byte, mean ± half-range over seeds {list(cfg.seeds)}; needle = copy accuracy."
-    )
-    lines.append("")
-    lines.append("Selection sweep (seed 0, in-distribution validation loss):")
-    lines.append("")
+    lines += [
+        "",
+        f"Loss in nats/byte, mean ± sample sd over seeds {list(cfg.seeds)}; needle = copy accuracy.",
+        "",
+        *format_tests(summary["tests"], "per-window validation loss (negative: SI p-RoPE lower)", 4),
+        "",
+    ]
+    lines += [f"Selection sweep (seed {cfg.seeds[0]}, chosen on validation loss at {lengths[0]}):", ""]
     for s in summary["sweep"]:
-        if s["seed"] == cfg.seeds[0] and s["setting"]:
+        if s["seed"] == cfg.seeds[0]:
             setting = ", ".join(f"{k}={v:g}" for k, v in s["setting"].items())
-            lines.append(f"- {s['variant']} ({setting}): {s['loss_in_dist']:.4f}")
+            at = " / ".join(f"{s['loss'][n]:.4f}" for n in lengths)
+            lines.append(
+                f"- {s['variant']} ({setting}): {s['loss_in_dist']:.4f} (at {' / '.join(lengths)}: {at})"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -372,8 +514,11 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--d-model", type=pos_int, default=d.d_model)
     p.add_argument("--n-head", type=pos_int, default=d.n_head)
     p.add_argument("--seeds", type=positive(int, 0), nargs="+", default=list(d.seeds))
+    p.add_argument("--rope-bases", type=pos_float, nargs="+", default=list(d.rope_bases), help="RoPE grid")
+    p.add_argument("--lrs", type=pos_float, nargs="+", default=list(d.lrs), help="NoPE and ALiBi grid")
     p.add_argument("--p-rope-bases", type=pos_float, nargs="+", default=list(d.p_rope_bases))
-    p.add_argument("--taus", type=pos_float, nargs="+", default=list(d.taus))
+    p.add_argument("--taus", type=pos_float, nargs="+", default=list(d.taus), help="SI p-RoPE grid")
+    p.add_argument("--si-p-rope-base", type=pos_float, default=d.si_p_rope_base)
     p.add_argument("--eval-tokens", type=pos_int, default=d.eval_tokens)
     p.add_argument("--needle-trials", type=pos_int, default=d.needle_trials)
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
@@ -384,8 +529,15 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
             f"--d-model {a.d_model} must be a multiple of --n-head {a.n_head} with an even head width "
             "(rotary pairs)"
         )
-    if any(b <= 1 for b in a.p_rope_bases):
-        p.error(f"--p-rope-bases must be > 1, got {a.p_rope_bases}")
+    for option, bases in (("--rope-bases", a.rope_bases), ("--p-rope-bases", a.p_rope_bases)):
+        if any(b <= 1 for b in bases):
+            p.error(f"{option} must be > 1, got {bases}")
+    if a.si_p_rope_base <= 1:
+        p.error(f"--si-p-rope-base must be > 1, got {a.si_p_rope_base}")
+    grids = {"--rope-bases": a.rope_bases, "--lrs": a.lrs, "--p-rope-bases": a.p_rope_bases, "--taus": a.taus}
+    if len({len(g) for g in grids.values()}) > 1:
+        sizes = ", ".join(f"{k} {len(g)}" for k, g in grids.items())
+        p.error(f"the tuning grids must have the same number of values (one budget per variant), got {sizes}")
     if len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds must be distinct, got {a.seeds}")
     if Path(a.out).exists() and not Path(a.out).is_dir():
@@ -421,8 +573,11 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
         d_model=a.d_model,
         n_head=a.n_head,
         seeds=tuple(a.seeds),
+        rope_bases=tuple(a.rope_bases),
+        lrs=tuple(a.lrs),
         p_rope_bases=tuple(a.p_rope_bases),
         taus=tuple(a.taus),
+        si_p_rope_base=a.si_p_rope_base,
         eval_tokens=a.eval_tokens,
         needle_trials=a.needle_trials,
         variants=tuple(a.variants),

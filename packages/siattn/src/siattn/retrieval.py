@@ -1,5 +1,5 @@
 """Retrieval at length: tiny LMs trained on a synthetic key-value recall task at one length, then probed
-with the stored pairs far back in windows 4x and 16x longer.
+with the stored pairs far back in windows 4x, 16x and 32x longer.
 
 Task (tokens): filler ids [0, n_filler); one "pair" token per (key, value); a query token per key and a
 value token per value. A training window of length T is filler with the n_keys pairs (every key once,
@@ -35,8 +35,15 @@ from safetensors.torch import load_file, save_file
 
 from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
-from shared_kernels.significance import paired_t_test
-from siattn.lengthgen import TrainConfig, claim_lock, set_warmup_cosine_lr
+from siattn.lengthgen import (
+    TrainConfig,
+    claim_lock,
+    format_tests,
+    paired_window_test,
+    read_json_or_none,
+    sample_sd,
+    set_warmup_cosine_lr,
+)
 from siattn.models import GPT, Block, GPTConfig
 from siattn.positional import rope_frequencies
 
@@ -174,6 +181,8 @@ class RetrievalConfig(TrainConfig):
     n_layer: int = 2
     d_model: int = 64
     n_head: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_multiples: tuple[int, ...] = (1, 4, 16, 32)  # probes at 128 / 512 / 2048 / 4096
     variants: tuple[str, ...] = ALL_VARIANTS
     p_rope_base: float = 8.0
     trials: int = 64
@@ -264,58 +273,85 @@ def _rescale_rope(
 
 
 @torch.no_grad()
-def evaluate(model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str) -> dict[str, list[float]]:
-    """Per-window probe accuracy at each evaluation length: {str(length): [accuracy of window i]}."""
+def evaluate(
+    model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str, multiples: tuple[int, ...]
+) -> dict[str, list[float]]:
+    """Per-window probe accuracy at each of `multiples` x the training length: {str(length): [accuracy of
+    window i]} (the windows depend on the length only, so lengths evaluated later add to earlier ones)."""
     model.eval()
     out = {}
     q_gains = [_q_gain(block).clone() for block in model.layers]
-    for mult in cfg.eval_multiples:
+    for mult in multiples:
         length = cfg.train_length * mult
         if variant in RESCALED:
             _rescale_rope(model, variant, cfg, mult, q_gains)
         tokens = kv_probe(task, length, cfg.trials, seed=0)
-        logits = torch.cat([model(chunk) for chunk in tokens.split(max(1, 8192 // length))])
-        out[str(length)] = probe_window_accuracy(task, logits, tokens).tolist()
+        chunks = tokens.split(max(1, 8192 // length))  # logits of ~8k tokens at a time
+        out[str(length)] = torch.cat([probe_window_accuracy(task, model(c), c) for c in chunks]).tolist()
     return out
+
+
+def _missing_multiples(cfg: RetrievalConfig, result: dict[str, Any] | None) -> tuple[int, ...]:
+    """The evaluation multiples a stored result lacks (all of them when there is none)."""
+    if result is None:
+        return cfg.eval_multiples
+    return tuple(m for m in cfg.eval_multiples if str(cfg.train_length * m) not in result["needle_windows"])
+
+
+def _trained_model(
+    cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float], seed: int
+) -> tuple[GPT, dict[str, Any]]:
+    """A finished run's weights (the chosen RoPE weights for RoPE+NTK / +YaRN) and its training record."""
+    runs = Path(cfg.out) / "runs"
+    trained = "rope" if variant in RESCALED else variant
+    model = _model(cfg, task, trained, setting)
+    model.load_state_dict(load_file(str(runs / f"{run_name(trained, setting, seed)}.safetensors")))
+    base = json.loads((runs / f"{run_name(trained, setting, seed)}.json").read_text())
+    return model, {"train_acc": base["train_acc"], "val_loss": base["val_loss"]}
+
+
+def _train_and_record(
+    cfg: RetrievalConfig, task: KVTask, variant: str, setting: dict[str, float], seed: int
+) -> tuple[GPT, dict[str, Any]]:
+    """Train one model, save its weights, and measure its validation loss."""
+    model, accs = train_model(cfg, task, variant, setting, seed)
+    save_file(
+        model.state_dict(), str(Path(cfg.out) / "runs" / f"{run_name(variant, setting, seed)}.safetensors")
+    )
+    return model, {"train_acc": accs, "val_loss": validation_loss(model, cfg, task)}
 
 
 def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed: int) -> dict[str, Any]:
     """Train (or, for RoPE+NTK / +YaRN, load the RoPE weights of) one run and probe it; resumable: a
-    finished run's json is read back, and a run another live process holds (its lock file) is waited for,
-    so several processes may share cfg.out."""
+    finished run's json is read back, a finished run probed at fewer lengths than cfg.eval_multiples is
+    reloaded and probed at the missing ones only, and a run another live process holds (its lock file) is
+    waited for, so several processes may share cfg.out."""
     torch.set_num_threads(1)
     task = KVTask()
-    runs = Path(cfg.out) / "runs"
-    path = runs / f"{run_name(variant, setting, seed)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    if not claim_lock(runs / f"{run_name(variant, setting, seed)}.lock"):  # another process runs it: wait
-        while not path.exists():
-            time.sleep(10)
-        return json.loads(path.read_text())
+    name = run_name(variant, setting, seed)
+    path, lock = Path(cfg.out) / "runs" / f"{name}.json", Path(cfg.out) / "runs" / f"{name}.lock"
+    stored = read_json_or_none(path)
+    if stored is not None and not _missing_multiples(cfg, stored):
+        return stored
+    while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
+        time.sleep(10)
+    stored = read_json_or_none(path)
+    missing = _missing_multiples(cfg, stored)
+    if stored is not None and not missing:
+        lock.unlink(missing_ok=True)
+        return stored
     start = time.process_time()
-    if variant in RESCALED:
-        model = _model(cfg, task, "rope", setting)
-        model.load_state_dict(load_file(str(runs / f"{run_name('rope', setting, seed)}.safetensors")))
-        base = json.loads((runs / f"{run_name('rope', setting, seed)}.json").read_text())
-        accs, val = base["train_acc"], base["val_loss"]
+    if stored is None and variant not in RESCALED:
+        model, record = _train_and_record(cfg, task, variant, setting, seed)
     else:
-        model, accs = train_model(cfg, task, variant, setting, seed)
-        save_file(model.state_dict(), str(runs / f"{run_name(variant, setting, seed)}.safetensors"))
-        val = validation_loss(model, cfg, task)
-    result = {
-        "variant": variant,
-        "setting": setting,
-        "seed": seed,
-        "train_acc": accs,
-        "val_loss": val,
-        "needle_windows": evaluate(model, cfg, task, variant),
-        "cpu_seconds": time.process_time() - start,
-    }
+        model, record = _trained_model(cfg, task, variant, setting, seed)
+    result = stored or {"variant": variant, "setting": setting, "seed": seed, **record, "needle_windows": {}}
+    result["needle_windows"].update(evaluate(model, cfg, task, variant, missing))
     result["needle"] = {n: statistics.fmean(w) for n, w in result["needle_windows"].items()}
+    result["cpu_seconds"] = result.get("cpu_seconds", 0.0) + time.process_time() - start
     write_text_atomic(path, json.dumps(result))
-    (runs / f"{run_name(variant, setting, seed)}.lock").unlink(missing_ok=True)
-    print(run_name(variant, setting, seed), f"val loss {val:.3f}", result["needle"], flush=True)
+    lock.unlink(missing_ok=True)
+    print(name, f"val loss {result['val_loss']:.3f}", result["needle"], flush=True)
     return result
 
 
@@ -374,19 +410,12 @@ def _rows(
 
 
 def _paired_test(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str) -> dict[str, float]:
-    """Paired t-test (`shared_kernels.significance`) of per-window accuracy, a minus b, over probe windows
-    x seeds (the same windows for both)."""
-    by_seed = {r["seed"]: r["needle_windows"][length] for r in b}
-    pairs = [
-        (x, y)
-        for r in a
-        if r["seed"] in by_seed
-        for x, y in zip(r["needle_windows"][length], by_seed[r["seed"]], strict=True)
-    ]
-    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    mean = statistics.fmean(x - y for x, y in pairs)
-    p = paired_t_test(xs, ys)[1] if len(pairs) > 1 else (1.0 if mean == 0.0 else 0.0)
-    return {"difference": mean, "p": p, "n": len(pairs)}
+    """Paired t-test of per-window probe accuracy, a minus b, over probe windows x seeds (the same windows
+    for both)."""
+    return paired_window_test(
+        {r["seed"]: r["needle_windows"][length] for r in a},
+        {r["seed"]: r["needle_windows"][length] for r in b},
+    )
 
 
 def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[str, dict[str, float]]):
@@ -402,13 +431,16 @@ def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[
             "train_acc": [r["train_acc"][-1] for r in runs],
             "needle": {n: [r["needle"][n] for r in runs] for n in lengths},
             "needle_mean": {n: statistics.fmean(r["needle"][n] for r in runs) for n in lengths},
+            "needle_sd": {n: sample_sd([r["needle"][n] for r in runs]) for n in lengths},
         }
-    tests = {}
+    tests: dict[str, dict[str, dict[str, float]]] = {}  # length -> "si-p-rope - other" -> test
     if "si-p-rope" in rows:
-        for other in [label for label in rows if label != "si-p-rope"]:
-            tests[f"si-p-rope - {other}"] = _paired_test(
-                runs_by_label["si-p-rope"], runs_by_label[other], lengths[-1]
-            )
+        for n in lengths[1:]:  # beyond the training length
+            tests[n] = {
+                f"si-p-rope - {other}": _paired_test(runs_by_label["si-p-rope"], runs_by_label[other], n)
+                for other in rows
+                if other != "si-p-rope"
+            }
     sweep = [
         {"variant": r["variant"], "setting": r["setting"], "val_loss": r["val_loss"], "needle": r["needle"]}
         for r in results
@@ -420,7 +452,7 @@ def summarise(cfg: RetrievalConfig, results: list[dict[str, Any]], chosen: dict[
         "task": asdict(KVTask()),
         "chosen": chosen,
         "rows": rows,
-        "tests_at_longest": tests,
+        "tests": tests,
         "sweep": sweep,
         "cpu_seconds": cpu,
     }
@@ -435,20 +467,21 @@ def format_table(cfg: RetrievalConfig, summary: dict[str, Any]) -> str:
     for label, row in summary["rows"].items():
         setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items())
         cells = [
-            f"{row['needle_mean'][n]:.3f} ({', '.join(f'{x:.2f}' for x in row['needle'][n])})"
+            f"{row['needle_mean'][n]:.3f} ± {row['needle_sd'][n]:.3f} "
+            f"({', '.join(f'{x:.2f}' for x in row['needle'][n])})"
             for n in lengths
         ]
         val = statistics.fmean(row["val_loss"])
         lines.append(f"| {label} | {setting} | {val:.3f} | " + " | ".join(cells) + " |")
     chance = 1 / KVTask().n_values
-    lines += ["", f"Probe accuracy: mean over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.", ""]
-    for name, t in summary["tests_at_longest"].items():
-        p = f"p = {t['p']:.2g}" if t["p"] >= 1e-6 else "p < 1e-6"  # the normal tail is no finer than that
-        lines.append(
-            f"- {name} at {lengths[-1]}: {t['difference']:+.3f}, paired t-test over {t['n']} probe windows x "
-            f"seeds, {p}"
-        )
-    lines += ["", f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
+    lines += [
+        "",
+        f"Probe accuracy: mean ± sample sd over seeds {list(cfg.seeds)} (per seed); chance {chance:.3f}.",
+        "",
+        *format_tests(summary["tests"], "per-window probe accuracy", 3),
+        "",
+    ]
+    lines += [f"Tuning sweep (seed {cfg.seeds[0]}, chosen on validation loss at {cfg.train_length}):", ""]
     for s in summary["sweep"]:
         setting = ", ".join(f"{k}={v:g}" for k, v in s["setting"].items())
         lines.append(f"- {s['variant']} ({setting}): val loss {s['val_loss']:.4f}")
