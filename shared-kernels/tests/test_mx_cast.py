@@ -298,6 +298,9 @@ def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
         )
     data, scale = mx_cast(x[:64], dim=0)
     assert data.dtype == E4M3 and calls == ["mx_cast_cpu"]
+    ref_data, ref_scale = mx_cast_ref(x[:64], dim=0)  # the codes allocated as E4M3 by the kernel's caller
+    assert_exact(data.view(torch.uint8), ref_data.view(torch.uint8), "dispatch data")
+    assert_exact(scale, ref_scale, "dispatch scale")
     mx_cast_rows_cols(x[:64], backend="auto")
     assert calls == ["mx_cast_cpu", "mx_cast_rows_cols_cpu"]
     mx_cast(x[:64], backend="torch")

@@ -44,6 +44,7 @@ public `mx_cast` / `mx_dequantize`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -608,6 +609,7 @@ def _native_cpu() -> bool:
     return mx_cpu.available()
 
 
+@functools.cache
 def _native_format(elem_dtype: torch.dtype, block_size: int, scale_mode: str) -> mx_cpu.MXFormat:
     max_pos, emax = ELEM_DTYPES[elem_dtype]
     return mx_cpu.MXFormat(elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode)
@@ -617,8 +619,8 @@ def _mx_cast_cpu_codes(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The native cast: (codes as `elem_dtype`, uint8 scales); `dim` non-negative."""
-    data, scale = mx_cpu.mx_cast_cpu(x, _native_format(elem_dtype, block_size, scale_mode), dim)
-    return data.view(elem_dtype), scale
+    fmt = _native_format(elem_dtype, block_size, scale_mode)
+    return mx_cpu.mx_cast_cpu(x, fmt, dim, codes_dtype=elem_dtype)
 
 
 # The native CPU cast as an operator, so torch.compile sees one opaque op with a fake implementation. Defined
@@ -645,8 +647,8 @@ def _mx_cast_rows_cols_cpu_codes(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The native row + column cast of a 2-D x from one pass: codes as `elem_dtype`, uint8 scales."""
-    rd, rs, cd, cs = mx_cpu.mx_cast_rows_cols_cpu(x, _native_format(elem_dtype, block_size, scale_mode))
-    return rd.view(elem_dtype), rs, cd.view(elem_dtype), cs
+    fmt = _native_format(elem_dtype, block_size, scale_mode)
+    return mx_cpu.mx_cast_rows_cols_cpu(x, fmt, codes_dtype=elem_dtype)
 
 
 _LIB.define(

@@ -89,10 +89,20 @@ class MXFormat(NamedTuple):
     scale_mode: str
 
 
+@functools.cache
+def _format_args(fmt: MXFormat) -> tuple[int, int, int, int, int, float, float, int, int]:
+    """The C entry point's arguments after `mode` that depend only on the format, computed once per format:
+    a call's fixed cost is mostly cache misses once a large cast has evicted the interpreter's state (see
+    `mx_cast_cpu`), so each Python step saved on the call path counts."""
+    mbits, elem_bias, magic, magic_bits, nan_code = _element_format(fmt.elem_dtype, fmt.emax)
+    rceil = int(fmt.scale_mode == "rceil")
+    return fmt.emax, mbits, elem_bias, rceil, fmt.top_byte, fmt.max_pos, magic, magic_bits, nan_code
+
+
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float16:
         x = x.float()  # exact; the kernels read fp32 and bf16
-    return x.contiguous()
+    return x if x.is_contiguous() else x.contiguous()  # is_contiguous: no dispatcher call
 
 
 def _launch(
@@ -104,9 +114,9 @@ def _launch(
     isa: int,
 ) -> None:
     """One call of the C entry point: shape = (batch, m, n, mode), outs = (data, scale, data2, scale2)."""
-    mbits, elem_bias, magic, magic_bits, nan_code = _element_format(fmt.elem_dtype, fmt.emax)
     batch, m, n, mode = shape
-    threads = max(1, min(torch.get_num_threads(), x.numel() // _MIN_ELEMENTS_PER_THREAD))
+    per_thread = x.numel() // _MIN_ELEMENTS_PER_THREAD
+    threads = 1 if per_thread < 2 else min(torch.get_num_threads(), per_thread)  # small: no thread query
     lib.mx_cast(
         x.data_ptr(),
         0 if x.dtype == torch.float32 else 1,
@@ -115,15 +125,7 @@ def _launch(
         n,
         fmt.block_size,
         mode,
-        fmt.emax,
-        mbits,
-        elem_bias,
-        int(fmt.scale_mode == "rceil"),
-        fmt.top_byte,
-        fmt.max_pos,
-        magic,
-        magic_bits,
-        nan_code,
+        *_format_args(fmt),
         *(None if t is None else t.data_ptr() for t in outs),
         threads,
         isa,
@@ -131,11 +133,17 @@ def _launch(
 
 
 def mx_cast_cpu(
-    x: torch.Tensor, fmt: MXFormat, dim: int, isa: int = ISA_AVX512
+    x: torch.Tensor, fmt: MXFormat, dim: int, isa: int = ISA_AVX512, codes_dtype: torch.dtype = torch.uint8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mx_cast_ref(x, fmt.elem_dtype, fmt.block_size, fmt.scale_mode, dim)` as (uint8 codes, uint8 scales)
-    on CPU; arguments already validated by `mx_cast` (dim non-negative). Called by the op
-    `shared_kernels::mx_cast_native`."""
+    """`mx_cast_ref(x, fmt.elem_dtype, fmt.block_size, fmt.scale_mode, dim)` as (codes, uint8 scales) on
+    CPU, the codes' bytes allocated as `codes_dtype` (uint8, or the element type: no view afterwards);
+    arguments already validated by `mx_cast` (dim non-negative). Called by the op
+    `shared_kernels::mx_cast_native`.
+
+    A call's fixed cost grows several times once a large cast has streamed through the caches (a 32x32 cast:
+    ~14 us CPU warm, ~70 us right after a 4 MB copy): the interpreter's, the dispatcher's and ctypes' state
+    is then fetched from memory again. So this path keeps its Python steps few (the format's C arguments
+    cached, no `.contiguous()` / `.view()` dispatch when not needed)."""
     lib = _native.get()
     assert lib is not None, "call available() first"
     x = _prepare(x)
@@ -143,7 +151,7 @@ def mx_cast_cpu(
     outer = x.shape[:dim].numel()
     n = x.shape[dim]
     scale_shape = (*x.shape[:dim], -(-n // fmt.block_size), *x.shape[dim + 1 :])
-    data = torch.empty(x.shape, dtype=torch.uint8)
+    data = torch.empty(x.shape, dtype=codes_dtype)
     scale = torch.empty(scale_shape, dtype=torch.uint8)
     if x.numel():
         # blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
@@ -153,21 +161,21 @@ def mx_cast_cpu(
 
 
 def mx_cast_rows_cols_cpu(
-    x: torch.Tensor, fmt: MXFormat, isa: int = ISA_AVX512
+    x: torch.Tensor, fmt: MXFormat, isa: int = ISA_AVX512, codes_dtype: torch.dtype = torch.uint8
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both casts of a 2-D x (M, N) from one pass over it (each block-row of `block_size` rows cast along
     its rows, then along its columns, while in cache): (row codes, row scales, column codes, column
-    scales), uint8, as `mx_cast_cpu(x, fmt, 1)` and `mx_cast_cpu(x, fmt, 0)`. Called by the op
-    `shared_kernels::mx_cast_rows_cols_native`."""
+    scales), the codes as `codes_dtype`, as `mx_cast_cpu(x, fmt, 1)` and `mx_cast_cpu(x, fmt, 0)`. Called
+    by the op `shared_kernels::mx_cast_rows_cols_native`."""
     lib = _native.get()
     assert lib is not None, "call available() first"
     x = _prepare(x)
     m, n = x.shape
     bs = fmt.block_size
     outs = (
-        torch.empty((m, n), dtype=torch.uint8),
+        torch.empty((m, n), dtype=codes_dtype),
         torch.empty((m, -(-n // bs)), dtype=torch.uint8),
-        torch.empty((m, n), dtype=torch.uint8),
+        torch.empty((m, n), dtype=codes_dtype),
         torch.empty((-(-m // bs), n), dtype=torch.uint8),
     )
     if x.numel():
