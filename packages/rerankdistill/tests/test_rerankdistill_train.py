@@ -372,6 +372,19 @@ def test_kl_term_is_zero_at_the_reference_and_pulls_the_policy_back(tiny_tokeniz
     assert after < kl
 
 
+def test_reference_of_a_lora_student_copies_its_adapters_only(tiny_tokenizer):
+    from rerankdistill.train.common import apply_lora
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = apply_lora(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2), LoraSpec(r=2, target_modules=("q_proj",))
+    )
+    reference = ReferencePolicy(model)
+    assert reference.params and all("lora_" in name for name in reference.params)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(reference.params) == trainable
+
+
 def test_grpo_with_kl_logs_it_and_resumes(tmp_path, tiny_tokenizer):
     """beta > 0 on a LoRA student: the reference is the adapters as handed in (so the first step's KL is
     0, later ones are not), each row logs "kl", and a run killed after its step-2 checkpoint resumes, from
