@@ -339,10 +339,11 @@ def test_grpo_refinement_resumes_to_the_same_result(tmp_path, capsys):
     """refine.method=grpo runs on the shared loop: checkpoints under checkpoints/refine; a run whose last
     refinement checkpoint is gone resumes from the one before and ends with the same losses and scores, and
     keeps the metrics rows of both phases (the tiny model earns no reward in 4 tokens: zero advantages; the
-    non-trivial GRPO resume is rerankdistill's test_grpo_moves_the_model_only_with_informative_rewards)."""
+    non-trivial GRPO resume is rerankdistill's test_grpo_moves_the_model_only_with_informative_rewards and,
+    with a KL term, test_grpo_with_kl_logs_it_and_resumes); refine.kl_beta reaches the phase (KL rows)."""
     import shutil
 
-    args = ["--no-progress", *TINY, "refine.method=grpo", "refine.steps=3"]
+    args = ["--no-progress", *TINY, "refine.method=grpo", "refine.steps=3", "refine.kl_beta=0.05"]
     assert main([f"run_dir={tmp_path / 'a'}", *args]) == 0
     assert "GRPO on 2 pairs, 2 samples per prompt, 2 prompt(s) per step" in capsys.readouterr().out
     refine = tmp_path / "a" / "checkpoints" / "refine"
@@ -355,7 +356,11 @@ def test_grpo_refinement_resumes_to_the_same_result(tmp_path, capsys):
 
     def refine_rows(run_dir):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["refine/loss"], r["refine/reward"]) for r in rows if "refine/loss" in r]
+        return [
+            (r["step"], r["refine/loss"], r["refine/reward"], r["refine/kl"])
+            for r in rows
+            if "refine/loss" in r
+        ]
 
     assert len(refine_rows(tmp_path / "a")) == 3 and refine_rows(tmp_path / "b") == refine_rows(
         tmp_path / "a"

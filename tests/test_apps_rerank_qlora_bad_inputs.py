@@ -39,6 +39,11 @@ CASES = [
     (["attention.p_rope_fraction=-0.1"], r"attention.p_rope_fraction must be in \[0, 1\]"),
     (["refine.temperature=0"], r"refine.temperature must be a finite number > 0"),
     (["refine.threshold=2"], r"refine.threshold must be in \[0, 1\]"),
+    (["refine.kl_beta=-1"], r"refine.kl_beta must be a finite number >= 0, got -1"),
+    (
+        ["refine.kl_beta=0.1"],
+        r"refine.kl_beta applies to refine.method=grpo only, got method=reward-weighted",
+    ),
     (["refine.samples=0"], r"refine.samples must be >= 1"),
     (["rerank.k=0"], r"rerank.k must be >= 1"),
     (["rerank.max_new_tokens=-5"], r"rerank.max_new_tokens must be >= 1"),

@@ -5,6 +5,7 @@ logs its reward, and bad batch settings are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -225,6 +226,14 @@ def test_grpo_refinement_logs_its_reward(tmp_path, tiny_tokenizer, acc):
     assert said == ["GRPO on 3 pairs, 2 samples per prompt, 2 prompt(s) per step"]
     assert [r["step"] for r in result.history] == [1, 2]
     assert all(0.0 <= r["refine/reward"] <= 1.5 for r in result.history)
+    assert not any("refine/kl" in r for r in result.history)  # kl_beta = 0: no reference, no KL row
+    kl_loop = _loop(tmp_path / "kl", said, batch_size=2, micro_batch_size=1)
+    settings = dataclasses.replace(REFINE, kl_beta=0.3)
+    anchored = refine_grpo(
+        acc, _model(tok), tok, INTERANK_PROMPT, PAIRS, RECORDS, settings, 1e-2, 512, kl_loop
+    )
+    kls = [r["refine/kl"] for r in anchored.history]
+    assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-6) and all(k >= 0 for k in kls)
     unlabelled = [TeacherRecord(r.qid, r.docid, "t", "?", None) for r in RECORDS]
     with pytest.raises(ValueError, match="no teacher-labelled pair"):
         refine_grpo(acc, _model(tok), tok, INTERANK_PROMPT, PAIRS, unlabelled, REFINE, 1e-2, 512, loop)

@@ -18,7 +18,14 @@ from rerankdistill.train.common import (
     per_example_nll,
     weighted_loss,
 )
-from rerankdistill.train.grpo import format_reward, grpo, label_reward
+from rerankdistill.train.grpo import (
+    ReferencePolicy,
+    format_reward,
+    group_loss,
+    grpo,
+    k3_kl,
+    label_reward,
+)
 from rerankdistill.train.rwft import (
     RefinePair,
     group_weights,
@@ -299,8 +306,118 @@ def test_grpo_moves_the_model_only_with_informative_rewards(tmp_path, tiny_token
     )
     assert resumed.stats["steps"] == 3 and resumed.stats["last_loss"] == full.stats["last_loss"]
     assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
-    with pytest.raises(ValueError, match="beta must be 0"):
-        grpo(model, tiny_tokenizer, pairs, tmp_path / "kl", beta=0.1)
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got -0.1"):
+        grpo(model, tiny_tokenizer, pairs, tmp_path / "kl", beta=-0.1)
+
+
+def _group_batch(tokenizer, advantages):
+    from rerankdistill.train.common import collate
+
+    texts = ["It covers topic one.", "No idea at all, sorry", "Relevance Label: 2"]
+    examples = [
+        encode_example(tokenizer, INTERANK_PROMPT.messages("q one", "doc one"), t + INTERANK_PROMPT.stop, a)
+        for t, a in zip(texts, advantages, strict=True)
+    ]
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def _grad(model, batch, beta, reference):
+    model.zero_grad()
+    ref = reference.token_logprobs(model, batch)
+    loss, kl = group_loss(
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch, beta, ref
+    )
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()], kl
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_away_from_it():
+    x = torch.randn(3, 7, dtype=torch.float64)
+    assert torch.equal(k3_kl(x, x), torch.zeros_like(x))
+    kl = k3_kl(x, x + torch.randn_like(x))
+    assert (kl > 0).all()
+    # the k3 estimate is unbiased for KL(p || q): E_p[q/p - log(q/p) - 1] on a small categorical
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    assert torch.isclose((p * k3_kl(q.log(), p.log())).sum(), (p * (p / q).log()).sum())
+
+
+def test_kl_term_is_zero_at_the_reference_and_pulls_the_policy_back(tiny_tokenizer):
+    """With policy == reference the KL and its gradient vanish (beta changes nothing); moved away from the
+    reference, beta > 0 adds a gradient whose descent direction points back to the reference."""
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer, seed=3).double()
+    batch = _group_batch(tiny_tokenizer, [1.2, -0.4, -0.8])
+    reference = ReferencePolicy(model)
+    g0, kl0 = _grad(model, batch, 0.0, reference)
+    g1, kl1 = _grad(model, batch, 0.5, reference)
+    assert math.isclose(kl0, 0.0, abs_tol=1e-12) and math.isclose(kl1, 0.0, abs_tol=1e-12)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(g0, g1, strict=True))
+
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g0, _ = _grad(model, batch, 0.0, reference)
+    g1, kl = _grad(model, batch, 0.5, reference)
+    assert kl > 1e-6
+    # g1 - g0 = beta * grad KL; -(grad KL) . (theta - theta_ref) < 0: a step along -grad moves toward ref
+    pull = sum(((b - a) * (p.detach() - s)).sum() for a, b, p, s in zip(g0, g1, model.parameters(), start))
+    assert pull > 0
+    with torch.no_grad():  # one small descent step on the KL term alone lowers the KL
+        for a, b, p in zip(g0, g1, model.parameters(), strict=True):
+            p.sub_(1e-2 * (b - a))
+    _, after = _grad(model, batch, 0.5, reference)
+    assert after < kl
+
+
+def test_reference_of_a_lora_student_copies_its_adapters_only(tiny_tokenizer):
+    from rerankdistill.train.common import apply_lora
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    model = apply_lora(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2), LoraSpec(r=2, target_modules=("q_proj",))
+    )
+    reference = ReferencePolicy(model)
+    assert reference.params and all("lora_" in name for name in reference.params)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(reference.params) == trainable
+
+
+def test_grpo_with_kl_logs_it_and_resumes(tmp_path, tiny_tokenizer):
+    """beta > 0 on a LoRA student: the reference is the adapters as handed in (so the first step's KL is
+    0, later ones are not), each row logs "kl", and a run killed after its step-2 checkpoint resumes, from
+    the same starting student, to the same weights and KL."""
+    import shutil
+
+    from shared_kernels.testing.tiny_lm import tiny_causal_lm
+
+    pairs = [RefinePair(e.query, e.document, int(e.target[-1])) for e in EXAMPLES[:2]]
+    lora = LoraSpec(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    kwargs = dict(
+        max_steps=3,
+        num_generations=3,
+        max_completion_length=6,
+        learning_rate=5e-2,
+        progress=False,
+        beta=0.5,
+        lora=lora,
+        save_every=2,
+        reward_funcs=[lambda completions, **_: [float(len(str(c))) for c in completions]],
+    )
+    full = grpo(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4), tiny_tokenizer, pairs, tmp_path / "a", **kwargs
+    )
+    assert full.stats["first_kl"] == pytest.approx(0.0, abs=1e-6) and full.stats["last_kl"] > 1e-6
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000003")
+    (tmp_path / "b" / "checkpoints" / "latest").unlink()
+    resumed = grpo(
+        tiny_causal_lm(tokenizer=tiny_tokenizer, seed=4), tiny_tokenizer, pairs, tmp_path / "b", **kwargs
+    )
+    assert resumed.stats["last_kl"] == full.stats["last_kl"]
+    assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
 
 
 def test_qlora_sft_through_nf4lora(tmp_path, tiny_tokenizer):

@@ -290,8 +290,15 @@ class RefineConfig:
     threshold: float = option(0.85, "keep samples whose min-max normalised reward is at least this")
     steps: int = option(5, "optimizer steps of refinement")
     temperature: float = option(1.0, "sampling temperature")
+    kl_beta: float = option(
+        0.0, "grpo: KL coefficient to the distilled student (TRL's beta; 0, TRL's default: no KL term)"
+    )
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
+            raise ValueError(f"refine.kl_beta must be a finite number >= 0, got {self.kl_beta}")
+        if self.kl_beta and self.method != "grpo":
+            raise ValueError(f"refine.kl_beta applies to refine.method=grpo only, got method={self.method}")
         for name in ("samples", "pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"refine.{name} must be >= 1, got {getattr(self, name)}")

@@ -285,6 +285,7 @@ class RerankQLoRARecipe:
             threshold=rc.threshold,
             max_new_tokens=self.cfg.rerank.max_new_tokens,
             sample_batch_size=self.cfg.rerank.batch_size,
+            kl_beta=rc.kl_beta,
         )
         common = (self.acc, self.model, self.tokenizer, _prompt(), pairs, records, settings, tc.lr)
         if rc.method == "grpo":

@@ -318,7 +318,7 @@ class RefineOptions(TrainOptions):
     weight_by_misclassification: bool = option(False, "rwft: scale weights by the pair's error rate")
     temperature: float = option(1.0, "sampling temperature")
     max_new_tokens: int = option(256, "tokens per sampled answer")
-    beta: float = option(0.0, "grpo: KL coefficient")
+    beta: float = option(0.0, "grpo: KL coefficient to the student as given (TRL's beta, k3 estimator)")
     reward: str = option(
         "label",
         "rwft reward: label (agreement with the teacher's label) | rubric (a judge model "

@@ -101,22 +101,30 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
 
 
-def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL per sequence over unmasked labels.
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of each learned label token.
 
     Args:
         logits: (B, T, V); labels: (B, T) with -100 where not learned (shifted inside: logits[t] predicts
             labels[t + 1]).
     Returns:
-        (B,) float32; 0 for a sequence with no learned token.
+        nll: (B, T-1) float32, 0 where not learned; mask: (B, T-1) bool, True where learned.
     """
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
-    )  # (B, T-1)
-    count = (shift_labels != IGNORE).sum(1)
-    return nll.sum(1) / count.clamp(min=1)
+        logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+    )
+    return nll, shift_labels != IGNORE
+
+
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per sequence over unmasked labels (`token_nll`'s arguments).
+
+    Returns:
+        (B,) float32; 0 for a sequence with no learned token.
+    """
+    nll, mask = token_nll(logits, labels)
+    return nll.sum(1) / mask.sum(1).clamp(min=1)
 
 
 def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

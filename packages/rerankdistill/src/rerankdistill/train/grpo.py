@@ -1,14 +1,29 @@
 """GRPO refinement (Shao et al. 2024, DeepSeekMath): the student samples a group of k answers per prompt;
 rewards for label agreement and output format give group-relative advantages A_i = (r_i - mean r) /
-(std r + 1e-4) (TRL's default group scaling), and the loss is mean_i(A_i * NLL_i) with NLL_i the mean token
-NLL of answer i: one policy-gradient step per sampling (so the PPO ratio is 1 and clipping never acts), no
-KL term (beta = 0, TRL's default). The natural RL extension of InteRank's reward-weighted fine-tuning
-(REFERENCE section 5). Each answer's NLL covers the text the student wrote plus the stop marker and the
-end-of-turn token generation ends with (as the SFT targets do).
+(std r + 1e-4) (TRL's default group scaling), and the loss is mean_i(A_i * NLL_i + beta * KL_i) with NLL_i
+the mean token NLL of answer i and KL_i the mean over its tokens of the k3 estimator
+exp(ref - logp) - (ref - logp) - 1 (DeepSeekMath; TRL's `beta`, default 0.0 as TRL 1.16's GRPOConfig).
+Each answer's NLL covers the text the student wrote plus the stop marker and the end-of-turn token
+generation ends with (as the SFT targets do).
+
+Old policy and reference policy are two different things here:
+  * the old policy (the PPO ratio's denominator) is the policy that sampled the group. There is one
+    optimizer step per sampling and the parameters do not change between sampling and the loss, so the
+    ratio is 1 (its gradient is that of logp) and TRL's `epsilon` clipping never acts: no copy is kept;
+  * the reference (the KL's anchor) is the policy at the START of refinement, i.e. the distilled student
+    (for a LoRA student: its adapters as distillation left them, so disabling the adapters, as TRL does
+    for PEFT models, would anchor to the base model instead and is not used). After the first step it
+    differs from the policy, so the pre-update policy cannot serve (its k3 KL and that KL's gradient are
+    identically 0). `ReferencePolicy` keeps a copy of the trainable parameters only (LoRA: the adapters;
+    full fine-tuning: the weights, as TRL's reference model) and computes each group's reference log-probs
+    once, without gradient, with those parameters swapped in (`torch.func.functional_call`). The copy is
+    taken from the model handed in, before a checkpoint is loaded, so a resumed run keeps the same
+    reference. With beta = 0 no copy is taken and no reference forward runs.
 
 It runs on the workspace's one training loop (`shared_kernels.training`): DDP/FSDP2 under accelerate,
 `CheckpointManager` checkpoints in `output_dir/checkpoints` and resume like SFT and rwft. Sampling is seeded
-by (seed, step, prompt), so a resumed run draws the samples an uninterrupted run draws.
+by (seed, step, prompt), so a resumed run draws the samples an uninterrupted run draws. The logged "reward"
+and "kl" (token mean, beta > 0 only) of a step are the means over the step's groups on the main process.
 
 Rewards (TRL reward-function signature: completions plus dataset columns as keyword lists):
   * `label_reward`: 1 - |parsed - label| / 2, 0 when unparseable;
@@ -18,11 +33,13 @@ Rewards (TRL reward-function signature: completions plus dataset columns as keyw
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rerankdistill.labels import INTERANK_PROMPT, RelevancePrompt, parse_relevance
 from rerankdistill.train.common import (
@@ -31,7 +48,7 @@ from rerankdistill.train.common import (
     collate,
     encode_example,
     save_model,
-    weighted_loss,
+    token_nll,
 )
 from rerankdistill.train.rwft import RefinePair, sample_candidates
 from rerankdistill.train.sft import TrainResult
@@ -78,6 +95,87 @@ def grpo_window(
     return lambda step: [(step, i) for i in order[step * prompts_per_step : (step + 1) * prompts_per_step]]
 
 
+def k3_kl(ref_logp, logp):
+    """Per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 (>= 0, 0 where
+    equal; DeepSeekMath eq. 4, TRL's `per_token_kl`)."""
+    import torch
+
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+class ReferencePolicy:
+    """The policy at the start of refinement (see the module docstring): a copy of `model`'s trainable
+    parameters, swapped in to compute reference log-probs without gradient."""
+
+    def __init__(self, model) -> None:
+        self.params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def token_logprobs(self, model, batch: dict) -> Any:
+        """(B, T-1) log-probs of `batch["labels"]`' next tokens under the reference (`token_nll`'s layout),
+        `model` in eval mode (no dropout) for that forward."""
+        import torch
+
+        current = dict(model.named_parameters())
+        self.params = {n: t.to(current[n].device) for n, t in self.params.items()}  # no-op after the 1st
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(
+                    model,
+                    self.params,
+                    (),
+                    {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                    strict=False,
+                )
+        finally:
+            model.train(was_training)
+        return -token_nll(out.logits, batch["labels"])[0]
+
+
+class StepMeans:
+    """Means of per-group values over one step's groups (reset when the step changes), for the logged rows."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        if step != self.step:
+            self.step, self.sums, self.count = step, {}, 0
+        self.count += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+def group_rewards(
+    texts: Sequence[str], label: int, reward_funcs: Sequence[Callable], reward_weights: Sequence[float]
+) -> list[float]:
+    """sum_f w_f * f(texts, label=...) per text."""
+    rewards = [0.0] * len(texts)
+    for fn, w in zip(reward_funcs, reward_weights, strict=True):
+        scores = fn(texts, label=[label] * len(texts))
+        rewards = [r + w * float(x) for r, x in zip(rewards, scores, strict=True)]
+    return rewards
+
+
+def group_loss(logits, batch: dict, beta: float, ref_logp) -> tuple[Any, float]:
+    """mean_i(A_i * NLL_i + beta * KL_i) of one group (advantages in batch["weights"]) and its token-mean
+    KL (nan without a reference)."""
+    nll, mask = token_nll(logits, batch["labels"])
+    count = mask.sum(1).clamp(min=1)
+    loss = (batch["weights"] * nll.sum(1) / count).mean()
+    if ref_logp is None:
+        return loss, math.nan
+    kl = k3_kl(ref_logp, -nll) * mask
+    return loss + beta * (kl.sum(1) / count).mean(), float(kl.detach().sum() / mask.sum().clamp(min=1))
+
+
 def grpo_loss(
     tokenizer,
     pairs: Sequence[RefinePair],
@@ -89,15 +187,20 @@ def grpo_loss(
     seed: int,
     unwrap: Callable,
     device,
-    last_reward: dict[str, float],
+    stats: StepMeans,
     prompt: RelevancePrompt = INTERANK_PROMPT,
+    beta: float = 0.0,
+    reference: ReferencePolicy | None = None,
 ) -> Callable:
     """The loss of one GRPO micro-batch (one prompt's group), for `shared_kernels.training.run_loop`.
 
     Args:
-        unwrap: prepared model -> the model to sample from (`accelerator.unwrap_model`).
-        last_reward: receives {"reward": the group's mean reward} (for the logged rows).
+        unwrap: prepared model -> the model to sample from (`accelerate.unwrap_model`).
+        stats: receives {"reward": the group's mean reward[, "kl": its token-mean KL]} per group.
+        beta, reference: the KL coefficient and the reference policy (needed when beta > 0).
     """
+    if beta and reference is None:
+        raise ValueError(f"beta={beta} needs a reference policy")
 
     def loss_fn(m, micro: tuple[int, int]):
         step, i = micro
@@ -113,20 +216,18 @@ def grpo_loss(
             prompt=prompt,
             seed=seed * 1_000_003 + step * 1009 + i,
         )[0]
-        rewards = [0.0] * len(texts)
-        for fn, w in zip(reward_funcs, reward_weights, strict=True):
-            rewards = [
-                r + w * float(x)
-                for r, x in zip(rewards, fn(texts, label=[pair.reference] * len(texts)), strict=True)
-            ]
-        last_reward["reward"] = sum(rewards) / len(rewards)
+        rewards = group_rewards(texts, pair.reference, reward_funcs, reward_weights)
         examples = [
             encode_example(tokenizer, prompt.messages(pair.query, pair.document), t + prompt.stop, weight=a)
             for t, a in zip(texts, group_advantages(rewards), strict=True)
         ]
         batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+        ref_logp = reference.token_logprobs(unwrap(m), batch) if beta and reference is not None else None
         out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return weighted_loss(out.logits, batch["labels"], batch["weights"])
+        loss, kl = group_loss(out.logits, batch, beta, ref_logp)
+        values = {"reward": sum(rewards) / len(rewards)}
+        stats.add(step, values if ref_logp is None else {**values, "kl": kl})
+        return loss
 
     return loss_fn
 
@@ -162,14 +263,17 @@ def grpo(
     Args:
         model, tokenizer: the student (causal LM + chat-template tokenizer).
         pairs: `RefinePair`s; `reference` is the label the reward compares with.
-        max_steps, learning_rate, temperature: GRPO settings; beta must be 0 (no reference-model KL).
+        max_steps, learning_rate, temperature: GRPO settings.
+        beta: KL coefficient to the policy handed in (the reference, see the module docstring); 0 (TRL's
+            default): no KL term, no reference copy.
         num_generations: group size per prompt; `batch_size` answers per optimizer step (default
             num_generations, i.e. one prompt per step) must be a multiple of it.
         reward_funcs, reward_weights: default [label_reward, format_reward] with weights [1.0, 0.5].
         lora: train LoRA adapters instead of all weights.
         save_every: optimizer steps between checkpoints (0: only the last step's); a run resumes from them.
     Returns:
-        stats: steps, first/last loss and mean reward (of the logged steps; main process), the final weights.
+        stats: steps, first/last loss, mean reward and (beta > 0) KL of the logged steps (main process);
+            the final weights.
     """
     import torch
     from accelerate import Accelerator
@@ -179,8 +283,8 @@ def grpo(
 
     if not pairs:
         raise ValueError("pairs is empty")
-    if beta != 0:
-        raise ValueError(f"beta must be 0 (no KL to a reference model is implemented), got {beta}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
     if num_generations < 2:
         raise ValueError(
             f"num_generations must be >= 2 (advantages are relative to the group), got {num_generations}"
@@ -199,7 +303,7 @@ def grpo(
         model = apply_lora(model, lora)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
-    last_reward: dict[str, float] = {}
+    stats = StepMeans()
     window = grpo_window(len(pairs), max_steps, batch_size // num_generations, seed)
     loss_fn = grpo_loss(
         tokenizer,
@@ -212,8 +316,10 @@ def grpo(
         seed,
         acc.unwrap_model,
         acc.device,
-        last_reward,
+        stats,
         prompt,
+        beta,
+        ReferencePolicy(model) if beta else None,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -242,15 +348,13 @@ def grpo(
         loss_fn,
         settings,
         checkpoints,
-        extra_metrics=lambda _: dict(last_reward),
+        extra_metrics=lambda _: stats.means(),
     )
     acc.wait_for_everyone()
     rows = state.history
-    stats = {
-        "steps": float(state.step),
-        "first_loss": rows[0]["grpo/loss"] if rows else float("nan"),
-        "last_loss": rows[-1]["grpo/loss"] if rows else float("nan"),
-        "first_reward": rows[0].get("reward", float("nan")) if rows else float("nan"),
-        "last_reward": rows[-1].get("reward", float("nan")) if rows else float("nan"),
-    }
-    return TrainResult(model, save_model(model, tokenizer, output_dir), stats)
+    summary = {"steps": float(state.step)}
+    for key, name in (("grpo/loss", "loss"), ("reward", "reward"), ("kl", "kl")):
+        if name != "kl" or beta:
+            summary[f"first_{name}"] = rows[0].get(key, math.nan) if rows else math.nan
+            summary[f"last_{name}"] = rows[-1].get(key, math.nan) if rows else math.nan
+    return TrainResult(model, save_model(model, tokenizer, output_dir), summary)

@@ -97,6 +97,8 @@ class RefineSettings:
         threshold: reward-weighted only: keep candidates with normalised reward >= threshold.
         max_new_tokens: longest sampled answer.
         sample_batch_size: prompts per generate call (reward-weighted sampling).
+        kl_beta: GRPO only: KL coefficient to the student as refinement starts (`rerankdistill.train.grpo`;
+            0: no KL term).
     """
 
     pairs: int
@@ -106,6 +108,7 @@ class RefineSettings:
     threshold: float
     max_new_tokens: int
     sample_batch_size: int
+    kl_beta: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -434,12 +437,14 @@ def refine_grpo(
 ) -> PhaseResult:
     """GRPO (`rerankdistill.train.grpo`) on `settings.pairs` teacher-labelled pairs: `settings.samples`
     answers per prompt, label-agreement + format rewards, group-relative advantages, one prompt's group per
-    micro batch (phase "refine"; sampling seeded by step and pair, so it resumes like distillation).
+    micro batch (phase "refine"; sampling seeded by step and pair, so it resumes like distillation). With
+    `settings.kl_beta` > 0, a KL term anchors it to `model` as handed in (the distilled student) and each
+    row logs "refine/kl".
 
     Returns:
         The phase, with the note {"method", "pairs", "samples_per_prompt", "prompts_per_step"}.
     """
-    from rerankdistill.train.grpo import default_rewards, grpo_loss, grpo_window
+    from rerankdistill.train.grpo import ReferencePolicy, StepMeans, default_rewards, grpo_loss, grpo_window
     from rerankdistill.train.rwft import RefinePair
 
     if is_sharded(model):
@@ -454,7 +459,7 @@ def refine_grpo(
         raise ValueError("refine: no teacher-labelled pair to refine on")
     prompts_per_step = loop.batch_size // loop.micro_batch_size  # one prompt's group per micro batch
     funcs, weights = default_rewards()
-    last_reward: dict[str, float] = {}
+    stats = StepMeans()
     window = grpo_window(len(refine_pairs), settings.steps, prompts_per_step, loop.seed)
     loss_fn = grpo_loss(
         tokenizer,
@@ -467,8 +472,10 @@ def refine_grpo(
         loop.seed,
         acc.unwrap_model,
         acc.device,
-        last_reward,
+        stats,
         prompt,
+        settings.kl_beta,
+        ReferencePolicy(model) if settings.kl_beta else None,
     )
     note = {
         "method": "grpo",
@@ -489,7 +496,7 @@ def refine_grpo(
         window,
         loss_fn,
         loop,
-        extra_metrics=lambda _: {"refine/reward": last_reward.get("reward", float("nan"))},
+        extra_metrics=lambda _: {f"refine/{k}": v for k, v in stats.means().items()},
     )
     result.notes = note
     return result
