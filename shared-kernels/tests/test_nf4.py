@@ -239,6 +239,75 @@ def test_native_cpu_quantize_and_dequantize_equal_bitsandbytes(dtype, blocksize)
             assert_exact(got, _bnb_dequantize(q, state).reshape(n), f"dequantize n={n} -> {out_dtype}")
 
 
+def _kernel_paths() -> list[tuple[str, int | None]]:
+    """(instruction set, streaming-store threshold) of every dequantize path this CPU can run: each ISA with
+    plain stores, and AVX-512 with streaming stores forced on every output (threshold 0)."""
+    from shared_kernels import nf4_cpu
+
+    if not nf4_cpu.available():
+        return []
+    best = nf4_cpu.ISAS.index(nf4_cpu.select_isa(None))
+    paths: list[tuple[str, int | None]] = [(name, None) for name in nf4_cpu.ISAS[: best + 1]]
+    if best == nf4_cpu.ISAS.index("avx512"):
+        paths.append(("avx512", 0))
+    return paths
+
+
+@pytest.fixture
+def kernel_path(request):
+    """Forces one dequantize instruction set (+ streaming threshold) for the test, then restores the best."""
+    from shared_kernels import nf4_cpu
+
+    _native_ok()
+    name, stream = request.param
+    assert nf4_cpu.select_isa(name) == name
+    nf4_cpu.set_stream_bytes(stream)
+    yield name
+    nf4_cpu.select_isa(None)
+    nf4_cpu.set_stream_bytes()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("kernel_path", _kernel_paths(), indirect=True, ids=lambda p: f"{p[0]}-stream{p[1]}")
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_every_dequantize_kernel_path_equals_reference_and_bitsandbytes(kernel_path, quant_type):
+    # Scalar, AVX2 and AVX-512 (plain and streaming stores) on odd counts, partial last blocks, blocksizes
+    # 32..4096, with and without double quantization: the bits of the torch reference (NaN, subnormal and
+    # fp16-overflowing blocks included) and of bitsandbytes (finite blocks).
+    F = _bnb()
+    for blocksize, n in (
+        (32, 1),
+        (32, 3 * 32 + 17),
+        (64, 64 * 37 + 33),
+        (128, 128 * 5 + 1),
+        (4096, 4096 + 35),
+    ):
+        x = _sample(n, torch.float32, seed=n + blocksize)
+        packed, absmax = quantize_4bit(x, blocksize, quant_type)
+        # The last blocks' scales: NaN, subnormal, above fp16's max, and two bf16 ties (code 1.0 * 1 + 2^-8
+        # rounds down to even, * 1 + 3 * 2^-8 up); every block holds the code of +-1.0 (its max).
+        specials = torch.tensor([float("nan"), 1.3e-40, 7e4, 1 + 2**-8, 1 + 3 * 2**-8])
+        odd = absmax.clone()
+        k = min(len(specials), odd.numel())
+        odd[-k:] = specials[-k:]
+        qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+        for out_dtype in FLOAT_DTYPES:
+            got = dequantize_4bit(packed, odd, (n,), blocksize, out_dtype, quant_type)
+            want = dequantize_4bit(packed, odd, (n,), blocksize, out_dtype, quant_type, backend="torch")
+            assert_exact(_bits(got), _bits(want), f"n={n} bs={blocksize} -> {out_dtype}, odd scales")
+            got = dequantize_4bit(
+                packed, qabsmax, (n,), blocksize, out_dtype, quant_type, absmax2=absmax2, offset=offset
+            )
+            state.dtype = out_dtype
+            assert_exact(
+                got, _bnb_dequantize(q, state).reshape(n), f"n={n} bs={blocksize} +DQ -> {out_dtype}"
+            )
+
+
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
 def test_native_cpu_double_quant_dequantize_equals_bitsandbytes(out_dtype):
     _native_ok()

@@ -9,8 +9,14 @@ Why C: the reference is memory-bound torch code that makes several passes (index
 bitsandbytes' native kernel). Here, per block of `blocksize` elements:
 - dequantize builds the 16 values `code[k] * scale` in fp32 (with double quantization the scale is first
   rebuilt as `code2[q] * absmax2[b // blocksize2] + offset`, two fp32 roundings, no FMA), rounds them once to
-  the output dtype, then each byte is two table lookups (AVX2: `vpermps` on the 16-entry table, 8 bytes per
-  step). Multiplying the code by the scale and rounding happen exactly as in the reference, per element;
+  the output dtype, then each byte is two table lookups. Multiplying the code by the scale and rounding happen
+  exactly as in the reference, per element. The instruction set is picked at run time (`isa()`; the .so is
+  built for any x86-64, no -march): AVX-512 F+BW (one `vpermps` / `vpermw` per 16 / 32 outputs, the table
+  built by one vector multiply and rounded by one vector conversion: bf16 by integer round-to-nearest-even,
+  since `vcvtneps2bf16` flushes subnormals; fp16 by `vcvtps2ph`, torch's own cast), else AVX2 (`vpermps` on
+  two 8-entry halves), else scalar (other CPUs). Outputs from 8 MiB get streaming stores (AVX-512; no read
+  of each output line before it is written: 3x less CPU time at 4096x4096 -> fp32). `select_isa` and
+  `set_stream_bytes` force a path, so the tests check every one on one machine;
 - quantize takes the block's max |x| (NaN propagates), scales by the fp32 reciprocal and counts the fp32
   midpoints of the sorted code strictly below each value (ties to the lower code, NaN -> 15), then maps that
   position through the code's sort order (identity for NF4, see `shared_kernels.nf4`). The partial last block
@@ -102,6 +108,12 @@ def _load() -> ctypes.CDLL:
     lib.nf4_quantize_full_blocks.restype = None
     lib.nf4_advise_hugepages.argtypes = [P, I64]
     lib.nf4_advise_hugepages.restype = None
+    lib.nf4_select_isa.argtypes = [I32]
+    lib.nf4_select_isa.restype = I32
+    lib.nf4_isa.argtypes = []
+    lib.nf4_isa.restype = I32
+    lib.nf4_set_stream_bytes.argtypes = [I64]
+    lib.nf4_set_stream_bytes.restype = None
     return lib
 
 
@@ -128,6 +140,39 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+# The dequantize kernel's instruction sets, in the C file's numbering.
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa() -> str:
+    """The instruction set the dequantize kernel uses: "avx512" (F + BW), "avx2" or "scalar"."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    return ISAS[lib.nf4_isa()]
+
+
+def select_isa(name: str | None = None) -> str:
+    """Make the dequantize kernel use `name` (one of `ISAS`), or the best this CPU has (None or a name above
+    it); returns the one in use. For tests and benchmarks: every path bit-equal, checked on one machine."""
+    if name is not None and name not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS} or None, got {name!r}")
+    lib = library()
+    assert lib is not None, "call available() first"
+    return ISAS[lib.nf4_select_isa(-1 if name is None else ISAS.index(name))]
+
+
+# Outputs from this many bytes get the AVX-512 kernel's streaming stores (the C file's default, and why).
+STREAM_BYTES = 8 << 20
+
+
+def set_stream_bytes(nbytes: int | None = STREAM_BYTES) -> None:
+    """AVX-512 dequantize outputs of at least `nbytes` bytes get streaming (non-temporal) stores; None: never.
+    For tests (0: every aligned output streams) and benchmarks."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    lib.nf4_set_stream_bytes(-1 if nbytes is None else nbytes)
 
 
 def _threads(numel: int) -> int:
