@@ -687,3 +687,28 @@ def test_fp4_matmul_and_triton_dequantize_equal_reference():
     assert_exact(got.cpu(), dense.to(torch.bfloat16), "fp4 Triton dequantize")
     y = matmul_nf4(x.to(_device()), p, a, (33, 70), 64, quant_type="fp4", backend="triton")
     torch.testing.assert_close(y.cpu(), x @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_native_cpu_threads_return_only_when_every_block_is_written(monkeypatch):
+    # Helper threads are detached; a call returns when all blocks are done, not when its threads exit. Many
+    # back-to-back two-thread calls, each into a buffer poisoned with NaN first, must each be complete (a
+    # stress test: whether a helper claims work depends on the scheduler; without the wait it failed 1 run
+    # in 4).
+    from shared_kernels import nf4_cpu
+
+    _native_ok()
+    monkeypatch.setattr(nf4_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _sample(64 * 40999, torch.float32, seed=5)
+        packed, absmax = quantize_nf4(x, 64)
+        want = dequantize_nf4(packed, absmax, x.shape, 64, backend="torch")
+        out = torch.empty_like(want)
+        for i in range(40):
+            out.fill_(float("nan"))
+            assert_exact(dequantize_nf4(packed, absmax, x.shape, 64, out=out), want, "two-thread dequantize")
+            if i % 10 == 0:
+                assert_exact(quantize_nf4(x, 64)[0], packed, "two-thread quantize")
+    finally:
+        torch.set_num_threads(threads)

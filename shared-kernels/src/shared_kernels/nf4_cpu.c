@@ -6,7 +6,9 @@
 #include <immintrin.h>
 #endif
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -18,9 +20,11 @@ typedef struct {
     /* quantize */
     const void* x; int in_kind; const float* midpoints; const uint8_t* order; float* absmax_out;
     uint8_t* packed_out;
-    /* blocks [0, n_blocks), claimed `chunk` at a time from the shared counter `next` */
+    /* blocks [0, n_blocks), claimed `chunk` at a time from the shared counter `next`; `done` counts the
+       blocks finished (see run_parallel) */
     int64_t n_blocks, chunk;
     int64_t* next;
+    int64_t* done;
 } nf4_job;
 
 /* Claim the next chunk of blocks: [*b0, *b1). Dynamic claiming, not a static split, so a thread that the OS
@@ -30,6 +34,11 @@ static inline int claim(const nf4_job* a, int64_t* b0, int64_t* b1) {
     if (*b0 >= a->n_blocks) return 0;
     *b1 = *b0 + a->chunk < a->n_blocks ? *b0 + a->chunk : a->n_blocks;
     return 1;
+}
+
+/* Blocks [b0, b1) are written (release: the caller that sees `done` complete sees the outputs). */
+static inline void finished(const nf4_job* a, int64_t b0, int64_t b1) {
+    __atomic_fetch_add(a->done, b1 - b0, __ATOMIC_RELEASE);
 }
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -257,69 +266,113 @@ static void* dequantize_blocks(void* arg) {
     int64_t b0, b1;
     while (claim(a, &b0, &b1)) {
 #ifdef NF4_X86
-        if (a->isa == NF4_AVX512F) { dequantize_range_avx512(a, b0, b1); continue; }
+        if (a->isa == NF4_AVX512F) {
+            dequantize_range_avx512(a, b0, b1);
+            if (a->stream) _mm_sfence();  /* streaming stores are weakly ordered: visible before `done` */
+            finished(a, b0, b1);
+            continue;
+        }
 #endif
         dequantize_range_table(a, b0, b1, a->isa == NF4_AVX2);
+        finished(a, b0, b1);
     }
-#ifdef NF4_X86
-    if (a->stream) _mm_sfence();  /* the streaming stores are visible before the caller reads the output */
-#endif
     return 0;
+}
+
+/* Block b: absmax and packed codes. */
+static void quantize_block(const nf4_job* a, int64_t b, const float* m, const uint8_t* order, float* buf) {
+    const int64_t bs = a->blocksize;
+    const int64_t e0 = b * bs;
+    if (a->in_kind == 0) {
+        memcpy(buf, (const float*)a->x + e0, bs * sizeof(float));
+    } else {  /* bf16 -> fp32 is exact: the bits move up */
+        const uint16_t* xb = (const uint16_t*)a->x + e0;
+        for (int64_t i = 0; i < bs; ++i) buf[i] = u2f((uint32_t)xb[i] << 16);
+    }
+    float amax = 0.0f;
+    int has_nan = 0;
+    for (int64_t i = 0; i < bs; ++i) {
+        const float v = u2f(f2u(buf[i]) & 0x7fffffffu);
+        has_nan |= v != v;
+        amax = v > amax ? v : amax;
+    }
+    if (has_nan) amax = u2f(0x7fc00000u);  /* torch's abs().amax() gives the default quiet NaN */
+    a->absmax_out[b] = amax;
+    const float d = amax < 1e-38f ? 1e-38f : amax;  /* clamp(min=1e-38): NaN stays NaN */
+    const float recip = 1.0f / d;
+    uint8_t* p = a->packed_out + e0 / 2;
+    for (int64_t j = 0; j < bs / 2; ++j) {
+        const float s0 = buf[2 * j] * recip, s1 = buf[2 * j + 1] * recip;
+        int q0 = 0, q1 = 0;
+        for (int k = 0; k < 15; ++k) { q0 += s0 > m[k]; q1 += s1 > m[k]; }
+        if (s0 != s0) q0 = 15;
+        if (s1 != s1) q1 = 15;
+        p[j] = (uint8_t)((order[q0] << 4) | order[q1]);
+    }
 }
 
 static void* quantize_blocks(void* arg) {
     const nf4_job* a = (const nf4_job*)arg;
-    const int64_t bs = a->blocksize;
     float m[15], buf[4096];
     uint8_t order[16];
     for (int k = 0; k < 15; ++k) m[k] = a->midpoints[k];
     for (int k = 0; k < 16; ++k) order[k] = a->order[k];
     int64_t b0, b1;
-    while (claim(a, &b0, &b1)) for (int64_t b = b0; b < b1; ++b) {
-        const int64_t e0 = b * bs;
-        if (a->in_kind == 0) {
-            memcpy(buf, (const float*)a->x + e0, bs * sizeof(float));
-        } else {  /* bf16 -> fp32 is exact: the bits move up */
-            const uint16_t* xb = (const uint16_t*)a->x + e0;
-            for (int64_t i = 0; i < bs; ++i) buf[i] = u2f((uint32_t)xb[i] << 16);
-        }
-        float amax = 0.0f;
-        int has_nan = 0;
-        for (int64_t i = 0; i < bs; ++i) {
-            const float v = u2f(f2u(buf[i]) & 0x7fffffffu);
-            has_nan |= v != v;
-            amax = v > amax ? v : amax;
-        }
-        if (has_nan) amax = u2f(0x7fc00000u);  /* torch's abs().amax() gives the default quiet NaN */
-        a->absmax_out[b] = amax;
-        const float d = amax < 1e-38f ? 1e-38f : amax;  /* clamp(min=1e-38): NaN stays NaN */
-        const float recip = 1.0f / d;
-        uint8_t* p = a->packed_out + e0 / 2;
-        for (int64_t j = 0; j < bs / 2; ++j) {
-            const float s0 = buf[2 * j] * recip, s1 = buf[2 * j + 1] * recip;
-            int q0 = 0, q1 = 0;
-            for (int k = 0; k < 15; ++k) { q0 += s0 > m[k]; q1 += s1 > m[k]; }
-            if (s0 != s0) q0 = 15;
-            if (s1 != s1) q1 = 15;
-            p[j] = (uint8_t)((order[q0] << 4) | order[q1]);
-        }
+    while (claim(a, &b0, &b1)) {
+        for (int64_t b = b0; b < b1; ++b) quantize_block(a, b, m, order, buf);
+        finished(a, b0, b1);
     }
     return 0;
 }
 
-/* Run fn over blocks [0, n_blocks) on n_threads threads (this one included), ~16K elements per claim. */
+/* One call's job and counters, shared by its threads; the last thread to let go frees it. */
+typedef struct {
+    nf4_job job;
+    void* (*fn)(void*);
+    int64_t next, done;
+    int refs;
+} nf4_shared;
+
+static void release(nf4_shared* s) {
+    if (__atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) == 0) free(s);
+}
+
+static void* helper(void* arg) {
+    nf4_shared* s = (nf4_shared*)arg;
+    s->fn(&s->job);
+    release(s);
+    return 0;
+}
+
+/* Run fn over blocks [0, n_blocks) on n_threads threads (this one included), ~16K elements per claim. The
+   helpers are detached and the caller waits for the blocks, not for the threads: a helper that the OS starts
+   late (a loaded machine) finds nothing left to claim and costs the call nothing; the caller waits only for
+   chunks a helper has claimed. */
 static void run_parallel(void* (*fn)(void*), nf4_job job, int64_t n_blocks, int n_threads) {
-    int64_t next = 0;
     job.n_blocks = n_blocks;
     job.chunk = (16384 + job.blocksize - 1) / job.blocksize;
-    job.next = &next;
     if (n_threads > 64) n_threads = 64;
-    pthread_t threads[64];
-    int started[64] = {0};
-    for (int i = 1; i < n_threads; ++i) started[i] = pthread_create(&threads[i], 0, fn, &job) == 0;
-    fn(&job);  /* if a thread failed to start, the others claim its share */
-    for (int i = 1; i < n_threads; ++i)
-        if (started[i]) pthread_join(threads[i], 0);
+    nf4_shared* s = n_threads > 1 ? (nf4_shared*)malloc(sizeof *s) : 0;
+    if (!s) {  /* one thread (or no memory for sharing): all on this one */
+        int64_t next = 0, done = 0;
+        job.next = &next; job.done = &done;
+        fn(&job);
+        return;
+    }
+    s->job = job; s->fn = fn; s->next = 0; s->done = 0; s->refs = 1;
+    s->job.next = &s->next; s->job.done = &s->done;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int i = 1; i < n_threads; ++i) {
+        pthread_t t;
+        __atomic_add_fetch(&s->refs, 1, __ATOMIC_RELAXED);
+        if (pthread_create(&t, &attr, helper, s) != 0) release(s);  /* the others claim its share */
+    }
+    pthread_attr_destroy(&attr);
+    fn(&s->job);
+    while (__atomic_load_n(&s->done, __ATOMIC_ACQUIRE) < n_blocks) sched_yield();
+    release(s);
 }
 
 void nf4_dequantize(const uint8_t* packed, const float* code, int64_t numel, int64_t blocksize,
