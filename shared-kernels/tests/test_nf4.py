@@ -241,7 +241,7 @@ def test_native_cpu_quantize_and_dequantize_equal_bitsandbytes(dtype, blocksize)
 
 def _kernel_paths() -> list[tuple[str, int | None]]:
     """(instruction set, streaming-store threshold) of every dequantize path this CPU can run: each ISA with
-    plain stores, and AVX-512 with streaming stores forced on every output (threshold 0)."""
+    plain stores, and AVX-512 with streaming stores forced on every `out=` (threshold 0)."""
     from shared_kernels import nf4_cpu
 
     if not nf4_cpu.available():
@@ -275,8 +275,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
 def test_every_dequantize_kernel_path_equals_reference_and_bitsandbytes(kernel_path, quant_type):
     # Scalar, AVX2 and AVX-512 (plain and streaming stores) on odd counts, partial last blocks, blocksizes
-    # 32..4096, with and without double quantization: the bits of the torch reference (NaN, subnormal and
-    # fp16-overflowing blocks included) and of bitsandbytes (finite blocks).
+    # 32..4096, with and without double quantization, fresh and `out=` outputs: the bits of the torch
+    # reference (NaN, subnormal and fp16-overflowing blocks included) and of bitsandbytes (finite blocks).
     F = _bnb()
     for blocksize, n in (
         (32, 1),
@@ -299,6 +299,10 @@ def test_every_dequantize_kernel_path_equals_reference_and_bitsandbytes(kernel_p
             got = dequantize_4bit(packed, odd, (n,), blocksize, out_dtype, quant_type)
             want = dequantize_4bit(packed, odd, (n,), blocksize, out_dtype, quant_type, backend="torch")
             assert_exact(_bits(got), _bits(want), f"n={n} bs={blocksize} -> {out_dtype}, odd scales")
+            got = dequantize_4bit(
+                packed, odd, (n,), blocksize, out_dtype, quant_type, out=torch.empty_like(got)
+            )
+            assert_exact(_bits(got), _bits(want), f"n={n} bs={blocksize} -> {out_dtype}, odd scales, out=")
             got = dequantize_4bit(
                 packed, qabsmax, (n,), blocksize, out_dtype, quant_type, absmax2=absmax2, offset=offset
             )

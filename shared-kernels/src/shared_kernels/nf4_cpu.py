@@ -14,8 +14,9 @@ bitsandbytes' native kernel). Here, per block of `blocksize` elements:
   built for any x86-64, no -march): AVX-512 F+BW (one `vpermps` / `vpermw` per 16 / 32 outputs, the table
   built by one vector multiply and rounded by one vector conversion: bf16 by integer round-to-nearest-even,
   since `vcvtneps2bf16` flushes subnormals; fp16 by `vcvtps2ph`, torch's own cast), else AVX2 (`vpermps` on
-  two 8-entry halves), else scalar (other CPUs). Outputs from 8 MiB get streaming stores (AVX-512; no read
-  of each output line before it is written: 3x less CPU time at 4096x4096 -> fp32). `select_isa` and
+  two 8-entry halves), else scalar (other CPUs). Reused outputs (`out=`) from 2 MiB get streaming stores
+  (AVX-512; no read of each output line before it is written: 3x less CPU time at 4096x4096 -> fp32; fresh
+  outputs keep plain stores, their page faults just brought each page into the cache). `select_isa` and
   `set_stream_bytes` force a path, so the tests check every one on one machine;
 - quantize takes the block's max |x| (NaN propagates), scales by the fp32 reciprocal and counts the fp32
   midpoints of the sorted code strictly below each value (ties to the lower code, NaN -> 15), then maps that
@@ -102,7 +103,7 @@ def _load() -> ctypes.CDLL:
         _compile(path, source)
     lib = ctypes.CDLL(str(path))
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.nf4_dequantize.argtypes = [P, P, I64, I64, P, P, P, P, ctypes.c_float, I64, P, I32, I32]
+    lib.nf4_dequantize.argtypes = [P, P, I64, I64, P, P, P, P, ctypes.c_float, I64, P, I32, I32, I32]
     lib.nf4_dequantize.restype = None
     lib.nf4_quantize_full_blocks.argtypes = [P, I32, P, P, I64, I64, P, P, I32]
     lib.nf4_quantize_full_blocks.restype = None
@@ -163,13 +164,14 @@ def select_isa(name: str | None = None) -> str:
     return ISAS[lib.nf4_select_isa(-1 if name is None else ISAS.index(name))]
 
 
-# Outputs from this many bytes get the AVX-512 kernel's streaming stores (the C file's default, and why).
-STREAM_BYTES = 8 << 20
+# Reused outputs (`out=`) from this many bytes get the AVX-512 kernel's streaming stores (the C file's
+# default, and why; never fresh outputs).
+STREAM_BYTES = 2 << 20
 
 
 def set_stream_bytes(nbytes: int | None = STREAM_BYTES) -> None:
-    """AVX-512 dequantize outputs of at least `nbytes` bytes get streaming (non-temporal) stores; None: never.
-    For tests (0: every aligned output streams) and benchmarks."""
+    """AVX-512 dequantize into a reused output (`out=`) of at least `nbytes` bytes uses streaming
+    (non-temporal) stores; None: never. For tests (0: every aligned `out=`) and benchmarks."""
     lib = library()
     assert lib is not None, "call available() first"
     lib.nf4_set_stream_bytes(-1 if nbytes is None else nbytes)
@@ -208,6 +210,7 @@ def dequantize_nf4_cpu(
     packed = packed.reshape(-1).contiguous()
     code = code.float().contiguous()
     absmax = absmax.reshape(-1).contiguous()
+    reused = out is not None
     out = _empty(numel, dtype, lib) if out is None else out
     if dq is None:
         absmax_f, qabsmax, absmax2, code2, offset, blocksize2 = absmax.float(), None, None, None, 0.0, 1
@@ -232,6 +235,7 @@ def dequantize_nf4_cpu(
         blocksize2,
         _ptr(out),
         _OUT_KIND[dtype],
+        int(reused),
         _threads(numel),
     )
     return out
