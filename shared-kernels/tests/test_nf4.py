@@ -13,6 +13,7 @@ from shared_kernels.nf4 import (
     FLOAT_DTYPES,
     NF4_CODE,
     NF4_MIDPOINTS,
+    QUANTIZE_TABLES,
     SUPPORTED_BLOCKSIZES,
     dequantize_4bit,
     dequantize_absmax_ref,
@@ -310,6 +311,34 @@ def test_every_dequantize_kernel_path_equals_reference_and_bitsandbytes(kernel_p
             assert_exact(
                 got, _bnb_dequantize(q, state).reshape(n), f"n={n} bs={blocksize} +DQ -> {out_dtype}"
             )
+
+
+@pytest.mark.parametrize("kernel_path", _kernel_paths()[:3], indirect=True, ids=lambda p: p[0])
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_every_quantize_kernel_path_equals_reference_and_bitsandbytes(kernel_path, quant_type):
+    # Scalar and AVX-512 quantize (AVX2 runs the scalar one) on fp32 / bf16 / fp16 inputs, blocksizes 32 to
+    # 4096, partial last blocks; ties at every midpoint and just above, +-0 blocks, a NaN block and an inf
+    # block against the reference; random data against bitsandbytes.
+    F = _bnb()
+    mids = QUANTIZE_TABLES[quant_type][0]
+    special = torch.zeros(64 * 5)
+    special[0], special[1:16], special[17:32] = 1.0, mids, torch.nextafter(mids, torch.tensor(2.0))
+    special[64 + 3], special[128 + 5], special[192:256] = float("nan"), float("-inf"), -0.0
+    special[256:271] = -mids
+    for dtype in FLOAT_DTYPES:
+        x = special.to(dtype)
+        got = quantize_4bit(x, 64, quant_type, check_finite=False)
+        want = quantize_4bit(x, 64, quant_type, check_finite=False, backend="torch")
+        assert_exact(got[0], want[0], f"packed, ties and non-finite, {dtype}")
+        assert_exact(_bits(got[1]), _bits(want[1]), f"absmax, ties and non-finite, {dtype}")
+        for blocksize, n in ((32, 32 * 9 + 7), (64, 64 * 37 + 33), (4096, 4096 * 2 + 35)):
+            x = _sample(n, dtype, seed=n + blocksize)
+            packed, absmax = quantize_4bit(x, blocksize, quant_type)
+            q, state = F.quantize_4bit(
+                x, blocksize=blocksize, quant_type=quant_type, compress_statistics=False
+            )
+            assert_exact(packed, q.reshape(-1), f"packed n={n} bs={blocksize} {dtype}")
+            assert_exact(absmax, state.absmax, f"absmax n={n} bs={blocksize} {dtype}")
 
 
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)

@@ -314,6 +314,54 @@ static void quantize_block(const nf4_job* a, int64_t b, const float* m, const ui
     }
 }
 
+#ifdef NF4_X86
+/* 16 input elements from e as fp32 (bf16 -> fp32 is exact: the bits move up). */
+NF4_AVX512 static inline __m512 load16_avx512(const nf4_job* a, int64_t e) {
+    if (a->in_kind == 0) return _mm512_loadu_ps((const float*)a->x + e);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)a->x + e));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Block b, AVX-512, 16 elements at a time (blocksize a multiple of 16): quantize_block's rule with the same
+   fp32 products and comparisons. The 16 positions go through the sort order (VPERMD) and pairs of 32-bit
+   lanes become bytes: in each 64-bit lane (even | odd << 32), (lane << 4) | (lane >> 32) has the byte in its
+   low 8 bits, which VPMOVQB keeps. */
+NF4_AVX512 static void quantize_block_avx512(const nf4_job* a, int64_t b, const __m512* m, __m512i order) {
+    const int64_t bs = a->blocksize, e0 = b * bs;
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < bs; i += 16) {
+        const __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(load16_avx512(a, e0 + i)),
+                                                              abs_mask));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, v);
+    }
+    const float amax = nan ? u2f(0x7fc00000u) : _mm512_reduce_max_ps(vmax);
+    a->absmax_out[b] = amax;
+    const float d = amax < 1e-38f ? 1e-38f : amax;
+    const __m512 recip = _mm512_set1_ps(1.0f / d);
+    const __m512i one = _mm512_set1_epi32(1);
+    uint8_t* p = a->packed_out + e0 / 2;
+    for (int64_t i = 0; i < bs; i += 16) {
+        const __m512 sc = _mm512_mul_ps(load16_avx512(a, e0 + i), recip);
+        __m512i q = _mm512_setzero_si512();
+        for (int k = 0; k < 15; ++k) q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(sc, m[k], _CMP_GT_OQ), q, one);
+        q = _mm512_mask_mov_epi32(q, _mm512_cmp_ps_mask(sc, sc, _CMP_UNORD_Q), _mm512_set1_epi32(15));
+        q = _mm512_permutexvar_epi32(q, order);
+        const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(q, 4), _mm512_srli_epi64(q, 32));
+        _mm_storel_epi64((__m128i*)(p + i / 2), _mm512_cvtepi64_epi8(pairs));
+    }
+}
+
+NF4_AVX512 static void quantize_range_avx512(const nf4_job* a, int64_t b0, int64_t b1) {
+    __m512 m[15];
+    for (int k = 0; k < 15; ++k) m[k] = _mm512_set1_ps(a->midpoints[k]);
+    const __m512i order = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)a->order));
+    for (int64_t b = b0; b < b1; ++b) quantize_block_avx512(a, b, m, order);
+}
+#endif
+
 static void* quantize_blocks(void* arg) {
     const nf4_job* a = (const nf4_job*)arg;
     float m[15], buf[4096];
@@ -322,6 +370,9 @@ static void* quantize_blocks(void* arg) {
     for (int k = 0; k < 16; ++k) order[k] = a->order[k];
     int64_t b0, b1;
     while (claim(a, &b0, &b1)) {
+#ifdef NF4_X86
+        if (a->isa == NF4_AVX512F && a->blocksize % 16 == 0) quantize_range_avx512(a, b0, b1); else
+#endif
         for (int64_t b = b0; b < b1; ++b) quantize_block(a, b, m, order, buf);
         finished(a, b0, b1);
     }
@@ -402,6 +453,7 @@ void nf4_quantize_full_blocks(const void* x, int in_kind, const float* midpoints
     memset(&job, 0, sizeof job);
     job.x = x; job.in_kind = in_kind; job.midpoints = midpoints; job.order = order; job.blocksize = blocksize;
     job.packed_out = packed; job.absmax_out = absmax;
+    job.isa = nf4_isa();
     run_parallel(quantize_blocks, job, n_blocks, n_threads);
 }
 
