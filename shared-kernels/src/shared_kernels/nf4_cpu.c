@@ -253,15 +253,16 @@ int nf4_select_isa(int want) {
 
 int nf4_isa(void) { return g_isa < 0 ? nf4_select_isa(-1) : g_isa; }
 
-/* Reused outputs (`reused` in nf4_dequantize) from 2 MiB (a core's L2) get streaming stores. CPU time per
-   call at load 7-10, AVX-512, 1 thread: 4096x4096 -> fp32 9.8 ms plain, 3.4 ms streaming (-> bf16 3.0 vs
-   2.2); 256x4096 -> fp32 (4 MiB) after a gc.collect() (cold caches, as in the bench and between layers)
-   1.02 vs 0.68 ms, -> bf16 0.66 vs 0.50, though 3-30% slower when called in a loop (the output in cache).
-   Not fresh outputs: their page faults zero every page, bringing it into the cache just before the kernel
-   writes it (QLoRA layer step 11008x4096 fp32 with fresh W: 421 ms CPU plain, 516 streaming). */
+/* Outputs from 2 MiB (a core's L2) that the caller marks `stream_ok` (memory not freshly mapped: see
+   nf4_cpu.py) get streaming stores. CPU time per call at load 7-10, AVX-512, 1 thread: 4096x4096 -> fp32
+   into a reused buffer 9.8 ms plain, 3.4 ms streaming (-> bf16 3.0 vs 2.2); 256x4096 -> fp32 (4 MiB) after
+   a gc.collect() (cold caches, as in the bench and between layers) 1.02 vs 0.68 ms, -> bf16 0.66 vs 0.50,
+   though 3-30% slower when called in a loop (the output in cache). Freshly mapped memory is different: each
+   page fault zeroes the page into the cache just before the kernel writes it (QLoRA layer step 11008x4096
+   fp32 with fresh W: 421 ms CPU plain, 516 streaming). */
 static int64_t g_stream_bytes = 2 << 20;
 
-/* Reused outputs of at least `nbytes` bytes get streaming stores (AVX-512 path; -1: never). */
+/* Outputs of at least `nbytes` bytes marked stream_ok get streaming stores (AVX-512 path; -1: never). */
 void nf4_set_stream_bytes(int64_t nbytes) { g_stream_bytes = nbytes; }
 
 static void* dequantize_blocks(void* arg) {
@@ -431,17 +432,17 @@ static void run_parallel(void* (*fn)(void*), nf4_job job, int64_t n_blocks, int 
 
 void nf4_dequantize(const uint8_t* packed, const float* code, int64_t numel, int64_t blocksize,
                     const float* absmax, const uint8_t* qabsmax, const float* absmax2, const float* code2,
-                    float offset, int64_t blocksize2, void* out, int out_kind, int reused, int n_threads) {
+                    float offset, int64_t blocksize2, void* out, int out_kind, int stream_ok, int n_threads) {
     nf4_job job;
     memset(&job, 0, sizeof job);
     job.packed = packed; job.code = code; job.numel = numel; job.blocksize = blocksize; job.absmax = absmax;
     job.qabsmax = qabsmax; job.absmax2 = absmax2; job.code2 = code2; job.offset = offset;
     job.blocksize2 = blocksize2; job.out = out; job.out_kind = out_kind;
     job.isa = nf4_isa();
-    /* Streaming (non-temporal) stores for reused outputs from g_stream_bytes: no read of each output line
-       before it is written; only where every block starts on 64 bytes. */
+    /* Streaming (non-temporal) stores from g_stream_bytes: no read of each output line before it is
+       written; only where every block starts on 64 bytes. */
     const int64_t out_bytes = numel * (out_kind == 0 ? 4 : 2);
-    job.stream = reused && g_stream_bytes >= 0 && out_bytes >= g_stream_bytes && ((uintptr_t)out & 63) == 0
+    job.stream = stream_ok && g_stream_bytes >= 0 && out_bytes >= g_stream_bytes && ((uintptr_t)out & 63) == 0
                  && (blocksize * (out_kind == 0 ? 4 : 2)) % 64 == 0;
     run_parallel(dequantize_blocks, job, (numel + blocksize - 1) / blocksize, n_threads);
 }
