@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(f"FAILED {b.name}: {type(e).__name__}: {e}")
             continue
-        table = render_table(b, ctx.rows, info, command)
+        table = render_table(b, ctx.rows, info, command, ctx.load_line())
         print(table)
         if args.append:
             with open(args.append, "a") as f:

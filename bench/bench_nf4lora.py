@@ -93,8 +93,9 @@ def nf4_quantize_cpu(ctx: BenchContext) -> None:
 @benchmark("nf4-dequantize-cpu", package="nf4lora", device="cpu")
 def nf4_dequantize_cpu(ctx: BenchContext) -> None:
     """NF4 dequantize of a (rows, 4096) weight (blocksize 64, +DQ: double-quantized constants), our CPU path
-    (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`; the torch reference where they are
-    unavailable) vs bitsandbytes CPU (native C++, always a fresh output: its `out=` has no CPU kernel); GB/s
+    (`backend="auto"`: the native kernels of `shared_kernels.nf4_cpu`, AVX-512 where the CPU has it; the
+    torch reference where they are unavailable) vs bitsandbytes CPU (native C++, AVX-512 where the CPU has it,
+    always a fresh output: its `out=` has no CPU kernel); GB/s
     of output written. The values are checked equal first. Each case three ways: a fresh output with the
     huge-page advice (the default: outputs of 2-64 MiB get it), a fresh output without it, and `out=` a reused
     buffer (no page faults: the kernel's own speed)."""
@@ -104,6 +105,9 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
     from shared_kernels.nf4 import dequantize_nf4, double_quantize_absmax, quantize_nf4
 
     native = nf4_cpu.available()
+    print(
+        f"  native NF4 CPU kernels: {native}, dequantize ISA {nf4_cpu.isa() if native else '-'}", flush=True
+    )
     rows = [256, 4096] if ctx.quick else [256, 4096, 11008]
     for r in rows:
         shape = (r, 4096)

@@ -1,7 +1,8 @@
 """The benchmark harness: registry, interleaved timing, markdown tables with the machine they ran on.
 
 A benchmark is a function taking a `BenchContext`; it calls `ctx.compare(...)` (times ours and the anchor,
-interleaved, medians, ratio = ours / anchor) or `ctx.record(...)` (a metric measured by the benchmark itself,
+interleaved, medians, ratio = ours / anchor, and the same ratio in process CPU time, steadier than wall time
+on a machine shared with other jobs) or `ctx.record(...)` (a metric measured by the benchmark itself,
 e.g. peak memory or throughput) once per case. The harness prints one markdown table per benchmark.
 """
 
@@ -52,6 +53,8 @@ class Row:
     anchor_name: str
     lower_is_better: bool = True
     note: str = ""
+    # `ratio` in process CPU time (user + sys, all threads) instead of wall time; compare() rows only.
+    cpu_ratio: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -63,6 +66,14 @@ class BenchContext:
     quick: bool = False
     device: str = "cpu"
     rows: list[Row] = field(default_factory=list)
+    load_start: tuple[float, ...] = field(default_factory=os.getloadavg)
+    # Median process CPU seconds per call of each fn of the last time_interleaved().
+    last_cpu: list[float] = field(default_factory=list)
+
+    def load_line(self) -> str:
+        """The 1/5/15-minute load averages when the benchmark started and now."""
+        start, end = ("/".join(f"{v:.1f}" for v in load) for load in (self.load_start, os.getloadavg()))
+        return f"load average (1/5/15 min) {start} at the start, {end} at the end"
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -71,20 +82,24 @@ class BenchContext:
             torch.cuda.synchronize()
 
     def time_interleaved(self, fns: list[Callable[[], Any]], reps: int, warmup: int) -> list[float]:
-        """Median seconds per call of each fn, alternating them rep by rep so drift hits all equally."""
+        """Median seconds per call of each fn, alternating them rep by rep so drift hits all equally; the
+        median process CPU seconds per call (user + sys of all threads) go to `self.last_cpu`."""
         for _ in range(warmup):
             for fn in fns:
                 fn()
         self._sync()
         samples: list[list[float]] = [[] for _ in fns]
+        cpu: list[list[float]] = [[] for _ in fns]
         for _ in range(reps):
             for i, fn in enumerate(fns):
                 gc.collect()
                 self._sync()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 self._sync()
                 samples[i].append(time.perf_counter() - t0)
+                cpu[i].append(time.process_time() - c0)
+        self.last_cpu = [statistics.median(c) for c in cpu]
         return [statistics.median(s) for s in samples]
 
     def compare(
@@ -107,14 +122,18 @@ class BenchContext:
         t_ours, t_anchor = self.time_interleaved(
             [ours, anchor], reps=reps, warmup=1 if self.quick else warmup
         )
+        c_ours, c_anchor = self.last_cpu
         if work is None:
             row = Row(case, t_ours * 1e3, t_anchor * 1e3, "ms", ours_name, anchor_name, True, note)
+            row.cpu_ratio = c_ours / c_anchor if c_anchor else float("nan")
         else:
             row = Row(case, work / t_ours, work / t_anchor, unit, ours_name, anchor_name, False, note)
+            row.cpu_ratio = c_anchor / c_ours if c_ours else float("nan")
         self.rows.append(row)
         print(
             f"  {case}: {ours_name} {row.ours:.4g} {row.unit} | {anchor_name} {row.anchor:.4g} {row.unit}"
-            f" | ratio {row.ratio:.3f}",
+            f" | ratio {row.ratio:.3f} | CPU ms {c_ours * 1e3:.4g} vs {c_anchor * 1e3:.4g}, ratio"
+            f" {row.cpu_ratio:.3f}",
             flush=True,
         )
         return row
@@ -171,24 +190,29 @@ def machine_info() -> dict[str, str]:
     return info
 
 
-def render_table(bench: Benchmark, rows: list[Row], info: dict[str, str], command: str) -> str:
+def render_table(
+    bench: Benchmark, rows: list[Row], info: dict[str, str], command: str, load: str = ""
+) -> str:
     lines = [f"### {bench.name} ({bench.package}, {bench.device})", ""]
     if bench.description:
         lines += [bench.description, ""]
     lines += [
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d')}  ",
-        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ("  " if load else ""),
+        *([f"Load: {load}"] if load else []),
         "",
     ]
     lines += [
-        "| case | ours | anchor | ours | anchor | unit | ratio (ours/anchor) | better | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | ours | anchor | ours | anchor | unit | ratio (ours/anchor) | ratio in CPU time | better"
+        " | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         better = "lower" if r.lower_is_better else "higher"
+        cpu = "" if r.cpu_ratio is None else f"{r.cpu_ratio:.3f}"
         lines.append(
             f"| {r.case} | {r.ours_name} | {r.anchor_name} | {r.ours:.4g} | {r.anchor:.4g} | {r.unit} |"
-            f" {r.ratio:.3f} | {better} | {r.note} |"
+            f" {r.ratio:.3f} | {cpu} | {better} | {r.note} |"
         )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from shared_kernels.nf4 import (
     FLOAT_DTYPES,
     NF4_CODE,
     NF4_MIDPOINTS,
+    QUANTIZE_TABLES,
     SUPPORTED_BLOCKSIZES,
     dequantize_4bit,
     dequantize_absmax_ref,
@@ -237,6 +238,107 @@ def test_native_cpu_quantize_and_dequantize_equal_bitsandbytes(dtype, blocksize)
             state.dtype = out_dtype
             got = dequantize_nf4(packed, absmax, (n,), blocksize, out_dtype)
             assert_exact(got, _bnb_dequantize(q, state).reshape(n), f"dequantize n={n} -> {out_dtype}")
+
+
+def _kernel_paths() -> list[tuple[str, int | None]]:
+    """(instruction set, streaming-store threshold) of every dequantize path this CPU can run: each ISA with
+    plain stores, and AVX-512 with streaming stores forced on every `out=` (threshold 0)."""
+    from shared_kernels import nf4_cpu
+
+    if not nf4_cpu.available():
+        return []
+    best = nf4_cpu.ISAS.index(nf4_cpu.select_isa(None))
+    paths: list[tuple[str, int | None]] = [(name, None) for name in nf4_cpu.ISAS[: best + 1]]
+    if best == nf4_cpu.ISAS.index("avx512"):
+        paths.append(("avx512", 0))
+    return paths
+
+
+@pytest.fixture
+def kernel_path(request):
+    """Forces one dequantize instruction set (+ streaming threshold) for the test, then restores the best."""
+    from shared_kernels import nf4_cpu
+
+    _native_ok()
+    name, stream = request.param
+    assert nf4_cpu.select_isa(name) == name
+    nf4_cpu.set_stream_bytes(stream)
+    yield name
+    nf4_cpu.select_isa(None)
+    nf4_cpu.set_stream_bytes()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("kernel_path", _kernel_paths(), indirect=True, ids=lambda p: f"{p[0]}-stream{p[1]}")
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_every_dequantize_kernel_path_equals_reference_and_bitsandbytes(kernel_path, quant_type):
+    # Scalar, AVX2 and AVX-512 (plain and streaming stores) on odd counts, partial last blocks, blocksizes
+    # 32..4096, with and without double quantization, fresh and `out=` outputs: the bits of the torch
+    # reference (NaN, subnormal and fp16-overflowing blocks included) and of bitsandbytes (finite blocks).
+    F = _bnb()
+    for blocksize, n in (
+        (32, 1),
+        (32, 3 * 32 + 17),
+        (64, 64 * 37 + 33),
+        (128, 128 * 5 + 1),
+        (4096, 4096 + 35),
+    ):
+        x = _sample(n, torch.float32, seed=n + blocksize)
+        packed, absmax = quantize_4bit(x, blocksize, quant_type)
+        # The last blocks' scales: NaN, subnormal, above fp16's max, and two bf16 ties (code 1.0 * 1 + 2^-8
+        # rounds down to even, * 1 + 3 * 2^-8 up); every block holds the code of +-1.0 (its max).
+        specials = torch.tensor([float("nan"), 1.3e-40, 7e4, 1 + 2**-8, 1 + 3 * 2**-8])
+        odd = absmax.clone()
+        k = min(len(specials), odd.numel())
+        odd[-k:] = specials[-k:]
+        qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+        q, state = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+        for out_dtype in FLOAT_DTYPES:
+            got = dequantize_4bit(packed, odd, (n,), blocksize, out_dtype, quant_type)
+            want = dequantize_4bit(packed, odd, (n,), blocksize, out_dtype, quant_type, backend="torch")
+            assert_exact(_bits(got), _bits(want), f"n={n} bs={blocksize} -> {out_dtype}, odd scales")
+            got = dequantize_4bit(
+                packed, odd, (n,), blocksize, out_dtype, quant_type, out=torch.empty_like(got)
+            )
+            assert_exact(_bits(got), _bits(want), f"n={n} bs={blocksize} -> {out_dtype}, odd scales, out=")
+            got = dequantize_4bit(
+                packed, qabsmax, (n,), blocksize, out_dtype, quant_type, absmax2=absmax2, offset=offset
+            )
+            state.dtype = out_dtype
+            assert_exact(
+                got, _bnb_dequantize(q, state).reshape(n), f"n={n} bs={blocksize} +DQ -> {out_dtype}"
+            )
+
+
+@pytest.mark.parametrize("kernel_path", _kernel_paths()[:3], indirect=True, ids=lambda p: p[0])
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+def test_every_quantize_kernel_path_equals_reference_and_bitsandbytes(kernel_path, quant_type):
+    # Scalar and AVX-512 quantize (AVX2 runs the scalar one) on fp32 / bf16 / fp16 inputs, blocksizes 32 to
+    # 4096, partial last blocks; ties at every midpoint and just above, +-0 blocks, a NaN block and an inf
+    # block against the reference; random data against bitsandbytes.
+    F = _bnb()
+    mids = QUANTIZE_TABLES[quant_type][0]
+    special = torch.zeros(64 * 5)
+    special[0], special[1:16], special[17:32] = 1.0, mids, torch.nextafter(mids, torch.tensor(2.0))
+    special[64 + 3], special[128 + 5], special[192:256] = float("nan"), float("-inf"), -0.0
+    special[256:271] = -mids
+    for dtype in FLOAT_DTYPES:
+        x = special.to(dtype)
+        got = quantize_4bit(x, 64, quant_type, check_finite=False)
+        want = quantize_4bit(x, 64, quant_type, check_finite=False, backend="torch")
+        assert_exact(got[0], want[0], f"packed, ties and non-finite, {dtype}")
+        assert_exact(_bits(got[1]), _bits(want[1]), f"absmax, ties and non-finite, {dtype}")
+        for blocksize, n in ((32, 32 * 9 + 7), (64, 64 * 37 + 33), (4096, 4096 * 2 + 35)):
+            x = _sample(n, dtype, seed=n + blocksize)
+            packed, absmax = quantize_4bit(x, blocksize, quant_type)
+            q, state = F.quantize_4bit(
+                x, blocksize=blocksize, quant_type=quant_type, compress_statistics=False
+            )
+            assert_exact(packed, q.reshape(-1), f"packed n={n} bs={blocksize} {dtype}")
+            assert_exact(absmax, state.absmax, f"absmax n={n} bs={blocksize} {dtype}")
 
 
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
@@ -618,3 +720,28 @@ def test_fp4_matmul_and_triton_dequantize_equal_reference():
     assert_exact(got.cpu(), dense.to(torch.bfloat16), "fp4 Triton dequantize")
     y = matmul_nf4(x.to(_device()), p, a, (33, 70), 64, quant_type="fp4", backend="triton")
     torch.testing.assert_close(y.cpu(), x @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_native_cpu_threads_return_only_when_every_block_is_written(monkeypatch):
+    # Helper threads are detached; a call returns when all blocks are done, not when its threads exit. Many
+    # back-to-back two-thread calls, each into a buffer poisoned with NaN first, must each be complete (a
+    # stress test: whether a helper claims work depends on the scheduler; without the wait it failed 1 run
+    # in 4).
+    from shared_kernels import nf4_cpu
+
+    _native_ok()
+    monkeypatch.setattr(nf4_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _sample(64 * 40999, torch.float32, seed=5)
+        packed, absmax = quantize_nf4(x, 64)
+        want = dequantize_nf4(packed, absmax, x.shape, 64, backend="torch")
+        out = torch.empty_like(want)
+        for i in range(40):
+            out.fill_(float("nan"))
+            assert_exact(dequantize_nf4(packed, absmax, x.shape, 64, out=out), want, "two-thread dequantize")
+            if i % 10 == 0:
+                assert_exact(quantize_nf4(x, 64)[0], packed, "two-thread quantize")
+    finally:
+        torch.set_num_threads(threads)

@@ -101,3 +101,36 @@ def test_triton_matmul_is_a_custom_op_that_compiles_without_graph_breaks(double_
         atol=1e-5,
         what="compiled fused NF4 matmul",
     )
+
+
+def test_cpu_workspace_reuse_gives_fresh_results_and_is_never_kept_by_autograd():
+    # reuse_workspace=True: under no_grad two weights of different shapes and dtypes, one after the other
+    # (the second overwrites the scratch the first used), give exactly the plain path's results; with grad
+    # mode on the scratch is not used, so a graph that keeps W sees no later overwrite.
+    from shared_kernels import nf4_matmul
+
+    nf4_matmul.release_workspaces()
+    weights = [_weight(97, 128, True, seed=2), _weight(40, 64, False, seed=3)]
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        for transpose_w in (True, False):
+            for packed, absmax, kw, dense in weights:
+                n, k = dense.shape
+                x = torch.randn(5, k if transpose_w else n, generator=g).to(dtype)
+                args = (x, packed, absmax, (n, k), 64)
+                with torch.no_grad():
+                    got = matmul_nf4(*args, transpose_w=transpose_w, reuse_workspace=True, **kw)
+                want = matmul_nf4(*args, transpose_w=transpose_w, backend="torch", **kw)
+                assert torch.equal(got, want)
+    buffers = nf4_matmul._workspaces.buffers
+    assert sorted(str(d) for d in buffers) == ["torch.bfloat16", "torch.float32"]
+    assert all(b.numel() == 97 * 128 for b in buffers.values())  # grown to the largest weight, kept
+    packed, absmax, kw, dense = weights[1]
+    x = torch.randn(3, 64, requires_grad=True)
+    y = matmul_nf4(x, packed, absmax, (40, 64), 64, reuse_workspace=True, **kw)
+    with torch.no_grad():  # overwrite the scratch: a W kept by y's graph must not be it
+        matmul_nf4(torch.randn(3, 128), *weights[0][:2], (97, 128), 64, reuse_workspace=True, **weights[0][2])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 40) @ dense)  # the scratch holds another W now
+    nf4_matmul.release_workspaces()
+    assert not hasattr(nf4_matmul._workspaces, "buffers")

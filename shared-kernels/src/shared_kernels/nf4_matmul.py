@@ -7,13 +7,21 @@ bitsandbytes layout, see `shared_kernels.nf4`), optionally with double-quantized
 - backward:  dx = dy @ W      dy (M, N) -> (M, K)   (the base weight itself never gets a gradient)
 
 The torch path dequantizes W to the compute dtype (with "auto" on CPU: the native kernels of
-`shared_kernels.nf4_cpu`) and calls a dense matmul. The Triton kernel
-dequantizes a (BLOCK_K, BLOCK_N) tile of W in registers (code lookup * absmax, with the double-quantized
-absmax rebuilt on the fly), casts it to the input dtype and feeds `tl.dot` with fp32 accumulation: W is
-never materialised in memory. One kernel serves both directions by addressing W through strides.
+`shared_kernels.nf4_cpu`) and calls a dense matmul. With `reuse_workspace=True` (the layers of nf4lora ask for
+it) and "auto" on CPU, outside autograd recording and torch.compile, W is dequantized into a per-thread,
+per-dtype scratch buffer kept for the next call instead of a fresh tensor: a fresh output of a large weight
+costs page faults (the kernel zeroing every page) that take longer than the dequantization itself. The buffer
+grows to the largest weight seen (e.g. 180 MB for 11008x4096 in fp32); `release_workspaces()` frees it.
+
+The Triton kernel dequantizes a (BLOCK_K, BLOCK_N) tile of W in registers (code lookup * absmax, with the
+double-quantized absmax rebuilt on the fly), casts it to the input dtype and feeds `tl.dot` with fp32
+accumulation: W is never materialised in memory. One kernel serves both directions by addressing W through
+strides.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -26,6 +34,35 @@ from shared_kernels.nf4 import (
     check_quant_type,
     dequantize_4bit,
 )
+
+# This thread's dequantization scratch buffers, one per dtype (see the module docstring).
+_workspaces = threading.local()
+
+
+def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous (shape) CPU view of this thread's `dtype` scratch buffer (grown as needed)."""
+    buffers: dict[torch.dtype, torch.Tensor] = _workspaces.__dict__.setdefault("buffers", {})
+    numel = shape[0] * shape[1]
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def release_workspaces() -> None:
+    """Free this thread's dequantization scratch buffers (see the module docstring)."""
+    _workspaces.__dict__.pop("buffers", None)
+
+
+def _use_workspace(x: torch.Tensor, backend: str) -> bool:
+    """A scratch W is safe where nothing can keep it: no autograd graph records the matmul (the nf4lora
+    autograd.Function runs it with grad off) and no compiled graph captures the buffer."""
+    return (
+        backend == "auto"
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def matmul_nf4_ref(x: torch.Tensor, w_dense: torch.Tensor, transpose_w: bool = True) -> torch.Tensor:
@@ -216,6 +253,7 @@ def matmul_nf4(
     blocksize2: int = DQ_BLOCKSIZE,
     quant_type: str = "nf4",
     backend: str = "auto",
+    reuse_workspace: bool = False,
 ) -> torch.Tensor:
     """x @ W^T (transpose_w=True, the forward) or x @ W (False, the input gradient) with NF4 weight W.
 
@@ -226,6 +264,8 @@ def matmul_nf4(
             `dequantize_4bit`.
         shape: (N, K) = (out_features, in_features) of W.
         backend: "auto" (Triton on CUDA), "torch" (dequantize then matmul) or "triton".
+        reuse_workspace: on CPU with "auto", with grad mode off and not compiling, dequantize W into a
+            per-thread scratch buffer instead of a fresh tensor (see the module docstring).
     Returns:
         (..., N) for the forward, (..., K) for the backward.
     """
@@ -251,6 +291,7 @@ def matmul_nf4(
             code2=code2,
             blocksize2=blocksize2,
             backend="torch" if backend == "torch" else "auto",
+            out=_workspace(shape, x.dtype) if reuse_workspace and _use_workspace(x, backend) else None,
         )
         return matmul_nf4_ref(x, w, transpose_w)
     check_quant_type(quant_type)

@@ -7,7 +7,8 @@ dtype, the adapter in the adapter dtype, and the sum is cast back to x.dtype.
 
 The base path is an autograd.Function that keeps only a reference to the 4-bit weight for backward (never a
 dequantized copy, never the input) and returns no gradient for it: dx = dy @ dequant(W) is recomputed from the
-codes. A is kaiming-uniform(a=sqrt(5)), B is zero, so at initialisation the layer equals the base.
+codes (on CPU into a reused per-thread scratch buffer: `shared_kernels.nf4_matmul`). A is
+kaiming-uniform(a=sqrt(5)), B is zero, so at initialisation the layer equals the base.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         ctx.weight = weight  # the 4-bit buffers only: bitsandbytes' MatMul4Bit keeps its state the same way
         ctx.backend = backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        y = weight.matmul(x, transpose_w=True, backend=backend)
+        y = weight.matmul(x, transpose_w=True, backend=backend, reuse_workspace=True)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y
@@ -37,7 +38,7 @@ class _NF4LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.weight.matmul(grad_out, transpose_w=False, backend=ctx.backend)
+            grad_x = ctx.weight.matmul(grad_out, transpose_w=False, backend=ctx.backend, reuse_workspace=True)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None

@@ -224,8 +224,11 @@ class NF4Weight(nn.Module):
             **self._dq_kwargs(),
         )
 
-    def matmul(self, x: torch.Tensor, transpose_w: bool = True, backend: str = "auto") -> torch.Tensor:
-        """x @ W^T (transpose_w) or x @ W for a 2-D weight, in x's dtype, without storing W."""
+    def matmul(
+        self, x: torch.Tensor, transpose_w: bool = True, backend: str = "auto", reuse_workspace: bool = False
+    ) -> torch.Tensor:
+        """x @ W^T (transpose_w) or x @ W for a 2-D weight, in x's dtype, without storing W
+        (`reuse_workspace`: see `shared_kernels.nf4_matmul.matmul_nf4`)."""
         return matmul_nf4(
             x,
             self.packed_bytes(),
@@ -235,6 +238,7 @@ class NF4Weight(nn.Module):
             transpose_w=transpose_w,
             quant_type=self.quant_type,
             backend=backend,
+            reuse_workspace=reuse_workspace,
             **self._dq_kwargs(),
         )
 
