@@ -53,14 +53,21 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
         "--variants",
         "rope",
         "p-rope",
+        "logn-learned+p-rope",
         "si-p-rope",
     ]
     lengthgen.main(argv)
     summary = json.loads((out / "results.json").read_text())
     tuned_tau = summary["chosen"]["si-p-rope"]["tau"]
     paper_row = {"si-p-rope (paper tau=10)"} if tuned_tau != 10 else set()
-    assert set(summary["rows"]) == {"rope", "p-rope", "logn+p-rope", "si-p-rope"} | paper_row
-    for variant in ("rope", "p-rope", "si-p-rope"):  # selection on in-distribution loss only
+    rows = {"rope", "p-rope", "logn+p-rope", "logn-learned+p-rope", "si-p-rope"}
+    assert set(summary["rows"]) == rows | paper_row
+    for variant in (
+        "rope",
+        "p-rope",
+        "logn-learned+p-rope",
+        "si-p-rope",
+    ):  # selection on in-distribution loss only
         sweep = [s for s in summary["sweep"] if s["variant"] == variant and s["seed"] == 0]
         assert len(sweep) == 2
         assert summary["chosen"][variant] == min(sweep, key=lambda s: s["loss_in_dist"])["setting"]
@@ -73,7 +80,7 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     assert "| si-p-rope |" in table and ("| si-p-rope (paper tau=10) |" in table) == bool(paper_row)
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
     # each variant: a grid of 2 on seed 0 + the chosen one on seed 1; SI's tau = 10 on seed 1 if not chosen
-    assert len(runs) == 3 * 3 + len(paper_row)
+    assert len(runs) == 4 * 3 + len(paper_row)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     lengthgen.main(argv)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
@@ -115,7 +122,7 @@ def test_loss_by_position_plot_renders(tmp_path):
                 "2048": {"loss_by_position": (2 + 0.1 * i + torch.rand(2048, generator=gen)).tolist()}
             }
         }
-        for i, name in enumerate(["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"])
+        for i, name in enumerate(lengthgen.TABLE_ORDER)
     }
     path = tmp_path / "loss_by_position.png"
     plot_loss_by_position(cfg, {"rows": rows}, path)
@@ -125,7 +132,8 @@ def test_loss_by_position_plot_renders(tmp_path):
 def test_default_grid_gives_every_variant_the_same_budget():
     """The default study tunes every trained variant over the same number of settings, one knob each, and
     the paper's tau = 10 is in SI's grid."""
-    from siattn.lengthgen import VARIANTS, StudyConfig, paper_tau_setting, run_grid
+    from siattn.lengthgen import VARIANTS, StudyConfig, model_config, paper_tau_setting, run_grid
+    from siattn.models import GPT
 
     cfg = StudyConfig()
     grids = {v: run_grid(cfg, v) for v in VARIANTS}
@@ -135,3 +143,9 @@ def test_default_grid_gives_every_variant_the_same_budget():
         assert len({k for k in grid[0] if grid[0][k] != grid[1][k]}) == 1
     assert paper_tau_setting(cfg) in grids["si-p-rope"]
     assert [s["lr"] for s in grids["nope"]] == [s["lr"] for s in grids["alibi"]] and cfg.lr in cfg.lrs
+    # learned LogN (the paper's LogN baseline) trains by default, over p-RoPE's knob, with a learned scale
+    assert cfg.variants == tuple(VARIANTS) and grids["logn-learned+p-rope"] == grids["p-rope"]
+    mcfg = model_config(cfg, "logn-learned+p-rope", grids["logn-learned+p-rope"][0])
+    assert (mcfg.position, mcfg.attention) == ("p-rope", "logn-learned")
+    scales = [n for n, p in GPT(mcfg).named_parameters() if n.endswith("logn_s")]
+    assert len(scales) == cfg.n_layer

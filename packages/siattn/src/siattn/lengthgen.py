@@ -1,9 +1,11 @@
 """Length-generalisation study: byte-level LMs trained at a short context, evaluated at 1x / 4x / 16x.
 
-Variants (REFERENCE section 1): RoPE, NoPE, ALiBi, p-RoPE, LogN+p-RoPE (the p-RoPE models with LogN scaling
-at evaluation: LogN is the identity up to the training length, so training is the same), SI p-RoPE. Every
-trained variant gets the same tuning budget: one knob, the same number of settings (`run_grid`: RoPE's
-theta, NoPE's and ALiBi's learning rate, p-RoPE's base, SI's tau at a fixed p-RoPE base), trained on seed 0
+Variants (REFERENCE section 1): RoPE, NoPE, ALiBi, p-RoPE, LogN+p-RoPE (the p-RoPE models with the fixed
+LogN scale at evaluation: it is the identity up to the training length, so training is the same),
+learned-LogN p-RoPE (the paper's LogN baseline: Scalable-Softmax with a learned per-head scale, trained with
+it, `GPTConfig(attention="logn-learned")` as in `siattn.retrieval`), SI p-RoPE. Every trained variant gets
+the same tuning budget: one knob, the same number of settings (`run_grid`: RoPE's theta, NoPE's and ALiBi's
+learning rate, p-RoPE's and learned-LogN p-RoPE's base, SI's tau at a fixed p-RoPE base), trained on seed 0
 and chosen on in-distribution validation loss only; the other seeds then train the chosen setting, and SI at
 the paper's tau = 10 is trained on every seed beside the tuned tau. Every run sees the same batches (one data
 seed); seeds change the initialisation only.
@@ -41,9 +43,10 @@ VARIANTS: dict[str, dict] = {
     "nope": {"position": "nope", "attention": "softmax"},
     "alibi": {"position": "alibi", "attention": "softmax"},
     "p-rope": {"position": "p-rope", "attention": "softmax"},
+    "logn-learned+p-rope": {"position": "p-rope", "attention": "logn-learned"},
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
-TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "alibi", "si-p-rope"]
+TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "logn-learned+p-rope", "alibi", "si-p-rope"]
 PAPER_TAU = 10.0
 PAPER_TAU_ROW = f"si-p-rope (paper tau={PAPER_TAU:g})"
 
@@ -75,12 +78,12 @@ class StudyConfig(TrainConfig):
     # The tuning grid: the same number of settings for every trained variant (parse_args enforces it).
     rope_bases: tuple[float, ...] = (1e4, 500.0)  # RoPE theta
     lrs: tuple[float, ...] = (3e-3, 6e-3)  # NoPE and ALiBi: no positional knob, so the learning rate
-    p_rope_bases: tuple[float, ...] = (8.0, 32.0)  # p-RoPE (and LogN+p-RoPE, the same weights)
+    p_rope_bases: tuple[float, ...] = (8.0, 32.0)  # p-RoPE (LogN+p-RoPE: the same weights), learned LogN
     taus: tuple[float, ...] = (1.0, 10.0)  # SI p-RoPE, at si_p_rope_base
     si_p_rope_base: float = 8.0
     eval_tokens: int = 8192
     needle_trials: int = 16
-    variants: tuple[str, ...] = ("rope", "nope", "alibi", "p-rope", "si-p-rope")
+    variants: tuple[str, ...] = ("rope", "nope", "alibi", "p-rope", "logn-learned+p-rope", "si-p-rope")
     workers: int = 2
     extra: dict = field(default_factory=dict)
 
@@ -105,7 +108,7 @@ def run_grid(cfg: StudyConfig, variant: str) -> list[dict]:
         return [{"rope_base": b} for b in cfg.rope_bases]
     if variant in ("nope", "alibi"):
         return [{"lr": lr} for lr in cfg.lrs]
-    if variant == "p-rope":
+    if variant in ("p-rope", "logn-learned+p-rope"):
         return [{"p_rope_base": b} for b in cfg.p_rope_bases]
     if variant == "si-p-rope":
         return [{"p_rope_base": cfg.si_p_rope_base, "tau": t} for t in cfg.taus]
