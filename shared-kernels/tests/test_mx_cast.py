@@ -261,7 +261,7 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
         x = x.clamp(-6e4, 6e4)
     x = x.to(dtype)
     cases = [(x, 32, -1), (x, 32, 0), (x[:, :320], 16, -1), (x[:96], 64, 0), (x[:96].view(6, 16, 330), 32, 1)]
-    # whole rows of blocks: 64 codes per store and a 16-code tail (21 blocks of 16 per row), bs 32 and 64
+    # whole rows of blocks at block sizes 32, 16 (21 blocks per row) and 64
     cases += [(x[:, :320], 32, -1), (x[:, :336], 16, -1), (x[:, :320], 64, -1)]
     for isa in _native_isas():
         for t, bs, dim in cases:

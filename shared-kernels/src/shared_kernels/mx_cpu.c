@@ -288,30 +288,6 @@ AVX512 static inline __m512i pair_max(__m512i a, __m512i b) {
     return _mm512_max_epu32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
 }
 
-/* The codes of `len` consecutive elements from x[base] (len a multiple of 16), whose blocks have `vpb`
-   vectors each and 2^-E / limits rcp[k] / limit[k]: 64 codes per store, then 16 at a time. */
-AVX512 static inline __attribute__((always_inline)) void encode_run(const void* restrict x, int in_kind, int64_t base, int64_t len, int vpb,
-                                     const float* rcp, const uint32_t* limit, const encode_consts* c,
-                                     uint8_t* restrict data) {
-    int k = 0, in_block = 0;  /* the block of the next vector, and how many of its vectors are done */
-    int64_t i = 0;
-    for (; i + 64 <= len; i += 64) {
-        __m512i code[4];
-        for (int j = 0; j < 4; ++j) {
-            code[j] = encode16_lanes(load16(x, in_kind, base + i + 16 * j), _mm512_set1_ps(rcp[k]),
-                                     _mm512_set1_epi32((int)limit[k]), c);
-            if (++in_block == vpb) in_block = 0, ++k;
-        }
-        _mm512_storeu_si512(data + base + i, pack64(code[0], code[1], code[2], code[3]));
-    }
-    for (; i < len; i += 16) {
-        _mm_storeu_si128((__m128i*)(data + base + i),
-                         encode16(load16(x, in_kind, base + i), _mm512_set1_ps(rcp[k]),
-                                  _mm512_set1_epi32((int)limit[k]), c));
-        if (++in_block == vpb) in_block = 0, ++k;
-    }
-}
-
 AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, int64_t b0, int64_t count,
                                            int bs, const mx_format* fmt, uint8_t* restrict data,
                                            uint8_t* restrict scale) {
@@ -332,10 +308,15 @@ AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, 
             for (int k = 0; k < width / 2; ++k) m[k] = pair_max(m[2 * k], m[2 * k + 1]);
         const __m128i bytes = params16(m[0], f, rcp, limit);
         _mm_mask_storeu_epi8(scale + b0 + g0, (__mmask16)((1u << n) - 1), bytes);
-        encode_run(x, in_kind, (b0 + g0) * bs, (int64_t)n * bs, bs / 16, rcp, limit, &c, data);
         const __mmask16 nan = _mm_cmpeq_epi8_mask(bytes, _mm_set1_epi8((char)255));
-        for (int k = 0; k < n; ++k)  /* a NaN block's codes replaced afterwards */
-            if (nan >> k & 1) memset(data + (b0 + g0 + k) * bs, f->nan_code, bs);
+        for (int k = 0; k < n; ++k) {
+            const int64_t base = (b0 + g0 + k) * bs;
+            if (nan >> k & 1) { memset(data + base, f->nan_code, bs); continue; }
+            const __m512 r = _mm512_set1_ps(rcp[k]);
+            const __m512i l = _mm512_set1_epi32((int)limit[k]);
+            for (int i = 0; i < bs; i += 16)
+                _mm_storeu_si128((__m128i*)(data + base + i), encode16(load16(x, in_kind, base + i), r, l, &c));
+        }
     }
 }
 
@@ -343,8 +324,6 @@ AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, 
 AVX512 static void rows_avx512(const void* x, int in_kind, int64_t b0, int64_t count, int bs,
                                const mx_format* f, uint8_t* data, uint8_t* scale) {
     if (bs % 16) rows_avx2(x, in_kind, b0, count, bs, f, data, scale);
-    else if (in_kind == IN_F32 && bs == 32) rows_avx512_kind(x, IN_F32, b0, count, 32, f, data, scale);
-    else if (in_kind == IN_BF16 && bs == 32) rows_avx512_kind(x, IN_BF16, b0, count, 32, f, data, scale);
     else if (in_kind == IN_F32) rows_avx512_kind(x, IN_F32, b0, count, bs, f, data, scale);
     else rows_avx512_kind(x, IN_BF16, b0, count, bs, f, data, scale);
 }
@@ -360,9 +339,9 @@ AVX512 static inline void cols_avx512_kind(const void* restrict x, int in_kind, 
     uint32_t limit[64];
     float rcp[64];
     int64_t c0 = 0;
-    /* fp32: 64 columns at a time, a 64-byte store of codes per row (14-19% less time than 16 columns at
-       1024 and 4096 columns). Not for bf16: 13% faster at 1024 columns but 13-40% slower at 4096x4096
-       (measured, not understood; docs/mxfp8train.md, 2026-12-07 fifth part). */
+    /* fp32: 64 columns at a time, a 64-byte store of codes per row (~15% less time than 16 columns at
+       1024 columns, more at 4096). Not for bf16 (13% faster at 1024 columns, but slower in 4 of 5 rounds at
+       4096x4096; not understood) nor rows (no gain measured): docs/mxfp8train.md, 2026-12-07 fifth part. */
     for (; in_kind == IN_F32 && c0 + 64 <= n; c0 += 64) {
         __m512i mx[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                          _mm512_setzero_si512()};
