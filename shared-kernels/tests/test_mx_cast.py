@@ -252,7 +252,7 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
     """Every instruction-set path (scalar, AVX2, AVX-512 where present) gives the reference's bytes on the
     adversarial rows (RNE ties of both element types, subnormal elements, E = -127, all-zero, inf, NaN and
     fp32-max blocks, amaxes at the 1.75 mantissa boundary where RCEIL and FLOOR differ) and on random
-    magnitudes: rows, columns, a middle dim, partial blocks both ways, block sizes 16 and 64."""
+    magnitudes: rows, columns, a middle dim, partial blocks both ways, block sizes 16, 32 and 64."""
     x = adversarial(97, 330, seed=9)
     x[60:] = torch.randn(37, 330) * torch.exp2(torch.randint(-40, 40, (37, 1)).float())
     x[61, :64] = torch.randn(64) * 2.0**-20  # subnormal elements beside a normal block max
@@ -261,6 +261,8 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
         x = x.clamp(-6e4, 6e4)
     x = x.to(dtype)
     cases = [(x, 32, -1), (x, 32, 0), (x[:, :320], 16, -1), (x[:96], 64, 0), (x[:96].view(6, 16, 330), 32, 1)]
+    # whole rows of blocks at block sizes 32, 16 (21 blocks per row) and 64
+    cases += [(x[:, :320], 32, -1), (x[:, :336], 16, -1), (x[:, :320], 64, -1)]
     for isa in _native_isas():
         for t, bs, dim in cases:
             _assert_native_equals_reference(

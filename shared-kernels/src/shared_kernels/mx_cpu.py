@@ -16,8 +16,9 @@ leading dim: columns, read row by row so every load is contiguous):
   code of a NaN block the code torch gives a positive NaN.
 Three paths picked at run time with `__builtin_cpu_supports` (`isa` caps it: tests run every path the CPU
 has): AVX-512 written with intrinsics (block maxima of 16 blocks reduced together, their scales computed
-as one vector), and AVX2 and baseline copies of plain loops that gcc vectorizes. On other architectures
-only the portable loops are built (checked by compiling with -DMX_CPU_PORTABLE).
+as one vector; fp32 column casts pack four vectors of codes into one 64-byte store), and AVX2 and baseline
+copies of plain loops that gcc vectorizes. On other architectures only the portable loops are built
+(checked by compiling with -DMX_CPU_PORTABLE).
 Inputs are read as fp32 or bf16 (fp16 is widened to fp32 first: exact). Work is shared by
 `torch.get_num_threads()` pthreads claiming chunks from an atomic counter (as the NF4 kernels do).
 
