@@ -18,4 +18,8 @@ TINY = (
     "rerank.candidates=5",
     "rerank.k=3",
     "trackers=[none]",
+    # the InteRank path (whole-answer distillation, then reward-weighted refinement), which the app's default
+    # (label-pointwise, no refinement) skips; tests of the default's path set these back
+    "train.objective=answer",
+    "refine.method=reward-weighted",
 )

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from rerank_qlora.artefacts import ARTEFACTS, reconcile
-from rerank_qlora.config import RerankQLoRAConfig
+from rerank_qlora.config import RerankQLoRAConfig, TrainConfig
 
 
 def _fill(run_dir):
@@ -37,9 +37,9 @@ CASES = [  # (section, change, artefacts rebuilt, setting named)
     ("teacher", {"offline_explanation": "fixed"}, ALL, "teacher.offline_explanation 'evidence' -> 'fixed'"),
     (
         "train",
-        {"steps": 61},
+        {"steps": 1501},
         {"distillation checkpoints", "refinement samples and checkpoints", "rerank judgements"},
-        "train.steps 60 -> 61",
+        "train.steps 1500 -> 1501",
     ),
     (
         "refine",
@@ -51,9 +51,14 @@ CASES = [  # (section, change, artefacts rebuilt, setting named)
 ]
 
 
+def _answer_config(run_dir):
+    """The InteRank path (whole-answer objective), where every setting of CASES is valid."""
+    return RerankQLoRAConfig(run_dir=run_dir, train=TrainConfig(objective="answer"))
+
+
 @pytest.mark.parametrize("section, change, rebuilt, named", CASES, ids=[c[0] for c in CASES])
 def test_changed_setting_rebuilds_stale_artefacts(tmp_path, section, change, rebuilt, named):
-    cfg = RerankQLoRAConfig(run_dir=tmp_path)
+    cfg = _answer_config(tmp_path)
     _fill(tmp_path)
     assert len(reconcile(tmp_path, cfg)) == len(ALL)  # no record yet: nothing is trusted
     _fill(tmp_path)

@@ -42,7 +42,7 @@ CASES = [
     (["refine.kl_beta=-1"], r"refine.kl_beta must be a finite number >= 0, got -1"),
     (
         ["refine.kl_beta=0.1"],
-        r"refine.kl_beta applies to refine.method=grpo only, got method=reward-weighted",
+        r"refine.kl_beta applies to refine.method=grpo only, got method=none",
     ),
     (["refine.samples=0"], r"refine.samples must be >= 1"),
     (["rerank.k=0"], r"rerank.k must be >= 1"),
@@ -50,7 +50,11 @@ CASES = [
     (["teacher.concurrency=0"], r"teacher.concurrency and teacher.pairs_per_query must be >= 1"),
     (["task.max_eval_queries=0"], r"task.max_train_queries and task.max_eval_queries must be >= 1"),
     (["teacher.kind=gpt"], r"'teacher.kind': expected one of"),
-    (["train.objective=label-listwise"], r"train.objective=label-listwise .* needs rerank.judge=forced and "),
+    (
+        ["train.objective=label-listwise", "refine.method=grpo"],
+        r"train.objective=label-listwise .* needs rerank.judge=forced and ",
+    ),
+    (["refine.method=reward-weighted"], r"train.objective=label-pointwise .* needs rerank.judge=forced and "),
     (
         ["train.objective=label-pointwise", "refine.method=none", "rerank.judge=generate"],
         r"needs rerank.judge=forced and refine.method=none",
