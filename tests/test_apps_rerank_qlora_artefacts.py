@@ -37,9 +37,9 @@ CASES = [  # (section, change, artefacts rebuilt, setting named)
     ("teacher", {"offline_explanation": "fixed"}, ALL, "teacher.offline_explanation 'evidence' -> 'fixed'"),
     (
         "train",
-        {"steps": 1501},
+        {"steps": TrainConfig().steps + 1},
         {"distillation checkpoints", "refinement samples and checkpoints", "rerank judgements"},
-        "train.steps 1500 -> 1501",
+        f"train.steps {TrainConfig().steps} -> {TrainConfig().steps + 1}",
     ),
     (
         "refine",

@@ -225,7 +225,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = option(1500, "optimizer steps of distillation")
+    steps: int = option(3000, "optimizer steps of distillation")
     batch_size: int = option(8, "global batch (examples per step, all processes)")
     micro_batch_size: int = option(4, "examples per forward pass on one process")
     lr: float = option(

@@ -131,6 +131,9 @@ def plot_training_curve(
         history: rows {"phase": name, "step": int, f"{phase}/loss": float} (shared_kernels.training).
         path: the PNG written.
         phases: the phases in order; each continues the step axis where the previous one ended.
+
+    Each logged loss is one step's small batch, so the raw points are drawn faint and a running mean over
+    about 1/20 of a phase's points (at least 3) is drawn over them, where a trend is read.
     """
     import matplotlib
 
@@ -143,7 +146,14 @@ def plot_training_curve(
         rows = [r for r in history if r["phase"] == phase]
         if rows:
             steps = [offset + r["step"] for r in rows]
-            ax.plot(steps, [r[f"{phase}/loss"] for r in rows], marker=".", label=phase)
+            losses = [float(r[f"{phase}/loss"]) for r in rows]
+            (raw,) = ax.plot(steps, losses, marker=".", alpha=0.3, lw=0.8, label=f"{phase} (each log)")
+            width = max(3, len(losses) // 20)
+            if len(losses) >= 2 * width:
+                mean = [sum(losses[i - width : i]) / width for i in range(width, len(losses) + 1)]
+                ax.plot(
+                    steps[width - 1 :], mean, color=raw.get_color(), lw=2, label=f"{phase} (running mean)"
+                )
             offset = steps[-1]
     ax.set(xlabel="optimizer step", ylabel=ylabel, title="training curve")
     ax.grid(alpha=0.3)
