@@ -522,7 +522,8 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
         curve = torch.tensor(row["by_length"][length]["loss_by_position"])
         n = len(curve) // bin_size * bin_size
         binned = curve[:n].view(-1, bin_size).mean(1)
-        ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, label=name)
+        style = "--" if name in EVALUATED else "-"  # evaluated from another row's weights: dashed
+        ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, style, label=name)
     ax.axvline(cfg.train_length, color="gray", linestyle=":", label="training length")
     ax.set_xlabel("position in window (bytes)")
     ax.set_ylabel("validation loss (nats/byte)")
