@@ -13,7 +13,7 @@ n_keys queries with their values as the last 2 n_keys tokens; top-1 accuracy on 
 Every trained variant gets the same tuning budget: two settings (`GRIDS`), trained on seed 0 and chosen on
 in-distribution validation loss; the other seeds train the chosen setting, and SI p-RoPE's tau = 10 (the
 paper's) is trained on every seed beside the tuned tau. RoPE+NTK and RoPE+YaRN are the chosen RoPE weights
-rescaled at evaluation for each length.
+rescaled at evaluation for each length (`siattn.rope_scaling`, shared with `siattn.lengthgen`).
 
     python -m siattn.retrieval --out runs/retrieval                  # default study (see README for timing)
 """
