@@ -60,8 +60,9 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     summary = json.loads((out / "results.json").read_text())
     tuned_tau = summary["chosen"]["si-p-rope"]["tau"]
     paper_row = {"si-p-rope (paper tau=10)"} if tuned_tau != 10 else set()
-    rows = {"rope", "p-rope", "logn+p-rope", "logn-learned+p-rope", "si-p-rope"}
+    rows = {"rope", "rope+ntk", "rope+yarn", "p-rope", "logn+p-rope", "logn-learned+p-rope", "si-p-rope"}
     assert set(summary["rows"]) == rows | paper_row
+    assert list(summary["rows"])[:3] == ["rope", "rope+ntk", "rope+yarn"]
     for variant in (
         "rope",
         "p-rope",
@@ -90,6 +91,7 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     assert set(summary["tests"]["32"]) == {f"si-p-rope - {r}" for r in summary["rows"] if r != "si-p-rope"}
     assert all(t["n"] == 2 * 2 for t in summary["tests"]["32"].values())
     assert "paired t-tests" in table.lower()
+    _check_rope_rescaled_rows(summary, out, corpus)
 
     # A run stored without per-window losses (as before they existed) is reloaded and evaluated, not
     # retrained, and gives the same losses.
@@ -106,6 +108,53 @@ def test_cli_tiny_config_end_to_end_and_resume(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.safetensors")} == weights
     assert after["eval"] == before["eval"] and after["eval_logn"] == before["eval_logn"]
     assert after["final_train_loss"] == before["final_train_loss"]
+
+    # The RoPE runs of a study stored before RoPE+NTK / +YaRN existed (as /tmp/si/lengthgen's) gain them by
+    # evaluation only: weights and the plain evaluation untouched, the same numbers as a fresh study.
+    path = out / "runs" / f"rope_rope_base={summary['chosen']['rope']['rope_base']:g}_seed=1.json"
+    before = json.loads(path.read_text())
+    old = {k: v for k, v in before.items() if k not in ("eval_ntk", "eval_yarn")}
+    path.write_text(json.dumps(old))
+    lengthgen.main(argv)
+    after = json.loads(path.read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.safetensors")} == weights
+    for key in ("eval", "eval_ntk", "eval_yarn", "final_train_loss"):
+        assert after[key] == before[key], key
+    assert json.loads((out / "results.json").read_text())["rows"] == summary["rows"]
+
+
+def _check_rope_rescaled_rows(summary: dict, out, corpus) -> None:
+    """RoPE+NTK / +YaRN: the chosen RoPE runs' weights, rescaled per length, no training of their own."""
+    import torch
+    from safetensors.torch import load_file
+
+    from siattn.models import GPT
+
+    rows, chosen = summary["rows"], summary["chosen"]["rope"]
+    assert not list((out / "runs").glob("rope+*"))  # no runs (nor weights) of their own
+    for label in ("rope+ntk", "rope+yarn"):
+        row = rows[label]
+        assert row["setting"] == chosen and row["seeds"] == rows["rope"]["seeds"]
+        # identity at the training length, a different model beyond it
+        assert row["by_length"]["16"]["losses"] == rows["rope"]["by_length"]["16"]["losses"]
+        assert row["by_length"]["32"]["losses"] != rows["rope"]["by_length"]["32"]["losses"]
+    assert rows["rope+ntk"]["by_length"]["32"]["losses"] != rows["rope+yarn"]["by_length"]["32"]["losses"]
+    # each row is what evaluating the stored RoPE weights rescaled gives; the model is left as trained after
+    cfg = lengthgen.StudyConfig(data=str(corpus), train_length=16, eval_multiples=(1, 2), n_layer=1)
+    cfg.d_model, cfg.n_head, cfg.eval_tokens, cfg.needle_trials = 16, 2, 64, 1
+    model = GPT(lengthgen.model_config(cfg, "rope", chosen))
+    weights = out / "runs" / f"rope_rope_base={chosen['rope_base']:g}_seed=0.safetensors"
+    model.load_state_dict(load_file(str(weights)))
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    inv_freq = model.layers[0].attn.inv_freq.clone()
+    _, val = lengthgen.load_bytes(corpus)
+    seed0 = rows["rope"]["seeds"].index(0)
+    for label in ("rope+ntk", "rope+yarn"):
+        got = lengthgen.evaluate(model, val, cfg, rescale=label)
+        for n in ("16", "32"):
+            assert got[n]["loss"] == rows[label]["by_length"][n]["losses"][seed0], (label, n)
+        assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model.layers[0].attn.inv_freq, inv_freq)
 
 
 def test_loss_by_position_plot_renders(tmp_path):

@@ -72,18 +72,6 @@ def test_bad_task_and_lengths_raise():
         kv_probe(TASK, 20, 1, seed=0)
 
 
-def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
-    from siattn import rope_frequencies
-    from siattn.retrieval import _ntk_base, _yarn_frequencies
-
-    inv = rope_frequencies(16, 1e4)
-    yarn = _yarn_frequencies(inv, 128, 16.0)
-    ratio = 128 * inv / (2 * torch.pi)
-    assert torch.equal(yarn[ratio > 32], inv[ratio > 32])
-    torch.testing.assert_close(yarn[ratio < 1], inv[ratio < 1] / 16)
-    assert _ntk_base(1e4, 16, 1.0) == 1e4 and _ntk_base(1e4, 16, 4.0) > 4e4
-
-
 def test_study_end_to_end_tunes_resumes_and_reuses_rope_weights(tmp_path):
     from siattn.retrieval import GRIDS, RetrievalConfig, run
 

@@ -1,7 +1,9 @@
 """Length-generalisation study: byte-level LMs trained at a short context, evaluated at 1x / 4x / 16x.
 
-Variants (REFERENCE section 1): RoPE, NoPE, ALiBi, p-RoPE, LogN+p-RoPE (the p-RoPE models with the fixed
-LogN scale at evaluation: it is the identity up to the training length, so training is the same),
+Variants (REFERENCE section 1): RoPE, RoPE+NTK and RoPE+YaRN (the chosen RoPE weights with NTK-aware / YaRN
+frequencies for each evaluation length, `siattn.rope_scaling`, as in `siattn.retrieval`), NoPE, ALiBi,
+p-RoPE, LogN+p-RoPE (the p-RoPE models with the fixed LogN scale at evaluation: it is the identity up to the
+training length, so training is the same),
 learned-LogN p-RoPE (the paper's LogN baseline: Scalable-Softmax with a learned per-head scale, trained with
 it, `GPTConfig(attention="logn-learned")` as in `siattn.retrieval`), SI p-RoPE. Every trained variant gets
 the same tuning budget: one knob, the same number of settings (`run_grid`: RoPE's theta, NoPE's and ALiBi's
@@ -36,8 +38,9 @@ from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
 from shared_kernels.significance import paired_t_test
 from siattn.models import GPT, GPTConfig
+from siattn.rope_scaling import RESCALED, q_gains, rescale_rope
 
-# Trained variants -> GPTConfig overrides; "logn+p-rope" is evaluated from the p-rope runs.
+# Trained variants -> GPTConfig overrides; the rows of `EVALUATED` are evaluated from their runs.
 VARIANTS: dict[str, dict] = {
     "rope": {"position": "rope", "attention": "softmax"},
     "nope": {"position": "nope", "attention": "softmax"},
@@ -46,7 +49,23 @@ VARIANTS: dict[str, dict] = {
     "logn-learned+p-rope": {"position": "p-rope", "attention": "logn-learned"},
     "si-p-rope": {"position": "p-rope", "attention": "si"},
 }
-TABLE_ORDER = ["rope", "nope", "p-rope", "logn+p-rope", "logn-learned+p-rope", "alibi", "si-p-rope"]
+# Rows with no training of their own: label -> (the trained variant whose runs they evaluate, result key).
+EVALUATED: dict[str, tuple[str, str]] = {
+    "rope+ntk": ("rope", "eval_ntk"),
+    "rope+yarn": ("rope", "eval_yarn"),
+    "logn+p-rope": ("p-rope", "eval_logn"),
+}
+TABLE_ORDER = [
+    "rope",
+    "rope+ntk",
+    "rope+yarn",
+    "nope",
+    "p-rope",
+    "logn+p-rope",
+    "logn-learned+p-rope",
+    "alibi",
+    "si-p-rope",
+]
 PAPER_TAU = 10.0
 PAPER_TAU_ROW = f"si-p-rope (paper tau={PAPER_TAU:g})"
 
@@ -139,14 +158,18 @@ def model_config(cfg: StudyConfig, variant: str, setting: dict) -> GPTConfig:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, val: torch.Tensor, cfg: StudyConfig) -> dict:
+def evaluate(model: GPT, val: torch.Tensor, cfg: StudyConfig, rescale: str | None = None) -> dict:
     """Mean loss (nats/byte), loss by position and loss by window over non-overlapping validation windows
     at each length (the same windows for every run: paired tests compare runs window by window), plus the
-    needle-copy probe."""
+    needle-copy probe. rescale: "rope+ntk" | "rope+yarn" to rescale a RoPE model's frequencies for each
+    length (`siattn.rope_scaling`; the model is left as trained afterwards)."""
     model.eval()
     out = {}
+    gains = q_gains(model) if rescale else []
     for mult in cfg.eval_multiples:
         length = cfg.train_length * mult
+        if rescale:
+            rescale_rope(model, rescale, mult, gains)
         n_windows = max(1, min(cfg.eval_tokens // length, (len(val) - 1) // length))
         windows = torch.stack([val[i * length : i * length + length + 1] for i in range(n_windows)])
         per_pos, per_window = torch.zeros(length), []
@@ -162,6 +185,8 @@ def evaluate(model: GPT, val: torch.Tensor, cfg: StudyConfig) -> dict:
             "loss_by_window": per_window,
             "needle": needle_accuracy(model, val, length, cfg.needle_trials),
         }
+    if rescale:
+        rescale_rope(model, rescale, 1, gains)
     return out
 
 
@@ -196,14 +221,20 @@ def read_json_or_none(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _complete(cfg: StudyConfig, result: dict | None) -> bool:
-    """Whether a stored result holds every evaluation this version makes: each evaluation length, with
-    per-window losses (runs stored before either are reloaded and evaluated again, not retrained)."""
-    if result is None:
-        return False
+def eval_keys(variant: str) -> list[str]:
+    """The evaluations a trained variant's runs hold: "eval", plus one per row of `EVALUATED` read from it."""
+    return ["eval", *(key for base, key in EVALUATED.values() if base == variant)]
+
+
+def _missing(cfg: StudyConfig, result: dict) -> list[str]:
+    """The evaluations (`eval_keys`) a stored result lacks or holds incompletely: without some evaluation
+    length or per-window losses (such runs are reloaded and evaluated again for those only, not retrained)."""
     lengths = [str(cfg.train_length * m) for m in cfg.eval_multiples]
-    evals = [result[k] for k in ("eval", "eval_logn") if k in result]
-    return all(n in e and "loss_by_window" in e[n] for e in evals for n in lengths)
+    return [
+        key
+        for key in eval_keys(result["variant"])
+        if not all(n in result.get(key, {}) and "loss_by_window" in result[key][n] for n in lengths)
+    ]
 
 
 def _train(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> tuple[GPT, dict]:
@@ -238,15 +269,20 @@ def _train(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> tuple[GP
     return model, record
 
 
-def _evaluate_run(model: GPT, cfg: StudyConfig, variant: str) -> dict:
-    """{"eval": ...}, plus "eval_logn" for p-RoPE: LogN+p-RoPE is the same weights with LogN scaling beyond
-    the training length."""
+def _evaluate_run(model: GPT, cfg: StudyConfig, keys: list[str]) -> dict:
+    """The evaluations `keys` of one run: "eval" as trained; "eval_logn" (p-RoPE) the same weights with
+    LogN scaling beyond the training length; "eval_ntk" / "eval_yarn" (RoPE) the same weights with NTK-aware
+    / YaRN frequencies for each length."""
     _, val = load_bytes(cfg.data)
-    out = {"eval": evaluate(model, val, cfg)}
-    if variant == "p-rope":
-        model.cfg.attention = "logn"
-        out["eval_logn"] = evaluate(model, val, cfg)
-        model.cfg.attention = "softmax"
+    rescales = {EVALUATED[label][1]: label for label in RESCALED}  # "eval_ntk" -> "rope+ntk", ...
+    out = {}
+    for key in keys:
+        if key == "eval_logn":
+            model.cfg.attention = "logn"
+            out[key] = evaluate(model, val, cfg)
+            model.cfg.attention = "softmax"
+        else:
+            out[key] = evaluate(model, val, cfg, rescale=rescales.get(key))
     return out
 
 
@@ -262,12 +298,12 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     name = run_name(variant, setting, seed)
     result_path, lock, weights = runs / f"{name}.json", runs / f"{name}.lock", runs / f"{name}.safetensors"
     stored = read_json_or_none(result_path)
-    if stored is not None and _complete(cfg, stored):
+    if stored is not None and not _missing(cfg, stored):
         return stored
     while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
         time.sleep(10)
     stored = read_json_or_none(result_path)
-    if stored is not None and _complete(cfg, stored):
+    if stored is not None and not _missing(cfg, stored):
         lock.unlink(missing_ok=True)
         return stored
     cpu_start = time.process_time()
@@ -277,7 +313,7 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     else:
         model, result = GPT(model_config(cfg, variant, setting)), stored
         model.load_state_dict(load_file(str(weights)))
-    result.update(_evaluate_run(model, cfg, variant))
+    result.update(_evaluate_run(model, cfg, _missing(cfg, result)))
     result["cpu_seconds"] = result.get("cpu_seconds", 0.0) + time.process_time() - cpu_start
     write_text_atomic(result_path, json.dumps(result))
     lock.unlink(missing_ok=True)
@@ -330,13 +366,14 @@ def run_study(cfg: StudyConfig) -> dict:
 
 def table_rows(cfg: StudyConfig, chosen: dict) -> list[tuple[str, str, dict, str]]:
     """(row label, trained variant, setting, eval key) in table order: each variant at its chosen setting,
-    LogN+p-RoPE from the chosen p-RoPE runs, and SI at the paper's tau = 10 beside its tuned tau."""
+    the `EVALUATED` rows from the chosen runs of theirs (RoPE+NTK / +YaRN from RoPE's, LogN+p-RoPE from
+    p-RoPE's), and SI at the paper's tau = 10 beside its tuned tau."""
     rows = []
     for name in TABLE_ORDER:
-        base = "p-rope" if name == "logn+p-rope" else name
+        base, key = EVALUATED.get(name, (name, "eval"))
         if base not in chosen:
             continue
-        rows.append((name, base, chosen[base], "eval_logn" if name == "logn+p-rope" else "eval"))
+        rows.append((name, base, chosen[base], key))
         if name == "si-p-rope" and chosen[name] != paper_tau_setting(cfg):
             rows.append((PAPER_TAU_ROW, name, paper_tau_setting(cfg), "eval"))
     return rows
@@ -485,7 +522,8 @@ def plot_loss_by_position(cfg: StudyConfig, summary: dict, path: Path, bin_size:
         curve = torch.tensor(row["by_length"][length]["loss_by_position"])
         n = len(curve) // bin_size * bin_size
         binned = curve[:n].view(-1, bin_size).mean(1)
-        ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, label=name)
+        style = "--" if name in EVALUATED else "-"  # evaluated from another row's weights: dashed
+        ax.plot((torch.arange(len(binned)) + 0.5) * bin_size, binned, style, label=name)
     ax.axvline(cfg.train_length, color="gray", linestyle=":", label="training length")
     ax.set_xlabel("position in window (bytes)")
     ax.set_ylabel("validation loss (nats/byte)")

@@ -13,7 +13,7 @@ n_keys queries with their values as the last 2 n_keys tokens; top-1 accuracy on 
 Every trained variant gets the same tuning budget: two settings (`GRIDS`), trained on seed 0 and chosen on
 in-distribution validation loss; the other seeds train the chosen setting, and SI p-RoPE's tau = 10 (the
 paper's) is trained on every seed beside the tuned tau. RoPE+NTK and RoPE+YaRN are the chosen RoPE weights
-rescaled at evaluation for each length.
+rescaled at evaluation for each length (`siattn.rope_scaling`, shared with `siattn.lengthgen`).
 
     python -m siattn.retrieval --out runs/retrieval                  # default study (see README for timing)
 """
@@ -21,7 +21,6 @@ rescaled at evaluation for each length.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,8 +43,8 @@ from siattn.lengthgen import (
     sample_sd,
     set_warmup_cosine_lr,
 )
-from siattn.models import GPT, Block, GPTConfig
-from siattn.positional import rope_frequencies
+from siattn.models import GPT, GPTConfig
+from siattn.rope_scaling import RESCALED, q_gains, rescale_rope
 
 
 @dataclass(frozen=True)
@@ -136,22 +135,6 @@ def probe_accuracy(task: KVTask, logits: torch.Tensor, tokens: torch.Tensor) -> 
     return probe_window_accuracy(task, logits, tokens).mean().item()
 
 
-def _ntk_base(base: float, head_dim: int, factor: float) -> float:
-    """NTK-aware RoPE: theta scaled by factor^(d / (d - 2)) (REFERENCE section 1)."""
-    return base * factor ** (head_dim / (head_dim - 2))
-
-
-def _yarn_frequencies(
-    inv_freq: torch.Tensor, train_length: int, factor: float, alpha: float = 1.0, beta: float = 32.0
-) -> torch.Tensor:
-    """YaRN (Peng et al. 2023) "NTK-by-parts": dimensions whose wavelength fits fewer than `alpha` times in
-    the training length are interpolated by `factor`, those fitting more than `beta` times are kept, a linear
-    ramp in between."""
-    ratio = train_length * inv_freq / (2 * math.pi)  # training length / wavelength
-    keep = ((ratio - alpha) / (beta - alpha)).clamp(0.0, 1.0)
-    return (1 - keep) * inv_freq / factor + keep * inv_freq
-
-
 # Trained variants (GPTConfig overrides) and their tuning grids: two settings each.
 VARIANTS: dict[str, dict[str, str]] = {
     "rope": {"position": "rope", "attention": "softmax"},
@@ -165,9 +148,7 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     "logn-learned+p-rope": [{"p_rope_base": 8.0}, {"p_rope_base": 32.0}],
     "si-p-rope": [{"tau": 1.0}, {"tau": 10.0}],
 }
-# Evaluation-time rescalings of the chosen RoPE weights (no training of their own).
-RESCALED = ("rope+ntk", "rope+yarn")
-ALL_VARIANTS = (*VARIANTS, *RESCALED)
+ALL_VARIANTS = (*VARIANTS, *RESCALED)  # RESCALED: the chosen RoPE weights rescaled at evaluation
 PAPER_TAU = 10.0
 
 
@@ -246,32 +227,6 @@ def validation_loss(model: GPT, cfg: RetrievalConfig, task: KVTask) -> float:
     return statistics.fmean(losses)
 
 
-def _q_gain(block: Block) -> torch.Tensor:
-    """The learned gain of a block's q norm (QK-norm is on in every model here)."""
-    norm = block.attn.q_norm
-    if not isinstance(norm, torch.nn.RMSNorm) or norm.weight is None:
-        raise ValueError("YaRN's logit scaling needs models with QK-norm (qk_norm=True)")
-    return norm.weight
-
-
-def _rescale_rope(
-    model: GPT, variant: str, cfg: RetrievalConfig, mult: int, q_gains: list[torch.Tensor]
-) -> None:
-    """Set the RoPE frequencies (and YaRN's logit gain, via the q norm's weight) for `mult` x the training
-    length; identity at mult = 1."""
-    head_dim = cfg.d_model // cfg.n_head
-    base = model.cfg.rope_base
-    if variant == "rope+ntk":
-        inv = rope_frequencies(head_dim, _ntk_base(base, head_dim, float(mult)))
-        gain = 1.0
-    else:  # YaRN: frequencies by parts, logits x (0.1 ln s + 1)^2
-        inv = _yarn_frequencies(rope_frequencies(head_dim, base), cfg.train_length, float(mult))
-        gain = (0.1 * math.log(mult) + 1.0) ** 2
-    for block, w in zip(model.layers, q_gains, strict=True):
-        block.attn.inv_freq = inv
-        _q_gain(block).copy_(w * gain)
-
-
 @torch.no_grad()
 def evaluate(
     model: GPT, cfg: RetrievalConfig, task: KVTask, variant: str, multiples: tuple[int, ...]
@@ -280,11 +235,11 @@ def evaluate(
     window i]} (the windows depend on the length only, so lengths evaluated later add to earlier ones)."""
     model.eval()
     out = {}
-    q_gains = [_q_gain(block).clone() for block in model.layers]
+    gains = q_gains(model) if variant in RESCALED else []
     for mult in multiples:
         length = cfg.train_length * mult
         if variant in RESCALED:
-            _rescale_rope(model, variant, cfg, mult, q_gains)
+            rescale_rope(model, variant, mult, gains)
         tokens = kv_probe(task, length, cfg.trials, seed=0)
         chunks = tokens.split(max(1, 8192 // length))  # logits of ~8k tokens at a time
         out[str(length)] = torch.cat([probe_window_accuracy(task, model(c), c) for c in chunks]).tolist()
