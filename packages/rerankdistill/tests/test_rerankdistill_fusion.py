@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from rerankdistill.fusion import fuse, select_fusion_weight
+from rerankdistill.fusion import fuse, select_fusion_weight, smoothed_scores
 from rerankdistill.metrics import ndcg_at_k
 from rerankdistill.trec import sorted_ranking
 
@@ -50,13 +50,33 @@ def test_interpolation_formula_by_hand():
 def test_selection_uses_only_its_queries_and_prefers_the_smallest_tied_weight():
     first, rer, qrels, k = _random_case(1)
     val = {q: qrels[q] for q in list(qrels)[:4]}
-    w, scores = select_fusion_weight(first, rer, val, k)
+    w, scores = select_fusion_weight(first, rer, val, k, smoothing=0)
     assert scores[w] == max(scores.values()) and all(scores[v] < scores[w] for v in scores if v < w)
+    assert sorted(scores) == [i / 20 for i in range(21)]
     assert scores[0.0] == pytest.approx(float(ndcg_at_k({q: first[q] for q in val}, val, 10)))
     # a perfect reranker on the selection queries: w=1 reaches the oracle top-k reordering
     oracle = {q: {d: float(qrels[q].get(d, 0)) for d in docs} for q, docs in first.items()}
     w, scores = select_fusion_weight(first, oracle, val, k)
     assert scores[1.0] >= scores[0.0] and w > 0
+
+
+def test_smoothing_prefers_a_plateau_to_a_spike_beside_a_cliff():
+    # raw maximum 0.7 (a spike right before the curve falls); the plateau 0.3-0.5 is better on average
+    scores = {0.0: 0.30, 0.1: 0.31, 0.2: 0.34, 0.3: 0.37, 0.4: 0.37, 0.5: 0.37, 0.6: 0.35, 0.7: 0.38, 0.8: 0.2}
+    smoothed = smoothed_scores(scores, 0.1)
+    assert smoothed[0.4] == pytest.approx(0.37) and smoothed[0.7] == pytest.approx((0.35 + 0.38 + 0.2) / 3)
+    assert smoothed[0.0] == pytest.approx((0.30 + 0.31) / 2)  # one neighbour at the end
+    assert max(scores, key=lambda w: scores[w]) == 0.7 and max(smoothed, key=lambda w: smoothed[w]) == 0.4
+    assert smoothed_scores(scores, 0) == scores
+
+
+def test_selection_takes_the_smoothed_maximum():
+    first, rer, qrels, k = _random_case(3)
+    val = {q: qrels[q] for q in list(qrels)[:6]}
+    w, scores = select_fusion_weight(first, rer, val, k, smoothing=0.1)
+    smoothed = smoothed_scores(scores, 0.1)
+    assert smoothed[w] == max(smoothed.values())
+    assert all(smoothed[v] < smoothed[w] for v in smoothed if v < w)
 
 
 def test_bad_input_names_the_argument():
@@ -67,5 +87,7 @@ def test_bad_input_names_the_argument():
         fuse(first, {"q0": {}}, 0.5, k)
     with pytest.raises(ValueError, match="grid"):
         select_fusion_weight(first, rer, qrels, k, grid=())
+    with pytest.raises(ValueError, match="smoothing"):
+        select_fusion_weight(first, rer, qrels, k, smoothing=-0.1)
     with pytest.raises(ValueError, match="no query"):
         select_fusion_weight(first, rer, {"other": {"d0": 1}}, k)

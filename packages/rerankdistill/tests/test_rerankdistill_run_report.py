@@ -39,7 +39,10 @@ def test_choose_fusion_uses_only_the_validation_queries():
     assert chosen["weight"] == weight and chosen["validation"]["by_weight"] == by_weight
     assert chosen["validation"]["queries"] == 9
     assert chosen["validation"]["bm25"] == pytest.approx(float(ndcg_at_k(val, val_qrels, 10)))
-    assert chosen["chosen"] == "chosen on 9 validation queries" and chosen["name"]
+    assert chosen["chosen"].startswith("chosen on 9 validation queries (nDCG@10 averaged") and chosen["name"]
+    raw = choose_fusion(val, val_qrels, run, scores, k=7, smoothing=0)
+    assert raw["chosen"] == "chosen on 9 validation queries"
+    assert raw["weight"] == select_fusion_weight(val, scores, val_qrels, 7, smoothing=0)[0]
     given = choose_fusion(val, val_qrels, run, scores, k=7, weight=0.3)
     assert given["weight"] == 0.3 and given["chosen"] == "given" and "by_weight" not in given["validation"]
     none = choose_fusion({}, {}, run, scores, k=7)

@@ -346,7 +346,12 @@ class RerankConfig:
     fusion_weight: float | None = option(
         None,
         "weight w of the reranker in w * E[label]/2 + (1 - w) * min-max BM25 (rerankdistill.fusion); "
-        "unset: chosen on the validation queries from 0, 0.1, ..., 1",
+        "unset: chosen on the validation queries from 0, 0.05, ..., 1",
+    )
+    fusion_smoothing: float = option(
+        0.1,
+        "when the weight is chosen: each weight's validation nDCG@10 is averaged over the weights within "
+        "+- this much (rerankdistill.fusion.smoothed_scores); 0 takes the raw maximum",
     )
 
     def __post_init__(self) -> None:
@@ -359,6 +364,8 @@ class RerankConfig:
                 raise ValueError(f"rerank.{name} must be >= 0 or unset, got {value}")
         if self.fusion_weight is not None and not 0 <= self.fusion_weight <= 1:
             raise ValueError(f"rerank.fusion_weight must be in [0, 1] or unset, got {self.fusion_weight}")
+        if not 0 <= self.fusion_smoothing <= 1:
+            raise ValueError(f"rerank.fusion_smoothing must be in [0, 1], got {self.fusion_smoothing}")
 
 
 @dataclass

@@ -401,7 +401,13 @@ class RerankQLoRARecipe:
         eval_qrels = {q: task.qrels[q] for q in task.eval_qids}
         val_qrels = {q: task.qrels[q] for q in task.validation_qids}
         fusion = choose_fusion(
-            bm25_val, val_qrels, reranked.run, reranked.scores, cfg.rerank.k, cfg.rerank.fusion_weight
+            bm25_val,
+            val_qrels,
+            reranked.run,
+            reranked.scores,
+            cfg.rerank.k,
+            cfg.rerank.fusion_weight,
+            smoothing=cfg.rerank.fusion_smoothing,
         )
         runs = {
             PLAIN: {

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rerankdistill.cli import significance_table
-from rerankdistill.fusion import fuse, select_fusion_weight
+from rerankdistill.fusion import DEFAULT_SMOOTHING, fuse, select_fusion_weight
 from rerankdistill.metrics import evaluate, ndcg_at_k
 from rerankdistill.trec import Qrels, Run
 from shared_kernels.runconfig import save_figure_atomic
@@ -37,6 +37,7 @@ def choose_fusion(
     k: int,
     weight: float | None = None,
     name: str = FUSED_NAME,
+    smoothing: float = DEFAULT_SMOOTHING,
 ) -> dict[str, Any]:
     """The fusion weight: `weight` when given, else chosen on the validation queries (never evaluation ones).
 
@@ -48,6 +49,7 @@ def choose_fusion(
         k: the top-k that was reranked.
         weight: a given weight in [0, 1], or None to choose one.
         name: the fused run's name in the report ("" when there is no weight).
+        smoothing: half-width of the moving average over the validation curve (`select_fusion_weight`).
 
     Returns:
         {"weight": w or None, "chosen": how, "validation": {queries, bm25, reranked[, by_weight]}, "name"}.
@@ -61,10 +63,13 @@ def choose_fusion(
             "reranked": float(ndcg_at_k(val_reranked, val_qrels, 10)),
         }
     if weight is None and first_stage_val:
-        chosen, by_weight = select_fusion_weight(first_stage_val, reranked_scores, val_qrels, k)
+        chosen, by_weight = select_fusion_weight(
+            first_stage_val, reranked_scores, val_qrels, k, smoothing=smoothing
+        )
+        how = f" (nDCG@10 averaged over the weights within +-{smoothing:g})" if smoothing else ""
         out.update(
             weight=chosen,
-            chosen=f"chosen on {len(first_stage_val)} validation queries",
+            chosen=f"chosen on {len(first_stage_val)} validation queries{how}",
             validation={**out["validation"], "by_weight": by_weight},
         )
     elif weight is None:
