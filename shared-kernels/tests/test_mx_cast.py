@@ -280,6 +280,36 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
                 assert_exact(g, w.view(torch.uint8), f"rows+cols {name} isa {isa} {tuple(t.shape)}")
 
 
+def _step_boundaries(elem: torch.dtype) -> torch.Tensor:
+    """Rows of 32 (whole blocks, 16+ blocks in a row) holding the element type's max first (so E = k for the
+    row's scale 2^k under both rules) and then every positive finite value of the type, every midpoint
+    between neighbours (RNE ties) and the fp32 neighbours of each midpoint, both signs, rows scaled by 2^k
+    for k in [-20, 20]: every rounding boundary, subnormal, normal and at the top, at many scales."""
+    values = torch.arange(256, dtype=torch.uint8).view(elem).float()
+    values = values[values.isfinite() & (values >= 0)].sort().values
+    mids = (values[1:] + values[:-1]) / 2
+    ulp = torch.tensor(1, dtype=torch.int32)
+    near = torch.cat([(mids.view(torch.int32) + d * ulp).view(torch.float32) for d in (-1, 1)])
+    body = torch.cat([values, mids, near])
+    body = torch.cat([body, -body])
+    body = torch.cat([body, body[: -body.numel() % 31]])  # whole blocks of 31 after the max
+    blocks = torch.cat([torch.full((body.numel() // 31, 1), values.max().item()), body.view(-1, 31)], dim=1)
+    rows = blocks.view(1, -1).repeat(41, 1)
+    return rows * torch.exp2(torch.arange(-20, 21, dtype=torch.float32)).unsqueeze(1)
+
+
+@needs_native
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+def test_native_cpu_cast_at_every_rounding_boundary(elem):
+    """Every code boundary of the element type (ties to even, the fp32 values either side, subnormal codes,
+    the step into the normal range, the max) through every ISA path, the C++ op and the reference."""
+    x = _step_boundaries(elem)
+    for mode in ("rceil", "floor"):
+        for isa in _native_isas():
+            _assert_native_equals_reference(x, elem, 32, mode, -1, isa, f"boundaries isa {isa} {mode}")
+            _assert_native_equals_reference(x.bfloat16(), elem, 32, mode, -1, isa, f"bf16 isa {isa} {mode}")
+
+
 @needs_native
 def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
     """Inputs large enough to be split over threads give the reference's bytes; `mx_cast` and
