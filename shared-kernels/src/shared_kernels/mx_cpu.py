@@ -12,12 +12,14 @@ leading dim: columns, read row by row so every load is contiguous):
 - scale byte, 2^-E and the saturation limit per block from the amax bits (the integer rule of
   `mx_scale_exponent_ref`: RCEIL or FLOOR, the inf byte 0xFE, the NaN byte 0xFF, the finite limit of the
   top bytes), computed for 64 blocks at a time;
-- the element code of x * 2^-E with integer round-to-nearest-even (the Triton kernel's `_encode`), every
-  code of a NaN block the code torch gives a positive NaN.
+- the element code of x * 2^-E rounded to nearest even (integer steps as in the Triton kernel's `_encode`
+  in the portable loops; the fp32 adder in the AVX-512 path), every code of a NaN block the code torch
+  gives a positive NaN.
 Three paths picked at run time with `__builtin_cpu_supports` (`isa` caps it: tests run every path the CPU
-has): AVX-512 written with intrinsics (block maxima of 16 blocks reduced together, their scales computed
-as one vector; fp32 column casts pack four vectors of codes into one 64-byte store), and AVX2 and baseline
-copies of plain loops that gcc vectorizes. On other architectures only the portable loops are built
+has): AVX-512 (F, BW, VL, DQ) written with intrinsics (block maxima of 16 blocks reduced together in
+registers, their scales computed as one vector; an 11-op encode per 16 elements; rows of 32-element
+blocks and fp32 column casts store 64 codes at a time; rows prefetch the next 512 elements), and AVX2 and
+baseline copies of plain loops that gcc vectorizes. On other architectures only the portable loops are built
 (checked by compiling with -DMX_CPU_PORTABLE).
 Inputs are read as fp32 or bf16 (fp16 is widened to fp32 first: exact). Work is shared by
 `torch.get_num_threads()` pthreads claiming chunks from an atomic counter (as the NF4 kernels do).
