@@ -27,6 +27,7 @@ from shared_kernels.mx_cast import mx_cast, mx_cast_ref
 assert mx_cpu.available() and nf4_cpu.available(), "native CPU kernels did not build from the wheel"
 x = torch.randn(64, 96)
 assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(mx_cast(x), mx_cast_ref(x)))
+assert mx_cpu.op_available(), "the MX casts' C++ op (mx_cpu_op.cpp) did not build from the wheel"
 print("standalone install OK:", mxfp8train.__file__)
 PY
 

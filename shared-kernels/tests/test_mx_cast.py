@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shared_kernels import mx_cpu
 from shared_kernels.backend import triton_available, triton_interpreting
 from shared_kernels.mx_cast import (
     _e4m3_codes_times_2pow_minus8,
+    _native_cxx,
     _native_format,
     mx_cast,
     mx_cast_2d_triton,
@@ -278,6 +280,36 @@ def test_native_cpu_cast_equals_reference_on_every_isa(elem, mode, dtype):
                 assert_exact(g, w.view(torch.uint8), f"rows+cols {name} isa {isa} {tuple(t.shape)}")
 
 
+def _step_boundaries(elem: torch.dtype) -> torch.Tensor:
+    """Rows of 32 (whole blocks, 16+ blocks in a row) holding the element type's max first (so E = k for the
+    row's scale 2^k under both rules) and then every positive finite value of the type, every midpoint
+    between neighbours (RNE ties) and the fp32 neighbours of each midpoint, both signs, rows scaled by 2^k
+    for k in [-20, 20]: every rounding boundary, subnormal, normal and at the top, at many scales."""
+    values = torch.arange(256, dtype=torch.uint8).view(elem).float()
+    values = values[values.isfinite() & (values >= 0)].sort().values
+    mids = (values[1:] + values[:-1]) / 2
+    ulp = torch.tensor(1, dtype=torch.int32)
+    near = torch.cat([(mids.view(torch.int32) + d * ulp).view(torch.float32) for d in (-1, 1)])
+    body = torch.cat([values, mids, near])
+    body = torch.cat([body, -body])
+    body = torch.cat([body, body[: -body.numel() % 31]])  # whole blocks of 31 after the max
+    blocks = torch.cat([torch.full((body.numel() // 31, 1), values.max().item()), body.view(-1, 31)], dim=1)
+    rows = blocks.view(1, -1).repeat(41, 1)
+    return rows * torch.exp2(torch.arange(-20, 21, dtype=torch.float32)).unsqueeze(1)
+
+
+@needs_native
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+def test_native_cpu_cast_at_every_rounding_boundary(elem):
+    """Every code boundary of the element type (ties to even, the fp32 values either side, subnormal codes,
+    the step into the normal range, the max) through every ISA path, the C++ op and the reference."""
+    x = _step_boundaries(elem)
+    for mode in ("rceil", "floor"):
+        for isa in _native_isas():
+            _assert_native_equals_reference(x, elem, 32, mode, -1, isa, f"boundaries isa {isa} {mode}")
+            _assert_native_equals_reference(x.bfloat16(), elem, 32, mode, -1, isa, f"bf16 isa {isa} {mode}")
+
+
 @needs_native
 def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
     """Inputs large enough to be split over threads give the reference's bytes; `mx_cast` and
@@ -292,6 +324,7 @@ def test_native_cpu_cast_threads_and_dispatch(monkeypatch):
     want = (*mx_cast_ref(x, dim=-1), *mx_cast_ref(x, dim=0))
     for g, w in zip(got, want, strict=True):
         assert_exact(g, w.view(torch.uint8), "rows+cols threads")
+    monkeypatch.setattr(mx_cpu, "_op_state", {"ok": False})  # the ctypes path, as without a C++ compiler
     calls = []
     for name in ("mx_cast_cpu", "mx_cast_rows_cols_cpu"):
         real = getattr(mx_cpu, name)
@@ -327,6 +360,105 @@ def test_native_cpu_op_compiles_without_graph_break():
     want = (*mx_cast_ref(x, E5M2, 32, "rceil", -1), *mx_cast_ref(x, E5M2, 32, "rceil", 0))
     for got, w in zip(both(x), want, strict=True):
         assert_exact(got.view(torch.uint8), w.view(torch.uint8), "compiled rows+cols")
+
+
+needs_cxx_op = pytest.mark.skipif(not _native_cxx(), reason="no C++ compiler: the MX C++ ops are absent")
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_cxx_op
+@pytest.mark.parametrize("elem", [E4M3, E5M2])
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+def test_cxx_op_equals_reference(elem, mode):
+    """The C++ kernels of `mx_cast_cxx` / `mx_cast_rows_cols_cxx` give the reference's bytes: adversarial
+    rows, fp32 / bf16 / fp16 input, rows, columns, a middle dim, partial blocks, block sizes 16 and 64, a
+    non-contiguous input, an empty one, and a large input split over threads."""
+    x = adversarial(97, 330, seed=12)
+    x[60:] = torch.randn(37, 330) * torch.exp2(torch.randint(-40, 40, (37, 1)).float())
+    op, both = torch.ops.shared_kernels.mx_cast_cxx, torch.ops.shared_kernels.mx_cast_rows_cols_cxx
+    cases = [(x, 32, 1), (x, 32, 0), (x[:, :320], 16, 1), (x[:96], 64, 0), (x[:96].view(6, 16, 330), 32, 1)]
+    cases += [(x.clamp(-6e4, 6e4).half(), 32, 1), (x.bfloat16(), 32, 0), (x.t(), 32, 1), (x[:0], 32, 0)]
+    for t, bs, dim in cases:
+        got, want = op(t, elem, bs, mode, dim), mx_cast_ref(t, elem, bs, mode, dim)
+        assert got[0].dtype == elem and got[1].shape == want[1].shape
+        assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), f"data {tuple(t.shape)} dim {dim}")
+        assert_exact(got[1], want[1], f"scale {tuple(t.shape)} dim {dim}")
+    for t, bs in [(x, 32), (x[:90, :100].bfloat16(), 16)]:
+        want = (*mx_cast_ref(t, elem, bs, mode, -1), *mx_cast_ref(t, elem, bs, mode, 0))
+        for g, w in zip(both(t, elem, bs, mode), want, strict=True):
+            assert_exact(g.view(torch.uint8), w.view(torch.uint8), f"rows+cols {tuple(t.shape)}")
+    big = torch.randn(1030, 640) * 7
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = op(big, elem, 32, mode, 0)
+    finally:
+        torch.set_num_threads(threads)
+    want = mx_cast_ref(big, elem, 32, mode, 0)
+    assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), "threads data")
+    assert_exact(got[1], want[1], "threads scale")
+
+
+@needs_cxx_op
+def test_cxx_op_is_what_mx_cast_calls_eager_and_compiled():
+    """With the C++ op built, eager `mx_cast` / `mx_cast_rows_cols` on CPU dispatch exactly that op, and a
+    `fullgraph=True` compile of a function calling them is one graph whose only ops are the C++ ops; eager,
+    compiled and the reference agree byte for byte on odd shapes."""
+    x = adversarial(75, 97, seed=13)
+    with _OpLog() as log:
+        mx_cast(x, dim=0)
+        mx_cast_rows_cols(x)
+    assert log.ops == ["shared_kernels.mx_cast_cxx.default", "shared_kernels.mx_cast_rows_cols_cxx.default"]
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    def casts(t):
+        return (*mx_cast(t, E5M2, 32, "floor", dim=0), *mx_cast(t, dim=-1), *mx_cast_rows_cols(t, E4M3, 16))
+
+    compiled = torch.compile(casts, backend=backend, fullgraph=True)(x)
+    assert len(graphs) == 1
+    assert [g for g in graphs[0] if g.startswith("shared_kernels")] == [
+        "shared_kernels.mx_cast_cxx.default",
+        "shared_kernels.mx_cast_cxx.default",
+        "shared_kernels.mx_cast_rows_cols_cxx.default",
+    ]
+    want = (*mx_cast_ref(x, E5M2, 32, "floor", 0), *mx_cast_ref(x, dim=-1))
+    want += (*mx_cast_ref(x, E4M3, 16, dim=-1), *mx_cast_ref(x, E4M3, 16, dim=0))
+    for got, eager, w in zip(compiled, casts(x), want, strict=True):
+        assert_exact(got.view(torch.uint8), w.view(torch.uint8), "compiled")
+        assert_exact(eager.view(torch.uint8), w.view(torch.uint8), "eager")
+
+
+def test_cxx_op_unavailable_falls_back_to_the_ctypes_op(tmp_path, monkeypatch):
+    """Without a C++ compiler: one RuntimeWarning, and the casts (eager, and compiled through the Python op
+    `mx_cast_native`) still give the reference's bytes."""
+    if not mx_cpu.available():
+        pytest.skip("no C compiler: native MX CPU kernels absent")
+    monkeypatch.setattr(mx_cpu, "_op_state", {})
+    monkeypatch.setenv("SHARED_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-mx")
+    with pytest.warns(RuntimeWarning, match="MX CPU C\\+\\+ op unavailable"):
+        assert not _native_cxx()
+    x = adversarial(40, 96, seed=14)
+    compiled = torch.compile(lambda t: mx_cast(t, dim=0), backend="aot_eager", fullgraph=True)
+    for got in (mx_cast(x, dim=0), compiled(x)):
+        for g, w in zip(got, mx_cast_ref(x, dim=0), strict=True):
+            assert_exact(g.view(torch.uint8), w.view(torch.uint8), "fallback")
+    monkeypatch.setattr(mx_cpu, "_op_state", {})
+    monkeypatch.setenv("SHARED_KERNELS_MX_CXX", "0")
+    assert not _native_cxx()  # disabled: no build attempt, no warning
 
 
 def test_native_cpu_falls_back_to_torch_when_it_cannot_compile(tmp_path, monkeypatch):

@@ -615,50 +615,51 @@ def _native_format(elem_dtype: torch.dtype, block_size: int, scale_mode: str) ->
     return mx_cpu.MXFormat(elem_dtype, max_pos, emax, _top_scale_byte(emax), block_size, scale_mode)
 
 
+# The native CPU casts as operators, so torch.compile sees one opaque op with a fake implementation (no graph
+# break). Two kernels for each: C++ (`mx_cpu_op.cpp`, ops `*_cxx`: the dispatcher calls it without entering
+# Python) when it builds, else Python calling the C entry point through ctypes (ops `*_native`). Defined
+# through `torch.library.Library` rather than `custom_op`: under torch.compile a call of the custom_op version
+# (which returned uint8 codes viewed as `elem_dtype` afterwards) cost ~70 us CPU at 256x256, this one ~57 us.
+# The Python op's name is new with its output dtype: inductor's FX graph cache kept a graph of the uint8
+# version (it keys on the op's name and schema, not on its fake implementation).
+_LIB = torch.library.Library("shared_kernels", "FRAGMENT")
+_CAST_SCHEMA = (
+    "(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode, int dim) -> (Tensor, Tensor)"
+)
+_ROWS_COLS_SCHEMA = (
+    "(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+for _suffix in ("native", "cxx"):  # the cxx ops' CPU kernels are registered by mx_cpu_op.cpp once loaded
+    _LIB.define(f"mx_cast_{_suffix}{_CAST_SCHEMA}")
+    _LIB.define(f"mx_cast_rows_cols_{_suffix}{_ROWS_COLS_SCHEMA}")
+
+
 def _mx_cast_cpu_codes(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native cast: (codes as `elem_dtype`, uint8 scales); `dim` non-negative."""
+    """The native cast through ctypes: (codes as `elem_dtype`, uint8 scales); `dim` non-negative."""
     fmt = _native_format(elem_dtype, block_size, scale_mode)
     return mx_cpu.mx_cast_cpu(x, fmt, dim, codes_dtype=elem_dtype)
 
 
-# The native CPU cast as an operator, so torch.compile sees one opaque op with a fake implementation. Defined
-# through `torch.library.Library` rather than `custom_op`: under torch.compile a call of the custom_op version
-# (which returned uint8 codes viewed as `elem_dtype` afterwards) cost ~70 us CPU at 256x256, this one ~57 us.
-# Its name is new with its output dtype: inductor's FX graph cache kept a graph of the uint8 version (it keys
-# on the op's name and schema, not on its fake implementation).
-_LIB = torch.library.Library("shared_kernels", "FRAGMENT")
-_LIB.define(
-    "mx_cast_native(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode, int dim)"
-    " -> (Tensor, Tensor)"
-)
+def _mx_cast_rows_cols_cpu_codes(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native row + column cast of a 2-D x from one pass, through ctypes: codes as `elem_dtype`."""
+    fmt = _native_format(elem_dtype, block_size, scale_mode)
+    return mx_cpu.mx_cast_rows_cols_cpu(x, fmt, codes_dtype=elem_dtype)
+
+
 _LIB.impl("mx_cast_native", _mx_cast_cpu_codes, "CPU")
+_LIB.impl("mx_cast_rows_cols_native", _mx_cast_rows_cols_cpu_codes, "CPU")
 
 
-@torch.library.register_fake("shared_kernels::mx_cast_native")
 def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
     scale_shape = list(x.shape)
     scale_shape[dim] = -(-x.shape[dim] // block_size)
     return x.new_empty(x.shape, dtype=elem_dtype), x.new_empty(scale_shape, dtype=torch.uint8)
 
 
-def _mx_cast_rows_cols_cpu_codes(
-    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The native row + column cast of a 2-D x from one pass: codes as `elem_dtype`, uint8 scales."""
-    fmt = _native_format(elem_dtype, block_size, scale_mode)
-    return mx_cpu.mx_cast_rows_cols_cpu(x, fmt, codes_dtype=elem_dtype)
-
-
-_LIB.define(
-    "mx_cast_rows_cols_native(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode)"
-    " -> (Tensor, Tensor, Tensor, Tensor)"
-)
-_LIB.impl("mx_cast_rows_cols_native", _mx_cast_rows_cols_cpu_codes, "CPU")
-
-
-@torch.library.register_fake("shared_kernels::mx_cast_rows_cols_native")
 def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
     m, n = x.shape
     return (
@@ -669,12 +670,28 @@ def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
     )
 
 
+for _suffix in ("native", "cxx"):
+    torch.library.register_fake(f"shared_kernels::mx_cast_{_suffix}", _mx_cast_cpu_fake)
+    torch.library.register_fake(f"shared_kernels::mx_cast_rows_cols_{_suffix}", _mx_cast_rows_cols_cpu_fake)
+
+
+@torch.compiler.assume_constant_result
+def _native_cxx() -> bool:
+    """Whether the C++ kernels of the `*_cxx` ops load (building and configuring them on first use, for
+    every element type and rule); a constant to torch.compile."""
+    if mx_cpu.op_available():
+        return True
+    if not mx_cpu.available():
+        return False
+    return mx_cpu.load_op(_native_format(e, 32, mode) for e in ELEM_DTYPES for mode in ("rceil", "floor"))
+
+
 def mx_cast_native_cpu(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native CPU backend of `mx_cast` (`shared_kernels.mx_cpu`): bit for bit `mx_cast_ref`. Eager calls
-    go to the kernel directly (a custom op's dispatch costs more than a small cast); under torch.compile it
-    is the opaque op `shared_kernels::mx_cast_native`."""
+    """The native CPU backend of `mx_cast` (`shared_kernels.mx_cpu`): bit for bit `mx_cast_ref`. The op
+    `shared_kernels::mx_cast_cxx` (C++ kernel) when it builds, eager and compiled; without it eager calls
+    go to the ctypes kernel directly and compiled ones through the op `shared_kernels::mx_cast_native`."""
     return _mx_cast_native_cpu(
         x, elem_dtype, block_size, scale_mode, check_mx_args(x, elem_dtype, block_size, scale_mode, dim)
     )
@@ -684,9 +701,24 @@ def _mx_cast_native_cpu(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mx_cast_native_cpu` with its arguments already checked (`dim` non-negative)."""
+    if _native_cxx():
+        return torch.ops.shared_kernels.mx_cast_cxx.default(x, elem_dtype, block_size, scale_mode, dim)
     if torch.compiler.is_compiling():
-        return torch.ops.shared_kernels.mx_cast_native(x, elem_dtype, block_size, scale_mode, dim)
+        return torch.ops.shared_kernels.mx_cast_native.default(x, elem_dtype, block_size, scale_mode, dim)
     return _mx_cast_cpu_codes(x, elem_dtype, block_size, scale_mode, dim)
+
+
+def _mx_cast_rows_cols_native_cpu(
+    x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-pass native row + column cast of a checked 2-D x, through the same choice of kernel."""
+    if _native_cxx():
+        return torch.ops.shared_kernels.mx_cast_rows_cols_cxx.default(x, elem_dtype, block_size, scale_mode)
+    if torch.compiler.is_compiling():
+        return torch.ops.shared_kernels.mx_cast_rows_cols_native.default(
+            x, elem_dtype, block_size, scale_mode
+        )
+    return _mx_cast_rows_cols_cpu_codes(x, elem_dtype, block_size, scale_mode)
 
 
 def _use_native_cpu(backend: str, x: torch.Tensor) -> bool:
@@ -740,9 +772,7 @@ def mx_cast_rows_cols(
     if resolve_backend(backend, x.device) == "triton":
         return _mx_cast_2d_triton_all(x, elem_dtype, block_size, scale_mode, rows=True, cols=True)
     if _use_native_cpu(backend, x):
-        if torch.compiler.is_compiling():
-            return torch.ops.shared_kernels.mx_cast_rows_cols_native(x, elem_dtype, block_size, scale_mode)
-        return _mx_cast_rows_cols_cpu_codes(x, elem_dtype, block_size, scale_mode)
+        return _mx_cast_rows_cols_native_cpu(x, elem_dtype, block_size, scale_mode)
     row_data, row_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 1)
     col_data, col_scale = mx_cast_torch(x, elem_dtype, block_size, scale_mode, 0)
     return row_data, row_scale, col_data, col_scale

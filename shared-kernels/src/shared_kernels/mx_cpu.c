@@ -1,9 +1,9 @@
 /* Native CPU MX casts (E8M0 block scales, E4M3 / E5M2 codes), loaded by shared_kernels/mx_cpu.py, which
    documents the algorithm and the build. Bit for bit `mx_cast_ref` in shared_kernels/mx_cast.py: the scale
    byte comes from the integer rule on the amax bits, x * 2^-E is one fp32 product (exact unless it lands
-   in fp32's subnormals, where it rounds as torch's does), and the element code is produced with integer
-   round-to-nearest-even (the same steps as the Triton kernel's `_encode`). Compiled without -ffast-math
-   and without FMA contraction.
+   in fp32's subnormals, where it rounds as torch's does), and the element code is rounded to nearest even:
+   in integers in the portable loops (the same steps as the Triton kernel's `_encode`), by the fp32 adder in
+   the AVX-512 path (`encode16_lanes`). Compiled without -ffast-math and without FMA contraction.
 
    Three paths chosen at run time, so the .so runs on any x86-64: AVX-512 written with intrinsics, and AVX2
    and baseline x86-64 copies of plain loops that the compiler vectorizes. */
@@ -194,23 +194,19 @@ DEFINE_KERNELS(base, )
 DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
 
 /* The AVX-512 path, written with intrinsics (16 elements per vector): the same steps as `encode`. */
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 typedef struct {
-    __m512i sign_mask, abs_mask, one, round_rebias, magic_bits, sub_below;
-    __m512 magic;
-    __m128i shift;
+    __m512i abs_mask, exp_mask, sub_below, exp_shift, code_base, low7;
 } encode_consts;
 
-/* round_rebias: the rounding addend 0111..1 minus the exponent rebias (127 - elem_bias) << 23, which is a
-   multiple of 2^shift, so subtracting it before the shift equals subtracting (127 - bias) << mbits after. */
+/* For `encode16_lanes` (sh = 23 - mbits): sub_below the fp32 bits of the element type's smallest normal,
+   exp_shift adds sh to an fp32 exponent, code_base = (128 + sh - bias) << mbits. */
 AVX512 static inline encode_consts make_consts(const mx_format* f) {
     const int sh = 23 - f->mbits;
-    encode_consts c = {
-        _mm512_set1_epi32(0x80), _mm512_set1_epi32(0x7fffffff), _mm512_set1_epi32(1),
-        _mm512_set1_epi32((int)(((1u << (sh - 1)) - 1u) - ((uint32_t)(127 - f->elem_bias) << 23))),
-        _mm512_set1_epi32((int)f->magic_bits), _mm512_set1_epi32((128 - f->elem_bias) << 23),
-        _mm512_set1_ps(f->magic), _mm_cvtsi32_si128(sh)};
+    encode_consts c = {_mm512_set1_epi32(0x7fffffff), _mm512_set1_epi32(0x7f800000),
+                       _mm512_set1_epi32((128 - f->elem_bias) << 23), _mm512_set1_epi32(sh << 23),
+                       _mm512_set1_epi32((128 + sh - f->elem_bias) << f->mbits), _mm512_set1_epi32(0x7f)};
     return c;
 }
 
@@ -225,23 +221,31 @@ AVX512 static inline __m512i abs16(const void* x, int in_kind, int64_t i, const 
     return _mm512_and_si512(_mm512_castps_si512(load16(x, in_kind, i)), c->abs_mask);
 }
 
-/* The 16 codes of x * rcp, one per 32-bit lane (values 0..255). */
-AVX512 static inline __m512i encode16_lanes(__m512 x, __m512 rcp, __m512i limit, const encode_consts* c) {
-    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(x, rcp));
-    const __m512i mag = _mm512_min_epu32(_mm512_and_si512(bits, c->abs_mask), limit);
-    const __m512i keep = _mm512_and_si512(_mm512_srl_epi32(mag, c->shift), c->one);
-    const __m512i normal =
-        _mm512_srl_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, c->round_rebias), keep), c->shift);
-    const __m512i sub =
-        _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(mag), c->magic)), c->magic_bits);
-    const __mmask16 is_sub = _mm512_cmplt_epu32_mask(mag, c->sub_below);
-    /* code | ((bits >> 24) & 0x80): one ternary-logic op (A | (B & C) = 0xF8) */
-    return _mm512_ternarylogic_epi32(_mm512_mask_blend_epi32(is_sub, normal, sub), _mm512_srli_epi32(bits, 24),
-                                     c->sign_mask, 0xF8);
+/* The 16 codes of x * rcp, one per 32-bit lane (values 0..255): `encode` in 11 vector ops, for a constant
+   sh = 23 - mbits (immediate shifts; the callers are instantiated for E4M3 and E5M2):
+   - |x * rcp| saturated at the limit by one vrangeps (minimum of absolute values, sign cleared; the limit is
+     a non-negative float, and inf saturates to it);
+   - rounding by the fp32 adder: c = 2^(e + sh) for the element's exponent e (clamped below at the element
+     type's smallest normal exponent) has an ulp equal to the element's step at e, so mag + c rounds mag to
+     the nearest step, ties to even, and mag + c = c + m * step with m in [0, 2^(mbits+1)] (no carry into the
+     exponent: mag < 2^(e+1) <= c);
+   - the code is (e + bias - 1) << mbits plus m (m = 2^mbits + the mantissa; subnormals: e + bias - 1 = 0),
+     and as (c >> sh) = (e + 127 + sh) << mbits, code = bits(mag + c) + (c >> sh) - (128 + sh - bias) << mbits
+     in its low 7 bits (bits(mag + c) = bits(c) + m and bits(c) has no bits below 23);
+   - sign and low 7 bits merged by one ternary-logic op: (A & 0x7F) | (B & ~0x7F) with B = bits >> 24. */
+AVX512 static inline __m512i encode16_lanes(__m512 x, __m512 rcp, __m512 limit, const encode_consts* c,
+                                               const int sh) {
+    const __m512 prod = _mm512_mul_ps(x, rcp);
+    const __m512 mag = _mm512_range_ps(prod, limit, 0x0A);  /* absolute minimum, sign bit cleared */
+    const __m512i exp_bits = _mm512_and_si512(_mm512_castps_si512(mag), c->exp_mask);
+    const __m512i cb = _mm512_add_epi32(_mm512_max_epu32(exp_bits, c->sub_below), c->exp_shift);
+    const __m512i sum = _mm512_castps_si512(_mm512_add_ps(mag, _mm512_castsi512_ps(cb)));
+    const __m512i code = _mm512_sub_epi32(_mm512_add_epi32(sum, _mm512_srli_epi32(cb, sh)), c->code_base);
+    return _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(_mm512_castps_si512(prod), 24), c->low7, 0xE4);
 }
 
-AVX512 static inline __m128i encode16(__m512 x, __m512 rcp, __m512i limit, const encode_consts* c) {
-    return _mm512_cvtepi32_epi8(encode16_lanes(x, rcp, limit, c));
+AVX512 static inline __m128i encode16(__m512 x, __m512 rcp, __m512 limit, const encode_consts* c, const int sh) {
+    return _mm512_cvtepi32_epi8(encode16_lanes(x, rcp, limit, c, sh));
 }
 
 /* Four vectors of codes (0..255 per lane) as 64 bytes in order: two vpackusdw and one vpackuswb (exact:
@@ -290,7 +294,7 @@ AVX512 static inline __m512i pair_max(__m512i a, __m512i b) {
 
 AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, int64_t b0, int64_t count,
                                            int bs, const mx_format* fmt, uint8_t* restrict data,
-                                           uint8_t* restrict scale) {
+                                           uint8_t* restrict scale, const int sh) {
     const mx_format local = *fmt, *f = &local;
     const encode_consts c = make_consts(f);
     uint32_t limit[16];
@@ -313,24 +317,78 @@ AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, 
             const int64_t base = (b0 + g0 + k) * bs;
             if (nan >> k & 1) { memset(data + base, f->nan_code, bs); continue; }
             const __m512 r = _mm512_set1_ps(rcp[k]);
-            const __m512i l = _mm512_set1_epi32((int)limit[k]);
+            const __m512 l = _mm512_castsi512_ps(_mm512_set1_epi32((int)limit[k]));
             for (int i = 0; i < bs; i += 16)
-                _mm_storeu_si128((__m128i*)(data + base + i), encode16(load16(x, in_kind, base + i), r, l, &c));
+                _mm_storeu_si128((__m128i*)(data + base + i), encode16(load16(x, in_kind, base + i), r, l, &c, sh));
         }
     }
 }
 
-/* Rows: block sizes that are a multiple of 16 here, smaller ones on the AVX2 path. */
+/* Rows at block size 32 (the OCP block): 16 blocks (512 elements) per step with every trip count constant,
+   so the 16 block maxima stay in registers; a last group of fewer than 16 blocks takes the generic loop. */
+/* Rows at block size 32 (the OCP block): 16 blocks (512 elements) per step with every trip count constant,
+   so the 16 block maxima stay in registers (the generic loop below keeps them in memory and zeroes them per
+   step: 1.5x the time), two blocks encoded per 64-byte store, and the next step's 512 elements prefetched
+   (the hardware prefetcher alone left a 1024x1024 cast ~1.4x slower). A last group of fewer than 16 blocks
+   takes the generic loop. */
+AVX512 static inline void rows32_avx512_kind(const void* restrict x, int in_kind, int64_t b0, int64_t count,
+                                             const mx_format* fmt, uint8_t* restrict data,
+                                             uint8_t* restrict scale, const int sh) {
+    const mx_format local = *fmt, *f = &local;
+    const encode_consts c = make_consts(f);
+    uint32_t limit[16];
+    float rcp[16];
+    const int64_t full = count & ~(int64_t)15;
+    for (int64_t g0 = 0; g0 < full; g0 += 16) {
+        const int64_t base0 = (b0 + g0) * 32;
+        __m512i m[16];
+        for (int k = 0; k < 16; ++k) {
+            /* a prefetch never faults, so the last step may point past the end */
+            _mm_prefetch((const char*)x + (base0 + 512 + 32 * k) * (in_kind == IN_F32 ? 4 : 2), _MM_HINT_T0);
+            if (in_kind == IN_F32) _mm_prefetch((const char*)x + (base0 + 512 + 32 * k + 16) * 4, _MM_HINT_T0);
+            m[k] = _mm512_max_epu32(abs16(x, in_kind, base0 + 32 * k, &c), abs16(x, in_kind, base0 + 32 * k + 16, &c));
+        }
+        for (int width = 16; width > 1; width /= 2)
+            for (int k = 0; k < width / 2; ++k) m[k] = pair_max(m[2 * k], m[2 * k + 1]);
+        const __m128i bytes = params16(m[0], f, rcp, limit);
+        _mm_storeu_si128((__m128i*)(scale + b0 + g0), bytes);
+        const __mmask16 nan = _mm_cmpeq_epi8_mask(bytes, _mm_set1_epi8((char)255));
+        for (int k = 0; k < 16; k += 2) {  /* two blocks: 64 codes, one 64-byte store */
+            const int64_t base = base0 + 32 * k;
+            const __m512 r0 = _mm512_set1_ps(rcp[k]), r1 = _mm512_set1_ps(rcp[k + 1]);
+            const __m512 l0 = _mm512_castsi512_ps(_mm512_set1_epi32((int)limit[k]));
+            const __m512 l1 = _mm512_castsi512_ps(_mm512_set1_epi32((int)limit[k + 1]));
+            _mm512_storeu_si512(data + base, pack64(encode16_lanes(load16(x, in_kind, base), r0, l0, &c, sh),
+                                                    encode16_lanes(load16(x, in_kind, base + 16), r0, l0, &c, sh),
+                                                    encode16_lanes(load16(x, in_kind, base + 32), r1, l1, &c, sh),
+                                                    encode16_lanes(load16(x, in_kind, base + 48), r1, l1, &c, sh)));
+        }
+        if (nan)
+            for (int k = 0; k < 16; ++k)
+                if (nan >> k & 1) memset(data + base0 + 32 * k, f->nan_code, 32);
+    }
+    if (full < count) rows_avx512_kind(x, in_kind, b0 + full, count - full, 32, f, data, scale, sh);
+}
+
+/* Rows: block sizes that are a multiple of 16 here, smaller ones on the AVX2 path; one instance per input
+   kind and element type (the shift 23 - mbits a constant). */
 AVX512 static void rows_avx512(const void* x, int in_kind, int64_t b0, int64_t count, int bs,
                                const mx_format* f, uint8_t* data, uint8_t* scale) {
+    const int e4m3 = f->mbits == 3, f32 = in_kind == IN_F32;
     if (bs % 16) rows_avx2(x, in_kind, b0, count, bs, f, data, scale);
-    else if (in_kind == IN_F32) rows_avx512_kind(x, IN_F32, b0, count, bs, f, data, scale);
-    else rows_avx512_kind(x, IN_BF16, b0, count, bs, f, data, scale);
+    else if (bs == 32 && e4m3 && f32) rows32_avx512_kind(x, IN_F32, b0, count, f, data, scale, 20);
+    else if (bs == 32 && e4m3) rows32_avx512_kind(x, IN_BF16, b0, count, f, data, scale, 20);
+    else if (bs == 32 && f32) rows32_avx512_kind(x, IN_F32, b0, count, f, data, scale, 21);
+    else if (bs == 32) rows32_avx512_kind(x, IN_BF16, b0, count, f, data, scale, 21);
+    else if (e4m3 && f32) rows_avx512_kind(x, IN_F32, b0, count, bs, f, data, scale, 20);
+    else if (e4m3) rows_avx512_kind(x, IN_BF16, b0, count, bs, f, data, scale, 20);
+    else if (f32) rows_avx512_kind(x, IN_F32, b0, count, bs, f, data, scale, 21);
+    else rows_avx512_kind(x, IN_BF16, b0, count, bs, f, data, scale, 21);
 }
 
 AVX512 static inline void cols_avx512_kind(const void* restrict x, int in_kind, int64_t unit, int64_t m,
                                            int64_t n, int bs, const mx_format* fmt, uint8_t* restrict data,
-                                           uint8_t* restrict scale) {
+                                           uint8_t* restrict scale, const int sh) {
     const mx_format local = *fmt, *f = &local;
     const encode_consts c = make_consts(f);
     const int64_t nbr = (m + bs - 1) / bs, batch = unit / nbr, br = unit % nbr;
@@ -355,13 +413,12 @@ AVX512 static inline void cols_avx512_kind(const void* restrict x, int in_kind, 
         _mm512_storeu_si512(scale + (batch * nbr + br) * n + c0, bytes);
         const __mmask64 nan = _mm512_cmpeq_epi8_mask(bytes, _mm512_set1_epi8((char)255));
         const __m512i nan_codes64 = _mm512_set1_epi8((char)f->nan_code);
-        __m512 rv[4];
-        __m512i lv[4];
-        for (int j = 0; j < 4; ++j) rv[j] = _mm512_loadu_ps(rcp + 16 * j), lv[j] = _mm512_loadu_si512(limit + 16 * j);
+        __m512 rv[4], lv[4];
+        for (int j = 0; j < 4; ++j) rv[j] = _mm512_loadu_ps(rcp + 16 * j), lv[j] = _mm512_loadu_ps((const float*)limit + 16 * j);
         for (int64_t r = r0; r < r1; ++r) {
             const int64_t base = (batch * m + r) * n + c0;
             __m512i code[4];
-            for (int j = 0; j < 4; ++j) code[j] = encode16_lanes(load16(x, in_kind, base + 16 * j), rv[j], lv[j], &c);
+            for (int j = 0; j < 4; ++j) code[j] = encode16_lanes(load16(x, in_kind, base + 16 * j), rv[j], lv[j], &c, sh);
             _mm512_storeu_si512(data + base, _mm512_mask_blend_epi8(nan, pack64(code[0], code[1], code[2], code[3]),
                                                                     nan_codes64));
         }
@@ -372,11 +429,11 @@ AVX512 static inline void cols_avx512_kind(const void* restrict x, int in_kind, 
         const __m128i bytes = params16(mx, f, rcp, limit);
         _mm_storeu_si128((__m128i*)(scale + (batch * nbr + br) * n + c0), bytes);
         const __m512 rv = _mm512_loadu_ps(rcp);
-        const __m512i lv = _mm512_loadu_si512(limit);
+        const __m512 lv = _mm512_loadu_ps((const float*)limit);
         const __mmask16 nan = _mm_cmpeq_epi8_mask(bytes, all_nan);
         for (int64_t r = r0; r < r1; ++r) {
             const int64_t base = (batch * m + r) * n + c0;
-            const __m128i codes = encode16(load16(x, in_kind, base), rv, lv, &c);
+            const __m128i codes = encode16(load16(x, in_kind, base), rv, lv, &c, sh);
             _mm_storeu_si128((__m128i*)(data + base), _mm_mask_blend_epi8(nan, codes, nan_codes));
         }
     }
@@ -385,8 +442,11 @@ AVX512 static inline void cols_avx512_kind(const void* restrict x, int in_kind, 
 
 AVX512 static void cols_avx512(const void* x, int in_kind, int64_t unit, int64_t m, int64_t n, int bs,
                                const mx_format* f, uint8_t* data, uint8_t* scale) {
-    if (in_kind == IN_F32) cols_avx512_kind(x, IN_F32, unit, m, n, bs, f, data, scale);
-    else cols_avx512_kind(x, IN_BF16, unit, m, n, bs, f, data, scale);
+    const int e4m3 = f->mbits == 3;
+    if (in_kind == IN_F32 && e4m3) cols_avx512_kind(x, IN_F32, unit, m, n, bs, f, data, scale, 20);
+    else if (in_kind == IN_F32) cols_avx512_kind(x, IN_F32, unit, m, n, bs, f, data, scale, 21);
+    else if (e4m3) cols_avx512_kind(x, IN_BF16, unit, m, n, bs, f, data, scale, 20);
+    else cols_avx512_kind(x, IN_BF16, unit, m, n, bs, f, data, scale, 21);
 }
 
 #else
@@ -407,7 +467,7 @@ static int pick_isa(int isa) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) best = ISA_AVX2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         best = ISA_AVX512;
 #endif
     return isa < best ? isa : best;

@@ -12,12 +12,14 @@ leading dim: columns, read row by row so every load is contiguous):
 - scale byte, 2^-E and the saturation limit per block from the amax bits (the integer rule of
   `mx_scale_exponent_ref`: RCEIL or FLOOR, the inf byte 0xFE, the NaN byte 0xFF, the finite limit of the
   top bytes), computed for 64 blocks at a time;
-- the element code of x * 2^-E with integer round-to-nearest-even (the Triton kernel's `_encode`), every
-  code of a NaN block the code torch gives a positive NaN.
+- the element code of x * 2^-E rounded to nearest even (integer steps as in the Triton kernel's `_encode`
+  in the portable loops; the fp32 adder in the AVX-512 path), every code of a NaN block the code torch
+  gives a positive NaN.
 Three paths picked at run time with `__builtin_cpu_supports` (`isa` caps it: tests run every path the CPU
-has): AVX-512 written with intrinsics (block maxima of 16 blocks reduced together, their scales computed
-as one vector; fp32 column casts pack four vectors of codes into one 64-byte store), and AVX2 and baseline
-copies of plain loops that gcc vectorizes. On other architectures only the portable loops are built
+has): AVX-512 (F, BW, VL, DQ) written with intrinsics (block maxima of 16 blocks reduced together in
+registers, their scales computed as one vector; an 11-op encode per 16 elements; rows of 32-element
+blocks and fp32 column casts store 64 codes at a time; rows prefetch the next 512 elements), and AVX2 and
+baseline copies of plain loops that gcc vectorizes. On other architectures only the portable loops are built
 (checked by compiling with -DMX_CPU_PORTABLE).
 Inputs are read as fp32 or bf16 (fp16 is widened to fp32 first: exact). Work is shared by
 `torch.get_num_threads()` pthreads claiming chunks from an atomic counter (as the NF4 kernels do).
@@ -25,17 +27,29 @@ Inputs are read as fp32 or bf16 (fp16 is widened to fp32 first: exact). Work is 
 Built on first use by `shared_kernels.native_build` (`$CC`, `$SHARED_KERNELS_CACHE`); without a compiler,
 when the build or load fails, or with `SHARED_KERNELS_MX_CPU=0`, `available()` is False and `mx_cast` uses
 the torch backend (one RuntimeWarning per process on failure).
+
+The ops: `mx_cpu_op.cpp` gives `shared_kernels::mx_cast_cxx` and `mx_cast_rows_cols_cxx` C++ kernels that
+allocate the outputs and call the C entry point directly, so a call (eager or from a compiled graph) never
+enters Python. It is built against torch's headers with `$CXX` (default `c++`, C++20) on first use (~6 s)
+and handed the C kernel's address and the element formats (`load_op`). Without it (`SHARED_KERNELS_MX_CXX=0`,
+no C++ compiler or torch headers: one RuntimeWarning) the Python kernels of `shared_kernels::mx_cast_native`
+/ `mx_cast_rows_cols_native` call the C entry point through ctypes instead (same bytes, more per-call cost).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from shared_kernels.native_build import NativeLibrary
+from shared_kernels.native_build import NativeLibrary, compile_and_load
 
 ISA_BASE, ISA_AVX2, ISA_AVX512 = 0, 1, 2
 MODE_ROWS, MODE_COLUMNS, MODE_BOTH = 0, 1, 2
@@ -182,3 +196,68 @@ def mx_cast_rows_cols_cpu(
     if x.numel():
         _launch(lib, x, (1, m, n, MODE_BOTH), fmt, outs, isa)
     return outs
+
+
+# ------------------------------------------------------------------------------------------ the C++ ops
+
+
+def _cxx_flags() -> list[str]:
+    """Flags for `mx_cpu_op.cpp`: torch's headers and ABI, linked against its libraries (already loaded)."""
+    root = Path(torch.__file__).parent
+    lib = str(root / "lib")
+    return [
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-DSHARED_KERNELS_TORCH_VERSION={torch.__version__}",  # in the cache key: rebuilt for a new torch
+        f"-I{root / 'include'}",
+        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-L{lib}",
+        f"-Wl,-rpath,{lib}",
+        "-Wl,--no-as-needed",
+        "-lc10",
+        "-ltorch_cpu",
+    ]
+
+
+_op_lock = threading.Lock()
+_op_state: dict[str, bool] = {}
+
+
+def load_op(formats: Iterable[MXFormat]) -> bool:
+    """Whether the C++ kernels of `shared_kernels::mx_cast_cxx` / `mx_cast_rows_cols_cxx` are loaded (built
+    on first use) and configured with the C kernel and `formats` (every element type and rule the ops may
+    be called with; the block size is a call argument). The first answer is kept for the process."""
+    if "ok" in _op_state:
+        return _op_state["ok"]
+    with _op_lock:
+        if "ok" not in _op_state:
+            _op_state["ok"] = _build_and_configure_op(formats)
+    return _op_state["ok"]
+
+
+def op_available() -> bool:
+    """Whether `load_op` has loaded the C++ ops (False before it is called)."""
+    return _op_state.get("ok", False)
+
+
+def _build_and_configure_op(formats: Iterable[MXFormat]) -> bool:
+    lib = _native.get()
+    if lib is None or os.environ.get("SHARED_KERNELS_MX_CXX", "1") == "0":
+        return False
+    try:
+        compile_and_load("mx_cpu_op.cpp", _cxx_flags(), os.environ.get("CXX", "c++"))  # registers the kernels
+    except Exception as exc:
+        warnings.warn(
+            f"MX CPU C++ op unavailable ({exc}); the native casts are called through ctypes (more per call)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    address = ctypes.cast(lib.mx_cast, ctypes.c_void_p).value
+    torch.ops.shared_kernels.mx_cast_cxx_configure(address, _MIN_ELEMENTS_PER_THREAD, ISA_AVX512)
+    for fmt in formats:
+        torch.ops.shared_kernels.mx_cast_cxx_set_format(fmt.elem_dtype, fmt.scale_mode, *_format_args(fmt))
+    return True

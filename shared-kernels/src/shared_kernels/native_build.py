@@ -26,8 +26,7 @@ from pathlib import Path
 CFLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
 
 
-def _compile(source_file: str, path: Path, source: str, cflags: list[str]) -> None:
-    cc = os.environ.get("CC", "cc")
+def _compile(source_file: str, path: Path, source: str, cflags: list[str], cc: str) -> None:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,17 +40,20 @@ def _compile(source_file: str, path: Path, source: str, cflags: list[str]) -> No
         os.replace(out, path)  # atomic: concurrent processes (pytest-xdist) never load a partial file
 
 
-def compile_and_load(source_file: str, cflags: list[str] = CFLAGS) -> ctypes.CDLL:
-    """Load `shared_kernels/<source_file>` compiled, compiling it into the cache first when needed.
+def compile_and_load(
+    source_file: str, cflags: list[str] = CFLAGS, compiler: str | None = None
+) -> ctypes.CDLL:
+    """Load `shared_kernels/<source_file>` compiled, compiling it into the cache first when needed, with
+    `compiler` (default `$CC`, else `cc`; a C++ source passes `$CXX`).
 
     Raises RuntimeError (no compiler, compile error) or OSError (load failure)."""
-    cc = os.environ.get("CC", "cc")
+    cc = compiler or os.environ.get("CC", "cc")
     source = importlib.resources.files("shared_kernels").joinpath(source_file).read_text()
     key = hashlib.sha256("\0".join([source, cc, *cflags, os.uname().machine]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SHARED_KERNELS_CACHE", Path.home() / ".cache" / "shared_kernels"))
     path = cache / f"{Path(source_file).stem}_{key}.so"
     if not path.exists():
-        _compile(source_file, path, source, cflags)
+        _compile(source_file, path, source, cflags, cc)
     return ctypes.CDLL(str(path))
 
 
