@@ -59,15 +59,19 @@ def _without_advice(fn):
 
 def _write_floor(packed: torch.Tensor, numel: int, dtype: torch.dtype, out: torch.Tensor | None = None):
     """The dequantize floor: the same output bytes written (a fresh output allocated as the kernels do,
-    huge-page advice included, or the reused `out`) and the packed codes read, nothing computed. The write is
-    libc's `memset` (`rep stosb` on x86: whole lines without reading them first), which measured 10-40%
-    cheaper than torch's `zero_()` (plain stores) at 4-64 MiB; our streaming stores can still beat it."""
+    huge-page advice included, or the reused `out`) and the packed codes read, nothing computed, on one
+    thread (a CPU-time floor whatever the thread count). The write is libc's `memset` (`rep stosb` on x86:
+    whole lines without reading them first), which measured 10-40% cheaper than torch's `zero_()` (plain
+    stores) at 4-64 MiB; our streaming stores can still beat it. The read is numpy's `max` (one thread:
+    torch's OpenMP reduction spins under load, 3-7 ms of CPU time for the 4 MiB floor with 2 threads)."""
     from shared_kernels import nf4_cpu
+
+    codes = packed.numpy()
 
     def run() -> torch.Tensor:
         y = nf4_cpu.fresh_output(numel, dtype) if out is None else out
         ctypes.memset(y.data_ptr(), 0, numel * dtype.itemsize)
-        packed.max()
+        codes.max()
         return y
 
     return run
@@ -118,7 +122,8 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
     buffer (no page faults: the kernel's own speed). The note of each row gives both sides' CPU time as a
     multiple of a floor timed in the same interleaving, under the same protocol and allocation: the output
     bytes written by libc's `memset` (fresh, as ours allocates them, or the reused buffer) and the packed
-    codes read by `max()`; where bitsandbytes is within 3x of the floor, 3x bitsandbytes cannot be reached."""
+    codes read by numpy's `max()`; where bitsandbytes is within 3x of the floor, 3x bitsandbytes cannot be
+    reached."""
     import bitsandbytes.functional as F
 
     from shared_kernels import nf4_cpu
