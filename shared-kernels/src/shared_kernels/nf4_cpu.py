@@ -141,11 +141,15 @@ def _threads(numel: int) -> int:
 
 def fresh_output(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised (numel,) `dtype` CPU tensor as the kernels allocate their outputs: with the huge-page
-    advice where `hugepage_advice` and its size call for it (the benchmark's floor allocates through it)."""
+    advice where `hugepage_advice` and its size call for it and the kernels are loaded (the benchmark's floor
+    allocates through it)."""
     out = torch.empty(numel, dtype=dtype)
-    if hugepage_advice and _HUGEPAGE_BYTES <= numel * dtype.itemsize <= _HUGEPAGE_MAX_BYTES:
-        lib = library()
-        assert lib is not None, "call available() first"
+    lib = library()
+    if (
+        lib is not None
+        and hugepage_advice
+        and _HUGEPAGE_BYTES <= numel * dtype.itemsize <= _HUGEPAGE_MAX_BYTES
+    ):
         lib.nf4_advise_hugepages(out.data_ptr(), numel * dtype.itemsize)
     return out
 
