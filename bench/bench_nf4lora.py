@@ -3,6 +3,7 @@ and on a GPU the dequantize bandwidth and the QLoRA training step."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import threading
@@ -56,6 +57,26 @@ def _without_advice(fn):
     return run
 
 
+def _write_floor(packed: torch.Tensor, numel: int, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """The dequantize floor: the same output bytes written (a fresh output allocated as the kernels do,
+    huge-page advice included, or the reused `out`) and the packed codes read, nothing computed, on one
+    thread (a CPU-time floor whatever the thread count). The write is libc's `memset` (`rep stosb` on x86:
+    whole lines without reading them first), which measured 10-40% cheaper than torch's `zero_()` (plain
+    stores) at 4-64 MiB; our streaming stores can still beat it. The read is numpy's `max` (one thread:
+    torch's OpenMP reduction spins under load, 3-7 ms of CPU time for the 4 MiB floor with 2 threads)."""
+    from shared_kernels import nf4_cpu
+
+    codes = packed.numpy()
+
+    def run() -> torch.Tensor:
+        y = nf4_cpu.fresh_output(numel, dtype) if out is None else out
+        ctypes.memset(y.data_ptr(), 0, numel * dtype.itemsize)
+        codes.max()
+        return y
+
+    return run
+
+
 @benchmark("nf4-quantize-cpu", package="nf4lora", device="cpu")
 def nf4_quantize_cpu(ctx: BenchContext) -> None:
     """NF4 quantize (blocksize 64, no double quantization) of a (rows, 4096) weight, our CPU path
@@ -98,7 +119,11 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
     always a fresh output: its `out=` has no CPU kernel); GB/s
     of output written. The values are checked equal first. Each case three ways: a fresh output with the
     huge-page advice (the default: outputs of 2-64 MiB get it), a fresh output without it, and `out=` a reused
-    buffer (no page faults: the kernel's own speed)."""
+    buffer (no page faults: the kernel's own speed). The note of each row gives both sides' CPU time as a
+    multiple of a floor timed in the same interleaving, under the same protocol and allocation: the output
+    bytes written by libc's `memset` (fresh, as ours allocates them, or the reused buffer) and the packed
+    codes read by numpy's `max()`; where bitsandbytes is within 3x of the floor, 3x bitsandbytes cannot be
+    reached."""
     import bitsandbytes.functional as F
 
     from shared_kernels import nf4_cpu
@@ -125,12 +150,13 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
                 assert torch.equal(got, F.dequantize_4bit(q, state))
                 ours = functools.partial(dequantize_nf4, packed, absmax, shape, 64, dtype, **kw)
                 reused = functools.partial(ours, out=got)
+                floor = _write_floor(packed, x.numel(), dtype)
                 ways = (
-                    ("", ours),
-                    (", no huge-page advice", _without_advice(ours)),
-                    (", out= reused", reused),
+                    ("", ours, floor),
+                    (", no huge-page advice", _without_advice(ours), _without_advice(floor)),
+                    (", out= reused", reused, _write_floor(packed, x.numel(), dtype, out=got)),
                 )
-                for label, fn in ways:
+                for label, fn, floor_fn in ways:
                     ctx.compare(
                         f"{r}x4096 -> {_dtype_name(dtype)}{' +DQ' if dq else ''}{label}",
                         fn,
@@ -140,6 +166,7 @@ def nf4_dequantize_cpu(ctx: BenchContext) -> None:
                         work=x.numel() * dtype.itemsize / 1e9,
                         unit="GB/s",
                         reps=3 if ctx.quick else 7,
+                        floor=floor_fn,
                     )
                 del got
 

@@ -115,14 +115,25 @@ class BenchContext:
         unit: str = "ms",
         work: float | None = None,
         note: str = "",
+        floor: Callable[[], Any] | None = None,
     ) -> Row:
         """Time `ours` and `anchor` interleaved; with `work` (e.g. bytes or pairs per call) report throughput
-        in `unit` per second (higher is better) instead of milliseconds."""
+        in `unit` per second (higher is better) instead of milliseconds.
+
+        `floor`: a lower bound on the work's cost (e.g. only writing the output bytes and reading the input),
+        timed in the same interleaving; the note gets each side's CPU time as a multiple of the floor's. An
+        anchor within k x its floor cannot be beaten by more than k x."""
         reps = reps if reps is not None else (3 if self.quick else 11)
-        t_ours, t_anchor = self.time_interleaved(
-            [ours, anchor], reps=reps, warmup=1 if self.quick else warmup
-        )
-        c_ours, c_anchor = self.last_cpu
+        fns = [ours, anchor] if floor is None else [ours, anchor, floor]
+        t_ours, t_anchor, *_ = self.time_interleaved(fns, reps=reps, warmup=1 if self.quick else warmup)
+        c_ours, c_anchor, *c_floor = self.last_cpu
+        if c_floor:
+            floor_note = (
+                f"CPU ms {c_ours * 1e3:.3g} / {c_anchor * 1e3:.3g} / floor {c_floor[0] * 1e3:.3g}:"
+                f" {ours_name}/floor {c_ours / c_floor[0]:.2f},"
+                f" {anchor_name}/floor {c_anchor / c_floor[0]:.2f}"
+            )
+            note = f"{note}; {floor_note}" if note else floor_note
         if work is None:
             row = Row(case, t_ours * 1e3, t_anchor * 1e3, "ms", ours_name, anchor_name, True, note)
             row.cpu_ratio = c_ours / c_anchor if c_anchor else float("nan")
@@ -133,7 +144,7 @@ class BenchContext:
         print(
             f"  {case}: {ours_name} {row.ours:.4g} {row.unit} | {anchor_name} {row.anchor:.4g} {row.unit}"
             f" | ratio {row.ratio:.3f} | CPU ms {c_ours * 1e3:.4g} vs {c_anchor * 1e3:.4g}, ratio"
-            f" {row.cpu_ratio:.3f}",
+            f" {row.cpu_ratio:.3f}" + (f" | {note}" if c_floor else ""),
             flush=True,
         )
         return row

@@ -398,8 +398,7 @@ def test_native_cpu_16bit_rounding_of_extreme_scales_equals_reference():
 def test_native_cpu_falls_back_to_reference_when_it_cannot_compile(tmp_path, monkeypatch):
     from shared_kernels import nf4_cpu
 
-    monkeypatch.setattr(nf4_cpu, "_lib", None)
-    monkeypatch.setattr(nf4_cpu, "_failed", False)
+    monkeypatch.setattr(nf4_cpu, "_native", nf4_cpu.native_library())
     monkeypatch.setenv("SHARED_KERNELS_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-nf4")
     x = _sample(1000, torch.float32)
@@ -415,8 +414,42 @@ def test_native_cpu_falls_back_to_reference_when_it_cannot_compile(tmp_path, mon
         "dequantize",
     )
     monkeypatch.setenv("SHARED_KERNELS_NF4_CPU", "0")
-    monkeypatch.setattr(nf4_cpu, "_failed", False)
+    monkeypatch.setattr(nf4_cpu, "_native", nf4_cpu.native_library())
     assert not nf4_cpu.available()  # disabled: no compile attempt, no warning
+
+
+def test_generic_build_without_x86_paths_equals_reference(monkeypatch):
+    # nf4_cpu.c built with -DNF4_CPU_GENERIC leaves out every x86 path (what a non-x86 CPU compiles): the
+    # scalar quantize and dequantize, built and run here, give the reference's bits on odd counts, partial
+    # last blocks, NF4 and FP4, fp32 / bf16 / fp16 inputs and outputs, double quantization and `out=`.
+    from shared_kernels import nf4_cpu
+    from shared_kernels.native_build import CFLAGS
+
+    _native_ok()
+    monkeypatch.setattr(nf4_cpu, "_native", nf4_cpu.native_library([*CFLAGS, "-DNF4_CPU_GENERIC"]))
+    assert nf4_cpu.available()
+    assert nf4_cpu.select_isa("avx512") == "scalar"  # the x86 paths are not in this build
+    for quant_type in ("nf4", "fp4"):
+        for blocksize, n in ((32, 32 * 9 + 7), (64, 64 * 37 + 33), (256, 1), (4096, 4096 + 35)):
+            for dtype in FLOAT_DTYPES:
+                x = _sample(n, dtype, seed=n + blocksize)
+                got = quantize_4bit(x, blocksize, quant_type)
+                want = quantize_4bit(x, blocksize, quant_type, backend="torch")
+                where = f"{quant_type} n={n} bs={blocksize} {dtype}"
+                assert_exact(got[0], want[0], f"packed, {where}")
+                assert_exact(_bits(got[1]), _bits(want[1]), f"absmax, {where}")
+            packed, absmax = want
+            qabsmax, absmax2, offset = double_quantize_absmax(absmax)
+            for out_dtype in FLOAT_DTYPES:
+                args = (packed, absmax, (n,), blocksize, out_dtype, quant_type)
+                ref = dequantize_4bit(*args, backend="torch")
+                assert_exact(_bits(dequantize_4bit(*args)), _bits(ref), f"dequantize {where} -> {out_dtype}")
+                got = dequantize_4bit(*args, out=torch.full_like(ref, float("nan")))
+                assert_exact(_bits(got), _bits(ref), f"dequantize out= {where} -> {out_dtype}")
+                dq = dict(absmax2=absmax2, offset=offset)
+                args = (packed, qabsmax, (n,), blocksize, out_dtype, quant_type)
+                ref = dequantize_4bit(*args, backend="torch", **dq)
+                assert_exact(_bits(dequantize_4bit(*args, **dq)), _bits(ref), f"+DQ {where} -> {out_dtype}")
 
 
 @pytest.mark.parametrize("backend", ("auto", "torch"))

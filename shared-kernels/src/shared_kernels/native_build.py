@@ -65,10 +65,19 @@ class NativeLibrary:
         switch: environment variable that disables it when "0" (callers then use the torch reference).
         what: its name in the one RuntimeWarning a failed build or load gives per process.
         declare: sets the ctypes argtypes / restype of the library's functions.
+        cflags: the compiler flags (e.g. tests add a macro that leaves out the x86 paths).
     """
 
-    def __init__(self, source_file: str, switch: str, what: str, declare: Callable[[ctypes.CDLL], None]):
+    def __init__(
+        self,
+        source_file: str,
+        switch: str,
+        what: str,
+        declare: Callable[[ctypes.CDLL], None],
+        cflags: list[str] = CFLAGS,
+    ):
         self.source_file, self.switch, self.what, self.declare = source_file, switch, what, declare
+        self.cflags = cflags
         self.lib: ctypes.CDLL | None = None
         self.failed = False
         self._lock = threading.Lock()
@@ -82,7 +91,7 @@ class NativeLibrary:
         with self._lock:
             if self.lib is None and not self.failed:
                 try:
-                    lib = compile_and_load(self.source_file)
+                    lib = compile_and_load(self.source_file, self.cflags)
                     self.declare(lib)
                     self.lib = lib
                 except Exception as exc:  # any failure means: use the torch reference

@@ -1,7 +1,9 @@
 /* Native CPU kernels for blockwise 4-bit (NF4, FP4) quantize/dequantize, loaded by shared_kernels/nf4_cpu.py
    (which documents the algorithm and the build). Every product and sum rounds exactly as the torch reference
    in shared_kernels/nf4.py: compiled without -ffast-math and without FMA contraction. */
-#if defined(__x86_64__) || defined(__i386__)
+/* The AVX2 / AVX-512 paths need x86 (and can be left out to build and test the generic one there:
+   -DNF4_CPU_GENERIC). */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(NF4_CPU_GENERIC)
 #define NF4_X86 1
 #include <immintrin.h>
 #endif

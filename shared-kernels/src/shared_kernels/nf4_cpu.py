@@ -16,8 +16,8 @@ bitsandbytes' native kernel). Here, per block of `blocksize` elements:
   since `vcvtneps2bf16` flushes subnormals; fp16 by `vcvtps2ph`, torch's own cast), else AVX2 (`vpermps` on
   two 8-entry halves), else scalar (other CPUs). Outputs from 2 MiB get streaming stores (AVX-512; no read
   of each output line before it is written: 3x less CPU time at 4096x4096 -> fp32 into `out=`), except fresh
-  outputs above 32 MiB, new mappings whose page faults just brought each page into the cache. `select_isa` and
-  `set_stream_bytes` force a path, so the tests check every one on one machine;
+  outputs of 32 MiB and more, new mappings whose page faults just brought each page into the cache.
+  `select_isa` and `set_stream_bytes` force a path, so the tests check every one on one machine;
 - quantize takes the block's max |x| (NaN propagates), scales by the fp32 reciprocal and counts the fp32
   midpoints of the sorted code strictly below each value (ties to the lower code, NaN -> 15), then maps that
   position through the code's sort order (identity for NF4, see `shared_kernels.nf4`). The partial last block
@@ -27,24 +27,23 @@ static split made a descheduled thread hold up half the call on the loaded test 
 tensor is advised to use transparent huge pages (`madvise`, outputs of 2-64 MiB): with 4 KiB pages, faulting
 in the output costs more than computing it.
 
-The C source is `nf4_cpu.c` beside this file (package data). It is compiled on first use with the system C
-compiler (`$CC`, default `cc`; about 0.5-1 s once) into `$SHARED_KERNELS_CACHE` (default
-`~/.cache/shared_kernels`), keyed by a hash of source and flags, and loaded with ctypes (the GIL is released
-during calls). Without a compiler, or when compiling or loading fails, or with `SHARED_KERNELS_NF4_CPU=0`,
-`available()` is False and callers use the torch reference (one RuntimeWarning per process on failure).
+The C source is `nf4_cpu.c` beside this file (package data), built on first use by
+`shared_kernels.native_build` (`$CC`, `$SHARED_KERNELS_CACHE`; about 0.5-1 s once) and loaded with ctypes (the
+GIL is released during calls). Without a compiler, or when compiling or loading fails, or with
+`SHARED_KERNELS_NF4_CPU=0`, `available()` is False and callers use the torch reference (one RuntimeWarning per
+process on failure). On other CPUs only the scalar paths are built (tested here by compiling with
+-DNF4_CPU_GENERIC).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import threading
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
-from shared_kernels.native_build import compile_and_load
+from shared_kernels.native_build import CFLAGS, NativeLibrary
 
 if TYPE_CHECKING:
     from shared_kernels.nf4 import DoubleQuantState
@@ -62,14 +61,8 @@ _HUGEPAGE_MAX_BYTES = 64 << 20
 # SHARED_KERNELS_NF4_HUGEPAGES=0).
 hugepage_advice = os.environ.get("SHARED_KERNELS_NF4_HUGEPAGES", "1") != "0"
 
-_lock = threading.Lock()
-_SOURCE_FILE = "nf4_cpu.c"
-_lib: ctypes.CDLL | None = None
-_failed = False
 
-
-def _load() -> ctypes.CDLL:
-    lib = compile_and_load(_SOURCE_FILE)
+def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nf4_dequantize.argtypes = [P, P, I64, I64, P, P, P, P, ctypes.c_float, I64, P, I32, I32, I32]
     lib.nf4_dequantize.restype = None
@@ -83,28 +76,19 @@ def _load() -> ctypes.CDLL:
     lib.nf4_isa.restype = I32
     lib.nf4_set_stream_bytes.argtypes = [I64]
     lib.nf4_set_stream_bytes.restype = None
-    return lib
+
+
+def native_library(cflags: list[str] = CFLAGS) -> NativeLibrary:
+    """The kernels as a `NativeLibrary` built with `cflags` (tests add `-DNF4_CPU_GENERIC`: no x86 paths)."""
+    return NativeLibrary("nf4_cpu.c", "SHARED_KERNELS_NF4_CPU", "NF4 CPU kernels", _declare, cflags)
+
+
+_native = native_library()
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, compiling them on first use; None when disabled or unavailable."""
-    global _lib, _failed
-    if _lib is not None or _failed:
-        return _lib
-    if os.environ.get("SHARED_KERNELS_NF4_CPU", "1") == "0":
-        return None
-    with _lock:
-        if _lib is None and not _failed:
-            try:
-                _lib = _load()
-            except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
-                _failed = True
-                warnings.warn(
-                    f"NF4 CPU kernels unavailable ({exc}); using the torch reference (slower)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _lib
+    return _native.get()
 
 
 def available() -> bool:
@@ -133,8 +117,8 @@ def select_isa(name: str | None = None) -> str:
 
 
 # Outputs from this many bytes get the AVX-512 kernel's streaming stores (the C file's default, and why):
-# every `out=`, and fresh outputs up to _FRESH_STREAM_MAX_BYTES. Larger fresh outputs are new mappings (glibc
-# mmaps allocations above its threshold, which adapts up to 32 MiB), whose page faults zero each page into the
+# every `out=`, and fresh outputs below _FRESH_STREAM_MAX_BYTES. Larger fresh outputs are new mappings (glibc
+# mmaps allocations from its threshold, which adapts up to 32 MiB), whose page faults zero each page into the
 # cache just before the kernel writes it: plain stores are cheaper there. Measured, CPU ms per call, 1 thread,
 # load ~9, fresh output plain -> streaming (bitsandbytes): 256x4096 -> fp32 1.20 -> 0.80 (0.92), -> bf16
 # 0.85 -> 0.74 (0.72); 1024x4096 -> fp32 2.73 -> 1.66 (2.32), -> bf16 1.78 -> 1.17 (1.49); 4096x4096 -> fp32
@@ -144,7 +128,7 @@ _FRESH_STREAM_MAX_BYTES = 32 << 20
 
 
 def set_stream_bytes(nbytes: int | None = STREAM_BYTES) -> None:
-    """AVX-512 dequantize outputs of at least `nbytes` bytes (every `out=`, fresh ones up to 32 MiB) use
+    """AVX-512 dequantize outputs of at least `nbytes` bytes (every `out=`, fresh ones below 32 MiB) use
     streaming (non-temporal) stores; None: never. For tests (0: every aligned output) and benchmarks."""
     lib = library()
     assert lib is not None, "call available() first"
@@ -155,9 +139,17 @@ def _threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numel // _MIN_ELEMENTS_PER_THREAD))
 
 
-def _empty(numel: int, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
+def fresh_output(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (numel,) `dtype` CPU tensor as the kernels allocate their outputs: with the huge-page
+    advice where `hugepage_advice` and its size call for it and the kernels are loaded (the benchmark's floor
+    allocates through it)."""
     out = torch.empty(numel, dtype=dtype)
-    if hugepage_advice and _HUGEPAGE_BYTES <= numel * dtype.itemsize <= _HUGEPAGE_MAX_BYTES:
+    lib = library()
+    if (
+        lib is not None
+        and hugepage_advice
+        and _HUGEPAGE_BYTES <= numel * dtype.itemsize <= _HUGEPAGE_MAX_BYTES
+    ):
         lib.nf4_advise_hugepages(out.data_ptr(), numel * dtype.itemsize)
     return out
 
@@ -186,8 +178,10 @@ def dequantize_nf4_cpu(
     absmax = absmax.reshape(-1).contiguous()
     # Streaming stores only where the output is not freshly mapped: a given `out`, or a fresh one small
     # enough that glibc serves it from memory freed earlier (see _FRESH_STREAM_MAX_BYTES).
-    stream_ok = out is not None or numel * dtype.itemsize <= _FRESH_STREAM_MAX_BYTES
-    out = _empty(numel, dtype, lib) if out is None else out
+    # Exactly 32 MiB is mmapped too: 4096x4096 -> bf16 fresh, CPU ms, 1 thread, load 3.4, streaming -> plain:
+    # 12.95 -> 9.15 with the huge-page advice, 27.2 -> 20.6 without (bitsandbytes 22.5 / 21.1).
+    stream_ok = out is not None or numel * dtype.itemsize < _FRESH_STREAM_MAX_BYTES
+    out = fresh_output(numel, dtype) if out is None else out
     if dq is None:
         absmax_f, qabsmax, absmax2, code2, offset, blocksize2 = absmax.float(), None, None, None, 0.0, 1
     else:
@@ -230,7 +224,7 @@ def quantize_nf4_full_blocks_cpu(
     x = x.contiguous()
     numel = x.numel()
     n_blocks = numel // blocksize
-    packed = _empty(numel // 2, torch.uint8, lib)
+    packed = fresh_output(numel // 2, torch.uint8)
     absmax = torch.empty(n_blocks, dtype=torch.float32)
     mids = midpoints.float().contiguous()
     order = order.to(torch.uint8).contiguous()
