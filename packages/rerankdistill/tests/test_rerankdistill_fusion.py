@@ -62,7 +62,17 @@ def test_selection_uses_only_its_queries_and_prefers_the_smallest_tied_weight():
 
 def test_smoothing_prefers_a_plateau_to_a_spike_beside_a_cliff():
     # raw maximum 0.7 (a spike right before the curve falls); the plateau 0.3-0.5 is better on average
-    scores = {0.0: 0.30, 0.1: 0.31, 0.2: 0.34, 0.3: 0.37, 0.4: 0.37, 0.5: 0.37, 0.6: 0.35, 0.7: 0.38, 0.8: 0.2}
+    scores = {
+        0.0: 0.30,
+        0.1: 0.31,
+        0.2: 0.34,
+        0.3: 0.37,
+        0.4: 0.37,
+        0.5: 0.37,
+        0.6: 0.35,
+        0.7: 0.38,
+        0.8: 0.2,
+    }
     smoothed = smoothed_scores(scores, 0.1)
     assert smoothed[0.4] == pytest.approx(0.37) and smoothed[0.7] == pytest.approx((0.35 + 0.38 + 0.2) / 3)
     assert smoothed[0.0] == pytest.approx((0.30 + 0.31) / 2)  # one neighbour at the end

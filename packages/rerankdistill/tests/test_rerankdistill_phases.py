@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,12 @@ from rerankdistill.labels import INTERANK_PROMPT
 from rerankdistill.teacher import Pair, TeacherRecord
 from rerankdistill.train.common import collate, weighted_loss
 from rerankdistill.train.phases import (
+    LR_SCHEDULES,
     PhaseLoop,
     RefineSettings,
     answer_examples,
     distributed_layout,
+    lr_factor,
     refine_grpo,
     refine_reward_weighted,
     train_answers,
@@ -242,3 +245,25 @@ def test_grpo_refinement_logs_its_reward(tmp_path, tiny_tokenizer, acc):
 def test_distributed_layout_of_one_process(tiny_tokenizer, acc):
     note, line = distributed_layout(acc, _model(tiny_tokenizer))
     assert note == {"type": "NO", "processes": 1, "sharded": False} and line == "1 process(es), NO"
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero():
+    # warmup 4 of 20 steps: 1/4 .. 1 over steps 0..3 in every schedule
+    for schedule in LR_SCHEDULES:
+        assert [lr_factor(s, 20, 4, schedule) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [lr_factor(s, 20, 4, "constant") for s in (4, 12, 19)] == [1.0, 1.0, 1.0]
+    # after warmup: t = (s - 4) / 16
+    assert [lr_factor(s, 20, 4, "linear") for s in (4, 12, 19)] == pytest.approx([1.0, 0.5, 1 / 16])
+    assert lr_factor(12, 20, 4, "cosine") == pytest.approx(0.5)
+    assert lr_factor(8, 20, 4, "cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _loop(Path("unused"), lr_schedule="step")
+
+
+def test_a_phase_logs_the_decaying_rate(tmp_path, tiny_tokenizer, acc):
+    tok = tiny_tokenizer
+    encoded, _ = answer_examples(tok, PAIRS, RECORDS, INTERANK_PROMPT, True, 512, False, say=lambda _: None)
+    loop = _loop(tmp_path, said=[], warmup_steps=1, lr_schedule="linear")
+    result = train_answers(acc, _model(tok), tok.pad_token_id, encoded, 4, 1e-2, "distill", loop)
+    # the row of step s logs the rate of step s + 1 (the scheduler has stepped): 1 - s / 3 after warmup
+    assert [row["lr"] for row in result.history] == pytest.approx([1e-2 * (1 - s / 3) for s in range(4)])

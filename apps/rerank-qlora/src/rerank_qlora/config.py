@@ -231,7 +231,10 @@ class TrainConfig:
     lr: float = option(
         1e-3, "peak learning rate (InteRank 3B: 2e-4; the tiny student: 1e-3, 3e-3 and 5e-4 were worse)"
     )
-    warmup_steps: int = option(5, "linear warmup, then constant")
+    warmup_steps: int = option(5, "linear warmup, then lr_schedule")
+    lr_schedule: Literal["constant", "linear", "cosine"] = option(
+        "constant", "after warmup: constant, or a linear / cosine decay to 0 over each phase's steps"
+    )
     max_grad_norm: float = option(1.0, "gradient clipping (QLoRA: 0.3)")
     max_length: int = option(384, "training context in tokens (evaluation prompts may be longer)")
     fit_documents: bool = option(

@@ -259,6 +259,7 @@ class RerankQLoRARecipe:
             progress=self.progress,
             logger=log,
             say=self._print,
+            lr_schedule=tc.lr_schedule,
         )
 
     def _take(self, result: Any) -> list[dict[str, Any]]:

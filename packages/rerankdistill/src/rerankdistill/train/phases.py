@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class PhaseLoop:
             prompts per step).
         micro_batch_size: examples per forward; batch_size must be a multiple of it x processes.
         warmup_steps: linear LR warmup over this many optimizer steps.
+        lr_schedule: after warmup, "constant", or a "linear" / "cosine" decay to 0 over each phase's steps.
         log_every, checkpoint_every, max_grad_norm: as in `shared_kernels.training.LoopSettings`.
         seed: the data order (and refinement sampling) seed.
         distill_steps: the distillation phase's steps: every other phase logs after them (one step axis).
@@ -73,6 +75,26 @@ class PhaseLoop:
     progress: bool = True
     logger: logging.Logger | None = None
     say: Callable[[str], None] = _silent
+    lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based) of `steps`: linear warmup over
+    `warmup_steps`, then 1 ("constant"), or a decay from 1 towards 0 at the last step ("linear":
+    1 - t, "cosine": (1 + cos(pi t)) / 2, t the fraction of the steps after warmup done)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if schedule == "constant" or step < warmup_steps:
+        return warm
+    t = (step - warmup_steps) / max(1, steps - warmup_steps)
+    decay = 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return warm * max(0.0, decay)
 
 
 @dataclass
@@ -124,7 +146,7 @@ def run_phase(
     extra_metrics: Callable[[Any], dict[str, float]] | None = None,
 ) -> PhaseResult:
     """One training phase on the shared loop: AdamW over the trainable parameters (no weight decay, linear
-    warmup), DDP or FSDP2, checkpoints under checkpoints/<phase>, resumable.
+    warmup, then `loop.lr_schedule`), DDP or FSDP2, checkpoints under checkpoints/<phase>, resumable.
 
     Args:
         acc: the run's `accelerate.Accelerator`.
@@ -135,7 +157,7 @@ def run_phase(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, loop.warmup_steps))
+        optimizer, lambda s: lr_factor(s, steps, loop.warmup_steps, loop.lr_schedule)
     )
     ckpt = CheckpointManager(
         loop.run_dir / "checkpoints" / phase,
