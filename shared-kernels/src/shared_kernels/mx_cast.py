@@ -632,6 +632,13 @@ _ROWS_COLS_SCHEMA = (
 for _suffix in ("native", "cxx"):  # the cxx ops' CPU kernels are registered by mx_cpu_op.cpp once loaded
     _LIB.define(f"mx_cast_{_suffix}{_CAST_SCHEMA}")
     _LIB.define(f"mx_cast_rows_cols_{_suffix}{_ROWS_COLS_SCHEMA}")
+# The out-variant of mx_cast_cxx, called from compiled graphs: inductor allocates the outputs in its wrapper
+# (a C call each) and calls the op, where the functional op made it index the returned tuple and check both
+# outputs' metadata from Python after the call.
+_LIB.define(
+    "mx_cast_cxx_out(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode, int dim,"
+    " Tensor(a!) data, Tensor(b!) scale) -> ()"
+)
 
 
 def _mx_cast_cpu_codes(
@@ -654,7 +661,8 @@ _LIB.impl("mx_cast_native", _mx_cast_cpu_codes, "CPU")
 _LIB.impl("mx_cast_rows_cols_native", _mx_cast_rows_cols_cpu_codes, "CPU")
 
 
-def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
+def _mx_cast_cpu_empty(x, elem_dtype, block_size, scale_mode, dim):
+    """Uninitialised (data, scale) of a cast of x along dim >= 0: the ops' fake, the out-variant's outputs."""
     scale_shape = list(x.shape)
     scale_shape[dim] = -(-x.shape[dim] // block_size)
     return x.new_empty(x.shape, dtype=elem_dtype), x.new_empty(scale_shape, dtype=torch.uint8)
@@ -671,8 +679,9 @@ def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
 
 
 for _suffix in ("native", "cxx"):
-    torch.library.register_fake(f"shared_kernels::mx_cast_{_suffix}", _mx_cast_cpu_fake)
+    torch.library.register_fake(f"shared_kernels::mx_cast_{_suffix}", _mx_cast_cpu_empty)
     torch.library.register_fake(f"shared_kernels::mx_cast_rows_cols_{_suffix}", _mx_cast_rows_cols_cpu_fake)
+torch.library.register_fake("shared_kernels::mx_cast_cxx_out", lambda *args: None)
 
 
 @torch.compiler.assume_constant_result
@@ -701,6 +710,10 @@ def _mx_cast_native_cpu(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mx_cast_native_cpu` with its arguments already checked (`dim` non-negative)."""
+    if _native_cxx() and torch.compiler.is_compiling():
+        data, scale = _mx_cast_cpu_empty(x, elem_dtype, block_size, scale_mode, dim)
+        torch.ops.shared_kernels.mx_cast_cxx_out.default(x, elem_dtype, block_size, scale_mode, dim, data, scale)
+        return data, scale
     if _native_cxx():
         return torch.ops.shared_kernels.mx_cast_cxx.default(x, elem_dtype, block_size, scale_mode, dim)
     if torch.compiler.is_compiling():

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -97,27 +98,55 @@ void launch(const at::Tensor& x, int64_t batch, int64_t m, int64_t n, int mode, 
            scale, data2, scale2, threads, isa);
 }
 
+// The cast of the prepared x along dim >= 0 into contiguous data (x's shape) and scale (ceil along dim).
+void cast_into(const at::Tensor& x, int64_t block_size, int64_t dim, const Format& f, const at::Tensor& data,
+               const at::Tensor& scale) {
+    if (x.numel() == 0) return;
+    int64_t outer = 1, inner = 1;
+    for (int64_t i = 0; i < dim; ++i) outer *= x.size(i);
+    for (int64_t i = dim + 1; i < x.dim(); ++i) inner *= x.size(i);
+    const int64_t n = x.size(dim);
+    // blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
+    if (inner > 1)
+        launch(x, outer, n, inner, MODE_COLUMNS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
+    else
+        launch(x, 1, outer, n, MODE_ROWS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
+}
+
+std::vector<int64_t> scale_sizes(const at::Tensor& x, int64_t block_size, int64_t dim) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes[dim] = (sizes[dim] + block_size - 1) / block_size;
+    return sizes;
+}
+
 // mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim) as (codes as elem_dtype, uint8 scales); dim >= 0.
 std::tuple<at::Tensor, at::Tensor> mx_cast_cxx(const at::Tensor& x_in, at::ScalarType elem_dtype,
                                                int64_t block_size, c10::string_view scale_mode, int64_t dim) {
     const Format& f = format_of(elem_dtype, scale_mode);
     const at::Tensor x = prepare(x_in);
     TORCH_CHECK(dim >= 0 && dim < x.dim(), "dim out of range: ", dim);
-    std::vector<int64_t> sizes = x.sizes().vec();
-    int64_t outer = 1, inner = 1;
-    for (int64_t i = 0; i < dim; ++i) outer *= sizes[i];
-    for (int64_t i = dim + 1; i < x.dim(); ++i) inner *= sizes[i];
-    const int64_t n = sizes[dim];
-    at::Tensor data = at::empty(sizes, x.options().dtype(elem_dtype));
-    sizes[dim] = (n + block_size - 1) / block_size;
-    at::Tensor scale = at::empty(sizes, x.options().dtype(at::kByte));
-    if (x.numel() == 0) return {data, scale};
-    // blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
-    if (inner > 1)
-        launch(x, outer, n, inner, MODE_COLUMNS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
-    else
-        launch(x, 1, outer, n, MODE_ROWS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
+    at::Tensor data = at::empty(x.sizes(), x.options().dtype(elem_dtype));
+    at::Tensor scale = at::empty(scale_sizes(x, block_size, dim), x.options().dtype(at::kByte));
+    cast_into(x, block_size, dim, f, data, scale);
     return {data, scale};
+}
+
+void check_out(const at::Tensor& out, const char* name, at::IntArrayRef sizes, at::ScalarType dtype) {
+    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == dtype && out.sizes() == sizes,
+                name, " must be a contiguous CPU tensor of dtype ", dtype, " and shape ", sizes, ", got ",
+                out.scalar_type(), " ", out.sizes());
+}
+
+// mx_cast_cxx writing into data and scale (fresh, contiguous): the out-variant a compiled graph calls, so
+// that inductor allocates the outputs itself and checks nothing after the call.
+void mx_cast_cxx_out(const at::Tensor& x_in, at::ScalarType elem_dtype, int64_t block_size,
+                     c10::string_view scale_mode, int64_t dim, const at::Tensor& data, const at::Tensor& scale) {
+    const Format& f = format_of(elem_dtype, scale_mode);
+    const at::Tensor x = prepare(x_in);
+    TORCH_CHECK(dim >= 0 && dim < x.dim(), "dim out of range: ", dim);
+    check_out(data, "data", x.sizes(), elem_dtype);
+    check_out(scale, "scale", scale_sizes(x, block_size, dim), at::kByte);
+    cast_into(x, block_size, dim, f, data, scale);
 }
 
 // Both casts of a 2-D x (M, N) from one pass: (row codes, row scales, column codes, column scales).
@@ -142,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mx_cast_rows_cols_cxx
 
 TORCH_LIBRARY_IMPL(shared_kernels, CPU, m) {
     m.impl("mx_cast_cxx", mx_cast_cxx);
+    m.impl("mx_cast_cxx_out", mx_cast_cxx_out);
     m.impl("mx_cast_rows_cols_cxx", mx_cast_rows_cols_cxx);
 }
 
