@@ -149,7 +149,15 @@ void mx_cast_cxx_out(const at::Tensor& x_in, at::ScalarType elem_dtype, int64_t 
     cast_into(x, block_size, dim, f, data, scale);
 }
 
-// Both casts of a 2-D x (M, N) from one pass: (row codes, row scales, column codes, column scales).
+// Both casts of a 2-D x (M, N) from one pass into contiguous outputs: (row codes, row scales, column
+// codes, column scales).
+void rows_cols_into(const at::Tensor& x, int64_t block_size, const Format& f, const at::Tensor& row_data,
+                    const at::Tensor& row_scale, const at::Tensor& col_data, const at::Tensor& col_scale) {
+    if (x.numel() != 0)
+        launch(x, 1, x.size(0), x.size(1), MODE_BOTH, block_size, f, bytes(row_data), bytes(row_scale),
+               bytes(col_data), bytes(col_scale));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mx_cast_rows_cols_cxx(const at::Tensor& x_in,
                                                                                   at::ScalarType elem_dtype,
                                                                                   int64_t block_size,
@@ -161,10 +169,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mx_cast_rows_cols_cxx
     const auto codes = x.options().dtype(elem_dtype), scales = x.options().dtype(at::kByte);
     at::Tensor row_data = at::empty({m, n}, codes), row_scale = at::empty({m, (n + block_size - 1) / block_size}, scales);
     at::Tensor col_data = at::empty({m, n}, codes), col_scale = at::empty({(m + block_size - 1) / block_size, n}, scales);
-    if (x.numel() != 0)
-        launch(x, 1, m, n, MODE_BOTH, block_size, f, bytes(row_data), bytes(row_scale), bytes(col_data),
-               bytes(col_scale));
+    rows_cols_into(x, block_size, f, row_data, row_scale, col_data, col_scale);
     return {row_data, row_scale, col_data, col_scale};
+}
+
+// mx_cast_rows_cols_cxx writing into fresh contiguous outputs: the out-variant compiled graphs call.
+void mx_cast_rows_cols_cxx_out(const at::Tensor& x_in, at::ScalarType elem_dtype, int64_t block_size,
+                               c10::string_view scale_mode, const at::Tensor& row_data, const at::Tensor& row_scale,
+                               const at::Tensor& col_data, const at::Tensor& col_scale) {
+    const Format& f = format_of(elem_dtype, scale_mode);
+    const at::Tensor x = prepare(x_in);
+    TORCH_CHECK(x.dim() == 2, "x must be 2-D, got ", x.dim(), " dims");
+    const int64_t m = x.size(0), n = x.size(1);
+    check_out(row_data, "row_data", {m, n}, elem_dtype);
+    check_out(row_scale, "row_scale", {m, (n + block_size - 1) / block_size}, at::kByte);
+    check_out(col_data, "col_data", {m, n}, elem_dtype);
+    check_out(col_scale, "col_scale", {(m + block_size - 1) / block_size, n}, at::kByte);
+    rows_cols_into(x, block_size, f, row_data, row_scale, col_data, col_scale);
 }
 
 }  // namespace
@@ -173,6 +194,7 @@ TORCH_LIBRARY_IMPL(shared_kernels, CPU, m) {
     m.impl("mx_cast_cxx", mx_cast_cxx);
     m.impl("mx_cast_cxx_out", mx_cast_cxx_out);
     m.impl("mx_cast_rows_cols_cxx", mx_cast_rows_cols_cxx);
+    m.impl("mx_cast_rows_cols_cxx_out", mx_cast_rows_cols_cxx_out);
 }
 
 // The set-up ops take no tensor (a catch-all kernel) and are internal: defined here, called by mx_cpu.py.
