@@ -392,10 +392,20 @@ def test_cxx_op_equals_reference(elem, mode):
         assert got[0].dtype == elem and got[1].shape == want[1].shape
         assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), f"data {tuple(t.shape)} dim {dim}")
         assert_exact(got[1], want[1], f"scale {tuple(t.shape)} dim {dim}")
+        out = (torch.full(t.shape, 0.5).to(elem), torch.full(want[1].shape, 7, dtype=torch.uint8))
+        torch.ops.shared_kernels.mx_cast_cxx_out(t, elem, bs, mode, dim, *out)
+        assert_exact(
+            out[0].view(torch.uint8), want[0].view(torch.uint8), f"out data {tuple(t.shape)} dim {dim}"
+        )
+        assert_exact(out[1], want[1], f"out scale {tuple(t.shape)} dim {dim}")
     for t, bs in [(x, 32), (x[:90, :100].bfloat16(), 16)]:
         want = (*mx_cast_ref(t, elem, bs, mode, -1), *mx_cast_ref(t, elem, bs, mode, 0))
         for g, w in zip(both(t, elem, bs, mode), want, strict=True):
             assert_exact(g.view(torch.uint8), w.view(torch.uint8), f"rows+cols {tuple(t.shape)}")
+        out = tuple(torch.full(w.shape, 3, dtype=torch.uint8).view(w.dtype) for w in want)
+        torch.ops.shared_kernels.mx_cast_rows_cols_cxx_out(t, elem, bs, mode, *out)
+        for g, w in zip(out, want, strict=True):
+            assert_exact(g.view(torch.uint8), w.view(torch.uint8), f"rows+cols out {tuple(t.shape)}")
     big = torch.randn(1030, 640) * 7
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
@@ -411,8 +421,8 @@ def test_cxx_op_equals_reference(elem, mode):
 @needs_cxx_op
 def test_cxx_op_is_what_mx_cast_calls_eager_and_compiled():
     """With the C++ op built, eager `mx_cast` / `mx_cast_rows_cols` on CPU dispatch exactly that op, and a
-    `fullgraph=True` compile of a function calling them is one graph whose only ops are the C++ ops; eager,
-    compiled and the reference agree byte for byte on odd shapes."""
+    `fullgraph=True` compile of a function calling them is one graph whose only ops are the C++ ops (the
+    out-variants); eager, compiled and the reference agree byte for byte on odd shapes."""
     x = adversarial(75, 97, seed=13)
     with _OpLog() as log:
         mx_cast(x, dim=0)
@@ -430,15 +440,52 @@ def test_cxx_op_is_what_mx_cast_calls_eager_and_compiled():
     compiled = torch.compile(casts, backend=backend, fullgraph=True)(x)
     assert len(graphs) == 1
     assert [g for g in graphs[0] if g.startswith("shared_kernels")] == [
-        "shared_kernels.mx_cast_cxx.default",
-        "shared_kernels.mx_cast_cxx.default",
-        "shared_kernels.mx_cast_rows_cols_cxx.default",
+        "shared_kernels.mx_cast_cxx_out.default",
+        "shared_kernels.mx_cast_cxx_out.default",
+        "shared_kernels.mx_cast_rows_cols_cxx_out.default",
     ]
     want = (*mx_cast_ref(x, E5M2, 32, "floor", 0), *mx_cast_ref(x, dim=-1))
     want += (*mx_cast_ref(x, E4M3, 16, dim=-1), *mx_cast_ref(x, E4M3, 16, dim=0))
     for got, eager, w in zip(compiled, casts(x), want, strict=True):
         assert_exact(got.view(torch.uint8), w.view(torch.uint8), "compiled")
         assert_exact(eager.view(torch.uint8), w.view(torch.uint8), "eager")
+
+
+@needs_cxx_op
+def test_cxx_out_op_rejects_wrong_outputs():
+    """The out-variants check their outputs (shape, dtype, contiguity) before writing: a clear error each."""
+    x = torch.randn(40, 64)
+    op = torch.ops.shared_kernels.mx_cast_cxx_out
+    data, scale = torch.empty(40, 64, dtype=E4M3), torch.empty(40, 2, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="scale must be a contiguous CPU tensor"):
+        op(x, E4M3, 32, "rceil", 1, data, torch.empty(40, 3, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="data must be a contiguous CPU tensor"):
+        op(x, E4M3, 32, "rceil", 1, torch.empty(40, 64, dtype=E5M2), scale)
+    with pytest.raises(RuntimeError, match="data must be a contiguous CPU tensor"):
+        op(x, E4M3, 32, "rceil", 1, torch.empty(64, 40, dtype=E4M3).t(), scale)
+    both = (data, scale, torch.empty(40, 64, dtype=E4M3), torch.empty(1, 64, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="col_scale must be a contiguous CPU tensor"):
+        torch.ops.shared_kernels.mx_cast_rows_cols_cxx_out(x, E4M3, 32, "rceil", *both)
+
+
+@needs_cxx_op
+@pytest.mark.slow
+def test_inductor_allocates_the_cast_outputs():
+    """Under inductor a compiled `mx_cast` / `mx_cast_rows_cols` allocates the outputs in the generated
+    wrapper and calls the out-variant once, with no metadata checks after the call; bytes equal the
+    reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = adversarial(33, 96, seed=14)
+    got, (code,) = run_and_get_code(torch.compile(mx_cast, dynamic=False, fullgraph=True), x)
+    assert code.count("mx_cast_cxx_out.default(") == 1 and "assert_tensor_metadata(" not in code
+    want = mx_cast_ref(x)
+    assert_exact(got[0].view(torch.uint8), want[0].view(torch.uint8), "inductor data")
+    assert_exact(got[1], want[1], "inductor scale")
+    got, (code,) = run_and_get_code(torch.compile(mx_cast_rows_cols, dynamic=False, fullgraph=True), x)
+    assert code.count("mx_cast_rows_cols_cxx_out.default(") == 1 and "assert_tensor_metadata(" not in code
+    for g, w in zip(got, (*want, *mx_cast_ref(x, dim=0)), strict=True):
+        assert_exact(g.view(torch.uint8), w.view(torch.uint8), "inductor rows+cols")
 
 
 def test_cxx_op_unavailable_falls_back_to_the_ctypes_op(tmp_path, monkeypatch):

@@ -632,6 +632,17 @@ _ROWS_COLS_SCHEMA = (
 for _suffix in ("native", "cxx"):  # the cxx ops' CPU kernels are registered by mx_cpu_op.cpp once loaded
     _LIB.define(f"mx_cast_{_suffix}{_CAST_SCHEMA}")
     _LIB.define(f"mx_cast_rows_cols_{_suffix}{_ROWS_COLS_SCHEMA}")
+# The out-variants of the cxx ops, called from compiled graphs: inductor allocates the outputs in its wrapper
+# (a C call each) and calls the op, where the functional op made it index the returned tuple and check every
+# output's metadata from Python after the call.
+_LIB.define(
+    "mx_cast_cxx_out(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode, int dim,"
+    " Tensor(a!) data, Tensor(b!) scale) -> ()"
+)
+_LIB.define(
+    "mx_cast_rows_cols_cxx_out(Tensor x, ScalarType elem_dtype, int block_size, str scale_mode,"
+    " Tensor(a!) row_data, Tensor(b!) row_scale, Tensor(c!) col_data, Tensor(d!) col_scale) -> ()"
+)
 
 
 def _mx_cast_cpu_codes(
@@ -654,13 +665,15 @@ _LIB.impl("mx_cast_native", _mx_cast_cpu_codes, "CPU")
 _LIB.impl("mx_cast_rows_cols_native", _mx_cast_rows_cols_cpu_codes, "CPU")
 
 
-def _mx_cast_cpu_fake(x, elem_dtype, block_size, scale_mode, dim):
+def _mx_cast_cpu_empty(x, elem_dtype, block_size, scale_mode, dim):
+    """Uninitialised (data, scale) of a cast of x along dim >= 0: the ops' fake, the out-variant's outputs."""
     scale_shape = list(x.shape)
     scale_shape[dim] = -(-x.shape[dim] // block_size)
     return x.new_empty(x.shape, dtype=elem_dtype), x.new_empty(scale_shape, dtype=torch.uint8)
 
 
-def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
+def _mx_cast_rows_cols_cpu_empty(x, elem_dtype, block_size, scale_mode):
+    """Uninitialised outputs of a row + column cast of 2-D x: the ops' fake, the out-variant's outputs."""
     m, n = x.shape
     return (
         x.new_empty((m, n), dtype=elem_dtype),
@@ -671,8 +684,10 @@ def _mx_cast_rows_cols_cpu_fake(x, elem_dtype, block_size, scale_mode):
 
 
 for _suffix in ("native", "cxx"):
-    torch.library.register_fake(f"shared_kernels::mx_cast_{_suffix}", _mx_cast_cpu_fake)
-    torch.library.register_fake(f"shared_kernels::mx_cast_rows_cols_{_suffix}", _mx_cast_rows_cols_cpu_fake)
+    torch.library.register_fake(f"shared_kernels::mx_cast_{_suffix}", _mx_cast_cpu_empty)
+    torch.library.register_fake(f"shared_kernels::mx_cast_rows_cols_{_suffix}", _mx_cast_rows_cols_cpu_empty)
+for _name in ("mx_cast_cxx_out", "mx_cast_rows_cols_cxx_out"):
+    torch.library.register_fake(f"shared_kernels::{_name}", lambda *args: None)
 
 
 @torch.compiler.assume_constant_result
@@ -701,6 +716,12 @@ def _mx_cast_native_cpu(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mx_cast_native_cpu` with its arguments already checked (`dim` non-negative)."""
+    if _native_cxx() and torch.compiler.is_compiling():
+        data, scale = _mx_cast_cpu_empty(x, elem_dtype, block_size, scale_mode, dim)
+        torch.ops.shared_kernels.mx_cast_cxx_out.default(
+            x, elem_dtype, block_size, scale_mode, dim, data, scale
+        )
+        return data, scale
     if _native_cxx():
         return torch.ops.shared_kernels.mx_cast_cxx.default(x, elem_dtype, block_size, scale_mode, dim)
     if torch.compiler.is_compiling():
@@ -712,6 +733,12 @@ def _mx_cast_rows_cols_native_cpu(
     x: torch.Tensor, elem_dtype: torch.dtype, block_size: int, scale_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one-pass native row + column cast of a checked 2-D x, through the same choice of kernel."""
+    if _native_cxx() and torch.compiler.is_compiling():
+        out = _mx_cast_rows_cols_cpu_empty(x, elem_dtype, block_size, scale_mode)
+        torch.ops.shared_kernels.mx_cast_rows_cols_cxx_out.default(
+            x, elem_dtype, block_size, scale_mode, *out
+        )
+        return out
     if _native_cxx():
         return torch.ops.shared_kernels.mx_cast_rows_cols_cxx.default(x, elem_dtype, block_size, scale_mode)
     if torch.compiler.is_compiling():

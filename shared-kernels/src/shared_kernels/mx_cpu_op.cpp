@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -97,30 +98,66 @@ void launch(const at::Tensor& x, int64_t batch, int64_t m, int64_t n, int mode, 
            scale, data2, scale2, threads, isa);
 }
 
+// The cast of the prepared x along dim >= 0 into contiguous data (x's shape) and scale (ceil along dim).
+void cast_into(const at::Tensor& x, int64_t block_size, int64_t dim, const Format& f, const at::Tensor& data,
+               const at::Tensor& scale) {
+    if (x.numel() == 0) return;
+    int64_t outer = 1, inner = 1;
+    for (int64_t i = 0; i < dim; ++i) outer *= x.size(i);
+    for (int64_t i = dim + 1; i < x.dim(); ++i) inner *= x.size(i);
+    const int64_t n = x.size(dim);
+    // blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
+    if (inner > 1)
+        launch(x, outer, n, inner, MODE_COLUMNS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
+    else
+        launch(x, 1, outer, n, MODE_ROWS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
+}
+
+std::vector<int64_t> scale_sizes(const at::Tensor& x, int64_t block_size, int64_t dim) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes[dim] = (sizes[dim] + block_size - 1) / block_size;
+    return sizes;
+}
+
 // mx_cast_ref(x, elem_dtype, block_size, scale_mode, dim) as (codes as elem_dtype, uint8 scales); dim >= 0.
 std::tuple<at::Tensor, at::Tensor> mx_cast_cxx(const at::Tensor& x_in, at::ScalarType elem_dtype,
                                                int64_t block_size, c10::string_view scale_mode, int64_t dim) {
     const Format& f = format_of(elem_dtype, scale_mode);
     const at::Tensor x = prepare(x_in);
     TORCH_CHECK(dim >= 0 && dim < x.dim(), "dim out of range: ", dim);
-    std::vector<int64_t> sizes = x.sizes().vec();
-    int64_t outer = 1, inner = 1;
-    for (int64_t i = 0; i < dim; ++i) outer *= sizes[i];
-    for (int64_t i = dim + 1; i < x.dim(); ++i) inner *= sizes[i];
-    const int64_t n = sizes[dim];
-    at::Tensor data = at::empty(sizes, x.options().dtype(elem_dtype));
-    sizes[dim] = (n + block_size - 1) / block_size;
-    at::Tensor scale = at::empty(sizes, x.options().dtype(at::kByte));
-    if (x.numel() == 0) return {data, scale};
-    // blocks along a dim with elements after it: columns of (outer, n, inner); else rows of (outer, n)
-    if (inner > 1)
-        launch(x, outer, n, inner, MODE_COLUMNS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
-    else
-        launch(x, 1, outer, n, MODE_ROWS, block_size, f, bytes(data), bytes(scale), nullptr, nullptr);
+    at::Tensor data = at::empty(x.sizes(), x.options().dtype(elem_dtype));
+    at::Tensor scale = at::empty(scale_sizes(x, block_size, dim), x.options().dtype(at::kByte));
+    cast_into(x, block_size, dim, f, data, scale);
     return {data, scale};
 }
 
-// Both casts of a 2-D x (M, N) from one pass: (row codes, row scales, column codes, column scales).
+void check_out(const at::Tensor& out, const char* name, at::IntArrayRef sizes, at::ScalarType dtype) {
+    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == dtype && out.sizes() == sizes,
+                name, " must be a contiguous CPU tensor of dtype ", dtype, " and shape ", sizes, ", got ",
+                out.scalar_type(), " ", out.sizes());
+}
+
+// mx_cast_cxx writing into data and scale (fresh, contiguous): the out-variant a compiled graph calls, so
+// that inductor allocates the outputs itself and checks nothing after the call.
+void mx_cast_cxx_out(const at::Tensor& x_in, at::ScalarType elem_dtype, int64_t block_size,
+                     c10::string_view scale_mode, int64_t dim, const at::Tensor& data, const at::Tensor& scale) {
+    const Format& f = format_of(elem_dtype, scale_mode);
+    const at::Tensor x = prepare(x_in);
+    TORCH_CHECK(dim >= 0 && dim < x.dim(), "dim out of range: ", dim);
+    check_out(data, "data", x.sizes(), elem_dtype);
+    check_out(scale, "scale", scale_sizes(x, block_size, dim), at::kByte);
+    cast_into(x, block_size, dim, f, data, scale);
+}
+
+// Both casts of a 2-D x (M, N) from one pass into contiguous outputs: (row codes, row scales, column
+// codes, column scales).
+void rows_cols_into(const at::Tensor& x, int64_t block_size, const Format& f, const at::Tensor& row_data,
+                    const at::Tensor& row_scale, const at::Tensor& col_data, const at::Tensor& col_scale) {
+    if (x.numel() != 0)
+        launch(x, 1, x.size(0), x.size(1), MODE_BOTH, block_size, f, bytes(row_data), bytes(row_scale),
+               bytes(col_data), bytes(col_scale));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mx_cast_rows_cols_cxx(const at::Tensor& x_in,
                                                                                   at::ScalarType elem_dtype,
                                                                                   int64_t block_size,
@@ -132,17 +169,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mx_cast_rows_cols_cxx
     const auto codes = x.options().dtype(elem_dtype), scales = x.options().dtype(at::kByte);
     at::Tensor row_data = at::empty({m, n}, codes), row_scale = at::empty({m, (n + block_size - 1) / block_size}, scales);
     at::Tensor col_data = at::empty({m, n}, codes), col_scale = at::empty({(m + block_size - 1) / block_size, n}, scales);
-    if (x.numel() != 0)
-        launch(x, 1, m, n, MODE_BOTH, block_size, f, bytes(row_data), bytes(row_scale), bytes(col_data),
-               bytes(col_scale));
+    rows_cols_into(x, block_size, f, row_data, row_scale, col_data, col_scale);
     return {row_data, row_scale, col_data, col_scale};
+}
+
+// mx_cast_rows_cols_cxx writing into fresh contiguous outputs: the out-variant compiled graphs call.
+void mx_cast_rows_cols_cxx_out(const at::Tensor& x_in, at::ScalarType elem_dtype, int64_t block_size,
+                               c10::string_view scale_mode, const at::Tensor& row_data, const at::Tensor& row_scale,
+                               const at::Tensor& col_data, const at::Tensor& col_scale) {
+    const Format& f = format_of(elem_dtype, scale_mode);
+    const at::Tensor x = prepare(x_in);
+    TORCH_CHECK(x.dim() == 2, "x must be 2-D, got ", x.dim(), " dims");
+    const int64_t m = x.size(0), n = x.size(1);
+    check_out(row_data, "row_data", {m, n}, elem_dtype);
+    check_out(row_scale, "row_scale", {m, (n + block_size - 1) / block_size}, at::kByte);
+    check_out(col_data, "col_data", {m, n}, elem_dtype);
+    check_out(col_scale, "col_scale", {(m + block_size - 1) / block_size, n}, at::kByte);
+    rows_cols_into(x, block_size, f, row_data, row_scale, col_data, col_scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(shared_kernels, CPU, m) {
     m.impl("mx_cast_cxx", mx_cast_cxx);
+    m.impl("mx_cast_cxx_out", mx_cast_cxx_out);
     m.impl("mx_cast_rows_cols_cxx", mx_cast_rows_cols_cxx);
+    m.impl("mx_cast_rows_cols_cxx_out", mx_cast_rows_cols_cxx_out);
 }
 
 // The set-up ops take no tensor (a catch-all kernel) and are internal: defined here, called by mx_cpu.py.
