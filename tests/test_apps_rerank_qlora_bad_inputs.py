@@ -31,6 +31,7 @@ CASES = [
     (["train.lr=0"], r"train.lr must be a finite number > 0"),
     (["train.checkpoint_every=0"], r"train.checkpoint_every must be >= 1, got 0"),
     (["train.warmup_steps=-1"], r"train.warmup_steps must be >= 0"),
+    (["train.weight_average=1.5"], r"train.weight_average must be in \[0, 1\]"),
     (["train.max_grad_norm=inf"], r"train.max_grad_norm must be a finite number >= 0"),
     (["model.tiny_heads=3"], r"model.tiny_heads \(3\) must divide model.tiny_hidden_size \(128\)"),
     (["model.tiny_heads=5", "model.tiny_hidden_size=160"], r"be 1 or even"),

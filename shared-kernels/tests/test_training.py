@@ -89,6 +89,30 @@ def test_non_finite_loss_stops_before_the_step_and_saves_nothing_non_finite(tmp_
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_weight_average_is_the_mean_of_the_tail_and_survives_a_resume(tmp_path):
+    trace: list = []
+    _, last = _single(tmp_path / "plain", dropout=0.0, trace=trace)
+    assert len(trace) == training_worker.STEPS
+    _, averaged = _single(tmp_path / "avg", dropout=0.0, average_from=5)
+    for name, w in averaged.items():  # steps 5..11 (0-based): the weights after steps 6..12
+        torch.testing.assert_close(w, torch.stack([t[name] for t in trace[5:]]).mean(0), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(w, last[name])  # an index slip (tail from 4 or 6, or the last step) fails
+        assert not torch.allclose(w, torch.stack([t[name] for t in trace[4:]]).mean(0), rtol=0, atol=1e-6)
+    # interrupted inside the averaged tail, then resumed: the same average, bit for bit
+    with pytest.raises(RuntimeError, match="failed at step 9"):
+        _single(tmp_path / "cut", dropout=0.0, average_from=5, fail_at=9)
+    state, resumed = _single(tmp_path / "cut", dropout=0.0, average_from=5)
+    assert state.start_step == 8
+    assert all(torch.equal(resumed[k], averaged[k]) for k in averaged)
+    # a checkpoint written without averaging, past where it starts, is refused, not silently half-averaged
+    with pytest.raises(RuntimeError, match="failed at step 9"):
+        _single(tmp_path / "mixed", dropout=0.0, fail_at=9)
+    with pytest.raises(ValueError, match="holds no average"):
+        _single(tmp_path / "mixed", dropout=0.0, average_from=5)
+    with pytest.raises(ValueError, match="average_from"):
+        LoopSettings(steps=3, average_from=3)
+
+
 def test_settings_and_shards_are_checked():
     with pytest.raises(ValueError, match="log_every must be an integer >= 1"):
         LoopSettings(steps=3, log_every=0)

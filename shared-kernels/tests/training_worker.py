@@ -28,8 +28,20 @@ def window(step: int) -> list[torch.Tensor]:
     return list(idx.split(MICRO_BATCH))
 
 
-def train(acc, root: Path, sleep: float = 0.0, nan_at: int | None = None, dropout: float = 0.1):
-    """Returns (history, final weights {name: tensor}); checkpoints every 2 steps under root."""
+def train(
+    acc,
+    root: Path,
+    sleep: float = 0.0,
+    nan_at: int | None = None,
+    dropout: float = 0.1,
+    average_from: int | None = None,
+    fail_at: int | None = None,
+    trace: list | None = None,
+):
+    """Returns (history, final weights {name: tensor}); checkpoints every 2 steps under root.
+
+    average_from: LoopSettings.average_from; fail_at: raise RuntimeError in the loss of that (1-based) step;
+    trace: gets the weights after every optimizer step."""
     from shared_kernels.checkpoint import CheckpointManager
     from shared_kernels.training import LoopSettings, run_loop
 
@@ -42,6 +54,8 @@ def train(acc, root: Path, sleep: float = 0.0, nan_at: int | None = None, dropou
     x, y = data()
 
     def loss_fn(m, micro):
+        if fail_at is not None and torch.equal(micro, window(fail_at - 1)[0]):
+            raise RuntimeError(f"failed at step {fail_at}")
         if sleep:
             time.sleep(sleep)
         loss = torch.nn.functional.mse_loss(m(x[micro]), y[micro])  # dropout: the RNG state matters on resume
@@ -52,8 +66,16 @@ def train(acc, root: Path, sleep: float = 0.0, nan_at: int | None = None, dropou
     ckpt = CheckpointManager(
         root, keep=2, rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone
     )
-    settings = LoopSettings(steps=STEPS, checkpoint_every=2, max_grad_norm=1.0, progress=False)
-    state = run_loop(acc, model, optimizer, scheduler, window, loss_fn, settings, ckpt)
+    settings = LoopSettings(
+        steps=STEPS, checkpoint_every=2, max_grad_norm=1.0, progress=False, average_from=average_from
+    )
+
+    def record(m) -> dict[str, float]:
+        if trace is not None:
+            trace.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return {}
+
+    state = run_loop(acc, model, optimizer, scheduler, window, loss_fn, settings, ckpt, extra_metrics=record)
     return state, {k: v.detach().clone() for k, v in acc.unwrap_model(state.model).state_dict().items()}
 
 

@@ -267,3 +267,24 @@ def test_a_phase_logs_the_decaying_rate(tmp_path, tiny_tokenizer, acc):
     result = train_answers(acc, _model(tok), tok.pad_token_id, encoded, 4, 1e-2, "distill", loop)
     # the row of step s logs the rate of step s + 1 (the scheduler has stepped): 1 - s / 3 after warmup
     assert [row["lr"] for row in result.history] == pytest.approx([1e-2 * (1 - s / 3) for s in range(4)])
+
+
+def test_weight_average_covers_the_phases_last_fraction(tmp_path, tiny_tokenizer, acc):
+    assert _loop(tmp_path).average_from(3000) is None  # off by default
+    assert _loop(tmp_path, weight_average=0.5).average_from(3000) == 1500
+    assert _loop(tmp_path, weight_average=0.01).average_from(5) == 4  # at least the last step
+    assert _loop(tmp_path, weight_average=1.0).average_from(4) == 0
+    with pytest.raises(ValueError, match="weight_average"):
+        _loop(tmp_path, weight_average=1.5)
+    # a phase ends with the average: not the last step's adapter
+    tok = tiny_tokenizer
+    encoded, _ = answer_examples(tok, PAIRS, RECORDS, INTERANK_PROMPT, True, 512, False, say=lambda _: None)
+    last = train_answers(
+        acc, _model(tok), tok.pad_token_id, encoded, 4, 1e-2, "distill", _loop(tmp_path / "a")
+    )
+    loop = _loop(tmp_path / "b", weight_average=0.5)
+    averaged = train_answers(acc, _model(tok), tok.pad_token_id, encoded, 4, 1e-2, "distill", loop)
+    assert [r["distill/loss"] for r in averaged.history] == [r["distill/loss"] for r in last.history]
+    lora = [n for n, p in last.model.named_parameters() if p.requires_grad]
+    a, b = dict(last.model.named_parameters()), dict(averaged.model.named_parameters())
+    assert lora and any(not torch.equal(a[n], b[n]) for n in lora)

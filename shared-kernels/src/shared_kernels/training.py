@@ -16,6 +16,11 @@ must divide their number) and accumulates `loss / n_mine` over them, with the gr
 last micro-batch; DDP and FSDP2 average the gradients over the processes, so P processes take the same
 optimizer steps as one process accumulating the whole window. The logged loss is the window's mean.
 
+Weight averaging (`LoopSettings.average_from`): from that step on, the loop keeps the uniform running mean
+of the trainable parameters after each optimizer step (stochastic weight averaging's tail average, in
+`extra["weight_average"]` of every checkpoint so a resumed run continues it) and loads it into the model
+when the last step is done. Checkpoints hold the raw weights, so resuming continues the same trajectory.
+
 Non-finite loss: checked on the reduced (all processes) value *before* the optimizer step, so the weights
 are never updated from it and no checkpoint of non-finite weights is written; `NonFiniteLossError` names the
 phase, step and the checkpoint to resume from. Every process raises it at the same step.
@@ -38,7 +43,15 @@ import torch
 from shared_kernels.checkpoint import CheckpointManager
 from shared_kernels.finite import NonFiniteLossError, check_finite_loss
 
-__all__ = ["LoopSettings", "LoopState", "NonFiniteLossError", "check_finite_loss", "run_loop", "shard_window"]
+__all__ = [
+    "LoopSettings",
+    "LoopState",
+    "NonFiniteLossError",
+    "WeightAverage",
+    "check_finite_loss",
+    "run_loop",
+    "shard_window",
+]
 
 
 def shard_window(window: Sequence[Any], rank: int, world_size: int) -> list[Any]:
@@ -63,6 +76,8 @@ class LoopSettings:
         resume: continue from the newest checkpoint of the `CheckpointManager` when there is one.
         log_step_offset: added to the step on the tracker axis (phases of one run share it).
         progress: a tqdm bar on the main process.
+        average_from: from this optimizer step (0-based, < steps) to the last, average the trainable weights
+            uniformly and end with the average (None: end with the last step's weights). Not under FSDP2.
     """
 
     steps: int
@@ -74,8 +89,17 @@ class LoopSettings:
     resume: bool = True
     log_step_offset: int = 0
     progress: bool = True
+    average_from: int | None = None
 
     def __post_init__(self) -> None:
+        if self.average_from is not None and (
+            isinstance(self.average_from, bool)
+            or not isinstance(self.average_from, int)
+            or not 0 <= self.average_from < max(1, self.steps)
+        ):
+            raise ValueError(
+                f"average_from must be None or an integer in [0, steps), got {self.average_from!r}"
+            )
         for name in ("steps", "log_every", "checkpoint_every"):
             value = getattr(self, name)
             if (
@@ -100,6 +124,41 @@ class LoopState:
     step: int
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Path | None = None
+    average: WeightAverage | None = None
+
+
+class WeightAverage:
+    """The uniform running mean of a list of parameters, updated after each optimizer step (SWA's average)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.count = 0
+        self.tensors = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        for mean, p in zip(self.tensors, self.params, strict=True):
+            mean.lerp_(p.float(), 1.0 / self.count)  # mean += (p - mean) / count
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Load the mean into the parameters (nothing when no step was averaged)."""
+        if self.count:
+            for mean, p in zip(self.tensors, self.params, strict=True):
+                p.copy_(mean.to(p.dtype))
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "tensors": [t.clone() for t in self.tensors]}
+
+    def load(self, state: dict[str, Any], where: str) -> None:
+        tensors = state.get("tensors", [])
+        shapes = [tuple(t.shape) for t in tensors]
+        if shapes != [tuple(t.shape) for t in self.tensors]:
+            raise ValueError(f"{where}: its weight average does not match the trainable parameters")
+        self.count = int(state["count"])
+        for mean, saved in zip(self.tensors, tensors, strict=True):
+            mean.copy_(saved)
 
 
 def run_loop(
@@ -144,6 +203,12 @@ def run_loop(
     if not params:
         raise ValueError(f"{s.phase}: the model has no trainable parameters")
     state = LoopState(model, optimizer, 0, 0)
+    if s.average_from is not None:
+        from shared_kernels.distributed import is_sharded
+
+        if is_sharded(acc.unwrap_model(model)):
+            raise ValueError(f"{s.phase}: weight averaging (average_from) is not supported under FSDP2")
+        state.average = WeightAverage(params)
     if checkpoints is not None and s.resume:
         _resume(acc, state, checkpoints, inner_optimizer, scheduler, s, metrics_file, logger)
     bar = _progress_bar(acc, s, state.step)
@@ -158,6 +223,8 @@ def run_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step = done
+        if state.average is not None and step >= s.average_from:  # type: ignore[operator]
+            state.average.update()
         if done % s.log_every == 0 or done == s.steps:
             row = _step_row(acc, model, scheduler, s.phase, done, value, grad_norm, t0, extra_metrics)
             _log_row(acc, row, s, state, logger, bar)
@@ -169,16 +236,26 @@ def run_loop(
                 acc.unwrap_model(model),
                 inner_optimizer,
                 scheduler,
-                extra={"history": state.history},
+                extra=_extra(state),
                 trainable_only=s.trainable_only,
             )
     if bar is not None:
         bar.close()
+    if state.average is not None:
+        state.average.apply()
     state.model, state.optimizer = model, optimizer
     return state
 
 
 # The loop's steps, in the order it takes them.
+
+
+def _extra(state: LoopState) -> dict[str, Any]:
+    """What a checkpoint keeps of the loop besides the weights: the history and the weight average."""
+    extra: dict[str, Any] = {"history": state.history}
+    if state.average is not None:
+        extra["weight_average"] = state.average.state()
+    return extra
 
 
 def _resume(
@@ -201,6 +278,16 @@ def _resume(
     state.start_step = state.step = loaded["step"]
     state.history = list(loaded["extra"].get("history", []))
     state.resumed_from = loaded["path"]
+    if state.average is not None:
+        saved = loaded["extra"].get("weight_average")
+        if saved is None and state.step > s.average_from:  # type: ignore[operator]
+            raise ValueError(
+                f"{s.phase}: checkpoint {loaded['path']} is past step {s.average_from}, where weight "
+                "averaging starts, but holds no average (it was written without averaging): start over with "
+                "resume=false or another run directory"
+            )
+        if saved is not None:
+            state.average.load(saved, f"checkpoint {loaded['path']}")
     if logger is not None and acc.is_main_process:
         logger.info("resumed %s from %s at step %d", s.phase, loaded["path"], state.step)
     if metrics_file is not None and acc.is_main_process:

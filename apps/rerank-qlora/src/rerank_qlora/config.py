@@ -235,6 +235,11 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = option(
         "constant", "after warmup: constant, or a linear / cosine decay to 0 over each phase's steps"
     )
+    weight_average: float = option(
+        0.0,
+        "end each phase with the uniform average of the adapter weights over this final fraction of its "
+        "steps (stochastic weight averaging's tail; 0: the last step's weights)",
+    )
     max_grad_norm: float = option(1.0, "gradient clipping (QLoRA: 0.3)")
     max_length: int = option(384, "training context in tokens (evaluation prompts may be longer)")
     fit_documents: bool = option(
@@ -278,6 +283,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.weight_average <= 1:
+            raise ValueError(f"train.weight_average must be in [0, 1], got {self.weight_average}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ValueError(
                 f"train.max_grad_norm must be a finite number >= 0 (0: off), got {self.max_grad_norm}"

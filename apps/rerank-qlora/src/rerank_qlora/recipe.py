@@ -260,6 +260,7 @@ class RerankQLoRARecipe:
             logger=log,
             say=self._print,
             lr_schedule=tc.lr_schedule,
+            weight_average=tc.weight_average,
         )
 
     def _take(self, result: Any) -> list[dict[str, Any]]:

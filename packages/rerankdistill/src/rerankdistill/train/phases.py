@@ -53,6 +53,8 @@ class PhaseLoop:
         micro_batch_size: examples per forward; batch_size must be a multiple of it x processes.
         warmup_steps: linear LR warmup over this many optimizer steps.
         lr_schedule: after warmup, "constant", or a "linear" / "cosine" decay to 0 over each phase's steps.
+        weight_average: end each phase with the uniform average of its trainable weights over this final
+            fraction of its steps (stochastic weight averaging's tail; 0: the last step's weights).
         log_every, checkpoint_every, max_grad_norm: as in `shared_kernels.training.LoopSettings`.
         seed: the data order (and refinement sampling) seed.
         distill_steps: the distillation phase's steps: every other phase logs after them (one step axis).
@@ -76,10 +78,19 @@ class PhaseLoop:
     logger: logging.Logger | None = None
     say: Callable[[str], None] = _silent
     lr_schedule: str = "constant"
+    weight_average: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.weight_average <= 1:
+            raise ValueError(f"weight_average must be in [0, 1], got {self.weight_average!r}")
+
+    def average_from(self, steps: int) -> int | None:
+        """The first step of a `steps`-step phase whose weights are averaged (None: no averaging)."""
+        if not self.weight_average or steps < 1:
+            return None
+        return steps - max(1, round(self.weight_average * steps))
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -146,7 +157,8 @@ def run_phase(
     extra_metrics: Callable[[Any], dict[str, float]] | None = None,
 ) -> PhaseResult:
     """One training phase on the shared loop: AdamW over the trainable parameters (no weight decay, linear
-    warmup, then `loop.lr_schedule`), DDP or FSDP2, checkpoints under checkpoints/<phase>, resumable.
+    warmup, then `loop.lr_schedule`; the tail weight average of `loop.weight_average`), DDP or FSDP2,
+    checkpoints under checkpoints/<phase>, resumable.
 
     Args:
         acc: the run's `accelerate.Accelerator`.
@@ -176,6 +188,7 @@ def run_phase(
         resume=loop.resume,
         progress=loop.progress,
         log_step_offset=0 if phase == "distill" else loop.distill_steps,
+        average_from=loop.average_from(steps),
     )  # one step axis
     state = run_loop(
         acc,
