@@ -198,3 +198,24 @@ def test_default_grid_gives_every_variant_the_same_budget():
     assert (mcfg.position, mcfg.attention) == ("p-rope", "logn-learned")
     scales = [n for n, p in GPT(mcfg).named_parameters() if n.endswith("logn_s")]
     assert len(scales) == cfg.n_layer
+
+
+def test_claim_run_reads_finished_runs_and_locks_unfinished_ones(tmp_path):
+    import json
+    import os
+
+    from siattn.lengthgen import claim_run
+
+    path, lock = tmp_path / "run.json", tmp_path / "run.lock"
+    assert claim_run(path, lock, lambda r: True) == (None, False)  # nothing stored: this process owns it
+    assert lock.read_text() == str(os.getpid())
+    lock.unlink()
+    path.write_text(json.dumps({"eval": {"64": 1.0}}))
+    assert claim_run(path, lock, lambda r: "128" in r["eval"]) == ({"eval": {"64": 1.0}}, False)
+    assert lock.exists()  # unfinished: held for the caller to complete
+    lock.write_text("999999999")  # a dead holder's lock is taken over, not waited for
+    assert claim_run(path, lock, lambda r: "128" in r["eval"]) == ({"eval": {"64": 1.0}}, False)
+    assert lock.read_text() == str(os.getpid())
+    lock.unlink()
+    assert claim_run(path, lock, lambda r: "64" in r["eval"]) == ({"eval": {"64": 1.0}}, True)
+    assert not lock.exists()  # finished at the first look: no lock taken

@@ -25,6 +25,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -297,14 +298,8 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     name = run_name(variant, setting, seed)
     result_path, lock, weights = runs / f"{name}.json", runs / f"{name}.lock", runs / f"{name}.safetensors"
-    stored = read_json_or_none(result_path)
-    if stored is not None and not _missing(cfg, stored):
-        return stored
-    while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
-        time.sleep(10)
-    stored = read_json_or_none(result_path)
-    if stored is not None and not _missing(cfg, stored):
-        lock.unlink(missing_ok=True)
+    stored, finished = claim_run(result_path, lock, lambda r: not _missing(cfg, r))
+    if finished:
         return stored
     cpu_start = time.process_time()
     if stored is None:
@@ -318,6 +313,23 @@ def train_one(cfg: StudyConfig, variant: str, setting: dict, seed: int) -> dict:
     write_text_atomic(result_path, json.dumps(result))
     lock.unlink(missing_ok=True)
     return result
+
+
+def claim_run(path: Path, lock: Path, finished: Callable[[dict], bool]) -> tuple[Any, bool]:
+    """A run's stored result and whether it is finished. Finished: returned as stored, no lock taken.
+    Otherwise this process waits for any other live process holding the run's lock (then looks again),
+    takes the lock and returns what is stored (None or an unfinished result); the caller completes the run
+    and removes the lock."""
+    stored = read_json_or_none(path)
+    if stored is not None and finished(stored):
+        return stored, True
+    while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
+        time.sleep(10)
+    stored = read_json_or_none(path)
+    if stored is not None and finished(stored):
+        lock.unlink(missing_ok=True)
+        return stored, True
+    return stored, False
 
 
 def claim_lock(lock: Path) -> bool:

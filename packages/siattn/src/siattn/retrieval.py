@@ -36,10 +36,9 @@ from shared_kernels.errors import OneLineParser, positive
 from shared_kernels.runconfig import save_figure_atomic, write_text_atomic
 from siattn.lengthgen import (
     TrainConfig,
-    claim_lock,
+    claim_run,
     format_tests,
     paired_window_test,
-    read_json_or_none,
     sample_sd,
     set_warmup_cosine_lr,
 )
@@ -285,16 +284,10 @@ def run_one(cfg: RetrievalConfig, variant: str, setting: dict[str, float], seed:
     task = KVTask()
     name = run_name(variant, setting, seed)
     path, lock = Path(cfg.out) / "runs" / f"{name}.json", Path(cfg.out) / "runs" / f"{name}.lock"
-    stored = read_json_or_none(path)
-    if stored is not None and not _missing_multiples(cfg, stored):
+    stored, finished = claim_run(path, lock, lambda r: not _missing_multiples(cfg, r))
+    if finished:
         return stored
-    while not claim_lock(lock):  # another live process holds this run: wait for it, then look again
-        time.sleep(10)
-    stored = read_json_or_none(path)
     missing = _missing_multiples(cfg, stored)
-    if stored is not None and not missing:
-        lock.unlink(missing_ok=True)
-        return stored
     start = time.process_time()
     if stored is None and variant not in RESCALED:
         model, record = _train_and_record(cfg, task, variant, setting, seed)
