@@ -21,7 +21,7 @@ from shared_kernels.errors import FileFormatError, UserError, exit_on_user_error
 from shared_kernels.finite import NonFiniteError, check_finite_loss, check_finite_tensors
 from shared_kernels.redaction import env_secrets, redact
 from shared_kernels.runconfig import ConfigError, load_config, option
-from shared_kernels.textfiles import numbered_lines, read_text
+from shared_kernels.textfiles import json_lines, numbered_lines, read_text
 
 GZ = gzip.compress(b'{"id": 1}\n' * 500)
 
@@ -62,6 +62,20 @@ def test_good_text_files_read_the_same_both_ways(tmp_path):
             (2, "line two\n"),
             (3, "\u4e2d\n"),
         ]
+
+
+def test_json_lines_say_which_lines_are_not_objects(tmp_path):
+    path = tmp_path / "r.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n\n  \n[1, 2]\n{"a": \n{"b": "\\u00e9"}\r\n'))
+    assert [(no, obj, why) for no, _, obj, why in json_lines(path)] == [
+        (1, {"a": 1}, ""),
+        (4, None, "expected a JSON object, got list"),
+        (5, None, "invalid JSON (Expecting value at column 6)"),
+        (6, {"b": "\u00e9"}, ""),
+    ]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"a": 1}\n\xff\n')
+    with pytest.raises(FileFormatError, match=r"bad.jsonl:2: is not UTF-8"):
+        list(json_lines(tmp_path / "bad.jsonl"))
 
 
 @dataclasses.dataclass

@@ -76,7 +76,7 @@ LOADER_CASES = [
     (read_jsonl, "cut.jsonl.gz", GZ[: len(GZ) // 2], r": truncated or corrupt gzip file"),
     (read_jsonl, "plain.jsonl.gz", b'{"id": 1}\n', r": truncated or corrupt gzip file"),
     (read_jsonl, "bad.jsonl", b'{"id": 1}\n{"id": \n', r":2: invalid JSON"),
-    (read_jsonl, "list.jsonl", b"[1, 2]\n", r":1: each line must be a JSON object"),
+    (read_jsonl, "list.jsonl", b"[1, 2]\n", r":1: expected a JSON object, got list"),
     (read_jsonl, "latin1.jsonl", '{"id": "caf\xe9"}\n'.encode("latin-1"), r":1: is not UTF-8 text"),
     (lambda p: load_jsonl(p), "noid.jsonl", b'{"text": "x"}\n', r": record 1 lacks 'id' or 'text'"),
     (read_beir_qrels, "utf16.tsv", "query-id\tcorpus-id\tscore\n".encode("utf-16"), r":1: is UTF-16 text"),

@@ -9,13 +9,15 @@ Torch-free.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 from shared_kernels.errors import FileFormatError
 
-__all__ = ["numbered_lines", "read_text"]
+__all__ = ["json_lines", "numbered_lines", "read_text"]
 
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
@@ -84,3 +86,21 @@ def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             path,
             f"truncated or corrupt gzip file (after {line_no} complete lines) ({type(err).__name__}: {err})",
         ) from None
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, dict[str, Any] | None, str]]:
+    """(line number, line, object, why) for each non-blank line of a JSON-lines file (`*.gz` gunzipped;
+    errors as `numbered_lines`): the object and "" for a JSON object, else None and why the line is not one
+    ("invalid JSON (...)", "expected a JSON object, got list"). The caller raises or skips."""
+    for line_no, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield line_no, line, None, f"invalid JSON ({e.msg} at column {e.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield line_no, line, None, f"expected a JSON object, got {type(obj).__name__}"
+            continue
+        yield line_no, line, obj, ""

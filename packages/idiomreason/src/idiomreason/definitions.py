@@ -20,6 +20,7 @@ from idiomreason.parsing import answer_region, output_prefix
 from idiomreason.prompts import PromptTemplate, build_prompt, normalise_expression
 from idiomreason.store import JsonlStore
 from idiomreason.textfile import read_text
+from shared_kernels.textfiles import json_lines
 
 MAX_DEFINITION_CHARS = 600
 
@@ -36,13 +37,12 @@ def load_definitions(path: str | Path, model: str | None = None) -> dict[str, st
     suffix = path.suffix.lower()
     if suffix not in _DEFINITION_SUFFIXES:
         raise ValueError(f"definitions file must be .json, .jsonl, .csv or .tsv, got {path.name!r}")
-    text = read_text(path)
     if suffix == ".json":
-        pairs = _json_pairs(path, text)
+        pairs = _json_pairs(path, read_text(path))
     elif suffix in (".jsonl", ".ndjson"):
-        pairs = _jsonl_pairs(path, text, model)
+        pairs = _jsonl_pairs(path, model)
     else:
-        pairs = _table_pairs(path, text, delimiter="\t" if suffix == ".tsv" else ",")
+        pairs = _table_pairs(path, read_text(path), delimiter="\t" if suffix == ".tsv" else ",")
     if model is not None and suffix not in (".jsonl", ".ndjson"):
         raise ValueError(f"{path}: a model's stored definitions are read from a run's definitions.jsonl")
     if not pairs:
@@ -68,18 +68,14 @@ def _json_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def _jsonl_pairs(path: Path, text: str, model: str | None) -> list[tuple[Any, Any]]:
+def _jsonl_pairs(path: Path, model: str | None) -> list[tuple[Any, Any]]:
     """(expression, definition) pairs of a `.jsonl` file; with `model`, only that model's records that
     hold a definition (a run's `definitions.jsonl` stores failures as `definition: null`)."""
     pairs = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or "expression" not in obj or "definition" not in obj:
+    for line_no, _, obj, why in json_lines(path):
+        if obj is None:
+            raise ValueError(f"{path}:{line_no}: {why}")
+        if "expression" not in obj or "definition" not in obj:
             raise ValueError(f"{path}:{line_no}: needs 'expression' and 'definition' fields")
         if model is not None and (obj.get("model") != model or not obj["definition"]):
             continue

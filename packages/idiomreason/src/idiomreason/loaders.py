@@ -19,13 +19,13 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from idiomreason.examples import Example, Examples, OnError, RowSink
 from idiomreason.textfile import read_text
+from shared_kernels.textfiles import json_lines
 
 SEMEVAL_LABELS = {"0": "idiomatic", "1": "literal"}
 MAGPIE_LABELS = {"i": "idiomatic", "l": "literal", "figurative": "idiomatic", "literal": "literal"}
@@ -74,19 +74,9 @@ def _csv_records(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict[s
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     n_records = 0
-    for line_no, line in enumerate(io.StringIO(read_text(path)), start=1):
-        if not line.strip():
-            continue
+    for line_no, _, obj, why in json_lines(path):
         n_records += 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
-            continue
-        if not isinstance(obj, dict):
-            yield line_no, None, f"expected a JSON object, got {type(obj).__name__}"
-            continue
-        yield line_no, obj, ""
+        yield line_no, obj, why
     if n_records == 0:
         raise ValueError(f"{path} has no records")
 

@@ -15,13 +15,12 @@ Cranfield (../shared/data/cranfield):
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rerankdistill.trec import Qrels, Queries, TrecFormatError, read_qrels
-from shared_kernels.textfiles import numbered_lines
+from shared_kernels.textfiles import json_lines, numbered_lines
 
 Corpus = dict[str, str]
 
@@ -116,15 +115,9 @@ def _cranfield_gain(code: str, path: Path, no: int, line: str) -> int:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file (optionally .gz); a bad line raises with the file and line number."""
     rows = []
-    for no, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrecFormatError(path, no, f"invalid JSON ({e.msg})", line) from None
-        if not isinstance(row, dict):
-            raise TrecFormatError(path, no, "each line must be a JSON object", line)
+    for no, line, row, why in json_lines(path):
+        if row is None:
+            raise TrecFormatError(path, no, why, line)
         rows.append(row)
     return rows
 
