@@ -77,7 +77,7 @@ class LoopSettings:
         log_step_offset: added to the step on the tracker axis (phases of one run share it).
         progress: a tqdm bar on the main process.
         average_from: from this optimizer step (0-based, < steps) to the last, average the trainable weights
-            uniformly and end with the average (None: end with the last step's weights). Not under FSDP2.
+            uniformly and end with the average (None: end with the last step's weights).
     """
 
     steps: int
@@ -128,7 +128,11 @@ class LoopState:
 
 
 class WeightAverage:
-    """The uniform running mean of a list of parameters, updated after each optimizer step (SWA's average)."""
+    """The uniform running mean of a list of parameters, updated after each optimizer step (SWA's average).
+
+    Under FSDP2 the parameters are DTensor shards and so is the mean: each rank averages its shard. The state
+    a checkpoint keeps holds whole tensors (gathered, a collective every rank takes part in, as `save` is),
+    and loading gives each rank its shard again, so it moves between sharded and unsharded runs."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
         self.params = list(params)
@@ -149,15 +153,20 @@ class WeightAverage:
                 p.copy_(mean.to(p.dtype))
 
     def state(self) -> dict[str, Any]:
-        return {"count": self.count, "tensors": [t.clone() for t in self.tensors]}
+        whole = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in self.tensors]
+        return {"count": self.count, "tensors": whole}
 
+    @torch.no_grad()
     def load(self, state: dict[str, Any], where: str) -> None:
         tensors = state.get("tensors", [])
-        shapes = [tuple(t.shape) for t in tensors]
-        if shapes != [tuple(t.shape) for t in self.tensors]:
+        if [tuple(t.shape) for t in tensors] != [tuple(t.shape) for t in self.tensors]:  # DTensor: whole shape
             raise ValueError(f"{where}: its weight average does not match the trainable parameters")
         self.count = int(state["count"])
         for mean, saved in zip(self.tensors, tensors, strict=True):
+            if hasattr(mean, "device_mesh"):  # a shard: this rank's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                saved = distribute_tensor(saved.to(mean.device), mean.device_mesh, mean.placements)
             mean.copy_(saved)
 
 
@@ -204,10 +213,6 @@ def run_loop(
         raise ValueError(f"{s.phase}: the model has no trainable parameters")
     state = LoopState(model, optimizer, 0, 0)
     if s.average_from is not None:
-        from shared_kernels.distributed import is_sharded
-
-        if is_sharded(acc.unwrap_model(model)):
-            raise ValueError(f"{s.phase}: weight averaging (average_from) is not supported under FSDP2")
         state.average = WeightAverage(params)
     if checkpoints is not None and s.resume:
         _resume(acc, state, checkpoints, inner_optimizer, scheduler, s, metrics_file, logger)
