@@ -159,14 +159,17 @@ class WeightAverage:
     @torch.no_grad()
     def load(self, state: dict[str, Any], where: str) -> None:
         tensors = state.get("tensors", [])
-        if [tuple(t.shape) for t in tensors] != [tuple(t.shape) for t in self.tensors]:  # DTensor: whole shape
+        if [tuple(t.shape) for t in tensors] != [
+            tuple(t.shape) for t in self.tensors
+        ]:  # DTensor: whole shape
             raise ValueError(f"{where}: its weight average does not match the trainable parameters")
         self.count = int(state["count"])
         for mean, saved in zip(self.tensors, tensors, strict=True):
             if hasattr(mean, "device_mesh"):  # a shard: this rank's part of the whole tensor
                 from torch.distributed.tensor import distribute_tensor
 
-                saved = distribute_tensor(saved.to(mean.device), mean.device_mesh, mean.placements)
+                mesh, placements = mean.device_mesh, mean.placements  # type: ignore[attr-defined]
+                saved = distribute_tensor(saved.to(mean.device), mesh, placements)
             mean.copy_(saved)
 
 
