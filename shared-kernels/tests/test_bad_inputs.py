@@ -70,7 +70,7 @@ def test_json_lines_say_which_lines_are_not_objects(tmp_path):
     assert [(no, obj, why) for no, _, obj, why in json_lines(path)] == [
         (1, {"a": 1}, ""),
         (4, None, "expected a JSON object, got list"),
-        (5, None, "invalid JSON (Expecting value at column 6)"),
+        (5, None, "invalid JSON (Expecting value at column 7)"),
         (6, {"b": "\u00e9"}, ""),
     ]
     (tmp_path / "bad.jsonl").write_bytes(b'{"a": 1}\n\xff\n')

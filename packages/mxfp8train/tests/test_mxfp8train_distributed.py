@@ -49,11 +49,14 @@ def run_ranks(out: Path) -> None:
                 break  # one rank failed: the other would wait for it in a collective
             time.sleep(0.5)
     finally:
+        killed = [p.poll() is None for p in procs]
         for p in procs:
             if p.poll() is None:
                 p.kill()
     logs = [p.communicate()[0] for p in procs]
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+    # the rank that failed on its own first (the other was killed here, and its log says nothing)
+    for rank in sorted(range(len(procs)), key=lambda r: killed[r]):
+        p, log = procs[rank], logs[rank]
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-3000:]}"
 
 

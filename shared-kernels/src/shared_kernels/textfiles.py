@@ -96,7 +96,7 @@ def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, dict[str, An
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.rstrip("\r\n"))  # an error's column is then on this line, not the next
         except json.JSONDecodeError as e:
             yield line_no, line, None, f"invalid JSON ({e.msg} at column {e.colno})"
             continue
