@@ -109,6 +109,11 @@ def test_weight_average_is_the_mean_of_the_tail_and_survives_a_resume(tmp_path):
         _single(tmp_path / "mixed", dropout=0.0, fail_at=9)
     with pytest.raises(ValueError, match="holds no average"):
         _single(tmp_path / "mixed", dropout=0.0, average_from=5)
+    # a checkpoint averaging from another step is refused, not continued as a mixed average
+    with pytest.raises(RuntimeError, match="failed at step 9"):
+        _single(tmp_path / "moved", dropout=0.0, average_from=5, fail_at=9)
+    with pytest.raises(ValueError, match="from step 5, not from step 6"):
+        _single(tmp_path / "moved", dropout=0.0, average_from=6)
     with pytest.raises(ValueError, match="average_from"):
         LoopSettings(steps=3, average_from=3)
 

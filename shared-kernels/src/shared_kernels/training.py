@@ -159,9 +159,8 @@ class WeightAverage:
     @torch.no_grad()
     def load(self, state: dict[str, Any], where: str) -> None:
         tensors = state.get("tensors", [])
-        if [tuple(t.shape) for t in tensors] != [
-            tuple(t.shape) for t in self.tensors
-        ]:  # DTensor: whole shape
+        saved_shapes = [tuple(t.shape) for t in tensors]
+        if saved_shapes != [tuple(t.shape) for t in self.tensors]:  # a DTensor's shape is the whole one
             raise ValueError(f"{where}: its weight average does not match the trainable parameters")
         self.count = int(state["count"])
         for mean, saved in zip(self.tensors, tensors, strict=True):
@@ -244,7 +243,7 @@ def run_loop(
                 acc.unwrap_model(model),
                 inner_optimizer,
                 scheduler,
-                extra=_extra(state),
+                extra=_extra(state, s),
                 trainable_only=s.trainable_only,
             )
     if bar is not None:
@@ -258,11 +257,12 @@ def run_loop(
 # The loop's steps, in the order it takes them.
 
 
-def _extra(state: LoopState) -> dict[str, Any]:
-    """What a checkpoint keeps of the loop besides the weights: the history and the weight average."""
+def _extra(state: LoopState, s: LoopSettings) -> dict[str, Any]:
+    """What a checkpoint keeps of the loop besides the weights: the history, and the weight average with
+    the step it started at."""
     extra: dict[str, Any] = {"history": state.history}
     if state.average is not None:
-        extra["weight_average"] = state.average.state()
+        extra["weight_average"] = {**state.average.state(), "from": s.average_from}
     return extra
 
 
@@ -293,6 +293,12 @@ def _resume(
                 f"{s.phase}: checkpoint {loaded['path']} is past step {s.average_from}, where weight "
                 "averaging starts, but holds no average (it was written without averaging): start over with "
                 "resume=false or another run directory"
+            )
+        if saved is not None and saved.get("from", s.average_from) != s.average_from:
+            raise ValueError(
+                f"{s.phase}: checkpoint {loaded['path']} averages the weights from step {saved['from']}, not "
+                f"from step {s.average_from} as set now: keep the setting, or start over with resume=false "
+                "or another run directory"
             )
         if saved is not None:
             state.average.load(saved, f"checkpoint {loaded['path']}")
