@@ -1,7 +1,9 @@
 """Two CPU processes (gloo) check `shared_kernels.distributed` and `CheckpointManager` on models sharded with
 FSDP2 `fully_shard`; rank 0 saves every rank's named checks for `test_distributed.py`.
 
-    python fsdp2_checkpoint_worker.py OUT.pt     # 2 ranks (shared_kernels.testing.gloo); not a test module
+    python fsdp2_checkpoint_worker.py OUT.pt ROOT  # 2 gloo ranks (shared_kernels.testing.gloo); not a test
+
+ROOT is a directory both ranks write their checkpoints under.
 
 The dim-0 sizes (11, 23, 5) are odd, so the shards are uneven (torch.chunk semantics: rank 0 holds one row
 more than rank 1); the model has a buffer, and a variant a frozen parameter (an adapter-style checkpoint).
@@ -10,7 +12,6 @@ more than rank 1); the model has a buffer, and a variant a frozen parameter (an 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -253,5 +254,4 @@ def checks_of_rank(rank: int, root: str) -> dict[str, object]:
 if __name__ == "__main__":
     from shared_kernels.testing.gloo import spawn_checks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_checks(checks_of_rank, sys.argv[1], tmp, world=WORLD)
+    spawn_checks(checks_of_rank, sys.argv[1], sys.argv[2], world=WORLD)

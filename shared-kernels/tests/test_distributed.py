@@ -25,8 +25,8 @@ WORKER = Path(__file__).with_name("fsdp2_checkpoint_worker.py")
 
 
 @pytest.fixture(scope="module")
-def ranks() -> list[dict]:
-    return run_worker(WORKER, timeout=300)
+def ranks(tmp_path_factory) -> list[dict]:
+    return run_worker(WORKER, tmp_path_factory.mktemp("fsdp2_checkpoints"), timeout=300)
 
 
 def test_gathered_state_dict_is_the_unsharded_one_bit_for_bit(ranks):

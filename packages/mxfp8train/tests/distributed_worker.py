@@ -1,10 +1,7 @@
 """Two CPU processes (gloo) train a converted tiny GPT under DDP and under FSDP2 `fully_shard`; rank 0 saves
 the losses and final parameters for `test_mxfp8train_distributed.py` to compare with one process.
 
-    python distributed_worker.py OUT.pt RANK INIT_FILE   # one rank; start ranks 0 and 1 side by side
-
-Not a test module itself. The test starts the two ranks directly as two processes (no spawning parent that
-imports torch a third time): process start-up and imports are most of this run's cost on a loaded CPU.
+    python distributed_worker.py OUT.pt     # 2 ranks (shared_kernels.testing.gloo); not a test module
 
 Each rank takes its half of the global batch (2 of 4 sequences of 32 tokens: 64 tokens, two whole 32-token
 blocks along the weight-gradient GEMM's reduction axis, so the ranks' MX blocks are the global batch's).
@@ -65,54 +62,50 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
-def run_rank(rank: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
-        from torch.nn.parallel import DistributedDataParallel
+def checks(rank: int) -> dict[str, object]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
 
-        from mxfp8train import MXLinear
+    from mxfp8train import MXLinear
 
-        result: dict[str, object] = {}
-        model = make_model()
-        ddp_losses, ddp_grads = train(DistributedDataParallel(model), rank, WORLD)
-        result["ddp"] = {
-            "losses": ddp_losses,
-            "grads": ddp_grads[0],
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        }
+    result: dict[str, object] = {}
+    model = make_model()
+    ddp_losses, ddp_grads = train(DistributedDataParallel(model), rank, WORLD)
+    result["ddp"] = {
+        "losses": ddp_losses,
+        "grads": ddp_grads[0],
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
 
-        model = make_model()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        fc = model.blocks[0].mlp.fc
-        seen: dict[str, object] = {}
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fc = model.blocks[0].mlp.fc
+    seen: dict[str, object] = {}
 
-        def record(module, args):  # what the MX GEMMs get inside forward: the unsharded weight
-            seen.update(dtensor=isinstance(module.weight, DTensor), shape=tuple(module.weight.shape))
+    def record(module, args):  # what the MX GEMMs get inside forward: the unsharded weight
+        seen.update(dtensor=isinstance(module.weight, DTensor), shape=tuple(module.weight.shape))
 
-        handle = fc.register_forward_pre_hook(record)
-        fsdp_losses, fsdp_grads = train(model, rank, WORLD)
-        handle.remove()
-        result["fsdp2"] = {
-            "losses": fsdp_losses,
-            "grads": fsdp_grads[0],
-            "params": {n: full(p) for n, p in model.named_parameters()},
-            "is_mxlinear": isinstance(fc, MXLinear),
-            "sharded": isinstance(fc.weight, DTensor) and str(fc.weight.placements) == "(Shard(dim=0),)",
-            "local_shape": tuple(fc.weight.to_local().shape),
-            "in_forward": seen,
-        }
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
+    handle = fc.register_forward_pre_hook(record)
+    fsdp_losses, fsdp_grads = train(model, rank, WORLD)
+    handle.remove()
+    result["fsdp2"] = {
+        "losses": fsdp_losses,
+        "grads": fsdp_grads[0],
+        "params": {n: full(p) for n, p in model.named_parameters()},
+        "is_mxlinear": isinstance(fc, MXLinear),
+        "sharded": isinstance(fc.weight, DTensor) and str(fc.weight.placements) == "(Shard(dim=0),)",
+        "local_shape": tuple(fc.weight.to_local().shape),
+        "in_forward": seen,
+    }
+    return result
 
 
 if __name__ == "__main__":
-    run_rank(int(sys.argv[2]), sys.argv[3], sys.argv[1])
+    from shared_kernels.testing.gloo import spawn_checks
+
+    spawn_checks(checks, sys.argv[1], world=WORLD)

@@ -4,14 +4,12 @@ train a converted tiny GPT and match one process on the same global batch (see d
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from shared_kernels.testing.gloo import run_worker
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -28,45 +26,9 @@ def load_worker():
 HANG_GUARD_S = 1800
 
 
-def run_ranks(out: Path) -> None:
-    """Start ranks 0 and 1 of distributed_worker.py; fail with the first failing rank's output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    init_file = out.with_name("pg")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), str(rank), str(init_file)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    deadline = time.monotonic() + HANG_GUARD_S
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one rank failed: the other would wait for it in a collective
-            time.sleep(0.5)
-    finally:
-        killed = [p.poll() is None for p in procs]
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    # the rank that failed on its own first (the other was killed here, and its log says nothing)
-    for rank in sorted(range(len(procs)), key=lambda r: killed[r]):
-        p, log = procs[rank], logs[rank]
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-3000:]}"
-
-
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> dict:
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("dist") / "result.pt"
-    run_ranks(out)
-    return torch.load(out)
+def two_process_run() -> dict:
+    return run_worker(WORKER, timeout=HANG_GUARD_S)[0]  # rank 0's results (whole tensors on every rank)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ test runs it with `run_worker(script, *args)`, which returns every rank's dict (
     if __name__ == "__main__":                               zero, one = run_worker(WORKER, tmp_path)
         spawn_checks(checks, sys.argv[1], *sys.argv[2:])     assert zero["equal"] and one["equal"]
 
-The worker runs in its own interpreter (a subprocess of the test), so a hang or a crash of a rank fails the
-test with the worker's output instead of taking pytest down.
+`run_worker` starts the ranks itself, one process each running the script (no spawning parent that would
+import torch a third time: start-up and imports are most of such a test's cost on a loaded CPU), so a hang
+or a crash of a rank fails the test with that rank's output instead of taking pytest down. Run by hand,
+`python worker.py OUT ...` spawns the ranks with torch.multiprocessing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,13 @@ from typing import Any
 import torch
 
 __all__ = ["run_worker", "spawn_checks"]
+
+# how run_worker tells a rank process who it is
+_RANK, _WORLD, _INIT_FILE = (
+    "SHARED_KERNELS_GLOO_RANK",
+    "SHARED_KERNELS_GLOO_WORLD",
+    "SHARED_KERNELS_GLOO_INIT",
+)
 
 
 def _rank_main(rank: int, world: int, init_file: str, out: str, fn: Callable[..., Any], args: tuple) -> None:
@@ -51,18 +61,31 @@ def _rank_main(rank: int, world: int, init_file: str, out: str, fn: Callable[...
 
 def spawn_checks(fn: Callable[..., Any], out: str | Path, *args: Any, world: int = 2) -> None:
     """Run `fn(rank, *args)` in `world` processes (gloo, one thread each); rank 0 saves the list of their
-    return values to `out` (torch.save). `fn` must be a module-level function of the calling script."""
+    return values to `out` (torch.save). `fn` must be a module-level function of the calling script.
+
+    Under `run_worker` this process is one of the ranks; run by hand, it spawns them."""
+    if _RANK in os.environ:
+        started = int(os.environ[_WORLD])
+        if started != world:
+            raise SystemExit(
+                f"spawn_checks: run_worker started {started} ranks, this script wants world={world}"
+            )
+        _rank_main(int(os.environ[_RANK]), world, os.environ[_INIT_FILE], str(out), fn, args)
+        return
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(world, os.path.join(tmp, "pg"), str(out), fn, args), nprocs=world)
 
 
-def run_worker(script: str | Path, *args: Any, timeout: float = 600) -> list[Any]:
-    """Run `python script OUT *args` (a script ending in `spawn_checks`) and return what its ranks returned.
+def run_worker(script: str | Path, *args: Any, world: int = 2, timeout: float = 600) -> list[Any]:
+    """Run `python script OUT *args` (a script ending in `spawn_checks`) as `world` rank processes and return
+    what the ranks returned.
 
-    Skips the test when torch.distributed or gloo is unavailable; fails it with the worker's output when the
-    worker exits non-zero.
+    Skips the test when torch.distributed or gloo is unavailable. A rank that exits non-zero fails the test
+    with its output (the rank that failed first on its own, not one stopped here after it: the others are
+    killed, since they would wait for it in a collective), and so do ranks still running after `timeout`
+    seconds (a guard against a hang, not a budget).
     """
     import pytest
 
@@ -70,14 +93,42 @@ def run_worker(script: str | Path, *args: Any, timeout: float = 600) -> list[Any
         pytest.skip("torch.distributed with gloo is not available")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "checks.pt"
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env.pop("TRITON_INTERPRET", None)
-        proc = subprocess.run(
-            [sys.executable, str(script), str(out), *map(str, args)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        base.pop("TRITON_INTERPRET", None)
+        base.update({_WORLD: str(world), _INIT_FILE: str(Path(tmp) / "pg")})
+        logs = [Path(tmp) / f"rank{rank}.log" for rank in range(world)]
+        procs = []
+        for rank, log in enumerate(logs):
+            with open(log, "w") as sink:  # a file, not a pipe: a chatty rank cannot block on a full pipe
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(script), str(out), *map(str, args)],
+                        env={**base, _RANK: str(rank)},
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.2)
+        finally:
+            stopped = [p.poll() is None for p in procs]
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        failed = [rank for rank, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            first = sorted(failed, key=lambda r: stopped[r])[0]  # a rank that failed on its own comes first
+            what = (
+                f"still running after {timeout:g} s"
+                if stopped[first]
+                else f"exited {procs[first].returncode}"
+            )
+            raise AssertionError(
+                f"{Path(script).name} rank {first} {what}:\n{logs[first].read_text()[-6000:]}"
+            )
         return torch.load(out, weights_only=False)
