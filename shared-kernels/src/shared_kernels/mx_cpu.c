@@ -197,16 +197,17 @@ DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 typedef struct {
-    __m512i abs_mask, exp_mask, sub_below, exp_shift, code_base, low7;
+    __m512i abs_mask, exp_mask, sub_below, exp_shift, low7;
 } encode_consts;
 
-/* For `encode16_lanes` (sh = 23 - mbits): sub_below the fp32 bits of the element type's smallest normal,
-   exp_shift adds sh to an fp32 exponent, code_base = (128 + sh - bias) << mbits. */
+/* For `encode16_lanes` (sh = 23 - mbits): sub_below the fp32 bits of the element type's smallest normal;
+   exp_shift adds sh to an fp32 exponent and puts delta = -((128 + sh - bias) << mbits) mod 128 in the low
+   mantissa bits (even, and below 2^sh). */
 AVX512 static inline encode_consts make_consts(const mx_format* f) {
-    const int sh = 23 - f->mbits;
+    const int sh = 23 - f->mbits, delta = -((128 + sh - f->elem_bias) << f->mbits) & 127;
     encode_consts c = {_mm512_set1_epi32(0x7fffffff), _mm512_set1_epi32(0x7f800000),
-                       _mm512_set1_epi32((128 - f->elem_bias) << 23), _mm512_set1_epi32(sh << 23),
-                       _mm512_set1_epi32((128 + sh - f->elem_bias) << f->mbits), _mm512_set1_epi32(0x7f)};
+                       _mm512_set1_epi32((128 - f->elem_bias) << 23), _mm512_set1_epi32((sh << 23) + delta),
+                       _mm512_set1_epi32(0x7f)};
     return c;
 }
 
@@ -221,17 +222,20 @@ AVX512 static inline __m512i abs16(const void* x, int in_kind, int64_t i, const 
     return _mm512_and_si512(_mm512_castps_si512(load16(x, in_kind, i)), c->abs_mask);
 }
 
-/* The 16 codes of x * rcp, one per 32-bit lane (values 0..255): `encode` in 11 vector ops, for a constant
+/* The 16 codes of x * rcp, one per 32-bit lane (values 0..255): `encode` in 10 vector ops, for a constant
    sh = 23 - mbits (immediate shifts; the callers are instantiated for E4M3 and E5M2):
    - |x * rcp| saturated at the limit by one vrangeps (minimum of absolute values, sign cleared; the limit is
      a non-negative float, and inf saturates to it);
    - rounding by the fp32 adder: c = 2^(e + sh) for the element's exponent e (clamped below at the element
-     type's smallest normal exponent) has an ulp equal to the element's step at e, so mag + c rounds mag to
-     the nearest step, ties to even, and mag + c = c + m * step with m in [0, 2^(mbits+1)] (no carry into the
+     type's smallest normal exponent) has an ulp u equal to the element's step at e, so mag + c rounds mag to
+     the nearest step, ties to even, and mag + c = c + m * u with m in [0, 2^(mbits+1)] (no carry into the
      exponent: mag < 2^(e+1) <= c);
-   - the code is (e + bias - 1) << mbits plus m (m = 2^mbits + the mantissa; subnormals: e + bias - 1 = 0),
-     and as (c >> sh) = (e + 127 + sh) << mbits, code = bits(mag + c) + (c >> sh) - (128 + sh - bias) << mbits
-     in its low 7 bits (bits(mag + c) = bits(c) + m and bits(c) has no bits below 23);
+   - the adder is given c' = c + delta * u instead (bits(c') = bits(c) + delta, the `exp_shift` constant):
+     delta is even, so c' + mag rounds to c' + m * u with the same m, ties included (the parity of delta + m
+     is m's), and bits(mag + c') = bits(c) + delta + m;
+   - the code is (e + bias - 1) << mbits plus m (m = 2^mbits + the mantissa; subnormals: e + bias - 1 = 0);
+     as (c' >> sh) = (e + 127 + sh) << mbits (delta < 2^sh) and delta = -((128 + sh - bias) << mbits) mod 128,
+     code = bits(mag + c') + (c' >> sh) in its low 7 bits (bits(c) has no bits below 23);
    - sign and low 7 bits merged by one ternary-logic op: (A & 0x7F) | (B & ~0x7F) with B = bits >> 24. */
 AVX512 static inline __m512i encode16_lanes(__m512 x, __m512 rcp, __m512 limit, const encode_consts* c,
                                                const int sh) {
@@ -240,7 +244,7 @@ AVX512 static inline __m512i encode16_lanes(__m512 x, __m512 rcp, __m512 limit, 
     const __m512i exp_bits = _mm512_and_si512(_mm512_castps_si512(mag), c->exp_mask);
     const __m512i cb = _mm512_add_epi32(_mm512_max_epu32(exp_bits, c->sub_below), c->exp_shift);
     const __m512i sum = _mm512_castps_si512(_mm512_add_ps(mag, _mm512_castsi512_ps(cb)));
-    const __m512i code = _mm512_sub_epi32(_mm512_add_epi32(sum, _mm512_srli_epi32(cb, sh)), c->code_base);
+    const __m512i code = _mm512_add_epi32(sum, _mm512_srli_epi32(cb, sh));
     return _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(_mm512_castps_si512(prod), 24), c->low7, 0xE4);
 }
 
@@ -324,8 +328,6 @@ AVX512 static inline void rows_avx512_kind(const void* restrict x, int in_kind, 
     }
 }
 
-/* Rows at block size 32 (the OCP block): 16 blocks (512 elements) per step with every trip count constant,
-   so the 16 block maxima stay in registers; a last group of fewer than 16 blocks takes the generic loop. */
 /* Rows at block size 32 (the OCP block): 16 blocks (512 elements) per step with every trip count constant,
    so the 16 block maxima stay in registers (the generic loop below keeps them in memory and zeroes them per
    step: 1.5x the time), two blocks encoded per 64-byte store, and the next step's 512 elements prefetched
