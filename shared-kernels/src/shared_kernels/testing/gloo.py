@@ -83,9 +83,9 @@ def run_worker(script: str | Path, *args: Any, world: int = 2, timeout: float = 
     what the ranks returned.
 
     Skips the test when torch.distributed or gloo is unavailable. A rank that exits non-zero fails the test
-    with its output (the rank that failed first on its own, not one stopped here after it: the others are
-    killed, since they would wait for it in a collective), and so do ranks still running after `timeout`
-    seconds (a guard against a hang, not a budget).
+    with the output of every rank that failed: its peers fail too, in their next collective, or are killed
+    here a second later, since they would wait for it. Ranks still running after `timeout` seconds fail it
+    the same way (a guard against a hang, not a budget).
     """
     import pytest
 
@@ -109,26 +109,33 @@ def run_worker(script: str | Path, *args: Any, world: int = 2, timeout: float = 
                     )
                 )
         deadline = time.monotonic() + timeout
+        exited: list[int] = []  # ranks in the order they were seen to exit
         try:
-            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                if any(p.poll() not in (None, 0) for p in procs):
+            while len(exited) < world and time.monotonic() < deadline:
+                exited += [
+                    rank for rank, p in enumerate(procs) if rank not in exited and p.poll() is not None
+                ]
+                if any(procs[rank].returncode != 0 for rank in exited):
+                    time.sleep(1.0)  # let the ranks a failure brings down report it, then stop the rest
+                    exited += [r for r, p in enumerate(procs) if r not in exited and p.poll() is not None]
                     break
-                time.sleep(0.2)
+                time.sleep(0.05)
         finally:
-            stopped = [p.poll() is None for p in procs]
             for p in procs:
                 if p.poll() is None:
                     p.kill()
                 p.wait()
-        failed = [rank for rank, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            first = sorted(failed, key=lambda r: stopped[r])[0]  # a rank that failed on its own comes first
-            what = (
-                f"still running after {timeout:g} s"
-                if stopped[first]
-                else f"exited {procs[first].returncode}"
-            )
+        failed = [rank for rank in exited if procs[rank].returncode != 0]
+        hung = [rank for rank in range(world) if rank not in exited]
+        if failed or hung:
+            # every rank that failed, in the order seen (within 50 ms: rank order). A rank whose peer died
+            # fails too, with a connection error in its next collective, so the message shows every log.
+            if failed:
+                what = ", ".join(f"rank {rank} exited {procs[rank].returncode}" for rank in failed)
+            else:
+                what = ", ".join(f"rank {rank}" for rank in hung) + f" still running after {timeout:g} s"
             raise AssertionError(
-                f"{Path(script).name} rank {first} {what}:\n{logs[first].read_text()[-6000:]}"
+                f"{Path(script).name}: {what}"
+                + "".join(f"\n--- rank {r} output:\n{logs[r].read_text()[-4000:]}" for r in failed or hung)
             )
         return torch.load(out, weights_only=False)
