@@ -35,6 +35,7 @@ _RANK, _WORLD, _INIT_FILE = (
     "SHARED_KERNELS_GLOO_WORLD",
     "SHARED_KERNELS_GLOO_INIT",
 )
+_GRACE_S = 10.0  # how long the other ranks get to exit after one has failed
 
 
 def _rank_main(rank: int, world: int, init_file: str, out: str, fn: Callable[..., Any], args: tuple) -> None:
@@ -84,8 +85,8 @@ def run_worker(script: str | Path, *args: Any, world: int = 2, timeout: float = 
 
     Skips the test when torch.distributed or gloo is unavailable. A rank that exits non-zero fails the test
     with the output of every rank that failed: its peers fail too, in their next collective, or are killed
-    here a second later, since they would wait for it. Ranks still running after `timeout` seconds fail it
-    the same way (a guard against a hang, not a budget).
+    here after a grace of 10 s, since they would wait for it. Ranks still running after `timeout` seconds
+    fail it the same way (a guard against a hang, not a budget).
     """
     import pytest
 
@@ -116,9 +117,9 @@ def run_worker(script: str | Path, *args: Any, world: int = 2, timeout: float = 
                     rank for rank, p in enumerate(procs) if rank not in exited and p.poll() is not None
                 ]
                 if any(procs[rank].returncode != 0 for rank in exited):
-                    time.sleep(1.0)  # let the ranks a failure brings down report it, then stop the rest
-                    exited += [r for r, p in enumerate(procs) if r not in exited and p.poll() is not None]
-                    break
+                    # the ranks a failure brings down exit within moments (their collectives fail); wait
+                    # for them up to a grace, so their own output is complete, then stop the rest
+                    deadline = min(deadline, time.monotonic() + _GRACE_S)
                 time.sleep(0.05)
         finally:
             for p in procs:
@@ -126,16 +127,16 @@ def run_worker(script: str | Path, *args: Any, world: int = 2, timeout: float = 
                     p.kill()
                 p.wait()
         failed = [rank for rank in exited if procs[rank].returncode != 0]
-        hung = [rank for rank in range(world) if rank not in exited]
-        if failed or hung:
-            # every rank that failed, in the order seen (within 50 ms: rank order). A rank whose peer died
-            # fails too, with a connection error in its next collective, so the message shows every log.
-            if failed:
-                what = ", ".join(f"rank {rank} exited {procs[rank].returncode}" for rank in failed)
-            else:
-                what = ", ".join(f"rank {rank}" for rank in hung) + f" still running after {timeout:g} s"
+        stopped = [rank for rank in range(world) if rank not in exited]  # killed here
+        if failed or stopped:
+            # every rank that failed, in the order seen (within 50 ms: rank order), then those killed here.
+            # A rank whose peer died fails too, with a connection error in its next collective, so the
+            # message shows every log.
+            what = [f"rank {rank} exited {procs[rank].returncode}" for rank in failed]
+            wait = f"{_GRACE_S:g} s after a failure" if failed else f"{timeout:g} s"
+            what += [f"rank {rank} still running after {wait}" for rank in stopped]
             raise AssertionError(
-                f"{Path(script).name}: {what}"
-                + "".join(f"\n--- rank {r} output:\n{logs[r].read_text()[-4000:]}" for r in failed or hung)
+                f"{Path(script).name}: {', '.join(what)}"
+                + "".join(f"\n--- rank {r} output:\n{logs[r].read_text()[-4000:]}" for r in failed + stopped)
             )
         return torch.load(out, weights_only=False)
