@@ -145,3 +145,16 @@ def test_mismatches_and_bad_arguments(tmp_path):
         CheckpointManager(tmp_path, rank=2, world_size=2, barrier=lambda: None)
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         CheckpointManager(tmp_path).load(model, path=tmp_path / "nope")
+
+
+def test_latest_extra_reads_settings_without_loading(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ck", keep=2)
+    assert mgr.latest_extra() is None
+    model = nn.Linear(3, 2)
+    mgr.save(1, model, extra={"config": {"lr": 0.1}})
+    mgr.save(2, model, extra={"config": {"lr": 0.2}, "losses": [1.0, 0.5]})
+    path, extra = mgr.latest_extra()
+    assert path.name == "step-00000002" and extra == {"config": {"lr": 0.2}, "losses": [1.0, 0.5]}
+    (path / "trainer_state.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"step-00000002/trainer_state\.pt cannot be read"):
+        mgr.latest_extra()

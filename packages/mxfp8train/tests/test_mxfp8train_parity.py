@@ -144,3 +144,66 @@ def test_same_data_order_for_every_variant_and_bad_config():
         parity.ParityConfig(variants=("fp4",))
     with pytest.raises(ValueError, match="steps"):
         parity.ParityConfig(steps=0)
+
+
+def test_reference_and_ablation_variants(text_file, tmp_path):
+    variants = ("fp32", "mxfp8-rceil", "mxfp8-rceil-fwd-only", "mxfp8-rceil-bwd-only")
+    cfg = parity.ParityConfig(
+        out=str(tmp_path / "ab"), data=str(text_file), variants=variants, **TINY, jobs=1
+    )
+    runs = parity.run_parity(cfg)["runs"]
+    first = {v: runs[v]["0"]["train"][0][1] for v in variants}
+    second = {v: runs[v]["0"]["train"][1][1] for v in variants}
+    # the first step's loss is the forward pass alone: MX only where the forward GEMM is
+    assert first["mxfp8-rceil-fwd-only"] == first["mxfp8-rceil"] != first["fp32"]
+    assert first["mxfp8-rceil-bwd-only"] == first["fp32"]
+    # the second shows the first update: quantized gradients move the weights differently
+    assert second["mxfp8-rceil-bwd-only"] != second["fp32"]
+    assert second["mxfp8-rceil-fwd-only"] != second["mxfp8-rceil"]
+    assert runs["fp32"]["0"]["stats"] == [] and runs["fp32"]["0"]["diagnostics"] == {}
+    assert set(runs["mxfp8-rceil-fwd-only"]["0"]["diagnostics"]) == {"input", "weight"}  # no gradient cast
+    assert set(runs["mxfp8-rceil-bwd-only"]["0"]["diagnostics"]) == {"input", "weight", "grad"}
+
+
+def test_runs_and_checkpoints_of_another_config_are_refused(text_file, tmp_path, monkeypatch, capsys):
+    cfg = parity.ParityConfig(out=str(tmp_path / "o"), data=str(text_file), variants=("mxfp8-rceil",), **TINY)
+    parity.run_parity(cfg)
+    done = tmp_path / "o" / "runs" / "mxfp8-rceil-seed0.json"
+    before = done.read_bytes()
+    longer = parity.ParityConfig(**{**cfg.__dict__, "steps": 6})
+    with pytest.raises(ValueError, match=r"mxfp8-rceil-seed0\.json was made with steps=4"):
+        parity.run_parity(longer)
+    assert done.read_bytes() == before  # nothing overwritten
+    # from the command line: one line, exit code 2, before anything trains
+    args = [
+        "--data",
+        str(text_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--variants",
+        "mxfp8-rceil",
+        "--jobs",
+        "1",
+    ]
+    sizes = ["--batch-size", "2", "--context", "16", "--n-layers", "1", "--width", "32", "--n-heads", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        parity.main([*args, *sizes, "--steps", "6"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "mxfp8-rceil-seed0.json was made with steps=4" in err and "eval_every=3" in err
+    parity.run_parity(parity.ParityConfig(**{**cfg.__dict__, "seeds": (0, 1)}))  # more seeds: reused
+
+    # an interrupted run's checkpoint, resumed with another learning rate
+    cut = parity.ParityConfig(**{**cfg.__dict__, "out": str(tmp_path / "cut")})
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # first evaluation is at step 3, after the step-2 checkpoint
+
+    real_evaluate = parity.evaluate
+    monkeypatch.setattr(parity, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        parity.run_parity(cut)
+    monkeypatch.setattr(parity, "evaluate", real_evaluate)
+    with pytest.raises(ValueError, match=r"step-00000002 was made with lr=0\.002"):
+        parity.run_parity(parity.ParityConfig(**{**cut.__dict__, "lr": 1e-3}))
+    assert parity.run_parity(cut)["runs"]["mxfp8-rceil"]["0"]["train"] == json.loads(before)["train"]

@@ -134,6 +134,18 @@ class CheckpointManager:
         done = self.checkpoints()
         return done[-1] if done else None
 
+    def latest_extra(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint and the `extra` it was saved with, read without loading anything
+        (to check a run's settings before resuming it), or None. ValueError naming an unreadable file."""
+        ckpt = self.latest()
+        if ckpt is None:
+            return None
+        try:
+            state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle, zip and OS errors of a truncated/corrupt file
+            raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read ({type(err).__name__})") from err
+        return ckpt, state["extra"]
+
     # ------------------------------------------------------------------------------------------- saving
     def save(
         self,

@@ -9,7 +9,9 @@ from mxfp8train.convert import collect_stats, convert, mx_layers, reset_stats, s
 from mxfp8train.linear import MXLinear, mx_linear
 from mxfp8train.mx_tensor import MXTensor, to_mx
 from mxfp8train.recipe import (
+    BACKWARD_ONLY_RECIPE,
     E5M2_GRADS_RECIPE,
+    FORWARD_ONLY_RECIPE,
     OCP_FLOOR_RECIPE,
     PAPER_RECIPE,
     RECIPES,
@@ -19,7 +21,9 @@ from mxfp8train.recipe import (
 from mxfp8train.stats import MXStats
 
 __all__ = [
+    "BACKWARD_ONLY_RECIPE",
     "E5M2_GRADS_RECIPE",
+    "FORWARD_ONLY_RECIPE",
     "MXLinear",
     "MXRecipe",
     "MXStats",

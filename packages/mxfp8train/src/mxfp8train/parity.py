@@ -2,11 +2,14 @@
 (a paired design: for seed s every variant starts from the same initialization, torch seed s, and sees the
 same data order, seed s + 1), changing only the number format of the block linears' GEMM operands.
 
-Variants:
+Variants (the first four run by default):
     bf16                     GEMM operands X, W, dY rounded to bf16, fp32 accumulation (the baseline)
     mxfp8-rceil              the paper's recipe: E4M3 everywhere, RCEIL scales, all three GEMMs
     mxfp8-floor              the OCP FLOOR scale rule instead
     mxfp8-rceil-e5m2-grads   RCEIL with E5M2 gradients
+    fp32                     no rounding at all (how much bf16 itself costs)
+    mxfp8-rceil-fwd-only     RCEIL in the forward GEMM only, both backward GEMMs fp32 } where RCEIL's
+    mxfp8-rceil-bwd-only     RCEIL in both backward GEMMs only, the forward GEMM fp32 } cost comes from
 Everything else (embeddings, norms, attention, LM head, master weights, AdamW state) is fp32 in every
 variant: on CPUs without bf16 hardware, autocast bf16 runs ~10x slower than fp32, and rounding only the
 GEMM operands is what a bf16 tensor-core GEMM does to them.
@@ -49,14 +52,16 @@ from shared_kernels.errors import OneLineParser
 from shared_kernels.modules import swap_modules
 from shared_kernels.runconfig import save_figure_atomic, write_json_atomic
 
-VARIANTS = ("bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads")
+DEFAULT_VARIANTS = ("bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads")
+VARIANTS = (*DEFAULT_VARIANTS, "fp32", "mxfp8-rceil-fwd-only", "mxfp8-rceil-bwd-only")
+REFERENCE_VARIANTS = ("bf16", "fp32")  # no MX layers, so no MX statistics
 
 
 @dataclass(frozen=True)
 class ParityConfig:
     out: str = "mxfp8_parity"
     data: str | None = None  # default: <shared data>/tinyshakespeare/input.txt
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     steps: int = 400
     batch_size: int = 8
     context: int = 128
@@ -207,13 +212,57 @@ def build_model(cfg: ParityConfig, variant: str, seed: int) -> GPT:
     model = GPT(GPTConfig(context=cfg.context, n_layers=cfg.n_layers, width=cfg.width, n_heads=cfg.n_heads))
     if variant == "bf16":
         bf16_convert(model)  # in place, as convert
-    else:
+    elif variant != "fp32":
         convert(model, RECIPES[variant].replace(block_size=cfg.block_size))
     return model
 
 
 def run_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
+
+
+# the fields that decide a run's numbers: a finished run or checkpoint made with others is never reused
+_RUN_FIELDS = (
+    "steps", "batch_size", "context", "n_layers", "width", "n_heads", "lr", "warmup", "weight_decay",
+    "grad_clip", "block_size", "eval_every", "eval_batches", "stats_every",
+)  # fmt: skip
+
+
+def run_config(cfg: ParityConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in _RUN_FIELDS}
+
+
+def _check_same_config(found: dict[str, Any] | None, cfg: ParityConfig, where: Path) -> None:
+    """A ValueError naming `where` when it was made with another run config (or none recorded)."""
+    want = run_config(cfg)
+    if found == want:
+        return
+    if found is None:
+        raise ValueError(f"{where} records no run config; it cannot be reused: move it or pick another --out")
+    diff = ", ".join(f"{k}={found.get(k)!r}" for k in want if found.get(k) != want[k])
+    raise ValueError(f"{where} was made with {diff}, not this run's; move it or pick another --out")
+
+
+def check_outputs(cfg: ParityConfig) -> None:
+    """Before any training: every finished run and checkpoint under cfg.out that this command would reuse
+    was made with cfg's run settings (a ValueError naming the first that was not)."""
+    from shared_kernels.checkpoint import CheckpointManager
+
+    out = Path(cfg.out)
+    for variant in cfg.variants:
+        for seed in cfg.seeds:
+            name = run_name(variant, seed)
+            result_path = out / "runs" / f"{name}.json"
+            if result_path.is_file():
+                try:
+                    found = json.loads(result_path.read_text()).get("config")
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"{result_path} cannot be read ({type(err).__name__})") from None
+                _check_same_config(found, cfg, result_path)
+                continue
+            latest = CheckpointManager(out / "ckpt" / name, keep=1).latest_extra()
+            if latest is not None:
+                _check_same_config(latest[1].get("config"), cfg, latest[0])
 
 
 def lr_at(step: int, cfg: ParityConfig) -> float:
@@ -261,17 +310,30 @@ def train_variant(
     name = run_name(variant, seed)
     result_path = out / "runs" / f"{name}.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        _check_same_config(result.get("config"), cfg, result_path)
+        return result
     model = build_model(cfg, variant, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ckpt = CheckpointManager(out / "ckpt" / name, keep=1)
-    state = ckpt.load(model, opt)
+    state = ckpt.load(model, opt)  # a ValueError naming the checkpoint if its tensors' shapes differ
+    if state:
+        _check_same_config(state["extra"].get("config"), cfg, state["path"])
     start = state["step"] if state else 0
     log: dict[str, Any] = (
-        state["extra"] if state else {"train": [], "val": [], "stats": [], "seconds": 0.0, "cpu_seconds": 0.0}
+        state["extra"]
+        if state
+        else {
+            "config": run_config(cfg),
+            "train": [],
+            "val": [],
+            "stats": [],
+            "seconds": 0.0,
+            "cpu_seconds": 0.0,
+        }
     )
     starts = batch_starts(len(train), cfg, seed)
-    is_mx = variant != "bf16"
+    is_mx = variant not in REFERENCE_VARIANTS
     t0 = time.perf_counter() - log["seconds"]
     c0 = time.process_time() - log.get("cpu_seconds", 0.0)  # this process's user + sys time, all threads
     bar = None
@@ -364,7 +426,7 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
             ),
         }
         shared = [s for s in seeds if s in base]
-        if variant != "bf16" and shared:
+        if variant != "bf16" and shared:  # fp32 too: the cost of bf16 rounding itself
             diffs = [by_seed[s]["final_val_loss"] - base[s]["final_val_loss"] for s in shared]
             d_mean = sum(diffs) / len(diffs)
             d_std = (
@@ -483,7 +545,7 @@ def plot_layer_stats(runs: dict[str, dict[int, dict]], path: Path) -> None:
     roles = ("input", "weight", "grad")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharex=True)
     for i, (name, by_seed) in enumerate(runs.items()):
-        if name == "bf16" or not by_seed:
+        if name in REFERENCE_VARIANTS or not by_seed:
             continue
         samples = by_seed[min(by_seed)]["stats"]
         layers = sorted(samples[0]["layers"]) if samples else []
@@ -540,6 +602,7 @@ def check_data(cfg: ParityConfig) -> Path:
 def run_parity(cfg: ParityConfig) -> dict:
     """Train every (variant, seed); write results.json, parity_loss.png and parity_stats.png under cfg.out."""
     path = check_data(cfg)
+    check_outputs(cfg)
     _set_threads(cfg.threads)
     train, val = load_splits(path)
     out = Path(cfg.out)
@@ -603,7 +666,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     parser.add_argument("--data", default=None, help="text file (default: shared tinyshakespeare/input.txt)")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (default: the first four)",
     )
     parser.add_argument(
         "--seeds",
@@ -618,6 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = ParityConfig(**args)
         check_data(cfg)
+        check_outputs(cfg)
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()

@@ -80,16 +80,20 @@ class MXRecipe:
 PAPER_RECIPE = MXRecipe()
 OCP_FLOOR_RECIPE = MXRecipe(scale_mode="floor")
 E5M2_GRADS_RECIPE = MXRecipe(grad_dtype=E5M2)
+FORWARD_ONLY_RECIPE = MXRecipe(input_grad=False, weight_grad=False)  # both backward GEMMs in compute dtype
+BACKWARD_ONLY_RECIPE = MXRecipe(forward=False)  # the forward GEMM in compute dtype
 
 RECIPES: dict[str, MXRecipe] = {
     "mxfp8-rceil": PAPER_RECIPE,
     "mxfp8-floor": OCP_FLOOR_RECIPE,
     "mxfp8-rceil-e5m2-grads": E5M2_GRADS_RECIPE,
+    "mxfp8-rceil-fwd-only": FORWARD_ONLY_RECIPE,
+    "mxfp8-rceil-bwd-only": BACKWARD_ONLY_RECIPE,
 }
 
 
 def recipe_from_name(name: str, **changes) -> MXRecipe:
-    """A preset by name ("mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads"), optionally changed."""
+    """A preset by name (a key of `RECIPES`), optionally changed."""
     if name not in RECIPES:
         raise ValueError(f"recipe name must be one of {sorted(RECIPES)}, got {name!r}")
     return RECIPES[name].replace(**changes) if changes else RECIPES[name]
