@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mxfp8train import parity
+from mxfp8train import MXLinear, parity
 
 TINY = dict(
     steps=4,
@@ -163,6 +163,18 @@ def test_reference_and_ablation_variants(text_file, tmp_path):
     assert runs["fp32"]["0"]["stats"] == [] and runs["fp32"]["0"]["diagnostics"] == {}
     assert set(runs["mxfp8-rceil-fwd-only"]["0"]["diagnostics"]) == {"input", "weight"}  # no gradient cast
     assert set(runs["mxfp8-rceil-bwd-only"]["0"]["diagnostics"]) == {"input", "weight", "grad"}
+    assert "final_val_loss_bf16_forward" not in runs["fp32"]["0"]
+    assert all("final_val_loss_bf16_forward" in runs[v]["0"] for v in variants[1:])
+
+
+def test_bf16_forward_loss_evaluates_the_same_weights_without_mx(text_file):
+    cfg = parity.ParityConfig(**TINY)
+    _, val = parity.load_splits(text_file)
+    mx = parity.build_model(cfg, "mxfp8-rceil", seed=2)
+    bf16 = parity.build_model(cfg, "bf16", seed=2)  # the same initial weights
+    got = parity.bf16_forward_loss(mx, val, cfg)
+    assert got == parity.evaluate(bf16, val, cfg) != parity.evaluate(mx, val, cfg)
+    assert sum(isinstance(m, MXLinear) for m in mx.modules()) == 4  # the model itself is unchanged
 
 
 def test_runs_and_checkpoints_of_another_config_are_refused(text_file, tmp_path, monkeypatch, capsys):

@@ -33,6 +33,7 @@ than one two-threaded variant after another (and do not oversubscribe a shared m
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -47,6 +48,7 @@ from torch import nn
 
 from mxfp8train.convert import collect_stats, convert, reset_stats, set_track_stats
 from mxfp8train.gpt import GPT, GPTConfig
+from mxfp8train.linear import MXLinear
 from mxfp8train.recipe import RECIPES
 from shared_kernels.errors import OneLineParser
 from shared_kernels.modules import swap_modules
@@ -143,18 +145,22 @@ class BF16OperandLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def bf16_convert(model: nn.Module) -> nn.Module:
-    """Give every block linear (the ones `convert` would swap) bf16 GEMM operands."""
+def bf16_convert(model: nn.Module, from_mx: bool = False) -> nn.Module:
+    """Give every block linear (the ones `convert` would swap; with `from_mx`, the MXLinear layers it did
+    swap) bf16 GEMM operands, in place, sharing their parameters."""
 
     def bf16_operands(name: str, module: nn.Module) -> nn.Module:
-        assert isinstance(module, nn.Linear)  # selected below: exact nn.Linear only
+        assert isinstance(module, nn.Linear)  # selected below
         new = BF16OperandLinear(
             module.in_features, module.out_features, module.bias is not None, device="meta"
         )
         new.weight, new.bias = module.weight, module.bias
         return new
 
-    swap_modules(model, bf16_operands, lambda name, module: type(module) is nn.Linear and name != "lm_head")
+    def selected(name: str, module: nn.Module) -> bool:
+        return isinstance(module, MXLinear) if from_mx else type(module) is nn.Linear and name != "lm_head"
+
+    swap_modules(model, bf16_operands, selected)
     return model
 
 
@@ -201,6 +207,14 @@ def evaluate(model: GPT, val: torch.Tensor, cfg: ParityConfig) -> float:
         x, y = windows(val, chunk, cfg.context)
         total += model.loss(x, y).item() * len(chunk)
     return total / n
+
+
+def bf16_forward_loss(model: GPT, val: torch.Tensor, cfg: ParityConfig) -> float:
+    """`evaluate` of an MX model's weights with bf16 operands in place of its MX GEMMs (model unchanged):
+    what the trained weights are worth, apart from the MX rounding of the evaluation's own forward pass."""
+    bf16_model = copy.deepcopy(model)
+    bf16_convert(bf16_model, from_mx=True)
+    return evaluate(bf16_model, val, cfg)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -366,6 +380,7 @@ def train_variant(
         "seed": seed,
         "final_val_loss": log["val"][-1][1],
         **log,
+        **({"final_val_loss_bf16_forward": bf16_forward_loss(model, val, cfg)} if is_mx else {}),
         "diagnostics": pool_stats(log["stats"]),
     }
     write_json_atomic(result_path, result)
@@ -427,22 +442,23 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
         }
         shared = [s for s in seeds if s in base]
         if variant != "bf16" and shared:  # fp32 too: the cost of bf16 rounding itself
-            diffs = [by_seed[s]["final_val_loss"] - base[s]["final_val_loss"] for s in shared]
-            d_mean = sum(diffs) / len(diffs)
-            d_std = (
-                math.sqrt(sum((d - d_mean) ** 2 for d in diffs) / (len(diffs) - 1))
-                if len(diffs) > 1
-                else float("nan")
-            )
-            entry["paired_vs_bf16"] = {
-                "seeds": shared,
-                "diffs": diffs,
-                "mean": d_mean,
-                "std": d_std,
-                **paired_tests(diffs),
-            }
+            entry["paired_vs_bf16"] = _paired(by_seed, base, shared, "final_val_loss")
+            if all("final_val_loss_bf16_forward" in by_seed[s] for s in shared):
+                entry["bf16_forward_paired_vs_bf16"] = _paired(
+                    by_seed, base, shared, "final_val_loss_bf16_forward"
+                )
         out[variant] = entry
     return out
+
+
+def _paired(by_seed: dict[int, dict], base: dict[int, dict], seeds: list[int], key: str) -> dict[str, Any]:
+    """Per seed, the run's `key` minus bf16's final validation loss; their mean, std and tests."""
+    diffs = [by_seed[s][key] - base[s]["final_val_loss"] for s in seeds]
+    mean = sum(diffs) / len(diffs)
+    std = (
+        math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else float("nan")
+    )
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "std": std, **paired_tests(diffs)}
 
 
 def report_table(summary: dict[str, dict]) -> str:
@@ -452,8 +468,9 @@ def report_table(summary: dict[str, dict]) -> str:
         "| variant | seeds | final val loss mean +- std (nats/byte) "
         "| minus bf16, paired: mean +- std [per seed] | sign-flip p / t-test p "
         "| clipped elements x / w / dy | clipped blocks x / w / dy "
-        "| flushed to zero x / w / dy | CPU minutes (all seeds) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| flushed to zero x / w / dy | CPU minutes (all seeds) "
+        "| MX weights with a bf16 forward at evaluation, minus bf16: mean +- std (sign-flip p) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary.items():
         d = r["diagnostics"]
@@ -470,10 +487,12 @@ def report_table(summary: dict[str, dict]) -> str:
             tests = f"{paired['sign_flip_p']:.3f} / {paired['t_test_p']:.3f}"
         else:
             diff = tests = "-"
+        fwd = r.get("bf16_forward_paired_vs_bf16")
+        bf16_forward = f"{fwd['mean']:+.4f} +- {fwd['std']:.4f} ({fwd['sign_flip_p']:.3f})" if fwd else "-"
         lines.append(
             f"| {name} | {len(r['seeds'])} | {r['mean']:.4f} +- {r['std']:.4f} | {diff} | {tests} | "
             f"{triple('clip_fraction', '{:.2e}')} | {triple('clipped_block_fraction', '{:.3f}')} | "
-            f"{triple('flush_fraction', '{:.1e}')} | {r['cpu_seconds'] / 60:.1f} |"
+            f"{triple('flush_fraction', '{:.1e}')} | {r['cpu_seconds'] / 60:.1f} | {bf16_forward} |"
         )
     return "\n".join(lines)
 
