@@ -548,7 +548,8 @@ def plot_curves(runs: dict[str, dict[int, dict]], path: Path) -> None:
     else:
         ax_val.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation (every seed)")
     ax_train.legend()
-    ax_val.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    ncol = 3 if len(runs) <= 4 else 2  # long labels: wider columns than a third of the axes fit
+    ax_val.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, frameon=False)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
 
