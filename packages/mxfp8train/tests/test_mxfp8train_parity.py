@@ -219,3 +219,47 @@ def test_runs_and_checkpoints_of_another_config_are_refused(text_file, tmp_path,
     with pytest.raises(ValueError, match=r"step-00000002 was made with lr=0\.002"):
         parity.run_parity(parity.ParityConfig(**{**cut.__dict__, "lr": 1e-3}))
     assert parity.run_parity(cut)["runs"]["mxfp8-rceil"]["0"]["train"] == json.loads(before)["train"]
+
+
+def _study(seeds, floor, rceil, rceil_weights=None):
+    runs = {
+        "mxfp8-floor": {str(s): {"final_val_loss": v} for s, v in zip(seeds, floor, strict=True)},
+        "mxfp8-rceil": {
+            str(s): {"final_val_loss": v, **({"final_val_loss_bf16_forward": w} if w is not None else {})}
+            for s, v, w in zip(seeds, rceil, rceil_weights or [None] * len(seeds), strict=True)
+        },
+    }
+    return {"runs": runs}
+
+
+def test_compare_pools_studies_by_seed(tmp_path, capsys):
+    a = _study([0, 1], [2.5, 2.1], [2.0, 2.0], [1.9, 1.95])
+    b = _study([2, 3, 4], [2.2, 2.3, 1.9], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0])
+    got = parity.compare([a, b], "mxfp8-floor", "mxfp8-rceil")
+    assert got["seeds"] == [0, 1, 2, 3, 4] and got["diffs"] == pytest.approx([0.5, 0.1, 0.2, 0.3, -0.1])
+    assert got["positive"] == 4 and got["mean"] == pytest.approx(0.2)
+    assert got["sign_flip_p"] == parity.paired_tests(got["diffs"])["sign_flip_p"]
+    # the evaluation suffix reads the bf16-forward loss of the same runs
+    weights = parity.compare([a, b], "mxfp8-rceil", "mxfp8-rceil@bf16-forward")
+    assert weights["diffs"] == pytest.approx([0.1, 0.05, 0.0, 0.0, 0.0])
+    for args, match in [
+        (([a, a], "mxfp8-floor", "mxfp8-rceil"), "repeats seeds"),
+        (([a], "bf16", "mxfp8-rceil"), "no variant 'bf16'"),
+        (([a], "mxfp8-floor@bf16-forward", "mxfp8-rceil"), "no final_val_loss_bf16_forward"),
+        (([a], "mxfp8-floor@fp16", "mxfp8-rceil"), "suffix"),
+        (([{"config": {}}], "mxfp8-floor", "mxfp8-rceil"), "no per-run results"),
+        (([_study([0], [2.0], [2.0])], "mxfp8-floor", "mxfp8-rceil"), "need at least 2"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parity.compare(*args)
+    # the command: one line per pair; bad input one line on stderr, exit code 2
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    parity.compare_main([str(pa), str(pb), "--pairs", "mxfp8-floor:mxfp8-rceil"])
+    assert capsys.readouterr().out.startswith("mxfp8-floor - mxfp8-rceil: +0.2000 +- ")
+    for bad in ([str(pa), str(tmp_path / "missing.json"), "--pairs", "mxfp8-floor:mxfp8-rceil"],
+                [str(pa), "--pairs", "mxfp8-floor"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            parity.compare_main(bad)
+        assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -461,6 +461,47 @@ def _paired(by_seed: dict[int, dict], base: dict[int, dict], seeds: list[int], k
     return {"seeds": seeds, "diffs": diffs, "mean": mean, "std": std, **paired_tests(diffs)}
 
 
+def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Paired difference a - b of final validation losses, per seed, pooled over finished studies (each a
+    `results.json` dict; seeds must not repeat across them). A name ending in "@bf16-forward" takes the
+    run's `final_val_loss_bf16_forward` (an MX variant's weights evaluated with bf16 operands).
+
+    Returns {"a", "b", "seeds", "diffs", "mean", "std", "positive", "sign_flip_p", "t_test_p"}; a ValueError
+    names a study without the variant, seed or evaluation asked for."""
+    diffs: list[float] = []
+    seeds: list[int] = []
+    for i, study in enumerate(results):
+        runs = study.get("runs")
+        if not runs:
+            raise ValueError(
+                f"results #{i + 1} has no per-run results (a results.json written by mxfp8-parity)"
+            )
+        values = []
+        for name in (a, b):
+            variant, _, evaluation = name.partition("@")
+            if evaluation not in ("", "bf16-forward"):
+                raise ValueError(f"{name!r}: the only evaluation suffix is '@bf16-forward'")
+            if variant not in runs:
+                raise ValueError(f"results #{i + 1} has no variant {variant!r} (it has {', '.join(runs)})")
+            key = "final_val_loss_bf16_forward" if evaluation else "final_val_loss"
+            by_seed = {int(s): r.get(key) for s, r in runs[variant].items()}
+            if any(v is None for v in by_seed.values()):
+                raise ValueError(f"results #{i + 1}: {variant} runs have no {key}")
+            values.append(by_seed)
+        shared = sorted(set(values[0]) & set(values[1]))
+        if set(shared) & set(seeds):
+            raise ValueError(f"results #{i + 1} repeats seeds {sorted(set(shared) & set(seeds))}")
+        seeds += shared
+        diffs += [values[0][s] - values[1][s] for s in shared]
+    if len(diffs) < 2:
+        raise ValueError(f"{a} - {b}: {len(diffs)} paired seed(s); need at least 2")
+    mean = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    positive = sum(d > 0 for d in diffs)
+    return {"a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": mean, "std": std, "positive": positive,
+            **paired_tests(diffs)}  # fmt: skip
+
+
 def report_table(summary: dict[str, dict]) -> str:
     """Markdown table: val loss mean +- std over seeds, paired difference to bf16 with its tests, clip and
     flush fractions per role pooled over seeds and sampled steps."""
@@ -671,6 +712,40 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    """`mxfp8-parity-compare A/results.json [B/results.json ...] --pairs a:b[,c:d...]`: paired differences
+    pooled over finished studies, one line per pair."""
+    parser = OneLineParser(
+        prog="mxfp8-parity-compare", description="paired differences pooled over finished parity studies"
+    )
+    parser.add_argument("results", nargs="+", help="results.json files of mxfp8-parity (distinct seeds)")
+    parser.add_argument(
+        "--pairs",
+        required=True,
+        help="comma-separated a:b, each a variant or variant@bf16-forward; e.g. mxfp8-floor:mxfp8-rceil",
+    )
+    args = parser.parse_args(argv)
+    try:
+        studies = []
+        for path in args.results:
+            try:
+                studies.append(json.loads(Path(path).read_text()))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"results file {path} cannot be read ({type(err).__name__})") from None
+        pairs = [p.split(":") for p in args.pairs.split(",") if p]
+        if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+            raise ValueError(f"--pairs must be comma-separated a:b, got {args.pairs!r}")
+        found = [compare(studies, a, b) for a, b in pairs]
+    except ValueError as e:
+        parser.error(str(e))
+    for c in found:
+        tests = f"sign-flip p {c['sign_flip_p']:.4f}, t-test p {c['t_test_p']:.4f}"
+        print(
+            f"{c['a']} - {c['b']}: {c['mean']:+.4f} +- {c['std']:.4f} nats/byte over {len(c['diffs'])} "
+            f"seeds, {c['positive']} positive; {tests}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
