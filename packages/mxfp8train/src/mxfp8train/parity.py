@@ -453,12 +453,16 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
 
 def _paired(by_seed: dict[int, dict], base: dict[int, dict], seeds: list[int], key: str) -> dict[str, Any]:
     """Per seed, the run's `key` minus bf16's final validation loss; their mean, std and tests."""
-    diffs = [by_seed[s][key] - base[s]["final_val_loss"] for s in seeds]
+    return {"seeds": seeds, **_paired_stats([by_seed[s][key] - base[s]["final_val_loss"] for s in seeds])}
+
+
+def _paired_stats(diffs: list[float]) -> dict[str, Any]:
+    """The paired differences with their mean, sample std (nan for one) and `paired_tests`."""
     mean = sum(diffs) / len(diffs)
     std = (
         math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else float("nan")
     )
-    return {"seeds": seeds, "diffs": diffs, "mean": mean, "std": std, **paired_tests(diffs)}
+    return {"diffs": diffs, "mean": mean, "std": std, **paired_tests(diffs)}
 
 
 def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
@@ -471,8 +475,8 @@ def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     diffs: list[float] = []
     seeds: list[int] = []
     for i, study in enumerate(results):
-        runs = study.get("runs")
-        if not runs:
+        runs = study.get("runs") if isinstance(study, dict) else None
+        if not isinstance(runs, dict) or not runs:
             raise ValueError(
                 f"results #{i + 1} has no per-run results (a results.json written by mxfp8-parity)"
             )
@@ -495,11 +499,8 @@ def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
         diffs += [values[0][s] - values[1][s] for s in shared]
     if len(diffs) < 2:
         raise ValueError(f"{a} - {b}: {len(diffs)} paired seed(s); need at least 2")
-    mean = sum(diffs) / len(diffs)
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
     positive = sum(d > 0 for d in diffs)
-    return {"a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": mean, "std": std, "positive": positive,
-            **paired_tests(diffs)}  # fmt: skip
+    return {"a": a, "b": b, "seeds": seeds, "positive": positive, **_paired_stats(diffs)}
 
 
 def report_table(summary: dict[str, dict]) -> str:
