@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 import mxfp8train
-from mxfp8train import E5M2_GRADS_RECIPE, OCP_FLOOR_RECIPE, PAPER_RECIPE, MXLinear, MXRecipe, convert, to_mx
+from mxfp8train import (
+    E5M2_GRADS_RECIPE,
+    OCP_FLOOR_RECIPE,
+    PAPER_RECIPE,
+    MXLinear,
+    MXRecipe,
+    convert,
+    parity,
+    to_mx,
+)
 from mxfp8train.gpt import GPT, GPTConfig
 from mxfp8train.stats import MXStats
 from shared_kernels.backend import triton_available, triton_interpreting
@@ -163,6 +172,23 @@ def test_convert_skips_head_embeddings_norms_and_subclasses():
         MXRecipe(block_size=16, gemm_backend="scaled_mm")
     with pytest.raises(ValueError, match="recipe name"):
         mxfp8train.recipe_from_name("fp8")
+
+
+def test_ablation_presets_name_their_rule_and_gemms():
+    # (scale rule, forward GEMM, both backward GEMMs); every other field is the paper's
+    want = {
+        "mxfp8-rceil": ("rceil", True, True),
+        "mxfp8-floor": ("floor", True, True),
+        "mxfp8-rceil-fwd-only": ("rceil", True, False),
+        "mxfp8-rceil-bwd-only": ("rceil", False, True),
+        "mxfp8-floor-fwd-only": ("floor", True, False),
+        "mxfp8-floor-bwd-only": ("floor", False, True),
+    }
+    for name, (mode, fwd, bwd) in want.items():
+        r = mxfp8train.RECIPES[name]
+        assert (r.scale_mode, r.forward, r.input_grad, r.weight_grad) == (mode, fwd, bwd, bwd), name
+        assert r.replace(scale_mode="rceil", forward=True, input_grad=True, weight_grad=True) == PAPER_RECIPE
+    assert set(parity.VARIANTS) - {"bf16", "fp32"} == set(mxfp8train.RECIPES)
 
 
 def test_convert_transformers_model(tiny_lm_dir):

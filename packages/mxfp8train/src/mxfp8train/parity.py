@@ -10,6 +10,8 @@ Variants (the first four run by default):
     fp32                     no rounding at all (how much bf16 itself costs)
     mxfp8-rceil-fwd-only     RCEIL in the forward GEMM only, both backward GEMMs fp32 } where RCEIL's
     mxfp8-rceil-bwd-only     RCEIL in both backward GEMMs only, the forward GEMM fp32 } cost comes from
+    mxfp8-floor-fwd-only     the same two for FLOOR                                   } and FLOOR's
+    mxfp8-floor-bwd-only
 Everything else (embeddings, norms, attention, LM head, master weights, AdamW state) is fp32 in every
 variant: on CPUs without bf16 hardware, autocast bf16 runs ~10x slower than fp32, and rounding only the
 GEMM operands is what a bf16 tensor-core GEMM does to them.
@@ -55,7 +57,14 @@ from shared_kernels.modules import swap_modules
 from shared_kernels.runconfig import save_figure_atomic, write_json_atomic
 
 DEFAULT_VARIANTS = ("bf16", "mxfp8-rceil", "mxfp8-floor", "mxfp8-rceil-e5m2-grads")
-VARIANTS = (*DEFAULT_VARIANTS, "fp32", "mxfp8-rceil-fwd-only", "mxfp8-rceil-bwd-only")
+VARIANTS = (
+    *DEFAULT_VARIANTS,
+    "fp32",
+    "mxfp8-rceil-fwd-only",
+    "mxfp8-rceil-bwd-only",
+    "mxfp8-floor-fwd-only",
+    "mxfp8-floor-bwd-only",
+)
 REFERENCE_VARIANTS = ("bf16", "fp32")  # no MX layers, so no MX statistics
 
 

@@ -89,6 +89,8 @@ RECIPES: dict[str, MXRecipe] = {
     "mxfp8-rceil-e5m2-grads": E5M2_GRADS_RECIPE,
     "mxfp8-rceil-fwd-only": FORWARD_ONLY_RECIPE,
     "mxfp8-rceil-bwd-only": BACKWARD_ONLY_RECIPE,
+    "mxfp8-floor-fwd-only": FORWARD_ONLY_RECIPE.replace(scale_mode="floor"),
+    "mxfp8-floor-bwd-only": BACKWARD_ONLY_RECIPE.replace(scale_mode="floor"),
 }
 
 
