@@ -221,7 +221,7 @@ def test_runs_and_checkpoints_of_another_config_are_refused(text_file, tmp_path,
     assert parity.run_parity(cut)["runs"]["mxfp8-rceil"]["0"]["train"] == json.loads(before)["train"]
 
 
-def _study(seeds, floor, rceil, rceil_weights=None):
+def _study(seeds, floor, rceil, rceil_weights=None, **config):
     runs = {
         "mxfp8-floor": {str(s): {"final_val_loss": v} for s, v in zip(seeds, floor, strict=True)},
         "mxfp8-rceil": {
@@ -229,7 +229,7 @@ def _study(seeds, floor, rceil, rceil_weights=None):
             for s, v, w in zip(seeds, rceil, rceil_weights or [None] * len(seeds), strict=True)
         },
     }
-    return {"runs": runs}
+    return {"config": {**parity.ParityConfig().__dict__, **config}, "runs": runs}
 
 
 def test_compare_pools_studies_by_seed(tmp_path, capsys):
@@ -242,10 +242,26 @@ def test_compare_pools_studies_by_seed(tmp_path, capsys):
     # the evaluation suffix reads the bf16-forward loss of the same runs
     weights = parity.compare([a, b], "mxfp8-rceil", "mxfp8-rceil@bf16-forward")
     assert weights["diffs"] == pytest.approx([0.1, 0.05, 0.0, 0.0, 0.0])
+    # the two variants may come from different studies of one regime (an ablation run beside a study),
+    # and a deterministic rerun of a seed (same loss) counts once
+    floor_only = {**a, "runs": {"mxfp8-floor": a["runs"]["mxfp8-floor"]}}
+    rceil_only = {**a, "runs": {"mxfp8-rceil": a["runs"]["mxfp8-rceil"]}}
+    assert parity.compare([floor_only, rceil_only], "mxfp8-floor", "mxfp8-rceil")["diffs"] == pytest.approx(
+        [0.5, 0.1]
+    )
+    assert parity.compare([a, a, b], "mxfp8-floor", "mxfp8-rceil")["diffs"] == got["diffs"]
     for args, match in [
-        (([a, a], "mxfp8-floor", "mxfp8-rceil"), "repeats seeds"),
-        (([a], "bf16", "mxfp8-rceil"), "no variant 'bf16'"),
-        (([a], "mxfp8-floor@bf16-forward", "mxfp8-rceil"), "no final_val_loss_bf16_forward"),
+        (
+            ([a, _study([0, 1], [2.4, 2.1], [2.0, 2.0])], "mxfp8-floor", "mxfp8-rceil"),
+            "repeats mxfp8-floor seed 0",
+        ),
+        (([a, _study([2, 3], [2.0, 2.0], [2.0, 2.0], width=128)], "mxfp8-floor", "mxfp8-rceil"), "width=128"),
+        (([a, {**b, "config": None}], "mxfp8-floor", "mxfp8-rceil"), "results #2 records no run config"),
+        (([a], "bf16", "mxfp8-rceil"), "no results have variant 'bf16'"),
+        (
+            ([a], "mxfp8-floor@bf16-forward", "mxfp8-rceil"),
+            r"seeds \[0, 1\] have no final_val_loss_bf16_forward",
+        ),
         (([a], "mxfp8-floor@fp16", "mxfp8-rceil"), "suffix"),
         (([{"config": {}}], "mxfp8-floor", "mxfp8-rceil"), "no per-run results"),
         (([_study([0], [2.0], [2.0])], "mxfp8-floor", "mxfp8-rceil"), "need at least 2"),

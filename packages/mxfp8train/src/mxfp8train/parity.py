@@ -474,40 +474,64 @@ def _paired_stats(diffs: list[float]) -> dict[str, Any]:
     return {"diffs": diffs, "mean": mean, "std": std, **paired_tests(diffs)}
 
 
-def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
-    """Paired difference a - b of final validation losses, per seed, pooled over finished studies (each a
-    `results.json` dict; seeds must not repeat across them). A name ending in "@bf16-forward" takes the
-    run's `final_val_loss_bf16_forward` (an MX variant's weights evaluated with bf16 operands).
-
-    Returns {"a", "b", "seeds", "diffs", "mean", "std", "positive", "sign_flip_p", "t_test_p"}; a ValueError
-    names a study without the variant, seed or evaluation asked for."""
-    diffs: list[float] = []
-    seeds: list[int] = []
+def pool_runs(results: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """The runs of finished studies (each a `results.json` dict) as {variant: {seed: run}}. The studies must
+    share one run config (pooling two regimes would test a mixture); a variant's seed may appear in
+    several only with the same final loss (a deterministic rerun, e.g. the bf16 runs of an ablation)."""
+    pooled: dict[str, dict[int, dict[str, Any]]] = {}
+    first: dict[str, Any] | None = None
     for i, study in enumerate(results):
         runs = study.get("runs") if isinstance(study, dict) else None
         if not isinstance(runs, dict) or not runs:
             raise ValueError(
                 f"results #{i + 1} has no per-run results (a results.json written by mxfp8-parity)"
             )
-        values = []
-        for name in (a, b):
-            variant, _, evaluation = name.partition("@")
-            if evaluation not in ("", "bf16-forward"):
-                raise ValueError(f"{name!r}: the only evaluation suffix is '@bf16-forward'")
-            if variant not in runs:
-                raise ValueError(f"results #{i + 1} has no variant {variant!r} (it has {', '.join(runs)})")
-            key = "final_val_loss_bf16_forward" if evaluation else "final_val_loss"
-            by_seed = {int(s): r.get(key) for s, r in runs[variant].items()}
-            if any(v is None for v in by_seed.values()):
-                raise ValueError(f"results #{i + 1}: {variant} runs have no {key}")
-            values.append(by_seed)
-        shared = sorted(set(values[0]) & set(values[1]))
-        if set(shared) & set(seeds):
-            raise ValueError(f"results #{i + 1} repeats seeds {sorted(set(shared) & set(seeds))}")
-        seeds += shared
-        diffs += [values[0][s] - values[1][s] for s in shared]
-    if len(diffs) < 2:
-        raise ValueError(f"{a} - {b}: {len(diffs)} paired seed(s); need at least 2")
+        cfg = study.get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"results #{i + 1} records no run config")
+        this = {k: cfg.get(k) for k in _RUN_FIELDS}
+        if first is None:
+            first = this
+        elif this != first:
+            diff = ", ".join(f"{k}={this[k]!r}" for k in _RUN_FIELDS if this[k] != first[k])
+            raise ValueError(f"results #{i + 1} was made with {diff}, not results #1's: it is another regime")
+        for variant, by_seed in runs.items():
+            for s, run in by_seed.items():
+                have = pooled.setdefault(variant, {}).setdefault(int(s), run)
+                if have.get("final_val_loss") != run.get("final_val_loss"):
+                    raise ValueError(
+                        f"results #{i + 1} repeats {variant} seed {s} with another final loss "
+                        f"({run.get('final_val_loss')} vs {have.get('final_val_loss')})"
+                    )
+    return pooled
+
+
+def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Paired difference a - b of final validation losses, per seed, over the runs of finished studies
+    (`pool_runs`: one run config; a and b may come from different studies). A name ending in
+    "@bf16-forward" takes the run's `final_val_loss_bf16_forward` (an MX variant's weights evaluated with
+    bf16 operands).
+
+    Returns {"a", "b", "seeds", "diffs", "mean", "std", "positive", "sign_flip_p", "t_test_p"}; a ValueError
+    names the variant, seed or evaluation that is missing."""
+    pooled = pool_runs(results)
+    values = []
+    for name in (a, b):
+        variant, _, evaluation = name.partition("@")
+        if evaluation not in ("", "bf16-forward"):
+            raise ValueError(f"{name!r}: the only evaluation suffix is '@bf16-forward'")
+        if variant not in pooled:
+            raise ValueError(f"no results have variant {variant!r} (they have {', '.join(pooled)})")
+        key = "final_val_loss_bf16_forward" if evaluation else "final_val_loss"
+        by_seed = {s: r.get(key) for s, r in pooled[variant].items()}
+        missing = sorted(s for s, v in by_seed.items() if v is None)
+        if missing:
+            raise ValueError(f"{variant} runs of seeds {missing} have no {key}")
+        values.append(by_seed)
+    seeds = sorted(set(values[0]) & set(values[1]))
+    if len(seeds) < 2:
+        raise ValueError(f"{a} - {b}: {len(seeds)} paired seed(s); need at least 2")
+    diffs = [values[0][s] - values[1][s] for s in seeds]
     positive = sum(d > 0 for d in diffs)
     return {"a": a, "b": b, "seeds": seeds, "positive": positive, **_paired_stats(diffs)}
 
@@ -730,7 +754,9 @@ def compare_main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(
         prog="mxfp8-parity-compare", description="paired differences pooled over finished parity studies"
     )
-    parser.add_argument("results", nargs="+", help="results.json files of mxfp8-parity (distinct seeds)")
+    parser.add_argument(
+        "results", nargs="+", help="results.json files of mxfp8-parity made with one run config"
+    )
     parser.add_argument(
         "--pairs",
         required=True,
