@@ -515,7 +515,7 @@ def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     Returns {"a", "b", "seeds", "diffs", "mean", "std", "positive", "sign_flip_p", "t_test_p"}; a ValueError
     names the variant, seed or evaluation that is missing."""
     pooled = pool_runs(results)
-    values = []
+    values: list[dict[int, float]] = []
     for name in (a, b):
         variant, _, evaluation = name.partition("@")
         if evaluation not in ("", "bf16-forward"):
@@ -523,11 +523,10 @@ def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
         if variant not in pooled:
             raise ValueError(f"no results have variant {variant!r} (they have {', '.join(pooled)})")
         key = "final_val_loss_bf16_forward" if evaluation else "final_val_loss"
-        by_seed = {s: r.get(key) for s, r in pooled[variant].items()}
-        missing = sorted(s for s, v in by_seed.items() if v is None)
+        missing = sorted(s for s, r in pooled[variant].items() if r.get(key) is None)
         if missing:
             raise ValueError(f"{variant} runs of seeds {missing} have no {key}")
-        values.append(by_seed)
+        values.append({s: float(r[key]) for s, r in pooled[variant].items()})
     seeds = sorted(set(values[0]) & set(values[1]))
     if len(seeds) < 2:
         raise ValueError(f"{a} - {b}: {len(seeds)} paired seed(s); need at least 2")
