@@ -264,6 +264,8 @@ def test_compare_pools_studies_by_seed(tmp_path, capsys):
         ),
         (([a], "mxfp8-floor@fp16", "mxfp8-rceil"), "suffix"),
         (([{"config": {}}], "mxfp8-floor", "mxfp8-rceil"), "no per-run results"),
+        (([{"config": {}, "runs": {"bf16": {"x": {}}}}], "bf16", "bf16"), "not a map of seed to run"),
+        (([{"config": {}, "runs": {"bf16": [2.0]}}], "bf16", "bf16"), "not a map of seed to run"),
         (([_study([0], [2.0], [2.0])], "mxfp8-floor", "mxfp8-rceil"), "need at least 2"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -496,6 +496,10 @@ def pool_runs(results: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, An
             diff = ", ".join(f"{k}={this[k]!r}" for k in _RUN_FIELDS if this[k] != first[k])
             raise ValueError(f"results #{i + 1} was made with {diff}, not results #1's: it is another regime")
         for variant, by_seed in runs.items():
+            if not isinstance(by_seed, dict) or not all(
+                str(s).isdigit() and isinstance(r, dict) for s, r in by_seed.items()
+            ):
+                raise ValueError(f"results #{i + 1}: runs of {variant!r} are not a map of seed to run")
             for s, run in by_seed.items():
                 have = pooled.setdefault(variant, {}).setdefault(int(s), run)
                 if have.get("final_val_loss") != run.get("final_val_loss"):
